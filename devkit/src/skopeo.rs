@@ -1,0 +1,145 @@
+//! Owns how the harness runs `skopeo`: a project trust policy, a per-work-dir temp dir, auth
+//! file and blob-info cache, and the credential flags. Runs are hermetic so parallel tests and a
+//! developer's own `skopeo login` cannot leak into each other.
+
+use crate::procs::{self, Output};
+use crate::{Result, WorkDir};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// How skopeo authenticates to the registry it talks to.
+#[derive(Debug, Clone, Copy)]
+pub enum Creds<'a> {
+    /// `--no-creds`: after a Basic challenge skopeo still sends `Authorization: Basic Og==`.
+    None,
+    /// `--creds user:password` (Basic after the challenge).
+    Basic(&'a str, &'a str),
+    /// `--registry-token token` (Bearer).
+    Bearer(&'a str),
+}
+
+pub struct Skopeo {
+    policy: PathBuf,
+    tmp: PathBuf,
+    cache: PathBuf,
+    auth_file: PathBuf,
+}
+
+impl Skopeo {
+    pub fn new(work: &WorkDir) -> Result<Self> {
+        let dir = work.sub("skopeo")?;
+        let policy = dir.join("policy.json");
+        // Same content as scripts/skopeo-policy.json: signature policy is not what we test.
+        std::fs::write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .map_err(|e| format!("write {}: {e}", policy.display()))?;
+        Ok(Self {
+            policy,
+            tmp: work.sub("skopeo/tmp")?,
+            cache: work.sub("skopeo/cache")?,
+            auth_file: dir.join("auth.json"),
+        })
+    }
+
+    fn command(&self) -> Command {
+        // As root, skopeo keeps its blob-info cache in /var/lib/containers/cache and has no flag to
+        // move it. In a private mount namespace we bind our own directory over /var/lib/containers
+        // so each work dir has its own cache; where unshare is not permitted we run skopeo as is.
+        let mut cmd = if can_unshare() {
+            let mut c = Command::new("unshare");
+            c.args([
+                "-m",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /var/lib/containers && exec skopeo "$@""#,
+            ]);
+            c.arg(&self.cache);
+            c
+        } else {
+            Command::new("skopeo")
+        };
+        cmd.arg("--policy")
+            .arg(&self.policy)
+            .arg("--tmpdir")
+            .arg(&self.tmp);
+        // No stray credentials from a developer's own logins.
+        cmd.env("REGISTRY_AUTH_FILE", &self.auth_file);
+        cmd.env("DOCKER_CONFIG", &self.tmp);
+        cmd
+    }
+
+    /// `skopeo inspect` (parsed config view); `raw` returns the manifest bytes instead.
+    pub fn inspect(&self, reference: &str, creds: Creds<'_>, raw: bool) -> Result<Output> {
+        let mut cmd = self.command();
+        cmd.args(["inspect", "--command-timeout", "60s", "--tls-verify=false"]);
+        if raw {
+            cmd.arg("--raw");
+        }
+        add_creds(&mut cmd, "", creds);
+        cmd.arg(reference);
+        procs::run(cmd, None)
+    }
+
+    /// `skopeo copy src dest`; registries on either side are plain HTTP.
+    pub fn copy(
+        &self,
+        src: &str,
+        src_creds: Creds<'_>,
+        dest: &str,
+        dest_creds: Creds<'_>,
+    ) -> Result<Output> {
+        let mut cmd = self.command();
+        cmd.args([
+            "copy",
+            "--command-timeout",
+            "120s",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ]);
+        if src.starts_with("docker://") {
+            add_creds(&mut cmd, "src-", src_creds);
+        }
+        if dest.starts_with("docker://") {
+            add_creds(&mut cmd, "dest-", dest_creds);
+        }
+        cmd.args([src, dest]);
+        procs::run(cmd, None)
+    }
+}
+
+fn add_creds(cmd: &mut Command, prefix: &str, creds: Creds<'_>) {
+    match creds {
+        Creds::None => {
+            cmd.arg(format!("--{prefix}no-creds"));
+        }
+        Creds::Basic(u, p) => {
+            cmd.arg(format!("--{prefix}creds")).arg(format!("{u}:{p}"));
+        }
+        Creds::Bearer(t) => {
+            cmd.arg(format!("--{prefix}registry-token")).arg(t);
+        }
+    }
+}
+
+/// Whether a private mount namespace with a bind mount works here (root, and not forbidden by a
+/// container runtime's seccomp profile). Checked once per process.
+fn can_unshare() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        if std::fs::create_dir_all("/var/lib/containers").is_err() {
+            return false;
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "-m",
+            "sh",
+            "-c",
+            r#"mount --bind "$0" /var/lib/containers"#,
+            "/tmp",
+        ]);
+        procs::run(cmd, None).map(|o| o.success).unwrap_or(false)
+    })
+}

@@ -1,0 +1,193 @@
+//! Owns the assembled scenario shared by the demo and the end-to-end tests: a private registry
+//! with a robot account and a sample image, the recorder in front of it, signing keys, and Envoy
+//! (with the connector filter, or plain) in front of the recorder. Also the address forms clients
+//! use and the secret scan run after tests.
+
+use crate::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
+use crate::image::{self, SampleImage};
+use crate::recorder::Recorder;
+use crate::registry::Registry;
+use crate::skopeo::{Creds, Skopeo};
+use crate::tokens::Minter;
+use crate::{Result, WorkDir};
+use std::net::ToSocketAddrs;
+
+/// The connector every scenario configures.
+pub const CONNECTOR_NAMESPACE: &str = "demo";
+pub const CONNECTOR_NAME: &str = "registry";
+pub const CLUSTER: &str = "upstream_demo_registry";
+pub const UPSTREAM_USER: &str = "robot";
+pub const PASSWORD_ENV: &str = "DEMO_REGISTRY_PASSWORD";
+/// Who besides the connector's own namespace may use it.
+pub const ALLOWED_NAMESPACE: &str = "ci";
+pub const ALLOWED_SERVICE_ACCOUNT: &str = "other/builder";
+/// The sample image in the upstream registry.
+pub const REPO: &str = "library/app";
+pub const TAG: &str = "v1";
+
+/// Fields drop in declaration order: Envoy stops before the recorder and the registry behind it.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub recorder: Recorder,
+    pub registry: Registry,
+    pub image: SampleImage,
+    pub minter: Minter,
+    pub skopeo: Skopeo,
+    pub work: WorkDir,
+}
+
+impl Stack {
+    /// Starts everything. `with_filter`: load the release filter module (errors with the build
+    /// command when it is missing); otherwise Envoy proxies plainly to the recorder.
+    pub fn start(label: &str, with_filter: bool) -> Result<Self> {
+        let wasm = if with_filter {
+            Some(crate::require_wasm()?)
+        } else {
+            None
+        };
+        let work = WorkDir::new(label)?;
+        let skopeo = Skopeo::new(&work)?;
+        let registry = Registry::start_with_auth(&work, UPSTREAM_USER)?;
+        let creds = registry
+            .credentials
+            .clone()
+            .ok_or("registry without credentials")?;
+        let image = image::build_sample(&work, "app", TAG, 3)?;
+        // Pushed straight to the registry: the recorder only ever sees proxied traffic.
+        image::push(
+            &skopeo,
+            &image,
+            &registry.authority(),
+            REPO,
+            Creds::Basic(&creds.username, &creds.password),
+        )?;
+        let recorder = Recorder::start(registry.port)?;
+        let minter = Minter::new(&work.sub("keys")?)?;
+        let clusters = vec![Cluster {
+            name: CLUSTER.into(),
+            port: recorder.port,
+        }];
+        let filter = wasm.map(|wasm| WasmFilter {
+            wasm,
+            config: filter_config(
+                &minter.jwks(),
+                &[ConnectorSpec {
+                    namespace: CONNECTOR_NAMESPACE.into(),
+                    name: CONNECTOR_NAME.into(),
+                    address: format!("http://127.0.0.1:{}", recorder.port),
+                    cluster: CLUSTER.into(),
+                    username: creds.username.clone(),
+                    password_env: PASSWORD_ENV.into(),
+                    allowed_namespaces: vec![ALLOWED_NAMESPACE.into()],
+                    allowed_service_accounts: vec![ALLOWED_SERVICE_ACCOUNT.into()],
+                }],
+            ),
+            secret_env: vec![(PASSWORD_ENV.into(), creds.password.clone())],
+        });
+        let envoy = Envoy::start(&work, &EnvoySpec { clusters, filter })?;
+        Ok(Self {
+            envoy,
+            recorder,
+            registry,
+            image,
+            minter,
+            skopeo,
+            work,
+        })
+    }
+
+    /// The upstream robot password (generated at start, never printed).
+    pub fn password(&self) -> &str {
+        self.registry
+            .credentials
+            .as_ref()
+            .map(|c| c.password.as_str())
+            .unwrap_or("")
+    }
+
+    /// Path form: `docker://127.0.0.1:<envoy>/namespaces/<ns>/connectors/<name>/<repo>:<tag>`.
+    pub fn path_ref(&self, ns: &str, name: &str, repo: &str, tag: &str) -> String {
+        format!(
+            "docker://{}/namespaces/{ns}/connectors/{name}/{repo}:{tag}",
+            self.envoy.authority()
+        )
+    }
+
+    /// Host form: `docker://c-<name>-connector.<ns>.svc.cluster.local:<envoy>/<repo>:<tag>`.
+    pub fn host_ref(&self, ns: &str, name: &str, repo: &str, tag: &str) -> String {
+        format!(
+            "docker://{}:{}/{repo}:{tag}",
+            host_name(ns, name),
+            self.envoy.port
+        )
+    }
+
+    /// Every secret that must never show in Envoy's log or config dump: the upstream password
+    /// and every JWT minted so far.
+    pub fn secrets(&self) -> Vec<(String, String)> {
+        let mut s = vec![("upstream password".to_string(), self.password().to_string())];
+        s.push((
+            "upstream Basic credential".into(),
+            crate::http::basic_value(UPSTREAM_USER, self.password()),
+        ));
+        for (i, t) in self.minter.issued().into_iter().enumerate() {
+            // The signature part alone is enough to identify a leaked token.
+            let sig = t.rsplit('.').next().unwrap_or("").to_string();
+            if sig.len() > 16 {
+                s.push((format!("signature of minted JWT #{i}"), sig));
+            }
+            s.push((format!("minted JWT #{i}"), t));
+        }
+        s
+    }
+
+    /// Problems found in Envoy's log and `/config_dump`: secrets that appear there and
+    /// `[critical]` wasm lines. Empty means clean.
+    pub fn envoy_hygiene_problems(&self) -> Result<Vec<String>> {
+        let log = self.envoy.log();
+        let dump = self.envoy.config_dump()?;
+        let mut problems = Vec::new();
+        for (what, secret) in self.secrets() {
+            if secret.is_empty() {
+                continue;
+            }
+            if log.contains(&secret) {
+                problems.push(format!(
+                    "{what} appears in Envoy's log {}",
+                    self.envoy.log_path().display()
+                ));
+            }
+            if dump.contains(&secret) {
+                problems.push(format!("{what} appears in Envoy's /config_dump"));
+            }
+        }
+        for l in self.envoy.critical_wasm_lines() {
+            problems.push(format!("critical wasm line in Envoy's log: {l}"));
+        }
+        Ok(problems)
+    }
+}
+
+/// `c-<name>-connector.<ns>.svc.cluster.local`.
+pub fn host_name(ns: &str, name: &str) -> String {
+    crate::envoy::HOST_PATTERN
+        .replace("{name}", name)
+        .replace("{namespace}", ns)
+}
+
+/// Host-form pulls need the connector host names to resolve to loopback (scripts/setup.sh adds
+/// them to /etc/hosts, as a cluster's DNS would resolve them to the proxy).
+pub fn check_host_form_resolves(ns: &str, name: &str) -> Result<()> {
+    let host = host_name(ns, name);
+    let ok = (host.as_str(), 80)
+        .to_socket_addrs()
+        .map(|mut a| a.any(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host} does not resolve to 127.0.0.1: run `bash scripts/setup.sh` as root (it adds the connector host names to /etc/hosts)"
+        ))
+    }
+}

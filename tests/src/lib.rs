@@ -1,0 +1,154 @@
+//! Shared fixture and assertions of the end-to-end tests: one real stack (registry, recorder,
+//! Envoy) per test binary, tests serialised on it so the recorder's contents belong to exactly
+//! one test, and the checks every refusal makes (status, OCI error body, challenge, nothing sent
+//! upstream).
+
+use connector_devkit::http::{Request, Response};
+use connector_devkit::stack::Stack;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+pub use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, REPO, TAG};
+
+/// A stack shared by the tests of one file. Starting it once per binary keeps the process count
+/// low on a 2-core machine; the lock keeps each test's upstream traffic its own.
+pub struct Shared {
+    label: &'static str,
+    with_filter: bool,
+    stack: OnceLock<Result<Stack, String>>,
+    lock: Mutex<()>,
+}
+
+impl Shared {
+    pub const fn new(label: &'static str, with_filter: bool) -> Self {
+        Self {
+            label,
+            with_filter,
+            stack: OnceLock::new(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Runs `test` with exclusive use of the stack, then checks Envoy's hygiene: no secret in its
+    /// log or config dump and no `[critical]` wasm line. The last test of a file to run thereby
+    /// checks everything the whole file did.
+    pub fn run(&self, test: impl FnOnce(&Stack)) {
+        let _turn = self.turn();
+        let stack = self.stack();
+        stack.recorder.take();
+        test(stack);
+        let problems = stack.envoy_hygiene_problems().unwrap_or_else(|e| vec![e]);
+        assert!(
+            problems.is_empty(),
+            "Envoy hygiene after the test:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    fn turn(&self) -> MutexGuard<'_, ()> {
+        // A failed test poisons the lock; the next one may still use the stack.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stack(&self) -> &Stack {
+        match self
+            .stack
+            .get_or_init(|| Stack::start(self.label, self.with_filter))
+        {
+            Ok(s) => s,
+            Err(e) => panic!("could not start the test stack: {e}"),
+        }
+    }
+}
+
+/// `/v2/namespaces/<ns>/connectors/<name>/<rest>`.
+pub fn path_form(ns: &str, name: &str, rest: &str) -> String {
+    format!("/v2/namespaces/{ns}/connectors/{name}/{rest}")
+}
+
+/// The manifest of the sample image, path form.
+pub fn manifest_path() -> String {
+    path_form(
+        CONNECTOR_NAMESPACE,
+        CONNECTOR_NAME,
+        &format!("{REPO}/manifests/{TAG}"),
+    )
+}
+
+/// `Authorization: Basic base64(sa:<jwt>)`, as `skopeo --creds sa:<jwt>` sends it.
+pub fn with_token(req: Request, jwt: &str) -> Request {
+    req.basic("sa", jwt)
+}
+
+/// The single error of an OCI error body: `{"errors":[{"code":..,"message":..}]}`.
+pub fn oci_error(resp: &Response) -> (String, String) {
+    let body = resp.json().unwrap_or_else(|e| {
+        panic!(
+            "refusal body is not JSON: {e}; response: {}",
+            resp.summary()
+        )
+    });
+    let err = &body["errors"][0];
+    let code = err["code"].as_str();
+    let message = err["message"].as_str();
+    match (code, message) {
+        (Some(c), Some(m)) => (c.to_string(), m.to_string()),
+        _ => panic!(
+            "refusal body is not an OCI error {{\"errors\":[{{\"code\",\"message\"}}]}}: {}",
+            resp.summary()
+        ),
+    }
+}
+
+/// What a refusal must look like.
+pub struct Refusal<'a> {
+    /// Acceptable statuses (usually one).
+    pub statuses: &'a [u16],
+    /// Acceptable OCI error codes.
+    pub codes: &'a [&'a str],
+    /// The message must mention one of these (case-insensitive): it names the failed check.
+    pub mentions: &'a [&'a str],
+}
+
+pub const UNAUTHORIZED: &[&str] = &["UNAUTHORIZED"];
+
+/// Sends `req` through Envoy and asserts the refusal: status, OCI error body naming the failed
+/// check, a Basic challenge on 401, and that the upstream received not one byte meanwhile.
+pub fn assert_refused(stack: &Stack, what: &str, req: Request, r: Refusal<'_>) -> Response {
+    stack.recorder.take();
+    let resp = req
+        .send(stack.envoy.port)
+        .unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
+    let upstream = stack.recorder.take();
+    assert!(
+        r.statuses.contains(&resp.status),
+        "{what}: expected status {:?}, got {}",
+        r.statuses,
+        resp.summary()
+    );
+    let (code, message) = oci_error(&resp);
+    assert!(
+        r.codes.contains(&code.as_str()),
+        "{what}: expected OCI error code in {:?}, got {code:?} ({message:?})",
+        r.codes
+    );
+    let lower = message.to_lowercase();
+    assert!(
+        r.mentions.iter().any(|m| lower.contains(&m.to_lowercase())),
+        "{what}: the error message should name the failed check (one of {:?}), got {message:?}",
+        r.mentions
+    );
+    if resp.status == 401 {
+        let challenge = resp.header("www-authenticate").unwrap_or("");
+        assert!(
+            challenge.starts_with("Basic ") && challenge.contains("realm=\"oci-connector\""),
+            "{what}: a 401 must challenge with Basic realm=\"oci-connector\", got {challenge:?}"
+        );
+    }
+    assert!(
+        upstream.is_empty(),
+        "{what}: the upstream must receive nothing for a refused request, it received {} request(s): {:?}",
+        upstream.requests,
+        upstream.request_lines()
+    );
+    resp
+}
