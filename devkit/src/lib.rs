@@ -28,9 +28,12 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The release build of the filter that Envoy loads. The target dir honours CARGO_TARGET_DIR at
-/// run time so a developer's separate target dir works too.
+/// The release build of the filter that Envoy loads: `CONNECTOR_FILTER_WASM` if set, else under
+/// the target dir (honouring CARGO_TARGET_DIR so a developer's separate target dir works too).
 pub fn wasm_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("CONNECTOR_FILTER_WASM") {
+        return PathBuf::from(p);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));

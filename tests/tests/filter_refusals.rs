@@ -1,0 +1,518 @@
+//! Everything the connector filter must refuse, sent raw through the real Envoy: each refusal has
+//! the right status, an OCI error body whose message names the failed check, a Basic challenge on
+//! 401, and the upstream receives nothing at all.
+
+use connector_devkit::http::Request;
+use connector_devkit::skopeo::Creds;
+use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, host_name};
+use connector_devkit::tokens::KeyChoice;
+use connector_e2e::{
+    REPO, Refusal, Shared, TAG, UNAUTHORIZED, assert_refused, manifest_path, oci_error, path_form,
+    with_token,
+};
+
+static STACK: Shared = Shared::new("e2e-refusals", true);
+
+const NAME_INVALID: &[&str] = &["NAME_INVALID"];
+const ACCESS_CODES: &[&str] = &["DENIED", "NAME_UNKNOWN", "UNAUTHORIZED"];
+const NAME_WORDS: &[&str] = &["name", "repository"];
+
+fn unauthorized<'a>(mentions: &'a [&'a str]) -> Refusal<'a> {
+    Refusal {
+        statuses: &[401],
+        codes: UNAUTHORIZED,
+        mentions,
+    }
+}
+
+#[test]
+fn no_credential_is_challenged() {
+    STACK.run(|s| {
+        assert_refused(
+            s,
+            "no Authorization header",
+            Request::get(&manifest_path()),
+            unauthorized(&["authenticat", "credential", "token", "authorization"]),
+        );
+    });
+}
+
+#[test]
+fn empty_basic_credential_is_refused() {
+    // `skopeo --no-creds` sends this after a Basic challenge: a header, not an identity.
+    STACK.run(|s| {
+        assert_refused(
+            s,
+            "Authorization: Basic Og==",
+            Request::get(&manifest_path()).header("Authorization", "Basic Og=="),
+            unauthorized(&["authenticat", "credential", "token", "password", "empty"]),
+        );
+    });
+}
+
+#[test]
+fn expired_token_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .expired_since(600)
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "expired",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["expired"]),
+        );
+        // The same token as Bearer.
+        assert_refused(
+            s,
+            "expired (Bearer)",
+            Request::get(&manifest_path()).bearer(&jwt),
+            unauthorized(&["expired"]),
+        );
+    });
+}
+
+#[test]
+fn token_not_yet_valid_is_refused() {
+    STACK.run(|s| {
+        // Ten minutes ahead: well past the configured 60 s clock skew.
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .not_before_in(600)
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "nbf in the future",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["not yet valid", "nbf", "not before", "immature", "future"]),
+        );
+    });
+}
+
+#[test]
+fn wrong_audience_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .audience(&["https://kubernetes.default.svc"])
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "wrong audience",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["audience", "aud"]),
+        );
+    });
+}
+
+#[test]
+fn wrong_issuer_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .issuer("https://evil.example")
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "wrong issuer",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["issuer", "iss"]),
+        );
+    });
+}
+
+#[test]
+fn tampered_signature_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .tampered()
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "tampered signature",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["signature"]),
+        );
+        let ec = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .key(KeyChoice::Ec)
+            .tampered()
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "tampered ES256 signature",
+            with_token(Request::get(&manifest_path()), &ec),
+            unauthorized(&["signature"]),
+        );
+    });
+}
+
+#[test]
+fn token_signed_by_an_unpublished_key_under_a_published_kid_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .key(KeyChoice::Unpublished)
+            .kid(Some("rsa-1"))
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "foreign key, published kid",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["signature"]),
+        );
+    });
+}
+
+#[test]
+fn alg_none_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .alg_none()
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "alg none",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&[
+                "alg",
+                "signature",
+                "unsupported",
+                "malformed",
+                "invalid token",
+            ]),
+        );
+    });
+}
+
+#[test]
+fn unknown_kid_is_refused() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .kid(Some("no-such-key"))
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "unknown kid",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["kid", "key"]),
+        );
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .key(KeyChoice::Unpublished)
+            .mint()
+            .unwrap();
+        assert_refused(
+            s,
+            "unpublished key's own kid",
+            with_token(Request::get(&manifest_path()), &jwt),
+            unauthorized(&["kid", "key"]),
+        );
+    });
+}
+
+#[test]
+fn two_authorization_headers_are_refused() {
+    // Envoy shows a wasm filter only the first value of a repeated header: a valid first token
+    // must not hide a second credential.
+    STACK.run(|s| {
+        let good = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let other = s.minter.valid("other", "default").unwrap();
+        let req = with_token(Request::get(&manifest_path()), &good).bearer(&other);
+        assert_refused(
+            s,
+            "two Authorization headers",
+            req,
+            Refusal {
+                statuses: &[400, 401],
+                codes: &["UNAUTHORIZED", "DENIED", "UNSUPPORTED"],
+                mentions: &["authorization"],
+            },
+        );
+    });
+}
+
+#[test]
+fn skopeo_with_an_expired_token_fails_with_the_message() {
+    STACK.run(|s| {
+        let jwt = s
+            .minter
+            .token(CONNECTOR_NAMESPACE, "default")
+            .expired_since(600)
+            .mint()
+            .unwrap();
+        let reference = s.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
+        s.recorder.take();
+        let out = s
+            .skopeo
+            .inspect(&reference, Creds::Basic("sa", &jwt), false)
+            .unwrap();
+        assert!(
+            !out.success,
+            "skopeo inspect with an expired token must fail: {}",
+            out.stdout
+        );
+        assert!(
+            out.stderr.to_lowercase().contains("expired"),
+            "skopeo should show the proxy's message: {}",
+            out.stderr
+        );
+        let seen = s.recorder.take();
+        assert!(
+            seen.is_empty(),
+            "upstream received {:?}",
+            seen.request_lines()
+        );
+
+        let out = s.skopeo.inspect(&reference, Creds::None, false).unwrap();
+        assert!(!out.success, "skopeo --no-creds must fail: {}", out.stdout);
+        let seen = s.recorder.take();
+        assert!(
+            seen.is_empty(),
+            "upstream received {:?}",
+            seen.request_lines()
+        );
+    });
+}
+
+#[test]
+fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
+    STACK.run(|s| {
+        let outsider = s.minter.valid("other", "default").unwrap();
+        let access = Refusal {
+            statuses: &[403, 404],
+            codes: ACCESS_CODES,
+            mentions: &["connector", "denied", "not found", "access"],
+        };
+        let a = assert_refused(
+            s,
+            "token of namespace other on demo/registry",
+            with_token(Request::get(&manifest_path()), &outsider),
+            access,
+        );
+
+        let insider = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let unknown = path_form(
+            CONNECTOR_NAMESPACE,
+            "nope",
+            &format!("{REPO}/manifests/{TAG}"),
+        );
+        let access = Refusal {
+            statuses: &[403, 404],
+            codes: ACCESS_CODES,
+            mentions: &["connector", "denied", "not found", "access"],
+        };
+        let b = assert_refused(
+            s,
+            "unknown connector demo/nope",
+            with_token(Request::get(&unknown), &insider),
+            access,
+        );
+
+        // A caller must not be able to tell "exists but not yours" from "does not exist".
+        assert_eq!(
+            a.status, b.status,
+            "other-namespace vs unknown connector: statuses differ"
+        );
+        let (code_a, msg_a) = oci_error(&a);
+        let (code_b, msg_b) = oci_error(&b);
+        assert_eq!(
+            code_a, code_b,
+            "other-namespace vs unknown connector: codes differ"
+        );
+        assert_eq!(
+            msg_a.replace(CONNECTOR_NAME, "<name>"),
+            msg_b.replace("nope", "<name>"),
+            "other-namespace vs unknown connector: messages differ in shape"
+        );
+
+        // Host form too.
+        let c = assert_refused(
+            s,
+            "host form, token of namespace other",
+            with_token(
+                Request::get(&format!("/v2/{REPO}/manifests/{TAG}")),
+                &outsider,
+            )
+            .host(&format!(
+                "{}:{}",
+                host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
+                s.envoy.port
+            )),
+            Refusal {
+                statuses: &[403, 404],
+                codes: ACCESS_CODES,
+                mentions: &["connector", "denied", "not found", "access"],
+            },
+        );
+        assert_eq!(c.status, a.status, "host and path form refuse alike");
+    });
+}
+
+#[test]
+fn invalid_repository_names_are_rejected() {
+    STACK.run(|s| {
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let long = "a".repeat(300);
+        let cases: [(&str, String); 5] = [
+            ("uppercase", "Library/App".into()),
+            ("leading dash", "-app".into()),
+            ("trailing slash", "library/app/".into()),
+            ("empty segment", "library//app".into()),
+            ("300 characters", long),
+        ];
+        for (what, name) in &cases {
+            let path = path_form(
+                CONNECTOR_NAMESPACE,
+                CONNECTOR_NAME,
+                &format!("{name}/manifests/{TAG}"),
+            );
+            assert_refused(
+                s,
+                &format!("repository name ({what})"),
+                with_token(Request::get(&path), &jwt),
+                Refusal {
+                    statuses: &[400],
+                    codes: NAME_INVALID,
+                    mentions: NAME_WORDS,
+                },
+            );
+        }
+        // Host form: the name is the whole path.
+        let host = format!(
+            "{}:{}",
+            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
+            s.envoy.port
+        );
+        assert_refused(
+            s,
+            "host form uppercase name",
+            with_token(
+                Request::get(&format!("/v2/Library/App/manifests/{TAG}")),
+                &jwt,
+            )
+            .host(&host),
+            Refusal {
+                statuses: &[400],
+                codes: NAME_INVALID,
+                mentions: NAME_WORDS,
+            },
+        );
+    });
+}
+
+#[test]
+fn base_endpoint_challenges_then_answers_ok() {
+    STACK.run(|s| {
+        let resp = assert_refused(
+            s,
+            "/v2/ without credential",
+            Request::get("/v2/"),
+            unauthorized(&["authenticat", "credential", "token", "authorization"]),
+        );
+        assert_eq!(
+            resp.header("docker-distribution-api-version"),
+            Some("registry/2.0"),
+            "{}",
+            resp.summary()
+        );
+
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let ok = with_token(Request::get("/v2/"), &jwt)
+            .send(s.envoy.port)
+            .unwrap();
+        assert_eq!(ok.status, 200, "{}", ok.summary());
+        assert_eq!(
+            ok.json().unwrap(),
+            serde_json::json!({}),
+            "{}",
+            ok.summary()
+        );
+        assert_eq!(
+            ok.header("docker-distribution-api-version"),
+            Some("registry/2.0"),
+            "{}",
+            ok.summary()
+        );
+
+        let host = format!(
+            "{}:{}",
+            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
+            s.envoy.port
+        );
+        let resp = Request::get("/v2/").host(&host).send(s.envoy.port).unwrap();
+        assert_eq!(
+            resp.status,
+            401,
+            "host form /v2/ without credential: {}",
+            resp.summary()
+        );
+    });
+}
+
+#[test]
+fn catalog_is_refused() {
+    STACK.run(|s| {
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        s.recorder.take();
+        let resp = with_token(Request::get("/v2/_catalog"), &jwt)
+            .send(s.envoy.port)
+            .unwrap();
+        let seen = s.recorder.take();
+        assert!(
+            resp.status >= 400 && resp.status < 500,
+            "/v2/_catalog must be refused: {}",
+            resp.summary()
+        );
+        oci_error(&resp);
+        assert!(
+            seen.is_empty(),
+            "/v2/_catalog reached the upstream: {:?}",
+            seen.request_lines()
+        );
+
+        let host = format!(
+            "{}:{}",
+            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
+            s.envoy.port
+        );
+        let resp = with_token(Request::get("/v2/_catalog"), &jwt)
+            .host(&host)
+            .send(s.envoy.port)
+            .unwrap();
+        let seen = s.recorder.take();
+        assert!(
+            resp.status >= 400 && resp.status < 500,
+            "host form /v2/_catalog must be refused: {}",
+            resp.summary()
+        );
+        assert!(
+            seen.is_empty(),
+            "host form /v2/_catalog reached the upstream: {:?}",
+            seen.request_lines()
+        );
+    });
+}
