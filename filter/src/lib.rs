@@ -1,1 +1,25 @@
-pub fn x() {}
+//! The connector filter: a proxy-wasm HTTP filter that lets workloads reach private OCI
+//! registries with their Kubernetes ServiceAccount token instead of a registry password.
+//!
+//! Everything that decides lives in plain modules that native `cargo test` covers:
+//! - [`config`]: the JSON configuration, validated as a whole and compiled;
+//! - [`route`]: distribution paths, address forms and name grammars;
+//! - [`identity`]: credential extraction, JWT verification, the verified-token cache;
+//! - [`engine`]: the request and response decisions;
+//! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
+//! - [`respond`]: refusals as OCI error responses.
+//!
+//! The proxy-wasm host is touched only by `shim`, compiled for wasm32 only.
+
+pub mod config;
+pub mod engine;
+pub mod identity;
+pub mod respond;
+pub mod rewrite;
+pub mod route;
+
+#[cfg(target_arch = "wasm32")]
+mod shim;
+
+#[cfg(test)]
+mod testkeys;

@@ -1,0 +1,932 @@
+//! The filter's configuration: one JSON document, validated as a whole and compiled into
+//! indexed structures before any request is served.
+//!
+//! Validation walks the document itself (rather than stopping at serde's first error) so that
+//! *every* problem is reported at once, each with its field path. Secrets never appear in the
+//! document: a credential names the environment variables (handed to the VM by Envoy through
+//! `vm_config.environment_variables.host_env_keys`) that hold it, so the plugin configuration
+//! and Envoy's config dump stay free of passwords.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::{Map, Value};
+
+use crate::identity::{Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKey};
+use crate::route::{is_dns_label, is_dns_subdomain};
+
+pub const DEFAULT_REALM: &str = "oci-connector";
+pub const DEFAULT_HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
+pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
+
+/// One validation problem, located by its JSON path (e.g. `connectors[1].credential.passwordEnv`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// The validated, compiled configuration.
+pub struct Config {
+    pub realm: String,
+    pub host_pattern: String,
+    pub policy: TokenPolicy,
+    pub token_cache_size: usize,
+    pub connectors: Vec<Connector>,
+    by_name: HashMap<(String, String), usize>,
+    by_host: HashMap<String, usize>,
+}
+
+/// The upstream registry's origin, as the connector's `address` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]`, lowercase, default port omitted.
+    pub authority: String,
+}
+
+impl Upstream {
+    /// Parses `http(s)://host[:port][/]`. Distribution serves `/v2/` at the root, so no path.
+    pub fn parse(address: &str) -> Result<Self, String> {
+        let (scheme, rest) = address
+            .split_once("://")
+            .ok_or_else(|| "expected http://host[:port] or https://host[:port]".to_string())?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!("scheme {scheme:?} is not supported: expected http or https"));
+        }
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(
+                "expected scheme://host[:port] with no path, query or user info: the registry API lives at /v2/".into(),
+            );
+        }
+        let authority = normalise_authority(&scheme, authority)
+            .ok_or_else(|| "host or port is invalid: expected scheme://host[:port]".to_string())?;
+        Ok(Self { scheme, authority })
+    }
+
+    /// Whether an absolute URL's `scheme` and `authority` name this upstream.
+    pub fn is_origin(&self, scheme: &str, authority: &str) -> bool {
+        normalise_authority(&scheme.to_ascii_lowercase(), authority).is_some_and(|a| a == self.authority)
+    }
+}
+
+/// Lowercases the host and drops the scheme's default port; `None` when malformed.
+pub fn normalise_authority(scheme: &str, authority: &str) -> Option<String> {
+    let authority = authority.to_ascii_lowercase();
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: [addr] or [addr]:port.
+        let (addr, after) = rest.split_once(']')?;
+        if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return None;
+        }
+        let port = if after.is_empty() {
+            None
+        } else {
+            Some(after.strip_prefix(':')?)
+        };
+        (format!("[{addr}]"), port)
+    } else {
+        let (host, port) = match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority.as_str(), None),
+        };
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return None;
+        }
+        (host.to_string(), port)
+    };
+    match port {
+        None => Some(host),
+        Some(p) => {
+            let n: u16 = p.parse().ok().filter(|n| *n > 0)?;
+            let default = if scheme == "https" { 443 } else { 80 };
+            Some(if n == default { host } else { format!("{host}:{n}") })
+        }
+    }
+}
+
+/// A registry reachable through the proxy.
+pub struct Connector {
+    pub namespace: String,
+    pub name: String,
+    pub upstream: Upstream,
+    /// The Envoy cluster that reaches the upstream.
+    pub cluster: String,
+    /// Ready-made `Authorization` value for the upstream. Never logged (see the Debug impl).
+    pub upstream_authorization: String,
+    pub allowed_namespaces: HashSet<String>,
+    /// `(namespace, service account)` pairs.
+    pub allowed_service_accounts: HashSet<(String, String)>,
+    pub hosts: Vec<String>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("upstream", &self.upstream)
+            .field("cluster", &self.cluster)
+            .field("upstream_authorization", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// First rule: a ServiceAccount may use the connectors of its own namespace; a connector
+    /// may additionally admit other namespaces or individual service accounts.
+    pub fn admits(&self, who: &Identity) -> bool {
+        who.namespace == self.namespace
+            || self.allowed_namespaces.contains(&who.namespace)
+            || self
+                .allowed_service_accounts
+                .contains(&(who.namespace.clone(), who.service_account.clone()))
+    }
+}
+
+impl Config {
+    pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
+        let i = self.by_name.get(&(namespace.to_string(), name.to_string()))?;
+        self.connectors.get(*i)
+    }
+
+    /// The connector whose host-form name is `host` (no port, any case).
+    pub fn connector_by_host(&self, host: &str) -> Option<&Connector> {
+        let i = self.by_host.get(&host.to_ascii_lowercase())?;
+        self.connectors.get(*i)
+    }
+
+    /// Whether `host` has the shape of a host-form name, known or not: such a host is answered
+    /// like a forbidden connector rather than as "not a connector address".
+    pub fn looks_like_connector_host(&self, host: &str) -> bool {
+        pattern_matches(self.host_pattern.as_bytes(), host.to_ascii_lowercase().as_bytes())
+    }
+}
+
+/// Renders the host pattern for one connector.
+pub fn render_host(pattern: &str, namespace: &str, name: &str) -> String {
+    pattern.replace("{namespace}", namespace).replace("{name}", name)
+}
+
+/// `{name}` matches `[a-z0-9.-]+`, `{namespace}` matches `[a-z0-9-]+`; the rest literally.
+fn pattern_matches(pattern: &[u8], host: &[u8]) -> bool {
+    let placeholder = |p: &[u8]| -> Option<(usize, bool)> {
+        if p.starts_with(b"{name}") {
+            Some((6, true))
+        } else if p.starts_with(b"{namespace}") {
+            Some((11, false))
+        } else {
+            None
+        }
+    };
+    match (pattern.first(), placeholder(pattern)) {
+        (None, _) => host.is_empty(),
+        (Some(_), Some((len, dots))) => {
+            let rest = pattern.get(len..).unwrap_or_default();
+            let ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || (dots && *b == b'.');
+            let mut i = 0;
+            while host.get(i).is_some_and(ok) {
+                i += 1;
+                if pattern_matches(rest, host.get(i..).unwrap_or_default()) {
+                    return true;
+                }
+            }
+            false
+        }
+        (Some(p), None) => {
+            host.first() == Some(p)
+                && pattern_matches(pattern.get(1..).unwrap_or_default(), host.get(1..).unwrap_or_default())
+        }
+    }
+}
+
+/// Collects errors while walking the document.
+struct Walk<'e> {
+    errors: &'e mut Vec<ConfigError>,
+}
+
+impl Walk<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// An object with only `known` keys (all unknown keys are reported).
+    fn object<'v>(
+        &mut self,
+        v: Option<&'v Value>,
+        path: &str,
+        known: &[&str],
+        required: bool,
+    ) -> Option<&'v Map<String, Value>> {
+        match v {
+            None if required => {
+                self.err(path, "is required");
+                None
+            }
+            None => None,
+            Some(Value::Object(m)) => {
+                for k in m.keys() {
+                    if !known.contains(&k.as_str()) {
+                        self.err(
+                            format!("{path}.{k}"),
+                            format!("unknown field: expected one of {}", known.join(", ")),
+                        );
+                    }
+                }
+                Some(m)
+            }
+            Some(_) => {
+                self.err(path, "expected an object");
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, m: &'v Map<String, Value>, path: &str, key: &str, required: bool) -> Option<&'v str> {
+        match m.get(key) {
+            None if required => {
+                self.err(format!("{path}.{key}"), "is required");
+                None
+            }
+            None => None,
+            Some(Value::String(s)) if s.is_empty() => {
+                self.err(format!("{path}.{key}"), "must not be empty");
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                self.err(format!("{path}.{key}"), "expected a string");
+                None
+            }
+        }
+    }
+
+    fn strings(&mut self, m: &Map<String, Value>, path: &str, key: &str, required: bool) -> Vec<String> {
+        let p = format!("{path}.{key}");
+        match m.get(key) {
+            None if required => {
+                self.err(p, "is required: expected a non-empty list of strings");
+                vec![]
+            }
+            None => vec![],
+            Some(Value::Array(items)) => {
+                if required && items.is_empty() {
+                    self.err(&p, "must not be empty");
+                }
+                let mut out = vec![];
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) if !s.is_empty() => out.push(s.clone()),
+                        _ => self.err(format!("{p}[{i}]"), "expected a non-empty string"),
+                    }
+                }
+                out
+            }
+            Some(_) => {
+                self.err(p, "expected a list of strings");
+                vec![]
+            }
+        }
+    }
+
+    fn number(&mut self, m: &Map<String, Value>, path: &str, key: &str, range: (u64, u64), default: u64) -> u64 {
+        match m.get(key) {
+            None => default,
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= range.0 && n <= range.1 => n,
+                _ => {
+                    self.err(
+                        format!("{path}.{key}"),
+                        format!("expected an integer from {} to {}", range.0, range.1),
+                    );
+                    default
+                }
+            },
+        }
+    }
+}
+
+/// Validates and compiles the configuration. `env` reads the VM's environment.
+pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<ConfigError>> {
+    let mut errors = vec![];
+    let doc: Value = match serde_json::from_slice(json) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(vec![ConfigError {
+                path: "$".into(),
+                message: format!("not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
+            }]);
+        }
+    };
+    let mut w = Walk { errors: &mut errors };
+    let root = w.object(Some(&doc), "$", &["proxy", "identity", "connectors"], true);
+    let empty = Map::new();
+    let root = root.unwrap_or(&empty);
+
+    let proxy = w
+        .object(root.get("proxy"), "proxy", &["realm", "hostPattern"], false)
+        .unwrap_or(&empty);
+    let realm = w
+        .string(proxy, "proxy", "realm", false)
+        .unwrap_or(DEFAULT_REALM)
+        .to_string();
+    if realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
+        w.err(
+            "proxy.realm",
+            "must not contain quotes, backslashes or control characters",
+        );
+    }
+    let host_pattern = w
+        .string(proxy, "proxy", "hostPattern", false)
+        .unwrap_or(DEFAULT_HOST_PATTERN)
+        .to_string();
+    check_host_pattern(&mut w, &host_pattern);
+
+    let (policy, token_cache_size) = compile_identity(&mut w, root.get("identity"));
+
+    let mut connectors = vec![];
+    let mut by_name = HashMap::new();
+    let mut by_host: HashMap<String, usize> = HashMap::new();
+    match root.get("connectors") {
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                w.err("connectors", "must list at least one connector");
+            }
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("connectors[{i}]");
+                let Some(c) = compile_connector(&mut w, item, &path, env) else {
+                    continue;
+                };
+                let index = connectors.len();
+                if by_name.insert((c.namespace.clone(), c.name.clone()), index).is_some() {
+                    w.err(&path, format!("connector {} is defined twice", c.label()));
+                }
+                let mut hosts = vec![render_host(&host_pattern, &c.namespace, &c.name)];
+                hosts.extend(c.hosts.iter().cloned());
+                for h in hosts {
+                    if by_host.insert(h.clone(), index).is_some_and(|other| other != index) {
+                        w.err(
+                            format!("{path}.hosts"),
+                            format!("host {h:?} is already used by another connector"),
+                        );
+                    }
+                }
+                connectors.push(c);
+            }
+        }
+        None => w.err("connectors", "is required: expected a list of connectors"),
+        Some(_) => w.err("connectors", "expected a list of connectors"),
+    }
+
+    match (errors.is_empty(), policy) {
+        (true, Some(policy)) => Ok(Config {
+            realm,
+            host_pattern,
+            policy,
+            token_cache_size,
+            connectors,
+            by_name,
+            by_host,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn check_host_pattern(w: &mut Walk<'_>, pattern: &str) {
+    let literal = pattern.replace("{namespace}", "").replace("{name}", "");
+    if pattern.matches("{name}").count() != 1 || pattern.matches("{namespace}").count() != 1 {
+        w.err(
+            "proxy.hostPattern",
+            "must contain {name} and {namespace} exactly once, e.g. c-{name}-connector.{namespace}.svc.cluster.local",
+        );
+    }
+    if !literal
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        w.err(
+            "proxy.hostPattern",
+            "may only contain lowercase letters, digits, '-', '.' and the placeholders {name} and {namespace}",
+        );
+    }
+}
+
+fn compile_identity(w: &mut Walk<'_>, v: Option<&Value>) -> (Option<TokenPolicy>, usize) {
+    let known = ["issuers", "audiences", "jwks", "clockSkewSeconds", "tokenCacheSize"];
+    let Some(m) = w.object(v, "identity", &known, true) else {
+        return (None, 0);
+    };
+    let issuers = w.strings(m, "identity", "issuers", true);
+    let audiences = w.strings(m, "identity", "audiences", true);
+    let clock_skew = w.number(m, "identity", "clockSkewSeconds", (0, MAX_CLOCK_SKEW), MAX_CLOCK_SKEW);
+    let cache = w.number(
+        m,
+        "identity",
+        "tokenCacheSize",
+        (1, 1_000_000),
+        DEFAULT_TOKEN_CACHE_SIZE,
+    );
+    let mut keys = HashMap::new();
+    if let Some(jwks) = w.object(m.get("jwks"), "identity.jwks", &["keys"], true) {
+        match jwks.get("keys") {
+            Some(Value::Array(items)) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("identity.jwks.keys[{i}]");
+                    if let Some((kid, key)) = compile_jwk(w, item, &path)
+                        && keys.insert(kid.clone(), key).is_some()
+                    {
+                        w.err(format!("{path}.kid"), format!("key id {kid:?} appears twice"));
+                    }
+                }
+            }
+            _ => w.err(
+                "identity.jwks.keys",
+                "is required: expected a non-empty list of JWK public keys (the cluster's /openid/v1/jwks)",
+            ),
+        }
+    }
+    let policy = TokenPolicy {
+        keys,
+        issuers: issuers.into_iter().collect(),
+        audiences: audiences.into_iter().collect(),
+        clock_skew,
+    };
+    (Some(policy), usize::try_from(cache).unwrap_or(usize::MAX))
+}
+
+fn b64url_len(s: &str) -> Option<usize> {
+    URL_SAFE_NO_PAD.decode(s).ok().map(|b| b.len())
+}
+
+/// A JWK public key. The algorithm is fixed per key: the JWK's `alg`, or the one its type implies.
+fn compile_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Option<(String, VerifyKey)> {
+    let Value::Object(m) = v else {
+        w.err(path, "expected a JWK object");
+        return None;
+    };
+    let kid = w.string(m, path, "kid", true);
+    let kty = w.string(m, path, "kty", true);
+    let alg = w.string(m, path, "alg", false);
+    if let Some(u) = w.string(m, path, "use", false)
+        && u != "sig"
+    {
+        w.err(
+            format!("{path}.use"),
+            "expected \"sig\": only signing keys verify tokens",
+        );
+    }
+    let (algorithm, key) = match kty? {
+        "RSA" => {
+            let n = w.string(m, path, "n", true);
+            let e = w.string(m, path, "e", true);
+            let algorithm = match alg.unwrap_or("RS256") {
+                "RS256" => Algorithm::RS256,
+                "RS384" => Algorithm::RS384,
+                "RS512" => Algorithm::RS512,
+                "PS256" => Algorithm::PS256,
+                "PS384" => Algorithm::PS384,
+                "PS512" => Algorithm::PS512,
+                other => {
+                    w.err(format!("{path}.alg"), format!("{other:?} is not an RSA signature algorithm: expected RS256, RS384, RS512, PS256, PS384 or PS512"));
+                    return None;
+                }
+            };
+            let (n, e) = (n?, e?);
+            if b64url_len(n).is_none_or(|len| len < 256) {
+                w.err(
+                    format!("{path}.n"),
+                    "expected the base64url modulus of an RSA key of at least 2048 bits",
+                );
+                return None;
+            }
+            if b64url_len(e).is_none_or(|len| len == 0 || len > 8) {
+                w.err(format!("{path}.e"), "expected the base64url RSA public exponent");
+                return None;
+            }
+            match DecodingKey::from_rsa_components(n, e) {
+                Ok(key) => (algorithm, key),
+                Err(err) => {
+                    w.err(path, format!("RSA key rejected: {err}"));
+                    return None;
+                }
+            }
+        }
+        "EC" => {
+            let crv = w.string(m, path, "crv", true);
+            let x = w.string(m, path, "x", true);
+            let y = w.string(m, path, "y", true);
+            let (algorithm, size) = match crv? {
+                "P-256" => (Algorithm::ES256, 32),
+                "P-384" => (Algorithm::ES384, 48),
+                other => {
+                    w.err(
+                        format!("{path}.crv"),
+                        format!("{other:?} is not supported: expected P-256 or P-384"),
+                    );
+                    return None;
+                }
+            };
+            if let Some(a) = alg
+                && a != crate::identity::algorithm_name(algorithm)
+            {
+                w.err(
+                    format!("{path}.alg"),
+                    format!(
+                        "{a:?} does not fit curve {}: expected {}",
+                        crv.unwrap_or(""),
+                        crate::identity::algorithm_name(algorithm)
+                    ),
+                );
+                return None;
+            }
+            let (x, y) = (x?, y?);
+            for (name, coord) in [("x", x), ("y", y)] {
+                if b64url_len(coord) != Some(size) {
+                    w.err(
+                        format!("{path}.{name}"),
+                        format!("expected a base64url {size}-byte coordinate"),
+                    );
+                    return None;
+                }
+            }
+            match DecodingKey::from_ec_components(x, y) {
+                Ok(key) => (algorithm, key),
+                Err(err) => {
+                    w.err(path, format!("EC key rejected: {err}"));
+                    return None;
+                }
+            }
+        }
+        other => {
+            w.err(
+                format!("{path}.kty"),
+                format!("{other:?} is not supported: expected RSA or EC (symmetric keys are never accepted)"),
+            );
+            return None;
+        }
+    };
+    Some((kid?.to_string(), VerifyKey { algorithm, key }))
+}
+
+fn compile_connector(
+    w: &mut Walk<'_>,
+    v: &Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<Connector> {
+    let known = [
+        "namespace",
+        "name",
+        "address",
+        "cluster",
+        "credential",
+        "allowedNamespaces",
+        "allowedServiceAccounts",
+        "hosts",
+    ];
+    let m = w.object(Some(v), path, &known, true)?;
+    let namespace = w.string(m, path, "namespace", true);
+    if let Some(ns) = namespace
+        && !is_dns_label(ns)
+    {
+        w.err(
+            format!("{path}.namespace"),
+            "expected a Kubernetes namespace name (RFC 1123 label)",
+        );
+    }
+    let name = w.string(m, path, "name", true);
+    if let Some(n) = name
+        && !is_dns_subdomain(n)
+    {
+        w.err(
+            format!("{path}.name"),
+            "expected a Kubernetes object name (RFC 1123 subdomain)",
+        );
+    }
+    let upstream = w
+        .string(m, path, "address", true)
+        .and_then(|a| match Upstream::parse(a) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                w.err(format!("{path}.address"), e);
+                None
+            }
+        });
+    let cluster = w.string(m, path, "cluster", true);
+    if let Some(c) = cluster
+        && !c
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        w.err(
+            format!("{path}.cluster"),
+            "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':')",
+        );
+    }
+    let authorization = compile_credential(w, m.get("credential"), &format!("{path}.credential"), env);
+
+    let allowed_namespaces = w.strings(m, path, "allowedNamespaces", false);
+    for (i, ns) in allowed_namespaces.iter().enumerate() {
+        if !is_dns_label(ns) {
+            w.err(
+                format!("{path}.allowedNamespaces[{i}]"),
+                "expected a Kubernetes namespace name",
+            );
+        }
+    }
+    let mut allowed_service_accounts = HashSet::new();
+    for (i, sa) in w.strings(m, path, "allowedServiceAccounts", false).iter().enumerate() {
+        match sa.split_once('/') {
+            Some((ns, name)) if is_dns_label(ns) && is_dns_subdomain(name) => {
+                allowed_service_accounts.insert((ns.to_string(), name.to_string()));
+            }
+            _ => w.err(
+                format!("{path}.allowedServiceAccounts[{i}]"),
+                "expected <namespace>/<serviceaccount>",
+            ),
+        }
+    }
+    let hosts: Vec<String> = w
+        .strings(m, path, "hosts", false)
+        .into_iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        if !is_dns_subdomain(h) {
+            w.err(format!("{path}.hosts[{i}]"), "expected a host name without port");
+        }
+    }
+    Some(Connector {
+        namespace: namespace?.to_string(),
+        name: name?.to_string(),
+        upstream: upstream?,
+        cluster: cluster?.to_string(),
+        upstream_authorization: authorization?,
+        allowed_namespaces: allowed_namespaces.into_iter().collect(),
+        allowed_service_accounts,
+        hosts,
+    })
+}
+
+/// Builds the upstream `Authorization` value from environment variables. The values are read
+/// here once; the document only names the variables.
+fn compile_credential(
+    w: &mut Walk<'_>,
+    v: Option<&Value>,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let Some(Value::Object(m)) = v else {
+        w.err(path, "is required: expected {\"username\": ..., \"passwordEnv\": ...}");
+        return None;
+    };
+    if m.contains_key("password") {
+        w.err(format!("{path}.password"), "inline passwords are refused (the plugin configuration shows in Envoy's config dump): put the password in an environment variable and name it in passwordEnv");
+    }
+    let known = ["username", "usernameEnv", "passwordEnv", "password"];
+    w.object(v, path, &known, true)?;
+    let from_env = |w: &mut Walk<'_>, key: &str| -> Option<String> {
+        let var = w.string(m, path, key, false)?;
+        match env(var) {
+            Some(value) if !value.is_empty() => Some(value),
+            _ => {
+                w.err(format!("{path}.{key}"), format!("environment variable {var:?} is not set in the Wasm VM: list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
+                None
+            }
+        }
+    };
+    let username = match (m.get("username"), m.contains_key("usernameEnv")) {
+        (Some(Value::String(u)), false) if !u.is_empty() => Some(u.clone()),
+        (None, true) => from_env(w, "usernameEnv"),
+        _ => {
+            w.err(
+                path,
+                "expected exactly one of username or usernameEnv (a non-empty string)",
+            );
+            None
+        }
+    };
+    if !m.contains_key("passwordEnv") {
+        w.err(
+            format!("{path}.passwordEnv"),
+            "is required: the name of the environment variable that holds the password",
+        );
+    }
+    let password = from_env(w, "passwordEnv");
+    let username = username?;
+    if username.contains(':') {
+        w.err(
+            path,
+            "the username must not contain ':' (Basic credentials cannot carry it)",
+        );
+        return None;
+    }
+    Some(format!(
+        "Basic {}",
+        STANDARD.encode(format!("{username}:{}", password?))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkeys;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "REG_PASSWORD" => Some("s3cret-pass".into()),
+            "REG_USER" => Some("robot$ci".into()),
+            _ => None,
+        }
+    }
+
+    pub fn doc() -> Value {
+        serde_json::json!({
+            "identity": {
+                "issuers": [testkeys::ISSUER],
+                "audiences": [testkeys::AUDIENCE],
+                "jwks": testkeys::jwks()
+            },
+            "connectors": [{
+                "namespace": "demo", "name": "registry",
+                "address": "http://127.0.0.1:5000/",
+                "cluster": "upstream_demo",
+                "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"},
+                "allowedNamespaces": ["ci"],
+                "allowedServiceAccounts": ["build/kaniko"],
+                "hosts": ["Registry.Internal"]
+            }]
+        })
+    }
+
+    fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
+        compile(v.to_string().as_bytes(), &env)
+    }
+
+    #[test]
+    fn a_valid_document_compiles_with_defaults() {
+        let c = compile_value(&doc()).unwrap();
+        assert_eq!(c.realm, DEFAULT_REALM);
+        assert_eq!(c.policy.clock_skew, 60);
+        assert_eq!(c.token_cache_size, 10_000);
+        let k = c.connector("demo", "registry").unwrap();
+        assert_eq!(
+            k.upstream,
+            Upstream {
+                scheme: "http".into(),
+                authority: "127.0.0.1:5000".into()
+            }
+        );
+        assert_eq!(
+            k.upstream_authorization,
+            format!("Basic {}", STANDARD.encode("robot:s3cret-pass"))
+        );
+        assert!(format!("{k:?}").contains("<redacted>"));
+        assert!(!format!("{k:?}").contains(&k.upstream_authorization));
+        assert!(
+            c.connector_by_host("c-registry-connector.demo.svc.cluster.local")
+                .is_some()
+        );
+        assert!(c.connector_by_host("registry.internal").is_some());
+        assert!(
+            c.connector_by_host("c-other-connector.demo.svc.cluster.local")
+                .is_none()
+        );
+        assert!(c.looks_like_connector_host("c-other-connector.demo.svc.cluster.local"));
+        assert!(c.looks_like_connector_host("c-a.b-c-connector.x-y.svc.cluster.local"));
+        assert!(!c.looks_like_connector_host("127.0.0.1"));
+        assert!(!c.looks_like_connector_host("c--connector.demo.svc.cluster.local"));
+    }
+
+    #[test]
+    fn username_from_env() {
+        let mut d = doc();
+        d["connectors"][0]["credential"] =
+            serde_json::json!({"usernameEnv": "REG_USER", "passwordEnv": "REG_PASSWORD"});
+        let c = compile_value(&d).unwrap();
+        assert_eq!(
+            c.connectors[0].upstream_authorization,
+            format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass"))
+        );
+    }
+
+    #[test]
+    fn every_error_is_listed_with_its_path() {
+        let mut d = doc();
+        d["identity"]["audiences"] = serde_json::json!([]);
+        d["identity"]["clockSkewSeconds"] = serde_json::json!(300);
+        d["identity"]["jwks"]["keys"][0]["kty"] = serde_json::json!("oct");
+        d["identity"]["extra"] = serde_json::json!(1);
+        d["proxy"] = serde_json::json!({"hostPattern": "{name}.example"});
+        d["connectors"][0]["address"] = serde_json::json!("ftp://x");
+        d["connectors"][0]["credential"] =
+            serde_json::json!({"username": "u", "password": "hunter2-secret", "passwordEnv": "MISSING"});
+        d["connectors"][0]["allowedServiceAccounts"] = serde_json::json!(["nobody"]);
+        d["connectors"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"namespace": "Bad_NS"}));
+        let errors = compile_value(&d).err().unwrap();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "identity.audiences",
+            "identity.clockSkewSeconds",
+            "identity.jwks.keys[0].kty",
+            "identity.extra",
+            "proxy.hostPattern",
+            "connectors[0].address",
+            "connectors[0].credential.password",
+            "connectors[0].credential.passwordEnv",
+            "connectors[0].allowedServiceAccounts[0]",
+            "connectors[1].namespace",
+            "connectors[1].name",
+            "connectors[1].address",
+            "connectors[1].cluster",
+            "connectors[1].credential",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        // No error message ever carries a secret value.
+        for e in &errors {
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let mut d = doc();
+        let copy = d["connectors"][0].clone();
+        d["connectors"].as_array_mut().unwrap().push(copy);
+        let errors = compile_value(&d).err().unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "connectors[1]" && e.message.contains("twice")),
+            "{errors:?}"
+        );
+        assert!(errors.iter().any(|e| e.path == "connectors[1].hosts"), "{errors:?}");
+    }
+
+    #[test]
+    fn malformed_json_and_wrong_types() {
+        let e = compile(b"{", &env).err().unwrap();
+        assert_eq!(e[0].path, "$");
+        let e = compile(b"[]", &env).err().unwrap();
+        assert!(e.iter().any(|e| e.path == "$" && e.message.contains("object")));
+        assert!(e.iter().any(|e| e.path == "identity"));
+        assert!(e.iter().any(|e| e.path == "connectors"));
+    }
+
+    #[test]
+    fn weak_or_mismatched_keys_are_refused() {
+        let mut d = doc();
+        d["identity"]["jwks"]["keys"][0]["n"] = serde_json::json!("AQAB");
+        d["identity"]["jwks"]["keys"][1]["alg"] = serde_json::json!("ES384");
+        let errors = compile_value(&d).err().unwrap();
+        assert!(errors.iter().any(|e| e.path == "identity.jwks.keys[0].n"), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.path == "identity.jwks.keys[1].alg"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_addresses() {
+        assert_eq!(
+            Upstream::parse("https://Harbor.Example:443").unwrap().authority,
+            "harbor.example"
+        );
+        assert_eq!(Upstream::parse("http://h:8080/").unwrap().authority, "h:8080");
+        assert!(Upstream::parse("http://h/v2").is_err());
+        assert!(Upstream::parse("http://u:p@h").is_err());
+        assert!(Upstream::parse("h:5000").is_err());
+        assert!(Upstream::parse("http://h:0").is_err());
+        let u = Upstream::parse("http://h:8080").unwrap();
+        assert!(u.is_origin("HTTP", "H:8080"));
+        assert!(!u.is_origin("http", "h:8081"));
+        assert!(Upstream::parse("https://h").unwrap().is_origin("https", "h:443"));
+    }
+}

@@ -1,0 +1,450 @@
+//! The request and response decisions, as plain functions over plain values. The proxy-wasm
+//! layer (`shim`) only gathers headers, calls these, and applies the result.
+//!
+//! Order of checks on a request: path shape (so a malformed name is a 400 whoever asks),
+//! then the caller's credential (401), then whether the caller may use the connector (403, the
+//! same answer whether the connector exists or not). Only then is anything forwarded.
+
+use crate::config::{Config, Connector, Upstream};
+use crate::identity::{Identity, TokenCache, authenticate};
+use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
+use crate::rewrite::{ClientView, rewrite_link, rewrite_url};
+use crate::route::{PATH_FORM, RepoRequest, V2Path, classify, parse_path_form, parse_repo_request};
+
+/// Request header the Envoy route reads (`cluster_header`) to pick the connector's upstream.
+pub const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
+
+/// Client headers that never reach an upstream. `authorization` is replaced by the
+/// connector's credential; the forwarding headers would let a client steer the upstream's
+/// idea of its own address (Distribution builds `Location` from them).
+pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "proxy-authorization",
+    "cookie",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "forwarded",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// What the filter needs from a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// `:path`, including any query.
+    pub path: &'a str,
+    /// `:authority` (the Host the client used).
+    pub authority: &'a str,
+    /// `:scheme`.
+    pub scheme: &'a str,
+    /// Every `Authorization` value (Envoy hands repeated headers to the VM separately).
+    pub authorization: &'a [&'a str],
+}
+
+/// Everything needed to forward one request and to fix up its response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    /// The upstream `Authorization` value. A secret: never log it.
+    pub authorization: String,
+    pub response: ResponsePlan,
+    pub caller: Identity,
+    pub cache_hit: bool,
+}
+
+/// Kept in the HTTP context for the response phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponsePlan {
+    pub connector: String,
+    pub upstream: Upstream,
+    pub client: ClientView,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Answer locally; `reason` is the refusal label (or `api_base`).
+    Respond {
+        response: LocalResponse,
+        reason: &'static str,
+    },
+    Forward(Box<Forward>),
+}
+
+fn refuse(config_realm: &str, r: Refusal) -> Decision {
+    let reason = r.reason;
+    Decision::Respond {
+        response: r.into_response(config_realm),
+        reason,
+    }
+}
+
+/// Host without port, lowercase.
+fn host_of(authority: &str) -> String {
+    let host = if authority.starts_with('[') {
+        authority
+            .split_once(']')
+            .map(|(h, _)| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        authority.split(':').next().unwrap_or_default().to_string()
+    };
+    host.to_ascii_lowercase()
+}
+
+/// Which connector is addressed, before anyone is authenticated.
+enum Addressed<'c> {
+    Known(&'c Connector, RepoRequest, String),
+    /// A well-formed address of a connector that is not configured: the caller gets the
+    /// same answer as for a connector they may not use.
+    Unknown(String),
+}
+
+fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'c>, Refusal> {
+    if let Some(connector) = config.connector_by_host(host) {
+        let request = parse_repo_request(rest)?;
+        return Ok(Addressed::Known(connector, request, "/v2".to_string()));
+    }
+    if config.looks_like_connector_host(host) {
+        parse_repo_request(rest)?;
+        return Ok(Addressed::Unknown(format!("at host {}", quote(host))));
+    }
+    let (namespace, name, request) = parse_path_form(rest)?;
+    let prefix = format!("/v2/namespaces/{namespace}/connectors/{name}");
+    match config.connector(&namespace, &name) {
+        Some(c) => Ok(Addressed::Known(c, request, prefix)),
+        None => Ok(Addressed::Unknown(quote(&format!("{namespace}/{name}")))),
+    }
+}
+
+fn not_permitted(connector: &str, who: &Identity) -> Refusal {
+    Refusal::denied(
+        "connector_denied",
+        format!(
+            "connector {connector} does not exist or ServiceAccount {} may not use it: a ServiceAccount may use \
+             the connectors of its own namespace and those that list its namespace or itself",
+            quote(&format!("{}/{}", who.namespace, who.service_account))
+        ),
+    )
+}
+
+/// Decides what to do with a request.
+pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>, now: u64) -> Decision {
+    let realm = config.realm.as_str();
+    let (path, query) = match req.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path, None),
+    };
+    let host = host_of(req.authority);
+    let rest = match classify(path) {
+        V2Path::Base => {
+            return match authenticate(req.authorization, &config.policy, cache, now) {
+                Ok(_) => Decision::Respond {
+                    response: api_base_ok(),
+                    reason: "api_base",
+                },
+                Err(r) => refuse(realm, r),
+            };
+        }
+        V2Path::Catalog => {
+            return refuse(
+                realm,
+                Refusal::unsupported(
+                    "catalog",
+                    "/v2/_catalog is not offered through a connector: it would list other tenants' repositories; \
+                     ask for a repository by name",
+                ),
+            );
+        }
+        V2Path::Other => {
+            return refuse(
+                realm,
+                Refusal::not_found(
+                    "not_registry_api",
+                    format!("not a registry API path: expected {PATH_FORM}"),
+                ),
+            );
+        }
+        V2Path::Below(rest) => rest,
+    };
+    let addressed = match address(config, rest, &host) {
+        Ok(a) => a,
+        Err(r) => return refuse(realm, r),
+    };
+    let (caller, cache_hit) = match authenticate(req.authorization, &config.policy, cache, now) {
+        Ok(ok) => ok,
+        Err(r) => return refuse(realm, r),
+    };
+    let (connector, request, prefix) = match addressed {
+        Addressed::Known(c, request, prefix) if c.admits(&caller) => (c, request, prefix),
+        Addressed::Known(c, _, prefix) => {
+            let label = if prefix == "/v2" {
+                format!("at host {}", quote(&host))
+            } else {
+                quote(&c.label())
+            };
+            return refuse(realm, not_permitted(&label, &caller));
+        }
+        Addressed::Unknown(label) => return refuse(realm, not_permitted(&label, &caller)),
+    };
+    let mut upstream_path = request.upstream_path();
+    if let Some(q) = query {
+        upstream_path.push('?');
+        upstream_path.push_str(q);
+    }
+    let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
+    Decision::Forward(Box::new(Forward {
+        cluster: connector.cluster.clone(),
+        path: upstream_path,
+        authority: connector.upstream.authority.clone(),
+        authorization: connector.upstream_authorization.clone(),
+        response: ResponsePlan {
+            connector: connector.label(),
+            upstream: connector.upstream.clone(),
+            client: ClientView {
+                origin: format!("{scheme}://{}", req.authority),
+                prefix,
+            },
+        },
+        caller,
+        cache_hit,
+    }))
+}
+
+/// Changes to apply to an upstream response.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResponseEdits {
+    pub location: Option<String>,
+    pub link: Option<String>,
+    /// Replace the whole response (an upstream 401 becomes the proxy's own challenge).
+    pub replace: Option<(LocalResponse, &'static str)>,
+}
+
+/// Decides the edits for an upstream response. The upstream's `WWW-Authenticate` is always
+/// removed by the caller: it would send the client's token to the upstream's realm.
+pub fn plan_response(
+    plan: &ResponsePlan,
+    realm: &str,
+    status: u32,
+    location: Option<&str>,
+    link: Option<&str>,
+) -> ResponseEdits {
+    if status == 401 {
+        let r = Refusal::upstream_refused(&quote(&plan.connector));
+        let reason = r.reason;
+        return ResponseEdits {
+            replace: Some((r.into_response(realm), reason)),
+            ..Default::default()
+        };
+    }
+    ResponseEdits {
+        location: location.and_then(|l| rewrite_url(l, &plan.upstream, &plan.client)),
+        link: link.and_then(|l| rewrite_link(l, &plan.upstream, &plan.client)),
+        replace: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile;
+    use crate::testkeys::*;
+    use base64::Engine as _;
+    use jsonwebtoken::Algorithm;
+
+    fn config() -> Config {
+        let doc = serde_json::json!({
+            "proxy": {"realm": "test-proxy"},
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+            "connectors": [
+                {"namespace": "demo", "name": "reg", "address": "http://127.0.0.1:5000", "cluster": "up_demo",
+                 "credential": {"username": "robot", "passwordEnv": "P"}},
+                {"namespace": "team", "name": "reg", "address": "https://team.example", "cluster": "up_team",
+                 "credential": {"username": "robot", "passwordEnv": "P"},
+                 "allowedNamespaces": ["ci"], "allowedServiceAccounts": ["build/kaniko"]},
+            ]
+        });
+        compile(doc.to_string().as_bytes(), &|k| (k == "P").then(|| "pw".to_string())).unwrap()
+    }
+
+    fn token(ns: &str, sa: &str) -> String {
+        sign(
+            RSA_KID,
+            Algorithm::RS256,
+            &serde_json::json!({
+                "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW,
+                "sub": format!("system:serviceaccount:{ns}:{sa}"),
+                "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}}
+            }),
+        )
+    }
+
+    fn run(path: &str, host: &str, auth: &[&str]) -> Decision {
+        let c = config();
+        let mut cache = TokenCache::new(16);
+        let req = Request {
+            method: "GET",
+            path,
+            authority: host,
+            scheme: "http",
+            authorization: auth,
+        };
+        decide_request(&c, &mut cache, &req, NOW)
+    }
+
+    fn refused(d: &Decision) -> (u32, String, &'static str) {
+        match d {
+            Decision::Respond { response, reason } => {
+                let v: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+                (
+                    response.status,
+                    v["errors"][0]["message"].as_str().unwrap().to_string(),
+                    reason,
+                )
+            }
+            Decision::Forward(f) => panic!("forwarded: {f:?}"),
+        }
+    }
+
+    #[test]
+    fn path_form_forward() {
+        let b = format!("Bearer {}", token("demo", "default"));
+        let Decision::Forward(f) = run(
+            "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1?x=%2F",
+            "proxy:8080",
+            &[&b],
+        ) else {
+            panic!()
+        };
+        assert_eq!(f.cluster, "up_demo");
+        assert_eq!(f.path, "/v2/lib/app/manifests/v1?x=%2F");
+        assert_eq!(f.authority, "127.0.0.1:5000");
+        assert_eq!(
+            f.authorization,
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:pw"))
+        );
+        assert_eq!(f.response.client.prefix, "/v2/namespaces/demo/connectors/reg");
+        assert_eq!(f.response.client.origin, "http://proxy:8080");
+        assert_eq!(f.caller.namespace, "demo");
+    }
+
+    #[test]
+    fn host_form_forward_and_admission_rules() {
+        for (ns, sa) in [("team", "x"), ("ci", "runner"), ("build", "kaniko")] {
+            let b = format!("Bearer {}", token(ns, sa));
+            let Decision::Forward(f) = run(
+                "/v2/lib/app/blobs/sha256:ab",
+                "C-Reg-Connector.team.svc.cluster.local:80",
+                &[&b],
+            ) else {
+                panic!("{ns}/{sa}")
+            };
+            assert_eq!(f.path, "/v2/lib/app/blobs/sha256:ab");
+            assert_eq!(f.authority, "team.example");
+            assert_eq!(f.response.client.prefix, "/v2");
+        }
+    }
+
+    #[test]
+    fn unknown_and_forbidden_connectors_look_the_same() {
+        let b = format!("Bearer {}", token("other", "default"));
+        let (s1, m1, r1) = refused(&run("/v2/namespaces/demo/connectors/reg/a/manifests/v1", "p", &[&b]));
+        let (s2, m2, r2) = refused(&run("/v2/namespaces/demo/connectors/nope/a/manifests/v1", "p", &[&b]));
+        assert_eq!((s1, r1), (403, "connector_denied"));
+        assert_eq!((s1, r1), (s2, r2));
+        assert_eq!(m1.replace("reg", "X"), m2.replace("nope", "X"));
+        // Host form too.
+        let (s3, m3, _) = refused(&run(
+            "/v2/a/manifests/v1",
+            "c-reg-connector.demo.svc.cluster.local",
+            &[&b],
+        ));
+        let (s4, m4, _) = refused(&run(
+            "/v2/a/manifests/v1",
+            "c-nope-connector.demo.svc.cluster.local",
+            &[&b],
+        ));
+        assert_eq!(s3, s4);
+        assert_eq!(m3.replace("reg", "X"), m4.replace("nope", "X"));
+        // ServiceAccount in an allowed namespace but a different SA list entry does not leak.
+        let b = format!("Bearer {}", token("build", "other"));
+        assert_eq!(
+            refused(&run("/v2/namespaces/team/connectors/reg/a/manifests/v1", "p", &[&b])).0,
+            403
+        );
+    }
+
+    #[test]
+    fn order_of_checks() {
+        // Bad name: 400 even without a credential.
+        assert_eq!(
+            refused(&run("/v2/namespaces/demo/connectors/reg/A/manifests/v1", "p", &[])).0,
+            400
+        );
+        // No credential on a good path: 401 with challenge, for known and unknown connectors alike.
+        for path in [
+            "/v2/namespaces/demo/connectors/reg/a/manifests/v1",
+            "/v2/namespaces/demo/connectors/zz/a/manifests/v1",
+        ] {
+            let d = run(path, "p", &[]);
+            let Decision::Respond { response, .. } = &d else {
+                panic!()
+            };
+            assert_eq!(response.status, 401);
+            assert!(
+                response
+                    .headers
+                    .contains(&("www-authenticate".into(), "Basic realm=\"test-proxy\"".into()))
+            );
+        }
+        // Catalog refused, API base answered.
+        assert_eq!(refused(&run("/v2/_catalog?n=10", "p", &[])).0, 403);
+        assert_eq!(refused(&run("/v2/", "p", &[])).0, 401);
+        let b = format!("Bearer {}", token("anyone", "default"));
+        let Decision::Respond { response, .. } = run("/v2/", "p", &[&b]) else {
+            panic!()
+        };
+        assert_eq!((response.status, response.body.as_slice()), (200, b"{}".as_slice()));
+        let Decision::Respond { response, .. } = run("/v2", "p", &[&b]) else {
+            panic!()
+        };
+        assert_eq!(response.status, 200);
+        // Plain /v2/<repo> on a non-connector host names the expected form.
+        let (s, m, _) = refused(&run("/v2/lib/app/manifests/v1", "p", &[&b]));
+        assert_eq!(s, 404);
+        assert!(m.contains("/v2/namespaces/<namespace>/connectors/<connector>/"), "{m}");
+        assert_eq!(refused(&run("/", "p", &[&b])).0, 404);
+    }
+
+    #[test]
+    fn upstream_401_becomes_the_proxys_challenge() {
+        let plan = ResponsePlan {
+            connector: "demo/reg".into(),
+            upstream: Upstream::parse("http://127.0.0.1:5000").unwrap(),
+            client: ClientView {
+                origin: "http://p".into(),
+                prefix: "/v2/namespaces/demo/connectors/reg".into(),
+            },
+        };
+        let e = plan_response(&plan, "realm", 401, None, None);
+        let (resp, reason) = e.replace.unwrap();
+        assert_eq!((resp.status, reason), (401, "upstream_refused_credential"));
+        assert!(
+            String::from_utf8(resp.body)
+                .unwrap()
+                .contains("refused the credential of connector")
+        );
+        assert!(
+            resp.headers
+                .contains(&("www-authenticate".into(), "Basic realm=\"realm\"".into()))
+        );
+        let e = plan_response(&plan, "realm", 202, Some("/v2/a/blobs/uploads/u?_state=1"), None);
+        assert_eq!(
+            e.location.as_deref(),
+            Some("/v2/namespaces/demo/connectors/reg/a/blobs/uploads/u?_state=1")
+        );
+        assert!(e.replace.is_none());
+    }
+}

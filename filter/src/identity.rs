@@ -1,0 +1,627 @@
+//! Who is calling: the client's credential (Basic with the token as password, or Bearer),
+//! local verification of the Kubernetes ServiceAccount JWT against configured JWKS keys,
+//! and the cache of verified tokens that keeps signature work off the steady-state path.
+//!
+//! Checks run in a fixed order and each failure names the check, so a person can tell an
+//! expired token from a wrong audience. Nothing here ever echoes a token or a password.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::respond::{Refusal, quote};
+use crate::route::is_dns_label;
+
+/// Real ServiceAccount tokens are about 1 KB; anything far larger is refused unparsed.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// The issue bounds clock skew to a minute.
+pub const MAX_CLOCK_SKEW: u64 = 60;
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+    /// `exp` of the token (seconds since the epoch).
+    pub expires_at: u64,
+}
+
+impl Identity {
+    pub fn subject(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.service_account)
+    }
+}
+
+/// A verification key from the configured JWKS, with the one algorithm it may be used with.
+pub struct VerifyKey {
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+}
+
+/// What a token must satisfy; compiled from the configuration.
+pub struct TokenPolicy {
+    pub keys: HashMap<String, VerifyKey>,
+    pub issuers: HashSet<String>,
+    pub audiences: HashSet<String>,
+    pub clock_skew: u64,
+}
+
+const HOW_TO_LOG_IN: &str = "log in with any username and a ServiceAccount token as the password \
+    (kubectl create token <serviceaccount> -n <namespace>), or send it as 'Authorization: Bearer <token>'";
+
+/// Extracts the token from all `Authorization` values of the request.
+pub fn extract_token(values: &[&str]) -> Result<String, Refusal> {
+    let value = match values {
+        [] => {
+            return Err(Refusal::unauthorized(
+                "no_credential",
+                format!("no credential: {HOW_TO_LOG_IN}"),
+            ));
+        }
+        [one] => one.trim(),
+        _ => {
+            return Err(Refusal::unauthorized(
+                "duplicate_authorization",
+                "the request carries more than one Authorization header: send exactly one",
+            ));
+        }
+    };
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    let token = if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = STANDARD.decode(rest).map_err(|_| {
+            Refusal::unauthorized(
+                "malformed_credential",
+                "malformed Basic credential: expected base64(<username>:<token>)",
+            )
+        })?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| Refusal::unauthorized("malformed_credential", "malformed Basic credential: not UTF-8"))?;
+        let Some((_, password)) = text.split_once(':') else {
+            return Err(Refusal::unauthorized(
+                "malformed_credential",
+                "malformed Basic credential: expected <username>:<token>",
+            ));
+        };
+        password.to_string()
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        rest.to_string()
+    } else {
+        return Err(Refusal::unauthorized(
+            "malformed_credential",
+            format!("unsupported Authorization scheme {}: {HOW_TO_LOG_IN}", quote(scheme)),
+        ));
+    };
+    if token.is_empty() {
+        return Err(Refusal::unauthorized(
+            "empty_credential",
+            format!("empty credential: {HOW_TO_LOG_IN}"),
+        ));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(Refusal::unauthorized(
+            "malformed_token",
+            format!("token is longer than {MAX_TOKEN_LEN} bytes: expected a ServiceAccount token"),
+        ));
+    }
+    Ok(token)
+}
+
+fn bad(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal::unauthorized(reason, message)
+}
+
+fn decode_json_part(part: &str, what: &str) -> Result<Map<String, Value>, Refusal> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| {
+        bad(
+            "malformed_token",
+            format!("token {what} is not base64url: expected a JWT (header.claims.signature)"),
+        )
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(bad(
+            "malformed_token",
+            format!("token {what} is not a JSON object: expected a JWT"),
+        )),
+    }
+}
+
+/// Verifies a ServiceAccount JWT. `now` is seconds since the epoch.
+pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, Refusal> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(claims_b64), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(
+            "malformed_token",
+            "credential is not a JWT: expected header.claims.signature",
+        ));
+    };
+    let header = decode_json_part(header_b64, "header")?;
+
+    let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
+    if alg.is_empty() || alg.eq_ignore_ascii_case("none") {
+        return Err(bad(
+            "alg_none",
+            "unsigned token (alg none or missing): expected a signed ServiceAccount token",
+        ));
+    }
+    if header.contains_key("crit") {
+        return Err(bad(
+            "unsupported_header",
+            "token header has 'crit' parameters, which this proxy does not understand",
+        ));
+    }
+    let Some(kid) = header.get("kid").and_then(Value::as_str) else {
+        return Err(bad(
+            "unknown_kid",
+            "token header has no 'kid': expected a key id from the cluster's JWKS",
+        ));
+    };
+    // Keys are looked up by id only: an embedded 'jwk', 'jku' or 'x5u' is never used.
+    let Some(key) = policy.keys.get(kid) else {
+        return Err(bad(
+            "unknown_kid",
+            format!(
+                "token key id {} is not among the configured JWKS keys: the token comes from another cluster or its key was rotated out",
+                quote(kid)
+            ),
+        ));
+    };
+    if alg != algorithm_name(key.algorithm) {
+        return Err(bad(
+            "alg_mismatch",
+            format!(
+                "token alg {} does not match key {}, which is {}",
+                quote(alg),
+                quote(kid),
+                algorithm_name(key.algorithm)
+            ),
+        ));
+    }
+    let signed_len = header_b64.len() + 1 + claims_b64.len();
+    let message = token.as_bytes().get(..signed_len).unwrap_or_default();
+    match jsonwebtoken::crypto::verify(signature, message, &key.key, key.algorithm) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(bad(
+                "bad_signature",
+                "token signature does not verify against the configured key",
+            ));
+        }
+        Err(_) => return Err(bad("bad_signature", "token signature is malformed")),
+    }
+
+    // Claims are read only after the signature holds.
+    let claims = decode_json_part(claims_b64, "claims")?;
+    check_claims(&claims, policy, now)
+}
+
+fn number_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, Refusal> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => match v
+            .as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        {
+            Some(n) => Ok(Some(n)),
+            None => Err(bad(
+                "bad_claims",
+                format!("token claim '{name}' is not a number of seconds"),
+            )),
+        },
+    }
+}
+
+fn check_claims(claims: &Map<String, Value>, policy: &TokenPolicy, now: u64) -> Result<Identity, Refusal> {
+    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+    if !policy.issuers.contains(iss) {
+        return Err(bad(
+            "wrong_issuer",
+            format!("token issuer {} is not an allowed issuer", quote(iss)),
+        ));
+    }
+    let audiences: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !audiences.iter().any(|a| policy.audiences.contains(*a)) {
+        let mut want: Vec<&str> = policy.audiences.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        return Err(bad(
+            "wrong_audience",
+            format!(
+                "token audience does not include {}: create the token with --audience {}",
+                want.join(" or "),
+                want.first().unwrap_or(&"")
+            ),
+        ));
+    }
+    let Some(exp) = number_claim(claims, "exp")? else {
+        return Err(bad(
+            "bad_claims",
+            "token has no 'exp' claim: expected a token that expires",
+        ));
+    };
+    if now > exp.saturating_add(policy.clock_skew) {
+        return Err(bad(
+            "expired",
+            format!(
+                "token expired {} s ago (allowed clock skew {} s): create a new one",
+                now - exp,
+                policy.clock_skew
+            ),
+        ));
+    }
+    if let Some(nbf) = number_claim(claims, "nbf")?
+        && now.saturating_add(policy.clock_skew) < nbf
+    {
+        return Err(bad(
+            "not_yet_valid",
+            format!(
+                "token is not valid for another {} s (nbf in the future, allowed clock skew {} s)",
+                nbf - now,
+                policy.clock_skew
+            ),
+        ));
+    }
+    number_claim(claims, "iat")?;
+
+    let k8s = claims.get("kubernetes.io").and_then(Value::as_object);
+    let namespace = k8s
+        .and_then(|k| k.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let service_account = k8s
+        .and_then(|k| k.get("serviceaccount"))
+        .and_then(|s| s.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !is_dns_label(namespace) || service_account.is_empty() || !crate::route::is_dns_subdomain(service_account) {
+        return Err(bad(
+            "bad_claims",
+            "token lacks the Kubernetes claims kubernetes.io.namespace and kubernetes.io.serviceaccount.name: expected a ServiceAccount token",
+        ));
+    }
+    let identity = Identity {
+        namespace: namespace.to_string(),
+        service_account: service_account.to_string(),
+        expires_at: exp,
+    };
+    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+    if sub != identity.subject() {
+        return Err(bad(
+            "bad_claims",
+            "token 'sub' does not match its kubernetes.io namespace and service account",
+        ));
+    }
+    Ok(identity)
+}
+
+pub fn algorithm_name(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        _ => "unsupported",
+    }
+}
+
+/// Verified tokens by SHA-256 of the token (the cache never holds a token itself).
+/// Bounded: expired entries go first, then the oldest.
+pub struct TokenCache {
+    capacity: usize,
+    entries: HashMap<[u8; 32], Identity>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn key(token: &str) -> [u8; 32] {
+        Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// A cached identity, if the token was verified before and has not expired since.
+    pub fn get(&mut self, token: &str, now: u64, skew: u64) -> Option<Identity> {
+        let key = Self::key(token);
+        let hit = self.entries.get(&key)?;
+        if now > hit.expires_at.saturating_add(skew) {
+            self.entries.remove(&key);
+            return None;
+        }
+        Some(hit.clone())
+    }
+
+    pub fn insert(&mut self, token: &str, identity: Identity, now: u64, skew: u64) {
+        let key = Self::key(token);
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            self.entries.retain(|_, id| now <= id.expires_at.saturating_add(skew));
+            self.order.retain(|k| self.entries.contains_key(k));
+            while self.entries.len() >= self.capacity {
+                match self.order.pop_front() {
+                    Some(oldest) => {
+                        self.entries.remove(&oldest);
+                    }
+                    None => break,
+                }
+            }
+        }
+        if self.entries.insert(key, identity).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+    }
+}
+
+/// Verification with the cache in front: steady traffic does no signature work.
+pub fn authenticate(
+    values: &[&str],
+    policy: &TokenPolicy,
+    cache: &mut TokenCache,
+    now: u64,
+) -> Result<(Identity, bool), Refusal> {
+    let token = extract_token(values)?;
+    if let Some(identity) = cache.get(&token, now, policy.clock_skew) {
+        return Ok((identity, true));
+    }
+    let identity = verify(&token, policy, now)?;
+    cache.insert(&token, identity.clone(), now, policy.clock_skew);
+    Ok((identity, false))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testkeys::*;
+
+    fn claims(ns: &str, sa: &str, now: u64) -> Value {
+        serde_json::json!({
+            "iss": ISSUER, "aud": [AUDIENCE], "exp": now + 3600, "nbf": now - 5, "iat": now - 5,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u-1"}}
+        })
+    }
+
+    fn basic(token: &str) -> String {
+        format!("Basic {}", STANDARD.encode(format!("anyone:{token}")))
+    }
+
+    #[test]
+    fn valid_tokens_rs256_and_es256() {
+        let policy = policy();
+        let now = NOW;
+        for (kid, alg) in [(RSA_KID, Algorithm::RS256), (EC_KID, Algorithm::ES256)] {
+            let t = sign(kid, alg, &claims("demo", "default", now));
+            let id = verify(&t, &policy, now).unwrap();
+            assert_eq!(id.namespace, "demo");
+            assert_eq!(id.service_account, "default");
+            assert_eq!(extract_token(&[&basic(&t)]).unwrap(), t);
+            assert_eq!(extract_token(&[&format!("Bearer {t}")]).unwrap(), t);
+        }
+    }
+
+    fn reason(values: &[&str], now: u64) -> &'static str {
+        let mut cache = TokenCache::new(8);
+        authenticate(values, &policy(), &mut cache, now).unwrap_err().reason
+    }
+
+    fn with(f: impl FnOnce(&mut Value)) -> Value {
+        let mut c = claims("demo", "default", NOW);
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn every_refusal_names_its_check() {
+        let good = sign(RSA_KID, Algorithm::RS256, &claims("demo", "default", NOW));
+        let cases: Vec<(Vec<String>, &str)> = vec![
+            (vec![], "no_credential"),
+            (vec![basic(&good), basic(&good)], "duplicate_authorization"),
+            (vec!["Basic Og==".into()], "empty_credential"),
+            (vec!["Basic !!!".into()], "malformed_credential"),
+            (vec!["Basic bm9jb2xvbg==".into()], "malformed_credential"),
+            (vec!["Bearer ".into()], "empty_credential"),
+            (vec!["Digest x".into()], "malformed_credential"),
+            (vec!["Bearer a.b".into()], "malformed_token"),
+            (
+                vec![format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1))],
+                "malformed_token",
+            ),
+            (
+                vec![format!("Bearer {}", unsigned(&claims("demo", "default", NOW)))],
+                "alg_none",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign("other-kid", Algorithm::RS256, &claims("demo", "d", NOW))
+                )],
+                "unknown_kid",
+            ),
+            (vec![format!("Bearer {}", tamper(&good))], "bad_signature"),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(RSA_KID, Algorithm::RS256, &with(|c| c["iss"] = "https://evil".into()))
+                )],
+                "wrong_issuer",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(RSA_KID, Algorithm::RS256, &with(|c| c["aud"] = "other".into()))
+                )],
+                "wrong_audience",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(RSA_KID, Algorithm::RS256, &with(|c| c["exp"] = (NOW - 61).into()))
+                )],
+                "expired",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(RSA_KID, Algorithm::RS256, &with(|c| c["nbf"] = (NOW + 61).into()))
+                )],
+                "not_yet_valid",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(RSA_KID, Algorithm::RS256, &with(|c| c["exp"] = "soon".into()))
+                )],
+                "bad_claims",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(
+                        RSA_KID,
+                        Algorithm::RS256,
+                        &with(|c| {
+                            c.as_object_mut().unwrap().remove("exp");
+                        })
+                    )
+                )],
+                "bad_claims",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(
+                        RSA_KID,
+                        Algorithm::RS256,
+                        &with(|c| c["sub"] = "system:serviceaccount:kube-system:admin".into())
+                    )
+                )],
+                "bad_claims",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(
+                        RSA_KID,
+                        Algorithm::RS256,
+                        &with(|c| {
+                            c.as_object_mut().unwrap().remove("kubernetes.io");
+                        })
+                    )
+                )],
+                "bad_claims",
+            ),
+            (
+                vec![format!(
+                    "Bearer {}",
+                    sign(
+                        RSA_KID,
+                        Algorithm::RS256,
+                        &with(|c| c["kubernetes.io"]["namespace"] = 7.into())
+                    )
+                )],
+                "bad_claims",
+            ),
+        ];
+        for (values, want) in cases {
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            assert_eq!(reason(&refs, NOW), want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn skew_is_allowed_up_to_the_configured_bound() {
+        let t = sign(
+            RSA_KID,
+            Algorithm::RS256,
+            &with(|c| {
+                c["exp"] = (NOW - 59).into();
+                c["nbf"] = (NOW + 59).into();
+            }),
+        );
+        assert!(verify(&t, &policy(), NOW).is_ok());
+    }
+
+    #[test]
+    fn header_alg_must_equal_the_keys() {
+        // An ES256 signature presented under the RSA key's kid is refused before any crypto.
+        let t = sign_with_kid_of(EC_KID, RSA_KID, Algorithm::ES256, &claims("demo", "d", NOW));
+        let err = verify(&t, &policy(), NOW).unwrap_err();
+        assert_eq!(err.reason, "alg_mismatch");
+        // HS256 "signed" with public material: same answer.
+        let hs = hs256_token(RSA_KID, &claims("demo", "d", NOW));
+        assert_eq!(verify(&hs, &policy(), NOW).unwrap_err().reason, "alg_mismatch");
+    }
+
+    #[test]
+    fn cache_hits_skip_verification_and_expire_with_the_token() {
+        let policy = policy();
+        let mut cache = TokenCache::new(2);
+        let t = sign(RSA_KID, Algorithm::RS256, &with(|c| c["exp"] = (NOW + 100).into()));
+        let v = basic(&t);
+        assert!(!authenticate(&[&v], &policy, &mut cache, NOW).unwrap().1);
+        assert!(authenticate(&[&v], &policy, &mut cache, NOW + 1).unwrap().1);
+        // Past exp + skew the cached entry is gone and verification refuses it.
+        assert_eq!(
+            authenticate(&[&v], &policy, &mut cache, NOW + 161).unwrap_err().reason,
+            "expired"
+        );
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut cache = TokenCache::new(3);
+        let id = |exp| Identity {
+            namespace: "n".into(),
+            service_account: "s".into(),
+            expires_at: exp,
+        };
+        cache.insert("a", id(NOW + 10), NOW, 0);
+        cache.insert("b", id(NOW + 1000), NOW, 0);
+        cache.insert("c", id(NOW + 1000), NOW, 0);
+        // "a" has expired by now: it is purged first.
+        cache.insert("d", id(NOW + 1000), NOW + 20, 0);
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get("b", NOW + 20, 0).is_some());
+        // Then the oldest goes.
+        cache.insert("e", id(NOW + 1000), NOW + 20, 0);
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get("b", NOW + 20, 0).is_none());
+        assert!(cache.get("e", NOW + 20, 0).is_some());
+    }
+}
