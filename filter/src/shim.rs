@@ -59,7 +59,7 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "oci-connector: configuration accepted: {} connector(s), {} key(s)",
+                        "configuration accepted: {} connector(s), {} key(s)",
                         config.connectors.len(),
                         config.policy.keys.len()
                     ),
@@ -75,10 +75,10 @@ impl RootContext for Root {
                 *slot = None;
                 log(
                     LogLevel::Error,
-                    &format!("oci-connector: configuration refused, {} problem(s):", errors.len()),
+                    &format!("configuration refused, {} problem(s):", errors.len()),
                 );
                 for e in &errors {
-                    log(LogLevel::Error, &format!("oci-connector: config {e}"));
+                    log(LogLevel::Error, &format!("config {e}"));
                 }
                 false
             }
@@ -174,7 +174,7 @@ impl HttpContext for Http {
             Decision::Respond { response, reason } => {
                 log(
                     LogLevel::Debug,
-                    &format!("oci-connector: {method} answered locally: {} {reason}", response.status),
+                    &format!("{method} answered locally: {} {reason}", response.status),
                 );
                 self.send(response)
             }
@@ -189,7 +189,7 @@ impl HttpContext for Http {
                 log(
                     LogLevel::Debug,
                     &format!(
-                        "oci-connector: {method} forwarded: connector={} subject={} token_cache_hit={}",
+                        "{method} forwarded: connector={} subject={} token_cache_hit={}",
                         f.response.connector,
                         f.caller.subject(),
                         f.cache_hit
@@ -216,7 +216,7 @@ impl HttpContext for Http {
             log(
                 LogLevel::Info,
                 &format!(
-                    "oci-connector: upstream answered {status} for connector {}: {reason}",
+                    "upstream answered {status} for connector {}: {reason}",
                     plan.connector
                 ),
             );
