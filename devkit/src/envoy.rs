@@ -227,8 +227,7 @@ impl Envoy {
         let config_path = dir.join("envoy.json");
         let cfg = serde_json::to_string_pretty(&bootstrap(spec, port, admin_port))
             .map_err(|e| format!("serialise Envoy config: {e}"))?;
-        std::fs::write(&config_path, cfg)
-            .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        std::fs::write(&config_path, cfg).map_err(|e| format!("write {}: {e}", config_path.display()))?;
         let log = dir.join("envoy.log");
         let mut cmd = Command::new(envoy_binary()?);
         cmd.arg("-c")

@@ -62,16 +62,11 @@ impl Request {
     /// Sends the request to 127.0.0.1:port on a fresh connection and reads the whole answer.
     pub fn send(&self, port: u16) -> Result<Response> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout)
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_read_timeout(Some(self.timeout)).ok();
         s.set_write_timeout(Some(self.timeout)).ok();
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
-        if !self
-            .headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("host"))
-        {
+        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
             head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
         }
         for (n, v) in &self.headers {
@@ -84,15 +79,45 @@ impl Request {
         s.write_all(head.as_bytes())
             .and_then(|_| s.write_all(&self.body))
             .map_err(|e| format!("send {} {} to {addr}: {e}", self.method, self.path))?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| {
-            format!(
-                "read answer to {} {} from {addr}: {e}",
-                self.method, self.path
-            )
-        })?;
-        Response::parse(&raw, self.method == "HEAD")
-            .map_err(|e| format!("{} {}: {e}", self.method, self.path))
+        let raw = read_response(&mut s, self.method == "HEAD")
+            .map_err(|e| format!("read answer to {} {} from {addr}: {e}", self.method, self.path))?;
+        Response::parse(&raw, self.method == "HEAD").map_err(|e| format!("{} {}: {e}", self.method, self.path))
+    }
+}
+
+/// Reads one response: up to the end of its body by Content-Length or the last chunk, else to
+/// EOF. Reading to EOF alone would wait out Envoy's delayed close (1 s) on every request.
+fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let body = &raw[split + 4..];
+            let content_length = head
+                .split("\r\n")
+                .filter_map(|l| l.strip_prefix("content-length:"))
+                .find_map(|v| v.trim().parse::<usize>().ok());
+            let chunked = head.contains("transfer-encoding: chunked");
+            let no_body = head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304");
+            if head_only || no_body {
+                return Ok(raw);
+            }
+            if let Some(n) = content_length
+                && !chunked
+                && body.len() >= n
+            {
+                return Ok(raw);
+            }
+            if chunked && body.ends_with(b"0\r\n\r\n") {
+                return Ok(raw);
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -111,16 +136,13 @@ pub struct Response {
 
 impl Response {
     fn parse(raw: &[u8], head_only: bool) -> Result<Self> {
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| {
-                format!(
-                    "no complete HTTP head in {} bytes: {:?}",
-                    raw.len(),
-                    String::from_utf8_lossy(raw)
-                )
-            })?;
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| {
+            format!(
+                "no complete HTTP head in {} bytes: {:?}",
+                raw.len(),
+                String::from_utf8_lossy(raw)
+            )
+        })?;
         let head = String::from_utf8_lossy(&raw[..split]);
         let mut lines = head.split("\r\n");
         let status_line = lines.next().unwrap_or_default();
@@ -134,10 +156,9 @@ impl Response {
             .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
             .collect();
         let rest = &raw[split + 4..];
-        let chunked = headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-        });
+        let chunked = headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked"));
         let body = if head_only {
             Vec::new()
         } else if chunked {
@@ -145,11 +166,7 @@ impl Response {
         } else {
             rest.to_vec()
         };
-        Ok(Self {
-            status,
-            headers,
-            body,
-        })
+        Ok(Self { status, headers, body })
     }
 
     /// First value of a header, case-insensitive.
@@ -165,17 +182,12 @@ impl Response {
     }
 
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| format!("body is not JSON ({e}): {:?}", self.body_text()))
+        serde_json::from_slice(&self.body).map_err(|e| format!("body is not JSON ({e}): {:?}", self.body_text()))
     }
 
     /// A one-line description for assertion messages.
     pub fn summary(&self) -> String {
-        let hdrs: Vec<String> = self
-            .headers
-            .iter()
-            .map(|(n, v)| format!("{n}: {v}"))
-            .collect();
+        let hdrs: Vec<String> = self.headers.iter().map(|(n, v)| format!("{n}: {v}")).collect();
         format!("{} [{}] {}", self.status, hdrs.join("; "), self.body_text())
     }
 }
@@ -208,8 +220,11 @@ mod tests {
 
     #[test]
     fn parses_chunked_and_plain_bodies() {
-        let r = Response::parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", false)
-            .unwrap();
+        let r = Response::parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            false,
+        )
+        .unwrap();
         assert_eq!(r.body, b"abcde");
         let r = Response::parse(
             b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Basic realm=\"x\"\r\n\r\n{}",

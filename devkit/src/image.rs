@@ -32,12 +32,7 @@ fn umoci(args: &[&str]) -> Result<()> {
 }
 
 /// Builds an image with `layer_count` layers under `<work>/images/<name>`.
-pub fn build_sample(
-    work: &WorkDir,
-    name: &str,
-    tag: &str,
-    layer_count: usize,
-) -> Result<SampleImage> {
+pub fn build_sample(work: &WorkDir, name: &str, tag: &str, layer_count: usize) -> Result<SampleImage> {
     let base = work.sub(&format!("images/{name}"))?;
     let layout = base.join("layout");
     let layout_s = layout.to_string_lossy().into_owned();
@@ -60,22 +55,14 @@ pub fn build_sample(
         umoci(&["unpack", "--rootless", "--image", &image, &bundle_s])?;
         let dir = bundle.join(format!("rootfs/layer-{i}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let content = format!(
-            "layer {i} of {name}:{tag}\nnonce {}\n",
-            crate::random_hex(16)?
-        );
-        std::fs::write(dir.join("data.txt"), content)
-            .map_err(|e| format!("write layer file: {e}"))?;
+        let content = format!("layer {i} of {name}:{tag}\nnonce {}\n", crate::random_hex(16)?);
+        std::fs::write(dir.join("data.txt"), content).map_err(|e| format!("write layer file: {e}"))?;
         umoci(&["repack", "--image", &image, &bundle_s])?;
-        std::fs::remove_dir_all(&bundle)
-            .map_err(|e| format!("remove {}: {e}", bundle.display()))?;
+        std::fs::remove_dir_all(&bundle).map_err(|e| format!("remove {}: {e}", bundle.display()))?;
     }
     let layers = oci_layers(&layout, tag)?;
     if layers.len() != layer_count {
-        return Err(format!(
-            "umoci built {} layers, wanted {layer_count}",
-            layers.len()
-        ));
+        return Err(format!("umoci built {} layers, wanted {layer_count}", layers.len()));
     }
     Ok(SampleImage {
         layout,
@@ -85,13 +72,7 @@ pub fn build_sample(
 }
 
 /// Pushes the image to `docker://<authority>/<repo>:<tag>` with Basic credentials.
-pub fn push(
-    skopeo: &Skopeo,
-    image: &SampleImage,
-    authority: &str,
-    repo: &str,
-    creds: Creds<'_>,
-) -> Result<()> {
+pub fn push(skopeo: &Skopeo, image: &SampleImage, authority: &str, repo: &str, creds: Creds<'_>) -> Result<()> {
     let dest = format!("docker://{authority}/{repo}:{}", image.tag);
     skopeo
         .copy(&image.oci_ref(), Creds::None, &dest, creds)?
@@ -128,9 +109,7 @@ pub fn manifest_layers(manifest: &Value) -> Result<Vec<String>> {
 }
 
 fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| format!("bad digest {digest:?}"))?;
+    let (alg, hex) = digest.split_once(':').ok_or_else(|| format!("bad digest {digest:?}"))?;
     Ok(layout.join("blobs").join(alg).join(hex))
 }
 

@@ -46,8 +46,7 @@ pub fn wasm_path() -> PathBuf {
 }
 
 /// The command that builds [`wasm_path`]; named in every "missing module" error.
-pub const WASM_BUILD_COMMAND: &str =
-    "cargo build -p connector-filter --target wasm32-wasip1 --release";
+pub const WASM_BUILD_COMMAND: &str = "cargo build -p connector-filter --target wasm32-wasip1 --release";
 
 /// Fails with the build command when the filter module has not been built.
 pub fn require_wasm() -> Result<PathBuf> {
@@ -112,8 +111,5 @@ pub fn random_secret() -> Result<String> {
 
 /// Lowercase hex of random bytes.
 pub fn random_hex(n: usize) -> Result<String> {
-    Ok(random_bytes(n)?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(random_bytes(n)?.iter().map(|b| format!("{b:02x}")).collect())
 }

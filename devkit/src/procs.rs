@@ -109,9 +109,7 @@ impl Proc {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(
-                    self.timeout_error(&format!("port {port} to accept connections"), timeout)
-                );
+                return Err(self.timeout_error(&format!("port {port} to accept connections"), timeout));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -134,9 +132,7 @@ impl Proc {
                 Err(e) => format!("last error: {e}"),
             };
             if Instant::now() > deadline {
-                return Err(
-                    self.timeout_error(&format!("GET {path} on port {port} ({last})"), timeout)
-                );
+                return Err(self.timeout_error(&format!("GET {path} on port {port} ({last})"), timeout));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -228,8 +224,7 @@ pub fn describe(cmd: &Command) -> String {
         if hide_next {
             parts.push("<redacted>".into());
             hide_next = false;
-        } else if let Some((flag, _)) = a.split_once('=').filter(|(f, _)| SECRET_FLAGS.contains(f))
-        {
+        } else if let Some((flag, _)) = a.split_once('=').filter(|(f, _)| SECRET_FLAGS.contains(f)) {
             parts.push(format!("{flag}=<redacted>"));
         } else {
             hide_next = SECRET_FLAGS.contains(&a.as_ref());
@@ -242,13 +237,9 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs a short-lived command to completion, optionally feeding stdin.
 pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<Output> {
     let command = describe(&cmd);
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| format!("start `{command}`: {e}"))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input)
@@ -271,9 +262,7 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<Output> {
     if let Ok(buf) = err_thread.join() {
         stderr = buf;
     }
-    let status = child
-        .wait()
-        .map_err(|e| format!("wait for `{command}`: {e}"))?;
+    let status = child.wait().map_err(|e| format!("wait for `{command}`: {e}"))?;
     Ok(Output {
         success: status.success(),
         code: status.code(),

@@ -36,10 +36,7 @@ impl Recorded {
 
     /// The request lines, for assertion messages.
     pub fn request_lines(&self) -> Vec<&str> {
-        self.text
-            .split("\r\n")
-            .filter(|l| is_request_line(l))
-            .collect()
+        self.text.split("\r\n").filter(|l| is_request_line(l)).collect()
     }
 
     /// Values of every `Authorization` header the upstream received.
@@ -54,9 +51,7 @@ impl Recorded {
 }
 
 fn is_request_line(l: &str) -> bool {
-    const METHODS: [&str; 7] = [
-        "GET ", "HEAD ", "POST ", "PUT ", "PATCH ", "DELETE ", "OPTIONS ",
-    ];
+    const METHODS: [&str; 7] = ["GET ", "HEAD ", "POST ", "PUT ", "PATCH ", "DELETE ", "OPTIONS "];
     METHODS.iter().any(|m| l.starts_with(m)) && l.ends_with(" HTTP/1.1")
 }
 
@@ -68,12 +63,8 @@ pub struct Recorder {
 impl Recorder {
     /// Listens on a free loopback port and relays each connection to 127.0.0.1:upstream_port.
     pub fn start(upstream_port: u16) -> Result<Self> {
-        let listener =
-            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("recorder bind: {e}"))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| format!("recorder addr: {e}"))?
-            .port();
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("recorder bind: {e}"))?;
+        let port = listener.local_addr().map_err(|e| format!("recorder addr: {e}"))?.port();
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
         thread::Builder::new()
@@ -85,12 +76,7 @@ impl Recorder {
 
     /// What was received so far, without clearing.
     pub fn snapshot(&self) -> Recorded {
-        let bytes = self
-            .shared
-            .bytes
-            .lock()
-            .map(|b| b.clone())
-            .unwrap_or_default();
+        let bytes = self.shared.bytes.lock().map(|b| b.clone()).unwrap_or_default();
         self.describe(&bytes)
     }
 

@@ -74,18 +74,12 @@ impl Registry {
             crate::random_hex(16)?
         );
         let cfg_path = dir.join("config.yml");
-        std::fs::write(&cfg_path, config)
-            .map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
+        std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&cfg_path);
         let mut proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"))?;
         // /v2/ answers 200 (open) or 401 (htpasswd) once the registry serves.
-        proc.wait_for_http(
-            port,
-            "/v2/",
-            |s| s == 200 || s == 401,
-            Duration::from_secs(20),
-        )?;
+        proc.wait_for_http(port, "/v2/", |s| s == 200 || s == 401, Duration::from_secs(20))?;
         Ok(Self {
             port,
             credentials,
@@ -114,6 +108,5 @@ fn write_htpasswd(file: &Path, c: &Credentials) -> Result<()> {
     let mut cmd = Command::new("htpasswd");
     cmd.args(["-niB", &c.username]);
     let out = procs::run(cmd, Some(format!("{}\n", c.password).as_bytes()))?.ok()?;
-    std::fs::write(file, out.stdout.trim_end().to_string() + "\n")
-        .map_err(|e| format!("write {}: {e}", file.display()))
+    std::fs::write(file, out.stdout.trim_end().to_string() + "\n").map_err(|e| format!("write {}: {e}", file.display()))
 }

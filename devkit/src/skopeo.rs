@@ -31,11 +31,8 @@ impl Skopeo {
         let dir = work.sub("skopeo")?;
         let policy = dir.join("policy.json");
         // Same content as scripts/skopeo-policy.json: signature policy is not what we test.
-        std::fs::write(
-            &policy,
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .map_err(|e| format!("write {}: {e}", policy.display()))?;
+        std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#)
+            .map_err(|e| format!("write {}: {e}", policy.display()))?;
         Ok(Self {
             policy,
             tmp: work.sub("skopeo/tmp")?,
@@ -61,10 +58,7 @@ impl Skopeo {
         } else {
             Command::new("skopeo")
         };
-        cmd.arg("--policy")
-            .arg(&self.policy)
-            .arg("--tmpdir")
-            .arg(&self.tmp);
+        cmd.arg("--policy").arg(&self.policy).arg("--tmpdir").arg(&self.tmp);
         // No stray credentials from a developer's own logins.
         cmd.env("REGISTRY_AUTH_FILE", &self.auth_file);
         cmd.env("DOCKER_CONFIG", &self.tmp);
@@ -84,13 +78,7 @@ impl Skopeo {
     }
 
     /// `skopeo copy src dest`; registries on either side are plain HTTP.
-    pub fn copy(
-        &self,
-        src: &str,
-        src_creds: Creds<'_>,
-        dest: &str,
-        dest_creds: Creds<'_>,
-    ) -> Result<Output> {
+    pub fn copy(&self, src: &str, src_creds: Creds<'_>, dest: &str, dest_creds: Creds<'_>) -> Result<Output> {
         let mut cmd = self.command();
         cmd.args([
             "copy",
@@ -133,13 +121,7 @@ fn can_unshare() -> bool {
             return false;
         }
         let mut cmd = Command::new("unshare");
-        cmd.args([
-            "-m",
-            "sh",
-            "-c",
-            r#"mount --bind "$0" /var/lib/containers"#,
-            "/tmp",
-        ]);
+        cmd.args(["-m", "sh", "-c", r#"mount --bind "$0" /var/lib/containers"#, "/tmp"]);
         procs::run(cmd, None).map(|o| o.success).unwrap_or(false)
     })
 }

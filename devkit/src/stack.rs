@@ -48,10 +48,7 @@ impl Stack {
         let work = WorkDir::new(label)?;
         let skopeo = Skopeo::new(&work)?;
         let registry = Registry::start_with_auth(&work, UPSTREAM_USER)?;
-        let creds = registry
-            .credentials
-            .clone()
-            .ok_or("registry without credentials")?;
+        let creds = registry.credentials.clone().ok_or("registry without credentials")?;
         let image = image::build_sample(&work, "app", TAG, 3)?;
         // Pushed straight to the registry: the recorder only ever sees proxied traffic.
         image::push(
@@ -115,11 +112,7 @@ impl Stack {
 
     /// Host form: `docker://c-<name>-connector.<ns>.svc.cluster.local:<envoy>/<repo>:<tag>`.
     pub fn host_ref(&self, ns: &str, name: &str, repo: &str, tag: &str) -> String {
-        format!(
-            "docker://{}:{}/{repo}:{tag}",
-            host_name(ns, name),
-            self.envoy.port
-        )
+        format!("docker://{}:{}/{repo}:{tag}", host_name(ns, name), self.envoy.port)
     }
 
     /// Every secret that must never show in Envoy's log or config dump: the upstream password

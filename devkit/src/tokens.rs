@@ -197,8 +197,7 @@ impl<'m> TokenBuilder<'m> {
     /// Not valid before `secs` seconds from now.
     pub fn not_before_in(self, secs: i64) -> Self {
         let t = now();
-        self.claim("nbf", json!(t + secs))
-            .claim("iat", json!(t + secs))
+        self.claim("nbf", json!(t + secs)).claim("iat", json!(t + secs))
     }
 
     pub fn audience(self, aud: &[&str]) -> Self {
@@ -249,8 +248,7 @@ impl<'m> TokenBuilder<'m> {
         } else {
             let mut header = Header::new(sk.alg);
             header.kid = kid;
-            let t = jsonwebtoken::encode(&header, &claims, &sk.key)
-                .map_err(|e| format!("sign token: {e}"))?;
+            let t = jsonwebtoken::encode(&header, &claims, &sk.key).map_err(|e| format!("sign token: {e}"))?;
             if self.tamper { tamper_signature(&t) } else { t }
         };
         self.minter.remember(&token);
@@ -304,14 +302,7 @@ mod tests {
         let claims = verify(&m, &m.valid("demo", "default").unwrap()).unwrap();
         assert_eq!(claims["sub"], "system:serviceaccount:demo:default");
         assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "default");
-        verify(
-            &m,
-            &m.token("demo", "default")
-                .key(KeyChoice::Ec)
-                .mint()
-                .unwrap(),
-        )
-        .unwrap();
+        verify(&m, &m.token("demo", "default").key(KeyChoice::Ec).mint().unwrap()).unwrap();
 
         let bad = [
             m.token("demo", "x").expired_since(600).mint().unwrap(),
@@ -331,12 +322,8 @@ mod tests {
         }
         let none = m.token("demo", "x").alg_none().mint().unwrap();
         assert!(none.ends_with('.'));
-        let head: Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(none.split('.').next().unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let head: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(none.split('.').next().unwrap()).unwrap()).unwrap();
         assert_eq!(head["alg"], "none");
         assert_eq!(m.issued().len(), 2 + bad.len() + 1);
     }

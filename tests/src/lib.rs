@@ -50,10 +50,7 @@ impl Shared {
     }
 
     fn stack(&self) -> &Stack {
-        match self
-            .stack
-            .get_or_init(|| Stack::start(self.label, self.with_filter))
-        {
+        match self.stack.get_or_init(|| Stack::start(self.label, self.with_filter)) {
             Ok(s) => s,
             Err(e) => panic!("could not start the test stack: {e}"),
         }
@@ -67,11 +64,7 @@ pub fn path_form(ns: &str, name: &str, rest: &str) -> String {
 
 /// The manifest of the sample image, path form.
 pub fn manifest_path() -> String {
-    path_form(
-        CONNECTOR_NAMESPACE,
-        CONNECTOR_NAME,
-        &format!("{REPO}/manifests/{TAG}"),
-    )
+    path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("{REPO}/manifests/{TAG}"))
 }
 
 /// `Authorization: Basic base64(sa:<jwt>)`, as `skopeo --creds sa:<jwt>` sends it.
@@ -81,12 +74,9 @@ pub fn with_token(req: Request, jwt: &str) -> Request {
 
 /// The single error of an OCI error body: `{"errors":[{"code":..,"message":..}]}`.
 pub fn oci_error(resp: &Response) -> (String, String) {
-    let body = resp.json().unwrap_or_else(|e| {
-        panic!(
-            "refusal body is not JSON: {e}; response: {}",
-            resp.summary()
-        )
-    });
+    let body = resp
+        .json()
+        .unwrap_or_else(|e| panic!("refusal body is not JSON: {e}; response: {}", resp.summary()));
     let err = &body["errors"][0];
     let code = err["code"].as_str();
     let message = err["message"].as_str();

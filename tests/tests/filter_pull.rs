@@ -7,8 +7,7 @@ use connector_devkit::image;
 use connector_devkit::recorder::Recorded;
 use connector_devkit::skopeo::Creds;
 use connector_devkit::stack::{
-    ALLOWED_NAMESPACE, CONNECTOR_NAME, CONNECTOR_NAMESPACE, Stack, UPSTREAM_USER,
-    check_host_form_resolves,
+    ALLOWED_NAMESPACE, CONNECTOR_NAME, CONNECTOR_NAMESPACE, Stack, UPSTREAM_USER, check_host_form_resolves,
 };
 use connector_devkit::tokens::KeyChoice;
 use connector_e2e::{REPO, Shared, TAG, path_form, with_token};
@@ -18,10 +17,7 @@ static STACK: Shared = Shared::new("e2e-pull", true);
 /// What every proxied pull must have sent upstream: only the robot's credential, the plain
 /// repository path, and none of the client's token material or routing headers.
 fn assert_upstream_clean(s: &Stack, seen: &Recorded, jwt: &str) {
-    assert!(
-        seen.requests > 0,
-        "the pull should have reached the upstream"
-    );
+    assert!(seen.requests > 0, "the pull should have reached the upstream");
     let robot = format!("Basic {}", basic_value(UPSTREAM_USER, s.password()));
     let auths = seen.authorizations();
     assert!(
@@ -30,10 +26,7 @@ fn assert_upstream_clean(s: &Stack, seen: &Recorded, jwt: &str) {
         auths.len(),
         auths.iter().filter(|a| **a == robot).count()
     );
-    assert!(
-        !seen.text.contains(jwt),
-        "the client's JWT reached the upstream"
-    );
+    assert!(!seen.text.contains(jwt), "the client's JWT reached the upstream");
     let sig = jwt.rsplit('.').next().unwrap_or(jwt);
     assert!(
         !seen.text.contains(sig),
@@ -62,8 +55,7 @@ fn inspect_layers(s: &Stack, reference: &str, creds: Creds<'_>) -> Vec<String> {
         .inspect(reference, creds, false)
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("skopeo inspect {reference}: {e}"));
-    let v: serde_json::Value =
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("inspect output: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("inspect output: {e}"));
     serde_json::from_value(v["Layers"].clone()).unwrap_or_default()
 }
 
@@ -101,9 +93,7 @@ fn path_form_inspect_and_copy_with_basic_login() {
             seen.request_lines()
         );
         assert!(
-            seen.request_lines()
-                .iter()
-                .any(|l| l.contains("/blobs/sha256:")),
+            seen.request_lines().iter().any(|l| l.contains("/blobs/sha256:")),
             "blob GETs should reach the upstream: {:?}",
             seen.request_lines()
         );
@@ -139,18 +129,49 @@ fn host_form_inspect_and_copy_with_basic_login() {
     });
 }
 
+/// Bearer clients (containerd with a token, scripts). skopeo's `--registry-token` is no such
+/// client: after a Basic challenge it sends `Basic Og==` instead, so this one is sent raw.
 #[test]
-fn path_form_inspect_with_bearer_token() {
+fn path_form_manifest_and_blob_with_bearer_token() {
     STACK.run(|s| {
         let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
-        let reference = s.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
+        let manifest = Request::get(&path_form(
+            CONNECTOR_NAMESPACE,
+            CONNECTOR_NAME,
+            &format!("{REPO}/manifests/{TAG}"),
+        ))
+        .bearer(&jwt)
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send(s.envoy.port)
+        .unwrap();
+        assert_eq!(manifest.status, 200, "{}", manifest.summary());
         assert_eq!(
-            inspect_layers(s, &reference, Creds::Bearer(&jwt)),
+            image::manifest_layers(&manifest.json().unwrap()).unwrap(),
             s.image.layers
         );
+
+        let digest = &s.image.layers[0];
+        let blob = Request::get(&path_form(
+            CONNECTOR_NAMESPACE,
+            CONNECTOR_NAME,
+            &format!("{REPO}/blobs/{digest}"),
+        ))
+        .bearer(&jwt)
+        .send(s.envoy.port)
+        .unwrap();
+        assert_eq!(blob.status, 200, "blob GET: status {}", blob.status);
+        assert_eq!(&sha256(&blob.body), digest, "blob bytes must hash to their digest");
         let seen = s.recorder.take();
         assert_upstream_clean(s, &seen, &jwt);
     });
+}
+
+/// `sha256:<hex>` of bytes, by coreutils' sha256sum.
+fn sha256(bytes: &[u8]) -> String {
+    let out = connector_devkit::procs::run(std::process::Command::new("sha256sum"), Some(bytes))
+        .and_then(|o| o.ok())
+        .unwrap();
+    format!("sha256:{}", out.stdout.split_whitespace().next().unwrap_or(""))
 }
 
 #[test]
@@ -163,10 +184,7 @@ fn es256_tokens_are_accepted() {
             .mint()
             .unwrap();
         let reference = s.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
-        assert_eq!(
-            inspect_layers(s, &reference, Creds::Basic("sa", &jwt)),
-            s.image.layers
-        );
+        assert_eq!(inspect_layers(s, &reference, Creds::Basic("sa", &jwt)), s.image.layers);
         let seen = s.recorder.take();
         assert_upstream_clean(s, &seen, &jwt);
     });
@@ -198,20 +216,13 @@ fn allowed_namespace_and_allowed_service_account_may_pull() {
 fn raw_manifest_get_returns_the_pushed_manifest_bytes() {
     STACK.run(|s| {
         let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
-        let path = path_form(
-            CONNECTOR_NAMESPACE,
-            CONNECTOR_NAME,
-            &format!("{REPO}/manifests/{TAG}"),
-        );
+        let path = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("{REPO}/manifests/{TAG}"));
         let resp = with_token(Request::get(&path), &jwt)
             .header("Accept", "application/vnd.oci.image.manifest.v1+json")
             .send(s.envoy.port)
             .unwrap();
         assert_eq!(resp.status, 200, "{}", resp.summary());
-        let digest = resp
-            .header("docker-content-digest")
-            .unwrap_or("")
-            .to_string();
+        let digest = resp.header("docker-content-digest").unwrap_or("").to_string();
         assert!(
             digest.starts_with("sha256:"),
             "Docker-Content-Digest kept: {}",

@@ -7,8 +7,7 @@ use connector_devkit::skopeo::Creds;
 use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, host_name};
 use connector_devkit::tokens::KeyChoice;
 use connector_e2e::{
-    REPO, Refusal, Shared, TAG, UNAUTHORIZED, assert_refused, manifest_path, oci_error, path_form,
-    with_token,
+    REPO, Refusal, Shared, TAG, UNAUTHORIZED, assert_refused, manifest_path, oci_error, path_form, with_token,
 };
 
 static STACK: Shared = Shared::new("e2e-refusals", true);
@@ -193,13 +192,7 @@ fn alg_none_is_refused() {
             s,
             "alg none",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&[
-                "alg",
-                "signature",
-                "unsupported",
-                "malformed",
-                "invalid token",
-            ]),
+            unauthorized(&["alg", "signature", "unsupported", "malformed", "invalid token"]),
         );
     });
 }
@@ -236,22 +229,41 @@ fn unknown_kid_is_refused() {
 
 #[test]
 fn two_authorization_headers_are_refused() {
-    // Envoy shows a wasm filter only the first value of a repeated header: a valid first token
-    // must not hide a second credential.
+    // Envoy folds a repeated Authorization into one comma-joined value (see the harness
+    // self-test): a valid first credential must not carry a second one through, in any order.
     STACK.run(|s| {
         let good = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
         let other = s.minter.valid("other", "default").unwrap();
-        let req = with_token(Request::get(&manifest_path()), &good).bearer(&other);
-        assert_refused(
-            s,
-            "two Authorization headers",
-            req,
-            Refusal {
-                statuses: &[400, 401],
-                codes: &["UNAUTHORIZED", "DENIED", "UNSUPPORTED"],
-                mentions: &["authorization"],
-            },
-        );
+        let variants = [
+            (
+                "Basic then Bearer",
+                with_token(Request::get(&manifest_path()), &good).bearer(&other),
+            ),
+            (
+                "Bearer then Basic",
+                Request::get(&manifest_path()).bearer(&good).basic("sa", &other),
+            ),
+            (
+                "two valid Bearer",
+                Request::get(&manifest_path()).bearer(&good).bearer(&good),
+            ),
+            (
+                "two identical Basic",
+                with_token(Request::get(&manifest_path()), &good).basic("sa", &good),
+            ),
+        ];
+        for (what, req) in variants {
+            assert_refused(
+                s,
+                &format!("two Authorization headers ({what})"),
+                req,
+                Refusal {
+                    statuses: &[400, 401],
+                    codes: &["UNAUTHORIZED", "DENIED", "UNSUPPORTED"],
+                    mentions: &["authorization", "malformed", "credential"],
+                },
+            );
+        }
     });
 }
 
@@ -266,10 +278,7 @@ fn skopeo_with_an_expired_token_fails_with_the_message() {
             .unwrap();
         let reference = s.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
         s.recorder.take();
-        let out = s
-            .skopeo
-            .inspect(&reference, Creds::Basic("sa", &jwt), false)
-            .unwrap();
+        let out = s.skopeo.inspect(&reference, Creds::Basic("sa", &jwt), false).unwrap();
         assert!(
             !out.success,
             "skopeo inspect with an expired token must fail: {}",
@@ -281,20 +290,12 @@ fn skopeo_with_an_expired_token_fails_with_the_message() {
             out.stderr
         );
         let seen = s.recorder.take();
-        assert!(
-            seen.is_empty(),
-            "upstream received {:?}",
-            seen.request_lines()
-        );
+        assert!(seen.is_empty(), "upstream received {:?}", seen.request_lines());
 
         let out = s.skopeo.inspect(&reference, Creds::None, false).unwrap();
         assert!(!out.success, "skopeo --no-creds must fail: {}", out.stdout);
         let seen = s.recorder.take();
-        assert!(
-            seen.is_empty(),
-            "upstream received {:?}",
-            seen.request_lines()
-        );
+        assert!(seen.is_empty(), "upstream received {:?}", seen.request_lines());
     });
 }
 
@@ -314,12 +315,7 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
             access,
         );
 
-        let insider = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
-        let unknown = path_form(
-            CONNECTOR_NAMESPACE,
-            "nope",
-            &format!("{REPO}/manifests/{TAG}"),
-        );
+        let unknown = path_form(CONNECTOR_NAMESPACE, "nope", &format!("{REPO}/manifests/{TAG}"));
         let access = Refusal {
             statuses: &[403, 404],
             codes: ACCESS_CODES,
@@ -328,8 +324,25 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
         let b = assert_refused(
             s,
             "unknown connector demo/nope",
+            with_token(Request::get(&unknown), &outsider),
+            access,
+        );
+
+        let insider = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let access = Refusal {
+            statuses: &[403, 404],
+            codes: ACCESS_CODES,
+            mentions: &["connector", "denied", "not found", "access"],
+        };
+        let own_ns_unknown = assert_refused(
+            s,
+            "own namespace, unknown connector demo/nope",
             with_token(Request::get(&unknown), &insider),
             access,
+        );
+        assert_eq!(
+            own_ns_unknown.status, a.status,
+            "unknown connector in the caller's own namespace: status"
         );
 
         // A caller must not be able to tell "exists but not yours" from "does not exist".
@@ -339,10 +352,7 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
         );
         let (code_a, msg_a) = oci_error(&a);
         let (code_b, msg_b) = oci_error(&b);
-        assert_eq!(
-            code_a, code_b,
-            "other-namespace vs unknown connector: codes differ"
-        );
+        assert_eq!(code_a, code_b, "other-namespace vs unknown connector: codes differ");
         assert_eq!(
             msg_a.replace(CONNECTOR_NAME, "<name>"),
             msg_b.replace("nope", "<name>"),
@@ -353,11 +363,7 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
         let c = assert_refused(
             s,
             "host form, token of namespace other",
-            with_token(
-                Request::get(&format!("/v2/{REPO}/manifests/{TAG}")),
-                &outsider,
-            )
-            .host(&format!(
+            with_token(Request::get(&format!("/v2/{REPO}/manifests/{TAG}")), &outsider).host(&format!(
                 "{}:{}",
                 host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
                 s.envoy.port
@@ -385,11 +391,7 @@ fn invalid_repository_names_are_rejected() {
             ("300 characters", long),
         ];
         for (what, name) in &cases {
-            let path = path_form(
-                CONNECTOR_NAMESPACE,
-                CONNECTOR_NAME,
-                &format!("{name}/manifests/{TAG}"),
-            );
+            let path = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("{name}/manifests/{TAG}"));
             assert_refused(
                 s,
                 &format!("repository name ({what})"),
@@ -402,19 +404,11 @@ fn invalid_repository_names_are_rejected() {
             );
         }
         // Host form: the name is the whole path.
-        let host = format!(
-            "{}:{}",
-            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
-            s.envoy.port
-        );
+        let host = format!("{}:{}", host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME), s.envoy.port);
         assert_refused(
             s,
             "host form uppercase name",
-            with_token(
-                Request::get(&format!("/v2/Library/App/manifests/{TAG}")),
-                &jwt,
-            )
-            .host(&host),
+            with_token(Request::get(&format!("/v2/Library/App/manifests/{TAG}")), &jwt).host(&host),
             Refusal {
                 statuses: &[400],
                 codes: NAME_INVALID,
@@ -441,16 +435,9 @@ fn base_endpoint_challenges_then_answers_ok() {
         );
 
         let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
-        let ok = with_token(Request::get("/v2/"), &jwt)
-            .send(s.envoy.port)
-            .unwrap();
+        let ok = with_token(Request::get("/v2/"), &jwt).send(s.envoy.port).unwrap();
         assert_eq!(ok.status, 200, "{}", ok.summary());
-        assert_eq!(
-            ok.json().unwrap(),
-            serde_json::json!({}),
-            "{}",
-            ok.summary()
-        );
+        assert_eq!(ok.json().unwrap(), serde_json::json!({}), "{}", ok.summary());
         assert_eq!(
             ok.header("docker-distribution-api-version"),
             Some("registry/2.0"),
@@ -458,11 +445,7 @@ fn base_endpoint_challenges_then_answers_ok() {
             ok.summary()
         );
 
-        let host = format!(
-            "{}:{}",
-            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
-            s.envoy.port
-        );
+        let host = format!("{}:{}", host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME), s.envoy.port);
         let resp = Request::get("/v2/").host(&host).send(s.envoy.port).unwrap();
         assert_eq!(
             resp.status,
@@ -494,11 +477,7 @@ fn catalog_is_refused() {
             seen.request_lines()
         );
 
-        let host = format!(
-            "{}:{}",
-            host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
-            s.envoy.port
-        );
+        let host = format!("{}:{}", host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME), s.envoy.port);
         let resp = with_token(Request::get("/v2/_catalog"), &jwt)
             .host(&host)
             .send(s.envoy.port)

@@ -21,9 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let module_kb = std::fs::metadata(wasm_path())
-        .map(|m| m.len() / 1024)
-        .unwrap_or(0);
+    let module_kb = std::fs::metadata(wasm_path()).map(|m| m.len() / 1024).unwrap_or(0);
     println!(
         "      upstream registry  {} (CNCF Distribution, htpasswd, user {UPSTREAM_USER}, password generated, not shown)",
         stack.registry.url()
@@ -64,10 +62,7 @@ fn main() -> ExitCode {
     );
 
     let path_ref = stack.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
-    step(
-        "pull, path form",
-        pull(&stack, &path_ref, &token, "pulled-path"),
-    );
+    step("pull, path form", pull(&stack, &path_ref, &token, "pulled-path"));
     let host_ref = stack.host_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
     step(
         "pull, host form",
@@ -103,8 +98,7 @@ fn pull(stack: &Stack, reference: &str, token: &str, label: &str) -> Result<Stri
         .skopeo
         .inspect(reference, Creds::Basic("sa", token), false)?
         .ok()?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out.stdout).map_err(|e| format!("inspect output: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| format!("inspect output: {e}"))?;
     let inspected: Vec<String> = serde_json::from_value(v["Layers"].clone()).unwrap_or_default();
     if inspected != stack.image.layers {
         return Err(format!(
@@ -120,10 +114,7 @@ fn pull(stack: &Stack, reference: &str, token: &str, label: &str) -> Result<Stri
         .ok()?;
     let copied = image::oci_layers(&dest, TAG)?;
     if copied != stack.image.layers {
-        return Err(format!(
-            "copied layers {copied:?}, pushed {:?}",
-            stack.image.layers
-        ));
+        return Err(format!("copied layers {copied:?}, pushed {:?}", stack.image.layers));
     }
     Ok(format!(
         "{} -> {} layers identical to the pushed image",
@@ -157,18 +148,12 @@ fn refused(stack: &Stack) -> Result<String> {
     let outsider = stack.minter.valid("other", "default")?;
     let reference = stack.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
     stack.recorder.take();
-    let out = stack
-        .skopeo
-        .inspect(&reference, Creds::Basic("sa", &outsider), false)?;
+    let out = stack.skopeo.inspect(&reference, Creds::Basic("sa", &outsider), false)?;
     if out.success {
         return Err("a token of namespace other could read demo/registry".into());
     }
-    let path = format!(
-        "/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{CONNECTOR_NAME}/{REPO}/manifests/{TAG}"
-    );
-    let resp = Request::get(&path)
-        .basic("sa", &outsider)
-        .send(stack.envoy.port)?;
+    let path = format!("/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{CONNECTOR_NAME}/{REPO}/manifests/{TAG}");
+    let resp = Request::get(&path).basic("sa", &outsider).send(stack.envoy.port)?;
     let body = resp.json()?;
     let message = body["errors"][0]["message"]
         .as_str()
