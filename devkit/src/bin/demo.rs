@@ -167,7 +167,7 @@ fn refused(stack: &Stack) -> Result<String> {
         return Err(format!("expected a 4xx refusal, got {}", resp.summary()));
     }
     Ok(format!(
-        "system:serviceaccount:other:default -> {} {code} \"{message}\"; skopeo failed, upstream received nothing",
+        "system:serviceaccount:other:default -> {} {code}: {message} (skopeo failed too; upstream received nothing)",
         resp.status
     ))
 }
