@@ -246,3 +246,87 @@ fn raw_manifest_get_returns_the_pushed_manifest_bytes() {
         assert_upstream_clean(s, &seen, &jwt);
     });
 }
+
+#[test]
+fn client_cookies_and_proxy_credentials_stay_at_the_proxy() {
+    STACK.run(|s| {
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let path = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("{REPO}/manifests/{TAG}"));
+        let resp = with_token(Request::get(&path), &jwt)
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .header("Cookie", "session=client-cookie-value")
+            .header("Proxy-Authorization", "Basic cHJveHk6c2VjcmV0")
+            .send(s.envoy.port)
+            .unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.summary());
+        let seen = s.recorder.take();
+        assert!(
+            !seen.text.contains("client-cookie-value"),
+            "the client's Cookie reached the upstream"
+        );
+        assert!(
+            !seen.text.contains("cHJveHk6c2VjcmV0"),
+            "the client's Proxy-Authorization reached the upstream"
+        );
+        assert_upstream_clean(s, &seen, &jwt);
+    });
+}
+
+#[test]
+fn push_through_the_proxy_lands_in_the_upstream() {
+    // Uploads exercise the Location rewriting (registry 2.8 answers with absolute upload URLs
+    // built from the request's Host) and blob mounts.
+    STACK.run(|s| {
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        let fresh = image::build_sample(
+            &s.work,
+            &format!("pushed-{}", connector_devkit::random_hex(4).unwrap()),
+            TAG,
+            2,
+        )
+        .unwrap();
+        let dest = s.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, "team/pushed", TAG);
+        s.skopeo
+            .copy(&fresh.oci_ref(), Creds::None, &dest, Creds::Basic("sa", &jwt))
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("push through the proxy: {e}"));
+        let seen = s.recorder.take();
+        assert!(
+            seen.request_lines()
+                .iter()
+                .any(|l| l.starts_with("POST /v2/team/pushed/blobs/uploads/")),
+            "uploads should reach the upstream under the upstream name: {:?}",
+            seen.request_lines()
+        );
+        assert_upstream_clean_for_push(s, &seen, &jwt);
+
+        // Read it back straight from the registry, with the robot's credential.
+        let direct = format!("docker://{}/team/pushed:{TAG}", s.registry.authority());
+        let layers = inspect_layers(s, &direct, Creds::Basic(UPSTREAM_USER, s.password()));
+        assert_eq!(
+            layers, fresh.layers,
+            "layers in the upstream after a push through the proxy"
+        );
+    });
+}
+
+/// Like [`assert_upstream_clean`], for a push: request paths are the upstream's `team/pushed`.
+fn assert_upstream_clean_for_push(s: &Stack, seen: &Recorded, jwt: &str) {
+    let robot = format!("Basic {}", basic_value(UPSTREAM_USER, s.password()));
+    let auths = seen.authorizations();
+    assert!(
+        !auths.is_empty() && auths.iter().all(|a| *a == robot),
+        "only the robot's credential upstream"
+    );
+    assert!(!seen.text.contains(jwt), "the client's JWT reached the upstream");
+    assert!(
+        !seen.text.contains(&basic_value("sa", jwt)),
+        "the client's sa:<jwt> reached the upstream"
+    );
+    for line in seen.request_lines() {
+        assert!(
+            line.contains(" /v2/team/pushed/") || line.contains(" /v2/ "),
+            "upstream request not rewritten to the upstream name: {line}"
+        );
+    }
+}

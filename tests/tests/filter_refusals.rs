@@ -495,3 +495,22 @@ fn catalog_is_refused() {
         );
     });
 }
+
+#[test]
+fn escaped_slashes_are_rejected_before_the_filter() {
+    // `%2F` could make one name look like another to a filter and the upstream alike; Envoy's
+    // `path_with_escaped_slashes_action: REJECT_REQUEST` turns it away first.
+    STACK.run(|s| {
+        let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
+        s.recorder.take();
+        let path = path_form(
+            CONNECTOR_NAMESPACE,
+            CONNECTOR_NAME,
+            &format!("library%2Fapp/manifests/{TAG}"),
+        );
+        let resp = with_token(Request::get(&path), &jwt).send(s.envoy.port).unwrap();
+        let seen = s.recorder.take();
+        assert_eq!(resp.status, 400, "{}", resp.summary());
+        assert!(seen.is_empty(), "upstream received {:?}", seen.request_lines());
+    });
+}
