@@ -514,3 +514,27 @@ fn escaped_slashes_are_rejected_before_the_filter() {
         assert!(seen.is_empty(), "upstream received {:?}", seen.request_lines());
     });
 }
+
+#[test]
+fn the_scanned_log_and_config_dump_are_the_real_ones() {
+    // Positive control for the hygiene scan every test ends with: the texts it searches do hold
+    // the filter's configuration and log lines, just not the secrets.
+    STACK.run(|s| {
+        let dump = s.envoy.config_dump().unwrap();
+        assert!(dump.contains("oci-connector"), "config_dump lacks the wasm filter");
+        assert!(
+            dump.contains(connector_devkit::stack::PASSWORD_ENV),
+            "config_dump lacks the passwordEnv name"
+        );
+        assert!(
+            dump.contains("rsa-1") && dump.contains("ec-1"),
+            "config_dump lacks the JWKS kids"
+        );
+        assert!(!dump.contains(s.password()), "config_dump holds the upstream password");
+        let log = s.envoy.log();
+        assert!(
+            log.contains("wasm log oci-connector"),
+            "Envoy's log has no line from the filter"
+        );
+    });
+}
