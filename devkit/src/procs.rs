@@ -12,11 +12,22 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1. The listener is closed before returning, so another process can
 /// in theory take it first; servers are started right after, and a bind failure shows in their log.
+/// Ports are never handed out twice by one process (the kernel may offer a just-closed port again,
+/// e.g. Envoy's listener and admin port asked for back to back).
 pub fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("allocate a free port on 127.0.0.1: {e}"))
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..50 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("allocate a free port on 127.0.0.1: {e}"))?;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err("no fresh free port on 127.0.0.1 after 50 tries".into())
 }
 
 /// The last `lines` lines of a log file, for error messages.
