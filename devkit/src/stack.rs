@@ -18,6 +18,10 @@ pub const CONNECTOR_NAME: &str = "registry";
 pub const CLUSTER: &str = "upstream_demo_registry";
 pub const UPSTREAM_USER: &str = "robot";
 pub const PASSWORD_ENV: &str = "DEMO_REGISTRY_PASSWORD";
+/// A second connector on the same upstream whose Secret holds a wrong password: the upstream
+/// refuses it, which is how tests see the proxy answer an upstream 401.
+pub const BROKEN_CONNECTOR_NAME: &str = "stale-secret";
+pub const BROKEN_PASSWORD_ENV: &str = "STALE_REGISTRY_PASSWORD";
 /// Who besides the connector's own namespace may use it.
 pub const ALLOWED_NAMESPACE: &str = "ci";
 pub const ALLOWED_SERVICE_ACCOUNT: &str = "other/builder";
@@ -28,6 +32,8 @@ pub const TAG: &str = "v1";
 /// Fields drop in declaration order: Envoy stops before the recorder and the registry behind it.
 pub struct Stack {
     pub envoy: Envoy,
+    /// The wrong password of [`BROKEN_CONNECTOR_NAME`] (still a secret: scanned for like the others).
+    pub broken_password: String,
     pub recorder: Recorder,
     pub registry: Registry,
     pub image: SampleImage,
@@ -60,6 +66,7 @@ impl Stack {
         )?;
         let recorder = Recorder::start(registry.port)?;
         let minter = Minter::new(&work.sub("keys")?)?;
+        let broken_password = crate::random_secret()?;
         let clusters = vec![Cluster {
             name: CLUSTER.into(),
             port: recorder.port,
@@ -68,22 +75,38 @@ impl Stack {
             wasm,
             config: filter_config(
                 &minter.jwks(),
-                &[ConnectorSpec {
-                    namespace: CONNECTOR_NAMESPACE.into(),
-                    name: CONNECTOR_NAME.into(),
-                    address: format!("http://127.0.0.1:{}", recorder.port),
-                    cluster: CLUSTER.into(),
-                    username: creds.username.clone(),
-                    password_env: PASSWORD_ENV.into(),
-                    allowed_namespaces: vec![ALLOWED_NAMESPACE.into()],
-                    allowed_service_accounts: vec![ALLOWED_SERVICE_ACCOUNT.into()],
-                }],
+                &[
+                    ConnectorSpec {
+                        namespace: CONNECTOR_NAMESPACE.into(),
+                        name: CONNECTOR_NAME.into(),
+                        address: format!("http://127.0.0.1:{}", recorder.port),
+                        cluster: CLUSTER.into(),
+                        username: creds.username.clone(),
+                        password_env: PASSWORD_ENV.into(),
+                        allowed_namespaces: vec![ALLOWED_NAMESPACE.into()],
+                        allowed_service_accounts: vec![ALLOWED_SERVICE_ACCOUNT.into()],
+                    },
+                    ConnectorSpec {
+                        namespace: CONNECTOR_NAMESPACE.into(),
+                        name: BROKEN_CONNECTOR_NAME.into(),
+                        address: format!("http://127.0.0.1:{}", recorder.port),
+                        cluster: CLUSTER.into(),
+                        username: creds.username.clone(),
+                        password_env: BROKEN_PASSWORD_ENV.into(),
+                        allowed_namespaces: vec![],
+                        allowed_service_accounts: vec![],
+                    },
+                ],
             ),
-            secret_env: vec![(PASSWORD_ENV.into(), creds.password.clone())],
+            secret_env: vec![
+                (PASSWORD_ENV.into(), creds.password.clone()),
+                (BROKEN_PASSWORD_ENV.into(), broken_password.clone()),
+            ],
         });
         let envoy = Envoy::start(&work, &EnvoySpec { clusters, filter })?;
         Ok(Self {
             envoy,
+            broken_password,
             recorder,
             registry,
             image,
@@ -118,7 +141,10 @@ impl Stack {
     /// Every secret that must never show in Envoy's log or config dump: the upstream password
     /// and every JWT minted so far.
     pub fn secrets(&self) -> Vec<(String, String)> {
-        let mut s = vec![("upstream password".to_string(), self.password().to_string())];
+        let mut s = vec![
+            ("upstream password".to_string(), self.password().to_string()),
+            ("stale connector password".to_string(), self.broken_password.clone()),
+        ];
         s.push((
             "upstream Basic credential".into(),
             crate::http::basic_value(UPSTREAM_USER, self.password()),

@@ -70,6 +70,14 @@ pub fn extract_token(values: &[&str]) -> Result<String, Refusal> {
             ));
         }
     };
+    // Envoy folds repeated headers into one comma-separated value; no Basic or Bearer
+    // credential contains a comma, so a comma means more than one credential was sent.
+    if value.contains(',') {
+        return Err(Refusal::unauthorized(
+            "duplicate_authorization",
+            "the request carries more than one Authorization header: send exactly one",
+        ));
+    }
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     let rest = rest.trim();
     let token = if scheme.eq_ignore_ascii_case("basic") {
@@ -451,6 +459,11 @@ pub(crate) mod tests {
         let cases: Vec<(Vec<String>, &str)> = vec![
             (vec![], "no_credential"),
             (vec![basic(&good), basic(&good)], "duplicate_authorization"),
+            (
+                vec![format!("{},Bearer {good}", basic(&good))],
+                "duplicate_authorization",
+            ),
+            (vec![format!("Bearer {good}, Bearer {good}")], "duplicate_authorization"),
             (vec!["Basic Og==".into()], "empty_credential"),
             (vec!["Basic !!!".into()], "malformed_credential"),
             (vec!["Basic bm9jb2xvbg==".into()], "malformed_credential"),

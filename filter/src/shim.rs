@@ -40,6 +40,11 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
+/// Per-request debug lines cost a host call and a `format!` each; only pay when Envoy logs them.
+fn debug_enabled() -> bool {
+    matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug))
+}
+
 #[derive(Default)]
 struct Root {
     state: Shared,
@@ -186,15 +191,17 @@ impl HttpContext for Http {
                 self.set_http_request_header(":path", Some(&f.path));
                 self.set_http_request_header(":authority", Some(&f.authority));
                 self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
-                log(
-                    LogLevel::Debug,
-                    &format!(
-                        "{method} forwarded: connector={} subject={} token_cache_hit={}",
-                        f.response.connector,
-                        f.caller.subject(),
-                        f.cache_hit
-                    ),
-                );
+                if debug_enabled() {
+                    log(
+                        LogLevel::Debug,
+                        &format!(
+                            "{method} forwarded: connector={} subject={} token_cache_hit={}",
+                            f.response.connector,
+                            f.caller.subject(),
+                            f.cache_hit
+                        ),
+                    );
+                }
                 self.plan = Some(f.response);
                 Action::Continue
             }
@@ -205,20 +212,22 @@ impl HttpContext for Http {
         let Some(plan) = self.plan.as_ref() else {
             return Action::Continue;
         };
-        let header = |this: &Self, name: &str| this.get_http_response_header_bytes(name).map(|v| lossy(&v));
-        let status = header(self, ":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-        let location = header(self, "location");
-        let link = header(self, "link");
+        // One host call for the whole map instead of one per header.
+        let headers = self.get_http_response_headers_bytes();
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| lossy(v));
+        let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        let location = header("location");
+        let link = header("link");
+        let has_challenge = headers.iter().any(|(k, _)| k == "www-authenticate");
         let edits = plan_response(plan, &self.realm, status, location.as_deref(), link.as_deref());
         // The upstream's challenge would send the client's token to the upstream's realm.
-        self.set_http_response_header("www-authenticate", None);
+        if has_challenge {
+            self.set_http_response_header("www-authenticate", None);
+        }
         if let Some((response, reason)) = edits.replace {
             log(
                 LogLevel::Info,
-                &format!(
-                    "upstream answered {status} for connector {}: {reason}",
-                    plan.connector
-                ),
+                &format!("upstream answered {status} for connector {}: {reason}", plan.connector),
             );
             self.plan = None;
             return self.send(response);

@@ -13,8 +13,8 @@ use connector_e2e::{
 static STACK: Shared = Shared::new("e2e-refusals", true);
 
 const NAME_INVALID: &[&str] = &["NAME_INVALID"];
-const ACCESS_CODES: &[&str] = &["DENIED", "NAME_UNKNOWN", "UNAUTHORIZED"];
-const NAME_WORDS: &[&str] = &["name", "repository"];
+const ACCESS_CODES: &[&str] = &["DENIED"];
+const NAME_WORDS: &[&str] = &["is invalid: expected path components"];
 
 fn unauthorized<'a>(mentions: &'a [&'a str]) -> Refusal<'a> {
     Refusal {
@@ -31,7 +31,7 @@ fn no_credential_is_challenged() {
             s,
             "no Authorization header",
             Request::get(&manifest_path()),
-            unauthorized(&["authenticat", "credential", "token", "authorization"]),
+            unauthorized(&["no credential: log in with any username and a ServiceAccount token"]),
         );
     });
 }
@@ -44,7 +44,7 @@ fn empty_basic_credential_is_refused() {
             s,
             "Authorization: Basic Og==",
             Request::get(&manifest_path()).header("Authorization", "Basic Og=="),
-            unauthorized(&["authenticat", "credential", "token", "password", "empty"]),
+            unauthorized(&["empty credential"]),
         );
     });
 }
@@ -62,14 +62,14 @@ fn expired_token_is_refused() {
             s,
             "expired",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["expired"]),
+            unauthorized(&["token expired"]),
         );
         // The same token as Bearer.
         assert_refused(
             s,
             "expired (Bearer)",
             Request::get(&manifest_path()).bearer(&jwt),
-            unauthorized(&["expired"]),
+            unauthorized(&["token expired"]),
         );
     });
 }
@@ -88,7 +88,7 @@ fn token_not_yet_valid_is_refused() {
             s,
             "nbf in the future",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["not yet valid", "nbf", "not before", "immature", "future"]),
+            unauthorized(&["not valid for another"]),
         );
     });
 }
@@ -106,7 +106,7 @@ fn wrong_audience_is_refused() {
             s,
             "wrong audience",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["audience", "aud"]),
+            unauthorized(&["token audience does not include oci-connector"]),
         );
     });
 }
@@ -124,7 +124,7 @@ fn wrong_issuer_is_refused() {
             s,
             "wrong issuer",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["issuer", "iss"]),
+            unauthorized(&["is not an allowed issuer"]),
         );
     });
 }
@@ -142,7 +142,7 @@ fn tampered_signature_is_refused() {
             s,
             "tampered signature",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["signature"]),
+            unauthorized(&["signature does not verify"]),
         );
         let ec = s
             .minter
@@ -155,7 +155,7 @@ fn tampered_signature_is_refused() {
             s,
             "tampered ES256 signature",
             with_token(Request::get(&manifest_path()), &ec),
-            unauthorized(&["signature"]),
+            unauthorized(&["signature does not verify"]),
         );
     });
 }
@@ -174,7 +174,7 @@ fn token_signed_by_an_unpublished_key_under_a_published_kid_is_refused() {
             s,
             "foreign key, published kid",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["signature"]),
+            unauthorized(&["signature does not verify"]),
         );
     });
 }
@@ -192,7 +192,7 @@ fn alg_none_is_refused() {
             s,
             "alg none",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["alg", "signature", "unsupported", "malformed", "invalid token"]),
+            unauthorized(&["unsigned token (alg none"]),
         );
     });
 }
@@ -210,7 +210,7 @@ fn unknown_kid_is_refused() {
             s,
             "unknown kid",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["kid", "key"]),
+            unauthorized(&["is not among the configured JWKS keys"]),
         );
         let jwt = s
             .minter
@@ -222,7 +222,7 @@ fn unknown_kid_is_refused() {
             s,
             "unpublished key's own kid",
             with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["kid", "key"]),
+            unauthorized(&["is not among the configured JWKS keys"]),
         );
     });
 }
@@ -257,11 +257,7 @@ fn two_authorization_headers_are_refused() {
                 s,
                 &format!("two Authorization headers ({what})"),
                 req,
-                Refusal {
-                    statuses: &[400, 401],
-                    codes: &["UNAUTHORIZED", "DENIED", "UNSUPPORTED"],
-                    mentions: &["authorization", "malformed", "credential"],
-                },
+                unauthorized(&["more than one Authorization header"]),
             );
         }
     });
@@ -304,9 +300,9 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
     STACK.run(|s| {
         let outsider = s.minter.valid("other", "default").unwrap();
         let access = Refusal {
-            statuses: &[403, 404],
+            statuses: &[403],
             codes: ACCESS_CODES,
-            mentions: &["connector", "denied", "not found", "access"],
+            mentions: &["does not exist or ServiceAccount"],
         };
         let a = assert_refused(
             s,
@@ -317,9 +313,9 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
 
         let unknown = path_form(CONNECTOR_NAMESPACE, "nope", &format!("{REPO}/manifests/{TAG}"));
         let access = Refusal {
-            statuses: &[403, 404],
+            statuses: &[403],
             codes: ACCESS_CODES,
-            mentions: &["connector", "denied", "not found", "access"],
+            mentions: &["does not exist or ServiceAccount"],
         };
         let b = assert_refused(
             s,
@@ -330,9 +326,9 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
 
         let insider = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
         let access = Refusal {
-            statuses: &[403, 404],
+            statuses: &[403],
             codes: ACCESS_CODES,
-            mentions: &["connector", "denied", "not found", "access"],
+            mentions: &["does not exist or ServiceAccount"],
         };
         let own_ns_unknown = assert_refused(
             s,
@@ -369,9 +365,9 @@ fn another_namespaces_connector_and_an_unknown_connector_look_the_same() {
                 s.envoy.port
             )),
             Refusal {
-                statuses: &[403, 404],
+                statuses: &[403],
                 codes: ACCESS_CODES,
-                mentions: &["connector", "denied", "not found", "access"],
+                mentions: &["does not exist or ServiceAccount"],
             },
         );
         assert_eq!(c.status, a.status, "host and path form refuse alike");
@@ -425,7 +421,7 @@ fn base_endpoint_challenges_then_answers_ok() {
             s,
             "/v2/ without credential",
             Request::get("/v2/"),
-            unauthorized(&["authenticat", "credential", "token", "authorization"]),
+            unauthorized(&["no credential: log in with any username and a ServiceAccount token"]),
         );
         assert_eq!(
             resp.header("docker-distribution-api-version"),
