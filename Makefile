@@ -26,9 +26,12 @@ e2e:
 	rm -rf .work
 	cargo test -p connector-e2e
 
-bench:
-	@echo "todo"
+# Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.
+bench: setup wasm
+	cargo build -p noop-filter --target wasm32-wasip1 --release
+	cargo run --release -p connector-devkit --bin bench -- $(BENCH_ARGS)
 
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p connector-filter -p noop-filter --target wasm32-wasip1 --release -- -D warnings

@@ -9,7 +9,8 @@ ENVOY_VERSION="1.40.0"   # the Envoy the filter is built and tested against (PyP
 say() { printf 'setup: %s\n' "$*"; }
 
 # --- Debian packages: the real registry, the real clients, load tools, openssl for test keys.
-PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv)
+# nginx-light: the benchmark's static upstream (make bench).
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,6 +20,9 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian starts nginx's default site on :80 where an init system runs; the benchmark starts
+  # its own nginx on loopback and wants nothing else listening.
+  service nginx stop >/dev/null 2>&1 || true
 else
   say "Debian packages present (${PKGS[*]})"
 fi

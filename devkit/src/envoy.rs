@@ -33,6 +33,9 @@ pub struct WasmFilter {
     pub config: Value,
     /// Environment variables set on the Envoy process and exposed to the VM by name only.
     pub secret_env: Vec<(String, String)>,
+    /// Route every request to the first cluster instead of by [`CLUSTER_HEADER`]: for a module
+    /// that does not route (the benchmark's no-op filter).
+    pub plain_route: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -92,32 +95,18 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
         "name": "envoy.filters.http.router",
         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
     });
+    let plain = json!({
+        "match": { "prefix": "/" },
+        "route": {
+            "cluster": spec.clusters.first().map(|c| c.name.as_str()).unwrap_or("none"),
+            "timeout": "0s",
+            "idle_timeout": "300s",
+        },
+    });
     let (http_filters, route) = match &spec.filter {
+        Some(f) if f.plain_route => (vec![wasm_filter(f), router], plain),
         Some(f) => {
-            let wasm = json!({
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": {
-                        "name": "oci-connector",
-                        "root_id": "oci-connector",
-                        "configuration": {
-                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                            "value": f.config.to_string(),
-                        },
-                        // An auth filter must never let requests through when its VM is gone.
-                        "failure_policy": "FAIL_CLOSED",
-                        "vm_config": {
-                            "vm_id": "oci-connector",
-                            "runtime": "envoy.wasm.runtime.v8",
-                            "code": { "local": { "filename": f.wasm.to_string_lossy() } },
-                            "environment_variables": {
-                                "host_env_keys": f.secret_env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
-                            },
-                        },
-                    },
-                },
-            });
+            let wasm = wasm_filter(f);
             (
                 vec![wasm, router],
                 json!({
@@ -128,17 +117,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
                 }),
             )
         }
-        None => (
-            vec![router],
-            json!({
-                "match": { "prefix": "/" },
-                "route": {
-                    "cluster": spec.clusters.first().map(|c| c.name.as_str()).unwrap_or("none"),
-                    "timeout": "0s",
-                    "idle_timeout": "300s",
-                },
-            }),
-        ),
+        None => (vec![router], plain),
     };
     let clusters: Vec<Value> = spec
         .clusters
@@ -183,6 +162,34 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
                 }]}],
             }],
             "clusters": clusters,
+        },
+    })
+}
+
+/// The `envoy.filters.http.wasm` entry for `f`.
+fn wasm_filter(f: &WasmFilter) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "oci-connector",
+                "root_id": "oci-connector",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": f.config.to_string(),
+                },
+                // An auth filter must never let requests through when its VM is gone.
+                "failure_policy": "FAIL_CLOSED",
+                "vm_config": {
+                    "vm_id": "oci-connector",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": f.wasm.to_string_lossy() } },
+                    "environment_variables": {
+                        "host_env_keys": f.secret_env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+                    },
+                },
+            },
         },
     })
 }
@@ -294,6 +301,11 @@ impl Envoy {
             .filter(|l| l.contains("[critical]") && l.to_ascii_lowercase().contains("wasm"))
             .map(str::to_string)
             .collect()
+    }
+
+    /// The Envoy process id (for CPU accounting in the benchmark).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// Errors when Envoy has exited.

@@ -11,6 +11,7 @@ pub mod recorder;
 pub mod registry;
 pub mod skopeo;
 pub mod stack;
+pub mod static_upstream;
 pub mod tokens;
 
 use std::io::Read;

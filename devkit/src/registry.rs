@@ -40,15 +40,22 @@ impl Registry {
             username: username.into(),
             password: crate::random_secret()?,
         };
-        Self::start(work, Some(creds))
+        Self::start(work, Some(creds), false)
     }
 
     /// Starts a registry anyone may use.
     pub fn start_open(work: &WorkDir) -> Result<Self> {
-        Self::start(work, None)
+        Self::start(work, None, false)
     }
 
-    fn start(work: &WorkDir, credentials: Option<Credentials>) -> Result<Self> {
+    /// An open registry tuned to cost as little CPU per request as Distribution can: in-memory
+    /// storage and blob-descriptor cache, no access log. The benchmark's upstream, so that the
+    /// proxy, not the registry, is what the numbers compare.
+    pub fn start_lean(work: &WorkDir) -> Result<Self> {
+        Self::start(work, None, true)
+    }
+
+    fn start(work: &WorkDir, credentials: Option<Credentials>, lean: bool) -> Result<Self> {
         let dir = work.sub("registry")?;
         let storage = work.sub("registry/storage")?;
         let port = procs::free_port()?;
@@ -64,15 +71,25 @@ impl Registry {
             None => String::new(),
         };
         // JSON is valid YAML, but Distribution's docs and errors speak YAML: keep it readable.
-        let config = format!(
-            "version: 0.1\n\
+        let config = if lean {
+            format!(
+                "version: 0.1\n\
+                 log:\n  level: error\n  accesslog:\n    disabled: true\n\
+                 storage:\n  inmemory: {{}}\n  cache:\n    blobdescriptor: inmemory\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n",
+                crate::random_hex(16)?
+            )
+        } else {
+            format!(
+                "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n\
              {auth}",
-            storage.display(),
-            crate::random_hex(16)?
-        );
+                storage.display(),
+                crate::random_hex(16)?
+            )
+        };
         let cfg_path = dir.join("config.yml");
         std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
         let mut cmd = Command::new("docker-registry");
@@ -85,6 +102,11 @@ impl Registry {
             credentials,
             proc,
         })
+    }
+
+    /// The registry process id (for CPU accounting in the benchmark).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// `http://127.0.0.1:port`.

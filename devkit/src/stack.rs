@@ -98,6 +98,7 @@ impl Stack {
                     },
                 ],
             ),
+            plain_route: false,
             secret_env: vec![
                 (PASSWORD_ENV.into(), creds.password.clone()),
                 (BROKEN_PASSWORD_ENV.into(), broken_password.clone()),

@@ -448,3 +448,60 @@ mod tests {
         assert!(e.replace.is_none());
     }
 }
+
+#[cfg(test)]
+mod perf_probe {
+    use super::*;
+    use crate::config::compile;
+    use crate::testkeys::*;
+    use jsonwebtoken::Algorithm;
+
+    #[test]
+    #[ignore]
+    /// A probe, not a test: prints what one warm decision costs natively (run with
+    /// `--release -- --ignored --nocapture`). Timing is never asserted.
+    fn warm_decision_cost() {
+        let doc = serde_json::json!({
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+            "connectors": [{"namespace": "demo", "name": "reg", "address": "http://127.0.0.1:5000", "cluster": "up",
+                 "credential": {"username": "robot", "passwordEnv": "P"}}]
+        });
+        let c = compile(doc.to_string().as_bytes(), &|_| Some("pw".to_string())).unwrap();
+        let t = format!(
+            "Bearer {}",
+            sign(
+                RSA_KID,
+                Algorithm::RS256,
+                &serde_json::json!({
+                    "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW,
+                    "sub": "system:serviceaccount:demo:default",
+                    "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default"}}
+                })
+            )
+        );
+        let mut cache = TokenCache::new(16);
+        let auth = [t.as_str()];
+        let req = Request {
+            method: "GET",
+            path: "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1",
+            authority: "127.0.0.1:8080",
+            scheme: "http",
+            authorization: &auth,
+        };
+        let n = 200_000;
+        let s = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(matches!(
+                decide_request(&c, &mut cache, &req, NOW),
+                Decision::Forward(_)
+            ));
+        }
+        eprintln!("warm decision: {:.2} us", s.elapsed().as_secs_f64() * 1e6 / n as f64);
+        let s = std::time::Instant::now();
+        let m = 2000;
+        for _ in 0..m {
+            crate::identity::verify(&t[7..], &c.policy, NOW).unwrap();
+        }
+        eprintln!("RS256 verify: {:.1} us", s.elapsed().as_secs_f64() * 1e6 / m as f64);
+    }
+}

@@ -40,9 +40,14 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// Per-request debug lines cost a host call and a `format!` each; only pay when Envoy logs them.
+thread_local! {
+    /// Whether Envoy logs wasm debug lines, read once per configuration: asking the host on
+    /// every request is a host call, and building the line a `format!`.
+    static DEBUG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn debug_enabled() -> bool {
-    matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug))
+    DEBUG.with(std::cell::Cell::get)
 }
 
 #[derive(Default)]
@@ -56,6 +61,12 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         let compiled = config::compile(&bytes, &|name| std::env::var(name).ok());
+        DEBUG.with(|d| {
+            d.set(matches!(
+                hostcalls::get_log_level(),
+                Ok(LogLevel::Trace | LogLevel::Debug)
+            ))
+        });
         let Ok(mut slot) = self.state.try_borrow_mut() else {
             return false;
         };
@@ -177,15 +188,20 @@ impl HttpContext for Http {
 
         match self.decide(&request, now) {
             Decision::Respond { response, reason } => {
-                log(
-                    LogLevel::Debug,
-                    &format!("{method} answered locally: {} {reason}", response.status),
-                );
+                if debug_enabled() {
+                    log(
+                        LogLevel::Debug,
+                        &format!("{method} answered locally: {} {reason}", response.status),
+                    );
+                }
                 self.send(response)
             }
             Decision::Forward(f) => {
+                // Host calls are the filter's main per-request cost: remove only what is there.
                 for name in STRIPPED_REQUEST_HEADERS {
-                    self.set_http_request_header(name, None);
+                    if headers.iter().any(|(k, _)| k == name) {
+                        self.set_http_request_header(name, None);
+                    }
                 }
                 self.set_http_request_header("authorization", Some(&f.authorization));
                 self.set_http_request_header(":path", Some(&f.path));

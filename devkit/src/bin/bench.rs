@@ -1,15 +1,16 @@
-//! The benchmark: manifest GETs per second and p50/p99 latency, side by side in one run, for
-//! - the upstream registry directly,
-//! - Envoy without the filter,
-//! - Envoy with the filter, warm token cache (one token, verified once),
-//! - Envoy with the filter when every request carries a token it has not seen (signature work
-//!   on every request).
+//! The benchmark: manifest GETs per second, p50/p99 latency and Envoy CPU per request, side by
+//! side in one run, against two upstreams:
+//! - **Distribution** (Debian's `docker-registry`, open, in-memory storage: htpasswd's bcrypt
+//!   would cap it near 700 req/s), the realistic case: the registry directly, Envoy without the
+//!   filter, Envoy with the filter and a warm token cache, and with a new token on every request
+//!   (signature work on every request);
+//! - **a static upstream** (nginx serving the same manifest bytes), where Envoy itself is the
+//!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays.
 //!
-//! The upstream is Distribution *without* htpasswd: its bcrypt check caps an authenticated
-//! registry near 700 req/s and would hide the proxy's cost. Scenarios are interleaved over
-//! several rounds and the median taken, because this machine is shared and noisy. The load
-//! comes from `wrk` (one thread, keep-alive connections); its Lua script fails the run if any
-//! response is not 200, so a refused token can never pass for a fast one.
+//! Scenarios are interleaved over several rounds; ratios are taken within a round and the median
+//! reported, because this machine is shared and noisy. The load comes from `wrk` (one thread,
+//! keep-alive connections); any 4xx/5xx answer or transport error invalidates the run, and a
+//! pre-flight request per scenario must return the manifest.
 //!
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
 
@@ -21,6 +22,7 @@ use connector_devkit::http::Request;
 use connector_devkit::image;
 use connector_devkit::registry::Registry;
 use connector_devkit::skopeo::{Creds, Skopeo};
+use connector_devkit::static_upstream::StaticUpstream;
 use connector_devkit::tokens::Minter;
 use connector_devkit::{Result, WorkDir, procs, require_wasm};
 
@@ -34,10 +36,16 @@ const FRESH_TOKENS: usize = 2500;
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 
 struct Scenario {
+    group: &'static str,
     name: &'static str,
+    /// The scenario every ratio of its group is taken against.
+    baseline: bool,
+    upstream_pid: Option<u32>,
     port: u16,
     path: String,
     tokens: Option<std::path::PathBuf>,
+    /// The Envoy serving this scenario, whose CPU time per request is reported.
+    envoy_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -45,6 +53,35 @@ struct Sample {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Envoy's CPU time (user + system) per request; steadier than req/s on a shared machine.
+    envoy_cpu_us: f64,
+    /// The registry's CPU time per request.
+    upstream_cpu_us: f64,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    // After the name: state is the 3rd field overall, utime the 14th, stime the 15th.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = field(14 - 3) + field(15 - 3);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// wrk script: fixed or rotating Bearer token, and a machine-readable summary line with every
@@ -85,7 +122,10 @@ fn run_wrk(s: &Scenario, script: &Path, seconds: u32) -> Result<Sample> {
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
+    let (cpu_before, up_before) = (cpu_seconds(s.envoy_pid), cpu_seconds(s.upstream_pid));
     let out = procs::run(cmd, None)?.ok()?;
+    let cpu = cpu_seconds(s.envoy_pid) - cpu_before;
+    let up = cpu_seconds(s.upstream_pid) - up_before;
     let line = out
         .stdout
         .lines()
@@ -101,10 +141,13 @@ fn run_wrk(s: &Scenario, script: &Path, seconds: u32) -> Result<Sample> {
             s.name, out.stdout
         ));
     }
+    let requests = rps * f64::from(seconds);
     Ok(Sample {
         rps,
         p50_us: p50,
         p99_us: p99,
+        envoy_cpu_us: if requests > 0.0 { cpu * 1e6 / requests } else { 0.0 },
+        upstream_cpu_us: if requests > 0.0 { up * 1e6 / requests } else { 0.0 },
     })
 }
 
@@ -133,12 +176,25 @@ fn run() -> Result<()> {
     let seconds = arg("--seconds", 10);
     let rounds = arg("--rounds", 3);
     let wasm = require_wasm()?;
+    let noop = wasm.with_file_name("noop_filter.wasm");
+    if !noop.is_file() {
+        return Err(format!(
+            "{} is missing: build it with `cargo build -p noop-filter --target wasm32-wasip1 --release`",
+            noop.display()
+        ));
+    }
     let work = WorkDir::new("bench")?;
 
-    let registry = Registry::start_open(&work)?;
+    let registry = Registry::start_lean(&work)?;
     let skopeo = Skopeo::new(&work)?;
     let sample = image::build_sample(&work, "bench", "v1", 2)?;
     image::push(&skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
+    let direct_path = format!("/v2/{REPO}/manifests/v1");
+    let manifest = Request::get(&direct_path)
+        .header("Accept", MANIFEST_ACCEPT)
+        .send(registry.port)?;
+    let digest = manifest.header("docker-content-digest").unwrap_or_default().to_string();
+    let static_up = StaticUpstream::start(&work, &direct_path, &manifest.body, MANIFEST_ACCEPT, &digest)?;
 
     let minter = Minter::new(&work.sub("keys")?)?;
     let warm = minter.valid(NS, "default")?;
@@ -157,72 +213,153 @@ fn run() -> Result<()> {
     let warm_file = work.path().join("warm-token.txt");
     std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
 
-    let plain_work = WorkDir::new("bench-plain")?;
-    let plain = Envoy::start(
-        &plain_work,
-        &EnvoySpec {
-            clusters: vec![Cluster {
-                name: "upstream".into(),
-                port: registry.port,
-            }],
-            filter: None,
-        },
-    )?;
-    let connector = ConnectorSpec {
-        namespace: NS.into(),
-        name: CONNECTOR.into(),
-        address: registry.url(),
-        cluster: "upstream_bench".into(),
-        username: "robot".into(),
-        password_env: "BENCH_REGISTRY_PASSWORD".into(),
-        allowed_namespaces: vec![],
-        allowed_service_accounts: vec![],
+    // One Envoy per (upstream, filter) pair; all run for the whole benchmark, idle when not measured.
+    let mut keep = vec![];
+    let mut start_envoy = |label: &str, port: u16, filter: Option<(&Path, bool)>| -> Result<Envoy> {
+        let w = WorkDir::new(label)?;
+        let cluster = "upstream_bench".to_string();
+        let connector = ConnectorSpec {
+            namespace: NS.into(),
+            name: CONNECTOR.into(),
+            address: format!("http://127.0.0.1:{port}"),
+            cluster: cluster.clone(),
+            username: "robot".into(),
+            password_env: "BENCH_REGISTRY_PASSWORD".into(),
+            allowed_namespaces: vec![],
+            allowed_service_accounts: vec![],
+        };
+        let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
+        config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
+        let filter = filter.map(|(module, plain_route)| WasmFilter {
+            wasm: module.to_path_buf(),
+            config,
+            // The upstreams here ignore credentials; the filter still adds one.
+            secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
+            plain_route,
+        });
+        let envoy = Envoy::start(
+            &w,
+            &EnvoySpec {
+                clusters: vec![Cluster { name: cluster, port }],
+                filter,
+            },
+        )?;
+        keep.push(w);
+        Ok(envoy)
     };
-    let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
-    config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
-    let filtered_work = WorkDir::new("bench-filter")?;
-    let filtered = Envoy::start(
-        &filtered_work,
-        &EnvoySpec {
-            clusters: vec![Cluster {
-                name: connector.cluster.clone(),
-                port: registry.port,
-            }],
-            filter: Some(WasmFilter {
-                wasm: wasm.clone(),
-                config,
-                secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-registry".into())],
-            }),
-        },
-    )?;
+    let reg_plain = start_envoy("bench-reg-plain", registry.port, None)?;
+    let reg_filter = start_envoy("bench-reg-filter", registry.port, Some((&wasm, false)))?;
+    let st_plain = start_envoy("bench-static-plain", static_up.port, None)?;
+    let st_noop = start_envoy("bench-static-noop", static_up.port, Some((&noop, true)))?;
+    let st_filter = start_envoy("bench-static-filter", static_up.port, Some((&wasm, false)))?;
 
-    let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let sc =
+        |group, name, baseline, port, path: &str, tokens: Option<&std::path::PathBuf>, envoy: Option<&Envoy>, up| {
+            Scenario {
+                group,
+                name,
+                baseline,
+                upstream_pid: up,
+                port,
+                path: path.to_string(),
+                tokens: tokens.cloned(),
+                envoy_pid: envoy.and_then(Envoy::pid),
+            }
+        };
+    let (reg, st) = ("Distribution upstream", "static upstream (Envoy-bound)");
+    let (rp, sp) = (registry.pid(), static_up.pid());
     let scenarios = [
-        Scenario {
-            name: "upstream directly",
-            port: registry.port,
-            path: direct_path.clone(),
-            tokens: None,
-        },
-        Scenario {
-            name: "Envoy, no filter",
-            port: plain.port,
-            path: direct_path,
-            tokens: None,
-        },
-        Scenario {
-            name: "Envoy + filter, warm token cache",
-            port: filtered.port,
-            path: proxy_path.clone(),
-            tokens: Some(warm_file),
-        },
-        Scenario {
-            name: "Envoy + filter, new token every request",
-            port: filtered.port,
-            path: proxy_path,
-            tokens: Some(fresh_file),
-        },
+        sc(
+            reg,
+            "upstream directly",
+            false,
+            registry.port,
+            &direct_path,
+            None,
+            None,
+            rp,
+        ),
+        sc(
+            reg,
+            "Envoy, no filter",
+            true,
+            reg_plain.port,
+            &direct_path,
+            None,
+            Some(&reg_plain),
+            rp,
+        ),
+        sc(
+            reg,
+            "Envoy + filter, warm token cache",
+            false,
+            reg_filter.port,
+            &proxy_path,
+            Some(&warm_file),
+            Some(&reg_filter),
+            rp,
+        ),
+        sc(
+            reg,
+            "Envoy + filter, new token every request",
+            false,
+            reg_filter.port,
+            &proxy_path,
+            Some(&fresh_file),
+            Some(&reg_filter),
+            rp,
+        ),
+        sc(
+            st,
+            "upstream directly",
+            false,
+            static_up.port,
+            &direct_path,
+            None,
+            None,
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy, no filter",
+            true,
+            st_plain.port,
+            &direct_path,
+            None,
+            Some(&st_plain),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + no-op wasm filter",
+            false,
+            st_noop.port,
+            &direct_path,
+            None,
+            Some(&st_noop),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + filter, warm token cache",
+            false,
+            st_filter.port,
+            &proxy_path,
+            Some(&warm_file),
+            Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + filter, new token every request",
+            false,
+            st_filter.port,
+            &proxy_path,
+            Some(&fresh_file),
+            Some(&st_filter),
+            sp,
+        ),
     ];
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
@@ -235,8 +372,8 @@ fn run() -> Result<()> {
             req = req.bearer(text.lines().next().unwrap_or_default());
         }
         let r = req.send(s.port)?;
-        if r.status != 200 {
-            return Err(format!("{}: pre-flight answered {}", s.name, r.summary()));
+        if r.status != 200 || r.body != manifest.body {
+            return Err(format!("{} / {}: pre-flight answered {}", s.group, s.name, r.summary()));
         }
     }
     // Warm-up: JIT, connection pools, the warm token's one verification.
@@ -248,45 +385,50 @@ fn run() -> Result<()> {
         eprintln!("round {round}/{rounds}");
         for (i, s) in scenarios.iter().enumerate() {
             let sample = run_wrk(s, &script, seconds)?;
-            eprintln!("  {:<42} {:>9.0} req/s", s.name, sample.rps);
+            eprintln!("  {:<30} {:<42} {:>9.0} req/s", s.group, s.name, sample.rps);
             if let Some(v) = samples.get_mut(i) {
                 v.push(sample);
             }
         }
     }
 
-    let med: Vec<Sample> = samples
-        .iter()
-        .map(|v| Sample {
-            rps: median(v.iter().map(|s| s.rps).collect()),
-            p50_us: median(v.iter().map(|s| s.p50_us).collect()),
-            p99_us: median(v.iter().map(|s| s.p99_us).collect()),
-        })
-        .collect();
-    let baseline = med.get(1).map(|s| s.rps).unwrap_or(1.0);
-    let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     println!(
-        "manifest GET, wrk -t1 -c16, {seconds} s x {rounds} rounds (median), Envoy --concurrency 1, {} ({} cores)",
+        "manifest GET, wrk -t1 -c16, {seconds} s x {rounds} rounds interleaved (medians), Envoy --concurrency 1, {} ({} cores)",
         std::env::consts::ARCH,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!();
-    println!("| scenario | req/s | p50 ms | p99 ms | req/s vs Envoy without filter |");
-    println!("|---|---:|---:|---:|---:|");
-    for (s, m) in scenarios.iter().zip(&med) {
+    println!(
+        "| upstream | scenario | req/s | p50 ms | p99 ms | req/s vs Envoy without filter | Envoy CPU µs/req | upstream CPU µs/req |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (s, v) in scenarios.iter().zip(&samples) {
+        // Ratios within each round (same minute, same load), then the median.
+        let base = scenarios
+            .iter()
+            .zip(&samples)
+            .find(|(b, _)| b.group == s.group && b.baseline)
+            .map(|(_, bv)| bv.iter().map(|x| x.rps).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let ratios: Vec<f64> = v.iter().zip(&base).map(|(a, b)| a.rps / b).collect();
+        let cpu = if s.envoy_pid.is_some() {
+            format!("{:.0}", median(v.iter().map(|x| x.envoy_cpu_us).collect()))
+        } else {
+            "-".to_string()
+        };
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2}x |",
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2}x | {cpu} | {:.0} |",
+            s.group,
             s.name,
-            m.rps,
-            m.p50_us / 1000.0,
-            m.p99_us / 1000.0,
-            m.rps / baseline
+            median(v.iter().map(|x| x.rps).collect()),
+            median(v.iter().map(|x| x.p50_us).collect()) / 1000.0,
+            median(v.iter().map(|x| x.p99_us).collect()) / 1000.0,
+            median(ratios),
+            median(v.iter().map(|x| x.upstream_cpu_us).collect()),
         );
     }
+    let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     println!();
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
-    drop(filtered);
-    drop(plain);
-    drop(registry);
     Ok(())
 }
