@@ -3,6 +3,8 @@
 //! demo exercise exactly what a deployment runs. Nothing on the data path is mocked; the one piece
 //! of our own on it, the [`recorder`], is a byte-for-byte relay that only watches.
 
+pub mod buildah;
+pub mod containerd;
 pub mod envoy;
 pub mod http;
 pub mod image;
@@ -12,6 +14,8 @@ pub mod registry;
 pub mod skopeo;
 pub mod stack;
 pub mod static_upstream;
+pub mod token_server;
+pub mod token_stack;
 pub mod tokens;
 
 use std::io::Read;

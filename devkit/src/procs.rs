@@ -223,6 +223,8 @@ const SECRET_FLAGS: &[&str] = &[
     "--registry-token",
     "--src-registry-token",
     "--dest-registry-token",
+    // ctr's `user[:password]`.
+    "--user",
 ];
 
 /// The command line for messages, with secret flag values redacted so that a failing test or the

@@ -1,11 +1,13 @@
 //! Owns the upstream registry: Debian's `docker-registry` (CNCF Distribution 2.8) on a free
 //! loopback port with filesystem storage in the work dir, with htpasswd auth (the private
-//! registry the connector fronts) or without (a benchmark upstream that is not the bottleneck:
-//! htpasswd runs bcrypt on every request).
+//! registry the connector fronts), with token auth (`auth: token`, trusting the harness's
+//! [`TokenServer`]: the Bearer-challenge upstream), or without (a benchmark upstream that is not
+//! the bottleneck: htpasswd runs bcrypt on every request).
 
 use crate::procs::{self, Proc};
+use crate::token_server::{self, TokenServer};
 use crate::{Result, WorkDir};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -31,6 +33,16 @@ pub struct Registry {
     pub port: u16,
     pub credentials: Option<Credentials>,
     proc: Proc,
+    cfg_path: PathBuf,
+    /// Token auth: the rootcertbundle file the registry reads at start.
+    bundle: Option<PathBuf>,
+}
+
+/// How clients authenticate to the registry.
+enum Auth<'a> {
+    None,
+    Htpasswd(&'a Credentials),
+    Token(&'a TokenServer),
 }
 
 impl Registry {
@@ -43,9 +55,35 @@ impl Registry {
         Self::start(work, Some(creds), false)
     }
 
+    /// Starts a registry with `auth: token`: it challenges with
+    /// `Bearer realm="<token server>/token",service="upstream-registry",scope=...` and accepts
+    /// only tokens signed by the token server's current key. `credentials` are the token server's
+    /// robot account (what a connector's Secret holds for this upstream).
+    pub fn start_token_auth(work: &WorkDir, token_server: &TokenServer, credentials: Credentials) -> Result<Self> {
+        Self::start_with(work, Some(credentials), false, Auth::Token(token_server))
+    }
+
     /// Starts a registry anyone may use.
     pub fn start_open(work: &WorkDir) -> Result<Self> {
         Self::start(work, None, false)
+    }
+
+    /// Revokes every token issued so far: rotates the token server's key and restarts the
+    /// registry (same port, same storage) trusting only the new certificate. Distribution
+    /// reads its rootcertbundle once at start, so a restart is the honest way to change trust.
+    pub fn trust_only_new_tokens(&mut self, token_server: &TokenServer) -> Result<()> {
+        let bundle = self.bundle.clone().ok_or("trust_only_new_tokens: not a token-auth registry")?;
+        let cert = token_server.rotate_key()?;
+        std::fs::copy(&cert, &bundle).map_err(|e| format!("copy {} to {}: {e}", cert.display(), bundle.display()))?;
+        self.restart()
+    }
+
+    /// Stops the registry and starts it again with the same configuration file and port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.stop();
+        let log = self.proc.log_path().to_path_buf();
+        self.proc = spawn(&self.cfg_path, &log, self.port)?;
+        Ok(())
     }
 
     /// An open registry tuned to cost as little CPU per request as Distribution can: in-memory
@@ -56,11 +94,34 @@ impl Registry {
     }
 
     fn start(work: &WorkDir, credentials: Option<Credentials>, lean: bool) -> Result<Self> {
+        // A copy for the config writer: the credentials themselves move into the result.
+        let htpasswd = credentials.clone();
+        let auth = htpasswd.as_ref().map_or(Auth::None, Auth::Htpasswd);
+        Self::start_with(work, credentials, lean, auth)
+    }
+
+    fn start_with(work: &WorkDir, credentials: Option<Credentials>, lean: bool, auth: Auth<'_>) -> Result<Self> {
         let dir = work.sub("registry")?;
         let storage = work.sub("registry/storage")?;
         let port = procs::free_port()?;
-        let auth = match &credentials {
-            Some(c) => {
+        let mut bundle = None;
+        let auth = match auth {
+            Auth::Token(ts) => {
+                // A copy, so that rotating the token server's key changes nothing until the
+                // registry is told to trust the new certificate.
+                let path = dir.join("token-rootcertbundle.pem");
+                std::fs::copy(ts.cert_path(), &path).map_err(|e| format!("copy token certificate: {e}"))?;
+                let s = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    ts.realm(),
+                    token_server::SERVICE,
+                    token_server::ISSUER,
+                    path.display()
+                );
+                bundle = Some(path);
+                s
+            }
+            Auth::Htpasswd(c) => {
                 let file = dir.join("htpasswd");
                 write_htpasswd(&file, c)?;
                 format!(
@@ -68,7 +129,7 @@ impl Registry {
                     file.display()
                 )
             }
-            None => String::new(),
+            Auth::None => String::new(),
         };
         // JSON is valid YAML, but Distribution's docs and errors speak YAML: keep it readable.
         let config = if lean {
@@ -92,15 +153,13 @@ impl Registry {
         };
         let cfg_path = dir.join("config.yml");
         std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&cfg_path);
-        let mut proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"))?;
-        // /v2/ answers 200 (open) or 401 (htpasswd) once the registry serves.
-        proc.wait_for_http(port, "/v2/", |s| s == 200 || s == 401, Duration::from_secs(20))?;
+        let proc = spawn(&cfg_path, &dir.join("registry.log"), port)?;
         Ok(Self {
             port,
             credentials,
             proc,
+            cfg_path,
+            bundle,
         })
     }
 
@@ -122,6 +181,15 @@ impl Registry {
     pub fn log_path(&self) -> &Path {
         self.proc.log_path()
     }
+}
+
+fn spawn(cfg_path: &Path, log: &Path, port: u16) -> Result<Proc> {
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve").arg(cfg_path);
+    let mut proc = Proc::spawn("docker-registry", cmd, log)?;
+    // /v2/ answers 200 (open) or 401 (htpasswd, token) once the registry serves.
+    proc.wait_for_http(port, "/v2/", |s| s == 200 || s == 401, Duration::from_secs(20))?;
+    Ok(proc)
 }
 
 /// Writes a bcrypt htpasswd line with `htpasswd` from apache2-utils; the password goes through

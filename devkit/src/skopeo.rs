@@ -114,7 +114,7 @@ fn add_creds(cmd: &mut Command, prefix: &str, creds: Creds<'_>) {
 
 /// Whether a private mount namespace with a bind mount works here (root, and not forbidden by a
 /// container runtime's seccomp profile). Checked once per process.
-fn can_unshare() -> bool {
+pub(crate) fn can_unshare() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         if std::fs::create_dir_all("/var/lib/containers").is_err() {

@@ -164,28 +164,31 @@ impl Stack {
     /// Problems found in Envoy's log and `/config_dump`: secrets that appear there and
     /// `[critical]` wasm lines. Empty means clean.
     pub fn envoy_hygiene_problems(&self) -> Result<Vec<String>> {
-        let log = self.envoy.log();
-        let dump = self.envoy.config_dump()?;
-        let mut problems = Vec::new();
-        for (what, secret) in self.secrets() {
-            if secret.is_empty() {
-                continue;
-            }
-            if log.contains(&secret) {
-                problems.push(format!(
-                    "{what} appears in Envoy's log {}",
-                    self.envoy.log_path().display()
-                ));
-            }
-            if dump.contains(&secret) {
-                problems.push(format!("{what} appears in Envoy's /config_dump"));
-            }
-        }
-        for l in self.envoy.critical_wasm_lines() {
-            problems.push(format!("critical wasm line in Envoy's log: {l}"));
-        }
-        Ok(problems)
+        envoy_problems(&self.envoy, &self.secrets())
     }
+}
+
+/// Secrets (`(what, value)`) that appear in Envoy's log or `/config_dump`, and `[critical]` wasm
+/// lines. Empty means clean. Shared by every scenario.
+pub fn envoy_problems(envoy: &Envoy, secrets: &[(String, String)]) -> Result<Vec<String>> {
+    let log = envoy.log();
+    let dump = envoy.config_dump()?;
+    let mut problems = Vec::new();
+    for (what, secret) in secrets {
+        if secret.is_empty() {
+            continue;
+        }
+        if log.contains(secret.as_str()) {
+            problems.push(format!("{what} appears in Envoy's log {}", envoy.log_path().display()));
+        }
+        if dump.contains(secret.as_str()) {
+            problems.push(format!("{what} appears in Envoy's /config_dump"));
+        }
+    }
+    for l in envoy.critical_wasm_lines() {
+        problems.push(format!("critical wasm line in Envoy's log: {l}"));
+    }
+    Ok(problems)
 }
 
 /// `c-<name>-connector.<ns>.svc.cluster.local`.

@@ -5,6 +5,7 @@
 
 use connector_devkit::http::{Request, Response};
 use connector_devkit::stack::Stack;
+use connector_devkit::token_stack::TokenStack;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, REPO, TAG};
@@ -54,6 +55,47 @@ impl Shared {
             Ok(s) => s,
             Err(e) => panic!("could not start the test stack: {e}"),
         }
+    }
+}
+
+/// Like [`Shared`], for the token-auth scenario ([`TokenStack`]): also clears the token server's
+/// request log and restores its defaults before each test.
+pub struct SharedTokenStack {
+    label: &'static str,
+    with_filter: bool,
+    stack: OnceLock<Result<TokenStack, String>>,
+    lock: Mutex<()>,
+}
+
+impl SharedTokenStack {
+    pub const fn new(label: &'static str, with_filter: bool) -> Self {
+        Self {
+            label,
+            with_filter,
+            stack: OnceLock::new(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn run(&self, test: impl FnOnce(&TokenStack)) {
+        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let stack = match self
+            .stack
+            .get_or_init(|| TokenStack::start(self.label, self.with_filter))
+        {
+            Ok(s) => s,
+            Err(e) => panic!("could not start the token-auth test stack: {e}"),
+        };
+        stack.token_server.reset();
+        stack.token_server.take();
+        stack.recorder.take();
+        test(stack);
+        let problems = stack.envoy_hygiene_problems().unwrap_or_else(|e| vec![e]);
+        assert!(
+            problems.is_empty(),
+            "Envoy hygiene after the test:\n{}",
+            problems.join("\n")
+        );
     }
 }
 
