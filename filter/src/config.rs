@@ -134,6 +134,17 @@ pub struct Connector {
     /// `(namespace, service account)` pairs.
     pub allowed_service_accounts: HashSet<(String, String)>,
     pub hosts: Vec<String>,
+    /// Token realms off the upstream's host that may receive the connector's credential.
+    pub token_realms: Vec<TokenRealm>,
+}
+
+/// A token realm a connector explicitly allows, and the Envoy cluster that reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRealm {
+    pub scheme: String,
+    pub authority: String,
+    pub path: String,
+    pub cluster: String,
 }
 
 impl fmt::Debug for Connector {
@@ -168,6 +179,12 @@ impl Config {
     pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
         let i = self.by_name.get(&(namespace.to_string(), name.to_string()))?;
         self.connectors.get(*i)
+    }
+
+    /// The connector named `<namespace>/<name>`.
+    pub fn connector_by_label(&self, label: &str) -> Option<&Connector> {
+        let (namespace, name) = label.split_once('/')?;
+        self.connector(namespace, name)
     }
 
     /// The connector whose host-form name is `host` (no port, any case).
@@ -606,6 +623,7 @@ fn compile_connector(
         "allowedNamespaces",
         "allowedServiceAccounts",
         "hosts",
+        "tokenRealms",
     ];
     let m = w.object(Some(v), path, &known, true)?;
     let namespace = w.string(m, path, "namespace", true);
@@ -646,7 +664,14 @@ fn compile_connector(
             "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':')",
         );
     }
-    let authorization = compile_credential(w, m.get("credential"), &format!("{path}.credential"), env);
+    let authorization = compile_credential(
+        w,
+        m.get("credential"),
+        &format!("{path}.credential"),
+        upstream.as_ref(),
+        env,
+    );
+    let token_realms = compile_token_realms(w, m.get("tokenRealms"), &format!("{path}.tokenRealms"));
 
     let allowed_namespaces = w.strings(m, path, "allowedNamespaces", false);
     for (i, ns) in allowed_namespaces.iter().enumerate() {
@@ -688,7 +713,94 @@ fn compile_connector(
         allowed_namespaces: allowed_namespaces.into_iter().collect(),
         allowed_service_accounts,
         hosts,
+        token_realms,
     })
+}
+
+/// `tokenRealms: [{"url": "https://auth.example.com/token", "cluster": "auth_example"}]`.
+fn compile_token_realms(w: &mut Walk<'_>, v: Option<&Value>, path: &str) -> Vec<TokenRealm> {
+    let items = match v {
+        None => return vec![],
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            w.err(path, "expected a list of {\"url\": ..., \"cluster\": ...}");
+            return vec![];
+        }
+    };
+    let mut out = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let Some(m) = w.object(Some(item), &p, &["url", "cluster"], true) else {
+            continue;
+        };
+        let url = w.string(m, &p, "url", true);
+        let cluster = w.string(m, &p, "cluster", true);
+        let parsed = url.and_then(|u| {
+            let parsed = crate::upstream::split_url(u);
+            if parsed.is_none() {
+                w.err(
+                    format!("{p}.url"),
+                    "expected the realm URL as the upstream's challenge names it: http(s)://host[:port]/path",
+                );
+            }
+            parsed
+        });
+        if let (Some((scheme, authority, rpath)), Some(cluster)) = (parsed, cluster) {
+            out.push(TokenRealm {
+                scheme,
+                authority,
+                path: rpath,
+                cluster: cluster.to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// Docker Hub's credentials are filed under several names.
+fn docker_hub_alias(host: &str) -> bool {
+    matches!(host, "docker.io" | "index.docker.io" | "registry-1.docker.io")
+}
+
+/// The `auths` entry of a docker `config.json` (kubernetes.io/dockerconfigjson) for `upstream`.
+fn credential_from_docker_config(json: &str, upstream: &Upstream) -> Result<(String, String), String> {
+    let doc: Value =
+        serde_json::from_str(json).map_err(|_| "is not valid JSON: expected a docker config.json".to_string())?;
+    let auths = doc
+        .get("auths")
+        .and_then(Value::as_object)
+        .ok_or_else(|| "has no \"auths\" object: expected a docker config.json".to_string())?;
+    let want = upstream.authority.as_str();
+    let want_host = want.split(':').next().unwrap_or(want);
+    let matches = |key: &str| {
+        let k = key.trim_start_matches("https://").trim_start_matches("http://");
+        let k = k.split('/').next().unwrap_or(k);
+        let k = normalise_authority(&upstream.scheme, k).unwrap_or_default();
+        k == want || (docker_hub_alias(want_host) && docker_hub_alias(k.split(':').next().unwrap_or("")))
+    };
+    let Some((_, entry)) = auths.iter().find(|(k, _)| matches(k)) else {
+        let keys: Vec<&str> = auths.keys().map(String::as_str).collect();
+        return Err(format!("has no entry for {want} (entries: {})", keys.join(", ")));
+    };
+    if let Some(auth) = entry.get("auth").and_then(Value::as_str) {
+        let decoded = STANDARD
+            .decode(auth.trim())
+            .map_err(|_| format!("entry for {want}: \"auth\" is not base64"))?;
+        let text = String::from_utf8(decoded).map_err(|_| format!("entry for {want}: \"auth\" is not UTF-8"))?;
+        let (u, p) = text
+            .split_once(':')
+            .ok_or_else(|| format!("entry for {want}: \"auth\" is not user:password"))?;
+        return Ok((u.to_string(), p.to_string()));
+    }
+    match (
+        entry.get("username").and_then(Value::as_str),
+        entry.get("password").and_then(Value::as_str),
+    ) {
+        (Some(u), Some(p)) => Ok((u.to_string(), p.to_string())),
+        _ => Err(format!(
+            "entry for {want} has neither \"auth\" nor username and password"
+        )),
+    }
 }
 
 /// Builds the upstream `Authorization` value from environment variables. The values are read
@@ -697,12 +809,36 @@ fn compile_credential(
     w: &mut Walk<'_>,
     v: Option<&Value>,
     path: &str,
+    upstream: Option<&Upstream>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<String> {
     let Some(Value::Object(m)) = v else {
-        w.err(path, "is required: expected {\"username\": ..., \"passwordEnv\": ...}");
+        w.err(
+            path,
+            "is required: expected {\"username\": ..., \"passwordEnv\": ...} or {\"dockerConfigJsonEnv\": ...}",
+        );
         return None;
     };
+    if m.contains_key("dockerConfigJsonEnv") {
+        // A kubernetes.io/dockerconfigjson Secret's .dockerconfigjson, handed over as one variable.
+        w.object(v, path, &["dockerConfigJsonEnv"], true)?;
+        let var = w.string(m, path, "dockerConfigJsonEnv", true)?;
+        let Some(json) = env(var).filter(|j| !j.is_empty()) else {
+            w.err(format!("{path}.dockerConfigJsonEnv"), format!("environment variable {var:?} is not set in the Wasm VM: list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
+            return None;
+        };
+        let upstream = upstream?;
+        return match credential_from_docker_config(&json, upstream) {
+            Ok((u, p)) => Some(format!("Basic {}", STANDARD.encode(format!("{u}:{p}")))),
+            Err(e) => {
+                w.err(
+                    format!("{path}.dockerConfigJsonEnv"),
+                    format!("the docker config in {var:?} {e}"),
+                );
+                None
+            }
+        };
+    }
     if m.contains_key("password") {
         w.err(format!("{path}.password"), "inline passwords are refused (the plugin configuration shows in Envoy's config dump): put the password in an environment variable and name it in passwordEnv");
     }

@@ -9,7 +9,7 @@ use crate::config::{Config, Connector, Upstream};
 use crate::identity::{Identity, TokenCache, authenticate};
 use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
 use crate::rewrite::{ClientView, rewrite_link, rewrite_url};
-use crate::route::{PATH_FORM, RepoRequest, V2Path, classify, parse_path_form, parse_repo_request};
+use crate::route::{Endpoint, PATH_FORM, RepoRequest, V2Path, classify, parse_path_form, parse_repo_request};
 
 /// Request header the Envoy route reads (`cluster_header`) to pick the connector's upstream.
 pub const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
@@ -53,6 +53,8 @@ pub struct Forward {
     pub response: ResponsePlan,
     pub caller: Identity,
     pub cache_hit: bool,
+    /// Token scopes the upstream request needs (used when the upstream wants bearer tokens).
+    pub scopes: Vec<String>,
 }
 
 /// Kept in the HTTP context for the response phase.
@@ -190,10 +192,21 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         Addressed::Unknown(label) => return refuse(realm, not_permitted(&label, &caller)),
     };
     let mut upstream_path = request.upstream_path();
-    if let Some(q) = query {
+    let mut mount_from = None;
+    let query = match query {
+        Some(q) if request.endpoint == Endpoint::UploadStart && q.contains("mount=") => {
+            let (q, from) = map_mount_query(q, &prefix);
+            mount_from = from;
+            Some(q)
+        }
+        Some(q) => Some(q.to_string()),
+        None => None,
+    };
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
         upstream_path.push('?');
-        upstream_path.push_str(q);
+        upstream_path.push_str(&q);
     }
+    let scopes = crate::upstream::scopes(&request.repository, req.method, mount_from.as_deref());
     let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
     Decision::Forward(Box::new(Forward {
         cluster: connector.cluster.clone(),
@@ -210,7 +223,57 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         },
         caller,
         cache_hit,
+        scopes,
     }))
+}
+
+/// Cross-repository mount (`?mount=<digest>&from=<repository>`): `from` carries the client's
+/// name for the source. Inside the same connector it becomes the upstream name; anything else
+/// (another connector, another tenant, a malformed name) loses `mount` and `from`, so the
+/// registry starts a plain upload instead of reaching into a repository the caller may not use.
+/// Other parameters are kept byte for byte. Returns the new query and the upstream source name.
+pub fn map_mount_query(query: &str, client_prefix: &str) -> (String, Option<String>) {
+    let params: Vec<&str> = query.split('&').collect();
+    let from_raw = params.iter().find_map(|p| p.strip_prefix("from="));
+    // The client's name for a repository of this connector starts with the prefix after /v2/.
+    let own = client_prefix.strip_prefix("/v2").unwrap_or("").trim_start_matches('/');
+    let mapped = from_raw.and_then(percent_decode).and_then(|from| {
+        let name = if own.is_empty() {
+            Some(from.as_str())
+        } else {
+            from.strip_prefix(own)?.strip_prefix('/')
+        };
+        name.filter(|n| crate::route::is_repository_name(n)).map(str::to_string)
+    });
+    let kept = params.iter().filter_map(|p| {
+        if p.starts_with("from=") {
+            mapped
+                .as_ref()
+                .map(|m| format!("from={}", crate::upstream::encode_query_value(m)))
+        } else if p.starts_with("mount=") && mapped.is_none() {
+            None
+        } else {
+            Some((*p).to_string())
+        }
+    });
+    (kept.collect::<Vec<_>>().join("&"), mapped)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(if c == b'+' { b' ' } else { c });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Changes to apply to an upstream response.
@@ -416,6 +479,62 @@ mod tests {
         assert_eq!(s, 404);
         assert!(m.contains("/v2/namespaces/<namespace>/connectors/<connector>/"), "{m}");
         assert_eq!(refused(&run("/", "p", &[&b])).0, 404);
+    }
+
+    #[test]
+    fn mounts_are_mapped_inside_the_connector_and_dropped_otherwise() {
+        let p = "/v2/namespaces/demo/connectors/reg";
+        let table = [
+            (
+                "mount=sha256%3Aab&from=namespaces%2Fdemo%2Fconnectors%2Freg%2Flib%2Fsrc",
+                "mount=sha256%3Aab&from=lib%2Fsrc",
+                Some("lib/src"),
+            ),
+            (
+                "mount=sha256:ab&from=namespaces/demo/connectors/reg/src",
+                "mount=sha256:ab&from=src",
+                Some("src"),
+            ),
+            // Another connector, another tenant, a prefix trick, garbage: plain upload.
+            ("mount=sha256:ab&from=namespaces/other/connectors/x/src", "", None),
+            ("mount=sha256:ab&from=namespaces/demo/connectors/reg-b/src", "", None),
+            ("mount=sha256:ab&from=namespaces/demo/connectors/reg/../x", "", None),
+            (
+                "digest=sha256:cd&mount=sha256:ab&from=namespaces/demo/connectors/regx/y",
+                "digest=sha256:cd",
+                None,
+            ),
+            ("mount=sha256:ab", "", None),
+            ("mount=sha256:ab&from=%zz", "", None),
+        ];
+        for (q, want_q, want_from) in table {
+            let (got_q, got_from) = map_mount_query(q, p);
+            assert_eq!((got_q.as_str(), got_from.as_deref()), (want_q, want_from), "{q}");
+        }
+        // Host form: names are plain.
+        assert_eq!(
+            map_mount_query("mount=sha256:ab&from=lib/src", "/v2"),
+            ("mount=sha256:ab&from=lib%2Fsrc".into(), Some("lib/src".into()))
+        );
+        // Through the whole decision: path and scopes.
+        let b = format!("Bearer {}", token("demo", "default"));
+        let c = config();
+        let mut cache = TokenCache::new(4);
+        let req = Request {
+            method: "POST",
+            path: "/v2/namespaces/demo/connectors/reg/lib/dst/blobs/uploads/?mount=sha256:ab&from=namespaces/demo/connectors/reg/lib/src",
+            authority: "p",
+            scheme: "http",
+            authorization: &[&b],
+        };
+        let Decision::Forward(f) = decide_request(&c, &mut cache, &req, NOW) else {
+            panic!()
+        };
+        assert_eq!(f.path, "/v2/lib/dst/blobs/uploads/?mount=sha256:ab&from=lib%2Fsrc");
+        assert_eq!(
+            f.scopes,
+            vec!["repository:lib/dst:pull,push", "repository:lib/src:pull"]
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod respond;
 pub mod rewrite;
 pub mod route;
+pub mod upstream;
 
 #[cfg(target_arch = "wasm32")]
 mod shim;

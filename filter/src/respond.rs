@@ -109,6 +109,23 @@ impl Refusal {
         }
     }
 
+    /// 503: the upstream or its token service cannot be used right now. The request was not
+    /// forwarded (never without credentials), and a write is never retried by the proxy.
+    pub fn unavailable_upstream(message: impl Into<String>) -> Self {
+        Self {
+            status: 503,
+            code: "UNAVAILABLE",
+            message: message.into(),
+            reason: "upstream_unavailable",
+            challenge: false,
+        }
+    }
+
+    pub fn with_reason(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
+    }
+
     pub fn into_response(self, realm: &str) -> LocalResponse {
         let mut headers = vec![
             ("content-type".to_string(), "application/json".to_string()),

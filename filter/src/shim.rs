@@ -1,16 +1,18 @@
 //! The thin proxy-wasm layer: gathers what the engine needs from the host, calls the plain
-//! decision functions, and applies their results. No decision is made here.
+//! decision functions, performs the HTTP calls they describe (probing an upstream's challenge,
+//! fetching a token), and applies their results. No decision is made here.
 //!
 //! Every host read uses the `_bytes` accessors: the `String` ones in proxy-wasm 0.2.5 unwrap
 //! UTF-8 and would panic (killing the VM) on a hostile header value.
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
 use crate::config::{self, Config};
 use crate::engine::{
@@ -18,11 +20,22 @@ use crate::engine::{
 };
 use crate::identity::TokenCache;
 use crate::respond::{LocalResponse, Refusal};
+use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, parse_token_response, token_key};
 
-/// The compiled configuration and the verified-token cache of this VM (one per Envoy worker).
+/// How long the filter waits for an upstream's challenge or a token service. After that the
+/// request fails with 503; it is never forwarded without the connector's credential.
+const UPSTREAM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bumped on every accepted configuration: tokens fetched with an older credential are never
+/// used again (they are keyed by generation).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The compiled configuration and the caches of this VM (one per Envoy worker).
 struct State {
     config: Config,
     cache: TokenCache,
+    upstream: UpstreamAuth,
+    generation: u64,
 }
 
 type Shared = Rc<RefCell<Option<State>>>;
@@ -48,6 +61,14 @@ thread_local! {
 
 fn debug_enabled() -> bool {
     DEBUG.with(std::cell::Cell::get)
+}
+
+fn now_secs() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Default)]
@@ -83,6 +104,8 @@ impl RootContext for Root {
                 *slot = Some(State {
                     cache: TokenCache::new(config.token_cache_size),
                     config,
+                    upstream: UpstreamAuth::default(),
+                    generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
                 });
                 true
             }
@@ -101,11 +124,15 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            id: context_id,
             state: self.state.clone(),
             plan: None,
             realm: String::new(),
+            waiting: None,
+            used_token: None,
+            check_denied_body: false,
         }))
     }
 
@@ -114,17 +141,138 @@ impl RootContext for Root {
     }
 }
 
+/// What a paused request is waiting for.
+enum Waiting {
+    /// This request asked the upstream for its challenge (`GET /v2/`).
+    Challenge { connector: String, scopes: Vec<String> },
+    /// This request fetches the token for `key`; others may wait on it.
+    Token { key: TokenKey, realm: String },
+    /// Another request fetches the token for `key`; it resumes this one.
+    OtherFetch { key: TokenKey },
+}
+
 struct Http {
+    id: u32,
     state: Shared,
     /// Set when the request was forwarded; the response phase must not read request headers.
     plan: Option<ResponsePlan>,
     realm: String,
+    waiting: Option<Waiting>,
+    /// The cached upstream token this request carries: dropped if the upstream refuses it.
+    used_token: Option<TokenKey>,
+    /// An upstream `400` may be ECR Public's `DENIED` for an expired token: read its body.
+    check_denied_body: bool,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _trailers: usize) {
+        let status = self
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| String::from_utf8(s).ok())
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
+        match self.waiting.take() {
+            Some(Waiting::Challenge { connector, scopes }) => {
+                let www = self
+                    .get_http_call_response_header_bytes("www-authenticate")
+                    .map(|v| lossy(&v));
+                let learned = self.with_state(|st| {
+                    let c = st
+                        .config
+                        .connector_by_label(&connector)
+                        .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
+                    let challenge = learn_challenge(c, status, www.as_deref())?;
+                    st.upstream.learn(&connector, challenge);
+                    Ok(())
+                });
+                match learned.and_then(|r| r) {
+                    Ok(()) => {
+                        if let Action::Continue = self.authorize_upstream(&connector, scopes) {
+                            self.resume_http_request();
+                        }
+                    }
+                    Err(r) => {
+                        self.refuse(r);
+                    }
+                }
+            }
+            Some(Waiting::Token { key, realm }) => {
+                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+                let result = parse_token_response(status, &body, &realm);
+                let now = now_secs();
+                let waiters = self
+                    .with_state(|st| st.upstream.complete(&key, &result, now))
+                    .unwrap_or_default();
+                match result {
+                    Ok((authorization, _)) => {
+                        self.set_http_request_header("authorization", Some(&authorization));
+                        self.used_token = Some(key);
+                        self.resume_http_request();
+                        for w in waiters {
+                            // A waiter that has gone away is skipped.
+                            if hostcalls::set_effective_context(w).is_ok() {
+                                let _ = hostcalls::set_map_value(
+                                    MapType::HttpRequestHeaders,
+                                    "authorization",
+                                    Some(&authorization),
+                                );
+                                let _ = hostcalls::resume_http_request();
+                            }
+                        }
+                    }
+                    Err(r) => {
+                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
+                        let response = r.clone().into_response(&self.realm);
+                        for w in waiters {
+                            if hostcalls::set_effective_context(w).is_ok() {
+                                send_to_current(&response);
+                            }
+                        }
+                        let _ = hostcalls::set_effective_context(self.id);
+                        self.refuse(r);
+                    }
+                }
+                let _ = hostcalls::set_effective_context(self.id);
+            }
+            // A late answer for a request that no longer waits: nothing to do.
+            other => self.waiting = other,
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        // A fetcher that goes away (client disconnected) must not leave its waiters hanging.
+        match self.waiting.take() {
+            Some(Waiting::Token { key, realm }) => {
+                let waiters = self.with_state(|st| st.upstream.abandon(&key)).unwrap_or_default();
+                let response = Refusal::unavailable_upstream(format!(
+                    "the token fetch from {realm} was abandoned by the request that started it: retry"
+                ))
+                .into_response(&self.realm);
+                for w in waiters {
+                    if hostcalls::set_effective_context(w).is_ok() {
+                        send_to_current(&response);
+                    }
+                }
+                let _ = hostcalls::set_effective_context(self.id);
+            }
+            Some(Waiting::OtherFetch { key }) => {
+                let id = self.id;
+                let _ = self.with_state(|st| st.upstream.leave(&key, id));
+            }
+            _ => {}
+        }
+        true
+    }
+}
 
 fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
+}
+
+/// A local response on the current effective context (another request, resumed from here).
+fn send_to_current(r: &LocalResponse) {
+    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _ = hostcalls::send_http_response(r.status, headers, Some(&r.body));
 }
 
 impl Http {
@@ -134,23 +282,177 @@ impl Http {
         Action::Pause
     }
 
+    /// Answers this request locally; the response phase then has nothing to rewrite.
+    fn refuse(&mut self, r: Refusal) -> Action {
+        self.plan = None;
+        let response = r.into_response(&self.realm);
+        self.send(response)
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
+        let Ok(mut guard) = self.state.try_borrow_mut() else {
+            return Err(Refusal::unavailable("the connector proxy is busy: retry"));
+        };
+        match guard.as_mut() {
+            Some(st) => Ok(f(st)),
+            None => Err(Refusal::unavailable(
+                "the connector proxy has no valid configuration; its log lists the problems",
+            )),
+        }
+    }
+
     fn decide(&mut self, req: &Request<'_>, now: u64) -> Decision {
-        let unavailable = |why: &str| {
-            let r = Refusal::unavailable(why);
+        let realm = &mut self.realm;
+        let decided = {
+            let Ok(mut guard) = self.state.try_borrow_mut() else {
+                let r = Refusal::unavailable("the connector proxy is busy: retry");
+                let reason = r.reason;
+                return Decision::Respond {
+                    response: r.into_response(config::DEFAULT_REALM),
+                    reason,
+                };
+            };
+            guard.as_mut().map(|state| {
+                realm.clone_from(&state.config.realm);
+                decide_request(&state.config, &mut state.cache, req, now)
+            })
+        };
+        decided.unwrap_or_else(|| {
+            let r = Refusal::unavailable("the connector proxy has no valid configuration; its log lists the problems");
             let reason = r.reason;
             Decision::Respond {
                 response: r.into_response(config::DEFAULT_REALM),
                 reason,
             }
-        };
-        let Ok(mut guard) = self.state.try_borrow_mut() else {
-            return unavailable("the connector proxy is busy: retry");
-        };
-        match guard.as_mut() {
-            None => unavailable("the connector proxy has no valid configuration; its log lists the problems"),
-            Some(state) => {
-                self.realm.clone_from(&state.config.realm);
-                decide_request(&state.config, &mut state.cache, req, now)
+        })
+    }
+
+    /// Puts the connector's upstream credential on the request: Basic right away, or a bearer
+    /// token (cached, fetched by this request, or fetched by another one this request waits
+    /// for). The first request to a connector asks the upstream which it wants.
+    fn authorize_upstream(&mut self, connector: &str, scopes: Vec<String>) -> Action {
+        enum Plan {
+            Header(String, Option<TokenKey>),
+            Probe {
+                cluster: String,
+                authority: String,
+                scheme: String,
+            },
+            Fetch {
+                key: TokenKey,
+                cluster: String,
+                authority: String,
+                path: String,
+                basic: String,
+                realm: String,
+            },
+            Wait(TokenKey),
+        }
+        let id = self.id;
+        let now = now_secs();
+        let plan = self.with_state(|st| -> Result<Plan, Refusal> {
+            let c = st
+                .config
+                .connector_by_label(connector)
+                .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
+            Ok(match st.upstream.challenge(connector) {
+                None => Plan::Probe {
+                    cluster: c.cluster.clone(),
+                    authority: c.upstream.authority.clone(),
+                    scheme: c.upstream.scheme.clone(),
+                },
+                Some(Challenge::Open | Challenge::Basic) => Plan::Header(c.upstream_authorization.clone(), None),
+                Some(Challenge::Bearer(realm)) => {
+                    let realm = realm.clone();
+                    let key = token_key(connector, st.generation, &realm, &scopes);
+                    match st.upstream.step(&key, id, now) {
+                        Step::Send(v) => Plan::Header(v, Some(key)),
+                        Step::Wait(k) => Plan::Wait(k),
+                        Step::Fetch(k) => Plan::Fetch {
+                            path: crate::upstream::token_request_path(&realm, &scopes),
+                            realm: format!("{}://{}{}", realm.scheme, realm.authority, realm.path),
+                            key: k,
+                            cluster: realm.cluster,
+                            authority: realm.authority,
+                            basic: c.upstream_authorization.clone(),
+                        },
+                    }
+                }
+            })
+        });
+        match plan.and_then(|p| p) {
+            Err(r) => self.refuse(r),
+            Ok(Plan::Header(value, used)) => {
+                self.set_http_request_header("authorization", Some(&value));
+                self.used_token = used;
+                Action::Continue
+            }
+            Ok(Plan::Probe {
+                cluster,
+                authority,
+                scheme,
+            }) => {
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", "/v2/"),
+                    (":authority", authority.as_str()),
+                    (":scheme", scheme.as_str()),
+                ];
+                match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
+                    Ok(_) => {
+                        self.waiting = Some(Waiting::Challenge {
+                            connector: connector.to_string(),
+                            scopes,
+                        });
+                        Action::Pause
+                    }
+                    Err(_) => self.refuse(Refusal::unavailable_upstream(format!(
+                        "the proxy cannot reach the upstream of connector {connector} (Envoy cluster {cluster})"
+                    ))),
+                }
+            }
+            Ok(Plan::Wait(key)) => {
+                self.waiting = Some(Waiting::OtherFetch { key: key.clone() });
+                self.used_token = Some(key);
+                Action::Pause
+            }
+            Ok(Plan::Fetch {
+                key,
+                cluster,
+                authority,
+                path,
+                basic,
+                realm,
+            }) => {
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", path.as_str()),
+                    (":authority", authority.as_str()),
+                    ("authorization", basic.as_str()),
+                    ("accept", "application/json"),
+                ];
+                match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
+                    Ok(_) => {
+                        self.waiting = Some(Waiting::Token { key, realm });
+                        Action::Pause
+                    }
+                    Err(_) => {
+                        let r = Refusal::unavailable_upstream(format!(
+                            "the proxy cannot reach the token service {realm} (Envoy cluster {cluster})"
+                        ));
+                        let response = r.clone().into_response(&self.realm);
+                        let waiters = self
+                            .with_state(|st| st.upstream.complete(&key, &Err(r.clone()), 0))
+                            .unwrap_or_default();
+                        for w in waiters {
+                            if hostcalls::set_effective_context(w).is_ok() {
+                                send_to_current(&response);
+                            }
+                        }
+                        let _ = hostcalls::set_effective_context(self.id);
+                        self.refuse(r)
+                    }
+                }
             }
         }
     }
@@ -203,7 +505,8 @@ impl HttpContext for Http {
                         self.set_http_request_header(name, None);
                     }
                 }
-                self.set_http_request_header("authorization", Some(&f.authorization));
+                // The client's credential never travels on, even while the request waits.
+                self.set_http_request_header("authorization", None);
                 self.set_http_request_header(":path", Some(&f.path));
                 self.set_http_request_header(":authority", Some(&f.authority));
                 self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
@@ -218,8 +521,9 @@ impl HttpContext for Http {
                         ),
                     );
                 }
+                let connector = f.response.connector.clone();
                 self.plan = Some(f.response);
-                Action::Continue
+                self.authorize_upstream(&connector, f.scopes)
             }
         }
     }
@@ -240,6 +544,28 @@ impl HttpContext for Http {
         if has_challenge {
             self.set_http_response_header("www-authenticate", None);
         }
+        if status == 401 {
+            // The upstream refused what it was given: drop that token so the client's retry
+            // fetches a fresh one, and re-learn the upstream's scheme if it changed.
+            let scheme = header("www-authenticate")
+                .and_then(|v| crate::upstream::parse_challenge(&v))
+                .map(|(s, _)| s);
+            let (connector, used) = (plan.connector.clone(), self.used_token.take());
+            let _ = self.with_state(|st| {
+                if let Some(k) = &used {
+                    st.upstream.drop_token(k);
+                }
+                let changed = match (st.upstream.challenge(&connector), scheme.as_deref()) {
+                    (Some(Challenge::Bearer(_)), Some(s)) => s != "bearer",
+                    (Some(Challenge::Basic | Challenge::Open), Some(s)) => s != "basic",
+                    _ => false,
+                };
+                if changed {
+                    st.upstream.forget(&connector);
+                }
+            });
+        }
+        self.check_denied_body = status == 400 && self.used_token.is_some();
         if let Some((response, reason)) = edits.replace {
             log(
                 LogLevel::Info,
@@ -253,6 +579,27 @@ impl HttpContext for Http {
         }
         if let Some(l) = edits.link {
             self.set_http_response_header("link", Some(&l));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.check_denied_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            // Buffer the (small) error body until it is complete.
+            return Action::Pause;
+        }
+        self.check_denied_body = false;
+        let body = self
+            .get_http_response_body(0, body_size.min(64 * 1024))
+            .unwrap_or_default();
+        // ECR Public answers an expired token with 400 DENIED rather than 401.
+        if body.windows(6).any(|w| w == b"DENIED")
+            && let Some(k) = self.used_token.take()
+        {
+            let _ = self.with_state(|st| st.upstream.drop_token(&k));
         }
         Action::Continue
     }

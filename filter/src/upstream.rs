@@ -1,0 +1,537 @@
+//! How the filter authenticates to an upstream registry: the upstream's challenge (learned by
+//! probing `/v2/`), Basic credentials, or bearer tokens from the upstream's token service
+//! (distribution token specification), with the token cache and the single-flight bookkeeping
+//! that makes concurrent requests for one scope wait for one fetch.
+//!
+//! Everything here is plain data and functions; the shim performs the HTTP calls it describes.
+//! The connector's credential is only ever sent to the upstream itself or to a token realm on
+//! the upstream's own host, or one the connector's configuration lists explicitly.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::config::{Connector, normalise_authority};
+use crate::respond::{Refusal, quote};
+
+/// Token lifetimes outside these bounds are clamped: a zero or negative `expires_in` would
+/// mean a fetch per request, a huge one a token kept after the upstream stopped honouring it.
+pub const DEFAULT_EXPIRES_IN: u64 = 60;
+pub const MIN_EXPIRES_IN: u64 = 10;
+pub const MAX_EXPIRES_IN: u64 = 24 * 3600;
+/// The token service's answer is small; anything larger is refused unparsed.
+pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+/// What the upstream answered on an unauthenticated `GET /v2/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    /// `200`: the upstream wants no credential (the connector's Basic one is sent anyway).
+    Open,
+    /// `401` with `Basic realm=...` (Distribution htpasswd, ECR-style).
+    Basic,
+    /// `401` with `Bearer realm=...,service=...`: tokens come from the realm.
+    Bearer(BearerRealm),
+}
+
+/// A token realm the connector's credential may be sent to, and how Envoy reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BearerRealm {
+    pub service: String,
+    /// Envoy cluster that reaches the realm's host.
+    pub cluster: String,
+    pub scheme: String,
+    pub authority: String,
+    /// Realm path with any query it carries (parameters are appended to it).
+    pub path: String,
+}
+
+/// A parsed `WWW-Authenticate` value: scheme (lowercase) and its parameters.
+pub fn parse_challenge(value: &str) -> Option<(String, HashMap<String, String>)> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.trim().chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let mut name = String::new();
+        while let Some(c) = chars.peek().copied() {
+            if c == '=' || c == ',' || c.is_whitespace() {
+                break;
+            }
+            name.push(c);
+            chars.next();
+        }
+        if name.is_empty() {
+            break;
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            return None;
+        }
+        chars.next();
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut val = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            val.push(n);
+                        }
+                    }
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    _ => val.push(c),
+                }
+            }
+            if !closed {
+                return None;
+            }
+        } else {
+            while let Some(c) = chars.peek().copied() {
+                if c == ',' || c.is_whitespace() {
+                    break;
+                }
+                val.push(c);
+                chars.next();
+            }
+        }
+        params.insert(name.to_ascii_lowercase(), val);
+    }
+    Some((scheme.to_ascii_lowercase(), params))
+}
+
+/// Splits `scheme://authority/path?query` into its parts (authority normalised).
+pub fn split_url(url: &str) -> Option<(String, String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at_checked(end)?;
+    if authority.contains('@') || path.contains('#') {
+        return None;
+    }
+    let authority = normalise_authority(&scheme, authority)?;
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    Some((scheme, authority, path))
+}
+
+/// Interprets the upstream's answer to `GET /v2/` for `connector`.
+pub fn learn_challenge(
+    connector: &Connector,
+    status: u32,
+    www_authenticate: Option<&str>,
+) -> Result<Challenge, Refusal> {
+    let label = quote(&connector.label());
+    match status {
+        200 => return Ok(Challenge::Open),
+        401 => {}
+        0 => {
+            return Err(Refusal::unavailable_upstream(format!(
+                "the upstream registry of connector {label} did not answer: retry later, or ask the connector's owner to check its address"
+            )));
+        }
+        other => {
+            return Err(Refusal::unavailable_upstream(format!(
+                "the upstream registry of connector {label} answered {other} on /v2/ (expected 200 or 401): it may not be an OCI registry"
+            )));
+        }
+    }
+    let Some((scheme, params)) = www_authenticate.and_then(parse_challenge) else {
+        return Err(Refusal::unavailable_upstream(format!(
+            "the upstream registry of connector {label} answered 401 without a usable WWW-Authenticate challenge"
+        )));
+    };
+    match scheme.as_str() {
+        "basic" => Ok(Challenge::Basic),
+        "bearer" => {
+            let realm = params.get("realm").map(String::as_str).unwrap_or("");
+            let service = params.get("service").cloned().unwrap_or_default();
+            resolve_realm(connector, realm).map(|(cluster, scheme, authority, path)| {
+                Challenge::Bearer(BearerRealm {
+                    service,
+                    cluster,
+                    scheme,
+                    authority,
+                    path,
+                })
+            })
+        }
+        other => Err(Refusal::unavailable_upstream(format!(
+            "the upstream registry of connector {label} asks for {} authentication, which the proxy does not speak (Basic or Bearer token service)",
+            quote(other)
+        ))),
+    }
+}
+
+/// Where the connector's credential may go for a token: the upstream's own host (through the
+/// connector's cluster) or a realm the connector lists with its own cluster. Anything else is
+/// refused before a single byte of the credential leaves the proxy.
+fn resolve_realm(connector: &Connector, realm: &str) -> Result<(String, String, String, String), Refusal> {
+    let refused = || {
+        Refusal::unavailable_upstream(format!(
+            "the upstream registry of connector {} sends clients to the token realm {}, which is neither on the registry's host nor listed in the connector's tokenRealms; the connector's credential was not sent",
+            quote(&connector.label()),
+            quote(realm)
+        ))
+        .with_reason("realm_refused")
+    };
+    let (scheme, authority, path) = split_url(realm).ok_or_else(refused)?;
+    if authority == connector.upstream.authority {
+        return Ok((connector.cluster.clone(), scheme, authority, path));
+    }
+    connector
+        .token_realms
+        .iter()
+        .find(|r| r.scheme == scheme && r.authority == authority && r.path == path)
+        .map(|r| (r.cluster.clone(), scheme.clone(), authority.clone(), path.clone()))
+        .ok_or_else(refused)
+}
+
+/// The token scopes a request needs: `pull` to read, `pull,push` to write, `delete` to delete,
+/// and `pull` on the source repository of a cross-repository mount.
+pub fn scopes(repository: &str, method: &str, mount_from: Option<&str>) -> Vec<String> {
+    let actions = match method {
+        "GET" | "HEAD" => "pull",
+        "DELETE" => "delete",
+        _ => "pull,push",
+    };
+    let mut out = vec![format!("repository:{repository}:{actions}")];
+    if let Some(from) = mount_from
+        && from != repository
+    {
+        out.push(format!("repository:{from}:pull"));
+    }
+    out
+}
+
+/// Percent-encodes a query parameter value (RFC 3986 unreserved characters pass).
+pub fn encode_query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() * 3);
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `:path` of a token request: the realm's path plus `service` and one `scope` per scope.
+pub fn token_request_path(realm: &BearerRealm, scopes: &[String]) -> String {
+    let mut path = realm.path.clone();
+    let mut sep = if path.contains('?') { '&' } else { '?' };
+    if !realm.service.is_empty() {
+        path.push(sep);
+        path.push_str("service=");
+        path.push_str(&encode_query_value(&realm.service));
+        sep = '&';
+    }
+    for s in scopes {
+        path.push(sep);
+        path.push_str("scope=");
+        path.push_str(&encode_query_value(s));
+        sep = '&';
+    }
+    path
+}
+
+/// A usable token from a token service's answer: `(Authorization value, seconds to keep it)`.
+pub fn parse_token_response(status: u32, body: &[u8], realm: &str) -> Result<(String, u64), Refusal> {
+    let fail = |why: String| {
+        Refusal::unavailable_upstream(format!("the token service at {} {why}", quote(realm)))
+            .with_reason("token_fetch_failed")
+    };
+    match status {
+        200 => {}
+        0 => return Err(fail("did not answer in time: retry later".into())),
+        401 | 403 => {
+            return Err(fail(format!(
+                "refused the connector's credential ({status}): the connector's Secret is wrong or lacks access"
+            )));
+        }
+        other => return Err(fail(format!("answered {other}: retry later"))),
+    }
+    if body.len() > MAX_TOKEN_RESPONSE {
+        return Err(fail("answered with an oversized body".into()));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|_| fail("answered with something that is not JSON".into()))?;
+    let token = ["token", "access_token"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_str).filter(|t| !t.is_empty()))
+        .ok_or_else(|| fail("answered without a token".into()))?;
+    if token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(fail("answered with a malformed token".into()));
+    }
+    let expires_in = v
+        .get("expires_in")
+        .and_then(Value::as_f64)
+        .map(|s| {
+            if s.is_finite() && s > 0.0 {
+                s as u64
+            } else {
+                DEFAULT_EXPIRES_IN
+            }
+        })
+        .unwrap_or(DEFAULT_EXPIRES_IN)
+        .clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
+    // Refresh shortly before the upstream would refuse it.
+    let keep = expires_in - (expires_in / 10).clamp(1, 30);
+    Ok((format!("Bearer {token}"), keep))
+}
+
+/// Token cache key: connector, credential generation, service and scopes.
+pub type TokenKey = String;
+
+pub fn token_key(connector: &str, generation: u64, realm: &BearerRealm, scopes: &[String]) -> TokenKey {
+    format!("{connector}|{generation}|{}|{}", realm.service, scopes.join(" "))
+}
+
+struct CachedToken {
+    authorization: String,
+    expires_at: u64,
+}
+
+/// What a request should do about its upstream credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send with this `Authorization` value now.
+    Send(String),
+    /// This request fetches the token for `key` (and others wait for it).
+    Fetch(TokenKey),
+    /// Another request is fetching `key`: wait to be resumed.
+    Wait(TokenKey),
+}
+
+/// Per-VM upstream authentication state: learned challenges, tokens, fetches in flight.
+#[derive(Default)]
+pub struct UpstreamAuth {
+    challenges: HashMap<String, Challenge>,
+    tokens: HashMap<TokenKey, CachedToken>,
+    /// Fetches in flight: the key and the contexts waiting for it (not the fetcher itself).
+    pending: HashMap<TokenKey, Vec<u32>>,
+}
+
+/// Bound on cached tokens per VM; a fresh fetch is cheap compared to unbounded growth.
+const MAX_TOKENS: usize = 4096;
+
+impl UpstreamAuth {
+    pub fn challenge(&self, connector: &str) -> Option<&Challenge> {
+        self.challenges.get(connector)
+    }
+
+    pub fn learn(&mut self, connector: &str, challenge: Challenge) {
+        self.challenges.insert(connector.to_string(), challenge);
+    }
+
+    /// Forget what was learned about an upstream (it refused us: its scheme may have changed).
+    pub fn forget(&mut self, connector: &str) {
+        self.challenges.remove(connector);
+    }
+
+    /// The step for a request of context `ctx` that needs the token `key`.
+    pub fn step(&mut self, key: &str, ctx: u32, now: u64) -> Step {
+        if let Some(t) = self.tokens.get(key) {
+            if now < t.expires_at {
+                return Step::Send(t.authorization.clone());
+            }
+            self.tokens.remove(key);
+        }
+        if let Some(waiters) = self.pending.get_mut(key) {
+            waiters.push(ctx);
+            return Step::Wait(key.to_string());
+        }
+        self.pending.insert(key.to_string(), Vec::new());
+        Step::Fetch(key.to_string())
+    }
+
+    /// A fetch finished: cache a good token and hand back the contexts that waited for it.
+    pub fn complete(&mut self, key: &str, result: &Result<(String, u64), Refusal>, now: u64) -> Vec<u32> {
+        if let Ok((authorization, keep)) = result {
+            if self.tokens.len() >= MAX_TOKENS {
+                self.tokens.retain(|_, t| now < t.expires_at);
+                if self.tokens.len() >= MAX_TOKENS {
+                    self.tokens.clear();
+                }
+            }
+            self.tokens.insert(
+                key.to_string(),
+                CachedToken {
+                    authorization: authorization.clone(),
+                    expires_at: now + keep,
+                },
+            );
+        }
+        self.pending.remove(key).unwrap_or_default()
+    }
+
+    /// The fetcher went away before its answer: its waiters must not hang.
+    pub fn abandon(&mut self, key: &str) -> Vec<u32> {
+        self.pending.remove(key).unwrap_or_default()
+    }
+
+    /// A waiter went away: stop tracking it.
+    pub fn leave(&mut self, key: &str, ctx: u32) {
+        if let Some(w) = self.pending.get_mut(key) {
+            w.retain(|c| *c != ctx);
+        }
+    }
+
+    /// The upstream refused a token (401, or ECR Public's `400 DENIED`): drop it so the
+    /// client's retry fetches a fresh one.
+    pub fn drop_token(&mut self, key: &str) {
+        self.tokens.remove(key);
+    }
+
+    pub fn cached_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        let (s, p) =
+            parse_challenge(r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull,push""#)
+                .unwrap();
+        assert_eq!(s, "bearer");
+        assert_eq!(p["realm"], "https://auth.example.com/token");
+        assert_eq!(p["service"], "registry.example.com");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        let (s, p) = parse_challenge("Basic realm=\"Registry Realm\"").unwrap();
+        assert_eq!((s.as_str(), p["realm"].as_str()), ("basic", "Registry Realm"));
+        let (_, p) = parse_challenge(r#"Bearer realm = "a\"b" , service=plain"#).unwrap();
+        assert_eq!((p["realm"].as_str(), p["service"].as_str()), ("a\"b", "plain"));
+        assert!(parse_challenge("Bearer realm=\"unterminated").is_none());
+        assert!(parse_challenge("Bearer realm").is_none());
+        assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn urls_split() {
+        assert_eq!(
+            split_url("https://Auth.Example.com:443/token?x=1").unwrap(),
+            ("https".into(), "auth.example.com".into(), "/token?x=1".into())
+        );
+        assert_eq!(split_url("http://h:5000").unwrap().2, "/");
+        assert!(split_url("ftp://h/x").is_none());
+        assert!(split_url("http://u:p@h/x").is_none());
+    }
+
+    #[test]
+    fn scopes_per_method() {
+        assert_eq!(scopes("a/b", "GET", None), vec!["repository:a/b:pull"]);
+        assert_eq!(scopes("a/b", "HEAD", None), vec!["repository:a/b:pull"]);
+        assert_eq!(scopes("a/b", "PUT", None), vec!["repository:a/b:pull,push"]);
+        assert_eq!(scopes("a/b", "DELETE", None), vec!["repository:a/b:delete"]);
+        assert_eq!(
+            scopes("a/b", "POST", Some("c")),
+            vec!["repository:a/b:pull,push", "repository:c:pull"]
+        );
+    }
+
+    #[test]
+    fn token_request() {
+        let realm = BearerRealm {
+            service: "registry.example.com".into(),
+            cluster: "c".into(),
+            scheme: "https".into(),
+            authority: "auth.example.com".into(),
+            path: "/token".into(),
+        };
+        assert_eq!(
+            token_request_path(&realm, &scopes("a/b", "POST", Some("c/d"))),
+            "/token?service=registry.example.com&scope=repository%3Aa%2Fb%3Apull%2Cpush&scope=repository%3Ac%2Fd%3Apull"
+        );
+        let with_query = BearerRealm {
+            path: "/service/token?account=x".into(),
+            service: String::new(),
+            ..realm
+        };
+        assert_eq!(
+            token_request_path(&with_query, &["s".into()]),
+            "/service/token?account=x&scope=s"
+        );
+    }
+
+    #[test]
+    fn token_responses() {
+        let ok = |b: &str| parse_token_response(200, b.as_bytes(), "r");
+        assert_eq!(
+            ok(r#"{"token":"t1","expires_in":300}"#).unwrap(),
+            ("Bearer t1".into(), 270)
+        );
+        assert_eq!(ok(r#"{"access_token":"t2"}"#).unwrap(), ("Bearer t2".into(), 54));
+        assert_eq!(ok(r#"{"token":"t","expires_in":-5}"#).unwrap().1, 54);
+        assert_eq!(ok(r#"{"token":"t","expires_in":1e12}"#).unwrap().1, MAX_EXPIRES_IN - 30);
+        assert_eq!(ok(r#"{"token":"t","expires_in":1}"#).unwrap().1, MIN_EXPIRES_IN - 1);
+        for bad in ["{}", "[]", "nope", r#"{"token":""}"#, r#"{"token":"a b"}"#] {
+            assert_eq!(ok(bad).unwrap_err().reason, "token_fetch_failed", "{bad}");
+        }
+        let e = parse_token_response(401, b"", "https://auth/token").unwrap_err();
+        assert!(
+            e.message.contains("refused the connector's credential"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.status, 503);
+        assert!(
+            parse_token_response(0, b"", "r")
+                .unwrap_err()
+                .message
+                .contains("did not answer in time")
+        );
+    }
+
+    #[test]
+    fn single_flight() {
+        let mut a = UpstreamAuth::default();
+        assert_eq!(a.step("k", 1, 100), Step::Fetch("k".into()));
+        assert_eq!(a.step("k", 2, 100), Step::Wait("k".into()));
+        assert_eq!(a.step("k", 3, 100), Step::Wait("k".into()));
+        a.leave("k", 3);
+        assert_eq!(a.step("other", 4, 100), Step::Fetch("other".into()));
+        let waiters = a.complete("k", &Ok(("Bearer t".into(), 50)), 100);
+        assert_eq!(waiters, vec![2]);
+        assert_eq!(a.step("k", 5, 149), Step::Send("Bearer t".into()));
+        // Expired: the next request fetches again.
+        assert_eq!(a.step("k", 6, 150), Step::Fetch("k".into()));
+        // A failed fetch caches nothing and still releases its waiters.
+        assert_eq!(a.step("k", 7, 150), Step::Wait("k".into()));
+        let waiters = a.complete("k", &Err(Refusal::unavailable("x")), 150);
+        assert_eq!(waiters, vec![7]);
+        assert_eq!(a.step("k", 8, 151), Step::Fetch("k".into()));
+        // An abandoned fetch releases its waiters too.
+        assert_eq!(a.step("k", 9, 151), Step::Wait("k".into()));
+        assert_eq!(a.abandon("k"), vec![9]);
+        // A refused token is dropped.
+        a.complete("k2", &Ok(("Bearer u".into(), 50)), 100);
+        a.drop_token("k2");
+        assert_eq!(a.step("k2", 10, 101), Step::Fetch("k2".into()));
+    }
+}
