@@ -1012,6 +1012,82 @@ mod tests {
     }
 
     #[test]
+    fn docker_config_json_credentials() {
+        let config = |json: &str, address: &str| {
+            let mut d = doc();
+            d["connectors"][0]["address"] = serde_json::json!(address);
+            d["connectors"][0]["credential"] = serde_json::json!({"dockerConfigJsonEnv": "DOCKER_CONFIG_JSON"});
+            let json = json.to_string();
+            compile(d.to_string().as_bytes(), &move |k| {
+                (k == "DOCKER_CONFIG_JSON").then(|| json.clone())
+            })
+        };
+        let b64 = STANDARD.encode("robot$x:s3cret");
+        let want = format!("Basic {b64}");
+        for (json, address) in [
+            (
+                format!(r#"{{"auths":{{"harbor.example.com":{{"auth":"{b64}"}}}}}}"#),
+                "https://harbor.example.com",
+            ),
+            (
+                format!(r#"{{"auths":{{"https://harbor.example.com":{{"auth":"{b64}"}}}}}}"#),
+                "https://harbor.example.com:443",
+            ),
+            (
+                r#"{"auths":{"127.0.0.1:5000":{"username":"robot$x","password":"s3cret"}}}"#.to_string(),
+                "http://127.0.0.1:5000",
+            ),
+            (
+                format!(r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{b64}"}}}}}}"#),
+                "https://registry-1.docker.io",
+            ),
+        ] {
+            let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
+            assert_eq!(c.connectors[0].upstream_authorization, want, "{json}");
+        }
+        for (json, needle) in [
+            (
+                r#"{"auths":{"other.example.com":{"auth":"eDp5"}}}"#,
+                "has no entry for harbor.example.com (entries: other.example.com)",
+            ),
+            ("not json", "is not valid JSON"),
+            (r#"{"auths":{"harbor.example.com":{"auth":"!!"}}}"#, "is not base64"),
+            (r#"{"auths":{"harbor.example.com":{}}}"#, "neither"),
+        ] {
+            let errors = config(json, "https://harbor.example.com").err().unwrap();
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.path == "connectors[0].credential.dockerConfigJsonEnv" && e.message.contains(needle)),
+                "{json}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_realms_are_validated() {
+        let mut d = doc();
+        d["connectors"][0]["tokenRealms"] = serde_json::json!([{"url": "https://auth.example.com/token", "cluster": "auth"}, {"url": "ftp://x"}, "nope"]);
+        let errors = compile_value(&d).err().unwrap();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "connectors[0].tokenRealms[1].url",
+            "connectors[0].tokenRealms[1].cluster",
+            "connectors[0].tokenRealms[2]",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        d["connectors"][0]["tokenRealms"] =
+            serde_json::json!([{"url": "https://Auth.Example.com:443/token", "cluster": "auth"}]);
+        let c = compile_value(&d).unwrap();
+        let r = &c.connectors[0].token_realms[0];
+        assert_eq!(
+            (r.scheme.as_str(), r.authority.as_str(), r.path.as_str()),
+            ("https", "auth.example.com", "/token")
+        );
+    }
+
+    #[test]
     fn duplicates_are_refused() {
         let mut d = doc();
         let copy = d["connectors"][0].clone();

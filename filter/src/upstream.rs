@@ -508,6 +508,69 @@ mod tests {
         );
     }
 
+    fn connector(realms: serde_json::Value) -> crate::config::Config {
+        let doc = serde_json::json!({
+            "identity": {"issuers": ["i"], "audiences": ["a"], "jwks": crate::testkeys::jwks()},
+            "connectors": [{"namespace": "n", "name": "c", "address": "https://registry.example.com", "cluster": "reg",
+                            "credential": {"username": "u", "passwordEnv": "P"}, "tokenRealms": realms}]
+        });
+        crate::config::compile(doc.to_string().as_bytes(), &|_| Some("p".into()))
+            .map_err(|e| format!("{e:?}"))
+            .unwrap()
+    }
+
+    #[test]
+    fn challenges_are_learned_and_realms_checked() {
+        let cfg = connector(serde_json::json!([{"url": "https://auth.example.com/token", "cluster": "auth"}]));
+        let c = cfg.connector("n", "c").unwrap();
+        assert_eq!(learn_challenge(c, 200, None).unwrap(), Challenge::Open);
+        assert_eq!(
+            learn_challenge(c, 401, Some("Basic realm=\"r\"")).unwrap(),
+            Challenge::Basic
+        );
+        // Realm on the registry's own host: through the connector's cluster.
+        let Challenge::Bearer(r) = learn_challenge(
+            c,
+            401,
+            Some(r#"Bearer realm="https://registry.example.com/service/token",service="harbor-registry""#),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.cluster.as_str(), r.path.as_str(), r.service.as_str()),
+            ("reg", "/service/token", "harbor-registry")
+        );
+        // Listed realm on another host: through its own cluster.
+        let Challenge::Bearer(r) = learn_challenge(
+            c,
+            401,
+            Some(r#"Bearer realm="https://auth.example.com/token",service="s""#),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.cluster.as_str(), r.authority.as_str()), ("auth", "auth.example.com"));
+        // Anything else is refused, naming the realm; the credential is never sent.
+        for realm in [
+            "https://evil.example/token",
+            "https://auth.example.com/other",
+            "http://auth.example.com/token",
+            "not a url",
+        ] {
+            let e = learn_challenge(c, 401, Some(&format!("Bearer realm=\"{realm}\",service=\"s\""))).unwrap_err();
+            assert_eq!((e.status, e.reason), (503, "realm_refused"), "{realm}");
+            assert!(e.message.contains(realm), "{}", e.message);
+        }
+        for (status, www) in [(401, None), (401, Some("Negotiate x")), (500, None), (0, None)] {
+            assert_eq!(
+                learn_challenge(c, status, www).unwrap_err().status,
+                503,
+                "{status} {www:?}"
+            );
+        }
+    }
+
     #[test]
     fn single_flight() {
         let mut a = UpstreamAuth::default();
