@@ -31,6 +31,10 @@ impl Buildah {
         let registries_conf = dir.join("registries.conf");
         std::fs::write(&registries_conf, "unqualified-search-registries = []\n")
             .map_err(|e| format!("write {}: {e}", registries_conf.display()))?;
+        // buildah refuses a REGISTRY_AUTH_FILE that does not exist: an empty one, so only the
+        // `--creds` of each command count.
+        let auth_file = dir.join("auth.json");
+        std::fs::write(&auth_file, r#"{"auths":{}}"#).map_err(|e| format!("write {}: {e}", auth_file.display()))?;
         Ok(Self {
             root: work.sub(&format!("buildah-{label}/root"))?,
             runroot: work.sub(&format!("buildah-{label}/runroot"))?,
@@ -38,7 +42,7 @@ impl Buildah {
             tmp: work.sub(&format!("buildah-{label}/tmp"))?,
             policy,
             registries_conf,
-            auth_file: dir.join("auth.json"),
+            auth_file,
         })
     }
 
@@ -102,6 +106,17 @@ impl Buildah {
         std::fs::read_to_string(&digest_file)
             .map(|s| s.trim().to_string())
             .map_err(|e| format!("read {}: {e}", digest_file.display()))
+    }
+
+    /// `containers-storage:[vfs@<root>+<runroot>]<name>`: this buildah's storage as a skopeo
+    /// destination. How an image from an OCI layout gets in under a chosen name (`buildah pull
+    /// oci:<path>` names the image after the path, which fails on upper-case work dir names).
+    pub fn storage_ref(&self, name: &str) -> String {
+        format!(
+            "containers-storage:[vfs@{}+{}]{name}",
+            self.root.display(),
+            self.runroot.display()
+        )
     }
 
     /// The manifest digest of a local image (`buildah images --digests`), by its name.
