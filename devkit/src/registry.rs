@@ -72,7 +72,10 @@ impl Registry {
     /// registry (same port, same storage) trusting only the new certificate. Distribution
     /// reads its rootcertbundle once at start, so a restart is the honest way to change trust.
     pub fn trust_only_new_tokens(&mut self, token_server: &TokenServer) -> Result<()> {
-        let bundle = self.bundle.clone().ok_or("trust_only_new_tokens: not a token-auth registry")?;
+        let bundle = self
+            .bundle
+            .clone()
+            .ok_or("trust_only_new_tokens: not a token-auth registry")?;
         let cert = token_server.rotate_key()?;
         std::fs::copy(&cert, &bundle).map_err(|e| format!("copy {} to {}: {e}", cert.display(), bundle.display()))?;
         self.restart()
