@@ -32,6 +32,7 @@ impl StaticUpstream {
              http {{\n  access_log off;\n  client_body_temp_path {d}/tmp-body;\n  proxy_temp_path {d}/tmp-proxy;\n\
                fastcgi_temp_path {d}/tmp-fcgi;\n  uwsgi_temp_path {d}/tmp-uwsgi;\n  scgi_temp_path {d}/tmp-scgi;\n\
                server {{\n    listen 127.0.0.1:{port};\n    root {};\n\
+                 location = /v2/ {{\n      default_type application/json;\n      return 200 '{{}}';\n    }}\n\
                  location = {path} {{\n      default_type {content_type};\n\
                    add_header Docker-Content-Digest {digest};\n\
                    add_header Docker-Distribution-Api-Version registry/2.0;\n    }}\n  }}\n}}\n",

@@ -430,5 +430,153 @@ fn run() -> Result<()> {
     let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     println!();
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
+
+    let blob_mib = arg("--blob-mib", 1024);
+    if blob_mib > 0 {
+        blob_table(&work, &registry, &reg_plain, &reg_filter, &warm, blob_mib, rounds)?;
+    }
+    Ok(())
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn curl(args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "600"]).args(args);
+    Ok(procs::run(cmd, None)?.ok()?.stdout)
+}
+
+/// One large layer blob, pulled whole with curl: MB/s direct, through Envoy, through Envoy + filter,
+/// and Envoy's resident memory before and after (bodies must stream, not buffer).
+fn blob_table(
+    work: &WorkDir,
+    registry: &Registry,
+    plain: &Envoy,
+    filtered: &Envoy,
+    token: &str,
+    mib: u32,
+    rounds: u32,
+) -> Result<()> {
+    let file = work.path().join("layer.bin");
+    eprintln!("writing a {mib} MiB random layer ...");
+    let mut sh = Command::new("sh");
+    sh.args([
+        "-c",
+        &format!(
+            "head -c {mib}M /dev/urandom > '{}' && sha256sum '{}'",
+            file.display(),
+            file.display()
+        ),
+    ]);
+    let digest = format!(
+        "sha256:{}",
+        procs::run(sh, None)?
+            .ok()?
+            .stdout
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+    );
+    // Monolithic upload straight to the registry: POST, then PUT ?digest= with the file.
+    let started = curl(&[
+        "-i",
+        "-X",
+        "POST",
+        &format!("{}/v2/bench/blob/blobs/uploads/", registry.url()),
+    ])?;
+    let location = started
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+        .map(|l| l.trim().to_string())
+        .ok_or_else(|| format!("no upload Location in {started:?}"))?;
+    let location = if location.starts_with('/') {
+        format!("{}{location}", registry.url())
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let code = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "-T",
+        &file.to_string_lossy(),
+        &format!("{location}{sep}digest={digest}"),
+    ])?;
+    if code.trim() != "201" {
+        return Err(format!("blob upload answered {code}"));
+    }
+    std::fs::remove_file(&file).ok();
+
+    let direct = format!("{}/v2/bench/blob/blobs/{digest}", registry.url());
+    let via_plain = format!("http://127.0.0.1:{}/v2/bench/blob/blobs/{digest}", plain.port);
+    let via_filter = format!(
+        "http://127.0.0.1:{}/v2/namespaces/{NS}/connectors/{CONNECTOR}/bench/blob/blobs/{digest}",
+        filtered.port
+    );
+    let auth = format!("Authorization: Bearer {token}");
+    let cases: [(&str, &str, Option<&Envoy>); 3] = [
+        ("upstream directly", &direct, None),
+        ("Envoy, no filter", &via_plain, Some(plain)),
+        ("Envoy + filter", &via_filter, Some(filtered)),
+    ];
+    let mut speeds: Vec<Vec<f64>> = vec![vec![]; cases.len()];
+    let mut rss: Vec<(u64, u64)> = cases
+        .iter()
+        .map(|(_, _, e)| (rss_kib(e.and_then(|e| e.pid())), 0))
+        .collect();
+    for _ in 0..rounds.max(1) {
+        for (i, (name, url, _)) in cases.iter().enumerate() {
+            let out = curl(&[
+                "-o",
+                "/dev/null",
+                "-H",
+                &auth,
+                "-w",
+                "%{http_code} %{speed_download} %{size_download}",
+                url,
+            ])?;
+            let f: Vec<&str> = out.split_whitespace().collect();
+            let expected = u64::from(mib) * 1024 * 1024;
+            if f.first() != Some(&"200") || f.get(2).and_then(|s| s.parse::<f64>().ok()) != Some(expected as f64) {
+                return Err(format!("{name}: blob GET answered {out:?}"));
+            }
+            if let Some(v) = speeds.get_mut(i) {
+                v.push(f.get(1).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0) / 1e6);
+            }
+        }
+    }
+    for (r, (_, _, e)) in rss.iter_mut().zip(&cases) {
+        r.1 = rss_kib(e.and_then(|e| e.pid()));
+    }
+    println!();
+    println!("blob GET of one {mib} MiB layer with curl, {rounds} rounds (median), Distribution upstream (in-memory)");
+    println!();
+    println!("| path | MB/s | vs Envoy without filter | Envoy RSS before → after |");
+    println!("|---|---:|---:|---:|");
+    let base = speeds.get(1).cloned().unwrap_or_default();
+    for (((name, _, envoy), v), (before, after)) in cases.iter().zip(&speeds).zip(&rss) {
+        let ratios: Vec<f64> = v.iter().zip(&base).map(|(a, b)| a / b).collect();
+        let mem = if envoy.is_some() {
+            format!("{} → {} MiB", before / 1024, after / 1024)
+        } else {
+            "-".into()
+        };
+        println!("| {name} | {:.0} | {:.2}x | {mem} |", median(v.clone()), median(ratios));
+    }
     Ok(())
 }
