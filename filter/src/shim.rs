@@ -187,7 +187,7 @@ impl Context for Http {
                 });
                 match learned.and_then(|r| r) {
                     Ok(()) => {
-                        if let Action::Continue = self.authorize_upstream(&connector, scopes) {
+                        if let Action::Continue = self.authorize_upstream(&connector, scopes, now_secs()) {
                             self.resume_http_request();
                         }
                     }
@@ -330,7 +330,7 @@ impl Http {
     /// Puts the connector's upstream credential on the request: Basic right away, or a bearer
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
-    fn authorize_upstream(&mut self, connector: &str, scopes: Vec<String>) -> Action {
+    fn authorize_upstream(&mut self, connector: &str, scopes: Vec<String>, now: u64) -> Action {
         enum Plan {
             Header(String, Option<TokenKey>),
             Probe {
@@ -349,7 +349,6 @@ impl Http {
             Wait(TokenKey),
         }
         let id = self.id;
-        let now = now_secs();
         let plan = self.with_state(|st| -> Result<Plan, Refusal> {
             let c = st
                 .config
@@ -380,7 +379,12 @@ impl Http {
                 }
             })
         });
-        match plan.and_then(|p| p) {
+        let plan = plan.and_then(|p| p);
+        if !matches!(plan, Ok(Plan::Header(..))) {
+            // The request waits: the client's credential must not stay on it meanwhile.
+            self.set_http_request_header("authorization", None);
+        }
+        match plan {
             Err(r) => self.refuse(r),
             Ok(Plan::Header(value, used)) => {
                 self.set_http_request_header("authorization", Some(&value));
@@ -505,8 +509,6 @@ impl HttpContext for Http {
                         self.set_http_request_header(name, None);
                     }
                 }
-                // The client's credential never travels on, even while the request waits.
-                self.set_http_request_header("authorization", None);
                 self.set_http_request_header(":path", Some(&f.path));
                 self.set_http_request_header(":authority", Some(&f.authority));
                 self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
@@ -523,7 +525,7 @@ impl HttpContext for Http {
                 }
                 let connector = f.response.connector.clone();
                 self.plan = Some(f.response);
-                self.authorize_upstream(&connector, f.scopes)
+                self.authorize_upstream(&connector, f.scopes, now)
             }
         }
     }
