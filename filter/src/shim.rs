@@ -598,7 +598,7 @@ impl HttpContext for Http {
             .get_http_response_body(0, body_size.min(64 * 1024))
             .unwrap_or_default();
         // ECR Public answers an expired token with 400 DENIED rather than 401.
-        if body.windows(6).any(|w| w == b"DENIED")
+        if crate::upstream::is_denied(&body)
             && let Some(k) = self.used_token.take()
         {
             let _ = self.with_state(|st| st.upstream.drop_token(&k));

@@ -302,6 +302,15 @@ pub fn parse_token_response(status: u32, body: &[u8], realm: &str) -> Result<(St
     Ok((format!("Bearer {token}"), keep))
 }
 
+/// Whether an upstream error body carries the OCI error code `DENIED` (ECR Public answers an
+/// expired token with `400 DENIED` instead of `401`).
+pub fn is_denied(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("errors").and_then(Value::as_array).cloned())
+        .is_some_and(|errors| errors.iter().any(|e| e.get("code").and_then(Value::as_str) == Some("DENIED")))
+}
+
 /// Token cache key: connector, credential generation, service and scopes.
 pub type TokenKey = String;
 
@@ -569,6 +578,14 @@ mod tests {
                 "{status} {www:?}"
             );
         }
+    }
+
+    #[test]
+    fn denied_bodies() {
+        assert!(is_denied(br#"{"errors":[{"code":"DENIED","message":"Your authorization token has expired."}]}"#));
+        assert!(!is_denied(br#"{"errors":[{"code":"NAME_INVALID","message":"DENIED in text"}]}"#));
+        assert!(!is_denied(b"DENIED"));
+        assert!(!is_denied(b""));
     }
 
     #[test]
