@@ -152,6 +152,25 @@ fn run_wrk(s: &Scenario, script: &Path, seconds: u32) -> Result<Sample> {
     })
 }
 
+/// The measured cells of a table row: medians, and the ratio to `base` taken within each round
+/// (same minute, same load) before the median.
+fn cells(s: &Scenario, v: &[Sample], base: &[f64]) -> String {
+    let ratios: Vec<f64> = v.iter().zip(base).map(|(a, b)| a.rps / b).collect();
+    let cpu = if s.envoy_pid.is_some() {
+        format!("{:.0}", median(v.iter().map(|x| x.envoy_cpu_us).collect()))
+    } else {
+        "-".to_string()
+    };
+    format!(
+        "{:.0} | {:.2} | {:.2} | {:.2}x | {cpu} | {:.0} |",
+        median(v.iter().map(|x| x.rps).collect()),
+        median(v.iter().map(|x| x.p50_us).collect()) / 1000.0,
+        median(v.iter().map(|x| x.p99_us).collect()) / 1000.0,
+        median(ratios),
+        median(v.iter().map(|x| x.upstream_cpu_us).collect()),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -411,22 +430,7 @@ fn run() -> Result<()> {
             .find(|(b, _)| b.group == s.group && b.baseline)
             .map(|(_, bv)| bv.iter().map(|x| x.rps).collect::<Vec<_>>())
             .unwrap_or_default();
-        let ratios: Vec<f64> = v.iter().zip(&base).map(|(a, b)| a.rps / b).collect();
-        let cpu = if s.envoy_pid.is_some() {
-            format!("{:.0}", median(v.iter().map(|x| x.envoy_cpu_us).collect()))
-        } else {
-            "-".to_string()
-        };
-        println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2}x | {cpu} | {:.0} |",
-            s.group,
-            s.name,
-            median(v.iter().map(|x| x.rps).collect()),
-            median(v.iter().map(|x| x.p50_us).collect()) / 1000.0,
-            median(v.iter().map(|x| x.p99_us).collect()) / 1000.0,
-            median(ratios),
-            median(v.iter().map(|x| x.upstream_cpu_us).collect()),
-        );
+        println!("| {} | {} | {}", s.group, s.name, cells(s, v, &base));
     }
     let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     println!();
@@ -570,21 +574,7 @@ fn token_table(
         .map(|v| v.iter().map(|x| x.rps).collect())
         .unwrap_or_default();
     for (s, v) in scenarios.iter().zip(&samples) {
-        let ratios: Vec<f64> = v.iter().zip(&base).map(|(a, b)| a.rps / b).collect();
-        let cpu = if s.envoy_pid.is_some() {
-            format!("{:.0}", median(v.iter().map(|x| x.envoy_cpu_us).collect()))
-        } else {
-            "-".into()
-        };
-        println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2}x | {cpu} | {:.0} |",
-            s.name,
-            median(v.iter().map(|x| x.rps).collect()),
-            median(v.iter().map(|x| x.p50_us).collect()) / 1000.0,
-            median(v.iter().map(|x| x.p99_us).collect()) / 1000.0,
-            median(ratios),
-            median(v.iter().map(|x| x.upstream_cpu_us).collect()),
-        );
+        println!("| {} | {}", s.name, cells(s, v, &base));
     }
     println!();
     println!(
