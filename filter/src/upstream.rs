@@ -308,7 +308,11 @@ pub fn is_denied(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("errors").and_then(Value::as_array).cloned())
-        .is_some_and(|errors| errors.iter().any(|e| e.get("code").and_then(Value::as_str) == Some("DENIED")))
+        .is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|e| e.get("code").and_then(Value::as_str) == Some("DENIED"))
+        })
 }
 
 /// Token cache key: connector, credential generation, service and scopes.
@@ -582,8 +586,12 @@ mod tests {
 
     #[test]
     fn denied_bodies() {
-        assert!(is_denied(br#"{"errors":[{"code":"DENIED","message":"Your authorization token has expired."}]}"#));
-        assert!(!is_denied(br#"{"errors":[{"code":"NAME_INVALID","message":"DENIED in text"}]}"#));
+        assert!(is_denied(
+            br#"{"errors":[{"code":"DENIED","message":"Your authorization token has expired."}]}"#
+        ));
+        assert!(!is_denied(
+            br#"{"errors":[{"code":"NAME_INVALID","message":"DENIED in text"}]}"#
+        ));
         assert!(!is_denied(b"DENIED"));
         assert!(!is_denied(b""));
     }
