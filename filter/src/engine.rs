@@ -43,7 +43,7 @@ pub struct Request<'a> {
 }
 
 /// Everything needed to forward one request and to fix up its response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Forward {
     pub cluster: String,
     pub path: String,
@@ -55,6 +55,22 @@ pub struct Forward {
     pub cache_hit: bool,
     /// Token scopes the upstream request needs (used when the upstream wants bearer tokens).
     pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for Forward {
+    // The upstream credential must not reach a log line or an assertion message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("cluster", &self.cluster)
+            .field("path", &self.path)
+            .field("authority", &self.authority)
+            .field("authorization", &"<redacted>")
+            .field("response", &self.response)
+            .field("caller", &self.caller)
+            .field("cache_hit", &self.cache_hit)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// Kept in the HTTP context for the response phase.
@@ -389,6 +405,7 @@ mod tests {
         assert_eq!(f.response.client.prefix, "/v2/namespaces/demo/connectors/reg");
         assert_eq!(f.response.client.origin, "http://proxy:8080");
         assert_eq!(f.caller.namespace, "demo");
+        assert!(!format!("{f:?}").contains(&f.authorization), "Debug must redact the upstream credential");
     }
 
     #[test]
