@@ -7,3 +7,4 @@
 //! - [`render`]: file mode, the stop-gap until the controller serves xDS.
 
 pub mod crd;
+pub mod secrets;

@@ -1,0 +1,550 @@
+//! Owns the step from a connector's Secret to its upstream credential, and the `SecretReady`
+//! condition that explains the outcome. Pure functions over the Secret object, so the same code
+//! serves file mode and (later) the reconciler.
+//!
+//! Messages name the Secret, its type and its keys so a person can fix it, and never contain a
+//! value read from the Secret: conditions and events are readable by far more people than the
+//! Secret is.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use k8s_openapi::api::core::v1::Secret;
+
+pub const TYPE_REGISTRY_TOKEN: &str = "cpaas.io/distribution-registry-token";
+pub const TYPE_BASIC_AUTH: &str = "kubernetes.io/basic-auth";
+pub const TYPE_DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+
+/// Why `SecretReady` has the status it has; the string is the condition's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    SecretReady,
+    SecretNotFound,
+    SecretTypeUnsupported,
+    SecretKeyMissing,
+    /// A key is there but its value cannot be used (not UTF-8, empty, control characters,
+    /// malformed docker config).
+    SecretInvalid,
+    /// A docker config Secret without an entry for the connector's registry.
+    SecretHostMissing,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SecretReady => "SecretReady",
+            Reason::SecretNotFound => "SecretNotFound",
+            Reason::SecretTypeUnsupported => "SecretTypeUnsupported",
+            Reason::SecretKeyMissing => "SecretKeyMissing",
+            Reason::SecretInvalid => "SecretInvalid",
+            Reason::SecretHostMissing => "SecretHostMissing",
+        }
+    }
+}
+
+/// The `SecretReady` condition's content (the reconciler adds times and generations).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretReady {
+    pub status: bool,
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// An upstream username and password. `Debug` redacts the password so the credential can sit
+/// inside structures that get logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credential {{ username: {:?}, password: <redacted> }}",
+            self.username
+        )
+    }
+}
+
+/// What a connector gets from its Secret: the condition, and the credential when it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretOutcome {
+    pub condition: SecretReady,
+    pub credential: Option<Credential>,
+}
+
+impl SecretOutcome {
+    fn fail(reason: Reason, message: String) -> Self {
+        Self {
+            condition: SecretReady {
+                status: false,
+                reason,
+                message,
+            },
+            credential: None,
+        }
+    }
+}
+
+/// The credential in `secret` (named `name`, in the connector's namespace `namespace`) for a
+/// connector whose upstream is `authority` (`host[:port]`, as
+/// `connector_filter::config::Upstream` normalises it). `None`: the Secret does not exist.
+pub fn credential_from_secret(namespace: &str, name: &str, secret: Option<&Secret>, authority: &str) -> SecretOutcome {
+    let Some(secret) = secret else {
+        return SecretOutcome::fail(
+            Reason::SecretNotFound,
+            format!(
+                "Secret {namespace}/{name} not found: create it (type {TYPE_REGISTRY_TOKEN} with keys username and password) or fix spec.auth.secretRef.name"
+            ),
+        );
+    };
+    let data = merged_data(secret);
+    let type_ = secret.type_.as_deref().unwrap_or("Opaque");
+    let what = format!("Secret {namespace}/{name} (type {type_})");
+    let credential = match type_ {
+        TYPE_REGISTRY_TOKEN | TYPE_BASIC_AUTH => username_password(&what, &data),
+        TYPE_DOCKER_CONFIG_JSON => docker_config(&what, &data, authority),
+        _ => Err((
+            Reason::SecretTypeUnsupported,
+            format!(
+                "{what}: unsupported type; use {TYPE_REGISTRY_TOKEN} or {TYPE_BASIC_AUTH} (keys username and password) or {TYPE_DOCKER_CONFIG_JSON}"
+            ),
+        )),
+    };
+    match credential {
+        Ok(c) => SecretOutcome {
+            condition: SecretReady {
+                status: true,
+                reason: Reason::SecretReady,
+                message: format!("{what} holds the credential of user {:?}", c.username),
+            },
+            credential: Some(c),
+        },
+        Err((reason, message)) => SecretOutcome::fail(reason, message),
+    }
+}
+
+/// `data` with `stringData` laid over it, as the API server stores a Secret written with both
+/// (file mode reads manifests before any API server has merged them).
+fn merged_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
+}
+
+type Refusal = (Reason, String);
+
+fn username_password(what: &str, data: &BTreeMap<String, Vec<u8>>) -> Result<Credential, Refusal> {
+    let missing: Vec<&str> = ["username", "password"]
+        .into_iter()
+        .filter(|k| !data.contains_key(*k))
+        .collect();
+    if !missing.is_empty() {
+        return Err((
+            Reason::SecretKeyMissing,
+            format!(
+                "{what}: missing key(s) {}; it needs username and password",
+                missing.join(", ")
+            ),
+        ));
+    }
+    let value = |key: &str| usable(what, key, data.get(key).map(Vec::as_slice).unwrap_or_default());
+    Ok(Credential {
+        username: value("username")?,
+        password: value("password")?,
+    })
+}
+
+/// A value the filter can take from an environment variable: UTF-8, not empty, one line.
+fn usable(what: &str, key: &str, bytes: &[u8]) -> Result<String, Refusal> {
+    let invalid = |why: &str| Err((Reason::SecretInvalid, format!("{what}: key {key} {why}")));
+    let Ok(s) = std::str::from_utf8(bytes) else {
+        return invalid("is not UTF-8 text");
+    };
+    if s.is_empty() {
+        return invalid("is empty");
+    }
+    if s.chars().any(char::is_control) {
+        // A trailing newline is the usual slip (`echo` instead of `echo -n`); say so.
+        return invalid("contains control characters (a trailing newline?); the value must be one line");
+    }
+    Ok(s.to_string())
+}
+
+fn docker_config(what: &str, data: &BTreeMap<String, Vec<u8>>, authority: &str) -> Result<Credential, Refusal> {
+    let Some(raw) = data.get(DOCKER_CONFIG_KEY) else {
+        return Err((
+            Reason::SecretKeyMissing,
+            format!("{what}: missing key {DOCKER_CONFIG_KEY}"),
+        ));
+    };
+    // serde_json's errors quote no input, only positions: safe to show.
+    let doc: serde_json::Value = serde_json::from_slice(raw).map_err(|e| {
+        (
+            Reason::SecretInvalid,
+            format!("{what}: key {DOCKER_CONFIG_KEY} is not JSON ({e})"),
+        )
+    })?;
+    let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else {
+        return Err((
+            Reason::SecretInvalid,
+            format!("{what}: key {DOCKER_CONFIG_KEY} has no \"auths\" object"),
+        ));
+    };
+    let wanted = registry_aliases(authority);
+    let Some((key, entry)) = auths.iter().find(|(k, _)| wanted.contains(&docker_config_host(k))) else {
+        let mut keys: Vec<&str> = auths.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        return Err((
+            Reason::SecretHostMissing,
+            format!(
+                "{what}: {DOCKER_CONFIG_KEY} has no auths entry for {authority} (entries: {}); add one keyed by the registry host",
+                if keys.is_empty() {
+                    "none".to_string()
+                } else {
+                    keys.join(", ")
+                }
+            ),
+        ));
+    };
+    let field = format!("{DOCKER_CONFIG_KEY} auths[{key:?}]");
+    let text = |name: &str| entry.get(name).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    let (username, password) = match (text("username"), text("password"), text("auth")) {
+        (Some(u), Some(p), _) => (u.to_string(), p.to_string()),
+        (_, _, Some(auth)) => {
+            let decoded = STANDARD
+                .decode(auth.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    (
+                        Reason::SecretInvalid,
+                        format!("{what}: {field}.auth is not base64 of UTF-8 text"),
+                    )
+                })?;
+            match decoded.split_once(':') {
+                Some((u, p)) => (u.to_string(), p.to_string()),
+                None => {
+                    return Err((
+                        Reason::SecretInvalid,
+                        format!("{what}: {field}.auth does not decode to username:password"),
+                    ));
+                }
+            }
+        }
+        _ => {
+            return Err((
+                Reason::SecretKeyMissing,
+                format!("{what}: {field} has neither username and password nor auth"),
+            ));
+        }
+    };
+    Ok(Credential {
+        username: usable(what, &format!("{field} username"), username.as_bytes())?,
+        password: usable(what, &format!("{field} password"), password.as_bytes())?,
+    })
+}
+
+/// The `host[:port]` a docker config `auths` key names: keys come as `host`, `host:port`,
+/// `https://host/v1/` (what `docker login` writes for Docker Hub) and so on.
+fn docker_config_host(key: &str) -> String {
+    let rest = key.split_once("://").map_or(key, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or(rest).to_ascii_lowercase();
+    host.strip_suffix(":443").unwrap_or(&host).to_string()
+}
+
+/// Docker Hub is written under several names; one connector address must find any of them.
+fn registry_aliases(authority: &str) -> Vec<String> {
+    const DOCKER_HUB: [&str; 4] = [
+        "docker.io",
+        "index.docker.io",
+        "registry-1.docker.io",
+        "registry.hub.docker.com",
+    ];
+    let authority = authority.to_ascii_lowercase();
+    if DOCKER_HUB.contains(&authority.as_str()) {
+        DOCKER_HUB.iter().map(|s| s.to_string()).collect()
+    } else {
+        vec![authority]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    const PASSWORD: &str = "s3cr3t-Pa55";
+
+    fn secret(type_: &str, data: &[(&str, &[u8])], string_data: &[(&str, &str)]) -> Secret {
+        Secret {
+            type_: Some(type_.to_string()),
+            data: (!data.is_empty()).then(|| {
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect()
+            }),
+            string_data: (!string_data.is_empty()).then(|| {
+                string_data
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }),
+            ..Secret::default()
+        }
+    }
+
+    fn docker(auths: serde_json::Value) -> Secret {
+        let doc = serde_json::json!({ "auths": auths }).to_string();
+        secret(TYPE_DOCKER_CONFIG_JSON, &[(DOCKER_CONFIG_KEY, doc.as_bytes())], &[])
+    }
+
+    fn b64(s: &str) -> String {
+        STANDARD.encode(s)
+    }
+
+    #[test]
+    fn secrets_to_credentials() {
+        let robot = Some(("robot", PASSWORD));
+        let cases: Vec<(&str, Option<Secret>, &str, Reason, Option<(&str, &str)>, &str)> = vec![
+            (
+                "registry token secret",
+                Some(secret(
+                    TYPE_REGISTRY_TOKEN,
+                    &[("username", b"robot"), ("password", PASSWORD.as_bytes())],
+                    &[],
+                )),
+                "harbor.example.com",
+                Reason::SecretReady,
+                robot,
+                "user \"robot\"",
+            ),
+            (
+                "basic-auth secret written with stringData",
+                Some(secret(
+                    TYPE_BASIC_AUTH,
+                    &[],
+                    &[("username", "robot"), ("password", PASSWORD)],
+                )),
+                "harbor.example.com",
+                Reason::SecretReady,
+                robot,
+                "kubernetes.io/basic-auth",
+            ),
+            (
+                "stringData wins over data, as on the API server",
+                Some(secret(
+                    TYPE_BASIC_AUTH,
+                    &[("username", b"old"), ("password", b"old")],
+                    &[("username", "robot"), ("password", PASSWORD)],
+                )),
+                "h",
+                Reason::SecretReady,
+                robot,
+                "",
+            ),
+            (
+                "no secret",
+                None,
+                "h",
+                Reason::SecretNotFound,
+                None,
+                "Secret team-a/creds not found",
+            ),
+            (
+                "opaque secret",
+                Some(secret(
+                    "Opaque",
+                    &[("username", b"robot"), ("password", PASSWORD.as_bytes())],
+                    &[],
+                )),
+                "h",
+                Reason::SecretTypeUnsupported,
+                None,
+                "type Opaque",
+            ),
+            (
+                "missing password",
+                Some(secret(TYPE_REGISTRY_TOKEN, &[("username", b"robot")], &[])),
+                "h",
+                Reason::SecretKeyMissing,
+                None,
+                "missing key(s) password",
+            ),
+            (
+                "password with a trailing newline",
+                Some(secret(
+                    TYPE_REGISTRY_TOKEN,
+                    &[("username", b"robot"), ("password", format!("{PASSWORD}\n").as_bytes())],
+                    &[],
+                )),
+                "h",
+                Reason::SecretInvalid,
+                None,
+                "key password contains control characters",
+            ),
+            (
+                "empty username",
+                Some(secret(
+                    TYPE_BASIC_AUTH,
+                    &[("username", b""), ("password", PASSWORD.as_bytes())],
+                    &[],
+                )),
+                "h",
+                Reason::SecretInvalid,
+                None,
+                "key username is empty",
+            ),
+            (
+                "password not UTF-8",
+                Some(secret(
+                    TYPE_BASIC_AUTH,
+                    &[("username", b"robot"), ("password", &[0xff, 0xfe])],
+                    &[],
+                )),
+                "h",
+                Reason::SecretInvalid,
+                None,
+                "not UTF-8",
+            ),
+            (
+                "docker config with auth",
+                Some(docker(
+                    serde_json::json!({ "harbor.example.com": { "auth": b64(&format!("robot:{PASSWORD}")) } }),
+                )),
+                "harbor.example.com",
+                Reason::SecretReady,
+                robot,
+                "",
+            ),
+            (
+                "docker config with username/password, keyed by URL",
+                Some(docker(
+                    serde_json::json!({ "https://harbor.example.com/": { "username": "robot", "password": PASSWORD } }),
+                )),
+                "harbor.example.com",
+                Reason::SecretReady,
+                robot,
+                "",
+            ),
+            (
+                "docker config with port",
+                Some(docker(
+                    serde_json::json!({ "127.0.0.1:5000": { "auth": b64(&format!("robot:{PASSWORD}")) } }),
+                )),
+                "127.0.0.1:5000",
+                Reason::SecretReady,
+                robot,
+                "",
+            ),
+            (
+                "Docker Hub under its legacy key",
+                Some(docker(
+                    serde_json::json!({ "https://index.docker.io/v1/": { "auth": b64(&format!("robot:{PASSWORD}")) } }),
+                )),
+                "registry-1.docker.io",
+                Reason::SecretReady,
+                robot,
+                "",
+            ),
+            (
+                "docker config for another registry",
+                Some(docker(
+                    serde_json::json!({ "ghcr.io": { "auth": b64(&format!("robot:{PASSWORD}")) } }),
+                )),
+                "harbor.example.com",
+                Reason::SecretHostMissing,
+                None,
+                "no auths entry for harbor.example.com (entries: ghcr.io)",
+            ),
+            (
+                "docker config auth without a colon",
+                Some(docker(serde_json::json!({ "h": { "auth": b64(PASSWORD) } }))),
+                "h",
+                Reason::SecretInvalid,
+                None,
+                "does not decode to username:password",
+            ),
+            (
+                "docker config entry without credentials",
+                Some(docker(serde_json::json!({ "h": { "email": "x@example.com" } }))),
+                "h",
+                Reason::SecretKeyMissing,
+                None,
+                "neither username and password nor auth",
+            ),
+            (
+                "docker config that is not JSON",
+                Some(secret(
+                    TYPE_DOCKER_CONFIG_JSON,
+                    &[(DOCKER_CONFIG_KEY, format!("{{{PASSWORD}").as_bytes())],
+                    &[],
+                )),
+                "h",
+                Reason::SecretInvalid,
+                None,
+                "is not JSON",
+            ),
+            (
+                "docker config secret without its key",
+                Some(secret(TYPE_DOCKER_CONFIG_JSON, &[("config.json", b"{}")], &[])),
+                "h",
+                Reason::SecretKeyMissing,
+                None,
+                "missing key .dockerconfigjson",
+            ),
+        ];
+        for (case, secret, authority, reason, credential, message_part) in cases {
+            let out = credential_from_secret("team-a", "creds", secret.as_ref(), authority);
+            assert_eq!(out.condition.reason, reason, "{case}: {}", out.condition.message);
+            assert_eq!(out.condition.status, reason == Reason::SecretReady, "{case}");
+            assert_eq!(
+                out.credential
+                    .as_ref()
+                    .map(|c| (c.username.as_str(), c.password.as_str())),
+                credential,
+                "{case}"
+            );
+            assert!(
+                out.condition.message.contains(message_part),
+                "{case}: message {:?} should contain {message_part:?}",
+                out.condition.message
+            );
+            assert!(
+                !out.condition.message.contains(PASSWORD),
+                "{case}: the message shows the password"
+            );
+            assert!(
+                !format!("{out:?}").contains(PASSWORD),
+                "{case}: Debug shows the password"
+            );
+            assert!(
+                out.condition.message.contains("team-a/creds"),
+                "{case}: the message names the Secret"
+            );
+        }
+    }
+
+    #[test]
+    fn docker_config_keys_name_hosts() {
+        for (key, host) in [
+            ("harbor.example.com", "harbor.example.com"),
+            ("https://Harbor.Example.com/v1/", "harbor.example.com"),
+            ("http://127.0.0.1:5000", "127.0.0.1:5000"),
+            ("https://h:443", "h"),
+        ] {
+            assert_eq!(docker_config_host(key), host, "{key}");
+        }
+    }
+}
