@@ -7,4 +7,5 @@
 //! - [`render`]: file mode, the stop-gap until the controller serves xDS.
 
 pub mod crd;
+pub mod manifests;
 pub mod secrets;

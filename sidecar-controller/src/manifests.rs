@@ -1,0 +1,343 @@
+//! Owns reading Connector and Secret manifests from files (the YAML a user would `kubectl
+//! apply`, several documents per file allowed) into typed objects, with every problem located by
+//! file, document index and field path.
+//!
+//! A problem inside a Secret document is reported by path only: serde's messages quote the
+//! offending value, and in a Secret that value may be the password.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Secret;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::crd::Connector;
+
+const CONNECTOR_API_VERSION: &str = "connectors.alauda.io/v1alpha1";
+
+/// Where a document came from: its file and its 0-based index among the file's documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub index: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} document {}", self.file.display(), self.index)
+    }
+}
+
+/// One problem of a manifest set. `at` says where (a document, or the identity file), `path`
+/// the field within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub at: String,
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(at: impl fmt::Display, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            at: at.to_string(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.at, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.at, self.path, self.message)
+        }
+    }
+}
+
+/// The objects of a manifest directory, each with where it came from.
+#[derive(Debug, Default)]
+pub struct ManifestSet {
+    pub connectors: Vec<(Location, Connector)>,
+    pub secrets: Vec<(Location, Secret)>,
+}
+
+impl ManifestSet {
+    /// The Secret `namespace/name`, if the set has it.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
+        self.secrets
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
+    }
+}
+
+/// Reads every `*.yaml` / `*.yml` file of `dir` (not recursing), in name order so problems come
+/// out in a stable order.
+pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        vec![Problem::new(
+            dir.display(),
+            "",
+            format!("cannot read the manifest directory: {e}"),
+        )]
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    let mut set = ManifestSet::default();
+    let mut problems = vec![];
+    if files.is_empty() {
+        problems.push(Problem::new(dir.display(), "", "no *.yaml or *.yml files"));
+    }
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_file(&file, &text, &mut set, &mut problems),
+            Err(e) => problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
+        }
+    }
+    if problems.is_empty() { Ok(set) } else { Err(problems) }
+}
+
+/// Adds the documents of one file to `set`; problems go to `problems`.
+pub fn parse_file(file: &Path, text: &str, set: &mut ManifestSet, problems: &mut Vec<Problem>) {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let at = Location {
+            file: file.to_path_buf(),
+            index,
+        };
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue, // `---` at the start or end of a file
+            Ok(v) => v,
+            Err(e) => {
+                // A syntax error ends the stream: later documents cannot be located reliably.
+                problems.push(Problem::new(&at, "", format!("not YAML: {}", location_only(&e))));
+                return;
+            }
+        };
+        let value: serde_json::Value = match serde_json::to_value(value) {
+            Ok(v) => v,
+            Err(_) => {
+                problems.push(Problem::new(
+                    &at,
+                    "",
+                    "not a JSON-compatible object (non-string map keys?)",
+                ));
+                continue;
+            }
+        };
+        parse_document(at, value, set, problems);
+    }
+}
+
+fn parse_document(at: Location, value: serde_json::Value, set: &mut ManifestSet, problems: &mut Vec<Problem>) {
+    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let (api_version, kind) = (field("apiVersion"), field("kind"));
+    match (api_version.as_str(), kind.as_str()) {
+        (CONNECTOR_API_VERSION, "Connector") => {
+            if let Some(c) = typed::<Connector>(&at, value, false, problems) {
+                if check_metadata(&at, "Connector", &c.metadata, set.connectors.iter().map(|(l, c)| (l, &c.metadata)), problems) {
+                    set.connectors.push((at, c));
+                }
+            }
+        }
+        ("v1", "Secret") => {
+            if let Some(s) = typed::<Secret>(&at, value, true, problems) {
+                if check_metadata(&at, "Secret", &s.metadata, set.secrets.iter().map(|(l, s)| (l, &s.metadata)), problems) {
+                    set.secrets.push((at, s));
+                }
+            }
+        }
+        _ => problems.push(Problem::new(
+            &at,
+            "kind",
+            format!(
+                "{api_version:?} {kind:?}: file mode reads Connector ({CONNECTOR_API_VERSION}) and Secret (v1) manifests only"
+            ),
+        )),
+    }
+}
+
+fn typed<T: DeserializeOwned>(
+    at: &Location,
+    value: serde_json::Value,
+    secret: bool,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let message = if secret {
+                "invalid value (not shown: a Secret's values may be credentials); data values must be base64 strings, stringData values strings".to_string()
+            } else {
+                e.inner().to_string()
+            };
+            problems.push(Problem::new(at, e.path().to_string(), message));
+            None
+        }
+    }
+}
+
+/// Name and namespace present and unique within the set; `false` when the object must be left out.
+fn check_metadata<'a>(
+    at: &Location,
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    seen: impl Iterator<
+        Item = (
+            &'a Location,
+            &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        ),
+    >,
+    problems: &mut Vec<Problem>,
+) -> bool {
+    let before = problems.len();
+    if meta.name.as_deref().unwrap_or_default().is_empty() {
+        problems.push(Problem::new(at, "metadata.name", "required"));
+    }
+    if meta.namespace.as_deref().unwrap_or_default().is_empty() {
+        problems.push(Problem::new(
+            at,
+            "metadata.namespace",
+            "required in file mode (there is no kubectl context to default it from)",
+        ));
+    }
+    if problems.len() > before {
+        return false;
+    }
+    if let Some((first, _)) = seen
+        .into_iter()
+        .find(|(_, m)| m.name == meta.name && m.namespace == meta.namespace)
+    {
+        problems.push(Problem::new(
+            at,
+            "metadata.name",
+            format!(
+                "{kind} {}/{} is already defined at {first}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            ),
+        ));
+        return false;
+    }
+    true
+}
+
+/// A YAML error's position without the text around it (the text may be in a Secret).
+fn location_only(e: &serde_yaml::Error) -> String {
+    match e.location() {
+        Some(l) => format!("syntax error at line {}, column {}", l.line(), l.column()),
+        None => "syntax error".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONNECTOR: &str = "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata: {name: registry, namespace: demo}\nspec: {address: 'http://127.0.0.1:5000', auth: {name: basicAuth, secretRef: {name: creds}}, connectorClassName: oci}\n";
+    const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: demo}\ntype: kubernetes.io/basic-auth\nstringData: {username: robot, password: hunter2-secret}\n";
+
+    fn parse(text: &str) -> (ManifestSet, Vec<String>) {
+        let mut set = ManifestSet::default();
+        let mut problems = vec![];
+        parse_file(Path::new("m.yaml"), text, &mut set, &mut problems);
+        (set, problems.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn documents_and_their_problems() {
+        let cases: Vec<(&str, String, usize, usize, Vec<&str>)> = vec![
+            (
+                "connector and secret",
+                format!("{CONNECTOR}---\n{SECRET}"),
+                1,
+                1,
+                vec![],
+            ),
+            (
+                "leading and trailing separators",
+                format!("---\n{CONNECTOR}---\n"),
+                1,
+                0,
+                vec![],
+            ),
+            (
+                "unknown kind",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: y}\n".into(),
+                0,
+                0,
+                vec!["m.yaml document 0: kind: \"v1\" \"ConfigMap\": file mode reads Connector"],
+            ),
+            (
+                "bad auth name, second document",
+                format!("{SECRET}---\n{}", CONNECTOR.replace("basicAuth", "bearer")),
+                0,
+                1,
+                vec!["m.yaml document 1: spec.auth.name: unknown variant `bearer`"],
+            ),
+            (
+                "missing namespace and name",
+                CONNECTOR.replace("{name: registry, namespace: demo}", "{}"),
+                0,
+                0,
+                vec![
+                    "document 0: metadata.name: required",
+                    "document 0: metadata.namespace: required in file mode",
+                ],
+            ),
+            (
+                "duplicate connector",
+                format!("{CONNECTOR}---\n{CONNECTOR}"),
+                1,
+                0,
+                vec![
+                    "m.yaml document 1: metadata.name: Connector demo/registry is already defined at m.yaml document 0",
+                ],
+            ),
+            (
+                "secret value of the wrong type is not echoed",
+                SECRET.replace("password: hunter2-secret", "password: [hunter2-secret]"),
+                0,
+                0,
+                vec!["m.yaml document 0: stringData.password: invalid value (not shown"],
+            ),
+            (
+                "yaml syntax error",
+                "a: [\n".into(),
+                0,
+                0,
+                vec!["m.yaml document 0: not YAML: syntax error at line"],
+            ),
+        ];
+        for (case, text, connectors, secrets, expected) in cases {
+            let (set, problems) = parse(&text);
+            assert_eq!(set.connectors.len(), connectors, "{case}: {problems:?}");
+            assert_eq!(set.secrets.len(), secrets, "{case}: {problems:?}");
+            assert_eq!(problems.len(), expected.len(), "{case}: {problems:?}");
+            for (p, e) in problems.iter().zip(&expected) {
+                assert!(p.contains(e), "{case}: {p:?} should contain {e:?}");
+                assert!(!p.contains("hunter2"), "{case}: a Secret value in {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_directory_is_read_in_name_order_and_empty_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_dir(dir.path()).unwrap_err();
+        assert!(err[0].message.contains("no *.yaml"), "{err:?}");
+        std::fs::write(dir.path().join("b.yml"), SECRET).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), CONNECTOR).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let set = load_dir(dir.path()).unwrap();
+        assert_eq!(set.connectors.len(), 1);
+        assert!(set.secret("demo", "creds").is_some());
+        assert!(set.connectors[0].0.file.ends_with("a.yaml"));
+    }
+}
