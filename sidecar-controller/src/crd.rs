@@ -19,6 +19,8 @@ pub const CRD_REGENERATE: &str = "cargo run -q -p connector-controller -- crd > 
 
 /// A connector: an upstream OCI registry that workloads reach through the proxy with their
 /// ServiceAccount token, and the Secret holding the registry credential.
+// Each printer column repeats `type_ = "string"`; clippy reads that as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[kube(
     group = "connectors.alauda.io",

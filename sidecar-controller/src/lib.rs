@@ -8,4 +8,5 @@
 
 pub mod crd;
 pub mod manifests;
+pub mod render;
 pub mod secrets;

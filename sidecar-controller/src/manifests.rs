@@ -140,17 +140,17 @@ fn parse_document(at: Location, value: serde_json::Value, set: &mut ManifestSet,
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     match (api_version.as_str(), kind.as_str()) {
         (CONNECTOR_API_VERSION, "Connector") => {
-            if let Some(c) = typed::<Connector>(&at, value, false, problems) {
-                if check_metadata(&at, "Connector", &c.metadata, set.connectors.iter().map(|(l, c)| (l, &c.metadata)), problems) {
-                    set.connectors.push((at, c));
-                }
+            if let Some(c) = typed::<Connector>(&at, value, false, problems)
+                && check_metadata(&at, "Connector", &c.metadata, set.connectors.iter().map(|(l, c)| (l, &c.metadata)), problems)
+            {
+                set.connectors.push((at, c));
             }
         }
         ("v1", "Secret") => {
-            if let Some(s) = typed::<Secret>(&at, value, true, problems) {
-                if check_metadata(&at, "Secret", &s.metadata, set.secrets.iter().map(|(l, s)| (l, &s.metadata)), problems) {
-                    set.secrets.push((at, s));
-                }
+            if let Some(s) = typed::<Secret>(&at, value, true, problems)
+                && check_metadata(&at, "Secret", &s.metadata, set.secrets.iter().map(|(l, s)| (l, &s.metadata)), problems)
+            {
+                set.secrets.push((at, s));
             }
         }
         _ => problems.push(Problem::new(

@@ -317,7 +317,16 @@ mod tests {
     #[test]
     fn secrets_to_credentials() {
         let robot = Some(("robot", PASSWORD));
-        let cases: Vec<(&str, Option<Secret>, &str, Reason, Option<(&str, &str)>, &str)> = vec![
+        // (case, secret, connector authority, reason, credential, part of the message)
+        type Case<'a> = (
+            &'a str,
+            Option<Secret>,
+            &'a str,
+            Reason,
+            Option<(&'a str, &'a str)>,
+            &'a str,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "registry token secret",
                 Some(secret(

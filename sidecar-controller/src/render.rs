@@ -1,0 +1,539 @@
+//! Owns file mode's output: from a checked [`ManifestSet`] and the identity settings, the
+//! filter configuration document (README "Filter configuration"), the environment variables
+//! holding the upstream credentials, and the Envoy clusters the configuration names.
+//!
+//! This is the stop-gap until the controller serves xDS (issue 4): here the operator starts
+//! Envoy with the rendered files, and a change means rendering again and restarting Envoy. The
+//! rendered configuration is checked with the filter's own validator
+//! (`connector_filter::config::compile`), so a set this accepts is one the filter loads.
+//!
+//! Credentials go only to the env file (mode 0600): the configuration names the variables, so it
+//! and Envoy's config dump stay free of passwords, exactly as the filter expects.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use connector_filter::config::Upstream;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::manifests::{ManifestSet, Problem};
+use crate::secrets::{Credential, credential_from_secret};
+
+pub const FILTER_CONFIG_FILE: &str = "filter-config.json";
+pub const ENV_FILE: &str = "connectors.env";
+pub const CLUSTERS_FILE: &str = "clusters.json";
+
+/// An Envoy cluster the filter configuration refers to: one per upstream origin (registry or
+/// token realm).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamCluster {
+    pub name: String,
+    /// Host name or IP address (IPv6 without brackets), as Envoy's socket address takes it.
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// SNI for TLS to a host name; none for IP literals (SNI carries names only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+}
+
+/// What `render` produces. `Debug` shows variable names, never their values.
+#[derive(Clone)]
+pub struct Rendered {
+    pub filter_config: Value,
+    /// `(variable, value)`, sorted by variable.
+    pub env: Vec<(String, String)>,
+    pub clusters: Vec<UpstreamCluster>,
+}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Rendered")
+            .field("filter_config", &self.filter_config)
+            .field("env", &names)
+            .field("clusters", &self.clusters)
+            .finish()
+    }
+}
+
+/// Reads the manifests in `manifests` and the identity file, then renders. Problems of either
+/// come back together; any problem refuses the whole set.
+pub fn render_files(manifests: &Path, identity_file: &Path) -> Result<Rendered, Vec<Problem>> {
+    let identity = read_identity(identity_file);
+    let set = crate::manifests::load_dir(manifests);
+    match (set, identity) {
+        (Ok(set), Ok(identity)) => render(&set, &identity, &identity_file.display().to_string()),
+        (set, identity) => Err(set.err().into_iter().flatten().chain(identity.err()).collect()),
+    }
+}
+
+/// The identity file: the filter's `identity` object (`issuers`, `audiences`, `jwks`,
+/// optionally `clockSkewSeconds`, `tokenCacheSize`), validated with the rest by the filter.
+fn read_identity(path: &Path) -> Result<Value, Problem> {
+    let at = path.display();
+    let text = std::fs::read(path).map_err(|e| Problem::new(&at, "", format!("cannot read: {e}")))?;
+    let v: Value = serde_json::from_slice(&text).map_err(|e| Problem::new(&at, "", format!("not JSON: {e}")))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err(Problem::new(
+            &at,
+            "",
+            "expected a JSON object: {\"issuers\": [...], \"audiences\": [...], \"jwks\": {...}}",
+        ))
+    }
+}
+
+/// Renders `set`. `identity_at` names where the identity settings came from, for problems.
+pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<Rendered, Vec<Problem>> {
+    let mut problems = vec![];
+    let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
+    let mut env: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut entries = vec![];
+    // Which document each filter entry came from, to locate the filter validator's findings.
+    let mut origins = vec![];
+    for (at, c) in &set.connectors {
+        let ns = c.metadata.namespace.as_deref().unwrap_or_default();
+        let name = c.metadata.name.as_deref().unwrap_or_default();
+        let mut ok = true;
+        let upstream = match Upstream::parse(&c.spec.address) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                problems.push(Problem::new(at, "spec.address", e));
+                None
+            }
+        };
+        let cluster = upstream.as_ref().map(|u| {
+            let cluster = cluster_for(u);
+            add_cluster(&mut clusters, cluster.clone(), at, "spec.address", &mut problems);
+            cluster.name
+        });
+        let secret_name = &c.spec.auth.secret_ref.name;
+        let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
+        let outcome = credential_from_secret(ns, secret_name, set.secret(ns, secret_name), authority);
+        if !outcome.condition.status {
+            problems.push(Problem::new(
+                at,
+                "spec.auth.secretRef.name",
+                format!("{}: {}", outcome.condition.reason.as_str(), outcome.condition.message),
+            ));
+            ok = false;
+        }
+        let mut realms = vec![];
+        for (i, realm) in c.spec.token_realms.iter().enumerate() {
+            let path = format!("spec.tokenRealms[{i}]");
+            match realm_origin(&realm.url) {
+                Ok(u) => {
+                    let mut cl = cluster_for(&u);
+                    if let Some(named) = &realm.cluster {
+                        cl.name.clone_from(named);
+                    }
+                    realms.push(json!({ "url": realm.url, "cluster": cl.name }));
+                    add_cluster(&mut clusters, cl, at, &path, &mut problems);
+                }
+                Err(e) => {
+                    problems.push(Problem::new(at, format!("{path}.url"), e));
+                    ok = false;
+                }
+            }
+        }
+        let (user_var, password_var) = env_names(ns, name);
+        // Both names share one stem: one check covers the pair.
+        if let Some((other, _)) = env.get(&user_var) {
+            problems.push(Problem::new(
+                at,
+                "metadata.name",
+                format!("its variables {user_var} and {password_var} are also those of the connector at {other}: rename one of them"),
+            ));
+            ok = false;
+        }
+        let (Some(cluster), Some(Credential { username, password }), true) = (cluster, outcome.credential, ok) else {
+            continue;
+        };
+        env.insert(user_var.clone(), (at.to_string(), username));
+        env.insert(password_var.clone(), (at.to_string(), password));
+        let mut entry = json!({
+            "namespace": ns,
+            "name": name,
+            "address": c.spec.address,
+            "cluster": cluster,
+            "credential": { "usernameEnv": user_var, "passwordEnv": password_var },
+        });
+        for (key, list) in [
+            ("allowedNamespaces", &c.spec.allowed_namespaces),
+            ("allowedServiceAccounts", &c.spec.allowed_service_accounts),
+            ("hosts", &c.spec.hosts),
+        ] {
+            if !list.is_empty() {
+                entry[key] = json!(list);
+            }
+        }
+        if !realms.is_empty() {
+            entry["tokenRealms"] = Value::Array(realms);
+        }
+        entries.push(entry);
+        origins.push(at.to_string());
+    }
+    // The filter's validator runs even when the set already has problems, on the connectors
+    // that got this far, so one run reports everything.
+    let filter_config = json!({ "identity": identity, "connectors": entries });
+    let env: Vec<(String, String)> = env.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    if let Err(errors) = connector_filter::config::compile(filter_config.to_string().as_bytes(), &lookup) {
+        // "no connectors" is only news when the manifests have none, not when every one of
+        // them was left out for a problem already reported.
+        let dropped = origins.len() < set.connectors.len();
+        problems.extend(
+            errors
+                .into_iter()
+                .filter(|e| !(dropped && e.path == "connectors"))
+                .map(|e| locate(e, &origins, identity_at)),
+        );
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Rendered {
+        filter_config,
+        env,
+        clusters: clusters.into_values().map(|(c, _)| c).collect(),
+    })
+}
+
+/// Maps a finding of the filter's validator back to the document it is about.
+fn locate(e: connector_filter::config::ConfigError, origins: &[String], identity_at: &str) -> Problem {
+    let index = e
+        .path
+        .strip_prefix("connectors[")
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(i, _)| i.parse::<usize>().ok());
+    match index.and_then(|i| origins.get(i)) {
+        Some(at) => Problem::new(at, format!("filter configuration {}", e.path), e.message),
+        None if e.path.starts_with("identity") => Problem::new(identity_at, e.path, e.message),
+        None => Problem::new("filter configuration", e.path, e.message),
+    }
+}
+
+fn add_cluster(
+    clusters: &mut BTreeMap<String, (UpstreamCluster, String)>,
+    cluster: UpstreamCluster,
+    at: &crate::manifests::Location,
+    path: &str,
+    problems: &mut Vec<Problem>,
+) {
+    match clusters.get(&cluster.name) {
+        Some((existing, _)) if *existing == cluster => {}
+        Some((_, first)) => problems.push(Problem::new(
+            at,
+            path,
+            format!(
+                "cluster {} would reach {}:{} but {first} already names it for another origin",
+                cluster.name, cluster.host, cluster.port
+            ),
+        )),
+        None => {
+            clusters.insert(cluster.name.clone(), (cluster, format!("{at} {path}")));
+        }
+    }
+}
+
+/// The origin of a token realm URL (its path and query are the realm's business).
+fn realm_origin(url: &str) -> Result<Upstream, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "expected an http(s) URL".to_string())?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    Upstream::parse(&format!("{scheme}://{authority}"))
+}
+
+/// One cluster per origin, named after it so two connectors on one registry share it.
+pub fn cluster_for(u: &Upstream) -> UpstreamCluster {
+    let tls = u.scheme == "https";
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = match u.authority.strip_prefix('[').and_then(|r| r.split_once(']')) {
+        Some((addr, rest)) => (addr.to_string(), rest.strip_prefix(':').and_then(|p| p.parse().ok())),
+        None => match u.authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().ok()),
+            None => (u.authority.clone(), None),
+        },
+    };
+    let port = port.unwrap_or(default_port);
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    UpstreamCluster {
+        name: format!("upstream_{}_{}_{port}", u.scheme, sanitize(&host).to_ascii_lowercase()),
+        sni: (tls && !is_ip).then(|| host.clone()),
+        host,
+        port,
+        tls,
+    }
+}
+
+/// `CONNECTOR_<NS>_<NAME>_USERNAME` and `..._PASSWORD`.
+pub fn env_names(namespace: &str, name: &str) -> (String, String) {
+    let base = format!("CONNECTOR_{}_{}", sanitize(namespace), sanitize(name)).to_ascii_uppercase();
+    (format!("{base}_USERNAME"), format!("{base}_PASSWORD"))
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// The files [`Rendered::write`] wrote.
+#[derive(Debug)]
+pub struct Written {
+    pub filter_config: PathBuf,
+    pub env: PathBuf,
+    pub clusters: PathBuf,
+}
+
+impl Rendered {
+    /// Writes the three files into `out` (created if missing). Each file is written beside its
+    /// final name and renamed into place, so a reader never sees half a file; the env file is
+    /// created with mode 0600 so the credentials are never readable by others, not even briefly.
+    pub fn write(&self, out: &Path) -> std::io::Result<Written> {
+        std::fs::create_dir_all(out)?;
+        let config = serde_json::to_vec_pretty(&self.filter_config).map_err(std::io::Error::other)?;
+        let clusters = serde_json::to_vec_pretty(&self.clusters).map_err(std::io::Error::other)?;
+        let env: String = self.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let written = Written {
+            filter_config: out.join(FILTER_CONFIG_FILE),
+            env: out.join(ENV_FILE),
+            clusters: out.join(CLUSTERS_FILE),
+        };
+        write_atomically(&written.filter_config, &config, 0o644)?;
+        write_atomically(&written.env, env.as_bytes(), 0o600)?;
+        write_atomically(&written.clusters, &clusters, 0o644)?;
+        Ok(written)
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads an env file as [`Rendered::write`] writes it: `NAME=value` lines, the value verbatim
+/// (docker `--env-file` style: no quoting; values never hold newlines, the Secret check refuses them).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse_file;
+
+    const PASSWORD: &str = "hunter2-secret";
+
+    /// The example configuration's identity: a real RSA key the filter's validator accepts.
+    fn identity() -> Value {
+        let example: Value = serde_json::from_str(include_str!("../../envoy/connectors.example.json")).unwrap();
+        example["identity"].clone()
+    }
+
+    fn connector(name: &str, address: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  address: '{address}'\n  auth: {{name: tokenAuth, secretRef: {{name: creds}}}}\n  connectorClassName: oci\n{extra}---\n"
+        )
+    }
+
+    const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: demo}\ntype: cpaas.io/distribution-registry-token\nstringData: {username: robot, password: hunter2-secret}\n---\n";
+
+    fn run(text: &str) -> Result<Rendered, Vec<String>> {
+        let mut set = ManifestSet::default();
+        let mut problems = vec![];
+        parse_file(Path::new("m.yaml"), text, &mut set, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        render(&set, &identity(), "identity.json").map_err(|p| p.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn renders_connectors_credentials_and_clusters() {
+        let text = format!(
+            "{}{}{SECRET}",
+            connector(
+                "harbor",
+                "https://Harbor.example.com",
+                "  allowedNamespaces: [ci]\n  allowedServiceAccounts: [build/kaniko]\n  hosts: [harbor-proxy.example.com]\n  tokenRealms: [{url: 'https://auth.example.com/service/token'}]\n"
+            ),
+            connector("local", "http://127.0.0.1:5000", ""),
+        );
+        let r = run(&text).unwrap();
+        let c = &r.filter_config["connectors"];
+        assert_eq!(c[0]["cluster"], "upstream_https_harbor_example_com_443");
+        assert_eq!(
+            c[0]["credential"],
+            json!({"usernameEnv": "CONNECTOR_DEMO_HARBOR_USERNAME", "passwordEnv": "CONNECTOR_DEMO_HARBOR_PASSWORD"})
+        );
+        assert_eq!(c[0]["tokenRealms"][0]["cluster"], "upstream_https_auth_example_com_443");
+        assert_eq!(c[0]["allowedServiceAccounts"], json!(["build/kaniko"]));
+        assert_eq!(c[1]["cluster"], "upstream_http_127_0_0_1_5000");
+        assert!(c[1].get("hosts").is_none());
+        assert_eq!(r.filter_config["identity"], identity());
+        let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "upstream_http_127_0_0_1_5000",
+                "upstream_https_auth_example_com_443",
+                "upstream_https_harbor_example_com_443"
+            ]
+        );
+        assert_eq!(r.clusters[2].sni.as_deref(), Some("harbor.example.com"));
+        assert!(!r.clusters[0].tls && r.clusters[0].sni.is_none());
+        assert_eq!(r.env.len(), 4);
+        assert!(
+            r.env
+                .contains(&("CONNECTOR_DEMO_LOCAL_PASSWORD".into(), PASSWORD.into()))
+        );
+        let text = r.filter_config.to_string();
+        assert!(!text.contains(PASSWORD), "a password in the filter configuration");
+        assert!(!format!("{r:?}").contains(PASSWORD), "a password in Debug");
+    }
+
+    #[test]
+    fn bad_sets_are_refused_with_every_problem_located() {
+        let cases: Vec<(&str, String, Vec<&str>)> = vec![
+            (
+                "secret missing",
+                connector("a", "http://r:5000", ""),
+                vec!["m.yaml document 0: spec.auth.secretRef.name: SecretNotFound: Secret demo/creds not found"],
+            ),
+            (
+                "two problems in two documents",
+                format!(
+                    "{}{}{SECRET}",
+                    connector("a", "http://r:5000/v2", ""),
+                    connector("b", "http://r", "  allowedServiceAccounts: [nobody]\n")
+                ),
+                vec![
+                    "m.yaml document 0: spec.address: expected scheme://host[:port] with no path",
+                    "m.yaml document 1: filter configuration connectors[0].allowedServiceAccounts[0]",
+                ],
+            ),
+            (
+                "realm cluster name reused for another origin",
+                format!(
+                    "{}{SECRET}",
+                    connector(
+                        "a",
+                        "http://r",
+                        "  tokenRealms: [{url: 'https://auth.example.com/t', cluster: upstream_http_r_80}]\n"
+                    )
+                ),
+                vec![
+                    "m.yaml document 0: spec.tokenRealms[0]: cluster upstream_http_r_80 would reach auth.example.com:443",
+                ],
+            ),
+            (
+                "env variable names collide",
+                format!(
+                    "{}{}{SECRET}",
+                    connector("a-b", "http://r", ""),
+                    connector("a.b", "http://r", "")
+                ),
+                vec![
+                    "m.yaml document 1: metadata.name: its variables CONNECTOR_DEMO_A_B_USERNAME and CONNECTOR_DEMO_A_B_PASSWORD are also",
+                ],
+            ),
+        ];
+        for (case, text, expected) in cases {
+            let problems = run(&text).unwrap_err();
+            assert_eq!(problems.len(), expected.len(), "{case}: {problems:#?}");
+            for (p, e) in problems.iter().zip(&expected) {
+                assert!(p.starts_with(e), "{case}: {p:?} should start with {e:?}");
+                assert!(!p.contains(PASSWORD), "{case}: a password in {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn identity_problems_point_at_the_identity_file() {
+        let mut set = ManifestSet::default();
+        let mut problems = vec![];
+        parse_file(
+            Path::new("m.yaml"),
+            &format!("{}{SECRET}", connector("a", "http://r", "")),
+            &mut set,
+            &mut problems,
+        );
+        let mut identity = identity();
+        identity["audiences"] = json!([]);
+        let problems = render(&set, &identity, "identity.json").unwrap_err();
+        assert!(problems.iter().all(|p| p.at == "identity.json"), "{problems:?}");
+        assert!(problems.iter().any(|p| p.path == "identity.audiences"), "{problems:?}");
+    }
+
+    #[test]
+    fn clusters_per_origin() {
+        for (address, name, host, port, sni) in [
+            (
+                "https://ghcr.io",
+                "upstream_https_ghcr_io_443",
+                "ghcr.io",
+                443,
+                Some("ghcr.io"),
+            ),
+            (
+                "https://10.0.0.1:8443",
+                "upstream_https_10_0_0_1_8443",
+                "10.0.0.1",
+                8443,
+                None,
+            ),
+            ("http://[::1]:5000", "upstream_http___1_5000", "::1", 5000, None),
+            (
+                "http://registry.local",
+                "upstream_http_registry_local_80",
+                "registry.local",
+                80,
+                None,
+            ),
+        ] {
+            let c = cluster_for(&Upstream::parse(address).unwrap());
+            assert_eq!(
+                (c.name.as_str(), c.host.as_str(), c.port, c.sni.as_deref()),
+                (name, host, port, sni),
+                "{address}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_are_written_with_the_env_file_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let r = run(&format!("{}{SECRET}", connector("a", "http://r", ""))).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let w = r.write(dir.path()).unwrap();
+        let mode = std::fs::metadata(&w.env).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let env = parse_env_file(&std::fs::read_to_string(&w.env).unwrap());
+        assert_eq!(env, r.env);
+        let config = std::fs::read(&w.filter_config).unwrap();
+        assert!(
+            connector_filter::config::compile(&config, &|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+                .is_ok()
+        );
+        let clusters: Value = serde_json::from_slice(&std::fs::read(&w.clusters).unwrap()).unwrap();
+        assert_eq!(clusters[0]["name"], "upstream_http_r_80");
+    }
+}
