@@ -405,7 +405,10 @@ mod tests {
         assert_eq!(f.response.client.prefix, "/v2/namespaces/demo/connectors/reg");
         assert_eq!(f.response.client.origin, "http://proxy:8080");
         assert_eq!(f.caller.namespace, "demo");
-        assert!(!format!("{f:?}").contains(&f.authorization), "Debug must redact the upstream credential");
+        assert!(
+            !format!("{f:?}").contains(&f.authorization),
+            "Debug must redact the upstream credential"
+        );
     }
 
     #[test]
