@@ -144,11 +144,22 @@ impl RootContext for Root {
 /// What a paused request is waiting for.
 enum Waiting {
     /// This request asked the upstream for its challenge (`GET /v2/`).
-    Challenge { connector: String, scopes: Vec<String> },
+    Challenge { target: Target, scopes: Vec<String> },
     /// This request fetches the token for `key`; others may wait on it.
     Token { key: TokenKey, realm: String },
     /// Another request fetches the token for `key`; it resumes this one.
     OtherFetch { key: TokenKey },
+}
+
+/// Where a forwarded request goes and with which credential, taken from the engine's decision
+/// so the request path never looks the connector up a second time.
+struct Target {
+    connector: String,
+    cluster: String,
+    scheme: String,
+    authority: String,
+    /// The connector's Basic credential: sent to Basic upstreams and to token realms.
+    basic: String,
 }
 
 struct Http {
@@ -172,22 +183,23 @@ impl Context for Http {
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
         match self.waiting.take() {
-            Some(Waiting::Challenge { connector, scopes }) => {
+            Some(Waiting::Challenge { target, scopes }) => {
                 let www = self
                     .get_http_call_response_header_bytes("www-authenticate")
                     .map(|v| lossy(&v));
                 let learned = self.with_state(|st| {
+                    // Realm checks need the connector's tokenRealms: the one lookup, once per upstream.
                     let c = st
                         .config
-                        .connector_by_label(&connector)
+                        .connector_by_label(&target.connector)
                         .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
                     let challenge = learn_challenge(c, status, www.as_deref())?;
-                    st.upstream.learn(&connector, challenge);
+                    st.upstream.learn(&target.connector, challenge);
                     Ok(())
                 });
                 match learned.and_then(|r| r) {
                     Ok(()) => {
-                        if let Action::Continue = self.authorize_upstream(&connector, scopes, now_secs()) {
+                        if let Action::Continue = self.authorize_upstream(target, scopes, now_secs()) {
                             self.resume_http_request();
                         }
                     }
@@ -222,13 +234,7 @@ impl Context for Http {
                     }
                     Err(r) => {
                         log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
-                        let response = r.clone().into_response(&self.realm);
-                        for w in waiters {
-                            if hostcalls::set_effective_context(w).is_ok() {
-                                send_to_current(&response);
-                            }
-                        }
-                        let _ = hostcalls::set_effective_context(self.id);
+                        self.fail_waiters(waiters, &r);
                         self.refuse(r);
                     }
                 }
@@ -244,16 +250,10 @@ impl Context for Http {
         match self.waiting.take() {
             Some(Waiting::Token { key, realm }) => {
                 let waiters = self.with_state(|st| st.upstream.abandon(&key)).unwrap_or_default();
-                let response = Refusal::unavailable_upstream(format!(
+                let r = Refusal::unavailable_upstream(format!(
                     "the token fetch from {realm} was abandoned by the request that started it: retry"
-                ))
-                .into_response(&self.realm);
-                for w in waiters {
-                    if hostcalls::set_effective_context(w).is_ok() {
-                        send_to_current(&response);
-                    }
-                }
-                let _ = hostcalls::set_effective_context(self.id);
+                ));
+                self.fail_waiters(waiters, &r);
             }
             Some(Waiting::OtherFetch { key }) => {
                 let id = self.id;
@@ -269,7 +269,7 @@ fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
-/// A local response on the current effective context (another request, resumed from here).
+/// A local response on the current effective context (this request, or a waiter made current).
 fn send_to_current(r: &LocalResponse) {
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let _ = hostcalls::send_http_response(r.status, headers, Some(&r.body));
@@ -277,9 +277,20 @@ fn send_to_current(r: &LocalResponse) {
 
 impl Http {
     fn send(&self, r: LocalResponse) -> Action {
-        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.send_http_response(r.status, headers, Some(&r.body));
+        send_to_current(&r);
         Action::Pause
+    }
+
+    /// Answers the requests that waited for a token this request could not get, then makes
+    /// this request's context current again. A waiter that has gone away is skipped.
+    fn fail_waiters(&self, waiters: Vec<u32>, r: &Refusal) {
+        let response = r.clone().into_response(&self.realm);
+        for w in waiters {
+            if hostcalls::set_effective_context(w).is_ok() {
+                send_to_current(&response);
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.id);
     }
 
     /// Answers this request locally; the response phase then has nothing to rewrite.
@@ -330,56 +341,39 @@ impl Http {
     /// Puts the connector's upstream credential on the request: Basic right away, or a bearer
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
-    fn authorize_upstream(&mut self, connector: &str, scopes: Vec<String>, now: u64) -> Action {
+    fn authorize_upstream(&mut self, target: Target, scopes: Vec<String>, now: u64) -> Action {
         enum Plan {
             Header(String, Option<TokenKey>),
-            Probe {
-                cluster: String,
-                authority: String,
-                scheme: String,
-            },
+            Probe,
             Fetch {
                 key: TokenKey,
                 cluster: String,
                 authority: String,
                 path: String,
-                basic: String,
                 realm: String,
             },
             Wait(TokenKey),
         }
         let id = self.id;
-        let plan = self.with_state(|st| -> Result<Plan, Refusal> {
-            let c = st
-                .config
-                .connector_by_label(connector)
-                .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
-            Ok(match st.upstream.challenge(connector) {
-                None => Plan::Probe {
-                    cluster: c.cluster.clone(),
-                    authority: c.upstream.authority.clone(),
-                    scheme: c.upstream.scheme.clone(),
-                },
-                Some(Challenge::Open | Challenge::Basic) => Plan::Header(c.upstream_authorization.clone(), None),
-                Some(Challenge::Bearer(realm)) => {
-                    let realm = realm.clone();
-                    let key = token_key(connector, st.generation, &realm, &scopes);
-                    match st.upstream.step(&key, id, now) {
-                        Step::Send(v) => Plan::Header(v, Some(key)),
-                        Step::Wait(k) => Plan::Wait(k),
-                        Step::Fetch(k) => Plan::Fetch {
-                            path: crate::upstream::token_request_path(&realm, &scopes),
-                            realm: format!("{}://{}{}", realm.scheme, realm.authority, realm.path),
-                            key: k,
-                            cluster: realm.cluster,
-                            authority: realm.authority,
-                            basic: c.upstream_authorization.clone(),
-                        },
-                    }
+        let plan = self.with_state(|st| match st.upstream.challenge(&target.connector) {
+            None => Plan::Probe,
+            Some(Challenge::Open | Challenge::Basic) => Plan::Header(target.basic.clone(), None),
+            Some(Challenge::Bearer(realm)) => {
+                let realm = realm.clone();
+                let key = token_key(&target.connector, st.generation, &realm, &scopes);
+                match st.upstream.step(&key, id, now) {
+                    Step::Send(v) => Plan::Header(v, Some(key)),
+                    Step::Wait(k) => Plan::Wait(k),
+                    Step::Fetch(k) => Plan::Fetch {
+                        path: crate::upstream::token_request_path(&realm, &scopes),
+                        realm: format!("{}://{}{}", realm.scheme, realm.authority, realm.path),
+                        key: k,
+                        cluster: realm.cluster,
+                        authority: realm.authority,
+                    },
                 }
-            })
+            }
         });
-        let plan = plan.and_then(|p| p);
         if !matches!(plan, Ok(Plan::Header(..))) {
             // The request waits: the client's credential must not stay on it meanwhile.
             self.set_http_request_header("authorization", None);
@@ -391,27 +385,21 @@ impl Http {
                 self.used_token = used;
                 Action::Continue
             }
-            Ok(Plan::Probe {
-                cluster,
-                authority,
-                scheme,
-            }) => {
+            Ok(Plan::Probe) => {
                 let headers = vec![
                     (":method", "GET"),
                     (":path", "/v2/"),
-                    (":authority", authority.as_str()),
-                    (":scheme", scheme.as_str()),
+                    (":authority", target.authority.as_str()),
+                    (":scheme", target.scheme.as_str()),
                 ];
-                match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
+                match self.dispatch_http_call(&target.cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
                     Ok(_) => {
-                        self.waiting = Some(Waiting::Challenge {
-                            connector: connector.to_string(),
-                            scopes,
-                        });
+                        self.waiting = Some(Waiting::Challenge { target, scopes });
                         Action::Pause
                     }
                     Err(_) => self.refuse(Refusal::unavailable_upstream(format!(
-                        "the proxy cannot reach the upstream of connector {connector} (Envoy cluster {cluster})"
+                        "the proxy cannot reach the upstream of connector {} (Envoy cluster {})",
+                        target.connector, target.cluster
                     ))),
                 }
             }
@@ -425,14 +413,13 @@ impl Http {
                 cluster,
                 authority,
                 path,
-                basic,
                 realm,
             }) => {
                 let headers = vec![
                     (":method", "GET"),
                     (":path", path.as_str()),
                     (":authority", authority.as_str()),
-                    ("authorization", basic.as_str()),
+                    ("authorization", target.basic.as_str()),
                     ("accept", "application/json"),
                 ];
                 match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
@@ -444,16 +431,10 @@ impl Http {
                         let r = Refusal::unavailable_upstream(format!(
                             "the proxy cannot reach the token service {realm} (Envoy cluster {cluster})"
                         ));
-                        let response = r.clone().into_response(&self.realm);
                         let waiters = self
                             .with_state(|st| st.upstream.complete(&key, &Err(r.clone()), 0))
                             .unwrap_or_default();
-                        for w in waiters {
-                            if hostcalls::set_effective_context(w).is_ok() {
-                                send_to_current(&response);
-                            }
-                        }
-                        let _ = hostcalls::set_effective_context(self.id);
+                        self.fail_waiters(waiters, &r);
                         self.refuse(r)
                     }
                 }
@@ -523,9 +504,15 @@ impl HttpContext for Http {
                         ),
                     );
                 }
-                let connector = f.response.connector.clone();
+                let target = Target {
+                    connector: f.response.connector.clone(),
+                    cluster: f.cluster,
+                    scheme: f.response.upstream.scheme.clone(),
+                    authority: f.authority,
+                    basic: f.authorization,
+                };
                 self.plan = Some(f.response);
-                self.authorize_upstream(&connector, f.scopes, now)
+                self.authorize_upstream(target, f.scopes, now)
             }
         }
     }
@@ -553,19 +540,7 @@ impl HttpContext for Http {
                 .and_then(|v| crate::upstream::parse_challenge(&v))
                 .map(|(s, _)| s);
             let (connector, used) = (plan.connector.clone(), self.used_token.take());
-            let _ = self.with_state(|st| {
-                if let Some(k) = &used {
-                    st.upstream.drop_token(k);
-                }
-                let changed = match (st.upstream.challenge(&connector), scheme.as_deref()) {
-                    (Some(Challenge::Bearer(_)), Some(s)) => s != "bearer",
-                    (Some(Challenge::Basic | Challenge::Open), Some(s)) => s != "basic",
-                    _ => false,
-                };
-                if changed {
-                    st.upstream.forget(&connector);
-                }
-            });
+            let _ = self.with_state(|st| st.upstream.refused(&connector, used.as_deref(), scheme.as_deref()));
         }
         self.check_denied_body = status == 400 && self.used_token.is_some();
         if let Some((response, reason)) = edits.replace {

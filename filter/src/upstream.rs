@@ -359,9 +359,21 @@ impl UpstreamAuth {
         self.challenges.insert(connector.to_string(), challenge);
     }
 
-    /// Forget what was learned about an upstream (it refused us: its scheme may have changed).
-    pub fn forget(&mut self, connector: &str) {
-        self.challenges.remove(connector);
+    /// The upstream answered `401` to a request sent with `used` (a cached token, if any) and
+    /// challenged with `scheme`: drop that token so the client's retry fetches a fresh one, and
+    /// forget the learned challenge when the upstream now asks for another scheme.
+    pub fn refused(&mut self, connector: &str, used: Option<&str>, scheme: Option<&str>) {
+        if let Some(k) = used {
+            self.tokens.remove(k);
+        }
+        let changed = match (self.challenges.get(connector), scheme) {
+            (Some(Challenge::Bearer(_)), Some(s)) => s != "bearer",
+            (Some(Challenge::Basic | Challenge::Open), Some(s)) => s != "basic",
+            _ => false,
+        };
+        if changed {
+            self.challenges.remove(connector);
+        }
     }
 
     /// The step for a request of context `ctx` that needs the token `key`.
@@ -621,5 +633,33 @@ mod tests {
         a.complete("k2", &Ok(("Bearer u".into(), 50)), 100);
         a.drop_token("k2");
         assert_eq!(a.step("k2", 10, 101), Step::Fetch("k2".into()));
+    }
+
+    #[test]
+    fn an_upstream_401_drops_the_token_and_relearns_a_changed_scheme() {
+        let realm = BearerRealm {
+            service: "s".into(),
+            cluster: "c".into(),
+            scheme: "https".into(),
+            authority: "a".into(),
+            path: "/t".into(),
+        };
+        let mut a = UpstreamAuth::default();
+        a.learn("n/c", Challenge::Bearer(realm));
+        a.complete("k", &Ok(("Bearer t".into(), 50)), 100);
+        // Same scheme: the token goes, the challenge stays.
+        a.refused("n/c", Some("k"), Some("bearer"));
+        assert_eq!(a.cached_tokens(), 0);
+        assert!(a.challenge("n/c").is_some());
+        // Another scheme: the challenge is learned again on the next request.
+        a.refused("n/c", None, Some("basic"));
+        assert!(a.challenge("n/c").is_none());
+        a.learn("n/c", Challenge::Basic);
+        a.refused("n/c", None, Some("basic"));
+        assert_eq!(a.challenge("n/c"), Some(&Challenge::Basic));
+        a.refused("n/c", None, None);
+        assert_eq!(a.challenge("n/c"), Some(&Challenge::Basic));
+        a.refused("n/c", None, Some("bearer"));
+        assert!(a.challenge("n/c").is_none());
     }
 }
