@@ -10,16 +10,62 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, REPO, TAG};
 
+/// A scenario a test file shares: how to start it, what to clear between tests, and what to
+/// check after each one.
+pub trait Fixture: Sized + Send + Sync {
+    fn start(label: &str, with_filter: bool) -> Result<Self, String>;
+    /// Clears what the previous test left behind (recorded traffic, test switches).
+    fn reset(&self);
+    /// Secrets in Envoy's log or config dump and `[critical]` wasm lines; empty means clean.
+    fn hygiene_problems(&self) -> Result<Vec<String>, String>;
+}
+
+impl Fixture for Stack {
+    fn start(label: &str, with_filter: bool) -> Result<Self, String> {
+        Stack::start(label, with_filter)
+    }
+
+    fn reset(&self) {
+        self.recorder.take();
+    }
+
+    fn hygiene_problems(&self) -> Result<Vec<String>, String> {
+        self.envoy_hygiene_problems()
+    }
+}
+
+impl Fixture for TokenStack {
+    fn start(label: &str, with_filter: bool) -> Result<Self, String> {
+        TokenStack::start(label, with_filter)
+    }
+
+    /// Also restores the token server's defaults and clears its request log.
+    fn reset(&self) {
+        self.token_server.reset();
+        self.token_server.take();
+        self.recorder.take();
+    }
+
+    fn hygiene_problems(&self) -> Result<Vec<String>, String> {
+        self.envoy_hygiene_problems()
+    }
+}
+
 /// A stack shared by the tests of one file. Starting it once per binary keeps the process count
 /// low on a 2-core machine; the lock keeps each test's upstream traffic its own.
-pub struct Shared {
+pub struct SharedFixture<S> {
     label: &'static str,
     with_filter: bool,
-    stack: OnceLock<Result<Stack, String>>,
+    stack: OnceLock<Result<S, String>>,
     lock: Mutex<()>,
 }
 
-impl Shared {
+/// The htpasswd-upstream scenario ([`Stack`]).
+pub type Shared = SharedFixture<Stack>;
+/// The token-auth scenario ([`TokenStack`]).
+pub type SharedTokenStack = SharedFixture<TokenStack>;
+
+impl<S: Fixture> SharedFixture<S> {
     pub const fn new(label: &'static str, with_filter: bool) -> Self {
         Self {
             label,
@@ -32,65 +78,16 @@ impl Shared {
     /// Runs `test` with exclusive use of the stack, then checks Envoy's hygiene: no secret in its
     /// log or config dump and no `[critical]` wasm line. The last test of a file to run thereby
     /// checks everything the whole file did.
-    pub fn run(&self, test: impl FnOnce(&Stack)) {
-        let _turn = self.turn();
-        let stack = self.stack();
-        stack.recorder.take();
-        test(stack);
-        let problems = stack.envoy_hygiene_problems().unwrap_or_else(|e| vec![e]);
-        assert!(
-            problems.is_empty(),
-            "Envoy hygiene after the test:\n{}",
-            problems.join("\n")
-        );
-    }
-
-    fn turn(&self) -> MutexGuard<'_, ()> {
+    pub fn run(&self, test: impl FnOnce(&S)) {
         // A failed test poisons the lock; the next one may still use the stack.
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn stack(&self) -> &Stack {
-        match self.stack.get_or_init(|| Stack::start(self.label, self.with_filter)) {
+        let _turn: MutexGuard<'_, ()> = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let stack = match self.stack.get_or_init(|| S::start(self.label, self.with_filter)) {
             Ok(s) => s,
-            Err(e) => panic!("could not start the test stack: {e}"),
-        }
-    }
-}
-
-/// Like [`Shared`], for the token-auth scenario ([`TokenStack`]): also clears the token server's
-/// request log and restores its defaults before each test.
-pub struct SharedTokenStack {
-    label: &'static str,
-    with_filter: bool,
-    stack: OnceLock<Result<TokenStack, String>>,
-    lock: Mutex<()>,
-}
-
-impl SharedTokenStack {
-    pub const fn new(label: &'static str, with_filter: bool) -> Self {
-        Self {
-            label,
-            with_filter,
-            stack: OnceLock::new(),
-            lock: Mutex::new(()),
-        }
-    }
-
-    pub fn run(&self, test: impl FnOnce(&TokenStack)) {
-        let _turn = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let stack = match self
-            .stack
-            .get_or_init(|| TokenStack::start(self.label, self.with_filter))
-        {
-            Ok(s) => s,
-            Err(e) => panic!("could not start the token-auth test stack: {e}"),
+            Err(e) => panic!("could not start the test stack {}: {e}", self.label),
         };
-        stack.token_server.reset();
-        stack.token_server.take();
-        stack.recorder.take();
+        stack.reset();
         test(stack);
-        let problems = stack.envoy_hygiene_problems().unwrap_or_else(|e| vec![e]);
+        let problems = stack.hygiene_problems().unwrap_or_else(|e| vec![e]);
         assert!(
             problems.is_empty(),
             "Envoy hygiene after the test:\n{}",
