@@ -4,7 +4,7 @@
 
 use connector_devkit::http::Request;
 use connector_devkit::skopeo::Creds;
-use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, host_name};
+use connector_devkit::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, Stack, host_name};
 use connector_devkit::tokens::KeyChoice;
 use connector_e2e::{
     REPO, Refusal, Shared, TAG, UNAUTHORIZED, assert_refused, manifest_path, oci_error, path_form, with_token,
@@ -15,6 +15,17 @@ static STACK: Shared = Shared::new("e2e-refusals", true);
 const NAME_INVALID: &[&str] = &["NAME_INVALID"];
 const ACCESS_CODES: &[&str] = &["DENIED"];
 const NAME_WORDS: &[&str] = &["is invalid: expected path components"];
+
+/// The sample manifest requested with `jwt` as the Basic password is refused with 401, naming the
+/// failed check (`mention`), and nothing reaches the upstream.
+fn token_refused(s: &Stack, what: &str, jwt: &str, mention: &str) {
+    assert_refused(
+        s,
+        what,
+        with_token(Request::get(&manifest_path()), jwt),
+        unauthorized(&[mention]),
+    );
+}
 
 fn unauthorized<'a>(mentions: &'a [&'a str]) -> Refusal<'a> {
     Refusal {
@@ -58,12 +69,7 @@ fn expired_token_is_refused() {
             .expired_since(600)
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "expired",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["token expired"]),
-        );
+        token_refused(s, "expired", &jwt, "token expired");
         // The same token as Bearer.
         assert_refused(
             s,
@@ -84,12 +90,7 @@ fn token_not_yet_valid_is_refused() {
             .not_before_in(600)
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "nbf in the future",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["not valid for another"]),
-        );
+        token_refused(s, "nbf in the future", &jwt, "not valid for another");
     });
 }
 
@@ -102,11 +103,11 @@ fn wrong_audience_is_refused() {
             .audience(&["https://kubernetes.default.svc"])
             .mint()
             .unwrap();
-        assert_refused(
+        token_refused(
             s,
             "wrong audience",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["token audience does not include oci-connector"]),
+            &jwt,
+            "token audience does not include oci-connector",
         );
     });
 }
@@ -120,12 +121,7 @@ fn wrong_issuer_is_refused() {
             .issuer("https://evil.example")
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "wrong issuer",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["is not an allowed issuer"]),
-        );
+        token_refused(s, "wrong issuer", &jwt, "is not an allowed issuer");
     });
 }
 
@@ -138,12 +134,7 @@ fn tampered_signature_is_refused() {
             .tampered()
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "tampered signature",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["signature does not verify"]),
-        );
+        token_refused(s, "tampered signature", &jwt, "signature does not verify");
         let ec = s
             .minter
             .token(CONNECTOR_NAMESPACE, "default")
@@ -151,12 +142,7 @@ fn tampered_signature_is_refused() {
             .tampered()
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "tampered ES256 signature",
-            with_token(Request::get(&manifest_path()), &ec),
-            unauthorized(&["signature does not verify"]),
-        );
+        token_refused(s, "tampered ES256 signature", &ec, "signature does not verify");
     });
 }
 
@@ -170,12 +156,7 @@ fn token_signed_by_an_unpublished_key_under_a_published_kid_is_refused() {
             .kid(Some("rsa-1"))
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "foreign key, published kid",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["signature does not verify"]),
-        );
+        token_refused(s, "foreign key, published kid", &jwt, "signature does not verify");
     });
 }
 
@@ -188,12 +169,7 @@ fn alg_none_is_refused() {
             .alg_none()
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "alg none",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["unsigned token (alg none"]),
-        );
+        token_refused(s, "alg none", &jwt, "unsigned token (alg none");
     });
 }
 
@@ -206,23 +182,18 @@ fn unknown_kid_is_refused() {
             .kid(Some("no-such-key"))
             .mint()
             .unwrap();
-        assert_refused(
-            s,
-            "unknown kid",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["is not among the configured JWKS keys"]),
-        );
+        token_refused(s, "unknown kid", &jwt, "is not among the configured JWKS keys");
         let jwt = s
             .minter
             .token(CONNECTOR_NAMESPACE, "default")
             .key(KeyChoice::Unpublished)
             .mint()
             .unwrap();
-        assert_refused(
+        token_refused(
             s,
             "unpublished key's own kid",
-            with_token(Request::get(&manifest_path()), &jwt),
-            unauthorized(&["is not among the configured JWKS keys"]),
+            &jwt,
+            "is not among the configured JWKS keys",
         );
     });
 }
