@@ -55,17 +55,7 @@ impl Stack {
         let skopeo = Skopeo::new(&work)?;
         let registry = Registry::start_with_auth(&work, UPSTREAM_USER)?;
         let creds = registry.credentials.clone().ok_or("registry without credentials")?;
-        let image = image::build_sample(&work, "app", TAG, 3)?;
-        // Pushed straight to the registry: the recorder only ever sees proxied traffic.
-        image::push(
-            &skopeo,
-            &image,
-            &registry.authority(),
-            REPO,
-            Creds::Basic(&creds.username, &creds.password),
-        )?;
-        let recorder = Recorder::start(registry.port)?;
-        let minter = Minter::new(&work.sub("keys")?)?;
+        let (image, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password)?;
         let broken_password = crate::random_secret()?;
         let clusters = vec![Cluster {
             name: CLUSTER.into(),
@@ -189,6 +179,29 @@ pub fn envoy_problems(envoy: &Envoy, secrets: &[(String, String)]) -> Result<Vec
         problems.push(format!("critical wasm line in Envoy's log: {l}"));
     }
     Ok(problems)
+}
+
+/// What every scenario puts around its registry: the sample image pushed straight to it with
+/// the robot account (so the recorder only ever sees proxied traffic), the recorder in front of
+/// it, and the ServiceAccount token minter.
+pub(crate) fn seed_upstream(
+    work: &WorkDir,
+    skopeo: &Skopeo,
+    registry: &Registry,
+    username: &str,
+    password: &str,
+) -> Result<(SampleImage, Recorder, Minter)> {
+    let image = image::build_sample(work, "app", TAG, 3)?;
+    image::push(
+        skopeo,
+        &image,
+        &registry.authority(),
+        REPO,
+        Creds::Basic(username, password),
+    )?;
+    let recorder = Recorder::start(registry.port)?;
+    let minter = Minter::new(&work.sub("keys")?)?;
+    Ok((image, recorder, minter))
 }
 
 /// `c-<name>-connector.<ns>.svc.cluster.local`.

@@ -6,11 +6,11 @@
 //! it, so the filter must refuse to send the robot's credential there.
 
 use crate::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
-use crate::image::{self, SampleImage};
+use crate::image::SampleImage;
 use crate::recorder::Recorder;
 use crate::registry::{Credentials, Registry};
-use crate::skopeo::{Creds, Skopeo};
-use crate::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, PASSWORD_ENV, REPO, TAG, UPSTREAM_USER};
+use crate::skopeo::Skopeo;
+use crate::stack::{CONNECTOR_NAME, CONNECTOR_NAMESPACE, PASSWORD_ENV, UPSTREAM_USER};
 use crate::token_server::TokenServer;
 use crate::tokens::Minter;
 use crate::{Result, WorkDir};
@@ -60,17 +60,9 @@ impl TokenStack {
                 password: password.clone(),
             },
         )?;
-        let image = image::build_sample(&work, "app", TAG, 3)?;
-        // Straight to the registry, skopeo doing the token dance itself with the robot account.
-        image::push(
-            &skopeo,
-            &image,
-            &format!("127.0.0.1:{}", registry.port),
-            REPO,
-            Creds::Basic(UPSTREAM_USER, &password),
-        )?;
-        let recorder = Recorder::start(registry.port)?;
-        let minter = Minter::new(&work.sub("keys")?)?;
+        // skopeo does the token dance itself with the robot account.
+        let (image, recorder, minter) =
+            crate::stack::seed_upstream(&work, &skopeo, &registry, UPSTREAM_USER, &password)?;
         let address = format!("http://127.0.0.1:{}", recorder.port);
         let connector = |name: &str| ConnectorSpec {
             namespace: CONNECTOR_NAMESPACE.into(),
