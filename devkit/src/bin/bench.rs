@@ -60,6 +60,20 @@ struct Sample {
     upstream_cpu_us: f64,
 }
 
+/// The one connector every benchmark Envoy serves, `bench/registry`, open to its own namespace.
+fn bench_connector(address: String, cluster: String, username: String, password_env: &str) -> ConnectorSpec {
+    ConnectorSpec {
+        namespace: NS.into(),
+        name: CONNECTOR.into(),
+        address,
+        cluster,
+        username,
+        password_env: password_env.into(),
+        allowed_namespaces: vec![],
+        allowed_service_accounts: vec![],
+    }
+}
+
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
@@ -238,16 +252,12 @@ fn run() -> Result<()> {
     let mut start_envoy = |label: &str, port: u16, filter: Option<(&Path, bool)>| -> Result<Envoy> {
         let w = WorkDir::new(label)?;
         let cluster = "upstream_bench".to_string();
-        let connector = ConnectorSpec {
-            namespace: NS.into(),
-            name: CONNECTOR.into(),
-            address: format!("http://127.0.0.1:{port}"),
-            cluster: cluster.clone(),
-            username: "robot".into(),
-            password_env: "BENCH_REGISTRY_PASSWORD".into(),
-            allowed_namespaces: vec![],
-            allowed_service_accounts: vec![],
-        };
+        let connector = bench_connector(
+            format!("http://127.0.0.1:{port}"),
+            cluster.clone(),
+            "robot".into(),
+            "BENCH_REGISTRY_PASSWORD",
+        );
         let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
         config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
         let filter = filter.map(|(module, plain_route)| WasmFilter {
@@ -482,16 +492,12 @@ fn token_table(
     std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
 
     let ew = WorkDir::new("bench-token-envoy")?;
-    let connector = ConnectorSpec {
-        namespace: NS.into(),
-        name: CONNECTOR.into(),
-        address: registry.url(),
-        cluster: "upstream_token_registry".into(),
-        username: robot.username.clone(),
-        password_env: "BENCH_ROBOT_PASSWORD".into(),
-        allowed_namespaces: vec![],
-        allowed_service_accounts: vec![],
-    };
+    let connector = bench_connector(
+        registry.url(),
+        "upstream_token_registry".into(),
+        robot.username.clone(),
+        "BENCH_ROBOT_PASSWORD",
+    );
     let mut c = connector.to_json();
     c["tokenRealms"] = serde_json::json!([{ "url": tokens.realm(), "cluster": "token_service" }]);
     let mut config = filter_config(&minter.jwks(), &[]);
@@ -618,16 +624,12 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
             filter: None,
         },
     )?;
-    let connector = ConnectorSpec {
-        namespace: NS.into(),
-        name: CONNECTOR.into(),
-        address: registry.url(),
-        cluster: cluster.name.clone(),
-        username: "robot".into(),
-        password_env: "BENCH_REGISTRY_PASSWORD".into(),
-        allowed_namespaces: vec![],
-        allowed_service_accounts: vec![],
-    };
+    let connector = bench_connector(
+        registry.url(),
+        cluster.name.clone(),
+        "robot".into(),
+        "BENCH_REGISTRY_PASSWORD",
+    );
     let filtered = Envoy::start(
         &fw,
         &EnvoySpec {
