@@ -389,11 +389,6 @@ impl TokenCache {
             self.order.retain(|k| entries.contains_key(k));
         }
     }
-
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.order.clear();
-    }
 }
 
 /// Verification with the cache in front: steady traffic does no signature work.
