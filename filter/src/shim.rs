@@ -269,6 +269,19 @@ fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
+/// Runs `f` on this VM's state; refuses (fails closed) when there is no valid configuration.
+fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
+    let Ok(mut guard) = state.try_borrow_mut() else {
+        return Err(Refusal::unavailable("the connector proxy is busy: retry"));
+    };
+    match guard.as_mut() {
+        Some(st) => Ok(f(st)),
+        None => Err(Refusal::unavailable(
+            "the connector proxy has no valid configuration; its log lists the problems",
+        )),
+    }
+}
+
 /// A local response on the current effective context (this request, or a waiter made current).
 fn send_to_current(r: &LocalResponse) {
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -301,35 +314,16 @@ impl Http {
     }
 
     fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
-        let Ok(mut guard) = self.state.try_borrow_mut() else {
-            return Err(Refusal::unavailable("the connector proxy is busy: retry"));
-        };
-        match guard.as_mut() {
-            Some(st) => Ok(f(st)),
-            None => Err(Refusal::unavailable(
-                "the connector proxy has no valid configuration; its log lists the problems",
-            )),
-        }
+        with_state(&self.state, f)
     }
 
     fn decide(&mut self, req: &Request<'_>, now: u64) -> Decision {
         let realm = &mut self.realm;
-        let decided = {
-            let Ok(mut guard) = self.state.try_borrow_mut() else {
-                let r = Refusal::unavailable("the connector proxy is busy: retry");
-                let reason = r.reason;
-                return Decision::Respond {
-                    response: r.into_response(config::DEFAULT_REALM),
-                    reason,
-                };
-            };
-            guard.as_mut().map(|state| {
-                realm.clone_from(&state.config.realm);
-                decide_request(&state.config, &mut state.cache, req, now)
-            })
-        };
-        decided.unwrap_or_else(|| {
-            let r = Refusal::unavailable("the connector proxy has no valid configuration; its log lists the problems");
+        let decided = with_state(&self.state, |state| {
+            realm.clone_from(&state.config.realm);
+            decide_request(&state.config, &mut state.cache, req, now)
+        });
+        decided.unwrap_or_else(|r| {
             let reason = r.reason;
             Decision::Respond {
                 response: r.into_response(config::DEFAULT_REALM),
