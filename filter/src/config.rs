@@ -42,6 +42,8 @@ pub struct Config {
     pub policy: TokenPolicy,
     pub token_cache_size: usize,
     pub connectors: Vec<Connector>,
+    pub controller: Option<ControllerChannel>,
+    pub access: AccessMode,
     by_name: HashMap<(String, String), usize>,
     by_host: HashMap<String, usize>,
 }
@@ -128,14 +130,66 @@ pub struct Connector {
     pub upstream: Upstream,
     /// The Envoy cluster that reaches the upstream.
     pub cluster: String,
-    /// Ready-made `Authorization` value for the upstream. Never logged (see the Debug impl).
-    pub upstream_authorization: String,
+    /// The upstream credential, or where to get it. Never logged (see the Debug impls).
+    pub credential: UpstreamCredential,
     pub allowed_namespaces: HashSet<String>,
     /// `(namespace, service account)` pairs.
     pub allowed_service_accounts: HashSet<(String, String)>,
     pub hosts: Vec<String>,
     /// Token realms off the upstream's host that may receive the connector's credential.
     pub token_realms: Vec<TokenRealm>,
+}
+
+/// Where a connector's upstream credential comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UpstreamCredential {
+    /// A ready-made `Authorization` value, read from the VM's environment when the
+    /// configuration was compiled (standalone Envoy without the controller).
+    Static(String),
+    /// Fetched from the sidecar controller over its loopback channel and cached per
+    /// configuration. `revision` changes whenever the Secret does, and a configuration that
+    /// carries a new revision is a new cache: rotation needs no restart.
+    Controller { revision: String },
+}
+
+impl fmt::Debug for UpstreamCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Static(_) => f.write_str("Static(<redacted>)"),
+            Self::Controller { revision } => write!(f, "Controller {{ revision: {revision:?} }}"),
+        }
+    }
+}
+
+/// The sidecar controller's loopback channel (credentials, access decisions, key refresh).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ControllerChannel {
+    /// The Envoy cluster that reaches the controller on loopback.
+    pub cluster: String,
+    /// `:authority` sent to it.
+    pub authority: String,
+    /// Shared key the controller requires (`Authorization: Bearer`), read from the VM's
+    /// environment; `None` when the controller requires none.
+    pub key: Option<String>,
+}
+
+impl fmt::Debug for ControllerChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControllerChannel")
+            .field("cluster", &self.cluster)
+            .field("authority", &self.authority)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Who decides whether a caller may use a connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    /// The connector's own lists ([`Connector::admits`]), in the filter.
+    Rules,
+    /// Kubernetes RBAC: the controller answers (SubjectAccessReview), the filter caches.
+    Controller,
 }
 
 /// A token realm a connector explicitly allows, and the Envoy cluster that reaches it.
@@ -154,7 +208,7 @@ impl fmt::Debug for Connector {
             .field("name", &self.name)
             .field("upstream", &self.upstream)
             .field("cluster", &self.cluster)
-            .field("upstream_authorization", &"<redacted>")
+            .field("credential", &self.credential)
             .finish_non_exhaustive()
     }
 }
@@ -359,7 +413,7 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         }
     };
     let mut w = Walk { errors: &mut errors };
-    let root = w.object(Some(&doc), "$", &["proxy", "identity", "connectors"], true);
+    let root = w.object(Some(&doc), "$", &["proxy", "identity", "connectors", "controller", "authorization"], true);
     let empty = Map::new();
     let root = root.unwrap_or(&empty);
 
@@ -383,6 +437,20 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     check_host_pattern(&mut w, &host_pattern);
 
     let (policy, token_cache_size) = compile_identity(&mut w, root.get("identity"));
+    let controller = compile_controller(&mut w, root.get("controller"), env);
+    let access = match root.get("authorization") {
+        None => AccessMode::Rules,
+        Some(Value::String(s)) if s == "rules" => AccessMode::Rules,
+        Some(Value::String(s)) if s == "controller" => AccessMode::Controller,
+        Some(_) => {
+            w.err("authorization", "expected \"rules\" (the connector's lists) or \"controller\" (Kubernetes RBAC through the controller)");
+            AccessMode::Rules
+        }
+    };
+    if access == AccessMode::Controller && root.get("controller").is_none() {
+        w.err("authorization", "\"controller\" needs the controller channel: set controller.cluster");
+    }
+    let has_controller = root.get("controller").is_some();
 
     let mut connectors = vec![];
     let mut by_name = HashMap::new();
@@ -394,7 +462,7 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             }
             for (i, item) in items.iter().enumerate() {
                 let path = format!("connectors[{i}]");
-                let Some(c) = compile_connector(&mut w, item, &path, env) else {
+                let Some(c) = compile_connector(&mut w, item, &path, env, has_controller) else {
                     continue;
                 };
                 let index = connectors.len();
@@ -425,6 +493,8 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             policy,
             token_cache_size,
             connectors,
+            controller,
+            access,
             by_name,
             by_host,
         }),
@@ -613,6 +683,7 @@ fn compile_connector(
     v: &Value,
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    has_controller: bool,
 ) -> Option<Connector> {
     let known = [
         "namespace",
@@ -670,6 +741,7 @@ fn compile_connector(
         &format!("{path}.credential"),
         upstream.as_ref(),
         env,
+        has_controller,
     );
     let token_realms = compile_token_realms(w, m.get("tokenRealms"), &format!("{path}.tokenRealms"));
 
@@ -709,7 +781,7 @@ fn compile_connector(
         name: name?.to_string(),
         upstream: upstream?,
         cluster: cluster?.to_string(),
-        upstream_authorization: authorization?,
+        credential: authorization?,
         allowed_namespaces: allowed_namespaces.into_iter().collect(),
         allowed_service_accounts,
         hosts,
@@ -811,14 +883,69 @@ fn compile_credential(
     path: &str,
     upstream: Option<&Upstream>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Option<String> {
+    has_controller: bool,
+) -> Option<UpstreamCredential> {
     let Some(Value::Object(m)) = v else {
         w.err(
             path,
-            "is required: expected {\"username\": ..., \"passwordEnv\": ...} or {\"dockerConfigJsonEnv\": ...}",
+            "is required: expected {\"username\": ..., \"passwordEnv\": ...}, {\"dockerConfigJsonEnv\": ...} or {\"fromController\": \"<revision>\"}",
         );
         return None;
     };
+    if m.contains_key("fromController") {
+        w.object(v, path, &["fromController"], true)?;
+        let revision = w.string(m, path, "fromController", true)?;
+        if !revision.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) {
+            w.err(format!("{path}.fromController"), "expected a revision label (letters, digits, '-', '.', '_')");
+            return None;
+        }
+        if !has_controller {
+            w.err(format!("{path}.fromController"), "needs the controller channel: set controller.cluster");
+            return None;
+        }
+        return Some(UpstreamCredential::Controller { revision: revision.to_string() });
+    }
+    compile_static_credential(w, m, v, path, upstream, env).map(UpstreamCredential::Static)
+}
+
+/// `{"cluster": "connector_controller", "authority": "connector-controller", "keyEnv": "VAR"}`.
+fn compile_controller(
+    w: &mut Walk<'_>,
+    v: Option<&Value>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<ControllerChannel> {
+    let m = w.object(v, "controller", &["cluster", "authority", "keyEnv"], false)?;
+    let cluster = w.string(m, "controller", "cluster", true);
+    let authority = w
+        .string(m, "controller", "authority", false)
+        .unwrap_or("connector-controller")
+        .to_string();
+    let key = match w.string(m, "controller", "keyEnv", false) {
+        None => None,
+        Some(var) => match env(var) {
+            Some(k) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic()) => Some(k),
+            _ => {
+                w.err("controller.keyEnv", format!("environment variable {var:?} is not set in the Wasm VM (or is not a printable token): list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
+                return None;
+            }
+        },
+    };
+    Some(ControllerChannel {
+        cluster: cluster?.to_string(),
+        authority,
+        key,
+    })
+}
+
+/// Reads a credential held in the VM's environment into a ready-made `Authorization` value.
+fn compile_static_credential(
+    w: &mut Walk<'_>,
+    m: &Map<String, Value>,
+    v: Option<&Value>,
+    path: &str,
+    upstream: Option<&Upstream>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
     if m.contains_key("dockerConfigJsonEnv") {
         // A kubernetes.io/dockerconfigjson Secret's .dockerconfigjson, handed over as one variable.
         w.object(v, path, &["dockerConfigJsonEnv"], true)?;
@@ -936,12 +1063,10 @@ mod tests {
                 authority: "127.0.0.1:5000".into()
             }
         );
-        assert_eq!(
-            k.upstream_authorization,
-            format!("Basic {}", STANDARD.encode("robot:s3cret-pass"))
-        );
+        let basic = format!("Basic {}", STANDARD.encode("robot:s3cret-pass"));
+        assert_eq!(k.credential, UpstreamCredential::Static(basic.clone()));
         assert!(format!("{k:?}").contains("<redacted>"));
-        assert!(!format!("{k:?}").contains(&k.upstream_authorization));
+        assert!(!format!("{k:?}").contains(&basic));
         assert!(
             c.connector_by_host("c-registry-connector.demo.svc.cluster.local")
                 .is_some()
@@ -964,8 +1089,8 @@ mod tests {
             serde_json::json!({"usernameEnv": "REG_USER", "passwordEnv": "REG_PASSWORD"});
         let c = compile_value(&d).unwrap();
         assert_eq!(
-            c.connectors[0].upstream_authorization,
-            format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass"))
+            c.connectors[0].credential,
+            UpstreamCredential::Static(format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass")))
         );
     }
 
@@ -1043,7 +1168,7 @@ mod tests {
             ),
         ] {
             let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
-            assert_eq!(c.connectors[0].upstream_authorization, want, "{json}");
+            assert_eq!(c.connectors[0].credential, UpstreamCredential::Static(want.clone()), "{json}");
         }
         for (json, needle) in [
             (
@@ -1140,5 +1265,50 @@ mod tests {
         assert!(u.is_origin("HTTP", "H:8080"));
         assert!(!u.is_origin("http", "h:8081"));
         assert!(Upstream::parse("https://h").unwrap().is_origin("https", "h:443"));
+    }
+
+    #[test]
+    fn credential_from_the_controller_channel() {
+        let env = |k: &str| (k == "CHANNEL_KEY").then(|| "k3y".to_string());
+        let mut d = doc();
+        d["controller"] = serde_json::json!({"cluster": "connector_controller", "keyEnv": "CHANNEL_KEY"});
+        d["authorization"] = serde_json::json!("controller");
+        d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
+        let c = compile(d.to_string().as_bytes(), &env).unwrap();
+        assert_eq!(
+            c.connectors[0].credential,
+            UpstreamCredential::Controller { revision: "r7".into() }
+        );
+        assert_eq!(c.access, AccessMode::Controller);
+        let ch = c.controller.as_ref().unwrap();
+        assert_eq!((ch.cluster.as_str(), ch.authority.as_str(), ch.key.as_deref()), ("connector_controller", "connector-controller", Some("k3y")));
+        assert!(!format!("{ch:?}").contains("k3y"), "the channel key is redacted");
+
+        // Every problem at once: no channel for fromController or RBAC, bad revision, key unset.
+        let mut d = doc();
+        d["authorization"] = serde_json::json!("controller");
+        d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
+        let mut second = d["connectors"][0].clone();
+        second["name"] = serde_json::json!("second");
+        second["hosts"] = serde_json::json!([]);
+        second["credential"] = serde_json::json!({"fromController": "r 7"});
+        d["connectors"].as_array_mut().unwrap().push(second);
+        let errs = compile(d.to_string().as_bytes(), &env).err().unwrap();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["authorization", "connectors[0].credential.fromController", "connectors[1].credential.fromController"],
+            "{errs:?}"
+        );
+        let mut d = doc();
+        d["controller"] = serde_json::json!({"cluster": "c", "keyEnv": "UNSET"});
+        d["authorization"] = serde_json::json!("rbac");
+        let errs = compile(d.to_string().as_bytes(), &env).err().unwrap();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["controller.keyEnv", "authorization", "connectors[0].credential.passwordEnv"],
+            "{errs:?}"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! then the caller's credential (401), then whether the caller may use the connector (403, the
 //! same answer whether the connector exists or not). Only then is anything forwarded.
 
-use crate::config::{Config, Connector, Upstream};
+use crate::config::{AccessMode, Config, Connector, Upstream, UpstreamCredential};
 use crate::identity::{Identity, TokenCache, authenticate};
 use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
 use crate::rewrite::{ClientView, rewrite_link, rewrite_url};
@@ -45,11 +45,17 @@ pub struct Request<'a> {
 /// Everything needed to forward one request and to fix up its response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Forward {
+    /// The connector addressed.
+    pub namespace: String,
+    pub name: String,
     pub cluster: String,
     pub path: String,
     pub authority: String,
-    /// The upstream `Authorization` value. A secret: never log it.
-    pub authorization: String,
+    /// The upstream credential (a secret: never log it), or where to get it.
+    pub credential: UpstreamCredential,
+    /// The controller must confirm the caller may use the connector (RBAC mode): the rules
+    /// were not evaluated here.
+    pub check_access: bool,
     pub response: ResponsePlan,
     pub caller: Identity,
     pub cache_hit: bool,
@@ -64,7 +70,8 @@ impl std::fmt::Debug for Forward {
             .field("cluster", &self.cluster)
             .field("path", &self.path)
             .field("authority", &self.authority)
-            .field("authorization", &"<redacted>")
+            .field("credential", &self.credential)
+            .field("check_access", &self.check_access)
             .field("response", &self.response)
             .field("caller", &self.caller)
             .field("cache_hit", &self.cache_hit)
@@ -137,6 +144,21 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
     }
 }
 
+/// The RBAC-mode denial (the controller's SubjectAccessReview said no). Same status and code
+/// as [`not_permitted`], and, like it, the same words whether or not the connector exists.
+pub fn not_permitted_rbac(connector: &str, subject: &str) -> Refusal {
+    Refusal::denied(
+        "connector_denied",
+        format!(
+            "connector {} does not exist or {} may not use it: grant it `get` on connectors.alauda.io \
+             {} in that namespace (a Role and RoleBinding)",
+            quote(connector),
+            quote(subject),
+            quote(connector.rsplit('/').next().unwrap_or(connector))
+        ),
+    )
+}
+
 fn not_permitted(connector: &str, who: &Identity) -> Refusal {
     Refusal::denied(
         "connector_denied",
@@ -196,7 +218,9 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         Err(r) => return refuse(realm, r),
     };
     let (connector, request, prefix) = match addressed {
-        Addressed::Known(c, request, prefix) if c.admits(&caller) => (c, request, prefix),
+        Addressed::Known(c, request, prefix) if config.access == AccessMode::Controller || c.admits(&caller) => {
+            (c, request, prefix)
+        }
         Addressed::Known(c, _, prefix) => {
             let label = if prefix == "/v2" {
                 format!("at host {}", quote(&host))
@@ -225,10 +249,13 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
     let scopes = crate::upstream::scopes(&request.repository, req.method, mount_from.as_deref());
     let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
     Decision::Forward(Box::new(Forward {
+        namespace: connector.namespace.clone(),
+        name: connector.name.clone(),
         cluster: connector.cluster.clone(),
         path: upstream_path,
         authority: connector.upstream.authority.clone(),
-        authorization: connector.upstream_authorization.clone(),
+        credential: connector.credential.clone(),
+        check_access: config.access == AccessMode::Controller,
         response: ResponsePlan {
             connector: connector.label(),
             upstream: connector.upstream.clone(),
@@ -398,15 +425,14 @@ mod tests {
         assert_eq!(f.cluster, "up_demo");
         assert_eq!(f.path, "/v2/lib/app/manifests/v1?x=%2F");
         assert_eq!(f.authority, "127.0.0.1:5000");
-        assert_eq!(
-            f.authorization,
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:pw"))
-        );
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:pw"));
+        assert_eq!(f.credential, UpstreamCredential::Static(basic.clone()));
+        assert!(!f.check_access, "rules mode decides in the filter");
         assert_eq!(f.response.client.prefix, "/v2/namespaces/demo/connectors/reg");
         assert_eq!(f.response.client.origin, "http://proxy:8080");
         assert_eq!(f.caller.namespace, "demo");
         assert!(
-            !format!("{f:?}").contains(&f.authorization),
+            !format!("{f:?}").contains(&basic),
             "Debug must redact the upstream credential"
         );
     }
@@ -455,6 +481,38 @@ mod tests {
             refused(&run("/v2/namespaces/team/connectors/reg/a/manifests/v1", "p", &[&b])).0,
             403
         );
+    }
+
+    #[test]
+    fn rbac_mode_leaves_access_to_the_controller_but_still_hides_unknown_connectors() {
+        let mut doc: serde_json::Value = serde_json::json!({
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+            "controller": {"cluster": "connector_controller"},
+            "authorization": "controller",
+            "connectors": [
+                {"namespace": "demo", "name": "reg", "address": "http://127.0.0.1:5000", "cluster": "up_demo",
+                 "credential": {"fromController": "4"}},
+            ]
+        });
+        let c = compile(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let mut cache = TokenCache::new(4);
+        // A ServiceAccount of another namespace: the rules would refuse, RBAC may allow.
+        let b = format!("Bearer {}", token("other", "builder"));
+        let auth = [b.as_str()];
+        let req = |path| Request { method: "GET", path, authority: "p", scheme: "http", authorization: &auth };
+        let Decision::Forward(f) = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"), NOW) else {
+            panic!("expected a forward that asks the controller")
+        };
+        assert!(f.check_access);
+        assert_eq!(f.credential, UpstreamCredential::Controller { revision: "4".into() });
+        assert_eq!(f.caller.subject(), "system:serviceaccount:other:builder");
+        // Unknown connectors are still refused here, with the same answer as a denial.
+        let d = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/nope/a/manifests/v1"), NOW);
+        assert_eq!(refused(&d).0, 403);
+        doc["authorization"] = serde_json::json!("rules");
+        let c = compile(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let d = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"), NOW);
+        assert_eq!(refused(&d).0, 403, "rules mode refuses another namespace");
     }
 
     #[test]

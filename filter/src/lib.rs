@@ -7,10 +7,12 @@
 //! - [`identity`]: credential extraction, JWT verification, the verified-token cache;
 //! - [`engine`]: the request and response decisions;
 //! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
-//! - [`respond`]: refusals as OCI error responses.
+//! - [`respond`]: refusals as OCI error responses;
+//! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions).
 //!
 //! The proxy-wasm host is touched only by `shim`, compiled for wasm32 only.
 
+pub mod channel;
 pub mod config;
 pub mod engine;
 pub mod identity;

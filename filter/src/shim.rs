@@ -14,7 +14,8 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
-use crate::config::{self, Config};
+use crate::channel::{self, AccessCache, ChannelCall, CredentialCache};
+use crate::config::{self, Config, UpstreamCredential};
 use crate::engine::{
     CLUSTER_HEADER, Decision, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request, plan_response,
 };
@@ -36,6 +37,10 @@ struct State {
     cache: TokenCache,
     upstream: UpstreamAuth,
     generation: u64,
+    /// Credentials and access decisions from the controller's loopback channel.
+    credentials: CredentialCache,
+    access: AccessCache,
+    last_kid_notice: Option<u64>,
 }
 
 type Shared = Rc<RefCell<Option<State>>>;
@@ -105,6 +110,9 @@ impl RootContext for Root {
                     cache: TokenCache::new(config.token_cache_size),
                     config,
                     upstream: UpstreamAuth::default(),
+                    credentials: CredentialCache::default(),
+                    access: AccessCache::default(),
+                    last_kid_notice: None,
                     generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
                 });
                 true
@@ -143,6 +151,10 @@ impl RootContext for Root {
 
 /// What a paused request is waiting for.
 enum Waiting {
+    /// The controller's access decision for this caller and connector (RBAC mode).
+    Access { target: Target, scopes: Vec<String> },
+    /// The connector's upstream credential from the controller.
+    Credential { target: Target, scopes: Vec<String> },
     /// This request asked the upstream for its challenge (`GET /v2/`).
     Challenge { target: Target, scopes: Vec<String> },
     /// This request fetches the token for `key`; others may wait on it.
@@ -155,10 +167,18 @@ enum Waiting {
 /// so the request path never looks the connector up a second time.
 struct Target {
     connector: String,
+    namespace: String,
+    name: String,
+    /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
+    subject: String,
+    /// The controller must still confirm the caller may use the connector.
+    check_access: bool,
+    credential: UpstreamCredential,
     cluster: String,
     scheme: String,
     authority: String,
-    /// The connector's Basic credential: sent to Basic upstreams and to token realms.
+    /// The connector's Basic credential: sent to Basic upstreams and to token realms. Empty
+    /// until the controller supplied it, for a controller-sourced credential.
     basic: String,
 }
 
@@ -183,6 +203,44 @@ impl Context for Http {
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
         match self.waiting.take() {
+            Some(Waiting::Access { mut target, scopes }) => {
+                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+                let now = now_secs();
+                match channel::parse_access(status, &body, &target.connector) {
+                    Ok((allowed, ttl)) => {
+                        let _ = self.with_state(|st| st.access.insert(&target.subject, &target.connector, allowed, ttl, now));
+                        if allowed {
+                            target.check_access = false;
+                            if let Action::Continue = self.proceed(target, scopes, now) {
+                                self.resume_http_request();
+                            }
+                        } else {
+                            self.refuse(crate::engine::not_permitted_rbac(&target.connector, &target.subject));
+                        }
+                    }
+                    Err(r) => {
+                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
+                        self.refuse(r);
+                    }
+                }
+            }
+            Some(Waiting::Credential { mut target, scopes }) => {
+                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+                match channel::parse_credential(status, &body, &target.connector) {
+                    Ok(authorization) => {
+                        let label = target.connector.clone();
+                        let _ = self.with_state(|st| st.credentials.insert(&label, authorization.clone()));
+                        target.basic = authorization;
+                        if let Action::Continue = self.proceed(target, scopes, now_secs()) {
+                            self.resume_http_request();
+                        }
+                    }
+                    Err(r) => {
+                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
+                        self.refuse(r);
+                    }
+                }
+            }
             Some(Waiting::Challenge { target, scopes }) => {
                 let www = self
                     .get_http_call_response_header_bytes("www-authenticate")
@@ -332,6 +390,95 @@ impl Http {
         })
     }
 
+    /// The steps before the upstream credential goes on: the controller's access decision
+    /// (RBAC mode) and the connector's credential from the controller, each from this VM's
+    /// cache or, on a miss, asked for while the request waits.
+    fn proceed(&mut self, mut target: Target, scopes: Vec<String>, now: u64) -> Action {
+        if target.check_access {
+            let (subject, connector) = (&target.subject, &target.connector);
+            match self.with_state(|st| st.access.get(subject, connector, now)) {
+                Err(r) => return self.refuse(r),
+                Ok(Some(true)) => target.check_access = false,
+                Ok(Some(false)) => {
+                    let r = crate::engine::not_permitted_rbac(&target.connector, &target.subject);
+                    return self.refuse(r);
+                }
+                Ok(None) => {
+                    let call = self.with_state(|st| {
+                        st.config.controller.as_ref().map(|ch| {
+                            (ch.cluster.clone(), channel::access_call(ch, &target.namespace, &target.name, &target.subject))
+                        })
+                    });
+                    return self.call_controller(call, |target, scopes| Waiting::Access { target, scopes }, target, scopes);
+                }
+            }
+        }
+        if matches!(target.credential, UpstreamCredential::Controller { .. }) && target.basic.is_empty() {
+            let label = &target.connector;
+            match self.with_state(|st| st.credentials.get(label).map(str::to_string)) {
+                Err(r) => return self.refuse(r),
+                Ok(Some(v)) => target.basic = v,
+                Ok(None) => {
+                    let call = self.with_state(|st| {
+                        st.config
+                            .controller
+                            .as_ref()
+                            .map(|ch| (ch.cluster.clone(), channel::credential_call(ch, &target.namespace, &target.name)))
+                    });
+                    return self.call_controller(call, |target, scopes| Waiting::Credential { target, scopes }, target, scopes);
+                }
+            }
+        }
+        self.authorize_upstream(target, scopes, now)
+    }
+
+    /// Sends one request to the controller and parks this one until it answers. Without a
+    /// channel (it cannot happen with a validated configuration) or when Envoy cannot send
+    /// the call, the request is refused: never forwarded without its checks.
+    fn call_controller(
+        &mut self,
+        call: Result<Option<(String, ChannelCall)>, Refusal>,
+        waiting: impl FnOnce(Target, Vec<String>) -> Waiting,
+        target: Target,
+        scopes: Vec<String>,
+    ) -> Action {
+        let (cluster, call) = match call {
+            Err(r) => return self.refuse(r),
+            Ok(None) => {
+                return self.refuse(Refusal::unavailable(
+                    "the configuration names no controller channel: the connector proxy cannot check this request",
+                ));
+            }
+            Ok(Some(c)) => c,
+        };
+        // The request waits: the client's credential must not stay on it meanwhile.
+        self.set_http_request_header("authorization", None);
+        match self.dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT) {
+            Ok(_) => {
+                self.waiting = Some(waiting(target, scopes));
+                Action::Pause
+            }
+            Err(_) => self.refuse(
+                Refusal::unavailable(format!(
+                    "the proxy cannot reach the connector controller (Envoy cluster {cluster}): retry"
+                ))
+                .with_reason("controller_unavailable"),
+            ),
+        }
+    }
+
+    /// Tells the controller a token named a key it does not know, so it re-reads the
+    /// cluster's keys (key rotation). Rate limited here and there; the answer is not awaited.
+    fn notify_unknown_kid(&self, now: u64) {
+        let call = self.with_state(|st| {
+            let ch = st.config.controller.as_ref()?;
+            channel::may_notify(&mut st.last_kid_notice, now).then(|| (ch.cluster.clone(), channel::unknown_kid_call(ch)))
+        });
+        if let Ok(Some((cluster, call))) = call {
+            let _ = self.dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
+        }
+    }
+
     /// Puts the connector's upstream credential on the request: Basic right away, or a bearer
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
@@ -469,6 +616,9 @@ impl HttpContext for Http {
 
         match self.decide(&request, now) {
             Decision::Respond { response, reason } => {
+                if reason == "unknown_kid" {
+                    self.notify_unknown_kid(now);
+                }
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,
@@ -498,15 +648,24 @@ impl HttpContext for Http {
                         ),
                     );
                 }
+                let basic = match &f.credential {
+                    UpstreamCredential::Static(v) => v.clone(),
+                    UpstreamCredential::Controller { .. } => String::new(),
+                };
                 let target = Target {
                     connector: f.response.connector.clone(),
+                    namespace: f.namespace,
+                    name: f.name,
+                    subject: f.caller.subject(),
+                    check_access: f.check_access,
+                    credential: f.credential,
                     cluster: f.cluster,
                     scheme: f.response.upstream.scheme.clone(),
                     authority: f.authority,
-                    basic: f.authorization,
+                    basic,
                 };
                 self.plan = Some(f.response);
-                self.authorize_upstream(target, f.scopes, now)
+                self.proceed(target, f.scopes, now)
             }
         }
     }

@@ -7,6 +7,8 @@
 //! - [`render`]: file mode, the stop-gap until the controller serves xDS.
 
 pub mod crd;
+pub mod hub;
 pub mod manifests;
+pub mod ops;
 pub mod render;
 pub mod secrets;

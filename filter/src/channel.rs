@@ -1,0 +1,285 @@
+//! Owns the filter's side of the sidecar controller's loopback channel: the requests it sends
+//! (an upstream credential, an access decision, "a token had an unknown key"), how their
+//! answers are read, and the caches that keep the channel off the request path.
+//!
+//! Protocol (plain HTTP/1.1 JSON on loopback, through the Envoy cluster the configuration's
+//! `controller.cluster` names; `Authorization: Bearer <key>` when a key is configured):
+//! - `GET /v1/credentials/<ns>/<name>` → `200 {"revision": "...", "authorization": "Basic ..."}`
+//! - `GET /v1/access/<ns>/<name>?user=<subject>` → `200 {"allowed": bool, "ttlSeconds": n, "reason": "..."}`
+//! - `POST /v1/unknown-kid` → `202`: the controller re-reads the cluster's keys (rate limited there).
+//!
+//! Everything here fails closed: an answer the filter cannot read refuses the request (503), it
+//! never lets it through.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::config::ControllerChannel;
+use crate::respond::{Refusal, quote};
+use crate::upstream::encode_query_value;
+
+/// Answers larger than this are not from our controller.
+const MAX_ANSWER: usize = 64 * 1024;
+/// Access decisions kept per VM; past this the expired ones go, then all.
+const MAX_DECISIONS: usize = 10_000;
+/// Bounds on how long the filter keeps a decision, whatever the controller says.
+const MIN_TTL: u64 = 1;
+const MAX_TTL: u64 = 300;
+/// At most one unknown-kid notice per VM in this many seconds.
+pub const UNKNOWN_KID_INTERVAL: u64 = 10;
+
+/// One request to the controller: headers ready for `dispatch_http_call`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelCall {
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ChannelCall {
+    fn new(ch: &ControllerChannel, method: &'static str, path: String) -> Self {
+        let mut headers = vec![
+            (":method".to_string(), method.to_string()),
+            (":path".to_string(), path.clone()),
+            (":authority".to_string(), ch.authority.clone()),
+            ("accept".to_string(), "application/json".to_string()),
+        ];
+        if let Some(k) = &ch.key {
+            headers.push(("authorization".to_string(), format!("Bearer {k}")));
+        }
+        Self { method, path, headers }
+    }
+
+    pub fn header_refs(&self) -> Vec<(&str, &str)> {
+        self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+}
+
+pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str) -> ChannelCall {
+    ChannelCall::new(ch, "GET", format!("/v1/credentials/{namespace}/{name}"))
+}
+
+pub fn access_call(ch: &ControllerChannel, namespace: &str, name: &str, subject: &str) -> ChannelCall {
+    ChannelCall::new(
+        ch,
+        "GET",
+        format!("/v1/access/{namespace}/{name}?user={}", encode_query_value(subject)),
+    )
+}
+
+pub fn unknown_kid_call(ch: &ControllerChannel) -> ChannelCall {
+    ChannelCall::new(ch, "POST", "/v1/unknown-kid".to_string())
+}
+
+fn channel_failure(connector: &str, what: &str, why: String) -> Refusal {
+    Refusal::unavailable(format!(
+        "the connector controller could not supply {what} for connector {}: {why}",
+        quote(connector)
+    ))
+    .with_reason("controller_unavailable")
+}
+
+fn error_of(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("error").and_then(Value::as_str).map(|s| s.chars().take(300).collect())
+}
+
+/// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
+pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<String, Refusal> {
+    let fail = |why: String| channel_failure(connector, "the upstream credential", why);
+    match status {
+        200 => {}
+        0 => return Err(fail("it did not answer (is the controller running?): retry".into())),
+        other => {
+            let why = error_of(body).unwrap_or_else(|| "no reason given".into());
+            return Err(fail(format!("it answered {other}: {why}")));
+        }
+    }
+    if body.len() > MAX_ANSWER {
+        return Err(fail("its answer is oversized".into()));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))?;
+    match v.get("authorization").and_then(Value::as_str) {
+        Some(a) if (a.starts_with("Basic ") || a.starts_with("Bearer ")) && a.bytes().all(|b| (0x20..0x7f).contains(&b)) => {
+            Ok(a.to_string())
+        }
+        _ => Err(fail("its answer has no usable authorization value".into())),
+    }
+}
+
+/// Reads the controller's answer to [`access_call`]: whether allowed, and for how long the
+/// decision may be kept.
+pub fn parse_access(status: u32, body: &[u8], connector: &str) -> Result<(bool, u64), Refusal> {
+    let fail = |why: String| channel_failure(connector, "an access decision", why);
+    match status {
+        200 => {}
+        0 => return Err(fail("it did not answer (is the controller running?): retry".into())),
+        other => {
+            let why = error_of(body).unwrap_or_else(|| "no reason given".into());
+            return Err(fail(format!("it answered {other}: {why}")));
+        }
+    }
+    if body.len() > MAX_ANSWER {
+        return Err(fail("its answer is oversized".into()));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))?;
+    let allowed = v
+        .get("allowed")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| fail("its answer has no \"allowed\"".into()))?;
+    let ttl = v
+        .get("ttlSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(MIN_TTL)
+        .clamp(MIN_TTL, MAX_TTL);
+    Ok((allowed, ttl))
+}
+
+/// Access decisions of this VM, by (subject, connector label).
+#[derive(Debug, Default)]
+pub struct AccessCache {
+    entries: HashMap<(String, String), (bool, u64)>,
+}
+
+impl AccessCache {
+    /// `Some(allowed)` while a decision is fresh.
+    pub fn get(&self, subject: &str, connector: &str, now: u64) -> Option<bool> {
+        self.entries
+            .get(&(subject.to_string(), connector.to_string()))
+            .filter(|(_, until)| now < *until)
+            .map(|(allowed, _)| *allowed)
+    }
+
+    pub fn insert(&mut self, subject: &str, connector: &str, allowed: bool, ttl: u64, now: u64) {
+        if self.entries.len() >= MAX_DECISIONS {
+            self.entries.retain(|_, (_, until)| now < *until);
+            if self.entries.len() >= MAX_DECISIONS {
+                self.entries.clear();
+            }
+        }
+        self.entries
+            .insert((subject.to_string(), connector.to_string()), (allowed, now + ttl));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Upstream credentials fetched from the controller, by connector label. A VM's state lives as
+/// long as one configuration, whose revisions are fixed, so the label is the whole key.
+#[derive(Default)]
+pub struct CredentialCache {
+    entries: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCache")
+            .field("connectors", &self.entries.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl CredentialCache {
+    pub fn get(&self, connector: &str) -> Option<&str> {
+        self.entries.get(connector).map(String::as_str)
+    }
+
+    pub fn insert(&mut self, connector: &str, authorization: String) {
+        self.entries.insert(connector.to_string(), authorization);
+    }
+}
+
+/// Rate limit for unknown-kid notices: `true` when one may be sent now (and records it).
+pub fn may_notify(last: &mut Option<u64>, now: u64) -> bool {
+    match *last {
+        Some(t) if now < t + UNKNOWN_KID_INTERVAL => false,
+        _ => {
+            *last = Some(now);
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(key: Option<&str>) -> ControllerChannel {
+        ControllerChannel {
+            cluster: "connector_controller".into(),
+            authority: "connector-controller".into(),
+            key: key.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn calls_carry_the_key_only_when_configured() {
+        let c = credential_call(&ch(Some("k")), "demo", "reg");
+        assert_eq!(c.path, "/v1/credentials/demo/reg");
+        assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
+        let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder");
+        assert_eq!(c.path, "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder");
+        assert!(!c.headers.iter().any(|(k, _)| k == "authorization"));
+        assert_eq!(unknown_kid_call(&ch(None)).method, "POST");
+    }
+
+    #[test]
+    fn credential_answers() {
+        let ok = br#"{"revision":"3","authorization":"Basic cm9ib3Q6cHc="}"#;
+        assert_eq!(parse_credential(200, ok, "demo/reg").unwrap(), "Basic cm9ib3Q6cHc=");
+        for (status, body, needle) in [
+            (0, &b""[..], "did not answer"),
+            (404, br#"{"error":"connector demo/reg has no usable Secret"}"#, "has no usable Secret"),
+            (401, b"", "answered 401: no reason given"),
+            (200, b"nope", "not JSON"),
+            (200, br#"{"authorization":"Digest x"}"#, "no usable authorization"),
+            (200, br#"{"authorization":"Basic a\nb"}"#, "no usable authorization"),
+        ] {
+            let r = parse_credential(status, body, "demo/reg").unwrap_err();
+            assert_eq!(r.status, 503, "{needle}");
+            assert!(r.message.contains(needle), "{needle}: {}", r.message);
+            assert!(r.message.contains("demo/reg"));
+        }
+    }
+
+    #[test]
+    fn access_answers_and_cache() {
+        assert_eq!(parse_access(200, br#"{"allowed":true,"ttlSeconds":30}"#, "d/r").unwrap(), (true, 30));
+        assert_eq!(parse_access(200, br#"{"allowed":false,"ttlSeconds":99999}"#, "d/r").unwrap(), (false, MAX_TTL));
+        assert_eq!(parse_access(200, br#"{"allowed":false}"#, "d/r").unwrap(), (false, MIN_TTL));
+        assert!(parse_access(200, br#"{"ttlSeconds":3}"#, "d/r").is_err(), "no decision is no access");
+        assert!(parse_access(503, b"", "d/r").is_err());
+
+        let mut c = AccessCache::default();
+        assert_eq!(c.get("s", "d/r", 100), None);
+        c.insert("s", "d/r", true, 30, 100);
+        c.insert("s", "d/other", false, 5, 100);
+        assert_eq!(c.get("s", "d/r", 129), Some(true));
+        assert_eq!(c.get("s", "d/r", 130), None, "expired");
+        assert_eq!(c.get("s", "d/other", 104), Some(false));
+        assert_eq!(c.get("t", "d/r", 101), None, "another subject decides for itself");
+    }
+
+    #[test]
+    fn unknown_kid_notices_are_rate_limited() {
+        let mut last = None;
+        assert!(may_notify(&mut last, 100));
+        assert!(!may_notify(&mut last, 105));
+        assert!(may_notify(&mut last, 100 + UNKNOWN_KID_INTERVAL));
+    }
+
+    #[test]
+    fn credential_cache_debug_shows_no_value() {
+        let mut c = CredentialCache::default();
+        c.insert("demo/reg", "Basic c2VjcmV0".into());
+        assert_eq!(c.get("demo/reg"), Some("Basic c2VjcmV0"));
+        assert!(!format!("{c:?}").contains("c2VjcmV0"));
+    }
+}
