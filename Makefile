@@ -22,8 +22,10 @@ test: setup unit wasm e2e
 unit:
 	cargo test
 
+# The e2e tests run the controller binary (xDS to a real Envoy) next to the release module.
 e2e:
 	rm -rf .work
+	cargo build -p connector-controller
 	cargo test -p connector-e2e
 
 # Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.

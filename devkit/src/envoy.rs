@@ -166,6 +166,99 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
     })
 }
 
+/// Names in the bootstrap of an Envoy driven by the sidecar controller (see `envoy/envoy.xds.yaml`).
+pub const XDS_CLUSTER: &str = "xds_controller";
+pub const CHANNEL_CLUSTER: &str = "connector_controller";
+/// The ECDS resource the HTTP filter subscribes to.
+pub const FILTER_CONFIG_NAME: &str = "oci-connector";
+
+/// The bootstrap of an Envoy whose filter configuration (ECDS) and upstream clusters (CDS) come
+/// from the controller's xDS server on `xds_port`, and whose filter reaches the controller's
+/// loopback channel on `channel_port`. Same listener and route as [`bootstrap`].
+pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u16) -> Value {
+    let static_cluster = |name: &str, port: u16, h2: bool| {
+        let mut c = json!({
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                    "socket_address": { "address": "127.0.0.1", "port_value": port }
+                }}}]}],
+            },
+        });
+        if h2 {
+            c["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http2_protocol_options": {} },
+                }
+            });
+        }
+        c
+    };
+    json!({
+        "node": { "id": "oci-connector-proxy", "cluster": "oci-connector" },
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }],
+                "set_node_on_first_message_only": true,
+            },
+            "cds_config": { "ads": {}, "resource_api_version": "V3" },
+        },
+        "static_resources": {
+            "listeners": [{
+                "name": "registry_proxy",
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "registry_proxy",
+                        "codec_type": "AUTO",
+                        "normalize_path": true,
+                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                        "stream_idle_timeout": "300s",
+                        "route_config": {
+                            "name": "registry_routes",
+                            "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [{
+                                "match": { "prefix": "/" },
+                                "route": { "cluster_header": CLUSTER_HEADER, "timeout": "0s", "idle_timeout": "300s" },
+                                "request_headers_to_remove": [CLUSTER_HEADER],
+                            }]}],
+                        },
+                        "http_filters": [
+                            {
+                                // With config_discovery the filter's name is the ECDS resource name.
+                                "name": FILTER_CONFIG_NAME,
+                                // The filter's configuration comes from the controller (ECDS). Until
+                                // it has arrived the listener does not serve; no default means
+                                // no unauthenticated path.
+                                "config_discovery": {
+                                    "config_source": { "ads": {}, "resource_api_version": "V3" },
+                                    "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+                                },
+                            },
+                            {
+                                "name": "envoy.filters.http.router",
+                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+                            },
+                        ],
+                    },
+                }]}],
+            }],
+            "clusters": [
+                static_cluster(XDS_CLUSTER, xds_port, true),
+                static_cluster(CHANNEL_CLUSTER, channel_port, false),
+            ],
+        },
+    })
+}
+
 /// The `envoy.filters.http.wasm` entry for `f`.
 fn wasm_filter(f: &WasmFilter) -> Value {
     json!({
@@ -228,12 +321,31 @@ pub struct Envoy {
 
 impl Envoy {
     pub fn start(work: &WorkDir, spec: &EnvoySpec) -> Result<Self> {
-        let dir = work.sub("envoy")?;
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
+        let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
+        Self::start_with(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy")
+    }
+
+    /// Envoy fed by the controller's xDS server ([`xds_bootstrap`]). `env` is Envoy's process
+    /// environment for the VM (the channel key). Returns once Envoy has its first configuration
+    /// from the controller and listens.
+    pub fn start_xds(work: &WorkDir, xds_port: u16, channel_port: u16, env: &[(String, String)]) -> Result<Self> {
+        Self::start_xds_in(work, "envoy", xds_port, channel_port, env)
+    }
+
+    /// As [`Envoy::start_xds`], with its files in `work/<dir>` (a second Envoy, or a restart).
+    pub fn start_xds_in(work: &WorkDir, dir: &str, xds_port: u16, channel_port: u16, env: &[(String, String)]) -> Result<Self> {
+        let port = procs::free_port()?;
+        let admin_port = procs::free_port()?;
+        let cfg = xds_bootstrap(port, admin_port, xds_port, channel_port);
+        Self::start_with(work, cfg, port, admin_port, env, dir)
+    }
+
+    fn start_with(work: &WorkDir, cfg: Value, port: u16, admin_port: u16, env: &[(String, String)], dir: &str) -> Result<Self> {
+        let dir = work.sub(dir)?;
         let config_path = dir.join("envoy.json");
-        let cfg = serde_json::to_string_pretty(&bootstrap(spec, port, admin_port))
-            .map_err(|e| format!("serialise Envoy config: {e}"))?;
+        let cfg = serde_json::to_string_pretty(&cfg).map_err(|e| format!("serialise Envoy config: {e}"))?;
         std::fs::write(&config_path, cfg).map_err(|e| format!("write {}: {e}", config_path.display()))?;
         let log = dir.join("envoy.log");
         let mut cmd = Command::new(envoy_binary()?);
@@ -252,10 +364,8 @@ impl Envoy {
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
         }
-        if let Some(f) = &spec.filter {
-            for (k, v) in &f.secret_env {
-                cmd.env(k, v);
-            }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut proc = Proc::spawn("envoy", cmd, &log)?;
         proc.wait_for_http(admin_port, "/ready", |s| s == 200, Duration::from_secs(30))?;

@@ -5,6 +5,7 @@
 
 pub mod buildah;
 pub mod containerd;
+pub mod controller;
 pub mod envoy;
 pub mod http;
 pub mod image;

@@ -63,6 +63,22 @@ impl Registry {
         Self::start_with(work, Some(credentials), false, Auth::Token(token_server))
     }
 
+    /// Adds a second htpasswd user (a rotated robot account) and restarts the registry, which
+    /// reads the file at start. Storage survives the restart.
+    pub fn add_user(&mut self, creds: &Credentials) -> Result<()> {
+        let file = self
+            .cfg_path
+            .parent()
+            .map(|d| d.join("htpasswd"))
+            .ok_or("registry config has no directory")?;
+        let existing = std::fs::read_to_string(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
+        let tmp = file.with_extension("new");
+        write_htpasswd(&tmp, creds)?;
+        let added = std::fs::read_to_string(&tmp).map_err(|e| format!("read {}: {e}", tmp.display()))?;
+        std::fs::write(&file, existing + &added).map_err(|e| format!("write {}: {e}", file.display()))?;
+        self.restart()
+    }
+
     /// Starts a registry anyone may use.
     pub fn start_open(work: &WorkDir) -> Result<Self> {
         Self::start(work, None, false)

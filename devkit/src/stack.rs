@@ -184,7 +184,7 @@ pub fn envoy_problems(envoy: &Envoy, secrets: &[(String, String)]) -> Result<Vec
 /// What every scenario puts around its registry: the sample image pushed straight to it with
 /// the robot account (so the recorder only ever sees proxied traffic), the recorder in front of
 /// it, and the ServiceAccount token minter.
-pub(crate) fn seed_upstream(
+pub fn seed_upstream(
     work: &WorkDir,
     skopeo: &Skopeo,
     registry: &Registry,

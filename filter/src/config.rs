@@ -457,7 +457,9 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let mut by_host: HashMap<String, usize> = HashMap::new();
     match root.get("connectors") {
         Some(Value::Array(items)) => {
-            if items.is_empty() {
+            // A controller-managed configuration may be empty (the last Connector was deleted:
+            // every request is then refused); a hand-written one without connectors is a mistake.
+            if items.is_empty() && !has_controller {
                 w.err("connectors", "must list at least one connector");
             }
             for (i, item) in items.iter().enumerate() {

@@ -205,7 +205,7 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
 }
 
 /// Maps a finding of the filter's validator back to the document it is about.
-fn locate(e: connector_filter::config::ConfigError, origins: &[String], identity_at: &str) -> Problem {
+pub(crate) fn locate(e: connector_filter::config::ConfigError, origins: &[String], identity_at: &str) -> Problem {
     let index = e
         .path
         .strip_prefix("connectors[")
@@ -218,7 +218,7 @@ fn locate(e: connector_filter::config::ConfigError, origins: &[String], identity
     }
 }
 
-fn add_cluster(
+pub(crate) fn add_cluster(
     clusters: &mut BTreeMap<String, (UpstreamCluster, String)>,
     cluster: UpstreamCluster,
     at: &crate::manifests::Location,
@@ -242,7 +242,7 @@ fn add_cluster(
 }
 
 /// The origin of a token realm URL (its path and query are the realm's business).
-fn realm_origin(url: &str) -> Result<Upstream, String> {
+pub(crate) fn realm_origin(url: &str) -> Result<Upstream, String> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| "expected an http(s) URL".to_string())?;

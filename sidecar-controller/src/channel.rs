@@ -1,0 +1,161 @@
+//! Owns the controller's end of the loopback channel the filter calls (protocol in the filter's
+//! `channel` module and the README): upstream credentials, RBAC access decisions, and the
+//! unknown-kid notice. It listens on loopback only (in the pod: only Envoy's container and
+//! ours reach it) and, when a key is configured, also requires `Authorization: Bearer <key>`.
+//!
+//! Credentials cross only this channel: never xDS, never a log line. Answers carry
+//! `Cache-Control: no-store`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::hub::{ConnectorKey, Hub};
+use crate::ops::Metrics;
+use crate::secrets::Credential;
+
+/// The credentials of the configured connectors, replaced on every render.
+pub type Credentials = Arc<HashMap<ConnectorKey, Credential>>;
+
+/// An access decision for the filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessAnswer {
+    pub allowed: bool,
+    /// How long the filter may keep it.
+    pub ttl_secs: u64,
+    pub reason: String,
+}
+
+/// Who may use a connector, asked per (user, connector): RBAC in API mode.
+pub trait AccessCheck: Send + Sync {
+    fn check<'a>(&'a self, user: &'a str, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<AccessAnswer, String>>;
+}
+
+#[derive(Clone)]
+pub struct Channel {
+    credentials: watch::Receiver<Credentials>,
+    key_digest: Option<[u8; 32]>,
+    access: Option<Arc<dyn AccessCheck>>,
+    hub: Hub,
+}
+
+impl Channel {
+    pub fn new(
+        credentials: watch::Receiver<Credentials>,
+        key: Option<&str>,
+        access: Option<Arc<dyn AccessCheck>>,
+        hub: Hub,
+    ) -> Self {
+        Self {
+            credentials,
+            key_digest: key.map(|k| Sha256::digest(k.as_bytes()).into()),
+            access,
+            hub,
+        }
+    }
+
+    pub fn router(self) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/credentials/{namespace}/{name}", get(credential))
+            .route("/v1/access/{namespace}/{name}", get(access))
+            .route("/v1/unknown-kid", post(unknown_kid))
+            .with_state(self)
+    }
+
+    /// Compares digests, so the comparison's time says nothing about the key.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(want) = self.key_digest else {
+            return true;
+        };
+        let got = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|k| <[u8; 32]>::from(Sha256::digest(k.as_bytes())));
+        got == Some(want)
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn refused_key() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "the channel key is missing or wrong: the filter's controller.keyEnv must name the variable holding the controller's key".into(),
+    )
+}
+
+async fn credential(State(ch): State<Channel>, Path((namespace, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    let metrics: &Metrics = &ch.hub.metrics;
+    if !ch.authorized(&headers) {
+        Metrics::result(&metrics.credential_fetches, "unauthorized");
+        return refused_key();
+    }
+    let creds = ch.credentials.borrow().clone();
+    let Some(c) = creds.get(&(namespace.clone(), name.clone())) else {
+        Metrics::result(&metrics.credential_fetches, "unknown");
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("connector {namespace}/{name} is not configured, or its Secret is not ready: see the Connector's status"),
+        );
+    };
+    Metrics::result(&metrics.credential_fetches, "ok");
+    tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
+    let authorization = format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)));
+    let mut response = Json(json!({ "authorization": authorization })).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[derive(Deserialize)]
+struct AccessQuery {
+    user: String,
+}
+
+async fn access(
+    State(ch): State<Channel>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<AccessQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !ch.authorized(&headers) {
+        return refused_key();
+    }
+    let Some(check) = ch.access.as_ref() else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this controller runs without RBAC (file mode): the filter configuration should use authorization \"rules\"".into(),
+        );
+    };
+    match check.check(&q.user, &namespace, &name).await {
+        Ok(a) => Json(json!({ "allowed": a.allowed, "ttlSeconds": a.ttl_secs, "reason": a.reason })).into_response(),
+        Err(e) => {
+            tracing::warn!(connector = %format!("{namespace}/{name}"), user = %q.user, error = %e, "access check failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("the access check failed: {e}"))
+        }
+    }
+}
+
+async fn unknown_kid(State(ch): State<Channel>, headers: HeaderMap) -> Response {
+    if !ch.authorized(&headers) {
+        return refused_key();
+    }
+    ch.hub.unknown_kid.notify_one();
+    StatusCode::ACCEPTED.into_response()
+}

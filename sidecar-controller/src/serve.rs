@@ -1,0 +1,194 @@
+//! Owns the running controller: the render pipeline between the hub's inputs and the xDS
+//! snapshot, and the three listeners: xDS (gRPC, for Envoy's bootstrap), the loopback channel
+//! (for the filter), and the ops endpoints (`/healthz`, `/readyz`, `/metrics`). Shuts down
+//! gracefully on SIGTERM / Ctrl-C: listeners stop accepting, open streams end, and Envoy keeps
+//! serving with the configuration it has.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::sync::watch;
+
+use crate::channel::{AccessCheck, Channel, Credentials};
+use crate::hub::{Hub, Published};
+use crate::ops::Metrics;
+use crate::pipeline::{ChannelSettings, Revisions, render_live};
+use crate::xds::{Ads, Snapshot, WasmSettings};
+
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub xds: SocketAddr,
+    /// Must be a loopback address: credentials cross it.
+    pub channel: SocketAddr,
+    pub ops: SocketAddr,
+    pub channel_settings: ChannelSettings,
+    /// The channel key, read from the controller's environment (`channel_settings.key_env`).
+    pub channel_key: Option<String>,
+    pub wasm: WasmSettings,
+}
+
+/// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
+/// channel first, then the snapshot to xDS (so a filter that sees the new configuration finds
+/// the new credential), then what was configured to the hub for status reporting.
+pub async fn pipeline(hub: Hub, channel: ChannelSettings, snapshots: watch::Sender<Option<Arc<Snapshot>>>, credentials: watch::Sender<Credentials>) {
+    let revisions = Revisions::new();
+    let mut inputs = hub.inputs();
+    let mut version = 0u64;
+    let mut last: Option<(String, Vec<crate::render::UpstreamCluster>)> = None;
+    loop {
+        let current = inputs.borrow_and_update().clone();
+        if let Some(i) = current {
+            match render_live(&i, &channel, &revisions) {
+                Ok(r) => {
+                    Metrics::result(&hub.metrics.renders, "ok");
+                    let config = r.filter_config.to_string();
+                    let same = last.as_ref().is_some_and(|(c, cl)| *c == config && *cl == r.clusters);
+                    credentials.send_replace(Arc::new(r.credentials.clone()));
+                    if !same {
+                        version += 1;
+                        snapshots.send_replace(Some(Arc::new(Snapshot {
+                            version,
+                            clusters: r.clusters.clone(),
+                            filter_config: config.clone(),
+                        })));
+                        last = Some((config, r.clusters.clone()));
+                    }
+                    for (key, problems) in &r.left_out {
+                        for p in problems {
+                            tracing::warn!(connector = %format!("{}/{}", key.0, key.1), problem = %p, "connector left out of the proxy configuration");
+                        }
+                    }
+                    tracing::info!(version, connectors = r.connectors.len(), left_out = r.left_out.len(), "configuration rendered");
+                    hub.metrics.connectors_configured.set(r.connectors.len() as i64);
+                    hub.publish_rendered(Published {
+                        version,
+                        connectors: r.connectors,
+                        left_out: r.left_out,
+                        refused: vec![],
+                    });
+                    hub.metrics.set_ready(true);
+                }
+                Err(problems) => {
+                    Metrics::result(&hub.metrics.renders, "refused");
+                    tracing::error!(problems = problems.len(), "configuration refused as a whole; Envoy keeps the previous one");
+                    for p in &problems {
+                        tracing::error!(problem = %p, "configuration problem");
+                    }
+                }
+            }
+        }
+        if inputs.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
+    let ready = metrics.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the source has not synced or nothing was rendered yet\n").into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.render_text();
+                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
+            }),
+        )
+}
+
+/// Runs the pipeline and the listeners until a shutdown signal. The source (file mode or the
+/// Kubernetes API) runs beside it and publishes into `hub`.
+pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn AccessCheck>>) -> anyhow::Result<()> {
+    if !settings.channel.ip().is_loopback() {
+        anyhow::bail!(
+            "--channel {} is not a loopback address: the channel hands out registry credentials and must only be reachable inside the pod",
+            settings.channel
+        );
+    }
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (cred_tx, cred_rx) = watch::channel(Credentials::default());
+    tokio::spawn(pipeline(hub.clone(), settings.channel_settings.clone(), snap_tx, cred_tx));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let channel = Channel::new(cred_rx, settings.channel_key.as_deref(), access, hub.clone()).router();
+    let channel_listener = tokio::net::TcpListener::bind(settings.channel).await?;
+    let ops_listener = tokio::net::TcpListener::bind(settings.ops).await?;
+    let xds_listener = tokio::net::TcpListener::bind(settings.xds).await?;
+    tracing::info!(
+        xds = %xds_listener.local_addr()?,
+        channel = %channel_listener.local_addr()?,
+        ops = %ops_listener.local_addr()?,
+        "listening"
+    );
+    let channel_task = tokio::spawn(
+        axum::serve(channel_listener, channel)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let ops_task = tokio::spawn(
+        axum::serve(ops_listener, ops_router(hub.metrics.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let ads = Ads::new(snap_rx, settings.wasm.clone(), hub.clone());
+    let xds_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(xds_listener),
+                stopped(stop_rx.clone()),
+            ),
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: Envoy keeps serving with the configuration it has");
+    let _ = stop_tx.send(true);
+    // Streams that do not end within a few seconds are dropped with the process.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = xds_task.await;
+        let _ = channel_task.await;
+        let _ = ops_task.await;
+    })
+    .await;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The sidecar controller serving xDS to a real Envoy, in file mode: Connector and Secret
+//! manifests in a directory, the real `connector-controller` binary, real Envoy fed over ADS
+//! (CDS for the upstream clusters, ECDS for the filter configuration), a real htpasswd
+//! registry, real skopeo. The filter gets the upstream credential over the controller's
+//! loopback channel; no secret travels in xDS.
+//!
+//! Needs `cargo build -p connector-controller` and the release filter module (`make test` does both).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
+use connector_devkit::http::{Request, basic_value};
+use connector_devkit::image::{self, SampleImage};
+use connector_devkit::recorder::Recorder;
+use connector_devkit::registry::{Credentials, Registry};
+use connector_devkit::skopeo::{Creds, Skopeo};
+use connector_devkit::stack::{envoy_problems, seed_upstream};
+use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
+use connector_devkit::{WorkDir, random_secret};
+
+const NS: &str = "demo";
+const REPO: &str = "library/app";
+const TAG: &str = "v1";
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+/// "Within seconds": how long a manifest change may take to reach Envoy.
+const FOLLOW_DEADLINE: Duration = Duration::from_secs(10);
+
+struct Setup {
+    work: WorkDir,
+    registry: Registry,
+    recorder: Recorder,
+    skopeo: Skopeo,
+    minter: Minter,
+    sample: SampleImage,
+    manifests: PathBuf,
+    identity: PathBuf,
+}
+
+fn setup(label: &str) -> Setup {
+    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new(label).unwrap();
+    let skopeo = Skopeo::new(&work).unwrap();
+    let registry = Registry::start_with_auth(&work, "robot").unwrap();
+    let creds = registry.credentials.clone().unwrap();
+    let (sample, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
+    let manifests = work.sub("manifests").unwrap();
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .unwrap();
+    Setup {
+        work,
+        registry,
+        recorder,
+        skopeo,
+        minter,
+        sample,
+        manifests,
+        identity,
+    }
+}
+
+/// Writes a manifest file the way an editor or `kubectl`-style tool would replace it: whole,
+/// by rename, so the controller never reads half a file.
+fn put(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {address}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n"
+    )
+}
+
+fn secret_yaml(name: &str, c: &Credentials) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+        c.username, c.password
+    )
+}
+
+fn manifest_status(envoy: &Envoy, connector: &str, token: &str) -> u16 {
+    Request::get(&format!("/v2/namespaces/{NS}/connectors/{connector}/{REPO}/manifests/{TAG}"))
+        .header("Accept", MANIFEST_TYPES)
+        .bearer(token)
+        .send(envoy.port)
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+/// Polls until `GET manifest` through `connector` answers `want`; returns how long it took.
+fn until_status(envoy: &Envoy, connector: &str, token: &str, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = manifest_status(envoy, connector, token);
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < FOLLOW_DEADLINE,
+            "connector {connector}: still {got} after {FOLLOW_DEADLINE:?}, want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pull(s: &Setup, envoy: &Envoy, connector: &str, token: &str, into: &str) {
+    let reference = format!("docker://{}/namespaces/{NS}/connectors/{connector}/{REPO}:{TAG}", envoy.authority());
+    let dest = s.work.sub(into).unwrap();
+    s.skopeo
+        .copy(&reference, Creds::Basic("sa", token), &format!("oci:{}:{TAG}", dest.display()), Creds::None)
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("skopeo copy {reference}: {e}"));
+    assert_eq!(image::oci_layers(&dest, TAG).unwrap(), s.sample.layers, "pulled layers");
+}
+
+fn hygiene(envoy: &Envoy, controller_log: &str, secrets: &[(String, String)]) {
+    let problems = envoy_problems(envoy, secrets).unwrap();
+    assert!(problems.is_empty(), "Envoy hygiene:\n{}", problems.join("\n"));
+    for (what, value) in secrets {
+        assert!(!controller_log.contains(value.as_str()), "{what} appears in the controller's log");
+    }
+}
+
+#[test]
+fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
+    let s = setup("controller-xds");
+    let creds = s.registry.credentials.clone().unwrap();
+    put(&s.manifests, "registry.yaml", &connector_yaml("registry", &s.registry.url(), "robot"));
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
+    let envoy = Envoy::start_xds(&s.work, controller.ports.xds, controller.ports.channel, &controller.envoy_env()).unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+
+    // Applied before Envoy started: served as soon as Envoy has its configuration.
+    until_status(&envoy, "registry", &token, 200);
+    pull(&s, &envoy, "registry", &token, "pulled-1");
+
+    // A new Connector file: served within seconds, no restart.
+    assert_eq!(manifest_status(&envoy, "second", &token), 403, "not applied yet");
+    put(&s.manifests, "second.yaml", &connector_yaml("second", &s.registry.url(), "robot"));
+    let took = until_status(&envoy, "second", &token, 200);
+    eprintln!("new connector served after {took:?}");
+
+    // A Connector whose Secret is missing is left out, the others go on.
+    put(&s.manifests, "broken.yaml", &connector_yaml("broken", &s.registry.url(), "missing"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(manifest_status(&envoy, "broken", &token), 403);
+    assert_eq!(manifest_status(&envoy, "registry", &token), 200);
+
+    // A manifest that does not parse refuses the set as a whole; the last good one stays.
+    put(&s.manifests, "garbage.yaml", "apiVersion: v1\nkind: Secret\nmetadata: [not, a, map]\n");
+    std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(manifest_status(&envoy, "second", &token), 200, "refused set must not change Envoy");
+    std::fs::remove_file(s.manifests.join("garbage.yaml")).unwrap();
+
+    // The deleted Connector stops working for new requests within seconds.
+    let took = until_status(&envoy, "second", &token, 403);
+    eprintln!("deleted connector refused after {took:?}");
+    assert_eq!(manifest_status(&envoy, "registry", &token), 200);
+
+    let metrics = controller.metrics().unwrap();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    // Initial, second added, second deleted: the broken connector changed nothing Envoy gets.
+    assert_eq!(sample("connector_controller_xds_pushes_total{resource=\"filter\"}"), 3.0, "{metrics}");
+    assert_eq!(sample("connector_controller_xds_nacks_total{resource=\"filter\"}"), 0.0, "{metrics}");
+    assert!(sample("connector_controller_credential_fetches_total{result=\"ok\"}") >= 1.0, "{metrics}");
+    assert_eq!(sample("connector_controller_connectors_configured"), 1.0, "{metrics}");
+    assert!(sample("connector_controller_reconcile_errors_total{reason=\"ManifestsInvalid\"}") >= 1.0, "{metrics}");
+
+    // The controller dies: Envoy keeps its configuration and the filter its credential.
+    let key = controller.key().to_string();
+    let log = controller.log();
+    controller.kill();
+    for _ in 0..10 {
+        assert_eq!(manifest_status(&envoy, "registry", &token), 200, "pull after the controller died");
+    }
+    pull(&s, &envoy, "registry", &token, "pulled-2");
+
+    hygiene(
+        &envoy,
+        &log,
+        &[
+            ("upstream password".into(), creds.password.clone()),
+            ("upstream Basic value".into(), basic_value(&creds.username, &creds.password)),
+            ("channel key".into(), key),
+            ("client token".into(), token),
+        ],
+    );
+    drop(s.recorder);
+}
+
+#[test]
+fn rotation_and_connector_changes_under_load_fail_no_request() {
+    let mut s = setup("controller-rotation");
+    let old = s.registry.credentials.clone().unwrap();
+    let new = Credentials {
+        username: "robot2".into(),
+        password: random_secret().unwrap(),
+    };
+    // The registry accepts both robot accounts, as during a real rotation window.
+    s.registry.add_user(&new).unwrap();
+    let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
+    put(&s.manifests, "registry.yaml", &connector_yaml("registry", &upstream, "robot"));
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &old));
+    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
+    let envoy = Envoy::start_xds(&s.work, controller.ports.xds, controller.ports.channel, &controller.envoy_env()).unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    until_status(&envoy, "registry", &token, 200);
+
+    // Continuous load: manifest and blob GETs from 4 clients, every answer counted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let blob = s.sample.layers[0].clone();
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            let (stop, ok, failures, token, blob, port) =
+                (stop.clone(), ok.clone(), failures.clone(), token.clone(), blob.clone(), envoy.port);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let path = if (n + i) % 2 == 0 {
+                        format!("/v2/namespaces/{NS}/connectors/registry/{REPO}/manifests/{TAG}")
+                    } else {
+                        format!("/v2/namespaces/{NS}/connectors/registry/{REPO}/blobs/{blob}")
+                    };
+                    match Request::get(&path).header("Accept", MANIFEST_TYPES).bearer(&token).send(port) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("{path}: {} {}", r.status, r.body_text())),
+                        Err(e) => failures.lock().unwrap().push(format!("{path}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let old_value = format!("Basic {}", basic_value(&old.username, &old.password));
+    let new_value = format!("Basic {}", basic_value(&new.username, &new.password));
+    assert!(s.recorder.take().authorizations().contains(&old_value.as_str()), "the old credential was in use");
+
+    // Rotate the Secret under load: the new credential reaches the upstream within seconds.
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &new));
+    let start = Instant::now();
+    loop {
+        let seen = s.recorder.take();
+        if seen.authorizations().contains(&new_value.as_str()) {
+            break;
+        }
+        assert!(start.elapsed() < FOLLOW_DEADLINE, "the rotated credential did not reach the upstream");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("rotated credential in use after {:?}", start.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    s.recorder.take();
+
+    // Connectors added and removed under the same load.
+    put(&s.manifests, "second.yaml", &connector_yaml("second", &upstream, "robot"));
+    until_status(&envoy, "second", &token, 200);
+    std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
+    until_status(&envoy, "second", &token, 403);
+    std::thread::sleep(Duration::from_secs(1));
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    let served = ok.load(Ordering::Relaxed);
+    eprintln!("under load: {served} requests served, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} failed requests, first: {:?}", failures.len(), failures.first());
+    assert!(served > 100, "the load ran ({served} requests)");
+    // After the switch only the new credential went upstream.
+    let after = s.recorder.take();
+    assert!(!after.authorizations().is_empty());
+    assert!(
+        after.authorizations().iter().all(|a| *a == new_value),
+        "old credential still used after rotation"
+    );
+
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[
+            ("old password".into(), old.password.clone()),
+            ("new password".into(), new.password.clone()),
+            ("channel key".into(), controller.key().to_string()),
+            ("client token".into(), token),
+        ],
+    );
+}
