@@ -1,14 +1,26 @@
-//! The sidecar controller (issue 4): turns `Connector` resources and their Secrets into the
-//! connector filter's configuration.
+//! The sidecar controller (issue 4): turns `Connector` resources and their Secrets into live
+//! Envoy configuration.
 //!
 //! - [`crd`]: the `Connector` resource and its generated CRD;
 //! - [`secrets`]: Secret → upstream credential plus the `SecretReady` condition, as pure functions;
 //! - [`manifests`]: Connector and Secret manifests read from files, every problem located;
-//! - [`render`]: file mode, the stop-gap until the controller serves xDS.
+//! - [`render`]: file mode's one-shot output for a static Envoy (`connector-controller render`);
+//! - [`hub`]: the seam between sources of desired state and their consumers;
+//! - [`filemode`]: the manifest-directory source, watched;
+//! - [`pipeline`]: desired state → filter configuration, clusters and the credential table;
+//! - [`xds`]: the ADS server Envoy's bootstrap points at (CDS + ECDS);
+//! - [`channel`]: the loopback channel the filter gets credentials and access decisions from;
+//! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
+//! - [`ops`]: metrics, `/healthz`, `/readyz`.
 
+pub mod channel;
 pub mod crd;
+pub mod filemode;
 pub mod hub;
 pub mod manifests;
 pub mod ops;
+pub mod pipeline;
 pub mod render;
 pub mod secrets;
+pub mod serve;
+pub mod xds;
