@@ -13,7 +13,9 @@ setup:
 wasm:
 	$(WASM_BUILD)
 
+# File mode on embedded defaults: the controller serves generated manifests to Envoy over xDS.
 demo: setup wasm
+	cargo build -p connector-controller
 	cargo run -p connector-devkit --bin demo
 
 # Unit tests of the default members (filter, devkit), then the end-to-end tests on the release module.

@@ -1,20 +1,118 @@
-//! The whole story in one run: a private registry with a robot account, a ServiceAccount-style
-//! token, Envoy with the connector filter, pulls in both address forms with skopeo, one refused
-//! pull, and proof that the upstream saw the robot's credential and never the token.
-//! `cargo run -p connector-devkit --bin demo` (after `make demo`'s setup and wasm build).
+//! The whole story in one run: a private registry with a robot account, a Connector and its
+//! Secret as manifest files, the sidecar controller in file mode serving them to Envoy over
+//! xDS, a ServiceAccount-style token, pulls in both address forms with skopeo, one refused pull,
+//! a Connector added and deleted live, and proof that the upstream saw the robot's credential
+//! and never the token, and that no secret reached Envoy's config dump or any log.
+//! `cargo run -p connector-devkit --bin demo` (after `make demo`'s setup and builds).
 
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, basic_value};
-use connector_devkit::image;
-use connector_devkit::skopeo::Creds;
+use connector_devkit::image::{self, SampleImage};
+use connector_devkit::recorder::Recorder;
+use connector_devkit::registry::Registry;
+use connector_devkit::skopeo::{Creds, Skopeo};
 use connector_devkit::stack::{
-    CONNECTOR_NAME, CONNECTOR_NAMESPACE, REPO, Stack, TAG, UPSTREAM_USER, check_host_form_resolves,
+    CONNECTOR_NAME, CONNECTOR_NAMESPACE, REPO, TAG, UPSTREAM_USER, check_host_form_resolves, envoy_problems, host_name,
+    seed_upstream,
 };
-use connector_devkit::{Result, wasm_path};
+use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
+use connector_devkit::{Result, WorkDir, wasm_path};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Everything the demo runs. Dropped at the end: every process stops.
+struct Demo {
+    envoy: Envoy,
+    controller: Controller,
+    recorder: Recorder,
+    registry: Registry,
+    image: SampleImage,
+    minter: Minter,
+    skopeo: Skopeo,
+    manifests: PathBuf,
+    password: String,
+    work: WorkDir,
+}
+
+impl Demo {
+    fn start() -> Result<Self> {
+        let work = WorkDir::new("demo")?;
+        let skopeo = Skopeo::new(&work)?;
+        let registry = Registry::start_with_auth(&work, UPSTREAM_USER)?;
+        let creds = registry.credentials.clone().ok_or("registry without credentials")?;
+        let (image, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password)?;
+        // What a platform team would `kubectl apply`, here files the controller watches.
+        let manifests = work.sub("manifests")?;
+        write(&manifests.join("connector.yaml"), &connector_yaml(CONNECTOR_NAME, recorder.port))?;
+        write(
+            &manifests.join("secret.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {CONNECTOR_NAMESPACE}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+                creds.username, creds.password
+            ),
+        )?;
+        let identity = work.path().join("identity.json");
+        write(
+            &identity,
+            &serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+        )?;
+        let controller = Controller::start(&work, &manifests, &identity)?;
+        let envoy = Envoy::start_xds(&work, controller.ports.xds, controller.ports.channel, &controller.envoy_env())?;
+        Ok(Self {
+            envoy,
+            controller,
+            recorder,
+            registry,
+            image,
+            minter,
+            skopeo,
+            manifests,
+            password: creds.password,
+            work,
+        })
+    }
+
+    fn path_ref(&self, name: &str) -> String {
+        format!("docker://{}/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}:{TAG}", self.envoy.authority())
+    }
+
+    fn manifest_status(&self, name: &str, token: &str) -> u16 {
+        Request::get(&format!("/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}/manifests/{TAG}"))
+            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .bearer(token)
+            .send(self.envoy.port)
+            .map(|r| r.status)
+            .unwrap_or(0)
+    }
+
+    /// Time until `name` answers `want` (at most 15 s).
+    fn until(&self, name: &str, token: &str, want: u16) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if self.manifest_status(name, token) == want {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("connector {name} did not answer {want} within 15 s"))
+    }
+}
+
+fn connector_yaml(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {CONNECTOR_NAMESPACE}\nspec:\n  address: http://127.0.0.1:{port}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: registry-robot\n  connectorClassName: oci\n"
+    )
+}
+
+fn write(path: &std::path::Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))
+}
 
 fn main() -> ExitCode {
     println!("OCI connector demo: secretless pulls from a private registry through Envoy\n");
-    let stack = match Stack::start("demo", true) {
+    let demo = match Demo::start() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("FAIL  could not start the demo: {e}");
@@ -24,18 +122,24 @@ fn main() -> ExitCode {
     let module_kb = std::fs::metadata(wasm_path()).map(|m| m.len() / 1024).unwrap_or(0);
     println!(
         "      upstream registry  {} (CNCF Distribution, htpasswd, user {UPSTREAM_USER}, password generated, not shown)",
-        stack.registry.url()
+        demo.registry.url()
     );
     println!(
         "      sample image       {REPO}:{TAG}, {} layers, pushed straight to the registry",
-        stack.image.layers.len()
+        demo.image.layers.len()
     );
     println!(
-        "      proxy              Envoy on {} with the connector filter ({module_kb} KB wasm)",
-        stack.envoy.authority()
+        "      controller         connector-controller serve --manifests {} (xDS on :{}, loopback channel on :{})",
+        demo.manifests.display(),
+        demo.controller.ports.xds,
+        demo.controller.ports.channel
     );
     println!(
-        "      connector          {CONNECTOR_NAMESPACE}/{CONNECTOR_NAME}; the password reaches the filter only through Envoy's environment\n"
+        "      proxy              Envoy on {}, filter ({module_kb} KB wasm) and clusters pushed by the controller",
+        demo.envoy.authority()
+    );
+    println!(
+        "      connector          {CONNECTOR_NAMESPACE}/{CONNECTOR_NAME}; the password reaches the filter only over the controller's loopback channel\n"
     );
 
     let mut failures = 0;
@@ -46,8 +150,7 @@ fn main() -> ExitCode {
             println!("FAIL  {name}: {e}");
         }
     };
-    let token = stack.minter.valid(CONNECTOR_NAMESPACE, "default");
-    let token = match token {
+    let token = match demo.minter.valid(CONNECTOR_NAMESPACE, "default") {
         Ok(t) => t,
         Err(e) => {
             println!("FAIL  mint a token: {e}");
@@ -61,27 +164,21 @@ fn main() -> ExitCode {
         )),
     );
 
-    let path_ref = stack.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
-    step("pull, path form", pull(&stack, &path_ref, &token, "pulled-path"));
-    let host_ref = stack.host_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
+    step("pull, path form", pull(&demo, &demo.path_ref(CONNECTOR_NAME), &token, "pulled-path"));
+    let host_ref = format!(
+        "docker://{}:{}/{REPO}:{TAG}",
+        host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
+        demo.envoy.port
+    );
     step(
         "pull, host form",
-        check_host_form_resolves(CONNECTOR_NAMESPACE, CONNECTOR_NAME)
-            .and_then(|_| pull(&stack, &host_ref, &token, "pulled-host")),
+        check_host_form_resolves(CONNECTOR_NAMESPACE, CONNECTOR_NAME).and_then(|_| pull(&demo, &host_ref, &token, "pulled-host")),
     );
-    step("what the upstream received", upstream_check(&stack, &token));
-    step("refused pull", refused(&stack));
-    step(
-        "Envoy log and config dump",
-        stack.envoy_hygiene_problems().and_then(|p| {
-            if p.is_empty() {
-                Ok("no password, no token, no [critical] wasm line".into())
-            } else {
-                Err(p.join("; "))
-            }
-        }),
-    );
-    drop(stack);
+    step("what the upstream received", upstream_check(&demo, &token));
+    step("refused pull", refused(&demo));
+    step("a Connector applied live", live_change(&demo, &token));
+    step("Envoy log and config dump, controller log", hygiene(&demo, &token));
+    drop(demo);
     println!();
     if failures == 0 {
         println!("demo: every step behaved as expected; all processes stopped");
@@ -92,8 +189,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// A new Connector file is served within seconds; deleting it refuses it again.
+fn live_change(demo: &Demo, token: &str) -> Result<String> {
+    let file = demo.manifests.join("mirror.yaml");
+    write(&file, &connector_yaml("mirror", demo.recorder.port))?;
+    let served = demo.until("mirror", token, 200)?;
+    std::fs::remove_file(&file).map_err(|e| format!("remove {}: {e}", file.display()))?;
+    let refused = demo.until("mirror", token, 403)?;
+    Ok(format!(
+        "{CONNECTOR_NAMESPACE}/mirror served {} ms after its file appeared, refused {} ms after it was deleted; no restart",
+        served.as_millis(),
+        refused.as_millis()
+    ))
+}
+
+fn hygiene(demo: &Demo, token: &str) -> Result<String> {
+    let secrets = [
+        ("the upstream password".to_string(), demo.password.clone()),
+        ("the client token".to_string(), token.to_string()),
+        ("the channel key".to_string(), demo.controller.key().to_string()),
+    ];
+    let mut problems = envoy_problems(&demo.envoy, &secrets)?;
+    let log = demo.controller.log();
+    for (what, value) in &secrets {
+        if log.contains(value.as_str()) {
+            problems.push(format!("{what} appears in the controller's log"));
+        }
+    }
+    if problems.is_empty() {
+        Ok("no password, no token, no channel key, no [critical] wasm line".into())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 /// skopeo inspect + copy through the proxy; layers must equal what was pushed.
-fn pull(stack: &Stack, reference: &str, token: &str, label: &str) -> Result<String> {
+fn pull(stack: &Demo, reference: &str, token: &str, label: &str) -> Result<String> {
     let out = stack
         .skopeo
         .inspect(reference, Creds::Basic("sa", token), false)?
@@ -123,9 +254,9 @@ fn pull(stack: &Stack, reference: &str, token: &str, label: &str) -> Result<Stri
     ))
 }
 
-fn upstream_check(stack: &Stack, token: &str) -> Result<String> {
+fn upstream_check(stack: &Demo, token: &str) -> Result<String> {
     let seen = stack.recorder.take();
-    let robot = format!("Basic {}", basic_value(UPSTREAM_USER, stack.password()));
+    let robot = format!("Basic {}", basic_value(UPSTREAM_USER, &stack.password));
     let auths = seen.authorizations();
     if auths.is_empty() || auths.iter().any(|a| *a != robot) {
         return Err(format!(
@@ -144,9 +275,9 @@ fn upstream_check(stack: &Stack, token: &str) -> Result<String> {
 
 /// A token of namespace `other` against demo/registry: skopeo must fail and the upstream see
 /// nothing; the OCI error message is shown.
-fn refused(stack: &Stack) -> Result<String> {
+fn refused(stack: &Demo) -> Result<String> {
     let outsider = stack.minter.valid("other", "default")?;
-    let reference = stack.path_ref(CONNECTOR_NAMESPACE, CONNECTOR_NAME, REPO, TAG);
+    let reference = stack.path_ref(CONNECTOR_NAME);
     stack.recorder.take();
     let out = stack.skopeo.inspect(&reference, Creds::Basic("sa", &outsider), false)?;
     if out.success {
