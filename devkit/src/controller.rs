@@ -21,7 +21,11 @@ pub fn controller_binary() -> Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::repo_root().join("target"));
-    let target = if target.is_relative() { crate::repo_root().join(target) } else { target };
+    let target = if target.is_relative() {
+        crate::repo_root().join(target)
+    } else {
+        target
+    };
     let p = target.join("debug/connector-controller");
     if p.is_file() {
         Ok(p)
@@ -61,11 +65,25 @@ impl Controller {
     /// Starts the controller on `manifests` and `identity` and waits for `/readyz` (a
     /// configuration rendered).
     pub fn start(work: &WorkDir, manifests: &Path, identity: &Path) -> Result<Self> {
-        Self::start_on(work, "controller", manifests, identity, Ports::free()?, &crate::random_secret()?)
+        Self::start_on(
+            work,
+            "controller",
+            manifests,
+            identity,
+            Ports::free()?,
+            &crate::random_secret()?,
+        )
     }
 
     /// As [`Controller::start`] on given ports and key: a restart, as a Deployment would do it.
-    pub fn start_on(work: &WorkDir, dir: &str, manifests: &Path, identity: &Path, ports: Ports, key: &str) -> Result<Self> {
+    pub fn start_on(
+        work: &WorkDir,
+        dir: &str,
+        manifests: &Path,
+        identity: &Path,
+        ports: Ports,
+        key: &str,
+    ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
         let mut cmd = Command::new(controller_binary()?);
@@ -84,7 +102,8 @@ impl Controller {
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
         }
-        cmd.env(CHANNEL_KEY_ENV, key).env("RUST_LOG", "info,connector_controller=debug");
+        cmd.env(CHANNEL_KEY_ENV, key)
+            .env("RUST_LOG", "info,connector_controller=debug");
         let mut proc = Proc::spawn("connector-controller", cmd, &log)?;
         proc.wait_for_http(ports.ops, "/readyz", |s| s == 200, Duration::from_secs(30))?;
         proc.wait_for_port(ports.xds, Duration::from_secs(5))?;

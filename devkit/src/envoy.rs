@@ -335,14 +335,27 @@ impl Envoy {
     }
 
     /// As [`Envoy::start_xds`], with its files in `work/<dir>` (a second Envoy, or a restart).
-    pub fn start_xds_in(work: &WorkDir, dir: &str, xds_port: u16, channel_port: u16, env: &[(String, String)]) -> Result<Self> {
+    pub fn start_xds_in(
+        work: &WorkDir,
+        dir: &str,
+        xds_port: u16,
+        channel_port: u16,
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let cfg = xds_bootstrap(port, admin_port, xds_port, channel_port);
         Self::start_with(work, cfg, port, admin_port, env, dir)
     }
 
-    fn start_with(work: &WorkDir, cfg: Value, port: u16, admin_port: u16, env: &[(String, String)], dir: &str) -> Result<Self> {
+    fn start_with(
+        work: &WorkDir,
+        cfg: Value,
+        port: u16,
+        admin_port: u16,
+        env: &[(String, String)],
+        dir: &str,
+    ) -> Result<Self> {
         let dir = work.sub(dir)?;
         let config_path = dir.join("envoy.json");
         let cfg = serde_json::to_string_pretty(&cfg).map_err(|e| format!("serialise Envoy config: {e}"))?;

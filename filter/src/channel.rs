@@ -82,7 +82,9 @@ fn channel_failure(connector: &str, what: &str, why: String) -> Refusal {
 
 fn error_of(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
-    v.get("error").and_then(Value::as_str).map(|s| s.chars().take(300).collect())
+    v.get("error")
+        .and_then(Value::as_str)
+        .map(|s| s.chars().take(300).collect())
 }
 
 /// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
@@ -101,7 +103,10 @@ pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<Str
     }
     let v: Value = serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))?;
     match v.get("authorization").and_then(Value::as_str) {
-        Some(a) if (a.starts_with("Basic ") || a.starts_with("Bearer ")) && a.bytes().all(|b| (0x20..0x7f).contains(&b)) => {
+        Some(a)
+            if (a.starts_with("Basic ") || a.starts_with("Bearer "))
+                && a.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+        {
             Ok(a.to_string())
         }
         _ => Err(fail("its answer has no usable authorization value".into())),
@@ -225,7 +230,10 @@ mod tests {
         assert_eq!(c.path, "/v1/credentials/demo/reg");
         assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
         let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder");
-        assert_eq!(c.path, "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder");
+        assert_eq!(
+            c.path,
+            "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder"
+        );
         assert!(!c.headers.iter().any(|(k, _)| k == "authorization"));
         assert_eq!(unknown_kid_call(&ch(None)).method, "POST");
     }
@@ -236,7 +244,11 @@ mod tests {
         assert_eq!(parse_credential(200, ok, "demo/reg").unwrap(), "Basic cm9ib3Q6cHc=");
         for (status, body, needle) in [
             (0, &b""[..], "did not answer"),
-            (404, br#"{"error":"connector demo/reg has no usable Secret"}"#, "has no usable Secret"),
+            (
+                404,
+                br#"{"error":"connector demo/reg has no usable Secret"}"#,
+                "has no usable Secret",
+            ),
             (401, b"", "answered 401: no reason given"),
             (200, b"nope", "not JSON"),
             (200, br#"{"authorization":"Digest x"}"#, "no usable authorization"),
@@ -251,10 +263,22 @@ mod tests {
 
     #[test]
     fn access_answers_and_cache() {
-        assert_eq!(parse_access(200, br#"{"allowed":true,"ttlSeconds":30}"#, "d/r").unwrap(), (true, 30));
-        assert_eq!(parse_access(200, br#"{"allowed":false,"ttlSeconds":99999}"#, "d/r").unwrap(), (false, MAX_TTL));
-        assert_eq!(parse_access(200, br#"{"allowed":false}"#, "d/r").unwrap(), (false, MIN_TTL));
-        assert!(parse_access(200, br#"{"ttlSeconds":3}"#, "d/r").is_err(), "no decision is no access");
+        assert_eq!(
+            parse_access(200, br#"{"allowed":true,"ttlSeconds":30}"#, "d/r").unwrap(),
+            (true, 30)
+        );
+        assert_eq!(
+            parse_access(200, br#"{"allowed":false,"ttlSeconds":99999}"#, "d/r").unwrap(),
+            (false, MAX_TTL)
+        );
+        assert_eq!(
+            parse_access(200, br#"{"allowed":false}"#, "d/r").unwrap(),
+            (false, MIN_TTL)
+        );
+        assert!(
+            parse_access(200, br#"{"ttlSeconds":3}"#, "d/r").is_err(),
+            "no decision is no access"
+        );
         assert!(parse_access(503, b"", "d/r").is_err());
 
         let mut c = AccessCache::default();

@@ -413,7 +413,12 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         }
     };
     let mut w = Walk { errors: &mut errors };
-    let root = w.object(Some(&doc), "$", &["proxy", "identity", "connectors", "controller", "authorization"], true);
+    let root = w.object(
+        Some(&doc),
+        "$",
+        &["proxy", "identity", "connectors", "controller", "authorization"],
+        true,
+    );
     let empty = Map::new();
     let root = root.unwrap_or(&empty);
 
@@ -443,12 +448,18 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         Some(Value::String(s)) if s == "rules" => AccessMode::Rules,
         Some(Value::String(s)) if s == "controller" => AccessMode::Controller,
         Some(_) => {
-            w.err("authorization", "expected \"rules\" (the connector's lists) or \"controller\" (Kubernetes RBAC through the controller)");
+            w.err(
+                "authorization",
+                "expected \"rules\" (the connector's lists) or \"controller\" (Kubernetes RBAC through the controller)",
+            );
             AccessMode::Rules
         }
     };
     if access == AccessMode::Controller && root.get("controller").is_none() {
-        w.err("authorization", "\"controller\" needs the controller channel: set controller.cluster");
+        w.err(
+            "authorization",
+            "\"controller\" needs the controller channel: set controller.cluster",
+        );
     }
     let has_controller = root.get("controller").is_some();
 
@@ -897,15 +908,26 @@ fn compile_credential(
     if m.contains_key("fromController") {
         w.object(v, path, &["fromController"], true)?;
         let revision = w.string(m, path, "fromController", true)?;
-        if !revision.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) {
-            w.err(format!("{path}.fromController"), "expected a revision label (letters, digits, '-', '.', '_')");
+        if !revision
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            w.err(
+                format!("{path}.fromController"),
+                "expected a revision label (letters, digits, '-', '.', '_')",
+            );
             return None;
         }
         if !has_controller {
-            w.err(format!("{path}.fromController"), "needs the controller channel: set controller.cluster");
+            w.err(
+                format!("{path}.fromController"),
+                "needs the controller channel: set controller.cluster",
+            );
             return None;
         }
-        return Some(UpstreamCredential::Controller { revision: revision.to_string() });
+        return Some(UpstreamCredential::Controller {
+            revision: revision.to_string(),
+        });
     }
     compile_static_credential(w, m, v, path, upstream, env).map(UpstreamCredential::Static)
 }
@@ -1170,7 +1192,11 @@ mod tests {
             ),
         ] {
             let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
-            assert_eq!(c.connectors[0].credential, UpstreamCredential::Static(want.clone()), "{json}");
+            assert_eq!(
+                c.connectors[0].credential,
+                UpstreamCredential::Static(want.clone()),
+                "{json}"
+            );
         }
         for (json, needle) in [
             (
@@ -1283,7 +1309,10 @@ mod tests {
         );
         assert_eq!(c.access, AccessMode::Controller);
         let ch = c.controller.as_ref().unwrap();
-        assert_eq!((ch.cluster.as_str(), ch.authority.as_str(), ch.key.as_deref()), ("connector_controller", "connector-controller", Some("k3y")));
+        assert_eq!(
+            (ch.cluster.as_str(), ch.authority.as_str(), ch.key.as_deref()),
+            ("connector_controller", "connector-controller", Some("k3y"))
+        );
         assert!(!format!("{ch:?}").contains("k3y"), "the channel key is redacted");
 
         // Every problem at once: no channel for fromController or RBAC, bad revision, key unset.
@@ -1299,7 +1328,11 @@ mod tests {
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["authorization", "connectors[0].credential.fromController", "connectors[1].credential.fromController"],
+            [
+                "authorization",
+                "connectors[0].credential.fromController",
+                "connectors[1].credential.fromController"
+            ],
             "{errs:?}"
         );
         let mut d = doc();
@@ -1309,7 +1342,11 @@ mod tests {
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["controller.keyEnv", "authorization", "connectors[0].credential.passwordEnv"],
+            [
+                "controller.keyEnv",
+                "authorization",
+                "connectors[0].credential.passwordEnv"
+            ],
             "{errs:?}"
         );
     }

@@ -499,19 +499,40 @@ mod tests {
         // A ServiceAccount of another namespace: the rules would refuse, RBAC may allow.
         let b = format!("Bearer {}", token("other", "builder"));
         let auth = [b.as_str()];
-        let req = |path| Request { method: "GET", path, authority: "p", scheme: "http", authorization: &auth };
-        let Decision::Forward(f) = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"), NOW) else {
+        let req = |path| Request {
+            method: "GET",
+            path,
+            authority: "p",
+            scheme: "http",
+            authorization: &auth,
+        };
+        let Decision::Forward(f) = decide_request(
+            &c,
+            &mut cache,
+            &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"),
+            NOW,
+        ) else {
             panic!("expected a forward that asks the controller")
         };
         assert!(f.check_access);
         assert_eq!(f.credential, UpstreamCredential::Controller { revision: "4".into() });
         assert_eq!(f.caller.subject(), "system:serviceaccount:other:builder");
         // Unknown connectors are still refused here, with the same answer as a denial.
-        let d = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/nope/a/manifests/v1"), NOW);
+        let d = decide_request(
+            &c,
+            &mut cache,
+            &req("/v2/namespaces/demo/connectors/nope/a/manifests/v1"),
+            NOW,
+        );
         assert_eq!(refused(&d).0, 403);
         doc["authorization"] = serde_json::json!("rules");
         let c = compile(doc.to_string().as_bytes(), &|_| None).unwrap();
-        let d = decide_request(&c, &mut cache, &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"), NOW);
+        let d = decide_request(
+            &c,
+            &mut cache,
+            &req("/v2/namespaces/demo/connectors/reg/a/manifests/v1"),
+            NOW,
+        );
         assert_eq!(refused(&d).0, 403, "rules mode refuses another namespace");
     }
 

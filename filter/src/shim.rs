@@ -208,7 +208,8 @@ impl Context for Http {
                 let now = now_secs();
                 match channel::parse_access(status, &body, &target.connector) {
                     Ok((allowed, ttl)) => {
-                        let _ = self.with_state(|st| st.access.insert(&target.subject, &target.connector, allowed, ttl, now));
+                        let _ = self
+                            .with_state(|st| st.access.insert(&target.subject, &target.connector, allowed, ttl, now));
                         if allowed {
                             target.check_access = false;
                             if let Action::Continue = self.proceed(target, scopes, now) {
@@ -406,10 +407,18 @@ impl Http {
                 Ok(None) => {
                     let call = self.with_state(|st| {
                         st.config.controller.as_ref().map(|ch| {
-                            (ch.cluster.clone(), channel::access_call(ch, &target.namespace, &target.name, &target.subject))
+                            (
+                                ch.cluster.clone(),
+                                channel::access_call(ch, &target.namespace, &target.name, &target.subject),
+                            )
                         })
                     });
-                    return self.call_controller(call, |target, scopes| Waiting::Access { target, scopes }, target, scopes);
+                    return self.call_controller(
+                        call,
+                        |target, scopes| Waiting::Access { target, scopes },
+                        target,
+                        scopes,
+                    );
                 }
             }
         }
@@ -420,12 +429,19 @@ impl Http {
                 Ok(Some(v)) => target.basic = v,
                 Ok(None) => {
                     let call = self.with_state(|st| {
-                        st.config
-                            .controller
-                            .as_ref()
-                            .map(|ch| (ch.cluster.clone(), channel::credential_call(ch, &target.namespace, &target.name)))
+                        st.config.controller.as_ref().map(|ch| {
+                            (
+                                ch.cluster.clone(),
+                                channel::credential_call(ch, &target.namespace, &target.name),
+                            )
+                        })
                     });
-                    return self.call_controller(call, |target, scopes| Waiting::Credential { target, scopes }, target, scopes);
+                    return self.call_controller(
+                        call,
+                        |target, scopes| Waiting::Credential { target, scopes },
+                        target,
+                        scopes,
+                    );
                 }
             }
         }
@@ -472,7 +488,8 @@ impl Http {
     fn notify_unknown_kid(&self, now: u64) {
         let call = self.with_state(|st| {
             let ch = st.config.controller.as_ref()?;
-            channel::may_notify(&mut st.last_kid_notice, now).then(|| (ch.cluster.clone(), channel::unknown_kid_call(ch)))
+            channel::may_notify(&mut st.last_kid_notice, now)
+                .then(|| (ch.cluster.clone(), channel::unknown_kid_call(ch)))
         });
         if let Ok(Some((cluster, call))) = call {
             let _ = self.dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);

@@ -40,7 +40,12 @@ pub struct AccessAnswer {
 
 /// Who may use a connector, asked per (user, connector): RBAC in API mode.
 pub trait AccessCheck: Send + Sync {
-    fn check<'a>(&'a self, user: &'a str, namespace: &'a str, name: &'a str) -> BoxFuture<'a, Result<AccessAnswer, String>>;
+    fn check<'a>(
+        &'a self,
+        user: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
 }
 
 #[derive(Clone)]
@@ -99,7 +104,11 @@ fn refused_key() -> Response {
     )
 }
 
-async fn credential(State(ch): State<Channel>, Path((namespace, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn credential(
+    State(ch): State<Channel>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     let metrics: &Metrics = &ch.hub.metrics;
     if !ch.authorized(&headers) {
         Metrics::result(&metrics.credential_fetches, "unauthorized");
@@ -110,7 +119,9 @@ async fn credential(State(ch): State<Channel>, Path((namespace, name)): Path<(St
         Metrics::result(&metrics.credential_fetches, "unknown");
         return error(
             StatusCode::NOT_FOUND,
-            format!("connector {namespace}/{name} is not configured, or its Secret is not ready: see the Connector's status"),
+            format!(
+                "connector {namespace}/{name} is not configured, or its Secret is not ready: see the Connector's status"
+            ),
         );
     };
     Metrics::result(&metrics.credential_fetches, "ok");

@@ -52,7 +52,11 @@ pub fn load(s: &FileSettings) -> Result<Inputs, Vec<Problem>> {
             if v.is_object() {
                 Ok(v)
             } else {
-                Err(Problem::new(&at, "", "expected a JSON object: {\"issuers\": [...], \"audiences\": [...], \"jwks\": {...}}"))
+                Err(Problem::new(
+                    &at,
+                    "",
+                    "expected a JSON object: {\"issuers\": [...], \"audiences\": [...], \"jwks\": {...}}",
+                ))
             }
         });
     match (set, identity) {

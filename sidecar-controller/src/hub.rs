@@ -122,9 +122,17 @@ impl Hub {
 }
 
 /// The `ProxyReady` condition of one connector: `(status, reason, message)`.
-pub fn proxy_ready(key: &ConnectorKey, published: Option<&Published>, proxy: &ProxyState) -> (bool, &'static str, String) {
+pub fn proxy_ready(
+    key: &ConnectorKey,
+    published: Option<&Published>,
+    proxy: &ProxyState,
+) -> (bool, &'static str, String) {
     let Some(p) = published else {
-        return (false, "NotRendered", "the controller has not rendered a configuration yet".into());
+        return (
+            false,
+            "NotRendered",
+            "the controller has not rendered a configuration yet".into(),
+        );
     };
     if let Some(problems) = p.left_out.get(key) {
         let why: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -148,7 +156,18 @@ pub fn proxy_ready(key: &ConnectorKey, published: Option<&Published>, proxy: &Pr
     }
     match proxy.accepted {
         Some(v) if v >= p.version => (true, "Accepted", format!("Envoy accepted configuration version {v}")),
-        _ if !proxy.connected => (false, "ProxyDisconnected", "no Envoy is connected to the controller's xDS server".into()),
-        _ => (false, "Pending", format!("configuration version {} sent, Envoy has not acknowledged it yet", p.version)),
+        _ if !proxy.connected => (
+            false,
+            "ProxyDisconnected",
+            "no Envoy is connected to the controller's xDS server".into(),
+        ),
+        _ => (
+            false,
+            "Pending",
+            format!(
+                "configuration version {} sent, Envoy has not acknowledged it yet",
+                p.version
+            ),
+        ),
     }
 }

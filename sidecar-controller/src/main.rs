@@ -135,7 +135,10 @@ fn serve(args: &[String]) -> ExitCode {
             problems.push(format!("{required} is required"));
         }
     }
-    let poll = get("--poll-ms", "500").parse::<u64>().map_err(|e| problems.push(format!("--poll-ms: {e}"))).ok();
+    let poll = get("--poll-ms", "500")
+        .parse::<u64>()
+        .map_err(|e| problems.push(format!("--poll-ms: {e}")))
+        .ok();
     let (Some(xds), Some(channel), Some(ops), Some(poll), true) = (xds, channel, ops, poll, problems.is_empty()) else {
         for p in problems {
             eprintln!("connector-controller serve: {p}");
@@ -155,7 +158,10 @@ fn serve(args: &[String]) -> ExitCode {
         },
         wasm: WasmSettings {
             module_path: get("--wasm", ""),
-            host_env_keys: channel_key.as_ref().map(|_| vec![CHANNEL_KEY_ENV.to_string()]).unwrap_or_default(),
+            host_env_keys: channel_key
+                .as_ref()
+                .map(|_| vec![CHANNEL_KEY_ENV.to_string()])
+                .unwrap_or_default(),
         },
         channel_key,
     };
@@ -164,7 +170,11 @@ fn serve(args: &[String]) -> ExitCode {
         identity: PathBuf::from(get("--identity", "")),
         poll: std::time::Duration::from_millis(poll.max(50)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("connector-controller serve: cannot start the runtime: {e}");

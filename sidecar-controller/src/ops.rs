@@ -52,15 +52,31 @@ impl Metrics {
             "Failed reconciliations by reason",
             self.reconcile_errors.clone(),
         );
-        r.register("connectors_ready", "Connectors whose Ready condition is True", self.connectors_ready.clone());
+        r.register(
+            "connectors_ready",
+            "Connectors whose Ready condition is True",
+            self.connectors_ready.clone(),
+        );
         r.register(
             "connectors_configured",
             "Connectors in the configuration pushed to Envoy",
             self.connectors_configured.clone(),
         );
-        r.register("renders", "Renders of the desired state by result", self.renders.clone());
-        r.register("xds_pushes", "xDS responses sent to Envoy by resource", self.xds_pushes.clone());
-        r.register("xds_nacks", "xDS responses Envoy rejected by resource", self.xds_nacks.clone());
+        r.register(
+            "renders",
+            "Renders of the desired state by result",
+            self.renders.clone(),
+        );
+        r.register(
+            "xds_pushes",
+            "xDS responses sent to Envoy by resource",
+            self.xds_pushes.clone(),
+        );
+        r.register(
+            "xds_nacks",
+            "xDS responses Envoy rejected by resource",
+            self.xds_nacks.clone(),
+        );
         r.register("xds_streams", "Open ADS streams", self.xds_streams.clone());
         r.register(
             "credential_fetches",

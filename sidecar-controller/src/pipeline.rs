@@ -98,7 +98,11 @@ impl Default for Revisions {
 
 /// Renders `inputs`. `Err` only for problems of the whole (the identity settings, or a
 /// configuration the filter would refuse for reasons no single connector explains).
-pub fn render_live(inputs: &Inputs, channel: &ChannelSettings, revisions: &Revisions) -> Result<Rendering, Vec<Problem>> {
+pub fn render_live(
+    inputs: &Inputs,
+    channel: &ChannelSettings,
+    revisions: &Revisions,
+) -> Result<Rendering, Vec<Problem>> {
     let mut left_out: BTreeMap<ConnectorKey, Vec<Problem>> = BTreeMap::new();
     let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
     let mut credentials = HashMap::new();
@@ -301,14 +305,24 @@ mod tests {
             secret("robot", "pa55-word"),
         ]
         .concat();
-        let r = render_live(&inputs(&yaml, Authorization::Rules), &channel(), &Revisions::with_key([7; 32])).unwrap();
+        let r = render_live(
+            &inputs(&yaml, Authorization::Rules),
+            &channel(),
+            &Revisions::with_key([7; 32]),
+        )
+        .unwrap();
         let good = ("demo".to_string(), "good".to_string());
         assert_eq!(r.connectors, [good.clone()].into());
         assert_eq!(r.left_out.len(), 2);
         let why = |n: &str| r.left_out[&("demo".to_string(), n.to_string())][0].to_string();
         assert!(why("nosecret").contains("SecretNotFound"), "{}", why("nosecret"));
         assert!(why("badaddr").contains("spec.address"), "{}", why("badaddr"));
-        assert_eq!(r.clusters.len(), 1, "only the served connector's cluster: {:?}", r.clusters);
+        assert_eq!(
+            r.clusters.len(),
+            1,
+            "only the served connector's cluster: {:?}",
+            r.clusters
+        );
         assert_eq!(r.credentials[&good].password, "pa55-word");
         let text = r.filter_config.to_string();
         assert!(!text.contains("pa55-word"), "no secret in the configuration: {text}");
@@ -321,14 +335,23 @@ mod tests {
     fn the_revision_follows_the_credential_and_the_key() {
         let run = |pw: &str, key: u8| {
             let yaml = [connector("good", "http://127.0.0.1:5000", "robot"), secret("robot", pw)].concat();
-            let r = render_live(&inputs(&yaml, Authorization::Controller), &channel(), &Revisions::with_key([key; 32])).unwrap();
+            let r = render_live(
+                &inputs(&yaml, Authorization::Controller),
+                &channel(),
+                &Revisions::with_key([key; 32]),
+            )
+            .unwrap();
             r.filter_config["connectors"][0]["credential"]["fromController"]
                 .as_str()
                 .unwrap()
                 .to_string()
         };
         assert_eq!(run("one", 1), run("one", 1), "stable for the same credential");
-        assert_ne!(run("one", 1), run("two", 1), "a rotated Secret changes the configuration");
+        assert_ne!(
+            run("one", 1),
+            run("two", 1),
+            "a rotated Secret changes the configuration"
+        );
         assert_ne!(run("one", 1), run("one", 2), "a restarted controller changes it too");
     }
 
@@ -337,7 +360,14 @@ mod tests {
         let r = render_live(&inputs("", Authorization::Rules), &channel(), &Revisions::new()).unwrap();
         assert!(r.connectors.is_empty());
         assert_eq!(r.filter_config["connectors"], json!([]));
-        let mut i = inputs(&[connector("good", "http://127.0.0.1:5000", "robot"), secret("robot", "x")].concat(), Authorization::Rules);
+        let mut i = inputs(
+            &[
+                connector("good", "http://127.0.0.1:5000", "robot"),
+                secret("robot", "x"),
+            ]
+            .concat(),
+            Authorization::Rules,
+        );
         i.identity = json!({"issuers": []});
         let problems = render_live(&i, &channel(), &Revisions::new()).unwrap_err();
         assert!(problems.iter().any(|p| p.path.contains("identity")), "{problems:?}");

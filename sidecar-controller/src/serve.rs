@@ -33,7 +33,12 @@ pub struct ServeSettings {
 /// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
 /// channel first, then the snapshot to xDS (so a filter that sees the new configuration finds
 /// the new credential), then what was configured to the hub for status reporting.
-pub async fn pipeline(hub: Hub, channel: ChannelSettings, snapshots: watch::Sender<Option<Arc<Snapshot>>>, credentials: watch::Sender<Credentials>) {
+pub async fn pipeline(
+    hub: Hub,
+    channel: ChannelSettings,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    credentials: watch::Sender<Credentials>,
+) {
     let revisions = Revisions::new();
     let mut inputs = hub.inputs();
     let mut version = 0u64;
@@ -61,7 +66,12 @@ pub async fn pipeline(hub: Hub, channel: ChannelSettings, snapshots: watch::Send
                             tracing::warn!(connector = %format!("{}/{}", key.0, key.1), problem = %p, "connector left out of the proxy configuration");
                         }
                     }
-                    tracing::info!(version, connectors = r.connectors.len(), left_out = r.left_out.len(), "configuration rendered");
+                    tracing::info!(
+                        version,
+                        connectors = r.connectors.len(),
+                        left_out = r.left_out.len(),
+                        "configuration rendered"
+                    );
                     hub.metrics.connectors_configured.set(r.connectors.len() as i64);
                     hub.publish_rendered(Published {
                         version,
@@ -73,7 +83,10 @@ pub async fn pipeline(hub: Hub, channel: ChannelSettings, snapshots: watch::Send
                 }
                 Err(problems) => {
                     Metrics::result(&hub.metrics.renders, "refused");
-                    tracing::error!(problems = problems.len(), "configuration refused as a whole; Envoy keeps the previous one");
+                    tracing::error!(
+                        problems = problems.len(),
+                        "configuration refused as a whole; Envoy keeps the previous one"
+                    );
                     for p in &problems {
                         tracing::error!(problem = %p, "configuration problem");
                     }
@@ -118,7 +131,11 @@ fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
                     if ready {
                         (StatusCode::OK, "ready\n").into_response()
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the source has not synced or nothing was rendered yet\n").into_response()
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: the source has not synced or nothing was rendered yet\n",
+                        )
+                            .into_response()
                     }
                 }
             }),
@@ -127,7 +144,15 @@ fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
             "/metrics",
             get(move || {
                 let text = metrics.render_text();
-                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
             }),
         )
 }
@@ -143,7 +168,12 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
     }
     let (snap_tx, snap_rx) = watch::channel(None);
     let (cred_tx, cred_rx) = watch::channel(Credentials::default());
-    tokio::spawn(pipeline(hub.clone(), settings.channel_settings.clone(), snap_tx, cred_tx));
+    tokio::spawn(pipeline(
+        hub.clone(),
+        settings.channel_settings.clone(),
+        snap_tx,
+        cred_tx,
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -37,8 +37,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use futures::Stream;
 use envoy_types::pb::google::protobuf::{Any, StringValue};
+use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -73,7 +73,10 @@ pub struct WasmSettings {
 }
 
 fn duration(secs: i64) -> envoy_types::pb::google::protobuf::Duration {
-    envoy_types::pb::google::protobuf::Duration { seconds: secs, nanos: 0 }
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: secs,
+        nanos: 0,
+    }
 }
 
 /// Packs a message as the `Any` Envoy's API carries.
@@ -123,9 +126,7 @@ pub fn cluster_resource(c: &UpstreamCluster) -> Cluster {
         };
         TransportSocket {
             name: "envoy.transport_sockets.tls".into(),
-            config_type: Some(transport_socket::ConfigType::TypedConfig(
-                any(&tls),
-            )),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))),
         }
     });
     Cluster {
@@ -172,10 +173,7 @@ pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensi
         failure_policy: FailurePolicy::FailClosed as i32,
         ..Default::default()
     };
-    let wasm = Wasm {
-        config: Some(plugin),
-        ..Default::default()
-    };
+    let wasm = Wasm { config: Some(plugin) };
     TypedExtensionConfig {
         name: FILTER_CONFIG_NAME.into(),
         typed_config: Some(any(&wasm)),
@@ -314,7 +312,9 @@ impl Session {
                 .xds_nacks
                 .get_or_create(&TypeLabel { resource: label.into() })
                 .inc();
-            self.ads.hub.set_proxy(|p| p.rejected = Some((version, message.clone())));
+            self.ads
+                .hub
+                .set_proxy(|p| p.rejected = Some((version, message.clone())));
             return Ok(());
         }
         tracing::debug!(resource = label, version, "Envoy acknowledged");
@@ -338,16 +338,15 @@ impl Session {
             return Ok(());
         };
         if self.subscribed.contains(CLUSTER_TYPE) && self.clusters_version.as_ref() != Some(&snap.clusters) {
-            let resources = snap
-                .clusters
-                .iter()
-                .map(|c| any(&cluster_resource(c)))
-                .collect();
+            let resources = snap.clusters.iter().map(|c| any(&cluster_resource(c))).collect();
             self.send(CLUSTER_TYPE, snap.version, resources).await?;
             self.clusters_version = Some(snap.clusters.clone());
             return Ok(());
         }
-        if self.subscribed.contains(CLUSTER_TYPE) && self.acked_clusters.is_none() && self.sent.contains_key(CLUSTER_TYPE) {
+        if self.subscribed.contains(CLUSTER_TYPE)
+            && self.acked_clusters.is_none()
+            && self.sent.contains_key(CLUSTER_TYPE)
+        {
             // Clusters sent, not yet acknowledged: the filter configuration waits.
             return Ok(());
         }

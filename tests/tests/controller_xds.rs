@@ -25,7 +25,8 @@ use connector_devkit::{WorkDir, random_secret};
 const NS: &str = "demo";
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
-const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+const MANIFEST_TYPES: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 /// "Within seconds": how long a manifest change may take to reach Envoy.
 const FOLLOW_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -46,7 +47,8 @@ fn setup(label: &str) -> Setup {
     let skopeo = Skopeo::new(&work).unwrap();
     let registry = Registry::start_with_auth(&work, "robot").unwrap();
     let creds = registry.credentials.clone().unwrap();
-    let (sample, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
+    let (sample, recorder, minter) =
+        seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
     let manifests = work.sub("manifests").unwrap();
     let identity = work.path().join("identity.json");
     std::fs::write(
@@ -88,12 +90,14 @@ fn secret_yaml(name: &str, c: &Credentials) -> String {
 }
 
 fn manifest_status(envoy: &Envoy, connector: &str, token: &str) -> u16 {
-    Request::get(&format!("/v2/namespaces/{NS}/connectors/{connector}/{REPO}/manifests/{TAG}"))
-        .header("Accept", MANIFEST_TYPES)
-        .bearer(token)
-        .send(envoy.port)
-        .map(|r| r.status)
-        .unwrap_or(0)
+    Request::get(&format!(
+        "/v2/namespaces/{NS}/connectors/{connector}/{REPO}/manifests/{TAG}"
+    ))
+    .header("Accept", MANIFEST_TYPES)
+    .bearer(token)
+    .send(envoy.port)
+    .map(|r| r.status)
+    .unwrap_or(0)
 }
 
 /// Polls until `GET manifest` through `connector` answers `want`; returns how long it took.
@@ -113,10 +117,18 @@ fn until_status(envoy: &Envoy, connector: &str, token: &str, want: u16) -> Durat
 }
 
 fn pull(s: &Setup, envoy: &Envoy, connector: &str, token: &str, into: &str) {
-    let reference = format!("docker://{}/namespaces/{NS}/connectors/{connector}/{REPO}:{TAG}", envoy.authority());
+    let reference = format!(
+        "docker://{}/namespaces/{NS}/connectors/{connector}/{REPO}:{TAG}",
+        envoy.authority()
+    );
     let dest = s.work.sub(into).unwrap();
     s.skopeo
-        .copy(&reference, Creds::Basic("sa", token), &format!("oci:{}:{TAG}", dest.display()), Creds::None)
+        .copy(
+            &reference,
+            Creds::Basic("sa", token),
+            &format!("oci:{}:{TAG}", dest.display()),
+            Creds::None,
+        )
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("skopeo copy {reference}: {e}"));
     assert_eq!(image::oci_layers(&dest, TAG).unwrap(), s.sample.layers, "pulled layers");
@@ -126,7 +138,10 @@ fn hygiene(envoy: &Envoy, controller_log: &str, secrets: &[(String, String)]) {
     let problems = envoy_problems(envoy, secrets).unwrap();
     assert!(problems.is_empty(), "Envoy hygiene:\n{}", problems.join("\n"));
     for (what, value) in secrets {
-        assert!(!controller_log.contains(value.as_str()), "{what} appears in the controller's log");
+        assert!(
+            !controller_log.contains(value.as_str()),
+            "{what} appears in the controller's log"
+        );
     }
 }
 
@@ -134,10 +149,20 @@ fn hygiene(envoy: &Envoy, controller_log: &str, secrets: &[(String, String)]) {
 fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
     let s = setup("controller-xds");
     let creds = s.registry.credentials.clone().unwrap();
-    put(&s.manifests, "registry.yaml", &connector_yaml("registry", &s.registry.url(), "robot"));
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &s.registry.url(), "robot"),
+    );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
     let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(&s.work, controller.ports.xds, controller.ports.channel, &controller.envoy_env()).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
     let token = s.minter.valid(NS, "default").unwrap();
 
     // Applied before Envoy started: served as soon as Envoy has its configuration.
@@ -146,21 +171,37 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
 
     // A new Connector file: served within seconds, no restart.
     assert_eq!(manifest_status(&envoy, "second", &token), 403, "not applied yet");
-    put(&s.manifests, "second.yaml", &connector_yaml("second", &s.registry.url(), "robot"));
+    put(
+        &s.manifests,
+        "second.yaml",
+        &connector_yaml("second", &s.registry.url(), "robot"),
+    );
     let took = until_status(&envoy, "second", &token, 200);
     eprintln!("new connector served after {took:?}");
 
     // A Connector whose Secret is missing is left out, the others go on.
-    put(&s.manifests, "broken.yaml", &connector_yaml("broken", &s.registry.url(), "missing"));
+    put(
+        &s.manifests,
+        "broken.yaml",
+        &connector_yaml("broken", &s.registry.url(), "missing"),
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(manifest_status(&envoy, "broken", &token), 403);
     assert_eq!(manifest_status(&envoy, "registry", &token), 200);
 
     // A manifest that does not parse refuses the set as a whole; the last good one stays.
-    put(&s.manifests, "garbage.yaml", "apiVersion: v1\nkind: Secret\nmetadata: [not, a, map]\n");
+    put(
+        &s.manifests,
+        "garbage.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: [not, a, map]\n",
+    );
     std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(manifest_status(&envoy, "second", &token), 200, "refused set must not change Envoy");
+    assert_eq!(
+        manifest_status(&envoy, "second", &token),
+        200,
+        "refused set must not change Envoy"
+    );
     std::fs::remove_file(s.manifests.join("garbage.yaml")).unwrap();
 
     // The deleted Connector stops working for new requests within seconds.
@@ -176,18 +217,36 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
             .unwrap_or(0.0)
     };
     // Initial, second added, second deleted: the broken connector changed nothing Envoy gets.
-    assert_eq!(sample("connector_controller_xds_pushes_total{resource=\"filter\"}"), 3.0, "{metrics}");
-    assert_eq!(sample("connector_controller_xds_nacks_total{resource=\"filter\"}"), 0.0, "{metrics}");
-    assert!(sample("connector_controller_credential_fetches_total{result=\"ok\"}") >= 1.0, "{metrics}");
+    assert_eq!(
+        sample("connector_controller_xds_pushes_total{resource=\"filter\"}"),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("connector_controller_xds_nacks_total{resource=\"filter\"}"),
+        0.0,
+        "{metrics}"
+    );
+    assert!(
+        sample("connector_controller_credential_fetches_total{result=\"ok\"}") >= 1.0,
+        "{metrics}"
+    );
     assert_eq!(sample("connector_controller_connectors_configured"), 1.0, "{metrics}");
-    assert!(sample("connector_controller_reconcile_errors_total{reason=\"ManifestsInvalid\"}") >= 1.0, "{metrics}");
+    assert!(
+        sample("connector_controller_reconcile_errors_total{reason=\"ManifestsInvalid\"}") >= 1.0,
+        "{metrics}"
+    );
 
     // The controller dies: Envoy keeps its configuration and the filter its credential.
     let key = controller.key().to_string();
     let log = controller.log();
     controller.kill();
     for _ in 0..10 {
-        assert_eq!(manifest_status(&envoy, "registry", &token), 200, "pull after the controller died");
+        assert_eq!(
+            manifest_status(&envoy, "registry", &token),
+            200,
+            "pull after the controller died"
+        );
     }
     pull(&s, &envoy, "registry", &token, "pulled-2");
 
@@ -196,7 +255,10 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
         &log,
         &[
             ("upstream password".into(), creds.password.clone()),
-            ("upstream Basic value".into(), basic_value(&creds.username, &creds.password)),
+            (
+                "upstream Basic value".into(),
+                basic_value(&creds.username, &creds.password),
+            ),
             ("channel key".into(), key),
             ("client token".into(), token),
         ],
@@ -215,10 +277,20 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     // The registry accepts both robot accounts, as during a real rotation window.
     s.registry.add_user(&new).unwrap();
     let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
-    put(&s.manifests, "registry.yaml", &connector_yaml("registry", &upstream, "robot"));
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &upstream, "robot"),
+    );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &old));
     let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(&s.work, controller.ports.xds, controller.ports.channel, &controller.envoy_env()).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
     let token = s.minter.valid(NS, "default").unwrap();
     until_status(&envoy, "registry", &token, 200);
 
@@ -229,22 +301,35 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     let blob = s.sample.layers[0].clone();
     let workers: Vec<_> = (0..4)
         .map(|i| {
-            let (stop, ok, failures, token, blob, port) =
-                (stop.clone(), ok.clone(), failures.clone(), token.clone(), blob.clone(), envoy.port);
+            let (stop, ok, failures, token, blob, port) = (
+                stop.clone(),
+                ok.clone(),
+                failures.clone(),
+                token.clone(),
+                blob.clone(),
+                envoy.port,
+            );
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let path = if (n + i) % 2 == 0 {
+                    let path = if (n + i).is_multiple_of(2) {
                         format!("/v2/namespaces/{NS}/connectors/registry/{REPO}/manifests/{TAG}")
                     } else {
                         format!("/v2/namespaces/{NS}/connectors/registry/{REPO}/blobs/{blob}")
                     };
-                    match Request::get(&path).header("Accept", MANIFEST_TYPES).bearer(&token).send(port) {
+                    match Request::get(&path)
+                        .header("Accept", MANIFEST_TYPES)
+                        .bearer(&token)
+                        .send(port)
+                    {
                         Ok(r) if r.status == 200 => {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(r) => failures.lock().unwrap().push(format!("{path}: {} {}", r.status, r.body_text())),
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{path}: {} {}", r.status, r.body_text())),
                         Err(e) => failures.lock().unwrap().push(format!("{path}: {e}")),
                     }
                 }
@@ -254,7 +339,10 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     std::thread::sleep(Duration::from_secs(2));
     let old_value = format!("Basic {}", basic_value(&old.username, &old.password));
     let new_value = format!("Basic {}", basic_value(&new.username, &new.password));
-    assert!(s.recorder.take().authorizations().contains(&old_value.as_str()), "the old credential was in use");
+    assert!(
+        s.recorder.take().authorizations().contains(&old_value.as_str()),
+        "the old credential was in use"
+    );
 
     // Rotate the Secret under load: the new credential reaches the upstream within seconds.
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &new));
@@ -264,7 +352,10 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
         if seen.authorizations().contains(&new_value.as_str()) {
             break;
         }
-        assert!(start.elapsed() < FOLLOW_DEADLINE, "the rotated credential did not reach the upstream");
+        assert!(
+            start.elapsed() < FOLLOW_DEADLINE,
+            "the rotated credential did not reach the upstream"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("rotated credential in use after {:?}", start.elapsed());
@@ -272,7 +363,11 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     s.recorder.take();
 
     // Connectors added and removed under the same load.
-    put(&s.manifests, "second.yaml", &connector_yaml("second", &upstream, "robot"));
+    put(
+        &s.manifests,
+        "second.yaml",
+        &connector_yaml("second", &upstream, "robot"),
+    );
     until_status(&envoy, "second", &token, 200);
     std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
     until_status(&envoy, "second", &token, 403);
@@ -285,7 +380,12 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     let failures = failures.lock().unwrap();
     let served = ok.load(Ordering::Relaxed);
     eprintln!("under load: {served} requests served, {} failed", failures.len());
-    assert!(failures.is_empty(), "{} failed requests, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert!(served > 100, "the load ran ({served} requests)");
     // After the switch only the new credential went upstream.
     let after = s.recorder.take();

@@ -45,7 +45,10 @@ impl Demo {
         let (image, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password)?;
         // What a platform team would `kubectl apply`, here files the controller watches.
         let manifests = work.sub("manifests")?;
-        write(&manifests.join("connector.yaml"), &connector_yaml(CONNECTOR_NAME, recorder.port))?;
+        write(
+            &manifests.join("connector.yaml"),
+            &connector_yaml(CONNECTOR_NAME, recorder.port),
+        )?;
         write(
             &manifests.join("secret.yaml"),
             &format!(
@@ -59,7 +62,12 @@ impl Demo {
             &serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
         )?;
         let controller = Controller::start(&work, &manifests, &identity)?;
-        let envoy = Envoy::start_xds(&work, controller.ports.xds, controller.ports.channel, &controller.envoy_env())?;
+        let envoy = Envoy::start_xds(
+            &work,
+            controller.ports.xds,
+            controller.ports.channel,
+            &controller.envoy_env(),
+        )?;
         Ok(Self {
             envoy,
             controller,
@@ -75,16 +83,21 @@ impl Demo {
     }
 
     fn path_ref(&self, name: &str) -> String {
-        format!("docker://{}/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}:{TAG}", self.envoy.authority())
+        format!(
+            "docker://{}/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}:{TAG}",
+            self.envoy.authority()
+        )
     }
 
     fn manifest_status(&self, name: &str, token: &str) -> u16 {
-        Request::get(&format!("/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}/manifests/{TAG}"))
-            .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-            .bearer(token)
-            .send(self.envoy.port)
-            .map(|r| r.status)
-            .unwrap_or(0)
+        Request::get(&format!(
+            "/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{name}/{REPO}/manifests/{TAG}"
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .bearer(token)
+        .send(self.envoy.port)
+        .map(|r| r.status)
+        .unwrap_or(0)
     }
 
     /// Time until `name` answers `want` (at most 15 s).
@@ -164,7 +177,10 @@ fn main() -> ExitCode {
         )),
     );
 
-    step("pull, path form", pull(&demo, &demo.path_ref(CONNECTOR_NAME), &token, "pulled-path"));
+    step(
+        "pull, path form",
+        pull(&demo, &demo.path_ref(CONNECTOR_NAME), &token, "pulled-path"),
+    );
     let host_ref = format!(
         "docker://{}:{}/{REPO}:{TAG}",
         host_name(CONNECTOR_NAMESPACE, CONNECTOR_NAME),
@@ -172,7 +188,8 @@ fn main() -> ExitCode {
     );
     step(
         "pull, host form",
-        check_host_form_resolves(CONNECTOR_NAMESPACE, CONNECTOR_NAME).and_then(|_| pull(&demo, &host_ref, &token, "pulled-host")),
+        check_host_form_resolves(CONNECTOR_NAMESPACE, CONNECTOR_NAME)
+            .and_then(|_| pull(&demo, &host_ref, &token, "pulled-host")),
     );
     step("what the upstream received", upstream_check(&demo, &token));
     step("refused pull", refused(&demo));
