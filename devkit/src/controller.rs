@@ -65,14 +65,13 @@ impl Controller {
     /// Starts the controller on `manifests` and `identity` and waits for `/readyz` (a
     /// configuration rendered).
     pub fn start(work: &WorkDir, manifests: &Path, identity: &Path) -> Result<Self> {
-        Self::start_on(
-            work,
-            "controller",
-            manifests,
-            identity,
-            Ports::free()?,
-            &crate::random_secret()?,
-        )
+        Self::start_with_args(work, manifests, identity, &[])
+    }
+
+    /// As [`Controller::start`] with extra `serve` arguments (e.g. `--upstream-ca <file>`).
+    pub fn start_with_args(work: &WorkDir, manifests: &Path, identity: &Path, args: &[&str]) -> Result<Self> {
+        let (ports, key) = (Ports::free()?, crate::random_secret()?);
+        Self::start_on(work, "controller", manifests, identity, ports, &key, args)
     }
 
     /// As [`Controller::start`] on given ports and key: a restart, as a Deployment would do it.
@@ -83,6 +82,7 @@ impl Controller {
         identity: &Path,
         ports: Ports,
         key: &str,
+        args: &[&str],
     ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
@@ -97,7 +97,8 @@ impl Controller {
             .args(["--xds", &format!("127.0.0.1:{}", ports.xds)])
             .args(["--channel", &format!("127.0.0.1:{}", ports.channel)])
             .args(["--ops", &format!("127.0.0.1:{}", ports.ops)])
-            .args(["--poll-ms", "200"]);
+            .args(["--poll-ms", "200"])
+            .args(args);
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod skopeo;
 pub mod stack;
 pub mod static_upstream;
+pub mod tls;
 pub mod token_server;
 pub mod token_stack;
 pub mod tokens;

@@ -79,6 +79,34 @@ impl Registry {
         self.restart()
     }
 
+    /// Switches the registry to HTTPS with `cert` (storage and accounts kept): it is then
+    /// `https://<cert's host>:<port>`. Push test content before, over plain HTTP.
+    pub fn serve_tls(&mut self, cert: &crate::tls::ServerCert) -> Result<()> {
+        let config =
+            std::fs::read_to_string(&self.cfg_path).map_err(|e| format!("read {}: {e}", self.cfg_path.display()))?;
+        let marker = format!("http:\n  addr: 127.0.0.1:{}\n", self.port);
+        if !config.contains(&marker) {
+            return Err(format!("{} has no http section to add TLS to", self.cfg_path.display()));
+        }
+        let config = config.replace(
+            &marker,
+            &format!(
+                "{marker}  tls:\n    certificate: {}\n    key: {}\n",
+                cert.cert.display(),
+                cert.key.display()
+            ),
+        );
+        std::fs::write(&self.cfg_path, config).map_err(|e| format!("write {}: {e}", self.cfg_path.display()))?;
+        self.proc.stop();
+        let log = self.proc.log_path().to_path_buf();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&self.cfg_path);
+        let mut proc = Proc::spawn("docker-registry", cmd, &log)?;
+        proc.wait_for_port(self.port, Duration::from_secs(20))?;
+        self.proc = proc;
+        Ok(())
+    }
+
     /// Starts a registry anyone may use.
     pub fn start_open(work: &WorkDir) -> Result<Self> {
         Self::start(work, None, false)

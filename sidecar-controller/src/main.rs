@@ -9,6 +9,7 @@ const USAGE: &str = "usage:
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 500]
+        [--upstream-ca /etc/ssl/certs/ca-certificates.crt]
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY when set
       (Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
   connector-controller crd
@@ -105,6 +106,7 @@ fn serve(args: &[String]) -> ExitCode {
             "--ops",
             "--channel-cluster",
             "--poll-ms",
+            "--upstream-ca",
         ];
         if !known.contains(&flag.as_str()) {
             eprintln!("connector-controller serve: unknown argument {flag:?}\n{USAGE}");
@@ -164,6 +166,7 @@ fn serve(args: &[String]) -> ExitCode {
                 .unwrap_or_default(),
         },
         channel_key,
+        upstream_ca: get("--upstream-ca", connector_controller::xds::SYSTEM_CA_BUNDLE),
     };
     let files = filemode::FileSettings {
         manifests: PathBuf::from(get("--manifests", "")),

@@ -28,6 +28,8 @@ pub struct ServeSettings {
     /// The channel key, read from the controller's environment (`channel_settings.key_env`).
     pub channel_key: Option<String>,
     pub wasm: WasmSettings,
+    /// CA bundle (PEM file, as Envoy's filesystem sees it) for https upstreams.
+    pub upstream_ca: String,
 }
 
 /// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
@@ -200,7 +202,12 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
-    let ads = Ads::new(snap_rx, settings.wasm.clone(), hub.clone());
+    let ads = Ads::new(
+        snap_rx,
+        settings.wasm.clone(),
+        settings.upstream_ca.clone(),
+        hub.clone(),
+    );
     let xds_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ads.into_service())

@@ -52,7 +52,8 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ECDS_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
 /// The name Envoy's bootstrap subscribes to in the HTTP filter's `config_discovery`.
 pub const FILTER_CONFIG_NAME: &str = "oci-connector";
-const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Debian's CA bundle: what https upstreams are validated against unless `--upstream-ca` says otherwise.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What the xDS server serves; replaced as a whole on every render.
 #[derive(Debug, Clone)]
@@ -87,7 +88,9 @@ fn any<M: prost::Message + prost::Name>(m: &M) -> Any {
     }
 }
 
-pub fn cluster_resource(c: &UpstreamCluster) -> Cluster {
+/// The CDS resource for one upstream origin: a static address for IP literals, logical DNS
+/// otherwise; for https, TLS with SNI (host names) validated against `ca_bundle`.
+pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str) -> Cluster {
     let is_ip = c.host.parse::<std::net::IpAddr>().is_ok();
     let discovery = if is_ip {
         cluster::DiscoveryType::Static
@@ -114,7 +117,7 @@ pub fn cluster_resource(c: &UpstreamCluster) -> Cluster {
                 validation_context_type: Some(common_tls_context::ValidationContextType::ValidationContext(
                     CertificateValidationContext {
                         trusted_ca: Some(DataSource {
-                            specifier: Some(data_source::Specifier::Filename(CA_BUNDLE.into())),
+                            specifier: Some(data_source::Specifier::Filename(ca_bundle.into())),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -185,12 +188,23 @@ pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensi
 pub struct Ads {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     wasm: WasmSettings,
+    ca_bundle: String,
     hub: Hub,
 }
 
 impl Ads {
-    pub fn new(snapshots: watch::Receiver<Option<Arc<Snapshot>>>, wasm: WasmSettings, hub: Hub) -> Self {
-        Self { snapshots, wasm, hub }
+    pub fn new(
+        snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        wasm: WasmSettings,
+        ca_bundle: String,
+        hub: Hub,
+    ) -> Self {
+        Self {
+            snapshots,
+            wasm,
+            ca_bundle,
+            hub,
+        }
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -338,7 +352,11 @@ impl Session {
             return Ok(());
         };
         if self.subscribed.contains(CLUSTER_TYPE) && self.clusters_version.as_ref() != Some(&snap.clusters) {
-            let resources = snap.clusters.iter().map(|c| any(&cluster_resource(c))).collect();
+            let resources = snap
+                .clusters
+                .iter()
+                .map(|c| any(&cluster_resource(c, &self.ads.ca_bundle)))
+                .collect();
             self.send(CLUSTER_TYPE, snap.version, resources).await?;
             self.clusters_version = Some(snap.clusters.clone());
             return Ok(());
@@ -384,5 +402,61 @@ impl Session {
             .await
             .map_err(|_| ())?
             .map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_upstreams_get_tls_with_sni_and_ip_literals_a_static_address() {
+        let named = UpstreamCluster {
+            name: "upstream_https_harbor_example_com_443".into(),
+            host: "harbor.example.com".into(),
+            port: 443,
+            tls: true,
+            sni: Some("harbor.example.com".into()),
+        };
+        let c = cluster_resource(&named, "/ca.pem");
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::LogicalDns as i32
+            ))
+        );
+        let ts = c.transport_socket.expect("TLS for https");
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = ts.config_type else {
+            panic!("typed TLS config")
+        };
+        assert!(any.type_url.ends_with("UpstreamTlsContext"));
+        let tls = <UpstreamTlsContext as prost::Message>::decode(any.value.as_slice()).unwrap();
+        assert_eq!(tls.sni, "harbor.example.com");
+        let Some(common_tls_context::ValidationContextType::ValidationContext(v)) =
+            tls.common_tls_context.unwrap().validation_context_type
+        else {
+            panic!("a validation context")
+        };
+        assert_eq!(
+            v.trusted_ca.unwrap().specifier,
+            Some(data_source::Specifier::Filename("/ca.pem".into())),
+            "upstream certificates are validated"
+        );
+
+        let ip = UpstreamCluster {
+            name: "upstream_http_127_0_0_1_5000".into(),
+            host: "127.0.0.1".into(),
+            port: 5000,
+            tls: false,
+            sni: None,
+        };
+        let c = cluster_resource(&ip, SYSTEM_CA_BUNDLE);
+        assert!(c.transport_socket.is_none());
+        assert_eq!(
+            c.cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32
+            ))
+        );
     }
 }

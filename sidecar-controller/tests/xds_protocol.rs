@@ -64,7 +64,7 @@ async fn acks_nacks_and_ordering() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, wasm, hub.clone()).into_service();
+    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)

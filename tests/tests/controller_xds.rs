@@ -406,3 +406,83 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
         ],
     );
 }
+
+#[test]
+fn an_https_registry_is_reached_with_tls_sni_and_the_configured_ca() {
+    let mut s = setup("controller-tls");
+    let creds = s.registry.credentials.clone().unwrap();
+    // The sample is already pushed over plain HTTP; now the registry speaks only HTTPS, with a
+    // certificate for `localhost` from a CA of this test (not in the system bundle).
+    let ca = connector_devkit::tls::TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
+    s.registry.serve_tls(&ca.issue("localhost").unwrap()).unwrap();
+    let address = format!("https://localhost:{}", s.registry.port);
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &address, "robot"),
+    );
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    let ca_path = ca.cert.display().to_string();
+    let controller =
+        Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--upstream-ca", &ca_path]).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    until_status(&envoy, "registry", &token, 200);
+    pull(&s, &envoy, "registry", &token, "pulled-tls");
+
+    // The cluster Envoy got over CDS: TLS, SNI = the registry's host, validated against the CA.
+    let dump = envoy.config_dump().unwrap();
+    let cluster = format!("upstream_https_localhost_{}", s.registry.port);
+    assert!(dump.contains(&cluster), "cluster {cluster} in the config dump");
+    assert!(dump.contains("\"sni\": \"localhost\""), "SNI in the config dump");
+    assert!(dump.contains(&ca_path), "the configured CA validates the upstream");
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[("upstream password".into(), creds.password.clone())],
+    );
+}
+
+#[test]
+fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
+    let mut s = setup("controller-tls-untrusted");
+    let creds = s.registry.credentials.clone().unwrap();
+    let ca = connector_devkit::tls::TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
+    s.registry.serve_tls(&ca.issue("localhost").unwrap()).unwrap();
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &format!("https://localhost:{}", s.registry.port), "robot"),
+    );
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    // Default CA bundle: the test CA is not in it, so Envoy must not talk to the registry.
+    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    let r = Request::get(&format!(
+        "/v2/namespaces/{NS}/connectors/registry/{REPO}/manifests/{TAG}"
+    ))
+    .header("Accept", MANIFEST_TYPES)
+    .bearer(&token)
+    .send(envoy.port)
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(r.body_text().contains("UNAVAILABLE"), "an OCI error: {}", r.body_text());
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[("upstream password".into(), creds.password.clone())],
+    );
+}

@@ -1,7 +1,9 @@
 //! The committed example configuration is real: `envoy/envoy.example.yaml` loads in Envoy with the
 //! release filter (`envoy --mode validate` starts the VM and runs the filter's configuration
 //! check), its embedded filter configuration is `envoy/connectors.example.json`, and without the
-//! credential variables the filter refuses to start, listing every missing one.
+//! credential variables the filter refuses to start, listing every missing one; and
+//! `envoy/envoy.xds.yaml`, the bootstrap beside the controller, loads and is exactly what the
+//! tests run.
 
 use connector_devkit::envoy::envoy_binary;
 use connector_devkit::{procs, repo_root, require_wasm};
@@ -9,19 +11,15 @@ use serde_json::Value;
 use std::process::Command;
 
 fn validate(env: &[(&str, &str)]) -> procs::Output {
+    validate_file("envoy/envoy.example.yaml", env)
+}
+
+fn validate_file(file: &str, env: &[(&str, &str)]) -> procs::Output {
     require_wasm().unwrap();
     let mut cmd = Command::new(envoy_binary().unwrap());
     // The example names the module relative to the repository root.
     cmd.current_dir(repo_root())
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "info",
-            "-c",
-            "envoy/envoy.example.yaml",
-        ])
+        .args(["--mode", "validate", "--disable-hot-restart", "-l", "info", "-c", file])
         .env_clear()
         .envs(env.iter().copied());
     procs::run(cmd, None).unwrap()
@@ -78,4 +76,14 @@ fn the_embedded_filter_configuration_is_the_documented_example() {
     let documented: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("envoy/connectors.example.json")).unwrap()).unwrap();
     assert_eq!(embedded, documented);
+}
+
+#[test]
+fn the_xds_bootstrap_loads_and_is_what_the_tests_run() {
+    let out = validate_file("envoy/envoy.xds.yaml", &[]);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(out.success, "envoy --mode validate failed:\n{all}");
+    let yaml: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.xds.yaml")).unwrap()).unwrap();
+    assert_eq!(yaml, connector_devkit::envoy::xds_bootstrap(8080, 9901, 18000, 18001));
 }
