@@ -71,10 +71,24 @@ impl Controller {
     /// As [`Controller::start`] with extra `serve` arguments (e.g. `--upstream-ca <file>`).
     pub fn start_with_args(work: &WorkDir, manifests: &Path, identity: &Path, args: &[&str]) -> Result<Self> {
         let (ports, key) = (Ports::free()?, crate::random_secret()?);
-        Self::start_on(work, "controller", manifests, identity, ports, &key, args)
+        let mut c = Self::start_on(work, "controller", manifests, identity, ports, &key, args)?;
+        c.wait_ready()?;
+        Ok(c)
     }
 
-    /// As [`Controller::start`] on given ports and key: a restart, as a Deployment would do it.
+    /// Waits for `/readyz`: the manifests were read and a configuration rendered.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        self.proc
+            .wait_for_http(self.ports.ops, "/readyz", |s| s == 200, Duration::from_secs(30))
+    }
+
+    /// `GET /readyz`'s status.
+    pub fn readyz(&self) -> Result<u16> {
+        Ok(crate::http::Request::get("/readyz").send(self.ports.ops)?.status)
+    }
+
+    /// As [`Controller::start`] on given ports and key (a restart, as a Deployment would do
+    /// it), but returns as soon as it listens, ready or not: see [`Controller::wait_ready`].
     pub fn start_on(
         work: &WorkDir,
         dir: &str,
@@ -106,7 +120,7 @@ impl Controller {
         cmd.env(CHANNEL_KEY_ENV, key)
             .env("RUST_LOG", "info,connector_controller=debug");
         let mut proc = Proc::spawn("connector-controller", cmd, &log)?;
-        proc.wait_for_http(ports.ops, "/readyz", |s| s == 200, Duration::from_secs(30))?;
+        proc.wait_for_port(ports.ops, Duration::from_secs(30))?;
         proc.wait_for_port(ports.xds, Duration::from_secs(5))?;
         Ok(Self {
             ports,

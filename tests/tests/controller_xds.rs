@@ -486,3 +486,61 @@ fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
         &[("upstream password".into(), creds.password.clone())],
     );
 }
+
+#[test]
+fn a_restarted_controller_pushes_nothing_until_its_manifests_are_good() {
+    use connector_devkit::controller::Controller as C;
+    let s = setup("controller-restart");
+    let creds = s.registry.credentials.clone().unwrap();
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &s.registry.url(), "robot"),
+    );
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    let controller = C::start(&s.work, &s.manifests, &s.identity).unwrap();
+    let (ports, key) = (controller.ports, controller.key().to_string());
+    let envoy = Envoy::start_xds(&s.work, ports.xds, ports.channel, &controller.envoy_env()).unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    until_status(&envoy, "registry", &token, 200);
+    controller.kill();
+
+    // While it is down, its directory breaks (a half-edited file) and the Connector is deleted.
+    std::fs::remove_file(s.manifests.join("registry.yaml")).unwrap();
+    put(&s.manifests, "broken.yaml", "kind: [Connector\n");
+    let mut restarted = C::start_on(&s.work, "controller-2", &s.manifests, &s.identity, ports, &key, &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        restarted.readyz().unwrap(),
+        503,
+        "not ready with a directory it cannot read"
+    );
+    // Envoy reconnected, but got nothing: it keeps serving what it had.
+    for _ in 0..5 {
+        assert_eq!(manifest_status(&envoy, "registry", &token), 200);
+    }
+    assert!(
+        restarted.log().contains("manifests refused as a whole"),
+        "the refusal is logged"
+    );
+    assert_eq!(
+        restarted
+            .metric("connector_controller_xds_pushes_total{resource=\"filter\"}")
+            .unwrap(),
+        None,
+        "no filter configuration was pushed"
+    );
+
+    // The directory is fixed: the restarted controller now pushes, and the deletion takes effect.
+    std::fs::remove_file(s.manifests.join("broken.yaml")).unwrap();
+    restarted.wait_ready().unwrap();
+    until_status(&envoy, "registry", &token, 403);
+    hygiene(
+        &envoy,
+        &restarted.log(),
+        &[
+            ("upstream password".into(), creds.password.clone()),
+            ("channel key".into(), key),
+        ],
+    );
+}
