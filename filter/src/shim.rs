@@ -41,6 +41,7 @@ struct State {
     credentials: CredentialCache,
     access: AccessCache,
     last_kid_notice: Option<u64>,
+    root_id: u32,
 }
 
 type Shared = Rc<RefCell<Option<State>>>;
@@ -50,7 +51,7 @@ type Shared = Rc<RefCell<Option<State>>>;
 mod entry {
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-        proxy_wasm::set_root_context(|_| Box::new(super::Root::default()));
+        proxy_wasm::set_root_context(|id| Box::new(super::Root { state: Default::default(), id }));
     }}
 }
 
@@ -76,9 +77,11 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Default)]
 struct Root {
     state: Shared,
+    /// The root context's id: fire-and-forget calls are made on it, because a call made on a
+    /// request's context is cancelled when that request ends.
+    id: u32,
 }
 
 impl Context for Root {}
@@ -113,6 +116,7 @@ impl RootContext for Root {
                     credentials: CredentialCache::default(),
                     access: AccessCache::default(),
                     last_kid_notice: None,
+                    root_id: self.id,
                     generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
                 });
                 true
@@ -489,10 +493,15 @@ impl Http {
         let call = self.with_state(|st| {
             let ch = st.config.controller.as_ref()?;
             channel::may_notify(&mut st.last_kid_notice, now)
-                .then(|| (ch.cluster.clone(), channel::unknown_kid_call(ch)))
+                .then(|| (ch.cluster.clone(), channel::unknown_kid_call(ch), st.root_id))
         });
-        if let Ok(Some((cluster, call))) = call {
-            let _ = self.dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
+        if let Ok(Some((cluster, call, root))) = call {
+            // On the root context: this request is answered (401) at once and ends, which
+            // would cancel a call made on its own context before it left Envoy.
+            if hostcalls::set_effective_context(root).is_ok() {
+                let _ = hostcalls::dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
+            }
+            let _ = hostcalls::set_effective_context(self.id);
         }
     }
 
