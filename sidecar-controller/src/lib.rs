@@ -13,13 +13,18 @@
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
 //! - [`ops`]: metrics, `/healthz`, `/readyz`.
 
+pub mod authz;
 pub mod channel;
+pub mod cluster_identity;
+pub mod conditions;
 pub mod crd;
 pub mod filemode;
 pub mod hub;
+pub mod kube_mode;
 pub mod manifests;
 pub mod ops;
 pub mod pipeline;
+pub mod probe;
 pub mod render;
 pub mod secrets;
 pub mod serve;

@@ -1,0 +1,179 @@
+//! Owns the filter's `identity` object in API mode: the cluster's ServiceAccount issuer
+//! (`/.well-known/openid-configuration` → `issuer`) and signing keys (`/openid/v1/jwks`), read
+//! through the API server with the controller's own client, plus the audiences the settings
+//! name. Read again every `refresh` (5 min by default) and when the filter reports a token with
+//! an unknown `kid` (the API server's keys rotated), at most once per `min_interval` (30 s):
+//! a flood of bad tokens must not become a flood of API requests. A failed read keeps the last
+//! good identity.
+
+use std::time::Duration;
+
+use kube::api::GetParams;
+use kube::core::Request;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::hub::Hub;
+use crate::ops::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Accepted token audiences (`kubectl create token --audience <one of these>`).
+    pub audiences: Vec<String>,
+    pub refresh: Duration,
+    /// Unknown-kid refreshes happen at most this often.
+    pub min_interval: Duration,
+    /// One read (both documents) gives up after this long. The kube client retries 503s on
+    /// its own for minutes; a refresh must not hang that long.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            audiences: vec!["oci-connector".into()],
+            refresh: Duration::from_secs(300),
+            min_interval: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("reading {path} from the API server failed: {source}")]
+    Api {
+        path: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading the cluster identity from the API server took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("{path} from the API server is not usable: {why}")]
+    Invalid { path: &'static str, why: String },
+}
+
+const DISCOVERY: &str = "/.well-known/openid-configuration";
+const JWKS: &str = "/openid/v1/jwks";
+
+async fn get_json(client: &kube::Client, dir: &str, name: &str, path: &'static str) -> Result<Value, IdentityError> {
+    let request = Request::new(dir)
+        .get(name, &GetParams::default())
+        .map_err(|e| IdentityError::Api {
+            path,
+            source: kube::Error::BuildRequest(e),
+        })?;
+    let text = client
+        .request_text(request)
+        .await
+        .map_err(|source| IdentityError::Api { path, source })?;
+    serde_json::from_str(&text).map_err(|e| IdentityError::Invalid {
+        path,
+        why: format!("not JSON ({e})"),
+    })
+}
+
+/// The cluster's issuer and key set, as the API server publishes them.
+pub async fn fetch(client: &kube::Client) -> Result<(String, Value), IdentityError> {
+    let discovery = get_json(client, "/.well-known", "openid-configuration", DISCOVERY).await?;
+    let issuer = discovery
+        .get("issuer")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| IdentityError::Invalid {
+            path: DISCOVERY,
+            why: "no issuer".into(),
+        })?
+        .to_string();
+    let jwks = get_json(client, "/openid/v1", "jwks", JWKS).await?;
+    let keys = jwks.get("keys").and_then(Value::as_array);
+    if keys.is_none_or(|k| k.is_empty()) {
+        return Err(IdentityError::Invalid {
+            path: JWKS,
+            why: "no keys".into(),
+        });
+    }
+    Ok((issuer, jwks))
+}
+
+/// The filter's `identity` object.
+pub fn identity_object(issuer: &str, audiences: &[String], jwks: &Value) -> Value {
+    json!({ "issuers": [issuer], "audiences": audiences, "jwks": jwks })
+}
+
+/// Starts reading the identity; the receiver holds `None` until the first good read.
+pub fn spawn(client: kube::Client, settings: IdentitySettings, hub: Hub) -> watch::Receiver<Option<Value>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(run(client, settings, hub, tx));
+    rx
+}
+
+/// Reads, then re-reads on the period and on unknown-kid notices, publishing into `tx` when
+/// the identity changes. Ends when every receiver is gone.
+pub async fn run(client: kube::Client, settings: IdentitySettings, hub: Hub, tx: watch::Sender<Option<Value>>) {
+    let mut last_attempt: Option<Instant> = None;
+    let mut failures = 0u32;
+    // When the next read is due; now for the first.
+    let mut due = Instant::now();
+    loop {
+        let kid_notice = tokio::select! {
+            _ = tokio::time::sleep_until(due) => false,
+            _ = hub.unknown_kid.notified() => true,
+            _ = tx.closed() => return,
+        };
+        if kid_notice {
+            // Rate limit: a notice inside the window moves the read to the window's end.
+            let earliest = last_attempt.map_or(Instant::now(), |t| t + settings.min_interval);
+            if earliest > Instant::now() {
+                due = due.min(earliest);
+                tracing::debug!("unknown kid reported; keys are re-read at most once per min_interval");
+                continue;
+            }
+        }
+        last_attempt = Some(Instant::now());
+        let read = tokio::time::timeout(settings.fetch_timeout, fetch(&client))
+            .await
+            .unwrap_or(Err(IdentityError::Timeout(settings.fetch_timeout)));
+        match read {
+            Ok((issuer, jwks)) => {
+                failures = 0;
+                Metrics::result(&hub.metrics.identity_refreshes, "ok");
+                let identity = identity_object(&issuer, &settings.audiences, &jwks);
+                let keys = jwks["keys"].as_array().map_or(0, Vec::len);
+                tx.send_if_modified(|current| {
+                    if current.as_ref() == Some(&identity) {
+                        false
+                    } else {
+                        tracing::info!(%issuer, keys, "cluster identity read");
+                        *current = Some(identity);
+                        true
+                    }
+                });
+                due = Instant::now() + settings.refresh;
+            }
+            Err(e) => {
+                failures += 1;
+                Metrics::result(&hub.metrics.identity_refreshes, "error");
+                tracing::warn!(error = %e, "reading the cluster's ServiceAccount issuer and keys failed; keeping the last good identity");
+                // Retry sooner than the period, backing off up to it.
+                let backoff = Duration::from_secs(1u64 << failures.min(8)).min(settings.refresh);
+                due = Instant::now() + backoff;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_object_has_the_filter_shape() {
+        let jwks = json!({ "keys": [{ "kty": "RSA", "kid": "k1" }] });
+        let v = identity_object("https://kubernetes.default.svc", &["oci-connector".into()], &jwks);
+        assert_eq!(v["issuers"], json!(["https://kubernetes.default.svc"]));
+        assert_eq!(v["audiences"], json!(["oci-connector"]));
+        assert_eq!(v["jwks"]["keys"][0]["kid"], "k1");
+    }
+}

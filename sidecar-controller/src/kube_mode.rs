@@ -1,0 +1,541 @@
+//! Owns API mode: the controller as a Kubernetes controller. Two jobs share one process:
+//!
+//! - **the source**: reflectors on Connectors and Secrets; once both caches have synced and
+//!   the cluster identity has been read, every change (bursts coalesced, ~200 ms) becomes new
+//!   [`Inputs`] for the hub, with RBAC authorization. A deleted Connector is simply absent from
+//!   the next Inputs, which is what makes the proxy refuse it at once.
+//! - **the reconciler**: a kube-runtime `Controller` for Connectors that also watches Secrets
+//!   (a Secret change reconciles the connectors naming it) and follows what the pipeline
+//!   rendered and what Envoy did with it. A reconcile probes the upstream (liveness, login),
+//!   writes `status.conditions` and `status.proxy.httpAddress.url` (merge patch on `/status`,
+//!   field manager `connector-controller`), and records one Event per condition transition.
+//!
+//! No Secret value is ever logged, written to status or put into an Event.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::authz::AuthzSettings;
+use crate::cluster_identity::{self, IdentitySettings};
+use crate::conditions::{self, Observed};
+use crate::crd::Connector;
+use crate::hub::{Authorization, ConnectorKey, Hub, Inputs};
+use crate::manifests::{Location, ManifestSet};
+use crate::ops::Metrics;
+use crate::probe::{self, ProbeError};
+use crate::secrets::Credential;
+
+/// Field manager of status patches and reporting controller of Events.
+pub const MANAGER: &str = "connector-controller";
+
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// The proxy's base URL as clients reach it (`http://192.168.1.10:31567`):
+    /// `status.proxy.httpAddress.url` is this plus `/namespaces/<ns>/connectors/<name>`.
+    pub proxy_url: String,
+    /// Accepted ServiceAccount token audiences.
+    pub audiences: Vec<String>,
+    /// Watch one namespace only; `None` watches all.
+    pub namespace: Option<String>,
+    /// RBAC checks `get` on `connectors/proxy` instead of `get` on `connectors`.
+    pub strict_proxy_subresource: bool,
+    /// How often a connector's upstream is probed again (the reconcile requeue).
+    pub reprobe_period: Duration,
+    /// How often the cluster's issuer and keys are read again.
+    pub identity_refresh: Duration,
+    /// Unknown-kid notices re-read the keys at most this often.
+    pub identity_min_interval: Duration,
+    /// Changes closer together than this become one [`Inputs`].
+    pub coalesce: Duration,
+    /// How long an access decision is cached: allowed, denied.
+    pub access_allow_ttl: Duration,
+    pub access_deny_ttl: Duration,
+}
+
+impl KubeSettings {
+    /// Defaults for everything but the proxy URL.
+    pub fn new(proxy_url: impl Into<String>) -> Self {
+        Self {
+            proxy_url: proxy_url.into(),
+            audiences: vec!["oci-connector".into()],
+            namespace: None,
+            strict_proxy_subresource: false,
+            reprobe_period: Duration::from_secs(60),
+            identity_refresh: Duration::from_secs(300),
+            identity_min_interval: Duration::from_secs(30),
+            coalesce: Duration::from_millis(200),
+            access_allow_ttl: Duration::from_secs(30),
+            access_deny_ttl: Duration::from_secs(5),
+        }
+    }
+
+    /// Settings for [`crate::authz::Authorizer::new`].
+    pub fn authz(&self) -> AuthzSettings {
+        AuthzSettings {
+            strict: self.strict_proxy_subresource,
+            allow_ttl: self.access_allow_ttl,
+            deny_ttl: self.access_deny_ttl,
+        }
+    }
+
+    pub fn identity(&self) -> IdentitySettings {
+        IdentitySettings {
+            audiences: self.audiences.clone(),
+            refresh: self.identity_refresh,
+            min_interval: self.identity_min_interval,
+            ..IdentitySettings::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading Secret {0}: {1}")]
+    SecretRead(String, #[source] kube::Error),
+    #[error("patching the status of Connector {0}: {1}")]
+    StatusPatch(String, #[source] kube::Error),
+    #[error("Connector {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// The `reason` label of `reconcile_errors_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::SecretRead(..) => "secret_read",
+            Error::StatusPatch(..) => "status_patch",
+            Error::NoNamespace(_) => "no_namespace",
+        }
+    }
+}
+
+/// Runs API mode until a watch or the controller ends (they retry on their own, so in
+/// practice until the process stops).
+pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyhow::Result<()> {
+    let connectors_api: Api<Connector> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let secrets_api: Api<Secret> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let identity = cluster_identity::spawn(client.clone(), settings.identity(), hub.clone());
+
+    let changed = Arc::new(Notify::new());
+    let (connectors, connectors_writer) = reflector::store::<Connector>();
+    let (secrets, secrets_writer) = reflector::store::<Secret>();
+    let connectors_task = tokio::spawn(follow(
+        watcher(connectors_api.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(connectors_writer),
+        "Connector",
+        changed.clone(),
+    ));
+    let secrets_task = tokio::spawn(follow(
+        watcher(secrets_api.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(secrets_writer),
+        "Secret",
+        changed.clone(),
+    ));
+
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        settings: settings.clone(),
+        hub: hub.clone(),
+        state: Mutex::default(),
+    });
+    let publisher = tokio::spawn(publish_loop(
+        connectors.clone(),
+        secrets.clone(),
+        identity,
+        changed,
+        hub.clone(),
+        ctx.clone(),
+        settings.coalesce,
+    ));
+
+    let by_secret = connectors.clone();
+    let controller = Controller::new(connectors_api, watcher::Config::default())
+        .watches(secrets_api, watcher::Config::default(), move |secret: Secret| {
+            connectors_naming(&by_secret, &secret)
+        })
+        .reconcile_all_on(proxy_changes(&hub))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller");
+            }
+        });
+
+    tokio::select! {
+        () = controller => anyhow::bail!("the Connector controller stopped"),
+        r = connectors_task => anyhow::bail!("the Connector watch stopped: {r:?}"),
+        r = secrets_task => anyhow::bail!("the Secret watch stopped: {r:?}"),
+        r = publisher => anyhow::bail!("the Inputs publisher stopped: {r:?}"),
+    }
+}
+
+/// Drives a reflector stream, poking `changed` on every event.
+async fn follow<K, S>(stream: S, kind: &'static str, changed: Arc<Notify>)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(_) => changed.notify_one(),
+            // Logged without the object: a Secret's data must not reach a log line.
+            Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+/// The connectors whose `spec.auth.secretRef.name` names `secret` in its namespace.
+fn connectors_naming(connectors: &Store<Connector>, secret: &Secret) -> Vec<ObjectRef<Connector>> {
+    let (Some(ns), Some(name)) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref()) else {
+        return vec![];
+    };
+    connectors
+        .state()
+        .iter()
+        .filter(|c| c.metadata.namespace.as_deref() == Some(ns) && c.spec.auth.secret_ref.name == name)
+        .map(|c| ObjectRef::from_obj(c.as_ref()))
+        .collect()
+}
+
+/// `()` whenever what the pipeline published or Envoy's state changes: ProxyReady follows them.
+fn proxy_changes(hub: &Hub) -> impl Stream<Item = ()> + Send + 'static {
+    let published = futures::stream::unfold(hub.published(), |mut rx| async move {
+        rx.changed().await.ok().map(|()| ((), rx))
+    });
+    let proxy = futures::stream::unfold(hub.proxy(), |mut rx| async move {
+        rx.changed().await.ok().map(|()| ((), rx))
+    });
+    futures::stream::select(published, proxy)
+}
+
+/// The desired state from the caches: every Connector, and the Secrets they name (no other
+/// Secret leaves the cache). The digest covers what the pipeline reads, so a status patch
+/// (a new resourceVersion, same spec) publishes nothing.
+fn build_inputs(connectors: &Store<Connector>, secrets: &Store<Secret>, identity: Value) -> (Inputs, [u8; 32]) {
+    let mut list = connectors.state();
+    list.sort_by_key(|c| (c.metadata.namespace.clone(), c.metadata.name.clone()));
+    let mut digest = Sha256::new();
+    let mut set = ManifestSet::default();
+    let mut wanted = BTreeSet::new();
+    for c in list {
+        let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
+        digest.update(serde_json::to_vec(&(&ns, &name, &c.spec)).unwrap_or_default());
+        wanted.insert((ns.clone(), c.spec.auth.secret_ref.name.clone()));
+        let mut c = (*c).clone();
+        c.status = None;
+        c.metadata.managed_fields = None;
+        set.connectors.push((location("Connector", &ns, &name), c));
+    }
+    for (ns, name) in wanted {
+        let Some(s) = secrets.get(&ObjectRef::new(&name).within(&ns)) else {
+            continue;
+        };
+        digest.update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data)).unwrap_or_default());
+        let mut s = (*s).clone();
+        s.metadata.managed_fields = None;
+        set.secrets.push((location("Secret", &ns, &name), s));
+    }
+    digest.update(serde_json::to_vec(&identity).unwrap_or_default());
+    (
+        Inputs {
+            set,
+            identity,
+            authorization: Authorization::Controller,
+        },
+        digest.finalize().into(),
+    )
+}
+
+/// Where an object came from, for problems the pipeline reports: `Connector demo/registry`.
+fn location(kind: &str, namespace: &str, name: &str) -> Location {
+    Location {
+        file: PathBuf::from(format!("{kind} {namespace}/{name}")),
+        index: 0,
+    }
+}
+
+async fn publish_loop(
+    connectors: Store<Connector>,
+    secrets: Store<Secret>,
+    mut identity: watch::Receiver<Option<Value>>,
+    changed: Arc<Notify>,
+    hub: Hub,
+    ctx: Arc<Ctx>,
+    coalesce: Duration,
+) {
+    // Nothing is published before both caches synced and the identity was read: a
+    // restarting controller must never push an empty or partial set.
+    if connectors.wait_until_ready().await.is_err() || secrets.wait_until_ready().await.is_err() {
+        return;
+    }
+    if identity.wait_for(Option::is_some).await.is_err() {
+        return;
+    }
+    tracing::info!("Connector and Secret caches synced and cluster identity read; publishing");
+    let mut last = None;
+    loop {
+        let current = identity.borrow_and_update().clone().unwrap_or(Value::Null);
+        let (inputs, digest) = build_inputs(&connectors, &secrets, current);
+        if last != Some(digest) {
+            tracing::info!(
+                connectors = inputs.set.connectors.len(),
+                secrets = inputs.set.secrets.len(),
+                "desired state published"
+            );
+            hub.publish_inputs(inputs);
+            last = Some(digest);
+        }
+        ctx.forget_deleted(&connectors);
+        tokio::select! {
+            () = changed.notified() => {}
+            r = identity.changed() => if r.is_err() { return },
+        }
+        tokio::time::sleep(coalesce).await;
+    }
+}
+
+/// What the last probe of a connector found, and for which address and credential.
+struct ProbeMemo {
+    fingerprint: [u8; 32],
+    at: Instant,
+    liveness: Result<(), ProbeError>,
+    login: Option<Result<(), ProbeError>>,
+}
+
+#[derive(Default)]
+struct State {
+    probes: HashMap<ConnectorKey, ProbeMemo>,
+    /// The conditions last written, newer than the cache until the watch catches up.
+    written: HashMap<ConnectorKey, Vec<Condition>>,
+    ready: HashMap<ConnectorKey, bool>,
+    failures: HashMap<ConnectorKey, u32>,
+}
+
+struct Ctx {
+    client: kube::Client,
+    recorder: Recorder,
+    settings: KubeSettings,
+    hub: Hub,
+    state: Mutex<State>,
+}
+
+impl Ctx {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.hub.metrics
+    }
+
+    /// Drops what is remembered about connectors that no longer exist.
+    fn forget_deleted(&self, connectors: &Store<Connector>) {
+        let present: BTreeSet<ConnectorKey> = connectors
+            .state()
+            .iter()
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .collect();
+        let mut st = self.state();
+        st.probes.retain(|k, _| present.contains(k));
+        st.written.retain(|k, _| present.contains(k));
+        st.ready.retain(|k, _| present.contains(k));
+        st.failures.retain(|k, _| present.contains(k));
+        let ready = st.ready.values().filter(|r| **r).count();
+        self.metrics().connectors_ready.set(ready as i64);
+    }
+
+    fn set_ready(&self, key: &ConnectorKey, ready: bool) {
+        let mut st = self.state();
+        st.ready.insert(key.clone(), ready);
+        let n = st.ready.values().filter(|r| **r).count();
+        self.metrics().connectors_ready.set(n as i64);
+    }
+}
+
+fn fingerprint(connector: &Connector, credential: Option<&Credential>) -> [u8; 32] {
+    let mut d = Sha256::new();
+    d.update(connector.spec.address.as_bytes());
+    d.update([0]);
+    for r in &connector.spec.token_realms {
+        d.update(r.url.as_bytes());
+        d.update([0]);
+    }
+    if let Some(c) = credential {
+        d.update([1]);
+        d.update(c.username.as_bytes());
+        d.update([0]);
+        d.update(c.password.as_bytes());
+    }
+    d.finalize().into()
+}
+
+/// Probes the upstream, or reuses a probe of the same address and credential younger than
+/// half the reprobe period: reconciles triggered by the proxy's state must not hammer the
+/// registry, while the periodic requeue always probes afresh.
+async fn probes(
+    ctx: &Ctx,
+    key: &ConnectorKey,
+    connector: &Connector,
+    credential: Option<&Credential>,
+) -> (Result<(), ProbeError>, Option<Result<(), ProbeError>>) {
+    let fp = fingerprint(connector, credential);
+    if let Some(m) = ctx.state().probes.get(key)
+        && m.fingerprint == fp
+        && m.at.elapsed() < ctx.settings.reprobe_period / 2
+    {
+        return (m.liveness.clone(), m.login.clone());
+    }
+    let address = &connector.spec.address;
+    let liveness = probe::liveness(address).await;
+    let login = match (&liveness, credential) {
+        (Ok(()), Some(c)) => Some(probe::login(address, c, &connector.spec.token_realms).await),
+        _ => None,
+    };
+    ctx.state().probes.insert(
+        key.clone(),
+        ProbeMemo {
+            fingerprint: fp,
+            at: Instant::now(),
+            liveness: liveness.clone(),
+            login: login.clone(),
+        },
+    );
+    (liveness, login)
+}
+
+async fn reconcile(connector: Arc<Connector>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.metrics().reconciles.inc();
+    let name = connector.name_any();
+    let ns = connector.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let key: ConnectorKey = (ns.clone(), name.clone());
+    let label = format!("{ns}/{name}");
+
+    // The Secret is read from the API server, not a cache: a reconcile triggered by a Secret
+    // change must see that change.
+    let secret_name = &connector.spec.auth.secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(|e| Error::SecretRead(format!("{ns}/{secret_name}"), e))?;
+    let (secret_check, credential) = conditions::secret_check(&connector, secret.as_ref());
+    let (liveness, login) = probes(&ctx, &key, &connector, credential.as_ref()).await;
+    let liveness_check = conditions::liveness_check(&connector.spec.address, &liveness);
+    let auth_check = conditions::auth_check(&secret_check, &liveness_check, login.as_ref());
+    let proxy_check = {
+        let published = ctx.hub.published().borrow().clone();
+        let proxy = ctx.hub.proxy().borrow().clone();
+        conditions::proxy_check(&key, published.as_deref(), &proxy)
+    };
+    let observed = Observed {
+        secret: secret_check,
+        liveness: liveness_check,
+        auth: auth_check,
+        proxy: proxy_check,
+    };
+
+    let old: Vec<Condition> = ctx.state().written.get(&key).cloned().unwrap_or_else(|| {
+        connector
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default()
+    });
+    let new = conditions::build(
+        &old,
+        &observed,
+        connector.metadata.generation,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let url = conditions::proxy_url(&ctx.settings.proxy_url, &ns, &name);
+    let current_url = connector
+        .status
+        .as_ref()
+        .and_then(|s| s.proxy.as_ref())
+        .and_then(|p| p.http_address.as_ref())
+        .map(|a| a.url.as_str());
+    if new != old || current_url != Some(url.as_str()) {
+        let patch = json!({
+            "status": {
+                "conditions": new,
+                "proxy": { "httpAddress": { "url": url } },
+            }
+        });
+        let params = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let connectors: Api<Connector> = Api::namespaced(ctx.client.clone(), &ns);
+        connectors
+            .patch_status(&name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(|e| Error::StatusPatch(label.clone(), e))?;
+        ctx.state().written.insert(key.clone(), new.clone());
+    }
+
+    let transitions = conditions::transitions(&old, &new);
+    if !transitions.is_empty() {
+        let reference = connector.object_ref(&());
+        for t in &transitions {
+            tracing::info!(connector = %label, condition = %t.type_, status = %t.status, reason = %t.reason, "condition changed");
+            let event = Event {
+                type_: if t.is_normal() {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: t.reason.clone(),
+                note: Some(format!("{} is {}: {}", t.type_, t.status, t.message)),
+                action: t.type_.clone(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                // An Event is a courtesy; the status is written. Not worth a retry loop.
+                tracing::warn!(connector = %label, error = %e, "recording an Event failed");
+            }
+        }
+    }
+    ctx.set_ready(&key, conditions::is_ready(&new));
+    ctx.state().failures.remove(&key);
+    Ok(Action::requeue(ctx.settings.reprobe_period))
+}
+
+fn error_policy(connector: Arc<Connector>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics()
+        .reason(&ctx.metrics().reconcile_errors, error.metric_label());
+    let key = (connector.namespace().unwrap_or_default(), connector.name_any());
+    let failures = {
+        let mut st = ctx.state();
+        let n = st.failures.entry(key).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let backoff = Duration::from_millis(500u64 << failures.min(10)).min(ctx.settings.reprobe_period);
+    tracing::warn!(connector = %connector.name_any(), error = %error, ?backoff, "reconcile failed");
+    Action::requeue(backoff)
+}

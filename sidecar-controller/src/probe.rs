@@ -1,0 +1,313 @@
+//! Owns the controller's own look at a connector's upstream: `LivenessReady` (does `/v2/`
+//! answer like a registry?) and `AuthReady` (does the Secret's credential log in, the way
+//! `docker login` does it?). Real HTTP with reqwest, 5 s per request.
+//!
+//! The credential goes to the registry itself and, for a Bearer challenge, only to a token
+//! realm on the registry's own `host[:port]` or one the connector lists in `spec.tokenRealms`:
+//! the same rule the filter applies, so a probe never sends the credential where the proxy
+//! would not. Errors carry a reason (the condition's `reason`) and a message a person can act
+//! on; neither ever holds the credential or a token.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use connector_filter::upstream::{encode_query_value, parse_challenge, split_url};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+
+use crate::crd::TokenRealm;
+use crate::secrets::Credential;
+
+/// Per request; a registry that takes longer is not usable through the proxy either (the
+/// filter gives up after 5 s too).
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const UPSTREAM_UNREACHABLE: &str = "UpstreamUnreachable";
+pub const UPSTREAM_UNEXPECTED_STATUS: &str = "UpstreamUnexpectedStatus";
+pub const CREDENTIAL_REJECTED: &str = "CredentialRejected";
+pub const REALM_NOT_ALLOWED: &str = "RealmNotAllowed";
+pub const CHALLENGE_UNSUPPORTED: &str = "ChallengeUnsupported";
+pub const TOKEN_SERVICE_FAILED: &str = "TokenServiceFailed";
+
+/// Why a probe failed: `reason` becomes the condition's reason, `message` its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ProbeError {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for ProbeError {}
+
+/// One client for every probe (connection pools are per client). Redirects are not followed:
+/// `/v2/` answers directly, and a redirect must not carry the credential anywhere.
+fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        // reqwest is built without a default crypto provider; kube uses ring too. Installing
+        // twice fails harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .connect_timeout(TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent("connector-controller-probe")
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
+    })
+}
+
+fn base_url(address: &str) -> String {
+    format!("{}/v2/", address.trim_end_matches('/'))
+}
+
+fn unreachable(what: &str, url: &str, e: &reqwest::Error) -> ProbeError {
+    let why = if e.is_timeout() {
+        format!("did not answer within {} s", TIMEOUT.as_secs())
+    } else if e.is_connect() {
+        "refused or failed the connection".to_string()
+    } else {
+        "failed the request".to_string()
+    };
+    // reqwest's error text names the URL and the I/O cause, never a header.
+    ProbeError::new(
+        UPSTREAM_UNREACHABLE,
+        format!("{what} {url} {why} ({e}); check spec.address and that the registry is reachable from the controller"),
+    )
+}
+
+/// `GET <address>/v2/` without credentials: `200` (open) or `401` (asks for credentials) is a
+/// live registry; anything else is not.
+pub async fn liveness(address: &str) -> Result<(), ProbeError> {
+    let url = base_url(address);
+    let r = client()
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable("the upstream registry", &url, &e))?;
+    match r.status() {
+        StatusCode::OK | StatusCode::UNAUTHORIZED => Ok(()),
+        other => Err(unexpected(&url, other)),
+    }
+}
+
+fn unexpected(url: &str, status: StatusCode) -> ProbeError {
+    ProbeError::new(
+        UPSTREAM_UNEXPECTED_STATUS,
+        format!(
+            "GET {url} answered {status} (a registry answers 200 or 401): check that spec.address is the registry's origin"
+        ),
+    )
+}
+
+fn basic(c: &Credential) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)))
+}
+
+/// Logs in to the registry at `address` with `credential`, as `docker login` does:
+/// `GET /v2/`; on a `Basic` challenge `GET /v2/` with the credential must answer 200; on a
+/// `Bearer realm=..,service=..` challenge the realm (checked against the registry's host and
+/// `token_realms`) must hand out a token for the credential, and `GET /v2/` with that token
+/// must answer 200. An open registry (200 without credentials) logs anyone in.
+pub async fn login(address: &str, credential: &Credential, token_realms: &[TokenRealm]) -> Result<(), ProbeError> {
+    let url = base_url(address);
+    let r = client()
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable("the upstream registry", &url, &e))?;
+    match r.status() {
+        StatusCode::OK => return Ok(()),
+        StatusCode::UNAUTHORIZED => {}
+        other => return Err(unexpected(&url, other)),
+    }
+    let challenge = r
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some((scheme, params)) = challenge.as_deref().and_then(parse_challenge) else {
+        return Err(ProbeError::new(
+            CHALLENGE_UNSUPPORTED,
+            format!("GET {url} answered 401 without a usable WWW-Authenticate challenge"),
+        ));
+    };
+    match scheme.as_str() {
+        "basic" => with_authorization(&url, &basic(credential), "the Secret's credential").await,
+        "bearer" => {
+            let realm = params.get("realm").cloned().unwrap_or_default();
+            let service = params.get("service").cloned().unwrap_or_default();
+            check_realm(address, &realm, token_realms)?;
+            let token = fetch_token(&realm, &service, credential).await?;
+            with_authorization(&url, &token, "a token the registry's token service issued").await
+        }
+        other => Err(ProbeError::new(
+            CHALLENGE_UNSUPPORTED,
+            format!(
+                "the registry asks for {other:?} authentication; the proxy speaks Basic and Bearer (token service)"
+            ),
+        )),
+    }
+}
+
+async fn with_authorization(url: &str, authorization: &str, what: &str) -> Result<(), ProbeError> {
+    let r = client()
+        .get(url)
+        .header(AUTHORIZATION, authorization)
+        .send()
+        .await
+        .map_err(|e| unreachable("the upstream registry", url, &e))?;
+    match r.status() {
+        StatusCode::OK => Ok(()),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(ProbeError::new(
+            CREDENTIAL_REJECTED,
+            format!(
+                "GET {url} with {what} answered {}: the registry refuses the credential; fix the username or password in the connector's Secret",
+                r.status()
+            ),
+        )),
+        other => Err(unexpected(url, other)),
+    }
+}
+
+/// The realm must be on the registry's own `host[:port]` or listed in `spec.tokenRealms`
+/// (same scheme, authority and path), exactly as the filter decides.
+pub fn check_realm(address: &str, realm: &str, token_realms: &[TokenRealm]) -> Result<(), ProbeError> {
+    let refused = || {
+        ProbeError::new(
+            REALM_NOT_ALLOWED,
+            format!(
+                "the registry sends clients to the token realm {realm:?}, which is neither on the registry's host nor listed in spec.tokenRealms; the credential was not sent. Add the realm to spec.tokenRealms if it belongs to the registry"
+            ),
+        )
+    };
+    let (scheme, authority, path) = split_url(realm).ok_or_else(refused)?;
+    let own = split_url(address).map(|(_, a, _)| a);
+    if own.as_deref() == Some(authority.as_str()) {
+        return Ok(());
+    }
+    let listed = token_realms
+        .iter()
+        .any(|r| split_url(&r.url).is_some_and(|(s, a, p)| s == scheme && a == authority && p == path));
+    if listed { Ok(()) } else { Err(refused()) }
+}
+
+async fn fetch_token(realm: &str, service: &str, credential: &Credential) -> Result<String, ProbeError> {
+    let mut url = realm.to_string();
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    for (k, v) in [("service", service), ("account", credential.username.as_str())] {
+        if !v.is_empty() {
+            url.push(sep);
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&encode_query_value(v));
+            sep = '&';
+        }
+    }
+    let r = client()
+        .get(&url)
+        .header(AUTHORIZATION, basic(credential))
+        .send()
+        .await
+        .map_err(|e| {
+            let mut err = unreachable("the token service", realm, &e);
+            err.reason = TOKEN_SERVICE_FAILED;
+            err
+        })?;
+    let status = r.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Err(ProbeError::new(
+            CREDENTIAL_REJECTED,
+            format!(
+                "the token service {realm:?} refused the Secret's credential ({status}): fix the username or password in the connector's Secret, or grant the account access"
+            ),
+        ));
+    }
+    if status != StatusCode::OK {
+        return Err(ProbeError::new(
+            TOKEN_SERVICE_FAILED,
+            format!("the token service {realm:?} answered {status}: retry later or check the registry"),
+        ));
+    }
+    let body = r.bytes().await.map_err(|e| {
+        ProbeError::new(
+            TOKEN_SERVICE_FAILED,
+            format!("reading the token service's answer from {realm:?} failed: {e}"),
+        )
+    })?;
+    connector_filter::upstream::parse_token_response(200, &body, realm)
+        .map(|(authorization, _)| authorization)
+        .map_err(|refusal| ProbeError::new(TOKEN_SERVICE_FAILED, refusal.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn realm(url: &str) -> TokenRealm {
+        TokenRealm {
+            url: url.into(),
+            cluster: None,
+        }
+    }
+
+    #[test]
+    fn realms_on_the_registry_host_or_listed() {
+        let listed = [realm("https://auth.example.com/token")];
+        for (address, r, ok) in [
+            (
+                "https://harbor.example.com",
+                "https://harbor.example.com/service/token",
+                true,
+            ),
+            (
+                "https://Harbor.example.com:443/",
+                "https://harbor.example.com/service/token",
+                true,
+            ),
+            ("http://127.0.0.1:5000", "http://127.0.0.1:5000/token", true),
+            ("http://127.0.0.1:5000", "http://127.0.0.1:5001/token", false),
+            ("https://harbor.example.com", "https://auth.example.com/token", true),
+            ("https://harbor.example.com", "https://auth.example.com/other", false),
+            ("https://harbor.example.com", "http://auth.example.com/token", false),
+            ("https://harbor.example.com", "https://evil.example.net/token", false),
+            ("https://harbor.example.com", "not a url", false),
+            ("https://harbor.example.com", "", false),
+        ] {
+            let got = check_realm(address, r, &listed);
+            assert_eq!(got.is_ok(), ok, "{address} {r}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(e.reason, REALM_NOT_ALLOWED);
+                assert!(e.message.contains("spec.tokenRealms"), "{}", e.message);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unreachable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = liveness(&format!("http://127.0.0.1:{port}")).await.unwrap_err();
+        assert_eq!(e.reason, UPSTREAM_UNREACHABLE, "{e}");
+        assert!(e.message.contains(&format!("127.0.0.1:{port}/v2/")), "{e}");
+    }
+}
