@@ -76,6 +76,18 @@ impl Controller {
         Ok(c)
     }
 
+    /// API mode: `serve --kube` against the API server at `kube_url` (the stand-in of
+    /// [`crate::kube_api`] in tests), reporting `proxy_url` as the proxy's address. Waits for
+    /// `/readyz` (caches synced, identity read, a configuration rendered).
+    pub fn start_kube(work: &WorkDir, kube_url: &str, proxy_url: &str, args: &[&str]) -> Result<Self> {
+        let mut all = vec!["--kube", "--kube-url", kube_url, "--proxy-url", proxy_url];
+        all.extend_from_slice(args);
+        let (ports, key) = (Ports::free()?, crate::random_secret()?);
+        let mut c = Self::spawn(work, "controller", None, ports, &key, &all)?;
+        c.wait_ready()?;
+        Ok(c)
+    }
+
     /// Waits for `/readyz`: the manifests were read and a configuration rendered.
     pub fn wait_ready(&mut self) -> Result<()> {
         self.proc
@@ -98,20 +110,33 @@ impl Controller {
         key: &str,
         args: &[&str],
     ) -> Result<Self> {
+        Self::spawn(work, dir, Some((manifests, identity)), ports, key, args)
+    }
+
+    fn spawn(
+        work: &WorkDir,
+        dir: &str,
+        files: Option<(&Path, &Path)>,
+        ports: Ports,
+        key: &str,
+        args: &[&str],
+    ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
         let mut cmd = Command::new(controller_binary()?);
-        cmd.arg("serve")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--identity")
-            .arg(identity)
-            .arg("--wasm")
+        cmd.arg("serve");
+        if let Some((manifests, identity)) = files {
+            cmd.arg("--manifests")
+                .arg(manifests)
+                .arg("--identity")
+                .arg(identity)
+                .args(["--poll-ms", "200"]);
+        }
+        cmd.arg("--wasm")
             .arg(&wasm)
             .args(["--xds", &format!("127.0.0.1:{}", ports.xds)])
             .args(["--channel", &format!("127.0.0.1:{}", ports.channel)])
             .args(["--ops", &format!("127.0.0.1:{}", ports.ops)])
-            .args(["--poll-ms", "200"])
             .args(args);
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {

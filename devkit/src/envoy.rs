@@ -107,15 +107,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
         Some(f) if f.plain_route => (vec![wasm_filter(f), router], plain),
         Some(f) => {
             let wasm = wasm_filter(f);
-            (
-                vec![wasm, router],
-                json!({
-                    "match": { "prefix": "/" },
-                    // Blob transfers outlive the default 15 s route timeout: bound idleness instead.
-                    "route": { "cluster_header": CLUSTER_HEADER, "timeout": "0s", "idle_timeout": "300s" },
-                    "request_headers_to_remove": [CLUSTER_HEADER],
-                }),
-            )
+            (vec![wasm, router], header_route())
         }
         None => (vec![router], plain),
     };
@@ -139,30 +131,45 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
     json!({
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
         "static_resources": {
-            "listeners": [{
-                "name": "registry_proxy",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
-                "filter_chains": [{ "filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "registry_proxy",
-                        "codec_type": "AUTO",
-                        // Path checks in the filter see the normalised path; `..` cannot smuggle
-                        // a request into another connector's prefix.
-                        "normalize_path": true,
-                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-                        "stream_idle_timeout": "300s",
-                        "route_config": {
-                            "name": "registry_routes",
-                            "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [route] }],
-                        },
-                        "http_filters": http_filters,
-                    },
-                }]}],
-            }],
+            "listeners": [listener(port, route, http_filters)],
             "clusters": clusters,
         },
+    })
+}
+
+/// The route of a connector proxy: to the cluster the filter names in [`CLUSTER_HEADER`].
+fn header_route() -> Value {
+    json!({
+        "match": { "prefix": "/" },
+        // Blob transfers outlive the default 15 s route timeout: bound idleness instead.
+        "route": { "cluster_header": CLUSTER_HEADER, "timeout": "0s", "idle_timeout": "300s" },
+        "request_headers_to_remove": [CLUSTER_HEADER],
+    })
+}
+
+/// The proxy's listener on 127.0.0.1:`port`: one route, the given HTTP filters.
+fn listener(port: u16, route: Value, http_filters: Vec<Value>) -> Value {
+    json!({
+        "name": "registry_proxy",
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "registry_proxy",
+                "codec_type": "AUTO",
+                // Path checks in the filter see the normalised path; `..` cannot smuggle
+                // a request into another connector's prefix.
+                "normalize_path": true,
+                "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                "stream_idle_timeout": "300s",
+                "route_config": {
+                    "name": "registry_routes",
+                    "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [route] }],
+                },
+                "http_filters": http_filters,
+            },
+        }]}],
     })
 }
 
@@ -211,46 +218,22 @@ pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u1
             "cds_config": { "ads": {}, "resource_api_version": "V3" },
         },
         "static_resources": {
-            "listeners": [{
-                "name": "registry_proxy",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
-                "filter_chains": [{ "filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "registry_proxy",
-                        "codec_type": "AUTO",
-                        "normalize_path": true,
-                        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-                        "stream_idle_timeout": "300s",
-                        "route_config": {
-                            "name": "registry_routes",
-                            "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [{
-                                "match": { "prefix": "/" },
-                                "route": { "cluster_header": CLUSTER_HEADER, "timeout": "0s", "idle_timeout": "300s" },
-                                "request_headers_to_remove": [CLUSTER_HEADER],
-                            }]}],
-                        },
-                        "http_filters": [
-                            {
-                                // With config_discovery the filter's name is the ECDS resource name.
-                                "name": FILTER_CONFIG_NAME,
-                                // The filter's configuration comes from the controller (ECDS). Until
-                                // it has arrived the listener does not serve; no default means
-                                // no unauthenticated path.
-                                "config_discovery": {
-                                    "config_source": { "ads": {}, "resource_api_version": "V3" },
-                                    "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
-                                },
-                            },
-                            {
-                                "name": "envoy.filters.http.router",
-                                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
-                            },
-                        ],
+            "listeners": [listener(port, header_route(), vec![
+                // With config_discovery the filter's name is the ECDS resource name. The filter's
+                // configuration comes from the controller; until it has arrived the listener does
+                // not serve: no default means no unauthenticated path.
+                json!({
+                    "name": FILTER_CONFIG_NAME,
+                    "config_discovery": {
+                        "config_source": { "ads": {}, "resource_api_version": "V3" },
+                        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
                     },
-                }]}],
-            }],
+                }),
+                json!({
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+                }),
+            ])],
             "clusters": [
                 static_cluster(XDS_CLUSTER, xds_port, true),
                 static_cluster(CHANNEL_CLUSTER, channel_port, false),

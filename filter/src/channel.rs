@@ -87,9 +87,9 @@ fn error_of(body: &[u8]) -> Option<String> {
         .map(|s| s.chars().take(300).collect())
 }
 
-/// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
-pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<String, Refusal> {
-    let fail = |why: String| channel_failure(connector, "the upstream credential", why);
+/// The JSON of a `200` answer; any other status (0: no answer in time), an oversized or
+/// non-JSON body becomes the refusal `fail` builds, with the controller's own reason if given.
+fn answer(status: u32, body: &[u8], fail: &dyn Fn(String) -> Refusal) -> Result<Value, Refusal> {
     match status {
         200 => {}
         0 => return Err(fail("it did not answer (is the controller running?): retry".into())),
@@ -101,7 +101,13 @@ pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<Str
     if body.len() > MAX_ANSWER {
         return Err(fail("its answer is oversized".into()));
     }
-    let v: Value = serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))?;
+    serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))
+}
+
+/// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
+pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<String, Refusal> {
+    let fail = |why: String| channel_failure(connector, "the upstream credential", why);
+    let v = answer(status, body, &fail)?;
     match v.get("authorization").and_then(Value::as_str) {
         Some(a)
             if (a.starts_with("Basic ") || a.starts_with("Bearer "))
@@ -117,18 +123,7 @@ pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<Str
 /// decision may be kept.
 pub fn parse_access(status: u32, body: &[u8], connector: &str) -> Result<(bool, u64), Refusal> {
     let fail = |why: String| channel_failure(connector, "an access decision", why);
-    match status {
-        200 => {}
-        0 => return Err(fail("it did not answer (is the controller running?): retry".into())),
-        other => {
-            let why = error_of(body).unwrap_or_else(|| "no reason given".into());
-            return Err(fail(format!("it answered {other}: {why}")));
-        }
-    }
-    if body.len() > MAX_ANSWER {
-        return Err(fail("its answer is oversized".into()));
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|_| fail("its answer is not JSON".into()))?;
+    let v = answer(status, body, &fail)?;
     let allowed = v
         .get("allowed")
         .and_then(Value::as_bool)

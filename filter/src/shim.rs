@@ -499,7 +499,8 @@ impl Http {
             // On the root context: this request is answered (401) at once and ends, which
             // would cancel a call made on its own context before it left Envoy.
             if hostcalls::set_effective_context(root).is_ok() {
-                let _ = hostcalls::dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
+                let _ =
+                    hostcalls::dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
             }
             let _ = hostcalls::set_effective_context(self.id);
         }

@@ -42,23 +42,7 @@ fn fingerprint(s: &FileSettings) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// Reads the directory and the identity file into [`Inputs`]; every problem of both.
 pub fn load(s: &FileSettings) -> Result<Inputs, Vec<Problem>> {
     let set = crate::manifests::load_dir(&s.manifests);
-    let at = s.identity.display().to_string();
-    let identity = std::fs::read(&s.identity)
-        .map_err(|e| Problem::new(&at, "", format!("cannot read: {e}")))
-        .and_then(|b| {
-            serde_json::from_slice::<serde_json::Value>(&b).map_err(|e| Problem::new(&at, "", format!("not JSON: {e}")))
-        })
-        .and_then(|v| {
-            if v.is_object() {
-                Ok(v)
-            } else {
-                Err(Problem::new(
-                    &at,
-                    "",
-                    "expected a JSON object: {\"issuers\": [...], \"audiences\": [...], \"jwks\": {...}}",
-                ))
-            }
-        });
+    let identity = crate::render::read_identity(&s.identity);
     match (set, identity) {
         (Ok(set), Ok(identity)) => Ok(Inputs {
             set,

@@ -6,10 +6,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
+  connector-controller serve --kube --proxy-url <http(s)://proxy address> --wasm <module path as Envoy sees it>
+        [--kube-url <API server URL; default: in-cluster or KUBECONFIG>] [--audience oci-connector[,...]]
+        [--namespace <ns; default all>] [--strict-proxy-subresource] [--reprobe-seconds 60]
+        [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
+        [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
+      API mode: Connectors and Secrets from the cluster, status and Events written back,
+      ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 500]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt]
+      File mode: a watched directory of Connector and Secret manifests. Both modes:
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY when set
       (Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
   connector-controller crd
@@ -92,33 +100,62 @@ fn render(args: &[String]) -> ExitCode {
 /// The channel key's variable, in the controller's environment and in Envoy's.
 const CHANNEL_KEY_ENV: &str = "CONNECTOR_CHANNEL_KEY";
 
+/// Flags of `serve` that take a value (`--kube` and `--strict-proxy-subresource` take none):
+/// those of both modes, of file mode, of API mode.
+const COMMON_FLAGS: &[&str] = &[
+    "--wasm",
+    "--xds",
+    "--channel",
+    "--ops",
+    "--channel-cluster",
+    "--upstream-ca",
+];
+const FILE_FLAGS: &[&str] = &["--manifests", "--identity", "--poll-ms"];
+const KUBE_FLAGS: &[&str] = &[
+    "--kube-url",
+    "--proxy-url",
+    "--audience",
+    "--namespace",
+    "--reprobe-seconds",
+    "--identity-refresh-seconds",
+    "--identity-min-interval-seconds",
+    "--access-allow-ttl-seconds",
+    "--access-deny-ttl-seconds",
+];
+
+/// Where desired state comes from.
+enum Source {
+    Files(connector_controller::filemode::FileSettings),
+    Kube {
+        url: Option<String>,
+        settings: connector_controller::kube_mode::KubeSettings,
+    },
+}
+
 fn serve(args: &[String]) -> ExitCode {
-    use connector_controller::{filemode, hub::Hub, pipeline::ChannelSettings, serve, xds::WasmSettings};
+    use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
+    let (mut kube, mut strict) = (false, false);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let known = [
-            "--manifests",
-            "--identity",
-            "--wasm",
-            "--xds",
-            "--channel",
-            "--ops",
-            "--channel-cluster",
-            "--poll-ms",
-            "--upstream-ca",
-        ];
-        if !known.contains(&flag.as_str()) {
-            eprintln!("connector-controller serve: unknown argument {flag:?}\n{USAGE}");
-            return ExitCode::from(2);
+        match flag.as_str() {
+            "--kube" => kube = true,
+            "--strict-proxy-subresource" => strict = true,
+            f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
+                let Some(v) = it.next() else {
+                    eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
+                    return ExitCode::from(2);
+                };
+                flags.insert(flag.clone(), v.clone());
+            }
+            _ => {
+                eprintln!("connector-controller serve: unknown argument {flag:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
         }
-        let Some(v) = it.next() else {
-            eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
-            return ExitCode::from(2);
-        };
-        flags.insert(flag.clone(), v.clone());
     }
     let get = |f: &str, default: &str| flags.get(f).cloned().unwrap_or_else(|| default.to_string());
+    // Every problem of the command line at once.
     let mut problems = vec![];
     let mut addr = |f: &str, default: &str| match get(f, default).parse::<std::net::SocketAddr>() {
         Ok(a) => Some(a),
@@ -132,16 +169,70 @@ fn serve(args: &[String]) -> ExitCode {
         addr("--channel", "127.0.0.1:18001"),
         addr("--ops", "127.0.0.1:18002"),
     );
-    for required in ["--manifests", "--identity", "--wasm"] {
-        if !flags.contains_key(required) {
-            problems.push(format!("{required} is required"));
-        }
+    let number = |f: &str, default: &str, problems: &mut Vec<String>| {
+        get(f, default)
+            .parse::<u64>()
+            .map_err(|e| problems.push(format!("{f}: {e}: expected a whole number")))
+            .ok()
+    };
+    if !flags.contains_key("--wasm") {
+        problems.push("--wasm is required: the filter module's path as Envoy sees it".into());
     }
-    let poll = get("--poll-ms", "500")
-        .parse::<u64>()
-        .map_err(|e| problems.push(format!("--poll-ms: {e}")))
-        .ok();
-    let (Some(xds), Some(channel), Some(ops), Some(poll), true) = (xds, channel, ops, poll, problems.is_empty()) else {
+    let source = if kube {
+        for f in FILE_FLAGS.iter().filter(|f| flags.contains_key(**f)) {
+            problems.push(format!(
+                "{f} is for file mode; API mode (--kube) reads Connectors and Secrets from the cluster"
+            ));
+        }
+        if !flags.contains_key("--proxy-url") {
+            problems.push("--proxy-url is required with --kube: the proxy's address as clients reach it (NodePort or Ingress), e.g. http://192.168.1.10:31567".into());
+        }
+        let secs = |f: &str, default: &str, problems: &mut Vec<String>| {
+            std::time::Duration::from_secs(number(f, default, problems).unwrap_or(1).max(1))
+        };
+        let reprobe = secs("--reprobe-seconds", "60", &mut problems);
+        let identity_refresh = secs("--identity-refresh-seconds", "300", &mut problems);
+        let identity_min = secs("--identity-min-interval-seconds", "30", &mut problems);
+        let allow_ttl = secs("--access-allow-ttl-seconds", "30", &mut problems);
+        let deny_ttl = secs("--access-deny-ttl-seconds", "5", &mut problems);
+        let mut settings = connector_controller::kube_mode::KubeSettings::new(get("--proxy-url", ""));
+        settings.audiences = get("--audience", "oci-connector")
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        settings.namespace = flags.get("--namespace").cloned();
+        settings.strict_proxy_subresource = strict;
+        settings.reprobe_period = reprobe;
+        settings.identity_refresh = identity_refresh;
+        settings.identity_min_interval = identity_min;
+        settings.access_allow_ttl = allow_ttl;
+        settings.access_deny_ttl = deny_ttl;
+        Source::Kube {
+            url: flags.get("--kube-url").cloned(),
+            settings,
+        }
+    } else {
+        for f in KUBE_FLAGS.iter().filter(|f| flags.contains_key(**f)) {
+            problems.push(format!("{f} needs --kube (API mode)"));
+        }
+        if strict {
+            problems.push("--strict-proxy-subresource needs --kube (API mode)".into());
+        }
+        for required in ["--manifests", "--identity"] {
+            if !flags.contains_key(required) {
+                problems.push(format!("{required} is required in file mode (or use --kube)"));
+            }
+        }
+        let poll = number("--poll-ms", "500", &mut problems);
+        Source::Files(connector_controller::filemode::FileSettings {
+            manifests: PathBuf::from(get("--manifests", "")),
+            identity: PathBuf::from(get("--identity", "")),
+            poll: std::time::Duration::from_millis(poll.unwrap_or(500).max(50)),
+        })
+    };
+    let (Some(xds), Some(channel), Some(ops), true) = (xds, channel, ops, problems.is_empty()) else {
         for p in problems {
             eprintln!("connector-controller serve: {p}");
         }
@@ -168,11 +259,6 @@ fn serve(args: &[String]) -> ExitCode {
         channel_key,
         upstream_ca: get("--upstream-ca", connector_controller::xds::SYSTEM_CA_BUNDLE),
     };
-    let files = filemode::FileSettings {
-        manifests: PathBuf::from(get("--manifests", "")),
-        identity: PathBuf::from(get("--identity", "")),
-        poll: std::time::Duration::from_millis(poll.max(50)),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,17 +270,51 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        let hub = Hub::new();
-        tokio::spawn(filemode::run(files, hub.clone()));
-        serve::serve(settings, hub, None).await
-    });
+    let result = runtime.block_on(run_source(source, settings));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "controller stopped");
+            tracing::error!(error = %format!("{e:#}"), "controller stopped");
             eprintln!("connector-controller serve: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the source beside the controller's listeners. API mode also gives the channel its
+/// RBAC access check (SubjectAccessReview).
+async fn run_source(source: Source, settings: connector_controller::serve::ServeSettings) -> anyhow::Result<()> {
+    use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, serve};
+    let hub = Hub::new();
+    match source {
+        Source::Files(files) => {
+            tokio::spawn(filemode::run(files, hub.clone()));
+            serve::serve(settings, hub, None).await
+        }
+        Source::Kube { url, settings: kube } => {
+            // kube and reqwest use rustls with ring; install it as the process default once.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = match url {
+                Some(u) => kube::Config::new(u.parse().map_err(|e| anyhow::anyhow!("--kube-url {u:?}: {e}"))?),
+                None => kube::Config::infer()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
+            };
+            let client = kube::Client::try_from(config)?;
+            let access: std::sync::Arc<dyn AccessCheck> = std::sync::Arc::new(authz::Authorizer::new(
+                client.clone(),
+                kube.authz(),
+                hub.metrics.clone(),
+            ));
+            let source = tokio::spawn(kube_mode::run(client, kube, hub.clone()));
+            tokio::select! {
+                served = serve::serve(settings, hub, Some(access)) => served,
+                ended = source => match ended {
+                    Ok(Ok(())) => anyhow::bail!("the Kubernetes source ended"),
+                    Ok(Err(e)) => Err(e.context("the Kubernetes source failed")),
+                    Err(e) => anyhow::bail!("the Kubernetes source panicked: {e}"),
+                },
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ use connector_filter::config::Upstream;
 
 use crate::hub::{Authorization, ConnectorKey, Inputs};
 use crate::manifests::Problem;
-use crate::render::{UpstreamCluster, add_cluster, cluster_for, locate, realm_origin};
+use crate::render::{UpstreamCluster, add_cluster, cluster_for, filter_entry, locate, realm_origin};
 use crate::secrets::{Credential, credential_from_secret};
 
 /// How the configuration reaches the controller's channel from inside Envoy.
@@ -146,25 +146,12 @@ pub fn render_live(
             continue;
         };
         let cluster = cluster_for(&upstream);
-        let mut entry = json!({
-            "namespace": key.0,
-            "name": key.1,
-            "address": c.spec.address,
-            "cluster": cluster.name,
-            "credential": { "fromController": revisions.of(&credential) },
-        });
-        for (field, list) in [
-            ("allowedNamespaces", &c.spec.allowed_namespaces),
-            ("allowedServiceAccounts", &c.spec.allowed_service_accounts),
-            ("hosts", &c.spec.hosts),
-        ] {
-            if !list.is_empty() {
-                entry[field] = json!(list);
-            }
-        }
-        if !realms.is_empty() {
-            entry["tokenRealms"] = Value::Array(realms);
-        }
+        let entry = filter_entry(
+            c,
+            &cluster.name,
+            json!({ "fromController": revisions.of(&credential) }),
+            realms,
+        );
         own_clusters.insert(0, cluster);
         credentials.insert(key.clone(), credential);
         entries.push((key, at.to_string(), entry, own_clusters));

@@ -73,7 +73,7 @@ pub fn render_files(manifests: &Path, identity_file: &Path) -> Result<Rendered, 
 
 /// The identity file: the filter's `identity` object (`issuers`, `audiences`, `jwks`,
 /// optionally `clockSkewSeconds`, `tokenCacheSize`), validated with the rest by the filter.
-fn read_identity(path: &Path) -> Result<Value, Problem> {
+pub(crate) fn read_identity(path: &Path) -> Result<Value, Problem> {
     let at = path.display();
     let text = std::fs::read(path).map_err(|e| Problem::new(&at, "", format!("cannot read: {e}")))?;
     let v: Value = serde_json::from_slice(&text).map_err(|e| Problem::new(&at, "", format!("not JSON: {e}")))?;
@@ -156,26 +156,8 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
         };
         env.insert(user_var.clone(), (at.to_string(), username));
         env.insert(password_var.clone(), (at.to_string(), password));
-        let mut entry = json!({
-            "namespace": ns,
-            "name": name,
-            "address": c.spec.address,
-            "cluster": cluster,
-            "credential": { "usernameEnv": user_var, "passwordEnv": password_var },
-        });
-        for (key, list) in [
-            ("allowedNamespaces", &c.spec.allowed_namespaces),
-            ("allowedServiceAccounts", &c.spec.allowed_service_accounts),
-            ("hosts", &c.spec.hosts),
-        ] {
-            if !list.is_empty() {
-                entry[key] = json!(list);
-            }
-        }
-        if !realms.is_empty() {
-            entry["tokenRealms"] = Value::Array(realms);
-        }
-        entries.push(entry);
+        let credential = json!({ "usernameEnv": user_var, "passwordEnv": password_var });
+        entries.push(filter_entry(c, &cluster, credential, realms));
         origins.push(at.to_string());
     }
     // The filter's validator runs even when the set already has problems, on the connectors
@@ -202,6 +184,31 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
         env,
         clusters: clusters.into_values().map(|(c, _)| c).collect(),
     })
+}
+
+/// A connector's entry in the filter configuration (README "Filter configuration"): shared by
+/// file mode's one-shot output and the live controller, which differ only in `credential`.
+pub(crate) fn filter_entry(c: &crate::crd::Connector, cluster: &str, credential: Value, realms: Vec<Value>) -> Value {
+    let mut entry = json!({
+        "namespace": c.metadata.namespace.as_deref().unwrap_or_default(),
+        "name": c.metadata.name.as_deref().unwrap_or_default(),
+        "address": c.spec.address,
+        "cluster": cluster,
+        "credential": credential,
+    });
+    for (key, list) in [
+        ("allowedNamespaces", &c.spec.allowed_namespaces),
+        ("allowedServiceAccounts", &c.spec.allowed_service_accounts),
+        ("hosts", &c.spec.hosts),
+    ] {
+        if !list.is_empty() {
+            entry[key] = json!(list);
+        }
+    }
+    if !realms.is_empty() {
+        entry["tokenRealms"] = Value::Array(realms);
+    }
+    entry
 }
 
 /// Maps a finding of the filter's validator back to the document it is about.

@@ -68,6 +68,26 @@ fn setup(label: &str) -> Setup {
     }
 }
 
+/// Writes `registry.yaml` (Connector `registry` at `address`) and `secret.yaml` (`creds`), starts
+/// the controller (with `args`) and Envoy fed by it, and mints a token of `demo/default`.
+fn serve(s: &Setup, address: &str, creds: &Credentials, args: &[&str]) -> (Controller, Envoy, String) {
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", address, "robot"),
+    );
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", creds));
+    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    (controller, envoy, s.minter.valid(NS, "default").unwrap())
+}
+
 /// Writes a manifest file the way an editor or `kubectl`-style tool would replace it: whole,
 /// by rename, so the controller never reads half a file.
 fn put(dir: &Path, file: &str, text: &str) {
@@ -149,21 +169,7 @@ fn hygiene(envoy: &Envoy, controller_log: &str, secrets: &[(String, String)]) {
 fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
     let s = setup("controller-xds");
     let creds = s.registry.credentials.clone().unwrap();
-    put(
-        &s.manifests,
-        "registry.yaml",
-        &connector_yaml("registry", &s.registry.url(), "robot"),
-    );
-    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
-    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
-    let token = s.minter.valid(NS, "default").unwrap();
+    let (controller, envoy, token) = serve(&s, &s.registry.url(), &creds, &[]);
 
     // Applied before Envoy started: served as soon as Envoy has its configuration.
     until_status(&envoy, "registry", &token, 200);
@@ -277,21 +283,7 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     // The registry accepts both robot accounts, as during a real rotation window.
     s.registry.add_user(&new).unwrap();
     let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
-    put(
-        &s.manifests,
-        "registry.yaml",
-        &connector_yaml("registry", &upstream, "robot"),
-    );
-    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &old));
-    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
-    let token = s.minter.valid(NS, "default").unwrap();
+    let (controller, envoy, token) = serve(&s, &upstream, &old, &[]);
     until_status(&envoy, "registry", &token, 200);
 
     // Continuous load: manifest and blob GETs from 4 clients, every answer counted.
@@ -416,23 +408,8 @@ fn an_https_registry_is_reached_with_tls_sni_and_the_configured_ca() {
     let ca = connector_devkit::tls::TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
     s.registry.serve_tls(&ca.issue("localhost").unwrap()).unwrap();
     let address = format!("https://localhost:{}", s.registry.port);
-    put(
-        &s.manifests,
-        "registry.yaml",
-        &connector_yaml("registry", &address, "robot"),
-    );
-    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
     let ca_path = ca.cert.display().to_string();
-    let controller =
-        Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--upstream-ca", &ca_path]).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
-    let token = s.minter.valid(NS, "default").unwrap();
+    let (controller, envoy, token) = serve(&s, &address, &creds, &["--upstream-ca", &ca_path]);
     until_status(&envoy, "registry", &token, 200);
     pull(&s, &envoy, "registry", &token, "pulled-tls");
 
@@ -455,22 +432,8 @@ fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
     let creds = s.registry.credentials.clone().unwrap();
     let ca = connector_devkit::tls::TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
     s.registry.serve_tls(&ca.issue("localhost").unwrap()).unwrap();
-    put(
-        &s.manifests,
-        "registry.yaml",
-        &connector_yaml("registry", &format!("https://localhost:{}", s.registry.port), "robot"),
-    );
-    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
     // Default CA bundle: the test CA is not in it, so Envoy must not talk to the registry.
-    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
-    let token = s.minter.valid(NS, "default").unwrap();
+    let (controller, envoy, token) = serve(&s, &format!("https://localhost:{}", s.registry.port), &creds, &[]);
     let r = Request::get(&format!(
         "/v2/namespaces/{NS}/connectors/registry/{REPO}/manifests/{TAG}"
     ))
