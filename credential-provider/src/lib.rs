@@ -1,0 +1,1 @@
+//! The kubelet credential provider (issue 5): request in, response out, as pure functions.
