@@ -18,8 +18,9 @@ demo: setup wasm
 	cargo build -p connector-controller
 	cargo run -p connector-devkit --bin demo
 
-# Unit tests of the default members (filter, devkit), then the end-to-end tests on the release module.
-test: setup unit wasm e2e
+# The release module first (some crates' tests load it), then the default members' tests, then
+# the end-to-end tests.
+test: setup wasm unit e2e
 
 unit:
 	cargo test
