@@ -47,6 +47,14 @@ if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/
 else
   say "Envoy $ENVOY_VERSION present in .venv"
 fi
+# Offline validation of the deploy/ manifests against the Kubernetes schemas (it bundles them).
+KV_VERSION="1.37.0"
+if ! "$ROOT/.venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Version: $KV_VERSION$"; then
+  say "installing kubernetes-validate==$KV_VERSION into $ROOT/.venv"
+  "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
+else
+  say "kubernetes-validate $KV_VERSION present in .venv"
+fi
 
 # --- The filter is built for wasm32-wasip1.
 if command -v rustup >/dev/null; then

@@ -136,7 +136,15 @@ fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
     let (mut kube, mut strict) = (false, false);
-    let mut it = args.iter();
+    // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
+    let split: Vec<String> = args
+        .iter()
+        .flat_map(|a| match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => vec![f.to_string(), v.to_string()],
+            _ => vec![a.clone()],
+        })
+        .collect();
+    let mut it = split.iter();
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--kube" => kube = true,

@@ -1,0 +1,366 @@
+//! The deployable pieces are checked offline (no cluster, no Docker engine, no Istio here):
+//! - every Kubernetes manifest under `deploy/` validates against the Kubernetes schemas with
+//!   PyPI's `kubernetes-validate` (strict: unknown fields are errors), the CRD included;
+//! - Connector documents validate against the CRD's own OpenAPI schema (Python `jsonschema`),
+//!   and a broken one is refused;
+//! - each kustomization lists files that exist, and every manifest is listed somewhere;
+//! - the proxy's Envoy bootstrap in the ConfigMap and in the compose demo equal the one the
+//!   tests run, and the ports and paths the Deployment and `docker-compose.yml` name agree with it;
+//! - Istio's WasmPlugin fails closed and pulls an OCI artifact; RBAC grants no wildcards.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use connector_devkit::{procs, repo_root};
+use serde_json::{Value, json};
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(yaml_files(&p));
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn deploy() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+fn venv(bin: &str) -> PathBuf {
+    repo_root().join(".venv/bin").join(bin)
+}
+
+const CUSTOM_KINDS: &[&str] = &["Connector", "WasmPlugin", "ServiceEntry"];
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    // Built-in kinds only; the custom ones are checked below against their own schemas.
+    let mut files = vec![];
+    for f in yaml_files(&deploy()) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        if name == "kustomization.yaml" || f.starts_with(deploy().join("compose")) {
+            continue;
+        }
+        let all = docs(&f);
+        let builtin: Vec<&Value> = all
+            .iter()
+            .filter(|d| !CUSTOM_KINDS.contains(&d["kind"].as_str().unwrap_or_default()))
+            .collect();
+        if builtin.is_empty() {
+            continue;
+        }
+        // One document per file for the validator, so its messages name the object.
+        for (i, d) in builtin.iter().enumerate() {
+            let out = std::env::temp_dir().join(format!("kv-{}-{name}-{i}.yaml", std::process::id()));
+            // JSON (valid YAML) keeps strings such as "off" strings for the YAML 1.1 reader.
+            std::fs::write(&out, serde_json::to_string(d).unwrap()).unwrap();
+            files.push((format!("{} document {i} ({})", f.display(), d["kind"]), out));
+        }
+    }
+    assert!(
+        files.len() >= 15,
+        "expected the CRD, RBAC, webhook and proxy objects: {}",
+        files.len()
+    );
+    let mut cmd = Command::new(venv("kubernetes-validate"));
+    cmd.args(["--strict", "-k", "1.35.0"])
+        .args(files.iter().map(|(_, p)| p));
+    let out = procs::run(cmd, None).unwrap_or_else(|e| panic!("{e} (run scripts/setup.sh)"));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    for (_, p) in &files {
+        let _ = std::fs::remove_file(p);
+    }
+    assert!(out.success, "kubernetes-validate failed:\n{text}");
+    let passed = text.lines().filter(|l| l.contains(" passed ")).count();
+    assert_eq!(
+        passed,
+        files.len(),
+        "every object validated (none skipped for a missing schema):\n{text}"
+    );
+}
+
+#[test]
+fn connectors_validate_against_the_crd_schema_and_a_broken_one_is_refused() {
+    let crd = &docs(&deploy().join("crd/connectors.alauda.io.yaml"))[0];
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut connectors: Vec<Value> = yaml_files(&deploy())
+        .iter()
+        .flat_map(|f| docs(f))
+        .filter(|d| d["kind"] == "Connector")
+        .collect();
+    assert!(connectors.len() >= 2, "the example and the compose demo's Connector");
+    let mut broken = connectors[0].clone();
+    broken["spec"]["address"] = json!("ftp://nope/with/path");
+    broken["spec"]["connectorClassName"] = json!("helm");
+    connectors.push(broken);
+    let script = r#"
+import json, sys, jsonschema
+schema, docs = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+for d in docs:
+    errs = sorted(e.message for e in jsonschema.Draft7Validator(schema).iter_errors(d))
+    print(json.dumps(errs))
+"#;
+    let dir = std::env::temp_dir();
+    let (sp, dp) = (
+        dir.join(format!("crd-schema-{}.json", std::process::id())),
+        dir.join(format!("crd-docs-{}.json", std::process::id())),
+    );
+    std::fs::write(&sp, schema.to_string()).unwrap();
+    std::fs::write(&dp, Value::Array(connectors).to_string()).unwrap();
+    let mut cmd = Command::new(venv("python"));
+    cmd.arg("-c").arg(script).arg(&sp).arg(&dp);
+    let out = procs::run(cmd, None).unwrap().ok().unwrap();
+    let results: Vec<Vec<String>> = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (last, good) = results.split_last().unwrap();
+    for (i, errs) in good.iter().enumerate() {
+        assert!(errs.is_empty(), "Connector {i} does not match the CRD: {errs:?}");
+    }
+    assert!(
+        last.iter().any(|e| e.contains("ftp://")),
+        "bad address refused: {last:?}"
+    );
+    assert!(last.iter().any(|e| e.contains("helm")), "bad class refused: {last:?}");
+}
+
+#[test]
+fn kustomizations_list_existing_files_and_every_manifest_is_listed() {
+    let mut listed = vec![];
+    for k in yaml_files(&deploy())
+        .into_iter()
+        .filter(|f| f.ends_with("kustomization.yaml"))
+    {
+        let dir = k.parent().unwrap().to_path_buf();
+        for r in docs(&k)[0]["resources"].as_array().unwrap() {
+            let p = dir.join(r.as_str().unwrap());
+            assert!(p.exists(), "{} lists {} which does not exist", k.display(), p.display());
+            if p.is_dir() {
+                assert!(
+                    p.join("kustomization.yaml").is_file(),
+                    "{} is not a kustomization",
+                    p.display()
+                );
+            } else {
+                listed.push(p.canonicalize().unwrap());
+            }
+        }
+    }
+    for f in yaml_files(&deploy()) {
+        if f.ends_with("kustomization.yaml")
+            || f.starts_with(deploy().join("compose"))
+            || f.starts_with(deploy().join("examples"))
+        {
+            continue;
+        }
+        assert!(
+            listed.contains(&f.canonicalize().unwrap()),
+            "{} is in no kustomization",
+            f.display()
+        );
+    }
+}
+
+/// The bootstrap the tests run, with the listener on all interfaces (inside a pod or container).
+fn bootstrap_for_containers() -> Value {
+    let mut b = connector_devkit::envoy::xds_bootstrap(8080, 9901, 18000, 18001);
+    b["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = json!("0.0.0.0");
+    b
+}
+
+fn find<'a>(all: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    all.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
+    let all = docs(&deploy().join("standalone/proxy.yaml"));
+    let cm = find(&all, "ConfigMap", "connector-envoy");
+    let envoy: Value = serde_yaml::from_str(cm["data"]["envoy.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(envoy, bootstrap_for_containers());
+    let pod = &find(&all, "Deployment", "connector-proxy")["spec"]["template"]["spec"];
+    let container = |n: &str| {
+        pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let args: Vec<String> = container("controller")["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "--xds=127.0.0.1:18000",
+        "--channel=127.0.0.1:18001",
+        "--kube",
+        "--wasm=/wasm/connector_filter.wasm",
+    ] {
+        assert!(args.iter().any(|a| a == want), "controller args lack {want}: {args:?}");
+    }
+    let mounts = container("envoy")["volumeMounts"].clone();
+    assert!(
+        mounts.as_array().unwrap().iter().any(|m| m["mountPath"] == "/wasm"),
+        "Envoy sees /wasm"
+    );
+    assert_eq!(container("envoy")["ports"][0]["containerPort"], 8080);
+    let svc = find(&all, "Service", "connector-proxy");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    // The controller's ServiceAccount has exactly the RBAC the README lists, no wildcards.
+    let rbac = docs(&deploy().join("base/controller-rbac.yaml"));
+    for d in &rbac {
+        for rule in d["rules"].as_array().into_iter().flatten() {
+            for key in ["verbs", "resources", "apiGroups"] {
+                assert!(
+                    !rule[key].as_array().into_iter().flatten().any(|v| v == "*"),
+                    "wildcard in {}: {rule}",
+                    d["metadata"]["name"]
+                );
+            }
+        }
+    }
+    let role = find(&rbac, "ClusterRole", "oci-connector-controller");
+    let secrets = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"] == json!(["secrets"]))
+        .unwrap();
+    assert_eq!(
+        secrets["verbs"],
+        json!(["get", "list", "watch"]),
+        "Secrets are only read"
+    );
+    let webhook = docs(&deploy().join("base/webhook.yaml"));
+    let hook = find(&webhook, "MutatingWebhookConfiguration", "oci-connector-image-rewrite");
+    assert_eq!(hook["webhooks"][0]["failurePolicy"], "Fail");
+    assert_eq!(
+        hook["webhooks"][0]["objectSelector"]["matchLabels"]["connectors.cpaas.io/proxy-inject"],
+        "true"
+    );
+}
+
+#[test]
+fn the_istio_variant_fails_closed_and_pulls_the_oci_artifact() {
+    let all = docs(&deploy().join("istio/wasmplugin.yaml"));
+    let plugin = find(&all, "WasmPlugin", "oci-connector");
+    assert_eq!(plugin["apiVersion"], "extensions.istio.io/v1alpha1");
+    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_CLOSE");
+    assert!(plugin["spec"]["url"].as_str().unwrap().starts_with("oci://"));
+    let config = &plugin["spec"]["pluginConfig"];
+    assert_eq!(config["authorization"], "controller");
+    let entry = find(&all, "ServiceEntry", "connector-controller-channel");
+    assert_eq!(
+        config["controller"]["cluster"],
+        format!(
+            "outbound|{}||{}",
+            entry["spec"]["ports"][0]["number"],
+            entry["spec"]["hosts"][0].as_str().unwrap()
+        ),
+        "the filter's channel cluster is the one Istio builds for the ServiceEntry"
+    );
+}
+
+#[test]
+fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
+    let root = repo_root();
+    let compose = &docs(&root.join("docker-compose.yml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    for (name, svc) in services {
+        for v in svc["volumes"].as_array().into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            let path = root.join(src.trim_start_matches("./"));
+            if src.starts_with("./target/") {
+                // A build output: the path `make wasm` writes.
+                assert_eq!(path, connector_devkit::wasm_path(), "{name}: {src}");
+            } else {
+                assert!(path.exists(), "{name} mounts {src}, which is not in the repository");
+            }
+        }
+    }
+    let envoy_file = root.join("deploy/compose/envoy.yaml");
+    let envoy: Value = serde_yaml::from_str(&std::fs::read_to_string(&envoy_file).unwrap()).unwrap();
+    assert_eq!(envoy, bootstrap_for_containers(), "deploy/compose/envoy.yaml");
+    let listener_port = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        .as_u64()
+        .unwrap();
+    let published = services["envoy"]["ports"][0].as_str().unwrap();
+    assert_eq!(
+        published,
+        format!("{listener_port}:{listener_port}"),
+        "compose publishes Envoy's listener"
+    );
+    let controller = &services["controller"];
+    assert_eq!(
+        controller["network_mode"], "service:envoy",
+        "loopback shared with Envoy"
+    );
+    let command: Vec<&str> = controller["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let port_of = |cluster: &str| -> u64 {
+        let c = envoy["static_resources"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == cluster)
+            .unwrap();
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        command.contains(&format!("--xds=127.0.0.1:{}", port_of("xds_controller")).as_str()),
+        "{command:?}"
+    );
+    assert!(
+        command.contains(&format!("--channel=127.0.0.1:{}", port_of("connector_controller")).as_str()),
+        "{command:?}"
+    );
+    assert_eq!(
+        services["envoy"]["environment"]["CONNECTOR_CHANNEL_KEY"], controller["environment"]["CONNECTOR_CHANNEL_KEY"],
+        "one channel key"
+    );
+    // The compose manifests are what the controller accepts: they render with one connector
+    // whose cluster reaches the `registry` service.
+    let hub_inputs = connector_controller::filemode::load(&connector_controller::filemode::FileSettings {
+        manifests: root.join("deploy/compose/manifests"),
+        identity: root.join("deploy/compose/identity.json"),
+        poll: std::time::Duration::from_secs(1),
+    })
+    .unwrap_or_else(|p| panic!("{p:?}"));
+    let rendered = connector_controller::pipeline::render_live(
+        &hub_inputs,
+        &connector_controller::pipeline::ChannelSettings {
+            cluster: "connector_controller".into(),
+            key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
+        },
+        &connector_controller::pipeline::Revisions::new(),
+    )
+    .unwrap_or_else(|p| panic!("{p:?}"));
+    assert_eq!(rendered.connectors.len(), 1, "{:?}", rendered.left_out);
+    assert_eq!(rendered.clusters[0].host, "registry");
+    assert_eq!(rendered.clusters[0].port, 5000);
+    assert!(services.contains_key("registry"));
+}
