@@ -186,6 +186,11 @@ impl Controller {
             .unwrap_or_default()
     }
 
+    /// SIGTERM, as Kubernetes stops a pod: the exit status if it ended within `timeout`.
+    pub fn terminate(mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.terminate(timeout)
+    }
+
     /// SIGKILL: the controller dies without a goodbye, as in a crash or an OOM kill.
     pub fn kill(mut self) {
         if let Some(pid) = self.proc.pid() {

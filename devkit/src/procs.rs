@@ -158,6 +158,31 @@ impl Proc {
         )
     }
 
+    /// SIGTERM, then waits up to `timeout` for the process to exit by itself; its exit status,
+    /// or `None` when it had to be killed. For tests of graceful shutdown.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        if let Some((mut w, stdin)) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+            drop(stdin);
+        }
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Stops the process: SIGTERM (servers flush logs on it), SIGKILL after a grace period.
     pub fn stop(&mut self) {
         if let Some((mut w, stdin)) = self.watchdog.take() {

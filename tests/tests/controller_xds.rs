@@ -507,3 +507,29 @@ fn a_restarted_controller_pushes_nothing_until_its_manifests_are_good() {
         ],
     );
 }
+
+#[test]
+fn sigterm_shuts_the_controller_down_gracefully_and_envoy_keeps_serving() {
+    let s = setup("controller-sigterm");
+    let creds = s.registry.credentials.clone().unwrap();
+    let (controller, envoy, token) = serve(&s, &s.registry.url(), &creds, &[]);
+    until_status(&envoy, "registry", &token, 200);
+    let log_before = controller.log();
+    assert!(log_before.contains("listening"), "{log_before}");
+    let ops = controller.ports.ops;
+    let status = controller
+        .terminate(Duration::from_secs(8))
+        .expect("exited by itself within 8 s");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        Request::get("/healthz").send(ops).is_err(),
+        "the ops endpoint is closed"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            manifest_status(&envoy, "registry", &token),
+            200,
+            "Envoy keeps its configuration"
+        );
+    }
+}
