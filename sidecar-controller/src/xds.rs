@@ -190,6 +190,10 @@ pub struct Ads {
     wasm: WasmSettings,
     ca_bundle: String,
     hub: Hub,
+    /// Becomes `true` on shutdown: open streams end at once instead of holding the server up.
+    shutdown: watch::Receiver<bool>,
+    /// The sender of the default, never-firing `shutdown`, kept so the channel stays open.
+    _no_shutdown: Arc<watch::Sender<bool>>,
 }
 
 impl Ads {
@@ -199,12 +203,21 @@ impl Ads {
         ca_bundle: String,
         hub: Hub,
     ) -> Self {
+        let no_shutdown = watch::channel(false).0;
         Self {
             snapshots,
             wasm,
             ca_bundle,
             hub,
+            shutdown: no_shutdown.subscribe(),
+            _no_shutdown: Arc::new(no_shutdown),
         }
+    }
+
+    /// Ends every open stream when `shutdown` turns `true`.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
@@ -269,8 +282,13 @@ impl Session {
         metrics.xds_streams.inc();
         self.ads.hub.set_proxy(|p| p.connected = true);
         let mut snapshots = self.ads.snapshots.clone();
+        let mut shutdown = self.ads.shutdown.clone();
         loop {
             tokio::select! {
+                changed = shutdown.changed() => {
+                    let stop = changed.is_err() || *shutdown.borrow();
+                    if stop { break; }
+                }
                 req = incoming.next() => match req {
                     Some(Ok(req)) => {
                         if self.on_request(req).await.is_err() { break; }
