@@ -131,7 +131,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
     json!({
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
         "static_resources": {
-            "listeners": [listener(port, route, http_filters)],
+            "listeners": [listener(port, route, http_filters, false)],
             "clusters": clusters,
         },
     })
@@ -147,9 +147,24 @@ fn header_route() -> Value {
     })
 }
 
-/// The proxy's listener on 127.0.0.1:`port`: one route, the given HTTP filters.
-fn listener(port: u16, route: Value, http_filters: Vec<Value>) -> Value {
-    json!({
+/// One access-log line per request on Envoy's stdout, with the connector and the caller's
+/// ServiceAccount the filter records (never a credential: no header is logged).
+pub const ACCESS_LOG_FORMAT: &str = "[access] %START_TIME% %REQ(:METHOD)% %RESPONSE_CODE% %RESPONSE_FLAGS% connector=%FILTER_STATE(wasm.oci_connector.connector:PLAIN)% subject=%FILTER_STATE(wasm.oci_connector.subject:PLAIN)% bytes_sent=%BYTES_SENT% duration_ms=%DURATION%\n";
+
+fn access_log() -> Value {
+    json!([{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": { "text_format_source": { "inline_string": ACCESS_LOG_FORMAT } },
+        },
+    }])
+}
+
+/// The proxy's listener on 127.0.0.1:`port`: one route, the given HTTP filters; with an access
+/// log when `logged` (the benchmark's Envoys run without, so it measures the filter alone).
+fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> Value {
+    let mut l = json!({
         "name": "registry_proxy",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
         "filter_chains": [{ "filters": [{
@@ -170,7 +185,11 @@ fn listener(port: u16, route: Value, http_filters: Vec<Value>) -> Value {
                 "http_filters": http_filters,
             },
         }]}],
-    })
+    });
+    if logged {
+        l["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = access_log();
+    }
+    l
 }
 
 /// Names in the bootstrap of an Envoy driven by the sidecar controller (see `envoy/envoy.xds.yaml`).
@@ -233,7 +252,7 @@ pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u1
                     "name": "envoy.filters.http.router",
                     "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
                 }),
-            ])],
+            ], true)],
             "clusters": [
                 static_cluster(XDS_CLUSTER, xds_port, true),
                 static_cluster(CHANNEL_CLUSTER, channel_port, false),

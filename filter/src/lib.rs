@@ -8,7 +8,8 @@
 //! - [`engine`]: the request and response decisions;
 //! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
 //! - [`respond`]: refusals as OCI error responses;
-//! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions).
+//! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions);
+//! - [`stats`]: names of the Envoy stats and access-log properties the filter exports.
 //!
 //! The proxy-wasm host is touched only by `shim`, compiled for wasm32 only.
 
@@ -19,6 +20,7 @@ pub mod identity;
 pub mod respond;
 pub mod rewrite;
 pub mod route;
+pub mod stats;
 pub mod upstream;
 
 #[cfg(target_arch = "wasm32")]

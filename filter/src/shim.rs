@@ -65,6 +65,26 @@ thread_local! {
     static DEBUG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    /// Stat ids by name, defined on first use (one VM per worker thread).
+    static METRICS: RefCell<std::collections::HashMap<String, u32>> = RefCell::new(std::collections::HashMap::new());
+}
+
+/// Adds one to the counter `name` (see [`crate::stats`] for the names).
+fn count(name: &str) {
+    let id = METRICS.with(|m| {
+        if let Some(id) = m.borrow().get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, name).ok()?;
+        m.borrow_mut().insert(name.to_string(), id);
+        Some(id)
+    });
+    if let Some(id) = id {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
+}
+
 fn debug_enabled() -> bool {
     DEBUG.with(std::cell::Cell::get)
 }
@@ -371,6 +391,9 @@ impl Http {
 
     /// Answers this request locally; the response phase then has nothing to rewrite.
     fn refuse(&mut self, r: Refusal) -> Action {
+        if let Some(plan) = &self.plan {
+            count(&crate::stats::connector_refused(&plan.connector, r.reason));
+        }
         self.plan = None;
         let response = r.into_response(&self.realm);
         self.send(response)
@@ -592,6 +615,7 @@ impl Http {
                 ];
                 match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
                     Ok(_) => {
+                        count(&crate::stats::token_fetch(&target.connector));
                         self.waiting = Some(Waiting::Token { key, realm });
                         Action::Pause
                     }
@@ -643,6 +667,7 @@ impl HttpContext for Http {
 
         match self.decide(&request, now) {
             Decision::Respond { response, reason } => {
+                count(&crate::stats::answered(reason));
                 if reason == "unknown_kid" {
                     self.notify_unknown_kid(now);
                 }
@@ -664,6 +689,15 @@ impl HttpContext for Http {
                 self.set_http_request_header(":path", Some(&f.path));
                 self.set_http_request_header(":authority", Some(&f.authority));
                 self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
+                count(&crate::stats::forwarded(&f.response.connector));
+                count(crate::stats::token_cache(f.cache_hit));
+                // Access-log fields: who used which connector (never a credential).
+                let subject = f.caller.subject();
+                let _ = hostcalls::set_property(
+                    vec![crate::stats::CONNECTOR_PROPERTY],
+                    Some(f.response.connector.as_bytes()),
+                );
+                let _ = hostcalls::set_property(vec![crate::stats::SUBJECT_PROPERTY], Some(subject.as_bytes()));
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,

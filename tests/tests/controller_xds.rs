@@ -533,3 +533,64 @@ fn sigterm_shuts_the_controller_down_gracefully_and_envoy_keeps_serving() {
         );
     }
 }
+
+#[test]
+fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
+    let s = setup("observability");
+    let creds = s.registry.credentials.clone().unwrap();
+    let (controller, envoy, token) = serve(&s, &s.registry.url(), &creds, &[]);
+    until_status(&envoy, "registry", &token, 200);
+    for _ in 0..4 {
+        assert_eq!(manifest_status(&envoy, "registry", &token), 200);
+    }
+    let outsider = s.minter.valid("other", "builder").unwrap();
+    assert_eq!(manifest_status(&envoy, "registry", &outsider), 403);
+    let r = Request::get("/v2/").bearer(&token).send(envoy.port).unwrap();
+    assert_eq!(r.status, 200);
+
+    let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
+    let stat = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("wasmcustom.{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no stat {name} in:\n{}",
+                    stats
+                        .lines()
+                        .filter(|l| l.contains("oci_connector"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })
+    };
+    assert!(stat("oci_connector.connector.demo.registry.forwarded") >= 5);
+    assert!(
+        stat("oci_connector.token_cache.hits") >= 4,
+        "repeated tokens are served from the cache"
+    );
+    assert_eq!(stat("oci_connector.answered.connector_denied"), 1);
+    assert_eq!(stat("oci_connector.answered.api_base"), 1);
+
+    let log = envoy.log();
+    let access: Vec<&str> = log.lines().filter(|l| l.starts_with("[access]")).collect();
+    assert!(
+        access
+            .iter()
+            .any(|l| l.contains(" 200 ")
+                && l.contains("connector=demo/registry subject=system:serviceaccount:demo:default")),
+        "access log lines:\n{}",
+        access.join("\n")
+    );
+    assert!(access.iter().any(|l| l.contains(" 403 ")), "the refusal is logged too");
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[
+            ("upstream password".into(), creds.password.clone()),
+            ("client token".into(), token),
+            ("outsider token".into(), outsider),
+        ],
+    );
+}
