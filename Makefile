@@ -3,7 +3,7 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo test unit e2e bench lint
+.PHONY: setup wasm demo test unit e2e bench lint fuzz fuzz-smoke
 
 # Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts names).
 setup:
@@ -20,7 +20,7 @@ demo: setup wasm
 
 # The release module first (some crates' tests load it), then the default members' tests, then
 # the end-to-end tests.
-test: setup wasm unit e2e
+test: setup wasm unit e2e fuzz-smoke
 
 unit:
 	cargo test
@@ -40,3 +40,13 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p connector-filter -p noop-filter --target wasm32-wasip1 --release -- -D warnings
+
+# Fuzzing the filter's parsers (cargo-fuzz, nightly; fuzz/ is its own workspace).
+# CI runs every target briefly; a longer run: make fuzz FUZZ_SECONDS=600.
+FUZZ_TARGETS := route token challenge rewrite config decide
+FUZZ_SECONDS ?= 300
+fuzz-smoke:
+	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=10 || exit 1; done
+
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done

@@ -64,6 +64,12 @@ if command -v rustup >/dev/null; then
   }
 fi
 
+# --- cargo-fuzz for the fuzz targets (fuzz/), on the nightly toolchain.
+if command -v rustup >/dev/null && ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  say "installing cargo-fuzz (nightly)"
+  cargo +nightly install -q cargo-fuzz --locked
+fi
+
 # --- Host-form addresses (c-<name>-connector.<ns>.svc.cluster.local) must reach the local Envoy.
 # skopeo resolves names through the system resolver and has no per-command override (a HTTP_PROXY
 # trick would change the request form Envoy sees), so, as a cluster's DNS would, /etc/hosts maps the

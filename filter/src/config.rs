@@ -21,6 +21,9 @@ use crate::route::{is_dns_label, is_dns_subdomain};
 pub const DEFAULT_REALM: &str = "oci-connector";
 pub const DEFAULT_HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
 pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
+/// 24 h: ServiceAccount tokens for a custom audience are short-lived (1 h by default; the API
+/// server's one-year extension applies only to its own audience).
+pub const DEFAULT_MAX_TOKEN_LIFETIME: u64 = 86_400;
 
 /// One validation problem, located by its JSON path (e.g. `connectors[1].credential.passwordEnv`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -535,13 +538,27 @@ fn check_host_pattern(w: &mut Walk<'_>, pattern: &str) {
 }
 
 fn compile_identity(w: &mut Walk<'_>, v: Option<&Value>) -> (Option<TokenPolicy>, usize) {
-    let known = ["issuers", "audiences", "jwks", "clockSkewSeconds", "tokenCacheSize"];
+    let known = [
+        "issuers",
+        "audiences",
+        "jwks",
+        "clockSkewSeconds",
+        "tokenCacheSize",
+        "maxTokenLifetimeSeconds",
+    ];
     let Some(m) = w.object(v, "identity", &known, true) else {
         return (None, 0);
     };
     let issuers = w.strings(m, "identity", "issuers", true);
     let audiences = w.strings(m, "identity", "audiences", true);
     let clock_skew = w.number(m, "identity", "clockSkewSeconds", (0, MAX_CLOCK_SKEW), MAX_CLOCK_SKEW);
+    let max_lifetime = w.number(
+        m,
+        "identity",
+        "maxTokenLifetimeSeconds",
+        (60, 366 * 86_400),
+        DEFAULT_MAX_TOKEN_LIFETIME,
+    );
     let cache = w.number(
         m,
         "identity",
@@ -573,6 +590,7 @@ fn compile_identity(w: &mut Walk<'_>, v: Option<&Value>) -> (Option<TokenPolicy>
         issuers: issuers.into_iter().collect(),
         audiences: audiences.into_iter().collect(),
         clock_skew,
+        max_lifetime,
     };
     (Some(policy), usize::try_from(cache).unwrap_or(usize::MAX))
 }

@@ -26,7 +26,14 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "forwarded",
     "x-original-url",
     "x-rewrite-url",
+    // Envoy's own bookkeeping header: a client must not be able to set what the upstream sees.
+    "x-envoy-original-path",
 ];
+
+/// Set to the scheme the client really used (`:scheme`) on every forwarded request: Distribution
+/// takes the scheme of its absolute `Location` from it, so a client-sent value would steer it
+/// (found by the attack suite). Not removed: Envoy's route matching wants it present.
+pub const FORWARDED_PROTO_HEADER: &str = "x-forwarded-proto";
 
 /// What the filter needs from a request.
 #[derive(Debug, Clone, Copy)]

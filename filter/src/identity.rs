@@ -48,6 +48,9 @@ pub struct TokenPolicy {
     pub issuers: HashSet<String>,
     pub audiences: HashSet<String>,
     pub clock_skew: u64,
+    /// Longest remaining lifetime a token may have, in seconds: a stolen long-lived token is
+    /// refused rather than honoured for a year.
+    pub max_lifetime: u64,
 }
 
 const HOW_TO_LOG_IN: &str = "log in with any username and a ServiceAccount token as the password \
@@ -264,6 +267,21 @@ fn check_claims(claims: &Map<String, Value>, policy: &TokenPolicy, now: u64) -> 
                 "token expired {} s ago (allowed clock skew {} s): create a new one",
                 now - exp,
                 policy.clock_skew
+            ),
+        ));
+    }
+    if exp
+        > now
+            .saturating_add(policy.max_lifetime)
+            .saturating_add(policy.clock_skew)
+    {
+        return Err(bad(
+            "lifetime_too_long",
+            format!(
+                "token is valid for {} s more, longer than the {} s this proxy accepts: create one with a shorter \
+                 --duration (kubectl create token ... --duration=1h)",
+                exp - now,
+                policy.max_lifetime
             ),
         ));
     }
@@ -489,6 +507,14 @@ pub(crate) mod tests {
             (claims_with(|c| c["aud"] = "other".into()), "wrong_audience"),
             (claims_with(|c| c["exp"] = (NOW - 61).into()), "expired"),
             (claims_with(|c| c["nbf"] = (NOW + 61).into()), "not_yet_valid"),
+            (
+                claims_with(|c| c["exp"] = (NOW + 366 * 86_400).into()),
+                "lifetime_too_long",
+            ),
+            (
+                claims_with(|c| c["exp"] = (NOW + 86_400 + 61).into()),
+                "lifetime_too_long",
+            ),
             (claims_with(|c| c["exp"] = "soon".into()), "bad_claims"),
             (
                 claims_with(|c| drop(c.as_object_mut().map(|o| o.remove("exp")))),

@@ -17,7 +17,12 @@ pub struct ClientView {
 }
 
 /// Rewrites one URL (absolute, scheme-relative or path-absolute). `None`: leave it as is.
+/// A value with control characters is never rewritten: the filter must not be the one that puts
+/// them into a header Envoy then sends (found by the `rewrite` fuzz target).
 pub fn rewrite_url(url: &str, upstream: &Upstream, client: &ClientView) -> Option<String> {
+    if url.bytes().any(|b| b.is_ascii_control()) {
+        return None;
+    }
     if let Some(rest) = url.strip_prefix("//") {
         // Scheme-relative: same scheme as the request that the upstream answered.
         let (authority, path) = split_authority(rest);
@@ -53,6 +58,9 @@ fn map_path(path_and_query: &str, client: &ClientView) -> Option<String> {
 
 /// Rewrites every `<URL>` target in a `Link` header value (RFC 8288), keeping parameters.
 pub fn rewrite_link(value: &str, upstream: &Upstream, client: &ClientView) -> Option<String> {
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return None;
+    }
     let mut out = String::with_capacity(value.len() + client.prefix.len());
     let mut rest = value;
     let mut changed = false;
@@ -158,5 +166,25 @@ mod tests {
         );
         assert_eq!(rewrite_link("<https://elsewhere/x>; rel=\"next\"", &u, &c), None);
         assert_eq!(rewrite_link("<unterminated", &u, &c), None);
+    }
+
+    #[test]
+    fn control_characters_are_never_rewritten_fuzz_regression() {
+        // fuzz/artifacts/rewrite crash: a path-absolute Location with NUL bytes.
+        let up = Upstream::parse("https://registry.example.com:5000").unwrap();
+        let client = ClientView {
+            origin: "http://proxy:8080".into(),
+            prefix: "/v2/namespaces/demo/connectors/registry".into(),
+        };
+        assert_eq!(rewrite_url("/v2//\0\0\0\0", &up, &client), None);
+        assert_eq!(
+            rewrite_url("/v2/a/blobs/uploads/x\r\nSet-Cookie: a=b", &up, &client),
+            None
+        );
+        assert_eq!(
+            rewrite_link("</v2/a/tags/list?n=1\n>; rel=\"next\"", &up, &client),
+            None
+        );
+        assert!(rewrite_url("/v2/a/blobs/uploads/x?_state=y", &up, &client).is_some());
     }
 }

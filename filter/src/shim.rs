@@ -17,7 +17,8 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 use crate::channel::{self, AccessCache, ChannelCall, CredentialCache};
 use crate::config::{self, Config, UpstreamCredential};
 use crate::engine::{
-    CLUSTER_HEADER, Decision, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request, plan_response,
+    CLUSTER_HEADER, Decision, FORWARDED_PROTO_HEADER, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request,
+    plan_response,
 };
 use crate::identity::TokenCache;
 use crate::respond::{LocalResponse, Refusal};
@@ -685,6 +686,10 @@ impl HttpContext for Http {
                     if headers.iter().any(|(k, _)| k == name) {
                         self.set_http_request_header(name, None);
                     }
+                }
+                let real_scheme = if scheme.is_empty() { "http" } else { scheme.as_str() };
+                if get(FORWARDED_PROTO_HEADER) != real_scheme {
+                    self.set_http_request_header(FORWARDED_PROTO_HEADER, Some(real_scheme));
                 }
                 self.set_http_request_header(":path", Some(&f.path));
                 self.set_http_request_header(":authority", Some(&f.authority));
