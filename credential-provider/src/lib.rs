@@ -1,1 +1,487 @@
 //! The kubelet credential provider (issue 5): request in, response out, as pure functions.
+//!
+//! Owns the decision of the `connector-credential-provider` exec plugin: which images are the
+//! connector proxy's (path form `PROXY/namespaces/<ns>/connectors/<name>/<repo>`, host form
+//! `c-<name>-connector.<ns>.<suffix>/<repo>`), what the kubelet gets for them (the pod's
+//! ServiceAccount token as the password, cached no longer than the token lives), and why a request
+//! is refused. `main.rs` only moves bytes.
+
+use base64::Engine;
+use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The only API version the kubelet speaks to exec plugins that we answer.
+pub const API_VERSION: &str = "credentialprovider.kubelet.k8s.io/v1";
+pub const REQUEST_KIND: &str = "CredentialProviderRequest";
+pub const RESPONSE_KIND: &str = "CredentialProviderResponse";
+/// The proxy ignores the username; a fixed one makes the kubelet's logs and registry logs legible.
+pub const USERNAME: &str = "serviceaccount";
+/// The audience the proxy verifies; named in the configuration advice.
+pub const AUDIENCE: &str = "oci-connector";
+/// How long a token without a readable `exp` may be cached: short, so a token we cannot judge is
+/// not reused for long.
+pub const UNKNOWN_EXPIRY_CACHE_SECS: u64 = 60;
+/// Never cache closer than this to the token's expiry (a pull started just before expiry still
+/// has to finish its blob requests)...
+pub const MIN_EXPIRY_MARGIN_SECS: u64 = 60;
+/// ...and never for more than 90% of what remains.
+pub const EXPIRY_MARGIN_DIVISOR: u64 = 10;
+
+/// Environment variables read when the matching flag is absent.
+pub const ENV_PROXY: &str = "OCI_CONNECTOR_PROXY";
+pub const ENV_HOST_SUFFIX: &str = "OCI_CONNECTOR_HOST_SUFFIX";
+
+/// Where the connector proxy is, as image references name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `host[:port]` of the proxy for the path form (lower-cased host).
+    pub proxy: Authority,
+    /// Host form: the DNS suffix after `c-<name>-connector.<ns>.` (e.g. `svc.cluster.local`), and
+    /// the port images must name (none: images name no port), as in the kubelet's own matching.
+    pub host_suffix: Option<Authority>,
+}
+
+/// A `host[:port]`, host lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+impl Authority {
+    /// Parses `host[:port]` (a bracketed IPv6 literal allowed). No scheme, path or user info:
+    /// image references never carry them.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("empty".into());
+        }
+        if s.contains("://") || s.contains('/') || s.contains('@') {
+            return Err(format!(
+                "{s:?} is not host[:port] (no scheme, path or user: as image references name the proxy, e.g. 192.168.1.10:31567)"
+            ));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| format!("{s:?}: junk after ']'"))?),
+            };
+            (format!("[{h}]"), port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (s.to_string(), None),
+            }
+        };
+        if host.is_empty() || host.contains(':') && !host.starts_with('[') {
+            return Err(format!("{s:?}: not host[:port]"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{s:?}: port {p:?} is not 1-65535"))?,
+            ),
+        };
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl Settings {
+    /// `proxy`: `host[:port]`; `host_suffix`: `[*.]suffix[:port]` (`*.svc.cluster.local`,
+    /// `svc.cluster.local:8080`).
+    pub fn new(proxy: &str, host_suffix: Option<&str>) -> Result<Self, String> {
+        let proxy = Authority::parse(proxy.trim()).map_err(|e| format!("--proxy: {e}"))?;
+        let host_suffix = match host_suffix.map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => {
+                let s = s.strip_prefix("*.").unwrap_or(s).trim_start_matches('.');
+                let a = Authority::parse(s).map_err(|e| format!("--host-suffix: {e}"))?;
+                if a.host.starts_with('[') || a.host.contains('*') {
+                    return Err(format!(
+                        "--host-suffix: {s:?} is not a DNS suffix such as *.svc.cluster.local"
+                    ));
+                }
+                Some(a)
+            }
+        };
+        Ok(Self { proxy, host_suffix })
+    }
+}
+
+impl Settings {
+    /// From the plugin's `args` (as the kubelet's CredentialProviderConfig passes them), each
+    /// flag falling back to its environment variable (the config's `env`). `Ok(None)`: `--help`.
+    pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let (mut proxy, mut suffix) = (None, None);
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (arg.as_str(), None),
+            };
+            let slot = match flag {
+                "--help" | "-h" => return Ok(None),
+                "--proxy" => &mut proxy,
+                "--host-suffix" => &mut suffix,
+                _ => return Err(format!("unknown argument {arg:?}")),
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value"))?,
+            };
+            *slot = Some(value);
+        }
+        let proxy = proxy
+            .or_else(|| env(ENV_PROXY))
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| {
+                format!("the proxy address is not configured: pass --proxy <host[:port]> or set {ENV_PROXY}")
+            })?;
+        let suffix = suffix.or_else(|| env(ENV_HOST_SUFFIX));
+        Self::new(&proxy, suffix.as_deref()).map(Some)
+    }
+}
+
+/// The fields of the kubelet's request we use (unknown fields ignored, as the kubelet may add
+/// some). Read by hand from a `Value` so that no error message can quote a field's value: serde's
+/// "invalid type: string ..." would otherwise print whatever was there, possibly a token.
+struct Request {
+    api_version: Option<String>,
+    kind: Option<String>,
+    image: Option<String>,
+    service_account_token: Option<String>,
+}
+
+impl Request {
+    fn parse(bytes: &[u8]) -> Result<Self, Error> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::NotJson(e.to_string()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::NotJson(format!("a JSON {}, not an object", json_type(&value))))?;
+        let field = |name: &str| -> Result<Option<String>, Error> {
+            match obj.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(Error::NotJson(format!(
+                    "field {name:?} is a JSON {}, expected a string",
+                    json_type(other)
+                ))),
+            }
+        };
+        Ok(Self {
+            api_version: field("apiVersion")?,
+            kind: field("kind")?,
+            image: field("image")?,
+            service_account_token: field("serviceAccountToken")?,
+        })
+    }
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+/// `CredentialProviderResponse`. `Debug` hides passwords so a logged response leaks nothing.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub api_version: String,
+    pub kind: String,
+    /// `Image`, `Registry` or `Global`: the kubelet discards a response with any other value.
+    pub cache_key_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_duration: Option<String>,
+    pub auth: BTreeMap<String, AuthConfig>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthConfig {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("cache_key_type", &self.cache_key_type)
+            .field("cache_duration", &self.cache_duration)
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+impl Response {
+    /// "No credentials from this provider": the kubelet goes on with other providers and pull
+    /// secrets.
+    fn empty() -> Self {
+        Self {
+            api_version: API_VERSION.into(),
+            kind: RESPONSE_KIND.into(),
+            cache_key_type: "Registry".into(),
+            cache_duration: None,
+            auth: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a request gets no response. Messages say what was wrong and what is expected; none
+/// carries the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// stdin is not a JSON object of the expected shape.
+    NotJson(String),
+    WrongApiVersion(Option<String>),
+    WrongKind(Option<String>),
+    NoImage,
+    /// An image of the proxy, but the kubelet sent no ServiceAccount token.
+    NoToken {
+        image: String,
+    },
+}
+
+impl Error {
+    /// Process exit code for `main`: 2 malformed request, 3 no token. (1 is left to usage errors.)
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::NoToken { .. } => 3,
+            _ => 2,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotJson(e) => write!(
+                f,
+                "the request on stdin is not a CredentialProviderRequest JSON object ({e}); expected \
+                 {{\"apiVersion\":\"{API_VERSION}\",\"kind\":\"{REQUEST_KIND}\",\"image\":\"...\",\"serviceAccountToken\":\"...\"}}"
+            ),
+            Error::WrongApiVersion(v) => write!(
+                f,
+                "request apiVersion is {}, expected {API_VERSION:?}: set apiVersion: {API_VERSION} on this provider in the kubelet's CredentialProviderConfig",
+                shown(v)
+            ),
+            Error::WrongKind(k) => write!(f, "request kind is {}, expected {REQUEST_KIND:?}", shown(k)),
+            Error::NoImage => write!(
+                f,
+                "request has no \"image\" (an image reference such as PROXY/namespaces/<ns>/connectors/<name>/<repo>:<tag>)"
+            ),
+            Error::NoToken { image } => write!(
+                f,
+                "no serviceAccountToken in the request for {image:?}: the connector proxy takes the pod's ServiceAccount token as the password. \
+                 Either this provider's entry in the kubelet's CredentialProviderConfig (--image-credential-provider-config) lacks \
+                 tokenAttributes {{serviceAccountTokenAudience: {AUDIENCE}, cacheType: Token, requireServiceAccount: true}} \
+                 (Kubernetes 1.34+, feature KubeletServiceAccountTokenForCredentialProviders, beta and on by default; the node also needs \
+                 RBAC verb request-serviceaccounts-token-audience on audience {AUDIENCE}), or the pod has no ServiceAccount. Without a token this provider gives no credentials."
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn shown(v: &Option<String>) -> String {
+    match v {
+        Some(v) => format!("{v:?}"),
+        None => "missing".into(),
+    }
+}
+
+/// Which connector an image names (for tests and messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Path form on the proxy: the auth key is the proxy's `host[:port]`.
+    Path { namespace: String, name: String },
+    /// Host form: the auth key is the image's own `host[:port]`.
+    Host { namespace: String, name: String },
+}
+
+/// Decides the response with the system clock.
+pub fn respond(request_json: &[u8], settings: &Settings) -> Result<Response, Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    respond_at(request_json, settings, now)
+}
+
+/// Decides the response at `now` (Unix seconds).
+pub fn respond_at(request_json: &[u8], settings: &Settings, now: u64) -> Result<Response, Error> {
+    let req = Request::parse(request_json)?;
+    if req.api_version.as_deref() != Some(API_VERSION) {
+        return Err(Error::WrongApiVersion(req.api_version));
+    }
+    if req.kind.as_deref() != Some(REQUEST_KIND) {
+        return Err(Error::WrongKind(req.kind));
+    }
+    let image = req.image.filter(|i| !i.trim().is_empty()).ok_or(Error::NoImage)?;
+    let Some((key, _target)) = classify(&image, settings) else {
+        return Ok(Response::empty());
+    };
+    let token = req
+        .service_account_token
+        .filter(|t| !t.is_empty())
+        .ok_or(Error::NoToken { image: image.clone() })?;
+    let cache = match token_exp(&token) {
+        Some(exp) => cache_secs(exp, now),
+        None => UNKNOWN_EXPIRY_CACHE_SECS,
+    };
+    let mut auth = BTreeMap::new();
+    auth.insert(
+        key,
+        AuthConfig {
+            username: USERNAME.into(),
+            password: token,
+        },
+    );
+    Ok(Response {
+        cache_duration: Some(go_duration(cache)),
+        auth,
+        ..Response::empty()
+    })
+}
+
+/// How long the kubelet may reuse a credential whose token expires at `exp`: a little under what
+/// remains, never negative.
+pub fn cache_secs(exp: u64, now: u64) -> u64 {
+    let remaining = exp.saturating_sub(now);
+    let margin = (remaining / EXPIRY_MARGIN_DIVISOR).max(MIN_EXPIRY_MARGIN_SECS);
+    remaining.saturating_sub(margin)
+}
+
+/// The token's `exp` claim, read WITHOUT verifying the signature: only to bound caching. The
+/// proxy verifies the token; a forged `exp` here only changes how long the kubelet caches it.
+pub fn token_exp(token: &str) -> Option<u64> {
+    let mut parts = token.split('.');
+    let (_header, payload) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .or_else(|_| URL_SAFE.decode(payload))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = &claims["exp"];
+    exp.as_u64()
+        .or_else(|| exp.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+}
+
+/// `metav1.Duration` text as Go prints it (`54m0s`, `1h0m0s`, `0s`); the kubelet parses it with
+/// `time.ParseDuration`.
+pub fn go_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// The auth key and connector when `image` is the proxy's; None for any other registry.
+pub fn classify(image: &str, settings: &Settings) -> Option<(String, Target)> {
+    let (authority, path) = split_image(image)?;
+    let authority = Authority::parse(authority).ok()?;
+    if authority == settings.proxy {
+        let rest = path.strip_prefix("namespaces/")?;
+        let (namespace, rest) = rest.split_once('/')?;
+        let rest = rest.strip_prefix("connectors/")?;
+        let (name, repo) = rest.split_once('/')?;
+        if !is_dns_label(namespace) || !is_dns_label(name) || repo_name(repo).is_empty() {
+            return None;
+        }
+        return Some((
+            settings.proxy.to_string(),
+            Target::Path {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+        ));
+    }
+    let suffix = settings.host_suffix.as_ref()?;
+    if authority.port != suffix.port || repo_name(path).is_empty() {
+        return None;
+    }
+    let prefix = authority.host.strip_suffix(&suffix.host)?.strip_suffix('.')?;
+    let (first, namespace) = prefix.split_once('.')?;
+    let name = first.strip_prefix("c-")?.strip_suffix("-connector")?;
+    if !is_dns_label(namespace) || !is_dns_label(name) {
+        return None;
+    }
+    Some((
+        authority.to_string(),
+        Target::Host {
+            namespace: namespace.into(),
+            name: name.into(),
+        },
+    ))
+}
+
+/// Splits an image reference into its registry authority and the rest, as the kubelet's matcher
+/// sees it. A reference without a registry (`nginx`, `library/nginx`) is Docker Hub's: None here.
+fn split_image(image: &str) -> Option<(&str, &str)> {
+    let image = image.trim();
+    let image = image
+        .strip_prefix("docker://")
+        .or_else(|| image.strip_prefix("https://"))
+        .or_else(|| image.strip_prefix("http://"))
+        .unwrap_or(image);
+    let (first, rest) = image.split_once('/')?;
+    let is_registry = first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[');
+    is_registry.then_some((first, rest))
+}
+
+/// The repository part of `repo[:tag][@digest]`.
+fn repo_name(rest: &str) -> &str {
+    let rest = rest.split('@').next().unwrap_or("");
+    match rest.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => rest,
+    }
+}
+
+/// RFC 1123 label: what namespaces and connector names are.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,450 @@
+//! Owns the running webhook: command-line settings, the HTTPS listener (rustls with ring, the
+//! certificate and key read from files as mounted from a Secret), the routes (`POST /mutate`,
+//! `GET /healthz`) and the connector lookup through the Kubernetes API.
+//!
+//! Failure mode, written once: when the Connector cannot be read the pod is denied (fail
+//! closed), matching the webhook configuration's `failurePolicy: Fail`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use connector_controller::crd::Connector;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::mutate::{self, AddressForm, Config, ConnectorInfo, ConnectorRef, Decision, Lookup};
+
+pub const USAGE: &str = "usage:
+  connector-webhook --tls-cert <pem> --tls-key <pem> --proxy-host <host[:port] of the proxy as images name it>
+        [--listen 0.0.0.0:8443] [--host-form] [--host-pattern c-{name}-connector.{namespace}.svc.cluster.local]
+        [--disabled] [--kube-url <API server URL; default: in-cluster or KUBECONFIG>]
+      Serves POST /mutate (AdmissionReview v1) and GET /healthz over HTTPS. Pods labelled
+      connectors.cpaas.io/proxy-inject=true with annotation connectors.cpaas.io/connector=<ns>/<name>
+      get the images of the connector's registry rewritten to the proxy (path form by default);
+      with --disabled such pods are denied. Logs go to stderr as JSON (RUST_LOG filters).";
+
+/// How long one Connector read may take; the API server's webhook timeout is 10 s by default.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The command line, parsed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub listen: SocketAddr,
+    pub kube_url: Option<String>,
+    pub config: Config,
+}
+
+impl Settings {
+    pub fn from_args(args: &[String]) -> Result<Self, String> {
+        let (mut cert, mut key, mut proxy, mut pattern, mut kube_url) = (None, None, None, None, None);
+        let mut listen = "0.0.0.0:8443".to_string();
+        let (mut host_form, mut disabled) = (false, false);
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--tls-cert" => cert = Some(PathBuf::from(value()?)),
+                "--tls-key" => key = Some(PathBuf::from(value()?)),
+                "--listen" => listen = value()?,
+                "--proxy-host" => proxy = Some(value()?),
+                "--host-pattern" => pattern = Some(value()?),
+                "--kube-url" => kube_url = Some(value()?),
+                "--host-form" => host_form = true,
+                "--disabled" => disabled = true,
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        let (Some(tls_cert), Some(tls_key), Some(proxy)) = (cert, key, proxy) else {
+            return Err("--tls-cert, --tls-key and --proxy-host are required".into());
+        };
+        let listen = listen
+            .parse()
+            .map_err(|e| format!("--listen {listen:?}: {e} (expected ip:port)"))?;
+        let form = if host_form {
+            AddressForm::Host
+        } else {
+            AddressForm::Path
+        };
+        let config = Config::new(&proxy, form, pattern.as_deref(), !disabled)?;
+        Ok(Self {
+            tls_cert,
+            tls_key,
+            listen,
+            kube_url,
+            config,
+        })
+    }
+}
+
+/// Reads the certificate chain and key; errors name the file, never its content.
+pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<rustls::ServerConfig> {
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse certificates in {}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .with_context(|| format!("parse the private key in {}", key.display()))?
+        .ok_or_else(|| anyhow!("{} holds no PEM private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Where connectors come from. The server uses [`KubeConnectors`]; the trait keeps the handler
+/// testable without an API server.
+pub trait Connectors: Send + Sync + 'static {
+    fn lookup(&self, c: &ConnectorRef) -> impl Future<Output = Lookup> + Send;
+}
+
+/// Connectors read from the Kubernetes API, one GET per admission (no cache: a new Connector
+/// is usable at once, and admissions are rare next to pulls).
+#[derive(Clone)]
+pub struct KubeConnectors {
+    client: kube::Client,
+}
+
+impl KubeConnectors {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl Connectors for KubeConnectors {
+    async fn lookup(&self, c: &ConnectorRef) -> Lookup {
+        let api: kube::Api<Connector> = kube::Api::namespaced(self.client.clone(), &c.namespace);
+        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&c.name)).await {
+            Err(_) => Lookup::Failed(format!(
+                "no answer from the Kubernetes API within {}s (errors are retried until then)",
+                LOOKUP_TIMEOUT.as_secs()
+            )),
+            Ok(Err(e)) => Lookup::Failed(format!("the Kubernetes API answered with an error: {e}")),
+            Ok(Ok(None)) => Lookup::NotFound,
+            Ok(Ok(Some(connector))) => match ConnectorInfo::from_connector(&connector) {
+                Ok(info) => Lookup::Found(info),
+                Err(e) => Lookup::Failed(format!("its spec.address is unusable ({e}); fix the Connector")),
+            },
+        }
+    }
+}
+
+struct AppState<C> {
+    config: Config,
+    connectors: C,
+}
+
+/// The routes: `POST /mutate`, `GET /healthz`.
+pub fn router<C: Connectors>(config: Config, connectors: C) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate_handler::<C>))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(Arc::new(AppState { config, connectors }))
+}
+
+async fn mutate_handler<C: Connectors>(State(state): State<Arc<AppState<C>>>, body: Bytes) -> Response {
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("the body is not an AdmissionReview of a Pod: {e}")),
+    };
+    let req: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(r) => r,
+        Err(_) => return invalid("the AdmissionReview has no request".into()),
+    };
+    let found = match mutate::wanted_connector(&req, &state.config) {
+        Some(c) => Some(state.connectors.lookup(&c).await),
+        None => None,
+    };
+    let decision = mutate::review(&req, &state.config, |_| found.unwrap_or(Lookup::NotFound));
+    log_decision(&req, &decision);
+    Json(mutate::review_response(&req.uid, &decision)).into_response()
+}
+
+/// A body the webhook cannot read: HTTP 400 with an AdmissionReview denial (no uid to copy).
+fn invalid(message: String) -> Response {
+    tracing::warn!(reason = "invalid_request", %message, "admission request refused");
+    let body = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": "",
+            "allowed": false,
+            "status": { "status": "Failure", "code": 400, "reason": "BadRequest", "message": message },
+        },
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// One line per admission: who, what was decided and why; image names, never credentials.
+fn log_decision(req: &AdmissionRequest<Pod>, decision: &Decision) {
+    let ns = req.namespace.as_deref().unwrap_or_default();
+    let pod = req
+        .object
+        .as_ref()
+        .and_then(|p| p.metadata.name.as_deref().or(p.metadata.generate_name.as_deref()))
+        .unwrap_or(&req.name);
+    match decision {
+        Decision::Allow { why } => tracing::debug!(uid = %req.uid, namespace = ns, pod, why, "admitted untouched"),
+        Decision::Patch { rewrites, .. } => {
+            let images: Vec<String> = rewrites
+                .iter()
+                .map(|r| format!("{}[{}]: {} -> {}", r.kind, r.container, r.from, r.to))
+                .collect();
+            tracing::info!(uid = %req.uid, namespace = ns, pod, rewritten = images.len(), images = ?images, "images rewritten");
+        }
+        Decision::Deny { code, reason, message } => {
+            tracing::info!(uid = %req.uid, namespace = ns, pod, code, reason = reason.as_str(), %message, "pod denied");
+        }
+    }
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(router);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The whole program after argument parsing: kube client, TLS, listener, SIGTERM.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // kube uses rustls with ring; install it as the process default once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = tls_config(&settings.tls_cert, &settings.tls_key)?;
+    let kube_config = match &settings.kube_url {
+        Some(u) => kube::Config::new(u.parse().map_err(|e| anyhow!("--kube-url {u:?}: {e}"))?),
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
+    };
+    let client = kube::Client::try_from(kube_config)?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listen on {}", settings.listen))?;
+    tracing::info!(
+        listen = %settings.listen,
+        config = ?settings.config,
+        "connector-webhook serving POST /mutate and GET /healthz over HTTPS"
+    );
+    let router = router(settings.config.clone(), KubeConnectors::new(client));
+    serve_tls(listener, tls, router, shutdown_signal()).await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn command_line() {
+        let s = Settings::from_args(&args("--tls-cert c.pem --tls-key k.pem --proxy-host proxy:31567")).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:8443".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            (s.tls_cert.to_str(), s.tls_key.to_str()),
+            (Some("c.pem"), Some("k.pem"))
+        );
+        assert_eq!(s.kube_url, None);
+        let c = ConnectorRef::parse("demo/hub").unwrap();
+        assert_eq!(s.config.host_of(&c), "c-hub-connector.demo.svc.cluster.local");
+        let s = Settings::from_args(&args(
+            "--tls-cert c --tls-key k --proxy-host p --listen 127.0.0.1:9443 --host-form \
+             --host-pattern {name}.{namespace}.reg --disabled --kube-url http://127.0.0.1:1",
+        ))
+        .unwrap();
+        assert_eq!(s.listen.port(), 9443);
+        assert_eq!(s.kube_url.as_deref(), Some("http://127.0.0.1:1"));
+        assert_eq!(s.config.host_of(&c), "hub.demo.reg");
+        for (bad, needle) in [
+            ("--tls-cert c --tls-key k", "required"),
+            ("--tls-cert c --tls-key k --proxy-host p --listen nowhere", "--listen"),
+            ("--tls-cert c --tls-key k --proxy-host http://p", "--proxy-host"),
+            (
+                "--tls-cert c --tls-key k --proxy-host p --host-pattern {name}.svc",
+                "--host-pattern",
+            ),
+            ("--tls-cert c --tls-key k --proxy-host p --verbose", "unknown argument"),
+            ("--tls-cert", "needs a value"),
+        ] {
+            let e = Settings::from_args(&args(bad)).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    /// Connectors from a fixed answer, counting lookups.
+    struct Fixed(Lookup, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Connectors for Fixed {
+        async fn lookup(&self, _: &ConnectorRef) -> Lookup {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.clone()
+        }
+    }
+
+    async fn post(router: Router, body: String) -> (StatusCode, serde_json::Value) {
+        let resp = router
+            .oneshot(
+                Request::post("/mutate")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn review_of(annotation: &str) -> String {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-9",
+                "kind": { "group": "", "version": "v1", "kind": "Pod" },
+                "resource": { "group": "", "version": "v1", "resource": "pods" },
+                "namespace": "demo",
+                "operation": "CREATE",
+                "userInfo": {},
+                "object": {
+                    "metadata": {
+                        "name": "p",
+                        "labels": { mutate::INJECT_LABEL: "true" },
+                        "annotations": { mutate::CONNECTOR_ANNOTATION: annotation },
+                    },
+                    "spec": { "containers": [{ "name": "a", "image": "nginx" }] },
+                },
+            }
+        })
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn the_handler_looks_up_once_and_answers_a_review() {
+        let config = Config::new("proxy:1", AddressForm::Path, None, true).unwrap();
+        let info = ConnectorInfo {
+            registry: "docker.io".into(),
+            allowed_namespaces: vec![],
+            allowed_service_accounts: vec![],
+        };
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = router(config.clone(), Fixed(Lookup::Found(info), count.clone()));
+        let (status, v) = post(r.clone(), review_of("demo/hub")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(v["response"]["uid"], "u-9");
+        assert_eq!(v["response"]["patchType"], "JSONPatch");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A malformed annotation is refused without a lookup.
+        let (_, v) = post(r.clone(), review_of("hub")).await;
+        assert_eq!(v["response"]["allowed"], false);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Not JSON, or no request: HTTP 400 with a denial.
+        let (status, v) = post(r.clone(), "[]".into()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(v["response"]["allowed"], false);
+        let (status, _) = post(
+            r,
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+
+        let failing = router(config, Fixed(Lookup::Failed("boom".into()), count.clone()));
+        let (_, v) = post(failing, review_of("demo/hub")).await;
+        assert_eq!(v["response"]["allowed"], false);
+        assert_eq!(v["response"]["status"]["code"], 500);
+    }
+
+    #[test]
+    fn tls_material_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("webhook-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = tls_config(&empty, &empty).unwrap_err().to_string();
+        assert!(e.contains("holds no PEM certificate") && e.contains("empty.pem"), "{e}");
+        let e = tls_config(&dir.join("missing.pem"), &empty).unwrap_err().to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

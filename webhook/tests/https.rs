@@ -1,0 +1,389 @@
+//! The real `connector-webhook` binary over HTTPS (a certificate from a test CA made by openssl),
+//! reading Connectors from the project's stand-in Kubernetes API server, answering real
+//! AdmissionReview v1 requests. The client verifies the server certificate against the test CA.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine;
+use connector_devkit::WorkDir;
+use connector_devkit::kube_api::KubeApi;
+use connector_devkit::procs::{Proc, free_port};
+use connector_devkit::tls::TestCa;
+use serde_json::{Value, json};
+
+const PROXY: &str = "proxy.example.com:31567";
+const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const LABEL: &str = "connectors.cpaas.io/proxy-inject";
+const ANNOTATION: &str = "connectors.cpaas.io/connector";
+const ORIGINAL: &str = "connectors.cpaas.io/original-images";
+
+/// A running webhook, the API server it reads and an HTTPS client trusting only the test CA.
+struct Webhook {
+    kube: KubeApi,
+    client: reqwest::Client,
+    port: u16,
+    ca_pem: Vec<u8>,
+    proc: Proc,
+    _work: WorkDir,
+}
+
+impl Webhook {
+    fn start(extra: &[&str]) -> Webhook {
+        let work = WorkDir::new("webhook").unwrap();
+        let ca = TestCa::new(work.path()).unwrap();
+        let cert = ca.issue("localhost").unwrap();
+        let kube = KubeApi::start().unwrap();
+        for (ns, name, address, allowed) in [
+            ("demo", "hub", "https://index.docker.io", json!([])),
+            ("shared", "harbor", "https://harbor.example.com:8443", json!(["demo"])),
+            ("private", "harbor", "https://harbor.example.com:8443", json!([])),
+        ] {
+            kube.apply(json!({
+                "apiVersion": "connectors.alauda.io/v1alpha1",
+                "kind": "Connector",
+                "metadata": { "name": name, "namespace": ns },
+                "spec": {
+                    "address": address,
+                    "auth": { "name": "tokenAuth", "secretRef": { "name": "robot" } },
+                    "connectorClassName": "oci",
+                    "allowedNamespaces": allowed,
+                }
+            }))
+            .unwrap();
+        }
+        let port = free_port().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_connector-webhook"));
+        cmd.args(["--tls-cert", path(&cert.cert), "--tls-key", path(&cert.key)])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--proxy-host", PROXY, "--kube-url", &kube.url()])
+            .args(extra)
+            .env("RUST_LOG", "debug");
+        let mut proc = Proc::spawn("connector-webhook", cmd, &work.path().join("webhook.log")).unwrap();
+        proc.wait_for_port(port, Duration::from_secs(20)).unwrap();
+        let ca_pem = std::fs::read(&ca.cert).unwrap();
+        let client = https_client(Some(&ca_pem));
+        Webhook {
+            kube,
+            client,
+            port,
+            ca_pem,
+            proc,
+            _work: work,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// POSTs an AdmissionReview for `pod` (in namespace `demo`) and returns the response review.
+    async fn admit(&self, pod: &Value) -> Value {
+        let resp = self
+            .client
+            .post(self.url("/mutate"))
+            .json(&admission_review(pod))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "POST /mutate");
+        let review: Value = resp.json().await.unwrap();
+        assert_eq!(review["apiVersion"], "admission.k8s.io/v1", "{review}");
+        assert_eq!(review["kind"], "AdmissionReview", "{review}");
+        assert_eq!(review["response"]["uid"], UID, "{review}");
+        review["response"].clone()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.proc.log_path()).unwrap_or_default()
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn https_client(ca_pem: Option<&[u8]>) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .resolve("localhost", ([127, 0, 0, 1], 0).into())
+        .timeout(Duration::from_secs(20));
+    if let Some(pem) = ca_pem {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+const UID: &str = "705ab4f5-6393-11e8-b7cc-42010a800002";
+
+/// An AdmissionReview v1 request as the API server sends it for a pod CREATE in `demo`.
+fn admission_review(pod: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": UID,
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "requestKind": { "group": "", "version": "v1", "kind": "Pod" },
+            "requestResource": { "group": "", "version": "v1", "resource": "pods" },
+            "name": "app",
+            "namespace": "demo",
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "uid": "a1b2",
+                "groups": ["system:serviceaccounts", "system:authenticated"]
+            },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": { "kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1" }
+        }
+    })
+}
+
+/// A pod in `demo`; `label`/`connector` None leave them out.
+fn pod(label: Option<&str>, connector: Option<&str>) -> Value {
+    let mut labels = json!({ "app": "web" });
+    if let Some(l) = label {
+        labels[LABEL] = json!(l);
+    }
+    let mut annotations = json!({ "team": "a" });
+    if let Some(c) = connector {
+        annotations[ANNOTATION] = json!(c);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "app", "namespace": "demo", "labels": labels, "annotations": annotations },
+        "spec": {
+            "serviceAccountName": "default",
+            "initContainers": [
+                { "name": "setup", "image": format!("library/busybox@{D}") },
+                { "name": "tools", "image": "quay.io/org/tools:1" }
+            ],
+            "containers": [
+                { "name": "web", "image": "nginx:1.27", "ports": [{ "containerPort": 80 }] },
+                { "name": "side", "image": "ghcr.io/org/side:2" },
+                { "name": "cache", "image": format!("docker.io/library/redis:7@{D}") },
+                { "name": "done", "image": format!("{PROXY}/namespaces/demo/connectors/hub/library/envoy:1") }
+            ],
+            "ephemeralContainers": [
+                { "name": "debug", "image": "index.docker.io/library/alpine:3.20" }
+            ]
+        }
+    })
+}
+
+fn images(pod: &Value, kind: &str) -> Vec<String> {
+    pod["spec"][kind]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["image"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn denial(resp: &Value) -> (u64, String) {
+    assert_eq!(resp["allowed"], false, "{resp}");
+    assert!(resp["patch"].is_null(), "a denial carries no patch: {resp}");
+    (
+        resp["status"]["code"].as_u64().unwrap(),
+        resp["status"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opted_in_pod_gets_its_images_rewritten() {
+    let w = Webhook::start(&[]);
+    let original = pod(Some("true"), Some("demo/hub"));
+    let resp = w.admit(&original).await;
+    assert_eq!(resp["allowed"], true, "{resp}");
+    assert_eq!(resp["patchType"], "JSONPatch", "{resp}");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["patch"].as_str().expect("a base64 patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut patched = original.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+
+    let px = |s: &str| format!("{PROXY}/namespaces/demo/connectors/hub/library/{s}");
+    assert_eq!(
+        images(&patched, "initContainers"),
+        [px(&format!("busybox@{D}")), "quay.io/org/tools:1".into()]
+    );
+    assert_eq!(
+        images(&patched, "containers"),
+        [
+            px("nginx:1.27"),
+            "ghcr.io/org/side:2".into(),
+            px(&format!("redis:7@{D}")),
+            px("envoy:1"),
+        ]
+    );
+    assert_eq!(images(&patched, "ephemeralContainers"), [px("alpine:3.20")]);
+    let recorded: Value = serde_json::from_str(patched["metadata"]["annotations"][ORIGINAL].as_str().unwrap()).unwrap();
+    assert_eq!(
+        recorded,
+        json!({
+            "initContainers": { "setup": format!("library/busybox@{D}") },
+            "containers": { "web": "nginx:1.27", "cache": format!("docker.io/library/redis:7@{D}") },
+            "ephemeralContainers": { "debug": "index.docker.io/library/alpine:3.20" },
+        })
+    );
+    // Nothing but the images and the recording annotation changed.
+    let mut expected = original.clone();
+    for kind in ["initContainers", "containers", "ephemeralContainers"] {
+        for (i, image) in images(&patched, kind).into_iter().enumerate() {
+            expected["spec"][kind][i]["image"] = json!(image);
+        }
+    }
+    expected["metadata"]["annotations"][ORIGINAL] = patched["metadata"]["annotations"][ORIGINAL].clone();
+    assert_eq!(patched, expected);
+    // The connector was read from the API server.
+    assert!(
+        w.kube
+            .requests()
+            .iter()
+            .any(|(m, p)| m == "GET" && p.contains("/namespaces/demo/connectors/hub")),
+        "{:?}",
+        w.kube.requests()
+    );
+    assert!(w.log().contains("images rewritten"), "{}", w.log());
+
+    // A connector of another namespace that allows `demo`, on a registry with a port.
+    let mut p = pod(Some("true"), Some("shared/harbor"));
+    p["spec"]["containers"] = json!([{ "name": "app", "image": "harbor.example.com:8443/team/app:v1" }]);
+    let resp = w.admit(&p).await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["patch"].as_str().expect("a base64 patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    json_patch::patch(&mut p, &patch).unwrap();
+    assert_eq!(
+        images(&p, "containers"),
+        [format!("{PROXY}/namespaces/shared/connectors/harbor/team/app:v1")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_form_rewrites_to_the_connectors_host() {
+    let w = Webhook::start(&["--host-form"]);
+    let mut p = pod(Some("true"), Some("demo/hub"));
+    p["spec"] = json!({ "containers": [{ "name": "web", "image": "nginx:1.27" }] });
+    let resp = w.admit(&p).await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["patch"].as_str().expect("a base64 patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    json_patch::patch(&mut p, &patch).unwrap();
+    assert_eq!(
+        images(&p, "containers"),
+        ["c-hub-connector.demo.svc.cluster.local/library/nginx:1.27"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_forbidden_connectors_are_denied_with_a_message() {
+    let w = Webhook::start(&[]);
+    let (code, message) = denial(&w.admit(&pod(Some("true"), Some("demo/nope"))).await);
+    assert_eq!(code, 400);
+    assert!(message.contains("Connector demo/nope"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+
+    // Another namespace's connector that does not list `demo`, and one that does not exist:
+    // the same answer.
+    let (code, forbidden) = denial(&w.admit(&pod(Some("true"), Some("private/harbor"))).await);
+    assert_eq!(code, 403);
+    assert!(forbidden.contains("may not be used from namespace demo"), "{forbidden}");
+    assert!(forbidden.contains("spec.allowedNamespaces"), "{forbidden}");
+    let (code, missing) = denial(&w.admit(&pod(Some("true"), Some("elsewhere/harbor"))).await);
+    assert_eq!(code, 403);
+    assert_eq!(
+        missing.replace("elsewhere/harbor", "X"),
+        forbidden.replace("private/harbor", "X")
+    );
+
+    let (code, message) = denial(&w.admit(&pod(Some("true"), Some("demo"))).await);
+    assert_eq!(code, 400);
+    assert!(message.contains("is malformed"), "{message}");
+
+    // The API server failing: denied (fail closed), saying so.
+    w.kube.set_unavailable(true);
+    let (code, message) = denial(&w.admit(&pod(Some("true"), Some("demo/hub"))).await);
+    assert_eq!(code, 500);
+    assert!(message.contains("could not read Connector demo/hub"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_without_the_label_pass_untouched_and_labelled_pods_need_the_annotation() {
+    let w = Webhook::start(&[]);
+    for p in [
+        pod(None, None),
+        pod(None, Some("demo/hub")),
+        pod(Some("false"), Some("demo/hub")),
+    ] {
+        let resp = w.admit(&p).await;
+        assert_eq!(resp["allowed"], true, "{resp}");
+        assert!(resp["patch"].is_null(), "{resp}");
+        assert!(resp["patchType"].is_null(), "{resp}");
+    }
+    let (code, message) = denial(&w.admit(&pod(Some("true"), None)).await);
+    assert_eq!(code, 400);
+    assert!(
+        message.contains("has no annotation connectors.cpaas.io/connector"),
+        "{message}"
+    );
+    assert!(message.contains("<namespace>/<connector name>"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_webhook_denies_opted_in_pods() {
+    let w = Webhook::start(&["--disabled"]);
+    let (code, message) = denial(&w.admit(&pod(Some("true"), Some("demo/hub"))).await);
+    assert_eq!(code, 403);
+    assert!(message.contains("turned off"), "{message}");
+    assert!(
+        message.contains("remove the label connectors.cpaas.io/proxy-inject"),
+        "{message}"
+    );
+    let resp = w.admit(&pod(None, Some("demo/hub"))).await;
+    assert_eq!(resp["allowed"], true, "{resp}");
+    assert!(resp["patch"].is_null(), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_verified_and_bad_requests_are_refused() {
+    let w = Webhook::start(&[]);
+    let health = w.client.get(w.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap(), "ok");
+    // A client that does not trust the test CA cannot talk to it.
+    let untrusting = https_client(None);
+    let err = untrusting.get(w.url("/healthz")).send().await;
+    assert!(err.is_err(), "{err:?}");
+    // Trusting the CA is what made the difference.
+    assert!(
+        https_client(Some(&w.ca_pem))
+            .get(w.url("/healthz"))
+            .send()
+            .await
+            .is_ok()
+    );
+
+    let resp = w
+        .client
+        .post(w.url("/mutate"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["response"]["allowed"], false);
+}
