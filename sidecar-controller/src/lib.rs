@@ -11,10 +11,13 @@
 //! - [`xds`]: the ADS server Envoy's bootstrap points at (CDS + ECDS);
 //! - [`channel`]: the loopback channel the filter gets credentials and access decisions from;
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
-//! - [`ops`]: metrics, `/healthz`, `/readyz`.
+//! - [`ops`]: metrics, `/healthz`, `/readyz`;
+//! - [`client_config`]: client configuration for a connector (docker, containerd, buildkit, CRI-O/podman);
+//! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode.
 
 pub mod authz;
 pub mod channel;
+pub mod client_config;
 pub mod cluster_identity;
 pub mod conditions;
 pub mod crd;

@@ -20,6 +20,11 @@ const USAGE: &str = "usage:
       File mode: a watched directory of Connector and Secret manifests. Both modes:
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY when set
       (Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
+  connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
+        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>] [--skip-verify]
+        [--format docker,containerd,buildkit,registries,daemon] --out <dir>
+      Client configuration for a connector: docker config.json, containerd hosts.toml,
+      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json.
   connector-controller crd
   connector-controller render --manifests <dir> --identity <file.json> --out <dir>";
 
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         },
         Some("render") => render(&args[1..]),
         Some("serve") => serve(&args[1..]),
+        Some("client-config") => client_config(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -337,4 +343,92 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+fn client_config(args: &[String]) -> ExitCode {
+    use connector_controller::client_config::{ClientSettings, Format, read_token_file, write_all};
+    let mut flags = std::collections::HashMap::new();
+    let mut skip_verify = false;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--skip-verify" => skip_verify = true,
+            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out" => {
+                let Some(v) = it.next() else {
+                    eprintln!("connector-controller client-config: {flag} needs a value\n{USAGE}");
+                    return ExitCode::from(2);
+                };
+                flags.insert(flag.as_str(), v.clone());
+            }
+            _ => {
+                eprintln!("connector-controller client-config: unknown argument {flag:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut problems = vec![];
+    for required in ["--connector", "--address", "--proxy", "--out"] {
+        if !flags.contains_key(required) {
+            problems.push(format!("{required} is required"));
+        }
+    }
+    let (namespace, name) = match flags.get("--connector").map(|c| c.split_once('/')) {
+        Some(Some((ns, n))) if !ns.is_empty() && !n.is_empty() => (ns.to_string(), n.to_string()),
+        Some(_) => {
+            problems.push("--connector: expected <namespace>/<name>".into());
+            (String::new(), String::new())
+        }
+        None => (String::new(), String::new()),
+    };
+    let formats: Vec<Format> = match flags.get("--format") {
+        None => Format::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .filter_map(|f| {
+                Format::parse(f.trim())
+                    .map_err(|e| problems.push(format!("--format: {e}")))
+                    .ok()
+            })
+            .collect(),
+    };
+    let token = match flags.get("--token-file") {
+        Some(f) => match read_token_file(std::path::Path::new(f)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(format!("--token-file {f}: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    if !problems.is_empty() {
+        for p in problems {
+            eprintln!("connector-controller client-config: {p}");
+        }
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let settings = ClientSettings {
+        namespace,
+        name,
+        upstream: flags.get("--address").cloned().unwrap_or_default(),
+        proxy: flags.get("--proxy").cloned().unwrap_or_default(),
+        host_name: flags.get("--host-name").cloned(),
+        token,
+        skip_verify,
+    };
+    let out = PathBuf::from(flags.get("--out").cloned().unwrap_or_default());
+    match write_all(&settings, &formats, &out) {
+        Ok(paths) => {
+            // Paths only: config.json may hold the token.
+            for p in paths {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("connector-controller client-config: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
