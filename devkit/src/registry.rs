@@ -107,6 +107,41 @@ impl Registry {
         Ok(())
     }
 
+    /// CNCF Distribution in pull-through proxy mode (the neighbour the benchmark compares with):
+    /// it pulls from `remote` with `credentials` and caches on its filesystem; its own clients
+    /// need no credential (which is exactly its weak point: anyone who reaches it reads the cache).
+    pub fn start_pull_through(
+        work: &WorkDir,
+        dir: &str,
+        remote: &str,
+        credentials: Option<&Credentials>,
+    ) -> Result<Self> {
+        let dir = work.sub(dir)?;
+        let storage = dir.join("storage");
+        let port = procs::free_port()?;
+        let auth = credentials
+            .map(|c| format!("  username: {}\n  password: {}\n", c.username, c.password))
+            .unwrap_or_default();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n\
+             proxy:\n  remoteurl: {remote}\n{auth}",
+            storage.display(),
+            crate::random_hex(16)?
+        );
+        let cfg_path = dir.join("config.yml");
+        std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
+        let proc = spawn(&cfg_path, &dir.join("registry.log"), port)?;
+        Ok(Self {
+            port,
+            credentials: None,
+            proc,
+            cfg_path,
+            bundle: None,
+        })
+    }
+
     /// Starts a registry anyone may use.
     pub fn start_open(work: &WorkDir) -> Result<Self> {
         Self::start(work, None, false)

@@ -16,6 +16,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
 use connector_devkit::http::Request;
@@ -277,6 +278,9 @@ fn run() -> Result<()> {
         keep.push(w);
         Ok(envoy)
     };
+    // The neighbour: Distribution's own pull-through proxy in front of the same registry.
+    let pt_work = WorkDir::new("bench-pull-through")?;
+    let pull_through = Registry::start_pull_through(&pt_work, "registry", &registry.url(), None)?;
     let reg_plain = start_envoy("bench-reg-plain", registry.port, None)?;
     let reg_filter = start_envoy("bench-reg-filter", registry.port, Some((&wasm, false)))?;
     let st_plain = start_envoy("bench-static-plain", static_up.port, None)?;
@@ -329,6 +333,16 @@ fn run() -> Result<()> {
             Some(&warm_file),
             Some(&reg_filter),
             rp,
+        ),
+        sc(
+            reg,
+            "Distribution pull-through proxy (proxy mode)",
+            false,
+            pull_through.port,
+            &direct_path,
+            None,
+            None,
+            pull_through.pid(),
         ),
         sc(
             reg,
@@ -445,6 +459,13 @@ fn run() -> Result<()> {
     let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
     println!();
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
+    println!(
+        "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair)",
+        rss_kib(reg_plain.pid()) / 1024,
+        rss_kib(reg_filter.pid()) / 1024
+    );
+
+    pull_table(&work, &minter, &wasm, &skopeo, rounds)?;
 
     token_table(&work, &minter, &wasm, &sample, &skopeo, &script, seconds, rounds)?;
 
@@ -756,4 +777,149 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
         println!("| {name} | {:.0} | {:.2}x | {mem} |", median(v.clone()), median(ratios));
     }
     Ok(())
+}
+
+/// Whole-image pulls with skopeo of a multi-layer image, cold (first pull through a freshly
+/// started proxy: empty caches) and warm (the next pulls), median over rounds: the upstream
+/// directly, Envoy without the filter, Envoy + filter, and Distribution's pull-through proxy
+/// holding the same upstream credential. The upstream is Distribution with token auth: the
+/// pull-through proxy of Distribution 2.8 cannot use a Basic (htpasswd) upstream (it files
+/// credentials under the challenge's realm, which for Basic is not a URL).
+fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rounds: u32) -> Result<()> {
+    const LAYERS: usize = 6;
+    let robot = Credentials {
+        username: "robot".into(),
+        password: connector_devkit::random_secret()?,
+    };
+    let tokens = TokenServer::start(work, &robot.username, &robot.password)?;
+    tokens.set_expires_in(3600);
+    let uw = WorkDir::new("bench-pull-upstream")?;
+    let upstream = Registry::start_token_auth(&uw, &tokens, robot.clone())?;
+    let image = image::build_sample(work, "pull", "v1", LAYERS)?;
+    image::push(
+        skopeo,
+        &image,
+        &upstream.authority(),
+        REPO,
+        Creds::Basic(&robot.username, &robot.password),
+    )?;
+    let token = minter.valid(NS, "default")?;
+    let layer_bytes: u64 = std::fs::read_dir(image.layout.join("blobs/sha256"))
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    let pull = |reference: &str, creds: Creds<'_>, label: &str| -> Result<f64> {
+        let dest = work.sub(&format!("pulled-{label}-{}", crate_random()))?;
+        let started = Instant::now();
+        skopeo
+            .copy(reference, creds, &format!("oci:{}:v1", dest.display()), Creds::None)?
+            .ok()?;
+        let took = started.elapsed().as_secs_f64();
+        let got = image::oci_layers(&dest, "v1")?;
+        std::fs::remove_dir_all(&dest).ok();
+        if got != image.layers {
+            return Err(format!("{label}: pulled layers differ from the pushed image"));
+        }
+        Ok(took)
+    };
+    let names = [
+        "upstream directly",
+        "Envoy, no filter",
+        "Envoy + filter",
+        "Distribution pull-through proxy",
+    ];
+    let mut cold: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut warm: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    for round in 1..=rounds {
+        eprintln!("pull round {round}/{rounds}");
+        let rw = WorkDir::new(&format!("bench-pull-round-{round}"))?;
+        let registry_cluster = Cluster {
+            name: "upstream_pull".into(),
+            port: upstream.port,
+        };
+        let plain = Envoy::start(
+            &WorkDir::new(&format!("bench-pull-plain-{round}"))?,
+            &EnvoySpec {
+                clusters: vec![registry_cluster.clone()],
+                filter: None,
+            },
+        )?;
+        let connector = bench_connector(
+            upstream.url(),
+            registry_cluster.name.clone(),
+            robot.username.clone(),
+            "BENCH_PULL_PASSWORD",
+        );
+        let mut c = connector.to_json();
+        c["tokenRealms"] = serde_json::json!([{ "url": tokens.realm(), "cluster": "token_service" }]);
+        let mut config = filter_config(&minter.jwks(), &[]);
+        config["connectors"] = serde_json::json!([c]);
+        let filtered = Envoy::start(
+            &WorkDir::new(&format!("bench-pull-filter-{round}"))?,
+            &EnvoySpec {
+                clusters: vec![
+                    registry_cluster,
+                    Cluster {
+                        name: "token_service".into(),
+                        port: tokens.port,
+                    },
+                ],
+                filter: Some(WasmFilter {
+                    wasm: wasm.to_path_buf(),
+                    config,
+                    secret_env: vec![("BENCH_PULL_PASSWORD".into(), robot.password.clone())],
+                    plain_route: false,
+                }),
+            },
+        )?;
+        let proxy = Registry::start_pull_through(&rw, "pull-through", &upstream.url(), Some(&robot))?;
+        let refs = [
+            (
+                format!("docker://{}/{REPO}:v1", upstream.authority()),
+                Creds::Basic(&robot.username, &robot.password),
+            ),
+            (
+                format!("docker://{}/{REPO}:v1", plain.authority()),
+                Creds::Basic(&robot.username, &robot.password),
+            ),
+            (
+                format!(
+                    "docker://{}/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}:v1",
+                    filtered.authority()
+                ),
+                Creds::Basic("sa", &token),
+            ),
+            (format!("docker://{}/{REPO}:v1", proxy.authority()), Creds::None),
+        ];
+        for (i, (reference, c)) in refs.iter().enumerate() {
+            let first = pull(reference, *c, "cold")?;
+            let mut next = vec![];
+            for _ in 0..3 {
+                next.push(pull(reference, *c, "warm")?);
+            }
+            cold[i].push(first);
+            warm[i].push(median(next));
+        }
+    }
+    println!();
+    println!(
+        "whole-image pull with skopeo ({LAYERS} layers, {:.1} MiB in the layout) from Distribution with token auth; cold = first pull through a freshly started proxy, warm = next pulls; {rounds} rounds (medians)",
+        layer_bytes as f64 / 1048576.0
+    );
+    println!();
+    println!("| path | cold s | warm s | cold speed vs Envoy without filter | warm speed vs Envoy without filter |");
+    println!("|---|---:|---:|---:|---:|");
+    let (base_cold, base_warm) = (median(cold[1].clone()), median(warm[1].clone()));
+    for (i, name) in names.iter().enumerate() {
+        let (c, w) = (median(cold[i].clone()), median(warm[i].clone()));
+        println!(
+            "| {name} | {c:.2} | {w:.2} | {:.2}x | {:.2}x |",
+            base_cold / c,
+            base_warm / w
+        );
+    }
+    Ok(())
+}
+
+fn crate_random() -> String {
+    connector_devkit::random_hex(4).unwrap_or_default()
 }
