@@ -3,7 +3,7 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo test unit e2e bench lint fuzz fuzz-smoke
+.PHONY: setup wasm demo test unit e2e bench soak lint fuzz fuzz-smoke
 
 # Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts names).
 setup:
@@ -50,3 +50,10 @@ fuzz-smoke:
 
 fuzz:
 	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+# Bounded mixed load (pulls and pushes over 20 connectors, tokens rotating, one Secret rotated):
+# zero unexpected errors and flat memory, or it fails. make soak SOAK_MINUTES=10
+SOAK_MINUTES ?= 10
+soak: setup wasm
+	cargo build -p connector-controller
+	cargo run --release -p connector-devkit --bin soak -- --minutes $(SOAK_MINUTES)

@@ -159,6 +159,10 @@ impl Controller {
         vec![(CHANNEL_KEY_ENV.to_string(), self.key.clone())]
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

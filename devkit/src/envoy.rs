@@ -161,6 +161,35 @@ fn access_log() -> Value {
     }])
 }
 
+/// Envoy's own error replies, which no filter shapes, as OCI error JSON for registry clients
+/// (found by the fault suite: they were plain text, or empty): the upstream could not be reached
+/// (connection failure, reset, timeout, no healthy host, unknown cluster), or the filter has no
+/// configuration (a module Envoy could not load: fail closed, 503 instead of an empty 500).
+pub const UNREACHABLE_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy could not reach the upstream registry (%RESPONSE_FLAGS%): retry later\"}]}\n";
+pub const NO_FILTER_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy has no working filter and refuses every request: its log says why\"}]}\n";
+
+fn local_reply_config() -> Value {
+    json!({
+        "mappers": [
+            {
+                "filter": { "response_flag_filter": { "flags": ["NFCF"] } },
+                "status_code": 503,
+                "body_format_override": {
+                    "text_format_source": { "inline_string": NO_FILTER_BODY },
+                    "content_type": "application/json",
+                },
+            },
+            {
+                "filter": { "response_flag_filter": { "flags": ["UF", "URX", "UH", "UC", "UT", "UO", "NC", "UPE"] } },
+                "body_format_override": {
+                    "text_format_source": { "inline_string": UNREACHABLE_BODY },
+                    "content_type": "application/json",
+                },
+            },
+        ],
+    })
+}
+
 /// The proxy's listener on 127.0.0.1:`port`: one route, the given HTTP filters; with an access
 /// log when `logged` (the benchmark's Envoys run without, so it measures the filter alone).
 fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> Value {
@@ -183,6 +212,7 @@ fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> 
                     "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [route] }],
                 },
                 "http_filters": http_filters,
+                "local_reply_config": local_reply_config(),
             },
         }]}],
     });

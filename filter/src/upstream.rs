@@ -152,6 +152,14 @@ pub fn learn_challenge(
                 "the upstream registry of connector {label} did not answer: retry later, or ask the connector's owner to check its address"
             )));
         }
+        // Envoy answers a call it could not complete (connection refused, reset, its own
+        // timeout) with these itself: they say "unreachable", not "not a registry" (found by the
+        // fault suite).
+        502..=504 => {
+            return Err(Refusal::unavailable_upstream(format!(
+                "the upstream registry of connector {label} could not be reached or is unavailable ({status} on /v2/): retry later, or ask the connector's owner to check its address"
+            )));
+        }
         other => {
             return Err(Refusal::unavailable_upstream(format!(
                 "the upstream registry of connector {label} answered {other} on /v2/ (expected 200 or 401): it may not be an OCI registry"
@@ -270,6 +278,11 @@ pub fn parse_token_response(status: u32, body: &[u8], realm: &str) -> Result<(St
         401 | 403 => {
             return Err(fail(format!(
                 "refused the connector's credential ({status}): the connector's Secret is wrong or lacks access"
+            )));
+        }
+        502..=504 => {
+            return Err(fail(format!(
+                "could not be reached or is unavailable ({status}): retry later"
             )));
         }
         other => return Err(fail(format!("answered {other}: retry later"))),
