@@ -3,7 +3,7 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo test unit e2e bench soak lint fuzz fuzz-smoke
+.PHONY: setup wasm demo test unit e2e wasm-host bench soak lint fuzz fuzz-smoke
 
 # Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts names).
 setup:
@@ -20,7 +20,7 @@ demo: setup wasm
 
 # The release module first (some crates' tests load it), then the default members' tests, then
 # the end-to-end tests.
-test: setup wasm unit e2e fuzz-smoke
+test: setup wasm unit e2e wasm-host fuzz-smoke
 
 unit:
 	cargo test
@@ -57,3 +57,9 @@ SOAK_MINUTES ?= 10
 soak: setup wasm
 	cargo build -p connector-controller
 	cargo run --release -p connector-devkit --bin soak -- --minutes $(SOAK_MINUTES)
+
+# The shipped module under wasmtime (the proxy-wasm ABI host in wasm/host), and the filter's unit
+# tests compiled to wasm32-wasip1 and run on the same wasmtime.
+wasm-host:
+	cargo test -p connector-wasm-host
+	bash wasm/host/run-unit-tests-in-wasm.sh
