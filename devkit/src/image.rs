@@ -33,6 +33,18 @@ fn umoci(args: &[&str]) -> Result<()> {
 
 /// Builds an image with `layer_count` layers under `<work>/images/<name>`.
 pub fn build_sample(work: &WorkDir, name: &str, tag: &str, layer_count: usize) -> Result<SampleImage> {
+    build_sized(work, name, tag, layer_count, 0)
+}
+
+/// As [`build_sample`], each layer also carrying `bytes_per_layer` random bytes (which do not
+/// compress): an image whose pull time is dominated by moving layers, for the benchmark.
+pub fn build_sized(
+    work: &WorkDir,
+    name: &str,
+    tag: &str,
+    layer_count: usize,
+    bytes_per_layer: usize,
+) -> Result<SampleImage> {
     let base = work.sub(&format!("images/{name}"))?;
     let layout = base.join("layout");
     let layout_s = layout.to_string_lossy().into_owned();
@@ -57,6 +69,10 @@ pub fn build_sample(work: &WorkDir, name: &str, tag: &str, layer_count: usize) -
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let content = format!("layer {i} of {name}:{tag}\nnonce {}\n", crate::random_hex(16)?);
         std::fs::write(dir.join("data.txt"), content).map_err(|e| format!("write layer file: {e}"))?;
+        if bytes_per_layer > 0 {
+            std::fs::write(dir.join("payload.bin"), crate::random_bytes(bytes_per_layer)?)
+                .map_err(|e| format!("write layer payload: {e}"))?;
+        }
         umoci(&["repack", "--image", &image, &bundle_s])?;
         std::fs::remove_dir_all(&bundle).map_err(|e| format!("remove {}: {e}", bundle.display()))?;
     }

@@ -219,6 +219,10 @@ fn run() -> Result<()> {
         ));
     }
     let work = WorkDir::new("bench")?;
+    if arg("--pulls-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return pull_table(&work, &minter, &wasm, &Skopeo::new(&work)?, rounds);
+    }
 
     let registry = Registry::start_lean(&work)?;
     let skopeo = Skopeo::new(&work)?;
@@ -795,7 +799,7 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
     tokens.set_expires_in(3600);
     let uw = WorkDir::new("bench-pull-upstream")?;
     let upstream = Registry::start_token_auth(&uw, &tokens, robot.clone())?;
-    let image = image::build_sample(work, "pull", "v1", LAYERS)?;
+    let image = image::build_sized(work, "pull", "v1", LAYERS, 16 << 20)?;
     image::push(
         skopeo,
         &image,
