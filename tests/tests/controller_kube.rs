@@ -6,7 +6,8 @@
 //! What it proves: a Connector and Secret applied to the API are pulled through within seconds;
 //! access follows RBAC (SubjectAccessReview) through the filter; the Connector's status and
 //! Events are written back; a broken Secret shows in `AuthReady`; a rotated ServiceAccount key
-//! is picked up after the filter reports the unknown `kid`; a deleted Connector is refused.
+//! is picked up after the filter reports the unknown `kid`, and a removed one is refused after
+//! the next read of the keys; a deleted Connector is refused.
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,8 @@ fn api_mode_status_rbac_key_rotation_and_deletion() {
         &[
             "--identity-min-interval-seconds",
             "1",
+            "--identity-refresh-seconds",
+            "2",
             "--access-deny-ttl-seconds",
             "1",
             "--reprobe-seconds",
@@ -226,10 +229,26 @@ fn api_mode_status_rbac_key_rotation_and_deletion() {
     eprintln!("rotated ServiceAccount key accepted after {took:?}");
     assert!(api.jwks_requests() > jwks_reads, "the keys were read again");
 
+    // The old key is removed from the cluster: tokens it signed are refused after the next
+    // periodic read of the keys (the verified-token cache goes with the old configuration).
+    let only_new = json!({ "keys": [rotated.jwks()["keys"][0].clone()] });
+    let mut only_new = only_new;
+    only_new["keys"][0]["kid"] = json!("rsa-2");
+    api.set_jwks(only_new);
+    let (_, took) = until("a token of the removed key is refused", || {
+        (status(&envoy, "registry", &token).0 == 401).then_some(())
+    });
+    eprintln!("removed ServiceAccount key refused after {took:?}");
+    assert_eq!(
+        status(&envoy, "registry", &new_token).0,
+        200,
+        "the remaining key still works"
+    );
+
     // Deleted: refused for new requests within seconds.
     assert!(api.delete("connectors.alauda.io/v1alpha1", "Connector", NS, "registry"));
     let (_, took) = until("the deleted Connector is refused", || {
-        (status(&envoy, "registry", &token).0 == 403).then_some(())
+        (status(&envoy, "registry", &new_token).0 == 403).then_some(())
     });
     eprintln!("deleted Connector refused after {took:?}");
 
