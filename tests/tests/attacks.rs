@@ -77,13 +77,6 @@ impl Case {
         self
     }
 
-    /// Marks a case whose strict (safe) expectation the current build does not meet: it stays
-    /// asserted, so it fails until fixed, and its name says so in the report.
-    fn finding(mut self, note: &str) -> Self {
-        self.what = format!("FINDING ({note}): {}", self.what);
-        self
-    }
-
     fn forbid(mut self, f: &str) -> Self {
         self.forbid.push(f.to_string());
         self

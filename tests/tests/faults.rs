@@ -205,7 +205,7 @@ fn describe(r: &Response) -> String {
     )
 }
 
-/// 1. The registry process stops. Before the first request (the filter's `/v2/` probe cannot
+/// Fault 1: The registry process stops. Before the first request (the filter's `/v2/` probe cannot
 /// reach it) and after requests were served (the request itself is forwarded and its connection
 /// refused). Then the registry is restarted on its port and requests succeed again, same Envoy.
 #[test]
@@ -386,7 +386,7 @@ fn stand_in_serve(mut stream: TcpStream, behaviour: Behaviour, heads: &Mutex<Vec
 
 const STAND_IN_503: &str = r#"{"errors":[{"code":"UNAVAILABLE","message":"stand-in upstream is overloaded"}]}"#;
 
-/// 2. A slow upstream: one that never answers the filter's `/v2/` probe gets a 503 from the
+/// Fault 2: A slow upstream: one that never answers the filter's `/v2/` probe gets a 503 from the
 /// filter within its 5 s limit, naming the connector's upstream, and the client's request is
 /// never forwarded. A write the upstream answers 503 reaches it exactly once (no retry) and the
 /// client gets that 503.
@@ -488,7 +488,7 @@ fn silent_upstream_times_out_and_writes_are_never_retried() {
     hygiene(&envoy, &controller, &secrets(&s, &controller, &token));
 }
 
-/// 3. The token service of a token-auth upstream is down (its listener closed): 503 naming the
+/// Fault 3: The token service of a token-auth upstream is down (its listener closed): 503 naming the
 /// token service, and the connector's credential goes nowhere (the registry sees no credential).
 #[test]
 fn token_service_down_answers_503_and_the_credential_goes_nowhere() {
@@ -557,7 +557,7 @@ fn sh(script: &str) -> String {
 
 const BIG_MIB: u64 = 128;
 
-/// 6. Envoy killed with a large blob download in flight: the client detects the truncation
+/// Fault 6: Envoy killed with a large blob download in flight: the client detects the truncation
 /// (short body against Content-Length, or a reset); a new Envoy on the same controller serves
 /// the retry, whole and with the right digest.
 #[test]
@@ -678,7 +678,7 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
     hygiene(&envoy2, &controller, &secrets);
 }
 
-/// 7. The filter's VM cannot start: the controller hands Envoy a module path whose file is not
+/// Fault 7: The filter's VM cannot start: the controller hands Envoy a module path whose file is not
 /// WebAssembly. Envoy must fail closed, at once: an error status, no hang, nothing upstream.
 #[test]
 fn a_module_envoy_cannot_load_fails_closed_without_hanging() {

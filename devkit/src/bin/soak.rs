@@ -153,7 +153,7 @@ fn run() -> Result<bool> {
                     n += 1;
                     let c = (n as usize * 7 + w) % CONNECTORS;
                     let base = format!("/v2/namespaces/{NS}/connectors/c{c}/soak/app");
-                    let result = if n % 5 == 0 {
+                    let result = if n.is_multiple_of(5) {
                         push(port, &base, &token).map(|_| pushes.fetch_add(1, Ordering::Relaxed))
                     } else {
                         pull(port, &base, &layer, &token).map(|_| pulls.fetch_add(1, Ordering::Relaxed))
