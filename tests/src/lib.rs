@@ -3,6 +3,8 @@
 //! one test, and the checks every refusal makes (status, OCI error body, challenge, nothing sent
 //! upstream).
 
+pub mod xds;
+
 use connector_devkit::http::{Request, Response};
 use connector_devkit::stack::Stack;
 use connector_devkit::token_stack::TokenStack;

@@ -6,7 +6,6 @@
 //!
 //! Needs `cargo build -p connector-controller` and the release filter module (`make test` does both).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,59 +13,19 @@ use std::time::{Duration, Instant};
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, basic_value};
-use connector_devkit::image::{self, SampleImage};
-use connector_devkit::recorder::Recorder;
-use connector_devkit::registry::{Credentials, Registry};
-use connector_devkit::skopeo::{Creds, Skopeo};
-use connector_devkit::stack::{envoy_problems, seed_upstream};
-use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
-use connector_devkit::{WorkDir, random_secret};
+use connector_devkit::image::{self};
+use connector_devkit::random_secret;
+use connector_devkit::registry::Credentials;
+use connector_devkit::skopeo::Creds;
+use connector_devkit::stack::envoy_problems;
+use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
 
-const NS: &str = "demo";
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
 const MANIFEST_TYPES: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 /// "Within seconds": how long a manifest change may take to reach Envoy.
 const FOLLOW_DEADLINE: Duration = Duration::from_secs(10);
-
-struct Setup {
-    work: WorkDir,
-    registry: Registry,
-    recorder: Recorder,
-    skopeo: Skopeo,
-    minter: Minter,
-    sample: SampleImage,
-    manifests: PathBuf,
-    identity: PathBuf,
-}
-
-fn setup(label: &str) -> Setup {
-    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
-    let work = WorkDir::new(label).unwrap();
-    let skopeo = Skopeo::new(&work).unwrap();
-    let registry = Registry::start_with_auth(&work, "robot").unwrap();
-    let creds = registry.credentials.clone().unwrap();
-    let (sample, recorder, minter) =
-        seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
-    let manifests = work.sub("manifests").unwrap();
-    let identity = work.path().join("identity.json");
-    std::fs::write(
-        &identity,
-        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
-    )
-    .unwrap();
-    Setup {
-        work,
-        registry,
-        recorder,
-        skopeo,
-        minter,
-        sample,
-        manifests,
-        identity,
-    }
-}
 
 /// Writes `registry.yaml` (Connector `registry` at `address`) and `secret.yaml` (`creds`), starts
 /// the controller (with `args`) and Envoy fed by it, and mints a token of `demo/default`.
@@ -86,27 +45,6 @@ fn serve(s: &Setup, address: &str, creds: &Credentials, args: &[&str]) -> (Contr
     )
     .unwrap();
     (controller, envoy, s.minter.valid(NS, "default").unwrap())
-}
-
-/// Writes a manifest file the way an editor or `kubectl`-style tool would replace it: whole,
-/// by rename, so the controller never reads half a file.
-fn put(dir: &Path, file: &str, text: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(file)).unwrap();
-}
-
-fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
-    format!(
-        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {address}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n"
-    )
-}
-
-fn secret_yaml(name: &str, c: &Credentials) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
-        c.username, c.password
-    )
 }
 
 fn manifest_status(envoy: &Envoy, connector: &str, token: &str) -> u16 {

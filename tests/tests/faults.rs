@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,19 +14,16 @@ use std::time::{Duration, Instant};
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::{Envoy, envoy_binary, xds_bootstrap};
 use connector_devkit::http::{Request, Response, basic_value};
-use connector_devkit::image::{self, SampleImage};
+use connector_devkit::image::{self};
 use connector_devkit::procs::{self, Proc};
-use connector_devkit::recorder::Recorder;
-use connector_devkit::registry::{Credentials, Registry};
-use connector_devkit::skopeo::{Creds, Skopeo};
-use connector_devkit::stack::{CONNECTOR_NAME, envoy_problems, seed_upstream};
+use connector_devkit::skopeo::Creds;
+use connector_devkit::stack::{CONNECTOR_NAME, envoy_problems};
 use connector_devkit::token_server::TokenServer;
 use connector_devkit::token_stack::TokenStack;
-use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
 use connector_devkit::{WorkDir, random_secret};
 use connector_e2e::oci_error;
+use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
 
-const NS: &str = "demo";
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
 const MANIFEST_TYPES: &str =
@@ -38,44 +34,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Setup {
-    work: WorkDir,
-    registry: Registry,
-    recorder: Recorder,
-    skopeo: Skopeo,
-    minter: Minter,
-    sample: SampleImage,
-    manifests: PathBuf,
-    identity: PathBuf,
-}
-
-fn setup(label: &str) -> Setup {
-    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
-    let work = WorkDir::new(label).unwrap();
-    let skopeo = Skopeo::new(&work).unwrap();
-    let registry = Registry::start_with_auth(&work, "robot").unwrap();
-    let creds = registry.credentials.clone().unwrap();
-    let (sample, recorder, minter) =
-        seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
-    let manifests = work.sub("manifests").unwrap();
-    let identity = work.path().join("identity.json");
-    std::fs::write(
-        &identity,
-        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
-    )
-    .unwrap();
-    Setup {
-        work,
-        registry,
-        recorder,
-        skopeo,
-        minter,
-        sample,
-        manifests,
-        identity,
-    }
 }
 
 /// Writes the Secret `robot` and one Connector per `(name, address)`, starts the controller (with
@@ -99,25 +57,6 @@ fn serve(s: &Setup, connectors: &[(&str, &str)], args: &[&str]) -> (Controller, 
     )
     .unwrap();
     (controller, envoy, s.minter.valid(NS, "default").unwrap())
-}
-
-fn put(dir: &Path, file: &str, text: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(file)).unwrap();
-}
-
-fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
-    format!(
-        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {address}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n"
-    )
-}
-
-fn secret_yaml(name: &str, c: &Credentials) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
-        c.username, c.password
-    )
 }
 
 fn manifest_path(connector: &str) -> String {

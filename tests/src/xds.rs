@@ -1,0 +1,76 @@
+//! Shared by the suites that run the controller in file mode against a real Envoy
+//! (`controller_xds`, `faults`): a real htpasswd registry seeded with the sample image, the
+//! recorder in front of it, a token minter, skopeo, an empty manifest directory and the identity
+//! file; and the manifests a user would write.
+
+use std::path::{Path, PathBuf};
+
+use connector_devkit::WorkDir;
+use connector_devkit::image::SampleImage;
+use connector_devkit::recorder::Recorder;
+use connector_devkit::registry::{Credentials, Registry};
+use connector_devkit::skopeo::Skopeo;
+use connector_devkit::stack::seed_upstream;
+use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
+
+/// The namespace of the connectors these suites write.
+pub const NS: &str = "demo";
+
+pub struct Setup {
+    pub work: WorkDir,
+    pub registry: Registry,
+    pub recorder: Recorder,
+    pub skopeo: Skopeo,
+    pub minter: Minter,
+    pub sample: SampleImage,
+    pub manifests: PathBuf,
+    pub identity: PathBuf,
+}
+
+pub fn setup(label: &str) -> Setup {
+    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new(label).unwrap();
+    let skopeo = Skopeo::new(&work).unwrap();
+    let registry = Registry::start_with_auth(&work, "robot").unwrap();
+    let creds = registry.credentials.clone().unwrap();
+    let (sample, recorder, minter) =
+        seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
+    let manifests = work.sub("manifests").unwrap();
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .unwrap();
+    Setup {
+        work,
+        registry,
+        recorder,
+        skopeo,
+        minter,
+        sample,
+        manifests,
+        identity,
+    }
+}
+
+/// Writes a manifest file the way an editor or `kubectl`-style tool would replace it: whole,
+/// by rename, so the controller never reads half a file.
+pub fn put(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+pub fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {address}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n"
+    )
+}
+
+pub fn secret_yaml(name: &str, c: &Credentials) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+        c.username, c.password
+    )
+}
