@@ -8,6 +8,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+use connector_filter::route::is_dns_label;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -471,16 +472,6 @@ fn repo_name(rest: &str) -> &str {
         Some((repo, tag)) if !tag.contains('/') => repo,
         _ => rest,
     }
-}
-
-/// RFC 1123 label: what namespaces and connector names are.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 #[cfg(test)]

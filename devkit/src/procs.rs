@@ -309,3 +309,15 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Result<Output> {
         command,
     })
 }
+
+/// Resident memory of a process in KiB (`VmRSS`), 0 when it cannot be read: the benchmark, the
+/// soak and the large-blob test all watch Envoy's memory this way.
+pub fn rss_kib(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

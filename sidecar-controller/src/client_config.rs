@@ -15,6 +15,7 @@
 //!
 //! The token is a secret: it appears only in `config.json` (written 0600), never in `Debug`.
 
+use connector_filter::route::is_dns_label;
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -266,15 +267,6 @@ fn split_address(addr: &str) -> Option<(Option<&str>, String)> {
         return None;
     }
     Some((scheme, authority.to_ascii_lowercase()))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// A TOML basic string (quotes, backslashes and control characters escaped).

@@ -74,3 +74,25 @@ pub fn secret_yaml(name: &str, c: &Credentials) -> String {
         c.username, c.password
     )
 }
+
+/// Pulls `<repo>:<tag>` through `connector` at the proxy `authority` with skopeo and checks the
+/// layers are the sample's.
+pub fn pull(s: &Setup, authority: &str, connector: &str, token: &str, into: &str) {
+    let (repo, tag) = ("library/app", "v1");
+    let reference = format!("docker://{authority}/namespaces/{NS}/connectors/{connector}/{repo}:{tag}");
+    let dest = s.work.sub(into).unwrap();
+    s.skopeo
+        .copy(
+            &reference,
+            connector_devkit::skopeo::Creds::Basic("sa", token),
+            &format!("oci:{}:{tag}", dest.display()),
+            connector_devkit::skopeo::Creds::None,
+        )
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("skopeo copy {reference}: {e}"));
+    assert_eq!(
+        connector_devkit::image::oci_layers(&dest, tag).unwrap(),
+        s.sample.layers,
+        "pulled layers"
+    );
+}

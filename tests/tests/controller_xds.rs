@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, basic_value};
-use connector_devkit::image::{self};
 use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
-use connector_devkit::skopeo::Creds;
 use connector_devkit::stack::envoy_problems;
-use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup};
 
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
@@ -74,24 +72,6 @@ fn until_status(envoy: &Envoy, connector: &str, token: &str, want: u16) -> Durat
     }
 }
 
-fn pull(s: &Setup, envoy: &Envoy, connector: &str, token: &str, into: &str) {
-    let reference = format!(
-        "docker://{}/namespaces/{NS}/connectors/{connector}/{REPO}:{TAG}",
-        envoy.authority()
-    );
-    let dest = s.work.sub(into).unwrap();
-    s.skopeo
-        .copy(
-            &reference,
-            Creds::Basic("sa", token),
-            &format!("oci:{}:{TAG}", dest.display()),
-            Creds::None,
-        )
-        .and_then(|o| o.ok())
-        .unwrap_or_else(|e| panic!("skopeo copy {reference}: {e}"));
-    assert_eq!(image::oci_layers(&dest, TAG).unwrap(), s.sample.layers, "pulled layers");
-}
-
 fn hygiene(envoy: &Envoy, controller_log: &str, secrets: &[(String, String)]) {
     let problems = envoy_problems(envoy, secrets).unwrap();
     assert!(problems.is_empty(), "Envoy hygiene:\n{}", problems.join("\n"));
@@ -111,7 +91,7 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
 
     // Applied before Envoy started: served as soon as Envoy has its configuration.
     until_status(&envoy, "registry", &token, 200);
-    pull(&s, &envoy, "registry", &token, "pulled-1");
+    pull(&s, &envoy.authority(), "registry", &token, "pulled-1");
 
     // A new Connector file: served within seconds, no restart.
     assert_eq!(manifest_status(&envoy, "second", &token), 403, "not applied yet");
@@ -192,7 +172,7 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
             "pull after the controller died"
         );
     }
-    pull(&s, &envoy, "registry", &token, "pulled-2");
+    pull(&s, &envoy.authority(), "registry", &token, "pulled-2");
 
     hygiene(
         &envoy,
@@ -349,7 +329,7 @@ fn an_https_registry_is_reached_with_tls_sni_and_the_configured_ca() {
     let ca_path = ca.cert.display().to_string();
     let (controller, envoy, token) = serve(&s, &address, &creds, &["--upstream-ca", &ca_path]);
     until_status(&envoy, "registry", &token, 200);
-    pull(&s, &envoy, "registry", &token, "pulled-tls");
+    pull(&s, &envoy.authority(), "registry", &token, "pulled-tls");
 
     // The cluster Envoy got over CDS: TLS, SNI = the registry's host, validated against the CA.
     let dump = envoy.config_dump().unwrap();

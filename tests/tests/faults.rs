@@ -14,15 +14,13 @@ use std::time::{Duration, Instant};
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::{Envoy, envoy_binary, xds_bootstrap};
 use connector_devkit::http::{Request, Response, basic_value};
-use connector_devkit::image::{self};
 use connector_devkit::procs::{self, Proc};
-use connector_devkit::skopeo::Creds;
 use connector_devkit::stack::{CONNECTOR_NAME, envoy_problems};
 use connector_devkit::token_server::TokenServer;
 use connector_devkit::token_stack::TokenStack;
 use connector_devkit::{WorkDir, random_secret};
 use connector_e2e::oci_error;
-use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup};
 
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
@@ -192,24 +190,9 @@ fn upstream_down_answers_503_and_recovers_without_restarting_envoy() {
     let took = until_ok(envoy.port, "registry", &token, Duration::from_secs(10));
     eprintln!("registry restarted again: 200 after {took:?}");
     // Nothing lost: a whole pull, same layers, same Envoy process.
-    pull(&s, envoy.port, "registry", &token, "pulled-after-outage");
+    pull(&s, &envoy.authority(), "registry", &token, "pulled-after-outage");
     assert_eq!(envoy.pid(), Some(envoy_pid), "Envoy was not restarted");
     hygiene(&envoy, &controller, &secrets(&s, &controller, &token));
-}
-
-fn pull(s: &Setup, envoy_port: u16, connector: &str, token: &str, into: &str) {
-    let reference = format!("docker://127.0.0.1:{envoy_port}/namespaces/{NS}/connectors/{connector}/{REPO}:{TAG}");
-    let dest = s.work.sub(into).unwrap();
-    s.skopeo
-        .copy(
-            &reference,
-            Creds::Basic("sa", token),
-            &format!("oci:{}:{TAG}", dest.display()),
-            Creds::None,
-        )
-        .and_then(|o| o.ok())
-        .unwrap_or_else(|e| panic!("skopeo copy {reference}: {e}"));
-    assert_eq!(image::oci_layers(&dest, TAG).unwrap(), s.sample.layers, "pulled layers");
 }
 
 /// A stand-in upstream: records every request head it receives; either never answers, or

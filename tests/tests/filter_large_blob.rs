@@ -12,13 +12,7 @@ static STACK: Shared = Shared::new("e2e-large-blob", true);
 const MIB: u64 = 1024;
 
 fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024
+    connector_devkit::procs::rss_kib(Some(pid)) / 1024
 }
 
 fn sh(script: &str) -> String {

@@ -4,6 +4,7 @@
 //! that says what is wrong and how to fix it. Pure: the server does the I/O (the lookup) and
 //! turns a [`Decision`] into an AdmissionReview response with [`review_response`].
 
+use connector_filter::route::{is_dns_label, is_dns_subdomain};
 use std::collections::BTreeMap;
 
 use base64::Engine;
@@ -102,8 +103,7 @@ impl ConnectorRef {
         if !is_dns_label(namespace) {
             return Err(format!("{namespace:?} is not a namespace name (DNS-1123 label)"));
         }
-        let subdomain_ok = !name.is_empty() && name.len() <= 253 && name.split('.').all(is_dns_label);
-        if !subdomain_ok {
+        if !is_dns_subdomain(name) {
             return Err(format!("{name:?} is not a Connector name (DNS-1123 subdomain)"));
         }
         Ok(Self {
@@ -111,15 +111,6 @@ impl ConnectorRef {
             name: name.into(),
         })
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// What the webhook needs to know about a Connector.

@@ -465,8 +465,8 @@ fn run() -> Result<()> {
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
     println!(
         "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair)",
-        rss_kib(reg_plain.pid()) / 1024,
-        rss_kib(reg_filter.pid()) / 1024
+        procs::rss_kib(reg_plain.pid()) / 1024,
+        procs::rss_kib(reg_filter.pid()) / 1024
     );
 
     pull_table(&work, &minter, &wasm, &skopeo, rounds)?;
@@ -614,17 +614,6 @@ fn token_table(
     Ok(())
 }
 
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn curl(args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "600"]).args(args);
@@ -739,7 +728,7 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
     let mut speeds: Vec<Vec<f64>> = vec![vec![]; cases.len()];
     let mut rss: Vec<(u64, u64)> = cases
         .iter()
-        .map(|(_, _, e)| (rss_kib(e.and_then(|e| e.pid())), 0))
+        .map(|(_, _, e)| (procs::rss_kib(e.and_then(|e| e.pid())), 0))
         .collect();
     for _ in 0..rounds.max(1) {
         for (i, (name, url, _)) in cases.iter().enumerate() {
@@ -763,7 +752,7 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
         }
     }
     for (r, (_, _, e)) in rss.iter_mut().zip(&cases) {
-        r.1 = rss_kib(e.and_then(|e| e.pid()));
+        r.1 = procs::rss_kib(e.and_then(|e| e.pid()));
     }
     println!();
     println!("blob GET of one {mib} MiB layer with curl, {rounds} rounds (median), Distribution upstream (filesystem)");

@@ -32,15 +32,9 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Resident memory in MiB.
 fn rss_mib(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    connector_devkit::procs::rss_kib(pid) as f64 / 1024.0
 }
 
 fn secret_yaml(name: &str, c: &Credentials) -> String {
