@@ -41,7 +41,9 @@ impl Skopeo {
         })
     }
 
-    fn command(&self) -> Command {
+    /// The configured base command (trust policy, temp dir, no stray auth files, a private
+    /// blob-info cache): a caller adds global flags, then the subcommand.
+    pub fn command(&self) -> Command {
         // As root, skopeo keeps its blob-info cache in /var/lib/containers/cache and has no flag to
         // move it. In a private mount namespace we bind our own directory over /var/lib/containers
         // so each work dir has its own cache; where unshare is not permitted we run skopeo as is.

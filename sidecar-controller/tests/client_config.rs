@@ -76,47 +76,14 @@ fn assert_through_proxy(s: &Stack, jwt: &str) -> Recorded {
     seen
 }
 
-/// Mirrors devkit's private `Skopeo::command` (trust policy, temp dir, no stray auth files,
-/// the blob-info cache bound over /var/lib/containers in a private mount namespace when
-/// possible), with the rendered registries.conf as the only registries configuration.
+/// devkit's skopeo (trust policy, temp dir, no stray auth files, private blob-info cache), with
+/// the rendered registries.conf as the only registries configuration.
 fn skopeo(work: &WorkDir, registries_conf: &Path) -> Command {
-    let dir = work.sub("skopeo").unwrap();
-    let policy = dir.join("policy.json");
-    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
-    let tmp = work.sub("skopeo/tmp").unwrap();
-    let cache = work.sub("skopeo/cache").unwrap();
-    let mut cmd = if can_unshare() {
-        let mut c = Command::new("unshare");
-        c.args([
-            "-m",
-            "sh",
-            "-c",
-            r#"mount --bind "$0" /var/lib/containers && exec skopeo "$@""#,
-        ]);
-        c.arg(&cache);
-        c
-    } else {
-        Command::new("skopeo")
-    };
-    cmd.arg("--policy").arg(&policy).arg("--tmpdir").arg(&tmp);
-    cmd.env("REGISTRY_AUTH_FILE", dir.join("auth.json"));
-    cmd.env("DOCKER_CONFIG", &tmp);
+    let mut cmd = connector_devkit::skopeo::Skopeo::new(work).unwrap().command();
     // skopeo 1.9 (Debian 12) ignores CONTAINERS_REGISTRIES_CONF; its hidden global flag
     // `--registries-conf` replaces /etc/containers/registries.conf with the rendered file.
     cmd.arg("--registries-conf").arg(registries_conf);
     cmd
-}
-
-fn can_unshare() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        if std::fs::create_dir_all("/var/lib/containers").is_err() {
-            return false;
-        }
-        let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "sh", "-c", r#"mount --bind "$0" /var/lib/containers"#, "/tmp"]);
-        procs::run(cmd, None).map(|o| o.success).unwrap_or(false)
-    })
 }
 
 fn find(files: &[PathBuf], suffix: &str) -> PathBuf {
