@@ -708,9 +708,7 @@ impl HttpContext for Http {
                         LogLevel::Debug,
                         &format!(
                             "{method} forwarded: connector={} subject={} token_cache_hit={}",
-                            f.response.connector,
-                            f.caller.subject(),
-                            f.cache_hit
+                            f.response.connector, subject, f.cache_hit
                         ),
                     );
                 }
@@ -722,7 +720,7 @@ impl HttpContext for Http {
                     connector: f.response.connector.clone(),
                     namespace: f.namespace,
                     name: f.name,
-                    subject: f.caller.subject(),
+                    subject,
                     check_access: f.check_access,
                     credential: f.credential,
                     cluster: f.cluster,
