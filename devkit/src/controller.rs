@@ -137,6 +137,9 @@ impl Controller {
             .args(["--xds", &format!("127.0.0.1:{}", ports.xds)])
             .args(["--channel", &format!("127.0.0.1:{}", ports.channel)])
             .args(["--ops", &format!("127.0.0.1:{}", ports.ops)])
+            // Every registry and token service of the tests and the demo listens on 127.0.0.1:
+            // this is the one place the operator's opt-in for local upstreams is given.
+            .arg("--allow-local-upstreams")
             .args(args);
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {

@@ -165,7 +165,9 @@ fn access_log() -> Value {
 /// (found by the fault suite: they were plain text, or empty): the upstream could not be reached
 /// (connection failure, reset, timeout, no healthy host, unknown cluster), or the filter has no
 /// configuration (a module Envoy could not load: fail closed, 503 instead of an empty 500).
-pub const UNREACHABLE_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy could not reach the upstream registry (%RESPONSE_FLAGS%): retry later\"}]}\n";
+/// The transport failure reason names a refused upstream certificate (e.g.
+/// `CERTIFICATE_VERIFY_FAILED ... SAN matcher`); it holds no header, so no credential.
+pub const UNREACHABLE_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy could not reach the upstream registry (%RESPONSE_FLAGS%; transport: %UPSTREAM_TRANSPORT_FAILURE_REASON%): retry later\"}]}\n";
 pub const NO_FILTER_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy has no working filter and refuses every request: its log says why\"}]}\n";
 
 fn local_reply_config() -> Value {

@@ -164,7 +164,18 @@ impl Registry {
     pub fn restart(&mut self) -> Result<()> {
         self.proc.stop();
         let log = self.proc.log_path().to_path_buf();
-        self.proc = spawn(&self.cfg_path, &log, self.port)?;
+        let config = std::fs::read_to_string(&self.cfg_path).unwrap_or_default();
+        if config.contains("\n  tls:\n") {
+            // Behind TLS (see `serve_tls`): the certificate files are read again, and the
+            // plain-HTTP readiness check cannot speak to it; the port answering is enough.
+            let mut cmd = Command::new("docker-registry");
+            cmd.arg("serve").arg(&self.cfg_path);
+            let mut proc = Proc::spawn("docker-registry", cmd, &log)?;
+            proc.wait_for_port(self.port, Duration::from_secs(20))?;
+            self.proc = proc;
+        } else {
+            self.proc = spawn(&self.cfg_path, &log, self.port)?;
+        }
         Ok(())
     }
 

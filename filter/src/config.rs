@@ -595,6 +595,23 @@ fn compile_identity(w: &mut Walk<'_>, v: Option<&Value>) -> (Option<TokenPolicy>
     (Some(policy), usize::try_from(cache).unwrap_or(usize::MAX))
 }
 
+/// Checks one JWK exactly as [`compile`] checks each of `identity.jwks.keys`: `Err` lists why
+/// the filter could not verify tokens with it (paths start at `path`). The controller uses it
+/// to skip a cluster's unusable keys (ES512, Ed25519, short RSA) instead of refusing them all.
+pub fn check_jwk(v: &Value, path: &str) -> Result<(), Vec<ConfigError>> {
+    let mut errors = vec![];
+    let mut w = Walk { errors: &mut errors };
+    let compiled = compile_jwk(&mut w, v, path);
+    match (compiled, errors.is_empty()) {
+        (Some(_), true) => Ok(()),
+        (_, false) => Err(errors),
+        (None, true) => Err(vec![ConfigError {
+            path: path.to_string(),
+            message: "not a usable key".into(),
+        }]),
+    }
+}
+
 fn b64url_len(s: &str) -> Option<usize> {
     URL_SAFE_NO_PAD.decode(s).ok().map(|b| b.len())
 }
@@ -1294,6 +1311,29 @@ mod tests {
             errors.iter().any(|e| e.path == "identity.jwks.keys[1].alg"),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn check_jwk_accepts_what_compile_accepts_and_explains_the_rest() {
+        let good = doc()["identity"]["jwks"]["keys"][0].clone();
+        assert!(check_jwk(&good, "k").is_ok());
+        for (key, path) in [
+            (
+                serde_json::json!({"kty": "EC", "crv": "P-521", "kid": "a", "x": "AA", "y": "AA"}),
+                "k.crv",
+            ),
+            (
+                serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "b", "x": "AA"}),
+                "k.kty",
+            ),
+            (
+                serde_json::json!({"kty": "RSA", "kid": "c", "n": URL_SAFE_NO_PAD.encode([0xc5u8; 128]), "e": "AQAB"}),
+                "k.n",
+            ),
+        ] {
+            let errors = check_jwk(&key, "k").unwrap_err();
+            assert!(errors.iter().any(|e| e.path == path), "{key}: {errors:?}");
+        }
     }
 
     #[test]

@@ -87,14 +87,44 @@ pub async fn fetch(client: &kube::Client) -> Result<(String, Value), IdentityErr
         })?
         .to_string();
     let jwks = get_json(client, "/openid/v1", "jwks", JWKS).await?;
-    let keys = jwks.get("keys").and_then(Value::as_array);
-    if keys.is_none_or(|k| k.is_empty()) {
-        return Err(IdentityError::Invalid {
-            path: JWKS,
-            why: "no keys".into(),
-        });
-    }
+    let jwks = usable_keys(&jwks).map_err(|why| IdentityError::Invalid { path: JWKS, why })?;
     Ok((issuer, jwks))
+}
+
+/// The key set with only the keys the filter can verify tokens with (its own check,
+/// `connector_filter::config::check_jwk`): an ES512, Ed25519 or 1024-bit RSA key, or a repeated
+/// `kid`, is skipped with a warning instead of making every later configuration fail. Tokens
+/// signed with a skipped key are refused like any unknown key. `Err` when no key is usable.
+pub fn usable_keys(jwks: &Value) -> Result<Value, String> {
+    let Some(keys) = jwks.get("keys").and_then(Value::as_array).filter(|k| !k.is_empty()) else {
+        return Err("no keys".into());
+    };
+    let mut kept: Vec<Value> = vec![];
+    let mut problems = vec![];
+    for (i, key) in keys.iter().enumerate() {
+        let kid = key.get("kid").and_then(Value::as_str).unwrap_or_default();
+        let why = match connector_filter::config::check_jwk(key, &format!("keys[{i}]")) {
+            Ok(()) if kept.iter().any(|k| k.get("kid").and_then(Value::as_str) == Some(kid)) => {
+                format!("keys[{i}].kid: key id {kid:?} appears twice; the first is used")
+            }
+            Ok(()) => {
+                kept.push(key.clone());
+                continue;
+            }
+            Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        };
+        // Public keys only: nothing secret in the reason.
+        tracing::warn!(kid, reason = %why, "skipping a key of the cluster's JWKS the proxy cannot use");
+        problems.push(why);
+    }
+    if kept.is_empty() {
+        return Err(format!(
+            "none of its {} key(s) is usable by the proxy: {}",
+            keys.len(),
+            problems.join("; ")
+        ));
+    }
+    Ok(json!({ "keys": kept }))
 }
 
 /// The filter's `identity` object.
@@ -167,6 +197,41 @@ pub async fn run(client: kube::Client, settings: IdentitySettings, hub: Hub, tx:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The example configuration's key: an RSA key the filter accepts.
+    fn good_key() -> Value {
+        let example: Value = serde_json::from_str(include_str!("../../envoy/connectors.example.json")).unwrap();
+        example["identity"]["jwks"]["keys"][0].clone()
+    }
+
+    #[test]
+    fn unusable_keys_are_skipped_and_only_no_usable_key_is_refused() {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let es512 = json!({"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "es512", "x": b64(&[7; 66]), "y": b64(&[8; 66])});
+        let ed25519 = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": b64(&[9; 32])});
+        let rsa1024 = json!({"kty": "RSA", "kid": "rsa1024", "n": b64(&[0xc5; 128]), "e": "AQAB"});
+        let good = good_key();
+        let jwks = json!({ "keys": [es512.clone(), ed25519.clone(), good.clone(), rsa1024.clone(), good.clone()] });
+        let kept = usable_keys(&jwks).unwrap();
+        assert_eq!(kept, json!({ "keys": [good] }), "only the usable key, once");
+        // The kept set is one the filter's validator takes.
+        let config = json!({
+            "identity": identity_object("https://kubernetes.default.svc", &["oci-connector".into()], &kept),
+            "connectors": [{"namespace": "demo", "name": "r", "address": "http://r", "cluster": "c",
+                "credential": {"fromController": "v1"}}],
+            "controller": {"cluster": "connector_controller"},
+        });
+        let compiled = connector_filter::config::compile(config.to_string().as_bytes(), &|_| None);
+        assert!(compiled.is_ok(), "{:?}", compiled.err());
+
+        let e = usable_keys(&json!({ "keys": [es512, ed25519, rsa1024] })).unwrap_err();
+        assert!(e.starts_with("none of its 3 key(s) is usable"), "{e}");
+        for why in ["keys[0].crv", "keys[1].kty", "keys[2].n"] {
+            assert!(e.contains(why), "{why} in {e}");
+        }
+        assert_eq!(usable_keys(&json!({ "keys": [] })).unwrap_err(), "no keys");
+    }
 
     #[test]
     fn identity_object_has_the_filter_shape() {

@@ -16,17 +16,22 @@ const USAGE: &str = "usage:
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 500]
-        [--upstream-ca /etc/ssl/certs/ca-certificates.crt]
+        [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
+        [--host-grants <namespace>=<host or *.suffix>[,...]]
       File mode: a watched directory of Connector and Secret manifests. Both modes:
-      The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY when set
-      (Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
+      The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
+      in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
+      Upstreams on loopback, link-local or the pod's own address are refused unless
+      --allow-local-upstreams; the controller's own ports always. In API mode spec.hosts must
+      be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
   connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
         [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>] [--skip-verify]
         [--format docker,containerd,buildkit,registries,daemon] --out <dir>
       Client configuration for a connector: docker config.json, containerd hosts.toml,
       buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json.
   connector-controller crd
-  connector-controller render --manifests <dir> --identity <file.json> --out <dir>";
+  connector-controller render --manifests <dir> --identity <file.json> --out <dir>
+        [--upstream-ca /etc/ssl/certs/ca-certificates.crt]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,13 +57,14 @@ fn main() -> ExitCode {
 }
 
 fn render(args: &[String]) -> ExitCode {
-    let (mut manifests, mut identity, mut out) = (None, None, None);
+    let (mut manifests, mut identity, mut out, mut ca) = (None, None, None, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
             "--manifests" => &mut manifests,
             "--identity" => &mut identity,
             "--out" => &mut out,
+            "--upstream-ca" => &mut ca,
             _ => {
                 eprintln!("connector-controller render: unknown argument {flag:?}\n{USAGE}");
                 return ExitCode::from(2);
@@ -83,16 +89,21 @@ fn render(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rendered.write(&out) {
+    let ca = ca.map_or_else(
+        || connector_controller::xds::SYSTEM_CA_BUNDLE.to_string(),
+        |p| p.display().to_string(),
+    );
+    match rendered.write_with_ca(&out, &ca) {
         Ok(w) => {
             // Counts and paths only: the env file's values stay in the env file.
             println!(
-                "rendered {} connector(s), {} cluster(s): {}, {} (mode 0600), {}",
+                "rendered {} connector(s), {} cluster(s): {}, {} (mode 0600), {}, {}",
                 rendered.filter_config["connectors"].as_array().map_or(0, Vec::len),
                 rendered.clusters.len(),
                 w.filter_config.display(),
                 w.env.display(),
-                w.clusters.display()
+                w.clusters.display(),
+                w.envoy_clusters.display()
             );
             ExitCode::SUCCESS
         }
@@ -127,6 +138,7 @@ const KUBE_FLAGS: &[&str] = &[
     "--identity-min-interval-seconds",
     "--access-allow-ttl-seconds",
     "--access-deny-ttl-seconds",
+    "--host-grants",
 ];
 
 /// Where desired state comes from.
@@ -141,7 +153,7 @@ enum Source {
 fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
-    let (mut kube, mut strict) = (false, false);
+    let (mut kube, mut strict, mut allow_local) = (false, false, false);
     // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
     let split: Vec<String> = args
         .iter()
@@ -155,6 +167,7 @@ fn serve(args: &[String]) -> ExitCode {
         match flag.as_str() {
             "--kube" => kube = true,
             "--strict-proxy-subresource" => strict = true,
+            "--allow-local-upstreams" => allow_local = true,
             f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
@@ -255,6 +268,40 @@ fn serve(args: &[String]) -> ExitCode {
     };
     init_logging();
     let channel_key = std::env::var(CHANNEL_KEY_ENV).ok().filter(|k| !k.is_empty());
+    if kube && channel_key.is_none() {
+        eprintln!(
+            "connector-controller serve: {CHANNEL_KEY_ENV} must be set in API mode (and in Envoy's environment): without a key, any process in the pod could read every registry credential from the channel"
+        );
+        return ExitCode::from(2);
+    }
+    let mut grants = vec![];
+    for g in get("--host-grants", "")
+        .split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
+        match g.split_once('=') {
+            Some((ns, host)) if !ns.is_empty() && !host.is_empty() => {
+                grants.push((ns.to_string(), host.to_ascii_lowercase()))
+            }
+            _ => {
+                eprintln!("connector-controller serve: --host-grants {g:?}: expected <namespace>=<host or *.suffix>");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let tenancy = connector_controller::pipeline::Tenancy {
+        tenants: kube,
+        host_grants: grants,
+        allow_local_upstreams: allow_local,
+        own_ports: vec![],
+        // The pod's IP, when the Deployment passes it (downward API `status.podIP`).
+        own_addresses: std::env::var("POD_IP")
+            .ok()
+            .and_then(|ip| ip.parse().ok())
+            .into_iter()
+            .collect(),
+    };
     let settings = serve::ServeSettings {
         xds,
         channel,
@@ -272,6 +319,7 @@ fn serve(args: &[String]) -> ExitCode {
         },
         channel_key,
         upstream_ca: get("--upstream-ca", connector_controller::xds::SYSTEM_CA_BUNDLE),
+        tenancy,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -308,6 +356,9 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
         Source::Kube { url, settings: kube } => {
             // kube and reqwest use rustls with ring; install it as the process default once.
             let _ = rustls::crypto::ring::default_provider().install_default();
+            // The probes trust what Envoy's clusters trust.
+            connector_controller::probe::use_upstream_ca(&settings.upstream_ca)
+                .map_err(|e| anyhow::anyhow!("--upstream-ca: {e}"))?;
             let config = match url {
                 Some(u) => kube::Config::new(u.parse().map_err(|e| anyhow::anyhow!("--kube-url {u:?}: {e}"))?),
                 None => kube::Config::infer()

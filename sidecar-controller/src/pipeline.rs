@@ -36,6 +36,101 @@ pub struct ChannelSettings {
     pub key_env: Option<String>,
 }
 
+/// What Connector authors may claim, as the operator sets it (README "Trust model"). File mode:
+/// the operator wrote every manifest, nobody is a tenant. API mode: whoever may create a
+/// Connector in a namespace is a tenant of that namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Tenancy {
+    /// Connector authors are tenants: `spec.hosts` must lie in the namespace's own Service
+    /// domain (`*.<namespace>.svc[.<suffix>]`) or be granted in `host_grants`, and
+    /// `spec.tokenRealms[].cluster` is refused (the controller names every cluster).
+    pub tenants: bool,
+    /// Extra `spec.hosts` names an operator grants a namespace: `(namespace, host)`, the host
+    /// exact or `*.<suffix>` (any name under the suffix).
+    pub host_grants: Vec<(String, String)>,
+    /// Upstreams (`spec.address`, `spec.tokenRealms`) on loopback, link-local or unspecified
+    /// addresses are allowed (`--allow-local-upstreams`: a registry beside the proxy in a
+    /// test or a single-host set-up). Off, they are refused: a Connector author must not
+    /// point the proxy's credentials at the pod itself or at a cloud metadata service.
+    pub allow_local_upstreams: bool,
+    /// The pod's own ports (the controller's xDS, channel and ops listeners, Envoy's): refused
+    /// on any local address or `own_addresses`, flag or not.
+    pub own_ports: Vec<u16>,
+    /// The pod's own addresses besides loopback (its IP, `POD_IP`; the listeners' addresses).
+    pub own_addresses: Vec<std::net::IpAddr>,
+}
+
+/// Loopback (127/8, ::1, `localhost`), link-local (169.254/16 with the metadata services,
+/// fe80::/10) and unspecified addresses, and IPv4 mapped into IPv6 the same.
+pub fn local_address(host: &str) -> Option<&'static str> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Some("loopback");
+    }
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        _ if ip.is_loopback() => Some("loopback"),
+        _ if ip.is_unspecified() => Some("unspecified"),
+        std::net::IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some("link-local"),
+        _ => None,
+    }
+}
+
+impl Tenancy {
+    /// Why the proxy must not send a Connector's credential to `cluster`, if it must not.
+    pub fn refuse_upstream(&self, cluster: &UpstreamCluster) -> Option<String> {
+        let local = local_address(&cluster.host);
+        let own_address = cluster
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| self.own_addresses.contains(&ip));
+        let target = format!("{}:{}", cluster.host, cluster.port);
+        if (local.is_some() || own_address) && self.own_ports.contains(&cluster.port) {
+            return Some(format!(
+                "{target} is one of the proxy pod's own ports (its controller or Envoy): an upstream must be a registry"
+            ));
+        }
+        if own_address && !self.allow_local_upstreams {
+            return Some(format!(
+                "{target} is the proxy pod's own address: an upstream must be a registry elsewhere"
+            ));
+        }
+        match local {
+            Some(kind) if !self.allow_local_upstreams => Some(format!(
+                "{target} is a {kind} address, which the proxy does not send credentials to unless an operator starts the controller with --allow-local-upstreams"
+            )),
+            _ => None,
+        }
+    }
+
+    /// Why namespace `ns` may not list `host` in `spec.hosts`, if it may not.
+    pub fn refuse_host(&self, ns: &str, host: &str) -> Option<String> {
+        if !self.tenants {
+            return None;
+        }
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let own = format!(".{ns}.svc");
+        let in_own_domain = host.ends_with(&own) || host.contains(&format!("{own}."));
+        let granted = self.host_grants.iter().any(|(granted_ns, pattern)| {
+            granted_ns == ns
+                && match pattern.strip_prefix("*.") {
+                    Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+                    None => host == pattern.to_ascii_lowercase(),
+                }
+        });
+        (!in_own_domain && !granted).then(|| {
+            format!(
+                "host {host:?} is outside namespace {ns}'s own names (*.{ns}.svc...) and not granted to it: ask an operator to add --host-grant {ns}={host}, or remove it"
+            )
+        })
+    }
+}
+
 /// The result of one render: what goes to Envoy, and what stays in the controller.
 #[derive(Clone)]
 pub struct Rendering {
@@ -98,16 +193,29 @@ impl Default for Revisions {
 
 /// Renders `inputs`. `Err` only for problems of the whole (the identity settings, or a
 /// configuration the filter would refuse for reasons no single connector explains).
+///
+/// Connectors are taken oldest first (creation time, then namespace and name): when two claim
+/// one host name or cluster name, the newer claimant is left out with the conflict as its
+/// problem, and the older one keeps serving.
 pub fn render_live(
     inputs: &Inputs,
     channel: &ChannelSettings,
     revisions: &Revisions,
+    tenancy: &Tenancy,
 ) -> Result<Rendering, Vec<Problem>> {
     let mut left_out: BTreeMap<ConnectorKey, Vec<Problem>> = BTreeMap::new();
     let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
     let mut credentials = HashMap::new();
     let mut entries: Vec<(ConnectorKey, String, Value, Vec<UpstreamCluster>)> = vec![];
-    for (at, c) in &inputs.set.connectors {
+    let mut ordered: Vec<&(crate::manifests::Location, crate::crd::Connector)> = inputs.set.connectors.iter().collect();
+    // Stable: connectors without a creation time (file mode) keep their file order.
+    ordered.sort_by_key(|(_, c)| {
+        c.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| (t.0, c.metadata.namespace.clone(), c.metadata.name.clone()))
+    });
+    for (at, c) in ordered {
         let key = (
             c.metadata.namespace.clone().unwrap_or_default(),
             c.metadata.name.clone().unwrap_or_default(),
@@ -116,6 +224,9 @@ pub fn render_live(
         let upstream = Upstream::parse(&c.spec.address)
             .map_err(|e| problems.push(Problem::new(at, "spec.address", e)))
             .ok();
+        if let Some(why) = upstream.as_ref().and_then(|u| tenancy.refuse_upstream(&cluster_for(u))) {
+            problems.push(Problem::new(at, "spec.address", why));
+        }
         let secret_name = &c.spec.auth.secret_ref.name;
         let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
         let outcome = credential_from_secret(&key.0, secret_name, inputs.set.secret(&key.0, secret_name), authority);
@@ -126,14 +237,28 @@ pub fn render_live(
                 format!("{}: {}", outcome.condition.reason.as_str(), outcome.condition.message),
             ));
         }
+        for (i, host) in c.spec.hosts.iter().enumerate() {
+            if let Some(why) = tenancy.refuse_host(&key.0, host) {
+                problems.push(Problem::new(at, format!("spec.hosts[{i}]"), why));
+            }
+        }
         let mut own_clusters = vec![];
         let mut realms = vec![];
         for (i, realm) in c.spec.token_realms.iter().enumerate() {
             match realm_origin(&realm.url) {
                 Ok(u) => {
                     let mut cl = cluster_for(&u);
-                    if let Some(named) = &realm.cluster {
-                        cl.name.clone_from(named);
+                    match &realm.cluster {
+                        Some(_) if tenancy.tenants => problems.push(Problem::new(
+                            at,
+                            format!("spec.tokenRealms[{i}].cluster"),
+                            "the controller names the clusters of a Connector's token realms: remove this field",
+                        )),
+                        Some(named) => cl.name.clone_from(named),
+                        None => {}
+                    }
+                    if let Some(why) = tenancy.refuse_upstream(&cl) {
+                        problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), why));
                     }
                     realms.push(json!({ "url": realm.url, "cluster": cl.name }));
                     own_clusters.push(cl);
@@ -276,6 +401,231 @@ mod tests {
         )
     }
 
+    /// File mode with the test registries' loopback addresses allowed.
+    fn local() -> Tenancy {
+        Tenancy {
+            allow_local_upstreams: true,
+            ..Default::default()
+        }
+    }
+
+    fn connector_in(ns: &str, name: &str, address: &str, created: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}\nspec:\n  address: '{address}'\n  auth: {{name: basicAuth, secretRef: {{name: robot}}}}\n  connectorClassName: oci\n{extra}---\n"
+        )
+    }
+
+    fn secret_in(ns: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: robot, namespace: {ns}}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: pw}}\n---\n"
+        )
+    }
+
+    fn why(r: &Rendering, ns: &str, name: &str) -> String {
+        r.left_out
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            .unwrap_or_default()
+    }
+
+    /// Issue 12 item 5: host names are scoped to the Connector's namespace or granted by an
+    /// operator; token realm clusters are the controller's; a conflict leaves out the newer
+    /// claimant, never the older connector.
+    #[test]
+    fn tenants_claim_only_their_own_names_and_the_older_connector_keeps_a_name() {
+        let api = Tenancy {
+            tenants: true,
+            host_grants: vec![("team-b".into(), "*.registry.example".into())],
+            allow_local_upstreams: false,
+            ..Default::default()
+        };
+        let yaml = [
+            // The victim, older, with its own name.
+            connector_in(
+                "team-a",
+                "victim",
+                "https://harbor.example",
+                "2026-01-01T00:00:00Z",
+                "  hosts: [registry.team-a.svc.cluster.local]\n",
+            ),
+            // A newer Connector of team-a claims the same name: left out, the victim stays.
+            connector_in(
+                "team-a",
+                "late",
+                "https://other.example",
+                "2026-02-01T00:00:00Z",
+                "  hosts: [registry.team-a.svc.cluster.local]\n",
+            ),
+            // team-b lists team-a's names (its default host name and a listed one): refused.
+            connector_in(
+                "team-b",
+                "thief",
+                "https://harbor.example",
+                "2025-01-01T00:00:00Z",
+                "  hosts: [c-victim-connector.team-a.svc.cluster.local]\n",
+            ),
+            connector_in(
+                "team-b",
+                "thief2",
+                "https://harbor.example",
+                "2025-01-01T00:00:00Z",
+                "  hosts: [registry.team-a.svc.cluster.local]\n",
+            ),
+            // Granted to team-b by the operator.
+            connector_in(
+                "team-b",
+                "granted",
+                "https://harbor.example",
+                "2026-03-01T00:00:00Z",
+                "  hosts: [pull.registry.example]\n",
+            ),
+            // A tenant names a token realm's cluster: refused.
+            connector_in(
+                "team-b",
+                "realm",
+                "https://harbor.example",
+                "2026-03-01T00:00:00Z",
+                "  tokenRealms: [{url: 'https://auth.example/token', cluster: connector_controller}]\n",
+            ),
+            secret_in("team-a"),
+            secret_in("team-b"),
+        ]
+        .concat();
+        let r = render_live(
+            &inputs(&yaml, Authorization::Controller),
+            &channel(),
+            &Revisions::new(),
+            &api,
+        )
+        .unwrap();
+        let served: Vec<&str> = r.connectors.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(served, ["victim", "granted"], "{:#?}", r.left_out);
+        assert!(
+            why(&r, "team-a", "late").contains("registry.team-a.svc.cluster.local"),
+            "{}",
+            why(&r, "team-a", "late")
+        );
+        for thief in ["thief", "thief2"] {
+            let w = why(&r, "team-b", thief);
+            assert!(w.contains("spec.hosts[0]") && w.contains("--host-grant"), "{w}");
+        }
+        let w = why(&r, "team-b", "realm");
+        assert!(w.contains("spec.tokenRealms[0].cluster"), "{w}");
+
+        // The same order whichever way the documents come: the older one wins.
+        let reversed = [
+            connector_in(
+                "team-a",
+                "late",
+                "https://other.example",
+                "2026-02-01T00:00:00Z",
+                "  hosts: [registry.team-a.svc.cluster.local]\n",
+            ),
+            connector_in(
+                "team-a",
+                "victim",
+                "https://harbor.example",
+                "2026-01-01T00:00:00Z",
+                "  hosts: [registry.team-a.svc.cluster.local]\n",
+            ),
+            secret_in("team-a"),
+        ]
+        .concat();
+        let r = render_live(
+            &inputs(&reversed, Authorization::Controller),
+            &channel(),
+            &Revisions::new(),
+            &api,
+        )
+        .unwrap();
+        let served: Vec<&str> = r.connectors.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(served, ["victim"], "{:#?}", r.left_out);
+
+        // File mode has no tenants: the operator's realm cluster and hosts are taken as written.
+        let file = [connector("a", "https://harbor.example", "robot"), secret("robot", "pw")]
+            .concat()
+            .replace(
+                "connectorClassName: oci\n",
+                "connectorClassName: oci\n  hosts: [registry.internal]\n",
+            );
+        let r = render_live(
+            &inputs(&file, Authorization::Rules),
+            &channel(),
+            &Revisions::new(),
+            &Tenancy::default(),
+        )
+        .unwrap();
+        assert_eq!(r.connectors.len(), 1, "{:#?}", r.left_out);
+    }
+
+    /// Issue 12 item 7: no credential to loopback, link-local (metadata services) or the pod's
+    /// own ports unless an operator allows local upstreams; the controller's ports never.
+    #[test]
+    fn local_and_own_upstreams_are_refused_unless_allowed() {
+        let strict = Tenancy {
+            own_ports: vec![18001],
+            own_addresses: vec!["10.1.2.3".parse().unwrap()],
+            ..Default::default()
+        };
+        let allowed = Tenancy {
+            allow_local_upstreams: true,
+            ..strict.clone()
+        };
+        let cases = [
+            ("http://127.0.0.1:5000", "", Some("loopback"), None),
+            ("http://localhost:5000", "", Some("loopback"), None),
+            ("http://[::1]:5000", "", Some("loopback"), None),
+            ("http://[::ffff:127.0.0.1]:5000", "", Some("loopback"), None),
+            ("http://169.254.169.254", "", Some("link-local"), None),
+            ("http://[fe80::1]:80", "", Some("link-local"), None),
+            ("http://0.0.0.0:5000", "", Some("unspecified"), None),
+            ("http://10.1.2.3:5000", "", Some("own address"), None),
+            ("http://127.0.0.1:18001", "", Some("own ports"), Some("own ports")),
+            ("http://10.1.2.3:18001", "", Some("own ports"), Some("own ports")),
+            (
+                "https://harbor.example",
+                "  tokenRealms: [{url: 'http://127.0.0.1:18001/v1/credentials/demo/a'}]\n",
+                Some("own ports"),
+                Some("own ports"),
+            ),
+            (
+                "https://harbor.example",
+                "  tokenRealms: [{url: 'http://169.254.169.254/latest'}]\n",
+                Some("link-local"),
+                None,
+            ),
+            ("https://harbor.example:18001", "", None, None),
+            ("http://10.0.0.7:5000", "", None, None),
+        ];
+        for (address, extra, refused_strict, refused_allowed) in cases {
+            let yaml = [
+                connector("a", address, "robot").replace(
+                    "connectorClassName: oci\n",
+                    &format!("connectorClassName: oci\n{extra}"),
+                ),
+                secret("robot", "pw"),
+            ]
+            .concat();
+            for (tenancy, want) in [(&strict, refused_strict), (&allowed, refused_allowed)] {
+                let r = render_live(
+                    &inputs(&yaml, Authorization::Rules),
+                    &channel(),
+                    &Revisions::new(),
+                    tenancy,
+                )
+                .unwrap();
+                let w = why(&r, "demo", "a");
+                match want {
+                    None => assert_eq!(r.connectors.len(), 1, "{address} {extra}: {w}"),
+                    Some(kind) => {
+                        assert!(r.connectors.is_empty(), "{address} {extra} must be refused ({kind})");
+                        assert!(w.contains(kind), "{address} {extra}: {w}");
+                    }
+                }
+            }
+        }
+    }
+
     fn channel() -> ChannelSettings {
         ChannelSettings {
             cluster: "connector_controller".into(),
@@ -296,6 +646,7 @@ mod tests {
             &inputs(&yaml, Authorization::Rules),
             &channel(),
             &Revisions::with_key([7; 32]),
+            &local(),
         )
         .unwrap();
         let good = ("demo".to_string(), "good".to_string());
@@ -326,6 +677,7 @@ mod tests {
                 &inputs(&yaml, Authorization::Controller),
                 &channel(),
                 &Revisions::with_key([key; 32]),
+                &local(),
             )
             .unwrap();
             r.filter_config["connectors"][0]["credential"]["fromController"]
@@ -344,7 +696,13 @@ mod tests {
 
     #[test]
     fn no_connectors_is_a_valid_configuration_and_a_bad_identity_refuses_the_whole() {
-        let r = render_live(&inputs("", Authorization::Rules), &channel(), &Revisions::new()).unwrap();
+        let r = render_live(
+            &inputs("", Authorization::Rules),
+            &channel(),
+            &Revisions::new(),
+            &local(),
+        )
+        .unwrap();
         assert!(r.connectors.is_empty());
         assert_eq!(r.filter_config["connectors"], json!([]));
         let mut i = inputs(
@@ -356,7 +714,7 @@ mod tests {
             Authorization::Rules,
         );
         i.identity = json!({"issuers": []});
-        let problems = render_live(&i, &channel(), &Revisions::new()).unwrap_err();
+        let problems = render_live(&i, &channel(), &Revisions::new(), &local()).unwrap_err();
         assert!(problems.iter().any(|p| p.path.contains("identity")), "{problems:?}");
     }
 }

@@ -1,6 +1,8 @@
 //! Owns the controller's own look at a connector's upstream: `LivenessReady` (does `/v2/`
 //! answer like a registry?) and `AuthReady` (does the Secret's credential log in, the way
-//! `docker login` does it?). Real HTTP with reqwest, 5 s per request.
+//! `docker login` does it?). Real HTTP with reqwest, 5 s per request. https upstreams are
+//! trusted exactly as Envoy trusts them: the CA bundle of `--upstream-ca` (Debian's by default,
+//! never built-in roots) and a certificate that names the address's host.
 //!
 //! The credential goes to the registry itself and, for a Bearer challenge, only to a token
 //! realm on the registry's own `host[:port]` or one the connector lists in `spec.tokenRealms`:
@@ -55,22 +57,80 @@ impl std::fmt::Display for ProbeError {
 
 impl std::error::Error for ProbeError {}
 
-/// One client for every probe (connection pools are per client). Redirects are not followed:
-/// `/v2/` answers directly, and a redirect must not carry the credential anywhere.
+/// The client every probe uses, set once by [`use_upstream_ca`]; until then, one validating
+/// against Debian's CA bundle (Envoy's default too).
+static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+
+/// Makes the probes validate https upstreams against `ca_bundle` (PEM), the file Envoy's
+/// clusters use (`--upstream-ca`), with the same name rule: the certificate must name the
+/// address's host (DNS or IP SAN). Call once at start-up, before any probe. Fails when the file
+/// cannot be read or holds no certificate.
+pub fn use_upstream_ca(ca_bundle: &str) -> Result<(), String> {
+    let client = client_with_ca(ca_bundle)?;
+    // Set once; a second call (tests) keeps the first client.
+    let _ = CLIENT.set(client);
+    Ok(())
+}
+
+/// A probe client trusting exactly the certificates in `ca_bundle`: no built-in roots, so the
+/// controller trusts what Envoy trusts and nothing more. rustls checks the certificate's name
+/// against the URL's host, as Envoy's SAN matcher does. Redirects are not followed: `/v2/`
+/// answers directly, and a redirect must not carry the credential anywhere.
+pub fn client_with_ca(ca_bundle: &str) -> Result<reqwest::Client, String> {
+    // reqwest is built without a default crypto provider; kube uses ring too. Installing
+    // twice fails harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca_bundle).map_err(|e| format!("cannot read the upstream CA bundle {ca_bundle}: {e}"))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("the upstream CA bundle {ca_bundle} is not PEM certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("the upstream CA bundle {ca_bundle} holds no certificate"));
+    }
+    let mut builder = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent("connector-controller-probe")
+        .tls_built_in_root_certs(false);
+    for c in certs {
+        builder = builder.add_root_certificate(c);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("the upstream CA bundle {ca_bundle}: {}", chain(&e)))
+}
+
 fn client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        // reqwest is built without a default crypto provider; kube uses ring too. Installing
-        // twice fails harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent("connector-controller-probe")
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new())
+        client_with_ca(crate::xds::SYSTEM_CA_BUNDLE).unwrap_or_else(|e| {
+            // No bundle: no https upstream is trusted (each probe says why), never a silent default.
+            tracing::warn!(error = %e, "https upstreams cannot be verified by the probes");
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .connect_timeout(TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .tls_built_in_root_certs(false)
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new())
+        })
     })
+}
+
+/// An error with its causes (reqwest's own text names only the URL; the cause says e.g. which
+/// certificate check failed). Never holds a header.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn base_url(address: &str) -> String {
@@ -78,25 +138,36 @@ fn base_url(address: &str) -> String {
 }
 
 fn unreachable(what: &str, url: &str, e: &reqwest::Error) -> ProbeError {
+    let detail = chain(e);
     let why = if e.is_timeout() {
         format!("did not answer within {} s", TIMEOUT.as_secs())
+    } else if detail.contains("certificate") {
+        "failed TLS verification (the certificate must come from the upstream CA bundle and name the address's host)"
+            .to_string()
     } else if e.is_connect() {
         "refused or failed the connection".to_string()
     } else {
         "failed the request".to_string()
     };
-    // reqwest's error text names the URL and the I/O cause, never a header.
+    // reqwest's error text names the URL and the I/O or TLS cause, never a header.
     ProbeError::new(
         UPSTREAM_UNREACHABLE,
-        format!("{what} {url} {why} ({e}); check spec.address and that the registry is reachable from the controller"),
+        format!(
+            "{what} {url} {why} ({detail}); check spec.address and that the registry is reachable from the controller"
+        ),
     )
 }
 
 /// `GET <address>/v2/` without credentials: `200` (open) or `401` (asks for credentials) is a
 /// live registry; anything else is not.
 pub async fn liveness(address: &str) -> Result<(), ProbeError> {
+    liveness_with(client(), address).await
+}
+
+/// [`liveness`] with a given client (see [`client_with_ca`]).
+pub async fn liveness_with(client: &reqwest::Client, address: &str) -> Result<(), ProbeError> {
     let url = base_url(address);
-    let r = client()
+    let r = client
         .get(&url)
         .send()
         .await
@@ -126,8 +197,18 @@ fn basic(c: &Credential) -> String {
 /// `token_realms`) must hand out a token for the credential, and `GET /v2/` with that token
 /// must answer 200. An open registry (200 without credentials) logs anyone in.
 pub async fn login(address: &str, credential: &Credential, token_realms: &[TokenRealm]) -> Result<(), ProbeError> {
+    login_with(client(), address, credential, token_realms).await
+}
+
+/// [`login`] with a given client (see [`client_with_ca`]).
+pub async fn login_with(
+    client: &reqwest::Client,
+    address: &str,
+    credential: &Credential,
+    token_realms: &[TokenRealm],
+) -> Result<(), ProbeError> {
     let url = base_url(address);
-    let r = client()
+    let r = client
         .get(&url)
         .send()
         .await
@@ -149,13 +230,13 @@ pub async fn login(address: &str, credential: &Credential, token_realms: &[Token
         ));
     };
     match scheme.as_str() {
-        "basic" => with_authorization(&url, &basic(credential), "the Secret's credential").await,
+        "basic" => with_authorization(client, &url, &basic(credential), "the Secret's credential").await,
         "bearer" => {
             let realm = params.get("realm").cloned().unwrap_or_default();
             let service = params.get("service").cloned().unwrap_or_default();
             check_realm(address, &realm, token_realms)?;
-            let token = fetch_token(&realm, &service, credential).await?;
-            with_authorization(&url, &token, "a token the registry's token service issued").await
+            let token = fetch_token(client, &realm, &service, credential).await?;
+            with_authorization(client, &url, &token, "a token the registry's token service issued").await
         }
         other => Err(ProbeError::new(
             CHALLENGE_UNSUPPORTED,
@@ -166,8 +247,13 @@ pub async fn login(address: &str, credential: &Credential, token_realms: &[Token
     }
 }
 
-async fn with_authorization(url: &str, authorization: &str, what: &str) -> Result<(), ProbeError> {
-    let r = client()
+async fn with_authorization(
+    client: &reqwest::Client,
+    url: &str,
+    authorization: &str,
+    what: &str,
+) -> Result<(), ProbeError> {
+    let r = client
         .get(url)
         .header(AUTHORIZATION, authorization)
         .send()
@@ -208,7 +294,12 @@ pub fn check_realm(address: &str, realm: &str, token_realms: &[TokenRealm]) -> R
     if listed { Ok(()) } else { Err(refused()) }
 }
 
-async fn fetch_token(realm: &str, service: &str, credential: &Credential) -> Result<String, ProbeError> {
+async fn fetch_token(
+    client: &reqwest::Client,
+    realm: &str,
+    service: &str,
+    credential: &Credential,
+) -> Result<String, ProbeError> {
     let mut url = realm.to_string();
     let mut sep = if url.contains('?') { '&' } else { '?' };
     for (k, v) in [("service", service), ("account", credential.username.as_str())] {
@@ -220,7 +311,7 @@ async fn fetch_token(realm: &str, service: &str, credential: &Credential) -> Res
             sep = '&';
         }
     }
-    let r = client()
+    let r = client
         .get(&url)
         .header(AUTHORIZATION, basic(credential))
         .send()

@@ -24,6 +24,8 @@ use crate::secrets::{Credential, credential_from_secret};
 pub const FILTER_CONFIG_FILE: &str = "filter-config.json";
 pub const ENV_FILE: &str = "connectors.env";
 pub const CLUSTERS_FILE: &str = "clusters.json";
+/// The same clusters as Envoy configuration (`static_resources.clusters`), TLS and name checks included.
+pub const ENVOY_CLUSTERS_FILE: &str = "envoy-clusters.json";
 
 /// An Envoy cluster the filter configuration refers to: one per upstream origin (registry or
 /// token realm).
@@ -38,6 +40,72 @@ pub struct UpstreamCluster {
     /// SNI for TLS to a host name; none for IP literals (SNI carries names only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
+}
+
+/// The name an https upstream's certificate must carry, as a subject alternative name. Envoy's
+/// cluster (CDS and [`ENVOY_CLUSTERS_FILE`]) and the controller's own probes check the same
+/// name: a certificate from a trusted CA for another host is refused, so whoever steers DNS or
+/// sits on the path cannot collect the connector's credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifiedName {
+    /// A host name: a DNS SAN equal to it (RFC 6125 wildcards in the certificate apply).
+    Dns(String),
+    /// An IP literal (IPv6 without brackets): an IP SAN equal to it.
+    Ip(String),
+}
+
+impl UpstreamCluster {
+    /// What the upstream's certificate must name; none for plain HTTP.
+    pub fn verified_name(&self) -> Option<VerifiedName> {
+        if !self.tls {
+            return None;
+        }
+        Some(if self.host.parse::<std::net::IpAddr>().is_ok() {
+            VerifiedName::Ip(self.host.clone())
+        } else {
+            VerifiedName::Dns(self.host.clone())
+        })
+    }
+
+    /// The cluster as Envoy's static configuration takes it (`static_resources.clusters[]`, v3
+    /// JSON): what the controller sends over CDS (`xds::cluster_resource`), for `render` mode.
+    pub fn envoy_json(&self, ca_bundle: &str) -> Value {
+        let discovery = if self.host.parse::<std::net::IpAddr>().is_ok() {
+            "STATIC"
+        } else {
+            "LOGICAL_DNS"
+        };
+        let mut c = json!({
+            "name": self.name,
+            "type": discovery,
+            "connect_timeout": "5s",
+            "dns_lookup_family": "V4_PREFERRED",
+            "load_assignment": {
+                "cluster_name": self.name,
+                "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                    "address": self.host, "port_value": self.port,
+                } } } }] }],
+            },
+        });
+        if let Some(name) = self.verified_name() {
+            let (san_type, value) = match name {
+                VerifiedName::Dns(v) => ("DNS", v),
+                VerifiedName::Ip(v) => ("IP_ADDRESS", v),
+            };
+            let mut tls = json!({
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": { "validation_context": {
+                    "trusted_ca": { "filename": ca_bundle },
+                    "match_typed_subject_alt_names": [{ "san_type": san_type, "matcher": { "exact": value } }],
+                } },
+            });
+            if let Some(sni) = &self.sni {
+                tls["sni"] = json!(sni);
+            }
+            c["transport_socket"] = json!({ "name": "envoy.transport_sockets.tls", "typed_config": tls });
+        }
+        c
+    }
 }
 
 /// What `render` produces. `Debug` shows variable names, never their values.
@@ -257,7 +325,9 @@ pub(crate) fn realm_origin(url: &str) -> Result<Upstream, String> {
     Upstream::parse(&format!("{scheme}://{authority}"))
 }
 
-/// One cluster per origin, named after it so two connectors on one registry share it.
+/// One cluster per origin, named after it so two connectors on one registry share it. The name
+/// is readable (`upstream_<scheme>_<host with . - : as _>_<port>`) and ends with a 64-bit hash
+/// of the exact origin, so two origins never share a name (`a-b` and `a.b` did).
 pub fn cluster_for(u: &Upstream) -> UpstreamCluster {
     let tls = u.scheme == "https";
     let default_port = if tls { 443 } else { 80 };
@@ -270,8 +340,15 @@ pub fn cluster_for(u: &Upstream) -> UpstreamCluster {
     };
     let port = port.unwrap_or(default_port);
     let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let host = host.to_ascii_lowercase();
+    let origin = format!("{}://{host}:{port}", u.scheme);
+    let digest: String = <sha2::Sha256 as sha2::Digest>::digest(origin.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     UpstreamCluster {
-        name: format!("upstream_{}_{}_{port}", u.scheme, sanitize(&host).to_ascii_lowercase()),
+        name: format!("upstream_{}_{}_{port}_{digest}", u.scheme, sanitize(&host)),
         sni: (tls && !is_ip).then(|| host.clone()),
         host,
         port,
@@ -297,25 +374,37 @@ pub struct Written {
     pub filter_config: PathBuf,
     pub env: PathBuf,
     pub clusters: PathBuf,
+    pub envoy_clusters: PathBuf,
 }
 
 impl Rendered {
     /// Writes the three files into `out` (created if missing). Each file is written beside its
     /// final name and renamed into place, so a reader never sees half a file; the env file is
     /// created with mode 0600 so the credentials are never readable by others, not even briefly.
+    /// https upstreams are validated against Debian's CA bundle.
     pub fn write(&self, out: &Path) -> std::io::Result<Written> {
+        self.write_with_ca(out, crate::xds::SYSTEM_CA_BUNDLE)
+    }
+
+    /// As [`Rendered::write`], with https upstreams validated against `ca_bundle` (a PEM file
+    /// as Envoy's filesystem sees it) in [`ENVOY_CLUSTERS_FILE`].
+    pub fn write_with_ca(&self, out: &Path, ca_bundle: &str) -> std::io::Result<Written> {
         std::fs::create_dir_all(out)?;
         let config = serde_json::to_vec_pretty(&self.filter_config).map_err(std::io::Error::other)?;
         let clusters = serde_json::to_vec_pretty(&self.clusters).map_err(std::io::Error::other)?;
+        let envoy_clusters: Vec<Value> = self.clusters.iter().map(|c| c.envoy_json(ca_bundle)).collect();
+        let envoy_clusters = serde_json::to_vec_pretty(&envoy_clusters).map_err(std::io::Error::other)?;
         let env: String = self.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         let written = Written {
             filter_config: out.join(FILTER_CONFIG_FILE),
             env: out.join(ENV_FILE),
             clusters: out.join(CLUSTERS_FILE),
+            envoy_clusters: out.join(ENVOY_CLUSTERS_FILE),
         };
         write_atomically(&written.filter_config, &config, 0o644)?;
         write_atomically(&written.env, env.as_bytes(), 0o600)?;
         write_atomically(&written.clusters, &clusters, 0o644)?;
+        write_atomically(&written.envoy_clusters, &envoy_clusters, 0o644)?;
         Ok(written)
     }
 }
@@ -386,25 +475,35 @@ mod tests {
         );
         let r = run(&text).unwrap();
         let c = &r.filter_config["connectors"];
-        assert_eq!(c[0]["cluster"], "upstream_https_harbor_example_com_443");
+        let named = |v: &Value, prefix: &str| {
+            v.as_str()
+                .is_some_and(|n| n.starts_with(&format!("{prefix}_")) && n.len() == prefix.len() + 17)
+        };
+        assert!(
+            named(&c[0]["cluster"], "upstream_https_harbor_example_com_443"),
+            "{}",
+            c[0]["cluster"]
+        );
         assert_eq!(
             c[0]["credential"],
             json!({"usernameEnv": "CONNECTOR_DEMO_HARBOR_USERNAME", "passwordEnv": "CONNECTOR_DEMO_HARBOR_PASSWORD"})
         );
-        assert_eq!(c[0]["tokenRealms"][0]["cluster"], "upstream_https_auth_example_com_443");
+        assert!(named(
+            &c[0]["tokenRealms"][0]["cluster"],
+            "upstream_https_auth_example_com_443"
+        ));
         assert_eq!(c[0]["allowedServiceAccounts"], json!(["build/kaniko"]));
-        assert_eq!(c[1]["cluster"], "upstream_http_127_0_0_1_5000");
+        assert!(named(&c[1]["cluster"], "upstream_http_127_0_0_1_5000"));
         assert!(c[1].get("hosts").is_none());
         assert_eq!(r.filter_config["identity"], identity());
-        let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "upstream_http_127_0_0_1_5000",
-                "upstream_https_auth_example_com_443",
-                "upstream_https_harbor_example_com_443"
-            ]
-        );
+        let names: Vec<Value> = r.clusters.iter().map(|c| json!(c.name)).collect();
+        for (n, prefix) in names.iter().zip([
+            "upstream_http_127_0_0_1_5000",
+            "upstream_https_auth_example_com_443",
+            "upstream_https_harbor_example_com_443",
+        ]) {
+            assert!(named(n, prefix), "{n} is not {prefix}_<hash>");
+        }
         assert_eq!(r.clusters[2].sni.as_deref(), Some("harbor.example.com"));
         assert!(!r.clusters[0].tls && r.clusters[0].sni.is_none());
         assert_eq!(r.env.len(), 4);
@@ -419,6 +518,7 @@ mod tests {
 
     #[test]
     fn bad_sets_are_refused_with_every_problem_located() {
+        let r_cluster = cluster_for(&Upstream::parse("http://r").unwrap()).name;
         let cases: Vec<(&str, String, Vec<&str>)> = vec![
             (
                 "secret missing",
@@ -444,12 +544,15 @@ mod tests {
                     connector(
                         "a",
                         "http://r",
-                        "  tokenRealms: [{url: 'https://auth.example.com/t', cluster: upstream_http_r_80}]\n"
+                        &format!("  tokenRealms: [{{url: 'https://auth.example.com/t', cluster: {r_cluster}}}]\n")
                     )
                 ),
-                vec![
-                    "m.yaml document 0: spec.tokenRealms[0]: cluster upstream_http_r_80 would reach auth.example.com:443",
-                ],
+                vec![Box::leak(
+                    format!(
+                        "m.yaml document 0: spec.tokenRealms[0]: cluster {r_cluster} would reach auth.example.com:443"
+                    )
+                    .into_boxed_str(),
+                )],
             ),
             (
                 "env variable names collide",
@@ -491,6 +594,68 @@ mod tests {
     }
 
     #[test]
+    fn envoy_clusters_verify_the_upstream_name() {
+        let named = cluster_for(&Upstream::parse("https://harbor.example.com").unwrap());
+        let v = named.envoy_json("/ca.pem");
+        let tls = &v["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "harbor.example.com");
+        let validation = &tls["common_tls_context"]["validation_context"];
+        assert_eq!(validation["trusted_ca"]["filename"], "/ca.pem");
+        assert_eq!(
+            validation["match_typed_subject_alt_names"],
+            json!([{ "san_type": "DNS", "matcher": { "exact": "harbor.example.com" } }])
+        );
+        assert_eq!(v["type"], "LOGICAL_DNS");
+        let ip = cluster_for(&Upstream::parse("https://10.0.0.1:8443").unwrap());
+        let v = ip.envoy_json("/ca.pem");
+        let tls = &v["transport_socket"]["typed_config"];
+        assert!(tls.get("sni").is_none(), "SNI carries names only");
+        assert_eq!(
+            tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"],
+            json!([{ "san_type": "IP_ADDRESS", "matcher": { "exact": "10.0.0.1" } }])
+        );
+        assert_eq!(v["type"], "STATIC");
+        assert_eq!(
+            named.verified_name(),
+            Some(VerifiedName::Dns("harbor.example.com".into()))
+        );
+        assert_eq!(cluster_for(&Upstream::parse("http://r").unwrap()).verified_name(), None);
+    }
+
+    #[test]
+    fn cluster_names_are_injective() {
+        let names: Vec<String> = [
+            "http://a-b.example",
+            "http://a.b.example",
+            "https://a-b.example",
+            "http://a-b.example:8080",
+            "http://[::1]:5000",
+            "http://[::1]:5000",
+            "http://127.0.0.1:5000",
+        ]
+        .iter()
+        .map(|a| cluster_for(&Upstream::parse(a).unwrap()).name)
+        .collect();
+        let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+        // The two [::1]:5000 are one origin, one cluster; everything else differs.
+        assert_eq!(names[4], names[5]);
+        assert_eq!(distinct.len(), names.len() - 1, "{names:#?}");
+        assert!(names[0].starts_with("upstream_http_a_b_example_80_"), "{}", names[0]);
+
+        // Two connectors whose hosts sanitize alike are both served, each on its own cluster.
+        let text = format!(
+            "{}{}{SECRET}",
+            connector("one", "http://a-b.example", ""),
+            connector("two", "http://a.b.example", "")
+        );
+        let r = run(&text).unwrap();
+        let c = &r.filter_config["connectors"];
+        assert_eq!(c.as_array().unwrap().len(), 2);
+        assert_ne!(c[0]["cluster"], c[1]["cluster"]);
+        assert_eq!(r.clusters.len(), 2);
+    }
+
+    #[test]
     fn clusters_per_origin() {
         for (address, name, host, port, sni) in [
             (
@@ -518,7 +683,12 @@ mod tests {
         ] {
             let c = cluster_for(&Upstream::parse(address).unwrap());
             assert_eq!(
-                (c.name.as_str(), c.host.as_str(), c.port, c.sni.as_deref()),
+                (
+                    c.name.get(..c.name.len() - 17).unwrap_or_default(),
+                    c.host.as_str(),
+                    c.port,
+                    c.sni.as_deref()
+                ),
                 (name, host, port, sni),
                 "{address}"
             );
@@ -541,6 +711,12 @@ mod tests {
                 .is_ok()
         );
         let clusters: Value = serde_json::from_slice(&std::fs::read(&w.clusters).unwrap()).unwrap();
-        assert_eq!(clusters[0]["name"], "upstream_http_r_80");
+        assert_eq!(
+            clusters[0]["name"],
+            json!(cluster_for(&Upstream::parse("http://r").unwrap()).name)
+        );
+        let envoy: Value = serde_json::from_slice(&std::fs::read(&w.envoy_clusters).unwrap()).unwrap();
+        assert_eq!(envoy[0]["name"], clusters[0]["name"]);
+        assert!(envoy[0].get("transport_socket").is_none(), "plain HTTP");
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::channel::{AccessCheck, Channel, Credentials};
 use crate::hub::{Hub, Published};
 use crate::ops::Metrics;
-use crate::pipeline::{ChannelSettings, Revisions, render_live};
+use crate::pipeline::{ChannelSettings, Revisions, Tenancy, render_live};
 use crate::xds::{Ads, Snapshot, WasmSettings};
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct ServeSettings {
     pub wasm: WasmSettings,
     /// CA bundle (PEM file, as Envoy's filesystem sees it) for https upstreams.
     pub upstream_ca: String,
+    /// What Connector authors may claim (hosts, token realm clusters, upstream addresses).
+    pub tenancy: Tenancy,
 }
 
 /// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
@@ -38,6 +40,7 @@ pub struct ServeSettings {
 pub async fn pipeline(
     hub: Hub,
     channel: ChannelSettings,
+    tenancy: Tenancy,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     credentials: watch::Sender<Credentials>,
 ) {
@@ -48,7 +51,7 @@ pub async fn pipeline(
     loop {
         let current = inputs.borrow_and_update().clone();
         if let Some(i) = current {
-            match render_live(&i, &channel, &revisions) {
+            match render_live(&i, &channel, &revisions, &tenancy) {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
                     let config = r.filter_config.to_string();
@@ -170,9 +173,18 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
     }
     let (snap_tx, snap_rx) = watch::channel(None);
     let (cred_tx, cred_rx) = watch::channel(Credentials::default());
+    // The controller's own listeners are never an upstream.
+    let mut tenancy = settings.tenancy.clone();
+    for a in [settings.xds, settings.channel, settings.ops] {
+        tenancy.own_ports.push(a.port());
+        if !a.ip().is_loopback() && !a.ip().is_unspecified() {
+            tenancy.own_addresses.push(a.ip());
+        }
+    }
     tokio::spawn(pipeline(
         hub.clone(),
         settings.channel_settings.clone(),
+        tenancy,
         snap_tx,
         cred_tx,
     ));

@@ -8,8 +8,12 @@
 //! stays on the last configuration it accepted. Nothing is sent before the first snapshot, so
 //! a restarting controller never pushes an empty or partial configuration.
 //!
-//! Clusters go first and the filter configuration only once Envoy has acknowledged them, so a
-//! new connector's filter entry never names a cluster Envoy does not have yet.
+//! Make before break: the filter configuration goes only once Envoy has acknowledged every
+//! cluster it names, so a new connector's entry never names a cluster Envoy lacks; and a cluster
+//! goes away only after Envoy accepted a filter configuration that no longer names it, so the
+//! configuration Envoy runs never loses its clusters. The cluster set sent is the snapshot's plus
+//! those of the filter configuration Envoy runs (and of one in flight). A NACK of either stops
+//! nothing: the next snapshot is pushed as usual.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -18,18 +22,19 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AsyncDataSource, DataSource, SocketAddress, TransportSocket, TypedExtensionConfig, address,
-    async_data_source, data_source, socket_address, transport_socket,
+    Address, AsyncDataSource, BackoffStrategy, DataSource, SocketAddress, TransportSocket, TypedExtensionConfig,
+    address, async_data_source, data_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, UpstreamTlsContext, common_tls_context,
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context,
+    subject_alt_name_matcher,
 };
 use envoy_types::pb::envoy::extensions::wasm::v3::{
-    EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig, plugin_config,
+    EnvironmentVariables, FailurePolicy, PluginConfig, ReloadConfig, VmConfig, plugin_config,
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -37,6 +42,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, StringValue};
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -46,7 +52,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::hub::Hub;
 use crate::ops::TypeLabel;
-use crate::render::UpstreamCluster;
+use crate::render::{UpstreamCluster, VerifiedName};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ECDS_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -120,6 +126,9 @@ pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str) -> Cluster {
                             specifier: Some(data_source::Specifier::Filename(ca_bundle.into())),
                             ..Default::default()
                         }),
+                        // Envoy checks the certificate's name only when told to: without this
+                        // any certificate of a trusted CA would do, for any host.
+                        match_typed_subject_alt_names: san_matcher(c).into_iter().collect(),
                         ..Default::default()
                     },
                 )),
@@ -150,6 +159,23 @@ pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str) -> Cluster {
     }
 }
 
+/// The exact SAN the upstream's certificate must carry (DNS names: RFC 6125 wildcards in the
+/// certificate apply), the one [`UpstreamCluster::verified_name`] says.
+fn san_matcher(c: &UpstreamCluster) -> Option<SubjectAltNameMatcher> {
+    let (san_type, value) = match c.verified_name()? {
+        VerifiedName::Dns(v) => (subject_alt_name_matcher::SanType::Dns, v),
+        VerifiedName::Ip(v) => (subject_alt_name_matcher::SanType::IpAddress, v),
+    };
+    Some(SubjectAltNameMatcher {
+        san_type: san_type as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(value)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensionConfig {
     let plugin = PluginConfig {
         name: FILTER_CONFIG_NAME.into(),
@@ -172,8 +198,17 @@ pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensi
         configuration: Some(any(&StringValue {
             value: filter_config.to_string(),
         })),
-        // An auth filter must never fail open: a broken VM answers 503.
-        failure_policy: FailurePolicy::FailClosed as i32,
+        // An auth filter must never fail open. FAIL_RELOAD fails closed too (Envoy's 503, as
+        // OCI JSON through the bootstrap's local reply mapper) but only while the VM is down: a
+        // trapped VM is replaced after the backoff instead of failing every request until
+        // Envoy restarts (tests/tests/vm_containment.rs).
+        failure_policy: FailurePolicy::FailReload as i32,
+        reload_config: Some(ReloadConfig {
+            backoff: Some(BackoffStrategy {
+                base_interval: Some(duration(1)),
+                max_interval: Some(duration(10)),
+            }),
+        }),
         ..Default::default()
     };
     let wasm = Wasm { config: Some(plugin) };
@@ -245,8 +280,10 @@ impl AggregatedDiscoveryService for Ads {
             sent: HashMap::new(),
             subscribed: Default::default(),
             nonce: 0,
-            clusters_version: None,
-            acked_clusters: None,
+            clusters_sent: None,
+            clusters_acked: vec![],
+            filter_live: vec![],
+            filter_pending: None,
         };
         tokio::spawn(session.run(incoming));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -270,10 +307,15 @@ struct Session {
     sent: HashMap<String, (u64, String)>,
     subscribed: std::collections::BTreeSet<String>,
     nonce: u64,
-    /// The cluster set last sent, to skip sending an unchanged one.
-    clusters_version: Option<Vec<UpstreamCluster>>,
-    /// Snapshot version whose clusters Envoy acknowledged.
-    acked_clusters: Option<u64>,
+    /// The cluster set last sent (sorted by name), to skip sending an unchanged one.
+    clusters_sent: Option<Vec<UpstreamCluster>>,
+    /// The cluster set Envoy last acknowledged: what it has.
+    clusters_acked: Vec<UpstreamCluster>,
+    /// Clusters named by the filter configuration Envoy last accepted: kept until a newer one
+    /// that does not name them is accepted.
+    filter_live: Vec<UpstreamCluster>,
+    /// Clusters named by the filter configuration sent and not answered yet (its version).
+    filter_pending: Option<(u64, Vec<UpstreamCluster>)>,
 }
 
 impl Session {
@@ -336,6 +378,10 @@ impl Session {
             return Ok(());
         }
         if let Some(err) = req.error_detail {
+            if type_url == ECDS_TYPE {
+                // Envoy keeps running the configuration it had: its clusters stay.
+                self.filter_pending = None;
+            }
             let message = err.message;
             tracing::warn!(resource = label, version, %message, "Envoy rejected the configuration (NACK); it keeps the last one it accepted");
             self.ads
@@ -351,9 +397,12 @@ impl Session {
         }
         tracing::debug!(resource = label, version, "Envoy acknowledged");
         if type_url == CLUSTER_TYPE {
-            self.acked_clusters = Some(version);
+            self.clusters_acked = self.clusters_sent.clone().unwrap_or_default();
             // The filter configuration waited for these clusters.
             return self.push().await;
+        }
+        if let Some((_, clusters)) = self.filter_pending.take() {
+            self.filter_live = clusters;
         }
         self.ads.hub.set_proxy(|p| {
             p.accepted = Some(p.accepted.map_or(version, |a| a.max(version)));
@@ -361,34 +410,50 @@ impl Session {
                 p.rejected = None;
             }
         });
-        Ok(())
+        // Clusters only the previous configuration named can go now.
+        self.push().await
     }
 
-    /// Sends what the current snapshot changes, clusters before the filter configuration.
+    /// The clusters Envoy must have: the snapshot's, plus those of the filter configuration it
+    /// runs and of one in flight (make before break). Sorted by name; the snapshot's definition
+    /// wins for a name both have.
+    fn wanted_clusters(&self, snap: &Snapshot) -> Vec<UpstreamCluster> {
+        let mut wanted: std::collections::BTreeMap<&str, &UpstreamCluster> =
+            snap.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+        let pending = self.filter_pending.iter().flat_map(|(_, c)| c.iter());
+        for c in self.filter_live.iter().chain(pending) {
+            wanted.entry(c.name.as_str()).or_insert(c);
+        }
+        wanted.into_values().cloned().collect()
+    }
+
+    /// Sends what the current snapshot changes: clusters first, the filter configuration once
+    /// Envoy has every cluster it names.
     async fn push(&mut self) -> Result<(), ()> {
         let Some(snap) = self.current() else {
             return Ok(());
         };
-        if self.subscribed.contains(CLUSTER_TYPE) && self.clusters_version.as_ref() != Some(&snap.clusters) {
-            let resources = snap
-                .clusters
-                .iter()
-                .map(|c| any(&cluster_resource(c, &self.ads.ca_bundle)))
-                .collect();
-            self.send(CLUSTER_TYPE, snap.version, resources).await?;
-            self.clusters_version = Some(snap.clusters.clone());
-            return Ok(());
+        let cds = self.subscribed.contains(CLUSTER_TYPE);
+        if cds {
+            let wanted = self.wanted_clusters(&snap);
+            if self.clusters_sent.as_ref() != Some(&wanted) {
+                let resources = wanted
+                    .iter()
+                    .map(|c| any(&cluster_resource(c, &self.ads.ca_bundle)))
+                    .collect();
+                self.send(CLUSTER_TYPE, snap.version, resources).await?;
+                self.clusters_sent = Some(wanted);
+                return Ok(());
+            }
         }
-        if self.subscribed.contains(CLUSTER_TYPE)
-            && self.acked_clusters.is_none()
-            && self.sent.contains_key(CLUSTER_TYPE)
-        {
-            // Clusters sent, not yet acknowledged: the filter configuration waits.
-            return Ok(());
-        }
-        if self.subscribed.contains(ECDS_TYPE) && self.sent.get(ECDS_TYPE).map(|(v, _)| *v) != Some(snap.version) {
+        let sent_filter = self.sent.get(ECDS_TYPE).map(|(v, _)| *v);
+        // Clusters Envoy refused (NACK) or has not acknowledged yet: the filter configuration
+        // that names them waits for a snapshot whose clusters Envoy takes.
+        let clusters_ready = !cds || snap.clusters.iter().all(|c| self.clusters_acked.contains(c));
+        if self.subscribed.contains(ECDS_TYPE) && sent_filter != Some(snap.version) && clusters_ready {
             let resource = any(&filter_resource(&snap.filter_config, &self.ads.wasm));
             self.send(ECDS_TYPE, snap.version, vec![resource]).await?;
+            self.filter_pending = Some((snap.version, snap.clusters.clone()));
         }
         Ok(())
     }
@@ -397,17 +462,19 @@ impl Session {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let label = if type_url == CLUSTER_TYPE { "clusters" } else { "filter" };
+        // A snapshot may need two cluster sets (make, then break): each gets its own version.
+        let version_info = match self.sent.get(type_url) {
+            Some((v, _)) if *v == version => format!("{version}.{nonce}"),
+            _ => version.to_string(),
+        };
         let response = DiscoveryResponse {
-            version_info: version.to_string(),
+            version_info,
             resources,
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
             ..Default::default()
         };
         self.sent.insert(type_url.to_string(), (version, nonce));
-        if type_url == CLUSTER_TYPE {
-            self.acked_clusters = None;
-        }
         self.ads
             .hub
             .metrics
@@ -459,6 +526,49 @@ mod tests {
             v.trusted_ca.unwrap().specifier,
             Some(data_source::Specifier::Filename("/ca.pem".into())),
             "upstream certificates are validated"
+        );
+        assert_eq!(
+            v.match_typed_subject_alt_names.len(),
+            1,
+            "the certificate's name is checked"
+        );
+        let san = &v.match_typed_subject_alt_names[0];
+        assert_eq!(san.san_type, subject_alt_name_matcher::SanType::Dns as i32);
+        assert_eq!(
+            san.matcher.as_ref().unwrap().match_pattern,
+            Some(string_matcher::MatchPattern::Exact("harbor.example.com".into()))
+        );
+
+        // An https IP literal: no SNI (names only), but the certificate must name the address.
+        let https_ip = UpstreamCluster {
+            name: "upstream_https_10_0_0_1_8443".into(),
+            host: "10.0.0.1".into(),
+            port: 8443,
+            tls: true,
+            sni: None,
+        };
+        let c = cluster_resource(&https_ip, "/ca.pem");
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = c.transport_socket.unwrap().config_type else {
+            panic!("typed TLS config")
+        };
+        let tls = <UpstreamTlsContext as prost::Message>::decode(any.value.as_slice()).unwrap();
+        assert_eq!(tls.sni, "");
+        let Some(common_tls_context::ValidationContextType::ValidationContext(v)) =
+            tls.common_tls_context.unwrap().validation_context_type
+        else {
+            panic!("a validation context")
+        };
+        assert_eq!(
+            v.match_typed_subject_alt_names[0].san_type,
+            subject_alt_name_matcher::SanType::IpAddress as i32
+        );
+        assert_eq!(
+            v.match_typed_subject_alt_names[0]
+                .matcher
+                .as_ref()
+                .unwrap()
+                .match_pattern,
+            Some(string_matcher::MatchPattern::Exact("10.0.0.1".into()))
         );
 
         let ip = UpstreamCluster {

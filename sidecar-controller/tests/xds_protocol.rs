@@ -1,7 +1,8 @@
 //! The ADS server's protocol bookkeeping, driven over real gRPC by tonic's generated ADS client
 //! (the same protocol messages Envoy sends): nothing before a snapshot, clusters before the
 //! filter configuration, ACKs move `ProxyState::accepted`, a NACK is recorded with its message
-//! and counted and nothing is resent, stale nonces are ignored. Envoy itself is exercised end to
+//! and counted and nothing is resent, stale nonces are ignored; a NACK freezes nothing, and
+//! clusters go only after the filter stops naming them. Envoy itself is exercised end to
 //! end in `tests/tests/controller_xds.rs`; a NACK is hard to provoke from a real Envoy on
 //! purpose, which is why this path is tested here.
 
@@ -178,4 +179,184 @@ async fn acks_nacks_and_ordering() {
     .expect("ACK of version 3 clears the rejection")
     .unwrap();
     assert!(proxy.borrow().connected);
+}
+
+/// An ADS server on a free port and a client stream subscribed to clusters and the filter
+/// configuration, as Envoy subscribes.
+async fn start() -> (
+    Hub,
+    watch::Sender<Option<Arc<Snapshot>>>,
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
+    let hub = Hub::new();
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let wasm = WasmSettings {
+        module_path: "/filter.wasm".into(),
+        host_env_keys: vec![],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(CLUSTER_TYPE, "", "", None)).await.unwrap();
+    tx.send(request(ECDS_TYPE, "", "", None)).await.unwrap();
+    (hub, snap_tx, tx, responses)
+}
+
+fn snapshot(version: u64, ports: &[u16]) -> Option<Arc<Snapshot>> {
+    Some(Arc::new(Snapshot {
+        version,
+        clusters: ports.iter().map(|p| cluster(*p)).collect(),
+        filter_config: format!(r#"{{"marker":"v{version}"}}"#),
+    }))
+}
+
+/// The ports of the clusters in a CDS response.
+fn cluster_ports(r: &DiscoveryResponse) -> Vec<u16> {
+    use prost::Message as _;
+    assert_eq!(r.type_url, CLUSTER_TYPE, "expected clusters, got {}", r.type_url);
+    r.resources
+        .iter()
+        .map(|a| {
+            let c = envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice()).unwrap();
+            c.name.rsplit('_').next().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+fn marker(r: &DiscoveryResponse) -> String {
+    assert_eq!(
+        r.type_url, ECDS_TYPE,
+        "expected the filter configuration, got {}",
+        r.type_url
+    );
+    let packed = String::from_utf8_lossy(&r.resources[0].value).into_owned();
+    let at = packed.find("marker").expect("a marker");
+    packed[at..]
+        .chars()
+        .skip(9)
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect()
+}
+
+/// Issue 12 item 11: a CDS NACK does not freeze configuration; clusters are removed only after
+/// Envoy accepted a filter configuration that stops naming them (make before break); after a
+/// filter NACK the clusters of the configuration Envoy still runs stay.
+#[tokio::test]
+async fn cds_nack_does_not_freeze_and_clusters_go_only_after_the_filter_stops_naming_them() {
+    let (hub, snap_tx, tx, mut responses) = start().await;
+    let ack = |r: &DiscoveryResponse| request(&r.type_url, &r.nonce, &r.version_info, None);
+    let nack = |r: &DiscoveryResponse, m: &str| request(&r.type_url, &r.nonce, &r.version_info, Some(m));
+
+    // v1: cluster A (5000).
+    snap_tx.send_replace(snapshot(1, &[5000]));
+    let cds = next(&mut responses).await.expect("clusters of v1");
+    assert_eq!(cluster_ports(&cds), [5000]);
+    tx.send(ack(&cds)).await.unwrap();
+    let ecds = next(&mut responses).await.expect("filter v1");
+    assert_eq!(marker(&ecds), "v1");
+    tx.send(ack(&ecds)).await.unwrap();
+
+    // v2 adds B (5001); Envoy refuses the cluster set. The filter configuration naming B is not sent.
+    snap_tx.send_replace(snapshot(2, &[5000, 5001]));
+    let cds = next(&mut responses).await.expect("clusters of v2");
+    assert_eq!(cluster_ports(&cds), [5000, 5001]);
+    tx.send(nack(&cds, "cluster refused")).await.unwrap();
+    assert!(
+        next(&mut responses).await.is_none(),
+        "no filter configuration naming a refused cluster"
+    );
+    let mut proxy = hub.proxy();
+    tokio::time::timeout(Duration::from_secs(2), proxy.wait_for(|p| p.rejected.is_some()))
+        .await
+        .expect("CDS NACK recorded")
+        .unwrap();
+
+    // v3 (B fixed into C, 5002) goes out in full after the NACK.
+    snap_tx.send_replace(snapshot(3, &[5000, 5002]));
+    let cds = next(&mut responses).await.expect("clusters of v3 after a CDS NACK");
+    assert_eq!(cluster_ports(&cds), [5000, 5002]);
+    tx.send(ack(&cds)).await.unwrap();
+    let ecds = next(&mut responses).await.expect("filter v3 after a CDS NACK");
+    assert_eq!(marker(&ecds), "v3");
+    tx.send(ack(&ecds)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        proxy.wait_for(|p| p.accepted == Some(3) && p.rejected.is_none()),
+    )
+    .await
+    .expect("v3 accepted")
+    .unwrap();
+
+    // v4 drops A: the filter configuration goes first, A is removed only after Envoy accepted it.
+    snap_tx.send_replace(snapshot(4, &[5002]));
+    let ecds = next(&mut responses).await.expect("filter v4 first");
+    assert_eq!(marker(&ecds), "v4");
+    assert!(next(&mut responses).await.is_none(), "A stays while v4 is unanswered");
+    tx.send(ack(&ecds)).await.unwrap();
+    let cds = next(&mut responses).await.expect("A removed after v4 was accepted");
+    assert_eq!(cluster_ports(&cds), [5002]);
+    tx.send(ack(&cds)).await.unwrap();
+
+    // v5 swaps C for D (5003): D is added beside C, then C goes once v5 runs.
+    snap_tx.send_replace(snapshot(5, &[5003]));
+    let cds = next(&mut responses).await.expect("D added");
+    assert_eq!(cluster_ports(&cds), [5002, 5003], "make before break");
+    tx.send(ack(&cds)).await.unwrap();
+    let ecds = next(&mut responses).await.expect("filter v5");
+    assert_eq!(marker(&ecds), "v5");
+    tx.send(ack(&ecds)).await.unwrap();
+    let cds = next(&mut responses).await.expect("C removed");
+    assert_eq!(cluster_ports(&cds), [5003]);
+    tx.send(ack(&cds)).await.unwrap();
+
+    // v6 swaps D for E (5004) and Envoy refuses the filter configuration: it keeps running v5,
+    // so D stays.
+    snap_tx.send_replace(snapshot(6, &[5004]));
+    let cds = next(&mut responses).await.expect("E added");
+    assert_eq!(cluster_ports(&cds), [5003, 5004]);
+    tx.send(ack(&cds)).await.unwrap();
+    let ecds = next(&mut responses).await.expect("filter v6");
+    tx.send(nack(&ecds, "Unable to create Wasm HTTP filter")).await.unwrap();
+    assert!(next(&mut responses).await.is_none(), "D stays: Envoy still runs v5");
+
+    // v7 (back on D only) is pushed after the filter NACK. E, named by no configuration Envoy
+    // runs or will run, goes at once.
+    snap_tx.send_replace(snapshot(7, &[5003]));
+    let cds = next(&mut responses).await.expect("E removed");
+    assert_eq!(cluster_ports(&cds), [5003]);
+    tx.send(ack(&cds)).await.unwrap();
+    let ecds = next(&mut responses).await.expect("filter v7 after a filter NACK");
+    assert_eq!(marker(&ecds), "v7");
+    tx.send(ack(&ecds)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        proxy.wait_for(|p| p.accepted == Some(7) && p.rejected.is_none()),
+    )
+    .await
+    .expect("v7 accepted")
+    .unwrap();
+    let metrics = hub.metrics.render_text();
+    for resource in ["clusters", "filter"] {
+        assert!(
+            metrics.contains(&format!(
+                "connector_controller_xds_nacks_total{{resource=\"{resource}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
 }

@@ -368,6 +368,114 @@ fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
     );
 }
 
+/// Issue 13: a certificate from the trusted CA is not enough, it must name the registry's host.
+/// The registry presents, in turn, a certificate for another host (refused before the first
+/// request reaches it), the right one (served), and the other again once the filter knows the
+/// registry (the forwarded request is refused by Envoy, naming the TLS failure).
+#[test]
+fn an_upstream_certificate_for_another_host_is_refused_even_from_the_trusted_ca() {
+    use connector_devkit::tls::{ServerCert, TestCa};
+    let mut s = setup("controller-tls-name");
+    let creds = s.registry.credentials.clone().unwrap();
+    let ca = TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
+    let right = ca.issue("localhost").unwrap();
+    let other = ca.issue("registry.other.test").unwrap();
+    // The files the registry serves; the test copies one certificate or the other into them.
+    let dir = s.work.sub("served-cert").unwrap();
+    let served = ServerCert {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    let present = |c: &ServerCert| {
+        std::fs::copy(&c.cert, &served.cert).unwrap();
+        std::fs::copy(&c.key, &served.key).unwrap();
+    };
+    present(&other);
+    s.registry.serve_tls(&served).unwrap();
+    let address = format!("https://localhost:{}", s.registry.port);
+    let ca_path = ca.cert.display().to_string();
+    let (controller, envoy, token) = serve(&s, &address, &creds, &["--upstream-ca", &ca_path]);
+    let manifest = || {
+        Request::get(&format!(
+            "/v2/namespaces/{NS}/connectors/registry/{REPO}/manifests/{TAG}"
+        ))
+        .header("Accept", MANIFEST_TYPES)
+        .bearer(&token)
+        .send(envoy.port)
+        .unwrap()
+    };
+    let oci_error = |r: &connector_devkit::http::Response| {
+        let body: serde_json::Value =
+            serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not OCI error JSON ({e}): {}", r.body_text()));
+        (
+            body["errors"][0]["code"].as_str().unwrap_or_default().to_string(),
+            body["errors"][0]["message"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let san_failures = || {
+        let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
+        stats
+            .lines()
+            .filter(|l| l.starts_with("cluster.upstream_https_localhost") && l.contains(".ssl.fail_verify_san: "))
+            .filter_map(|l| l.rsplit(": ").next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+
+    // 1. The impostor from the start: the filter's first look at /v2/ never gets past the handshake.
+    let mut r = manifest();
+    let deadline = Instant::now() + FOLLOW_DEADLINE;
+    while r.status == 403 && Instant::now() < deadline {
+        // The configuration is still on its way.
+        std::thread::sleep(Duration::from_millis(100));
+        r = manifest();
+    }
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    let (code, message) = oci_error(&r);
+    assert_eq!(code, "UNAVAILABLE", "{message}");
+    assert!(message.contains("demo/registry"), "{message}");
+    assert!(
+        san_failures() >= 1,
+        "Envoy refused the certificate's name (ssl.fail_verify_san)"
+    );
+
+    // 2. The right certificate: served, same Envoy, same configuration.
+    present(&right);
+    s.registry.restart().unwrap();
+    until_status(&envoy, "registry", &token, 200);
+    let refused_before = san_failures();
+
+    // 3. The impostor again: the request is forwarded and Envoy's router refuses the upstream,
+    // saying why in an OCI error.
+    present(&other);
+    s.registry.restart().unwrap();
+    let log_seen = std::fs::read_to_string(s.registry.log_path()).unwrap_or_default().len();
+    let r = manifest();
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert_eq!(r.header("content-type"), Some("application/json"), "{}", r.body_text());
+    let (code, message) = oci_error(&r);
+    assert_eq!(code, "UNAVAILABLE", "{message}");
+    assert!(message.contains("could not reach the upstream registry"), "{message}");
+    eprintln!("the impostor, after the filter knew the registry: {message}");
+    assert!(
+        message.contains("CERTIFICATE_VERIFY_FAILED"),
+        "the TLS failure is named: {message}"
+    );
+    assert!(san_failures() > refused_before, "refused for the name");
+    // Nothing reached the impostor: no request line after the handshake failures.
+    let log = std::fs::read_to_string(s.registry.log_path()).unwrap_or_default();
+    let after = log.get(log_seen..).unwrap_or_default();
+    assert!(!after.contains("/v2/"), "a request reached the impostor: {after}");
+
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[
+            ("upstream password".into(), creds.password.clone()),
+            ("client token".into(), token.clone()),
+        ],
+    );
+}
+
 #[test]
 fn a_restarted_controller_pushes_nothing_until_its_manifests_are_good() {
     use connector_devkit::controller::Controller as C;

@@ -357,6 +357,7 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
             key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
         },
         &connector_controller::pipeline::Revisions::new(),
+        &connector_controller::pipeline::Tenancy::default(),
     )
     .unwrap_or_else(|p| panic!("{p:?}"));
     assert_eq!(rendered.connectors.len(), 1, "{:?}", rendered.left_out);

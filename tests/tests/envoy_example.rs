@@ -87,3 +87,25 @@ fn the_xds_bootstrap_loads_and_is_what_the_tests_run() {
         serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.xds.yaml")).unwrap()).unwrap();
     assert_eq!(yaml, connector_devkit::envoy::xds_bootstrap(8080, 9901, 18000, 18001));
 }
+
+/// Envoy checks an upstream certificate's name only when told to: every TLS cluster of the
+/// example names the host its certificate must carry (issue 13).
+#[test]
+fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
+    let yaml: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.example.yaml")).unwrap()).unwrap();
+    let clusters = yaml["static_resources"]["clusters"].as_array().unwrap();
+    let tls: Vec<&Value> = clusters
+        .iter()
+        .filter(|c| c["transport_socket"]["name"] == "envoy.transport_sockets.tls")
+        .collect();
+    assert!(!tls.is_empty(), "the example has an https upstream");
+    for c in tls {
+        let config = &c["transport_socket"]["typed_config"];
+        let host = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"];
+        assert_eq!(&config["sni"], host, "{c}");
+        let sans = &config["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"];
+        assert_eq!(sans[0]["san_type"], "DNS", "{c}");
+        assert_eq!(&sans[0]["matcher"]["exact"], host, "{c}");
+    }
+}
