@@ -21,8 +21,8 @@ const USAGE: &str = "usage:
       File mode: a watched directory of Connector and Secret manifests. Both modes:
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
-      Upstreams on loopback, link-local or the pod's own address are refused unless
-      --allow-local-upstreams; the controller's own ports always. In API mode spec.hosts must
+      Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
+      link-local addresses (cloud metadata) and the controller's own ports always. In API mode spec.hosts must
       be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
   connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
         [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>] [--skip-verify]

@@ -48,10 +48,11 @@ pub struct Tenancy {
     /// Extra `spec.hosts` names an operator grants a namespace: `(namespace, host)`, the host
     /// exact or `*.<suffix>` (any name under the suffix).
     pub host_grants: Vec<(String, String)>,
-    /// Upstreams (`spec.address`, `spec.tokenRealms`) on loopback, link-local or unspecified
-    /// addresses are allowed (`--allow-local-upstreams`: a registry beside the proxy in a
-    /// test or a single-host set-up). Off, they are refused: a Connector author must not
-    /// point the proxy's credentials at the pod itself or at a cloud metadata service.
+    /// Upstreams (`spec.address`, `spec.tokenRealms`) on loopback, unspecified or the pod's
+    /// own addresses are allowed (`--allow-local-upstreams`: a registry beside the proxy in a
+    /// test or a single-host set-up). Off, they are refused: a Connector author must not point
+    /// the proxy's credentials at the pod itself. Link-local addresses (cloud metadata
+    /// services, no registry) are refused either way.
     pub allow_local_upstreams: bool,
     /// The pod's own ports (the controller's xDS, channel and ops listeners, Envoy's): refused
     /// on any local address or `own_addresses`, flag or not.
@@ -101,6 +102,9 @@ impl Tenancy {
             ));
         }
         match local {
+            Some("link-local") => Some(format!(
+                "{target} is a link-local address (cloud metadata services live there, registries do not): the proxy never sends credentials to it"
+            )),
             Some(kind) if !self.allow_local_upstreams => Some(format!(
                 "{target} is a {kind} address, which the proxy does not send credentials to unless an operator starts the controller with --allow-local-upstreams"
             )),
@@ -576,8 +580,8 @@ mod tests {
             ("http://localhost:5000", "", Some("loopback"), None),
             ("http://[::1]:5000", "", Some("loopback"), None),
             ("http://[::ffff:127.0.0.1]:5000", "", Some("loopback"), None),
-            ("http://169.254.169.254", "", Some("link-local"), None),
-            ("http://[fe80::1]:80", "", Some("link-local"), None),
+            ("http://169.254.169.254", "", Some("link-local"), Some("link-local")),
+            ("http://[fe80::1]:80", "", Some("link-local"), Some("link-local")),
             ("http://0.0.0.0:5000", "", Some("unspecified"), None),
             ("http://10.1.2.3:5000", "", Some("own address"), None),
             ("http://127.0.0.1:18001", "", Some("own ports"), Some("own ports")),
@@ -592,7 +596,7 @@ mod tests {
                 "https://harbor.example",
                 "  tokenRealms: [{url: 'http://169.254.169.254/latest'}]\n",
                 Some("link-local"),
-                None,
+                Some("link-local"),
             ),
             ("https://harbor.example:18001", "", None, None),
             ("http://10.0.0.7:5000", "", None, None),

@@ -476,6 +476,61 @@ fn an_upstream_certificate_for_another_host_is_refused_even_from_the_trusted_ca(
     );
 }
 
+/// Issue 12 item 7 through the real binary: a Connector aimed at the controller's own
+/// credential channel, or at the link-local metadata address, is left out with its reason (even
+/// with the tests' `--allow-local-upstreams`, for the channel), while a good Connector added at
+/// the same time is served; the channel never hands out the thief's credential.
+#[test]
+fn connectors_aimed_at_the_pods_own_ports_or_metadata_are_left_out_and_the_others_served() {
+    let s = setup("controller-ssrf");
+    let creds = s.registry.credentials.clone().unwrap();
+    let (controller, envoy, token) = serve(&s, &s.registry.url(), &creds, &[]);
+    until_status(&envoy, "registry", &token, 200);
+    let channel = format!("http://127.0.0.1:{}", controller.ports.channel);
+    put(&s.manifests, "thief.yaml", &connector_yaml("thief", &channel, "robot"));
+    put(
+        &s.manifests,
+        "metadata.yaml",
+        &connector_yaml("metadata", "http://169.254.169.254", "robot"),
+    );
+    put(
+        &s.manifests,
+        "second.yaml",
+        &connector_yaml("second", &s.registry.url(), "robot"),
+    );
+    until_status(&envoy, "second", &token, 200);
+    for left_out in ["thief", "metadata"] {
+        assert_eq!(
+            manifest_status(&envoy, left_out, &token),
+            403,
+            "{left_out} is not served"
+        );
+    }
+    let log = controller.log();
+    assert!(
+        log.contains("one of the proxy pod's own ports"),
+        "the thief's reason is logged: {log}"
+    );
+    assert!(
+        log.contains("169.254.169.254:80 is a link-local address"),
+        "the metadata connector's reason is logged"
+    );
+    assert!(
+        !log.contains("/v1/credentials/demo/thief"),
+        "no credential asked for the thief"
+    );
+    assert_eq!(
+        manifest_status(&envoy, "registry", &token),
+        200,
+        "the others still served"
+    );
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[("upstream password".into(), creds.password.clone())],
+    );
+}
+
 #[test]
 fn a_restarted_controller_pushes_nothing_until_its_manifests_are_good() {
     use connector_devkit::controller::Controller as C;
