@@ -42,7 +42,15 @@ fn fingerprint(s: &FileSettings) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// Reads the directory and the identity file into [`Inputs`]; every problem of both.
 pub fn load(s: &FileSettings) -> Result<Inputs, Vec<Problem>> {
     let set = crate::manifests::load_dir(&s.manifests);
-    let identity = crate::render::read_identity(&s.identity);
+    // As in API mode, a key the proxy cannot use (ES512, Ed25519, short RSA) is skipped with a
+    // warning; the identity is refused only when no key is usable.
+    let identity = crate::render::read_identity(&s.identity).and_then(|mut identity| {
+        if let Some(jwks) = identity.get("jwks").filter(|j| j.get("keys").is_some()) {
+            identity["jwks"] = crate::cluster_identity::usable_keys(jwks)
+                .map_err(|why| Problem::new(s.identity.display(), "jwks", why))?;
+        }
+        Ok(identity)
+    });
     match (set, identity) {
         (Ok(set), Ok(identity)) => Ok(Inputs {
             set,

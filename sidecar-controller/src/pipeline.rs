@@ -515,6 +515,24 @@ mod tests {
         }
         let w = why(&r, "team-b", "realm");
         assert!(w.contains("spec.tokenRealms[0].cluster"), "{w}");
+        // The conflict is reported on the claimant's ProxyReady condition, not on the victim's.
+        let published = crate::hub::Published {
+            version: 1,
+            connectors: r.connectors.clone(),
+            left_out: r.left_out.clone(),
+            refused: vec![],
+        };
+        let state = crate::hub::ProxyState {
+            connected: true,
+            accepted: Some(1),
+            rejected: None,
+        };
+        let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+        let (ok, reason, message) = crate::hub::proxy_ready(&key("team-a", "late"), Some(&published), &state);
+        assert!(!ok && reason == "NotConfigured", "{reason}: {message}");
+        assert!(message.contains("already used by another connector"), "{message}");
+        let (ok, reason, _) = crate::hub::proxy_ready(&key("team-a", "victim"), Some(&published), &state);
+        assert!(ok && reason == "Accepted", "the older connector keeps serving");
 
         // The same order whichever way the documents come: the older one wins.
         let reversed = [

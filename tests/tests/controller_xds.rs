@@ -531,6 +531,63 @@ fn connectors_aimed_at_the_pods_own_ports_or_metadata_are_left_out_and_the_other
     );
 }
 
+/// Issue 12 item 11 through the real binary and Envoy: keys the proxy cannot verify with (an
+/// ES512 key, an Ed25519 key, a 1024-bit RSA key) beside the cluster's usable key are skipped
+/// with a warning, the configuration is served and tokens signed with the usable key verify.
+#[test]
+fn unusable_keys_in_the_key_set_are_skipped_and_the_rest_served() {
+    // base64url of 66 bytes 0x07, 66 bytes 0x08 (P-521 coordinates), 32 bytes 0x09 (an Ed25519
+    // key) and 128 bytes 0xc5 (a 1024-bit modulus).
+    const X521: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH";
+    const Y521: &str = "CAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI";
+    const ED: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk";
+    const N1024: &str = "xcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcXFxcU";
+    let s = setup("controller-jwks");
+    let creds = s.registry.credentials.clone().unwrap();
+    let mut identity: serde_json::Value = serde_json::from_slice(&std::fs::read(&s.identity).unwrap()).unwrap();
+    let usable = identity["jwks"]["keys"].as_array().unwrap().len();
+    let keys = identity["jwks"]["keys"].as_array_mut().unwrap();
+    keys.insert(
+        0,
+        serde_json::json!({"kty": "EC", "crv": "P-521", "alg": "ES512", "kid": "es512", "x": X521, "y": Y521}),
+    );
+    keys.push(serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed25519", "x": ED}));
+    keys.push(serde_json::json!({"kty": "RSA", "kid": "rsa1024", "n": N1024, "e": "AQAB"}));
+    std::fs::write(&s.identity, identity.to_string()).unwrap();
+
+    let (controller, envoy, token) = serve(&s, &s.registry.url(), &creds, &[]);
+    until_status(&envoy, "registry", &token, 200);
+    let log = controller.log();
+    for kid in ["es512", "ed25519", "rsa1024"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("skipping a key") && l.contains(&format!("\"kid\":\"{kid}\""))),
+            "{kid} skipped with a warning: {log}"
+        );
+    }
+    // Only the usable key(s) reached Envoy.
+    let dump = envoy.config_dump().unwrap();
+    assert!(
+        !dump.contains("es512") && !dump.contains("ed25519"),
+        "unusable keys left out"
+    );
+    assert!(usable >= 1);
+
+    // With no usable key at all, the identity is refused and Envoy keeps what it has.
+    identity["jwks"]["keys"] = serde_json::json!([{"kty": "OKP", "crv": "Ed25519", "kid": "only", "x": ED}]);
+    std::fs::write(&s.identity, identity.to_string()).unwrap();
+    let deadline = Instant::now() + FOLLOW_DEADLINE;
+    while !controller.log().contains("none of its 1 key(s) is usable") {
+        assert!(Instant::now() < deadline, "the refusal is logged: {}", controller.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        manifest_status(&envoy, "registry", &token),
+        200,
+        "the previous configuration stays"
+    );
+}
+
 #[test]
 fn a_restarted_controller_pushes_nothing_until_its_manifests_are_good() {
     use connector_devkit::controller::Controller as C;
