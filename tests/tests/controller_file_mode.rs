@@ -129,3 +129,65 @@ fn rendered_manifests_drive_envoy_and_a_pull_succeeds() {
         "the password is in the rendered configuration"
     );
 }
+
+/// `render` writes the clusters as Envoy configuration too (`envoy-clusters.json`), with the
+/// same TLS as CDS: SNI, the CA bundle, and the certificate name checked (a DNS SAN for a host
+/// name, an IP SAN for an IP literal). Envoy loads them.
+#[test]
+fn rendered_envoy_clusters_verify_upstream_names_and_load_in_envoy() {
+    let work = WorkDir::new("render-envoy-clusters").unwrap();
+    let minter = Minter::new(&work.sub("keys").unwrap()).unwrap();
+    let manifests = work.sub("manifests").unwrap();
+    let mut docs = String::new();
+    for (name, address) in [
+        ("harbor", "https://harbor.example.com"),
+        ("byip", "https://10.0.0.1:8443"),
+    ] {
+        docs.push_str(&format!(
+            "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {address}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: robot\n  connectorClassName: oci\n---\n"
+        ));
+    }
+    docs.push_str(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: robot\n  namespace: {NS}\ntype: kubernetes.io/basic-auth\nstringData:\n  username: robot\n  password: not-used\n"
+    ));
+    std::fs::write(manifests.join("all.yaml"), docs).unwrap();
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .unwrap();
+    let rendered = render::render_files(&manifests, &identity).unwrap_or_else(|p| panic!("{p:?}"));
+    let written = rendered
+        .write_with_ca(&work.sub("out").unwrap(), "/etc/ssl/certs/ca-certificates.crt")
+        .unwrap();
+    let clusters: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&written.envoy_clusters).unwrap()).unwrap();
+    assert_eq!(clusters.len(), 2);
+    let sans: Vec<(String, String)> = clusters
+        .iter()
+        .map(|c| {
+            let m = &c["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+                ["match_typed_subject_alt_names"][0];
+            (
+                m["san_type"].as_str().unwrap().to_string(),
+                m["matcher"]["exact"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(sans.contains(&("DNS".into(), "harbor.example.com".into())), "{sans:?}");
+    assert!(sans.contains(&("IP_ADDRESS".into(), "10.0.0.1".into())), "{sans:?}");
+
+    // Envoy takes them as they are.
+    let bootstrap = work.path().join("bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        serde_json::json!({ "static_resources": { "clusters": clusters } }).to_string(),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(connector_devkit::envoy::envoy_binary().unwrap());
+    cmd.args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&bootstrap);
+    let out = connector_devkit::procs::run(cmd, None).unwrap();
+    assert!(out.success, "envoy --mode validate:\n{}{}", out.stdout, out.stderr);
+}
