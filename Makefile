@@ -3,9 +3,10 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo test unit e2e wasm-host bench soak lint fuzz fuzz-smoke
+.PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench soak lint fuzz fuzz-smoke
 
-# Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts names).
+# Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts
+# names, kube-apiserver + kubectl + etcd built once per version from the Go module proxy).
 setup:
 	bash scripts/setup.sh
 
@@ -25,10 +26,11 @@ test: setup wasm unit e2e wasm-host fuzz-smoke
 unit:
 	cargo test
 
-# The e2e tests run the controller binary (xDS to a real Envoy) next to the release module.
+# The e2e tests run the controller binary (xDS to a real Envoy) next to the release module, and
+# the credential provider binary (controller_kube).
 e2e:
 	rm -rf .work
-	cargo build -p connector-controller
+	cargo build -p connector-controller -p connector-credential-provider
 	cargo test -p connector-e2e
 
 # Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.

@@ -76,14 +76,15 @@ impl Controller {
         Ok(c)
     }
 
-    /// API mode: `serve --kube` against the API server at `kube_url` (the stand-in of
-    /// [`crate::kube_api`] in tests), reporting `proxy_url` as the proxy's address. Waits for
-    /// `/readyz` (caches synced, identity read, a configuration rendered).
-    pub fn start_kube(work: &WorkDir, kube_url: &str, proxy_url: &str, args: &[&str]) -> Result<Self> {
-        let mut all = vec!["--kube", "--kube-url", kube_url, "--proxy-url", proxy_url];
+    /// API mode: `serve --kube` against the API server `kubeconfig` names (a real
+    /// kube-apiserver, [`crate::kube::KubeCluster`], in tests), reporting `proxy_url` as the
+    /// proxy's address. Waits for `/readyz` (caches synced, identity read, a configuration
+    /// rendered).
+    pub fn start_kube(work: &WorkDir, kubeconfig: &Path, proxy_url: &str, args: &[&str]) -> Result<Self> {
+        let mut all = vec!["--kube", "--proxy-url", proxy_url];
         all.extend_from_slice(args);
         let (ports, key) = (Ports::free()?, crate::random_secret()?);
-        let mut c = Self::spawn(work, "controller", None, ports, &key, &all)?;
+        let mut c = Self::spawn(work, "controller", None, ports, &key, &all, Some(kubeconfig))?;
         c.wait_ready()?;
         Ok(c)
     }
@@ -110,7 +111,7 @@ impl Controller {
         key: &str,
         args: &[&str],
     ) -> Result<Self> {
-        Self::spawn(work, dir, Some((manifests, identity)), ports, key, args)
+        Self::spawn(work, dir, Some((manifests, identity)), ports, key, args, None)
     }
 
     fn spawn(
@@ -120,6 +121,7 @@ impl Controller {
         ports: Ports,
         key: &str,
         args: &[&str],
+        kubeconfig: Option<&Path>,
     ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
@@ -144,6 +146,9 @@ impl Controller {
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
+        }
+        if let Some(k) = kubeconfig {
+            cmd.env("KUBECONFIG", k);
         }
         cmd.env(CHANNEL_KEY_ENV, key)
             .env("RUST_LOG", "info,connector_controller=debug");

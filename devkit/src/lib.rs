@@ -9,7 +9,7 @@ pub mod controller;
 pub mod envoy;
 pub mod http;
 pub mod image;
-pub mod kube_api;
+pub mod kube;
 pub mod procs;
 pub mod recorder;
 pub mod registry;

@@ -105,3 +105,49 @@ impl TestCa {
         })
     }
 }
+
+impl TestCa {
+    /// A certificate for `subject` (e.g. `/CN=admin/O=system:masters`) with the extension lines
+    /// in `ext` (e.g. `subjectAltName=DNS:localhost,IP:127.0.0.1`), signed by this CA and saved
+    /// as `<file>.crt` / `<file>.key`: the API server's serving and client certificates.
+    pub fn issue_with(&self, file: &str, subject: &str, ext: &str) -> Result<ServerCert> {
+        let (key, csr, cert, extfile) = (
+            format!("{file}.key"),
+            format!("{file}.csr"),
+            format!("{file}.crt"),
+            format!("{file}.ext"),
+        );
+        std::fs::write(self.dir.join(&extfile), format!("{ext}\n")).map_err(|e| format!("write {extfile}: {e}"))?;
+        openssl(
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
+            ],
+            &self.dir,
+        )?;
+        let (ca_cert, ca_key) = (self.cert.display().to_string(), self.key.display().to_string());
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+                "-out",
+                &cert,
+            ],
+            &self.dir,
+        )?;
+        Ok(ServerCert {
+            cert: self.dir.join(cert),
+            key: self.dir.join(key),
+        })
+    }
+}

@@ -7,8 +7,8 @@
 //! - **the reconciler**: a kube-runtime `Controller` for Connectors that also watches Secrets
 //!   (a Secret change reconciles the connectors naming it) and follows what the pipeline
 //!   rendered and what Envoy did with it. A reconcile probes the upstream (liveness, login),
-//!   writes `status.conditions` and `status.proxy.httpAddress.url` (merge patch on `/status`,
-//!   field manager `connector-controller`), and records one Event per condition transition.
+//!   writes `status.conditions` and `status.proxy.httpAddress.url` (server-side apply on
+//!   `/status`, field manager `connector-controller`), and records one Event per condition transition.
 //!
 //! No Secret value is ever logged, written to status or put into an Event.
 
@@ -480,19 +480,20 @@ async fn reconcile(connector: Arc<Connector>, ctx: Arc<Ctx>) -> Result<Action, E
         .and_then(|p| p.http_address.as_ref())
         .map(|a| a.url.as_str());
     if new != old || current_url != Some(url.as_str()) {
+        // Server-side apply under our field manager: the status fields are ours, and a
+        // conflicting writer is overridden (`force`) rather than merged with.
         let patch = json!({
+            "apiVersion": "connectors.alauda.io/v1alpha1",
+            "kind": "Connector",
             "status": {
                 "conditions": new,
                 "proxy": { "httpAddress": { "url": url } },
             }
         });
-        let params = PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..PatchParams::default()
-        };
+        let params = PatchParams::apply(MANAGER).force();
         let connectors: Api<Connector> = Api::namespaced(ctx.client.clone(), &ns);
         connectors
-            .patch_status(&name, &params, &Patch::Merge(&patch))
+            .patch_status(&name, &params, &Patch::Apply(&patch))
             .await
             .map_err(|e| Error::StatusPatch(label.clone(), e))?;
         ctx.state().written.insert(key.clone(), new.clone());

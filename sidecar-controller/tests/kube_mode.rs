@@ -1,6 +1,8 @@
-//! API mode against the stand-in Kubernetes API server (`connector_devkit::kube_api`, the one
-//! permitted stand-in: no API server runs here) with a real `kube::Client`, and real
-//! registries (CNCF Distribution with htpasswd, and with token auth) for the probes.
+//! API mode against a real kube-apiserver (one per test, [`KubeCluster`], with the Connector CRD
+//! installed), reached with a real `kube::Client` authenticated as the controller's
+//! ServiceAccount with the RBAC of `deploy/base`, and real registries (CNCF Distribution with
+//! htpasswd, and with token auth) for the probes. What reached the API server is read from its
+//! audit log.
 //!
 //! The xDS side is played by the test: when Inputs arrive it publishes what the pipeline
 //! would have rendered and sets Envoy's ACK (or NACK) state, exactly through the hub the real
@@ -19,7 +21,7 @@ use connector_controller::manifests::Problem;
 use connector_controller::ops::{Metrics, ResultLabel};
 use connector_controller::secrets::credential_from_secret;
 use connector_devkit::WorkDir;
-use connector_devkit::kube_api::{AccessRule, KubeApi};
+use connector_devkit::kube::KubeCluster;
 use connector_devkit::registry::{Credentials, Registry};
 use connector_devkit::token_server::TokenServer;
 use serde_json::{Value, json};
@@ -28,9 +30,90 @@ const NS: &str = "demo";
 const PROXY: &str = "http://192.168.1.10:31567";
 const CONNECTOR_API: &str = "connectors.alauda.io/v1alpha1";
 
-fn client(api: &KubeApi) -> kube::Client {
+/// A real API server with the CRD and namespace `demo`, and the controller's kubeconfig.
+struct Api {
+    kube: KubeCluster,
+    kubeconfig: std::path::PathBuf,
+}
+
+fn start_api(label: &str) -> Api {
+    let kube = KubeCluster::start(label).unwrap_or_else(|e| panic!("{e}"));
+    kube.install_crd().unwrap();
+    kube.namespace(NS, &[]).unwrap();
+    let kubeconfig = kube.controller_kubeconfig().unwrap();
+    Api { kube, kubeconfig }
+}
+
+impl Api {
+    fn get(&self, name: &str) -> Option<Value> {
+        self.kube.get("connector", NS, name).unwrap()
+    }
+
+    /// Events in `demo` (as `kubectl get events` shows them: core/v1 view).
+    fn events(&self) -> Vec<Value> {
+        let out = self
+            .kube
+            .kubectl(&["get", "events", "-n", NS, "-o", "json"])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let list: Value = serde_json::from_str(&out.stdout).unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn delete_connector(&self, name: &str) {
+        self.kube
+            .kubectl(&["delete", "connector", name, "-n", NS])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Whether the controller's user has opened a watch on `resource`.
+    fn watching(&self, resource: &str) -> bool {
+        self.kube.audit().iter().any(|e| {
+            e["verb"] == "watch"
+                && e["objectRef"]["resource"] == resource
+                && e["user"]["username"] == connector_devkit::kube::CONTROLLER_USER
+        })
+    }
+
+    /// The `kid` of the first key the API server publishes.
+    fn kid(&self) -> String {
+        let out = self
+            .kube
+            .kubectl(&["get", "--raw", "/openid/v1/jwks"])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let jwks: Value = serde_json::from_str(&out.stdout).unwrap();
+        jwks["keys"][0]["kid"].as_str().unwrap().to_string()
+    }
+
+    /// RBAC as a user sets it up: a Role with `rule` in `demo`, bound to `subject`
+    /// (`{"kind": "ServiceAccount", ...}` or `{"kind": "Group", ...}`).
+    fn grant(&self, name: &str, rule: Value, subject: Value) {
+        let mut subject = subject;
+        if subject["kind"] == "Group" {
+            subject["apiGroup"] = json!("rbac.authorization.k8s.io");
+        }
+        self.kube
+            .apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                 "metadata": {"name": name, "namespace": NS}, "rules": [rule]},
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                 "metadata": {"name": name, "namespace": NS},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                 "subjects": [subject]},
+            ]}))
+            .unwrap();
+    }
+}
+
+/// A kube client authenticated as the controller's ServiceAccount.
+async fn client(api: &Api) -> kube::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = kube::Config::new(api.url().parse().expect("stand-in URL"));
+    let kubeconfig = kube::config::Kubeconfig::read_from(&api.kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kube config");
     kube::Client::try_from(config).expect("kube client")
 }
 
@@ -41,13 +124,6 @@ fn settings() -> KubeSettings {
         coalesce: Duration::from_millis(100),
         ..KubeSettings::new(PROXY)
     }
-}
-
-fn set_identity(api: &KubeApi, kid: &str) {
-    api.set_issuer("https://kubernetes.default.svc.cluster.local");
-    api.set_jwks(
-        json!({ "keys": [{ "kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig", "n": "sXch", "e": "AQAB" }] }),
-    );
 }
 
 fn connector(name: &str, address: &str, secret: &str, realms: &[String]) -> Value {
@@ -78,8 +154,8 @@ fn secret(name: &str, type_: &str, data: &[(&str, &str)]) -> Value {
     })
 }
 
-fn apply(api: &KubeApi, v: Value) {
-    api.apply(v).expect("apply");
+fn apply(api: &Api, v: Value) {
+    api.kube.apply(&v).expect("apply");
 }
 
 /// Polls `f` every 50 ms until it gives `Some`, or fails naming `what` and the last state.
@@ -95,8 +171,8 @@ async fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Resul
 }
 
 /// `(status, reason, message)` of a condition of connector `name`.
-fn condition(api: &KubeApi, name: &str, type_: &str) -> Option<(String, String, String)> {
-    let c = api.get(CONNECTOR_API, "Connector", NS, name)?;
+fn condition(api: &Api, name: &str, type_: &str) -> Option<(String, String, String)> {
+    let c = api.get(name)?;
     let list = c["status"]["conditions"].as_array()?.clone();
     let c = list.into_iter().find(|c| c["type"] == type_)?;
     Some((
@@ -107,7 +183,7 @@ fn condition(api: &KubeApi, name: &str, type_: &str) -> Option<(String, String, 
 }
 
 /// Waits for condition `type_` of `name` to have `status` and `reason`; returns its message.
-async fn expect_condition(api: &KubeApi, name: &str, type_: &str, status: &str, reason: &str) -> String {
+async fn expect_condition(api: &Api, name: &str, type_: &str, status: &str, reason: &str) -> String {
     eventually(
         &format!("{name} {type_}={status} reason {reason}"),
         Duration::from_secs(15),
@@ -120,10 +196,10 @@ async fn expect_condition(api: &KubeApi, name: &str, type_: &str, status: &str, 
 }
 
 /// Events about `name` as `(type, reason, note)`.
-fn events_of(api: &KubeApi, name: &str) -> Vec<(String, String, String)> {
+fn events_of(api: &Api, name: &str) -> Vec<(String, String, String)> {
     api.events()
         .iter()
-        .filter(|e| e["regarding"]["name"] == name || e["involvedObject"]["name"] == name)
+        .filter(|e| e["involvedObject"]["name"] == name && e["involvedObject"]["kind"] == "Connector")
         .map(|e| {
             let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
             (
@@ -135,7 +211,7 @@ fn events_of(api: &KubeApi, name: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-async fn expect_event(api: &KubeApi, name: &str, type_: &str, reason: &str) -> String {
+async fn expect_event(api: &Api, name: &str, type_: &str, reason: &str) -> String {
     eventually(
         &format!("{type_} event {reason} for {name}"),
         Duration::from_secs(15),
@@ -236,8 +312,7 @@ fn counter(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_events_and_the_proxy_state() {
-    let api = KubeApi::start().unwrap();
-    set_identity(&api, "k1");
+    let api = start_api("kube-mode-conditions-api");
     let work = WorkDir::new("kube-mode-conditions").unwrap();
     let registry = Registry::start_with_auth(&work, "robot").unwrap();
     let creds = registry.credentials.clone().unwrap();
@@ -286,7 +361,7 @@ async fn conditions_events_and_the_proxy_state() {
 
     let hub = Hub::new();
     let proxy = play_proxy(hub.clone());
-    let controller = tokio::spawn(kube_mode::run(client(&api), settings(), hub.clone()));
+    let controller = tokio::spawn(kube_mode::run(client(&api).await, settings(), hub.clone()));
 
     // Inputs: every connector, only the Secrets they name, the cluster identity, RBAC mode.
     let inputs = eventually("Inputs published", Duration::from_secs(10), || {
@@ -300,7 +375,7 @@ async fn conditions_events_and_the_proxy_state() {
         json!(["https://kubernetes.default.svc.cluster.local"])
     );
     assert_eq!(inputs.identity["audiences"], json!(["oci-connector"]));
-    assert_eq!(inputs.identity["jwks"]["keys"][0]["kid"], "k1");
+    assert_eq!(inputs.identity["jwks"]["keys"][0]["kid"], api.kid().as_str());
     assert!(inputs.set.secret(NS, "robot").is_some());
     assert!(inputs.set.secret(NS, "nope").is_none());
     assert_eq!(
@@ -319,7 +394,7 @@ async fn conditions_events_and_the_proxy_state() {
         };
         expect_condition(&api, "good", t, "True", reason).await;
     }
-    let good = api.get(CONNECTOR_API, "Connector", NS, "good").unwrap();
+    let good = api.get("good").unwrap();
     assert_eq!(
         good["status"]["proxy"]["httpAddress"]["url"],
         format!("{PROXY}/namespaces/{NS}/connectors/good")
@@ -375,7 +450,7 @@ async fn conditions_events_and_the_proxy_state() {
         serde_json::to_string(&api.events()).unwrap(),
         ["good", "missing", "opaque", "nokey", "down", "wrong"]
             .iter()
-            .map(|n| api.get(CONNECTOR_API, "Connector", NS, n).unwrap()["status"].to_string())
+            .map(|n| api.get(n).unwrap()["status"].to_string())
             .collect::<String>()
     );
     assert!(!everything.contains(&creds.password), "a password in status or events");
@@ -434,9 +509,7 @@ async fn conditions_events_and_the_proxy_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_and_deletion() {
-    let api = KubeApi::start().unwrap();
-    // No keys yet: the cluster identity is incomplete, so nothing may be published.
-    api.set_issuer("https://kubernetes.default.svc.cluster.local");
+    let mut api = start_api("kube-mode-rotation-api");
     let work = WorkDir::new("kube-mode-rotation").unwrap();
     let mut registry = Registry::start_with_auth(&work, "robot").unwrap();
     let first = registry.credentials.clone().unwrap();
@@ -454,26 +527,12 @@ async fn rotation_and_deletion() {
 
     let hub = Hub::new();
     let proxy = play_proxy(hub.clone());
-    let controller = tokio::spawn(kube_mode::run(client(&api), settings(), hub.clone()));
-    let watched = |api: &KubeApi, path: &str| {
-        api.requests()
-            .iter()
-            .any(|(_, target)| target.contains(path) && target.contains("watch=true"))
-    };
+    let controller = tokio::spawn(kube_mode::run(client(&api).await, settings(), hub.clone()));
     eventually("keys read and both watches open", Duration::from_secs(10), || {
-        let done = api.jwks_requests() >= 1 && watched(&api, "/connectors") && watched(&api, "/secrets");
-        if done {
-            Ok(())
-        } else {
-            Err(format!("{:?}", api.requests()))
-        }
+        let done = api.kube.jwks_reads() >= 1 && api.watching("connectors") && api.watching("secrets");
+        if done { Ok(()) } else { Err("not yet".to_string()) }
     })
     .await;
-    assert!(
-        hub.inputs().borrow().is_none(),
-        "Inputs published without the cluster's keys"
-    );
-    set_identity(&api, "k1");
     expect_condition(&api, "registry", "Ready", "True", "Ready").await;
     assert_eq!(
         published_credential(&hub, "registry").unwrap(),
@@ -486,8 +545,9 @@ async fn rotation_and_deletion() {
         password: connector_devkit::random_secret().unwrap(),
     };
     registry.add_user(&second).unwrap();
-    // Watches dropped by the API server resume (from their resourceVersion) and see the change.
-    api.break_watches();
+    // Watches dropped by the API server (restarted) resume and see the change.
+    let took = api.kube.restart().unwrap();
+    eprintln!("kube-apiserver restarted in {took:?}");
     let changed_at = Instant::now();
     apply(
         &api,
@@ -499,7 +559,7 @@ async fn rotation_and_deletion() {
     );
     eventually(
         "the new credential in the Inputs",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || match published_credential(&hub, "registry")? {
             (u, _) if u == second.username => Ok(()),
             other => Err(other.0),
@@ -510,11 +570,14 @@ async fn rotation_and_deletion() {
     assert_eq!(published_credential(&hub, "registry").unwrap().1, second.password);
     // The reconcile triggered by the Secret change: SecretReady names the new user, and the
     // login with the new credential (same reconcile) succeeded.
-    eventually("SecretReady names the new user", Duration::from_secs(10), || {
+    // The reconciler's own Secret watch resumes after the restart within its backoff
+    // (kube-runtime's default: exponential from 0.8 s), so this may take longer than the Inputs.
+    eventually("SecretReady names the new user", Duration::from_secs(40), || {
         let (_, _, m) = condition(&api, "registry", "SecretReady").ok_or("no condition")?;
         if m.contains("\"robot2\"") { Ok(()) } else { Err(m) }
     })
     .await;
+    eprintln!("the Secret change reached SecretReady in {:?}", changed_at.elapsed());
     expect_condition(&api, "registry", "AuthReady", "True", "CredentialAccepted").await;
     expect_condition(&api, "registry", "Ready", "True", "Ready").await;
 
@@ -532,7 +595,7 @@ async fn rotation_and_deletion() {
     expect_event(&api, "registry", "Warning", "CredentialRejected").await;
 
     // Deletion: the next Inputs no longer carry it; the other stays.
-    assert!(api.delete(CONNECTOR_API, "Connector", NS, "registry"));
+    api.delete_connector("registry");
     eventually(
         "the deleted connector gone from the Inputs",
         Duration::from_secs(5),
@@ -551,8 +614,7 @@ async fn rotation_and_deletion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_auth_upstream_login_and_realm_rules() {
-    let api = KubeApi::start().unwrap();
-    set_identity(&api, "k1");
+    let api = start_api("kube-mode-token-api");
     let work = WorkDir::new("kube-mode-token").unwrap();
     let password = connector_devkit::random_secret().unwrap();
     let tokens = TokenServer::start(&work, "robot", &password).unwrap();
@@ -581,7 +643,7 @@ async fn token_auth_upstream_login_and_realm_rules() {
 
     let hub = Hub::new();
     let proxy = play_proxy(hub.clone());
-    let controller = tokio::spawn(kube_mode::run(client(&api), settings(), hub.clone()));
+    let controller = tokio::spawn(kube_mode::run(client(&api).await, settings(), hub.clone()));
 
     // The realm is on another port of 127.0.0.1: not the registry's host[:port], not listed.
     apply(&api, connector("unlisted", &registry.url(), "robot", &[]));
@@ -608,20 +670,20 @@ async fn token_auth_upstream_login_and_realm_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_access_reviews_follow_rbac_and_are_cached() {
-    let api = KubeApi::start().unwrap();
+    let api = start_api("kube-mode-sar-api");
     let puller = "system:serviceaccount:demo:puller";
-    api.allow(AccessRule {
-        user: Some(puller.into()),
-        verb: "get".into(),
-        api_group: "connectors.alauda.io".into(),
-        resource: "connectors".into(),
-        namespace: NS.into(),
-        name: "registry".into(),
-        ..AccessRule::default()
-    });
+    let get_connectors = |names: &[&str]| {
+        let mut rule = json!({"apiGroups": ["connectors.alauda.io"], "resources": ["connectors"], "verbs": ["get"]});
+        if !names.is_empty() {
+            rule["resourceNames"] = json!(names);
+        }
+        rule
+    };
+    let sa = |name: &str| json!({"kind": "ServiceAccount", "name": name, "namespace": NS});
+    api.grant("puller", get_connectors(&["registry"]), sa("puller"));
     let metrics = Arc::new(Metrics::default());
     let authz = Authorizer::new(
-        client(&api),
+        client(&api).await,
         AuthzSettings {
             strict: false,
             allow_ttl: Duration::from_secs(30),
@@ -634,7 +696,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     let d = authz.allowed(puller, &groups, NS, "registry").await.unwrap();
     assert!(d.allowed && !d.cached, "{d:?}");
     assert_eq!(d.ttl, Duration::from_secs(30));
-    let reviews = api.access_reviews();
+    let reviews = api.kube.access_reviews();
     assert_eq!(reviews.len(), 1);
     let spec = &reviews[0];
     assert_eq!(spec["user"], puller);
@@ -668,7 +730,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     // Cached: no second review.
     let d = authz.allowed(puller, &groups, NS, "registry").await.unwrap();
     assert!(d.allowed && d.cached, "{d:?}");
-    assert_eq!(api.access_reviews().len(), 1);
+    assert_eq!(api.kube.access_reviews().len(), 1);
 
     // Another connector, another ServiceAccount: denied, cached briefly.
     let d = authz.allowed(puller, &groups, NS, "elsewhere").await.unwrap();
@@ -679,22 +741,15 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         .await
         .unwrap();
     assert!(!d.allowed, "{d:?}");
-    assert_eq!(api.access_reviews().len(), 3);
+    assert_eq!(api.kube.access_reviews().len(), 3);
     let d = authz
         .allowed(other, &service_account_groups(other), NS, "registry")
         .await
         .unwrap();
     assert!(!d.allowed && d.cached, "{d:?}");
-    assert_eq!(api.access_reviews().len(), 3);
+    assert_eq!(api.kube.access_reviews().len(), 3);
     // The denial expires after deny_ttl: a new review is sent (and a rule added meanwhile counts).
-    api.allow(AccessRule {
-        user: Some(other.into()),
-        verb: "get".into(),
-        api_group: "connectors.alauda.io".into(),
-        resource: "connectors".into(),
-        namespace: NS.into(),
-        ..AccessRule::default()
-    });
+    api.grant("other", get_connectors(&[]), sa("other"));
     let started = Instant::now();
     let mut last = None;
     while started.elapsed() < Duration::from_secs(5) {
@@ -713,7 +768,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         !d.cached && after >= Duration::from_millis(300),
         "{d:?} after {after:?}"
     );
-    assert_eq!(api.access_reviews().len(), 4);
+    assert_eq!(api.kube.access_reviews().len(), 4);
     assert_eq!(counter(&metrics.access_reviews, "allowed"), 2);
     assert_eq!(counter(&metrics.access_reviews, "denied"), 2);
     assert!(counter(&metrics.access_reviews, "allowed_cached") >= 1);
@@ -721,22 +776,18 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
 
     // Through the channel's trait (the filter names the subject only): groups count.
     let ci = "system:serviceaccount:ci:builder";
-    api.allow(AccessRule {
-        group: Some("system:serviceaccounts:ci".into()),
-        verb: "get".into(),
-        api_group: "connectors.alauda.io".into(),
-        resource: "connectors".into(),
-        namespace: NS.into(),
-        name: "shared".into(),
-        ..AccessRule::default()
-    });
+    api.grant(
+        "ci",
+        get_connectors(&["shared"]),
+        json!({"kind": "Group", "name": "system:serviceaccounts:ci"}),
+    );
     let a = authz.check(ci, NS, "shared").await.unwrap();
     assert!(a.allowed && a.ttl_secs >= 29, "{a:?}");
     assert!(!authz.check(ci, NS, "registry").await.unwrap().allowed);
 
     // Strict mode asks for connectors/proxy: the plain `get` rule is not enough.
     let strict = Authorizer::new(
-        client(&api),
+        client(&api).await,
         AuthzSettings {
             strict: true,
             ..AuthzSettings::default()
@@ -745,22 +796,17 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     );
     let d = strict.allowed(puller, &groups, NS, "registry").await.unwrap();
     assert!(!d.allowed, "{d:?}");
-    let last_review = api.access_reviews().last().cloned().unwrap();
+    let last_review = api.kube.access_reviews().last().cloned().unwrap();
     assert_eq!(last_review["resourceAttributes"]["subresource"], "proxy");
-    api.allow(AccessRule {
-        user: Some(puller.into()),
-        verb: "get".into(),
-        api_group: "connectors.alauda.io".into(),
-        resource: "connectors".into(),
-        subresource: "proxy".into(),
-        namespace: NS.into(),
-        name: "registry".into(),
-        ..AccessRule::default()
-    });
+    api.grant(
+        "puller-proxy",
+        json!({"apiGroups": ["connectors.alauda.io"], "resources": ["connectors/proxy"], "verbs": ["get"], "resourceNames": ["registry"]}),
+        sa("puller"),
+    );
     let d = strict.allowed(puller, &groups, NS, "other-connector").await.unwrap();
     assert!(!d.allowed, "a rule for one connector allows no other: {d:?}");
     let strict_fresh = Authorizer::new(
-        client(&api),
+        client(&api).await,
         AuthzSettings {
             strict: true,
             ..AuthzSettings::default()
@@ -778,12 +824,12 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_identity_is_read_and_refreshed_on_unknown_kid_rate_limited() {
-    let api = KubeApi::start().unwrap();
-    set_identity(&api, "k1");
+    let mut api = start_api("kube-mode-identity-api");
+    let first_kid = api.kid();
     let hub = Hub::new();
     let min_interval = Duration::from_millis(1500);
     let mut rx = cluster_identity::spawn(
-        client(&api),
+        client(&api).await,
         IdentitySettings {
             audiences: vec!["oci-connector".into(), "other".into()],
             refresh: Duration::from_secs(300),
@@ -808,19 +854,40 @@ async fn cluster_identity_is_read_and_refreshed_on_unknown_kid_rate_limited() {
         json!(["https://kubernetes.default.svc.cluster.local"])
     );
     assert_eq!(identity["audiences"], json!(["oci-connector", "other"]));
-    assert_eq!(kid(&rx).as_deref(), Some("k1"));
-    assert_eq!(api.jwks_requests(), 1);
+    assert_eq!(kid(&rx).as_deref(), Some(first_kid.as_str()));
+    assert_eq!(api.kube.jwks_reads(), 1);
     assert_eq!(counter(&hub.metrics.identity_refreshes, "ok"), 1);
 
-    // The keys rotate; a burst of unknown-kid notices right after the read: exactly one
-    // refresh, and not before min_interval has passed since the last read.
-    api.set_jwks(json!({ "keys": [{ "kty": "RSA", "kid": "k2", "alg": "RS256", "n": "sXch", "e": "AQAB" }] }));
+    // The keys rotate (the API server restarted with a second key, then without the first); a
+    // burst of unknown-kid notices: exactly one refresh, and not before min_interval has passed
+    // since the last read.
+    api.kube.restart_adding_key().unwrap();
+    api.kube.restart_removing_oldest_key().unwrap();
+    let second_kid = api.kid();
+    assert_ne!(second_kid, first_kid);
+    // The restarts took longer than min_interval: the first notice refreshes at once.
+    assert!(read_at.elapsed() > min_interval);
     for _ in 0..10 {
         hub.unknown_kid.notify_one();
         tokio::task::yield_now().await;
     }
     eventually("the rotated key read", Duration::from_secs(5), || {
-        kid(&rx).filter(|k| k == "k2").ok_or_else(|| format!("{:?}", kid(&rx)))
+        kid(&rx)
+            .filter(|k| *k == second_kid)
+            .ok_or_else(|| format!("{:?}", kid(&rx)))
+    })
+    .await;
+    let read_at = Instant::now();
+    assert_eq!(api.kube.jwks_reads(), 2, "ten notices, one refresh");
+
+    // Notices right after that read: one more refresh, not before min_interval has passed.
+    for _ in 0..10 {
+        hub.unknown_kid.notify_one();
+        tokio::task::yield_now().await;
+    }
+    eventually("a refresh after the window", Duration::from_secs(5), || {
+        let n = api.kube.jwks_reads();
+        if n == 3 { Ok(()) } else { Err(n.to_string()) }
     })
     .await;
     let after = read_at.elapsed();
@@ -828,23 +895,11 @@ async fn cluster_identity_is_read_and_refreshed_on_unknown_kid_rate_limited() {
         after >= min_interval - Duration::from_millis(200),
         "refreshed after {after:?}: not rate limited"
     );
-    assert_eq!(api.jwks_requests(), 2, "ten notices, one refresh");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.kube.jwks_reads(), 3, "twenty notices, two refreshes");
 
-    // Later notices after the window: one more refresh each window at most.
-    tokio::time::sleep(min_interval).await;
-    hub.unknown_kid.notify_one();
-    eventually(
-        "a refresh on a notice outside the window",
-        Duration::from_secs(3),
-        || {
-            let n = api.jwks_requests();
-            if n == 3 { Ok(()) } else { Err(n.to_string()) }
-        },
-    )
-    .await;
-
-    // A failing API server: the last good identity stays.
-    api.set_unavailable(true);
+    // A failing API server (stopped): the last good identity stays.
+    api.kube.stop_apiserver();
     tokio::time::sleep(min_interval).await;
     hub.unknown_kid.notify_one();
     eventually("a failed refresh counted", Duration::from_secs(5), || {
@@ -852,6 +907,9 @@ async fn cluster_identity_is_read_and_refreshed_on_unknown_kid_rate_limited() {
         if n >= 1 { Ok(()) } else { Err(n.to_string()) }
     })
     .await;
-    api.set_unavailable(false);
-    assert_eq!(kid(&rx).as_deref(), Some("k2"), "the last good identity is kept");
+    assert_eq!(
+        kid(&rx).as_deref(),
+        Some(second_kid.as_str()),
+        "the last good identity is kept"
+    );
 }

@@ -1,14 +1,17 @@
 //! The real `connector-webhook` binary over HTTPS (a certificate from a test CA made by openssl),
-//! reading Connectors from the project's stand-in Kubernetes API server, answering real
-//! AdmissionReview v1 requests. The client verifies the server certificate against the test CA.
+//! reading Connectors from a real kube-apiserver (one per test binary, shared), answering
+//! AdmissionReview v1 requests: posted by the tests (the client verifies the server certificate
+//! against the test CA), and sent by the API server itself once a `MutatingWebhookConfiguration`
+//! with the CA bundle registers it, when `kubectl apply` creates a Pod.
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine;
 use connector_devkit::WorkDir;
-use connector_devkit::kube_api::KubeApi;
+use connector_devkit::kube::KubeCluster;
 use connector_devkit::procs::{Proc, free_port};
 use connector_devkit::tls::TestCa;
 use serde_json::{Value, json};
@@ -19,28 +22,21 @@ const LABEL: &str = "connectors.cpaas.io/proxy-inject";
 const ANNOTATION: &str = "connectors.cpaas.io/connector";
 const ORIGINAL: &str = "connectors.cpaas.io/original-images";
 
-/// A running webhook, the API server it reads and an HTTPS client trusting only the test CA.
-struct Webhook {
-    kube: KubeApi,
-    client: reqwest::Client,
-    port: u16,
-    ca_pem: Vec<u8>,
-    proc: Proc,
-    _work: WorkDir,
-}
-
-impl Webhook {
-    fn start(extra: &[&str]) -> Webhook {
-        let work = WorkDir::new("webhook").unwrap();
-        let ca = TestCa::new(work.path()).unwrap();
-        let cert = ca.issue("localhost").unwrap();
-        let kube = KubeApi::start().unwrap();
+/// The API server every test here shares: the CRD, namespaces `demo`, `shared`, `private`, and
+/// three Connectors. Started once; stopped when the test process exits.
+fn cluster() -> &'static KubeCluster {
+    static CLUSTER: OnceLock<KubeCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let kube = KubeCluster::start("webhook-kube").unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("kube-apiserver ready in {:?}", kube.started_in);
+        kube.install_crd().unwrap();
         for (ns, name, address, allowed) in [
             ("demo", "hub", "https://index.docker.io", json!([])),
             ("shared", "harbor", "https://harbor.example.com:8443", json!(["demo"])),
             ("private", "harbor", "https://harbor.example.com:8443", json!([])),
         ] {
-            kube.apply(json!({
+            kube.namespace(ns, &[]).unwrap();
+            kube.apply(&json!({
                 "apiVersion": "connectors.alauda.io/v1alpha1",
                 "kind": "Connector",
                 "metadata": { "name": name, "namespace": ns },
@@ -53,12 +49,38 @@ impl Webhook {
             }))
             .unwrap();
         }
+        kube
+    })
+}
+
+/// A running webhook, the API server it reads and an HTTPS client trusting only the test CA.
+struct Webhook {
+    kube: &'static KubeCluster,
+    client: reqwest::Client,
+    port: u16,
+    ca_pem: Vec<u8>,
+    proc: Proc,
+    work: WorkDir,
+}
+
+impl Webhook {
+    fn start(extra: &[&str]) -> Webhook {
+        let kube = cluster();
+        Self::start_with(extra, kube, &kube.kubeconfig)
+    }
+
+    /// As [`Webhook::start`], reading the API server through `kubeconfig`.
+    fn start_with(extra: &[&str], kube: &'static KubeCluster, kubeconfig: &Path) -> Webhook {
+        let work = WorkDir::new("webhook").unwrap();
+        let ca = TestCa::new(work.path()).unwrap();
+        let cert = ca.issue("localhost").unwrap();
         let port = free_port().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_connector-webhook"));
         cmd.args(["--tls-cert", path(&cert.cert), "--tls-key", path(&cert.key)])
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--proxy-host", PROXY, "--kube-url", &kube.url()])
+            .args(["--proxy-host", PROXY])
             .args(extra)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "debug");
         let mut proc = Proc::spawn("connector-webhook", cmd, &work.path().join("webhook.log")).unwrap();
         proc.wait_for_port(port, Duration::from_secs(20)).unwrap();
@@ -70,7 +92,7 @@ impl Webhook {
             port,
             ca_pem,
             proc,
-            _work: work,
+            work,
         }
     }
 
@@ -244,14 +266,13 @@ async fn an_opted_in_pod_gets_its_images_rewritten() {
     }
     expected["metadata"]["annotations"][ORIGINAL] = patched["metadata"]["annotations"][ORIGINAL].clone();
     assert_eq!(patched, expected);
-    // The connector was read from the API server.
+    // The connector was read from the API server (its audit log).
     assert!(
-        w.kube
-            .requests()
-            .iter()
-            .any(|(m, p)| m == "GET" && p.contains("/namespaces/demo/connectors/hub")),
-        "{:?}",
-        w.kube.requests()
+        w.kube.audit().iter().any(|e| e["verb"] == "get"
+            && e["objectRef"]["resource"] == "connectors"
+            && e["objectRef"]["namespace"] == "demo"
+            && e["objectRef"]["name"] == "hub"),
+        "no GET of Connector demo/hub in the API server's audit log"
     );
     assert!(w.log().contains("images rewritten"), "{}", w.log());
 
@@ -312,8 +333,13 @@ async fn unknown_and_forbidden_connectors_are_denied_with_a_message() {
     assert_eq!(code, 400);
     assert!(message.contains("is malformed"), "{message}");
 
-    // The API server failing: denied (fail closed), saying so.
-    w.kube.set_unavailable(true);
+    // The API server unreachable (a kubeconfig naming a port nothing listens on): denied (fail
+    // closed), saying so.
+    let dead = w.work.path().join("dead.kubeconfig");
+    let text = std::fs::read_to_string(&w.kube.kubeconfig).unwrap();
+    let dead_url = format!("https://127.0.0.1:{}", free_port().unwrap());
+    std::fs::write(&dead, text.replace(&w.kube.url, &dead_url)).unwrap();
+    let w = Webhook::start_with(&[], w.kube, &dead);
     let (code, message) = denial(&w.admit(&pod(Some("true"), Some("demo/hub"))).await);
     assert_eq!(code, 500);
     assert!(message.contains("could not read Connector demo/hub"), "{message}");
@@ -386,4 +412,100 @@ async fn tls_is_verified_and_bad_requests_are_refused() {
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["response"]["allowed"], false);
+}
+
+/// The shipped `MutatingWebhookConfiguration` (deploy/base/webhook.yaml) with its service
+/// reference replaced by this webhook's URL and the test CA as its caBundle.
+fn register(w: &Webhook) {
+    let file = connector_devkit::repo_root().join("deploy/base/webhook.yaml");
+    let out = w
+        .kube
+        .kubectl(&["create", "--dry-run=client", "-o", "json", "-f", path(&file)])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // One JSON document per object, one after the other.
+    let mut config = serde_json::Deserializer::from_str(&out.stdout)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .expect("deploy/base/webhook.yaml has a MutatingWebhookConfiguration");
+    config["webhooks"][0]["clientConfig"] = json!({
+        "url": w.url("/mutate"),
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(&w.ca_pem),
+    });
+    w.kube.apply(&config).unwrap();
+}
+
+/// `kubectl create` of a Pod (no kubelet: it is admitted, stored and never run).
+fn create_pod(kube: &KubeCluster, name: &str, labelled: bool, connector: &str, image: &str) -> Result<Value, String> {
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "demo", "annotations": { ANNOTATION: connector } },
+        "spec": { "containers": [{ "name": "app", "image": image }] },
+    });
+    if labelled {
+        p["metadata"]["labels"] = json!({ LABEL: "true" });
+    }
+    let out = kube.kubectl_stdin(&["create", "-o", "json", "-f", "-"], Some(p.to_string().as_bytes()))?;
+    if !out.success {
+        return Err(out.stderr);
+    }
+    serde_json::from_str(&out.stdout).map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_calls_the_registered_webhook_when_pods_are_created() {
+    let w = Webhook::start(&[]);
+    register(&w);
+    let kube = w.kube;
+    // The API server's webhook client may take a moment to see the new configuration.
+    let mut admitted = Err(String::new());
+    for _ in 0..40 {
+        admitted = create_pod(kube, "web", true, "demo/hub", "nginx:1.27");
+        match &admitted {
+            Ok(p) if p["spec"]["containers"][0]["image"] != "nginx:1.27" => break,
+            Ok(_) => {
+                kube.kubectl(&["delete", "pod", "web", "-n", "demo", "--wait=false"])
+                    .unwrap();
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let admitted = admitted.unwrap_or_else(|e| panic!("kubectl create of a labelled Pod: {e}"));
+    assert_eq!(
+        admitted["spec"]["containers"][0]["image"],
+        format!("{PROXY}/namespaces/demo/connectors/hub/library/nginx:1.27"),
+        "the API server stored the rewritten image"
+    );
+    let stored = kube.get("pod", "demo", "web").unwrap().unwrap();
+    assert_eq!(
+        stored["spec"]["containers"][0]["image"],
+        admitted["spec"]["containers"][0]["image"]
+    );
+    assert!(
+        stored["metadata"]["annotations"][ORIGINAL]
+            .as_str()
+            .unwrap()
+            .contains("nginx:1.27")
+    );
+    assert!(w.log().contains("images rewritten"), "{}", w.log());
+
+    // Unlabelled: the objectSelector keeps it away from the webhook; untouched.
+    let plain = create_pod(kube, "plain", false, "demo/hub", "nginx:1.27").unwrap();
+    assert_eq!(plain["spec"]["containers"][0]["image"], "nginx:1.27");
+    assert!(plain["metadata"]["annotations"][ORIGINAL].is_null());
+
+    // A connector the pod's namespace may not use: kubectl gets the webhook's message.
+    let refused = create_pod(
+        kube,
+        "sneaky",
+        true,
+        "private/harbor",
+        "harbor.example.com:8443/team/app:v1",
+    )
+    .expect_err("a Pod naming a connector it may not use was created");
+    assert!(refused.contains("denied the request"), "{refused}");
+    assert!(refused.contains("may not be used from namespace demo"), "{refused}");
+    assert!(kube.get("pod", "demo", "sneaky").unwrap().is_none());
 }
