@@ -9,7 +9,9 @@ use crate::config::{AccessMode, Config, Connector, Upstream, UpstreamCredential}
 use crate::identity::{Identity, TokenCache, authenticate};
 use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
 use crate::rewrite::{ClientView, rewrite_link, rewrite_url};
-use crate::route::{Endpoint, PATH_FORM, RepoRequest, V2Path, classify, parse_path_form, parse_repo_request};
+use crate::route::{
+    BASE_METHODS, Endpoint, PATH_FORM, RepoRequest, V2Path, classify, parse_path_form, parse_repo_request,
+};
 
 /// Request header the Envoy route reads (`cluster_header`) to pick the connector's upstream.
 pub const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
@@ -28,6 +30,11 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "x-rewrite-url",
     // Envoy's own bookkeeping header: a client must not be able to set what the upstream sees.
     "x-envoy-original-path",
+    // Client-claimed addresses: the upstream sees the proxy, and who asked is in the proxy's
+    // access log (connector and ServiceAccount); a client must not write the registry's audit
+    // trail or steer address-based rules there.
+    "x-forwarded-for",
+    "x-real-ip",
 ];
 
 /// Set to the scheme the client really used (`:scheme`) on every forwarded request: Distribution
@@ -93,6 +100,8 @@ pub struct ResponsePlan {
     pub connector: String,
     pub upstream: Upstream,
     pub client: ClientView,
+    /// What the client asked for: an upload session's `Location` must stay on the proxy.
+    pub endpoint: Endpoint,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +139,9 @@ fn host_of(authority: &str) -> String {
 enum Addressed<'c> {
     Known(&'c Connector, RepoRequest, String),
     /// A well-formed address of a connector that is not configured: the caller gets the
-    /// same answer as for a connector they may not use.
-    Unknown(String),
+    /// same answer as for a connector they may not use. The endpoint is parsed all the same, so
+    /// a wrong method gets the same 405 whether or not the connector exists.
+    Unknown(String, Endpoint),
 }
 
 fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'c>, Refusal> {
@@ -140,14 +150,17 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
         return Ok(Addressed::Known(connector, request, "/v2".to_string()));
     }
     if config.looks_like_connector_host(host) {
-        parse_repo_request(rest)?;
-        return Ok(Addressed::Unknown(format!("at host {}", quote(host))));
+        let request = parse_repo_request(rest)?;
+        return Ok(Addressed::Unknown(format!("at host {}", quote(host)), request.endpoint));
     }
     let (namespace, name, request) = parse_path_form(rest)?;
     let prefix = format!("/v2/namespaces/{namespace}/connectors/{name}");
     match config.connector(&namespace, &name) {
         Some(c) => Ok(Addressed::Known(c, request, prefix)),
-        None => Ok(Addressed::Unknown(quote(&format!("{namespace}/{name}")))),
+        None => Ok(Addressed::Unknown(
+            quote(&format!("{namespace}/{name}")),
+            request.endpoint,
+        )),
     }
 }
 
@@ -187,6 +200,9 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
     let host = host_of(req.authority);
     let rest = match classify(path) {
         V2Path::Base => {
+            if !matches!(req.method, "GET" | "HEAD") {
+                return refuse(realm, Refusal::method_not_allowed(req.method, "/v2/", BASE_METHODS));
+            }
             return match authenticate(req.authorization, &config.policy, cache, now) {
                 Ok(_) => Decision::Respond {
                     response: api_base_ok(),
@@ -220,6 +236,16 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         Ok(a) => a,
         Err(r) => return refuse(realm, r),
     };
+    // Before anything else: a method the endpoint does not define (TRACE, OPTIONS, PROPFIND...)
+    // never reaches the upstream with the connector's credential on it.
+    let endpoint = match &addressed {
+        Addressed::Known(_, request, _) => request.endpoint,
+        Addressed::Unknown(_, endpoint) => *endpoint,
+    };
+    if !endpoint.allows(req.method) {
+        let r = Refusal::method_not_allowed(req.method, endpoint.describe(), endpoint.allowed_methods());
+        return refuse(realm, r);
+    }
     let (caller, cache_hit) = match authenticate(req.authorization, &config.policy, cache, now) {
         Ok(ok) => ok,
         Err(r) => return refuse(realm, r),
@@ -236,7 +262,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
             };
             return refuse(realm, not_permitted(&label, &caller));
         }
-        Addressed::Unknown(label) => return refuse(realm, not_permitted(&label, &caller)),
+        Addressed::Unknown(label, _) => return refuse(realm, not_permitted(&label, &caller)),
     };
     let mut upstream_path = request.upstream_path();
     let mut mount_from = None;
@@ -264,6 +290,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         credential: connector.credential.clone(),
         check_access: config.access == AccessMode::Controller,
         response: ResponsePlan {
+            endpoint: request.endpoint,
             connector: connector.label(),
             upstream: connector.upstream.clone(),
             client: ClientView {
@@ -350,8 +377,31 @@ pub fn plan_response(
             ..Default::default()
         };
     }
+    let mapped = location.and_then(|l| rewrite_url(l, &plan.upstream, &plan.client));
+    // An upload session's Location is where the client sends its next PATCH/PUT, with its
+    // ServiceAccount token: on another host, that token could be replayed at the proxy against
+    // every connector its ServiceAccount may use. Blob GET redirects (object storage, CDNs) are
+    // different: clients follow those without credentials, so they pass untouched.
+    let is_upload = matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload);
+    if is_upload && let (Some(l), None) = (location, &mapped) {
+        let r = Refusal::bad_gateway(
+            "upload_location_elsewhere",
+            format!(
+                "the upstream registry of connector {} sent an upload Location outside its own API ({}): \
+                 the proxy does not send a client to another host with its credentials; the registry's \
+                 configuration (e.g. its public URL) must point uploads at itself",
+                quote(&plan.connector),
+                quote(l)
+            ),
+        );
+        let reason = r.reason;
+        return ResponseEdits {
+            replace: Some((r.into_response(realm), reason)),
+            ..Default::default()
+        };
+    }
     ResponseEdits {
-        location: location.and_then(|l| rewrite_url(l, &plan.upstream, &plan.client)),
+        location: mapped,
         link: link.and_then(|l| rewrite_link(l, &plan.upstream, &plan.client)),
         replace: None,
     }
@@ -644,6 +694,7 @@ mod tests {
     #[test]
     fn upstream_401_becomes_the_proxys_challenge() {
         let plan = ResponsePlan {
+            endpoint: Endpoint::UploadStart,
             connector: "demo/reg".into(),
             upstream: Upstream::parse("http://127.0.0.1:5000").unwrap(),
             client: ClientView {
@@ -669,6 +720,52 @@ mod tests {
             Some("/v2/namespaces/demo/connectors/reg/a/blobs/uploads/u?_state=1")
         );
         assert!(e.replace.is_none());
+    }
+
+    #[test]
+    fn an_upload_location_off_the_proxy_is_refused_but_a_blob_redirect_passes() {
+        let mut plan = ResponsePlan {
+            endpoint: Endpoint::Upload,
+            connector: "demo/reg".into(),
+            upstream: Upstream::parse("http://127.0.0.1:5000").unwrap(),
+            client: ClientView {
+                origin: "http://p".into(),
+                prefix: "/v2/namespaces/demo/connectors/reg".into(),
+            },
+        };
+        for off in [
+            "https://evil.example/v2/a/blobs/uploads/u?_state=1",
+            "//evil.example/v2/a/blobs/uploads/u",
+            "http://127.0.0.1:5001/v2/a/blobs/uploads/u",
+            "/not-v2/upload",
+        ] {
+            let e = plan_response(&plan, "realm", 202, Some(off), None);
+            let (resp, reason) = e.replace.expect(off);
+            assert_eq!((resp.status, reason), (502, "upload_location_elsewhere"), "{off}");
+            assert!(
+                String::from_utf8(resp.body)
+                    .unwrap()
+                    .contains("upload Location outside")
+            );
+        }
+        let e = plan_response(
+            &plan,
+            "realm",
+            202,
+            Some("http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=1"),
+            None,
+        );
+        assert_eq!(
+            e.location.as_deref(),
+            Some("http://p/v2/namespaces/demo/connectors/reg/a/blobs/uploads/u?_state=1")
+        );
+        plan.endpoint = Endpoint::Blob;
+        let s3 = "https://bucket.s3.example/blob?X-Amz-Signature=abc";
+        let e = plan_response(&plan, "realm", 307, Some(s3), None);
+        assert!(
+            e.replace.is_none() && e.location.is_none(),
+            "a blob redirect passes untouched"
+        );
     }
 }
 

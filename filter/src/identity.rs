@@ -104,7 +104,8 @@ pub fn extract_token(values: &[&str]) -> Result<String, Refusal> {
     } else {
         return Err(Refusal::unauthorized(
             "malformed_credential",
-            format!("unsupported Authorization scheme {}: {HOW_TO_LOG_IN}", quote(scheme)),
+            // Nothing of the value is repeated: without a space, the "scheme" is the credential.
+            format!("unsupported Authorization scheme: expected Basic or Bearer; {HOW_TO_LOG_IN}"),
         ));
     };
     if token.is_empty() {

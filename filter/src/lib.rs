@@ -8,21 +8,28 @@
 //! - [`engine`]: the request and response decisions;
 //! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
 //! - [`respond`]: refusals as OCI error responses;
+//! - [`leak`]: whether an upstream answer repeats the credential the filter sent;
 //! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions);
-//! - [`stats`]: names of the Envoy stats and access-log properties the filter exports.
+//! - [`stats`]: names of the Envoy stats and access-log properties the filter exports;
+//! - [`wire`]: the proxy-wasm ABI's byte formats (header maps, property paths).
 //!
-//! The proxy-wasm host is touched only by `shim`, compiled for wasm32 only.
+//! The proxy-wasm host is touched only by `host` (every host call, every status handled) and
+//! `shim` (the callbacks), compiled for wasm32 only.
 
 pub mod channel;
 pub mod config;
 pub mod engine;
 pub mod identity;
+pub mod leak;
 pub mod respond;
 pub mod rewrite;
 pub mod route;
 pub mod stats;
 pub mod upstream;
+pub mod wire;
 
+#[cfg(target_arch = "wasm32")]
+mod host;
 #[cfg(target_arch = "wasm32")]
 mod shim;
 

@@ -26,6 +26,8 @@ pub struct Refusal {
     pub reason: &'static str,
     /// Whether to send the proxy's `WWW-Authenticate: Basic` challenge.
     pub challenge: bool,
+    /// The methods the endpoint takes, sent as `Allow` with a 405.
+    pub allow: Option<&'static str>,
 }
 
 impl Refusal {
@@ -37,6 +39,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: true,
+            allow: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
+            allow: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl Refusal {
             message: message.into(),
             reason: "bad_name",
             challenge: false,
+            allow: None,
         }
     }
 
@@ -84,6 +89,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
+            allow: None,
         }
     }
 
@@ -95,6 +101,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
+            allow: None,
         }
     }
 
@@ -106,6 +113,7 @@ impl Refusal {
             message: message.into(),
             reason: "not_configured",
             challenge: false,
+            allow: None,
         }
     }
 
@@ -118,6 +126,36 @@ impl Refusal {
             message: message.into(),
             reason: "upstream_unavailable",
             challenge: false,
+            allow: None,
+        }
+    }
+
+    /// 405: the endpoint exists but the distribution API defines no such method on it. Nothing
+    /// reaches the upstream: a method like TRACE would have it echo the connector's credential.
+    pub fn method_not_allowed(method: &str, endpoint: &str, allow: &'static str) -> Self {
+        Self {
+            status: 405,
+            code: "UNSUPPORTED",
+            message: format!(
+                "method {} is not allowed on {endpoint}: the distribution API defines {allow} there",
+                quote(method)
+            ),
+            reason: "method_not_allowed",
+            challenge: false,
+            allow: Some(allow),
+        }
+    }
+
+    /// 502: the upstream answered something the proxy will not pass on (it would leak a
+    /// credential or send the client elsewhere with its token).
+    pub fn bad_gateway(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: 502,
+            code: "UNAVAILABLE",
+            message: message.into(),
+            reason,
+            challenge: false,
+            allow: None,
         }
     }
 
@@ -136,6 +174,9 @@ impl Refusal {
         ];
         if self.challenge {
             headers.push(("www-authenticate".to_string(), challenge(realm)));
+        }
+        if let Some(allow) = self.allow {
+            headers.push(("allow".to_string(), allow.to_string()));
         }
         LocalResponse {
             status: u32::from(self.status),

@@ -28,6 +28,41 @@ pub enum Endpoint {
     Referrers,
 }
 
+impl Endpoint {
+    /// The methods the distribution spec defines on this endpoint (`Allow` of a 405). Anything
+    /// else is refused before it reaches the upstream with the connector's credential.
+    pub fn allowed_methods(self) -> &'static str {
+        match self {
+            Endpoint::Manifest => "GET, HEAD, PUT, DELETE",
+            Endpoint::Blob => "GET, HEAD, DELETE",
+            Endpoint::UploadStart => "POST",
+            Endpoint::Upload => "GET, PATCH, PUT, DELETE",
+            Endpoint::TagsList | Endpoint::Referrers => "GET, HEAD",
+        }
+    }
+
+    /// Whether `method` (as sent, case-sensitive like HTTP methods) is one of
+    /// [`Endpoint::allowed_methods`].
+    pub fn allows(self, method: &str) -> bool {
+        !method.is_empty() && self.allowed_methods().split(", ").any(|m| m == method)
+    }
+
+    /// The endpoint's shape, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Endpoint::Manifest => "<repository>/manifests/<reference>",
+            Endpoint::Blob => "<repository>/blobs/<digest>",
+            Endpoint::UploadStart => "<repository>/blobs/uploads/",
+            Endpoint::Upload => "<repository>/blobs/uploads/<id>",
+            Endpoint::TagsList => "<repository>/tags/list",
+            Endpoint::Referrers => "<repository>/referrers/<digest>",
+        }
+    }
+}
+
+/// The methods of `/v2/` (the API version check).
+pub const BASE_METHODS: &str = "GET, HEAD";
+
 /// A distribution request below `/v2/`, split into repository and endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoRequest {
@@ -242,6 +277,32 @@ pub fn is_dns_label(s: &str) -> bool {
 /// RFC 1123 subdomain: Kubernetes object names.
 pub fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod method_tests {
+    use super::*;
+
+    #[test]
+    fn each_endpoint_allows_exactly_the_spec_methods() {
+        let cases = [
+            (Endpoint::Manifest, &["GET", "HEAD", "PUT", "DELETE"][..]),
+            (Endpoint::Blob, &["GET", "HEAD", "DELETE"][..]),
+            (Endpoint::UploadStart, &["POST"][..]),
+            (Endpoint::Upload, &["GET", "PATCH", "PUT", "DELETE"][..]),
+            (Endpoint::TagsList, &["GET", "HEAD"][..]),
+            (Endpoint::Referrers, &["GET", "HEAD"][..]),
+        ];
+        let all = [
+            "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "TRACE", "OPTIONS", "PROPFIND", "CONNECT", "get", "",
+            "GET ", "TRACK", "MKCOL",
+        ];
+        for (endpoint, allowed) in cases {
+            for m in all {
+                assert_eq!(endpoint.allows(m), allowed.contains(&m), "{endpoint:?} {m:?}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

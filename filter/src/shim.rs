@@ -1,18 +1,18 @@
 //! The thin proxy-wasm layer: gathers what the engine needs from the host, calls the plain
 //! decision functions, performs the HTTP calls they describe (probing an upstream's challenge,
-//! fetching a token), and applies their results. No decision is made here.
+//! fetching a token, asking the controller), and applies their results.
 //!
-//! Every host read uses the `_bytes` accessors: the `String` ones in proxy-wasm 0.2.5 unwrap
-//! UTF-8 and would panic (killing the VM) on a hostile header value.
+//! Every host call goes through [`crate::host`], which handles every status: the SDK's own
+//! accessors panic on an unexpected one, and a panic traps the VM for every connector. A host
+//! call that fails is a refusal (fail closed) or, for a request that has gone away, nothing.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use crate::channel::{self, AccessCache, ChannelCall, CredentialCache};
 use crate::config::{self, Config, UpstreamCredential};
@@ -20,6 +20,7 @@ use crate::engine::{
     CLUSTER_HEADER, Decision, FORWARDED_PROTO_HEADER, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request,
     plan_response,
 };
+use crate::host::{self, Buffer, Map};
 use crate::identity::TokenCache;
 use crate::respond::{LocalResponse, Refusal};
 use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, parse_token_response, token_key};
@@ -57,7 +58,7 @@ mod entry {
 }
 
 fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    host::log(level, message);
 }
 
 thread_local! {
@@ -77,12 +78,12 @@ fn count(name: &str) {
         if let Some(id) = m.borrow().get(name) {
             return Some(*id);
         }
-        let id = hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, name).ok()?;
+        let id = host::define_counter(name).ok()?;
         m.borrow_mut().insert(name.to_string(), id);
         Some(id)
     });
     if let Some(id) = id {
-        let _ = hostcalls::increment_metric(id, 1);
+        let _ = host::increment(id, 1);
     }
 }
 
@@ -91,11 +92,7 @@ fn debug_enabled() -> bool {
 }
 
 fn now_secs() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    host::now_secs()
 }
 
 struct Root {
@@ -109,13 +106,12 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        // No configuration readable is an empty one: refused by `compile`, so fail closed.
+        let bytes = host::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
         let compiled = config::compile(&bytes, &|name| std::env::var(name).ok());
         DEBUG.with(|d| {
-            d.set(matches!(
-                hostcalls::get_log_level(),
-                Ok(LogLevel::Trace | LogLevel::Debug)
-            ))
+            // 0: trace, 1: debug.
+            d.set(matches!(host::log_level(), Some(0 | 1)))
         });
         let Ok(mut slot) = self.state.try_borrow_mut() else {
             return false;
@@ -165,7 +161,9 @@ impl RootContext for Root {
             realm: String::new(),
             waiting: None,
             used_token: None,
-            check_denied_body: false,
+            sent_basic: String::new(),
+            check_body: false,
+            status: 0,
         }))
     }
 
@@ -216,20 +214,32 @@ struct Http {
     waiting: Option<Waiting>,
     /// The cached upstream token this request carries: dropped if the upstream refuses it.
     used_token: Option<TokenKey>,
-    /// An upstream `400` may be ECR Public's `DENIED` for an expired token: read its body.
-    check_denied_body: bool,
+    /// The connector's Basic credential this request was forwarded with (also what a token
+    /// service got): an upstream answer must never repeat it.
+    sent_basic: String,
+    /// An error answer's body is held and read before anything of the answer leaves: it must not
+    /// repeat the credential, and a `400` may be ECR Public's `DENIED` for an expired token.
+    check_body: bool,
+    /// The upstream's status, kept for the body phase.
+    status: u32,
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize, body_size: usize, _trailers: usize) {
-        let status = self
-            .get_http_call_response_header_bytes(":status")
-            .and_then(|s| String::from_utf8(s).ok())
-            .and_then(|s| s.parse::<u32>().ok())
-            .unwrap_or(0);
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        // A call that failed after it started (the answer broke off: close or reset after the
+        // head, or the call's timeout) arrives with no headers. That, or any answer that cannot
+        // be read, is "no answer" (status 0): every parser below turns it into the 503 an
+        // unreachable upstream gets, and the request is answered now, not at the idle timeout.
+        let CallAnswer {
+            status,
+            www_authenticate,
+            body,
+        } = read_call_answer(num_headers, body_size).unwrap_or_default();
+        if status == 0 {
+            count(crate::stats::CALL_FAILED);
+        }
         match self.waiting.take() {
             Some(Waiting::Access { mut target, scopes }) => {
-                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
                 let now = now_secs();
                 match channel::parse_access(status, &body, &target.connector) {
                     Ok((allowed, ttl)) => {
@@ -238,7 +248,7 @@ impl Context for Http {
                         if allowed {
                             target.check_access = false;
                             if let Action::Continue = self.proceed(target, scopes, now) {
-                                self.resume_http_request();
+                                resume_current();
                             }
                         } else {
                             self.refuse(crate::engine::not_permitted_rbac(&target.connector, &target.subject));
@@ -251,14 +261,13 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Credential { mut target, scopes }) => {
-                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
                 match channel::parse_credential(status, &body, &target.connector) {
                     Ok(authorization) => {
                         let label = target.connector.clone();
                         let _ = self.with_state(|st| st.credentials.insert(&label, authorization.clone()));
                         target.basic = authorization;
                         if let Action::Continue = self.proceed(target, scopes, now_secs()) {
-                            self.resume_http_request();
+                            resume_current();
                         }
                     }
                     Err(r) => {
@@ -268,9 +277,7 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Challenge { target, scopes }) => {
-                let www = self
-                    .get_http_call_response_header_bytes("www-authenticate")
-                    .map(|v| lossy(&v));
+                let www = www_authenticate;
                 let learned = self.with_state(|st| {
                     // Realm checks need the connector's tokenRealms: the one lookup, once per upstream.
                     let c = st
@@ -284,7 +291,7 @@ impl Context for Http {
                 match learned.and_then(|r| r) {
                     Ok(()) => {
                         if let Action::Continue = self.authorize_upstream(target, scopes, now_secs()) {
-                            self.resume_http_request();
+                            resume_current();
                         }
                     }
                     Err(r) => {
@@ -293,7 +300,6 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Token { key, realm }) => {
-                let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
                 let result = parse_token_response(status, &body, &realm);
                 let now = now_secs();
                 let waiters = self
@@ -301,18 +307,12 @@ impl Context for Http {
                     .unwrap_or_default();
                 match result {
                     Ok((authorization, _)) => {
-                        self.set_http_request_header("authorization", Some(&authorization));
                         self.used_token = Some(key);
-                        self.resume_http_request();
+                        forward_current_with(&authorization);
                         for w in waiters {
                             // A waiter that has gone away is skipped.
-                            if hostcalls::set_effective_context(w).is_ok() {
-                                let _ = hostcalls::set_map_value(
-                                    MapType::HttpRequestHeaders,
-                                    "authorization",
-                                    Some(&authorization),
-                                );
-                                let _ = hostcalls::resume_http_request();
+                            if host::set_effective_context(w).is_ok() {
+                                forward_current_with(&authorization);
                             }
                         }
                     }
@@ -322,7 +322,7 @@ impl Context for Http {
                         self.refuse(r);
                     }
                 }
-                let _ = hostcalls::set_effective_context(self.id);
+                let _ = host::set_effective_context(self.id);
             }
             // A late answer for a request that no longer waits: nothing to do.
             other => self.waiting = other,
@@ -353,6 +353,83 @@ fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }
 
+/// What an HTTP call brought back. The default (status 0) is "no answer".
+#[derive(Default)]
+struct CallAnswer {
+    status: u32,
+    www_authenticate: Option<String>,
+    body: Vec<u8>,
+}
+
+/// Reads the answer of the call being delivered; `None` when the call failed (no headers) or
+/// any part of the answer cannot be read.
+fn read_call_answer(num_headers: usize, body_size: usize) -> Option<CallAnswer> {
+    if num_headers == 0 {
+        return None;
+    }
+    let headers = host::headers(Map::CallResponse).ok()?;
+    let value = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| lossy(v));
+    let status = value(":status")?
+        .parse::<u32>()
+        .ok()
+        .filter(|s| (100..600).contains(s))?;
+    let body = if body_size == 0 {
+        Vec::new()
+    } else {
+        host::buffer(Buffer::CallResponseBody, body_size).ok()?
+    };
+    Some(CallAnswer {
+        status,
+        www_authenticate: value("www-authenticate"),
+        body,
+    })
+}
+
+/// Resumes the effective context's paused request. A request that has gone away (the client
+/// left) cannot be resumed; there is nobody left to answer.
+fn resume_current() {
+    if host::resume_request().is_err() {
+        log(
+            LogLevel::Debug,
+            "a paused request had gone away when its answer arrived",
+        );
+    }
+}
+
+/// Puts the upstream credential on the effective context's paused request and resumes it. If
+/// the header cannot be set the request is answered 503 instead: resumed without it, the
+/// upstream would refuse, and the client would see the upstream's challenge.
+fn forward_current_with(authorization: &str) {
+    match host::set_header(Map::Request, "authorization", Some(authorization)) {
+        Ok(()) => resume_current(),
+        Err(_) => send_to_current(&cannot_edit().into_response(config::DEFAULT_REALM)),
+    }
+}
+
+/// The answer that replaces an upstream response the host would not let the filter read or
+/// change: passing it on unedited could hand the client the upstream's challenge.
+fn unreadable_answer() -> Refusal {
+    Refusal::unavailable_upstream("the connector proxy could not read or rewrite the upstream's answer: retry")
+        .with_reason("host_call_failed")
+}
+
+/// The answer that replaces an upstream answer repeating the connector's credential.
+fn credential_echoed(connector: &str, where_: &str) -> Refusal {
+    Refusal::bad_gateway(
+        "credential_echoed",
+        format!(
+            "the upstream registry of connector {} repeated the connector's credential in {where_}; the answer \
+             was withheld",
+            crate::respond::quote(connector)
+        ),
+    )
+}
+
+/// The refusal for a request whose headers the host would not let the filter change.
+fn cannot_edit() -> Refusal {
+    Refusal::unavailable("the connector proxy could not rewrite this request: retry").with_reason("host_call_failed")
+}
+
 /// Runs `f` on this VM's state; refuses (fails closed) when there is no valid configuration.
 fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
     let Ok(mut guard) = state.try_borrow_mut() else {
@@ -369,7 +446,13 @@ fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, R
 /// A local response on the current effective context (this request, or a waiter made current).
 fn send_to_current(r: &LocalResponse) {
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let _ = hostcalls::send_http_response(r.status, headers, Some(&r.body));
+    if host::send_response(r.status, &headers, &r.body).is_err() {
+        // The request has gone away (or already has an answer): nobody to tell.
+        log(
+            LogLevel::Debug,
+            "a local answer could not be sent: the request had gone away",
+        );
+    }
 }
 
 impl Http {
@@ -383,11 +466,11 @@ impl Http {
     fn fail_waiters(&self, waiters: Vec<u32>, r: &Refusal) {
         let response = r.clone().into_response(&self.realm);
         for w in waiters {
-            if hostcalls::set_effective_context(w).is_ok() {
+            if host::set_effective_context(w).is_ok() {
                 send_to_current(&response);
             }
         }
-        let _ = hostcalls::set_effective_context(self.id);
+        let _ = host::set_effective_context(self.id);
     }
 
     /// Answers this request locally; the response phase then has nothing to rewrite.
@@ -402,6 +485,18 @@ impl Http {
 
     fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
         with_state(&self.state, f)
+    }
+
+    /// What this request's upstream answer must never contain: the connector's credential and
+    /// the upstream token it carried.
+    fn secrets(&self) -> Vec<Vec<u8>> {
+        let mut out = crate::leak::secrets_of(&self.sent_basic);
+        if let Some(k) = &self.used_token
+            && let Ok(Some(t)) = self.with_state(|st| st.upstream.token_value(k).map(str::to_string))
+        {
+            out.extend(crate::leak::secrets_of(&t));
+        }
+        out
     }
 
     fn decide(&mut self, req: &Request<'_>, now: u64) -> Decision {
@@ -496,8 +591,10 @@ impl Http {
             Ok(Some(c)) => c,
         };
         // The request waits: the client's credential must not stay on it meanwhile.
-        self.set_http_request_header("authorization", None);
-        match self.dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT) {
+        if host::set_header(Map::Request, "authorization", None).is_err() {
+            return self.refuse(cannot_edit());
+        }
+        match host::dispatch_http_call(&cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
             Ok(_) => {
                 self.waiting = Some(waiting(target, scopes));
                 Action::Pause
@@ -522,11 +619,10 @@ impl Http {
         if let Ok(Some((cluster, call, root))) = call {
             // On the root context: this request is answered (401) at once and ends, which
             // would cancel a call made on its own context before it left Envoy.
-            if hostcalls::set_effective_context(root).is_ok() {
-                let _ =
-                    hostcalls::dispatch_http_call(&cluster, call.header_refs(), None, vec![], UPSTREAM_CALL_TIMEOUT);
+            if host::set_effective_context(root).is_ok() {
+                let _ = host::dispatch_http_call(&cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT);
             }
-            let _ = hostcalls::set_effective_context(self.id);
+            let _ = host::set_effective_context(self.id);
         }
     }
 
@@ -534,6 +630,7 @@ impl Http {
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
     fn authorize_upstream(&mut self, target: Target, scopes: Vec<String>, now: u64) -> Action {
+        self.sent_basic.clone_from(&target.basic);
         enum Plan {
             Header(String, Option<TokenKey>),
             Probe,
@@ -566,14 +663,16 @@ impl Http {
                 }
             }
         });
-        if !matches!(plan, Ok(Plan::Header(..))) {
-            // The request waits: the client's credential must not stay on it meanwhile.
-            self.set_http_request_header("authorization", None);
+        // The request waits: the client's credential must not stay on it meanwhile.
+        if !matches!(plan, Ok(Plan::Header(..))) && host::set_header(Map::Request, "authorization", None).is_err() {
+            return self.refuse(cannot_edit());
         }
         match plan {
             Err(r) => self.refuse(r),
             Ok(Plan::Header(value, used)) => {
-                self.set_http_request_header("authorization", Some(&value));
+                if host::set_header(Map::Request, "authorization", Some(&value)).is_err() {
+                    return self.refuse(cannot_edit());
+                }
                 self.used_token = used;
                 Action::Continue
             }
@@ -584,7 +683,7 @@ impl Http {
                     (":authority", target.authority.as_str()),
                     (":scheme", target.scheme.as_str()),
                 ];
-                match self.dispatch_http_call(&target.cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
+                match host::dispatch_http_call(&target.cluster, headers, UPSTREAM_CALL_TIMEOUT) {
                     Ok(_) => {
                         self.waiting = Some(Waiting::Challenge { target, scopes });
                         Action::Pause
@@ -614,7 +713,7 @@ impl Http {
                     ("authorization", target.basic.as_str()),
                     ("accept", "application/json"),
                 ];
-                match self.dispatch_http_call(&cluster, headers, None, vec![], UPSTREAM_CALL_TIMEOUT) {
+                match host::dispatch_http_call(&cluster, headers, UPSTREAM_CALL_TIMEOUT) {
                     Ok(_) => {
                         count(&crate::stats::token_fetch(&target.connector));
                         self.waiting = Some(Waiting::Token { key, realm });
@@ -638,7 +737,10 @@ impl Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let headers = self.get_http_request_headers_bytes();
+        let Ok(headers) = host::headers(Map::Request) else {
+            // Without the request's headers nothing can be decided: refuse, never pass.
+            return self.refuse(cannot_edit());
+        };
         let get = |name: &str| {
             headers
                 .iter()
@@ -660,11 +762,7 @@ impl HttpContext for Http {
             scheme: &scheme,
             authorization: &authorization,
         };
-        let now = self
-            .get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = now_secs();
 
         match self.decide(&request, now) {
             Decision::Respond { response, reason } => {
@@ -682,27 +780,32 @@ impl HttpContext for Http {
             }
             Decision::Forward(f) => {
                 // Host calls are the filter's main per-request cost: remove only what is there.
-                for name in STRIPPED_REQUEST_HEADERS {
-                    if headers.iter().any(|(k, _)| k == name) {
-                        self.set_http_request_header(name, None);
-                    }
-                }
                 let real_scheme = if scheme.is_empty() { "http" } else { scheme.as_str() };
+                let mut edits: Vec<(&str, Option<&str>)> = STRIPPED_REQUEST_HEADERS
+                    .iter()
+                    .filter(|name| headers.iter().any(|(k, _)| k == *name))
+                    .map(|name| (*name, None))
+                    .collect();
                 if get(FORWARDED_PROTO_HEADER) != real_scheme {
-                    self.set_http_request_header(FORWARDED_PROTO_HEADER, Some(real_scheme));
+                    edits.push((FORWARDED_PROTO_HEADER, Some(real_scheme)));
                 }
-                self.set_http_request_header(":path", Some(&f.path));
-                self.set_http_request_header(":authority", Some(&f.authority));
-                self.set_http_request_header(CLUSTER_HEADER, Some(&f.cluster));
+                edits.push((":path", Some(&f.path)));
+                edits.push((":authority", Some(&f.authority)));
+                edits.push((CLUSTER_HEADER, Some(&f.cluster)));
+                // A request whose client credential could not be removed, or whose route could
+                // not be set, must not go anywhere.
+                if edits
+                    .iter()
+                    .any(|(name, value)| host::set_header(Map::Request, name, *value).is_err())
+                {
+                    return self.refuse(cannot_edit());
+                }
                 count(&crate::stats::forwarded(&f.response.connector));
                 count(crate::stats::token_cache(f.cache_hit));
                 // Access-log fields: who used which connector (never a credential).
                 let subject = f.caller.subject();
-                let _ = hostcalls::set_property(
-                    vec![crate::stats::CONNECTOR_PROPERTY],
-                    Some(f.response.connector.as_bytes()),
-                );
-                let _ = hostcalls::set_property(vec![crate::stats::SUBJECT_PROPERTY], Some(subject.as_bytes()));
+                let _ = host::set_property(&[crate::stats::CONNECTOR_PROPERTY], f.response.connector.as_bytes());
+                let _ = host::set_property(&[crate::stats::SUBJECT_PROPERTY], subject.as_bytes());
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,
@@ -734,21 +837,36 @@ impl HttpContext for Http {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(plan) = self.plan.as_ref() else {
             return Action::Continue;
         };
         // One host call for the whole map instead of one per header.
-        let headers = self.get_http_response_headers_bytes();
+        let Ok(headers) = host::headers(Map::Response) else {
+            // Unread, the answer could carry the upstream's challenge or Location unmapped.
+            return self.refuse(unreadable_answer());
+        };
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| lossy(v));
         let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let location = header("location");
         let link = header("link");
         let has_challenge = headers.iter().any(|(k, _)| k == "www-authenticate");
+        // An upstream that repeats the credential it was sent, in any header, is not answered.
+        let secrets = self.secrets();
+        if headers.iter().any(|(_, v)| crate::leak::contains_any(v, &secrets)) {
+            return self.refuse(credential_echoed(&plan.connector, "a response header"));
+        }
+        // Cookies of one upstream would be stored for the proxy's origin, shared by every
+        // connector and tenant behind it.
+        if headers.iter().any(|(k, _)| k == "set-cookie")
+            && host::set_header(Map::Response, "set-cookie", None).is_err()
+        {
+            return self.refuse(unreadable_answer());
+        }
         let edits = plan_response(plan, &self.realm, status, location.as_deref(), link.as_deref());
         // The upstream's challenge would send the client's token to the upstream's realm.
-        if has_challenge {
-            self.set_http_response_header("www-authenticate", None);
+        if has_challenge && host::set_header(Map::Response, "www-authenticate", None).is_err() {
+            return self.refuse(unreadable_answer());
         }
         if status == 401 {
             // The upstream refused what it was given: drop that token so the client's retry
@@ -759,7 +877,6 @@ impl HttpContext for Http {
             let (connector, used) = (plan.connector.clone(), self.used_token.take());
             let _ = self.with_state(|st| st.upstream.refused(&connector, used.as_deref(), scheme.as_deref()));
         }
-        self.check_denied_body = status == 400 && self.used_token.is_some();
         if let Some((response, reason)) = edits.replace {
             log(
                 LogLevel::Info,
@@ -768,29 +885,56 @@ impl HttpContext for Http {
             self.plan = None;
             return self.send(response);
         }
-        if let Some(l) = edits.location {
-            self.set_http_response_header("location", Some(&l));
+        let rewrites = [("location", edits.location), ("link", edits.link)];
+        for (name, value) in rewrites {
+            if let Some(v) = value
+                && host::set_header(Map::Response, name, Some(&v)).is_err()
+            {
+                return self.refuse(unreadable_answer());
+            }
         }
-        if let Some(l) = edits.link {
-            self.set_http_response_header("link", Some(&l));
+        // Error answers are small: hold the head until the body is read (see check_body).
+        self.status = status;
+        self.check_body = status >= 400 && !end_of_stream;
+        if self.check_body {
+            Action::Pause
+        } else {
+            Action::Continue
         }
-        Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !self.check_denied_body {
+        if !self.check_body {
             return Action::Continue;
+        }
+        let connector = self.plan.as_ref().map(|p| p.connector.clone()).unwrap_or_default();
+        if body_size > crate::leak::MAX_CHECKED_ERROR_BODY {
+            self.check_body = false;
+            return self.refuse(Refusal::bad_gateway(
+                "error_body_too_large",
+                format!(
+                    "the upstream registry of connector {} answered {} with an error body over {} bytes, which \
+                     the proxy does not pass on unread",
+                    crate::respond::quote(&connector),
+                    self.status,
+                    crate::leak::MAX_CHECKED_ERROR_BODY
+                ),
+            ));
         }
         if !end_of_stream {
             // Buffer the (small) error body until it is complete.
             return Action::Pause;
         }
-        self.check_denied_body = false;
-        let body = self
-            .get_http_response_body(0, body_size.min(64 * 1024))
-            .unwrap_or_default();
+        self.check_body = false;
+        let Ok(body) = host::buffer(Buffer::ResponseBody, body_size) else {
+            return self.refuse(unreadable_answer());
+        };
+        if crate::leak::contains_any(&body, &self.secrets()) {
+            return self.refuse(credential_echoed(&connector, "its error body"));
+        }
         // ECR Public answers an expired token with 400 DENIED rather than 401.
-        if crate::upstream::is_denied(&body)
+        if self.status == 400
+            && crate::upstream::is_denied(&body)
             && let Some(k) = self.used_token.take()
         {
             let _ = self.with_state(|st| st.upstream.drop_token(&k));

@@ -29,6 +29,10 @@ pub fn token_fetch(connector: &str) -> String {
     format!("{}.upstream_token_fetches", per_connector(connector))
 }
 
+/// An HTTP call (challenge probe, token service, controller channel) that brought back no
+/// usable answer: it broke off after its head, timed out, or could not be read.
+pub const CALL_FAILED: &str = "oci_connector.calls.failed";
+
 /// The verified-token cache: a hit skips signature verification.
 pub fn token_cache(hit: bool) -> &'static str {
     if hit {

@@ -443,6 +443,11 @@ impl UpstreamAuth {
         self.tokens.remove(key);
     }
 
+    /// The `Authorization` value cached under `key`, if still there.
+    pub fn token_value(&self, key: &str) -> Option<&str> {
+        self.tokens.get(key).map(|t| t.authorization.as_str())
+    }
+
     pub fn cached_tokens(&self) -> usize {
         self.tokens.len()
     }

@@ -11,10 +11,13 @@ use crate::{Headers, HttpCall, LocalResponse, Metric, State, Stream, buffer, des
 
 type C<'a> = Caller<'a, State>;
 
-fn record(c: &mut C<'_>, name: &'static str) {
+/// Records the call; `Some(status)` when a fault is injected for it (see
+/// [`crate::Record::inject`]): the host call then does nothing but return that status.
+fn record(c: &mut C<'_>, name: &'static str) -> Option<i32> {
     let rec = &mut c.data_mut().rec;
     let eff = rec.effective;
     rec.calls.push((name, eff));
+    rec.take_fault(name)
 }
 
 fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Result<Vec<u8>> {
@@ -124,7 +127,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_log",
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> Result<i32> {
-            record(&mut c, "proxy_log");
+            if let Some(status) = record(&mut c, "proxy_log") {
+                return Ok(status);
+            }
             let msg = read(&mut c, ptr, len)?;
             c.data_mut()
                 .rec
@@ -134,7 +139,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         },
     )?;
     l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: i32| -> Result<i32> {
-        record(&mut c, "proxy_get_log_level");
+        if let Some(status) = record(&mut c, "proxy_get_log_level") {
+            return Ok(status);
+        }
         let level = c.data().rec.log_level;
         write_u32(&mut c, ret, level as u32)?;
         Ok(OK)
@@ -143,7 +150,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: C<'_>, ret: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_current_time_nanoseconds");
+            if let Some(status) = record(&mut c, "proxy_get_current_time_nanoseconds") {
+                return Ok(status);
+            }
             let now = c.data().rec.now_nanos();
             write_u64(&mut c, ret, now)?;
             Ok(OK)
@@ -153,7 +162,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, period: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_tick_period_milliseconds");
+            if let Some(status) = record(&mut c, "proxy_set_tick_period_milliseconds") {
+                return Ok(status);
+            }
             c.data_mut().rec.tick_period_ms = period as u32;
             Ok(OK)
         },
@@ -164,7 +175,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_buffer_bytes");
+            if let Some(status) = record(&mut c, "proxy_get_buffer_bytes") {
+                return Ok(status);
+            }
             let Some(buf) = buffer_of(c.data_mut(), kind) else {
                 return Ok(NOT_FOUND);
             };
@@ -180,7 +193,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_buffer_bytes");
+            if let Some(status) = record(&mut c, "proxy_set_buffer_bytes") {
+                return Ok(status);
+            }
             let data = read(&mut c, ptr, len)?;
             let Some(buf) = buffer_of(c.data_mut(), kind) else {
                 return Ok(NOT_FOUND);
@@ -197,7 +212,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, kind: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_header_map_pairs");
+            if let Some(status) = record(&mut c, "proxy_get_header_map_pairs") {
+                return Ok(status);
+            }
             let Some(m) = map_of(c.data_mut(), kind) else {
                 return Ok(BAD_ARGUMENT);
             };
@@ -210,7 +227,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: C<'_>, kind: i32, ptr: i32, len: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_header_map_pairs");
+            if let Some(status) = record(&mut c, "proxy_set_header_map_pairs") {
+                return Ok(status);
+            }
             let bytes = read(&mut c, ptr, len)?;
             let Some(new) = deserialize_map(&bytes) else {
                 return Ok(SERIALIZATION_FAILURE);
@@ -226,7 +245,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: C<'_>, kind: i32, kptr: i32, klen: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_header_map_value");
+            if let Some(status) = record(&mut c, "proxy_get_header_map_value") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let Some(m) = map_of(c.data_mut(), kind) else {
                 return Ok(BAD_ARGUMENT);
@@ -243,7 +264,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: C<'_>, kind: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> Result<i32> {
-            record(&mut c, "proxy_replace_header_map_value");
+            if let Some(status) = record(&mut c, "proxy_replace_header_map_value") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let value = read(&mut c, vptr, vlen)?;
             let Some(m) = map_of(c.data_mut(), kind) else {
@@ -272,7 +295,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: C<'_>, kind: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> Result<i32> {
-            record(&mut c, "proxy_add_header_map_value");
+            if let Some(status) = record(&mut c, "proxy_add_header_map_value") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let value = read(&mut c, vptr, vlen)?;
             let Some(m) = map_of(c.data_mut(), kind) else {
@@ -286,7 +311,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, kind: i32, kptr: i32, klen: i32| -> Result<i32> {
-            record(&mut c, "proxy_remove_header_map_value");
+            if let Some(status) = record(&mut c, "proxy_remove_header_map_value") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let Some(m) = map_of(c.data_mut(), kind) else {
                 return Ok(BAD_ARGUMENT);
@@ -310,7 +337,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
          hlen: i32,
          grpc_status: i32|
          -> Result<i32> {
-            record(&mut c, "proxy_send_local_response");
+            if let Some(status) = record(&mut c, "proxy_send_local_response") {
+                return Ok(status);
+            }
             let details = read(&mut c, dptr, dlen)?;
             let body = read(&mut c, bptr, blen)?;
             let h = read(&mut c, hptr, hlen)?;
@@ -336,7 +365,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_continue_stream",
         |mut c: C<'_>, kind: i32| -> Result<i32> {
-            record(&mut c, "proxy_continue_stream");
+            if let Some(status) = record(&mut c, "proxy_continue_stream") {
+                return Ok(status);
+            }
             let rec = &mut c.data_mut().rec;
             let eff = rec.effective;
             let Some(s) = rec.streams.get_mut(&eff) else {
@@ -351,7 +382,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         },
     )?;
     l.func_wrap("env", "proxy_resume_http_request", |mut c: C<'_>| -> Result<i32> {
-        record(&mut c, "proxy_resume_http_request");
+        if let Some(status) = record(&mut c, "proxy_resume_http_request") {
+            return Ok(status);
+        }
         let rec = &mut c.data_mut().rec;
         let eff = rec.effective;
         match rec.streams.get_mut(&eff) {
@@ -363,7 +396,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         }
     })?;
     l.func_wrap("env", "proxy_close_stream", |mut c: C<'_>, _kind: i32| -> Result<i32> {
-        record(&mut c, "proxy_close_stream");
+        if let Some(status) = record(&mut c, "proxy_close_stream") {
+            return Ok(status);
+        }
         let rec = &mut c.data_mut().rec;
         let eff = rec.effective;
         match rec.streams.get_mut(&eff) {
@@ -378,7 +413,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_effective_context",
         |mut c: C<'_>, id: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_effective_context");
+            if let Some(status) = record(&mut c, "proxy_set_effective_context") {
+                return Ok(status);
+            }
             let rec = &mut c.data_mut().rec;
             let id = id as u32;
             let known = id == rec.root_id || rec.streams.get(&id).is_some_and(|s| !s.done);
@@ -391,7 +428,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
     )?;
 
     l.func_wrap("env", "proxy_done", |mut c: C<'_>| -> Result<i32> {
-        record(&mut c, "proxy_done");
+        if let Some(status) = record(&mut c, "proxy_done") {
+            return Ok(status);
+        }
         Ok(OK)
     })?;
 
@@ -411,7 +450,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
          timeout: i32,
          ret_token: i32|
          -> Result<i32> {
-            record(&mut c, "proxy_http_call");
+            if let Some(status) = record(&mut c, "proxy_http_call") {
+                return Ok(status);
+            }
             let cluster = read(&mut c, uptr, ulen)?;
             let h = read(&mut c, hptr, hlen)?;
             let body = read(&mut c, bptr, blen)?;
@@ -447,7 +488,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: C<'_>, kind: i32, nptr: i32, nlen: i32, ret_id: i32| -> Result<i32> {
-            record(&mut c, "proxy_define_metric");
+            if let Some(status) = record(&mut c, "proxy_define_metric") {
+                return Ok(status);
+            }
             let name = String::from_utf8_lossy(&read(&mut c, nptr, nlen)?).into_owned();
             if !(0..=2).contains(&kind) {
                 return Ok(BAD_ARGUMENT);
@@ -468,7 +511,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_increment_metric",
         |mut c: C<'_>, id: i32, offset: i64| -> Result<i32> {
-            record(&mut c, "proxy_increment_metric");
+            if let Some(status) = record(&mut c, "proxy_increment_metric") {
+                return Ok(status);
+            }
             let Some(m) = c.data_mut().rec.metrics.get_mut(id as u32 as usize) else {
                 return Ok(NOT_FOUND);
             };
@@ -483,7 +528,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_record_metric",
         |mut c: C<'_>, id: i32, value: i64| -> Result<i32> {
-            record(&mut c, "proxy_record_metric");
+            if let Some(status) = record(&mut c, "proxy_record_metric") {
+                return Ok(status);
+            }
             let Some(m) = c.data_mut().rec.metrics.get_mut(id as u32 as usize) else {
                 return Ok(NOT_FOUND);
             };
@@ -495,7 +542,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_metric",
         |mut c: C<'_>, id: i32, ret: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_metric");
+            if let Some(status) = record(&mut c, "proxy_get_metric") {
+                return Ok(status);
+            }
             let Some(v) = c.data().rec.metrics.get(id as u32 as usize).map(|m| m.value) else {
                 return Ok(NOT_FOUND);
             };
@@ -509,7 +558,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_property",
         |mut c: C<'_>, pptr: i32, plen: i32, vptr: i32, vlen: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_property");
+            if let Some(status) = record(&mut c, "proxy_set_property") {
+                return Ok(status);
+            }
             let path = read(&mut c, pptr, plen)?;
             let value = read(&mut c, vptr, vlen)?;
             c.data_mut().rec.properties.insert(path, value);
@@ -520,7 +571,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_property",
         |mut c: C<'_>, pptr: i32, plen: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_property");
+            if let Some(status) = record(&mut c, "proxy_get_property") {
+                return Ok(status);
+            }
             let path = read(&mut c, pptr, plen)?;
             let Some(v) = c.data().rec.properties.get(&path).cloned() else {
                 return Ok(NOT_FOUND);
@@ -535,7 +588,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: C<'_>, kptr: i32, klen: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> Result<i32> {
-            record(&mut c, "proxy_get_shared_data");
+            if let Some(status) = record(&mut c, "proxy_get_shared_data") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let Some((v, cas)) = c.data().rec.shared_data.get(&key).cloned() else {
                 return Ok(NOT_FOUND);
@@ -549,7 +604,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: C<'_>, kptr: i32, klen: i32, vptr: i32, vlen: i32, cas: i32| -> Result<i32> {
-            record(&mut c, "proxy_set_shared_data");
+            if let Some(status) = record(&mut c, "proxy_set_shared_data") {
+                return Ok(status);
+            }
             let key = read(&mut c, kptr, klen)?;
             let value = read(&mut c, vptr, vlen)?;
             let data = &mut c.data_mut().rec.shared_data;
@@ -565,7 +622,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_register_shared_queue",
         |mut c: C<'_>, nptr: i32, nlen: i32, ret_id: i32| -> Result<i32> {
-            record(&mut c, "proxy_register_shared_queue");
+            if let Some(status) = record(&mut c, "proxy_register_shared_queue") {
+                return Ok(status);
+            }
             let name = String::from_utf8_lossy(&read(&mut c, nptr, nlen)?).into_owned();
             let queues = &mut c.data_mut().rec.queues;
             let id = match queues.iter().position(|(vm, n, _)| vm.is_empty() && *n == name) {
@@ -583,7 +642,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_resolve_shared_queue",
         |mut c: C<'_>, vptr: i32, vlen: i32, nptr: i32, nlen: i32, ret_id: i32| -> Result<i32> {
-            record(&mut c, "proxy_resolve_shared_queue");
+            if let Some(status) = record(&mut c, "proxy_resolve_shared_queue") {
+                return Ok(status);
+            }
             let _vm = read(&mut c, vptr, vlen)?;
             let name = String::from_utf8_lossy(&read(&mut c, nptr, nlen)?).into_owned();
             let Some(id) = c.data().rec.queues.iter().position(|(_, n, _)| *n == name) else {
@@ -597,7 +658,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_enqueue_shared_queue",
         |mut c: C<'_>, id: i32, vptr: i32, vlen: i32| -> Result<i32> {
-            record(&mut c, "proxy_enqueue_shared_queue");
+            if let Some(status) = record(&mut c, "proxy_enqueue_shared_queue") {
+                return Ok(status);
+            }
             let value = read(&mut c, vptr, vlen)?;
             let Some((_, _, q)) = c.data_mut().rec.queues.get_mut(id as u32 as usize) else {
                 return Ok(NOT_FOUND);
@@ -610,7 +673,9 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
         "env",
         "proxy_dequeue_shared_queue",
         |mut c: C<'_>, id: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
-            record(&mut c, "proxy_dequeue_shared_queue");
+            if let Some(status) = record(&mut c, "proxy_dequeue_shared_queue") {
+                return Ok(status);
+            }
             let Some((_, _, q)) = c.data_mut().rec.queues.get_mut(id as u32 as usize) else {
                 return Ok(NOT_FOUND);
             };

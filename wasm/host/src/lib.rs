@@ -215,6 +215,8 @@ pub struct Record {
     pub tick_period_ms: u32,
     pub shared_data: HashMap<Vec<u8>, (Vec<u8>, u32)>,
     pub queues: Vec<(String, String, Vec<Vec<u8>>)>,
+    /// Injected failures: host call name, the status it returns instead, how many more times.
+    pub faults: Vec<(&'static str, i32, u32)>,
     next_token: u32,
 }
 
@@ -239,6 +241,18 @@ impl Record {
             .filter(|(_, m)| m.contains(needle))
             .map(|(_, m)| m.as_str())
             .collect()
+    }
+
+    /// Makes the next `times` calls of host function `name` (e.g. `proxy_replace_header_map_value`)
+    /// do nothing and return `status`, as a host in trouble would.
+    pub fn inject(&mut self, name: &'static str, status: i32, times: u32) {
+        self.faults.push((name, status, times));
+    }
+
+    fn take_fault(&mut self, name: &str) -> Option<i32> {
+        let f = self.faults.iter_mut().find(|(n, _, left)| *n == name && *left > 0)?;
+        f.2 -= 1;
+        Some(f.1)
     }
 
     pub fn call_count(&self, name: &str) -> usize {
@@ -536,6 +550,24 @@ impl Host {
         );
         self.rec_mut().call_response = None;
         r
+    }
+
+    /// Fails call `token` as Envoy does when the answer breaks off after its head (close or
+    /// reset), or the call times out: `proxy_on_http_call_response(context, token, 0, 0, 0)`
+    /// with no response map, so any read of it returns `BadArgument`.
+    pub fn fail_call(&mut self, token: u32) -> Result<()> {
+        let rec = self.rec_mut();
+        let Some(call) = rec.http_calls.iter_mut().find(|c| c.token == token) else {
+            bail!("no HTTP call with token {token}");
+        };
+        if call.answered {
+            bail!("HTTP call {token} was already answered");
+        }
+        call.answered = true;
+        let context = call.context;
+        rec.call_response = None;
+        rec.effective = context;
+        self.call::<_, ()>("proxy_on_http_call_response", (context as i32, token as i32, 0, 0, 0))
     }
 
     /// The end of a stream as Envoy ends it: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.

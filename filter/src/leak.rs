@@ -1,0 +1,100 @@
+//! Owns the check that an upstream's answer does not hand the client the credential the filter
+//! put on the request: an upstream that echoes request headers (TRACE, a debug error page, a
+//! hostile registry) would otherwise give the connector's password or token to whoever may pull.
+//!
+//! What counts as the credential, from the `Authorization` value the filter sent:
+//! - the value itself and what follows the scheme (the base64 of `user:password`, or the
+//!   bearer token);
+//! - for Basic, the decoded `user:password` and the password alone (at least 4 bytes: a
+//!   shorter one would match by chance and is weak anyway).
+//!
+//! Matching is on raw bytes, case-sensitive, and also on the JSON-escaped form for passwords
+//! with characters JSON escapes (an error body that quotes the header as a JSON string).
+
+use base64::Engine as _;
+
+/// Error bodies larger than this are not read: an upstream error answer is small, and one that
+/// is not is replaced rather than passed unchecked.
+pub const MAX_CHECKED_ERROR_BODY: usize = 64 * 1024;
+
+/// The byte strings that must never reach the client, for the `Authorization` value `sent`.
+pub fn secrets_of(sent: &str) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut push = |v: &[u8]| {
+        if v.len() >= 4 && !out.iter().any(|o| o == v) {
+            out.push(v.to_vec());
+        }
+    };
+    push(sent.as_bytes());
+    let (scheme, rest) = sent.split_once(' ').unwrap_or(("", sent));
+    let rest = rest.trim();
+    push(rest.as_bytes());
+    if scheme.eq_ignore_ascii_case("basic")
+        && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest)
+    {
+        push(&decoded);
+        if let Some(i) = decoded.iter().position(|&b| b == b':') {
+            let password = decoded.get(i + 1..).unwrap_or_default();
+            push(password);
+            if let Ok(p) = std::str::from_utf8(password)
+                && let Ok(json) = serde_json::to_string(p)
+            {
+                // Without the surrounding quotes.
+                push(json.trim_matches('"').as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Whether `haystack` contains any of `secrets`.
+pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
+    secrets
+        .iter()
+        .any(|s| !s.is_empty() && haystack.windows(s.len()).any(|w| w == s.as_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, pw: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    }
+
+    #[test]
+    fn basic_secrets_cover_every_form_an_echo_takes() {
+        let sent = basic("robot", "s3cr\"et-pw");
+        let s = secrets_of(&sent);
+        for echo in [
+            format!("Authorization: {sent}"),
+            format!("authorization={}", sent.trim_start_matches("Basic ")),
+            "user robot:s3cr\"et-pw".to_string(),
+            "password s3cr\"et-pw".to_string(),
+            r#"{"header":"s3cr\"et-pw"}"#.to_string(),
+        ] {
+            assert!(contains_any(echo.as_bytes(), &s), "{echo}");
+        }
+        assert!(!contains_any(b"{\"errors\":[{\"code\":\"DENIED\"}]}", &s));
+        assert!(!contains_any(b"robot", &s), "the user name alone is not a secret");
+    }
+
+    #[test]
+    fn bearer_secrets_are_the_value_and_the_token() {
+        let s = secrets_of("Bearer abc.def.ghi");
+        assert!(contains_any(b"x abc.def.ghi y", &s));
+        assert!(contains_any(b"Bearer abc.def.ghi", &s));
+        assert!(!contains_any(b"Bearer", &s));
+    }
+
+    #[test]
+    fn short_passwords_are_not_matched_by_chance() {
+        let s = secrets_of(&basic("robot", "pw"));
+        assert!(!contains_any(b"the upstream said pw", &s));
+        // The whole value still is.
+        assert!(contains_any(basic("robot", "pw").as_bytes(), &s));
+    }
+}
