@@ -1,0 +1,73 @@
+//! `connector-controller serve` refuses, before touching anything, settings that would weaken
+//! the trust model (issue 12 item 7): API mode without the channel key, malformed host grants.
+
+use std::process::Command;
+
+fn serve(args: &[&str], key: Option<&str>) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_connector-controller"));
+    cmd.arg("serve").args(args).env_clear();
+    if let Some(k) = key {
+        cmd.env("CONNECTOR_CHANNEL_KEY", k);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn api_mode_needs_the_channel_key_and_well_formed_host_grants() {
+    let kube = [
+        "--kube",
+        "--proxy-url",
+        "http://proxy.example:8080",
+        "--wasm",
+        "/filter.wasm",
+        "--kube-url",
+        "http://127.0.0.1:1",
+        "--xds",
+        "127.0.0.1:0",
+        "--channel",
+        "127.0.0.1:0",
+        "--ops",
+        "127.0.0.1:0",
+    ];
+    let (code, err) = serve(&kube, None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("CONNECTOR_CHANNEL_KEY must be set in API mode"), "{err}");
+    let (code, err) = serve(&kube, Some(""));
+    assert_eq!(code, 2, "an empty key is no key: {err}");
+
+    let mut bad_grant = kube.to_vec();
+    bad_grant.extend(["--host-grants", "team-a"]);
+    let (code, err) = serve(&bad_grant, Some("k3y"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--host-grants \"team-a\""), "{err}");
+
+    // With a key and good grants the checks pass: it starts (and goes on trying the absent
+    // API server) instead of stopping with a usage error.
+    let mut good = kube.to_vec();
+    good.extend([
+        "--host-grants",
+        "team-a=registry.example.com,team-b=*.team-b.example.com",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_connector-controller"))
+        .arg("serve")
+        .args(&good)
+        .env_clear()
+        .env("CONNECTOR_CHANNEL_KEY", "k3y")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = child.try_wait().unwrap();
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    assert!(
+        status.is_none_or(|s| s.code() != Some(2)),
+        "refused good settings: {status:?}"
+    );
+}
