@@ -19,6 +19,13 @@ demo: setup wasm
 	cargo build -p connector-controller
 	cargo run -p connector-devkit --bin demo
 
+# The same story in API mode on a real kube-apiserver + etcd (built by setup): CRD, Secret and
+# Connector applied with kubectl, Ready and the proxy URL from the status, `kubectl create token`,
+# pulls in both address forms, a labelled Pod rewritten by the webhook, a refused pull.
+demo-kube: setup wasm
+	cargo build -p connector-controller -p connector-webhook
+	cargo run -p connector-devkit --bin demo_kube
+
 # The release module first (some crates' tests load it), then the default members' tests, then
 # the end-to-end tests.
 test: setup wasm unit e2e wasm-host fuzz-smoke

@@ -382,6 +382,20 @@ impl Envoy {
         Self::start_with(work, cfg, port, admin_port, env, dir)
     }
 
+    /// As [`Envoy::start_xds`] with the listener on `port` (known before the controller starts,
+    /// which reports it as the proxy's address in API mode).
+    pub fn start_xds_on(
+        work: &WorkDir,
+        port: u16,
+        xds_port: u16,
+        channel_port: u16,
+        env: &[(String, String)],
+    ) -> Result<Self> {
+        let admin_port = procs::free_port()?;
+        let cfg = xds_bootstrap(port, admin_port, xds_port, channel_port);
+        Self::start_with(work, cfg, port, admin_port, env, "envoy")
+    }
+
     fn start_with(
         work: &WorkDir,
         cfg: Value,
