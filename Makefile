@@ -38,6 +38,8 @@ unit:
 e2e:
 	rm -rf .work
 	cargo build -p connector-controller -p connector-credential-provider
+	# The deliberately trapping module of vm_containment (never shipped).
+	cargo build -p trap-filter --target wasm32-wasip1 --release
 	cargo test -p connector-e2e
 
 # Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.

@@ -168,6 +168,7 @@ fn access_log() -> Value {
 /// The transport failure reason names a refused upstream certificate (e.g.
 /// `CERTIFICATE_VERIFY_FAILED ... SAN matcher`); it holds no header, so no credential.
 pub const UNREACHABLE_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy could not reach the upstream registry (%RESPONSE_FLAGS%; transport: %UPSTREAM_TRANSPORT_FAILURE_REASON%): retry later\"}]}\n";
+pub const VM_FAILED_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy's filter stopped and is being restarted: retry in a few seconds\"}]}\n";
 pub const NO_FILTER_BODY: &str = "{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"the connector proxy has no working filter and refuses every request: its log says why\"}]}\n";
 
 fn local_reply_config() -> Value {
@@ -178,6 +179,20 @@ fn local_reply_config() -> Value {
                 "status_code": 503,
                 "body_format_override": {
                     "text_format_source": { "inline_string": NO_FILTER_BODY },
+                    "content_type": "application/json",
+                },
+            },
+            // A filter VM that trapped (FAIL_RELOAD: down until its reload): Envoy's empty 503.
+            {
+                "filter": { "extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                        "expression": "response.code_details == 'wasm_fail_stream'",
+                    },
+                } },
+                "body_format_override": {
+                    "text_format_source": { "inline_string": VM_FAILED_BODY },
                     "content_type": "application/json",
                 },
             },
@@ -306,8 +321,10 @@ fn wasm_filter(f: &WasmFilter) -> Value {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": f.config.to_string(),
                 },
-                // An auth filter must never let requests through when its VM is gone.
-                "failure_policy": "FAIL_CLOSED",
+                // An auth filter must never fail open; a trapped VM is reloaded after the
+                // backoff and fails closed meanwhile (as the controller's ECDS sets it).
+                "failure_policy": "FAIL_RELOAD",
+                "reload_config": { "backoff": { "base_interval": "1s", "max_interval": "10s" } },
                 "vm_config": {
                     "vm_id": "oci-connector",
                     "runtime": "envoy.wasm.runtime.v8",

@@ -70,6 +70,7 @@ unsafe extern "C" {
         ret_data: *mut *mut u8,
         ret_size: *mut usize,
     ) -> u32;
+    fn proxy_set_buffer_bytes(buffer: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
     fn proxy_send_local_response(
         status: u32,
         details: *const u8,
@@ -159,6 +160,12 @@ pub fn buffer(kind: Buffer, max: usize) -> Result<Vec<u8>, Status> {
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Status(other)),
     }
+}
+
+/// Replaces the first `size` bytes of a buffer (all of what is buffered) with `data`.
+pub fn replace_buffer(kind: Buffer, size: usize, data: &[u8]) -> Result<(), Status> {
+    // SAFETY: `data` is live for the call.
+    check(unsafe { proxy_set_buffer_bytes(kind as u32, 0, size, data.as_ptr(), data.len()) })
 }
 
 /// Answers the effective context's request locally.

@@ -473,6 +473,33 @@ impl Http {
         let _ = host::set_effective_context(self.id);
     }
 
+    /// Replaces a held error body with the refusal's OCI error JSON; the upstream's status is
+    /// kept (its head has gone on). `None`: the body was already replaced, this later chunk is
+    /// dropped.
+    fn withhold_body(&mut self, body_size: usize, end_of_stream: bool, r: Option<Refusal>) -> Action {
+        let body = match r {
+            Some(r) => {
+                if let Some(plan) = &self.plan {
+                    count(&crate::stats::connector_refused(&plan.connector, r.reason));
+                    log(
+                        LogLevel::Warn,
+                        &format!("connector {}: upstream answer withheld: {}", plan.connector, r.reason),
+                    );
+                }
+                r.into_response(&self.realm).body
+            }
+            None => Vec::new(),
+        };
+        // Status 0 marks "already replaced"; later chunks (of an oversized body) are emptied.
+        self.status = 0;
+        self.check_body = !end_of_stream;
+        if host::replace_buffer(Buffer::ResponseBody, body_size, &body).is_err() {
+            // The body cannot be edited: cut the answer rather than pass it.
+            let _ = host::send_response(502, &[], b"");
+        }
+        Action::Continue
+    }
+
     /// Answers this request locally; the response phase then has nothing to rewrite.
     fn refuse(&mut self, r: Refusal) -> Action {
         if let Some(plan) = &self.plan {
@@ -893,24 +920,29 @@ impl HttpContext for Http {
                 return self.refuse(unreadable_answer());
             }
         }
-        // Error answers are small: hold the head until the body is read (see check_body).
+        // Error answers are small: their body is held until it is read (see check_body). It may
+        // be replaced, so its length is left to Envoy. (The head goes on: holding it too, with
+        // StopIteration, left the answer stuck in Envoy 1.40, found by attacks_upstream.)
         self.status = status;
         self.check_body = status >= 400 && !end_of_stream;
-        if self.check_body {
-            Action::Pause
-        } else {
-            Action::Continue
+        if self.check_body && host::set_header(Map::Response, "content-length", None).is_err() {
+            return self.refuse(unreadable_answer());
         }
+        Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if !self.check_body {
             return Action::Continue;
         }
+        if self.status == 0 {
+            // Already replaced (an oversized body): the rest is dropped as it comes.
+            return self.withhold_body(body_size, end_of_stream, None);
+        }
         let connector = self.plan.as_ref().map(|p| p.connector.clone()).unwrap_or_default();
         if body_size > crate::leak::MAX_CHECKED_ERROR_BODY {
-            self.check_body = false;
-            return self.refuse(Refusal::bad_gateway(
+            // Not read, so not passed on.
+            let r = Refusal::bad_gateway(
                 "error_body_too_large",
                 format!(
                     "the upstream registry of connector {} answered {} with an error body over {} bytes, which \
@@ -919,7 +951,8 @@ impl HttpContext for Http {
                     self.status,
                     crate::leak::MAX_CHECKED_ERROR_BODY
                 ),
-            ));
+            );
+            return self.withhold_body(body_size, end_of_stream, Some(r));
         }
         if !end_of_stream {
             // Buffer the (small) error body until it is complete.
@@ -927,10 +960,10 @@ impl HttpContext for Http {
         }
         self.check_body = false;
         let Ok(body) = host::buffer(Buffer::ResponseBody, body_size) else {
-            return self.refuse(unreadable_answer());
+            return self.withhold_body(body_size, true, Some(unreadable_answer()));
         };
         if crate::leak::contains_any(&body, &self.secrets()) {
-            return self.refuse(credential_echoed(&connector, "its error body"));
+            return self.withhold_body(body_size, true, Some(credential_echoed(&connector, "its error body")));
         }
         // ECR Public answers an expired token with 400 DENIED rather than 401.
         if self.status == 400

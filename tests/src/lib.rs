@@ -3,6 +3,7 @@
 //! one test, and the checks every refusal makes (status, OCI error body, challenge, nothing sent
 //! upstream).
 
+pub mod breaker;
 pub mod xds;
 
 use connector_devkit::http::{Request, Response};

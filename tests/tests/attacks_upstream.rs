@@ -1,0 +1,350 @@
+//! Attack suite, hostile upstream and data-path leaks (issue 12, items 1-3): an upstream that
+//! echoes what it is sent, sends clients elsewhere, or sets cookies, and clients that try methods
+//! the distribution API does not define. Each case asserts the safe outcome and what reached the
+//! upstream. Real controller (file mode), real Envoy, real curl for HTTP/2 and redirects; the
+//! hostile upstream is `connector_e2e::breaker` (no real registry echoes credentials on demand).
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
+use connector_devkit::http::{Request, Response, basic_value};
+use connector_e2e::breaker::{Answer, Breaker};
+use connector_e2e::oci_error;
+use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
+
+const PREFIX: &str = "/v2/namespaces/demo/connectors/echo/lib/app";
+const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+fn full(status: &str, extra_headers: &str, body: &str) -> Answer {
+    Answer::Full(format!(
+        "HTTP/1.1 {status}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// The hostile upstream: challenges with Basic, then per path echoes, redirects, sets cookies.
+fn hostile(elsewhere: u16, storage: u16) -> Breaker {
+    Breaker::start(move |method, path, head| {
+        let auth_line = head
+            .split("\r\n")
+            .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+            .unwrap_or("")
+            .to_string();
+        let echo = head.replace("\r\n", "\n").replace('"', "'");
+        match (method, path) {
+            ("GET", "/v2/") => full(
+                "401 Unauthorized",
+                "WWW-Authenticate: Basic realm=\"hostile\"\r\nDocker-Distribution-Api-Version: registry/2.0\r\n",
+                "{}",
+            ),
+            (_, p) if p.ends_with("/manifests/echo-error") => full(
+                "400 Bad Request",
+                "",
+                &format!("{{\"errors\":[{{\"code\":\"MANIFEST_INVALID\",\"message\":\"{echo}\"}}]}}"),
+            ),
+            (_, p) if p.ends_with("/manifests/echo-header") => {
+                full("200 OK", &format!("X-Debug: {auth_line}\r\n"), "{}")
+            }
+            (_, p) if p.ends_with("/manifests/cookie") => full(
+                "200 OK",
+                "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n",
+                "{}",
+            ),
+            ("POST", p) if p.ends_with("/blobs/uploads/") => full(
+                "202 Accepted",
+                &format!(
+                    "Location: http://127.0.0.1:{elsewhere}/v2/lib/app/blobs/uploads/u-1?_state=s\r\nDocker-Upload-UUID: u-1\r\n"
+                ),
+                "",
+            ),
+            ("GET", p) if p.contains("/blobs/sha256:") => full(
+                "307 Temporary Redirect",
+                &format!("Location: http://127.0.0.1:{storage}/bucket/blob?X-Amz-Signature=sig\r\n"),
+                "",
+            ),
+            // Anything else: the whole request echoed back, as a TRACE-happy server would.
+            _ => full("200 OK", "", &format!("{{\"echo\":\"{echo}\"}}")),
+        }
+    })
+}
+
+struct World {
+    /// Kept for its registry and work directory.
+    _s: Setup,
+    _controller: Controller,
+    envoy: Envoy,
+    upstream: Breaker,
+    elsewhere: Breaker,
+    storage: Breaker,
+    token: String,
+    password: String,
+}
+
+fn world() -> &'static World {
+    static W: OnceLock<World> = OnceLock::new();
+    W.get_or_init(|| {
+        let s = setup("attacks-upstream");
+        let elsewhere = Breaker::start(|_, _, _| full("200 OK", "", "{}"));
+        let storage = Breaker::start(|_, _, _| full("200 OK", "", "blob-bytes"));
+        let upstream = hostile(elsewhere.port, storage.port);
+        let creds = s.registry.credentials.clone().unwrap();
+        put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+        put(
+            &s.manifests,
+            "echo.yaml",
+            &connector_yaml("echo", &upstream.url(), "robot"),
+        );
+        let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &[]).unwrap();
+        let envoy = Envoy::start_xds(
+            &s.work,
+            controller.ports.xds,
+            controller.ports.channel,
+            &controller.envoy_env(),
+        )
+        .unwrap();
+        let token = s.minter.valid(NS, "default").unwrap();
+        World {
+            password: creds.password.clone(),
+            _s: s,
+            _controller: controller,
+            envoy,
+            upstream,
+            elsewhere,
+            storage,
+            token,
+        }
+    })
+}
+
+/// Tests share one stack; the hostile peers' logs are read per test, so one test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl World {
+    fn secrets(&self) -> Vec<String> {
+        let basic = basic_value("robot", &self.password);
+        vec![
+            self.password.clone(),
+            basic.trim_start_matches("Basic ").to_string(),
+            self.token.clone(),
+        ]
+    }
+
+    fn assert_no_secret(&self, what: &str, text: &str) {
+        for s in self.secrets() {
+            assert!(!text.contains(&s), "{what} carries a secret: {text}");
+        }
+    }
+
+    fn send(&self, method: &str, path: &str) -> Response {
+        Request::new(method, path)
+            .bearer(&self.token)
+            .send(self.envoy.port)
+            .unwrap()
+    }
+
+    /// Makes sure the connector's challenge is learned, so later requests go straight upstream.
+    fn warm(&self) {
+        let r = self.send("GET", &format!("{PREFIX}/manifests/warm"));
+        assert_eq!(r.status, 200, "{}", r.summary());
+    }
+}
+
+fn response_text(r: &Response) -> String {
+    let headers: Vec<String> = r.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{}\n{}", headers.join("\n"), r.body_text())
+}
+
+#[test]
+fn methods_the_api_does_not_define_get_405_and_reach_nothing_http1() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.upstream.heads().len();
+    for (method, path) in [
+        ("TRACE", format!("{PREFIX}/manifests/v1")),
+        ("PROPFIND", format!("{PREFIX}/manifests/v1")),
+        ("OPTIONS", format!("{PREFIX}/blobs/{DIGEST}")),
+        ("POST", format!("{PREFIX}/manifests/v1")),
+        ("PUT", format!("{PREFIX}/tags/list")),
+        ("DELETE", "/v2/".to_string()),
+        (
+            "TRACE",
+            "/v2/namespaces/demo/connectors/nope/lib/app/manifests/v1".to_string(),
+        ),
+    ] {
+        let r = w.send(method, &path);
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.summary());
+        let (code, message) = oci_error(&r);
+        assert_eq!(code, "UNSUPPORTED", "{message}");
+        assert!(message.contains(method), "{message}");
+        assert!(r.header("allow").is_some(), "{method} {path}: no Allow header");
+        w.assert_no_secret(method, &response_text(&r));
+    }
+    assert_eq!(
+        w.upstream.heads().len(),
+        before,
+        "a refused method reached the upstream"
+    );
+}
+
+#[test]
+fn methods_the_api_does_not_define_get_405_over_h2() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.upstream.heads().len();
+    for method in ["TRACE", "PROPFIND", "OPTIONS"] {
+        let url = format!("http://127.0.0.1:{}{PREFIX}/manifests/v1", w.envoy.port);
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--http2-prior-knowledge", "-X", method, "-H"])
+            .arg(format!("Authorization: Bearer {}", w.token))
+            .arg(&url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.starts_with("HTTP/2 405"), "{method} over h2: {text}");
+        assert!(text.contains("UNSUPPORTED"), "{text}");
+        w.assert_no_secret(method, &text);
+    }
+    assert_eq!(
+        w.upstream.heads().len(),
+        before,
+        "a refused method reached the upstream over h2"
+    );
+}
+
+#[test]
+fn an_upstream_that_echoes_the_credential_is_withheld() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    // An echoing error body is replaced (the upstream's status stays: its head has gone on); an
+    // echoing header replaces the whole answer with 502.
+    for (what, tag, status) in [
+        ("error body", "echo-error", 400),
+        ("response header", "echo-header", 502),
+    ] {
+        let before = w.upstream.heads().len();
+        let r = w.send("GET", &format!("{PREFIX}/manifests/{tag}"));
+        let seen = w.upstream.heads();
+        assert!(seen.len() > before, "{what}: the request was forwarded");
+        let basic = basic_value("robot", &w.password);
+        assert!(
+            seen.last().unwrap().contains(&basic),
+            "{what}: the upstream got the connector's credential (so it could echo it)"
+        );
+        assert_eq!(r.status, status, "{what}: {}", r.summary());
+        let (code, message) = oci_error(&r);
+        assert_eq!(code, "UNAVAILABLE");
+        assert!(message.contains("repeated the connector's credential"), "{message}");
+        w.assert_no_secret(what, &response_text(&r));
+    }
+}
+
+#[test]
+fn an_upload_location_on_another_host_is_refused_and_nothing_goes_there() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let r = w.send("POST", &format!("{PREFIX}/blobs/uploads/"));
+    assert_eq!(r.status, 502, "{}", r.summary());
+    assert!(
+        r.header("location").is_none(),
+        "the off-origin Location reached the client"
+    );
+    let (_, message) = oci_error(&r);
+    assert!(message.contains("upload Location outside"), "{message}");
+    assert!(w.elsewhere.heads().is_empty(), "something was sent to the other host");
+}
+
+#[test]
+fn a_blob_redirect_to_storage_still_works_and_carries_no_credential() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let r = w.send("GET", &format!("{PREFIX}/blobs/{DIGEST}"));
+    assert_eq!(r.status, 307, "{}", r.summary());
+    let location = r.header("location").unwrap_or_default().to_string();
+    assert!(
+        location.starts_with(&format!("http://127.0.0.1:{}/bucket/blob", w.storage.port)),
+        "the storage redirect passes untouched: {location}"
+    );
+    // A real client follows it: curl drops the Authorization header for another host.
+    let url = format!("http://127.0.0.1:{}{PREFIX}/blobs/{DIGEST}", w.envoy.port);
+    let out = Command::new("curl")
+        .args(["-s", "-L", "-H"])
+        .arg(format!("Authorization: Bearer {}", w.token))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "blob-bytes");
+    let heads = w.storage.heads();
+    assert!(!heads.is_empty(), "the storage host was reached");
+    for h in heads {
+        assert!(
+            !h.to_ascii_lowercase().contains("authorization:"),
+            "credential at storage: {h}"
+        );
+        w.assert_no_secret("storage request", &h);
+    }
+}
+
+#[test]
+fn upstream_cookies_are_stripped_and_client_addresses_not_passed() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let r = Request::get(&format!("{PREFIX}/manifests/cookie"))
+        .bearer(&w.token)
+        .header("X-Forwarded-For", "10.9.8.7")
+        .header("X-Real-IP", "10.9.8.7")
+        .send(w.envoy.port)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert!(
+        r.header("set-cookie").is_none(),
+        "an upstream cookie reached the client"
+    );
+    let last = w.upstream.heads().pop().unwrap();
+    assert!(
+        !last.contains("10.9.8.7"),
+        "a client-claimed address reached the upstream: {last}"
+    );
+}
+
+#[test]
+fn an_unsupported_authorization_is_refused_without_echoing_it() {
+    let _t = serial();
+    let w = world();
+    let secretish = "NoSpaceCredentialValue-9f8e7d6c5b4a";
+    let r = Request::get(&format!("{PREFIX}/manifests/v1"))
+        .header("Authorization", secretish)
+        .send(w.envoy.port)
+        .unwrap();
+    assert_eq!(r.status, 401, "{}", r.summary());
+    assert!(
+        !response_text(&r).contains("NoSpace"),
+        "the credential is echoed: {}",
+        r.body_text()
+    );
+}
+
+#[test]
+fn envoy_log_and_config_dump_hold_no_secret() {
+    let _t = serial();
+    let w = world();
+    let mut secrets: Vec<(String, String)> = w
+        .secrets()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (format!("secret #{i}"), s))
+        .collect();
+    secrets.push(("password".into(), w.password.clone()));
+    let problems = connector_devkit::stack::envoy_problems(&w.envoy, &secrets).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}

@@ -1,0 +1,66 @@
+//! Upstream answers the shipped module must not pass on as they are (issue 12): answers that
+//! repeat the connector's credential, in a header or in an error body, and cookies.
+
+mod common;
+
+use common::*;
+use connector_wasm_host::{Action, headers};
+
+const MANIFEST: &str = "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1";
+
+#[test]
+fn an_error_body_that_repeats_the_credential_is_replaced() {
+    let mut h = host();
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    let a = h
+        .response_headers(id, headers(&[(":status", "400"), ("content-length", "200")]), false)
+        .unwrap();
+    assert_eq!(a, Action::Continue);
+    assert!(h.stream(id).response_header("content-length").is_none());
+    let echo = format!(
+        "{{\"errors\":[{{\"message\":\"you sent Authorization: {}\"}}]}}",
+        basic_credential()
+    );
+    assert_eq!(
+        h.response_body(id, &echo.as_bytes()[..10], false).unwrap(),
+        Action::Pause
+    );
+    assert_eq!(
+        h.response_body(id, &echo.as_bytes()[10..], true).unwrap(),
+        Action::Continue
+    );
+    let body = String::from_utf8_lossy(&h.stream(id).response_body).into_owned();
+    assert!(
+        !body.contains(PASSWORD) && !body.contains(&basic_credential()),
+        "{body}"
+    );
+    assert!(body.contains("repeated the connector's credential"), "{body}");
+}
+
+#[test]
+fn a_clean_error_body_passes_unchanged() {
+    let mut h = host();
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "404")]), false).unwrap();
+    let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
+    assert_eq!(h.response_body(id, body, true).unwrap(), Action::Continue);
+    assert_eq!(h.stream(id).response_body, body.to_vec());
+}
+
+#[test]
+fn a_header_that_repeats_the_credential_replaces_the_answer_and_cookies_go() {
+    let mut h = host();
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    let cred = basic_credential();
+    h.response_headers(id, headers(&[(":status", "200"), ("x-debug", cred.as_str())]), true)
+        .unwrap();
+    let local = h.stream(id).local().cloned().unwrap();
+    assert_eq!(local.status, 502);
+    assert!(!local.body_text().contains(PASSWORD));
+
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "200"), ("set-cookie", "s=1")]), true)
+        .unwrap();
+    assert!(h.stream(id).response_header("set-cookie").is_none());
+    assert!(h.stream(id).local().is_none());
+}
