@@ -213,6 +213,8 @@ fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> 
     let mut l = json!({
         "name": "registry_proxy",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+        // Edge best practice; the filter's held error bodies stay below it (leak.rs).
+        "per_connection_buffer_limit_bytes": 32768,
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
@@ -224,6 +226,19 @@ fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> 
                 "normalize_path": true,
                 "path_with_escaped_slashes_action": "REJECT_REQUEST",
                 "stream_idle_timeout": "300s",
+                // Hardened-edge settings (Envoy's edge best practices): a client that trickles
+                // its headers is cut after 10 s instead of holding a stream for 300 s; idle
+                // connections close after an hour; HTTP/2 streams and windows are bounded.
+                "request_headers_timeout": "10s",
+                "common_http_protocol_options": {
+                    "idle_timeout": "3600s",
+                    "headers_with_underscores_action": "REJECT_REQUEST",
+                },
+                "http2_protocol_options": {
+                    "max_concurrent_streams": 100,
+                    "initial_stream_window_size": 65536,
+                    "initial_connection_window_size": 1048576,
+                },
                 "route_config": {
                     "name": "registry_routes",
                     "virtual_hosts": [{ "name": "all", "domains": ["*"], "routes": [route] }],
@@ -273,6 +288,14 @@ pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u1
     };
     json!({
         "node": { "id": "oci-connector-proxy", "cluster": "oci-connector" },
+        // Hardened edge: a bound on open client connections (Envoy warns when there is none).
+        "overload_manager": { "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": 10000,
+            },
+        }]},
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
         "dynamic_resources": {
             "ads_config": {

@@ -14,8 +14,9 @@
 use base64::Engine as _;
 
 /// Error bodies larger than this are not read: an upstream error answer is small, and one that
-/// is not is replaced rather than passed unchecked.
-pub const MAX_CHECKED_ERROR_BODY: usize = 64 * 1024;
+/// is not is replaced rather than passed unchecked. Below the listener's 32 KiB buffer limit, so
+/// holding one never trips Envoy's own limit.
+pub const MAX_CHECKED_ERROR_BODY: usize = 16 * 1024;
 
 /// The byte strings that must never reach the client, for the `Authorization` value `sent`.
 pub fn secrets_of(sent: &str) -> Vec<Vec<u8>> {

@@ -348,3 +348,39 @@ fn envoy_log_and_config_dump_hold_no_secret() {
     let problems = connector_devkit::stack::envoy_problems(&w.envoy, &secrets).unwrap();
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+#[test]
+fn a_client_trickling_its_headers_is_cut_after_the_headers_timeout() {
+    use std::io::{Read, Write};
+    let _t = serial();
+    let w = world();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", w.envoy.port)).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let started = std::time::Instant::now();
+    c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: proxy\r\n").unwrap();
+    // One more header line every second, never the blank line that ends the head.
+    let mut buf = [0u8; 512];
+    let mut answer = Vec::new();
+    for i in 0..30 {
+        if c.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() {
+            break;
+        }
+        c.set_read_timeout(Some(std::time::Duration::from_secs(1))).unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !answer.is_empty() {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    eprintln!("trickling client cut after {took:?}: {text:?}");
+    assert!(
+        took >= std::time::Duration::from_secs(9) && took < std::time::Duration::from_secs(16),
+        "request_headers_timeout is 10 s; the connection lasted {took:?}"
+    );
+    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
