@@ -129,7 +129,7 @@ impl Tenancy {
         });
         (!in_own_domain && !granted).then(|| {
             format!(
-                "host {host:?} is outside namespace {ns}'s own names (*.{ns}.svc...) and not granted to it: ask an operator to add --host-grant {ns}={host}, or remove it"
+                "host {host:?} is outside namespace {ns}'s own names (*.{ns}.svc...) and not granted to it: ask an operator to add --host-grants {ns}={host}, or remove it"
             )
         })
     }
