@@ -356,7 +356,22 @@ pub struct TokenCache {
     capacity: usize,
     entries: HashMap<Rc<str>, Identity>,
     order: VecDeque<Rc<str>>,
+    /// Tokens that failed verification, with their refusal, until `REFUSED_TTL` after: the same
+    /// bad token sent again costs a lookup, not a signature check.
+    refused: HashMap<Rc<str>, (Refusal, u64)>,
+    refused_order: VecDeque<Rc<str>>,
+    /// Failed verifications in the current second: (second, count).
+    failures: (u64, u32),
 }
+
+/// How long a failed token's refusal is remembered.
+const REFUSED_TTL: u64 = 60;
+/// How many refused tokens are remembered per VM.
+const REFUSED_CAPACITY: usize = 4096;
+/// Failed signature checks allowed per VM per second. Past it, tokens not already verified are
+/// answered 429 until the next second: an attacker sending garbage signatures costs at most this
+/// many verifications a second (about 1 ms each), while tokens already verified are unaffected.
+pub const MAX_FAILED_VERIFICATIONS_PER_SECOND: u32 = 32;
 
 impl TokenCache {
     pub fn new(capacity: usize) -> Self {
@@ -364,6 +379,48 @@ impl TokenCache {
             capacity: capacity.max(1),
             entries: HashMap::new(),
             order: VecDeque::new(),
+            refused: HashMap::new(),
+            refused_order: VecDeque::new(),
+            failures: (0, 0),
+        }
+    }
+
+    /// The remembered refusal of a token that failed verification, while it lasts.
+    fn refused(&mut self, token: &str, now: u64) -> Option<Refusal> {
+        let (r, until) = self.refused.get(token)?;
+        if now >= *until {
+            self.refused.remove(token);
+            return None;
+        }
+        Some(r.clone())
+    }
+
+    /// Whether one more signature check may run this second.
+    fn may_verify(&self, now: u64) -> bool {
+        self.failures.0 != now || self.failures.1 < MAX_FAILED_VERIFICATIONS_PER_SECOND
+    }
+
+    fn remember_refusal(&mut self, token: &str, r: &Refusal, now: u64) {
+        if self.failures.0 == now {
+            self.failures.1 = self.failures.1.saturating_add(1);
+        } else {
+            self.failures = (now, 1);
+        }
+        while self.refused.len() >= REFUSED_CAPACITY {
+            match self.refused_order.pop_front() {
+                Some(oldest) => {
+                    self.refused.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        let key: Rc<str> = Rc::from(token);
+        self.refused
+            .insert(Rc::clone(&key), (r.clone(), now.saturating_add(REFUSED_TTL)));
+        self.refused_order.push_back(key);
+        if self.refused_order.len() > REFUSED_CAPACITY.saturating_mul(2) {
+            let refused = &self.refused;
+            self.refused_order.retain(|k| refused.contains_key(k));
         }
     }
 
@@ -421,10 +478,37 @@ pub fn authenticate(
     if let Some(identity) = cache.get(&token, now, policy.clock_skew) {
         return Ok((identity, true));
     }
-    let identity = verify(&token, policy, now)?;
-    cache.insert(&token, identity.clone());
-    Ok((identity, false))
+    if let Some(r) = cache.refused(&token, now) {
+        return Err(r);
+    }
+    if !cache.may_verify(now) {
+        return Err(Refusal::throttled());
+    }
+    match verify(&token, policy, now) {
+        Ok(identity) => {
+            cache.insert(&token, identity.clone());
+            Ok((identity, false))
+        }
+        Err(r) => {
+            // Only refusals that cost a signature check are counted and remembered: checks that
+            // fail before it (malformed, unknown key, wrong algorithm) cost nothing worth
+            // bounding, and counting them would let free garbage use up the budget.
+            if !CHECKED_BEFORE_SIGNATURE.contains(&r.reason) {
+                cache.remember_refusal(&token, &r, now);
+            }
+            Err(r)
+        }
+    }
 }
+
+/// Refusal reasons [`verify`] returns before it checks the signature.
+const CHECKED_BEFORE_SIGNATURE: &[&str] = &[
+    "malformed_token",
+    "alg_none",
+    "unsupported_header",
+    "unknown_kid",
+    "alg_mismatch",
+];
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -455,6 +539,40 @@ pub(crate) mod tests {
             assert_eq!(extract_token(&[&basic(&t)]).unwrap(), t);
             assert_eq!(extract_token(&[&format!("Bearer {t}")]).unwrap(), t);
         }
+    }
+
+    #[test]
+    fn a_refused_token_is_remembered_and_garbage_is_throttled_but_verified_tokens_are_not() {
+        let policy = policy();
+        let mut cache = TokenCache::new(8);
+        let good = sign(RSA_KID, Algorithm::RS256, &claims("demo", "default", NOW));
+        let good_bearer = format!("Bearer {good}");
+        assert!(authenticate(&[&good_bearer], &policy, &mut cache, NOW).is_ok());
+        // A valid header and payload with a garbage signature: one verification, then remembered.
+        let (head, _) = good.rsplit_once('.').unwrap();
+        let bad = |i: u32| format!("Bearer {head}.{}", STANDARD.encode(format!("garbage-signature-{i:08}")));
+        let first = authenticate(&[&bad(0)], &policy, &mut cache, NOW).unwrap_err();
+        assert_eq!(cache.failures, (NOW, 1));
+        let again = authenticate(&[&bad(0)], &policy, &mut cache, NOW).unwrap_err();
+        assert_eq!(again, first, "the same refusal, from the negative cache");
+        assert_eq!(cache.failures, (NOW, 1), "no second verification");
+        // Distinct garbage: at most the budget is verified this second, then 429.
+        let mut throttled = 0;
+        for i in 1..200 {
+            let r = authenticate(&[&bad(i)], &policy, &mut cache, NOW).unwrap_err();
+            if r.reason == "verification_throttled" {
+                assert_eq!(r.status, 429);
+                throttled += 1;
+            }
+        }
+        assert_eq!(cache.failures.1, MAX_FAILED_VERIFICATIONS_PER_SECOND);
+        assert_eq!(throttled, 200 - MAX_FAILED_VERIFICATIONS_PER_SECOND as usize);
+        // The verified token still passes, from the cache.
+        assert!(authenticate(&[&good_bearer], &policy, &mut cache, NOW).unwrap().1);
+        // Next second: verification resumes; the remembered refusal lasts its TTL only.
+        let r = authenticate(&[&bad(500)], &policy, &mut cache, NOW + 1).unwrap_err();
+        assert_ne!(r.reason, "verification_throttled");
+        assert!(cache.refused(&bad(0)["Bearer ".len()..], NOW + REFUSED_TTL).is_none());
     }
 
     fn reason(values: &[&str], now: u64) -> &'static str {

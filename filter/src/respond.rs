@@ -26,8 +26,8 @@ pub struct Refusal {
     pub reason: &'static str,
     /// Whether to send the proxy's `WWW-Authenticate: Basic` challenge.
     pub challenge: bool,
-    /// The methods the endpoint takes, sent as `Allow` with a 405.
-    pub allow: Option<&'static str>,
+    /// One more header of the answer: `Allow` with a 405, `Retry-After` with a 429.
+    pub header: Option<(&'static str, &'static str)>,
 }
 
 impl Refusal {
@@ -39,7 +39,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: true,
-            allow: None,
+            header: None,
         }
     }
 
@@ -65,7 +65,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -77,7 +77,7 @@ impl Refusal {
             message: message.into(),
             reason: "bad_name",
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -89,7 +89,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -101,7 +101,7 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -113,7 +113,7 @@ impl Refusal {
             message: message.into(),
             reason: "not_configured",
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -126,7 +126,7 @@ impl Refusal {
             message: message.into(),
             reason: "upstream_unavailable",
             challenge: false,
-            allow: None,
+            header: None,
         }
     }
 
@@ -142,7 +142,7 @@ impl Refusal {
             ),
             reason: "method_not_allowed",
             challenge: false,
-            allow: Some(allow),
+            header: Some(("allow", allow)),
         }
     }
 
@@ -155,7 +155,22 @@ impl Refusal {
             message: message.into(),
             reason,
             challenge: false,
-            allow: None,
+            header: None,
+        }
+    }
+
+    /// 429: too many tokens failed verification on this worker this second; a token that is
+    /// already verified is not affected. Bounds what unauthenticated garbage can cost.
+    pub fn throttled() -> Self {
+        Self {
+            status: 429,
+            code: "TOOMANYREQUESTS",
+            message: "too many requests with tokens that fail verification reach this proxy right now: retry in a \
+                      second"
+                .into(),
+            reason: "verification_throttled",
+            challenge: false,
+            header: Some(("retry-after", "1")),
         }
     }
 
@@ -175,8 +190,8 @@ impl Refusal {
         if self.challenge {
             headers.push(("www-authenticate".to_string(), challenge(realm)));
         }
-        if let Some(allow) = self.allow {
-            headers.push(("allow".to_string(), allow.to_string()));
+        if let Some((name, value)) = self.header {
+            headers.push((name.to_string(), value.to_string()));
         }
         LocalResponse {
             status: u32::from(self.status),

@@ -219,6 +219,10 @@ fn run() -> Result<()> {
         ));
     }
     let work = WorkDir::new("bench")?;
+    if arg("--flood-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return flood_table(&work, &minter, &wasm, seconds, rounds);
+    }
     if arg("--pulls-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return pull_table(&work, &minter, &wasm, &Skopeo::new(&work)?, rounds);
@@ -915,4 +919,172 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
 
 fn crate_random() -> String {
     connector_devkit::random_hex(4).unwrap_or_default()
+}
+
+/// A flood of requests whose tokens carry garbage signatures (a valid header and claims, so each
+/// one reaches the signature check), sent by a second wrk beside the measured good clients.
+/// Each request gets a fresh random signature, as an attacker would send.
+const FLOOD_LUA: &str = r#"
+local base = os.getenv("BENCH_BAD_BASE")
+local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+math.randomseed(os.time())
+request = function()
+  if base == nil or base == "" then return wrk.format() end
+  local t = {}
+  for i = 1, 342 do local r = math.random(1, 64); t[i] = chars:sub(r, r) end
+  return wrk.format(nil, nil, { ["Authorization"] = "Bearer " .. base .. "." .. table.concat(t) })
+end
+"#;
+
+/// Good clients with a verified (cached) token, alone and beside a flood: of garbage-signature
+/// tokens (each one a signature check, bounded by the filter's negative cache and its budget of
+/// failed checks per second), and of requests with no credential at all (refused without any
+/// crypto: what the flooding client alone costs this 2-core machine). Static upstream, so Envoy
+/// is the bottleneck; ratios within each round.
+fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, rounds: u32) -> Result<()> {
+    let direct_path = format!("/v2/{REPO}/manifests/v1");
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+    let w = WorkDir::new("bench-flood-filter")?;
+    let cluster = "upstream_bench".to_string();
+    let connector = bench_connector(
+        format!("http://127.0.0.1:{}", static_up.port),
+        cluster.clone(),
+        "robot".into(),
+        "BENCH_REGISTRY_PASSWORD",
+    );
+    let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
+    config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
+    let envoy = Envoy::start(
+        &w,
+        &EnvoySpec {
+            clusters: vec![Cluster {
+                name: cluster,
+                port: static_up.port,
+            }],
+            filter: Some(WasmFilter {
+                wasm: wasm.to_path_buf(),
+                config,
+                secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
+                plain_route: false,
+            }),
+        },
+    )?;
+    let warm = minter.valid(NS, "default")?;
+    let warm_file = work.path().join("flood-warm-token.txt");
+    std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
+    let bad_base = warm.rsplit_once('.').map(|(b, _)| b.to_string()).unwrap_or_default();
+    let script = work.path().join("bench.lua");
+    std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
+    let flood_script = work.path().join("flood.lua");
+    std::fs::write(&flood_script, FLOOD_LUA).map_err(|e| format!("write script: {e}"))?;
+    let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let good = Scenario {
+        group: "static upstream (Envoy-bound)",
+        name: "good clients",
+        baseline: true,
+        upstream_pid: static_up.pid(),
+        port: envoy.port,
+        path: proxy_path.clone(),
+        tokens: Some(warm_file),
+        envoy_pid: envoy.pid(),
+    };
+    let r = Request::get(&proxy_path)
+        .header("Accept", MANIFEST_ACCEPT)
+        .bearer(&warm)
+        .send(envoy.port)?;
+    if r.status != 200 {
+        return Err(format!("flood pre-flight answered {}", r.summary()));
+    }
+    // (label, the flood's BENCH_BAD_BASE: None = no flood, "" = no credential, else garbage signatures)
+    let floods: [(&str, Option<&str>); 3] = [
+        ("alone", None),
+        (
+            "+ flood of garbage-signature tokens (wrk -t1 -c4)",
+            Some(bad_base.as_str()),
+        ),
+        ("+ flood of requests without a credential (wrk -t1 -c4)", Some("")),
+    ];
+    let stat = |name: &str| -> u64 {
+        Request::get(&format!("/stats?filter={name}"))
+            .send(envoy.admin_port)
+            .map(|r| r.body_text())
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.rsplit_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    run_wrk(&good, &script, 2)?;
+    let mut samples: Vec<Vec<Sample>> = vec![vec![]; floods.len()];
+    let mut flood_rps: Vec<Vec<f64>> = vec![vec![]; floods.len()];
+    for round in 1..=rounds {
+        eprintln!("flood round {round}/{rounds}");
+        for (i, (label, base)) in floods.iter().enumerate() {
+            let flood = match base {
+                None => None,
+                Some(b) => {
+                    let mut cmd = Command::new("wrk");
+                    cmd.args(["-t1", "-c4", &format!("-d{}s", seconds + 2), "-s"])
+                        .arg(&flood_script)
+                        .arg(format!("http://127.0.0.1:{}{}", envoy.port, proxy_path))
+                        .env("BENCH_BAD_BASE", b)
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::null());
+                    let child = cmd.spawn().map_err(|e| format!("start the flood: {e}"))?;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    Some(child)
+                }
+            };
+            let sample = run_wrk(&good, &script, seconds)?;
+            if let Some(child) = flood {
+                let out = child.wait_with_output().map_err(|e| format!("flood: {e}"))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let rps = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("Requests/sec:")
+                            .and_then(|v| v.trim().parse::<f64>().ok())
+                    })
+                    .unwrap_or(0.0);
+                if let Some(v) = flood_rps.get_mut(i) {
+                    v.push(rps);
+                }
+            }
+            eprintln!("  {label:<58} {:>9.0} req/s", sample.rps);
+            if let Some(v) = samples.get_mut(i) {
+                v.push(sample);
+            }
+        }
+    }
+    let base: Vec<f64> = samples
+        .first()
+        .map(|v| v.iter().map(|x| x.rps).collect())
+        .unwrap_or_default();
+    println!(
+        "good clients (warm token, wrk -t1 -c16) beside a flood, {seconds} s x {rounds} rounds interleaved (medians), Envoy --concurrency 1"
+    );
+    println!();
+    println!(
+        "| good clients | req/s | p50 ms | p99 ms | req/s vs alone | Envoy CPU µs/req | upstream CPU µs/req | flood req/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, (label, _)) in floods.iter().enumerate() {
+        let v = samples.get(i).cloned().unwrap_or_default();
+        let f = flood_rps.get(i).cloned().unwrap_or_default();
+        let flood = if f.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}", median(f))
+        };
+        println!("| {label} | {} {flood} |", cells(&good, &v, &base));
+    }
+    println!();
+    println!(
+        "filter counters over the whole run: bad_signature {} (signature checks that failed), verification_throttled {} (429 without a check), no_credential {}",
+        stat("oci_connector.answered.bad_signature"),
+        stat("oci_connector.answered.verification_throttled"),
+        stat("oci_connector.answered.no_credential"),
+    );
+    Ok(())
 }
