@@ -66,6 +66,20 @@ pub struct KubeSettings {
     /// How long an access decision is cached: allowed, denied.
     pub access_allow_ttl: Duration,
     pub access_deny_ttl: Duration,
+    /// With several replicas: only the holder of this Lease writes status and Events (every
+    /// replica keeps watching and serving its own Envoy). `None`: this replica always writes.
+    pub leader_lease: Option<LeaseSettings>,
+}
+
+/// A `coordination.k8s.io` Lease that elects the one replica writing status and Events.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub name: String,
+    /// This replica's holder identity (the pod name in a Deployment).
+    pub identity: String,
+    /// How long a holder that stopped renewing keeps the Lease; a new leader within this.
+    pub duration: Duration,
 }
 
 impl KubeSettings {
@@ -82,6 +96,7 @@ impl KubeSettings {
             coalesce: Duration::from_millis(200),
             access_allow_ttl: Duration::from_secs(30),
             access_deny_ttl: Duration::from_secs(5),
+            leader_lease: None,
         }
     }
 
@@ -174,23 +189,80 @@ pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyh
     ));
 
     let by_secret = connectors.clone();
-    let controller = Controller::new(connectors_api, watcher::Config::default())
-        .watches(secrets_api, watcher::Config::default(), move |secret: Secret| {
-            connectors_naming(&by_secret, &secret)
-        })
-        .reconcile_all_on(proxy_changes(&hub))
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller");
+    let reconciler_hub = hub.clone();
+    let reconciler = move || {
+        let by_secret = by_secret.clone();
+        Controller::new(connectors_api.clone(), watcher::Config::default())
+            .watches(
+                secrets_api.clone(),
+                watcher::Config::default(),
+                move |secret: Secret| connectors_naming(&by_secret, &secret),
+            )
+            .reconcile_all_on(proxy_changes(&reconciler_hub))
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "controller");
+                }
+            })
+    };
+    let controller = async move {
+        match settings.leader_lease.clone() {
+            None => {
+                reconciler().await;
+                anyhow::bail!("the Connector controller stopped")
             }
-        });
+            Some(lease) => lead(client, lease, reconciler).await,
+        }
+    };
 
     tokio::select! {
-        () = controller => anyhow::bail!("the Connector controller stopped"),
+        r = controller => r,
         r = connectors_task => anyhow::bail!("the Connector watch stopped: {r:?}"),
         r = secrets_task => anyhow::bail!("the Secret watch stopped: {r:?}"),
         r = publisher => anyhow::bail!("the Inputs publisher stopped: {r:?}"),
+    }
+}
+
+/// Runs the reconciler (status and Events) only while this replica holds the Lease; the
+/// election itself is kube-lease-manager's (server-side apply on the Lease, renewed before it
+/// expires). Losing the Lease stops the reconciler at once; winning it starts a fresh one, whose
+/// first pass re-reads every Connector.
+async fn lead<F, Fut>(client: kube::Client, lease: LeaseSettings, reconciler: F) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let secs = lease.duration.as_secs().max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(secs)
+        .with_grace((secs / 3).max(1))
+        .with_field_manager(format!("{MANAGER}-lease"))
+        .build()
+        .await
+        .map_err(|e| anyhow::anyhow!("Lease {}/{}: {e}", lease.namespace, lease.name))?;
+    let (mut leading, _task) = manager.watch().await;
+    loop {
+        while !*leading.borrow_and_update() {
+            leading
+                .changed()
+                .await
+                .map_err(|_| anyhow::anyhow!("the Lease manager stopped"))?;
+        }
+        tracing::info!(lease = %lease.name, identity = %lease.identity, "holding the Lease: this replica writes status and Events");
+        let lost = async {
+            while *leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = reconciler() => anyhow::bail!("the Connector controller stopped"),
+            () = lost => tracing::warn!(lease = %lease.name, "lost the Lease: status and Events left to the new holder"),
+        }
     }
 }
 

@@ -11,7 +11,9 @@ const USAGE: &str = "usage:
         [--namespace <ns; default all>] [--strict-proxy-subresource] [--reprobe-seconds 60]
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
         [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
-      API mode: Connectors and Secrets from the cluster, status and Events written back,
+        [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
+      API mode: Connectors and Secrets from the cluster, status and Events written back
+      (with --leader-lease, only by the replica holding that Lease; identity: $POD_NAME),
       ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
@@ -139,6 +141,8 @@ const KUBE_FLAGS: &[&str] = &[
     "--access-allow-ttl-seconds",
     "--access-deny-ttl-seconds",
     "--host-grants",
+    "--leader-lease",
+    "--leader-lease-seconds",
 ];
 
 /// Where desired state comes from.
@@ -146,7 +150,7 @@ enum Source {
     Files(connector_controller::filemode::FileSettings),
     Kube {
         url: Option<String>,
-        settings: connector_controller::kube_mode::KubeSettings,
+        settings: Box<connector_controller::kube_mode::KubeSettings>,
     },
 }
 
@@ -236,9 +240,30 @@ fn serve(args: &[String]) -> ExitCode {
         settings.identity_min_interval = identity_min;
         settings.access_allow_ttl = allow_ttl;
         settings.access_deny_ttl = deny_ttl;
+        let lease_duration = secs("--leader-lease-seconds", "15", &mut problems);
+        if let Some(lease) = flags.get("--leader-lease") {
+            match lease.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                    let identity = std::env::var("POD_NAME")
+                        .ok()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| {
+                            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                            format!("{}-{}", host.trim(), std::process::id())
+                        });
+                    settings.leader_lease = Some(connector_controller::kube_mode::LeaseSettings {
+                        namespace: ns.to_string(),
+                        name: name.to_string(),
+                        identity,
+                        duration: lease_duration,
+                    });
+                }
+                _ => problems.push(format!("--leader-lease {lease:?}: expected <namespace>/<name>")),
+            }
+        }
         Source::Kube {
             url: flags.get("--kube-url").cloned(),
-            settings,
+            settings: Box::new(settings),
         }
     } else {
         for f in KUBE_FLAGS.iter().filter(|f| flags.contains_key(**f)) {
@@ -371,7 +396,7 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                 kube.authz(),
                 hub.metrics.clone(),
             ));
-            let source = tokio::spawn(kube_mode::run(client, kube, hub.clone()));
+            let source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));
             tokio::select! {
                 served = serve::serve(settings, hub, Some(access)) => served,
                 ended = source => match ended {

@@ -101,9 +101,42 @@ impl Api {
                 {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                  "metadata": {"name": name, "namespace": NS},
                  "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                 "subjects": [subject]},
+                 "subjects": [subject.clone()]},
             ]}))
             .unwrap();
+        // The API server's authorizer follows RBAC objects through an informer: wait until it
+        // answers for the new binding, as `kubectl auth can-i` sees it.
+        let (resource, subresource) = rule["resources"][0]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap_or((rule["resources"][0].as_str().unwrap(), ""));
+        let mut target = format!("{resource}.connectors.alauda.io");
+        if let Some(n) = rule["resourceNames"][0].as_str() {
+            target = format!("{target}/{n}");
+        }
+        let who = if subject["kind"] == "Group" {
+            vec![
+                "--as=probe".to_string(),
+                format!("--as-group={}", subject["name"].as_str().unwrap()),
+            ]
+        } else {
+            vec![format!(
+                "--as=system:serviceaccount:{NS}:{}",
+                subject["name"].as_str().unwrap()
+            )]
+        };
+        let mut args = vec!["auth", "can-i", "get", target.as_str(), "-n", NS];
+        let sub = format!("--subresource={subresource}");
+        if !subresource.is_empty() {
+            args.push(&sub);
+        }
+        args.extend(who.iter().map(String::as_str));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.kube.kubectl(&args).unwrap().stdout.trim() != "yes" {
+            assert!(Instant::now() < deadline, "RBAC never allowed {args:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -741,6 +774,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         .await
         .unwrap();
     assert!(!d.allowed, "{d:?}");
+    let denied_at = Instant::now();
     assert_eq!(api.kube.access_reviews().len(), 3);
     let d = authz
         .allowed(other, &service_account_groups(other), NS, "registry")
@@ -758,7 +792,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             .await
             .unwrap();
         if d.allowed {
-            last = Some((d, started.elapsed()));
+            last = Some((d, denied_at.elapsed()));
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,0 +1,220 @@
+//! Two proxy replicas (controller + Envoy each, as `deploy/` runs with `replicas: 2`) against one
+//! real kube-apiserver, electing through a `coordination.k8s.io` Lease
+//! (`--leader-lease oci-connector-system/connector-controller`) the one replica that writes
+//! status and Events. Both serve their own Envoy; the leader is SIGKILLed; the other takes the
+//! Lease within its duration and keeps status up to date (a Connector applied after the kill gets
+//! its conditions); pulls through both replicas never fail meanwhile; `ProxyReady` never flaps.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use connector_devkit::WorkDir;
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
+use connector_devkit::http::Request;
+use connector_devkit::kube::KubeCluster;
+use connector_devkit::registry::Registry;
+use connector_devkit::skopeo::Skopeo;
+use connector_devkit::stack::seed_upstream;
+use serde_json::{Value, json};
+
+const NS: &str = "demo";
+const LEASE: &str = "oci-connector-system/connector-controller";
+const LEASE_SECONDS: u64 = 4;
+
+fn connector(name: &str, address: &str) -> Value {
+    json!({
+        "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"address": address, "auth": {"name": "basicAuth", "secretRef": {"name": "registry-robot"}}, "connectorClassName": "oci"},
+    })
+}
+
+fn manifest_status(port: u16, token: &str) -> u16 {
+    Request::get(&format!(
+        "/v2/namespaces/{NS}/connectors/registry/library/app/manifests/v1"
+    ))
+    .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+    .bearer(token)
+    .send(port)
+    .map(|r| r.status)
+    .unwrap_or(0)
+}
+
+fn condition(kube: &KubeCluster, name: &str, type_: &str) -> Option<String> {
+    let c = kube.get("connector", NS, name).ok()??;
+    c["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_string))
+}
+
+/// The pid in the Lease's holder identity (`<hostname>-<pid>` without `POD_NAME`).
+fn holder_pid(kube: &KubeCluster) -> Option<u32> {
+    let (ns, name) = LEASE.split_once('/')?;
+    let lease = kube.get("lease", ns, name).ok()??;
+    lease["spec"]["holderIdentity"]
+        .as_str()?
+        .rsplit('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_death() {
+    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let work = WorkDir::new("kube-replicas").unwrap();
+    let skopeo = Skopeo::new(&work).unwrap();
+    let registry = Registry::start_with_auth(&work, "robot").unwrap();
+    let creds = registry.credentials.clone().unwrap();
+    seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password).unwrap();
+
+    let kube = KubeCluster::start("kube-replicas-api").unwrap_or_else(|e| panic!("{e}"));
+    kube.install_crd().unwrap();
+    kube.namespace(NS, &[]).unwrap();
+    let kubeconfig = kube.controller_kubeconfig().unwrap();
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "registry-robot", "namespace": NS},
+        "type": "cpaas.io/distribution-registry-token",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    kube.apply(&connector("registry", &registry.url())).unwrap();
+    kube.kubectl(&[
+        "create",
+        "rolebinding",
+        "use",
+        "-n",
+        NS,
+        "--clusterrole=oci-connector-user",
+        "--group=system:serviceaccounts:demo",
+    ])
+    .and_then(|o| o.ok())
+    .unwrap();
+
+    let lease_seconds = LEASE_SECONDS.to_string();
+    let args = [
+        "--leader-lease",
+        LEASE,
+        "--leader-lease-seconds",
+        lease_seconds.as_str(),
+        "--reprobe-seconds",
+        "2",
+    ];
+    let proxy_url = "http://192.168.1.10:31567";
+    let mut replicas: Vec<Option<Controller>> = vec![];
+    let mut envoys = vec![];
+    for i in 0..2 {
+        let work_i = WorkDir::new(&format!("kube-replica-{i}")).unwrap();
+        let c = Controller::start_kube(&work_i, &kubeconfig, proxy_url, &args).unwrap_or_else(|e| panic!("{e}"));
+        let e = Envoy::start_xds(&work_i, c.ports.xds, c.ports.channel, &c.envoy_env()).unwrap();
+        replicas.push(Some(c));
+        envoys.push((e, work_i));
+    }
+    let token = kube.create_token(NS, "default", "oci-connector", &[]).unwrap();
+    for (e, _) in &envoys {
+        until("each replica's Envoy serves", Duration::from_secs(20), || {
+            (manifest_status(e.port, &token) == 200).then_some(())
+        });
+    }
+    until("Ready=True", Duration::from_secs(30), || {
+        (condition(&kube, "registry", "Ready").as_deref() == Some("True")).then_some(())
+    });
+
+    // Exactly one replica holds the Lease and writes; the other only serves its Envoy.
+    let (leader_pid, _) = until("a Lease holder", Duration::from_secs(20), || holder_pid(&kube));
+    let leader = replicas
+        .iter()
+        .position(|c| c.as_ref().and_then(Controller::pid) == Some(leader_pid))
+        .expect("the Lease holder is one of the two replicas");
+    let follower = 1 - leader;
+    let log = |replicas: &[Option<Controller>], i: usize| replicas[i].as_ref().map(Controller::log).unwrap_or_default();
+    assert!(
+        log(&replicas, leader).contains("holding the Lease"),
+        "{}",
+        log(&replicas, leader)
+    );
+    assert!(!log(&replicas, follower).contains("holding the Lease"));
+    assert!(log(&replicas, leader).contains("condition changed"));
+    assert!(
+        !log(&replicas, follower).contains("condition changed"),
+        "the follower wrote status"
+    );
+
+    // Pulls through both replicas and ProxyReady, watched continuously from here on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (requests, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let pullers: Vec<_> = envoys
+        .iter()
+        .map(|(e, _)| {
+            let (port, token, stop) = (e.port, token.clone(), stop.clone());
+            let (requests, failures) = (requests.clone(), failures.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let code = manifest_status(port, &token);
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    if code != 200 {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("pull through :{port} answered {code}");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    let mut proxy_ready_seen = vec![];
+
+    // The leader dies without a goodbye.
+    let killed_at = Instant::now();
+    if let Some(c) = replicas[leader].take() {
+        c.kill();
+    }
+    let (_, took) = until(
+        "the follower takes the Lease",
+        Duration::from_secs(3 * LEASE_SECONDS + 5),
+        || (holder_pid(&kube) == replicas[follower].as_ref().and_then(Controller::pid)).then_some(()),
+    );
+    eprintln!("Lease taken over {took:?} after the leader was killed (duration {LEASE_SECONDS} s)");
+    // Status keeps being written: a Connector applied now gets its conditions from the new leader.
+    kube.apply(&connector("mirror", &registry.url())).unwrap();
+    let (_, took) = until("the new Connector's status", Duration::from_secs(30), || {
+        proxy_ready_seen.push(condition(&kube, "registry", "ProxyReady"));
+        (condition(&kube, "mirror", "Ready").as_deref() == Some("True")).then_some(())
+    });
+    eprintln!(
+        "a Connector applied after the takeover was Ready in {took:?} ({:?} after the kill)",
+        killed_at.elapsed()
+    );
+    assert!(log(&replicas, follower).contains("holding the Lease"));
+    for _ in 0..10 {
+        proxy_ready_seen.push(condition(&kube, "registry", "ProxyReady"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in pullers {
+        p.join().unwrap();
+    }
+    let (n, failed) = (requests.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
+    eprintln!("pulls through both replicas during the takeover: {n}, failed {failed}");
+    assert!(n > 50, "the pull loops ran: {n}");
+    assert_eq!(failed, 0, "pulls failed while the leader changed");
+    assert!(
+        proxy_ready_seen.iter().all(|s| s.as_deref() == Some("True")),
+        "ProxyReady flapped: {proxy_ready_seen:?}"
+    );
+}
