@@ -432,6 +432,7 @@ fn an_upstream_certificate_for_another_host_is_refused_even_from_the_trusted_ca(
     assert_eq!(r.status, 503, "{}", r.body_text());
     let (code, message) = oci_error(&r);
     assert_eq!(code, "UNAVAILABLE", "{message}");
+    eprintln!("the impostor, first request: {message}");
     assert!(message.contains("demo/registry"), "{message}");
     assert!(
         san_failures() >= 1,
