@@ -381,9 +381,10 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
         Source::Kube { url, settings: kube } => {
             // kube and reqwest use rustls with ring; install it as the process default once.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            // The probes trust what Envoy's clusters trust.
+            // The probes trust what Envoy's clusters trust, and go only where the proxy may.
             connector_controller::probe::use_upstream_ca(&settings.upstream_ca)
                 .map_err(|e| anyhow::anyhow!("--upstream-ca: {e}"))?;
+            connector_controller::probe::use_tenancy(settings.effective_tenancy());
             let config = match url {
                 Some(u) => kube::Config::new(u.parse().map_err(|e| anyhow::anyhow!("--kube-url {u:?}: {e}"))?),
                 None => kube::Config::infer()

@@ -32,6 +32,7 @@ pub const CREDENTIAL_REJECTED: &str = "CredentialRejected";
 pub const REALM_NOT_ALLOWED: &str = "RealmNotAllowed";
 pub const CHALLENGE_UNSUPPORTED: &str = "ChallengeUnsupported";
 pub const TOKEN_SERVICE_FAILED: &str = "TokenServiceFailed";
+pub const UPSTREAM_NOT_ALLOWED: &str = "UpstreamNotAllowed";
 
 /// Why a probe failed: `reason` becomes the condition's reason, `message` its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +57,31 @@ impl std::fmt::Display for ProbeError {
 }
 
 impl std::error::Error for ProbeError {}
+
+/// Where the probes may go, set once by [`use_tenancy`]: the proxy's own rule, so a probe
+/// never reaches (nor sends a credential to) an address the proxy refuses.
+static POLICY: OnceLock<crate::pipeline::Tenancy> = OnceLock::new();
+
+/// Makes every probe refuse, without a connection, the upstreams `tenancy` refuses (loopback,
+/// link-local, the pod's own ports ...). Call once at start-up; unset, probes go anywhere
+/// (in-process tests of the reconciler).
+pub fn use_tenancy(tenancy: crate::pipeline::Tenancy) {
+    let _ = POLICY.set(tenancy);
+}
+
+/// Why the probes must not contact `url` under `tenancy`, as a [`ProbeError`].
+pub fn check_target(url: &str, tenancy: &crate::pipeline::Tenancy) -> Result<(), ProbeError> {
+    let origin = crate::render::realm_origin(url)
+        .map_err(|e| ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("{url:?} is not an http(s) URL: {e}")))?;
+    match tenancy.refuse_upstream(&crate::render::cluster_for(&origin)) {
+        Some(why) => Err(ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("not probed: {why}"))),
+        None => Ok(()),
+    }
+}
+
+fn allowed(url: &str) -> Result<(), ProbeError> {
+    POLICY.get().map_or(Ok(()), |t| check_target(url, t))
+}
 
 /// The client every probe uses, set once by [`use_upstream_ca`]; until then, one validating
 /// against Debian's CA bundle (Envoy's default too).
@@ -166,6 +192,7 @@ pub async fn liveness(address: &str) -> Result<(), ProbeError> {
 
 /// [`liveness`] with a given client (see [`client_with_ca`]).
 pub async fn liveness_with(client: &reqwest::Client, address: &str) -> Result<(), ProbeError> {
+    allowed(address)?;
     let url = base_url(address);
     let r = client
         .get(&url)
@@ -207,6 +234,7 @@ pub async fn login_with(
     credential: &Credential,
     token_realms: &[TokenRealm],
 ) -> Result<(), ProbeError> {
+    allowed(address)?;
     let url = base_url(address);
     let r = client
         .get(&url)
@@ -235,6 +263,7 @@ pub async fn login_with(
             let realm = params.get("realm").cloned().unwrap_or_default();
             let service = params.get("service").cloned().unwrap_or_default();
             check_realm(address, &realm, token_realms)?;
+            allowed(&realm)?;
             let token = fetch_token(client, &realm, &service, credential).await?;
             with_authorization(client, &url, &token, "a token the registry's token service issued").await
         }
@@ -388,6 +417,34 @@ mod tests {
                 assert!(e.message.contains("spec.tokenRealms"), "{}", e.message);
             }
         }
+    }
+
+    #[test]
+    fn targets_the_proxy_refuses_are_not_probed() {
+        let tenancy = crate::pipeline::Tenancy {
+            own_ports: vec![18001],
+            ..Default::default()
+        };
+        for (url, refused) in [
+            ("http://127.0.0.1:5000", true),
+            ("http://169.254.169.254", true),
+            ("http://127.0.0.1:18001/v1/credentials/demo/a", true),
+            ("https://harbor.example.com", false),
+            ("https://auth.example.com/service/token?x=1", false),
+            ("ftp://x", true),
+        ] {
+            let got = check_target(url, &tenancy);
+            assert_eq!(got.is_err(), refused, "{url}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(e.reason, UPSTREAM_NOT_ALLOWED, "{url}");
+            }
+        }
+        let local = crate::pipeline::Tenancy {
+            allow_local_upstreams: true,
+            ..tenancy
+        };
+        assert!(check_target("http://127.0.0.1:5000", &local).is_ok());
+        assert!(check_target("http://127.0.0.1:18001", &local).is_err());
     }
 
     #[tokio::test]

@@ -34,6 +34,20 @@ pub struct ServeSettings {
     pub tenancy: Tenancy,
 }
 
+impl ServeSettings {
+    /// The operator's tenancy plus the controller's own listeners, which are never an upstream.
+    pub fn effective_tenancy(&self) -> Tenancy {
+        let mut tenancy = self.tenancy.clone();
+        for a in [self.xds, self.channel, self.ops] {
+            tenancy.own_ports.push(a.port());
+            if !a.ip().is_loopback() && !a.ip().is_unspecified() {
+                tenancy.own_addresses.push(a.ip());
+            }
+        }
+        tenancy
+    }
+}
+
 /// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
 /// channel first, then the snapshot to xDS (so a filter that sees the new configuration finds
 /// the new credential), then what was configured to the hub for status reporting.
@@ -173,14 +187,7 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
     }
     let (snap_tx, snap_rx) = watch::channel(None);
     let (cred_tx, cred_rx) = watch::channel(Credentials::default());
-    // The controller's own listeners are never an upstream.
-    let mut tenancy = settings.tenancy.clone();
-    for a in [settings.xds, settings.channel, settings.ops] {
-        tenancy.own_ports.push(a.port());
-        if !a.ip().is_loopback() && !a.ip().is_unspecified() {
-            tenancy.own_addresses.push(a.ip());
-        }
-    }
+    let tenancy = settings.effective_tenancy();
     tokio::spawn(pipeline(
         hub.clone(),
         settings.channel_settings.clone(),

@@ -1,8 +1,9 @@
 //! Issue 12 items 5 and 7 in API mode, on a real kube-apiserver with the real controller binary
 //! and a real Envoy: what a Connector author in one namespace can claim. A host name of another
 //! namespace, a token realm's cluster and an address on the link-local metadata service are
-//! refused on the claimant's own `ProxyReady` condition; a newer Connector claiming a host
-//! another one holds is left out while the older keeps serving.
+//! refused on the claimant's own `ProxyReady` condition (and the controller's probes do not
+//! contact the metadata address either); a newer Connector claiming a host another one holds is
+//! left out while the older keeps serving.
 
 use std::time::{Duration, Instant};
 
@@ -132,6 +133,27 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
         assert!(message.contains(why), "{ns}/{name}: {message}");
     }
 
+    // The controller's own probes do not go where the proxy may not: the metadata address is
+    // never contacted (a connection attempt would end as UpstreamUnreachable after 5 s).
+    let start = Instant::now();
+    let liveness = loop {
+        let c = kube.get("connector", "team-b", "metadata").ok().flatten();
+        let found = c.as_ref().and_then(|c| {
+            c["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "LivenessReady")
+                .cloned()
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(start.elapsed() < DEADLINE, "no LivenessReady on team-b/metadata");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("team-b/metadata LivenessReady: {liveness}");
+    assert_eq!(liveness["status"], "False", "{liveness}");
+    assert_eq!(liveness["reason"], "UpstreamNotAllowed", "{liveness}");
     let log = controller.log();
     assert!(!log.contains(&creds.password), "no password in the controller's log");
 }
