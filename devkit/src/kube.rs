@@ -360,7 +360,7 @@ impl KubeCluster {
     /// permissions a deployment gives it.
     pub fn controller_kubeconfig(&self) -> Result<PathBuf> {
         let base = crate::repo_root().join("deploy/base");
-        for f in ["namespace.yaml", "controller-rbac.yaml"] {
+        for f in ["namespace.yaml", "controller-rbac.yaml", "user-roles.yaml"] {
             self.kubectl(&["apply", "--server-side", "-f", &base.join(f).display().to_string()])?
                 .ok()?;
         }

@@ -5,7 +5,8 @@
 //! Protocol (plain HTTP/1.1 JSON on loopback, through the Envoy cluster the configuration's
 //! `controller.cluster` names; `Authorization: Bearer <key>` when a key is configured):
 //! - `GET /v1/credentials/<ns>/<name>` → `200 {"revision": "...", "authorization": "Basic ..."}`
-//! - `GET /v1/access/<ns>/<name>?user=<subject>` → `200 {"allowed": bool, "ttlSeconds": n, "reason": "..."}`
+//! - `GET /v1/access/<ns>/<name>?user=<subject>&verb=<pull|push|delete>` →
+//!   `200 {"allowed": bool, "ttlSeconds": n, "reason": "..."}` (no `verb`: pull, as before)
 //! - `POST /v1/unknown-kid` → `202`: the controller re-reads the cluster's keys (rate limited there).
 //!
 //! Everything here fails closed: an answer the filter cannot read refuses the request (503), it
@@ -56,15 +57,70 @@ impl ChannelCall {
     }
 }
 
+/// What a request does through a connector, as RBAC mode asks about it: a pull grant must not
+/// also let its holder push or delete with the robot's rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    /// GET, HEAD.
+    Pull,
+    /// POST, PUT, PATCH: uploads, manifests, tags.
+    Push,
+    /// DELETE of a manifest, blob or upload.
+    Delete,
+}
+
+impl Verb {
+    pub fn of_method(method: &str) -> Verb {
+        match method {
+            "GET" | "HEAD" => Verb::Pull,
+            "DELETE" => Verb::Delete,
+            _ => Verb::Push,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Pull => "pull",
+            Verb::Push => "push",
+            Verb::Delete => "delete",
+        }
+    }
+
+    /// The RBAC verb on `connectors.alauda.io` `connectors` that grants this (the controller's
+    /// SubjectAccessReview asks for it). `get` for pull keeps the contract users know; push and
+    /// delete have verbs of their own, so neither a pull grant nor the right to delete the
+    /// Connector object grants them.
+    pub fn rbac_verb(self) -> &'static str {
+        match self {
+            Verb::Pull => "get",
+            Verb::Push => "push",
+            Verb::Delete => "delete-artifacts",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Verb> {
+        match s {
+            "pull" => Some(Verb::Pull),
+            "push" => Some(Verb::Push),
+            "delete" => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+}
+
 pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str) -> ChannelCall {
     ChannelCall::new(ch, "GET", format!("/v1/credentials/{namespace}/{name}"))
 }
 
-pub fn access_call(ch: &ControllerChannel, namespace: &str, name: &str, subject: &str) -> ChannelCall {
+pub fn access_call(ch: &ControllerChannel, namespace: &str, name: &str, subject: &str, verb: Verb) -> ChannelCall {
     ChannelCall::new(
         ch,
         "GET",
-        format!("/v1/access/{namespace}/{name}?user={}", encode_query_value(subject)),
+        format!(
+            "/v1/access/{namespace}/{name}?user={}&verb={}",
+            encode_query_value(subject),
+            verb.as_str()
+        ),
     )
 }
 
@@ -136,22 +192,22 @@ pub fn parse_access(status: u32, body: &[u8], connector: &str) -> Result<(bool, 
     Ok((allowed, ttl))
 }
 
-/// Access decisions of this VM, by (subject, connector label).
+/// Access decisions of this VM, by (subject, connector label, verb).
 #[derive(Debug, Default)]
 pub struct AccessCache {
-    entries: HashMap<(String, String), (bool, u64)>,
+    entries: HashMap<(String, String, Verb), (bool, u64)>,
 }
 
 impl AccessCache {
     /// `Some(allowed)` while a decision is fresh.
-    pub fn get(&self, subject: &str, connector: &str, now: u64) -> Option<bool> {
+    pub fn get(&self, subject: &str, connector: &str, verb: Verb, now: u64) -> Option<bool> {
         self.entries
-            .get(&(subject.to_string(), connector.to_string()))
+            .get(&(subject.to_string(), connector.to_string(), verb))
             .filter(|(_, until)| now < *until)
             .map(|(allowed, _)| *allowed)
     }
 
-    pub fn insert(&mut self, subject: &str, connector: &str, allowed: bool, ttl: u64, now: u64) {
+    pub fn insert(&mut self, subject: &str, connector: &str, verb: Verb, allowed: bool, ttl: u64, now: u64) {
         if self.entries.len() >= MAX_DECISIONS {
             self.entries.retain(|_, (_, until)| now < *until);
             if self.entries.len() >= MAX_DECISIONS {
@@ -159,7 +215,7 @@ impl AccessCache {
             }
         }
         self.entries
-            .insert((subject.to_string(), connector.to_string()), (allowed, now + ttl));
+            .insert((subject.to_string(), connector.to_string(), verb), (allowed, now + ttl));
     }
 
     pub fn len(&self) -> usize {
@@ -224,13 +280,29 @@ mod tests {
         let c = credential_call(&ch(Some("k")), "demo", "reg");
         assert_eq!(c.path, "/v1/credentials/demo/reg");
         assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
-        let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder");
+        let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder", Verb::Push);
         assert_eq!(
             c.path,
-            "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder"
+            "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder&verb=push"
         );
         assert!(!c.headers.iter().any(|(k, _)| k == "authorization"));
         assert_eq!(unknown_kid_call(&ch(None)).method, "POST");
+    }
+
+    #[test]
+    fn verbs_follow_the_method() {
+        for (m, v) in [
+            ("GET", Verb::Pull),
+            ("HEAD", Verb::Pull),
+            ("PUT", Verb::Push),
+            ("POST", Verb::Push),
+            ("PATCH", Verb::Push),
+            ("DELETE", Verb::Delete),
+        ] {
+            assert_eq!(Verb::of_method(m), v, "{m}");
+            assert_eq!(Verb::parse(v.as_str()), Some(v));
+        }
+        assert_eq!(Verb::parse("get"), None);
     }
 
     #[test]
@@ -277,13 +349,20 @@ mod tests {
         assert!(parse_access(503, b"", "d/r").is_err());
 
         let mut c = AccessCache::default();
-        assert_eq!(c.get("s", "d/r", 100), None);
-        c.insert("s", "d/r", true, 30, 100);
-        c.insert("s", "d/other", false, 5, 100);
-        assert_eq!(c.get("s", "d/r", 129), Some(true));
-        assert_eq!(c.get("s", "d/r", 130), None, "expired");
-        assert_eq!(c.get("s", "d/other", 104), Some(false));
-        assert_eq!(c.get("t", "d/r", 101), None, "another subject decides for itself");
+        let pull = Verb::Pull;
+        assert_eq!(c.get("s", "d/r", pull, 100), None);
+        c.insert("s", "d/r", pull, true, 30, 100);
+        c.insert("s", "d/other", pull, false, 5, 100);
+        assert_eq!(c.get("s", "d/r", pull, 129), Some(true));
+        assert_eq!(c.get("s", "d/r", pull, 130), None, "expired");
+        assert_eq!(c.get("s", "d/other", pull, 104), Some(false));
+        assert_eq!(c.get("t", "d/r", pull, 101), None, "another subject decides for itself");
+        assert_eq!(
+            c.get("s", "d/r", Verb::Push, 101),
+            None,
+            "a pull grant says nothing about push"
+        );
+        assert_eq!(c.get("s", "d/r", Verb::Delete, 101), None);
     }
 
     #[test]

@@ -166,14 +166,17 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
 
 /// The RBAC-mode denial (the controller's SubjectAccessReview said no). Same status and code
 /// as [`not_permitted`], and, like it, the same words whether or not the connector exists.
-pub fn not_permitted_rbac(connector: &str, subject: &str) -> Refusal {
+pub fn not_permitted_rbac(connector: &str, subject: &str, verb: crate::channel::Verb) -> Refusal {
     Refusal::denied(
         "connector_denied",
         format!(
-            "connector {} does not exist or {} may not use it: grant it `get` on connectors.alauda.io \
-             {} in that namespace (a Role and RoleBinding)",
+            "connector {} does not exist or {} may not {} through it: grant it `{}` on connectors.alauda.io \
+             {} in that namespace (a Role and RoleBinding; the ClusterRoles oci-connector-user, -pusher and \
+             -maintainer hold these verbs)",
             quote(connector),
             quote(subject),
+            verb.as_str(),
+            verb.rbac_verb(),
             quote(connector.rsplit('/').next().unwrap_or(connector))
         ),
     )

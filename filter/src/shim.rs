@@ -196,6 +196,8 @@ struct Target {
     subject: String,
     /// The controller must still confirm the caller may use the connector.
     check_access: bool,
+    /// What the request does (pull, push, delete): RBAC mode asks about exactly that.
+    verb: channel::Verb,
     credential: UpstreamCredential,
     cluster: String,
     scheme: String,
@@ -243,15 +245,21 @@ impl Context for Http {
                 let now = now_secs();
                 match channel::parse_access(status, &body, &target.connector) {
                     Ok((allowed, ttl)) => {
-                        let _ = self
-                            .with_state(|st| st.access.insert(&target.subject, &target.connector, allowed, ttl, now));
+                        let _ = self.with_state(|st| {
+                            st.access
+                                .insert(&target.subject, &target.connector, target.verb, allowed, ttl, now)
+                        });
                         if allowed {
                             target.check_access = false;
                             if let Action::Continue = self.proceed(target, scopes, now) {
                                 resume_current();
                             }
                         } else {
-                            self.refuse(crate::engine::not_permitted_rbac(&target.connector, &target.subject));
+                            self.refuse(crate::engine::not_permitted_rbac(
+                                &target.connector,
+                                &target.subject,
+                                target.verb,
+                            ));
                         }
                     }
                     Err(r) => {
@@ -547,11 +555,12 @@ impl Http {
     fn proceed(&mut self, mut target: Target, scopes: Vec<String>, now: u64) -> Action {
         if target.check_access {
             let (subject, connector) = (&target.subject, &target.connector);
-            match self.with_state(|st| st.access.get(subject, connector, now)) {
+            let verb = target.verb;
+            match self.with_state(|st| st.access.get(subject, connector, verb, now)) {
                 Err(r) => return self.refuse(r),
                 Ok(Some(true)) => target.check_access = false,
                 Ok(Some(false)) => {
-                    let r = crate::engine::not_permitted_rbac(&target.connector, &target.subject);
+                    let r = crate::engine::not_permitted_rbac(&target.connector, &target.subject, target.verb);
                     return self.refuse(r);
                 }
                 Ok(None) => {
@@ -559,7 +568,7 @@ impl Http {
                         st.config.controller.as_ref().map(|ch| {
                             (
                                 ch.cluster.clone(),
-                                channel::access_call(ch, &target.namespace, &target.name, &target.subject),
+                                channel::access_call(ch, &target.namespace, &target.name, &target.subject, target.verb),
                             )
                         })
                     });
@@ -852,6 +861,7 @@ impl HttpContext for Http {
                     name: f.name,
                     subject,
                     check_access: f.check_access,
+                    verb: channel::Verb::of_method(&method),
                     credential: f.credential,
                     cluster: f.cluster,
                     scheme: f.response.upstream.scheme.clone(),

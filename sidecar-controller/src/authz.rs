@@ -1,8 +1,10 @@
 //! Owns "who may use a connector" in API mode, decided by Kubernetes RBAC: a
-//! SubjectAccessReview for `get` on the connector (`connectors.alauda.io`, resource
-//! `connectors`, its name and namespace), or in strict mode `get` on its `proxy` subresource.
-//! So a Role like `{apiGroups: [connectors.alauda.io], resources: [connectors], verbs: [get]}`
-//! bound to a ServiceAccount is what lets its pods pull through the connector.
+//! SubjectAccessReview on the connector (`connectors.alauda.io`, resource `connectors`, its
+//! name and namespace) for the verb of what the request does: `get` to pull (in strict mode
+//! `get` on its `proxy` subresource), `push` to push, `delete-artifacts` to delete. So a Role
+//! like `{apiGroups: [connectors.alauda.io], resources: [connectors], verbs: [get]}` bound to a
+//! ServiceAccount lets its pods pull, and only pull, through the connector (deploy/base ships
+//! the ClusterRoles oci-connector-user, -pusher and -maintainer).
 //!
 //! Answers are cached per (user, groups, connector): allows for `allow_ttl` (30 s by
 //! default), denials for `deny_ttl` (5 s), so a new RoleBinding takes effect quickly and a
@@ -16,6 +18,8 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::Api;
 use kube::api::PostParams;
+
+use connector_filter::channel::Verb;
 
 use crate::channel::{AccessAnswer, AccessCheck};
 use crate::ops::Metrics;
@@ -56,7 +60,7 @@ pub struct Decision {
     pub cached: bool,
 }
 
-type Key = (String, Vec<String>, String, String);
+type Key = (String, Vec<String>, String, String, Verb);
 /// A cached decision: allowed, reason, valid until.
 type Cached = (bool, String, Instant);
 
@@ -86,11 +90,12 @@ impl Authorizer {
         groups: &[String],
         namespace: &str,
         connector: &str,
+        verb: Verb,
     ) -> Result<Decision, kube::Error> {
         let mut sorted = groups.to_vec();
         sorted.sort();
         sorted.dedup();
-        let key: Key = (user.into(), sorted, namespace.into(), connector.into());
+        let key: Key = (user.into(), sorted, namespace.into(), connector.into(), verb);
         let now = Instant::now();
         if let Some((allowed, reason, until)) = self.lock().get(&key).cloned()
             && until > now
@@ -120,9 +125,10 @@ impl Authorizer {
             (Some(r), _) if !r.is_empty() => r.clone(),
             (_, true) => "allowed by RBAC".to_string(),
             (_, false) => format!(
-                "no RBAC rule grants get on {}{} {namespace}/{connector}",
+                "no RBAC rule grants {} on {}{} {namespace}/{connector}",
+                verb.rbac_verb(),
                 RESOURCE,
-                if self.settings.strict { "/proxy" } else { "" }
+                if self.strict_for(verb) { "/proxy" } else { "" }
             ),
         };
         let ttl = if allowed {
@@ -154,7 +160,13 @@ impl Authorizer {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn review(&self, (user, groups, namespace, name): &Key) -> SubjectAccessReview {
+    /// Strict mode moves pull to the `proxy` subresource; push and delete have verbs of their
+    /// own, which no broad `get` grant carries, so they stay on the resource.
+    fn strict_for(&self, verb: Verb) -> bool {
+        self.settings.strict && verb == Verb::Pull
+    }
+
+    fn review(&self, (user, groups, namespace, name, verb): &Key) -> SubjectAccessReview {
         SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.clone()),
@@ -162,8 +174,8 @@ impl Authorizer {
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(GROUP.into()),
                     resource: Some(RESOURCE.into()),
-                    subresource: self.settings.strict.then(|| STRICT_SUBRESOURCE.into()),
-                    verb: Some("get".into()),
+                    subresource: self.strict_for(*verb).then(|| STRICT_SUBRESOURCE.into()),
+                    verb: Some(verb.rbac_verb().into()),
                     namespace: Some(namespace.clone()),
                     name: Some(name.clone()),
                     ..ResourceAttributes::default()
@@ -199,11 +211,12 @@ impl AccessCheck for Authorizer {
         user: &'a str,
         namespace: &'a str,
         name: &'a str,
+        verb: Verb,
     ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
         Box::pin(async move {
             let groups = service_account_groups(user);
             let d = self
-                .allowed(user, &groups, namespace, name)
+                .allowed(user, &groups, namespace, name, verb)
                 .await
                 .map_err(|e| format!("SubjectAccessReview failed: {e}"))?;
             Ok(AccessAnswer {

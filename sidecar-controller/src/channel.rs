@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use connector_filter::channel::Verb;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
@@ -45,6 +46,7 @@ pub trait AccessCheck: Send + Sync {
         user: &'a str,
         namespace: &'a str,
         name: &'a str,
+        verb: Verb,
     ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
 }
 
@@ -137,6 +139,8 @@ async fn credential(
 #[derive(Deserialize)]
 struct AccessQuery {
     user: String,
+    /// `pull`, `push` or `delete` (the filter's `Verb`); absent: pull, as older filters ask.
+    verb: Option<String>,
 }
 
 async fn access(
@@ -154,7 +158,19 @@ async fn access(
             "this controller runs without RBAC (file mode): the filter configuration should use authorization \"rules\"".into(),
         );
     };
-    match check.check(&q.user, &namespace, &name).await {
+    let verb = match q.verb.as_deref() {
+        None => Verb::Pull,
+        Some(v) => match Verb::parse(v) {
+            Some(verb) => verb,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown verb {v:?}: expected pull, push or delete"),
+                );
+            }
+        },
+    };
+    match check.check(&q.user, &namespace, &name, verb).await {
         Ok(a) => Json(json!({ "allowed": a.allowed, "ttlSeconds": a.ttl_secs, "reason": a.reason })).into_response(),
         Err(e) => {
             tracing::warn!(connector = %format!("{namespace}/{name}"), user = %q.user, error = %e, "access check failed");

@@ -24,6 +24,7 @@ use connector_devkit::WorkDir;
 use connector_devkit::kube::KubeCluster;
 use connector_devkit::registry::{Credentials, Registry};
 use connector_devkit::token_server::TokenServer;
+use connector_filter::channel::Verb;
 use serde_json::{Value, json};
 
 const NS: &str = "demo";
@@ -726,7 +727,10 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     );
     let groups = service_account_groups(puller);
 
-    let d = authz.allowed(puller, &groups, NS, "registry").await.unwrap();
+    let d = authz
+        .allowed(puller, &groups, NS, "registry", Verb::Pull)
+        .await
+        .unwrap();
     assert!(d.allowed && !d.cached, "{d:?}");
     assert_eq!(d.ttl, Duration::from_secs(30));
     let reviews = api.kube.access_reviews();
@@ -761,23 +765,29 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     assert!(attrs.get("subresource").is_none_or(Value::is_null), "{attrs}");
 
     // Cached: no second review.
-    let d = authz.allowed(puller, &groups, NS, "registry").await.unwrap();
+    let d = authz
+        .allowed(puller, &groups, NS, "registry", Verb::Pull)
+        .await
+        .unwrap();
     assert!(d.allowed && d.cached, "{d:?}");
     assert_eq!(api.kube.access_reviews().len(), 1);
 
     // Another connector, another ServiceAccount: denied, cached briefly.
-    let d = authz.allowed(puller, &groups, NS, "elsewhere").await.unwrap();
+    let d = authz
+        .allowed(puller, &groups, NS, "elsewhere", Verb::Pull)
+        .await
+        .unwrap();
     assert!(!d.allowed && !d.cached, "{d:?}");
     let other = "system:serviceaccount:demo:other";
     let d = authz
-        .allowed(other, &service_account_groups(other), NS, "registry")
+        .allowed(other, &service_account_groups(other), NS, "registry", Verb::Pull)
         .await
         .unwrap();
     assert!(!d.allowed, "{d:?}");
     let denied_at = Instant::now();
     assert_eq!(api.kube.access_reviews().len(), 3);
     let d = authz
-        .allowed(other, &service_account_groups(other), NS, "registry")
+        .allowed(other, &service_account_groups(other), NS, "registry", Verb::Pull)
         .await
         .unwrap();
     assert!(!d.allowed && d.cached, "{d:?}");
@@ -788,7 +798,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     let mut last = None;
     while started.elapsed() < Duration::from_secs(5) {
         let d = authz
-            .allowed(other, &service_account_groups(other), NS, "registry")
+            .allowed(other, &service_account_groups(other), NS, "registry", Verb::Pull)
             .await
             .unwrap();
         if d.allowed {
@@ -815,9 +825,9 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         get_connectors(&["shared"]),
         json!({"kind": "Group", "name": "system:serviceaccounts:ci"}),
     );
-    let a = authz.check(ci, NS, "shared").await.unwrap();
+    let a = authz.check(ci, NS, "shared", Verb::Pull).await.unwrap();
     assert!(a.allowed && a.ttl_secs >= 29, "{a:?}");
-    assert!(!authz.check(ci, NS, "registry").await.unwrap().allowed);
+    assert!(!authz.check(ci, NS, "registry", Verb::Pull).await.unwrap().allowed);
 
     // Strict mode asks for connectors/proxy: the plain `get` rule is not enough.
     let strict = Authorizer::new(
@@ -828,7 +838,10 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         },
         metrics.clone(),
     );
-    let d = strict.allowed(puller, &groups, NS, "registry").await.unwrap();
+    let d = strict
+        .allowed(puller, &groups, NS, "registry", Verb::Pull)
+        .await
+        .unwrap();
     assert!(!d.allowed, "{d:?}");
     let last_review = api.kube.access_reviews().last().cloned().unwrap();
     assert_eq!(last_review["resourceAttributes"]["subresource"], "proxy");
@@ -837,7 +850,10 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         json!({"apiGroups": ["connectors.alauda.io"], "resources": ["connectors/proxy"], "verbs": ["get"], "resourceNames": ["registry"]}),
         sa("puller"),
     );
-    let d = strict.allowed(puller, &groups, NS, "other-connector").await.unwrap();
+    let d = strict
+        .allowed(puller, &groups, NS, "other-connector", Verb::Pull)
+        .await
+        .unwrap();
     assert!(!d.allowed, "a rule for one connector allows no other: {d:?}");
     let strict_fresh = Authorizer::new(
         client(&api).await,
@@ -849,11 +865,48 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
     );
     assert!(
         strict_fresh
-            .allowed(puller, &groups, NS, "registry")
+            .allowed(puller, &groups, NS, "registry", Verb::Pull)
             .await
             .unwrap()
             .allowed
     );
+
+    // A pull grant is not a push grant, nor a delete grant: each asks for its own verb.
+    for verb in [Verb::Push, Verb::Delete] {
+        let d = authz.allowed(puller, &groups, NS, "registry", verb).await.unwrap();
+        assert!(!d.allowed, "{verb:?} with only `get`: {d:?}");
+        assert!(d.reason.contains(verb.rbac_verb()), "{}", d.reason);
+        let last_review = api.kube.access_reviews().last().cloned().unwrap();
+        assert_eq!(last_review["resourceAttributes"]["verb"], verb.rbac_verb());
+        assert!(
+            last_review["resourceAttributes"]
+                .get("subresource")
+                .is_none_or(Value::is_null)
+        );
+    }
+    api.grant(
+        "puller-push",
+        json!({"apiGroups": ["connectors.alauda.io"], "resources": ["connectors"], "verbs": ["push"], "resourceNames": ["registry"]}),
+        sa("puller"),
+    );
+    let started = Instant::now();
+    while !authz
+        .allowed(puller, &groups, NS, "registry", Verb::Push)
+        .await
+        .unwrap()
+        .allowed
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the push grant did not take effect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = authz
+        .allowed(puller, &groups, NS, "registry", Verb::Delete)
+        .await
+        .unwrap();
+    assert!(!d.allowed, "push does not grant delete: {d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

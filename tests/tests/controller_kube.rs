@@ -236,6 +236,43 @@ fn api_mode_on_a_real_api_server() {
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("skopeo copy: {e}"));
     assert_eq!(image::oci_layers(&dest, TAG).unwrap(), sample.layers);
+    // A pull grant is not a push grant: the upload is refused with the verb to grant, and
+    // nothing reaches the registry; bound to oci-connector-pusher (deploy/base), it starts.
+    let upload = || {
+        Request::new(
+            "POST",
+            &format!("/v2/namespaces/{NS}/connectors/registry/{REPO}/blobs/uploads/"),
+        )
+        .bearer(&token)
+        .send(envoy.port)
+        .map(|r| (r.status, r.body_text()))
+        .unwrap_or((0, String::new()))
+    };
+    recorder.take();
+    let (code, body) = upload();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("may not push") && body.contains("`push`"), "{body}");
+    assert!(
+        recorder.take().request_lines().is_empty(),
+        "a refused push reached the registry"
+    );
+    kubectl(
+        &kube,
+        &[
+            "create",
+            "rolebinding",
+            "builder-pushes",
+            "-n",
+            NS,
+            "--clusterrole=oci-connector-pusher",
+            "--serviceaccount=demo:builder",
+        ],
+    );
+    let (_, took) = until("a push grant takes effect", DEADLINE, || {
+        (upload().0 == 202).then_some(())
+    });
+    eprintln!("push granted with oci-connector-pusher: uploads start after {took:?}");
+
     // A token for another audience is not one for the proxy.
     let other_audience = kube.create_token(NS, "builder", "something-else", &[]).unwrap();
     assert_eq!(status(&envoy, "registry", &other_audience).0, 401);
