@@ -292,7 +292,8 @@ impl Context for Http {
                         .config
                         .connector_by_label(&target.connector)
                         .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
-                    let challenge = learn_challenge(c, status, www.as_deref())?;
+                    let challenge = learn_challenge(c, status, www.as_deref())
+                        .map_err(|r| crate::upstream::with_envoy_detail(r, status, &body))?;
                     st.upstream.learn(&target.connector, challenge);
                     Ok(())
                 });
@@ -308,7 +309,8 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Token { key, realm }) => {
-                let result = parse_token_response(status, &body, &realm);
+                let result = parse_token_response(status, &body, &realm)
+                    .map_err(|r| crate::upstream::with_envoy_detail(r, status, &body));
                 let now = now_secs();
                 let waiters = self
                     .with_state(|st| st.upstream.complete(&key, &result, now))

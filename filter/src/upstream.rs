@@ -267,6 +267,28 @@ pub fn token_request_path(realm: &BearerRealm, scopes: &[String]) -> String {
 }
 
 /// A usable token from a token service's answer: `(Authorization value, seconds to keep it)`.
+/// For a call Envoy could not complete (502-504, Envoy's own answer): the refusal's message gets
+/// the reason Envoy gave, e.g. `transport failure reason: TLS_error:...CERTIFICATE_VERIFY_FAILED`,
+/// so a misnamed or untrusted upstream certificate is named as such. Only Envoy's own wording is
+/// taken (its body starts `upstream connect error` or `no healthy upstream`); a registry's body is
+/// never repeated. Printable ASCII only, at most 300 characters; the probe and the token request
+/// carry no secret Envoy could echo in it.
+pub fn with_envoy_detail(mut r: Refusal, status: u32, body: &[u8]) -> Refusal {
+    if !(502..=504).contains(&status) {
+        return r;
+    }
+    let text: String = body
+        .iter()
+        .take(300)
+        .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { ' ' })
+        .collect();
+    let text = text.trim();
+    if text.starts_with("upstream connect error") || text.starts_with("no healthy upstream") {
+        r.message.push_str(&format!(" (Envoy: {text})"));
+    }
+    r
+}
+
 pub fn parse_token_response(status: u32, body: &[u8], realm: &str) -> Result<(String, u64), Refusal> {
     let fail = |why: String| {
         Refusal::unavailable_upstream(format!("the token service at {} {why}", quote(realm)))
@@ -450,6 +472,33 @@ impl UpstreamAuth {
 
     pub fn cached_tokens(&self) -> usize {
         self.tokens.len()
+    }
+}
+
+#[cfg(test)]
+mod envoy_detail_tests {
+    use super::*;
+
+    #[test]
+    fn envoys_reason_is_named_and_nothing_else_is_repeated() {
+        let base = || Refusal::unavailable_upstream("the upstream registry of connector \"d/r\" could not be reached");
+        let tls = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: TLS_error:|268435581:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher";
+        let r = with_envoy_detail(base(), 503, tls);
+        assert!(
+            r.message.contains("CERTIFICATE_VERIFY_FAILED") && r.message.contains("SAN matcher"),
+            "{}",
+            r.message
+        );
+        // A registry's own 503 body is not repeated, nor is anything outside 502-504.
+        assert_eq!(
+            with_envoy_detail(base(), 503, b"{\"errors\":[]}").message,
+            base().message
+        );
+        assert_eq!(with_envoy_detail(base(), 401, tls).message, base().message);
+        // Control characters never make it into a message (a header Envoy would send).
+        let r = with_envoy_detail(base(), 502, b"upstream connect error\r\nx: y");
+        assert!(!r.message.contains('\r') && !r.message.contains('\n'));
+        assert!(with_envoy_detail(base(), 503, &[b'u'; 5000]).message.len() < 400);
     }
 }
 
