@@ -2,13 +2,14 @@
 //!
 //! Owns the decision of the `connector-credential-provider` exec plugin: which images are the
 //! connector proxy's (path form `PROXY/namespaces/<ns>/connectors/<name>/<repo>`, host form
-//! `c-<name>-connector.<ns>.<suffix>/<repo>`), what the kubelet gets for them (the pod's
+//! `<host of a configured connector>/<repo>`), what the kubelet gets for them (the pod's
 //! ServiceAccount token as the password, cached no longer than the token lives), and why a request
 //! is refused. `main.rs` only moves bytes.
 
 use base64::Engine;
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
-use connector_filter::route::is_dns_label;
+use connector_filter::config::{DEFAULT_HOST_PATTERN, render_host};
+use connector_filter::route::{is_dns_label, is_dns_subdomain};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,16 +34,31 @@ pub const EXPIRY_MARGIN_DIVISOR: u64 = 10;
 
 /// Environment variables read when the matching flag is absent.
 pub const ENV_PROXY: &str = "OCI_CONNECTOR_PROXY";
-pub const ENV_HOST_SUFFIX: &str = "OCI_CONNECTOR_HOST_SUFFIX";
+pub const ENV_HOST_CONNECTORS: &str = "OCI_CONNECTOR_HOST_CONNECTORS";
+pub const ENV_HOST_PATTERN: &str = "OCI_CONNECTOR_HOST_PATTERN";
+pub const ENV_HOST_PORT: &str = "OCI_CONNECTOR_HOST_PORT";
 
-/// Where the connector proxy is, as image references name it.
+/// Where the connector proxy is, as image references name it. Only names the operator configured
+/// get a token: `--proxy` for the path form, and for the host form exactly the names of the
+/// connectors listed in `--host-connectors`. Any namespace can create a Service called
+/// `c-<x>-connector.<its ns>`; answering every name of that shape would hand a pod's token to it
+/// (issue 12, item 12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `host[:port]` of the proxy for the path form (lower-cased host).
     pub proxy: Authority,
-    /// Host form: the DNS suffix after `c-<name>-connector.<ns>.` (e.g. `svc.cluster.local`), and
-    /// the port images must name (none: images name no port), as in the kubelet's own matching.
-    pub host_suffix: Option<Authority>,
+    /// Host form: the `host[:port]` of each configured connector, rendered from the host pattern
+    /// the filter and the webhook use ([`connector_filter::config::render_host`]). Empty: the
+    /// host form gets no credential.
+    pub hosts: Vec<HostEntry>,
+}
+
+/// One host-form name the operator configured, and the connector it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    pub authority: Authority,
+    pub namespace: String,
+    pub name: String,
 }
 
 /// A `host[:port]`, host lower-cased.
@@ -91,12 +107,7 @@ impl Authority {
         }
         let port = match port {
             None => None,
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| format!("{s:?}: port {p:?} is not 1-65535"))?,
-            ),
+            Some(p) => Some(parse_port(p).map_err(|e| format!("{s:?}: {e}"))?),
         };
         Ok(Self {
             host: host.to_ascii_lowercase(),
@@ -105,33 +116,101 @@ impl Authority {
     }
 }
 
+fn parse_port(p: &str) -> Result<u16, String> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {p:?} is not 1-65535"))
+}
+
+/// The host form as the operator configures it: which connectors, the pattern that names their
+/// hosts (default: the filter's [`DEFAULT_HOST_PATTERN`]) and the port images name (none: no port).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostForm<'a> {
+    /// `<ns>/<name>[,<ns>/<name>...]`.
+    pub connectors: Option<&'a str>,
+    pub pattern: Option<&'a str>,
+    pub port: Option<&'a str>,
+}
+
 impl Settings {
-    /// `proxy`: `host[:port]`; `host_suffix`: `[*.]suffix[:port]` (`*.svc.cluster.local`,
-    /// `svc.cluster.local:8080`).
-    pub fn new(proxy: &str, host_suffix: Option<&str>) -> Result<Self, String> {
+    /// `proxy`: `host[:port]`; `host_form`: see [`HostForm`].
+    pub fn new(proxy: &str, host_form: HostForm<'_>) -> Result<Self, String> {
         let proxy = Authority::parse(proxy.trim()).map_err(|e| format!("--proxy: {e}"))?;
-        let host_suffix = match host_suffix.map(str::trim).filter(|s| !s.is_empty()) {
-            None => None,
-            Some(s) => {
-                let s = s.strip_prefix("*.").unwrap_or(s).trim_start_matches('.');
-                let a = Authority::parse(s).map_err(|e| format!("--host-suffix: {e}"))?;
-                if a.host.starts_with('[') || a.host.contains('*') {
-                    return Err(format!(
-                        "--host-suffix: {s:?} is not a DNS suffix such as *.svc.cluster.local"
-                    ));
-                }
-                Some(a)
-            }
-        };
-        Ok(Self { proxy, host_suffix })
+        Ok(Self {
+            proxy,
+            hosts: host_entries(&host_form)?,
+        })
     }
+}
+
+fn given(v: Option<&str>) -> Option<&str> {
+    v.map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn host_entries(h: &HostForm<'_>) -> Result<Vec<HostEntry>, String> {
+    let Some(list) = given(h.connectors) else {
+        for (flag, v) in [("--host-pattern", h.pattern), ("--host-port", h.port)] {
+            if given(v).is_some() {
+                return Err(format!(
+                    "{flag} is set but --host-connectors is not: the host form answers only the connectors an operator lists \
+                     (--host-connectors <ns>/<name>[,<ns>/<name>...], or {ENV_HOST_CONNECTORS})"
+                ));
+            }
+        }
+        return Ok(Vec::new());
+    };
+    let pattern = given(h.pattern).unwrap_or(DEFAULT_HOST_PATTERN);
+    if pattern.matches("{name}").count() != 1 || pattern.matches("{namespace}").count() != 1 {
+        return Err(format!(
+            "--host-pattern {pattern:?} must contain {{name}} and {{namespace}} exactly once, \
+             e.g. {DEFAULT_HOST_PATTERN} (the same pattern as the filter's proxy.hostPattern and the webhook's --host-pattern)"
+        ));
+    }
+    let port = given(h.port)
+        .map(parse_port)
+        .transpose()
+        .map_err(|e| format!("--host-port: {e}"))?;
+    let mut hosts: Vec<HostEntry> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (namespace, name) = item
+            .split_once('/')
+            .filter(|(ns, name)| is_dns_label(ns) && is_dns_subdomain(name))
+            .ok_or_else(|| {
+                format!(
+                    "--host-connectors: {item:?} is not <namespace>/<name> (a namespace and a Connector name: lowercase letters, digits, '-', and '.' in the name)"
+                )
+            })?;
+        let host = render_host(pattern, namespace, name);
+        if !is_dns_subdomain(&host) {
+            return Err(format!(
+                "--host-pattern {pattern:?} gives {host:?} for {item}, which is not a DNS name \
+                 (lowercase letters, digits, '-' and '.')"
+            ));
+        }
+        let entry = HostEntry {
+            authority: Authority { host, port },
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if !hosts.contains(&entry) {
+            hosts.push(entry);
+        }
+    }
+    if hosts.is_empty() {
+        return Err(
+            "--host-connectors is empty: list <ns>/<name>[,<ns>/<name>...], or leave it out to answer only the path form"
+                .into(),
+        );
+    }
+    Ok(hosts)
 }
 
 impl Settings {
     /// From the plugin's `args` (as the kubelet's CredentialProviderConfig passes them), each
     /// flag falling back to its environment variable (the config's `env`). `Ok(None)`: `--help`.
     pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
-        let (mut proxy, mut suffix) = (None, None);
+        let (mut proxy, mut connectors, mut pattern, mut port) = (None, None, None, None);
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let (flag, inline) = match arg.split_once('=') {
@@ -141,7 +220,17 @@ impl Settings {
             let slot = match flag {
                 "--help" | "-h" => return Ok(None),
                 "--proxy" => &mut proxy,
-                "--host-suffix" => &mut suffix,
+                "--host-connectors" => &mut connectors,
+                "--host-pattern" => &mut pattern,
+                "--host-port" => &mut port,
+                "--host-suffix" => {
+                    return Err(format!(
+                        "{flag} was removed: it answered every c-<name>-connector.<ns>.<suffix> host, and any namespace can create a \
+                         Service of that name to collect the tokens of pods that pull from it. List the connectors whose host-form \
+                         names get a token: --host-connectors <ns>/<name>[,<ns>/<name>...] (names from --host-pattern, default \
+                         {DEFAULT_HOST_PATTERN}; --host-port if images name a port)"
+                    ));
+                }
                 _ => return Err(format!("unknown argument {arg:?}")),
             };
             let value = match inline {
@@ -156,8 +245,15 @@ impl Settings {
             .ok_or_else(|| {
                 format!("the proxy address is not configured: pass --proxy <host[:port]> or set {ENV_PROXY}")
             })?;
-        let suffix = suffix.or_else(|| env(ENV_HOST_SUFFIX));
-        Self::new(&proxy, suffix.as_deref()).map(Some)
+        let connectors = connectors.or_else(|| env(ENV_HOST_CONNECTORS));
+        let pattern = pattern.or_else(|| env(ENV_HOST_PATTERN));
+        let port = port.or_else(|| env(ENV_HOST_PORT));
+        let host_form = HostForm {
+            connectors: connectors.as_deref(),
+            pattern: pattern.as_deref(),
+            port: port.as_deref(),
+        };
+        Self::new(&proxy, host_form).map(Some)
     }
 }
 
@@ -432,21 +528,15 @@ pub fn classify(image: &str, settings: &Settings) -> Option<(String, Target)> {
             },
         ));
     }
-    let suffix = settings.host_suffix.as_ref()?;
-    if authority.port != suffix.port || repo_name(path).is_empty() {
+    if repo_name(path).is_empty() {
         return None;
     }
-    let prefix = authority.host.strip_suffix(&suffix.host)?.strip_suffix('.')?;
-    let (first, namespace) = prefix.split_once('.')?;
-    let name = first.strip_prefix("c-")?.strip_suffix("-connector")?;
-    if !is_dns_label(namespace) || !is_dns_label(name) {
-        return None;
-    }
+    let entry = settings.hosts.iter().find(|h| h.authority == authority)?;
     Some((
         authority.to_string(),
         Target::Host {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: entry.namespace.clone(),
+            name: entry.name.clone(),
         },
     ))
 }

@@ -13,8 +13,16 @@ Answers images on the connector proxy with the pod's ServiceAccount token as the
 Flags (each falls back to its environment variable):
   --proxy <host[:port]>           the proxy as image references name it (path form
                                   PROXY/namespaces/<ns>/connectors/<name>/<repo>)      [OCI_CONNECTOR_PROXY]
-  --host-suffix <*.suffix[:port]> host form c-<name>-connector.<ns>.<suffix>[:port]/<repo>,
-                                  e.g. *.svc.cluster.local                           [OCI_CONNECTOR_HOST_SUFFIX]
+  --host-connectors <ns>/<name>[,...]
+                                  host form: only the host names of these connectors get a
+                                  token (any namespace can create a c-*-connector Service, so
+                                  no name is trusted by its shape)      [OCI_CONNECTOR_HOST_CONNECTORS]
+  --host-pattern <pattern>        how a connector's host is named, as the filter's
+                                  proxy.hostPattern and the webhook's --host-pattern
+                                  (default c-{name}-connector.{namespace}.svc.cluster.local)
+                                                                      [OCI_CONNECTOR_HOST_PATTERN]
+  --host-port <port>              the port host-form images name (default: none)
+                                                                      [OCI_CONNECTOR_HOST_PORT]
   --help
 
 Reads a CredentialProviderRequest on stdin, writes a CredentialProviderResponse on stdout.

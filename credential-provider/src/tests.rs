@@ -8,8 +8,17 @@ use serde_json::{Value, json};
 const NOW: u64 = 1_750_000_000;
 const PROXY: &str = "192.168.1.10:31567";
 
+fn host_form<'a>(connectors: &'a str, pattern: Option<&'a str>, port: Option<&'a str>) -> HostForm<'a> {
+    HostForm {
+        connectors: Some(connectors),
+        pattern,
+        port,
+    }
+}
+
+/// The proxy, and the host form for the connector `demo/registry` only.
 fn settings() -> Settings {
-    Settings::new(PROXY, Some("*.svc.cluster.local")).unwrap()
+    Settings::new(PROXY, host_form("demo/registry", None, None)).unwrap()
 }
 
 /// An unsigned JWT-shaped token with these claims (the provider never verifies signatures).
@@ -105,8 +114,17 @@ fn the_matcher_behaves_like_the_kubelets() {
 
 #[test]
 fn which_images_are_the_proxys() {
-    let host_port = Settings::new(PROXY, Some("svc.cluster.local:8080")).unwrap();
-    let no_host_form = Settings::new(PROXY, None).unwrap();
+    let host_port = Settings::new(PROXY, host_form("team-a/harbor", None, Some("8080"))).unwrap();
+    let no_host_form = Settings::new(PROXY, HostForm::default()).unwrap();
+    let own_pattern = Settings::new(
+        PROXY,
+        host_form(
+            "team-a/harbor, team-b/hub.v2",
+            Some("{name}.{namespace}.registry.example"),
+            None,
+        ),
+    )
+    .unwrap();
     let path = |ns: &str, name: &str| {
         Some((
             PROXY.to_string(),
@@ -171,6 +189,29 @@ fn which_images_are_the_proxys() {
             None,
         ),
         (&s, "c-registry-connector.demo.svc.example.com/library/app:v1", None),
+        // host form: only configured connectors, however well a host fits the pattern. Any
+        // namespace can create a Service `c-x-connector.<its ns>`: no token for it.
+        (&s, "c-x-connector.evil.svc.cluster.local/library/app:v1", None),
+        (&s, "c-registry-connector.evil.svc.cluster.local/library/app:v1", None),
+        (&s, "c-x-connector.demo.svc.cluster.local/library/app:v1", None),
+        (
+            &host_port,
+            "c-registry-connector.demo.svc.cluster.local:8080/app:v1",
+            None,
+        ),
+        // the operator's own pattern, shared with the filter and the webhook
+        (
+            &own_pattern,
+            "hub.v2.team-b.registry.example/app:v1",
+            host("hub.v2.team-b.registry.example", "team-b", "hub.v2"),
+        ),
+        (
+            &own_pattern,
+            "Harbor.Team-A.Registry.Example/app:v1",
+            host("harbor.team-a.registry.example", "team-a", "harbor"),
+        ),
+        (&own_pattern, "c-harbor-connector.team-a.svc.cluster.local/app:v1", None),
+        (&own_pattern, "x.evil.registry.example/app:v1", None),
         (&s, "registry-connector.demo.svc.cluster.local/library/app:v1", None),
         (&s, "c-registry-connector.svc.cluster.local/library/app:v1", None),
         (&s, "c-registry-connector.demo.svc.cluster.local/", None),
@@ -423,32 +464,55 @@ fn settings_from_flags_and_env() {
     let no_env = |_: &str| None;
     let env = |k: &str| match k {
         ENV_PROXY => Some("proxy.example.com".to_string()),
-        ENV_HOST_SUFFIX => Some("*.svc.cluster.local".to_string()),
+        ENV_HOST_CONNECTORS => Some("demo/registry".to_string()),
+        ENV_HOST_PORT => Some("8443".to_string()),
         _ => None,
     };
-    let ok = |proxy: &str, suffix: Option<&str>| Ok(Some(Settings::new(proxy, suffix).unwrap()));
+    let ok = |proxy: &str, h: HostForm| Ok(Some(Settings::new(proxy, h).unwrap()));
     type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
     type Case<'a> = (Vec<String>, Env<'a>, Result<Option<Settings>, String>);
     let cases: Vec<Case> = vec![
-        (args(&["--proxy", PROXY]), &no_env, ok(PROXY, None)),
+        (args(&["--proxy", PROXY]), &no_env, ok(PROXY, HostForm::default())),
         (
-            args(&["--proxy=10.0.0.1:80", "--host-suffix=*.svc.cluster.local"]),
+            args(&[
+                "--proxy=10.0.0.1:80",
+                "--host-connectors=demo/registry,team-a/harbor",
+                "--host-pattern",
+                "{name}.{namespace}.example",
+            ]),
             &no_env,
-            ok("10.0.0.1:80", Some("svc.cluster.local")),
+            ok(
+                "10.0.0.1:80",
+                host_form("demo/registry,team-a/harbor", Some("{name}.{namespace}.example"), None),
+            ),
         ),
-        (args(&[]), &env, ok("proxy.example.com", Some("svc.cluster.local"))),
-        (args(&["--proxy", PROXY]), &env, ok(PROXY, Some("svc.cluster.local"))),
+        (
+            args(&[]),
+            &env,
+            ok("proxy.example.com", host_form("demo/registry", None, Some("8443"))),
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-port=9000"]),
+            &env,
+            ok(PROXY, host_form("demo/registry", None, Some("9000"))),
+        ),
         (args(&["--help"]), &no_env, Ok(None)),
     ];
     for (a, e, want) in cases {
         assert_eq!(Settings::from_args(&a, e), want, "{a:?}");
     }
     assert_eq!(
-        Settings::new("Proxy.Example.COM:443", None).unwrap().proxy.to_string(),
+        Settings::new("Proxy.Example.COM:443", HostForm::default())
+            .unwrap()
+            .proxy
+            .to_string(),
         "proxy.example.com:443"
     );
     assert_eq!(
-        Settings::new("[::1]:5000", None).unwrap().proxy.to_string(),
+        Settings::new("[::1]:5000", HostForm::default())
+            .unwrap()
+            .proxy
+            .to_string(),
         "[::1]:5000"
     );
     for (a, words) in [
@@ -462,7 +526,60 @@ fn settings_from_flags_and_env() {
         ),
         (args(&["--proxy", "192.168.1.10:0"]), "1-65535"),
         (args(&["--proxy", "192.168.1.10:http"]), "1-65535"),
-        (args(&["--proxy", PROXY, "--host-suffix", "*.*.svc"]), "DNS suffix"),
+        (
+            args(&["--proxy", PROXY, "--host-suffix", "*.svc.cluster.local"]),
+            "--host-suffix was removed",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-suffix=x"]),
+            "--host-connectors <ns>/<name>",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-port", "8080"]),
+            "--host-port is set but --host-connectors is not",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-pattern", "{name}.example"]),
+            "--host-pattern is set but --host-connectors is not",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-connectors", " , "]),
+            "--host-connectors is empty",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-connectors", "registry"]),
+            "not <namespace>/<name>",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-connectors", "Demo/registry"]),
+            "not <namespace>/<name>",
+        ),
+        (
+            args(&[
+                "--proxy",
+                PROXY,
+                "--host-connectors",
+                "demo/registry",
+                "--host-pattern",
+                "{name}.example",
+            ]),
+            "exactly once",
+        ),
+        (
+            args(&[
+                "--proxy",
+                PROXY,
+                "--host-connectors",
+                "demo/r",
+                "--host-pattern",
+                "{name}_{namespace}.example",
+            ]),
+            "not a DNS name",
+        ),
+        (
+            args(&["--proxy", PROXY, "--host-connectors", "demo/r", "--host-port", "0"]),
+            "1-65535",
+        ),
     ] {
         let e = Settings::from_args(&a, no_env).unwrap_err();
         assert!(e.contains(words), "{a:?}: {e}");
@@ -516,4 +633,9 @@ fn the_example_config_fits_the_binary() {
         let r = respond_at(&request(&image, Some(&token)), &s, NOW).unwrap();
         assert_eq!(r.auth.len(), 1, "{image}");
     }
+    // matchImages sends any c-*-connector.<ns> host here; only the configured ones get a token.
+    let evil = "c-x-connector.evil.svc.cluster.local/library/app:v1";
+    assert!(globs.iter().any(|g| kubelet_match(g, evil)));
+    let r = respond_at(&request(evil, Some(&token)), &s, NOW).unwrap();
+    assert!(r.auth.is_empty(), "{evil}: {r:?}");
 }

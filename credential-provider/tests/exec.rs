@@ -105,14 +105,14 @@ fn proxy_images_get_the_token_as_password() {
     let t = token(3600);
     let suffix_env = [
         ("OCI_CONNECTOR_PROXY", PROXY),
-        ("OCI_CONNECTOR_HOST_SUFFIX", "*.svc.cluster.local"),
+        ("OCI_CONNECTOR_HOST_CONNECTORS", "demo/registry"),
     ];
     /// (args, env, image, auth key)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str, &'a str);
     let cases: [Case; 4] = [
         (&["--proxy", PROXY], &[], PATH_IMAGE, PROXY),
         (
-            &["--proxy", PROXY, "--host-suffix", "*.svc.cluster.local"],
+            &["--proxy", PROXY, "--host-connectors", "demo/registry"],
             &[],
             HOST_IMAGE,
             "c-registry-connector.demo.svc.cluster.local",
@@ -239,6 +239,37 @@ fn refusals_exit_non_zero_and_say_what_to_fix() {
     }
 }
 
+/// Issue 12, item 12: any namespace can create a Service `c-<x>-connector.<its ns>`. Only the
+/// host names of the connectors the operator lists get the pod's token; every other name of
+/// that shape gets an empty answer, like any other registry.
+#[test]
+fn only_configured_host_names_get_a_token() {
+    let t = token(3600);
+    let args = ["--proxy", PROXY, "--host-connectors", "demo/registry"];
+    for (image, key) in [
+        (HOST_IMAGE, Some("c-registry-connector.demo.svc.cluster.local")),
+        ("c-x-connector.evil.svc.cluster.local/library/app:v1", None),
+        ("c-registry-connector.evil.svc.cluster.local/library/app:v1", None),
+        ("c-other-connector.demo.svc.cluster.local/library/app:v1", None),
+        ("c-registry-connector.demo.svc.cluster.local:8080/library/app:v1", None),
+    ] {
+        let v = ok_response(&run(&args, &[], &request(image, Some(&t))));
+        match key {
+            Some(key) => {
+                assert_eq!(v["auth"].as_object().unwrap().len(), 1, "{image}: {}", v["auth"]);
+                assert_eq!(v["auth"][key]["password"], t.as_str(), "{image}");
+            }
+            None => {
+                assert_eq!(v["auth"], json!({}), "{image} is not configured: no token");
+                assert!(!v.to_string().contains(&t), "{image}");
+            }
+        }
+    }
+    // Without --host-connectors the host form is off altogether.
+    let v = ok_response(&run(&["--proxy", PROXY], &[], &request(HOST_IMAGE, Some(&t))));
+    assert_eq!(v["auth"], json!({}), "host form not configured");
+}
+
 #[test]
 fn usage_errors() {
     let req = request(PATH_IMAGE, Some("x.y.z"));
@@ -246,6 +277,16 @@ fn usage_errors() {
         (&[][..], 1, "--proxy <host[:port]> or set OCI_CONNECTOR_PROXY"),
         (&["--proxy", "http://10.1.2.3:31567"][..], 1, "not host[:port]"),
         (&["--bogus"][..], 1, "unknown argument"),
+        (
+            &["--proxy", PROXY, "--host-suffix", "*.svc.cluster.local"][..],
+            1,
+            "--host-suffix was removed",
+        ),
+        (
+            &["--proxy", PROXY, "--host-port", "8080"][..],
+            1,
+            "--host-port is set but --host-connectors is not",
+        ),
         (&["--help"][..], 0, ""),
     ] {
         let r = run(args, &[], &req);

@@ -90,8 +90,16 @@ fn the_providers_answer_pulls_through_the_proxy() {
     connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
     let s = Stack::start("credprov", true).unwrap_or_else(|e| panic!("start the stack: {e}"));
     let proxy = s.envoy.authority();
-    let host_suffix = format!("*.svc.cluster.local:{}", s.envoy.port);
-    let args = ["--proxy", proxy.as_str(), "--host-suffix", host_suffix.as_str()];
+    let connectors = format!("{CONNECTOR_NAMESPACE}/{CONNECTOR_NAME}");
+    let port = s.envoy.port.to_string();
+    let args = [
+        "--proxy",
+        proxy.as_str(),
+        "--host-connectors",
+        connectors.as_str(),
+        "--host-port",
+        port.as_str(),
+    ];
     let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
 
     // Path form: the kubelet's image reference has no transport prefix.

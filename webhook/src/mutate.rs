@@ -23,8 +23,10 @@ pub const INJECT_LABEL: &str = "connectors.cpaas.io/proxy-inject";
 pub const CONNECTOR_ANNOTATION: &str = "connectors.cpaas.io/connector";
 /// Set by the webhook: the images it rewrote, as they were written, per container kind.
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "connectors.cpaas.io/original-images";
-/// The host-form name of a connector unless `--host-pattern` says otherwise.
-pub const DEFAULT_HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
+/// The host-form name of a connector unless `--host-pattern` says otherwise: the filter's own
+/// definition, shared with the credential provider, so the three never disagree on a host.
+pub use connector_filter::config::DEFAULT_HOST_PATTERN;
+use connector_filter::config::render_host;
 
 /// The three places a pod lists images, with the field name the API (and the patch) uses.
 const KINDS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
@@ -60,7 +62,7 @@ impl Config {
                 "--host-pattern {host_pattern:?} must contain both {{name}} and {{namespace}}"
             ));
         }
-        let sample = fill(&host_pattern, "name", "namespace");
+        let sample = render_host(&host_pattern, "namespace", "name");
         reference::check_domain(&sample)
             .map_err(|e| format!("--host-pattern {host_pattern:?} does not give a host name: {e}"))?;
         Ok(Self {
@@ -73,12 +75,8 @@ impl Config {
 
     /// The host-form name of a connector.
     pub fn host_of(&self, c: &ConnectorRef) -> String {
-        fill(&self.host_pattern, &c.name, &c.namespace).to_ascii_lowercase()
+        render_host(&self.host_pattern, &c.namespace, &c.name).to_ascii_lowercase()
     }
-}
-
-fn fill(pattern: &str, name: &str, namespace: &str) -> String {
-    pattern.replace("{name}", name).replace("{namespace}", namespace)
 }
 
 /// A connector named by the pod's annotation.
