@@ -141,6 +141,8 @@ pub struct Connector {
     pub hosts: Vec<String>,
     /// Token realms off the upstream's host that may receive the connector's credential.
     pub token_realms: Vec<TokenRealm>,
+    /// Pulls only: pushes and deletes through this connector are refused, whoever asks.
+    pub read_only: bool,
 }
 
 /// Where a connector's upstream credential comes from.
@@ -743,8 +745,17 @@ fn compile_connector(
         "allowedServiceAccounts",
         "hosts",
         "tokenRealms",
+        "readOnly",
     ];
     let m = w.object(Some(v), path, &known, true)?;
+    let read_only = match m.get("readOnly") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            w.err(format!("{path}.readOnly"), "expected true or false");
+            false
+        }
+    };
     let namespace = w.string(m, path, "namespace", true);
     if let Some(ns) = namespace
         && !is_dns_label(ns)
@@ -834,6 +845,7 @@ fn compile_connector(
         allowed_service_accounts,
         hosts,
         token_realms,
+        read_only,
     })
 }
 

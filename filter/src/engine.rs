@@ -267,6 +267,19 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         }
         Addressed::Unknown(label, _) => return refuse(realm, not_permitted(&label, &caller)),
     };
+    if connector.read_only && !matches!(req.method, "GET" | "HEAD") {
+        return refuse(
+            realm,
+            Refusal::denied(
+                "read_only",
+                format!(
+                    "connector {} serves pulls only (spec.readOnly): {} is not allowed through it, whoever asks",
+                    quote(&connector.label()),
+                    quote(req.method)
+                ),
+            ),
+        );
+    }
     let mut upstream_path = request.upstream_path();
     let mut mount_from = None;
     let query = match query {
@@ -723,6 +736,69 @@ mod tests {
             Some("/v2/namespaces/demo/connectors/reg/a/blobs/uploads/u?_state=1")
         );
         assert!(e.replace.is_none());
+    }
+
+    #[test]
+    fn a_read_only_connector_serves_pulls_only() {
+        let doc = serde_json::json!({
+            "proxy": {"realm": "test-proxy"},
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+            "connectors": [
+                {"namespace": "demo", "name": "reg", "address": "http://127.0.0.1:5000", "cluster": "up_demo",
+                 "credential": {"username": "robot", "passwordEnv": "P"}, "readOnly": true},
+            ]
+        });
+        let c = compile(doc.to_string().as_bytes(), &|k| (k == "P").then(|| "pw".to_string())).unwrap();
+        let t = format!("Bearer {}", token("demo", "default"));
+        for (method, path, forwarded) in [
+            ("GET", "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1", true),
+            (
+                "HEAD",
+                "/v2/namespaces/demo/connectors/reg/lib/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                true,
+            ),
+            ("PUT", "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1", false),
+            (
+                "POST",
+                "/v2/namespaces/demo/connectors/reg/lib/app/blobs/uploads/",
+                false,
+            ),
+            (
+                "DELETE",
+                "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1",
+                false,
+            ),
+        ] {
+            let mut cache = TokenCache::new(4);
+            let req = Request {
+                method,
+                path,
+                authority: "proxy:8080",
+                scheme: "http",
+                authorization: &[&t],
+            };
+            match decide_request(&c, &mut cache, &req, NOW) {
+                Decision::Forward(_) => assert!(forwarded, "{method} was forwarded"),
+                Decision::Respond { response, reason } => {
+                    assert!(!forwarded, "{method} refused: {reason}");
+                    assert_eq!((response.status, reason), (403, "read_only"), "{method}");
+                    assert!(String::from_utf8(response.body).unwrap().contains("spec.readOnly"));
+                }
+            }
+        }
+        let bad = serde_json::json!({
+            "proxy": {"realm": "r"},
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+            "connectors": [{"namespace": "demo", "name": "reg", "address": "http://127.0.0.1:5000", "cluster": "c",
+                 "credential": {"username": "robot", "passwordEnv": "P"}, "readOnly": "yes"}]
+        });
+        let Err(errs) = compile(bad.to_string().as_bytes(), &|_| Some("pw".into())) else {
+            panic!("a non-boolean readOnly was accepted");
+        };
+        assert!(
+            errs.iter().any(|e| e.to_string().contains("connectors[0].readOnly")),
+            "{errs:?}"
+        );
     }
 
     #[test]

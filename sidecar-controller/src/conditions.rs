@@ -254,6 +254,7 @@ mod tests {
                 allowed_service_accounts: vec![],
                 token_realms: vec![],
                 hosts: vec![],
+                read_only: false,
             },
         );
         c.metadata.namespace = Some("demo".into());

@@ -68,6 +68,10 @@ pub struct ConnectorSpec {
     /// Extra host-form names (besides `c-<name>-connector.<namespace>.svc.cluster.local`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// Pulls only: pushes and deletes through this connector are refused (403), whoever asks,
+    /// in either access mode.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

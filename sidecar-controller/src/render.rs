@@ -276,6 +276,9 @@ pub(crate) fn filter_entry(c: &crate::crd::Connector, cluster: &str, credential:
     if !realms.is_empty() {
         entry["tokenRealms"] = Value::Array(realms);
     }
+    if c.spec.read_only {
+        entry["readOnly"] = json!(true);
+    }
     entry
 }
 

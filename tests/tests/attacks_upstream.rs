@@ -96,6 +96,9 @@ fn world() -> &'static World {
             "echo.yaml",
             &connector_yaml("echo", &upstream.url(), "robot"),
         );
+        // The same upstream through a Connector that serves pulls only.
+        let read_only = connector_yaml("readonly", &upstream.url(), "robot") + "  readOnly: true\n";
+        put(&s.manifests, "readonly.yaml", &read_only);
         let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &[]).unwrap();
         let envoy = Envoy::start_xds(
             &s.work,
@@ -383,4 +386,30 @@ fn a_client_trickling_its_headers_is_cut_after_the_headers_timeout() {
         "request_headers_timeout is 10 s; the connection lasted {took:?}"
     );
     assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[test]
+fn a_read_only_connector_serves_pulls_and_refuses_writes_before_the_upstream() {
+    let _t = serial();
+    let w = world();
+    let base = "/v2/namespaces/demo/connectors/readonly/lib/app";
+    let r = w.send("GET", &format!("{base}/manifests/warm"));
+    assert_eq!(r.status, 200, "a pull: {}", r.summary());
+    let before = w.upstream.heads().len();
+    for (method, path) in [
+        ("POST", format!("{base}/blobs/uploads/")),
+        ("PUT", format!("{base}/manifests/v1")),
+        ("DELETE", format!("{base}/manifests/v1")),
+    ] {
+        let r = w.send(method, &path);
+        assert_eq!(r.status, 403, "{method}: {}", r.summary());
+        let (code, message) = oci_error(&r);
+        assert_eq!(code, "DENIED");
+        assert!(message.contains("spec.readOnly"), "{message}");
+    }
+    assert_eq!(
+        w.upstream.heads().len(),
+        before,
+        "a write reached the upstream of a read-only connector"
+    );
 }
