@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use connector_devkit::WorkDir;
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
 use connector_devkit::image::SampleImage;
 use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::{Credentials, Registry};
@@ -95,4 +97,17 @@ pub fn pull(s: &Setup, authority: &str, connector: &str, token: &str, into: &str
         s.sample.layers,
         "pulled layers"
     );
+}
+
+/// The controller (file mode, on `s`'s manifests and identity, with `args`) and an Envoy fed by it.
+pub fn start_stack(s: &Setup, args: &[&str]) -> (Controller, Envoy) {
+    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    (controller, envoy)
 }

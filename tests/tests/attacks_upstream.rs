@@ -12,7 +12,7 @@ use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, Response, basic_value};
 use connector_e2e::breaker::{Answer, Breaker};
 use connector_e2e::oci_error;
-use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup, start_stack};
 
 const PREFIX: &str = "/v2/namespaces/demo/connectors/echo/lib/app";
 const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -99,14 +99,7 @@ fn world() -> &'static World {
         // The same upstream through a Connector that serves pulls only.
         let read_only = connector_yaml("readonly", &upstream.url(), "robot") + "  readOnly: true\n";
         put(&s.manifests, "readonly.yaml", &read_only);
-        let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &[]).unwrap();
-        let envoy = Envoy::start_xds(
-            &s.work,
-            controller.ports.xds,
-            controller.ports.channel,
-            &controller.envoy_env(),
-        )
-        .unwrap();
+        let (controller, envoy) = start_stack(&s, &[]);
         let token = s.minter.valid(NS, "default").unwrap();
         World {
             password: creds.password.clone(),

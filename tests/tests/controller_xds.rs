@@ -16,7 +16,7 @@ use connector_devkit::http::{Request, basic_value};
 use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
 use connector_devkit::stack::envoy_problems;
-use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup, start_stack};
 
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
@@ -34,14 +34,7 @@ fn serve(s: &Setup, address: &str, creds: &Credentials, args: &[&str]) -> (Contr
         &connector_yaml("registry", address, "robot"),
     );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", creds));
-    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, envoy) = start_stack(s, args);
     (controller, envoy, s.minter.valid(NS, "default").unwrap())
 }
 

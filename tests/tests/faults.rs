@@ -20,7 +20,7 @@ use connector_devkit::token_server::TokenServer;
 use connector_devkit::token_stack::TokenStack;
 use connector_devkit::{WorkDir, random_secret};
 use connector_e2e::oci_error;
-use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup, start_stack};
 
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
@@ -46,14 +46,7 @@ fn serve(s: &Setup, connectors: &[(&str, &str)], args: &[&str]) -> (Controller, 
             &connector_yaml(name, address, "robot"),
         );
     }
-    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, envoy) = start_stack(s, args);
     (controller, envoy, s.minter.valid(NS, "default").unwrap())
 }
 

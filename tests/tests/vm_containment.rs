@@ -13,11 +13,9 @@
 
 use std::time::{Duration, Instant};
 
-use connector_devkit::controller::Controller;
-use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, Response};
 use connector_e2e::oci_error;
-use connector_e2e::xds::{connector_yaml, put, secret_yaml, setup};
+use connector_e2e::xds::{connector_yaml, put, secret_yaml, setup, start_stack};
 
 fn trap_module() -> std::path::PathBuf {
     let p = connector_devkit::wasm_path().with_file_name("trap_filter.wasm");
@@ -51,14 +49,7 @@ fn a_trapped_vm_fails_closed_with_oci_json_and_is_reloaded() {
     let module = trap_module();
     let module = module.to_string_lossy().into_owned();
     // The last --wasm wins: the controller serves the trap module in the filter's place.
-    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--wasm", &module]).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (_controller, envoy) = start_stack(&s, &["--wasm", &module]);
 
     let alive = send(envoy.port, None, Duration::from_secs(10)).unwrap();
     assert_eq!(alive.status, 200, "the trap module runs: {}", alive.summary());
@@ -133,7 +124,15 @@ fn a_trapped_vm_fails_closed_with_oci_json_and_is_reloaded() {
     // Measured: no answer at all until the client's own 15 s timeout (Envoy would end it at the
     // stream idle timeout). Whatever happens, it is never served as if it had passed the filter.
     if let Ok(r) = &held {
-        assert_ne!(r.status, 200, "a request paused on a dead VM was passed on: {}", r.summary());
+        assert_ne!(
+            r.status,
+            200,
+            "a request paused on a dead VM was passed on: {}",
+            r.summary()
+        );
     }
-    assert!(took >= Duration::from_secs(1), "the paused request ended at once: {held:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "the paused request ended at once: {held:?}"
+    );
 }

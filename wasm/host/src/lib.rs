@@ -531,16 +531,21 @@ impl Host {
         self.answer_call_raw(token, h, body.to_vec())
     }
 
-    pub fn answer_call_raw(&mut self, token: u32, headers: Headers, body: Vec<u8>) -> Result<()> {
-        let rec = self.rec_mut();
-        let Some(call) = rec.http_calls.iter_mut().find(|c| c.token == token) else {
+    /// Marks call `token` answered (once) and returns the context it belongs to.
+    fn take_call(&mut self, token: u32) -> Result<u32> {
+        let Some(call) = self.rec_mut().http_calls.iter_mut().find(|c| c.token == token) else {
             bail!("no HTTP call with token {token}");
         };
         if call.answered {
             bail!("HTTP call {token} was already answered");
         }
         call.answered = true;
-        let context = call.context;
+        Ok(call.context)
+    }
+
+    pub fn answer_call_raw(&mut self, token: u32, headers: Headers, body: Vec<u8>) -> Result<()> {
+        let context = self.take_call(token)?;
+        let rec = self.rec_mut();
         let (n, size) = (headers.len() as i32, body.len() as i32);
         rec.call_response = Some((headers, body, Vec::new()));
         rec.effective = context;
@@ -556,15 +561,8 @@ impl Host {
     /// reset), or the call times out: `proxy_on_http_call_response(context, token, 0, 0, 0)`
     /// with no response map, so any read of it returns `BadArgument`.
     pub fn fail_call(&mut self, token: u32) -> Result<()> {
+        let context = self.take_call(token)?;
         let rec = self.rec_mut();
-        let Some(call) = rec.http_calls.iter_mut().find(|c| c.token == token) else {
-            bail!("no HTTP call with token {token}");
-        };
-        if call.answered {
-            bail!("HTTP call {token} was already answered");
-        }
-        call.answered = true;
-        let context = call.context;
         rec.call_response = None;
         rec.effective = context;
         self.call::<_, ()>("proxy_on_http_call_response", (context as i32, token as i32, 0, 0, 0))

@@ -54,16 +54,7 @@ fn a_token_fetch_that_breaks_off_fails_the_fetcher_and_its_waiters_then_recovers
     let t = bearer(&token("demo", "default"));
     let (first, _) = request(&mut h, "GET", TOKENED, Some(&t));
     let probe = h.pending_calls().remove(0);
-    h.answer_call(
-        probe.token,
-        401,
-        &[(
-            "www-authenticate",
-            r#"Bearer realm="http://auth.example/token",service="s""#,
-        )],
-        b"",
-    )
-    .unwrap();
+    answer_bearer_probe(&mut h, probe.token);
     let fetch = h.pending_calls().remove(0);
     assert_eq!(fetch.cluster, "auth_cluster");
     // A second request for the same token waits on the first one's fetch.
@@ -322,16 +313,7 @@ fn a_token_waiter_that_went_away_is_skipped_and_the_fetcher_is_served() {
     let t = bearer(&token("demo", "default"));
     let (first, _) = request(&mut h, "GET", TOKENED, Some(&t));
     let probe = h.pending_calls().remove(0);
-    h.answer_call(
-        probe.token,
-        401,
-        &[(
-            "www-authenticate",
-            r#"Bearer realm="http://auth.example/token",service="s""#,
-        )],
-        b"",
-    )
-    .unwrap();
+    answer_bearer_probe(&mut h, probe.token);
     let fetch = h.pending_calls().remove(0);
     let (waiter, _) = request(&mut h, "GET", TOKENED, Some(&t));
     h.finish(waiter).unwrap();

@@ -385,16 +385,7 @@ fn bearer_upstream_token_is_fetched_once_and_cached() {
     assert_eq!(probe.cluster, "upstream_tokened");
     assert_eq!(probe.header(":path").as_deref(), Some("/v2/"));
     assert_eq!(probe.header(":authority").as_deref(), Some("reg.example"));
-    h.answer_call(
-        probe.token,
-        401,
-        &[(
-            "www-authenticate",
-            r#"Bearer realm="http://auth.example/token",service="s""#,
-        )],
-        b"",
-    )
-    .unwrap();
+    answer_bearer_probe(&mut h, probe.token);
     assert_eq!(h.stream(id).resumed_requests, 0, "still waiting for the token");
     let calls = h.pending_calls();
     assert_eq!(calls.len(), 1, "{calls:?}");

@@ -147,3 +147,18 @@ pub fn forwarded(h: &mut Host, method: &str, path: &str) -> u32 {
     assert!(s.local().is_none(), "forwarded, not answered: {:?}", s.local());
     id
 }
+
+/// Answers the pending probe `token` of the `tokened` connector with its Bearer challenge (realm
+/// `http://auth.example/token`, service `s`).
+pub fn answer_bearer_probe(h: &mut Host, token: u32) {
+    h.answer_call(
+        token,
+        401,
+        &[(
+            "www-authenticate",
+            r#"Bearer realm="http://auth.example/token",service="s""#,
+        )],
+        b"",
+    )
+    .unwrap();
+}
