@@ -83,12 +83,14 @@ fn answers_that_break_off_cost_only_their_request() {
         "healthy.yaml",
         &connector_yaml("healthy", &s.registry.url(), "robot"),
     );
-    // The channel's answer for this connector's credential breaks off (see the relay below).
-    put(
-        &s.manifests,
-        "channel-close.yaml",
-        &connector_yaml("channel-close", &s.registry.url(), "robot"),
-    );
+    // The channel's answer for these connectors' credential breaks off (see the relay below).
+    for name in ["channel-close", "channel-reset", "channel-stall"] {
+        put(
+            &s.manifests,
+            &format!("{name}.yaml"),
+            &connector_yaml(name, &s.registry.url(), "robot"),
+        );
+    }
     for (name, b, _, _) in &upstreams {
         put(
             &s.manifests,
@@ -102,10 +104,12 @@ fn answers_that_break_off_cost_only_their_request() {
     // connector's credential and passes every other call through unchanged.
     let channel_port = controller.ports.channel;
     let channel = Breaker::start(move |_, path, _| {
-        if path.starts_with(&format!("/v1/credentials/{NS}/channel-close")) {
-            Answer::Broken(json_ok_head(), Then::Close)
-        } else {
-            Answer::Relay(channel_port)
+        let rest = path.strip_prefix(&format!("/v1/credentials/{NS}/")).unwrap_or("");
+        match rest {
+            "channel-close" => Answer::Broken(json_ok_head(), Then::Close),
+            "channel-reset" => Answer::Broken(json_ok_head(), Then::Reset),
+            "channel-stall" => Answer::Broken(json_ok_head(), Then::Stall),
+            _ => Answer::Relay(channel_port),
         }
     });
     let envoy = Envoy::start_xds(&s.work, controller.ports.xds, channel.port, &controller.envoy_env()).unwrap();
@@ -116,6 +120,8 @@ fn answers_that_break_off_cost_only_their_request() {
 
     let mut cases: Vec<(&str, &str, Duration)> = upstreams.iter().map(|(n, _, w, l)| (*n, *w, *l)).collect();
     cases.push(("channel-close", "controller", Duration::from_secs(3)));
+    cases.push(("channel-reset", "controller", Duration::from_secs(3)));
+    cases.push(("channel-stall", "controller", Duration::from_secs(8)));
     for (name, what, limit) in &cases {
         let (r, took) = get_manifest(envoy.port, name, &token);
         eprintln!("{name}: {} after {took:?}: {}", r.status, r.body_text());
