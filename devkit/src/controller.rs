@@ -89,6 +89,23 @@ impl Controller {
         Ok(c)
     }
 
+    /// As [`Controller::start_kube`] on given ports and key: a replica's controller restarted
+    /// beside the Envoy it served (which keeps those ports and key), as its pod would restart it.
+    pub fn restart_kube(
+        work: &WorkDir,
+        dir: &str,
+        kubeconfig: &Path,
+        proxy_url: &str,
+        (ports, key): (Ports, &str),
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut all = vec!["--kube", "--proxy-url", proxy_url];
+        all.extend_from_slice(args);
+        let mut c = Self::spawn(work, dir, None, ports, key, &all, Some(kubeconfig))?;
+        c.wait_ready()?;
+        Ok(c)
+    }
+
     /// Waits for `/readyz`: the manifests were read and a configuration rendered.
     pub fn wait_ready(&mut self) -> Result<()> {
         self.proc

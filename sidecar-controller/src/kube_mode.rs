@@ -228,6 +228,10 @@ pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyh
 /// election itself is kube-lease-manager's (server-side apply on the Lease, renewed before it
 /// expires). Losing the Lease stops the reconciler at once; winning it starts a fresh one, whose
 /// first pass re-reads every Connector.
+///
+/// On SIGTERM (a rolling update, a drained node) the Lease is handed back before the process
+/// exits, so the other replica takes over at once instead of waiting out the Lease; only a crash
+/// leaves it to expire. Returns `Ok` only then.
 async fn lead<F, Fut>(client: kube::Client, lease: LeaseSettings, reconciler: F) -> anyhow::Result<()>
 where
     F: Fn() -> Fut,
@@ -243,13 +247,15 @@ where
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("Lease {}/{}: {e}", lease.namespace, lease.name))?;
-    let (mut leading, _task) = manager.watch().await;
+    let (mut leading, task) = manager.watch().await;
+    let shutdown = crate::serve::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         while !*leading.borrow_and_update() {
-            leading
-                .changed()
-                .await
-                .map_err(|_| anyhow::anyhow!("the Lease manager stopped"))?;
+            tokio::select! {
+                changed = leading.changed() => changed.map_err(|_| anyhow::anyhow!("the Lease manager stopped"))?,
+                () = &mut shutdown => return Ok(()),
+            }
         }
         tracing::info!(lease = %lease.name, identity = %lease.identity, "holding the Lease: this replica writes status and Events");
         let lost = async {
@@ -262,6 +268,16 @@ where
         tokio::select! {
             () = reconciler() => anyhow::bail!("the Connector controller stopped"),
             () = lost => tracing::warn!(lease = %lease.name, "lost the Lease: status and Events left to the new holder"),
+            () = &mut shutdown => {
+                // Dropping the receiver makes kube-lease-manager release the Lease and end its task.
+                drop(leading);
+                match tokio::time::timeout(std::time::Duration::from_secs(3), task).await {
+                    Ok(Ok(Ok(_))) => tracing::info!(lease = %lease.name, "shutting down: Lease handed back"),
+                    Ok(Ok(Err(e))) => tracing::warn!(lease = %lease.name, error = %e, "shutting down: the Lease could not be handed back; it expires"),
+                    _ => tracing::warn!(lease = %lease.name, "shutting down: the Lease was not handed back in time; it expires"),
+                }
+                return Ok(());
+            }
         }
     }
 }

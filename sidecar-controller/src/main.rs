@@ -397,11 +397,18 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                 kube.authz(),
                 hub.metrics.clone(),
             ));
-            let source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));
+            let mut source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));
+            let served = serve::serve(settings, hub, Some(access));
+            tokio::pin!(served);
             tokio::select! {
-                served = serve::serve(settings, hub, Some(access)) => served,
-                ended = source => match ended {
-                    Ok(Ok(())) => anyhow::bail!("the Kubernetes source ended"),
+                // The same signal reaches the source: give the Lease holder a moment to hand it back.
+                served = &mut served => {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), &mut source).await;
+                    served
+                }
+                ended = &mut source => match ended {
+                    // Only a shutdown signal ends the source cleanly: let the servers finish too.
+                    Ok(Ok(())) => served.await,
                     Ok(Err(e)) => Err(e.context("the Kubernetes source failed")),
                     Err(e) => anyhow::bail!("the Kubernetes source panicked: {e}"),
                 },

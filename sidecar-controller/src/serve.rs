@@ -118,7 +118,9 @@ pub async fn pipeline(
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM (a pod being deleted) or Ctrl-C. Every caller is woken: the servers stop, and the
+/// Lease holder hands its Lease back (`kube_mode::lead`).
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -1,9 +1,11 @@
 //! Two proxy replicas (controller + Envoy each, as `deploy/` runs with `replicas: 2`) against one
 //! real kube-apiserver, electing through a `coordination.k8s.io` Lease
 //! (`--leader-lease oci-connector-system/connector-controller`) the one replica that writes
-//! status and Events. Both serve their own Envoy; the leader is SIGKILLed; the other takes the
-//! Lease within its duration and keeps status up to date (a Connector applied after the kill gets
-//! its conditions); pulls through both replicas never fail meanwhile; `ProxyReady` never flaps.
+//! status and Events. Both serve their own Envoy. The leader stopped with SIGTERM hands the Lease
+//! back and the other takes it at once; its controller restarts; then the new leader is SIGKILLed
+//! and the restarted one takes the Lease within its duration (+ at most 1 s of the lease crate's
+//! back-off) and keeps status up to date (a Connector applied after the kill gets its
+//! conditions); pulls through both replicas never fail meanwhile; `ProxyReady` never flaps.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -192,7 +194,50 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
     // change), while a new Connector is added (a new configuration), and after.
     let (mut during_takeover, mut during_change, mut after) = (vec![], vec![], vec![]);
 
-    // The leader dies without a goodbye.
+    // 1. The leader is stopped as Kubernetes stops a pod (SIGTERM): it hands the Lease back,
+    // and the follower takes it at once rather than after the Lease's duration.
+    let leader_ports = replicas[leader]
+        .as_ref()
+        .map(|c| (c.ports, c.key().to_string()))
+        .unwrap();
+    let status = replicas[leader]
+        .take()
+        .and_then(|c| c.terminate(Duration::from_secs(10)));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM: the leader exits cleanly: {status:?}"
+    );
+    let (_, took) = until(
+        "the follower takes the handed-back Lease",
+        Duration::from_secs(3 * LEASE_SECONDS + 5),
+        || {
+            during_takeover.push(condition_reason(&kube, "registry", "ProxyReady"));
+            (holder_pid(&kube) == replicas[follower].as_ref().and_then(Controller::pid)).then_some(())
+        },
+    );
+    eprintln!("Lease taken over {took:?} after the leader was stopped with SIGTERM (duration {LEASE_SECONDS} s)");
+    assert!(
+        took < Duration::from_secs(LEASE_SECONDS),
+        "a handed-back Lease is taken within its duration: {took:?}"
+    );
+    // The stopped replica's pod restarts its controller beside the same Envoy: now the follower.
+    let (ports, key) = leader_ports;
+    replicas[leader] = Some(
+        Controller::restart_kube(
+            &envoys[leader].1,
+            "controller-restarted",
+            &kubeconfig,
+            proxy_url,
+            (ports, &key),
+            &args,
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let (leader, follower) = (follower, leader);
+
+    // 2. The new leader dies without a goodbye (SIGKILL: a crash, an OOM kill). The Lease must
+    // expire first: the follower takes it within its duration plus kube-lease-manager's random
+    // 0.1-1 s back-off before a forced take-over (the bound the README states).
     let killed_at = Instant::now();
     if let Some(c) = replicas[leader].take() {
         c.kill();
@@ -206,6 +251,10 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
         },
     );
     eprintln!("Lease taken over {took:?} after the leader was killed (duration {LEASE_SECONDS} s)");
+    assert!(
+        took < Duration::from_millis(LEASE_SECONDS * 1000 + 1500),
+        "a crashed leader's Lease is taken within its duration + 1 s back-off (+0.5 s polling): {took:?}"
+    );
     // Status keeps being written: a Connector applied now gets its conditions from the new leader.
     kube.apply(&connector("mirror", &registry.url())).unwrap();
     let (_, took) = until("the new Connector's status", Duration::from_secs(30), || {
