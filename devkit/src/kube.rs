@@ -39,14 +39,15 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| crate::repo_root().join(".cache/kube"))
 }
 
-/// One of `kube-apiserver`, `kubectl`, `etcd`, or an error saying how to get it.
+/// One of `kube-apiserver`, `kube-controller-manager`, `kubectl`, `etcd`, or an error saying how
+/// to get it.
 pub fn binary(name: &str) -> Result<PathBuf> {
     let p = bin_dir().join(name);
     if p.is_file() {
         Ok(p)
     } else {
         Err(format!(
-            "{} is missing: run `scripts/setup.sh` (it builds kube-apiserver, kubectl and etcd from the Go module proxy)",
+            "{} is missing: run `scripts/setup.sh` (it builds kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy)",
             p.display()
         ))
     }
@@ -269,6 +270,24 @@ impl KubeCluster {
         if let Some(mut p) = self.apiserver.take() {
             p.stop();
         }
+    }
+
+    /// Starts `kube-controller-manager` with only the Deployment and ReplicaSet controllers, so
+    /// that a Deployment gets a ReplicaSet and its Pods (which go through admission like any
+    /// Pod, and stay Pending: there is no scheduler or kubelet). Stopped when the returned
+    /// process is dropped.
+    pub fn start_controller_manager(&self) -> Result<Proc> {
+        let mut cmd = Command::new(binary("kube-controller-manager")?);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(["--controllers", "deployment,replicaset"])
+            // One manager, no election; no HTTPS endpoint of its own (nothing scrapes it here).
+            .args(["--leader-elect=false", "--secure-port=0", "--v=1"]);
+        let log = self.dir.join("kube-controller-manager.log");
+        let mut proc = Proc::spawn("kube-controller-manager", cmd, &log)?;
+        // It has no port to wait for: alive after a moment means it connected and started.
+        std::thread::sleep(Duration::from_millis(500));
+        proc.check_alive()?;
+        Ok(proc)
     }
 
     /// `kubectl` with the admin kubeconfig.

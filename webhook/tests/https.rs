@@ -508,4 +508,46 @@ async fn the_api_server_calls_the_registered_webhook_when_pods_are_created() {
     assert!(refused.contains("denied the request"), "{refused}");
     assert!(refused.contains("may not be used from namespace demo"), "{refused}");
     assert!(kube.get("pod", "demo", "sneaky").unwrap().is_none());
+
+    // A Deployment: the real controller-manager's ReplicaSet controller creates its Pod, which
+    // goes through the same webhook. The Deployment keeps the image its author wrote (what
+    // `kubectl apply` shows and GitOps diffs against); the Pod runs the rewritten one.
+    let _manager = kube.start_controller_manager().unwrap_or_else(|e| panic!("{e}"));
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": { "name": "shop", "namespace": "demo" },
+        "spec": {
+            "replicas": 1,
+            "selector": { "matchLabels": { "app": "shop" } },
+            "template": {
+                "metadata": { "labels": { "app": "shop", LABEL: "true" }, "annotations": { ANNOTATION: "demo/hub" } },
+                "spec": { "containers": [{ "name": "app", "image": "nginx:1.27" }] },
+            },
+        },
+    });
+    let applied = kube.apply(&deployment).unwrap();
+    assert_eq!(
+        applied["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.27"
+    );
+    let mut pods = Value::Null;
+    for _ in 0..120 {
+        let out = kube
+            .kubectl(&["get", "pods", "-n", "demo", "-l", "app=shop", "-o", "json"])
+            .and_then(|o| o.ok())
+            .unwrap();
+        pods = serde_json::from_str(&out.stdout).unwrap();
+        if pods["items"].as_array().is_some_and(|i| !i.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let pod = &pods["items"][0];
+    assert!(pod.is_object(), "the ReplicaSet controller created no Pod in 30 s");
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "ReplicaSet");
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"],
+        format!("{PROXY}/namespaces/demo/connectors/hub/library/nginx:1.27"),
+        "the Deployment's Pod was admitted with the rewritten image"
+    );
 }
