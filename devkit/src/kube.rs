@@ -196,10 +196,11 @@ impl KubeCluster {
                 "--service-account-signing-key-file={}",
                 d.join(format!("{signing}.key")).display()
             ))
-            .args(["--authorization-mode", "RBAC"])
+            // Node + NodeRestriction: a kubelet (devkit::kubelet) runs as a node, limited as on a cluster.
+            .args(["--authorization-mode", "Node,RBAC"])
             .args([
                 "--enable-admission-plugins",
-                "MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+                "NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
             ])
             .args(["--service-cluster-ip-range", "10.96.0.0/24"])
             .arg(format!("--audit-policy-file={}", d.join("audit-policy.yaml").display()))
@@ -270,6 +271,30 @@ impl KubeCluster {
         if let Some(mut p) = self.apiserver.take() {
             p.stop();
         }
+    }
+
+    /// A kubeconfig for the kubelet of node `node`: a client certificate for
+    /// `system:node:<node>` in group `system:nodes`, which the Node authorizer and the
+    /// NodeRestriction admission plugin limit to that node's own objects.
+    pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let file = format!("node-{node}");
+        self.test_ca.issue_with(
+            &file,
+            &format!("/CN=system:node:{node}/O=system:nodes"),
+            "extendedKeyUsage=clientAuth",
+        )?;
+        let path = self.dir.join(format!("{file}.kubeconfig"));
+        write_kubeconfig(
+            &path,
+            &self.url,
+            &self.ca,
+            &format!(
+                "client-certificate: {}\n    client-key: {}",
+                self.dir.join(format!("{file}.crt")).display(),
+                self.dir.join(format!("{file}.key")).display()
+            ),
+        )?;
+        Ok(path)
     }
 
     /// Starts `kube-controller-manager` with only the Deployment and ReplicaSet controllers, so

@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod http;
 pub mod image;
 pub mod kube;
+pub mod kubelet;
 pub mod procs;
 pub mod recorder;
 pub mod registry;
