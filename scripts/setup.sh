@@ -128,4 +128,31 @@ ln -sfn "$KUBE_CACHE/kube-controller-manager-$KUBE_VERSION/kube-controller-manag
 ln -sfn "$KUBE_CACHE/kubelet-$KUBE_VERSION/kubelet" "$ROOT/.cache/kube/kubelet"
 ln -sfn "$KUBE_CACHE/etcd-$ETCD_VERSION/etcd" "$ROOT/.cache/kube/etcd"
 
+# --- The OCI 1.1 parts (issue 16): the olareg registry (referrers API, OCI-Subject, sha512, tag
+# pagination) and the clients people use for artifacts and signatures, built from the Go module
+# proxy at pinned versions into the same cache, linked into .cache/tools/. `go install pkg@version`
+# where the proxy lists the module's versions; olareg's list is refused (403), so it is built from
+# a consumer module pinning it (scripts/tools/olareg/go.mod).
+tool_install() { # <name> <package> <version>
+  local name="$1" pkg="$2" ver="$3" out="$KUBE_CACHE/tools/$1-$3"
+  if [[ -x "$out/$name" ]]; then say "present: $out/$name"; return; fi
+  local t0=$SECONDS
+  if [[ "$name" == olareg ]]; then
+    (cd "$ROOT/scripts/tools/olareg" && go build -trimpath -ldflags "-s -w" -o "$out.tmp/$name" "$pkg")
+  else
+    GOBIN="$out.tmp" go install -trimpath -ldflags "-s -w" "$pkg@$ver"
+  fi
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  say "built $name $ver in $((SECONDS - t0)) s"
+}
+tool_install olareg github.com/olareg/olareg/cmd/olareg v0.1.2
+tool_install crane github.com/google/go-containerregistry/cmd/crane v0.22.1
+tool_install oras oras.land/oras/cmd/oras v1.3.6
+tool_install regctl github.com/regclient/regclient/cmd/regctl v0.11.7
+tool_install cosign github.com/sigstore/cosign/v3/cmd/cosign v3.1.3
+mkdir -p "$ROOT/.cache/tools"
+for t in olareg-v0.1.2 crane-v0.22.1 oras-v1.3.6 regctl-v0.11.7 cosign-v3.1.3; do
+  ln -sfn "$KUBE_CACHE/tools/$t/${t%-v*}" "$ROOT/.cache/tools/${t%-v*}"
+done
+
 say "done"

@@ -11,6 +11,7 @@ pub mod http;
 pub mod image;
 pub mod kube;
 pub mod kubelet;
+pub mod oci_tools;
 pub mod procs;
 pub mod recorder;
 pub mod registry;
