@@ -12,6 +12,7 @@ const USAGE: &str = "usage:
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
         [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
         [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
+        (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
       API mode: Connectors and Secrets from the cluster, status and Events written back
       (with --leader-lease, only by the replica holding that Lease; identity: $POD_NAME),
       ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
@@ -20,7 +21,11 @@ const USAGE: &str = "usage:
         [--channel-cluster connector_controller] [--poll-ms 500]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
         [--host-grants <namespace>=<host or *.suffix>[,...]]
+        (--proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
       File mode: a watched directory of Connector and Secret manifests. Both modes:
+      The proxy listener speaks TLS (h2, http/1.1) with the certificate the controller hands Envoy
+      over SDS: a kubernetes.io/tls Secret (cert-manager's tls.crt/tls.key), watched, or PEM files,
+      re-read on change. --proxy-plain-http (legacy) serves none: only for Envoy's plain listener.
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
@@ -128,6 +133,8 @@ const COMMON_FLAGS: &[&str] = &[
     "--ops",
     "--channel-cluster",
     "--upstream-ca",
+    "--proxy-tls-cert",
+    "--proxy-tls-key",
 ];
 const FILE_FLAGS: &[&str] = &["--manifests", "--identity", "--poll-ms"];
 const KUBE_FLAGS: &[&str] = &[
@@ -143,6 +150,7 @@ const KUBE_FLAGS: &[&str] = &[
     "--host-grants",
     "--leader-lease",
     "--leader-lease-seconds",
+    "--proxy-tls-secret",
 ];
 
 /// Where desired state comes from.
@@ -157,7 +165,7 @@ enum Source {
 fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
-    let (mut kube, mut strict, mut allow_local) = (false, false, false);
+    let (mut kube, mut strict, mut allow_local, mut plain_http) = (false, false, false, false);
     // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
     let split: Vec<String> = args
         .iter()
@@ -172,6 +180,7 @@ fn serve(args: &[String]) -> ExitCode {
             "--kube" => kube = true,
             "--strict-proxy-subresource" => strict = true,
             "--allow-local-upstreams" => allow_local = true,
+            "--proxy-plain-http" => plain_http = true,
             f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
@@ -284,6 +293,7 @@ fn serve(args: &[String]) -> ExitCode {
             poll: std::time::Duration::from_millis(poll.unwrap_or(500).max(50)),
         })
     };
+    let proxy_tls = proxy_tls_source(&flags, plain_http, &mut problems);
     let (Some(xds), Some(channel), Some(ops), true) = (xds, channel, ops, problems.is_empty()) else {
         for p in problems {
             eprintln!("connector-controller serve: {p}");
@@ -357,7 +367,7 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run_source(source, settings));
+    let result = runtime.block_on(run_source(source, settings, proxy_tls));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -370,11 +380,18 @@ fn serve(args: &[String]) -> ExitCode {
 
 /// Starts the source beside the controller's listeners. API mode also gives the channel its
 /// RBAC access check (SubjectAccessReview).
-async fn run_source(source: Source, settings: connector_controller::serve::ServeSettings) -> anyhow::Result<()> {
-    use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, serve};
+async fn run_source(
+    source: Source,
+    settings: connector_controller::serve::ServeSettings,
+    proxy_tls: Option<connector_controller::proxy_tls::CertSource>,
+) -> anyhow::Result<()> {
+    use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, proxy_tls, serve};
     let hub = Hub::new();
     match source {
         Source::Files(files) => {
+            if let Some(tls) = proxy_tls {
+                tokio::spawn(proxy_tls::run(tls, None, hub.clone()));
+            }
             tokio::spawn(filemode::run(files, hub.clone()));
             serve::serve(settings, hub, None).await
         }
@@ -397,6 +414,9 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                 kube.authz(),
                 hub.metrics.clone(),
             ));
+            if let Some(tls) = proxy_tls {
+                tokio::spawn(proxy_tls::run(tls, Some(client.clone()), hub.clone()));
+            }
             let source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));
             tokio::select! {
                 served = serve::serve(settings, hub, Some(access)) => served,
@@ -406,6 +426,50 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                     Err(e) => anyhow::bail!("the Kubernetes source panicked: {e}"),
                 },
             }
+        }
+    }
+}
+
+/// The proxy listener's certificate source: exactly one of a Secret (API mode), a certificate
+/// and key file pair, or the explicit plain-HTTP opt-in (`None`).
+fn proxy_tls_source(
+    flags: &std::collections::HashMap<String, String>,
+    plain_http: bool,
+    problems: &mut Vec<String>,
+) -> Option<connector_controller::proxy_tls::CertSource> {
+    use connector_controller::proxy_tls::CertSource;
+    let secret = flags.get("--proxy-tls-secret");
+    let (cert, key) = (flags.get("--proxy-tls-cert"), flags.get("--proxy-tls-key"));
+    let files = cert.is_some() || key.is_some();
+    let chosen = usize::from(secret.is_some()) + usize::from(files) + usize::from(plain_http);
+    if chosen != 1 {
+        problems.push(
+            "the proxy listener speaks TLS: give exactly one of --proxy-tls-secret <ns>/<name> (API mode), --proxy-tls-cert <file> --proxy-tls-key <file>, or --proxy-plain-http (legacy: clients must then treat the proxy as an insecure registry and ServiceAccount tokens cross the network in clear text)".into(),
+        );
+        return None;
+    }
+    if let Some(s) = secret {
+        return match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Some(CertSource::Secret {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            }),
+            _ => {
+                problems.push(format!("--proxy-tls-secret {s:?}: expected <namespace>/<name>"));
+                None
+            }
+        };
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertSource::Files {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            poll: std::time::Duration::from_millis(500),
+        }),
+        (None, None) => None,
+        _ => {
+            problems.push("--proxy-tls-cert and --proxy-tls-key go together".into());
+            None
         }
     }
 }

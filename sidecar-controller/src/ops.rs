@@ -16,7 +16,7 @@ pub struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    /// `clusters` or `filter` (ECDS).
+    /// `clusters`, `filter` (ECDS) or `proxy-tls` (SDS).
     pub resource: String,
 }
 
@@ -39,6 +39,8 @@ pub struct Metrics {
     pub credential_fetches: Family<ResultLabel, Counter>,
     pub access_reviews: Family<ResultLabel, Counter>,
     pub identity_refreshes: Family<ResultLabel, Counter>,
+    /// Loads of the proxy listener's serving certificate, by result (`ok`, `refused`).
+    pub proxy_cert_loads: Family<ResultLabel, Counter>,
     /// Set once the source has synced and a configuration was rendered: `/readyz`.
     pub ready: AtomicBool,
 }
@@ -92,6 +94,11 @@ impl Metrics {
             "identity_refreshes",
             "Reads of the cluster's ServiceAccount issuer and keys, by result",
             self.identity_refreshes.clone(),
+        );
+        r.register(
+            "proxy_cert_loads",
+            "Loads of the proxy listener's TLS certificate (Secret or files), by result",
+            self.proxy_cert_loads.clone(),
         );
         r
     }
