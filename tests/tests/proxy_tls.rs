@@ -353,3 +353,82 @@ fn the_controller_needs_a_choice_and_plain_http_is_the_explicit_legacy_opt_in() 
     // skopeo needs --tls-verify=false for it: the cost of the legacy setup.
     pull(&s, &envoy.authority(), "registry", &token, "pulled");
 }
+
+/// A `kubernetes.io/tls` Secret in cert-manager's shape (`tls.crt`, `tls.key`, `ca.crt`).
+fn tls_secret(ns: &str, name: &str, cert: &ProxyCert) -> serde_json::Value {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": name, "namespace": ns },
+        "stringData": { "tls.crt": read(&cert.cert), "tls.key": read(&cert.key), "ca.crt": read(&cert.ca) },
+    })
+}
+
+#[test]
+fn api_mode_serves_the_kubernetes_io_tls_secret_and_follows_its_updates() {
+    use connector_devkit::kube::KubeCluster;
+    connector_devkit::require_wasm().unwrap_or_else(|e| panic!("{e}"));
+    let work = connector_devkit::WorkDir::new("proxy-tls-kube").unwrap();
+    let kube = KubeCluster::start("proxy-tls-kube-api").unwrap_or_else(|e| panic!("{e}"));
+    kube.install_crd().unwrap();
+    let system = "oci-connector-system";
+    kube.namespace(system, &[]).unwrap();
+    let cert = ProxyCert::generate(
+        &work.sub("proxy-tls").unwrap(),
+        connector_devkit::controller::PROXY_CERT_SANS,
+    )
+    .unwrap();
+    kube.apply(&tls_secret(system, "connector-proxy-tls", &cert)).unwrap();
+    let kubeconfig = kube.controller_kubeconfig().unwrap();
+    let secret_flag = format!("{system}/connector-proxy-tls");
+    let controller = Controller::start_kube(
+        &work,
+        &kubeconfig,
+        "https://127.0.0.1:8443",
+        &["--proxy-tls-secret", &secret_flag],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let envoy = Envoy::start_xds_mode(
+        &work,
+        "envoy",
+        None,
+        ListenerMode::Tls,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    let ca = cert.ca.display().to_string();
+    assert_eq!(served_subject(&envoy, &ca), "CN = oci-connector proxy");
+
+    // cert-manager renews: the Secret is updated in place; the new certificate is served.
+    let mut took = vec![];
+    for n in 1..=2u32 {
+        cert.rotate(n).unwrap();
+        let t0 = Instant::now();
+        kube.apply(&tls_secret(system, "connector-proxy-tls", &cert)).unwrap();
+        let want = format!("CN = oci-connector proxy {n}");
+        while served_subject(&envoy, &ca) != want {
+            assert!(t0.elapsed() < ROTATION_DEADLINE, "Secret update {n} not served");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        took.push(t0.elapsed());
+    }
+    eprintln!("Secret updated with kubectl apply: new certificate served after {took:?}");
+
+    // A Secret that is not kubernetes.io/tls is refused by name; the served one stays.
+    kube.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": { "name": "not-tls", "namespace": system },
+        "stringData": { "tls.crt": "x", "tls.key": "y" },
+    }))
+    .unwrap();
+    assert_eq!(served_subject(&envoy, &ca), "CN = oci-connector proxy 2");
+    assert_no_key("Envoy's /config_dump", &envoy.config_dump().unwrap(), &cert.key);
+    assert_no_key("the controller's log", &controller.log(), &cert.key);
+    assert_no_key("the controller's metrics", &controller.metrics().unwrap(), &cert.key);
+    assert!(
+        !controller.log().contains("not-tls"),
+        "only the named Secret is watched"
+    );
+}
