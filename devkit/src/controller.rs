@@ -72,6 +72,26 @@ pub struct ProxyCert {
 }
 
 impl ProxyCert {
+    /// The certificate the harness made for `work` (by the first controller started there
+    /// without a TLS choice of its own), if any.
+    pub fn of(work: &WorkDir) -> Option<Self> {
+        let dir = work.path().join("proxy-tls");
+        dir.join("proxy.crt").is_file().then(|| Self {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("proxy.crt"),
+            key: dir.join("proxy.key"),
+            dir,
+        })
+    }
+
+    /// The harness's certificate for `work`: the one made before, or a new one.
+    pub fn for_work(work: &WorkDir) -> Result<Self> {
+        match Self::of(work) {
+            Some(c) => Ok(c),
+            None => Self::generate(&work.sub("proxy-tls")?, PROXY_CERT_SANS),
+        }
+    }
+
     /// A new CA in `dir` and a server certificate with `sans` (`subjectAltName=...`).
     pub fn generate(dir: &Path, sans: &str) -> Result<Self> {
         let ca = crate::tls::TestCa::new(dir)?;
@@ -188,22 +208,7 @@ impl Controller {
         let chose = args
             .iter()
             .any(|a| a.starts_with("--proxy-tls-") || *a == "--proxy-plain-http");
-        let proxy_cert = if chose {
-            None
-        } else {
-            let certs = work.path().join("proxy-tls");
-            let cert = if certs.join("proxy.crt").is_file() {
-                ProxyCert {
-                    ca: certs.join("ca.crt"),
-                    cert: certs.join("proxy.crt"),
-                    key: certs.join("proxy.key"),
-                    dir: certs,
-                }
-            } else {
-                ProxyCert::generate(&work.sub("proxy-tls")?, PROXY_CERT_SANS)?
-            };
-            Some(cert)
-        };
+        let proxy_cert = if chose { None } else { Some(ProxyCert::for_work(work)?) };
         let mut cmd = Command::new(controller_binary()?);
         cmd.arg("serve");
         if let Some((manifests, identity)) = files {

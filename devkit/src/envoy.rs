@@ -437,12 +437,47 @@ pub struct Envoy {
 }
 
 impl Envoy {
+    /// A static Envoy (no controller) with a plain-HTTP listener: the benchmark and the
+    /// harness self-tests.
     pub fn start(work: &WorkDir, spec: &EnvoySpec) -> Result<Self> {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
         Self::start_with(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy")
             .map(|e| e.with_mode(ListenerMode::Plain))
+    }
+
+    /// As [`Envoy::start`] with the listener speaking TLS with `cert` (files; a static Envoy has
+    /// no controller to serve it over SDS). Clients of the harness trust its CA from then on.
+    pub fn start_tls(work: &WorkDir, spec: &EnvoySpec, cert: &crate::controller::ProxyCert) -> Result<Self> {
+        let port = procs::free_port()?;
+        let admin_port = procs::free_port()?;
+        let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
+        let mut cfg = bootstrap(spec, port, admin_port);
+        cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [{
+                        "certificate_chain": { "filename": cert.cert.display().to_string() },
+                        "private_key": { "filename": cert.key.display().to_string() },
+                    }],
+                },
+            },
+        });
+        let e = Self::start_with(work, cfg, port, admin_port, &env, "envoy")?;
+        crate::http::trust_port(port, &cert.ca);
+        Ok(e)
+    }
+
+    /// TLS when the harness made a proxy certificate for `work`.
+    fn harness_mode(work: &WorkDir) -> ListenerMode {
+        match crate::controller::ProxyCert::of(work) {
+            Some(_) => ListenerMode::Tls,
+            None => ListenerMode::Plain,
+        }
     }
 
     fn with_mode(mut self, mode: ListenerMode) -> Self {
@@ -468,12 +503,20 @@ impl Envoy {
         };
         let admin_port = procs::free_port()?;
         let cfg = xds_bootstrap_with(port, admin_port, xds_port, channel_port, mode);
-        Self::start_with(work, cfg, port, admin_port, env, dir).map(|e| e.with_mode(mode))
+        let e = Self::start_with(work, cfg, port, admin_port, env, dir)?.with_mode(mode);
+        if mode == ListenerMode::Tls
+            && let Some(c) = crate::controller::ProxyCert::of(work)
+        {
+            crate::http::trust_port(port, &c.ca);
+        }
+        Ok(e)
     }
 
     /// Envoy fed by the controller's xDS server ([`xds_bootstrap`]). `env` is Envoy's process
     /// environment for the VM (the channel key). Returns once Envoy has its first configuration
-    /// from the controller and listens.
+    /// from the controller and listens. The listener speaks TLS when the harness's controller
+    /// made a proxy certificate in `work` ([`crate::controller::ProxyCert::of`], its default),
+    /// plain HTTP when it was started with `--proxy-plain-http` (legacy).
     pub fn start_xds(work: &WorkDir, xds_port: u16, channel_port: u16, env: &[(String, String)]) -> Result<Self> {
         Self::start_xds_in(work, "envoy", xds_port, channel_port, env)
     }
@@ -486,7 +529,7 @@ impl Envoy {
         channel_port: u16,
         env: &[(String, String)],
     ) -> Result<Self> {
-        Self::start_xds_mode(work, dir, None, ListenerMode::Plain, xds_port, channel_port, env)
+        Self::start_xds_mode(work, dir, None, Self::harness_mode(work), xds_port, channel_port, env)
     }
 
     /// As [`Envoy::start_xds`] with the listener on `port` (known before the controller starts,
@@ -502,7 +545,7 @@ impl Envoy {
             work,
             "envoy",
             Some(port),
-            ListenerMode::Plain,
+            Self::harness_mode(work),
             xds_port,
             channel_port,
             env,

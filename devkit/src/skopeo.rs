@@ -66,8 +66,21 @@ impl Skopeo {
             .and_then(|r| r.split('/').next())
             .unwrap_or("");
         let trusted = self.trusted.lock().map(|t| t.clone()).unwrap_or_default();
-        match trusted.iter().find(|(a, _)| a == authority) {
-            Some((_, dir)) => vec![
+        let dir = trusted
+            .iter()
+            .find(|(a, _)| a == authority)
+            .map(|(_, d)| d.clone())
+            .or_else(|| {
+                // A loopback TLS listener of the harness (the proxy): its CA, in a cert dir per port.
+                let port = authority.rsplit_once(':')?.1.parse::<u16>().ok()?;
+                let ca = crate::http::tls_ca(port)?;
+                let dir = self.dir.join(format!("certs-port-{port}"));
+                std::fs::create_dir_all(&dir).ok()?;
+                std::fs::copy(&ca, dir.join("ca.crt")).ok()?;
+                Some(dir)
+            });
+        match dir {
+            Some(dir) => vec![
                 format!("--{prefix}tls-verify=true"),
                 format!("--{prefix}cert-dir={}", dir.display()),
             ],
