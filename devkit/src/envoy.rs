@@ -601,6 +601,13 @@ impl Envoy {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// curl's trust for this listener: `--cacert '<CA>'` for a TLS one, nothing for a plain one.
+    pub fn curl_ca_arg(&self) -> String {
+        crate::http::tls_ca(self.port)
+            .map(|ca| format!("--cacert '{}'", ca.display()))
+            .unwrap_or_default()
+    }
+
     /// `https://127.0.0.1:port` (or `http://` for a plain listener).
     pub fn base_url(&self) -> String {
         let scheme = match self.mode {

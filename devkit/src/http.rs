@@ -46,6 +46,25 @@ pub fn cert_dir_for(ca: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A connection to 127.0.0.1:`port` with read and write timeouts: TLS verified against the
+/// port's CA when it is a TLS listener ([`trust_port`]), plain TCP otherwise. For tests that
+/// write bytes themselves (a client trickling its headers).
+pub fn open(port: u16, timeout: Duration) -> Result<Conn> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout)).ok();
+    tcp.set_write_timeout(Some(timeout)).ok();
+    Ok(match tls_ca(port) {
+        Some(ca) => {
+            let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+            let conn =
+                rustls::ClientConnection::new(tls_client(&ca)?, name).map_err(|e| format!("TLS to {addr}: {e}"))?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+        None => Conn::Plain(tcp),
+    })
+}
+
 /// A rustls client trusting only `ca`.
 fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::CertificateDer;
@@ -64,10 +83,20 @@ fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     Ok(Arc::new(config))
 }
 
-/// A connection: plain TCP or TLS over it.
-enum Conn {
+/// A connection: plain TCP or TLS over it (for a port registered with [`trust_port`]).
+pub enum Conn {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// The TCP socket's read timeout (also under TLS).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.set_read_timeout(timeout),
+            Conn::Tls(s) => s.sock.set_read_timeout(timeout),
+        }
+    }
 }
 
 impl Read for Conn {
@@ -154,18 +183,7 @@ impl Request {
     /// Sends the request to 127.0.0.1:port on a fresh connection and reads the whole answer.
     pub fn send(&self, port: u16) -> Result<Response> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let tcp = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| format!("connect {addr}: {e}"))?;
-        tcp.set_read_timeout(Some(self.timeout)).ok();
-        tcp.set_write_timeout(Some(self.timeout)).ok();
-        let mut s = match tls_ca(port) {
-            Some(ca) => {
-                let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
-                let conn =
-                    rustls::ClientConnection::new(tls_client(&ca)?, name).map_err(|e| format!("TLS to {addr}: {e}"))?;
-                Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
-            }
-            None => Conn::Plain(tcp),
-        };
+        let mut s = open(port, self.timeout)?;
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
         if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
             head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));

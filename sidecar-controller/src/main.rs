@@ -32,10 +32,12 @@ const USAGE: &str = "usage:
       link-local addresses (cloud metadata) and the controller's own ports always. In API mode spec.hosts must
       be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
   connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
-        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>] [--skip-verify]
+        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>]
+        [--proxy-ca <CA PEM the proxy's certificate chains to> | --skip-verify]
         [--format docker,containerd,buildkit,registries,daemon] --out <dir>
       Client configuration for a connector: docker config.json, containerd hosts.toml,
-      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json.
+      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json; with
+      --proxy-ca, the CA where each client reads it (hosts.toml's ca, certs.d/<proxy>/ca.crt).
   connector-controller crd
   connector-controller render --manifests <dir> --identity <file.json> --out <dir>
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt]";
@@ -494,7 +496,8 @@ fn client_config(args: &[String]) -> ExitCode {
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--skip-verify" => skip_verify = true,
-            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out" => {
+            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out"
+            | "--proxy-ca" => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller client-config: {flag} needs a value\n{USAGE}");
                     return ExitCode::from(2);
@@ -542,6 +545,20 @@ fn client_config(args: &[String]) -> ExitCode {
         },
         None => None,
     };
+    let proxy_ca = match flags.get("--proxy-ca") {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                problems.push(format!("--proxy-ca {f}: no PEM certificate in it"));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("--proxy-ca {f}: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
     if !problems.is_empty() {
         for p in problems {
             eprintln!("connector-controller client-config: {p}");
@@ -557,6 +574,7 @@ fn client_config(args: &[String]) -> ExitCode {
         host_name: flags.get("--host-name").cloned(),
         token,
         skip_verify,
+        proxy_ca,
     };
     let out = PathBuf::from(flags.get("--out").cloned().unwrap_or_default());
     match write_all(&settings, &formats, &out) {
