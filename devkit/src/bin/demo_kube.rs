@@ -118,7 +118,7 @@ fn run() -> Result<()> {
     );
 
     let envoy_port = free_port()?;
-    let proxy_url = format!("http://{PROXY_URL_HOST}:{envoy_port}");
+    let proxy_url = format!("https://{PROXY_URL_HOST}:{envoy_port}");
     let controller = Controller::start_kube(&work, &kubeconfig, &proxy_url, &["--reprobe-seconds", "5"])?;
     let envoy = Envoy::start_xds_on(
         &work,
