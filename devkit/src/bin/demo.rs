@@ -286,6 +286,9 @@ fn rotate(demo: &Demo, token: &str) -> Result<String> {
         .as_ref()
         .ok_or("the proxy has no TLS certificate")?;
     let (version, status, before) = curl_tls(demo, token)?;
+    if status != "200" {
+        return Err(format!("HTTP/{version} {status} before the rotation, expected 200"));
+    }
     cert.rotate(1)?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(15) {
@@ -353,7 +356,7 @@ fn pull(stack: &Demo, reference: &str, token: &str, label: &str) -> Result<Strin
         return Err(format!("copied layers {copied:?}, pushed {:?}", stack.image.layers));
     }
     Ok(format!(
-        "{} -> {} layers identical to the pushed image",
+        "{} -> {} layers identical to the pushed image (skopeo verified the proxy's TLS certificate with the CA)",
         reference.trim_start_matches("docker://"),
         copied.len()
     ))
