@@ -392,6 +392,8 @@ async fn run_source(
     match source {
         Source::Files(files) => {
             if let Some(tls) = proxy_tls {
+                // Not ready before the first certificate (set before anything can render).
+                hub.metrics.set_awaiting_proxy_cert(true);
                 tokio::spawn(proxy_tls::run(tls, None, hub.clone()));
             }
             tokio::spawn(filemode::run(files, hub.clone()));
@@ -417,6 +419,7 @@ async fn run_source(
                 hub.metrics.clone(),
             ));
             if let Some(tls) = proxy_tls {
+                hub.metrics.set_awaiting_proxy_cert(true);
                 tokio::spawn(proxy_tls::run(tls, Some(client.clone()), hub.clone()));
             }
             let source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub proxy_cert_loads: Family<ResultLabel, Counter>,
     /// Set once the source has synced and a configuration was rendered: `/readyz`.
     pub ready: AtomicBool,
+    /// The proxy listener speaks TLS and no certificate was loaded yet: not ready, since Envoy
+    /// cannot complete a handshake (`/readyz`).
+    pub awaiting_proxy_cert: AtomicBool,
 }
 
 impl Metrics {
@@ -115,7 +118,16 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.awaiting_proxy_cert.load(Ordering::Relaxed)
+    }
+
+    /// Whether `/readyz` waits for the proxy listener's certificate.
+    pub fn set_awaiting_proxy_cert(&self, awaiting: bool) {
+        self.awaiting_proxy_cert.store(awaiting, Ordering::Relaxed);
+    }
+
+    pub fn is_awaiting_proxy_cert(&self) -> bool {
+        self.awaiting_proxy_cert.load(Ordering::Relaxed)
     }
 
     pub fn reason(&self, family: &Family<ReasonLabel, Counter>, reason: &str) {

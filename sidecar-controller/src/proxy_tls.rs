@@ -137,6 +137,7 @@ pub enum CertSource {
 /// Publishes `cert` to the hub, logging which certificate is now served (never the key).
 fn publish(hub: &Hub, cert: ServingCert, from: &str) {
     let fingerprint = cert.fingerprint.clone();
+    hub.metrics.set_awaiting_proxy_cert(false);
     if hub.publish_proxy_cert(cert) {
         crate::ops::Metrics::result(&hub.metrics.proxy_cert_loads, "ok");
         tracing::info!(from, sha256 = %fingerprint, "proxy serving certificate loaded");
@@ -210,8 +211,10 @@ pub async fn watch_secret(client: kube::Client, namespace: String, name: String,
     }
 }
 
-/// Runs the watcher `source` names until the process ends.
+/// Runs the watcher `source` names until the process ends. `/readyz` says not ready until a
+/// first certificate is loaded.
 pub async fn run(source: CertSource, client: Option<kube::Client>, hub: Hub) {
+    hub.metrics.set_awaiting_proxy_cert(true);
     match (source, client) {
         (CertSource::Files { cert, key, poll }, _) => watch_files(cert, key, poll, hub).await,
         (CertSource::Secret { namespace, name }, Some(client)) => watch_secret(client, namespace, name, hub).await,

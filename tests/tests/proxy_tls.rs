@@ -436,3 +436,54 @@ fn api_mode_serves_the_kubernetes_io_tls_secret_and_follows_its_updates() {
         "only the named Secret is watched"
     );
 }
+
+/// `/readyz` says not ready while the certificate it was told to serve is missing (Envoy could
+/// not complete a handshake), names why, and turns ready once valid files appear.
+#[test]
+fn the_controller_is_not_ready_until_the_proxy_certificate_is_loaded() {
+    use connector_devkit::controller::Ports;
+    let s = setup("proxy-tls-ready");
+    let creds = s.registry.credentials.clone().unwrap();
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    let dir = s.work.sub("late-cert").unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let args = [
+        "--proxy-tls-cert",
+        cert.to_str().unwrap(),
+        "--proxy-tls-key",
+        key.to_str().unwrap(),
+    ];
+    let key_secret = connector_devkit::random_secret().unwrap();
+    let controller = Controller::start_on(
+        &s.work,
+        "controller",
+        &s.manifests,
+        &s.identity,
+        Ports::free().unwrap(),
+        &key_secret,
+        &args,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = connector_devkit::http::Request::get("/readyz")
+        .send(controller.ports.ops)
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.summary());
+    assert!(
+        r.body_text().contains("no valid proxy TLS certificate"),
+        "{}",
+        r.summary()
+    );
+    assert!(controller.log().contains("cannot read"), "the log says why");
+    let made = ProxyCert::generate(&s.work.sub("late-ca").unwrap(), "subjectAltName=IP:127.0.0.1").unwrap();
+    std::fs::copy(&made.key, &key).unwrap();
+    std::fs::copy(&made.cert, &cert).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while controller.readyz().unwrap() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready 10 s after the certificate appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
