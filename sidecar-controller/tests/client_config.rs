@@ -172,6 +172,20 @@ fn ctr_pulls_by_upstream_name_through_rendered_hosts_dir() {
         c.args(args);
         c
     };
+    // Without the `ca` line containerd refuses the proxy's certificate: it really verifies.
+    let rendered = std::fs::read_to_string(&hosts).unwrap();
+    std::fs::write(&hosts, rendered.replace("ca = \"proxy-ca.crt\"\n", "")).unwrap();
+    let mut unverified = ctr(&["images", "pull", "--hosts-dir"]);
+    unverified
+        .arg(&hosts_dir)
+        .arg("--user")
+        .arg(format!("serviceaccount:{jwt}"))
+        .arg(&reference);
+    let o = procs::run(unverified, None).unwrap();
+    assert!(!o.success, "ctr pulled without the proxy's CA");
+    assert!(o.stderr.contains("x509"), "{}", o.stderr);
+    std::fs::write(&hosts, &rendered).unwrap();
+    s.recorder.take();
     let mut pull = ctr(&["images", "pull", "--hosts-dir"]);
     pull.arg(&hosts_dir)
         .arg("--user")
