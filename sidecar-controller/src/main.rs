@@ -12,7 +12,8 @@ const USAGE: &str = "usage:
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
         [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
         [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
-        (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
+        (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file>
+         | --proxy-tls-external | --proxy-plain-http)
       API mode: Connectors and Secrets from the cluster, status and Events written back
       (with --leader-lease, only by the replica holding that Lease; identity: $POD_NAME),
       ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
@@ -25,7 +26,9 @@ const USAGE: &str = "usage:
       File mode: a watched directory of Connector and Secret manifests. Both modes:
       The proxy listener speaks TLS (h2, http/1.1) with the certificate the controller hands Envoy
       over SDS: a kubernetes.io/tls Secret (cert-manager's tls.crt/tls.key), watched, or PEM files,
-      re-read on change. --proxy-plain-http (legacy) serves none: only for Envoy's plain listener.
+      re-read on change. --proxy-tls-external serves none: TLS is terminated by the gateway the
+      filter runs in (Istio's Gateway, credentialName). --proxy-plain-http (legacy) serves none:
+      only for Envoy's plain listener.
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
@@ -167,7 +170,7 @@ enum Source {
 fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
-    let (mut kube, mut strict, mut allow_local, mut plain_http) = (false, false, false, false);
+    let (mut kube, mut strict, mut allow_local, mut plain_http, mut tls_external) = (false, false, false, false, false);
     // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
     let split: Vec<String> = args
         .iter()
@@ -183,6 +186,7 @@ fn serve(args: &[String]) -> ExitCode {
             "--strict-proxy-subresource" => strict = true,
             "--allow-local-upstreams" => allow_local = true,
             "--proxy-plain-http" => plain_http = true,
+            "--proxy-tls-external" => tls_external = true,
             f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
@@ -295,7 +299,7 @@ fn serve(args: &[String]) -> ExitCode {
             poll: std::time::Duration::from_millis(poll.unwrap_or(500).max(50)),
         })
     };
-    let proxy_tls = proxy_tls_source(&flags, plain_http, &mut problems);
+    let proxy_tls = proxy_tls_source(&flags, plain_http, tls_external, &mut problems);
     let (Some(xds), Some(channel), Some(ops), true) = (xds, channel, ops, problems.is_empty()) else {
         for p in problems {
             eprintln!("connector-controller serve: {p}");
@@ -436,20 +440,23 @@ async fn run_source(
 }
 
 /// The proxy listener's certificate source: exactly one of a Secret (API mode), a certificate
-/// and key file pair, or the explicit plain-HTTP opt-in (`None`).
+/// and key file pair, TLS terminated by someone else (an Istio Gateway: `None`), or the
+/// explicit plain-HTTP opt-in (`None`).
 fn proxy_tls_source(
     flags: &std::collections::HashMap<String, String>,
     plain_http: bool,
+    tls_external: bool,
     problems: &mut Vec<String>,
 ) -> Option<connector_controller::proxy_tls::CertSource> {
     use connector_controller::proxy_tls::CertSource;
     let secret = flags.get("--proxy-tls-secret");
     let (cert, key) = (flags.get("--proxy-tls-cert"), flags.get("--proxy-tls-key"));
     let files = cert.is_some() || key.is_some();
-    let chosen = usize::from(secret.is_some()) + usize::from(files) + usize::from(plain_http);
+    let chosen =
+        usize::from(secret.is_some()) + usize::from(files) + usize::from(plain_http) + usize::from(tls_external);
     if chosen != 1 {
         problems.push(
-            "the proxy listener speaks TLS: give exactly one of --proxy-tls-secret <ns>/<name> (API mode), --proxy-tls-cert <file> --proxy-tls-key <file>, or --proxy-plain-http (legacy: clients must then treat the proxy as an insecure registry and ServiceAccount tokens cross the network in clear text)".into(),
+            "the proxy listener speaks TLS: give exactly one of --proxy-tls-secret <ns>/<name> (API mode), --proxy-tls-cert <file> --proxy-tls-key <file>, --proxy-tls-external (TLS terminated in front of this Envoy's filter by another proxy, e.g. an Istio Gateway) or --proxy-plain-http (legacy: clients must then treat the proxy as an insecure registry and ServiceAccount tokens cross the network in clear text)".into(),
         );
         return None;
     }

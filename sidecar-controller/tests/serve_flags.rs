@@ -94,6 +94,7 @@ fn the_proxy_listener_needs_a_certificate_source_or_the_plain_http_opt_in() {
             "exactly one of",
         ),
         (&["--proxy-tls-secret", "ns/name"], "--proxy-tls-secret needs --kube"),
+        (&["--proxy-tls-external", "--proxy-plain-http"], "exactly one of"),
     ];
     for (extra, want) in cases {
         let mut args = base.to_vec();
