@@ -80,7 +80,8 @@ impl Buildah {
         cmd.arg("pull")
             .arg("--signature-policy")
             .arg(&self.policy)
-            .args(["--tls-verify=false", "--quiet"]);
+            .args(tls_flags(src)?)
+            .arg("--quiet");
         if let Some(c) = creds {
             cmd.arg("--creds").arg(c);
         }
@@ -95,7 +96,8 @@ impl Buildah {
         cmd.arg("push")
             .arg("--signature-policy")
             .arg(&self.policy)
-            .args(["--tls-verify=false", "--quiet"])
+            .args(tls_flags(dest)?)
+            .arg("--quiet")
             .arg("--digestfile")
             .arg(&digest_file);
         if let Some(c) = creds {
@@ -137,4 +139,15 @@ impl Buildah {
             .map(|(_, d)| d.trim().to_string())
             .ok_or_else(|| format!("no image {name} in buildah storage:\n{}", out.stdout))
     }
+}
+
+/// TLS verified against the CA of a harness TLS listener (the proxy), plain HTTP otherwise.
+fn tls_flags(reference: &str) -> Result<Vec<String>> {
+    Ok(match crate::http::tls_ca_of_reference(reference) {
+        Some(ca) => vec![
+            "--tls-verify=true".into(),
+            format!("--cert-dir={}", crate::http::cert_dir_for(&ca)?.display()),
+        ],
+        None => vec!["--tls-verify=false".into()],
+    })
 }

@@ -1,6 +1,6 @@
 //! Owns a real containerd daemon for the tests (Debian's containerd 1.6, as root): its own
 //! `--config` with root, state and gRPC/ttrpc sockets in the work dir (the CRI plugin disabled:
-//! no kubelet talks to it), and pulls with its `ctr` client, `--plain-http --user sa:<jwt>`, which
+//! no kubelet talks to it), and pulls with its `ctr` client, `--user sa:<jwt>` over TLS verified with the proxy's CA (`--tlscacert`), which
 //! exercises containerd's own resolver, the code path a node's image pulls go through.
 
 use crate::procs::{self, Output, Proc};
@@ -65,15 +65,39 @@ impl Containerd {
         c
     }
 
-    /// `ctr images pull --plain-http --user <user> <reference>` (reference without `docker://`).
+    /// `ctr images pull --user <user> <reference>` (reference without `docker://`), verifying
+    /// TLS with `--tlscacert` for a harness TLS listener (the proxy), `--plain-http` otherwise.
     pub fn pull(&self, reference: &str, user: Option<&str>) -> Result<Output> {
         let mut cmd = self.ctr();
-        cmd.args(["images", "pull", "--plain-http"]);
+        cmd.args(["images", "pull"]);
+        match crate::http::tls_ca_of_reference(reference) {
+            // ctr speaks plain HTTP to 127.0.0.1 whatever --tlscacert says; a hosts.toml (as
+            // client-config renders it for nodes) names the https origin and its `ca`.
+            Some(ca) => cmd.arg("--hosts-dir").arg(self.hosts_dir(reference, &ca)?),
+            None => cmd.arg("--plain-http"),
+        };
         if let Some(u) = user {
             cmd.arg("--user").arg(u);
         }
         cmd.arg(reference);
         procs::run(cmd, None)
+    }
+
+    /// A hosts dir whose `<authority>/hosts.toml` sends pulls to `https://<authority>`,
+    /// verified against `ca`.
+    fn hosts_dir(&self, reference: &str, ca: &std::path::Path) -> Result<PathBuf> {
+        let authority = reference.split('/').next().unwrap_or_default();
+        let base = self.socket.with_file_name("hosts.d");
+        let dir = base.join(authority);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let origin = format!("https://{authority}");
+        let text = format!(
+            "server = \"{origin}\"\n\n[host.\"{origin}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+            ca.display()
+        );
+        let file = dir.join("hosts.toml");
+        std::fs::write(&file, text).map_err(|e| format!("write {}: {e}", file.display()))?;
+        Ok(base)
     }
 
     /// The manifest digest containerd recorded for an image it pulled.

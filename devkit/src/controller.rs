@@ -55,8 +55,86 @@ impl Ports {
     }
 }
 
+/// The names the harness's proxy certificate carries: the loopback address clients use in the
+/// path form, and a wildcard per connector namespace of the tests for the host form
+/// (`c-<name>-connector.<ns>.svc.cluster.local`, [`crate::envoy::HOST_PATTERN`]).
+pub const PROXY_CERT_SANS: &str = "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:*.demo.svc.cluster.local,DNS:*.ci.svc.cluster.local,DNS:*.other.svc.cluster.local";
+
+/// The proxy listener's certificate as the harness makes it: a fresh CA (what clients are
+/// told to trust) and a server certificate it signs (what the controller serves over SDS).
+#[derive(Debug, Clone)]
+pub struct ProxyCert {
+    /// The CA certificate clients trust (PEM).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    dir: PathBuf,
+}
+
+impl ProxyCert {
+    /// The certificate the harness made for `work` (by the first controller started there
+    /// without a TLS choice of its own), if any.
+    pub fn of(work: &WorkDir) -> Option<Self> {
+        let dir = work.path().join("proxy-tls");
+        dir.join("proxy.crt").is_file().then(|| Self {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("proxy.crt"),
+            key: dir.join("proxy.key"),
+            dir,
+        })
+    }
+
+    /// The harness's certificate for `work`: the one made before, or a new one.
+    pub fn for_work(work: &WorkDir) -> Result<Self> {
+        match Self::of(work) {
+            Some(c) => Ok(c),
+            None => Self::generate(&work.sub("proxy-tls")?, PROXY_CERT_SANS),
+        }
+    }
+
+    /// A new CA in `dir` and a server certificate with `sans` (`subjectAltName=...`).
+    pub fn generate(dir: &Path, sans: &str) -> Result<Self> {
+        let ca = crate::tls::TestCa::new(dir)?;
+        let c = ca.issue_with("proxy", "/CN=oci-connector proxy", sans)?;
+        Ok(Self {
+            ca: ca.cert.clone(),
+            cert: c.cert,
+            key: c.key,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Replaces the served certificate and key (same CA, new key, serial `n` in the subject)
+    /// the way a rotation does: both written to temporary files and renamed into place.
+    pub fn rotate(&self, n: u32) -> Result<()> {
+        let ca = crate::tls::TestCa::existing(&self.dir)?;
+        let c = ca.issue_with(
+            &format!("proxy-{n}"),
+            &format!("/CN=oci-connector proxy {n}"),
+            PROXY_CERT_SANS,
+        )?;
+        for (from, to) in [(&c.key, &self.key), (&c.cert, &self.cert)] {
+            std::fs::rename(from, to).map_err(|e| format!("rename {} to {}: {e}", from.display(), to.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The `serve` flags that make the controller serve this certificate.
+    pub fn serve_args(&self) -> Vec<String> {
+        vec![
+            "--proxy-tls-cert".into(),
+            self.cert.display().to_string(),
+            "--proxy-tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}
+
 pub struct Controller {
     pub ports: Ports,
+    /// The certificate the controller serves for the proxy listener (made by the harness
+    /// unless the caller passed its own `--proxy-tls-*` or `--proxy-plain-http`).
+    pub proxy_cert: Option<ProxyCert>,
     key: String,
     proc: Proc,
 }
@@ -142,6 +220,12 @@ impl Controller {
     ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
+        // The proxy listener speaks TLS unless the caller chose otherwise: a certificate the
+        // harness makes (one per work dir, shared by restarts and replicas).
+        let chose = args
+            .iter()
+            .any(|a| a.starts_with("--proxy-tls-") || *a == "--proxy-plain-http");
+        let proxy_cert = if chose { None } else { Some(ProxyCert::for_work(work)?) };
         let mut cmd = Command::new(controller_binary()?);
         cmd.arg("serve");
         if let Some((manifests, identity)) = files {
@@ -160,6 +244,9 @@ impl Controller {
             // this is the one place the operator's opt-in for local upstreams is given.
             .arg("--allow-local-upstreams")
             .args(args);
+        if let Some(c) = &proxy_cert {
+            cmd.args(c.serve_args());
+        }
         cmd.env_clear();
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
@@ -174,6 +261,7 @@ impl Controller {
         proc.wait_for_port(ports.xds, Duration::from_secs(5))?;
         Ok(Self {
             ports,
+            proxy_cert,
             key: key.to_string(),
             proc,
         })

@@ -131,7 +131,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
     json!({
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
         "static_resources": {
-            "listeners": [listener(port, route, http_filters, false)],
+            "listeners": [listener(port, route, http_filters, false, None)],
             "clusters": clusters,
         },
     })
@@ -207,9 +207,31 @@ fn local_reply_config() -> Value {
     })
 }
 
+/// The SDS resource name of the proxy listener's certificate (the controller's `proxy_tls`).
+pub const PROXY_TLS_SECRET: &str = "proxy-tls";
+
+/// The proxy listener's TLS: the certificate comes from the controller over ADS (SDS), so a
+/// rotated Secret or file reaches Envoy without a restart; ALPN offers h2 and http/1.1.
+pub fn proxy_tls_transport_socket() -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [{
+                    "name": PROXY_TLS_SECRET,
+                    "sds_config": { "ads": {}, "resource_api_version": "V3" },
+                }],
+            },
+        },
+    })
+}
+
 /// The proxy's listener on 127.0.0.1:`port`: one route, the given HTTP filters; with an access
-/// log when `logged` (the benchmark's Envoys run without, so it measures the filter alone).
-fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> Value {
+/// log when `logged` (the benchmark's Envoys run without, so it measures the filter alone);
+/// speaking TLS with `transport_socket` when given, plain HTTP otherwise.
+fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool, transport_socket: Option<Value>) -> Value {
     let mut l = json!({
         "name": "registry_proxy",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
@@ -251,6 +273,9 @@ fn listener(port: u16, route: Value, http_filters: Vec<Value>, logged: bool) -> 
     if logged {
         l["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = access_log();
     }
+    if let Some(ts) = transport_socket {
+        l["filter_chains"][0]["transport_socket"] = ts;
+    }
     l
 }
 
@@ -260,10 +285,26 @@ pub const CHANNEL_CLUSTER: &str = "connector_controller";
 /// The ECDS resource the HTTP filter subscribes to.
 pub const FILTER_CONFIG_NAME: &str = "oci-connector";
 
-/// The bootstrap of an Envoy whose filter configuration (ECDS) and upstream clusters (CDS) come
-/// from the controller's xDS server on `xds_port`, and whose filter reaches the controller's
-/// loopback channel on `channel_port`. Same listener and route as [`bootstrap`].
+/// How the proxy listener of an xDS-driven Envoy talks to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// TLS with the certificate the controller serves over SDS (the default).
+    Tls,
+    /// Plain HTTP: the legacy opt-in (the controller runs with `--proxy-plain-http`).
+    Plain,
+}
+
+/// The bootstrap of an Envoy whose filter configuration (ECDS), upstream clusters (CDS) and
+/// listener certificate (SDS) come from the controller's xDS server on `xds_port`, and whose
+/// filter reaches the controller's loopback channel on `channel_port`. Same listener and route
+/// as [`bootstrap`], speaking TLS.
 pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u16) -> Value {
+    xds_bootstrap_with(port, admin_port, xds_port, channel_port, ListenerMode::Tls)
+}
+
+/// As [`xds_bootstrap`], with the listener speaking TLS or (legacy) plain HTTP.
+pub fn xds_bootstrap_with(port: u16, admin_port: u16, xds_port: u16, channel_port: u16, mode: ListenerMode) -> Value {
+    let tls = (mode == ListenerMode::Tls).then(proxy_tls_transport_socket);
     let static_cluster = |name: &str, port: u16, h2: bool| {
         let mut c = json!({
             "name": name,
@@ -322,7 +363,7 @@ pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u1
                     "name": "envoy.filters.http.router",
                     "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
                 }),
-            ], true)],
+            ], true, tls)],
             "clusters": [
                 static_cluster(XDS_CLUSTER, xds_port, true),
                 static_cluster(CHANNEL_CLUSTER, channel_port, false),
@@ -390,20 +431,92 @@ pub struct Envoy {
     pub port: u16,
     pub admin_port: u16,
     pub config_path: PathBuf,
+    /// Whether the listener speaks TLS (SDS from the controller) or plain HTTP.
+    pub mode: ListenerMode,
     proc: Proc,
 }
 
 impl Envoy {
+    /// A static Envoy (no controller) with a plain-HTTP listener: the benchmark and the
+    /// harness self-tests.
     pub fn start(work: &WorkDir, spec: &EnvoySpec) -> Result<Self> {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
         Self::start_with(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy")
+            .map(|e| e.with_mode(ListenerMode::Plain))
+    }
+
+    /// As [`Envoy::start`] with the listener speaking TLS with `cert` (files; a static Envoy has
+    /// no controller to serve it over SDS). Clients of the harness trust its CA from then on.
+    pub fn start_tls(work: &WorkDir, spec: &EnvoySpec, cert: &crate::controller::ProxyCert) -> Result<Self> {
+        let port = procs::free_port()?;
+        let admin_port = procs::free_port()?;
+        let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
+        let mut cfg = bootstrap(spec, port, admin_port);
+        cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [{
+                        "certificate_chain": { "filename": cert.cert.display().to_string() },
+                        "private_key": { "filename": cert.key.display().to_string() },
+                    }],
+                },
+            },
+        });
+        let e = Self::start_with(work, cfg, port, admin_port, &env, "envoy")?;
+        crate::http::trust_port(port, &cert.ca);
+        Ok(e)
+    }
+
+    /// TLS when the harness made a proxy certificate for `work`.
+    fn harness_mode(work: &WorkDir) -> ListenerMode {
+        match crate::controller::ProxyCert::of(work) {
+            Some(_) => ListenerMode::Tls,
+            None => ListenerMode::Plain,
+        }
+    }
+
+    fn with_mode(mut self, mode: ListenerMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Envoy fed by the controller's xDS server with its listener in `mode`, on `port` when
+    /// given (else a free one), its files in `work/<dir>`. For [`ListenerMode::Tls`] the
+    /// controller must serve a certificate (`--proxy-tls-cert`/`--proxy-tls-secret`).
+    pub fn start_xds_mode(
+        work: &WorkDir,
+        dir: &str,
+        port: Option<u16>,
+        mode: ListenerMode,
+        xds_port: u16,
+        channel_port: u16,
+        env: &[(String, String)],
+    ) -> Result<Self> {
+        let port = match port {
+            Some(p) => p,
+            None => procs::free_port()?,
+        };
+        let admin_port = procs::free_port()?;
+        let cfg = xds_bootstrap_with(port, admin_port, xds_port, channel_port, mode);
+        let e = Self::start_with(work, cfg, port, admin_port, env, dir)?.with_mode(mode);
+        if mode == ListenerMode::Tls
+            && let Some(c) = crate::controller::ProxyCert::of(work)
+        {
+            crate::http::trust_port(port, &c.ca);
+        }
+        Ok(e)
     }
 
     /// Envoy fed by the controller's xDS server ([`xds_bootstrap`]). `env` is Envoy's process
     /// environment for the VM (the channel key). Returns once Envoy has its first configuration
-    /// from the controller and listens.
+    /// from the controller and listens. The listener speaks TLS when the harness's controller
+    /// made a proxy certificate in `work` ([`crate::controller::ProxyCert::of`], its default),
+    /// plain HTTP when it was started with `--proxy-plain-http` (legacy).
     pub fn start_xds(work: &WorkDir, xds_port: u16, channel_port: u16, env: &[(String, String)]) -> Result<Self> {
         Self::start_xds_in(work, "envoy", xds_port, channel_port, env)
     }
@@ -416,10 +529,7 @@ impl Envoy {
         channel_port: u16,
         env: &[(String, String)],
     ) -> Result<Self> {
-        let port = procs::free_port()?;
-        let admin_port = procs::free_port()?;
-        let cfg = xds_bootstrap(port, admin_port, xds_port, channel_port);
-        Self::start_with(work, cfg, port, admin_port, env, dir)
+        Self::start_xds_mode(work, dir, None, Self::harness_mode(work), xds_port, channel_port, env)
     }
 
     /// As [`Envoy::start_xds`] with the listener on `port` (known before the controller starts,
@@ -431,9 +541,15 @@ impl Envoy {
         channel_port: u16,
         env: &[(String, String)],
     ) -> Result<Self> {
-        let admin_port = procs::free_port()?;
-        let cfg = xds_bootstrap(port, admin_port, xds_port, channel_port);
-        Self::start_with(work, cfg, port, admin_port, env, "envoy")
+        Self::start_xds_mode(
+            work,
+            "envoy",
+            Some(port),
+            Self::harness_mode(work),
+            xds_port,
+            channel_port,
+            env,
+        )
     }
 
     fn start_with(
@@ -475,6 +591,7 @@ impl Envoy {
             port,
             admin_port,
             config_path,
+            mode: ListenerMode::Tls,
             proc,
         })
     }
@@ -482,6 +599,22 @@ impl Envoy {
     /// `127.0.0.1:port`, as in image references.
     pub fn authority(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// curl's trust for this listener: `--cacert '<CA>'` for a TLS one, nothing for a plain one.
+    pub fn curl_ca_arg(&self) -> String {
+        crate::http::tls_ca(self.port)
+            .map(|ca| format!("--cacert '{}'", ca.display()))
+            .unwrap_or_default()
+    }
+
+    /// `https://127.0.0.1:port` (or `http://` for a plain listener).
+    pub fn base_url(&self) -> String {
+        let scheme = match self.mode {
+            ListenerMode::Tls => "https",
+            ListenerMode::Plain => "http",
+        };
+        format!("{scheme}://{}", self.authority())
     }
 
     pub fn log_path(&self) -> &Path {

@@ -1,11 +1,132 @@
 //! A deliberately raw HTTP/1.1 client over `TcpStream`: the refusal tests must send what no
 //! well-behaved client library would (two `Authorization` headers, `a//b` paths, odd Host
 //! headers), byte for byte, and read the status, headers and body as Envoy sent them.
+//!
+//! Also owns which loopback ports speak TLS: a proxy listener registered with [`trust_port`]
+//! is reached over TLS verified against its CA (the certificate must name 127.0.0.1, the
+//! address dialled), so the same raw requests go to a TLS proxy unchanged. The harness's
+//! client wrappers (skopeo, buildah, containerd) read the same registry.
 
 use crate::Result;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Loopback ports whose listener speaks TLS, with the CA (PEM file) their certificate chains to.
+static TLS_PORTS: Mutex<BTreeMap<u16, PathBuf>> = Mutex::new(BTreeMap::new());
+
+/// From now on 127.0.0.1:`port` speaks TLS with a certificate `ca` signed.
+pub fn trust_port(port: u16, ca: &Path) {
+    if let Ok(mut m) = TLS_PORTS.lock() {
+        m.insert(port, ca.to_path_buf());
+    }
+}
+
+/// The CA of a TLS port ([`trust_port`]); `None` for a plain one.
+pub fn tls_ca(port: u16) -> Option<PathBuf> {
+    TLS_PORTS.lock().ok().and_then(|m| m.get(&port).cloned())
+}
+
+/// The CA of the TLS listener an image reference names (`[docker://]host:port/...`), when its
+/// port is one of the harness's TLS ports; `None` for a plain registry.
+pub fn tls_ca_of_reference(reference: &str) -> Option<PathBuf> {
+    let r = reference.strip_prefix("docker://").unwrap_or(reference);
+    let authority = r.split('/').next()?;
+    tls_ca(authority.rsplit_once(':')?.1.parse().ok()?)
+}
+
+/// A directory holding `ca` as `ca.crt`: what the containers tools take as `--cert-dir`.
+pub fn cert_dir_for(ca: &Path) -> Result<PathBuf> {
+    let dir = ca.with_extension("certdir");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::copy(ca, dir.join("ca.crt")).map_err(|e| format!("copy {}: {e}", ca.display()))?;
+    Ok(dir)
+}
+
+/// A connection to 127.0.0.1:`port` with read and write timeouts: TLS verified against the
+/// port's CA when it is a TLS listener ([`trust_port`]), plain TCP otherwise. For tests that
+/// write bytes themselves (a client trickling its headers).
+pub fn open(port: u16, timeout: Duration) -> Result<Conn> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    tcp.set_read_timeout(Some(timeout)).ok();
+    tcp.set_write_timeout(Some(timeout)).ok();
+    Ok(match tls_ca(port) {
+        Some(ca) => {
+            let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+            let conn =
+                rustls::ClientConnection::new(tls_client(&ca)?, name).map_err(|e| format!("TLS to {addr}: {e}"))?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+        None => Conn::Plain(tcp),
+    })
+}
+
+/// A rustls client trusting only `ca`.
+fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("read CA {}: {e}", ca.display()))? {
+        let c = c.map_err(|e| format!("CA {}: {e}", ca.display()))?;
+        roots.add(c).map_err(|e| format!("CA {}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A connection: plain TCP or TLS over it (for a port registered with [`trust_port`]).
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// The TCP socket's read timeout (also under TLS).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.set_read_timeout(timeout),
+            Conn::Tls(s) => s.sock.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            // A peer that closes without close_notify has still ended the answer.
+            Conn::Tls(s) => match s.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
 
 /// One request; headers keep their order and may repeat.
 #[derive(Debug, Clone)]
@@ -62,9 +183,7 @@ impl Request {
     /// Sends the request to 127.0.0.1:port on a fresh connection and reads the whole answer.
     pub fn send(&self, port: u16) -> Result<Response> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(self.timeout)).ok();
-        s.set_write_timeout(Some(self.timeout)).ok();
+        let mut s = open(port, self.timeout)?;
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
         if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
             head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
@@ -87,7 +206,7 @@ impl Request {
 
 /// Reads one response: up to the end of its body by Content-Length or the last chunk, else to
 /// EOF. Reading to EOF alone would wait out Envoy's delayed close (1 s) on every request.
-fn read_response(s: &mut TcpStream, head_only: bool) -> std::io::Result<Vec<u8>> {
+fn read_response(s: &mut impl Read, head_only: bool) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {

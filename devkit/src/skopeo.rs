@@ -4,9 +4,9 @@
 
 use crate::procs::{self, Output};
 use crate::{Result, WorkDir};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// How skopeo authenticates to the registry it talks to.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +24,10 @@ pub struct Skopeo {
     tmp: PathBuf,
     cache: PathBuf,
     auth_file: PathBuf,
+    /// Registries (`host:port`) reached over verified TLS, with the `--cert-dir` holding the CA
+    /// to trust (`ca.crt`); every other registry of the harness is plain HTTP.
+    trusted: Mutex<Vec<(String, PathBuf)>>,
+    dir: PathBuf,
 }
 
 impl Skopeo {
@@ -38,7 +42,50 @@ impl Skopeo {
             tmp: work.sub("skopeo/tmp")?,
             cache: work.sub("skopeo/cache")?,
             auth_file: dir.join("auth.json"),
+            trusted: Mutex::new(vec![]),
+            dir,
         })
+    }
+
+    /// From now on `authority` (`host:port`, e.g. the TLS proxy) is reached over TLS verified
+    /// against `ca` (PEM): no `--tls-verify=false` for it.
+    pub fn trust(&self, authority: &str, ca: &Path) -> Result<()> {
+        let mut trusted = self.trusted.lock().map_err(|_| "skopeo trust list poisoned")?;
+        let dir = self.dir.join(format!("certs-{}", trusted.len()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        std::fs::copy(ca, dir.join("ca.crt")).map_err(|e| format!("copy {}: {e}", ca.display()))?;
+        trusted.push((authority.to_string(), dir));
+        Ok(())
+    }
+
+    /// The TLS flags for `reference` (`--<prefix>tls-verify...`): verified with the CA of a
+    /// trusted authority, otherwise plain HTTP.
+    fn tls_flags(&self, prefix: &str, reference: &str) -> Vec<String> {
+        let authority = reference
+            .strip_prefix("docker://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("");
+        let trusted = self.trusted.lock().map(|t| t.clone()).unwrap_or_default();
+        let dir = trusted
+            .iter()
+            .find(|(a, _)| a == authority)
+            .map(|(_, d)| d.clone())
+            .or_else(|| {
+                // A loopback TLS listener of the harness (the proxy): its CA, in a cert dir per port.
+                let port = authority.rsplit_once(':')?.1.parse::<u16>().ok()?;
+                let ca = crate::http::tls_ca(port)?;
+                let dir = self.dir.join(format!("certs-port-{port}"));
+                std::fs::create_dir_all(&dir).ok()?;
+                std::fs::copy(&ca, dir.join("ca.crt")).ok()?;
+                Some(dir)
+            });
+        match dir {
+            Some(dir) => vec![
+                format!("--{prefix}tls-verify=true"),
+                format!("--{prefix}cert-dir={}", dir.display()),
+            ],
+            None => vec![format!("--{prefix}tls-verify=false")],
+        }
     }
 
     /// The configured base command (trust policy, temp dir, no stray auth files, a private
@@ -70,7 +117,8 @@ impl Skopeo {
     /// `skopeo inspect` (parsed config view); `raw` returns the manifest bytes instead.
     pub fn inspect(&self, reference: &str, creds: Creds<'_>, raw: bool) -> Result<Output> {
         let mut cmd = self.command();
-        cmd.args(["inspect", "--command-timeout", "60s", "--tls-verify=false"]);
+        cmd.args(["inspect", "--command-timeout", "60s"]);
+        cmd.args(self.tls_flags("", reference));
         if raw {
             cmd.arg("--raw");
         }
@@ -79,16 +127,12 @@ impl Skopeo {
         procs::run(cmd, None)
     }
 
-    /// `skopeo copy src dest`; registries on either side are plain HTTP.
+    /// `skopeo copy src dest`; registries on either side are plain HTTP unless trusted ([`Skopeo::trust`]).
     pub fn copy(&self, src: &str, src_creds: Creds<'_>, dest: &str, dest_creds: Creds<'_>) -> Result<Output> {
         let mut cmd = self.command();
-        cmd.args([
-            "copy",
-            "--command-timeout",
-            "120s",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ]);
+        cmd.args(["copy", "--command-timeout", "120s"]);
+        cmd.args(self.tls_flags("src-", src));
+        cmd.args(self.tls_flags("dest-", dest));
         if src.starts_with("docker://") {
             add_creds(&mut cmd, "src-", src_creds);
         }

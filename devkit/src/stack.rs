@@ -94,7 +94,10 @@ impl Stack {
                 (BROKEN_PASSWORD_ENV.into(), broken_password.clone()),
             ],
         });
-        let envoy = Envoy::start(&work, &EnvoySpec { clusters, filter })?;
+        // The proxy listener speaks TLS with a certificate of a CA made for this work dir;
+        // the harness's clients trust it (crate::http::tls_ca).
+        let proxy_cert = crate::controller::ProxyCert::for_work(&work)?;
+        let envoy = Envoy::start_tls(&work, &EnvoySpec { clusters, filter }, &proxy_cert)?;
         Ok(Self {
             envoy,
             broken_password,

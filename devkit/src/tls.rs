@@ -27,6 +27,19 @@ fn openssl(args: &[&str], dir: &Path) -> Result<()> {
 }
 
 impl TestCa {
+    /// The CA [`TestCa::new`] made in `dir` earlier, to sign more certificates.
+    pub fn existing(dir: &Path) -> Result<Self> {
+        let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if !cert.is_file() || !key.is_file() {
+            return Err(format!("no test CA in {}", dir.display()));
+        }
+        Ok(Self {
+            cert,
+            key,
+            dir: dir.to_path_buf(),
+        })
+    }
+
     pub fn new(dir: &Path) -> Result<Self> {
         openssl(
             &[

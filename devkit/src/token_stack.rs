@@ -97,7 +97,10 @@ impl TokenStack {
                 port: token_server.port,
             },
         ];
-        let envoy = Envoy::start(&work, &EnvoySpec { clusters, filter })?;
+        // The proxy listener speaks TLS with a certificate of a CA made for this work dir;
+        // the harness's clients trust it (crate::http::tls_ca).
+        let proxy_cert = crate::controller::ProxyCert::for_work(&work)?;
+        let envoy = Envoy::start_tls(&work, &EnvoySpec { clusters, filter }, &proxy_cert)?;
         // The set-up push fetched tokens; tests count only their own.
         token_server.take();
         Ok(Self {

@@ -14,6 +14,11 @@
 //!   references themselves.
 //!
 //! The token is a secret: it appears only in `config.json` (written 0600), never in `Debug`.
+//!
+//! The proxy speaks TLS: with the CA that issued its certificate (`proxy_ca`), each client gets
+//! the trust it reads, next to its file: containerd's `ca` in `hosts.toml`, the containers
+//! tools' `certs.d/<proxy>/ca.crt`, BuildKit's `ca`, Docker's `certs.d/<proxy>/ca.crt`; and no
+//! `insecure` / `skip_verify` / `http` anywhere unless the proxy is plain http or `skip_verify`.
 
 use connector_filter::route::is_dns_label;
 use std::fmt;
@@ -113,6 +118,9 @@ pub struct ClientSettings {
     /// The proxy is https with a certificate the client cannot verify: mark it insecure /
     /// `skip_verify` everywhere. (An http proxy is always marked plain-http / insecure.)
     pub skip_verify: bool,
+    /// The CA certificate(s) (PEM) the proxy's certificate chains to, when clients do not trust
+    /// it already: written where each client reads it.
+    pub proxy_ca: Option<String>,
 }
 
 impl fmt::Debug for ClientSettings {
@@ -125,6 +133,7 @@ impl fmt::Debug for ClientSettings {
             .field("host_name", &self.host_name)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("skip_verify", &self.skip_verify)
+            .field("proxy_ca", &self.proxy_ca.as_ref().map(|_| "<PEM>"))
             .finish()
     }
 }
@@ -224,6 +233,11 @@ impl Endpoints {
     fn proxy_origin(&self) -> String {
         let scheme = if self.proxy_tls { "https" } else { "http" };
         format!("{scheme}://{}", self.proxy)
+    }
+
+    /// Clients must be given the proxy's CA: an https proxy they verify, with a CA to verify by.
+    fn gives_ca(&self, s: &ClientSettings) -> bool {
+        self.proxy_tls && !s.skip_verify && s.proxy_ca.is_some()
     }
 
     /// `<proxy host:port>/namespaces/<ns>/connectors/<name>`: a registry "name" with a path,
@@ -353,6 +367,9 @@ pub fn containerd_hosts(s: &ClientSettings) -> Result<Rendered, ClientConfigErro
     let url = toml_str(&format!("{}/v2/{}", e.proxy_origin(), e.connector_path));
     let skip_verify = if e.proxy_tls && s.skip_verify {
         "skip_verify = true\n"
+    } else if e.gives_ca(s) {
+        // Relative: containerd reads it beside this hosts.toml (see containerd_ca_file).
+        "ca = \"proxy-ca.crt\"\n"
     } else {
         ""
     };
@@ -414,6 +431,12 @@ pub fn buildkitd(s: &ClientSettings) -> Result<Rendered, ClientConfigError> {
         } else {
             text.push_str("  http = true\n  insecure = true\n");
         }
+    } else if e.gives_ca(s) {
+        text.push_str(&format!(
+            "\n[registry.{}]\n  ca = [{}]\n",
+            toml_str(&e.proxy),
+            toml_str(&format!("{BUILDKIT_CERTS}/{}/ca.crt", e.proxy))
+        ));
     }
     Ok(Rendered {
         format: Format::Buildkit,
@@ -456,6 +479,65 @@ pub fn registries_conf(s: &ClientSettings) -> Result<Rendered, ClientConfigError
         text,
         secret: false,
         notes: vec!["a drop-in: it is a complete v2 file too (skopeo/podman CONTAINERS_REGISTRIES_CONF)".into()],
+    })
+}
+
+/// Where BuildKit is told to read the proxy's CA (`buildkitd.toml`'s `ca` needs an absolute path).
+pub const BUILDKIT_CERTS: &str = "/etc/buildkit/certs";
+
+/// The proxy's CA, one copy per client that reads it from its own place (`None` when the
+/// clients need none: a plain-http or unverified proxy, or no CA given). Installed as the notes
+/// say; [`write_all`] writes them next to the format's own file.
+pub fn ca_files(s: &ClientSettings, format: Format) -> Result<Vec<Rendered>, ClientConfigError> {
+    let e = Endpoints::new(s)?;
+    let (Some(ca), true) = (&s.proxy_ca, e.gives_ca(s)) else {
+        return Ok(vec![]);
+    };
+    let file = |relative: String, install: String| Rendered {
+        format,
+        relative_path: PathBuf::from(relative),
+        install_to: install,
+        text: ca.clone(),
+        secret: false,
+        notes: vec!["the CA the proxy's certificate chains to".into()],
+    };
+    Ok(match format {
+        Format::Docker => vec![],
+        Format::Containerd => vec![file(
+            format!("certs.d/{}/proxy-ca.crt", e.upstream_name),
+            format!(
+                "/etc/containerd/certs.d/{}/proxy-ca.crt (beside hosts.toml)",
+                e.upstream_name
+            ),
+        )],
+        Format::Registries => vec![file(
+            format!("containers/certs.d/{}/ca.crt", e.proxy),
+            format!("/etc/containers/certs.d/{}/ca.crt", e.proxy),
+        )],
+        Format::Buildkit => vec![file(
+            format!("buildkit/certs/{}/ca.crt", e.proxy),
+            format!("{BUILDKIT_CERTS}/{}/ca.crt", e.proxy),
+        )],
+        Format::Daemon => {
+            let mut hosts = vec![e.proxy.clone()];
+            if let (Some(h), "docker.io") = (&s.host_name, e.upstream_name.as_str()) {
+                let port = e
+                    .proxy
+                    .rsplit_once(':')
+                    .map(|(_, p)| format!(":{p}"))
+                    .unwrap_or_default();
+                hosts.push(format!("{h}{port}"));
+            }
+            hosts
+                .into_iter()
+                .map(|h| {
+                    file(
+                        format!("docker/certs.d/{h}/ca.crt"),
+                        format!("/etc/docker/certs.d/{h}/ca.crt"),
+                    )
+                })
+                .collect()
+        }
     })
 }
 
@@ -536,15 +618,21 @@ pub fn render(s: &ClientSettings, format: Format) -> Result<Rendered, ClientConf
 
 /// Renders `formats` (all of them when empty) and writes them under `out`, creating
 /// directories; files holding a token are created 0600. Returns the written paths in the order
-/// of `formats`. Invalid settings are `InvalidInput`; nothing is written then.
+/// of `formats`, each format's file before its CA copies ([`ca_files`]). Invalid settings are `InvalidInput`; nothing is written then.
 pub fn write_all(settings: &ClientSettings, formats: &[Format], out: &Path) -> std::io::Result<Vec<PathBuf>> {
     let formats: &[Format] = if formats.is_empty() { &Format::ALL } else { formats };
     let rendered = formats
         .iter()
-        .map(|f| render(settings, *f))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let mut written = Vec::with_capacity(rendered.len());
+        .map(|f| {
+            let mut all = vec![render(settings, *f)?];
+            all.extend(ca_files(settings, *f)?);
+            Ok(all)
+        })
+        .collect::<Result<Vec<Vec<_>>, ClientConfigError>>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?
+        .into_iter()
+        .flatten();
+    let mut written = Vec::new();
     for r in rendered {
         let path = out.join(&r.relative_path);
         if let Some(dir) = path.parent() {
@@ -588,6 +676,7 @@ mod tests {
             host_name: None,
             token: Some("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()),
             skip_verify: false,
+            proxy_ca: None,
         }
     }
 
@@ -689,6 +778,7 @@ mod tests {
         assert!(!verified.text.contains("skip_verify"));
         let unverified = containerd_hosts(&ClientSettings {
             skip_verify: true,
+            proxy_ca: None,
             ..https_settings()
         })
         .unwrap();
@@ -770,6 +860,7 @@ mod tests {
         assert!(!r.text.contains("http = true"));
         let r = buildkitd(&ClientSettings {
             skip_verify: true,
+            proxy_ca: None,
             ..https_settings()
         })
         .unwrap();
@@ -984,5 +1075,71 @@ mod tests {
         assert_eq!(read_token_file(&p).unwrap(), "abc.def.ghi");
         std::fs::write(&p, "\n").unwrap();
         assert_eq!(read_token_file(&p).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_verified_https_proxy_gets_its_ca_where_each_client_reads_it_and_no_insecure_setting() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_string();
+        let s = ClientSettings {
+            proxy: "https://10.0.0.5:31567".into(),
+            upstream: "docker.io".into(),
+            host_name: Some("c-registry-connector.demo.svc.cluster.local".into()),
+            proxy_ca: Some(pem.clone()),
+            ..http_settings()
+        };
+        for f in Format::ALL {
+            let text = render(&s, f).unwrap().text;
+            for bad in ["insecure", "skip_verify", "http = true", "http://"] {
+                assert!(!text.contains(bad), "{f}: {bad} in {text}");
+            }
+        }
+        assert!(
+            containerd_hosts(&s)
+                .unwrap()
+                .text
+                .contains("[host.\"https://10.0.0.5:31567/v2/namespaces/demo/connectors/registry\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n  ca = \"proxy-ca.crt\"\n")
+        );
+        assert!(
+            buildkitd(&s)
+                .unwrap()
+                .text
+                .ends_with("[registry.\"10.0.0.5:31567\"]\n  ca = [\"/etc/buildkit/certs/10.0.0.5:31567/ca.crt\"]\n")
+        );
+        let paths = |f| -> Vec<String> {
+            ca_files(&s, f)
+                .unwrap()
+                .into_iter()
+                .inspect(|r| assert_eq!(r.text, pem))
+                .map(|r| r.relative_path.display().to_string())
+                .collect()
+        };
+        assert_eq!(paths(Format::Containerd), ["certs.d/docker.io/proxy-ca.crt"]);
+        assert_eq!(paths(Format::Registries), ["containers/certs.d/10.0.0.5:31567/ca.crt"]);
+        assert_eq!(paths(Format::Buildkit), ["buildkit/certs/10.0.0.5:31567/ca.crt"]);
+        assert_eq!(
+            paths(Format::Daemon),
+            [
+                "docker/certs.d/10.0.0.5:31567/ca.crt",
+                "docker/certs.d/c-registry-connector.demo.svc.cluster.local:31567/ca.crt"
+            ]
+        );
+        assert!(paths(Format::Docker).is_empty());
+        // No CA to give: unverified or plain proxies, or clients that trust it already.
+        for other in [
+            ClientSettings {
+                skip_verify: true,
+                ..s.clone()
+            },
+            ClientSettings {
+                proxy: "http://10.0.0.5:31567".into(),
+                ..s.clone()
+            },
+            ClientSettings {
+                proxy_ca: None,
+                ..s.clone()
+            },
+        ] {
+            assert!(Format::ALL.iter().all(|f| ca_files(&other, *f).unwrap().is_empty()));
+        }
     }
 }

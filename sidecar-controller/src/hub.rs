@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::manifests::{ManifestSet, Problem};
 use crate::ops::Metrics;
+use crate::proxy_tls::ServingCert;
 
 /// `(namespace, name)` of a connector.
 pub type ConnectorKey = (String, String);
@@ -70,6 +71,9 @@ pub struct Hub {
     inputs: watch::Sender<Option<Arc<Inputs>>>,
     published: watch::Sender<Option<Arc<Published>>>,
     proxy: watch::Sender<ProxyState>,
+    /// The proxy listener's serving certificate and its generation (SDS version); `None`
+    /// until a source delivered one, and always `None` for a plain-HTTP (legacy) proxy.
+    proxy_cert: watch::Sender<Option<(u64, Arc<ServingCert>)>>,
     /// Poked by the credential channel when the filter saw a token with an unknown `kid`.
     pub unknown_kid: Arc<Notify>,
     pub metrics: Arc<Metrics>,
@@ -87,6 +91,7 @@ impl Hub {
             inputs: watch::channel(None).0,
             published: watch::channel(None).0,
             proxy: watch::channel(ProxyState::default()).0,
+            proxy_cert: watch::channel(None).0,
             unknown_kid: Arc::new(Notify::new()),
             metrics: Arc::new(Metrics::default()),
         }
@@ -118,6 +123,22 @@ impl Hub {
 
     pub fn proxy(&self) -> watch::Receiver<ProxyState> {
         self.proxy.subscribe()
+    }
+
+    /// Publishes a serving certificate; `false` (nothing sent) when it is the one in force.
+    pub fn publish_proxy_cert(&self, cert: ServingCert) -> bool {
+        self.proxy_cert.send_if_modified(|c| {
+            if c.as_ref().is_some_and(|(_, old)| **old == cert) {
+                return false;
+            }
+            let generation = c.as_ref().map_or(1, |(g, _)| g + 1);
+            *c = Some((generation, Arc::new(cert)));
+            true
+        })
+    }
+
+    pub fn proxy_cert(&self) -> watch::Receiver<Option<(u64, Arc<ServingCert>)>> {
+        self.proxy_cert.subscribe()
     }
 }
 

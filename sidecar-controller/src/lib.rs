@@ -8,7 +8,8 @@
 //! - [`hub`]: the seam between sources of desired state and their consumers;
 //! - [`filemode`]: the manifest-directory source, watched;
 //! - [`pipeline`]: desired state → filter configuration, clusters and the credential table;
-//! - [`xds`]: the ADS server Envoy's bootstrap points at (CDS + ECDS);
+//! - [`xds`]: the ADS server Envoy's bootstrap points at (CDS + ECDS + the listener's SDS);
+//! - [`proxy_tls`]: the proxy listener's serving certificate (a `kubernetes.io/tls` Secret or files);
 //! - [`channel`]: the loopback channel the filter gets credentials and access decisions from;
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
 //! - [`ops`]: metrics, `/healthz`, `/readyz`;
@@ -28,6 +29,7 @@ pub mod manifests;
 pub mod ops;
 pub mod pipeline;
 pub mod probe;
+pub mod proxy_tls;
 pub mod render;
 pub mod secrets;
 pub mod serve;

@@ -12,6 +12,8 @@ const USAGE: &str = "usage:
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
         [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
         [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
+        (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file>
+         | --proxy-tls-external | --proxy-plain-http)
       API mode: Connectors and Secrets from the cluster, status and Events written back
       (with --leader-lease, only by the replica holding that Lease; identity: $POD_NAME),
       ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
@@ -20,17 +22,25 @@ const USAGE: &str = "usage:
         [--channel-cluster connector_controller] [--poll-ms 500]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
         [--host-grants <namespace>=<host or *.suffix>[,...]]
+        (--proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
       File mode: a watched directory of Connector and Secret manifests. Both modes:
+      The proxy listener speaks TLS (h2, http/1.1) with the certificate the controller hands Envoy
+      over SDS: a kubernetes.io/tls Secret (cert-manager's tls.crt/tls.key), watched, or PEM files,
+      re-read on change. --proxy-tls-external serves none: TLS is terminated by the gateway the
+      filter runs in (Istio's Gateway, credentialName). --proxy-plain-http (legacy) serves none:
+      only for Envoy's plain listener.
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
       link-local addresses (cloud metadata) and the controller's own ports always. In API mode spec.hosts must
       be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
   connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
-        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>] [--skip-verify]
+        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>]
+        [--proxy-ca <CA PEM the proxy's certificate chains to> | --skip-verify]
         [--format docker,containerd,buildkit,registries,daemon] --out <dir>
       Client configuration for a connector: docker config.json, containerd hosts.toml,
-      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json.
+      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json; with
+      --proxy-ca, the CA where each client reads it (hosts.toml's ca, certs.d/<proxy>/ca.crt).
   connector-controller crd
   connector-controller render --manifests <dir> --identity <file.json> --out <dir>
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt]";
@@ -128,6 +138,8 @@ const COMMON_FLAGS: &[&str] = &[
     "--ops",
     "--channel-cluster",
     "--upstream-ca",
+    "--proxy-tls-cert",
+    "--proxy-tls-key",
 ];
 const FILE_FLAGS: &[&str] = &["--manifests", "--identity", "--poll-ms"];
 const KUBE_FLAGS: &[&str] = &[
@@ -143,6 +155,7 @@ const KUBE_FLAGS: &[&str] = &[
     "--host-grants",
     "--leader-lease",
     "--leader-lease-seconds",
+    "--proxy-tls-secret",
 ];
 
 /// Where desired state comes from.
@@ -157,7 +170,7 @@ enum Source {
 fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
     let mut flags = std::collections::HashMap::new();
-    let (mut kube, mut strict, mut allow_local) = (false, false, false);
+    let (mut kube, mut strict, mut allow_local, mut plain_http, mut tls_external) = (false, false, false, false, false);
     // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
     let split: Vec<String> = args
         .iter()
@@ -172,6 +185,8 @@ fn serve(args: &[String]) -> ExitCode {
             "--kube" => kube = true,
             "--strict-proxy-subresource" => strict = true,
             "--allow-local-upstreams" => allow_local = true,
+            "--proxy-plain-http" => plain_http = true,
+            "--proxy-tls-external" => tls_external = true,
             f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
@@ -284,6 +299,7 @@ fn serve(args: &[String]) -> ExitCode {
             poll: std::time::Duration::from_millis(poll.unwrap_or(500).max(50)),
         })
     };
+    let proxy_tls = proxy_tls_source(&flags, plain_http, tls_external, &mut problems);
     let (Some(xds), Some(channel), Some(ops), true) = (xds, channel, ops, problems.is_empty()) else {
         for p in problems {
             eprintln!("connector-controller serve: {p}");
@@ -357,7 +373,7 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run_source(source, settings));
+    let result = runtime.block_on(run_source(source, settings, proxy_tls));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -370,11 +386,20 @@ fn serve(args: &[String]) -> ExitCode {
 
 /// Starts the source beside the controller's listeners. API mode also gives the channel its
 /// RBAC access check (SubjectAccessReview).
-async fn run_source(source: Source, settings: connector_controller::serve::ServeSettings) -> anyhow::Result<()> {
-    use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, serve};
+async fn run_source(
+    source: Source,
+    settings: connector_controller::serve::ServeSettings,
+    proxy_tls: Option<connector_controller::proxy_tls::CertSource>,
+) -> anyhow::Result<()> {
+    use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, proxy_tls, serve};
     let hub = Hub::new();
     match source {
         Source::Files(files) => {
+            if let Some(tls) = proxy_tls {
+                // Not ready before the first certificate (set before anything can render).
+                hub.metrics.set_awaiting_proxy_cert(true);
+                tokio::spawn(proxy_tls::run(tls, None, hub.clone()));
+            }
             tokio::spawn(filemode::run(files, hub.clone()));
             serve::serve(settings, hub, None).await
         }
@@ -397,6 +422,10 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                 kube.authz(),
                 hub.metrics.clone(),
             ));
+            if let Some(tls) = proxy_tls {
+                hub.metrics.set_awaiting_proxy_cert(true);
+                tokio::spawn(proxy_tls::run(tls, Some(client.clone()), hub.clone()));
+            }
             let mut source = tokio::spawn(kube_mode::run(client, *kube, hub.clone()));
             let served = serve::serve(settings, hub, Some(access));
             tokio::pin!(served);
@@ -413,6 +442,53 @@ async fn run_source(source: Source, settings: connector_controller::serve::Serve
                     Err(e) => anyhow::bail!("the Kubernetes source panicked: {e}"),
                 },
             }
+        }
+    }
+}
+
+/// The proxy listener's certificate source: exactly one of a Secret (API mode), a certificate
+/// and key file pair, TLS terminated by someone else (an Istio Gateway: `None`), or the
+/// explicit plain-HTTP opt-in (`None`).
+fn proxy_tls_source(
+    flags: &std::collections::HashMap<String, String>,
+    plain_http: bool,
+    tls_external: bool,
+    problems: &mut Vec<String>,
+) -> Option<connector_controller::proxy_tls::CertSource> {
+    use connector_controller::proxy_tls::CertSource;
+    let secret = flags.get("--proxy-tls-secret");
+    let (cert, key) = (flags.get("--proxy-tls-cert"), flags.get("--proxy-tls-key"));
+    let files = cert.is_some() || key.is_some();
+    let chosen =
+        usize::from(secret.is_some()) + usize::from(files) + usize::from(plain_http) + usize::from(tls_external);
+    if chosen != 1 {
+        problems.push(
+            "the proxy listener speaks TLS: give exactly one of --proxy-tls-secret <ns>/<name> (API mode), --proxy-tls-cert <file> --proxy-tls-key <file>, --proxy-tls-external (TLS terminated in front of this Envoy's filter by another proxy, e.g. an Istio Gateway) or --proxy-plain-http (legacy: clients must then treat the proxy as an insecure registry and ServiceAccount tokens cross the network in clear text)".into(),
+        );
+        return None;
+    }
+    if let Some(s) = secret {
+        return match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Some(CertSource::Secret {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            }),
+            _ => {
+                problems.push(format!("--proxy-tls-secret {s:?}: expected <namespace>/<name>"));
+                None
+            }
+        };
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(CertSource::Files {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            poll: std::time::Duration::from_millis(500),
+        }),
+        (None, None) => None,
+        _ => {
+            problems.push("--proxy-tls-cert and --proxy-tls-key go together".into());
+            None
         }
     }
 }
@@ -437,7 +513,8 @@ fn client_config(args: &[String]) -> ExitCode {
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--skip-verify" => skip_verify = true,
-            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out" => {
+            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out"
+            | "--proxy-ca" => {
                 let Some(v) = it.next() else {
                     eprintln!("connector-controller client-config: {flag} needs a value\n{USAGE}");
                     return ExitCode::from(2);
@@ -485,6 +562,20 @@ fn client_config(args: &[String]) -> ExitCode {
         },
         None => None,
     };
+    let proxy_ca = match flags.get("--proxy-ca") {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                problems.push(format!("--proxy-ca {f}: no PEM certificate in it"));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("--proxy-ca {f}: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
     if !problems.is_empty() {
         for p in problems {
             eprintln!("connector-controller client-config: {p}");
@@ -500,6 +591,7 @@ fn client_config(args: &[String]) -> ExitCode {
         host_name: flags.get("--host-name").cloned(),
         token,
         skip_verify,
+        proxy_ca,
     };
     let out = PathBuf::from(flags.get("--out").cloned().unwrap_or_default());
     match write_all(&settings, &formats, &out) {

@@ -16,7 +16,7 @@ pub struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    /// `clusters` or `filter` (ECDS).
+    /// `clusters`, `filter` (ECDS) or `proxy-tls` (SDS).
     pub resource: String,
 }
 
@@ -39,8 +39,13 @@ pub struct Metrics {
     pub credential_fetches: Family<ResultLabel, Counter>,
     pub access_reviews: Family<ResultLabel, Counter>,
     pub identity_refreshes: Family<ResultLabel, Counter>,
+    /// Loads of the proxy listener's serving certificate, by result (`ok`, `refused`).
+    pub proxy_cert_loads: Family<ResultLabel, Counter>,
     /// Set once the source has synced and a configuration was rendered: `/readyz`.
     pub ready: AtomicBool,
+    /// The proxy listener speaks TLS and no certificate was loaded yet: not ready, since Envoy
+    /// cannot complete a handshake (`/readyz`).
+    pub awaiting_proxy_cert: AtomicBool,
 }
 
 impl Metrics {
@@ -93,6 +98,11 @@ impl Metrics {
             "Reads of the cluster's ServiceAccount issuer and keys, by result",
             self.identity_refreshes.clone(),
         );
+        r.register(
+            "proxy_cert_loads",
+            "Loads of the proxy listener's TLS certificate (Secret or files), by result",
+            self.proxy_cert_loads.clone(),
+        );
         r
     }
 
@@ -108,7 +118,16 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.awaiting_proxy_cert.load(Ordering::Relaxed)
+    }
+
+    /// Whether `/readyz` waits for the proxy listener's certificate.
+    pub fn set_awaiting_proxy_cert(&self, awaiting: bool) {
+        self.awaiting_proxy_cert.store(awaiting, Ordering::Relaxed);
+    }
+
+    pub fn is_awaiting_proxy_cert(&self) -> bool {
+        self.awaiting_proxy_cert.load(Ordering::Relaxed)
     }
 
     pub fn reason(&self, family: &Family<ReasonLabel, Counter>, reason: &str) {

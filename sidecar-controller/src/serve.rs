@@ -147,10 +147,16 @@ fn ops_router(metrics: Arc<Metrics>) -> axum::Router {
         .route(
             "/readyz",
             get(move || {
-                let ready = ready.is_ready();
+                let (is_ready, awaiting_cert) = (ready.is_ready(), ready.is_awaiting_proxy_cert());
                 async move {
-                    if ready {
+                    if is_ready {
                         (StatusCode::OK, "ready\n").into_response()
+                    } else if awaiting_cert {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: no valid proxy TLS certificate loaded yet (the Secret or files named by --proxy-tls-*; the log says why)\n",
+                        )
+                            .into_response()
                     } else {
                         (
                             StatusCode::SERVICE_UNAVAILABLE,

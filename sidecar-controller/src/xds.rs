@@ -1,6 +1,7 @@
 //! Owns the xDS server Envoy's bootstrap points at: one aggregated (ADS) gRPC stream per Envoy,
 //! state of the world, carrying the upstream clusters (CDS) and the connector filter's
-//! configuration (ECDS, a `TypedExtensionConfig` named [`FILTER_CONFIG_NAME`]).
+//! configuration (ECDS, a `TypedExtensionConfig` named [`FILTER_CONFIG_NAME`]), and the proxy
+//! listener's serving certificate (SDS, see [`crate::proxy_tls`]) when the listener speaks TLS.
 //!
 //! Versions and nonces are tracked per stream and resource type. An ACK moves
 //! `ProxyState::accepted`; a NACK (a request echoing our nonce with `error_detail`) records the
@@ -52,10 +53,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::hub::Hub;
 use crate::ops::TypeLabel;
+use crate::proxy_tls::SECRET_TYPE;
 use crate::render::{UpstreamCluster, VerifiedName};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ECDS_TYPE: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+/// The metric label and log name of the listener's certificate (SDS).
+const SECRET_LABEL: &str = "proxy-tls";
 /// The name Envoy's bootstrap subscribes to in the HTTP filter's `config_discovery`.
 pub const FILTER_CONFIG_NAME: &str = "oci-connector";
 /// Debian's CA bundle: what https upstreams are validated against unless `--upstream-ca` says otherwise.
@@ -325,6 +329,7 @@ impl Session {
         self.ads.hub.set_proxy(|p| p.connected = true);
         let mut snapshots = self.ads.snapshots.clone();
         let mut shutdown = self.ads.shutdown.clone();
+        let mut certs = self.ads.hub.proxy_cert();
         loop {
             tokio::select! {
                 changed = shutdown.changed() => {
@@ -345,6 +350,10 @@ impl Session {
                     if changed.is_err() { break; }
                     if self.push().await.is_err() { break; }
                 }
+                changed = certs.changed() => {
+                    if changed.is_err() { break; }
+                    if self.push_cert().await.is_err() { break; }
+                }
             }
         }
         let open = metrics.xds_streams.dec() - 1;
@@ -359,6 +368,9 @@ impl Session {
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
         let type_url = req.type_url.clone();
+        if type_url == SECRET_TYPE {
+            return self.on_secret_request(req).await;
+        }
         if type_url != CLUSTER_TYPE && type_url != ECDS_TYPE {
             // Listeners, routes and endpoints are static in the bootstrap; answer nothing.
             tracing::debug!(type_url, "ignoring a subscription this control plane does not serve");
@@ -414,6 +426,56 @@ impl Session {
         self.push().await
     }
 
+    /// The listener's certificate (SDS): sent on subscription and on every new generation;
+    /// an ACK needs nothing more, a NACK is logged and counted (Envoy keeps the one it has).
+    async fn on_secret_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
+        if req.response_nonce.is_empty() {
+            self.subscribed.insert(SECRET_TYPE.to_string());
+            return self.push_cert().await;
+        }
+        let Some((generation, nonce)) = self.sent.get(SECRET_TYPE).cloned() else {
+            return Ok(());
+        };
+        if req.response_nonce != nonce {
+            return Ok(());
+        }
+        match req.error_detail {
+            Some(err) => {
+                let message = err.message;
+                tracing::warn!(resource = SECRET_LABEL, generation, %message, "Envoy rejected the proxy certificate (NACK); it keeps serving the last one it accepted");
+                self.ads
+                    .hub
+                    .metrics
+                    .xds_nacks
+                    .get_or_create(&TypeLabel {
+                        resource: SECRET_LABEL.into(),
+                    })
+                    .inc();
+            }
+            None => tracing::info!(
+                resource = SECRET_LABEL,
+                generation,
+                "Envoy acknowledged the proxy certificate"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Sends the current certificate when Envoy subscribed and has not been sent this generation.
+    async fn push_cert(&mut self) -> Result<(), ()> {
+        if !self.subscribed.contains(SECRET_TYPE) {
+            return Ok(());
+        }
+        let Some((generation, cert)) = self.ads.hub.proxy_cert().borrow().clone() else {
+            return Ok(());
+        };
+        if self.sent.get(SECRET_TYPE).map(|(g, _)| *g) == Some(generation) {
+            return Ok(());
+        }
+        self.send(SECRET_TYPE, generation, vec![any(&cert.sds_resource())])
+            .await
+    }
+
     /// The clusters Envoy must have: the snapshot's, plus those of the filter configuration it
     /// runs and of one in flight (make before break). Sorted by name; the snapshot's definition
     /// wins for a name both have.
@@ -461,7 +523,11 @@ impl Session {
     async fn send(&mut self, type_url: &str, version: u64, resources: Vec<Any>) -> Result<(), ()> {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let label = if type_url == CLUSTER_TYPE { "clusters" } else { "filter" };
+        let label = match type_url {
+            CLUSTER_TYPE => "clusters",
+            SECRET_TYPE => SECRET_LABEL,
+            _ => "filter",
+        };
         // A snapshot may need two cluster sets (make, then break): each gets its own version.
         let version_info = match self.sent.get(type_url) {
             Some((v, _)) if *v == version => format!("{version}.{nonce}"),

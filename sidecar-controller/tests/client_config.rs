@@ -45,10 +45,12 @@ fn settings(s: &Stack, token: Option<String>) -> ClientSettings {
         namespace: CONNECTOR_NAMESPACE.into(),
         name: CONNECTOR_NAME.into(),
         upstream: format!("http://{}", upstream_authority(s)),
-        proxy: format!("http://{}", s.envoy.authority()),
+        // The proxy speaks TLS; clients get its CA, written where each reads it.
+        proxy: s.envoy.base_url(),
         host_name: None,
         token,
         skip_verify: false,
+        proxy_ca: connector_devkit::http::tls_ca(s.envoy.port).map(|ca| std::fs::read_to_string(ca).unwrap()),
     }
 }
 
@@ -103,9 +105,15 @@ fn skopeo_pulls_by_upstream_name_with_rendered_authfile_and_registries_conf() {
     let conf = find(&files, "registries.conf");
     let work = WorkDir::new("client-config-skopeo").unwrap();
     let dest = work.path().join("pulled");
+    // The proxy's TLS verified with the rendered certs.d/<proxy>/ca.crt (what
+    // /etc/containers/certs.d/<proxy>/ holds on a machine); registries.conf has no `insecure`.
+    let certs = find(&files, &format!("containers/certs.d/{}/ca.crt", s.envoy.authority()));
+    assert!(!std::fs::read_to_string(&conf).unwrap().contains("insecure"));
     let mut cmd = skopeo(&work, &conf);
     cmd.args(["copy", "--command-timeout", "120s", "--authfile"])
         .arg(&authfile)
+        .arg("--src-cert-dir")
+        .arg(certs.parent().unwrap())
         .arg(format!("docker://{}/{REPO}:{TAG}", upstream_authority(s)))
         .arg(format!("oci:{}:{TAG}", dest.display()));
     let o = procs::run(cmd, None).unwrap();
@@ -137,7 +145,7 @@ fn upstream_digest(s: &Stack) -> String {
 
 /// `ctr images pull --hosts-dir <rendered certs.d> --user serviceaccount:<jwt> <upstream>/...`:
 /// no `--plain-http`, no proxy name on the command line; the rendered hosts.toml alone sends the
-/// pull to the proxy's path form (`override_path = true`) over plain http.
+/// pull to the proxy's path form (`override_path = true`) over TLS verified with the rendered `ca`.
 #[test]
 fn ctr_pulls_by_upstream_name_through_rendered_hosts_dir() {
     let work = WorkDir::new("client-config-containerd").unwrap();
@@ -148,6 +156,13 @@ fn ctr_pulls_by_upstream_name_through_rendered_hosts_dir() {
     let hosts = find(&files, &format!("certs.d/{}/hosts.toml", upstream_authority(s)));
     let hosts_dir = out.path().join("certs.d");
     assert_eq!(hosts.parent().and_then(Path::parent), Some(hosts_dir.as_path()));
+    // containerd verifies the proxy with the CA hosts.toml names, beside it.
+    let hosts_text = std::fs::read_to_string(&hosts).unwrap();
+    assert!(
+        hosts_text.contains("ca = \"proxy-ca.crt\"") && !hosts_text.contains("skip_verify"),
+        "{hosts_text}"
+    );
+    find(&files, &format!("certs.d/{}/proxy-ca.crt", upstream_authority(s)));
     let reference = format!("{}/{REPO}:{TAG}", upstream_authority(s));
     let ctr = |args: &[&str]| {
         let mut c = Command::new("ctr");
@@ -157,6 +172,20 @@ fn ctr_pulls_by_upstream_name_through_rendered_hosts_dir() {
         c.args(args);
         c
     };
+    // Without the `ca` line containerd refuses the proxy's certificate: it really verifies.
+    let rendered = std::fs::read_to_string(&hosts).unwrap();
+    std::fs::write(&hosts, rendered.replace("ca = \"proxy-ca.crt\"\n", "")).unwrap();
+    let mut unverified = ctr(&["images", "pull", "--hosts-dir"]);
+    unverified
+        .arg(&hosts_dir)
+        .arg("--user")
+        .arg(format!("serviceaccount:{jwt}"))
+        .arg(&reference);
+    let o = procs::run(unverified, None).unwrap();
+    assert!(!o.success, "ctr pulled without the proxy's CA");
+    assert!(o.stderr.contains("x509"), "{}", o.stderr);
+    std::fs::write(&hosts, &rendered).unwrap();
+    s.recorder.take();
     let mut pull = ctr(&["images", "pull", "--hosts-dir"]);
     pull.arg(&hosts_dir)
         .arg("--user")
@@ -214,8 +243,16 @@ fn unconsumed_files_parse_field_by_field() {
         Some(jwt.clone()),
         &[Format::Docker, Format::Buildkit, Format::Daemon],
     );
-    assert_eq!(files.len(), 3, "{files:?}");
+    // Three files, and the proxy's CA where BuildKit and Docker read it.
+    assert_eq!(files.len(), 5, "{files:?}");
     let proxy = s.envoy.authority();
+    let ca = std::fs::read_to_string(connector_devkit::http::tls_ca(s.envoy.port).unwrap()).unwrap();
+    for f in [
+        format!("buildkit/certs/{proxy}/ca.crt"),
+        format!("docker/certs.d/{proxy}/ca.crt"),
+    ] {
+        assert_eq!(std::fs::read_to_string(find(&files, &f)).unwrap(), ca, "{f}");
+    }
 
     let config_path = find(&files, "docker/config.json");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
@@ -235,8 +272,8 @@ fn unconsumed_files_parse_field_by_field() {
         serde_json::from_str(&std::fs::read_to_string(find(&files, "docker/daemon.json")).unwrap()).unwrap();
     assert_eq!(
         daemon,
-        serde_json::json!({ "insecure-registries": [proxy] }),
-        "an http proxy is an insecure registry; not Docker Hub, so no mirror"
+        serde_json::json!({}),
+        "a verified https proxy is no insecure registry; not Docker Hub, so no mirror"
     );
 
     let buildkit = std::fs::read_to_string(find(&files, "buildkitd.toml")).unwrap();
@@ -246,7 +283,7 @@ fn unconsumed_files_parse_field_by_field() {
         format!(
             "# Pulls of {up} go through the connector demo/registry.\n\
              [registry.\"{up}\"]\n  mirrors = [\"{proxy}/namespaces/demo/connectors/registry\"]\n\n\
-             [registry.\"{proxy}\"]\n  http = true\n  insecure = true\n"
+             [registry.\"{proxy}\"]\n  ca = [\"/etc/buildkit/certs/{proxy}/ca.crt\"]\n"
         )
     );
 }
@@ -297,6 +334,12 @@ fn the_client_config_command_writes_every_format() {
     let work = connector_devkit::WorkDir::new("client-config-cli").unwrap();
     let token_file = work.path().join("token");
     std::fs::write(&token_file, "eyJ.test-token.sig\n").unwrap();
+    let ca_file = work.path().join("proxy-ca.crt");
+    std::fs::write(
+        &ca_file,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let out = work.path().join("out");
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_connector-controller"))
@@ -311,7 +354,9 @@ fn the_client_config_command_writes_every_format() {
         "--address",
         "https://harbor.example.com",
         "--proxy",
-        "http://192.168.1.10:31567",
+        "https://192.168.1.10:31567",
+        "--proxy-ca",
+        ca_file.to_str().unwrap(),
         "--token-file",
         token_file.to_str().unwrap(),
         "--out",
@@ -326,6 +371,10 @@ fn the_client_config_command_writes_every_format() {
         "buildkitd.toml",
         "registries.conf",
         "docker/daemon.json",
+        "certs.d/harbor.example.com/proxy-ca.crt",
+        "containers/certs.d/192.168.1.10:31567/ca.crt",
+        "buildkit/certs/192.168.1.10:31567/ca.crt",
+        "docker/certs.d/192.168.1.10:31567/ca.crt",
     ] {
         assert!(out.join(f).is_file(), "{f} written: {stdout}");
     }

@@ -32,6 +32,8 @@ fn api_mode_needs_the_channel_key_and_well_formed_host_grants() {
         "127.0.0.1:0",
         "--ops",
         "127.0.0.1:0",
+        "--proxy-tls-secret",
+        "oci-connector-system/proxy-tls",
     ];
     let (code, err) = serve(&kube, None);
     assert_eq!(code, 2, "{err}");
@@ -70,4 +72,35 @@ fn api_mode_needs_the_channel_key_and_well_formed_host_grants() {
         status.is_none_or(|s| s.code() != Some(2)),
         "refused good settings: {status:?}"
     );
+}
+
+#[test]
+fn the_proxy_listener_needs_a_certificate_source_or_the_plain_http_opt_in() {
+    let base = ["--manifests", "/m", "--identity", "/i.json", "--wasm", "/f.wasm"];
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "--proxy-plain-http (legacy"),
+        (
+            &["--proxy-tls-cert", "/c.pem"],
+            "--proxy-tls-cert and --proxy-tls-key go together",
+        ),
+        (
+            &[
+                "--proxy-tls-cert",
+                "/c.pem",
+                "--proxy-tls-key",
+                "/k.pem",
+                "--proxy-plain-http",
+            ],
+            "exactly one of",
+        ),
+        (&["--proxy-tls-secret", "ns/name"], "--proxy-tls-secret needs --kube"),
+        (&["--proxy-tls-external", "--proxy-plain-http"], "exactly one of"),
+    ];
+    for (extra, want) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (code, err) = serve(&args, None);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
+    }
 }

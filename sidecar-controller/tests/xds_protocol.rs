@@ -360,3 +360,82 @@ async fn cds_nack_does_not_freeze_and_clusters_go_only_after_the_filter_stops_na
         );
     }
 }
+
+/// The proxy listener's certificate (SDS, issue 13): nothing before a certificate exists (the
+/// listener keeps warming), the certificate once published even before any connector
+/// configuration, a rotation as a new version on the same stream, a NACK counted and nothing
+/// resent, an unchanged certificate not sent again.
+#[tokio::test]
+async fn the_listener_certificate_over_sds() {
+    use connector_controller::proxy_tls::{SDS_SECRET_NAME, SECRET_TYPE, ServingCert};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    let hub = Hub::new();
+    let (_snap_tx, snap_rx) = watch::channel(None);
+    let wasm = WasmSettings {
+        module_path: "/filter.wasm".into(),
+        host_env_keys: vec![],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut subscribe = request(SECRET_TYPE, "", "", None);
+    subscribe.resource_names = vec![SDS_SECRET_NAME.into()];
+    tx.send(subscribe).await.unwrap();
+    assert!(next(&mut responses).await.is_none(), "no certificate yet, nothing sent");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = connector_devkit::tls::TestCa::new(dir.path()).unwrap();
+    let load = |host: &str| {
+        let c = ca.issue(host).unwrap();
+        ServingCert::parse(&std::fs::read(c.cert).unwrap(), &std::fs::read(c.key).unwrap()).unwrap()
+    };
+    let first = load("one.example");
+    assert!(hub.publish_proxy_cert(first.clone()));
+    assert!(
+        !hub.publish_proxy_cert(first),
+        "the same certificate is no new generation"
+    );
+    let sds = next(&mut responses)
+        .await
+        .expect("the certificate, before any snapshot");
+    assert_eq!((sds.type_url.as_str(), sds.version_info.as_str()), (SECRET_TYPE, "1"));
+    let decoded = <Secret as prost::Message>::decode(sds.resources[0].value.as_slice()).unwrap();
+    assert_eq!(decoded.name, SDS_SECRET_NAME);
+    assert!(matches!(decoded.r#type, Some(secret::Type::TlsCertificate(_))));
+    tx.send(request(SECRET_TYPE, &sds.nonce, "1", None)).await.unwrap();
+    assert!(next(&mut responses).await.is_none(), "an ACK needs no answer");
+
+    assert!(hub.publish_proxy_cert(load("two.example")));
+    let rotated = next(&mut responses).await.expect("the rotated certificate");
+    assert_eq!(rotated.version_info, "2");
+    assert_ne!(rotated.resources[0].value, sds.resources[0].value);
+    tx.send(request(SECRET_TYPE, &rotated.nonce, "1", Some("bad key")))
+        .await
+        .unwrap();
+    assert!(
+        next(&mut responses).await.is_none(),
+        "a NACK is not answered with a resend"
+    );
+    let nacks = hub
+        .metrics
+        .xds_nacks
+        .get_or_create(&connector_controller::ops::TypeLabel {
+            resource: "proxy-tls".into(),
+        })
+        .get();
+    assert_eq!(nacks, 1);
+}

@@ -1400,7 +1400,16 @@ fn location_problems(s: &Stack) -> Vec<String> {
             .send(s.envoy.port)
             .unwrap();
         let loc = resp.header("location").unwrap_or("").to_string();
-        let scheme = if name == "X-Forwarded-Proto" { value } else { "http" };
+        let listener_scheme = if s.envoy.base_url().starts_with("https") {
+            "https"
+        } else {
+            "http"
+        };
+        let scheme = if name == "X-Forwarded-Proto" {
+            value
+        } else {
+            listener_scheme
+        };
         let proxy = format!("{scheme}://{}", s.envoy.authority());
         let prefix = p(&format!("{repo}/blobs/uploads/"));
         let ok = resp.status == 202 && (loc.starts_with(&format!("{proxy}{prefix}")) || loc.starts_with(&prefix));

@@ -82,6 +82,14 @@ struct World {
     password: String,
 }
 
+/// The CA the proxy's certificate chains to (curl's `--cacert`).
+fn proxy_ca(w: &World) -> String {
+    connector_devkit::http::tls_ca(w.envoy.port)
+        .expect("the proxy speaks TLS")
+        .display()
+        .to_string()
+}
+
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
@@ -195,9 +203,9 @@ fn methods_the_api_does_not_define_get_405_over_h2() {
     w.warm();
     let before = w.upstream.heads().len();
     for method in ["TRACE", "PROPFIND", "OPTIONS"] {
-        let url = format!("http://127.0.0.1:{}{PREFIX}/manifests/v1", w.envoy.port);
+        let url = format!("{}{PREFIX}/manifests/v1", w.envoy.base_url());
         let out = Command::new("curl")
-            .args(["-s", "-i", "--http2-prior-knowledge", "-X", method, "-H"])
+            .args(["-s", "-i", "--http2", "--cacert", &proxy_ca(w), "-X", method, "-H"])
             .arg(format!("Authorization: Bearer {}", w.token))
             .arg(&url)
             .output()
@@ -271,9 +279,9 @@ fn a_blob_redirect_to_storage_still_works_and_carries_no_credential() {
         "the storage redirect passes untouched: {location}"
     );
     // A real client follows it: curl drops the Authorization header for another host.
-    let url = format!("http://127.0.0.1:{}{PREFIX}/blobs/{DIGEST}", w.envoy.port);
+    let url = format!("{}{PREFIX}/blobs/{DIGEST}", w.envoy.base_url());
     let out = Command::new("curl")
-        .args(["-s", "-L", "-H"])
+        .args(["-s", "-L", "--cacert", &proxy_ca(w), "-H"])
         .arg(format!("Authorization: Bearer {}", w.token))
         .arg(&url)
         .output()
@@ -350,8 +358,7 @@ fn a_client_trickling_its_headers_is_cut_after_the_headers_timeout() {
     use std::io::{Read, Write};
     let _t = serial();
     let w = world();
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", w.envoy.port)).unwrap();
-    c.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut c = connector_devkit::http::open(w.envoy.port, std::time::Duration::from_secs(30)).unwrap();
     let started = std::time::Instant::now();
     c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: proxy\r\n").unwrap();
     // One more header line every second, never the blank line that ends the head.

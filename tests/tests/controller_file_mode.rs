@@ -82,7 +82,8 @@ fn rendered_manifests_drive_envoy_and_a_pull_succeeds() {
             port: c["port"].as_u64().unwrap() as u16,
         })
         .collect();
-    let envoy = Envoy::start(
+    // The listener speaks TLS (a CA made for this work dir); skopeo verifies it.
+    let envoy = Envoy::start_tls(
         &work,
         &EnvoySpec {
             clusters,
@@ -93,6 +94,7 @@ fn rendered_manifests_drive_envoy_and_a_pull_succeeds() {
                 secret_env: env.clone(),
             }),
         },
+        &connector_devkit::controller::ProxyCert::for_work(&work).unwrap(),
     )
     .unwrap();
 

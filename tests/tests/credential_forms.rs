@@ -54,7 +54,8 @@ fn a_docker_config_json_secret_is_a_working_credential() {
     };
     let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
     config["connectors"][0]["credential"] = serde_json::json!({"dockerConfigJsonEnv": "TEAM_DOCKER_CONFIG"});
-    let envoy = Envoy::start(
+    // The listener speaks TLS (a CA made for this work dir); skopeo verifies it.
+    let envoy = Envoy::start_tls(
         &work,
         &EnvoySpec {
             clusters: vec![Cluster {
@@ -68,6 +69,7 @@ fn a_docker_config_json_secret_is_a_working_credential() {
                 plain_route: false,
             }),
         },
+        &connector_devkit::controller::ProxyCert::for_work(&work).unwrap(),
     )
     .unwrap();
 

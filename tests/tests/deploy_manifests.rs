@@ -44,7 +44,14 @@ fn venv(bin: &str) -> PathBuf {
     repo_root().join(".venv/bin").join(bin)
 }
 
-const CUSTOM_KINDS: &[&str] = &["Connector", "WasmPlugin", "ServiceEntry"];
+const CUSTOM_KINDS: &[&str] = &[
+    "Connector",
+    "WasmPlugin",
+    "ServiceEntry",
+    "Gateway",
+    "Certificate",
+    "Issuer",
+];
 
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
@@ -213,6 +220,8 @@ fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
         "--channel=127.0.0.1:18001",
         "--kube",
         "--wasm=/wasm/connector_filter.wasm",
+        "--proxy-tls-secret=oci-connector-system/connector-proxy-tls",
+        "--proxy-url=https://192.168.1.10:31567",
     ] {
         assert!(args.iter().any(|a| a == want), "controller args lack {want}: {args:?}");
     }
@@ -287,6 +296,14 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
     for (name, svc) in services {
         for v in svc["volumes"].as_array().into_iter().flatten() {
             let src = v.as_str().unwrap().split(':').next().unwrap();
+            if !src.starts_with('.') && !src.starts_with('/') {
+                // A named volume: declared at the top level.
+                assert!(
+                    compose["volumes"].get(src).is_some(),
+                    "{name} mounts undeclared volume {src}"
+                );
+                continue;
+            }
             let path = root.join(src.trim_start_matches("./"));
             if src.starts_with("./target/") {
                 // A build output: the path `make wasm` writes.
@@ -342,6 +359,11 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
         services["envoy"]["environment"]["CONNECTOR_CHANNEL_KEY"], controller["environment"]["CONNECTOR_CHANNEL_KEY"],
         "one channel key"
     );
+    // The listener speaks TLS: the controller serves the certificate the `certs` service made.
+    for want in ["--proxy-tls-cert=/tls/tls.crt", "--proxy-tls-key=/tls/tls.key"] {
+        assert!(command.contains(&want), "{command:?}");
+    }
+    assert!(services.contains_key("certs"));
     // The compose manifests are what the controller accepts: they render with one connector
     // whose cluster reaches the `registry` service.
     let hub_inputs = connector_controller::filemode::load(&connector_controller::filemode::FileSettings {
@@ -364,4 +386,49 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
     assert_eq!(rendered.clusters[0].host, "registry");
     assert_eq!(rendered.clusters[0].port, 5000);
     assert!(services.contains_key("registry"));
+}
+
+/// Issue 13: the cert-manager example issues the Secret the proxy Deployment's controller
+/// watches, as a kubernetes.io/tls Secret, with names covering both address forms: the proxy
+/// Service (path form) and the host form's `c-<name>-connector.<ns>.svc.cluster.local` for the
+/// example Connector (a wildcard, checked as RFC 6125 matches it: one leftmost label).
+#[test]
+fn the_cert_manager_example_issues_the_secret_the_proxy_serves_for_both_address_forms() {
+    let all = docs(&deploy().join("cert-manager/proxy-certificate.yaml"));
+    let cert = find(&all, "Certificate", "connector-proxy");
+    assert_eq!(cert["apiVersion"], "cert-manager.io/v1");
+    let issuer = find(&all, "Issuer", cert["spec"]["issuerRef"]["name"].as_str().unwrap());
+    assert_eq!(issuer["metadata"]["namespace"], cert["metadata"]["namespace"]);
+    let proxy = docs(&deploy().join("standalone/proxy.yaml"));
+    let args =
+        find(&proxy, "Deployment", "connector-proxy")["spec"]["template"]["spec"]["containers"][1]["args"].clone();
+    let secret = format!(
+        "--proxy-tls-secret={}/{}",
+        cert["metadata"]["namespace"].as_str().unwrap(),
+        cert["spec"]["secretName"].as_str().unwrap()
+    );
+    assert!(args.as_array().unwrap().iter().any(|a| a == &json!(secret)), "{args}");
+    let names: Vec<&str> = cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    let covers = |host: &str| {
+        names.iter().any(|n| match n.strip_prefix("*.") {
+            Some(suffix) => host.split_once('.').is_some_and(|(_, rest)| rest == suffix),
+            None => *n == host,
+        })
+    };
+    assert!(
+        covers("connector-proxy.oci-connector-system.svc.cluster.local"),
+        "{names:?}"
+    );
+    let example = docs(&deploy().join("examples/connector.yaml"));
+    let c = example.iter().find(|d| d["kind"] == "Connector").unwrap();
+    let host = connector_devkit::stack::host_name(
+        c["metadata"]["namespace"].as_str().unwrap(),
+        c["metadata"]["name"].as_str().unwrap(),
+    );
+    assert!(covers(&host), "{host} not covered by {names:?}");
 }

@@ -109,3 +109,21 @@ fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
         assert_eq!(&sans[0]["matcher"]["exact"], host, "{c}");
     }
 }
+
+/// Issue 13: the example's listener and the xDS bootstrap's speak TLS with ALPN h2 and
+/// http/1.1, their certificate an SDS secret (a file here, the controller there), never a key
+/// inline in the file.
+#[test]
+fn both_listeners_speak_tls_with_the_certificate_from_sds() {
+    for file in ["envoy/envoy.example.yaml", "envoy/envoy.xds.yaml"] {
+        let yaml: Value = serde_yaml::from_str(&std::fs::read_to_string(repo_root().join(file)).unwrap()).unwrap();
+        let chain = &yaml["static_resources"]["listeners"][0]["filter_chains"][0];
+        let ctx = &chain["transport_socket"]["typed_config"]["common_tls_context"];
+        assert_eq!(ctx["alpn_protocols"], serde_json::json!(["h2", "http/1.1"]), "{file}");
+        assert_eq!(
+            ctx["tls_certificate_sds_secret_configs"][0]["name"], "proxy-tls",
+            "{file}"
+        );
+        assert!(ctx.get("tls_certificates").is_none(), "{file}: no inline certificate");
+    }
+}

@@ -508,8 +508,7 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
 
     // The pull through Envoy: read 16 MiB, kill Envoy, read on.
     let blob = format!("/v2/namespaces/{NS}/connectors/registry/big/layer/blobs/{digest}");
-    let mut conn = TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut conn = connector_devkit::http::open(envoy.port, Duration::from_secs(30)).unwrap();
     write!(
         conn,
         "GET {blob} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
@@ -576,9 +575,9 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
     .unwrap();
     let took = until_ok(envoy2.port, "registry", &token, Duration::from_secs(10));
     eprintln!("new Envoy served after {took:?}");
-    let base = format!("http://127.0.0.1:{}", envoy2.port);
+    let (base, ca) = (envoy2.base_url(), envoy2.curl_ca_arg());
     let pulled = sh(&format!(
-        "curl -sS -f -H 'Authorization: Bearer {token}' '{base}{blob}' | sha256sum | cut -d' ' -f1"
+        "curl -sS -f {ca} -H 'Authorization: Bearer {token}' '{base}{blob}' | sha256sum | cut -d' ' -f1"
     ));
     assert_eq!(format!("sha256:{pulled}"), digest, "the retried pull");
     let seen = s.recorder.take();
@@ -705,6 +704,9 @@ fn start_raw_envoy(work: &WorkDir, controller: &Controller) -> (Proc, u16, u16) 
     let port = procs::free_port().unwrap();
     let admin_port = procs::free_port().unwrap();
     let cfg = xds_bootstrap(port, admin_port, controller.ports.xds, controller.ports.channel);
+    // The listener speaks TLS with the harness's certificate the controller serves.
+    let cert = connector_devkit::controller::ProxyCert::of(work).expect("the controller's proxy certificate");
+    connector_devkit::http::trust_port(port, &cert.ca);
     let dir = work.sub("envoy-raw").unwrap();
     let config_path = dir.join("envoy.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();

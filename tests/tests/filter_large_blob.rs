@@ -33,23 +33,25 @@ fn a_one_gib_layer_streams_both_ways_with_flat_memory() {
         );
         let pid = s.envoy.pid().unwrap();
         let before = rss_mib(pid);
-        let base = format!("http://127.0.0.1:{}", s.envoy.port);
+        let base = s.envoy.base_url();
         let creds = format!("sa:{jwt}");
+        // Verified TLS to the proxy: curl trusts its CA.
+        let ca = s.envoy.curl_ca_arg();
 
         // Push: POST through the proxy, then PUT the whole file to the Location it returned.
         let start = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, "big/layer/blobs/uploads/");
         let location = sh(&format!(
-            "curl -sS -u '{creds}' -X POST -D - -o /dev/null '{base}{start}' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
+            "curl -sS {ca} -u '{creds}' -X POST -D - -o /dev/null '{base}{start}' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
         ));
         assert!(location.starts_with(&format!("{base}/v2/namespaces/")), "Location {location:?}");
         let code = sh(&format!(
-            "curl -sS -u '{creds}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}&digest={digest}'"
+            "curl -sS {ca} -u '{creds}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}&digest={digest}'"
         ));
         assert_eq!(code, "201", "monolithic PUT of {MIB} MiB through the proxy");
 
         // Pull: the bytes that come back hash to the same digest.
         let blob = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("big/layer/blobs/{digest}"));
-        let pulled = sh(&format!("curl -sS -u '{creds}' '{base}{blob}' | sha256sum | cut -d' ' -f1"));
+        let pulled = sh(&format!("curl -sS {ca} -u '{creds}' '{base}{blob}' | sha256sum | cut -d' ' -f1"));
         assert_eq!(format!("sha256:{pulled}"), digest);
         std::fs::remove_file(&file).ok();
 

@@ -89,7 +89,7 @@ fn upload_location_is_mapped_back_to_the_path_form() {
     STACK.run(|s| {
         let start = path_form(CONNECTOR_NAMESPACE, CONNECTOR_NAME, &format!("{REPO}/blobs/uploads/"));
         let prefix = format!(
-            "http://127.0.0.1:{}/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{CONNECTOR_NAME}/{REPO}/blobs/uploads/",
+            "https://127.0.0.1:{}/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{CONNECTOR_NAME}/{REPO}/blobs/uploads/",
             s.envoy.port
         );
         upload_round_trip(s, &start, None, &prefix);
@@ -100,7 +100,7 @@ fn upload_location_is_mapped_back_to_the_path_form() {
 fn upload_location_keeps_the_host_form() {
     STACK.run(|s| {
         let h = host(s);
-        let prefix = format!("http://{h}/v2/{REPO}/blobs/uploads/");
+        let prefix = format!("https://{h}/v2/{REPO}/blobs/uploads/");
         upload_round_trip(s, &format!("/v2/{REPO}/blobs/uploads/"), Some(&h), &prefix);
     });
 }

@@ -80,7 +80,7 @@ impl<'a> Client<'a> {
             .header("location")
             .unwrap_or_else(|| panic!("no Location: {}", resp.summary()))
             .to_string();
-        let target = match loc.strip_prefix("http://") {
+        let target = match loc.strip_prefix("https://") {
             Some(rest) => {
                 let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
                 assert_eq!(

@@ -118,7 +118,7 @@ fn run() -> Result<()> {
     );
 
     let envoy_port = free_port()?;
-    let proxy_url = format!("http://{PROXY_URL_HOST}:{envoy_port}");
+    let proxy_url = format!("https://{PROXY_URL_HOST}:{envoy_port}");
     let controller = Controller::start_kube(&work, &kubeconfig, &proxy_url, &["--reprobe-seconds", "5"])?;
     let envoy = Envoy::start_xds_on(
         &work,
@@ -180,7 +180,7 @@ fn run() -> Result<()> {
     step(
         4,
         "Pull through the proxy, both address forms",
-        "skopeo copy --src-creds \"sa:$TOKEN\" docker://PROXY/namespaces/demo/connectors/registry/library/app:v1 oci:...",
+        "skopeo copy --src-cert-dir <dir with the proxy CA> --src-creds \"sa:$TOKEN\" docker://PROXY/namespaces/demo/connectors/registry/library/app:v1 oci:...",
     );
     let until = Instant::now();
     while demo.status(&token) != 200 && until.elapsed() < Duration::from_secs(20) {
