@@ -3,7 +3,8 @@
 //! tag pagination, sha512; referrers can be switched off to make clients use the tag-schema
 //! fallback), and the clients people use for artifacts and signatures (`crane`, `oras`,
 //! `regctl`, `cosign`), each run hermetically: its own `DOCKER_CONFIG` and `HOME` in the work
-//! dir, holding only the ServiceAccount token the test logs in with.
+//! dir, holding only the ServiceAccount token the test logs in with, and `SSL_CERT_FILE` naming
+//! the proxy's CA as the only one trusted (no flag turns verification off).
 
 use crate::procs::{self, Output, Proc, free_port};
 use crate::{Result, WorkDir};
@@ -75,11 +76,14 @@ impl Olareg {
 pub struct Clients {
     home: PathBuf,
     docker_config: PathBuf,
+    /// The CA the proxy's certificate chains to: every Go client reads `SSL_CERT_FILE`.
+    ca: PathBuf,
 }
 
 impl Clients {
-    /// `hosts`: the registry hosts (`host:port`) the clients log in to with `token`.
-    pub fn new(work: &WorkDir, hosts: &[&str], token: &str) -> Result<Self> {
+    /// `hosts`: the registry hosts (`host:port`) the clients log in to with `token`; `ca`: the
+    /// only CA they trust (the proxy's), so every TLS connection is verified against it.
+    pub fn new(work: &WorkDir, hosts: &[&str], token: &str, ca: &Path) -> Result<Self> {
         let home = work.sub("clients-home")?;
         let docker_config = work.sub("clients-home/.docker")?;
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("serviceaccount:{token}"));
@@ -90,7 +94,11 @@ impl Clients {
         let path = docker_config.join("config.json");
         std::fs::write(&path, serde_json::json!({ "auths": auths }).to_string())
             .map_err(|e| format!("write {}: {e}", path.display()))?;
-        Ok(Self { home, docker_config })
+        Ok(Self {
+            home,
+            docker_config,
+            ca: ca.to_path_buf(),
+        })
     }
 
     fn command(&self, tool: &str) -> Result<Command> {
@@ -99,6 +107,7 @@ impl Clients {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.home)
             .env("DOCKER_CONFIG", &self.docker_config)
+            .env("SSL_CERT_FILE", &self.ca)
             // Nothing here may reach a public service (cosign's TUF root, Rekor, Fulcio).
             .env("TUF_ROOT", self.home.join(".sigstore"))
             .env("SIGSTORE_NO_CACHE", "true");

@@ -152,8 +152,8 @@ fn a_real_kubelet_pulls_through_the_proxy_with_the_pods_own_token_and_no_pull_se
     .unwrap();
     let proxy = format!("127.0.0.1:{}", envoy.port);
 
-    // The node's configuration: containerd reaches the proxy (plain HTTP on loopback in this
-    // test), the kubelet asks the provider about images on it, with a token for the Pod.
+    // The node's configuration: containerd reaches the proxy over TLS, the kubelet asks the
+    // provider about images on it, with a token for the Pod.
     let provider_config = work.path().join("credential-provider.yaml");
     std::fs::write(
         &provider_config,
@@ -166,8 +166,17 @@ fn a_real_kubelet_pulls_through_the_proxy_with_the_pods_own_token_and_no_pull_se
         ),
     )
     .unwrap();
-    let hosts =
-        format!("server = \"http://{proxy}\"\n[host.\"http://{proxy}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
+    // containerd verifies the proxy's certificate against the proxy's CA (no insecure setting).
+    let ca = controller
+        .proxy_cert
+        .as_ref()
+        .expect("the harness made the proxy's certificate")
+        .ca
+        .clone();
+    let hosts = format!(
+        "server = \"https://{proxy}\"\n[host.\"https://{proxy}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+        ca.display()
+    );
     let t0 = Instant::now();
     let (bin_dir, requests) = provider_bin_dir(&work);
     let node = Node::start(&work, &kube, &[(proxy.as_str(), hosts)], &provider_config, &bin_dir)

@@ -55,35 +55,28 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     let path_form = format!("{proxy}/namespaces/{NS}/connectors/registry");
     let host_form = format!("{}:{port}", host_name(NS, "registry"));
     let other_host = format!("{}:{port}", host_name(NS, "other"));
-    let c = Clients::new(&s.work, &[&proxy, &host_form, &other_host], &token).unwrap();
+    // The proxy speaks TLS: the clients trust its CA and nothing else, with no insecure flag.
+    let ca = connector_devkit::controller::ProxyCert::of(&s.work)
+        .expect("the harness made the proxy's certificate")
+        .ca;
+    let c = Clients::new(&s.work, &[&proxy, &host_form, &other_host], &token, &ca).unwrap();
     let layout = s.sample.layout.display().to_string();
 
     // crane: push (from the sample OCI layout), digest, ls, copy across address forms, mutate.
     let app = format!("{path_form}/library/app");
-    c.ok("crane", &["push", "--insecure", &layout, &format!("{app}:v1")], &[])
+    c.ok("crane", &["push", &layout, &format!("{app}:v1")], &[])
         .unwrap_or_else(|e| panic!("{e}"));
-    let digest = stdout(
-        c.ok("crane", &["digest", "--insecure", &format!("{app}:v1")], &[])
-            .unwrap(),
-    );
+    let digest = stdout(c.ok("crane", &["digest", &format!("{app}:v1")], &[]).unwrap());
     assert!(digest.starts_with("sha256:"), "{digest}");
     let host_app = format!("{host_form}/library/app");
     c.ok(
         "crane",
-        &[
-            "copy",
-            "--insecure",
-            &format!("{app}:v1"),
-            &format!("{host_app}:copied"),
-        ],
+        &["copy", &format!("{app}:v1"), &format!("{host_app}:copied")],
         &[],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        stdout(
-            c.ok("crane", &["digest", "--insecure", &format!("{host_app}:copied")], &[])
-                .unwrap()
-        ),
+        stdout(c.ok("crane", &["digest", &format!("{host_app}:copied")], &[]).unwrap()),
         digest,
         "the copy through the host form has the same digest"
     );
@@ -91,7 +84,6 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
         "crane",
         &[
             "mutate",
-            "--insecure",
             &format!("{app}:v1"),
             "--label",
             "team=platform",
@@ -102,8 +94,7 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let config: Value = serde_json::from_str(&stdout(
-        c.ok("crane", &["config", "--insecure", &format!("{host_app}:mutated")], &[])
-            .unwrap(),
+        c.ok("crane", &["config", &format!("{host_app}:mutated")], &[]).unwrap(),
     ))
     .unwrap();
     assert_eq!(config["config"]["Labels"]["team"], "platform");
@@ -111,10 +102,10 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     // Tag pagination: five more tags, listed two at a time with raw requests in both forms;
     // each `Link` must point back into the address form the client used, and lead to the end.
     for t in ["p1", "p2", "p3", "p4", "p5"] {
-        c.ok("crane", &["tag", "--insecure", &format!("{app}:v1"), t], &[])
+        c.ok("crane", &["tag", &format!("{app}:v1"), t], &[])
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    let all = stdout(c.ok("crane", &["ls", "--insecure", &app], &[]).unwrap());
+    let all = stdout(c.ok("crane", &["ls", &app], &[]).unwrap());
     let mut expected: Vec<&str> = all.lines().collect();
     expected.sort_unstable();
     assert_eq!(expected, ["copied", "mutated", "p1", "p2", "p3", "p4", "p5", "v1"]);
@@ -168,7 +159,8 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
             .env("HOME", c.home())
             .env("DOCKER_CONFIG", c.home().join(".docker"))
             .args(args)
-            .arg("--plain-http");
+            .arg("--ca-file")
+            .arg(&ca);
         connector_devkit::procs::run(cmd, None)
             .and_then(|o| o.ok())
             .unwrap_or_else(|e| panic!("{e}"))
@@ -298,8 +290,9 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     assert_eq!(r.header("OCI-Subject"), Some(digest.as_str()), "{}", r.summary());
 
     // regctl: tags, the referrers list, and an image rewritten with sha512 digests.
+    let ca_pem = std::fs::read_to_string(&ca).unwrap();
     for h in [&proxy, &host_form] {
-        c.ok("regctl", &["registry", "set", h, "--tls", "disabled"], &[])
+        c.ok("regctl", &["registry", "set", h, "--cacert", &ca_pem], &[])
             .unwrap();
     }
     let tags = stdout(c.ok("regctl", &["tag", "ls", &host_app], &[]).unwrap());
@@ -361,12 +354,8 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
 
     // The referrers tag-schema fallback: `other` fronts an upstream without the referrers API.
     let other_app = format!("{other_host}/library/app");
-    c.ok(
-        "crane",
-        &["push", "--insecure", &layout, &format!("{other_app}:v1")],
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    c.ok("crane", &["push", &layout, &format!("{other_app}:v1")], &[])
+        .unwrap_or_else(|e| panic!("{e}"));
     in_files(&[
         "attach",
         &format!("{other_app}@{digest}"),
@@ -375,7 +364,7 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
         "sbom.json:application/json",
     ]);
     let fallback_tag = digest.replace(':', "-");
-    let tags = stdout(c.ok("crane", &["ls", "--insecure", &other_app], &[]).unwrap());
+    let tags = stdout(c.ok("crane", &["ls", &other_app], &[]).unwrap());
     assert!(
         tags.lines().any(|t| t == fallback_tag),
         "no fallback tag {fallback_tag} in {tags}"
@@ -398,7 +387,6 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     );
     keys.unwrap_or_else(|e| panic!("{e}"));
     let (key, pubkey) = (format!("{home}/cosign.key"), format!("{home}/cosign.pub"));
-    let insecure = ["--allow-insecure-registry", "--allow-http-registry"];
     let signed = format!("{app}@{digest}");
     let mut sign = vec![
         "sign",
@@ -408,12 +396,10 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
         "--tlog-upload=false",
         "--yes",
     ];
-    sign.extend(insecure);
     sign.push(&signed);
     c.ok("cosign", &sign, &pw).unwrap_or_else(|e| panic!("{e}"));
     let verified_ref = format!("{host_app}@{digest}");
     let mut verify = vec!["verify", "--key", &pubkey, "--insecure-ignore-tlog"];
-    verify.extend(insecure);
     verify.push(&verified_ref);
     let out = c.ok("cosign", &verify, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(out.stdout.contains(&digest), "{}", out.stdout);
@@ -430,7 +416,6 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
         "--predicate",
         &predicate,
     ];
-    attest.extend(insecure);
     attest.push(&signed);
     c.ok("cosign", &attest, &pw).unwrap_or_else(|e| panic!("{e}"));
     let mut verify_att = vec![
@@ -441,7 +426,6 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
         "--type",
         "spdxjson",
     ];
-    verify_att.extend(insecure);
     verify_att.push(&verified_ref);
     c.ok("cosign", &verify_att, &[]).unwrap_or_else(|e| panic!("{e}"));
     // A wrong key does not verify: the check above could fail.
@@ -454,7 +438,6 @@ fn oci_1_1_clients_and_upstream_through_the_proxy_in_both_address_forms() {
     .unwrap();
     let wrong = format!("{other_keys}.pub");
     let mut verify_wrong = vec!["verify", "--key", &wrong, "--insecure-ignore-tlog"];
-    verify_wrong.extend(insecure);
     verify_wrong.push(&verified_ref);
     assert!(
         !c.run("cosign", &verify_wrong, &[]).unwrap().success,
