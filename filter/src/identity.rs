@@ -10,7 +10,6 @@ use std::rc::Rc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
 use crate::respond::{Refusal, quote};
@@ -36,10 +35,101 @@ impl Identity {
     }
 }
 
+/// The signature algorithms a configured key may have (a token's header `alg` must name its key's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+}
+
+/// A public key, parsed once when the configuration is compiled: the request path never
+/// decodes key material (a new token costs its signature check, not a key parse).
+#[derive(Clone)]
+pub enum PublicKey {
+    Rsa(rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
+}
+
 /// A verification key from the configured JWKS, with the one algorithm it may be used with.
+#[derive(Clone)]
 pub struct VerifyKey {
     pub algorithm: Algorithm,
-    pub key: DecodingKey,
+    pub key: PublicKey,
+    /// The key's public material as configured (RSA `n` and `e`, EC `x` and `y`, decoded): a
+    /// new configuration keeps the tokens a key verified only if the same `kid` names the same key.
+    pub material: Vec<u8>,
+}
+
+impl VerifyKey {
+    /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
+    pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
+        let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
+            .map_err(|e| format!("RSA key rejected: {e}"))?;
+        Ok(Self {
+            algorithm,
+            key: PublicKey::Rsa(key),
+            material: [n, e].concat(),
+        })
+    }
+
+    /// An EC key from its JWK coordinates; the curve follows the algorithm (ES256: P-256,
+    /// ES384: P-384). A point not on the curve is refused here, not at the first token.
+    pub fn ec(algorithm: Algorithm, x: &[u8], y: &[u8]) -> Result<Self, String> {
+        let sec1 = [&[0x04u8][..], x, y].concat();
+        let key = match algorithm {
+            Algorithm::ES256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P256),
+            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384),
+            other => return Err(format!("{} is not an EC algorithm", algorithm_name(other))),
+        }
+        .map_err(|_| "EC key rejected: the point is not on the curve".to_string())?;
+        Ok(Self {
+            algorithm,
+            key,
+            material: sec1,
+        })
+    }
+
+    /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::Verifier as _;
+        use rsa::{Pkcs1v15Sign, Pss};
+        use sha2::{Digest as _, Sha256, Sha384, Sha512};
+        match (&self.key, self.algorithm) {
+            (PublicKey::Rsa(k), Algorithm::RS256) => k
+                .verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message), signature)
+                .is_ok(),
+            (PublicKey::Rsa(k), Algorithm::RS384) => k
+                .verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(message), signature)
+                .is_ok(),
+            (PublicKey::Rsa(k), Algorithm::RS512) => k
+                .verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(message), signature)
+                .is_ok(),
+            (PublicKey::Rsa(k), Algorithm::PS256) => k
+                .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
+                .is_ok(),
+            (PublicKey::Rsa(k), Algorithm::PS384) => k
+                .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
+                .is_ok(),
+            (PublicKey::Rsa(k), Algorithm::PS512) => k
+                .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
+                .is_ok(),
+            (PublicKey::P256(k), Algorithm::ES256) => {
+                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            (PublicKey::P384(k), Algorithm::ES384) => {
+                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            // A key never carries an algorithm of another family (built only by `rsa`/`ec`).
+            _ => false,
+        }
+    }
 }
 
 /// What a token must satisfy; compiled from the configuration.
@@ -198,15 +288,14 @@ pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, R
     }
     let signed_len = header_b64.len() + 1 + claims_b64.len();
     let message = token.as_bytes().get(..signed_len).unwrap_or_default();
-    match jsonwebtoken::crypto::verify(signature, message, &key.key, key.algorithm) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(bad(
-                "bad_signature",
-                "token signature does not verify against the configured key",
-            ));
-        }
-        Err(_) => return Err(bad("bad_signature", "token signature is malformed")),
+    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+        return Err(bad("bad_signature", "token signature is malformed"));
+    };
+    if !key.verifies(message, &signature) {
+        return Err(bad(
+            "bad_signature",
+            "token signature does not verify against the configured key",
+        ));
     }
 
     // Claims are read only after the signature holds.
@@ -341,11 +430,6 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
         Algorithm::PS256 => "PS256",
         Algorithm::PS384 => "PS384",
         Algorithm::PS512 => "PS512",
-        Algorithm::EdDSA => "EdDSA",
-        Algorithm::HS256 => "HS256",
-        Algorithm::HS384 => "HS384",
-        Algorithm::HS512 => "HS512",
-        _ => "unsupported",
     }
 }
 
@@ -514,6 +598,7 @@ const CHECKED_BEFORE_SIGNATURE: &[&str] = &[
 pub(crate) mod tests {
     use super::*;
     use crate::testkeys::*;
+    use jsonwebtoken::Algorithm;
 
     fn claims(ns: &str, sa: &str, now: u64) -> Value {
         serde_json::json!({
@@ -669,6 +754,57 @@ pub(crate) mod tests {
             }),
         );
         assert!(verify(&t, &policy(), NOW).is_ok());
+    }
+
+    #[test]
+    fn every_rsa_algorithm_verifies_with_its_pre_parsed_key() {
+        // The RSA test key configured once per algorithm; a token of each verifies, and a token
+        // signed with one hash is refused by the key configured for another.
+        for alg in ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"] {
+            let mut keys = jwks();
+            keys["keys"][0]["alg"] = alg.into();
+            let policy = crate::testkeys::policy_with(keys);
+            let jwt_alg: Algorithm = alg.parse().unwrap();
+            let t = sign(RSA_KID, jwt_alg, &claims("demo", "default", NOW));
+            assert!(verify(&t, &policy, NOW).is_ok(), "{alg}");
+            let mut other = sign(RSA_KID, jwt_alg, &claims("demo", "default", NOW));
+            // Same header, another algorithm's signature over it: fails the check.
+            let wrong = if alg == "RS256" {
+                Algorithm::RS384
+            } else {
+                Algorithm::RS256
+            };
+            let (head, _) = other.rsplit_once('.').unwrap();
+            let (_, sig) = sign(RSA_KID, wrong, &claims("demo", "default", NOW))
+                .rsplit_once('.')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .unwrap();
+            other = format!("{head}.{sig}");
+            assert_eq!(
+                verify(&other, &policy, NOW).unwrap_err().reason,
+                "bad_signature",
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ec_point_off_the_curve_is_refused_with_the_configuration() {
+        let mut keys = jwks();
+        // Another y: (x, y) is then not a point of P-256.
+        keys["keys"][1]["y"] = URL_SAFE_NO_PAD.encode([7u8; 32]).into();
+        let doc = serde_json::json!({
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": keys},
+            "connectors": [{"namespace": "n", "name": "c", "address": "http://h", "cluster": "c",
+                            "credential": {"username": "u", "passwordEnv": "P"}}]
+        });
+        let errors = crate::config::compile(doc.to_string().as_bytes(), &|_| Some("p".into()))
+            .err()
+            .unwrap();
+        assert!(
+            errors.iter().any(|e| e.to_string().contains("not on the curve")),
+            "{errors:?}"
+        );
     }
 
     #[test]
