@@ -142,6 +142,11 @@ pub struct Connector {
     pub token_realms: Vec<TokenRealm>,
     /// Pulls only: pushes and deletes through this connector are refused, whoever asks.
     pub read_only: bool,
+    /// A hash of the connector's whole configuration entry (which carries the controller's
+    /// credential revision): what its caches depend on. A new configuration keeps a
+    /// connector's learned challenge, upstream tokens and controller credential exactly when
+    /// this is unchanged.
+    pub revision: u64,
 }
 
 /// Where a connector's upstream credential comes from.
@@ -852,7 +857,17 @@ fn compile_connector(
         hosts,
         token_realms,
         read_only,
+        revision: content_hash(v),
     })
+}
+
+/// A stable hash of a JSON value (serde_json's maps are sorted, so equal documents hash equal).
+fn content_hash(v: &Value) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // SipHash with fixed keys: the same entry gets the same revision in every VM of a build.
+    let mut h = std::hash::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
 }
 
 /// `tokenRealms: [{"url": "https://auth.example.com/token", "cluster": "auth_example"}]`.

@@ -235,6 +235,12 @@ fn decode_json_part(part: &str, what: &str) -> Result<Map<String, Value>, Refusa
 
 /// Verifies a ServiceAccount JWT. `now` is seconds since the epoch.
 pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, Refusal> {
+    verify_with_kid(token, policy, now).map(|(identity, _)| identity)
+}
+
+/// [`verify`], also returning the `kid` of the key that verified the token: the cache keeps a
+/// token only while that key stays configured.
+pub fn verify_with_kid(token: &str, policy: &TokenPolicy, now: u64) -> Result<(Identity, String), Refusal> {
     let mut parts = token.split('.');
     let (Some(header_b64), Some(claims_b64), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -300,7 +306,7 @@ pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, R
 
     // Claims are read only after the signature holds.
     let claims = decode_json_part(claims_b64, "claims")?;
-    check_claims(&claims, policy, now)
+    Ok((check_claims(&claims, policy, now)?, kid.to_string()))
 }
 
 fn number_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, Refusal> {
@@ -438,7 +444,8 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
 /// the tokens already pass through this memory, and nothing here is ever logged or exported.)
 pub struct TokenCache {
     capacity: usize,
-    entries: HashMap<Rc<str>, Identity>,
+    /// Each token's identity and the `kid` of the key that verified it.
+    entries: HashMap<Rc<str>, (Identity, Rc<str>)>,
     order: VecDeque<Rc<str>>,
     /// Tokens that failed verification, with their refusal, until `REFUSED_TTL` after: the same
     /// bad token sent again costs a lookup, not a signature check.
@@ -518,7 +525,7 @@ impl TokenCache {
 
     /// A cached identity, if the token was verified before and has not expired since.
     pub fn get(&mut self, token: &str, now: u64, skew: u64) -> Option<Identity> {
-        let hit = self.entries.get(token)?;
+        let (hit, _) = self.entries.get(token)?;
         if now > hit.expires_at.saturating_add(skew) {
             self.entries.remove(token);
             return None;
@@ -526,9 +533,47 @@ impl TokenCache {
         Some(hit.clone())
     }
 
+    /// The cache for a new configuration, from this one's: a verified token stays verified as
+    /// long as what it was checked against did not change. Issuers, audiences, skew or maximum
+    /// lifetime changed: every token is checked again. Otherwise a token stays only if the `kid`
+    /// that verified it names the same key (algorithm and material) in `new`: removing or
+    /// replacing a key evicts exactly its tokens. Remembered refusals are dropped (a new key may
+    /// make a refused token good); the failure budget of this second is kept.
+    pub fn carry_over(mut self, old: &TokenPolicy, new: &TokenPolicy, capacity: usize) -> TokenCache {
+        self.capacity = capacity.max(1);
+        self.refused.clear();
+        self.refused_order.clear();
+        let same_claims = old.issuers == new.issuers
+            && old.audiences == new.audiences
+            && old.clock_skew == new.clock_skew
+            && old.max_lifetime == new.max_lifetime;
+        if !same_claims {
+            self.entries.clear();
+            self.order.clear();
+            return self;
+        }
+        let unchanged = |kid: &str| match (old.keys.get(kid), new.keys.get(kid)) {
+            (Some(a), Some(b)) => a.algorithm == b.algorithm && a.material == b.material,
+            _ => false,
+        };
+        self.entries.retain(|_, (_, kid)| unchanged(kid));
+        let entries = &self.entries;
+        self.order.retain(|k| entries.contains_key(k));
+        // A smaller capacity: the oldest go first, as on insertion.
+        while self.entries.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.entries.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        self
+    }
+
     /// Adds a verified token, evicting the oldest entries when full. O(1) amortised: under a
     /// stream of new tokens (every request a miss) the cache must not add linear work.
-    pub fn insert(&mut self, token: &str, identity: Identity) {
+    pub fn insert(&mut self, token: &str, identity: Identity, kid: &str) {
         if self.entries.contains_key(token) {
             return;
         }
@@ -541,7 +586,7 @@ impl TokenCache {
             }
         }
         let key: Rc<str> = Rc::from(token);
-        self.entries.insert(Rc::clone(&key), identity);
+        self.entries.insert(Rc::clone(&key), (identity, Rc::from(kid)));
         self.order.push_back(key);
         // Entries dropped on expiry leave their key in `order`; compact now and then.
         if self.order.len() > self.capacity.saturating_mul(2) {
@@ -568,9 +613,9 @@ pub fn authenticate(
     if !cache.may_verify(now) {
         return Err(Refusal::throttled());
     }
-    match verify(&token, policy, now) {
-        Ok(identity) => {
-            cache.insert(&token, identity.clone());
+    match verify_with_kid(&token, policy, now) {
+        Ok((identity, kid)) => {
+            cache.insert(&token, identity.clone(), &kid);
             Ok((identity, false))
         }
         Err(r) => {
@@ -835,6 +880,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_new_configuration_keeps_tokens_whose_key_stayed_and_evicts_exactly_a_removed_keys() {
+        let old = policy();
+        let mut cache = TokenCache::new(8);
+        let rsa = format!(
+            "Bearer {}",
+            sign(RSA_KID, Algorithm::RS256, &claims("demo", "rsa", NOW))
+        );
+        let ec = format!("Bearer {}", sign(EC_KID, Algorithm::ES256, &claims("demo", "ec", NOW)));
+        for t in [&rsa, &ec] {
+            assert!(!authenticate(&[t.as_str()], &old, &mut cache, NOW).unwrap().1);
+        }
+        // The same configuration again (a push that changed something else): both stay verified.
+        let same = policy();
+        let mut cache = cache.carry_over(&old, &same, 8);
+        for t in [&rsa, &ec] {
+            assert!(
+                authenticate(&[t.as_str()], &same, &mut cache, NOW).unwrap().1,
+                "still a hit"
+            );
+        }
+        // The EC key removed: its token is gone (refused now), the RSA key's stays a hit.
+        let mut keys = jwks();
+        keys["keys"].as_array_mut().unwrap().remove(1);
+        let without_ec = crate::testkeys::policy_with(keys);
+        let mut cache = cache.carry_over(&same, &without_ec, 8);
+        assert_eq!(cache.len(), 1);
+        assert!(authenticate(&[rsa.as_str()], &without_ec, &mut cache, NOW).unwrap().1);
+        assert_eq!(
+            authenticate(&[ec.as_str()], &without_ec, &mut cache, NOW)
+                .unwrap_err()
+                .reason,
+            "unknown_kid"
+        );
+        // The same kid now naming another key (the RSA key's material under the EC kid is not
+        // possible here; change its algorithm instead): its tokens are checked again.
+        let mut keys = jwks();
+        keys["keys"].as_array_mut().unwrap().remove(1);
+        keys["keys"][0]["alg"] = "PS256".into();
+        let ps = crate::testkeys::policy_with(keys);
+        let cache = cache.carry_over(&without_ec, &ps, 8);
+        assert!(cache.is_empty());
+        // Another audience list: nothing verified under the old claims policy is kept.
+        let mut cache = TokenCache::new(8);
+        authenticate(&[rsa.as_str()], &old, &mut cache, NOW).unwrap();
+        let mut other = policy();
+        other.audiences.insert("another".into());
+        assert!(cache.carry_over(&old, &other, 8).is_empty());
+    }
+
+    #[test]
     fn cache_is_bounded() {
         let mut cache = TokenCache::new(3);
         let id = |exp| Identity {
@@ -842,14 +937,14 @@ pub(crate) mod tests {
             service_account: "s".into(),
             expires_at: exp,
         };
-        cache.insert("a", id(NOW + 10));
-        cache.insert("b", id(NOW + 1000));
-        cache.insert("c", id(NOW + 1000));
+        cache.insert("a", id(NOW + 10), "k");
+        cache.insert("b", id(NOW + 1000), "k");
+        cache.insert("c", id(NOW + 1000), "k");
         // An expired entry is dropped when looked up.
         assert!(cache.get("a", NOW + 20, 0).is_none());
         assert_eq!(cache.len(), 2);
-        cache.insert("d", id(NOW + 1000));
-        cache.insert("e", id(NOW + 1000));
+        cache.insert("d", id(NOW + 1000), "k");
+        cache.insert("e", id(NOW + 1000), "k");
         // Full: the oldest live entry ("b") went.
         assert_eq!(cache.len(), 3);
         assert!(cache.get("b", NOW + 20, 0).is_none());
@@ -858,7 +953,7 @@ pub(crate) mod tests {
         }
         // A stream of new tokens keeps the size and the bookkeeping bounded.
         for i in 0..100 {
-            cache.insert(&format!("t{i}"), id(NOW + 1000));
+            cache.insert(&format!("t{i}"), id(NOW + 1000), "k");
         }
         assert_eq!(cache.len(), 3);
         assert!(cache.order.len() <= 6);
