@@ -5,7 +5,9 @@
 //!   filter, Envoy with the filter and a warm token cache, and with a new token on every request
 //!   (signature work on every request);
 //! - **a static upstream** (nginx serving the same manifest bytes), where Envoy itself is the
-//!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays.
+//!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays, and
+//!   Envoy's native `jwt_authn` checking the same RS256 and ES256 tokens (what a user would pick
+//!   for token checking alone).
 //!
 //! Scenarios are interleaved over several rounds; ratios are taken within a round and the median
 //! reported, because this machine is shared and noisy. The load comes from `wrk` (one thread,
@@ -18,14 +20,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
+use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, bootstrap, filter_config};
 use connector_devkit::http::Request;
 use connector_devkit::image;
 use connector_devkit::registry::{Credentials, Registry};
 use connector_devkit::skopeo::{Creds, Skopeo};
 use connector_devkit::static_upstream::StaticUpstream;
 use connector_devkit::token_server::TokenServer;
-use connector_devkit::tokens::Minter;
+use connector_devkit::tokens::{AUDIENCE, ISSUER, KeyChoice, Minter};
 use connector_devkit::{Result, WorkDir, procs, require_wasm};
 
 const NS: &str = "bench";
@@ -253,6 +255,18 @@ fn run() -> Result<()> {
     }
     let fresh_file = work.path().join("fresh-tokens.txt");
     std::fs::write(&fresh_file, fresh.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
+    let mut fresh_ec = Vec::with_capacity(FRESH_TOKENS);
+    for i in 0..FRESH_TOKENS {
+        fresh_ec.push(
+            minter
+                .token(NS, "default")
+                .key(KeyChoice::Ec)
+                .claim("jti", serde_json::json!(format!("bench-ec-{i}")))
+                .mint()?,
+        );
+    }
+    let fresh_ec_file = work.path().join("fresh-ec-tokens.txt");
+    std::fs::write(&fresh_ec_file, fresh_ec.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
     let warm_file = work.path().join("warm-token.txt");
     std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
 
@@ -294,6 +308,36 @@ fn run() -> Result<()> {
     let st_plain = start_envoy("bench-static-plain", static_up.port, None)?;
     let st_noop = start_envoy("bench-static-noop", static_up.port, Some((&noop, true)))?;
     let st_filter = start_envoy("bench-static-filter", static_up.port, Some((&wasm, false)))?;
+    // Envoy's native JWT filter with the same keys, issuer and audience, in front of a plain route.
+    let jwt_work = WorkDir::new("bench-static-jwt-authn")?;
+    let st_jwt = Envoy::start_custom(&jwt_work, "envoy", |port, admin| {
+        let spec = EnvoySpec {
+            clusters: vec![Cluster {
+                name: "upstream_bench".into(),
+                port: static_up.port,
+            }],
+            filter: None,
+        };
+        let mut b = bootstrap(&spec, port, admin);
+        let jwt_authn = serde_json::json!({
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": { "k8s": {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "local_jwks": { "inline_string": minter.jwks().to_string() },
+                    "from_headers": [{ "name": "Authorization", "value_prefix": "Bearer " }],
+                }},
+                "rules": [{ "match": { "prefix": "/" }, "requires": { "provider_name": "k8s" } }],
+            },
+        });
+        let filters = &mut b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"];
+        if let Some(list) = filters.as_array_mut() {
+            list.insert(0, jwt_authn);
+        }
+        b
+    })?;
 
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
     let sc =
@@ -404,12 +448,42 @@ fn run() -> Result<()> {
         ),
         sc(
             st,
-            "Envoy + filter, new token every request",
+            "Envoy + filter, new RS256 token every request",
             false,
             st_filter.port,
             &proxy_path,
             Some(&fresh_file),
             Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + jwt_authn (native), new RS256 token every request",
+            false,
+            st_jwt.port,
+            &direct_path,
+            Some(&fresh_file),
+            Some(&st_jwt),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + filter, new ES256 token every request",
+            false,
+            st_filter.port,
+            &proxy_path,
+            Some(&fresh_ec_file),
+            Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + jwt_authn (native), new ES256 token every request",
+            false,
+            st_jwt.port,
+            &direct_path,
+            Some(&fresh_ec_file),
+            Some(&st_jwt),
             sp,
         ),
     ];
@@ -468,10 +542,18 @@ fn run() -> Result<()> {
     println!();
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
     println!(
-        "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair)",
+        "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair); \
+         static upstream: {} MiB without a filter, {} MiB with the no-op wasm filter, {} MiB with the filter",
         procs::rss_kib(reg_plain.pid()) / 1024,
-        procs::rss_kib(reg_filter.pid()) / 1024
+        procs::rss_kib(reg_filter.pid()) / 1024,
+        procs::rss_kib(st_plain.pid()) / 1024,
+        procs::rss_kib(st_noop.pid()) / 1024,
+        procs::rss_kib(st_filter.pid()) / 1024
     );
+    println!("{}", host_calls(&wasm));
+    if arg("--manifest-only", 0) == 1 {
+        return Ok(());
+    }
 
     pull_table(&work, &minter, &wasm, &skopeo, rounds)?;
 
@@ -616,6 +698,24 @@ fn token_table(
         "token service requests during the measured rounds: {fetches} (the filter's upstream token stayed cached)"
     );
     Ok(())
+}
+
+/// The proxy-wasm host calls of one warm forwarded request, counted by the wasmtime test host
+/// (`host-calls`, built by `make bench`; Envoy's V8 host cannot count them).
+fn host_calls(wasm: &Path) -> String {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/host-calls");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(wasm);
+    match procs::run(cmd, None).and_then(|o| o.ok()) {
+        Ok(o) => format!(
+            "proxy-wasm host calls per warm forwarded request (wasmtime host): {}",
+            o.stdout.trim()
+        ),
+        Err(e) => format!(
+            "proxy-wasm host calls per warm forwarded request: not counted ({e}; build it with `cargo build -p \
+             connector-wasm-host --bin host-calls`)"
+        ),
+    }
 }
 
 fn curl(args: &[&str]) -> Result<String> {

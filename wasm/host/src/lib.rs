@@ -18,6 +18,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 mod abi;
+pub mod warm;
 
 /// proxy-wasm status codes (ABI 0.2.1).
 pub mod status {
