@@ -52,7 +52,10 @@ pub enum Algorithm {
 /// decodes key material (a new token costs its signature check, not a key parse).
 #[derive(Clone)]
 pub enum PublicKey {
-    Rsa(rsa::RsaPublicKey),
+    /// RS256, RS384, RS512: prepared for the fast check of [`crate::pkcs1`].
+    RsaPkcs1(crate::pkcs1::RsaKey),
+    /// PS256, PS384, PS512.
+    RsaPss(rsa::RsaPublicKey),
     P256(p256::ecdsa::VerifyingKey),
     P384(p384::ecdsa::VerifyingKey),
 }
@@ -70,11 +73,24 @@ pub struct VerifyKey {
 impl VerifyKey {
     /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
     pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
+        // The rsa crate's checks (modulus size, exponent range) decide what is a usable key.
         let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
             .map_err(|e| format!("RSA key rejected: {e}"))?;
+        let hash = match algorithm {
+            Algorithm::RS256 => Some(crate::pkcs1::Hash::Sha256),
+            Algorithm::RS384 => Some(crate::pkcs1::Hash::Sha384),
+            Algorithm::RS512 => Some(crate::pkcs1::Hash::Sha512),
+            _ => None,
+        };
+        let key = match hash {
+            Some(hash) => PublicKey::RsaPkcs1(
+                crate::pkcs1::RsaKey::new(n, e, hash).ok_or("RSA key rejected: unusable modulus or exponent")?,
+            ),
+            None => PublicKey::RsaPss(key),
+        };
         Ok(Self {
             algorithm,
-            key: PublicKey::Rsa(key),
+            key,
             material: [n, e].concat(),
         })
     }
@@ -99,25 +115,19 @@ impl VerifyKey {
     /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         use p256::ecdsa::signature::Verifier as _;
-        use rsa::{Pkcs1v15Sign, Pss};
+        use rsa::Pss;
         use sha2::{Digest as _, Sha256, Sha384, Sha512};
         match (&self.key, self.algorithm) {
-            (PublicKey::Rsa(k), Algorithm::RS256) => k
-                .verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message), signature)
-                .is_ok(),
-            (PublicKey::Rsa(k), Algorithm::RS384) => k
-                .verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(message), signature)
-                .is_ok(),
-            (PublicKey::Rsa(k), Algorithm::RS512) => k
-                .verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(message), signature)
-                .is_ok(),
-            (PublicKey::Rsa(k), Algorithm::PS256) => k
+            (PublicKey::RsaPkcs1(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
+                k.verifies(message, signature)
+            }
+            (PublicKey::RsaPss(k), Algorithm::PS256) => k
                 .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
                 .is_ok(),
-            (PublicKey::Rsa(k), Algorithm::PS384) => k
+            (PublicKey::RsaPss(k), Algorithm::PS384) => k
                 .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
                 .is_ok(),
-            (PublicKey::Rsa(k), Algorithm::PS512) => k
+            (PublicKey::RsaPss(k), Algorithm::PS512) => k
                 .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
                 .is_ok(),
             (PublicKey::P256(k), Algorithm::ES256) => {
