@@ -125,6 +125,16 @@ impl HotMetrics {
 
 type Shared = Rc<RefCell<Option<State>>>;
 
+thread_local! {
+    /// The VM's one state (a VM serves one Envoy worker). Envoy gives every new filter
+    /// configuration a new root context in the same VM; a state per root would start every
+    /// configuration with empty caches. Each accepted configuration replaces the config here
+    /// and carries the caches over ([`State::next`]); requests still running under the
+    /// previous root use the new configuration for what they look up later. One filter per
+    /// `vm_id` (as every bootstrap here has it): two plugins sharing a VM would share this.
+    static VM_STATE: Shared = Shared::default();
+}
+
 // The SDK's entry-point macro expands to an `unsafe` block and `#[no_mangle]` export.
 #[allow(unsafe_code)]
 mod entry {
@@ -195,9 +205,6 @@ impl RootContext for Root {
             // 0: trace, 1: debug.
             d.set(matches!(host::log_level(), Some(0 | 1)))
         });
-        let Ok(mut slot) = self.state.try_borrow_mut() else {
-            return false;
-        };
         match compiled {
             Ok(config) => {
                 log(
@@ -208,12 +215,19 @@ impl RootContext for Root {
                         config.policy.keys.len()
                     ),
                 );
+                let shared = VM_STATE.with(Rc::clone);
+                let Ok(mut slot) = shared.try_borrow_mut() else {
+                    return false;
+                };
                 *slot = Some(State::next(slot.take(), config, self.id));
+                drop(slot);
+                self.state = shared;
                 true
             }
             Err(errors) => {
-                // Fail closed: no state means every request is refused.
-                *slot = None;
+                // Fail closed: this root's requests get no state and are refused. The VM's state
+                // stays for the root of the configuration Envoy keeps running.
+                self.state = Shared::default();
                 log(
                     LogLevel::Error,
                     &format!("configuration refused, {} problem(s):", errors.len()),

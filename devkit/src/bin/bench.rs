@@ -225,6 +225,10 @@ fn run() -> Result<()> {
         let minter = Minter::new(&work.sub("keys")?)?;
         return flood_table(&work, &minter, &wasm, seconds, rounds);
     }
+    if arg("--push-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return push_table(&work, &minter, seconds, rounds);
+    }
     if arg("--pulls-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return pull_table(&work, &minter, &wasm, &Skopeo::new(&work)?, rounds);
@@ -696,6 +700,170 @@ fn token_table(
     println!();
     println!(
         "token service requests during the measured rounds: {fetches} (the filter's upstream token stayed cached)"
+    );
+    Ok(())
+}
+
+/// Warm manifest GETs while the controller pushes a new filter configuration every second (a
+/// Secret of *another* connector rotated), against the same load without pushes: the caches
+/// of the measured connector (verified token, learned challenge, upstream token) must survive
+/// every push. A token-auth upstream, so an upstream token flushed by a push would show as a
+/// token-service request.
+fn push_table(work: &WorkDir, minter: &Minter, seconds: u32, rounds: u32) -> Result<()> {
+    use connector_devkit::controller::Controller;
+    let robot = Credentials {
+        username: "robot".into(),
+        password: connector_devkit::random_secret()?,
+    };
+    let tokens = TokenServer::start(work, &robot.username, &robot.password)?;
+    tokens.set_expires_in(3600);
+    let tw = WorkDir::new("bench-push-registry")?;
+    let registry = Registry::start_token_auth(&tw, &tokens, robot.clone())?;
+    let skopeo = Skopeo::new(work)?;
+    let sample = image::build_sample(work, "bench", "v1", 2)?;
+    image::push(
+        &skopeo,
+        &sample,
+        &registry.authority(),
+        REPO,
+        Creds::Basic(&robot.username, &robot.password),
+    )?;
+    let manifests = work.sub("push-manifests")?;
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .map_err(|e| format!("write identity: {e}"))?;
+    let put = |file: &str, text: String| -> Result<()> {
+        let tmp = manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).map_err(|e| format!("write {file}: {e}"))?;
+        std::fs::rename(&tmp, manifests.join(file)).map_err(|e| format!("rename {file}: {e}"))
+    };
+    let secret = |name: &str, password: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
+        )
+    };
+    let connector = |name: &str, secret: &str| {
+        format!(
+            "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {}\n  tokenRealms:\n  - url: {}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n",
+            registry.url(),
+            tokens.realm()
+        )
+    };
+    put("robot.yaml", secret("robot", &robot.password))?;
+    put(&format!("{CONNECTOR}.yaml"), connector(CONNECTOR, "robot"))?;
+    put("other-secret.yaml", secret("other-secret", "rotated-0"))?;
+    put("other.yaml", connector("other", "other-secret"))?;
+    let cw = WorkDir::new("bench-push-controller")?;
+    let controller = Controller::start(&cw, &manifests, &identity)?;
+    let envoy = Envoy::start_xds(
+        &cw,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )?;
+    let warm = minter.valid(NS, "default")?;
+    let warm_file = work.path().join("push-warm-token.txt");
+    std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
+    let path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let started = Instant::now();
+    loop {
+        let r = Request::get(&path)
+            .header("Accept", MANIFEST_ACCEPT)
+            .bearer(&warm)
+            .send(envoy.port)?;
+        if r.status == 200 {
+            break;
+        }
+        if started.elapsed().as_secs() > 20 {
+            return Err(format!(
+                "pre-flight through the controller's Envoy answered {}",
+                r.summary()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let pushes = || -> f64 {
+        controller
+            .metrics()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("xds_pushes_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let script = work.path().join("push.lua");
+    std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
+    let scenario = |name| Scenario {
+        group: "push",
+        name,
+        baseline: false,
+        upstream_pid: registry.pid(),
+        port: envoy.port,
+        path: path.clone(),
+        tokens: Some(warm_file.clone()),
+        envoy_pid: envoy.pid(),
+    };
+    let (quiet, pushed) = (
+        scenario("no configuration pushes"),
+        scenario("a configuration push every second"),
+    );
+    run_wrk(&quiet, &script, 2)?;
+    let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
+    let (mut fetches_quiet, mut fetches_pushed, mut pushes_seen, mut rotations) = (0, 0, 0.0, 0u32);
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}");
+        let before = tokens.requests().len();
+        samples[0].push(run_wrk(&quiet, &script, seconds)?);
+        fetches_quiet += tokens.requests().len() - before;
+        let (before, pushes_before) = (tokens.requests().len(), pushes());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let sample = std::thread::scope(|scope| {
+            let rotator = scope.spawn(|| {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    n += 1;
+                    if put(
+                        "other-secret.yaml",
+                        secret("other-secret", &format!("rotated-{round}-{n}")),
+                    )
+                    .is_err()
+                    {
+                        break;
+                    }
+                }
+                n
+            });
+            let sample = run_wrk(&pushed, &script, seconds);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            rotations += rotator.join().unwrap_or(0);
+            sample
+        })?;
+        // The last rotation's configuration reaches Envoy within a poll interval.
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        pushes_seen += pushes() - pushes_before;
+        fetches_pushed += tokens.requests().len() - before;
+        samples[1].push(sample);
+    }
+    println!();
+    println!(
+        "warm manifest GETs through the controller's Envoy (file mode, token-auth upstream), wrk -t1 -c16, {seconds} s x {rounds} rounds; \
+         pushes: the Secret of another connector rotated every second"
+    );
+    println!();
+    println!("| scenario | req/s | p50 ms | p99 ms | req/s vs no pushes | Envoy CPU µs/req | registry CPU µs/req |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let base: Vec<f64> = samples[0].iter().map(|x| x.rps).collect();
+    for (s, v) in [&quiet, &pushed].into_iter().zip(&samples) {
+        println!("| {} | {}", s.name, cells(s, v, &base));
+    }
+    println!();
+    println!(
+        "Secret rotations: {rotations}; xDS resources the controller pushed meanwhile: {pushes_seen:.0}; token service requests: \
+         {fetches_quiet} in the rounds without pushes, {fetches_pushed} in the rounds with pushes"
     );
     Ok(())
 }
