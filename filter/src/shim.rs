@@ -760,7 +760,12 @@ impl Http {
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
     fn authorize_upstream(&mut self, target: Target, scopes: Vec<String>, now: u64) -> Action {
-        self.sent_secrets = self.with_state(|st| st.secrets.of(&target.basic)).ok();
+        // Without the VM's state (no configuration) the request is refused below; derive them
+        // anyway so no path checks an answer against nothing.
+        self.sent_secrets = Some(
+            self.with_state(|st| st.secrets.of(&target.basic))
+                .unwrap_or_else(|_| crate::leak::secrets_of(&target.basic).into()),
+        );
         enum Plan {
             Header(String, Option<TokenKey>),
             Probe,

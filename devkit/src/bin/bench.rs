@@ -225,6 +225,11 @@ fn run() -> Result<()> {
         let minter = Minter::new(&work.sub("keys")?)?;
         return flood_table(&work, &minter, &wasm, seconds, rounds);
     }
+    if arg("--blob-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        let token = minter.valid(NS, "default")?;
+        return blob_table(&work, &minter, &wasm, &token, arg("--blob-mib", 1024), rounds);
+    }
     if arg("--push-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return push_table(&work, &minter, seconds, rounds);
