@@ -45,6 +45,7 @@ e2e:
 # Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.
 bench: setup wasm
 	cargo build -p noop-filter --target wasm32-wasip1 --release
+	cargo build -p connector-wasm-host --bin host-calls
 	cargo run --release -p connector-devkit --bin bench -- $(BENCH_ARGS)
 
 lint:

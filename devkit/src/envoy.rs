@@ -512,6 +512,14 @@ impl Envoy {
         Ok(e)
     }
 
+    /// Envoy with a bootstrap the caller builds from the listener and admin ports (e.g.
+    /// [`bootstrap`] with another HTTP filter in front: the benchmark's `jwt_authn` neighbour).
+    pub fn start_custom(work: &WorkDir, dir: &str, build: impl FnOnce(u16, u16) -> Value) -> Result<Self> {
+        let port = procs::free_port()?;
+        let admin_port = procs::free_port()?;
+        Self::start_with(work, build(port, admin_port), port, admin_port, &[], dir)
+    }
+
     /// Envoy fed by the controller's xDS server ([`xds_bootstrap`]). `env` is Envoy's process
     /// environment for the VM (the channel key). Returns once Envoy has its first configuration
     /// from the controller and listens. The listener speaks TLS when the harness's controller

@@ -225,6 +225,12 @@ impl AccessCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Keeps the decisions about connectors `keep` names (a new configuration's): a decision
+    /// is about the subject's grants on that connector, which a configuration push does not change.
+    pub fn retain_connectors(&mut self, keep: impl Fn(&str) -> bool) {
+        self.entries.retain(|(_, connector, _), _| keep(connector));
+    }
 }
 
 /// Upstream credentials fetched from the controller, by connector label. A VM's state lives as
@@ -249,6 +255,12 @@ impl CredentialCache {
 
     pub fn insert(&mut self, connector: &str, authorization: String) {
         self.entries.insert(connector.to_string(), authorization);
+    }
+
+    /// Keeps the credentials of connectors `keep` names: a new configuration whose entry for the
+    /// connector is unchanged (same credential revision) still has the same credential.
+    pub fn retain_connectors(&mut self, keep: impl Fn(&str) -> bool) {
+        self.entries.retain(|connector, _| keep(connector));
     }
 }
 

@@ -12,10 +12,9 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
-use crate::identity::{Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKey};
+use crate::identity::{Algorithm, Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKey};
 use crate::route::{is_dns_label, is_dns_subdomain};
 
 pub const DEFAULT_REALM: &str = "oci-connector";
@@ -143,6 +142,11 @@ pub struct Connector {
     pub token_realms: Vec<TokenRealm>,
     /// Pulls only: pushes and deletes through this connector are refused, whoever asks.
     pub read_only: bool,
+    /// A hash of the connector's whole configuration entry (which carries the controller's
+    /// credential revision): what its caches depend on. A new configuration keeps a
+    /// connector's learned challenge, upstream tokens and controller credential exactly when
+    /// this is unchanged.
+    pub revision: u64,
 }
 
 /// Where a connector's upstream credential comes from.
@@ -614,8 +618,8 @@ pub fn check_jwk(v: &Value, path: &str) -> Result<(), Vec<ConfigError>> {
     }
 }
 
-fn b64url_len(s: &str) -> Option<usize> {
-    URL_SAFE_NO_PAD.decode(s).ok().map(|b| b.len())
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(s).ok()
 }
 
 /// A JWK public key. The algorithm is fixed per key: the JWK's `alg`, or the one its type implies.
@@ -635,7 +639,7 @@ fn compile_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Option<(String, Verif
             "expected \"sig\": only signing keys verify tokens",
         );
     }
-    let (algorithm, key) = match kty? {
+    let key = match kty? {
         "RSA" => {
             let n = w.string(m, path, "n", true);
             let e = w.string(m, path, "e", true);
@@ -652,21 +656,21 @@ fn compile_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Option<(String, Verif
                 }
             };
             let (n, e) = (n?, e?);
-            if b64url_len(n).is_none_or(|len| len < 256) {
+            let Some(n) = b64url(n).filter(|n| n.len() >= 256) else {
                 w.err(
                     format!("{path}.n"),
                     "expected the base64url modulus of an RSA key of at least 2048 bits",
                 );
                 return None;
-            }
-            if b64url_len(e).is_none_or(|len| len == 0 || len > 8) {
+            };
+            let Some(e) = b64url(e).filter(|e| !e.is_empty() && e.len() <= 8) else {
                 w.err(format!("{path}.e"), "expected the base64url RSA public exponent");
                 return None;
-            }
-            match DecodingKey::from_rsa_components(n, e) {
-                Ok(key) => (algorithm, key),
+            };
+            match VerifyKey::rsa(algorithm, &n, &e) {
+                Ok(key) => key,
                 Err(err) => {
-                    w.err(path, format!("RSA key rejected: {err}"));
+                    w.err(path, err);
                     return None;
                 }
             }
@@ -700,19 +704,26 @@ fn compile_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Option<(String, Verif
                 return None;
             }
             let (x, y) = (x?, y?);
+            let mut coords = vec![];
             for (name, coord) in [("x", x), ("y", y)] {
-                if b64url_len(coord) != Some(size) {
-                    w.err(
-                        format!("{path}.{name}"),
-                        format!("expected a base64url {size}-byte coordinate"),
-                    );
-                    return None;
+                match b64url(coord).filter(|c| c.len() == size) {
+                    Some(c) => coords.push(c),
+                    None => {
+                        w.err(
+                            format!("{path}.{name}"),
+                            format!("expected a base64url {size}-byte coordinate"),
+                        );
+                        return None;
+                    }
                 }
             }
-            match DecodingKey::from_ec_components(x, y) {
-                Ok(key) => (algorithm, key),
+            let (Some(x), Some(y)) = (coords.first(), coords.get(1)) else {
+                return None;
+            };
+            match VerifyKey::ec(algorithm, x, y) {
+                Ok(key) => key,
                 Err(err) => {
-                    w.err(path, format!("EC key rejected: {err}"));
+                    w.err(path, err);
                     return None;
                 }
             }
@@ -725,7 +736,7 @@ fn compile_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Option<(String, Verif
             return None;
         }
     };
-    Some((kid?.to_string(), VerifyKey { algorithm, key }))
+    Some((kid?.to_string(), key))
 }
 
 fn compile_connector(
@@ -846,7 +857,17 @@ fn compile_connector(
         hosts,
         token_realms,
         read_only,
+        revision: content_hash(v),
     })
+}
+
+/// A stable hash of a JSON value (serde_json's maps are sorted, so equal documents hash equal).
+fn content_hash(v: &Value) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // SipHash with fixed keys: the same entry gets the same revision in every VM of a build.
+    let mut h = std::hash::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
 }
 
 /// `tokenRealms: [{"url": "https://auth.example.com/token", "cluster": "auth_example"}]`.

@@ -10,7 +10,6 @@ use std::rc::Rc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::{Map, Value};
 
 use crate::respond::{Refusal, quote};
@@ -36,10 +35,111 @@ impl Identity {
     }
 }
 
+/// The signature algorithms a configured key may have (a token's header `alg` must name its key's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+}
+
+/// A public key, parsed once when the configuration is compiled: the request path never
+/// decodes key material (a new token costs its signature check, not a key parse).
+#[derive(Clone)]
+pub enum PublicKey {
+    /// RS256, RS384, RS512: prepared for the fast check of [`crate::pkcs1`].
+    RsaPkcs1(crate::pkcs1::RsaKey),
+    /// PS256, PS384, PS512.
+    RsaPss(rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
+}
+
 /// A verification key from the configured JWKS, with the one algorithm it may be used with.
+#[derive(Clone)]
 pub struct VerifyKey {
     pub algorithm: Algorithm,
-    pub key: DecodingKey,
+    pub key: PublicKey,
+    /// The key's public material as configured (RSA `n` and `e`, EC `x` and `y`, decoded): a
+    /// new configuration keeps the tokens a key verified only if the same `kid` names the same key.
+    pub material: Vec<u8>,
+}
+
+impl VerifyKey {
+    /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
+    pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
+        // The rsa crate's checks (modulus size, exponent range) decide what is a usable key.
+        let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
+            .map_err(|e| format!("RSA key rejected: {e}"))?;
+        let hash = match algorithm {
+            Algorithm::RS256 => Some(crate::pkcs1::Hash::Sha256),
+            Algorithm::RS384 => Some(crate::pkcs1::Hash::Sha384),
+            Algorithm::RS512 => Some(crate::pkcs1::Hash::Sha512),
+            _ => None,
+        };
+        let key = match hash {
+            Some(hash) => PublicKey::RsaPkcs1(
+                crate::pkcs1::RsaKey::new(n, e, hash).ok_or("RSA key rejected: unusable modulus or exponent")?,
+            ),
+            None => PublicKey::RsaPss(key),
+        };
+        Ok(Self {
+            algorithm,
+            key,
+            material: [n, e].concat(),
+        })
+    }
+
+    /// An EC key from its JWK coordinates; the curve follows the algorithm (ES256: P-256,
+    /// ES384: P-384). A point not on the curve is refused here, not at the first token.
+    pub fn ec(algorithm: Algorithm, x: &[u8], y: &[u8]) -> Result<Self, String> {
+        let sec1 = [&[0x04u8][..], x, y].concat();
+        let key = match algorithm {
+            Algorithm::ES256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P256),
+            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384),
+            other => return Err(format!("{} is not an EC algorithm", algorithm_name(other))),
+        }
+        .map_err(|_| "EC key rejected: the point is not on the curve".to_string())?;
+        Ok(Self {
+            algorithm,
+            key,
+            material: sec1,
+        })
+    }
+
+    /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::Verifier as _;
+        use rsa::Pss;
+        use sha2::{Digest as _, Sha256, Sha384, Sha512};
+        match (&self.key, self.algorithm) {
+            (PublicKey::RsaPkcs1(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
+                k.verifies(message, signature)
+            }
+            (PublicKey::RsaPss(k), Algorithm::PS256) => k
+                .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
+                .is_ok(),
+            (PublicKey::RsaPss(k), Algorithm::PS384) => k
+                .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
+                .is_ok(),
+            (PublicKey::RsaPss(k), Algorithm::PS512) => k
+                .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
+                .is_ok(),
+            (PublicKey::P256(k), Algorithm::ES256) => {
+                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            (PublicKey::P384(k), Algorithm::ES384) => {
+                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            // A key never carries an algorithm of another family (built only by `rsa`/`ec`).
+            _ => false,
+        }
+    }
 }
 
 /// What a token must satisfy; compiled from the configuration.
@@ -145,6 +245,12 @@ fn decode_json_part(part: &str, what: &str) -> Result<Map<String, Value>, Refusa
 
 /// Verifies a ServiceAccount JWT. `now` is seconds since the epoch.
 pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, Refusal> {
+    verify_with_kid(token, policy, now).map(|(identity, _)| identity)
+}
+
+/// [`verify`], also returning the `kid` of the key that verified the token: the cache keeps a
+/// token only while that key stays configured.
+pub fn verify_with_kid(token: &str, policy: &TokenPolicy, now: u64) -> Result<(Identity, String), Refusal> {
     let mut parts = token.split('.');
     let (Some(header_b64), Some(claims_b64), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -198,20 +304,19 @@ pub fn verify(token: &str, policy: &TokenPolicy, now: u64) -> Result<Identity, R
     }
     let signed_len = header_b64.len() + 1 + claims_b64.len();
     let message = token.as_bytes().get(..signed_len).unwrap_or_default();
-    match jsonwebtoken::crypto::verify(signature, message, &key.key, key.algorithm) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(bad(
-                "bad_signature",
-                "token signature does not verify against the configured key",
-            ));
-        }
-        Err(_) => return Err(bad("bad_signature", "token signature is malformed")),
+    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+        return Err(bad("bad_signature", "token signature is malformed"));
+    };
+    if !key.verifies(message, &signature) {
+        return Err(bad(
+            "bad_signature",
+            "token signature does not verify against the configured key",
+        ));
     }
 
     // Claims are read only after the signature holds.
     let claims = decode_json_part(claims_b64, "claims")?;
-    check_claims(&claims, policy, now)
+    Ok((check_claims(&claims, policy, now)?, kid.to_string()))
 }
 
 fn number_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, Refusal> {
@@ -341,11 +446,6 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
         Algorithm::PS256 => "PS256",
         Algorithm::PS384 => "PS384",
         Algorithm::PS512 => "PS512",
-        Algorithm::EdDSA => "EdDSA",
-        Algorithm::HS256 => "HS256",
-        Algorithm::HS384 => "HS384",
-        Algorithm::HS512 => "HS512",
-        _ => "unsupported",
     }
 }
 
@@ -354,7 +454,8 @@ pub fn algorithm_name(a: Algorithm) -> &'static str {
 /// the tokens already pass through this memory, and nothing here is ever logged or exported.)
 pub struct TokenCache {
     capacity: usize,
-    entries: HashMap<Rc<str>, Identity>,
+    /// Each token's identity and the `kid` of the key that verified it.
+    entries: HashMap<Rc<str>, (Identity, Rc<str>)>,
     order: VecDeque<Rc<str>>,
     /// Tokens that failed verification, with their refusal, until `REFUSED_TTL` after: the same
     /// bad token sent again costs a lookup, not a signature check.
@@ -434,7 +535,7 @@ impl TokenCache {
 
     /// A cached identity, if the token was verified before and has not expired since.
     pub fn get(&mut self, token: &str, now: u64, skew: u64) -> Option<Identity> {
-        let hit = self.entries.get(token)?;
+        let (hit, _) = self.entries.get(token)?;
         if now > hit.expires_at.saturating_add(skew) {
             self.entries.remove(token);
             return None;
@@ -442,9 +543,47 @@ impl TokenCache {
         Some(hit.clone())
     }
 
+    /// The cache for a new configuration, from this one's: a verified token stays verified as
+    /// long as what it was checked against did not change. Issuers, audiences, skew or maximum
+    /// lifetime changed: every token is checked again. Otherwise a token stays only if the `kid`
+    /// that verified it names the same key (algorithm and material) in `new`: removing or
+    /// replacing a key evicts exactly its tokens. Remembered refusals are dropped (a new key may
+    /// make a refused token good); the failure budget of this second is kept.
+    pub fn carry_over(mut self, old: &TokenPolicy, new: &TokenPolicy, capacity: usize) -> TokenCache {
+        self.capacity = capacity.max(1);
+        self.refused.clear();
+        self.refused_order.clear();
+        let same_claims = old.issuers == new.issuers
+            && old.audiences == new.audiences
+            && old.clock_skew == new.clock_skew
+            && old.max_lifetime == new.max_lifetime;
+        if !same_claims {
+            self.entries.clear();
+            self.order.clear();
+            return self;
+        }
+        let unchanged = |kid: &str| match (old.keys.get(kid), new.keys.get(kid)) {
+            (Some(a), Some(b)) => a.algorithm == b.algorithm && a.material == b.material,
+            _ => false,
+        };
+        self.entries.retain(|_, (_, kid)| unchanged(kid));
+        let entries = &self.entries;
+        self.order.retain(|k| entries.contains_key(k));
+        // A smaller capacity: the oldest go first, as on insertion.
+        while self.entries.len() > self.capacity {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.entries.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        self
+    }
+
     /// Adds a verified token, evicting the oldest entries when full. O(1) amortised: under a
     /// stream of new tokens (every request a miss) the cache must not add linear work.
-    pub fn insert(&mut self, token: &str, identity: Identity) {
+    pub fn insert(&mut self, token: &str, identity: Identity, kid: &str) {
         if self.entries.contains_key(token) {
             return;
         }
@@ -457,7 +596,7 @@ impl TokenCache {
             }
         }
         let key: Rc<str> = Rc::from(token);
-        self.entries.insert(Rc::clone(&key), identity);
+        self.entries.insert(Rc::clone(&key), (identity, Rc::from(kid)));
         self.order.push_back(key);
         // Entries dropped on expiry leave their key in `order`; compact now and then.
         if self.order.len() > self.capacity.saturating_mul(2) {
@@ -484,9 +623,9 @@ pub fn authenticate(
     if !cache.may_verify(now) {
         return Err(Refusal::throttled());
     }
-    match verify(&token, policy, now) {
-        Ok(identity) => {
-            cache.insert(&token, identity.clone());
+    match verify_with_kid(&token, policy, now) {
+        Ok((identity, kid)) => {
+            cache.insert(&token, identity.clone(), &kid);
             Ok((identity, false))
         }
         Err(r) => {
@@ -514,6 +653,7 @@ const CHECKED_BEFORE_SIGNATURE: &[&str] = &[
 pub(crate) mod tests {
     use super::*;
     use crate::testkeys::*;
+    use jsonwebtoken::Algorithm;
 
     fn claims(ns: &str, sa: &str, now: u64) -> Value {
         serde_json::json!({
@@ -672,6 +812,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_rsa_algorithm_verifies_with_its_pre_parsed_key() {
+        // The RSA test key configured once per algorithm; a token of each verifies, and a token
+        // signed with one hash is refused by the key configured for another.
+        for alg in ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"] {
+            let mut keys = jwks();
+            keys["keys"][0]["alg"] = alg.into();
+            let policy = crate::testkeys::policy_with(keys);
+            let jwt_alg: Algorithm = alg.parse().unwrap();
+            let t = sign(RSA_KID, jwt_alg, &claims("demo", "default", NOW));
+            assert!(verify(&t, &policy, NOW).is_ok(), "{alg}");
+            let mut other = sign(RSA_KID, jwt_alg, &claims("demo", "default", NOW));
+            // Same header, another algorithm's signature over it: fails the check.
+            let wrong = if alg == "RS256" {
+                Algorithm::RS384
+            } else {
+                Algorithm::RS256
+            };
+            let (head, _) = other.rsplit_once('.').unwrap();
+            let (_, sig) = sign(RSA_KID, wrong, &claims("demo", "default", NOW))
+                .rsplit_once('.')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .unwrap();
+            other = format!("{head}.{sig}");
+            assert_eq!(
+                verify(&other, &policy, NOW).unwrap_err().reason,
+                "bad_signature",
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ec_point_off_the_curve_is_refused_with_the_configuration() {
+        let mut keys = jwks();
+        // Another y: (x, y) is then not a point of P-256.
+        keys["keys"][1]["y"] = URL_SAFE_NO_PAD.encode([7u8; 32]).into();
+        let doc = serde_json::json!({
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": keys},
+            "connectors": [{"namespace": "n", "name": "c", "address": "http://h", "cluster": "c",
+                            "credential": {"username": "u", "passwordEnv": "P"}}]
+        });
+        let errors = crate::config::compile(doc.to_string().as_bytes(), &|_| Some("p".into()))
+            .err()
+            .unwrap();
+        assert!(
+            errors.iter().any(|e| e.to_string().contains("not on the curve")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn header_alg_must_equal_the_keys() {
         // An ES256 signature presented under the RSA key's kid is refused before any crypto.
         let t = sign_with_kid_of(EC_KID, RSA_KID, Algorithm::ES256, &claims("demo", "d", NOW));
@@ -699,6 +890,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_new_configuration_keeps_tokens_whose_key_stayed_and_evicts_exactly_a_removed_keys() {
+        let old = policy();
+        let mut cache = TokenCache::new(8);
+        let rsa = format!(
+            "Bearer {}",
+            sign(RSA_KID, Algorithm::RS256, &claims("demo", "rsa", NOW))
+        );
+        let ec = format!("Bearer {}", sign(EC_KID, Algorithm::ES256, &claims("demo", "ec", NOW)));
+        for t in [&rsa, &ec] {
+            assert!(!authenticate(&[t.as_str()], &old, &mut cache, NOW).unwrap().1);
+        }
+        // The same configuration again (a push that changed something else): both stay verified.
+        let same = policy();
+        let mut cache = cache.carry_over(&old, &same, 8);
+        for t in [&rsa, &ec] {
+            assert!(
+                authenticate(&[t.as_str()], &same, &mut cache, NOW).unwrap().1,
+                "still a hit"
+            );
+        }
+        // The EC key removed: its token is gone (refused now), the RSA key's stays a hit.
+        let mut keys = jwks();
+        keys["keys"].as_array_mut().unwrap().remove(1);
+        let without_ec = crate::testkeys::policy_with(keys);
+        let mut cache = cache.carry_over(&same, &without_ec, 8);
+        assert_eq!(cache.len(), 1);
+        assert!(authenticate(&[rsa.as_str()], &without_ec, &mut cache, NOW).unwrap().1);
+        assert_eq!(
+            authenticate(&[ec.as_str()], &without_ec, &mut cache, NOW)
+                .unwrap_err()
+                .reason,
+            "unknown_kid"
+        );
+        // The same kid now naming another key (the RSA key's material under the EC kid is not
+        // possible here; change its algorithm instead): its tokens are checked again.
+        let mut keys = jwks();
+        keys["keys"].as_array_mut().unwrap().remove(1);
+        keys["keys"][0]["alg"] = "PS256".into();
+        let ps = crate::testkeys::policy_with(keys);
+        let cache = cache.carry_over(&without_ec, &ps, 8);
+        assert!(cache.is_empty());
+        // Another audience list: nothing verified under the old claims policy is kept.
+        let mut cache = TokenCache::new(8);
+        authenticate(&[rsa.as_str()], &old, &mut cache, NOW).unwrap();
+        let mut other = policy();
+        other.audiences.insert("another".into());
+        assert!(cache.carry_over(&old, &other, 8).is_empty());
+    }
+
+    #[test]
     fn cache_is_bounded() {
         let mut cache = TokenCache::new(3);
         let id = |exp| Identity {
@@ -706,14 +947,14 @@ pub(crate) mod tests {
             service_account: "s".into(),
             expires_at: exp,
         };
-        cache.insert("a", id(NOW + 10));
-        cache.insert("b", id(NOW + 1000));
-        cache.insert("c", id(NOW + 1000));
+        cache.insert("a", id(NOW + 10), "k");
+        cache.insert("b", id(NOW + 1000), "k");
+        cache.insert("c", id(NOW + 1000), "k");
         // An expired entry is dropped when looked up.
         assert!(cache.get("a", NOW + 20, 0).is_none());
         assert_eq!(cache.len(), 2);
-        cache.insert("d", id(NOW + 1000));
-        cache.insert("e", id(NOW + 1000));
+        cache.insert("d", id(NOW + 1000), "k");
+        cache.insert("e", id(NOW + 1000), "k");
         // Full: the oldest live entry ("b") went.
         assert_eq!(cache.len(), 3);
         assert!(cache.get("b", NOW + 20, 0).is_none());
@@ -722,7 +963,7 @@ pub(crate) mod tests {
         }
         // A stream of new tokens keeps the size and the bookkeeping bounded.
         for i in 0..100 {
-            cache.insert(&format!("t{i}"), id(NOW + 1000));
+            cache.insert(&format!("t{i}"), id(NOW + 1000), "k");
         }
         assert_eq!(cache.len(), 3);
         assert!(cache.order.len() <= 6);

@@ -48,6 +48,42 @@ pub fn secrets_of(sent: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// How many credentials [`SecretsMemo`] remembers before it starts over (connectors' credentials
+/// and upstream tokens in use at once; a larger set only costs recomputation).
+const MEMO_CAPACITY: usize = 256;
+
+/// [`secrets_of`] once per credential, not once per answer: deriving them decodes base64 and
+/// escapes JSON, and every forwarded answer is checked against them. Keyed by the credential
+/// value, so a rotated credential or a new upstream token gets its own entry. No `Debug`: it
+/// holds credentials.
+#[derive(Default)]
+pub struct SecretsMemo {
+    entries: std::collections::HashMap<String, std::rc::Rc<[Vec<u8>]>>,
+}
+
+impl SecretsMemo {
+    /// The secrets of the `Authorization` value `sent` (computed on first sight).
+    pub fn of(&mut self, sent: &str) -> std::rc::Rc<[Vec<u8>]> {
+        if let Some(s) = self.entries.get(sent) {
+            return std::rc::Rc::clone(s);
+        }
+        if self.entries.len() >= MEMO_CAPACITY {
+            self.entries.clear();
+        }
+        let s: std::rc::Rc<[Vec<u8>]> = secrets_of(sent).into();
+        self.entries.insert(sent.to_string(), std::rc::Rc::clone(&s));
+        s
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Whether `haystack` contains any of `secrets`.
 pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
     secrets
@@ -64,6 +100,26 @@ mod tests {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
         )
+    }
+
+    #[test]
+    fn the_memo_derives_each_credential_once_and_stays_bounded() {
+        let mut memo = SecretsMemo::default();
+        let a = memo.of(&basic("robot", "s3cret"));
+        let again = memo.of(&basic("robot", "s3cret"));
+        assert!(
+            std::rc::Rc::ptr_eq(&a, &again),
+            "the second answer reuses the first derivation"
+        );
+        assert_eq!(&*a, secrets_of(&basic("robot", "s3cret")).as_slice());
+        // A rotated credential is a new entry with its own secrets.
+        let rotated = memo.of(&basic("robot", "n3w-pw"));
+        assert!(contains_any(b"n3w-pw", &rotated) && !contains_any(b"s3cret", &rotated));
+        assert_eq!(memo.len(), 2);
+        for i in 0..MEMO_CAPACITY * 2 {
+            memo.of(&format!("Bearer token-{i}"));
+        }
+        assert!(memo.len() <= MEMO_CAPACITY);
     }
 
     #[test]

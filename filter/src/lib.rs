@@ -5,6 +5,7 @@
 //! - [`config`]: the JSON configuration, validated as a whole and compiled;
 //! - [`route`]: distribution paths, address forms and name grammars;
 //! - [`identity`]: credential extraction, JWT verification, the verified-token cache;
+//! - [`pkcs1`]: RSA PKCS#1 v1.5 signature checks on keys prepared per configuration;
 //! - [`engine`]: the request and response decisions;
 //! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
 //! - [`respond`]: refusals as OCI error responses;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod identity;
 pub mod leak;
+pub mod pkcs1;
 pub mod respond;
 pub mod rewrite;
 pub mod route;

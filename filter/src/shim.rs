@@ -7,8 +7,8 @@
 //! call that fails is a refusal (fail closed) or, for a request that has gone away, nothing.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -29,24 +29,111 @@ use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, 
 /// request fails with 503; it is never forwarded without the connector's credential.
 const UPSTREAM_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bumped on every accepted configuration: tokens fetched with an older credential are never
-/// used again (they are keyed by generation).
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// The compiled configuration and the caches of this VM (one per Envoy worker).
+/// The compiled configuration and the caches of this VM (one per Envoy worker). The caches
+/// outlive a configuration: a new one keeps what it did not change (see [`State::next`]).
 struct State {
     config: Config,
     cache: TokenCache,
     upstream: UpstreamAuth,
-    generation: u64,
     /// Credentials and access decisions from the controller's loopback channel.
     credentials: CredentialCache,
     access: AccessCache,
+    /// What each credential sent upstream must never be echoed as, derived once per credential.
+    secrets: crate::leak::SecretsMemo,
+    hot: HotMetrics,
     last_kid_notice: Option<u64>,
     root_id: u32,
 }
 
+impl State {
+    /// The state for `config`, carrying over from `old` every cache entry `config` still
+    /// supports: verified tokens whose key is unchanged, and per connector whose revision is
+    /// unchanged its learned challenge, upstream tokens and controller credential; access
+    /// decisions of connectors still configured. A push that changes one connector or one key
+    /// costs exactly that connector's or key's entries.
+    fn next(old: Option<State>, config: Config, root_id: u32) -> State {
+        let hot = HotMetrics::define(&config);
+        let Some(old) = old else {
+            return State {
+                cache: TokenCache::new(config.token_cache_size),
+                config,
+                upstream: UpstreamAuth::default(),
+                credentials: CredentialCache::default(),
+                access: AccessCache::default(),
+                secrets: crate::leak::SecretsMemo::default(),
+                hot,
+                last_kid_notice: None,
+                root_id,
+            };
+        };
+        let State {
+            config: old_config,
+            cache,
+            mut upstream,
+            mut credentials,
+            mut access,
+            secrets,
+            last_kid_notice,
+            ..
+        } = old;
+        let old_revision = |label: &str| old_config.connector_by_label(label).map(|c| c.revision);
+        let revision = |label: &str| config.connector_by_label(label).map(|c| c.revision);
+        upstream.carry_over(old_revision, revision);
+        credentials.retain_connectors(|label| revision(label).is_some() && revision(label) == old_revision(label));
+        access.retain_connectors(|label| revision(label).is_some());
+        let cache = cache.carry_over(&old_config.policy, &config.policy, config.token_cache_size);
+        State {
+            cache,
+            upstream,
+            credentials,
+            access,
+            secrets,
+            hot,
+            last_kid_notice,
+            root_id,
+            config,
+        }
+    }
+}
+
+/// Stat ids the forwarded path increments, defined when the configuration is accepted: the
+/// request path builds no stat name and defines nothing. `None`: the host refused the
+/// definition, and the name is tried again on use (see [`count`]).
+#[derive(Default)]
+struct HotMetrics {
+    forwarded: HashMap<String, u32>,
+    hits: Option<u32>,
+    misses: Option<u32>,
+}
+
+impl HotMetrics {
+    fn define(config: &Config) -> HotMetrics {
+        HotMetrics {
+            forwarded: config
+                .connectors
+                .iter()
+                .filter_map(|c| {
+                    let label = c.label();
+                    metric_id(&crate::stats::forwarded(&label)).map(|id| (label, id))
+                })
+                .collect(),
+            hits: metric_id(crate::stats::token_cache(true)),
+            misses: metric_id(crate::stats::token_cache(false)),
+        }
+    }
+}
+
 type Shared = Rc<RefCell<Option<State>>>;
+
+thread_local! {
+    /// The VM's one state (a VM serves one Envoy worker). Envoy gives every new filter
+    /// configuration a new root context in the same VM; a state per root would start every
+    /// configuration with empty caches. Each accepted configuration replaces the config here
+    /// and carries the caches over ([`State::next`]); requests still running under the
+    /// previous root use the new configuration for what they look up later. One filter per
+    /// `vm_id` (as every bootstrap here has it): two plugins sharing a VM would share this.
+    static VM_STATE: Shared = Shared::default();
+}
 
 // The SDK's entry-point macro expands to an `unsafe` block and `#[no_mangle]` export.
 #[allow(unsafe_code)]
@@ -72,17 +159,22 @@ thread_local! {
     static METRICS: RefCell<std::collections::HashMap<String, u32>> = RefCell::new(std::collections::HashMap::new());
 }
 
-/// Adds one to the counter `name` (see [`crate::stats`] for the names).
-fn count(name: &str) {
-    let id = METRICS.with(|m| {
+/// The id of counter `name`, defined on first use (and again by a later call if the host
+/// refused it).
+fn metric_id(name: &str) -> Option<u32> {
+    METRICS.with(|m| {
         if let Some(id) = m.borrow().get(name) {
             return Some(*id);
         }
         let id = host::define_counter(name).ok()?;
         m.borrow_mut().insert(name.to_string(), id);
         Some(id)
-    });
-    if let Some(id) = id {
+    })
+}
+
+/// Adds one to the counter `name` (see [`crate::stats`] for the names).
+fn count(name: &str) {
+    if let Some(id) = metric_id(name) {
         let _ = host::increment(id, 1);
     }
 }
@@ -113,9 +205,6 @@ impl RootContext for Root {
             // 0: trace, 1: debug.
             d.set(matches!(host::log_level(), Some(0 | 1)))
         });
-        let Ok(mut slot) = self.state.try_borrow_mut() else {
-            return false;
-        };
         match compiled {
             Ok(config) => {
                 log(
@@ -126,21 +215,19 @@ impl RootContext for Root {
                         config.policy.keys.len()
                     ),
                 );
-                *slot = Some(State {
-                    cache: TokenCache::new(config.token_cache_size),
-                    config,
-                    upstream: UpstreamAuth::default(),
-                    credentials: CredentialCache::default(),
-                    access: AccessCache::default(),
-                    last_kid_notice: None,
-                    root_id: self.id,
-                    generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
-                });
+                let shared = VM_STATE.with(Rc::clone);
+                let Ok(mut slot) = shared.try_borrow_mut() else {
+                    return false;
+                };
+                *slot = Some(State::next(slot.take(), config, self.id));
+                drop(slot);
+                self.state = shared;
                 true
             }
             Err(errors) => {
-                // Fail closed: no state means every request is refused.
-                *slot = None;
+                // Fail closed: this root's requests get no state and are refused. The VM's state
+                // stays for the root of the configuration Envoy keeps running.
+                self.state = Shared::default();
                 log(
                     LogLevel::Error,
                     &format!("configuration refused, {} problem(s):", errors.len()),
@@ -161,7 +248,7 @@ impl RootContext for Root {
             realm: String::new(),
             waiting: None,
             used_token: None,
-            sent_basic: String::new(),
+            sent_secrets: None,
             check_body: false,
             status: 0,
         }))
@@ -205,6 +292,8 @@ struct Target {
     /// The connector's Basic credential: sent to Basic upstreams and to token realms. Empty
     /// until the controller supplied it, for a controller-sourced credential.
     basic: String,
+    /// The connector's revision: its upstream tokens are cached under it.
+    revision: u64,
 }
 
 struct Http {
@@ -216,9 +305,9 @@ struct Http {
     waiting: Option<Waiting>,
     /// The cached upstream token this request carries: dropped if the upstream refuses it.
     used_token: Option<TokenKey>,
-    /// The connector's Basic credential this request was forwarded with (also what a token
-    /// service got): an upstream answer must never repeat it.
-    sent_basic: String,
+    /// What the connector's Basic credential this request was forwarded with (also what a
+    /// token service got) looks like in an answer: an upstream answer must never repeat it.
+    sent_secrets: Option<Rc<[Vec<u8>]>>,
     /// An error answer's body is held and read before anything of the answer leaves: it must not
     /// repeat the credential, and a `400` may be ECR Public's `DENIED` for an expired token.
     check_body: bool,
@@ -525,13 +614,16 @@ impl Http {
     }
 
     /// What this request's upstream answer must never contain: the connector's credential and
-    /// the upstream token it carried.
-    fn secrets(&self) -> Vec<Vec<u8>> {
-        let mut out = crate::leak::secrets_of(&self.sent_basic);
+    /// the upstream token it carried (each derived once per credential, see `SecretsMemo`).
+    fn secrets(&self) -> Vec<Rc<[Vec<u8>]>> {
+        let mut out: Vec<Rc<[Vec<u8>]>> = self.sent_secrets.iter().cloned().collect();
         if let Some(k) = &self.used_token
-            && let Ok(Some(t)) = self.with_state(|st| st.upstream.token_value(k).map(str::to_string))
+            && let Ok(Some(t)) = self.with_state(|st| {
+                let token = st.upstream.token_value(k)?;
+                Some(st.secrets.of(token))
+            })
         {
-            out.extend(crate::leak::secrets_of(&t));
+            out.push(t);
         }
         out
     }
@@ -668,7 +760,12 @@ impl Http {
     /// token (cached, fetched by this request, or fetched by another one this request waits
     /// for). The first request to a connector asks the upstream which it wants.
     fn authorize_upstream(&mut self, target: Target, scopes: Vec<String>, now: u64) -> Action {
-        self.sent_basic.clone_from(&target.basic);
+        // Without the VM's state (no configuration) the request is refused below; derive them
+        // anyway so no path checks an answer against nothing.
+        self.sent_secrets = Some(
+            self.with_state(|st| st.secrets.of(&target.basic))
+                .unwrap_or_else(|_| crate::leak::secrets_of(&target.basic).into()),
+        );
         enum Plan {
             Header(String, Option<TokenKey>),
             Probe,
@@ -687,7 +784,7 @@ impl Http {
             Some(Challenge::Open | Challenge::Basic) => Plan::Header(target.basic.clone(), None),
             Some(Challenge::Bearer(realm)) => {
                 let realm = realm.clone();
-                let key = token_key(&target.connector, st.generation, &realm, &scopes);
+                let key = token_key(&target.connector, target.revision, &realm, &scopes);
                 match st.upstream.step(&key, id, now) {
                     Step::Send(v) => Plan::Header(v, Some(key)),
                     Step::Wait(k) => Plan::Wait(k),
@@ -838,8 +935,21 @@ impl HttpContext for Http {
                 {
                     return self.refuse(cannot_edit());
                 }
-                count(&crate::stats::forwarded(&f.response.connector));
-                count(crate::stats::token_cache(f.cache_hit));
+                // Ids defined with the configuration: no stat name is built here.
+                let ids = self
+                    .with_state(|st| {
+                        let cache = if f.cache_hit { st.hot.hits } else { st.hot.misses };
+                        (st.hot.forwarded.get(&f.response.connector).copied(), cache)
+                    })
+                    .unwrap_or_default();
+                match ids.0 {
+                    Some(id) => drop(host::increment(id, 1)),
+                    None => count(&crate::stats::forwarded(&f.response.connector)),
+                }
+                match ids.1 {
+                    Some(id) => drop(host::increment(id, 1)),
+                    None => count(crate::stats::token_cache(f.cache_hit)),
+                }
                 // Access-log fields: who used which connector (never a credential).
                 let subject = f.caller.subject();
                 let _ = host::set_property(&[crate::stats::CONNECTOR_PROPERTY], f.response.connector.as_bytes());
@@ -869,6 +979,7 @@ impl HttpContext for Http {
                     scheme: f.response.upstream.scheme.clone(),
                     authority: f.authority,
                     basic,
+                    revision: f.revision,
                 };
                 self.plan = Some(f.response);
                 self.proceed(target, f.scopes, now)
@@ -892,7 +1003,10 @@ impl HttpContext for Http {
         let has_challenge = headers.iter().any(|(k, _)| k == "www-authenticate");
         // An upstream that repeats the credential it was sent, in any header, is not answered.
         let secrets = self.secrets();
-        if headers.iter().any(|(_, v)| crate::leak::contains_any(v, &secrets)) {
+        if headers
+            .iter()
+            .any(|(_, v)| secrets.iter().any(|s| crate::leak::contains_any(v, s)))
+        {
             return self.refuse(credential_echoed(&plan.connector, "a response header"));
         }
         // Cookies of one upstream would be stored for the proxy's origin, shared by every
@@ -974,7 +1088,7 @@ impl HttpContext for Http {
         let Ok(body) = host::buffer(Buffer::ResponseBody, body_size) else {
             return self.withhold_body(body_size, true, Some(unreadable_answer()));
         };
-        if crate::leak::contains_any(&body, &self.secrets()) {
+        if self.secrets().iter().any(|s| crate::leak::contains_any(&body, s)) {
             return self.withhold_body(body_size, true, Some(credential_echoed(&connector, "its error body")));
         }
         // ECR Public answers an expired token with 400 DENIED rather than 401.

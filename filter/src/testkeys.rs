@@ -41,8 +41,13 @@ pub fn jwks() -> Value {
 }
 
 pub fn policy() -> TokenPolicy {
+    policy_with(jwks())
+}
+
+/// The policy for another key set (e.g. the test keys with other `alg`s).
+pub fn policy_with(jwks: Value) -> TokenPolicy {
     let doc = serde_json::json!({
-        "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+        "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks},
         "connectors": [{"namespace": "n", "name": "c", "address": "http://h", "cluster": "c",
                         "credential": {"username": "u", "passwordEnv": "P"}}]
     });

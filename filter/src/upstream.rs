@@ -350,11 +350,11 @@ pub fn is_denied(body: &[u8]) -> bool {
         })
 }
 
-/// Token cache key: connector, credential generation, service and scopes.
+/// Token cache key: connector, its revision (see `Connector::revision`), service and scopes.
 pub type TokenKey = String;
 
-pub fn token_key(connector: &str, generation: u64, realm: &BearerRealm, scopes: &[String]) -> TokenKey {
-    format!("{connector}|{generation}|{}|{}", realm.service, scopes.join(" "))
+pub fn token_key(connector: &str, revision: u64, realm: &BearerRealm, scopes: &[String]) -> TokenKey {
+    format!("{connector}|{revision}|{}|{}", realm.service, scopes.join(" "))
 }
 
 struct CachedToken {
@@ -472,6 +472,23 @@ impl UpstreamAuth {
 
     pub fn cached_tokens(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Keeps what a new configuration can still use: `revision(label)` is the connector's
+    /// revision in it (`None`: removed). A connector whose revision is unchanged keeps its
+    /// learned challenge and tokens; a changed one (address, realms, credential) learns and
+    /// fetches again. Fetches in flight stay: their waiters are resumed either way, and a token
+    /// they bring under an old revision is never looked up again.
+    pub fn carry_over(&mut self, old_revision: impl Fn(&str) -> Option<u64>, revision: impl Fn(&str) -> Option<u64>) {
+        self.challenges
+            .retain(|label, _| revision(label).is_some() && revision(label) == old_revision(label));
+        self.tokens.retain(|key, _| {
+            let mut parts = key.splitn(3, '|');
+            match (parts.next(), parts.next().and_then(|r| r.parse::<u64>().ok())) {
+                (Some(label), Some(r)) => revision(label) == Some(r),
+                _ => false,
+            }
+        });
     }
 }
 

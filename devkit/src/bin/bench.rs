@@ -5,7 +5,9 @@
 //!   filter, Envoy with the filter and a warm token cache, and with a new token on every request
 //!   (signature work on every request);
 //! - **a static upstream** (nginx serving the same manifest bytes), where Envoy itself is the
-//!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays.
+//!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays, and
+//!   Envoy's native `jwt_authn` checking the same RS256 and ES256 tokens (what a user would pick
+//!   for token checking alone).
 //!
 //! Scenarios are interleaved over several rounds; ratios are taken within a round and the median
 //! reported, because this machine is shared and noisy. The load comes from `wrk` (one thread,
@@ -18,14 +20,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
+use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, bootstrap, filter_config};
 use connector_devkit::http::Request;
 use connector_devkit::image;
 use connector_devkit::registry::{Credentials, Registry};
 use connector_devkit::skopeo::{Creds, Skopeo};
 use connector_devkit::static_upstream::StaticUpstream;
 use connector_devkit::token_server::TokenServer;
-use connector_devkit::tokens::Minter;
+use connector_devkit::tokens::{AUDIENCE, ISSUER, KeyChoice, Minter};
 use connector_devkit::{Result, WorkDir, procs, require_wasm};
 
 const NS: &str = "bench";
@@ -223,6 +225,15 @@ fn run() -> Result<()> {
         let minter = Minter::new(&work.sub("keys")?)?;
         return flood_table(&work, &minter, &wasm, seconds, rounds);
     }
+    if arg("--blob-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        let token = minter.valid(NS, "default")?;
+        return blob_table(&work, &minter, &wasm, &token, arg("--blob-mib", 1024), rounds);
+    }
+    if arg("--push-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return push_table(&work, &minter, seconds, rounds);
+    }
     if arg("--pulls-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return pull_table(&work, &minter, &wasm, &Skopeo::new(&work)?, rounds);
@@ -253,6 +264,18 @@ fn run() -> Result<()> {
     }
     let fresh_file = work.path().join("fresh-tokens.txt");
     std::fs::write(&fresh_file, fresh.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
+    let mut fresh_ec = Vec::with_capacity(FRESH_TOKENS);
+    for i in 0..FRESH_TOKENS {
+        fresh_ec.push(
+            minter
+                .token(NS, "default")
+                .key(KeyChoice::Ec)
+                .claim("jti", serde_json::json!(format!("bench-ec-{i}")))
+                .mint()?,
+        );
+    }
+    let fresh_ec_file = work.path().join("fresh-ec-tokens.txt");
+    std::fs::write(&fresh_ec_file, fresh_ec.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
     let warm_file = work.path().join("warm-token.txt");
     std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
 
@@ -294,6 +317,36 @@ fn run() -> Result<()> {
     let st_plain = start_envoy("bench-static-plain", static_up.port, None)?;
     let st_noop = start_envoy("bench-static-noop", static_up.port, Some((&noop, true)))?;
     let st_filter = start_envoy("bench-static-filter", static_up.port, Some((&wasm, false)))?;
+    // Envoy's native JWT filter with the same keys, issuer and audience, in front of a plain route.
+    let jwt_work = WorkDir::new("bench-static-jwt-authn")?;
+    let st_jwt = Envoy::start_custom(&jwt_work, "envoy", |port, admin| {
+        let spec = EnvoySpec {
+            clusters: vec![Cluster {
+                name: "upstream_bench".into(),
+                port: static_up.port,
+            }],
+            filter: None,
+        };
+        let mut b = bootstrap(&spec, port, admin);
+        let jwt_authn = serde_json::json!({
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": { "k8s": {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "local_jwks": { "inline_string": minter.jwks().to_string() },
+                    "from_headers": [{ "name": "Authorization", "value_prefix": "Bearer " }],
+                }},
+                "rules": [{ "match": { "prefix": "/" }, "requires": { "provider_name": "k8s" } }],
+            },
+        });
+        let filters = &mut b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"];
+        if let Some(list) = filters.as_array_mut() {
+            list.insert(0, jwt_authn);
+        }
+        b
+    })?;
 
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
     let sc =
@@ -404,12 +457,42 @@ fn run() -> Result<()> {
         ),
         sc(
             st,
-            "Envoy + filter, new token every request",
+            "Envoy + filter, new RS256 token every request",
             false,
             st_filter.port,
             &proxy_path,
             Some(&fresh_file),
             Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + jwt_authn (native), new RS256 token every request",
+            false,
+            st_jwt.port,
+            &direct_path,
+            Some(&fresh_file),
+            Some(&st_jwt),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + filter, new ES256 token every request",
+            false,
+            st_filter.port,
+            &proxy_path,
+            Some(&fresh_ec_file),
+            Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + jwt_authn (native), new ES256 token every request",
+            false,
+            st_jwt.port,
+            &direct_path,
+            Some(&fresh_ec_file),
+            Some(&st_jwt),
             sp,
         ),
     ];
@@ -468,10 +551,18 @@ fn run() -> Result<()> {
     println!();
     println!("filter module: {} bytes ({:.0} KiB)", size, size as f64 / 1024.0);
     println!(
-        "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair)",
+        "Envoy resident memory after the manifest rounds: {} MiB without the filter, {} MiB with it (Distribution upstream pair); \
+         static upstream: {} MiB without a filter, {} MiB with the no-op wasm filter, {} MiB with the filter",
         procs::rss_kib(reg_plain.pid()) / 1024,
-        procs::rss_kib(reg_filter.pid()) / 1024
+        procs::rss_kib(reg_filter.pid()) / 1024,
+        procs::rss_kib(st_plain.pid()) / 1024,
+        procs::rss_kib(st_noop.pid()) / 1024,
+        procs::rss_kib(st_filter.pid()) / 1024
     );
+    println!("{}", host_calls(&wasm));
+    if arg("--manifest-only", 0) == 1 {
+        return Ok(());
+    }
 
     pull_table(&work, &minter, &wasm, &skopeo, rounds)?;
 
@@ -616,6 +707,188 @@ fn token_table(
         "token service requests during the measured rounds: {fetches} (the filter's upstream token stayed cached)"
     );
     Ok(())
+}
+
+/// Warm manifest GETs while the controller pushes a new filter configuration every second (a
+/// Secret of *another* connector rotated), against the same load without pushes: the caches
+/// of the measured connector (verified token, learned challenge, upstream token) must survive
+/// every push. A token-auth upstream, so an upstream token flushed by a push would show as a
+/// token-service request.
+fn push_table(work: &WorkDir, minter: &Minter, seconds: u32, rounds: u32) -> Result<()> {
+    use connector_devkit::controller::Controller;
+    let robot = Credentials {
+        username: "robot".into(),
+        password: connector_devkit::random_secret()?,
+    };
+    let tokens = TokenServer::start(work, &robot.username, &robot.password)?;
+    tokens.set_expires_in(3600);
+    let tw = WorkDir::new("bench-push-registry")?;
+    let registry = Registry::start_token_auth(&tw, &tokens, robot.clone())?;
+    let skopeo = Skopeo::new(work)?;
+    let sample = image::build_sample(work, "bench", "v1", 2)?;
+    image::push(
+        &skopeo,
+        &sample,
+        &registry.authority(),
+        REPO,
+        Creds::Basic(&robot.username, &robot.password),
+    )?;
+    let manifests = work.sub("push-manifests")?;
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .map_err(|e| format!("write identity: {e}"))?;
+    let put = |file: &str, text: String| -> Result<()> {
+        let tmp = manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).map_err(|e| format!("write {file}: {e}"))?;
+        std::fs::rename(&tmp, manifests.join(file)).map_err(|e| format!("rename {file}: {e}"))
+    };
+    let secret = |name: &str, password: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
+        )
+    };
+    let connector = |name: &str, secret: &str| {
+        format!(
+            "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  address: {}\n  tokenRealms:\n  - url: {}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: {secret}\n  connectorClassName: oci\n",
+            registry.url(),
+            tokens.realm()
+        )
+    };
+    put("robot.yaml", secret("robot", &robot.password))?;
+    put(&format!("{CONNECTOR}.yaml"), connector(CONNECTOR, "robot"))?;
+    put("other-secret.yaml", secret("other-secret", "rotated-0"))?;
+    put("other.yaml", connector("other", "other-secret"))?;
+    let cw = WorkDir::new("bench-push-controller")?;
+    let controller = Controller::start(&cw, &manifests, &identity)?;
+    let envoy = Envoy::start_xds(
+        &cw,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )?;
+    let warm = minter.valid(NS, "default")?;
+    let warm_file = work.path().join("push-warm-token.txt");
+    std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
+    let path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let started = Instant::now();
+    loop {
+        let r = Request::get(&path)
+            .header("Accept", MANIFEST_ACCEPT)
+            .bearer(&warm)
+            .send(envoy.port)?;
+        if r.status == 200 {
+            break;
+        }
+        if started.elapsed().as_secs() > 20 {
+            return Err(format!(
+                "pre-flight through the controller's Envoy answered {}",
+                r.summary()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let pushes = || -> f64 {
+        controller
+            .metrics()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("xds_pushes_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let script = work.path().join("push.lua");
+    std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
+    let scenario = |name| Scenario {
+        group: "push",
+        name,
+        baseline: false,
+        upstream_pid: registry.pid(),
+        port: envoy.port,
+        path: path.clone(),
+        tokens: Some(warm_file.clone()),
+        envoy_pid: envoy.pid(),
+    };
+    let (quiet, pushed) = (
+        scenario("no configuration pushes"),
+        scenario("a configuration push every second"),
+    );
+    run_wrk(&quiet, &script, 2)?;
+    let mut samples: [Vec<Sample>; 2] = [vec![], vec![]];
+    let (mut fetches_quiet, mut fetches_pushed, mut pushes_seen, mut rotations) = (0, 0, 0.0, 0u32);
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}");
+        let before = tokens.requests().len();
+        samples[0].push(run_wrk(&quiet, &script, seconds)?);
+        fetches_quiet += tokens.requests().len() - before;
+        let (before, pushes_before) = (tokens.requests().len(), pushes());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let sample = std::thread::scope(|scope| {
+            let rotator = scope.spawn(|| {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    n += 1;
+                    if put(
+                        "other-secret.yaml",
+                        secret("other-secret", &format!("rotated-{round}-{n}")),
+                    )
+                    .is_err()
+                    {
+                        break;
+                    }
+                }
+                n
+            });
+            let sample = run_wrk(&pushed, &script, seconds);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            rotations += rotator.join().unwrap_or(0);
+            sample
+        })?;
+        // The last rotation's configuration reaches Envoy within a poll interval.
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        pushes_seen += pushes() - pushes_before;
+        fetches_pushed += tokens.requests().len() - before;
+        samples[1].push(sample);
+    }
+    println!();
+    println!(
+        "warm manifest GETs through the controller's Envoy (file mode, token-auth upstream), wrk -t1 -c16, {seconds} s x {rounds} rounds; \
+         pushes: the Secret of another connector rotated every second"
+    );
+    println!();
+    println!("| scenario | req/s | p50 ms | p99 ms | req/s vs no pushes | Envoy CPU µs/req | registry CPU µs/req |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let base: Vec<f64> = samples[0].iter().map(|x| x.rps).collect();
+    for (s, v) in [&quiet, &pushed].into_iter().zip(&samples) {
+        println!("| {} | {}", s.name, cells(s, v, &base));
+    }
+    println!();
+    println!(
+        "Secret rotations: {rotations}; xDS resources the controller pushed meanwhile: {pushes_seen:.0}; token service requests: \
+         {fetches_quiet} in the rounds without pushes, {fetches_pushed} in the rounds with pushes"
+    );
+    Ok(())
+}
+
+/// The proxy-wasm host calls of one warm forwarded request, counted by the wasmtime test host
+/// (`host-calls`, built by `make bench`; Envoy's V8 host cannot count them).
+fn host_calls(wasm: &Path) -> String {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/host-calls");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(wasm);
+    match procs::run(cmd, None).and_then(|o| o.ok()) {
+        Ok(o) => format!(
+            "proxy-wasm host calls per warm forwarded request (wasmtime host): {}",
+            o.stdout.trim()
+        ),
+        Err(e) => format!(
+            "proxy-wasm host calls per warm forwarded request: not counted ({e}; build it with `cargo build -p \
+             connector-wasm-host --bin host-calls`)"
+        ),
+    }
 }
 
 fn curl(args: &[&str]) -> Result<String> {

@@ -18,6 +18,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 mod abi;
+pub mod warm;
 
 /// proxy-wasm status codes (ABI 0.2.1).
 pub mod status {
@@ -461,11 +462,29 @@ impl Host {
 
     /// Creates an HTTP context under the root context; returns its id.
     pub fn new_stream(&mut self) -> Result<u32> {
+        self.new_stream_under(ROOT_ID)
+    }
+
+    /// Creates an HTTP context under root context `root`; returns its id.
+    pub fn new_stream_under(&mut self, root: u32) -> Result<u32> {
         let id = self.next_id;
         self.next_id += 1;
         self.rec_mut().streams.insert(id, Stream::default());
-        self.call::<_, ()>("proxy_on_context_create", (id as i32, ROOT_ID as i32))?;
+        self.call::<_, ()>("proxy_on_context_create", (id as i32, root as i32))?;
         Ok(id)
+    }
+
+    /// What Envoy does with a new filter configuration (ECDS) for a running VM: a new root
+    /// context in the same VM, configured with `config`. Returns its id and
+    /// `proxy_on_configure`'s answer.
+    pub fn new_root(&mut self, config: &[u8]) -> Result<(u32, bool)> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.call::<_, ()>("proxy_on_context_create", (id as i32, 0))?;
+        self.rec_mut().plugin_configuration = config.to_vec();
+        self.rec_mut().effective = id;
+        let ok: i32 = self.call("proxy_on_configure", (id as i32, config.len() as i32))?;
+        Ok((id, ok != 0))
     }
 
     pub fn stream(&self, id: u32) -> &Stream {

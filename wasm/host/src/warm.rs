@@ -1,0 +1,120 @@
+//! Owns the measurement of a warm forwarded request: the proxy-wasm host calls the shipped
+//! module makes for one manifest GET once every cache is warm (token verified, upstream scheme
+//! learned, metrics defined). Host calls are the filter's main per-request cost inside Envoy, so
+//! the test `warm_request` pins this list and `make bench` prints its length (`host-calls`).
+
+use anyhow::{Result, bail};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+use crate::{Action, Host, Options, headers};
+
+const NOW: u64 = 1_800_000_000;
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const AUDIENCE: &str = "oci-connector";
+const KID: &str = "rsa-1";
+/// The filter's unit-test key (generated for tests only, trusted by nothing else).
+const RSA_PEM: &[u8] = include_bytes!("../../../filter/src/testdata/rsa.pem");
+const PATH: &str = "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1";
+
+/// The host calls of one warm forwarded request, by phase, in the order made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmCalls {
+    pub request: Vec<&'static str>,
+    pub response: Vec<&'static str>,
+}
+
+impl WarmCalls {
+    pub fn total(&self) -> usize {
+        self.request.len() + self.response.len()
+    }
+}
+
+/// Sends the same authenticated manifest GET twice through a Basic-credential connector and
+/// returns the host calls of the second (warm) one: request headers, then the upstream's 200
+/// answer (headers and body) and the end of the stream.
+pub fn warm_forwarded_request(module: Option<std::path::PathBuf>) -> Result<WarmCalls> {
+    let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
+    jwk.common.key_id = Some(KID.to_string());
+    let config = json!({
+        "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
+        "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
+            "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"}}]
+    });
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(KID.to_string());
+    let claims = json!({
+        "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
+        "sub": "system:serviceaccount:demo:default",
+        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}}
+    });
+    let token = jsonwebtoken::encode(&header, &claims, &key)?;
+    let mut h = Host::with(Options {
+        env: vec![("REG_PASSWORD".into(), "s3cret-pw".into())],
+        now_nanos: Some(NOW * 1_000_000_000),
+        module,
+        ..Options::default()
+    })?;
+    if !h.configure(config.to_string().as_bytes())? {
+        bail!("the configuration was refused: {:?}", h.rec().logs);
+    }
+    // What Envoy hands the filter for `curl`/`wrk` through the HTTP connection manager.
+    let auth = format!("Bearer {token}");
+    let request = headers(&[
+        (":authority", "127.0.0.1:8080"),
+        (":path", PATH),
+        (":method", "GET"),
+        (":scheme", "http"),
+        ("accept", "application/vnd.oci.image.manifest.v1+json"),
+        ("authorization", &auth),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "3f0c6a4e-0000-4000-8000-000000000000"),
+    ]);
+    let answer = headers(&[
+        (":status", "200"),
+        ("content-type", "application/vnd.oci.image.manifest.v1+json"),
+        ("content-length", "2"),
+        (
+            "docker-content-digest",
+            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+        ),
+        ("docker-distribution-api-version", "registry/2.0"),
+        ("x-envoy-upstream-service-time", "1"),
+    ]);
+    let mut phases = vec![];
+    for round in 0..2 {
+        let id = h.new_stream()?;
+        let before = h.rec().calls.len();
+        let mut action = h.request_headers(id, request.clone(), true)?;
+        if round == 0 && action == Action::Pause {
+            // The connector's first request asks the upstream for its scheme.
+            let Some(probe) = h.pending_calls().first().map(|c| c.token) else {
+                bail!("the first request paused without a call: {:?}", h.rec().logs);
+            };
+            h.answer_call(probe, 401, &[("www-authenticate", r#"Basic realm="r""#)], b"")?;
+            action = Action::Continue;
+        }
+        if action != Action::Continue || h.stream(id).local().is_some() {
+            bail!("the request was not forwarded: {:?}", h.stream(id).local());
+        }
+        let middle = h.rec().calls.len();
+        h.response_headers(id, answer.clone(), false)?;
+        h.response_body(id, b"{}", true)?;
+        h.finish(id)?;
+        let calls = &h.rec().calls;
+        let names = |from: usize, to: usize| calls.get(from..to).unwrap_or_default().iter().map(|c| c.0).collect();
+        phases.push(WarmCalls {
+            request: names(before, middle),
+            response: names(middle, calls.len()),
+        });
+    }
+    let Some(warm) = phases.pop() else {
+        bail!("no request measured");
+    };
+    if !h.pending_calls().is_empty() {
+        bail!("the warm request made an HTTP call: {:?}", h.pending_calls());
+    }
+    Ok(warm)
+}
