@@ -327,7 +327,14 @@ fn build_inputs(connectors: &Store<Connector>, secrets: &Store<Secret>, identity
         let Some(s) = secrets.get(&ObjectRef::new(&name).within(&ns)) else {
             continue;
         };
-        digest.update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data)).unwrap_or_default());
+        // The opt-in annotation decides whether the credential may be used at all.
+        let allowed = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::secrets::ALLOWED_CONNECTORS_ANNOTATION));
+        digest
+            .update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default());
         let mut s = (*s).clone();
         s.metadata.managed_fields = None;
         set.secrets.push((location("Secret", &ns, &name), s));

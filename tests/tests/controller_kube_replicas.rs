@@ -100,7 +100,8 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
     let kubeconfig = kube.controller_kubeconfig().unwrap();
     kube.apply(&json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": NS},
+        "metadata": {"name": "registry-robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": creds.username, "password": creds.password},
     }))

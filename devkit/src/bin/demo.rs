@@ -52,7 +52,7 @@ impl Demo {
         write(
             &manifests.join("secret.yaml"),
             &format!(
-                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {CONNECTOR_NAMESPACE}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {CONNECTOR_NAMESPACE}\n  annotations:\n    connectors.alauda.io/allowed-connectors: {CONNECTOR_NAME}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
                 creds.username, creds.password
             ),
         )?;
