@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::config::ControllerChannel;
+use crate::identity::Bound;
 use crate::respond::{Refusal, quote};
 use crate::upstream::encode_query_value;
 
@@ -112,16 +113,43 @@ pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str) -> C
     ChannelCall::new(ch, "GET", format!("/v1/credentials/{namespace}/{name}"))
 }
 
-pub fn access_call(ch: &ControllerChannel, namespace: &str, name: &str, subject: &str, verb: Verb) -> ChannelCall {
-    ChannelCall::new(
-        ch,
-        "GET",
-        format!(
-            "/v1/access/{namespace}/{name}?user={}&verb={}",
-            encode_query_value(subject),
-            verb.as_str()
-        ),
-    )
+/// Asks whether `subject` may do `verb` through the connector. `bound` names the objects the
+/// caller's token is bound to (`saUid`, `pod`, `podUid`): the controller refuses a token whose
+/// ServiceAccount or Pod no longer exists (or was re-created under the same name).
+pub fn access_call(
+    ch: &ControllerChannel,
+    namespace: &str,
+    name: &str,
+    subject: &str,
+    bound: &Bound,
+    verb: Verb,
+) -> ChannelCall {
+    let mut path = format!(
+        "/v1/access/{namespace}/{name}?user={}&verb={}",
+        encode_query_value(subject),
+        verb.as_str()
+    );
+    if !bound.service_account_uid.is_empty() {
+        path.push_str(&format!("&saUid={}", encode_query_value(&bound.service_account_uid)));
+    }
+    if let Some((pod, uid)) = &bound.pod {
+        path.push_str(&format!(
+            "&pod={}&podUid={}",
+            encode_query_value(pod),
+            encode_query_value(uid)
+        ));
+    }
+    ChannelCall::new(ch, "GET", path)
+}
+
+/// The key of a caller in the [`AccessCache`]: the subject and the objects its token is bound
+/// to, so a token of a re-created ServiceAccount is not answered by the decision about the
+/// deleted one's, nor the other way round.
+pub fn access_key(subject: &str, bound: &Bound) -> String {
+    match &bound.pod {
+        None => format!("{subject}/{}", bound.service_account_uid),
+        Some((_, pod_uid)) => format!("{subject}/{}/{pod_uid}", bound.service_account_uid),
+    }
 }
 
 pub fn unknown_kid_call(ch: &ControllerChannel) -> ChannelCall {
@@ -280,11 +308,28 @@ mod tests {
         let c = credential_call(&ch(Some("k")), "demo", "reg");
         assert_eq!(c.path, "/v1/credentials/demo/reg");
         assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
-        let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder", Verb::Push);
+        let subject = "system:serviceaccount:ci:builder";
+        let c = access_call(&ch(None), "demo", "reg", subject, &Bound::default(), Verb::Push);
         assert_eq!(
             c.path,
             "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder&verb=push"
         );
+        let bound = Bound {
+            service_account_uid: "u-1".into(),
+            pod: Some(("build-1".into(), "p-9".into())),
+        };
+        let c = access_call(&ch(None), "demo", "reg", subject, &bound, Verb::Pull);
+        assert_eq!(
+            c.path,
+            "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder&verb=pull&saUid=u-1&pod=build-1&podUid=p-9"
+        );
+        // A re-created ServiceAccount (new uid) is a different caller to the decision cache.
+        let again = Bound {
+            service_account_uid: "u-2".into(),
+            pod: None,
+        };
+        assert_ne!(access_key(subject, &bound), access_key(subject, &again));
+        assert_ne!(access_key(subject, &Bound::default()), access_key(subject, &again));
         assert!(!c.headers.iter().any(|(k, _)| k == "authorization"));
         assert_eq!(unknown_kid_call(&ch(None)).method, "POST");
     }

@@ -39,6 +39,14 @@ pub struct AccessAnswer {
     pub reason: String,
 }
 
+/// The objects a caller's token is bound to, as the filter read them from its claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundTo {
+    pub service_account_uid: Option<String>,
+    /// `(name, uid)` of the Pod a token is bound to.
+    pub pod: Option<(String, String)>,
+}
+
 /// Who may use a connector, asked per (user, connector): RBAC in API mode.
 pub trait AccessCheck: Send + Sync {
     fn check<'a>(
@@ -48,6 +56,20 @@ pub trait AccessCheck: Send + Sync {
         name: &'a str,
         verb: Verb,
     ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
+
+    /// [`Self::check`] for a caller whose token is bound to `bound`; a check that cannot tell
+    /// whether those still exist ignores them.
+    fn check_bound<'a>(
+        &'a self,
+        user: &'a str,
+        bound: &'a BoundTo,
+        namespace: &'a str,
+        name: &'a str,
+        verb: Verb,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
+        let _ = bound;
+        self.check(user, namespace, name, verb)
+    }
 }
 
 #[derive(Clone)]
@@ -141,6 +163,13 @@ struct AccessQuery {
     user: String,
     /// `pull`, `push` or `delete` (the filter's `Verb`); absent: pull, as older filters ask.
     verb: Option<String>,
+    /// The token's `kubernetes.io.serviceaccount.uid`.
+    #[serde(rename = "saUid")]
+    sa_uid: Option<String>,
+    /// The Pod a token is bound to: `kubernetes.io.pod.name` and `.uid`.
+    pod: Option<String>,
+    #[serde(rename = "podUid")]
+    pod_uid: Option<String>,
 }
 
 async fn access(
@@ -170,7 +199,11 @@ async fn access(
             }
         },
     };
-    match check.check(&q.user, &namespace, &name, verb).await {
+    let bound = BoundTo {
+        service_account_uid: q.sa_uid.filter(|u| !u.is_empty()),
+        pod: q.pod.zip(q.pod_uid),
+    };
+    match check.check_bound(&q.user, &bound, &namespace, &name, verb).await {
         Ok(a) => Json(json!({ "allowed": a.allowed, "ttlSeconds": a.ttl_secs, "reason": a.reason })).into_response(),
         Err(e) => {
             tracing::warn!(connector = %format!("{namespace}/{name}"), user = %q.user, error = %e, "access check failed");

@@ -98,6 +98,9 @@ pub struct KubeSettings {
     /// How long an access decision is cached: allowed, denied.
     pub access_allow_ttl: Duration,
     pub access_deny_ttl: Duration,
+    /// The longest an allowed answer is kept for a token whose ServiceAccount or Pod may be
+    /// deleted (`--revocation-seconds`).
+    pub revocation: Duration,
     /// With several replicas: only the holder of this Lease writes status and Events (every
     /// replica keeps watching and serving its own Envoy). `None`: this replica always writes.
     pub leader_lease: Option<LeaseSettings>,
@@ -128,6 +131,7 @@ impl KubeSettings {
             coalesce: Duration::from_millis(200),
             access_allow_ttl: Duration::from_secs(30),
             access_deny_ttl: Duration::from_secs(5),
+            revocation: Duration::from_secs(5),
             leader_lease: None,
         }
     }
@@ -138,6 +142,7 @@ impl KubeSettings {
             strict: self.strict_proxy_subresource,
             allow_ttl: self.access_allow_ttl,
             deny_ttl: self.access_deny_ttl,
+            revocation: self.revocation,
         }
     }
 

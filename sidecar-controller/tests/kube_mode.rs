@@ -730,6 +730,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             strict: false,
             allow_ttl: Duration::from_secs(30),
             deny_ttl: Duration::from_millis(500),
+            ..AuthzSettings::default()
         },
         metrics.clone(),
     );
