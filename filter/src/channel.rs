@@ -109,8 +109,17 @@ impl Verb {
     }
 }
 
-pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str) -> ChannelCall {
-    ChannelCall::new(ch, "GET", format!("/v1/credentials/{namespace}/{name}"))
+/// Asks for the connector's credential at `revision`, the one the filter's configuration names:
+/// the controller answers only for that revision (issue 12.7).
+pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str, revision: &str) -> ChannelCall {
+    ChannelCall::new(
+        ch,
+        "GET",
+        format!(
+            "/v1/credentials/{namespace}/{name}?revision={}",
+            encode_query_value(revision)
+        ),
+    )
 }
 
 /// Asks whether `subject` may do `verb` through the connector. `bound` names the objects the
@@ -189,9 +198,18 @@ fn answer(status: u32, body: &[u8], fail: &dyn Fn(String) -> Refusal) -> Result<
 }
 
 /// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
-pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<String, Refusal> {
+/// An answer for another revision than
+/// `revision` (or naming none) is refused like a failed call: 503 for this request, nothing
+/// cached, asked again on the next one.
+pub fn parse_credential(status: u32, body: &[u8], connector: &str, revision: &str) -> Result<String, Refusal> {
     let fail = |why: String| channel_failure(connector, "the upstream credential", why);
     let v = answer(status, body, &fail)?;
+    if v.get("revision").and_then(Value::as_str) != Some(revision) {
+        return Err(fail(format!(
+            "its answer is not for the credential revision {} this configuration names",
+            quote(revision)
+        )));
+    }
     match v.get("authorization").and_then(Value::as_str) {
         Some(a)
             if (a.starts_with("Basic ") || a.starts_with("Bearer "))
@@ -305,8 +323,8 @@ mod tests {
 
     #[test]
     fn calls_carry_the_key_only_when_configured() {
-        let c = credential_call(&ch(Some("k")), "demo", "reg");
-        assert_eq!(c.path, "/v1/credentials/demo/reg");
+        let c = credential_call(&ch(Some("k")), "demo", "reg", "ab12");
+        assert_eq!(c.path, "/v1/credentials/demo/reg?revision=ab12");
         assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
         let subject = "system:serviceaccount:ci:builder";
         let c = access_call(&ch(None), "demo", "reg", subject, &Bound::default(), Verb::Push);
@@ -353,7 +371,10 @@ mod tests {
     #[test]
     fn credential_answers() {
         let ok = br#"{"revision":"3","authorization":"Basic cm9ib3Q6cHc="}"#;
-        assert_eq!(parse_credential(200, ok, "demo/reg").unwrap(), "Basic cm9ib3Q6cHc=");
+        assert_eq!(
+            parse_credential(200, ok, "demo/reg", "3").unwrap(),
+            "Basic cm9ib3Q6cHc="
+        );
         for (status, body, needle) in [
             (0, &b""[..], "did not answer"),
             (
@@ -363,10 +384,30 @@ mod tests {
             ),
             (401, b"", "answered 401: no reason given"),
             (200, b"nope", "not JSON"),
-            (200, br#"{"authorization":"Digest x"}"#, "no usable authorization"),
-            (200, br#"{"authorization":"Basic a\nb"}"#, "no usable authorization"),
+            (
+                200,
+                br#"{"revision":"3","authorization":"Digest x"}"#,
+                "no usable authorization",
+            ),
+            (
+                200,
+                br#"{"revision":"3","authorization":"Basic a\nb"}"#,
+                "no usable authorization",
+            ),
+            // Bound to the configuration's revision: another one, or none, is no credential.
+            (
+                200,
+                br#"{"revision":"4","authorization":"Basic cm9ib3Q6cHc="}"#,
+                "not for the credential revision \"3\"",
+            ),
+            (
+                200,
+                br#"{"authorization":"Basic cm9ib3Q6cHc="}"#,
+                "not for the credential revision",
+            ),
+            (409, br#"{"error":"another revision"}"#, "another revision"),
         ] {
-            let r = parse_credential(status, body, "demo/reg").unwrap_err();
+            let r = parse_credential(status, body, "demo/reg", "3").unwrap_err();
             assert_eq!(r.status, 503, "{needle}");
             assert!(r.message.contains(needle), "{needle}: {}", r.message);
             assert!(r.message.contains("demo/reg"));

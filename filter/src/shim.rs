@@ -186,6 +186,15 @@ enum Waiting {
     OtherFetch { key: TokenKey },
 }
 
+/// The credential revision the request's configuration names (empty for a static credential,
+/// which is never asked for).
+fn revision_of(target: &Target) -> &str {
+    match &target.credential {
+        UpstreamCredential::Controller { revision } => revision,
+        UpstreamCredential::Static(_) => "",
+    }
+}
+
 /// Where a forwarded request goes and with which credential, taken from the engine's decision
 /// so the request path never looks the connector up a second time.
 struct Target {
@@ -272,7 +281,7 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Credential { mut target, scopes }) => {
-                match channel::parse_credential(status, &body, &target.connector) {
+                match channel::parse_credential(status, &body, &target.connector, revision_of(&target)) {
                     Ok(authorization) => {
                         let label = target.connector.clone();
                         let _ = self.with_state(|st| st.credentials.insert(&label, authorization.clone()));
@@ -603,7 +612,7 @@ impl Http {
                         st.config.controller.as_ref().map(|ch| {
                             (
                                 ch.cluster.clone(),
-                                channel::credential_call(ch, &target.namespace, &target.name),
+                                channel::credential_call(ch, &target.namespace, &target.name, revision_of(&target)),
                             )
                         })
                     });

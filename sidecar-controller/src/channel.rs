@@ -27,8 +27,9 @@ use crate::hub::{ConnectorKey, Hub};
 use crate::ops::Metrics;
 use crate::secrets::Credential;
 
-/// The credentials of the configured connectors, replaced on every render.
-pub type Credentials = Arc<HashMap<ConnectorKey, Credential>>;
+/// The credentials of the configured connectors with their revisions (what the filter
+/// configuration names), replaced on every render.
+pub type Credentials = Arc<HashMap<ConnectorKey, (Credential, String)>>;
 
 /// An access decision for the filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,9 +129,16 @@ fn refused_key() -> Response {
     )
 }
 
+#[derive(Deserialize)]
+struct CredentialQuery {
+    /// The revision the filter's configuration names for this connector.
+    revision: Option<String>,
+}
+
 async fn credential(
     State(ch): State<Channel>,
     Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<CredentialQuery>,
     headers: HeaderMap,
 ) -> Response {
     let metrics: &Metrics = &ch.hub.metrics;
@@ -139,7 +147,7 @@ async fn credential(
         return refused_key();
     }
     let creds = ch.credentials.borrow().clone();
-    let Some(c) = creds.get(&(namespace.clone(), name.clone())) else {
+    let Some((c, revision)) = creds.get(&(namespace.clone(), name.clone())) else {
         Metrics::result(&metrics.credential_fetches, "unknown");
         return error(
             StatusCode::NOT_FOUND,
@@ -148,10 +156,22 @@ async fn credential(
             ),
         );
     };
+    // Bound to the filter's configuration (issue 12.7): a filter still configured with an
+    // older revision (the Secret changed, its new configuration not yet applied) gets no
+    // credential it was not configured for; it answers 503 and asks again on a later request.
+    if q.revision.as_deref() != Some(revision.as_str()) {
+        Metrics::result(&metrics.credential_fetches, "other_revision");
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "connector {namespace}/{name}'s credential is at another revision than the one asked for: the filter's configuration is older or newer than the controller's, and the next one agrees"
+            ),
+        );
+    }
     Metrics::result(&metrics.credential_fetches, "ok");
     tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
     let authorization = format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)));
-    let mut response = Json(json!({ "authorization": authorization })).into_response();
+    let mut response = Json(json!({ "authorization": authorization, "revision": revision })).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

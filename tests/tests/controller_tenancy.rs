@@ -142,7 +142,7 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
     let controller = Controller::start_kube(&work, &kubeconfig, PROXY_URL, &["--reprobe-seconds", "2"])
         .unwrap_or_else(|e| panic!("{e}"));
     // ProxyReady True needs Envoy's ACK of a configuration carrying the connector.
-    let _envoy = Envoy::start_xds(
+    let envoy = Envoy::start_xds(
         &work,
         controller.ports.xds,
         controller.ports.channel,
@@ -220,6 +220,52 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
         .unwrap();
     assert_ne!(answer.status, 200, "{}", answer.summary());
     assert!(!answer.body_text().contains(&basic), "{}", answer.summary());
+
+    // Item 7: a credential answer is bound to the revision Envoy's configuration names for
+    // the connector (read from its config dump): none or another gets 409, no credential.
+    let dump = envoy.config_dump().unwrap();
+    let at = dump
+        .find("fromController")
+        .expect("a controller-held credential in the dump");
+    let revision: String = dump[at..]
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .trim_matches(|c: char| !c.is_ascii_hexdigit())
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    assert_eq!(revision.len(), 16, "{}", &dump[at..at + 60]);
+    let fine = "/v1/credentials/team-b/fine";
+    let ask = |path: &str| {
+        Request::get(path)
+            .bearer(controller.key())
+            .send(controller.ports.channel)
+            .unwrap()
+    };
+    let mut answered = vec![];
+    for q in [
+        "".to_string(),
+        "?revision=0000000000000000".to_string(),
+        format!("?revision={revision}"),
+    ] {
+        let r = ask(&format!("{fine}{q}"));
+        answered.push((q, r.status));
+        if r.status == 200 {
+            assert_eq!(r.json().unwrap()["revision"], revision.as_str(), "{}", r.summary());
+        } else {
+            assert_eq!(r.status, 409, "{}", r.summary());
+            assert!(!r.body_text().contains(&basic), "{}", r.summary());
+        }
+    }
+    eprintln!("credential answers by revision asked: {answered:?}");
+    // The connectors here share one robot account, so one revision (a keyed digest of the
+    // credential) is every configured connector's, team-b/fine's included.
+    assert_eq!(
+        answered.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        [409, 409, 200],
+        "{answered:?}"
+    );
 
     // The Secret's owner opts in: the same Connector logs in through the relay.
     let annotated = Instant::now();
