@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::procs::{self, Output, Proc, free_port};
@@ -408,6 +409,40 @@ impl KubeCluster {
             self.kubectl(&["apply", "--server-side", "-f", &base.join(f).display().to_string()])?
                 .ok()?;
         }
+        self.write_controller_kubeconfig()
+    }
+
+    /// Like [`Self::controller_kubeconfig`], with the namespaces, ServiceAccounts and RBAC of the
+    /// kustomization `deploy/<variant>` as `kubectl kustomize` builds it (e.g. `namespaced`):
+    /// the controller runs with exactly that variant's permissions.
+    pub fn controller_kubeconfig_for(&self, variant: &str) -> Result<PathBuf> {
+        let dir = crate::repo_root().join("deploy").join(variant);
+        let built = self.kubectl(&["kustomize", &dir.display().to_string()])?.ok()?.stdout;
+        const KINDS: [&str; 6] = [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ];
+        let mut items = vec![];
+        for doc in serde_yaml::Deserializer::from_str(&built) {
+            let v = Value::deserialize(doc).map_err(|e| format!("kubectl kustomize {variant}: {e}"))?;
+            if KINDS.contains(&v["kind"].as_str().unwrap_or_default()) {
+                items.push(v);
+            }
+        }
+        // Namespaces first: the Roles live in them.
+        items.sort_by_key(|v| v["kind"] != "Namespace");
+        for ns in items.iter().filter_map(|v| v["metadata"]["namespace"].as_str()) {
+            self.namespace(ns, &[])?;
+        }
+        self.apply(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}))?;
+        self.write_controller_kubeconfig()
+    }
+
+    fn write_controller_kubeconfig(&self) -> Result<PathBuf> {
         let cert = self.test_ca.issue_with(
             "controller",
             &format!("/CN={CONTROLLER_USER}/O=system:serviceaccounts"),

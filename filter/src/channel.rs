@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::config::ControllerChannel;
+use crate::identity::Bound;
 use crate::respond::{Refusal, quote};
 use crate::upstream::encode_query_value;
 
@@ -108,20 +109,56 @@ impl Verb {
     }
 }
 
-pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str) -> ChannelCall {
-    ChannelCall::new(ch, "GET", format!("/v1/credentials/{namespace}/{name}"))
-}
-
-pub fn access_call(ch: &ControllerChannel, namespace: &str, name: &str, subject: &str, verb: Verb) -> ChannelCall {
+/// Asks for the connector's credential at `revision`, the one the filter's configuration names:
+/// the controller answers only for that revision (issue 12.7).
+pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str, revision: &str) -> ChannelCall {
     ChannelCall::new(
         ch,
         "GET",
         format!(
-            "/v1/access/{namespace}/{name}?user={}&verb={}",
-            encode_query_value(subject),
-            verb.as_str()
+            "/v1/credentials/{namespace}/{name}?revision={}",
+            encode_query_value(revision)
         ),
     )
+}
+
+/// Asks whether `subject` may do `verb` through the connector. `bound` names the objects the
+/// caller's token is bound to (`saUid`, `pod`, `podUid`): the controller refuses a token whose
+/// ServiceAccount or Pod no longer exists (or was re-created under the same name).
+pub fn access_call(
+    ch: &ControllerChannel,
+    namespace: &str,
+    name: &str,
+    subject: &str,
+    bound: &Bound,
+    verb: Verb,
+) -> ChannelCall {
+    let mut path = format!(
+        "/v1/access/{namespace}/{name}?user={}&verb={}",
+        encode_query_value(subject),
+        verb.as_str()
+    );
+    if !bound.service_account_uid.is_empty() {
+        path.push_str(&format!("&saUid={}", encode_query_value(&bound.service_account_uid)));
+    }
+    if let Some((pod, uid)) = &bound.pod {
+        path.push_str(&format!(
+            "&pod={}&podUid={}",
+            encode_query_value(pod),
+            encode_query_value(uid)
+        ));
+    }
+    ChannelCall::new(ch, "GET", path)
+}
+
+/// The key of a caller in the [`AccessCache`]: the subject and the objects its token is bound
+/// to, so a token of a re-created ServiceAccount is not answered by the decision about the
+/// deleted one's, nor the other way round.
+pub fn access_key(subject: &str, bound: &Bound) -> String {
+    match &bound.pod {
+        None => format!("{subject}/{}", bound.service_account_uid),
+        Some((_, pod_uid)) => format!("{subject}/{}/{pod_uid}", bound.service_account_uid),
+    }
 }
 
 pub fn unknown_kid_call(ch: &ControllerChannel) -> ChannelCall {
@@ -161,9 +198,18 @@ fn answer(status: u32, body: &[u8], fail: &dyn Fn(String) -> Refusal) -> Result<
 }
 
 /// Reads the controller's answer to [`credential_call`]: the upstream `Authorization` value.
-pub fn parse_credential(status: u32, body: &[u8], connector: &str) -> Result<String, Refusal> {
+/// An answer for another revision than
+/// `revision` (or naming none) is refused like a failed call: 503 for this request, nothing
+/// cached, asked again on the next one.
+pub fn parse_credential(status: u32, body: &[u8], connector: &str, revision: &str) -> Result<String, Refusal> {
     let fail = |why: String| channel_failure(connector, "the upstream credential", why);
     let v = answer(status, body, &fail)?;
+    if v.get("revision").and_then(Value::as_str) != Some(revision) {
+        return Err(fail(format!(
+            "its answer is not for the credential revision {} this configuration names",
+            quote(revision)
+        )));
+    }
     match v.get("authorization").and_then(Value::as_str) {
         Some(a)
             if (a.starts_with("Basic ") || a.starts_with("Bearer "))
@@ -289,14 +335,31 @@ mod tests {
 
     #[test]
     fn calls_carry_the_key_only_when_configured() {
-        let c = credential_call(&ch(Some("k")), "demo", "reg");
-        assert_eq!(c.path, "/v1/credentials/demo/reg");
+        let c = credential_call(&ch(Some("k")), "demo", "reg", "ab12");
+        assert_eq!(c.path, "/v1/credentials/demo/reg?revision=ab12");
         assert!(c.headers.contains(&("authorization".into(), "Bearer k".into())));
-        let c = access_call(&ch(None), "demo", "reg", "system:serviceaccount:ci:builder", Verb::Push);
+        let subject = "system:serviceaccount:ci:builder";
+        let c = access_call(&ch(None), "demo", "reg", subject, &Bound::default(), Verb::Push);
         assert_eq!(
             c.path,
             "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder&verb=push"
         );
+        let bound = Bound {
+            service_account_uid: "u-1".into(),
+            pod: Some(("build-1".into(), "p-9".into())),
+        };
+        let c = access_call(&ch(None), "demo", "reg", subject, &bound, Verb::Pull);
+        assert_eq!(
+            c.path,
+            "/v1/access/demo/reg?user=system%3Aserviceaccount%3Aci%3Abuilder&verb=pull&saUid=u-1&pod=build-1&podUid=p-9"
+        );
+        // A re-created ServiceAccount (new uid) is a different caller to the decision cache.
+        let again = Bound {
+            service_account_uid: "u-2".into(),
+            pod: None,
+        };
+        assert_ne!(access_key(subject, &bound), access_key(subject, &again));
+        assert_ne!(access_key(subject, &Bound::default()), access_key(subject, &again));
         assert!(!c.headers.iter().any(|(k, _)| k == "authorization"));
         assert_eq!(unknown_kid_call(&ch(None)).method, "POST");
     }
@@ -320,7 +383,10 @@ mod tests {
     #[test]
     fn credential_answers() {
         let ok = br#"{"revision":"3","authorization":"Basic cm9ib3Q6cHc="}"#;
-        assert_eq!(parse_credential(200, ok, "demo/reg").unwrap(), "Basic cm9ib3Q6cHc=");
+        assert_eq!(
+            parse_credential(200, ok, "demo/reg", "3").unwrap(),
+            "Basic cm9ib3Q6cHc="
+        );
         for (status, body, needle) in [
             (0, &b""[..], "did not answer"),
             (
@@ -330,10 +396,30 @@ mod tests {
             ),
             (401, b"", "answered 401: no reason given"),
             (200, b"nope", "not JSON"),
-            (200, br#"{"authorization":"Digest x"}"#, "no usable authorization"),
-            (200, br#"{"authorization":"Basic a\nb"}"#, "no usable authorization"),
+            (
+                200,
+                br#"{"revision":"3","authorization":"Digest x"}"#,
+                "no usable authorization",
+            ),
+            (
+                200,
+                br#"{"revision":"3","authorization":"Basic a\nb"}"#,
+                "no usable authorization",
+            ),
+            // Bound to the configuration's revision: another one, or none, is no credential.
+            (
+                200,
+                br#"{"revision":"4","authorization":"Basic cm9ib3Q6cHc="}"#,
+                "not for the credential revision \"3\"",
+            ),
+            (
+                200,
+                br#"{"authorization":"Basic cm9ib3Q6cHc="}"#,
+                "not for the credential revision",
+            ),
+            (409, br#"{"error":"another revision"}"#, "another revision"),
         ] {
-            let r = parse_credential(status, body, "demo/reg").unwrap_err();
+            let r = parse_credential(status, body, "demo/reg", "3").unwrap_err();
             assert_eq!(r.status, 503, "{needle}");
             assert!(r.message.contains(needle), "{needle}: {}", r.message);
             assert!(r.message.contains("demo/reg"));

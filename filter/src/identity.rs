@@ -27,6 +27,18 @@ pub struct Identity {
     pub service_account: String,
     /// `exp` of the token (seconds since the epoch).
     pub expires_at: u64,
+    /// The objects the token is bound to, as its `kubernetes.io` claims name them: RBAC mode
+    /// has the controller check they still exist, so a deleted ServiceAccount's or Pod's
+    /// token is refused before its `exp`.
+    pub bound: Bound,
+}
+
+/// `kubernetes.io.serviceaccount.uid`, and `kubernetes.io.pod` (`name`, `uid`) for a token
+/// bound to a Pod; empty when the token does not carry them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub service_account_uid: String,
+    pub pod: Option<(String, String)>,
 }
 
 impl Identity {
@@ -421,10 +433,16 @@ fn check_claims(claims: &Map<String, Value>, policy: &TokenPolicy, now: u64) -> 
             "token lacks the Kubernetes claims kubernetes.io.namespace and kubernetes.io.serviceaccount.name: expected a ServiceAccount token",
         ));
     }
+    let text = |v: Option<&Value>, key: &str| v.and_then(|o| o.get(key)).and_then(Value::as_str).map(str::to_string);
+    let pod = k8s.and_then(|k| k.get("pod"));
     let identity = Identity {
         namespace: namespace.to_string(),
         service_account: service_account.to_string(),
         expires_at: exp,
+        bound: Bound {
+            service_account_uid: text(k8s.and_then(|k| k.get("serviceaccount")), "uid").unwrap_or_default(),
+            pod: text(pod, "name").zip(text(pod, "uid")),
+        },
     };
     let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
     if sub != identity.subject() {
@@ -676,9 +694,16 @@ pub(crate) mod tests {
             let id = verify(&t, &policy, now).unwrap();
             assert_eq!(id.namespace, "demo");
             assert_eq!(id.service_account, "default");
+            assert_eq!(id.bound.service_account_uid, "u-1");
+            assert_eq!(id.bound.pod, None);
             assert_eq!(extract_token(&[&basic(&t)]).unwrap(), t);
             assert_eq!(extract_token(&[&format!("Bearer {t}")]).unwrap(), t);
         }
+        // A token bound to a Pod names it: the controller checks it still exists.
+        let mut c = claims("demo", "default", now);
+        c["kubernetes.io"]["pod"] = serde_json::json!({"name": "build-1", "uid": "p-9"});
+        let id = verify(&sign(RSA_KID, Algorithm::RS256, &c), &policy, now).unwrap();
+        assert_eq!(id.bound.pod, Some(("build-1".to_string(), "p-9".to_string())));
     }
 
     #[test]
@@ -946,6 +971,7 @@ pub(crate) mod tests {
             namespace: "n".into(),
             service_account: "s".into(),
             expires_at: exp,
+            bound: Bound::default(),
         };
         cache.insert("a", id(NOW + 10), "k");
         cache.insert("b", id(NOW + 1000), "k");

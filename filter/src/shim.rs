@@ -273,6 +273,15 @@ enum Waiting {
     OtherFetch { key: TokenKey },
 }
 
+/// The credential revision the request's configuration names (empty for a static credential,
+/// which is never asked for).
+fn revision_of(target: &Target) -> &str {
+    match &target.credential {
+        UpstreamCredential::Controller { revision } => revision,
+        UpstreamCredential::Static(_) => "",
+    }
+}
+
 /// Where a forwarded request goes and with which credential, taken from the engine's decision
 /// so the request path never looks the connector up a second time.
 struct Target {
@@ -281,6 +290,8 @@ struct Target {
     name: String,
     /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
     subject: String,
+    /// The objects the caller's token is bound to, checked by the controller with the access.
+    bound: crate::identity::Bound,
     /// The controller must still confirm the caller may use the connector.
     check_access: bool,
     /// What the request does (pull, push, delete): RBAC mode asks about exactly that.
@@ -335,8 +346,9 @@ impl Context for Http {
                 match channel::parse_access(status, &body, &target.connector) {
                     Ok((allowed, ttl)) => {
                         let _ = self.with_state(|st| {
+                            let key = channel::access_key(&target.subject, &target.bound);
                             st.access
-                                .insert(&target.subject, &target.connector, target.verb, allowed, ttl, now)
+                                .insert(&key, &target.connector, target.verb, allowed, ttl, now)
                         });
                         if allowed {
                             target.check_access = false;
@@ -358,7 +370,7 @@ impl Context for Http {
                 }
             }
             Some(Waiting::Credential { mut target, scopes }) => {
-                match channel::parse_credential(status, &body, &target.connector) {
+                match channel::parse_credential(status, &body, &target.connector, revision_of(&target)) {
                     Ok(authorization) => {
                         let label = target.connector.clone();
                         let _ = self.with_state(|st| st.credentials.insert(&label, authorization.clone()));
@@ -648,9 +660,9 @@ impl Http {
     /// cache or, on a miss, asked for while the request waits.
     fn proceed(&mut self, mut target: Target, scopes: Vec<String>, now: u64) -> Action {
         if target.check_access {
-            let (subject, connector) = (&target.subject, &target.connector);
+            let (key, connector) = (channel::access_key(&target.subject, &target.bound), &target.connector);
             let verb = target.verb;
-            match self.with_state(|st| st.access.get(subject, connector, verb, now)) {
+            match self.with_state(|st| st.access.get(&key, connector, verb, now)) {
                 Err(r) => return self.refuse(r),
                 Ok(Some(true)) => target.check_access = false,
                 Ok(Some(false)) => {
@@ -662,7 +674,14 @@ impl Http {
                         st.config.controller.as_ref().map(|ch| {
                             (
                                 ch.cluster.clone(),
-                                channel::access_call(ch, &target.namespace, &target.name, &target.subject, target.verb),
+                                channel::access_call(
+                                    ch,
+                                    &target.namespace,
+                                    &target.name,
+                                    &target.subject,
+                                    &target.bound,
+                                    target.verb,
+                                ),
                             )
                         })
                     });
@@ -685,7 +704,7 @@ impl Http {
                         st.config.controller.as_ref().map(|ch| {
                             (
                                 ch.cluster.clone(),
-                                channel::credential_call(ch, &target.namespace, &target.name),
+                                channel::credential_call(ch, &target.namespace, &target.name, revision_of(&target)),
                             )
                         })
                     });
@@ -972,6 +991,7 @@ impl HttpContext for Http {
                     namespace: f.namespace,
                     name: f.name,
                     subject,
+                    bound: f.caller.bound.clone(),
                     check_access: f.check_access,
                     verb: channel::Verb::of_method(&method),
                     credential: f.credential,

@@ -9,6 +9,14 @@
 //! Answers are cached per (user, groups, connector): allows for `allow_ttl` (30 s by
 //! default), denials for `deny_ttl` (5 s), so a new RoleBinding takes effect quickly and a
 //! burst of pulls costs one review. The filter caches on its side for the `ttl` handed back.
+//!
+//! Revocation (issue 12.10): the filter also names the objects the caller's token is bound to
+//! (its `kubernetes.io` claims: the ServiceAccount's uid, and the Pod's name and uid for a token
+//! bound to a Pod). Each access call checks them against the live objects (a GET, remembered for
+//! [`LIVE_TTL`]), and an allowed answer is handed back for at most `revocation` (5 s), so a
+//! deleted ServiceAccount or Pod, or one deleted and re-created under the same name, gets its
+//! tokens refused within seconds instead of at their `exp`. The SubjectAccessReview cache is
+//! unaffected: re-asking costs a loopback call and a cached GET.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,12 +24,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Api;
 use kube::api::PostParams;
 
 use connector_filter::channel::Verb;
 
-use crate::channel::{AccessAnswer, AccessCheck};
+use crate::channel::{AccessAnswer, AccessCheck, BoundTo};
 use crate::ops::Metrics;
 
 pub const GROUP: &str = "connectors.alauda.io";
@@ -29,6 +38,8 @@ pub const RESOURCE: &str = "connectors";
 pub const STRICT_SUBRESOURCE: &str = "proxy";
 /// Bound on cached decisions; expired ones are dropped first, then all.
 const MAX_CACHED: usize = 10_000;
+/// How long a ServiceAccount's or Pod's uid, as read from the API server, is relied on.
+pub const LIVE_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AuthzSettings {
@@ -36,6 +47,9 @@ pub struct AuthzSettings {
     pub strict: bool,
     pub allow_ttl: Duration,
     pub deny_ttl: Duration,
+    /// The longest the filter may keep an allowed answer for a token bound to objects: the
+    /// time within which deleting them refuses the token (plus [`LIVE_TTL`]).
+    pub revocation: Duration,
 }
 
 impl Default for AuthzSettings {
@@ -44,9 +58,14 @@ impl Default for AuthzSettings {
             strict: false,
             allow_ttl: Duration::from_secs(30),
             deny_ttl: Duration::from_secs(5),
+            revocation: Duration::from_secs(5),
         }
     }
 }
+
+/// A live object's uid as last read (`None`: it does not exist), and until when it is relied on.
+type LiveKey = (&'static str, String, String);
+type Live = (Option<String>, Instant);
 
 /// An access decision and how long it may be relied on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,16 +89,93 @@ pub struct Authorizer {
     settings: AuthzSettings,
     metrics: Arc<Metrics>,
     cache: Arc<Mutex<HashMap<Key, Cached>>>,
+    client: kube::Client,
+    live: Arc<Mutex<HashMap<LiveKey, Live>>>,
 }
 
 impl Authorizer {
     pub fn new(client: kube::Client, settings: AuthzSettings, metrics: Arc<Metrics>) -> Self {
         Self {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
             settings,
             metrics,
             cache: Arc::default(),
+            client,
+            live: Arc::default(),
         }
+    }
+
+    /// The uid of the ServiceAccount or Pod `namespace/name` now (`None`: it does not exist),
+    /// from a read at most [`LIVE_TTL`] old.
+    async fn live_uid(&self, kind: &'static str, namespace: &str, name: &str) -> Result<Option<String>, kube::Error> {
+        let key: LiveKey = (kind, namespace.to_string(), name.to_string());
+        let now = Instant::now();
+        if let Some((uid, until)) = self.live_lock().get(&key).cloned()
+            && until > now
+        {
+            return Ok(uid);
+        }
+        let uid = if kind == "Pod" {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            pods.get_metadata_opt(name).await?.and_then(|p| p.metadata.uid)
+        } else {
+            let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+            sas.get_metadata_opt(name).await?.and_then(|s| s.metadata.uid)
+        };
+        let mut live = self.live_lock();
+        if live.len() >= MAX_CACHED {
+            live.retain(|_, (_, until)| *until > now);
+            if live.len() >= MAX_CACHED {
+                live.clear();
+            }
+        }
+        live.insert(key, (uid.clone(), now + LIVE_TTL));
+        Ok(uid)
+    }
+
+    /// Why the token bound to `bound` of ServiceAccount `user` is no longer good, or `None`
+    /// when the objects it names still exist with the uids it names.
+    pub async fn revoked(&self, user: &str, bound: &BoundTo) -> Result<Option<String>, kube::Error> {
+        let Some((namespace, name)) = user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+        else {
+            return Ok(None);
+        };
+        let live = self.live_uid("ServiceAccount", namespace, name).await?;
+        match (&live, &bound.service_account_uid) {
+            (None, _) => {
+                return Ok(Some(format!(
+                    "ServiceAccount {namespace}/{name} no longer exists: its tokens are refused"
+                )));
+            }
+            (Some(now), Some(claimed)) if now != claimed => {
+                return Ok(Some(format!(
+                    "ServiceAccount {namespace}/{name} was deleted and re-created since the token was issued: request a new token"
+                )));
+            }
+            _ => {}
+        }
+        if let Some((pod, claimed)) = &bound.pod {
+            match self.live_uid("Pod", namespace, pod).await? {
+                None => {
+                    return Ok(Some(format!(
+                        "Pod {namespace}/{pod}, which the token is bound to, no longer exists: its tokens are refused"
+                    )));
+                }
+                Some(now) if &now != claimed => {
+                    return Ok(Some(format!(
+                        "Pod {namespace}/{pod}, which the token is bound to, was deleted and re-created: request a new token"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    fn live_lock(&self) -> std::sync::MutexGuard<'_, HashMap<LiveKey, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// May `user` (with `groups`) use connector `namespace/connector`? Errors are the API
@@ -224,6 +320,39 @@ impl AccessCheck for Authorizer {
                 ttl_secs: d.ttl.as_secs().max(1),
                 reason: d.reason,
             })
+        })
+    }
+
+    /// The objects the token is bound to first (a revoked token is refused whatever RBAC
+    /// says), then RBAC; an allowed answer is kept by the filter for at most `revocation`.
+    fn check_bound<'a>(
+        &'a self,
+        user: &'a str,
+        bound: &'a BoundTo,
+        namespace: &'a str,
+        name: &'a str,
+        verb: Verb,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
+        Box::pin(async move {
+            let revoked = self
+                .revoked(user, bound)
+                .await
+                .map_err(|e| format!("reading the token's ServiceAccount or Pod failed: {e}"))?;
+            if let Some(reason) = revoked {
+                Metrics::result(&self.metrics.access_reviews, "revoked");
+                // Short: the filter keys answers by the token's uids, but a ServiceAccount
+                // re-created just now may still read as gone for LIVE_TTL.
+                return Ok(AccessAnswer {
+                    allowed: false,
+                    ttl_secs: LIVE_TTL.as_secs().max(1),
+                    reason,
+                });
+            }
+            let mut answer = self.check(user, namespace, name, verb).await?;
+            if answer.allowed {
+                answer.ttl_secs = answer.ttl_secs.min(self.settings.revocation.as_secs().max(1));
+            }
+            Ok(answer)
         })
     }
 }

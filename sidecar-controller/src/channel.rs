@@ -27,8 +27,9 @@ use crate::hub::{ConnectorKey, Hub};
 use crate::ops::Metrics;
 use crate::secrets::Credential;
 
-/// The credentials of the configured connectors, replaced on every render.
-pub type Credentials = Arc<HashMap<ConnectorKey, Credential>>;
+/// The credentials of the configured connectors with their revisions (what the filter
+/// configuration names), replaced on every render.
+pub type Credentials = Arc<HashMap<ConnectorKey, (Credential, String)>>;
 
 /// An access decision for the filter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +38,14 @@ pub struct AccessAnswer {
     /// How long the filter may keep it.
     pub ttl_secs: u64,
     pub reason: String,
+}
+
+/// The objects a caller's token is bound to, as the filter read them from its claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundTo {
+    pub service_account_uid: Option<String>,
+    /// `(name, uid)` of the Pod a token is bound to.
+    pub pod: Option<(String, String)>,
 }
 
 /// Who may use a connector, asked per (user, connector): RBAC in API mode.
@@ -48,6 +57,20 @@ pub trait AccessCheck: Send + Sync {
         name: &'a str,
         verb: Verb,
     ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
+
+    /// [`Self::check`] for a caller whose token is bound to `bound`; a check that cannot tell
+    /// whether those still exist ignores them.
+    fn check_bound<'a>(
+        &'a self,
+        user: &'a str,
+        bound: &'a BoundTo,
+        namespace: &'a str,
+        name: &'a str,
+        verb: Verb,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
+        let _ = bound;
+        self.check(user, namespace, name, verb)
+    }
 }
 
 #[derive(Clone)]
@@ -106,9 +129,16 @@ fn refused_key() -> Response {
     )
 }
 
+#[derive(Deserialize)]
+struct CredentialQuery {
+    /// The revision the filter's configuration names for this connector.
+    revision: Option<String>,
+}
+
 async fn credential(
     State(ch): State<Channel>,
     Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<CredentialQuery>,
     headers: HeaderMap,
 ) -> Response {
     let metrics: &Metrics = &ch.hub.metrics;
@@ -117,7 +147,7 @@ async fn credential(
         return refused_key();
     }
     let creds = ch.credentials.borrow().clone();
-    let Some(c) = creds.get(&(namespace.clone(), name.clone())) else {
+    let Some((c, revision)) = creds.get(&(namespace.clone(), name.clone())) else {
         Metrics::result(&metrics.credential_fetches, "unknown");
         return error(
             StatusCode::NOT_FOUND,
@@ -126,10 +156,22 @@ async fn credential(
             ),
         );
     };
+    // Bound to the filter's configuration (issue 12.7): a filter still configured with an
+    // older revision (the Secret changed, its new configuration not yet applied) gets no
+    // credential it was not configured for; it answers 503 and asks again on a later request.
+    if q.revision.as_deref() != Some(revision.as_str()) {
+        Metrics::result(&metrics.credential_fetches, "other_revision");
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "connector {namespace}/{name}'s credential is at another revision than the one asked for: the filter's configuration is older or newer than the controller's, and the next one agrees"
+            ),
+        );
+    }
     Metrics::result(&metrics.credential_fetches, "ok");
     tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
     let authorization = format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)));
-    let mut response = Json(json!({ "authorization": authorization })).into_response();
+    let mut response = Json(json!({ "authorization": authorization, "revision": revision })).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -141,6 +183,13 @@ struct AccessQuery {
     user: String,
     /// `pull`, `push` or `delete` (the filter's `Verb`); absent: pull, as older filters ask.
     verb: Option<String>,
+    /// The token's `kubernetes.io.serviceaccount.uid`.
+    #[serde(rename = "saUid")]
+    sa_uid: Option<String>,
+    /// The Pod a token is bound to: `kubernetes.io.pod.name` and `.uid`.
+    pod: Option<String>,
+    #[serde(rename = "podUid")]
+    pod_uid: Option<String>,
 }
 
 async fn access(
@@ -170,7 +219,11 @@ async fn access(
             }
         },
     };
-    match check.check(&q.user, &namespace, &name, verb).await {
+    let bound = BoundTo {
+        service_account_uid: q.sa_uid.filter(|u| !u.is_empty()),
+        pod: q.pod.zip(q.pod_uid),
+    };
+    match check.check_bound(&q.user, &bound, &namespace, &name, verb).await {
         Ok(a) => Json(json!({ "allowed": a.allowed, "ttlSeconds": a.ttl_secs, "reason": a.reason })).into_response(),
         Err(e) => {
             tracing::warn!(connector = %format!("{namespace}/{name}"), user = %q.user, error = %e, "access check failed");

@@ -78,7 +78,13 @@ pub fn secret_check(connector: &Connector, secret: Option<&Secret>) -> (Check, O
     let authority = connector_filter::config::Upstream::parse(&connector.spec.address)
         .map(|u| u.authority)
         .unwrap_or_default();
-    let outcome = credential_from_secret(namespace, &connector.spec.auth.secret_ref.name, secret, &authority);
+    let outcome = credential_from_secret(
+        namespace,
+        &connector.spec.auth.secret_ref.name,
+        connector.metadata.name.as_deref().unwrap_or_default(),
+        secret,
+        &authority,
+    );
     let c = outcome.condition;
     let status = if c.status { Status::True } else { Status::False };
     (Check::new(status, c.reason.as_str(), c.message), outcome.credential)
@@ -263,6 +269,16 @@ mod tests {
 
     fn secret(type_: &str, keys: &[(&str, &str)]) -> Secret {
         Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(
+                    [(
+                        crate::secrets::ALLOWED_CONNECTORS_ANNOTATION.to_string(),
+                        "*".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
             type_: Some(type_.into()),
             data: Some(
                 keys.iter()

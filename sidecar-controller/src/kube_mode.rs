@@ -1,12 +1,14 @@
 //! Owns API mode: the controller as a Kubernetes controller. Two jobs share one process:
 //!
-//! - **the source**: reflectors on Connectors and Secrets; once both caches have synced and
+//! - **the source**: reflectors on Connectors and on Secrets of the types the product reads
+//!   ([`SECRET_TYPES`], one field-selected watch per type: no other Secret reaches this
+//!   process); once the caches have synced and
 //!   the cluster identity has been read, every change (bursts coalesced, ~200 ms) becomes new
 //!   [`Inputs`] for the hub, with RBAC authorization. A deleted Connector is simply absent from
 //!   the next Inputs, which is what makes the proxy refuse it at once.
-//! - **the reconciler**: a kube-runtime `Controller` for Connectors that also watches Secrets
-//!   (a Secret change reconciles the connectors naming it) and follows what the pipeline
-//!   rendered and what Envoy did with it. A reconcile probes the upstream (liveness, login),
+//! - **the reconciler**: a kube-runtime `Controller` for Connectors, woken by the source's
+//!   Secret watches (a Secret change reconciles the connectors naming it; Secrets are watched
+//!   once) and following what the pipeline rendered and what Envoy did with it. A reconcile probes the upstream (liveness, login),
 //!   writes `status.conditions` and `status.proxy.httpAddress.url` (server-side apply on
 //!   `/status`, field manager `connector-controller`), and records one Event per condition transition.
 //!
@@ -28,7 +30,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 
 use crate::authz::AuthzSettings;
@@ -39,7 +41,37 @@ use crate::hub::{Authorization, ConnectorKey, Hub, Inputs};
 use crate::manifests::{Location, ManifestSet};
 use crate::ops::Metrics;
 use crate::probe::{self, ProbeError};
-use crate::secrets::Credential;
+use crate::secrets::{Credential, TYPE_BASIC_AUTH, TYPE_DOCKER_CONFIG_JSON, TYPE_REGISTRY_TOKEN};
+
+/// The Secret types the controller reads, each watched with a field selector on `type` so that
+/// Secrets of other types (service-account tokens, TLS keys, Opaque application Secrets) never
+/// reach this process (issue 12.9). A further type is one more entry here: [`SecretCache::get`]
+/// looks in every type's cache.
+pub const SECRET_TYPES: &[&str] = &[TYPE_REGISTRY_TOKEN, TYPE_BASIC_AUTH, TYPE_DOCKER_CONFIG_JSON];
+
+/// The reflector caches of the [`SECRET_TYPES`], one per type, read as one.
+#[derive(Clone)]
+pub struct SecretCache {
+    stores: Vec<Store<Secret>>,
+}
+
+impl SecretCache {
+    /// The Secret `namespace/name`, whichever watched type it has.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        let key = ObjectRef::new(name).within(namespace);
+        self.stores.iter().find_map(|s| s.get(&key))
+    }
+
+    /// Waits until every type's cache has synced; `false` when a writer was dropped.
+    async fn wait_until_ready(&self) -> bool {
+        for s in &self.stores {
+            if s.wait_until_ready().await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
 
 /// Field manager of status patches and reporting controller of Events.
 pub const MANAGER: &str = "connector-controller";
@@ -66,6 +98,9 @@ pub struct KubeSettings {
     /// How long an access decision is cached: allowed, denied.
     pub access_allow_ttl: Duration,
     pub access_deny_ttl: Duration,
+    /// The longest an allowed answer is kept for a token whose ServiceAccount or Pod may be
+    /// deleted (`--revocation-seconds`).
+    pub revocation: Duration,
     /// With several replicas: only the holder of this Lease writes status and Events (every
     /// replica keeps watching and serving its own Envoy). `None`: this replica always writes.
     pub leader_lease: Option<LeaseSettings>,
@@ -96,6 +131,7 @@ impl KubeSettings {
             coalesce: Duration::from_millis(200),
             access_allow_ttl: Duration::from_secs(30),
             access_deny_ttl: Duration::from_secs(5),
+            revocation: Duration::from_secs(5),
             leader_lease: None,
         }
     }
@@ -106,6 +142,7 @@ impl KubeSettings {
             strict: self.strict_proxy_subresource,
             allow_ttl: self.access_allow_ttl,
             deny_ttl: self.access_deny_ttl,
+            revocation: self.revocation,
         }
     }
 
@@ -155,21 +192,46 @@ pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyh
 
     let changed = Arc::new(Notify::new());
     let (connectors, connectors_writer) = reflector::store::<Connector>();
-    let (secrets, secrets_writer) = reflector::store::<Secret>();
     let connectors_task = tokio::spawn(follow(
         watcher(connectors_api.clone(), watcher::Config::default())
             .default_backoff()
             .reflect(connectors_writer),
         "Connector",
         changed.clone(),
+        |_: &watcher::Event<Connector>| {},
     ));
-    let secrets_task = tokio::spawn(follow(
-        watcher(secrets_api.clone(), watcher::Config::default())
+    // The reconciler learns of Secret changes from these same watches (a broadcast of the
+    // Connectors naming the changed Secret), so Secrets are listed and watched once.
+    let (secret_changes, _) = broadcast::channel::<ObjectRef<Connector>>(1024);
+    let mut stores = vec![];
+    let mut secret_tasks = vec![];
+    for type_ in SECRET_TYPES {
+        let (store, writer) = reflector::store::<Secret>();
+        stores.push(store);
+        let (by_secret, tx) = (connectors.clone(), secret_changes.clone());
+        secret_tasks.push(tokio::spawn(follow(
+            watcher(
+                secrets_api.clone(),
+                watcher::Config::default().fields(&format!("type={type_}")),
+            )
             .default_backoff()
-            .reflect(secrets_writer),
-        "Secret",
-        changed.clone(),
-    ));
+            .reflect(writer),
+            "Secret",
+            changed.clone(),
+            move |event: &watcher::Event<Secret>| {
+                let secret = match event {
+                    watcher::Event::Apply(s) | watcher::Event::Delete(s) | watcher::Event::InitApply(s) => s,
+                    watcher::Event::Init | watcher::Event::InitDone => return,
+                };
+                for c in connectors_naming(&by_secret, secret) {
+                    // No receiver (no reconciler running, e.g. not the leader) is fine.
+                    let _ = tx.send(c);
+                }
+            },
+        )));
+    }
+    let secrets = SecretCache { stores };
+    let secrets_task = futures::future::select_all(secret_tasks);
 
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -188,16 +250,12 @@ pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyh
         settings.coalesce,
     ));
 
-    let by_secret = connectors.clone();
     let reconciler_hub = hub.clone();
     let reconciler = move || {
-        let by_secret = by_secret.clone();
+        let (named, lagged) = secret_triggers(secret_changes.subscribe());
         Controller::new(connectors_api.clone(), watcher::Config::default())
-            .watches(
-                secrets_api.clone(),
-                watcher::Config::default(),
-                move |secret: Secret| connectors_naming(&by_secret, &secret),
-            )
+            .reconcile_on(named)
+            .reconcile_all_on(lagged)
             .reconcile_all_on(proxy_changes(&reconciler_hub))
             .run(reconcile, error_policy, ctx.clone())
             .for_each(|r| async move {
@@ -219,7 +277,7 @@ pub async fn run(client: kube::Client, settings: KubeSettings, hub: Hub) -> anyh
     tokio::select! {
         r = controller => r,
         r = connectors_task => anyhow::bail!("the Connector watch stopped: {r:?}"),
-        r = secrets_task => anyhow::bail!("the Secret watch stopped: {r:?}"),
+        (r, _, _) = secrets_task => anyhow::bail!("a Secret watch stopped: {r:?}"),
         r = publisher => anyhow::bail!("the Inputs publisher stopped: {r:?}"),
     }
 }
@@ -282,15 +340,18 @@ where
     }
 }
 
-/// Drives a reflector stream, poking `changed` on every event.
-async fn follow<K, S>(stream: S, kind: &'static str, changed: Arc<Notify>)
+/// Drives a reflector stream, poking `changed` and calling `on_event` on every event.
+async fn follow<K, S>(stream: S, kind: &'static str, changed: Arc<Notify>, on_event: impl Fn(&watcher::Event<K>))
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
-            Ok(_) => changed.notify_one(),
+            Ok(event) => {
+                on_event(&event);
+                changed.notify_one();
+            }
             // Logged without the object: a Secret's data must not reach a log line.
             Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
         }
@@ -310,6 +371,30 @@ fn connectors_naming(connectors: &Store<Connector>, secret: &Secret) -> Vec<Obje
         .collect()
 }
 
+/// The reconcile triggers from the Secret watches: the Connectors to reconcile, and `()` when
+/// triggers were lost (the receiver lagged), which reconciles every Connector instead.
+fn secret_triggers(
+    rx: broadcast::Receiver<ObjectRef<Connector>>,
+) -> (
+    impl Stream<Item = ObjectRef<Connector>> + Send + 'static,
+    impl Stream<Item = ()> + Send + 'static,
+) {
+    let (lost_tx, lost_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let named = futures::stream::unfold((rx, lost_tx), |(mut rx, lost)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(c) => return Some((c, (rx, lost))),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = lost.send(());
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let lagged = futures::stream::unfold(lost_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
+    (named, lagged)
+}
+
 /// `()` whenever what the pipeline published or Envoy's state changes: ProxyReady follows them.
 fn proxy_changes(hub: &Hub) -> impl Stream<Item = ()> + Send + 'static {
     let published = futures::stream::unfold(hub.published(), |mut rx| async move {
@@ -324,7 +409,7 @@ fn proxy_changes(hub: &Hub) -> impl Stream<Item = ()> + Send + 'static {
 /// The desired state from the caches: every Connector, and the Secrets they name (no other
 /// Secret leaves the cache). The digest covers what the pipeline reads, so a status patch
 /// (a new resourceVersion, same spec) publishes nothing.
-fn build_inputs(connectors: &Store<Connector>, secrets: &Store<Secret>, identity: Value) -> (Inputs, [u8; 32]) {
+fn build_inputs(connectors: &Store<Connector>, secrets: &SecretCache, identity: Value) -> (Inputs, [u8; 32]) {
     let mut list = connectors.state();
     list.sort_by_key(|c| (c.metadata.namespace.clone(), c.metadata.name.clone()));
     let mut digest = Sha256::new();
@@ -340,10 +425,17 @@ fn build_inputs(connectors: &Store<Connector>, secrets: &Store<Secret>, identity
         set.connectors.push((location("Connector", &ns, &name), c));
     }
     for (ns, name) in wanted {
-        let Some(s) = secrets.get(&ObjectRef::new(&name).within(&ns)) else {
+        let Some(s) = secrets.get(&ns, &name) else {
             continue;
         };
-        digest.update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data)).unwrap_or_default());
+        // The opt-in annotation decides whether the credential may be used at all.
+        let allowed = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::secrets::ALLOWED_CONNECTORS_ANNOTATION));
+        digest
+            .update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default());
         let mut s = (*s).clone();
         s.metadata.managed_fields = None;
         set.secrets.push((location("Secret", &ns, &name), s));
@@ -369,7 +461,7 @@ fn location(kind: &str, namespace: &str, name: &str) -> Location {
 
 async fn publish_loop(
     connectors: Store<Connector>,
-    secrets: Store<Secret>,
+    secrets: SecretCache,
     mut identity: watch::Receiver<Option<Value>>,
     changed: Arc<Notify>,
     hub: Hub,
@@ -378,7 +470,7 @@ async fn publish_loop(
 ) {
     // Nothing is published before both caches synced and the identity was read: a
     // restarting controller must never push an empty or partial set.
-    if connectors.wait_until_ready().await.is_err() || secrets.wait_until_ready().await.is_err() {
+    if connectors.wait_until_ready().await.is_err() || !secrets.wait_until_ready().await {
         return;
     }
     if identity.wait_for(Option::is_some).await.is_err() {

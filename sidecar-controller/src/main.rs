@@ -10,7 +10,7 @@ const USAGE: &str = "usage:
         [--kube-url <API server URL; default: in-cluster or KUBECONFIG>] [--audience oci-connector[,...]]
         [--namespace <ns; default all>] [--strict-proxy-subresource] [--reprobe-seconds 60]
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
-        [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5]
+        [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5] [--revocation-seconds 5]
         [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
         (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file>
          | --proxy-tls-external | --proxy-plain-http)
@@ -152,6 +152,7 @@ const KUBE_FLAGS: &[&str] = &[
     "--identity-min-interval-seconds",
     "--access-allow-ttl-seconds",
     "--access-deny-ttl-seconds",
+    "--revocation-seconds",
     "--host-grants",
     "--leader-lease",
     "--leader-lease-seconds",
@@ -241,6 +242,7 @@ fn serve(args: &[String]) -> ExitCode {
         let identity_min = secs("--identity-min-interval-seconds", "30", &mut problems);
         let allow_ttl = secs("--access-allow-ttl-seconds", "30", &mut problems);
         let deny_ttl = secs("--access-deny-ttl-seconds", "5", &mut problems);
+        let revocation = secs("--revocation-seconds", "5", &mut problems);
         let mut settings = connector_controller::kube_mode::KubeSettings::new(get("--proxy-url", ""));
         settings.audiences = get("--audience", "oci-connector")
             .split(',')
@@ -255,6 +257,7 @@ fn serve(args: &[String]) -> ExitCode {
         settings.identity_min_interval = identity_min;
         settings.access_allow_ttl = allow_ttl;
         settings.access_deny_ttl = deny_ttl;
+        settings.revocation = revocation;
         let lease_duration = secs("--leader-lease-seconds", "15", &mut problems);
         if let Some(lease) = flags.get("--leader-lease") {
             match lease.split_once('/') {

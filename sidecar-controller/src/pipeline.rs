@@ -233,7 +233,13 @@ pub fn render_live(
         }
         let secret_name = &c.spec.auth.secret_ref.name;
         let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
-        let outcome = credential_from_secret(&key.0, secret_name, inputs.set.secret(&key.0, secret_name), authority);
+        let outcome = credential_from_secret(
+            &key.0,
+            secret_name,
+            &key.1,
+            inputs.set.secret(&key.0, secret_name),
+            authority,
+        );
         if !outcome.condition.status {
             problems.push(Problem::new(
                 at,
@@ -401,7 +407,7 @@ mod tests {
 
     fn secret(name: &str, password: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: demo}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: {password}}}\n---\n"
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: demo, annotations: {{connectors.alauda.io/allowed-connectors: '*'}}}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: {password}}}\n---\n"
         )
     }
 
@@ -421,7 +427,7 @@ mod tests {
 
     fn secret_in(ns: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: robot, namespace: {ns}}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: pw}}\n---\n"
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: robot, namespace: {ns}, annotations: {{connectors.alauda.io/allowed-connectors: '*'}}}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: pw}}\n---\n"
         )
     }
 
@@ -661,7 +667,13 @@ mod tests {
             connector("good", "http://127.0.0.1:5000", "robot"),
             connector("nosecret", "http://127.0.0.1:5001", "missing"),
             connector("badaddr", "ftp://x", "robot"),
+            // A Secret that does not opt in (issue 12.6): its credential goes nowhere.
+            connector("borrower", "http://127.0.0.1:5002", "private"),
             secret("robot", "pa55-word"),
+            secret("private", "pr1vate-word").replace(
+                ", annotations: {connectors.alauda.io/allowed-connectors: '*'}",
+                ", annotations: {connectors.alauda.io/allowed-connectors: good}",
+            ),
         ]
         .concat();
         let r = render_live(
@@ -673,8 +685,9 @@ mod tests {
         .unwrap();
         let good = ("demo".to_string(), "good".to_string());
         assert_eq!(r.connectors, [good.clone()].into());
-        assert_eq!(r.left_out.len(), 2);
+        assert_eq!(r.left_out.len(), 3);
         let why = |n: &str| r.left_out[&("demo".to_string(), n.to_string())][0].to_string();
+        assert!(why("borrower").contains("SecretNotAllowed"), "{}", why("borrower"));
         assert!(why("nosecret").contains("SecretNotFound"), "{}", why("nosecret"));
         assert!(why("badaddr").contains("spec.address"), "{}", why("badaddr"));
         assert_eq!(
@@ -689,6 +702,7 @@ mod tests {
         assert_eq!(r.filter_config["controller"]["keyEnv"], "CONNECTOR_CHANNEL_KEY");
         assert_eq!(r.filter_config["authorization"], "rules");
         assert!(!format!("{r:?}").contains("pa55-word"));
+        assert!(!format!("{r:?}").contains("pr1vate-word"));
     }
 
     #[test]

@@ -182,7 +182,7 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
         });
         let secret_name = &c.spec.auth.secret_ref.name;
         let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
-        let outcome = credential_from_secret(ns, secret_name, set.secret(ns, secret_name), authority);
+        let outcome = credential_from_secret(ns, secret_name, name, set.secret(ns, secret_name), authority);
         if !outcome.condition.status {
             problems.push(Problem::new(
                 at,
@@ -455,7 +455,7 @@ mod tests {
         )
     }
 
-    const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: demo}\ntype: cpaas.io/distribution-registry-token\nstringData: {username: robot, password: hunter2-secret}\n---\n";
+    const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: demo, annotations: {connectors.alauda.io/allowed-connectors: '*'}}\ntype: cpaas.io/distribution-registry-token\nstringData: {username: robot, password: hunter2-secret}\n---\n";
 
     fn run(text: &str) -> Result<Rendered, Vec<String>> {
         let mut set = ManifestSet::default();
@@ -463,6 +463,26 @@ mod tests {
         parse_file(Path::new("m.yaml"), text, &mut set, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
         render(&set, &identity(), "identity.json").map_err(|p| p.iter().map(ToString::to_string).collect())
+    }
+
+    /// File mode (issue 12.6): a Secret that names only `harbor` gives `local` nothing, and
+    /// the refusal says which annotation to add.
+    #[test]
+    fn a_secret_goes_only_to_the_connectors_it_names() {
+        let only_harbor = SECRET.replace("allowed-connectors: '*'", "allowed-connectors: harbor");
+        let text = format!(
+            "{}{}{only_harbor}",
+            connector("harbor", "https://harbor.example.com", ""),
+            connector("local", "http://127.0.0.1:5000", ""),
+        );
+        let problems = run(&text).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("SecretNotAllowed")
+                && problems[0].contains("--overwrite connectors.alauda.io/allowed-connectors=harbor,local"),
+            "{problems:?}"
+        );
+        assert!(!problems[0].contains(PASSWORD));
     }
 
     #[test]

@@ -17,6 +17,14 @@ pub const TYPE_BASIC_AUTH: &str = "kubernetes.io/basic-auth";
 pub const TYPE_DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
 const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
+/// The annotation by which a Secret opts in to being used by Connectors (issue 12.6): a
+/// comma-separated list of the names of the Connectors in the Secret's namespace that may send
+/// its credential upstream, or `*` for every Connector there. Whoever may create a Connector may
+/// point its `address` anywhere, so without this opt-in they could have any registry Secret of
+/// the namespace sent to a host of their choosing; annotating a Secret takes `update` on that
+/// Secret, a right the Secret's owner holds and a Connector author need not.
+pub const ALLOWED_CONNECTORS_ANNOTATION: &str = "connectors.alauda.io/allowed-connectors";
+
 /// Why `SecretReady` has the status it has; the string is the condition's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -29,6 +37,8 @@ pub enum Reason {
     SecretInvalid,
     /// A docker config Secret without an entry for the connector's registry.
     SecretHostMissing,
+    /// The Secret does not name the connector in [`ALLOWED_CONNECTORS_ANNOTATION`].
+    SecretNotAllowed,
 }
 
 impl Reason {
@@ -40,6 +50,7 @@ impl Reason {
             Reason::SecretKeyMissing => "SecretKeyMissing",
             Reason::SecretInvalid => "SecretInvalid",
             Reason::SecretHostMissing => "SecretHostMissing",
+            Reason::SecretNotAllowed => "SecretNotAllowed",
         }
     }
 }
@@ -90,18 +101,29 @@ impl SecretOutcome {
     }
 }
 
-/// The credential in `secret` (named `name`, in the connector's namespace `namespace`) for a
-/// connector whose upstream is `authority` (`host[:port]`, as
+/// The credential in `secret` (named `name`, in the connector's namespace `namespace`) for the
+/// connector `connector` whose upstream is `authority` (`host[:port]`, as
 /// `connector_filter::config::Upstream` normalises it). `None`: the Secret does not exist.
-pub fn credential_from_secret(namespace: &str, name: &str, secret: Option<&Secret>, authority: &str) -> SecretOutcome {
+/// A Secret that does not opt in to this connector ([`ALLOWED_CONNECTORS_ANNOTATION`]) yields
+/// no credential, whatever it holds: its data is not even read.
+pub fn credential_from_secret(
+    namespace: &str,
+    name: &str,
+    connector: &str,
+    secret: Option<&Secret>,
+    authority: &str,
+) -> SecretOutcome {
     let Some(secret) = secret else {
         return SecretOutcome::fail(
             Reason::SecretNotFound,
             format!(
-                "Secret {namespace}/{name} not found: create it (type {TYPE_REGISTRY_TOKEN} with keys username and password) or fix spec.auth.secretRef.name"
+                "Secret {namespace}/{name} not found: create it (type {TYPE_REGISTRY_TOKEN} with keys username and password, annotated {ALLOWED_CONNECTORS_ANNOTATION}: \"{connector}\") or fix spec.auth.secretRef.name"
             ),
         );
     };
+    if let Some(message) = not_allowed(namespace, name, connector, secret) {
+        return SecretOutcome::fail(Reason::SecretNotAllowed, message);
+    }
     let data = merged_data(secret);
     let type_ = secret.type_.as_deref().unwrap_or("Opaque");
     let what = format!("Secret {namespace}/{name} (type {type_})");
@@ -126,6 +148,35 @@ pub fn credential_from_secret(namespace: &str, name: &str, secret: Option<&Secre
         },
         Err((reason, message)) => SecretOutcome::fail(reason, message),
     }
+}
+
+/// Why `secret` may not be used by `connector`, or `None` when it opts in: its
+/// [`ALLOWED_CONNECTORS_ANNOTATION`] lists the connector's name or `*`. The message says which
+/// annotation to add and how; the annotation's value is not secret and may be quoted.
+fn not_allowed(namespace: &str, name: &str, connector: &str, secret: &Secret) -> Option<String> {
+    let listed = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ALLOWED_CONNECTORS_ANNOTATION));
+    let names: Vec<&str> = listed
+        .map(|v| v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect())
+        .unwrap_or_default();
+    if names.iter().any(|n| *n == "*" || *n == connector) {
+        return None;
+    }
+    let now = match listed {
+        None => format!("it has no annotation {ALLOWED_CONNECTORS_ANNOTATION}"),
+        Some(v) => format!("its annotation {ALLOWED_CONNECTORS_ANNOTATION} is {v:?}"),
+    };
+    let wanted = if names.is_empty() {
+        connector.to_string()
+    } else {
+        format!("{},{connector}", names.join(","))
+    };
+    Some(format!(
+        "Secret {namespace}/{name} does not allow Connector {namespace}/{connector} to use it ({now}): a Secret's credential goes only to the Connectors it names; if this Connector may send it to {connector}'s spec.address, run: kubectl annotate secret -n {namespace} {name} --overwrite {ALLOWED_CONNECTORS_ANNOTATION}={wanted} (comma-separated Connector names, or * for every Connector in {namespace})"
+    ))
 }
 
 /// `data` with `stringData` laid over it, as the API server stores a Secret written with both
@@ -287,8 +338,10 @@ mod tests {
 
     const PASSWORD: &str = "s3cr3t-Pa55";
 
+    /// A Secret that every Connector of its namespace may use.
     fn secret(type_: &str, data: &[(&str, &[u8])], string_data: &[(&str, &str)]) -> Secret {
         Secret {
+            metadata: annotated("*"),
             type_: Some(type_.to_string()),
             data: (!data.is_empty()).then(|| {
                 data.iter()
@@ -302,6 +355,13 @@ mod tests {
                     .collect()
             }),
             ..Secret::default()
+        }
+    }
+
+    fn annotated(value: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            annotations: Some([(ALLOWED_CONNECTORS_ANNOTATION.to_string(), value.to_string())].into()),
+            ..Default::default()
         }
     }
 
@@ -515,7 +575,7 @@ mod tests {
             ),
         ];
         for (case, secret, authority, reason, credential, message_part) in cases {
-            let out = credential_from_secret("team-a", "creds", secret.as_ref(), authority);
+            let out = credential_from_secret("team-a", "creds", "harbor", secret.as_ref(), authority);
             assert_eq!(out.condition.reason, reason, "{case}: {}", out.condition.message);
             assert_eq!(out.condition.status, reason == Reason::SecretReady, "{case}");
             assert_eq!(
@@ -543,6 +603,64 @@ mod tests {
                 "{case}: the message names the Secret"
             );
         }
+    }
+
+    #[test]
+    fn a_secret_serves_only_the_connectors_it_names() {
+        let robot = [("username", b"robot".as_slice()), ("password", PASSWORD.as_bytes())];
+        // (annotation value, or none; used by connector "harbor"; part of the message)
+        let cases: [(Option<&str>, bool, &str); 8] = [
+            (Some("*"), true, ""),
+            (Some("harbor"), true, ""),
+            (Some("ghcr, harbor"), true, ""),
+            (
+                None,
+                false,
+                "it has no annotation connectors.alauda.io/allowed-connectors",
+            ),
+            (
+                Some(""),
+                false,
+                "--overwrite connectors.alauda.io/allowed-connectors=harbor (",
+            ),
+            (
+                Some("ghcr"),
+                false,
+                "kubectl annotate secret -n team-a creds --overwrite connectors.alauda.io/allowed-connectors=ghcr,harbor",
+            ),
+            // Names, not patterns: a prefix or another namespace's connector is not this one.
+            (Some("harb*"), false, "is \"harb*\""),
+            (Some("team-a/harbor"), false, "Connector team-a/harbor to use it"),
+        ];
+        for (value, allowed, message_part) in cases {
+            let mut s = secret(TYPE_REGISTRY_TOKEN, &robot, &[]);
+            s.metadata = match value {
+                Some(v) => annotated(v),
+                None => Default::default(),
+            };
+            let out = credential_from_secret("team-a", "creds", "harbor", Some(&s), "h");
+            assert_eq!(
+                out.credential.is_some(),
+                allowed,
+                "{value:?}: {}",
+                out.condition.message
+            );
+            assert_eq!(out.condition.status, allowed, "{value:?}");
+            if !allowed {
+                assert_eq!(out.condition.reason, Reason::SecretNotAllowed, "{value:?}");
+                assert!(
+                    out.condition.message.contains(message_part),
+                    "{value:?}: {:?} should contain {message_part:?}",
+                    out.condition.message
+                );
+                assert!(!out.condition.message.contains(PASSWORD));
+            }
+        }
+        // Not allowed wins over a broken Secret: its data is not looked at.
+        let mut broken = secret(TYPE_BASIC_AUTH, &[("username", b"robot")], &[]);
+        broken.metadata = Default::default();
+        let out = credential_from_secret("team-a", "creds", "harbor", Some(&broken), "h");
+        assert_eq!(out.condition.reason, Reason::SecretNotAllowed);
     }
 
     #[test]

@@ -70,7 +70,12 @@ pub async fn pipeline(
                     Metrics::result(&hub.metrics.renders, "ok");
                     let config = r.filter_config.to_string();
                     let same = last.as_ref().is_some_and(|(c, cl)| *c == config && *cl == r.clusters);
-                    credentials.send_replace(Arc::new(r.credentials.clone()));
+                    let with_revisions = r
+                        .credentials
+                        .iter()
+                        .map(|(k, c)| (k.clone(), (c.clone(), revisions.of(c))))
+                        .collect();
+                    credentials.send_replace(Arc::new(with_revisions));
                     if !same {
                         version += 1;
                         snapshots.send_replace(Some(Arc::new(Snapshot {

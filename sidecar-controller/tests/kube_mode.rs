@@ -182,7 +182,10 @@ fn secret(name: &str, type_: &str, data: &[(&str, &str)]) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": { "name": name, "namespace": NS },
+        "metadata": {
+            "name": name, "namespace": NS,
+            "annotations": { connector_controller::secrets::ALLOWED_CONNECTORS_ANNOTATION: "*" },
+        },
         "type": type_,
         "stringData": data,
     })
@@ -287,8 +290,13 @@ fn play_proxy(hub: Hub) -> tokio::task::JoinHandle<()> {
                         .map(|u| u.authority)
                         .unwrap_or_default();
                     let secret_name = &c.spec.auth.secret_ref.name;
-                    let out =
-                        credential_from_secret(&key.0, secret_name, inputs.set.secret(&key.0, secret_name), &authority);
+                    let out = credential_from_secret(
+                        &key.0,
+                        secret_name,
+                        &key.1,
+                        inputs.set.secret(&key.0, secret_name),
+                        &authority,
+                    );
                     if out.credential.is_some() {
                         connectors.insert(key);
                     } else {
@@ -331,7 +339,7 @@ fn published_credential(hub: &Hub, name: &str) -> Result<(String, String), Strin
         .map(|u| u.authority)
         .unwrap_or_default();
     let secret_name = &c.spec.auth.secret_ref.name;
-    credential_from_secret(NS, secret_name, inputs.set.secret(NS, secret_name), &authority)
+    credential_from_secret(NS, secret_name, name, inputs.set.secret(NS, secret_name), &authority)
         .credential
         .map(|c| (c.username, c.password))
         .ok_or_else(|| format!("{name}: no credential in the Inputs"))
@@ -722,6 +730,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             strict: false,
             allow_ttl: Duration::from_secs(30),
             deny_ttl: Duration::from_millis(500),
+            ..AuthzSettings::default()
         },
         metrics.clone(),
     );

@@ -72,7 +72,7 @@ pub fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
 
 pub fn secret_yaml(name: &str, c: &Credentials) -> String {
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
         c.username, c.password
     )
 }

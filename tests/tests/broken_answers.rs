@@ -105,6 +105,7 @@ fn answers_that_break_off_cost_only_their_request() {
     let channel_port = controller.ports.channel;
     let channel = Breaker::start(move |_, path, _| {
         let rest = path.strip_prefix(&format!("/v1/credentials/{NS}/")).unwrap_or("");
+        let rest = rest.split('?').next().unwrap_or_default();
         match rest {
             "channel-close" => Answer::Broken(json_ok_head(), Then::Close),
             "channel-reset" => Answer::Broken(json_ok_head(), Then::Reset),

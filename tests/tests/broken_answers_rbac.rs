@@ -54,7 +54,8 @@ fn an_access_answer_that_breaks_off_costs_only_its_request() {
     kube.namespace(NS, &["builder"]).unwrap();
     kube.apply(&json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": NS},
+        "metadata": {"name": "registry-robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": creds.username, "password": creds.password},
     }))

@@ -48,7 +48,7 @@ fn rendered_manifests_drive_envoy_and_a_pull_succeeds() {
     std::fs::write(
         manifests.join("secret.yaml"),
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {NS}\ntype: kubernetes.io/basic-auth\nstringData:\n  username: {}\n  password: {}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: kubernetes.io/basic-auth\nstringData:\n  username: {}\n  password: {}\n",
             creds.username, creds.password
         ),
     )
@@ -150,7 +150,7 @@ fn rendered_envoy_clusters_verify_upstream_names_and_load_in_envoy() {
         ));
     }
     docs.push_str(&format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: robot\n  namespace: {NS}\ntype: kubernetes.io/basic-auth\nstringData:\n  username: robot\n  password: not-used\n"
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: robot\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: kubernetes.io/basic-auth\nstringData:\n  username: robot\n  password: not-used\n"
     ));
     std::fs::write(manifests.join("all.yaml"), docs).unwrap();
     let identity = work.path().join("identity.json");

@@ -45,7 +45,8 @@ const DENY_TTL: u64 = 1;
 fn secret(username: &str, password: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": NS},
+        "metadata": {"name": "registry-robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": username, "password": password},
     })

@@ -102,7 +102,8 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
     let kubeconfig = kube.controller_kubeconfig().unwrap();
     kube.apply(&json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": NS},
+        "metadata": {"name": "registry-robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": creds.username, "password": creds.password},
     }))
@@ -128,6 +129,12 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
         lease_seconds.as_str(),
         "--reprobe-seconds",
         "2",
+        // The killed leader's Envoy keeps serving on the access answers it holds, which its
+        // dead controller cannot renew: they must outlast the rest of the test (about 10 s).
+        // The default 5 s trades that for revoking a deleted ServiceAccount's tokens sooner
+        // (README "Revocation").
+        "--revocation-seconds",
+        "30",
     ];
     let proxy_url = "http://192.168.1.10:31567";
     let mut replicas: Vec<Option<Controller>> = vec![];

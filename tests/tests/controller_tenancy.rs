@@ -4,13 +4,22 @@
 //! refused on the claimant's own `ProxyReady` condition (and the controller's probes do not
 //! contact the metadata address either); a newer Connector claiming a host another one holds is
 //! left out while the older keeps serving.
+//!
+//! Item 6: a Connector may use only a Secret that names it in the annotation
+//! `connectors.alauda.io/allowed-connectors`. A Connector in team-b pointing `secretRef` at an
+//! un-annotated Secret and `address` at a recording relay gets `SecretReady=False
+//! SecretNotAllowed` (and `Ready=False`) with the `kubectl annotate` that fixes it, the relay
+//! never sees the credential and the channel hands it to nobody; once the Secret's owner
+//! annotates it, the same Connector logs in through the relay (so the relay would have seen it).
 
 use std::time::{Duration, Instant};
 
 use connector_devkit::WorkDir;
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::Envoy;
+use connector_devkit::http::{Request, basic_value};
 use connector_devkit::kube::KubeCluster;
+use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::Registry;
 use serde_json::{Value, json};
 
@@ -29,13 +38,13 @@ fn connector(ns: &str, name: &str, address: &str, extra: Value) -> Value {
     })
 }
 
-/// `ProxyReady` of a Connector: `(status, reason, message)`.
-fn proxy_ready(kube: &KubeCluster, ns: &str, name: &str) -> Option<(String, String, String)> {
+/// A condition of a Connector: `(status, reason, message)`.
+fn condition(kube: &KubeCluster, ns: &str, name: &str, type_: &str) -> Option<(String, String, String)> {
     let c = kube.get("connector", ns, name).ok()??;
     let found = c["status"]["conditions"]
         .as_array()?
         .iter()
-        .find(|c| c["type"] == "ProxyReady")?
+        .find(|c| c["type"] == type_)?
         .clone();
     Some((
         found["status"].as_str()?.to_string(),
@@ -45,19 +54,24 @@ fn proxy_ready(kube: &KubeCluster, ns: &str, name: &str) -> Option<(String, Stri
 }
 
 fn until_condition(kube: &KubeCluster, ns: &str, name: &str, status: &str) -> (String, String) {
+    until(kube, ns, name, "ProxyReady", status)
+}
+
+/// Waits until condition `type_` of a Connector has `status`: `(reason, message)`.
+fn until(kube: &KubeCluster, ns: &str, name: &str, type_: &str, status: &str) -> (String, String) {
     let start = Instant::now();
     loop {
-        if let Some((s, reason, message)) = proxy_ready(kube, ns, name)
+        if let Some((s, reason, message)) = condition(kube, ns, name, type_)
             && s == status
         {
             return (reason, message);
         }
         assert!(
             start.elapsed() < DEADLINE,
-            "{ns}/{name}: ProxyReady not {status} within {DEADLINE:?}: {:?}",
-            proxy_ready(kube, ns, name)
+            "{ns}/{name}: {type_} not {status} within {DEADLINE:?}: {:?}",
+            condition(kube, ns, name, type_)
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -73,7 +87,8 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
         kube.namespace(ns, &[]).unwrap();
         kube.apply(&json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "robot", "namespace": ns},
+            "metadata": {"name": "robot", "namespace": ns,
+                "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
             "type": "kubernetes.io/basic-auth",
             "stringData": {"username": creds.username, "password": creds.password},
         }))
@@ -104,12 +119,30 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
         .unwrap();
     kube.apply(&connector("team-b", "fine", &registry.url(), json!({})))
         .unwrap();
+    // Item 6: team-a's robot account in a Secret that opts in to no Connector, and a Connector
+    // of team-a aimed at a relay that records what it is sent.
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "private", "namespace": "team-a"},
+        "type": "cpaas.io/distribution-registry-token",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    let relay = Recorder::start(registry.port).unwrap();
+    let mut borrower = connector(
+        "team-a",
+        "borrower",
+        &format!("http://127.0.0.1:{}", relay.port),
+        json!({}),
+    );
+    borrower["spec"]["auth"]["secretRef"]["name"] = json!("private");
+    kube.apply(&borrower).unwrap();
 
     let kubeconfig = kube.controller_kubeconfig().unwrap();
     let controller = Controller::start_kube(&work, &kubeconfig, PROXY_URL, &["--reprobe-seconds", "2"])
         .unwrap_or_else(|e| panic!("{e}"));
     // ProxyReady True needs Envoy's ACK of a configuration carrying the connector.
-    let _envoy = Envoy::start_xds(
+    let envoy = Envoy::start_xds(
         &work,
         controller.ports.xds,
         controller.ports.channel,
@@ -154,6 +187,109 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
     eprintln!("team-b/metadata LivenessReady: {liveness}");
     assert_eq!(liveness["status"], "False", "{liveness}");
     assert_eq!(liveness["reason"], "UpstreamNotAllowed", "{liveness}");
+
+    // Item 6: the un-annotated Secret is refused on the borrower's conditions, with the fix.
+    let (reason, message) = until(&kube, "team-a", "borrower", "SecretReady", "False");
+    eprintln!("team-a/borrower: SecretReady False {reason}: {message}");
+    assert_eq!(reason, "SecretNotAllowed", "{message}");
+    assert!(
+        message.contains(
+            "kubectl annotate secret -n team-a private --overwrite connectors.alauda.io/allowed-connectors=borrower"
+        ),
+        "{message}"
+    );
+    let (reason, _) = until(&kube, "team-a", "borrower", "Ready", "False");
+    assert_eq!(reason, "SecretNotAllowed");
+    let (reason, _) = until(&kube, "team-a", "borrower", "ProxyReady", "False");
+    assert_eq!(reason, "NotConfigured");
+    // Let a few reprobe periods (2 s) pass: the probes reach the relay, the credential does not.
+    std::thread::sleep(Duration::from_secs(5));
+    let basic = basic_value(&creds.username, &creds.password);
+    let seen = relay.snapshot();
+    eprintln!("relay before the opt-in: {:?}", seen.request_lines());
+    assert!(
+        seen.requests > 0,
+        "the liveness probe went to the relay: the check below means something"
+    );
+    assert!(seen.authorizations().is_empty(), "{:?}", seen.authorizations());
+    assert!(!seen.text.contains(&creds.password) && !seen.text.contains(&basic));
+    // Nor does the channel hand it to anyone holding the channel key (what Envoy would ask).
+    let answer = Request::get("/v1/credentials/team-a/borrower")
+        .bearer(controller.key())
+        .send(controller.ports.channel)
+        .unwrap();
+    assert_ne!(answer.status, 200, "{}", answer.summary());
+    assert!(!answer.body_text().contains(&basic), "{}", answer.summary());
+
+    // Item 7: a credential answer is bound to the revision Envoy's configuration names for
+    // the connector (read from its config dump): none or another gets 409, no credential.
+    let dump = envoy.config_dump().unwrap();
+    let at = dump
+        .find("fromController")
+        .expect("a controller-held credential in the dump");
+    let revision: String = dump[at..]
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .trim_matches(|c: char| !c.is_ascii_hexdigit())
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    assert_eq!(revision.len(), 16, "{}", &dump[at..at + 60]);
+    let fine = "/v1/credentials/team-b/fine";
+    let ask = |path: &str| {
+        Request::get(path)
+            .bearer(controller.key())
+            .send(controller.ports.channel)
+            .unwrap()
+    };
+    let mut answered = vec![];
+    for q in [
+        "".to_string(),
+        "?revision=0000000000000000".to_string(),
+        format!("?revision={revision}"),
+    ] {
+        let r = ask(&format!("{fine}{q}"));
+        answered.push((q, r.status));
+        if r.status == 200 {
+            assert_eq!(r.json().unwrap()["revision"], revision.as_str(), "{}", r.summary());
+        } else {
+            assert_eq!(r.status, 409, "{}", r.summary());
+            assert!(!r.body_text().contains(&basic), "{}", r.summary());
+        }
+    }
+    eprintln!("credential answers by revision asked: {answered:?}");
+    // The connectors here share one robot account, so one revision (a keyed digest of the
+    // credential) is every configured connector's, team-b/fine's included.
+    assert_eq!(
+        answered.iter().map(|(_, s)| *s).collect::<Vec<_>>(),
+        [409, 409, 200],
+        "{answered:?}"
+    );
+
+    // The Secret's owner opts in: the same Connector logs in through the relay.
+    let annotated = Instant::now();
+    kube.kubectl(&[
+        "annotate",
+        "secret",
+        "-n",
+        "team-a",
+        "private",
+        "connectors.alauda.io/allowed-connectors=borrower",
+    ])
+    .unwrap()
+    .ok()
+    .unwrap();
+    until(&kube, "team-a", "borrower", "AuthReady", "True");
+    until(&kube, "team-a", "borrower", "Ready", "True");
+    eprintln!("team-a/borrower Ready {:?} after the annotation", annotated.elapsed());
+    let seen = relay.snapshot();
+    assert!(
+        seen.authorizations().iter().any(|a| a.contains(&basic)),
+        "after the opt-in the login carries the credential: {:?}",
+        seen.request_lines()
+    );
+
     let log = controller.log();
     assert!(!log.contains(&creds.password), "no password in the controller's log");
 }

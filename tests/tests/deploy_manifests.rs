@@ -231,6 +231,33 @@ fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
         "Envoy sees /wasm"
     );
     assert_eq!(container("envoy")["ports"][0]["containerPort"], 8080);
+    // The API token is mounted into the controller only (issue 12.9): not automounted into
+    // every container, and a projected ServiceAccount token on the controller's in-cluster path.
+    assert_eq!(pod["automountServiceAccountToken"], json!(false));
+    let token_path = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let mounts_of = |n: &str| container(n)["volumeMounts"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !mounts_of("envoy").iter().any(|m| m["mountPath"] == token_path),
+        "Envoy holds no API token"
+    );
+    let token_mount = mounts_of("controller")
+        .into_iter()
+        .find(|m| m["mountPath"] == token_path)
+        .expect("the controller mounts the API token");
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == token_mount["name"])
+        .unwrap();
+    assert!(
+        volume["projected"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["serviceAccountToken"]["path"] == "token"),
+        "{volume}"
+    );
     let svc = find(&all, "Service", "connector-proxy");
     assert_eq!(svc["spec"]["type"], "NodePort");
     // The controller's ServiceAccount has exactly the RBAC the README lists, no wildcards.

@@ -120,6 +120,10 @@ pub struct ConnectorInfo {
     pub allowed_namespaces: Vec<String>,
     /// `spec.allowedServiceAccounts` (`namespace/name`).
     pub allowed_service_accounts: Vec<String>,
+    /// RBAC mode: whether the pod's ServiceAccount may pull through the connector, by the
+    /// SubjectAccessReview the proxy asks (the lists above then do not count). `None`: rules
+    /// mode, the lists decide, as in the filter.
+    pub rbac_allowed: Option<bool>,
 }
 
 impl ConnectorInfo {
@@ -128,6 +132,7 @@ impl ConnectorInfo {
             registry: reference::registry_of_address(&c.spec.address).map_err(|e| e.to_string())?,
             allowed_namespaces: c.spec.allowed_namespaces.clone(),
             allowed_service_accounts: c.spec.allowed_service_accounts.clone(),
+            rbac_allowed: None,
         })
     }
 }
@@ -302,15 +307,46 @@ pub fn review(req: &AdmissionRequest<Pod>, cfg: &Config, lookup: impl FnOnce(&Co
             );
         }
     };
-    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref());
-    let sa = format!("{pod_ns}/{}", sa.filter(|s| !s.is_empty()).unwrap_or("default"));
-    let allowed = connector.namespace == pod_ns
-        || info.allowed_namespaces.iter().any(|n| n == pod_ns)
-        || info.allowed_service_accounts.contains(&sa);
-    if !allowed {
-        return not_allowed(&connector, pod_ns);
+    let sa = format!("{pod_ns}/{}", pod_service_account(pod));
+    match info.rbac_allowed {
+        Some(true) => {}
+        Some(false) => return not_allowed_rbac(&connector, &sa),
+        None => {
+            let allowed = connector.namespace == pod_ns
+                || info.allowed_namespaces.iter().any(|n| n == pod_ns)
+                || info.allowed_service_accounts.contains(&sa);
+            if !allowed {
+                return not_allowed(&connector, pod_ns);
+            }
+        }
     }
     rewrite(pod, cfg, &connector, &info)
+}
+
+/// The ServiceAccount a pod runs as (`default` when it names none): whose pulls the proxy
+/// will authorize, so whose access the webhook checks.
+pub fn pod_service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
+/// RBAC mode's denial: the same grant the proxy would ask for, named.
+fn not_allowed_rbac(connector: &ConnectorRef, sa: &str) -> Decision {
+    let (ns, name) = sa.split_once('/').unwrap_or((sa, ""));
+    deny(
+        403,
+        DenyReason::NamespaceNotAllowed,
+        format!(
+            "Connector {connector} does not exist or ServiceAccount {sa} may not pull through it, so its \
+             pods could not pull the rewritten images: grant system:serviceaccount:{ns}:{name} `get` on \
+             connectors.alauda.io {:?} in namespace {} (e.g. a RoleBinding to the ClusterRole \
+             oci-connector-user), or run the pod as a ServiceAccount that has it",
+            connector.name, connector.namespace
+        ),
+    )
 }
 
 fn not_allowed(connector: &ConnectorRef, pod_ns: &str) -> Decision {

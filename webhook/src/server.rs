@@ -17,7 +17,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use connector_controller::authz::{Authorizer, AuthzSettings, service_account_groups};
 use connector_controller::crd::Connector;
+use connector_filter::channel::Verb;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Pod;
@@ -32,10 +34,14 @@ pub const USAGE: &str = "usage:
   connector-webhook --tls-cert <pem> --tls-key <pem> --proxy-host <host[:port] of the proxy as images name it>
         [--listen 0.0.0.0:8443] [--host-form] [--host-pattern c-{name}-connector.{namespace}.svc.cluster.local]
         [--disabled] [--kube-url <API server URL; default: in-cluster or KUBECONFIG>]
+        [--rbac [--strict-proxy-subresource]]
       Serves POST /mutate (AdmissionReview v1) and GET /healthz over HTTPS. Pods labelled
       connectors.cpaas.io/proxy-inject=true with annotation connectors.cpaas.io/connector=<ns>/<name>
       get the images of the connector's registry rewritten to the proxy (path form by default);
-      with --disabled such pods are denied. Logs go to stderr as JSON (RUST_LOG filters).";
+      with --disabled such pods are denied. Who may use a connector: its allowedNamespaces and
+      allowedServiceAccounts, as the filter's rules mode; with --rbac (for a proxy whose
+      controller runs --kube) the SubjectAccessReview the proxy asks for a pull, for the pod's
+      ServiceAccount. Logs go to stderr as JSON (RUST_LOG filters).";
 
 /// How long one Connector read may take; the API server's webhook timeout is 10 s by default.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,13 +56,15 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub kube_url: Option<String>,
     pub config: Config,
+    /// `Some(strict)`: RBAC mode, as the controller's `--kube` (`--strict-proxy-subresource`).
+    pub rbac: Option<bool>,
 }
 
 impl Settings {
     pub fn from_args(args: &[String]) -> Result<Self, String> {
         let (mut cert, mut key, mut proxy, mut pattern, mut kube_url) = (None, None, None, None, None);
         let mut listen = "0.0.0.0:8443".to_string();
-        let (mut host_form, mut disabled) = (false, false);
+        let (mut host_form, mut disabled, mut rbac, mut strict) = (false, false, false, false);
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
@@ -69,6 +77,8 @@ impl Settings {
                 "--kube-url" => kube_url = Some(value()?),
                 "--host-form" => host_form = true,
                 "--disabled" => disabled = true,
+                "--rbac" => rbac = true,
+                "--strict-proxy-subresource" => strict = true,
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -84,12 +94,16 @@ impl Settings {
             AddressForm::Path
         };
         let config = Config::new(&proxy, form, pattern.as_deref(), !disabled)?;
+        if strict && !rbac {
+            return Err("--strict-proxy-subresource is a setting of --rbac".into());
+        }
         Ok(Self {
             tls_cert,
             tls_key,
             listen,
             kube_url,
             config,
+            rbac: rbac.then_some(strict),
         })
     }
 }
@@ -119,37 +133,68 @@ pub fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resu
 /// Where connectors come from. The server uses [`KubeConnectors`]; the trait keeps the handler
 /// testable without an API server.
 pub trait Connectors: Send + Sync + 'static {
-    fn lookup(&self, c: &ConnectorRef) -> impl Future<Output = Lookup> + Send;
+    /// The connector `c`, for a pod running as `user` (`system:serviceaccount:<ns>:<name>`).
+    fn lookup(&self, c: &ConnectorRef, user: &str) -> impl Future<Output = Lookup> + Send;
 }
 
 /// Connectors read from the Kubernetes API, one GET per admission (no cache: a new Connector
-/// is usable at once, and admissions are rare next to pulls).
+/// is usable at once, and admissions are rare next to pulls). In RBAC mode (`authorizer`),
+/// whether the pod's ServiceAccount may pull is the controller's own [`Authorizer`]'s answer:
+/// the SubjectAccessReview the proxy asks, with the same verb and resource.
 #[derive(Clone)]
 pub struct KubeConnectors {
     client: kube::Client,
+    authorizer: Option<Authorizer>,
 }
 
 impl KubeConnectors {
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            authorizer: None,
+        }
+    }
+
+    /// RBAC mode, as the controller's `--kube` (with `strict`: `--strict-proxy-subresource`).
+    pub fn with_rbac(client: kube::Client, strict: bool) -> Self {
+        let settings = AuthzSettings {
+            strict,
+            ..AuthzSettings::default()
+        };
+        Self {
+            authorizer: Some(Authorizer::new(client.clone(), settings, Arc::default())),
+            client,
+        }
     }
 }
 
 impl Connectors for KubeConnectors {
-    async fn lookup(&self, c: &ConnectorRef) -> Lookup {
+    async fn lookup(&self, c: &ConnectorRef, user: &str) -> Lookup {
         let api: kube::Api<Connector> = kube::Api::namespaced(self.client.clone(), &c.namespace);
-        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&c.name)).await {
-            Err(_) => Lookup::Failed(format!(
-                "no answer from the Kubernetes API within {}s (errors are retried until then)",
-                LOOKUP_TIMEOUT.as_secs()
-            )),
-            Ok(Err(e)) => Lookup::Failed(format!("the Kubernetes API answered with an error: {e}")),
-            Ok(Ok(None)) => Lookup::NotFound,
+        let mut info = match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(&c.name)).await {
+            Err(_) => {
+                return Lookup::Failed(format!(
+                    "no answer from the Kubernetes API within {}s (errors are retried until then)",
+                    LOOKUP_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(Err(e)) => return Lookup::Failed(format!("the Kubernetes API answered with an error: {e}")),
+            Ok(Ok(None)) => return Lookup::NotFound,
             Ok(Ok(Some(connector))) => match ConnectorInfo::from_connector(&connector) {
-                Ok(info) => Lookup::Found(info),
-                Err(e) => Lookup::Failed(format!("its spec.address is unusable ({e}); fix the Connector")),
+                Ok(info) => info,
+                Err(e) => return Lookup::Failed(format!("its spec.address is unusable ({e}); fix the Connector")),
             },
+        };
+        if let Some(authz) = &self.authorizer {
+            let groups = service_account_groups(user);
+            let review = authz.allowed(user, &groups, &c.namespace, &c.name, Verb::Pull);
+            match tokio::time::timeout(LOOKUP_TIMEOUT, review).await {
+                Ok(Ok(d)) => info.rbac_allowed = Some(d.allowed),
+                Ok(Err(e)) => return Lookup::Failed(format!("the SubjectAccessReview failed: {e}")),
+                Err(_) => return Lookup::Failed("the SubjectAccessReview got no answer in time".into()),
+            }
         }
+        Lookup::Found(info)
     }
 }
 
@@ -176,7 +221,12 @@ async fn mutate_handler<C: Connectors>(State(state): State<Arc<AppState<C>>>, bo
         Err(_) => return invalid("the AdmissionReview has no request".into()),
     };
     let found = match mutate::wanted_connector(&req, &state.config) {
-        Some(c) => Some(state.connectors.lookup(&c).await),
+        Some(c) => {
+            let ns = req.namespace.as_deref().unwrap_or_default();
+            let sa = req.object.as_ref().map_or("default", mutate::pod_service_account);
+            let user = format!("system:serviceaccount:{ns}:{sa}");
+            Some(state.connectors.lookup(&c, &user).await)
+        }
         None => None,
     };
     let decision = mutate::review(&req, &state.config, |_| found.unwrap_or(Lookup::NotFound));
@@ -287,7 +337,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         config = ?settings.config,
         "connector-webhook serving POST /mutate and GET /healthz over HTTPS"
     );
-    let router = router(settings.config.clone(), KubeConnectors::new(client));
+    let connectors = match settings.rbac {
+        Some(strict) => KubeConnectors::with_rbac(client, strict),
+        None => KubeConnectors::new(client),
+    };
+    let router = router(settings.config.clone(), connectors);
     serve_tls(listener, tls, router, shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
@@ -334,6 +388,14 @@ mod tests {
         assert_eq!(s.listen.port(), 9443);
         assert_eq!(s.kube_url.as_deref(), Some("http://127.0.0.1:1"));
         assert_eq!(s.config.host_of(&c), "hub.demo.reg");
+        assert_eq!(s.rbac, None);
+        let s = Settings::from_args(&args("--tls-cert c --tls-key k --proxy-host p --rbac")).unwrap();
+        assert_eq!(s.rbac, Some(false));
+        let s = Settings::from_args(&args(
+            "--tls-cert c --tls-key k --proxy-host p --rbac --strict-proxy-subresource",
+        ))
+        .unwrap();
+        assert_eq!(s.rbac, Some(true));
         for (bad, needle) in [
             ("--tls-cert c --tls-key k", "required"),
             ("--tls-cert c --tls-key k --proxy-host p --listen nowhere", "--listen"),
@@ -344,6 +406,10 @@ mod tests {
             ),
             ("--tls-cert c --tls-key k --proxy-host p --verbose", "unknown argument"),
             ("--tls-cert", "needs a value"),
+            (
+                "--tls-cert c --tls-key k --proxy-host p --strict-proxy-subresource",
+                "a setting of --rbac",
+            ),
         ] {
             let e = Settings::from_args(&args(bad)).unwrap_err();
             assert!(e.contains(needle), "{bad}: {e}");
@@ -354,7 +420,7 @@ mod tests {
     struct Fixed(Lookup, Arc<std::sync::atomic::AtomicUsize>);
 
     impl Connectors for Fixed {
-        async fn lookup(&self, _: &ConnectorRef) -> Lookup {
+        async fn lookup(&self, _: &ConnectorRef, _: &str) -> Lookup {
             self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.clone()
         }
@@ -406,6 +472,7 @@ mod tests {
             registry: "docker.io".into(),
             allowed_namespaces: vec![],
             allowed_service_accounts: vec![],
+            rbac_allowed: None,
         };
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let r = router(config.clone(), Fixed(Lookup::Found(info), count.clone()));

@@ -345,6 +345,68 @@ async fn unknown_and_forbidden_connectors_are_denied_with_a_message() {
     assert!(message.contains("could not read Connector demo/hub"), "{message}");
 }
 
+/// Issue 12.8: with `--rbac` the webhook decides as the proxy in API mode does, by the
+/// SubjectAccessReview for the pod's ServiceAccount (verb `get` on the connector, the pull the
+/// rewritten images will make), not by the Connector's lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_mode_decides_by_the_proxys_subject_access_review() {
+    let w = Webhook::start(&["--rbac"]);
+    // demo/webhook-rbac may get private/harbor (whose lists do not admit demo), and nothing
+    // else; shared/harbor's lists admit demo.
+    w.kube
+        .apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "use-harbor", "namespace": "private"},
+             "rules": [{"apiGroups": ["connectors.alauda.io"], "resources": ["connectors"],
+                        "resourceNames": ["harbor"], "verbs": ["get"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "webhook-rbac-uses-harbor", "namespace": "private"},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "use-harbor"},
+             "subjects": [{"kind": "ServiceAccount", "name": "webhook-rbac", "namespace": "demo"}]},
+        ]}))
+        .unwrap();
+    let as_sa = |connector: &str| {
+        let mut p = pod(Some("true"), Some(connector));
+        p["spec"]["serviceAccountName"] = json!("webhook-rbac");
+        p["spec"]["containers"][0]["image"] = json!("harbor.example.com:8443/team/web:1");
+        p
+    };
+    let resp = w.admit(&as_sa("private/harbor")).await;
+    assert_eq!(resp["allowed"], true, "granted by RBAC: {resp}");
+    assert_eq!(resp["patchType"], "JSONPatch", "{resp}");
+
+    let (code, message) = denial(&w.admit(&as_sa("shared/harbor")).await);
+    assert_eq!(code, 403, "admitted by the lists, not by RBAC");
+    assert!(
+        message.contains(
+            "system:serviceaccount:demo:webhook-rbac `get` on connectors.alauda.io \"harbor\" in namespace shared"
+        ),
+        "{message}"
+    );
+
+    // The question the API server got is the proxy's: the pod's ServiceAccount with its groups,
+    // `get` on connectors.alauda.io connectors/<name> in the connector's namespace.
+    let reviews = w.kube.access_reviews();
+    let asked = reviews
+        .iter()
+        .find(|r| {
+            r["user"] == "system:serviceaccount:demo:webhook-rbac" && r["resourceAttributes"]["namespace"] == "private"
+        })
+        .unwrap_or_else(|| panic!("no SubjectAccessReview for the pod's ServiceAccount: {reviews:?}"));
+    assert_eq!(
+        asked["resourceAttributes"],
+        json!({"group": "connectors.alauda.io", "resource": "connectors", "verb": "get", "namespace": "private", "name": "harbor"}),
+        "{asked}"
+    );
+    assert!(
+        asked["groups"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("system:serviceaccounts:demo")),
+        "{asked}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_without_the_label_pass_untouched_and_labelled_pods_need_the_annotation() {
     let w = Webhook::start(&[]);

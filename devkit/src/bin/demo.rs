@@ -45,7 +45,8 @@ impl Demo {
         let registry = Registry::start_with_auth(&work, UPSTREAM_USER)?;
         let creds = registry.credentials.clone().ok_or("registry without credentials")?;
         let (image, recorder, minter) = seed_upstream(&work, &skopeo, &registry, &creds.username, &creds.password)?;
-        // What a platform team would `kubectl apply`, here files the controller watches.
+        // What a platform team would `kubectl apply`, here files the controller watches. The
+        // Secret names the Connectors that may use it: this one and the one applied live below.
         let manifests = work.sub("manifests")?;
         write(
             &manifests.join("connector.yaml"),
@@ -54,7 +55,7 @@ impl Demo {
         write(
             &manifests.join("secret.yaml"),
             &format!(
-                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {CONNECTOR_NAMESPACE}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: registry-robot\n  namespace: {CONNECTOR_NAMESPACE}\n  annotations:\n    connectors.alauda.io/allowed-connectors: {CONNECTOR_NAME},mirror\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
                 creds.username, creds.password
             ),
         )?;

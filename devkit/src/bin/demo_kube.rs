@@ -90,7 +90,8 @@ fn run() -> Result<()> {
     kube.namespace("other", &[])?;
     kube.apply(&json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": NS},
+        "metadata": {"name": "registry-robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": NAME}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": creds.username, "password": creds.password},
     }))?;

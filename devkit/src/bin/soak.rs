@@ -39,7 +39,7 @@ fn rss_mib(pid: Option<u32>) -> f64 {
 
 fn secret_yaml(name: &str, c: &Credentials) -> String {
     format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
         c.username, c.password
     )
 }

@@ -99,17 +99,47 @@ fn a_controller_channel_that_breaks_off_answers_503_and_the_next_request_asks_ag
     assert_eq!(action, Action::Pause);
     let call = h.pending_calls().remove(0);
     assert_eq!(call.cluster, "connector_controller");
-    assert_eq!(call.header(":path").as_deref(), Some("/v1/credentials/demo/registry"));
+    assert_eq!(
+        call.header(":path").as_deref(),
+        Some("/v1/credentials/demo/registry?revision=rev-1")
+    );
     h.fail_call(call.token).unwrap();
     assert_unavailable(&h, id, "controller");
 
     let (id2, _) = request(&mut h, "GET", MANIFEST, Some(&t));
     let call = h.pending_calls().remove(0);
     assert_eq!(call.cluster, "connector_controller");
-    let answer = json!({"authorization": basic_credential()}).to_string();
+    let answer = json!({"authorization": basic_credential(), "revision": "rev-1"}).to_string();
     h.answer_call(call.token, 200, &[], answer.as_bytes()).unwrap();
     answer_basic_probe(&mut h, "upstream_demo");
     assert_forwarded_with_credential(&h, id2);
+}
+
+/// Issue 12.7: a credential answer for another revision than the configuration names (the
+/// controller already on a newer Secret) is no credential: 503 for that request, nothing
+/// cached, the next request asks again and is served by an answer for its own revision.
+#[test]
+fn a_credential_answer_for_another_revision_answers_503_and_the_next_request_asks_again() {
+    let mut h = controller_host(false);
+    let t = bearer(&token("demo", "default"));
+    for answer in [
+        json!({"authorization": basic_credential(), "revision": "rev-2"}),
+        json!({"authorization": basic_credential()}),
+    ] {
+        let (id, _) = request(&mut h, "GET", MANIFEST, Some(&t));
+        let call = h.pending_calls().remove(0);
+        h.answer_call(call.token, 200, &[], answer.to_string().as_bytes())
+            .unwrap();
+        assert_unavailable(&h, id, "not for the credential revision \"rev-1\"");
+        h.finish(id).unwrap();
+    }
+    let (id, _) = request(&mut h, "GET", MANIFEST, Some(&t));
+    let call = h.pending_calls().remove(0);
+    assert!(call.header(":path").unwrap_or_default().ends_with("?revision=rev-1"));
+    let answer = json!({"authorization": basic_credential(), "revision": "rev-1"}).to_string();
+    h.answer_call(call.token, 200, &[], answer.as_bytes()).unwrap();
+    answer_basic_probe(&mut h, "upstream_demo");
+    assert_forwarded_with_credential(&h, id);
 }
 
 #[test]
