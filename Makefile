@@ -3,7 +3,7 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench soak lint fuzz fuzz-smoke
+.PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench soak lint fuzz fuzz-smoke images compose-demo
 
 # Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts
 # names, kube-apiserver + kubectl + etcd built once per version from the Go module proxy).
@@ -25,6 +25,16 @@ demo: setup wasm
 demo-kube: setup wasm
 	cargo build -p connector-controller -p connector-webhook
 	cargo run -p connector-devkit --bin demo_kube
+
+# The container images, FROM scratch with static binaries, built with buildah (deploy/images/).
+# make images IMAGE_REGISTRY=<registry> PUSH=1 also pushes them and pins their digests in
+# deploy/images/kustomization.yaml, the component every deploy/ variant takes image names from.
+images: setup
+	bash scripts/images.sh
+
+# docker-compose.yml run for real with podman-compose on those images: a pull through the TLS proxy.
+compose-demo: images
+	cargo run -p connector-devkit --bin compose_demo
 
 # The release module first (some crates' tests load it), then the default members' tests, then
 # the end-to-end tests.

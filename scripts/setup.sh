@@ -11,7 +11,7 @@ say() { printf 'setup: %s\n' "$*"; }
 # --- Debian packages: the real registry, the real clients, load tools, openssl for test keys.
 # nginx-light: the benchmark's static upstream (make bench).
 # buildah, containerd (with its `ctr` client): the other real clients the e2e tests pull and push with.
-PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd)
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -54,6 +54,15 @@ if ! "$ROOT/.venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Vers
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
 else
   say "kubernetes-validate $KV_VERSION present in .venv"
+fi
+
+# podman-compose runs docker-compose.yml here (`make compose-demo`): there is no Docker engine.
+PC_VERSION="1.6.0"
+if ! "$ROOT/.venv/bin/pip" show podman-compose 2>/dev/null | grep -q "^Version: $PC_VERSION$"; then
+  say "installing podman-compose==$PC_VERSION into $ROOT/.venv"
+  "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "podman-compose==$PC_VERSION"
+else
+  say "podman-compose $PC_VERSION present in .venv"
 fi
 
 # --- The filter is built for wasm32-wasip1.
@@ -150,8 +159,10 @@ tool_install crane github.com/google/go-containerregistry/cmd/crane v0.22.1
 tool_install oras oras.land/oras/cmd/oras v1.3.6
 tool_install regctl github.com/regclient/regclient/cmd/regctl v0.11.7
 tool_install cosign github.com/sigstore/cosign/v3/cmd/cosign v3.1.3
+# The compose demo's registry image: Distribution v3, static (CGO_ENABLED=0) for a FROM scratch image.
+CGO_ENABLED=0 tool_install registry github.com/distribution/distribution/v3/cmd/registry v3.1.2
 mkdir -p "$ROOT/.cache/tools"
-for t in olareg-v0.1.2 crane-v0.22.1 oras-v1.3.6 regctl-v0.11.7 cosign-v3.1.3; do
+for t in olareg-v0.1.2 crane-v0.22.1 oras-v1.3.6 regctl-v0.11.7 cosign-v3.1.3 registry-v3.1.2; do
   ln -sfn "$KUBE_CACHE/tools/$t/${t%-v*}" "$ROOT/.cache/tools/${t%-v*}"
 done
 

@@ -151,7 +151,22 @@ fn kustomizations_list_existing_files_and_every_manifest_is_listed() {
         .filter(|f| f.ends_with("kustomization.yaml"))
     {
         let dir = k.parent().unwrap().to_path_buf();
-        for r in docs(&k)[0]["resources"].as_array().unwrap() {
+        let doc = &docs(&k)[0];
+        // Components (deploy/images: the image names) must exist and be components.
+        for c in doc["components"].as_array().into_iter().flatten() {
+            let p = dir.join(c.as_str().unwrap()).join("kustomization.yaml");
+            assert_eq!(
+                docs(&p)[0]["kind"],
+                "Component",
+                "{} lists {}",
+                k.display(),
+                p.display()
+            );
+        }
+        if doc["kind"] == "Component" {
+            continue;
+        }
+        for r in doc["resources"].as_array().unwrap() {
             let p = dir.join(r.as_str().unwrap());
             assert!(p.exists(), "{} lists {} which does not exist", k.display(), p.display());
             if p.is_dir() {
@@ -225,11 +240,39 @@ fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
     ] {
         assert!(args.iter().any(|a| a == want), "controller args lack {want}: {args:?}");
     }
-    let mounts = container("envoy")["volumeMounts"].clone();
+    // The module the controller names is baked into the proxy image (deploy/images/Containerfile.proxy).
+    assert_eq!(container("envoy")["image"], "oci-connector/proxy:0.1.0");
+    let containerfile = std::fs::read_to_string(repo_root().join("deploy/images/Containerfile.proxy")).unwrap();
     assert!(
-        mounts.as_array().unwrap().iter().any(|m| m["mountPath"] == "/wasm"),
-        "Envoy sees /wasm"
+        containerfile.contains("COPY connector_filter.wasm /wasm/connector_filter.wasm"),
+        "the proxy image holds the module at the path --wasm names"
     );
+    // Every variant takes its image names from the one component, and every image is named there.
+    let images = docs(&deploy().join("images/kustomization.yaml"))[0]["images"].clone();
+    for (variant, names) in [
+        ("standalone", &["controller", "proxy", "webhook"][..]),
+        ("istio", &["controller", "webhook"][..]),
+    ] {
+        let k = &docs(&deploy().join(variant).join("kustomization.yaml"))[0];
+        assert!(
+            k["components"].as_array().unwrap().iter().any(|c| c == "../images"),
+            "{variant} uses deploy/images"
+        );
+        for n in names {
+            let entry = images
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == format!("oci-connector/{n}"));
+            let new_name = entry
+                .map(|e| e["newName"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            assert!(
+                new_name.ends_with(&format!("/oci-connector/{n}")) && new_name.contains('.'),
+                "{n}: a fully qualified name in deploy/images, got {new_name:?}"
+            );
+        }
+    }
     assert_eq!(container("envoy")["ports"][0]["containerPort"], 8080);
     // The API token is mounted into the controller only (issue 12.9): not automounted into
     // every container, and a projected ServiceAccount token on the controller's in-cluster path.
@@ -322,7 +365,15 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
     let services = compose["services"].as_object().unwrap();
     for (name, svc) in services {
         for v in svc["volumes"].as_array().into_iter().flatten() {
-            let src = v.as_str().unwrap().split(':').next().unwrap();
+            let spec = v.as_str().unwrap();
+            // `${OCI_CONNECTOR_COMPOSE_DIR:-./deploy/compose/local}`: the generated files
+            // (deploy/compose/make-files.sh, or `make compose-demo`), not in the repository.
+            if let Some(rest) = spec.strip_prefix("${OCI_CONNECTOR_COMPOSE_DIR:-") {
+                assert!(rest.starts_with("./deploy/compose/local}:"), "{name}: {spec}");
+                assert!(root.join("deploy/compose/make-files.sh").is_file());
+                continue;
+            }
+            let src = spec.split(':').next().unwrap();
             if !src.starts_with('.') && !src.starts_with('/') {
                 // A named volume: declared at the top level.
                 assert!(
@@ -386,11 +437,25 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
         services["envoy"]["environment"]["CONNECTOR_CHANNEL_KEY"], controller["environment"]["CONNECTOR_CHANNEL_KEY"],
         "one channel key"
     );
-    // The listener speaks TLS: the controller serves the certificate the `certs` service made.
-    for want in ["--proxy-tls-cert=/tls/tls.crt", "--proxy-tls-key=/tls/tls.key"] {
+    // The listener speaks TLS: the controller serves the certificate make-files.sh (or
+    // `make compose-demo`) wrote, and reads the identity from the same directory.
+    for want in [
+        "--proxy-tls-cert=/local/tls/tls.crt",
+        "--proxy-tls-key=/local/tls/tls.key",
+        "--identity=/local/identity.json",
+    ] {
         assert!(command.contains(&want), "{command:?}");
     }
-    assert!(services.contains_key("certs"));
+    let make_files = std::fs::read_to_string(root.join("deploy/compose/make-files.sh")).unwrap();
+    assert!(make_files.contains("\"$d/tls/tls.crt\"") && make_files.contains("\"$d/identity.json\""));
+    // Every image is the project's own, under the one registry variable.
+    for (name, svc) in services {
+        let image = svc["image"].as_str().unwrap();
+        assert!(
+            image.starts_with("${OCI_CONNECTOR_IMAGE_REGISTRY:-localhost}/oci-connector/"),
+            "{name}: {image}"
+        );
+    }
     // The compose manifests are what the controller accepts: they render with one connector
     // whose cluster reaches the `registry` service.
     let hub_inputs = connector_controller::filemode::load(&connector_controller::filemode::FileSettings {
