@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 REG="${IMAGE_REGISTRY:-localhost}"
 VERSION="${IMAGE_VERSION:-0.1.0}"
-say() { echo "images: $*"; }
+say() { echo "images: $*" >&2; }
 
 # The static Rust binaries, in their own target dir (a different RUSTFLAGS would otherwise
 # rebuild the test binaries' dependencies every time).

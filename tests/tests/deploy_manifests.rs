@@ -271,6 +271,14 @@ fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
                 new_name.ends_with(&format!("/oci-connector/{n}")) && new_name.contains('.'),
                 "{n}: a fully qualified name in deploy/images, got {new_name:?}"
             );
+            // Pinned by digest (what `make images PUSH=1` pushed), not by a tag that can move.
+            let digest = entry
+                .map(|e| e["digest"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            assert!(
+                digest.starts_with("sha256:") && digest.len() == 71,
+                "{n}: pinned by digest, got {digest:?}"
+            );
         }
     }
     assert_eq!(container("envoy")["ports"][0]["containerPort"], 8080);
