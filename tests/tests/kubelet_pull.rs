@@ -111,7 +111,7 @@ fn a_real_kubelet_pulls_through_the_proxy_with_the_pods_own_token_and_no_pull_se
     kube.namespace("other", &[]).unwrap();
     kube.apply(&json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "registry-robot", "namespace": "demo"},
+        "metadata": {"name": "registry-robot", "namespace": "demo", "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
         "type": "cpaas.io/distribution-registry-token",
         "stringData": {"username": creds.username, "password": creds.password},
     }))
