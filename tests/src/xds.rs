@@ -99,6 +99,20 @@ pub fn pull(s: &Setup, authority: &str, connector: &str, token: &str, into: &str
     );
 }
 
+/// The controller in API mode (`serve --kube` against the API server `kubeconfig` names,
+/// reporting `proxy_url`, with `args`) and an Envoy fed by it: the API-mode suites' stack.
+pub fn start_kube_stack(work: &WorkDir, kubeconfig: &Path, proxy_url: &str, args: &[&str]) -> (Controller, Envoy) {
+    let controller = Controller::start_kube(work, kubeconfig, proxy_url, args).unwrap_or_else(|e| panic!("{e}"));
+    let envoy = Envoy::start_xds(
+        work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    (controller, envoy)
+}
+
 /// The controller (file mode, on `s`'s manifests and identity, with `args`) and an Envoy fed by it.
 pub fn start_stack(s: &Setup, args: &[&str]) -> (Controller, Envoy) {
     let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();

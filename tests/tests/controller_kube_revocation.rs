@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use connector_devkit::WorkDir;
-use connector_devkit::controller::Controller;
 use connector_devkit::envoy::Envoy;
 use connector_devkit::http::Request;
 use connector_devkit::kube::KubeCluster;
 use connector_devkit::registry::Registry;
+use connector_e2e::xds::start_kube_stack;
 use serde_json::json;
 
 const NS: &str = "demo";
@@ -79,15 +79,7 @@ fn deleting_a_service_account_or_pod_refuses_its_tokens_within_seconds() {
     .unwrap();
 
     let kubeconfig = kube.controller_kubeconfig().unwrap();
-    let controller =
-        Controller::start_kube(&work, &kubeconfig, "http://192.168.1.10:31567", &[]).unwrap_or_else(|e| panic!("{e}"));
-    let envoy = Envoy::start_xds(
-        &work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "http://192.168.1.10:31567", &[]);
 
     let builder = kube.create_token(NS, "builder", AUDIENCE, &[]).unwrap();
     let bound = kube

@@ -8,10 +8,9 @@
 use std::time::{Duration, Instant};
 
 use connector_devkit::WorkDir;
-use connector_devkit::controller::Controller;
-use connector_devkit::envoy::Envoy;
 use connector_devkit::kube::{CONTROLLER_USER, KubeCluster};
 use connector_devkit::registry::Registry;
+use connector_e2e::xds::start_kube_stack;
 use serde_json::{Value, json};
 
 const NS: &str = "demo";
@@ -84,15 +83,7 @@ fn a_namespaced_controller_watches_only_its_secret_types_and_its_memory_stays_fl
     }
     assert_eq!(can_i(&kube, &["list", "secrets", "--all-namespaces"]), "no");
 
-    let controller = Controller::start_kube(&work, &kubeconfig, "http://192.168.1.10:31567", &["--namespace", NS])
-        .unwrap_or_else(|e| panic!("{e}"));
-    let _envoy = Envoy::start_xds(
-        &work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, _envoy) = start_kube_stack(&work, &kubeconfig, "http://192.168.1.10:31567", &["--namespace", NS]);
     let start = Instant::now();
     while ready(&kube, "registry").as_deref() != Some("True") {
         assert!(

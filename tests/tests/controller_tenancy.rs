@@ -15,12 +15,11 @@
 use std::time::{Duration, Instant};
 
 use connector_devkit::WorkDir;
-use connector_devkit::controller::Controller;
-use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, basic_value};
 use connector_devkit::kube::KubeCluster;
 use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::Registry;
+use connector_e2e::xds::start_kube_stack;
 use serde_json::{Value, json};
 
 const PROXY_URL: &str = "http://192.168.1.10:31567";
@@ -139,16 +138,8 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
     kube.apply(&borrower).unwrap();
 
     let kubeconfig = kube.controller_kubeconfig().unwrap();
-    let controller = Controller::start_kube(&work, &kubeconfig, PROXY_URL, &["--reprobe-seconds", "2"])
-        .unwrap_or_else(|e| panic!("{e}"));
     // ProxyReady True needs Envoy's ACK of a configuration carrying the connector.
-    let envoy = Envoy::start_xds(
-        &work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, PROXY_URL, &["--reprobe-seconds", "2"]);
 
     for (ns, name) in [("team-a", "victim"), ("team-b", "fine")] {
         let (reason, message) = until_condition(&kube, ns, name, "True");

@@ -11,12 +11,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use connector_devkit::WorkDir;
-use connector_devkit::controller::Controller;
-use connector_devkit::envoy::Envoy;
 use connector_devkit::kube::KubeCluster;
 use connector_devkit::kubelet::{self, Node};
 use connector_devkit::registry::Registry;
 use connector_devkit::skopeo::{Creds, Skopeo};
+use connector_e2e::xds::start_kube_stack;
 use serde_json::{Value, json};
 
 /// The kubelet's plugin directory: `connector-credential-provider` is a two-line wrapper that
@@ -141,15 +140,7 @@ fn a_real_kubelet_pulls_through_the_proxy_with_the_pods_own_token_and_no_pull_se
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("{e}"));
     let kubeconfig = kube.controller_kubeconfig().unwrap();
-    let controller =
-        Controller::start_kube(&work, &kubeconfig, "http://127.0.0.1:1", &[]).unwrap_or_else(|e| panic!("{e}"));
-    let envoy = Envoy::start_xds(
-        &work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "http://127.0.0.1:1", &[]);
     let proxy = format!("127.0.0.1:{}", envoy.port);
 
     // The node's configuration: containerd reaches the proxy over TLS, the kubelet asks the
