@@ -43,15 +43,11 @@ pub fn bin_dir() -> PathBuf {
 /// One of `kube-apiserver`, `kube-controller-manager`, `kubectl`, `etcd`, or an error saying how
 /// to get it.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let p = bin_dir().join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{} is missing: run `scripts/setup.sh` (it builds kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy)",
-            p.display()
-        ))
-    }
+    crate::setup_binary(
+        &bin_dir(),
+        name,
+        "kube-apiserver, kube-controller-manager, kubectl and etcd from the Go module proxy",
+    )
 }
 
 /// The running control plane. Fields drop in order: the API server stops before etcd.

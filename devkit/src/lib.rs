@@ -38,6 +38,20 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// `<dir>/<name>` if `scripts/setup.sh` put it there, or an error saying that setup builds
+/// `what`: the lookup of every binary setup builds into a cache (kube, OCI tools).
+pub fn setup_binary(dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is missing: run `scripts/setup.sh` (it builds {what})",
+            p.display()
+        ))
+    }
+}
+
 /// The release build of the filter that Envoy loads: `CONNECTOR_FILTER_WASM` if set, else under
 /// the target dir (honouring CARGO_TARGET_DIR so a developer's separate target dir works too).
 pub fn wasm_path() -> PathBuf {

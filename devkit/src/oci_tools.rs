@@ -20,15 +20,7 @@ pub fn bin_dir() -> PathBuf {
 
 /// One of `olareg`, `crane`, `oras`, `regctl`, `cosign`, or an error saying how to get it.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let p = bin_dir().join(name);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!(
-            "{} is missing: run `scripts/setup.sh` (it builds the OCI tools from the Go module proxy)",
-            p.display()
-        ))
-    }
+    crate::setup_binary(&bin_dir(), name, "the OCI tools from the Go module proxy")
 }
 
 /// A running olareg on a free loopback port, storing under the work dir. No authentication of
