@@ -11,7 +11,7 @@ say() { printf 'setup: %s\n' "$*"; }
 # --- Debian packages: the real registry, the real clients, load tools, openssl for test keys.
 # nginx-light: the benchmark's static upstream (make bench).
 # buildah, containerd (with its `ctr` client): the other real clients the e2e tests pull and push with.
-PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file)
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
