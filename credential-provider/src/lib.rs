@@ -8,8 +8,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
-use connector_filter::config::{DEFAULT_HOST_PATTERN, render_host};
-use connector_filter::route::{is_dns_label, is_dns_subdomain};
+use connector_core::host::{DEFAULT_HOST_PATTERN, render_host};
+use connector_core::names::{is_dns_label, is_dns_subdomain};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,7 +48,7 @@ pub struct Settings {
     /// `host[:port]` of the proxy for the path form (lower-cased host).
     pub proxy: Authority,
     /// Host form: the `host[:port]` of each configured connector, rendered from the host pattern
-    /// the filter and the webhook use ([`connector_filter::config::render_host`]). Empty: the
+    /// the filter and the webhook use ([`connector_core::host::render_host`]). Empty: the
     /// host form gets no credential.
     pub hosts: Vec<HostEntry>,
 }

@@ -58,56 +58,7 @@ impl ChannelCall {
     }
 }
 
-/// What a request does through a connector, as RBAC mode asks about it: a pull grant must not
-/// also let its holder push or delete with the robot's rights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verb {
-    /// GET, HEAD.
-    Pull,
-    /// POST, PUT, PATCH: uploads, manifests, tags.
-    Push,
-    /// DELETE of a manifest, blob or upload.
-    Delete,
-}
-
-impl Verb {
-    pub fn of_method(method: &str) -> Verb {
-        match method {
-            "GET" | "HEAD" => Verb::Pull,
-            "DELETE" => Verb::Delete,
-            _ => Verb::Push,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verb::Pull => "pull",
-            Verb::Push => "push",
-            Verb::Delete => "delete",
-        }
-    }
-
-    /// The RBAC verb on `connectors.alauda.io` `connectors` that grants this (the controller's
-    /// SubjectAccessReview asks for it). `get` for pull keeps the contract users know; push and
-    /// delete have verbs of their own, so neither a pull grant nor the right to delete the
-    /// Connector object grants them.
-    pub fn rbac_verb(self) -> &'static str {
-        match self {
-            Verb::Pull => "get",
-            Verb::Push => "push",
-            Verb::Delete => "delete-artifacts",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Verb> {
-        match s {
-            "pull" => Some(Verb::Pull),
-            "push" => Some(Verb::Push),
-            "delete" => Some(Verb::Delete),
-            _ => None,
-        }
-    }
-}
+pub use connector_core::verb::Verb;
 
 /// Asks for the connector's credential at `revision`, the one the filter's configuration names:
 /// the controller answers only for that revision (issue 12.7).

@@ -18,7 +18,7 @@ use crate::identity::{Algorithm, Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKe
 use crate::route::{is_dns_label, is_dns_subdomain};
 
 pub const DEFAULT_REALM: &str = "oci-connector";
-pub const DEFAULT_HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
+pub use connector_core::host::{DEFAULT_HOST_PATTERN, render_host};
 pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
 /// 24 h: ServiceAccount tokens for a custom audience are short-lived (1 h by default; the API
 /// server's one-year extension applies only to its own audience).
@@ -230,11 +230,21 @@ impl Connector {
     /// First rule: a ServiceAccount may use the connectors of its own namespace; a connector
     /// may additionally admit other namespaces or individual service accounts.
     pub fn admits(&self, who: &Identity) -> bool {
-        who.namespace == self.namespace
-            || self.allowed_namespaces.contains(&who.namespace)
-            || self
+        connector_core::access::admits(&self.namespace, self, &who.namespace, &who.service_account)
+    }
+}
+
+impl connector_core::access::AllowLists for Connector {
+    fn allows_namespace(&self, namespace: &str) -> bool {
+        self.allowed_namespaces.contains(namespace)
+    }
+
+    fn allows_service_account(&self, namespace: &str, service_account: &str) -> bool {
+        // Checked per request: no owned key is built for the set lookup unless the lists hold one.
+        !self.allowed_service_accounts.is_empty()
+            && self
                 .allowed_service_accounts
-                .contains(&(who.namespace.clone(), who.service_account.clone()))
+                .contains(&(namespace.to_string(), service_account.to_string()))
     }
 }
 
@@ -259,44 +269,7 @@ impl Config {
     /// Whether `host` has the shape of a host-form name, known or not: such a host is answered
     /// like a forbidden connector rather than as "not a connector address".
     pub fn looks_like_connector_host(&self, host: &str) -> bool {
-        pattern_matches(self.host_pattern.as_bytes(), host.to_ascii_lowercase().as_bytes())
-    }
-}
-
-/// Renders the host pattern for one connector.
-pub fn render_host(pattern: &str, namespace: &str, name: &str) -> String {
-    pattern.replace("{namespace}", namespace).replace("{name}", name)
-}
-
-/// `{name}` matches `[a-z0-9.-]+`, `{namespace}` matches `[a-z0-9-]+`; the rest literally.
-fn pattern_matches(pattern: &[u8], host: &[u8]) -> bool {
-    let placeholder = |p: &[u8]| -> Option<(usize, bool)> {
-        if p.starts_with(b"{name}") {
-            Some((6, true))
-        } else if p.starts_with(b"{namespace}") {
-            Some((11, false))
-        } else {
-            None
-        }
-    };
-    match (pattern.first(), placeholder(pattern)) {
-        (None, _) => host.is_empty(),
-        (Some(_), Some((len, dots))) => {
-            let rest = pattern.get(len..).unwrap_or_default();
-            let ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || (dots && *b == b'.');
-            let mut i = 0;
-            while host.get(i).is_some_and(ok) {
-                i += 1;
-                if pattern_matches(rest, host.get(i..).unwrap_or_default()) {
-                    return true;
-                }
-            }
-            false
-        }
-        (Some(p), None) => {
-            host.first() == Some(p)
-                && pattern_matches(pattern.get(1..).unwrap_or_default(), host.get(1..).unwrap_or_default())
-        }
+        connector_core::host::matches_pattern(&self.host_pattern, &host.to_ascii_lowercase())
     }
 }
 
@@ -525,21 +498,8 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 }
 
 fn check_host_pattern(w: &mut Walk<'_>, pattern: &str) {
-    let literal = pattern.replace("{namespace}", "").replace("{name}", "");
-    if pattern.matches("{name}").count() != 1 || pattern.matches("{namespace}").count() != 1 {
-        w.err(
-            "proxy.hostPattern",
-            "must contain {name} and {namespace} exactly once, e.g. c-{name}-connector.{namespace}.svc.cluster.local",
-        );
-    }
-    if !literal
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    {
-        w.err(
-            "proxy.hostPattern",
-            "may only contain lowercase letters, digits, '-', '.' and the placeholders {name} and {namespace}",
-        );
+    for problem in connector_core::host::pattern_problems(pattern) {
+        w.err("proxy.hostPattern", problem);
     }
 }
 
@@ -910,11 +870,6 @@ fn compile_token_realms(w: &mut Walk<'_>, v: Option<&Value>, path: &str) -> Vec<
     out
 }
 
-/// Docker Hub's credentials are filed under several names.
-fn docker_hub_alias(host: &str) -> bool {
-    matches!(host, "docker.io" | "index.docker.io" | "registry-1.docker.io")
-}
-
 /// The `auths` entry of a docker `config.json` (kubernetes.io/dockerconfigjson) for `upstream`.
 fn credential_from_docker_config(json: &str, upstream: &Upstream) -> Result<(String, String), String> {
     let doc: Value =
@@ -929,7 +884,9 @@ fn credential_from_docker_config(json: &str, upstream: &Upstream) -> Result<(Str
         let k = key.trim_start_matches("https://").trim_start_matches("http://");
         let k = k.split('/').next().unwrap_or(k);
         let k = normalise_authority(&upstream.scheme, k).unwrap_or_default();
-        k == want || (docker_hub_alias(want_host) && docker_hub_alias(k.split(':').next().unwrap_or("")))
+        k == want
+            || (connector_core::registry::is_docker_hub(want_host)
+                && connector_core::registry::is_docker_hub(k.split(':').next().unwrap_or("")))
     };
     let Some((_, entry)) = auths.iter().find(|(k, _)| matches(k)) else {
         let keys: Vec<&str> = auths.keys().map(String::as_str).collect();
@@ -1048,7 +1005,7 @@ fn compile_static_credential(
         };
         let upstream = upstream?;
         return match credential_from_docker_config(&json, upstream) {
-            Ok((u, p)) => Some(format!("Basic {}", STANDARD.encode(format!("{u}:{p}")))),
+            Ok((u, p)) => Some(connector_core::basic::authorization(&u, &p)),
             Err(e) => {
                 w.err(
                     format!("{path}.dockerConfigJsonEnv"),
@@ -1099,10 +1056,7 @@ fn compile_static_credential(
         );
         return None;
     }
-    Some(format!(
-        "Basic {}",
-        STANDARD.encode(format!("{username}:{}", password?))
-    ))
+    Some(connector_core::basic::authorization(&username, &password?))
 }
 
 #[cfg(test)]

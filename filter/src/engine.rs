@@ -333,14 +333,16 @@ pub fn map_mount_query(query: &str, client_prefix: &str) -> (String, Option<Stri
     let from_raw = params.iter().find_map(|p| p.strip_prefix("from="));
     // The client's name for a repository of this connector starts with the prefix after /v2/.
     let own = client_prefix.strip_prefix("/v2").unwrap_or("").trim_start_matches('/');
-    let mapped = from_raw.and_then(percent_decode).and_then(|from| {
-        let name = if own.is_empty() {
-            Some(from.as_str())
-        } else {
-            from.strip_prefix(own)?.strip_prefix('/')
-        };
-        name.filter(|n| crate::route::is_repository_name(n)).map(str::to_string)
-    });
+    let mapped = from_raw
+        .and_then(connector_core::percent::decode_query_value)
+        .and_then(|from| {
+            let name = if own.is_empty() {
+                Some(from.as_str())
+            } else {
+                from.strip_prefix(own)?.strip_prefix('/')
+            };
+            name.filter(|n| crate::route::is_repository_name(n)).map(str::to_string)
+        });
     let kept = params.iter().filter_map(|p| {
         if p.starts_with("from=") {
             mapped.as_ref().map(|m| format!("from={m}")) // a grammar-checked name needs no escaping
@@ -351,23 +353,6 @@ pub fn map_mount_query(query: &str, client_prefix: &str) -> (String, Option<Stri
         }
     });
     (kept.collect::<Vec<_>>().join("&"), mapped)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(if c == b'+' { b' ' } else { c });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Changes to apply to an upstream response.

@@ -263,21 +263,7 @@ pub fn is_upload_id(id: &str) -> bool {
             .all(|x| x.is_ascii_alphanumeric() || matches!(x, b'-' | b'_' | b'=' | b'.'))
 }
 
-/// RFC 1123 label: Kubernetes namespace and ServiceAccount names.
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || *x == b'-')
-        && b.first().is_some_and(|x| *x != b'-')
-        && b.last().is_some_and(|x| *x != b'-')
-}
-
-/// RFC 1123 subdomain: Kubernetes object names.
-pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
+pub use connector_core::names::{is_dns_label, is_dns_subdomain};
 
 #[cfg(test)]
 mod method_tests {

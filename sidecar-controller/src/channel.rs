@@ -14,10 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use connector_filter::channel::Verb;
-use futures::future::BoxFuture;
+use connector_core::verb::Verb;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -31,47 +28,7 @@ use crate::secrets::Credential;
 /// configuration names), replaced on every render.
 pub type Credentials = Arc<HashMap<ConnectorKey, (Credential, String)>>;
 
-/// An access decision for the filter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessAnswer {
-    pub allowed: bool,
-    /// How long the filter may keep it.
-    pub ttl_secs: u64,
-    pub reason: String,
-}
-
-/// The objects a caller's token is bound to, as the filter read them from its claims.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BoundTo {
-    pub service_account_uid: Option<String>,
-    /// `(name, uid)` of the Pod a token is bound to.
-    pub pod: Option<(String, String)>,
-}
-
-/// Who may use a connector, asked per (user, connector): RBAC in API mode.
-pub trait AccessCheck: Send + Sync {
-    fn check<'a>(
-        &'a self,
-        user: &'a str,
-        namespace: &'a str,
-        name: &'a str,
-        verb: Verb,
-    ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
-
-    /// [`Self::check`] for a caller whose token is bound to `bound`; a check that cannot tell
-    /// whether those still exist ignores them.
-    fn check_bound<'a>(
-        &'a self,
-        user: &'a str,
-        bound: &'a BoundTo,
-        namespace: &'a str,
-        name: &'a str,
-        verb: Verb,
-    ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
-        let _ = bound;
-        self.check(user, namespace, name, verb)
-    }
-}
+pub use connector_api::authz::{AccessAnswer, AccessCheck, BoundTo};
 
 #[derive(Clone)]
 pub struct Channel {
@@ -170,7 +127,7 @@ async fn credential(
     }
     Metrics::result(&metrics.credential_fetches, "ok");
     tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
-    let authorization = format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)));
+    let authorization = connector_core::basic::authorization(&c.username, &c.password);
     let mut response = Json(json!({ "authorization": authorization, "revision": revision })).into_response();
     response
         .headers_mut()

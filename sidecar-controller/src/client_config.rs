@@ -20,12 +20,11 @@
 //! tools' `certs.d/<proxy>/ca.crt`, BuildKit's `ca`, Docker's `certs.d/<proxy>/ca.crt`; and no
 //! `insecure` / `skip_verify` / `http` anywhere unless the proxy is plain http or `skip_verify`.
 
-use connector_filter::route::is_dns_label;
+use connector_core::names::is_dns_label;
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 /// The user name put next to the token. The proxy ignores it (any user name is accepted); a
@@ -183,8 +182,6 @@ struct Endpoints {
     connector_path: String,
 }
 
-const DOCKER_HUB_HOSTS: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
-
 impl Endpoints {
     fn new(s: &ClientSettings) -> Result<Self, ClientConfigError> {
         for label in [&s.namespace, &s.name] {
@@ -215,7 +212,7 @@ impl Endpoints {
             Some("http") => "http",
             Some(_) => return Err(ClientConfigError::Upstream(s.upstream.clone())),
         };
-        let (upstream_name, upstream_origin) = if DOCKER_HUB_HOSTS.contains(&up.as_str()) {
+        let (upstream_name, upstream_origin) = if connector_core::registry::is_docker_hub(&up) {
             ("docker.io".to_string(), "https://registry-1.docker.io".to_string())
         } else {
             (up.clone(), format!("{up_scheme}://{up}"))
@@ -317,7 +314,7 @@ pub fn docker_config(s: &ClientSettings) -> Result<Rendered, ClientConfigError> 
     let e = Endpoints::new(s)?;
     let entry = match &s.token {
         Some(t) => {
-            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USERNAME}:{t}"));
+            let auth = connector_core::basic::encode_pair(USERNAME, t);
             json!({ "auth": auth })
         }
         None => json!({}),
@@ -725,7 +722,7 @@ mod tests {
         let auths = v["auths"].as_object().unwrap();
         assert_eq!(auths.len(), 1);
         let auth = auths["10.0.0.5:31567"]["auth"].as_str().unwrap();
-        let decoded = base64::engine::general_purpose::STANDARD.decode(auth).unwrap();
+        let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, auth).unwrap();
         assert_eq!(decoded, b"serviceaccount:eyJhbGciOiJSUzI1NiJ9.e30.c2ln".to_vec());
         assert_eq!(v.as_object().unwrap().len(), 1, "only auths: {v}");
     }

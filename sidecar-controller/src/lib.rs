@@ -16,12 +16,14 @@
 //! - [`client_config`]: client configuration for a connector (docker, containerd, buildkit, CRI-O/podman);
 //! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode.
 
-pub mod authz;
+/// The Connector API crate's RBAC rule, under the name the controller's modules use.
+pub use connector_api::authz;
 pub mod channel;
 pub mod client_config;
 pub mod cluster_identity;
 pub mod conditions;
-pub mod crd;
+/// The Connector CRD types, from the API crate the webhook shares.
+pub use connector_api::crd;
 pub mod filemode;
 pub mod hub;
 pub mod kube_mode;

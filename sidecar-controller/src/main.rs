@@ -423,7 +423,7 @@ async fn run_source(
             let access: std::sync::Arc<dyn AccessCheck> = std::sync::Arc::new(authz::Authorizer::new(
                 client.clone(),
                 kube.authz(),
-                hub.metrics.clone(),
+                hub.metrics.review_observer(),
             ));
             if let Some(tls) = proxy_tls {
                 hub.metrics.set_awaiting_proxy_cert(true);

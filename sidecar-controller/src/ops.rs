@@ -137,4 +137,10 @@ impl Metrics {
     pub fn result(family: &Family<ResultLabel, Counter>, result: &str) {
         family.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
+
+    /// Counts the RBAC authorizer's outcomes in `access_reviews`.
+    pub fn review_observer(self: &std::sync::Arc<Self>) -> connector_api::authz::ReviewObserver {
+        let metrics = self.clone();
+        std::sync::Arc::new(move |outcome| Metrics::result(&metrics.access_reviews, outcome))
+    }
 }

@@ -13,8 +13,6 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use connector_filter::upstream::{encode_query_value, parse_challenge, split_url};
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
@@ -215,7 +213,7 @@ fn unexpected(url: &str, status: StatusCode) -> ProbeError {
 }
 
 fn basic(c: &Credential) -> String {
-    format!("Basic {}", STANDARD.encode(format!("{}:{}", c.username, c.password)))
+    connector_core::basic::authorization(&c.username, &c.password)
 }
 
 /// Logs in to the registry at `address` with `credential`, as `docker login` does:

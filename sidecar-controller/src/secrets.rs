@@ -6,6 +6,7 @@
 //! value read from the Secret: conditions and events are readable by far more people than the
 //! Secret is.
 
+use connector_core::registry::{DOCKER_HUB_ALIASES, docker_config_host, is_docker_hub};
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -307,25 +308,11 @@ fn docker_config(what: &str, data: &BTreeMap<String, Vec<u8>>, authority: &str) 
     })
 }
 
-/// The `host[:port]` a docker config `auths` key names: keys come as `host`, `host:port`,
-/// `https://host/v1/` (what `docker login` writes for Docker Hub) and so on.
-fn docker_config_host(key: &str) -> String {
-    let rest = key.split_once("://").map_or(key, |(_, r)| r);
-    let host = rest.split('/').next().unwrap_or(rest).to_ascii_lowercase();
-    host.strip_suffix(":443").unwrap_or(&host).to_string()
-}
-
 /// Docker Hub is written under several names; one connector address must find any of them.
 fn registry_aliases(authority: &str) -> Vec<String> {
-    const DOCKER_HUB: [&str; 4] = [
-        "docker.io",
-        "index.docker.io",
-        "registry-1.docker.io",
-        "registry.hub.docker.com",
-    ];
     let authority = authority.to_ascii_lowercase();
-    if DOCKER_HUB.contains(&authority.as_str()) {
-        DOCKER_HUB.iter().map(|s| s.to_string()).collect()
+    if is_docker_hub(&authority) {
+        DOCKER_HUB_ALIASES.iter().map(|s| s.to_string()).collect()
     } else {
         vec![authority]
     }

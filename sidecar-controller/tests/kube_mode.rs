@@ -20,11 +20,11 @@ use connector_controller::kube_mode::{self, KubeSettings};
 use connector_controller::manifests::Problem;
 use connector_controller::ops::{Metrics, ResultLabel};
 use connector_controller::secrets::credential_from_secret;
+use connector_core::verb::Verb;
 use connector_devkit::WorkDir;
 use connector_devkit::kube::KubeCluster;
 use connector_devkit::registry::{Credentials, Registry};
 use connector_devkit::token_server::TokenServer;
-use connector_filter::channel::Verb;
 use serde_json::{Value, json};
 
 const NS: &str = "demo";
@@ -732,7 +732,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             deny_ttl: Duration::from_millis(500),
             ..AuthzSettings::default()
         },
-        metrics.clone(),
+        metrics.review_observer(),
     );
     let groups = service_account_groups(puller);
 
@@ -845,7 +845,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             strict: true,
             ..AuthzSettings::default()
         },
-        metrics.clone(),
+        metrics.review_observer(),
     );
     let d = strict
         .allowed(puller, &groups, NS, "registry", Verb::Pull)
@@ -870,7 +870,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
             strict: true,
             ..AuthzSettings::default()
         },
-        metrics.clone(),
+        metrics.review_observer(),
     );
     assert!(
         strict_fresh

@@ -4,11 +4,12 @@
 //! that says what is wrong and how to fix it. Pure: the server does the I/O (the lookup) and
 //! turns a [`Decision`] into an AdmissionReview response with [`review_response`].
 
-use connector_filter::route::{is_dns_label, is_dns_subdomain};
+use connector_core::access::{AllowLists, admits};
+use connector_core::names::{is_dns_label, is_dns_subdomain};
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use connector_controller::crd::Connector;
+use connector_api::crd::Connector;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, TestOperation};
 use k8s_openapi::api::core::v1::Pod;
@@ -25,8 +26,8 @@ pub const CONNECTOR_ANNOTATION: &str = "connectors.cpaas.io/connector";
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "connectors.cpaas.io/original-images";
 /// The host-form name of a connector unless `--host-pattern` says otherwise: the filter's own
 /// definition, shared with the credential provider, so the three never disagree on a host.
-pub use connector_filter::config::DEFAULT_HOST_PATTERN;
-use connector_filter::config::render_host;
+pub use connector_core::host::DEFAULT_HOST_PATTERN;
+use connector_core::host::render_host;
 
 /// The three places a pod lists images, with the field name the API (and the patch) uses.
 const KINDS: [&str; 3] = ["containers", "initContainers", "ephemeralContainers"];
@@ -134,6 +135,19 @@ impl ConnectorInfo {
             allowed_service_accounts: c.spec.allowed_service_accounts.clone(),
             rbac_allowed: None,
         })
+    }
+}
+
+/// The connector's lists, for the rule the filter applies ([`connector_core::access`]).
+impl AllowLists for ConnectorInfo {
+    fn allows_namespace(&self, namespace: &str) -> bool {
+        self.allowed_namespaces.iter().any(|n| n == namespace)
+    }
+
+    fn allows_service_account(&self, namespace: &str, service_account: &str) -> bool {
+        self.allowed_service_accounts
+            .iter()
+            .any(|entry| entry.split_once('/') == Some((namespace, service_account)))
     }
 }
 
@@ -312,9 +326,7 @@ pub fn review(req: &AdmissionRequest<Pod>, cfg: &Config, lookup: impl FnOnce(&Co
         Some(true) => {}
         Some(false) => return not_allowed_rbac(&connector, &sa),
         None => {
-            let allowed = connector.namespace == pod_ns
-                || info.allowed_namespaces.iter().any(|n| n == pod_ns)
-                || info.allowed_service_accounts.contains(&sa);
+            let allowed = admits(&connector.namespace, &info, pod_ns, pod_service_account(pod));
             if !allowed {
                 return not_allowed(&connector, pod_ns);
             }

@@ -9,8 +9,6 @@ use std::fmt;
 
 /// The registry Docker Hub short names (`nginx`, `library/nginx`) resolve to.
 pub const DOCKER_HUB: &str = "docker.io";
-/// Names of Docker Hub that clients treat as the same registry.
-const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 /// The whole name (domain and path) may not be longer than this (distribution's `NameTotalLengthMax`).
 const NAME_MAX: usize = 255;
 
@@ -116,7 +114,7 @@ fn is_domain_like(first: &str) -> bool {
 /// Lowercases a registry host and folds Docker Hub's names into `docker.io`.
 pub fn normalize_registry(host: &str) -> String {
     let host = host.to_ascii_lowercase();
-    if DOCKER_HUB_ALIASES.contains(&host.as_str()) {
+    if connector_core::registry::is_docker_hub(&host) {
         DOCKER_HUB.to_string()
     } else {
         host

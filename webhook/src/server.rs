@@ -17,9 +17,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use connector_controller::authz::{Authorizer, AuthzSettings, service_account_groups};
-use connector_controller::crd::Connector;
-use connector_filter::channel::Verb;
+use connector_api::authz::{Authorizer, AuthzSettings, ignore_reviews, service_account_groups};
+use connector_api::crd::Connector;
+use connector_core::verb::Verb;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Pod;
@@ -162,7 +162,7 @@ impl KubeConnectors {
             ..AuthzSettings::default()
         };
         Self {
-            authorizer: Some(Authorizer::new(client.clone(), settings, Arc::default())),
+            authorizer: Some(Authorizer::new(client.clone(), settings, ignore_reviews())),
             client,
         }
     }

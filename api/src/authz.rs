@@ -28,18 +28,67 @@ use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Api;
 use kube::api::PostParams;
 
-use connector_filter::channel::Verb;
-
-use crate::channel::{AccessAnswer, AccessCheck, BoundTo};
-use crate::ops::Metrics;
+use connector_core::verb::Verb;
 
 pub const GROUP: &str = "connectors.alauda.io";
 pub const RESOURCE: &str = "connectors";
 pub const STRICT_SUBRESOURCE: &str = "proxy";
 /// Bound on cached decisions; expired ones are dropped first, then all.
 const MAX_CACHED: usize = 10_000;
+
+/// Told the outcome of each access check (`allowed`, `denied`, `allowed_cached`,
+/// `denied_cached`, `revoked`, `error`): the controller counts them in its metrics.
+pub type ReviewObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// An observer for callers that count nothing.
+pub fn ignore_reviews() -> ReviewObserver {
+    Arc::new(|_| {})
+}
+
 /// How long a ServiceAccount's or Pod's uid, as read from the API server, is relied on.
 pub const LIVE_TTL: Duration = Duration::from_secs(1);
+
+/// An access decision for the filter (the controller channel's `/v1/access` answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessAnswer {
+    pub allowed: bool,
+    /// How long the filter may keep it.
+    pub ttl_secs: u64,
+    pub reason: String,
+}
+
+/// The objects a caller's token is bound to, as the filter read them from its claims.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BoundTo {
+    pub service_account_uid: Option<String>,
+    /// `(name, uid)` of the Pod a token is bound to.
+    pub pod: Option<(String, String)>,
+}
+
+/// Who may use a connector, asked per (user, connector): RBAC in API mode.
+pub trait AccessCheck: Send + Sync {
+    fn check<'a>(
+        &'a self,
+        user: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+        verb: Verb,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>>;
+
+    /// [`Self::check`] for a caller whose token is bound to `bound`; a check that cannot tell
+    /// whether those still exist ignores them.
+    fn check_bound<'a>(
+        &'a self,
+        user: &'a str,
+        bound: &'a BoundTo,
+        namespace: &'a str,
+        name: &'a str,
+        verb: Verb,
+    ) -> BoxFuture<'a, Result<AccessAnswer, String>> {
+        let _ = bound;
+        self.check(user, namespace, name, verb)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AuthzSettings {
@@ -87,18 +136,18 @@ type Cached = (bool, String, Instant);
 pub struct Authorizer {
     api: Api<SubjectAccessReview>,
     settings: AuthzSettings,
-    metrics: Arc<Metrics>,
+    observe: ReviewObserver,
     cache: Arc<Mutex<HashMap<Key, Cached>>>,
     client: kube::Client,
     live: Arc<Mutex<HashMap<LiveKey, Live>>>,
 }
 
 impl Authorizer {
-    pub fn new(client: kube::Client, settings: AuthzSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: kube::Client, settings: AuthzSettings, observe: ReviewObserver) -> Self {
         Self {
             api: Api::all(client.clone()),
             settings,
-            metrics,
+            observe,
             cache: Arc::default(),
             client,
             live: Arc::default(),
@@ -196,10 +245,7 @@ impl Authorizer {
         if let Some((allowed, reason, until)) = self.lock().get(&key).cloned()
             && until > now
         {
-            Metrics::result(
-                &self.metrics.access_reviews,
-                if allowed { "allowed_cached" } else { "denied_cached" },
-            );
+            (self.observe)(if allowed { "allowed_cached" } else { "denied_cached" });
             return Ok(Decision {
                 allowed,
                 reason,
@@ -211,7 +257,7 @@ impl Authorizer {
         let answer = match self.api.create(&PostParams::default(), &review).await {
             Ok(a) => a,
             Err(e) => {
-                Metrics::result(&self.metrics.access_reviews, "error");
+                (self.observe)("error");
                 return Err(e);
             }
         };
@@ -232,7 +278,7 @@ impl Authorizer {
         } else {
             self.settings.deny_ttl
         };
-        Metrics::result(&self.metrics.access_reviews, if allowed { "allowed" } else { "denied" });
+        (self.observe)(if allowed { "allowed" } else { "denied" });
         tracing::debug!(user, connector = %format!("{namespace}/{connector}"), allowed, "access review");
         {
             let mut cache = self.lock();
@@ -339,7 +385,7 @@ impl AccessCheck for Authorizer {
                 .await
                 .map_err(|e| format!("reading the token's ServiceAccount or Pod failed: {e}"))?;
             if let Some(reason) = revoked {
-                Metrics::result(&self.metrics.access_reviews, "revoked");
+                (self.observe)("revoked");
                 // Short: the filter keys answers by the token's uids, but a ServiceAccount
                 // re-created just now may still read as gone for LIVE_TTL.
                 return Ok(AccessAnswer {

@@ -1,0 +1,14 @@
+//! One definition of each concept the connector's parts share: the Kubernetes name grammars, the
+//! per-connector host pattern, the access rule of rules mode, the RBAC verbs, Docker Hub's names,
+//! Basic credentials and percent-decoding.
+//!
+//! The filter (Wasm), the controller, the webhook and the credential provider all depend on this
+//! crate instead of on each other, so a change of a rule is made once and seen by all of them.
+
+pub mod access;
+pub mod basic;
+pub mod host;
+pub mod names;
+pub mod percent;
+pub mod registry;
+pub mod verb;
