@@ -2,8 +2,9 @@
 //! filter configuration document (README "Filter configuration"), the environment variables
 //! holding the upstream credentials, and the Envoy clusters the configuration names.
 //!
-//! This is the stop-gap until the controller serves xDS (issue 4): here the operator starts
-//! Envoy with the rendered files, and a change means rendering again and restarting Envoy. The
+//! `connector-controller render` is for operators who run Envoy from static files instead of
+//! from the controller's xDS (`serve`, the normal way, whose pipeline reuses this module's
+//! per-connector entries): a change means rendering again and restarting Envoy. The
 //! rendered configuration is checked with the filter's own validator
 //! (`connector_filter::config::compile`), so a set this accepts is one the filter loads.
 //!
