@@ -206,48 +206,54 @@ fn host_entries(h: &HostForm<'_>) -> Result<Vec<HostEntry>, String> {
     Ok(hosts)
 }
 
+/// The plugin's flags (clap), before their environment fallbacks. Values are kept as text here:
+/// [`Settings::new`] checks them, with messages that say what was expected.
+#[derive(clap::Parser, Debug)]
+#[command(name = "connector-credential-provider", disable_version_flag = true)]
+struct Flags {
+    #[arg(long)]
+    proxy: Option<String>,
+    #[arg(long)]
+    host_connectors: Option<String>,
+    #[arg(long)]
+    host_pattern: Option<String>,
+    #[arg(long)]
+    host_port: Option<String>,
+    /// Removed (answered every host of the connector shape); kept to explain what replaces it.
+    #[arg(long, hide = true)]
+    host_suffix: Option<String>,
+}
+
 impl Settings {
     /// From the plugin's `args` (as the kubelet's CredentialProviderConfig passes them), each
     /// flag falling back to its environment variable (the config's `env`). `Ok(None)`: `--help`.
     pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
-        let (mut proxy, mut connectors, mut pattern, mut port) = (None, None, None, None);
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_string())),
-                None => (arg.as_str(), None),
-            };
-            let slot = match flag {
-                "--help" | "-h" => return Ok(None),
-                "--proxy" => &mut proxy,
-                "--host-connectors" => &mut connectors,
-                "--host-pattern" => &mut pattern,
-                "--host-port" => &mut port,
-                "--host-suffix" => {
-                    return Err(format!(
-                        "{flag} was removed: it answered every c-<name>-connector.<ns>.<suffix> host, and any namespace can create a \
-                         Service of that name to collect the tokens of pods that pull from it. List the connectors whose host-form \
-                         names get a token: --host-connectors <ns>/<name>[,<ns>/<name>...] (names from --host-pattern, default \
-                         {DEFAULT_HOST_PATTERN}; --host-port if images name a port)"
-                    ));
-                }
-                _ => return Err(format!("unknown argument {arg:?}")),
-            };
-            let value = match inline {
-                Some(v) => v,
-                None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value"))?,
-            };
-            *slot = Some(value);
+        use clap::Parser as _;
+        let flags = match Flags::try_parse_from(
+            std::iter::once("connector-credential-provider").chain(args.iter().map(String::as_str)),
+        ) {
+            Ok(f) => f,
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(None),
+            Err(e) => return Err(clap_message(&e)),
+        };
+        if flags.host_suffix.is_some() {
+            return Err(format!(
+                "--host-suffix was removed: it answered every c-<name>-connector.<ns>.<suffix> host, and any namespace can create a \
+                 Service of that name to collect the tokens of pods that pull from it. List the connectors whose host-form \
+                 names get a token: --host-connectors <ns>/<name>[,<ns>/<name>...] (names from --host-pattern, default \
+                 {DEFAULT_HOST_PATTERN}; --host-port if images name a port)"
+            ));
         }
-        let proxy = proxy
+        let proxy = flags
+            .proxy
             .or_else(|| env(ENV_PROXY))
             .filter(|p| !p.trim().is_empty())
             .ok_or_else(|| {
                 format!("the proxy address is not configured: pass --proxy <host[:port]> or set {ENV_PROXY}")
             })?;
-        let connectors = connectors.or_else(|| env(ENV_HOST_CONNECTORS));
-        let pattern = pattern.or_else(|| env(ENV_HOST_PATTERN));
-        let port = port.or_else(|| env(ENV_HOST_PORT));
+        let connectors = flags.host_connectors.or_else(|| env(ENV_HOST_CONNECTORS));
+        let pattern = flags.host_pattern.or_else(|| env(ENV_HOST_PATTERN));
+        let port = flags.host_port.or_else(|| env(ENV_HOST_PORT));
         let host_form = HostForm {
             connectors: connectors.as_deref(),
             pattern: pattern.as_deref(),
@@ -255,6 +261,15 @@ impl Settings {
         };
         Self::new(&proxy, host_form).map(Some)
     }
+}
+
+/// clap's own wording on one line, without its usage footer (the binary prints its usage):
+/// `the following required arguments were not provided: --proxy-host <PROXY_HOST>`.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let body = text.split("\n\n").next().unwrap_or_default();
+    let body = body.strip_prefix("error: ").unwrap_or(body);
+    body.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The fields of the kubelet's request we use (unknown fields ignored, as the kubelet may add

@@ -517,8 +517,8 @@ fn settings_from_flags_and_env() {
     );
     for (a, words) in [
         (args(&[]), "--proxy <host[:port]>"),
-        (args(&["--proxy"]), "needs a value"),
-        (args(&["--registry", "x"]), "unknown argument"),
+        (args(&["--proxy"]), "a value is required for '--proxy <PROXY>'"),
+        (args(&["--registry", "x"]), "unexpected argument '--registry'"),
         (args(&["--proxy", "http://192.168.1.10:31567"]), "not host[:port]"),
         (
             args(&["--proxy", "192.168.1.10:31567/namespaces/demo/connectors/harbor"]),

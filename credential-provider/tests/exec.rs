@@ -276,7 +276,7 @@ fn usage_errors() {
     for (args, code, words) in [
         (&[][..], 1, "--proxy <host[:port]> or set OCI_CONNECTOR_PROXY"),
         (&["--proxy", "http://10.1.2.3:31567"][..], 1, "not host[:port]"),
-        (&["--bogus"][..], 1, "unknown argument"),
+        (&["--bogus"][..], 1, "unexpected argument '--bogus'"),
         (
             &["--proxy", PROXY, "--host-suffix", "*.svc.cluster.local"][..],
             1,

@@ -60,52 +60,70 @@ pub struct Settings {
     pub rbac: Option<bool>,
 }
 
+/// The flags (clap); [`Settings::from_args`] checks the values with messages that say what was
+/// expected.
+#[derive(clap::Parser, Debug)]
+#[command(name = "connector-webhook", disable_version_flag = true, disable_help_flag = true)]
+struct Flags {
+    #[arg(long)]
+    tls_cert: PathBuf,
+    #[arg(long)]
+    tls_key: PathBuf,
+    #[arg(long)]
+    proxy_host: String,
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: String,
+    #[arg(long)]
+    host_pattern: Option<String>,
+    #[arg(long)]
+    kube_url: Option<String>,
+    #[arg(long)]
+    host_form: bool,
+    #[arg(long)]
+    disabled: bool,
+    #[arg(long)]
+    rbac: bool,
+    #[arg(long)]
+    strict_proxy_subresource: bool,
+}
+
 impl Settings {
+    /// From the command line (without the program name); `--help` is the caller's.
     pub fn from_args(args: &[String]) -> Result<Self, String> {
-        let (mut cert, mut key, mut proxy, mut pattern, mut kube_url) = (None, None, None, None, None);
-        let mut listen = "0.0.0.0:8443".to_string();
-        let (mut host_form, mut disabled, mut rbac, mut strict) = (false, false, false, false);
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--tls-cert" => cert = Some(PathBuf::from(value()?)),
-                "--tls-key" => key = Some(PathBuf::from(value()?)),
-                "--listen" => listen = value()?,
-                "--proxy-host" => proxy = Some(value()?),
-                "--host-pattern" => pattern = Some(value()?),
-                "--kube-url" => kube_url = Some(value()?),
-                "--host-form" => host_form = true,
-                "--disabled" => disabled = true,
-                "--rbac" => rbac = true,
-                "--strict-proxy-subresource" => strict = true,
-                other => return Err(format!("unknown argument {other:?}")),
-            }
-        }
-        let (Some(tls_cert), Some(tls_key), Some(proxy)) = (cert, key, proxy) else {
-            return Err("--tls-cert, --tls-key and --proxy-host are required".into());
-        };
-        let listen = listen
+        use clap::Parser as _;
+        let f = Flags::try_parse_from(std::iter::once("connector-webhook").chain(args.iter().map(String::as_str)))
+            .map_err(|e| clap_message(&e))?;
+        let listen = f
+            .listen
             .parse()
-            .map_err(|e| format!("--listen {listen:?}: {e} (expected ip:port)"))?;
-        let form = if host_form {
+            .map_err(|e| format!("--listen {:?}: {e} (expected ip:port)", f.listen))?;
+        let form = if f.host_form {
             AddressForm::Host
         } else {
             AddressForm::Path
         };
-        let config = Config::new(&proxy, form, pattern.as_deref(), !disabled)?;
-        if strict && !rbac {
+        let config = Config::new(&f.proxy_host, form, f.host_pattern.as_deref(), !f.disabled)?;
+        if f.strict_proxy_subresource && !f.rbac {
             return Err("--strict-proxy-subresource is a setting of --rbac".into());
         }
         Ok(Self {
-            tls_cert,
-            tls_key,
+            tls_cert: f.tls_cert,
+            tls_key: f.tls_key,
             listen,
-            kube_url,
+            kube_url: f.kube_url,
             config,
-            rbac: rbac.then_some(strict),
+            rbac: f.rbac.then_some(f.strict_proxy_subresource),
         })
     }
+}
+
+/// clap's own wording on one line, without its usage footer (the binary prints its usage):
+/// `the following required arguments were not provided: --proxy-host <PROXY_HOST>`.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let body = text.split("\n\n").next().unwrap_or_default();
+    let body = body.strip_prefix("error: ").unwrap_or(body);
+    body.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Reads the certificate chain and key; errors name the file, never its content.
@@ -397,15 +415,21 @@ mod tests {
         .unwrap();
         assert_eq!(s.rbac, Some(true));
         for (bad, needle) in [
-            ("--tls-cert c --tls-key k", "required"),
+            (
+                "--tls-cert c --tls-key k",
+                "required arguments were not provided: --proxy-host <PROXY_HOST>",
+            ),
             ("--tls-cert c --tls-key k --proxy-host p --listen nowhere", "--listen"),
             ("--tls-cert c --tls-key k --proxy-host http://p", "--proxy-host"),
             (
                 "--tls-cert c --tls-key k --proxy-host p --host-pattern {name}.svc",
                 "--host-pattern",
             ),
-            ("--tls-cert c --tls-key k --proxy-host p --verbose", "unknown argument"),
-            ("--tls-cert", "needs a value"),
+            (
+                "--tls-cert c --tls-key k --proxy-host p --verbose",
+                "unexpected argument '--verbose'",
+            ),
+            ("--tls-cert", "a value is required for '--tls-cert <TLS_CERT>'"),
             (
                 "--tls-cert c --tls-key k --proxy-host p --strict-proxy-subresource",
                 "a setting of --rbac",

@@ -5,32 +5,26 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: wasm-oci package --module <file.wasm> --out <layout dir> [--tag 0.1.0]";
+/// Writes the filter module as a Wasm OCI artifact layout.
+#[derive(clap::Parser)]
+#[command(name = "wasm-oci", disable_version_flag = true)]
+enum Cli {
+    /// Package a module: prints the layout, the manifest digest and the module's digest.
+    Package {
+        /// The module (`target/wasm32-wasip1/release/connector_filter.wasm`).
+        #[arg(long)]
+        module: PathBuf,
+        /// The OCI image layout directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "0.1.0")]
+        tag: String,
+    },
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) != Some("package") {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    let (mut module, mut out, mut tag) = (None, None, "0.1.0".to_string());
-    let mut it = args.iter().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().cloned();
-        match (flag.as_str(), value) {
-            ("--module", Some(v)) => module = Some(PathBuf::from(v)),
-            ("--out", Some(v)) => out = Some(PathBuf::from(v)),
-            ("--tag", Some(v)) => tag = v,
-            _ => {
-                eprintln!("wasm-oci: bad argument {flag:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let (Some(module), Some(out)) = (module, out) else {
-        eprintln!("wasm-oci: --module and --out are required\n{USAGE}");
-        return ExitCode::from(2);
-    };
+    use clap::Parser as _;
+    let Cli::Package { module, out, tag } = Cli::parse();
     let bytes = match std::fs::read(&module) {
         Ok(b) => b,
         Err(e) => {
