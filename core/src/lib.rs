@@ -1,5 +1,6 @@
 //! One definition of each concept the connector's parts share: the Kubernetes name grammars, the
 //! per-connector host pattern, the access rule of rules mode, the RBAC verbs, Docker Hub's names,
+//! reading a docker `config.json`,
 //! Basic credentials and percent-decoding.
 //!
 //! The filter (Wasm), the controller, the webhook and the credential provider all depend on this
@@ -7,6 +8,7 @@
 
 pub mod access;
 pub mod basic;
+pub mod docker_config;
 pub mod host;
 pub mod names;
 pub mod percent;

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
 
 use crate::identity::{Algorithm, Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKey};
@@ -872,42 +872,17 @@ fn compile_token_realms(w: &mut Walk<'_>, v: Option<&Value>, path: &str) -> Vec<
 
 /// The `auths` entry of a docker `config.json` (kubernetes.io/dockerconfigjson) for `upstream`.
 fn credential_from_docker_config(json: &str, upstream: &Upstream) -> Result<(String, String), String> {
-    let doc: Value =
-        serde_json::from_str(json).map_err(|_| "is not valid JSON: expected a docker config.json".to_string())?;
-    let auths = doc
-        .get("auths")
-        .and_then(Value::as_object)
-        .ok_or_else(|| "has no \"auths\" object: expected a docker config.json".to_string())?;
+    use connector_core::docker_config::{Problem, credential_for};
     let want = upstream.authority.as_str();
-    let want_host = want.split(':').next().unwrap_or(want);
-    let matches = |key: &str| {
-        let k = key.trim_start_matches("https://").trim_start_matches("http://");
-        let k = k.split('/').next().unwrap_or(k);
-        let k = normalise_authority(&upstream.scheme, k).unwrap_or_default();
-        k == want
-            || (connector_core::registry::is_docker_hub(want_host)
-                && connector_core::registry::is_docker_hub(k.split(':').next().unwrap_or("")))
-    };
-    let Some((_, entry)) = auths.iter().find(|(k, _)| matches(k)) else {
-        let keys: Vec<&str> = auths.keys().map(String::as_str).collect();
-        return Err(format!("has no entry for {want} (entries: {})", keys.join(", ")));
-    };
-    if let Some(auth) = entry.get("auth").and_then(Value::as_str) {
-        let decoded = STANDARD
-            .decode(auth.trim())
-            .map_err(|_| format!("entry for {want}: \"auth\" is not base64"))?;
-        let text = String::from_utf8(decoded).map_err(|_| format!("entry for {want}: \"auth\" is not UTF-8"))?;
-        let (u, p) = text
-            .split_once(':')
-            .ok_or_else(|| format!("entry for {want}: \"auth\" is not user:password"))?;
-        return Ok((u.to_string(), p.to_string()));
-    }
-    match (
-        entry.get("username").and_then(Value::as_str),
-        entry.get("password").and_then(Value::as_str),
-    ) {
-        (Some(u), Some(p)) => Ok((u.to_string(), p.to_string())),
-        _ => Err(format!(
+    let default_port = if upstream.scheme == "http" { 80 } else { 443 };
+    match credential_for(json.as_bytes(), want, default_port) {
+        Ok(found) => Ok((found.username, found.password)),
+        Err(Problem::NotJson(_)) => Err("is not valid JSON: expected a docker config.json".to_string()),
+        Err(Problem::NoAuths) => Err("has no \"auths\" object: expected a docker config.json".to_string()),
+        Err(Problem::NoEntry(keys)) => Err(format!("has no entry for {want} (entries: {})", keys.join(", "))),
+        Err(Problem::AuthNotBase64 { .. }) => Err(format!("entry for {want}: \"auth\" is not base64 of UTF-8 text")),
+        Err(Problem::AuthNotPair { .. }) => Err(format!("entry for {want}: \"auth\" is not user:password")),
+        Err(Problem::NoCredential { .. }) => Err(format!(
             "entry for {want} has neither \"auth\" nor username and password"
         )),
     }
@@ -1063,6 +1038,7 @@ fn compile_static_credential(
 mod tests {
     use super::*;
     use crate::testkeys;
+    use base64::engine::general_purpose::STANDARD;
 
     fn env(name: &str) -> Option<String> {
         match name {

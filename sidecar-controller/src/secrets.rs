@@ -6,11 +6,8 @@
 //! value read from the Secret: conditions and events are readable by far more people than the
 //! Secret is.
 
-use connector_core::registry::{DOCKER_HUB_ALIASES, docker_config_host, is_docker_hub};
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use k8s_openapi::api::core::v1::Secret;
 
 pub const TYPE_REGISTRY_TOKEN: &str = "cpaas.io/distribution-registry-token";
@@ -241,81 +238,50 @@ fn docker_config(what: &str, data: &BTreeMap<String, Vec<u8>>, authority: &str) 
             format!("{what}: missing key {DOCKER_CONFIG_KEY}"),
         ));
     };
-    // serde_json's errors quote no input, only positions: safe to show.
-    let doc: serde_json::Value = serde_json::from_slice(raw).map_err(|e| {
-        (
-            Reason::SecretInvalid,
-            format!("{what}: key {DOCKER_CONFIG_KEY} is not JSON ({e})"),
-        )
-    })?;
-    let Some(auths) = doc.get("auths").and_then(|a| a.as_object()) else {
-        return Err((
-            Reason::SecretInvalid,
-            format!("{what}: key {DOCKER_CONFIG_KEY} has no \"auths\" object"),
-        ));
-    };
-    let wanted = registry_aliases(authority);
-    let Some((key, entry)) = auths.iter().find(|(k, _)| wanted.contains(&docker_config_host(k))) else {
-        let mut keys: Vec<&str> = auths.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        return Err((
-            Reason::SecretHostMissing,
-            format!(
-                "{what}: {DOCKER_CONFIG_KEY} has no auths entry for {authority} (entries: {}); add one keyed by the registry host",
-                if keys.is_empty() {
-                    "none".to_string()
-                } else {
-                    keys.join(", ")
-                }
+    use connector_core::docker_config::{Problem, credential_for};
+    let found = credential_for(raw, &authority.to_ascii_lowercase(), 443).map_err(|problem| {
+        let field = |key: &str| format!("{DOCKER_CONFIG_KEY} auths[{key:?}]");
+        match problem {
+            // serde_json's errors quote no input, only positions: safe to show.
+            Problem::NotJson(e) => (
+                Reason::SecretInvalid,
+                format!("{what}: key {DOCKER_CONFIG_KEY} is not JSON ({e})"),
             ),
-        ));
-    };
-    let field = format!("{DOCKER_CONFIG_KEY} auths[{key:?}]");
-    let text = |name: &str| entry.get(name).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
-    let (username, password) = match (text("username"), text("password"), text("auth")) {
-        (Some(u), Some(p), _) => (u.to_string(), p.to_string()),
-        (_, _, Some(auth)) => {
-            let decoded = STANDARD
-                .decode(auth.trim())
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    (
-                        Reason::SecretInvalid,
-                        format!("{what}: {field}.auth is not base64 of UTF-8 text"),
-                    )
-                })?;
-            match decoded.split_once(':') {
-                Some((u, p)) => (u.to_string(), p.to_string()),
-                None => {
-                    return Err((
-                        Reason::SecretInvalid,
-                        format!("{what}: {field}.auth does not decode to username:password"),
-                    ));
-                }
-            }
-        }
-        _ => {
-            return Err((
+            Problem::NoAuths => (
+                Reason::SecretInvalid,
+                format!("{what}: key {DOCKER_CONFIG_KEY} has no \"auths\" object"),
+            ),
+            Problem::NoEntry(keys) => (
+                Reason::SecretHostMissing,
+                format!(
+                    "{what}: {DOCKER_CONFIG_KEY} has no auths entry for {authority} (entries: {}); add one keyed by the registry host",
+                    if keys.is_empty() {
+                        "none".to_string()
+                    } else {
+                        keys.join(", ")
+                    }
+                ),
+            ),
+            Problem::AuthNotBase64 { key } => (
+                Reason::SecretInvalid,
+                format!("{what}: {}.auth is not base64 of UTF-8 text", field(&key)),
+            ),
+            Problem::AuthNotPair { key } => (
+                Reason::SecretInvalid,
+                format!("{what}: {}.auth does not decode to username:password", field(&key)),
+            ),
+            Problem::NoCredential { key } => (
                 Reason::SecretKeyMissing,
-                format!("{what}: {field} has neither username and password nor auth"),
-            ));
+                format!("{what}: {} has neither username and password nor auth", field(&key)),
+            ),
         }
-    };
+    })?;
+    let field = format!("{DOCKER_CONFIG_KEY} auths[{:?}]", found.key);
+    let (username, password) = (found.username, found.password);
     Ok(Credential {
         username: usable(what, &format!("{field} username"), username.as_bytes())?,
         password: usable(what, &format!("{field} password"), password.as_bytes())?,
     })
-}
-
-/// Docker Hub is written under several names; one connector address must find any of them.
-fn registry_aliases(authority: &str) -> Vec<String> {
-    let authority = authority.to_ascii_lowercase();
-    if is_docker_hub(&authority) {
-        DOCKER_HUB_ALIASES.iter().map(|s| s.to_string()).collect()
-    } else {
-        vec![authority]
-    }
 }
 
 #[cfg(test)]
@@ -358,7 +324,7 @@ mod tests {
     }
 
     fn b64(s: &str) -> String {
-        STANDARD.encode(s)
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
     }
 
     #[test]
@@ -658,7 +624,7 @@ mod tests {
             ("http://127.0.0.1:5000", "127.0.0.1:5000"),
             ("https://h:443", "h"),
         ] {
-            assert_eq!(docker_config_host(key), host, "{key}");
+            assert_eq!(connector_core::docker_config::key_authority(key, 443), host, "{key}");
         }
     }
 }
