@@ -23,7 +23,6 @@ pub mod token_server;
 pub mod token_stack;
 pub mod tokens;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Errors are plain strings with enough context to act on: which process, what it said.
@@ -121,9 +120,7 @@ impl WorkDir {
 /// `n` random bytes from the kernel, for passwords and uids generated at run time.
 pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| format!("read /dev/urandom: {e}"))?;
+    getrandom::fill(&mut buf).map_err(|e| format!("the OS random source failed: {e}"))?;
     Ok(buf)
 }
 
