@@ -62,6 +62,9 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p connector-filter -p noop-filter --target wasm32-wasip1 --release -- -D warnings
+	# Licences, duplicate versions (each remaining one explained in deny.toml), crate sources.
+	# Not advisories: their database is on github.com, which this machine cannot reach.
+	cargo deny check licenses bans sources
 
 # Fuzzing the filter's parsers (cargo-fuzz, nightly; fuzz/ is its own workspace).
 # CI runs every target briefly; a longer run: make fuzz FUZZ_SECONDS=600.

@@ -79,6 +79,13 @@ if command -v rustup >/dev/null && ! cargo +nightly fuzz --version >/dev/null 2>
   cargo +nightly install -q cargo-fuzz --locked
 fi
 
+# --- cargo-deny for `make lint` (deny.toml: licences, duplicate versions, sources), pinned.
+CARGO_DENY_VERSION=0.20.2
+if command -v cargo >/dev/null && [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
+  say "installing cargo-deny $CARGO_DENY_VERSION"
+  cargo install -q cargo-deny --version "$CARGO_DENY_VERSION" --locked
+fi
+
 # --- Host-form addresses (c-<name>-connector.<ns>.svc.cluster.local) must reach the local Envoy.
 # skopeo resolves names through the system resolver and has no per-command override (a HTTP_PROXY
 # trick would change the request form Envoy sees), so, as a cluster's DNS would, /etc/hosts maps the
