@@ -139,12 +139,12 @@ pub struct HttpAddress {
 }
 
 /// The CRD as YAML, exactly as committed at [`CRD_PATH`].
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
     use kube::CustomResourceExt;
     let crd: CustomResourceDefinition = Connector::crd();
-    let body = serde_yaml::to_string(&crd)?;
+    let body = serde_saphyr::to_string(&crd)?;
     Ok(format!(
-        "# Generated from sidecar-controller/src/crd.rs; do not edit. Regenerate with:\n#   {CRD_REGENERATE}\n{body}"
+        "# Generated from api/src/crd.rs; do not edit. Regenerate with:\n#   {CRD_REGENERATE}\n{body}"
     ))
 }
 
@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn a_user_manifest_deserialises() {
-        let c: Connector = serde_yaml::from_str(
+        let c: Connector = serde_saphyr::from_str(
             r#"
 apiVersion: connectors.alauda.io/v1alpha1
 kind: Connector

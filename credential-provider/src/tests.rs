@@ -592,7 +592,7 @@ fn settings_from_flags_and_env() {
 #[test]
 fn the_example_config_fits_the_binary() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/credential-provider-config.yaml");
-    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(doc["apiVersion"], "kubelet.config.k8s.io/v1");
     assert_eq!(doc["kind"], "CredentialProviderConfig");
     let providers = doc["providers"].as_array().unwrap();

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::procs::{self, Output, Proc, free_port};
@@ -423,8 +422,9 @@ impl KubeCluster {
             "RoleBinding",
         ];
         let mut items = vec![];
-        for doc in serde_yaml::Deserializer::from_str(&built) {
-            let v = Value::deserialize(doc).map_err(|e| format!("kubectl kustomize {variant}: {e}"))?;
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&built).map_err(|e| format!("kubectl kustomize {variant}: {e}"))?;
+        for v in docs {
             if KINDS.contains(&v["kind"].as_str().unwrap_or_default()) {
                 items.push(v);
             }

@@ -16,8 +16,9 @@ use serde_json::{Value, json};
 
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -212,7 +213,7 @@ fn find<'a>(all: &'a [Value], kind: &str, name: &str) -> &'a Value {
 fn the_proxy_deployment_agrees_with_the_envoy_bootstrap() {
     let all = docs(&deploy().join("standalone/proxy.yaml"));
     let cm = find(&all, "ConfigMap", "connector-envoy");
-    let envoy: Value = serde_yaml::from_str(cm["data"]["envoy.yaml"].as_str().unwrap()).unwrap();
+    let envoy: Value = serde_saphyr::from_str(cm["data"]["envoy.yaml"].as_str().unwrap()).unwrap();
     assert_eq!(envoy, bootstrap_for_containers());
     let pod = &find(&all, "Deployment", "connector-proxy")["spec"]["template"]["spec"];
     let container = |n: &str| {
@@ -400,7 +401,7 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
         }
     }
     let envoy_file = root.join("deploy/compose/envoy.yaml");
-    let envoy: Value = serde_yaml::from_str(&std::fs::read_to_string(&envoy_file).unwrap()).unwrap();
+    let envoy: Value = serde_saphyr::from_str(&std::fs::read_to_string(&envoy_file).unwrap()).unwrap();
     assert_eq!(envoy, bootstrap_for_containers(), "deploy/compose/envoy.yaml");
     let listener_port = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         .as_u64()

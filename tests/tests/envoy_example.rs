@@ -84,7 +84,7 @@ fn the_xds_bootstrap_loads_and_is_what_the_tests_run() {
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(out.success, "envoy --mode validate failed:\n{all}");
     let yaml: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.xds.yaml")).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.xds.yaml")).unwrap()).unwrap();
     assert_eq!(yaml, connector_devkit::envoy::xds_bootstrap(8080, 9901, 18000, 18001));
 }
 
@@ -93,7 +93,7 @@ fn the_xds_bootstrap_loads_and_is_what_the_tests_run() {
 #[test]
 fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
     let yaml: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.example.yaml")).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.example.yaml")).unwrap()).unwrap();
     let clusters = yaml["static_resources"]["clusters"].as_array().unwrap();
     let tls: Vec<&Value> = clusters
         .iter()
@@ -116,7 +116,7 @@ fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
 #[test]
 fn both_listeners_speak_tls_with_the_certificate_from_sds() {
     for file in ["envoy/envoy.example.yaml", "envoy/envoy.xds.yaml"] {
-        let yaml: Value = serde_yaml::from_str(&std::fs::read_to_string(repo_root().join(file)).unwrap()).unwrap();
+        let yaml: Value = serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join(file)).unwrap()).unwrap();
         let chain = &yaml["static_resources"]["listeners"][0]["filter_chains"][0];
         let ctx = &chain["transport_socket"]["typed_config"]["common_tls_context"];
         assert_eq!(ctx["alpn_protocols"], serde_json::json!(["h2", "http/1.1"]), "{file}");
