@@ -494,6 +494,76 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         .unwrap();
     assert!(matches!(r.status, 403 | 404), "{}: {}", r.status, r.body_text());
 
+    // A second replica (its own ports, the channel key every replica shares) writes the same
+    // configuration: the WasmPlugin is not rewritten, and a second gateway Envoy given that one
+    // pluginConfig pulls through the second controller's channel (same credential revisions).
+    let rv = plugin["metadata"]["resourceVersion"].clone();
+    let replica = Controller::restart_kube(
+        &s.work,
+        "controller-2",
+        &kubeconfig,
+        "https://192.168.1.10:31568",
+        (connector_devkit::controller::Ports::free().unwrap(), controller.key()),
+        &[
+            "--istio-wasmplugin",
+            &format!("{PLUGIN_NS}/{PLUGIN}"),
+            "--channel-cluster",
+            CHANNEL_CLUSTER,
+            "--proxy-tls-external",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    let now = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).unwrap().unwrap();
+    assert_eq!(
+        now["metadata"]["resourceVersion"], rv,
+        "the second replica rewrote the WasmPlugin"
+    );
+    let replica_work = connector_devkit::WorkDir::new("istio-replica").unwrap();
+    let second = envoy_with(
+        &replica_work,
+        &config,
+        (replica.ports.channel, replica.envoy_env()),
+        Some((&cluster, s.registry.port)),
+    );
+    connector_e2e::xds::pull(&s, &second.authority(), "registry", &token, "pulled-replica");
+    drop(second);
+    drop(replica);
+
+    // The credential rotated: a new revision in the WasmPlugin, and still no password in it.
+    let revision = entry["credential"]["fromController"].clone();
+    let rotated = "rotated-password-for-the-revision-check";
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": rotated},
+    }))
+    .unwrap();
+    let (after, rotation) = until("a rotated credential gets a new revision in the WasmPlugin", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        let r = p["spec"]["pluginConfig"]["connectors"][0]["credential"]["fromController"].clone();
+        (r.is_string() && r != revision).then_some(p)
+    });
+    assert!(
+        !after.to_string().contains(rotated),
+        "the rotated password is in the WasmPlugin"
+    );
+    // Back to the working credential, and the configuration the rest of the test compares with.
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    until("the credential's first revision is back", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        (p["spec"]["pluginConfig"] == config).then_some(())
+    });
+
     // `kubectl apply -k deploy/istio` again resets pluginConfig to the placeholder: the
     // controller, watching the WasmPlugin, writes its configuration back.
     kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped.to_string().as_bytes()))
@@ -509,6 +579,6 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         "the password is in the controller's log"
     );
     eprintln!(
-        "controller ready (/readyz) {ready:?} after its start; pluginConfig seen written {took:?} later; pull through Envoy with it: {pull_took:?}; placeholder re-applied, restored in {restored:?}"
+        "controller ready (/readyz) {ready:?} after its start; pluginConfig seen written {took:?} later; pull through Envoy with it: {pull_took:?}; rotated credential's new revision written in {rotation:?}; placeholder re-applied, restored in {restored:?}"
     );
 }
