@@ -512,6 +512,9 @@ mod tests {
                 };
                 let (status, message, _) = refused(&decide_request(&c, &mut cache, &req, NOW));
                 assert_eq!(status, 401, "{path} {auth:?}: {message}");
+                if !auth.is_empty() {
+                    assert!(message.contains("no ServiceAccount keys yet"), "{message}");
+                }
             }
         }
     }

@@ -378,7 +378,14 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
                 .unwrap();
             assert_eq!(r.status, 401, "{path}: {}", r.body_text());
             let body = r.json().unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body_text()));
-            assert!(body["errors"][0]["code"].is_string(), "{path}: {body}");
+            assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{path}: {body}");
+            assert!(
+                body["errors"][0]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("no ServiceAccount keys yet"),
+                "{path}: {body}"
+            );
         }
         let log = envoy.log();
         assert!(
