@@ -480,6 +480,27 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         None => w.err("connectors", "is required: expected a list of connectors"),
         Some(_) => w.err("connectors", "expected a list of connectors"),
     }
+    // An empty key set verifies no token. That is the state of a proxy waiting for its
+    // controller (the Istio WasmPlugin as shipped, before `--istio-wasmplugin` writes it):
+    // valid only with the controller channel and no connectors, so it refuses everything with
+    // an OCI error. With connectors it is a mistake: nobody could ever use them.
+    let no_keys = root
+        .get("identity")
+        .and_then(|i| i.get("jwks"))
+        .and_then(|j| j.get("keys"))
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty);
+    let no_connectors = root
+        .get("connectors")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty);
+    if no_keys && !(has_controller && no_connectors) {
+        w.err(
+            "identity.jwks.keys",
+            "is required: expected a non-empty list of JWK public keys (the cluster's /openid/v1/jwks); \
+             an empty list is accepted only while a controller-managed configuration has no connectors",
+        );
+    }
 
     match (errors.is_empty(), policy) {
         (true, Some(policy)) => Ok(Config {
@@ -535,7 +556,11 @@ fn compile_identity(w: &mut Walk<'_>, v: Option<&Value>) -> (Option<TokenPolicy>
     let mut keys = HashMap::new();
     if let Some(jwks) = w.object(m.get("jwks"), "identity.jwks", &["keys"], true) {
         match jwks.get("keys") {
-            Some(Value::Array(items)) if !items.is_empty() => {
+            // Allowed only for a controller-managed configuration without connectors (checked
+            // in `compile`, which knows both): a proxy whose controller has not written its
+            // configuration yet refuses every token with an OCI error instead of failing to load.
+            Some(Value::Array(items)) if items.is_empty() => {}
+            Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     let path = format!("identity.jwks.keys[{i}]");
                     if let Some((kid, key)) = compile_jwk(w, item, &path)
@@ -1069,6 +1094,42 @@ mod tests {
 
     fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
         compile(v.to_string().as_bytes(), &env)
+    }
+
+    /// The state of a proxy whose controller has not written its configuration yet (the Istio
+    /// WasmPlugin as shipped): no keys and no connectors is valid only under a controller.
+    #[test]
+    fn an_empty_key_set_is_valid_only_for_a_controller_managed_configuration_without_connectors() {
+        let waiting = serde_json::json!({
+            "controller": {"cluster": "outbound|18001||connector-controller.local"},
+            "authorization": "controller",
+            "identity": {"issuers": ["https://k8s"], "audiences": ["oci-connector"], "jwks": {"keys": []}},
+            "connectors": []
+        });
+        let c = compile_value(&waiting).unwrap();
+        assert!(c.policy.keys.is_empty() && c.connectors.is_empty());
+
+        let mut with_connector = doc();
+        with_connector["controller"] = serde_json::json!({"cluster": "channel"});
+        with_connector["identity"]["jwks"] = serde_json::json!({"keys": []});
+        let mut without_controller = waiting.clone();
+        without_controller.as_object_mut().unwrap().remove("controller");
+        without_controller["authorization"] = serde_json::json!("rules");
+        let mut bad_connector_only = waiting.clone();
+        bad_connector_only["connectors"] = serde_json::json!([{"name": "x"}]);
+        for (what, d) in [
+            ("a connector nobody could use", with_connector),
+            ("no controller", without_controller),
+            ("a connector the validator refuses", bad_connector_only),
+        ] {
+            let Err(errors) = compile_value(&d) else {
+                panic!("{what}: accepted")
+            };
+            assert!(
+                errors.iter().any(|e| e.path == "identity.jwks.keys"),
+                "{what}: {errors:?}"
+            );
+        }
     }
 
     #[test]

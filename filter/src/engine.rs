@@ -473,6 +473,37 @@ mod tests {
         }
     }
 
+    /// A proxy waiting for its controller (no keys, no connectors) refuses every request with
+    /// an OCI error: the base with 401, a connector with 401 before anything else.
+    #[test]
+    fn a_proxy_waiting_for_its_controller_refuses_everything() {
+        let doc = serde_json::json!({
+            "controller": {"cluster": "channel"},
+            "authorization": "controller",
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": []}},
+            "connectors": []
+        });
+        let c = compile(doc.to_string().as_bytes(), &|_| None).unwrap();
+        let b = format!("Bearer {}", token("demo", "default"));
+        for path in ["/v2/", "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1"] {
+            for auth in [&[][..], &[b.as_str()][..]] {
+                let mut cache = TokenCache::new(16);
+                let req = Request {
+                    method: "GET",
+                    path,
+                    authority: "proxy:8443",
+                    scheme: "https",
+                    authorization: auth,
+                };
+                let (status, message, _) = refused(&decide_request(&c, &mut cache, &req, NOW));
+                assert_eq!(status, 401, "{path} {auth:?}: {message}");
+                if !auth.is_empty() {
+                    assert!(message.contains("no ServiceAccount keys yet"), "{message}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn path_form_forward() {
         let b = format!("Bearer {}", token("demo", "default"));

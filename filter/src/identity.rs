@@ -293,6 +293,14 @@ pub fn verify_with_kid(token: &str, policy: &TokenPolicy, now: u64) -> Result<(I
             "token header has no 'kid': expected a key id from the cluster's JWKS",
         ));
     };
+    // No keys at all: a proxy whose controller has not written its configuration yet (the
+    // Istio WasmPlugin as shipped). Say so rather than blame the token.
+    if policy.keys.is_empty() {
+        return Err(bad(
+            "unknown_kid",
+            "this proxy has no ServiceAccount keys yet: its controller has not written the filter configuration (check the controller's log); every token is refused until then",
+        ));
+    }
     // Keys are looked up by id only: an embedded 'jwk', 'jku' or 'x5u' is never used.
     let Some(key) = policy.keys.get(kid) else {
         return Err(bad(

@@ -14,7 +14,8 @@
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
 //! - [`ops`]: metrics, `/healthz`, `/readyz`;
 //! - [`client_config`]: client configuration for a connector (docker, containerd, buildkit, CRI-O/podman);
-//! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode.
+//! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode;
+//! - [`wasmplugin`]: the rendered filter configuration written into an Istio `WasmPlugin`.
 
 /// The Connector API crate's RBAC rule, under the name the controller's modules use.
 pub use connector_api::authz;
@@ -35,4 +36,5 @@ pub mod proxy_tls;
 pub mod render;
 pub mod secrets;
 pub mod serve;
+pub mod wasmplugin;
 pub mod xds;

@@ -12,11 +12,14 @@ const USAGE: &str = "usage:
         [--identity-refresh-seconds 300] [--identity-min-interval-seconds 30]
         [--access-allow-ttl-seconds 30] [--access-deny-ttl-seconds 5] [--revocation-seconds 5]
         [--leader-lease <namespace>/<name>] [--leader-lease-seconds 15]
+        [--istio-wasmplugin <namespace>/<name>]
         (--proxy-tls-secret <namespace>/<name> | --proxy-tls-cert <file> --proxy-tls-key <file>
          | --proxy-tls-external | --proxy-plain-http)
       API mode: Connectors and Secrets from the cluster, status and Events written back
       (with --leader-lease, only by the replica holding that Lease; identity: $POD_NAME),
       ServiceAccount keys from the API server, access by RBAC (SubjectAccessReview).
+      --istio-wasmplugin: in an Istio gateway, the rendered filter configuration is also written
+      into that WasmPlugin's spec.pluginConfig (server-side apply, only when it changes).
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 500]
@@ -157,6 +160,7 @@ const KUBE_FLAGS: &[&str] = &[
     "--leader-lease",
     "--leader-lease-seconds",
     "--proxy-tls-secret",
+    "--istio-wasmplugin",
 ];
 
 /// Where desired state comes from.
@@ -165,6 +169,8 @@ enum Source {
     Kube {
         url: Option<String>,
         settings: Box<connector_controller::kube_mode::KubeSettings>,
+        /// `--istio-wasmplugin`: `(namespace, name)`.
+        wasmplugin: Option<(String, String)>,
     },
 }
 
@@ -279,9 +285,15 @@ fn serve(args: &[String]) -> ExitCode {
                 _ => problems.push(format!("--leader-lease {lease:?}: expected <namespace>/<name>")),
             }
         }
+        let wasmplugin = flags.get("--istio-wasmplugin").and_then(|t| {
+            connector_controller::wasmplugin::parse_target(t)
+                .map_err(|e| problems.push(e))
+                .ok()
+        });
         Source::Kube {
             url: flags.get("--kube-url").cloned(),
             settings: Box::new(settings),
+            wasmplugin,
         }
     } else {
         for f in KUBE_FLAGS.iter().filter(|f| flags.contains_key(**f)) {
@@ -364,6 +376,7 @@ fn serve(args: &[String]) -> ExitCode {
         channel_key,
         upstream_ca: get("--upstream-ca", connector_controller::xds::SYSTEM_CA_BUNDLE),
         tenancy,
+        istio_wasmplugin: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -391,7 +404,7 @@ fn serve(args: &[String]) -> ExitCode {
 /// RBAC access check (SubjectAccessReview).
 async fn run_source(
     source: Source,
-    settings: connector_controller::serve::ServeSettings,
+    mut settings: connector_controller::serve::ServeSettings,
     proxy_tls: Option<connector_controller::proxy_tls::CertSource>,
 ) -> anyhow::Result<()> {
     use connector_controller::{authz, channel::AccessCheck, filemode, hub::Hub, kube_mode, proxy_tls, serve};
@@ -406,7 +419,11 @@ async fn run_source(
             tokio::spawn(filemode::run(files, hub.clone()));
             serve::serve(settings, hub, None).await
         }
-        Source::Kube { url, settings: kube } => {
+        Source::Kube {
+            url,
+            settings: kube,
+            wasmplugin,
+        } => {
             // kube and reqwest use rustls with ring; install it as the process default once.
             let _ = rustls::crypto::ring::default_provider().install_default();
             // The probes trust what Envoy's clusters trust, and go only where the proxy may.
@@ -420,6 +437,11 @@ async fn run_source(
                     .map_err(|e| anyhow::anyhow!("no Kubernetes configuration (in-cluster or KUBECONFIG): {e}"))?,
             };
             let client = kube::Client::try_from(config)?;
+            settings.istio_wasmplugin = wasmplugin.map(|(namespace, name)| connector_controller::wasmplugin::Target {
+                client: client.clone(),
+                namespace,
+                name,
+            });
             let access: std::sync::Arc<dyn AccessCheck> = std::sync::Arc::new(authz::Authorizer::new(
                 client.clone(),
                 kube.authz(),

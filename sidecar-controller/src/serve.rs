@@ -32,6 +32,9 @@ pub struct ServeSettings {
     pub upstream_ca: String,
     /// What Connector authors may claim (hosts, token realm clusters, upstream addresses).
     pub tenancy: Tenancy,
+    /// API mode in an Istio gateway: the rendered filter configuration also goes into this
+    /// WasmPlugin (`--istio-wasmplugin`), with revisions every replica shares.
+    pub istio_wasmplugin: Option<crate::wasmplugin::Target>,
 }
 
 impl ServeSettings {
@@ -57,8 +60,8 @@ pub async fn pipeline(
     tenancy: Tenancy,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     credentials: watch::Sender<Credentials>,
+    revisions: Revisions,
 ) {
-    let revisions = Revisions::new();
     let mut inputs = hub.inputs();
     let mut version = 0u64;
     let mut last: Option<(String, Vec<crate::render::UpstreamCluster>)> = None;
@@ -201,12 +204,25 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
     let (snap_tx, snap_rx) = watch::channel(None);
     let (cred_tx, cred_rx) = watch::channel(Credentials::default());
     let tenancy = settings.effective_tenancy();
+    // One WasmPlugin configures every replica's filter: revisions keyed by the shared channel key.
+    let revisions = match (&settings.istio_wasmplugin, &settings.channel_key) {
+        (Some(_), Some(key)) => Revisions::with_key(crate::wasmplugin::revision_key(key)),
+        (Some(_), None) => anyhow::bail!(
+            "--istio-wasmplugin needs the channel key ({:?})",
+            settings.channel_settings.key_env
+        ),
+        (None, _) => Revisions::new(),
+    };
+    if let Some(target) = settings.istio_wasmplugin.clone() {
+        tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone()));
+    }
     tokio::spawn(pipeline(
         hub.clone(),
         settings.channel_settings.clone(),
         tenancy,
         snap_tx,
         cred_tx,
+        revisions,
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);

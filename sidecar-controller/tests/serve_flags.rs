@@ -104,3 +104,47 @@ fn the_proxy_listener_needs_a_certificate_source_or_the_plain_http_opt_in() {
         assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
     }
 }
+
+/// `--istio-wasmplugin` names one WasmPlugin as `<namespace>/<name>`, and only in API mode.
+#[test]
+fn the_istio_wasmplugin_is_named_by_namespace_and_name_in_api_mode_only() {
+    let common = [
+        "--wasm",
+        "/filter.wasm",
+        "--xds",
+        "127.0.0.1:0",
+        "--channel",
+        "127.0.0.1:0",
+        "--ops",
+        "127.0.0.1:0",
+        "--proxy-tls-external",
+    ];
+    let mut bad = common.to_vec();
+    bad.extend([
+        "--kube",
+        "--proxy-url",
+        "https://proxy.example:8443",
+        "--kube-url",
+        "http://127.0.0.1:1",
+        "--istio-wasmplugin",
+        "oci-connector",
+    ]);
+    let (code, err) = serve(&bad, Some("k3y"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--istio-wasmplugin \"oci-connector\": expected <namespace>/<name>"),
+        "{err}"
+    );
+    let mut file_mode = common.to_vec();
+    file_mode.extend([
+        "--manifests",
+        "/nonexistent",
+        "--identity",
+        "/nonexistent.json",
+        "--istio-wasmplugin",
+        "oci-connector-system/oci-connector",
+    ]);
+    let (code, err) = serve(&file_mode, Some("k3y"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--istio-wasmplugin needs --kube (API mode)"), "{err}");
+}

@@ -1,0 +1,591 @@
+//! Issue 16 item 5: the `deploy/istio` variant checked by Istio's own validation, and working
+//! as shipped. No istiod runs here; what does run:
+//!
+//! - `istioctl validate -f` and `istioctl analyze --use-kube=false -A` (istioctl built from the
+//!   Go module proxy by `scripts/setup.sh`) on the variant exactly as `kubectl kustomize
+//!   deploy/istio` renders it: no error, no warning but the one named below; and a broken copy of
+//!   the WasmPlugin is refused, so the check can fail.
+//! - On a real kube-apiserver (devkit) with Istio's WasmPlugin CRD (tests/testdata, copied from
+//!   the same istio module): the shipped WasmPlugin applied with kubectl, then the controller
+//!   with `--istio-wasmplugin`, running with exactly the variant's RBAC, writes the rendered
+//!   filter configuration into `spec.pluginConfig` (field manager
+//!   `connector-controller-wasmplugin`), with no secret in the object; a real Envoy with the
+//!   filter, given first the shipped placeholder (every request refused with 401 and OCI error
+//!   JSON, not a 503), then exactly the pluginConfig the controller wrote, pulls an image with
+//!   skopeo and a token from the TokenRequest API; re-applying the shipped placeholder is put
+//!   right by the controller again.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::{Cluster, Envoy, EnvoySpec, WasmFilter};
+use connector_devkit::http::Request;
+use connector_devkit::kube::{CONTROLLER_USER, KubeCluster};
+use connector_devkit::{procs, repo_root};
+use serde_json::{Value, json};
+
+/// The WasmPlugin of the variant and the controller's flag naming it.
+const PLUGIN_NS: &str = "oci-connector-system";
+const PLUGIN: &str = "oci-connector";
+/// The cluster Istio builds for the variant's channel ServiceEntry.
+const CHANNEL_CLUSTER: &str = "outbound|18001||connector-controller.local";
+const NS: &str = connector_e2e::xds::NS;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// `.cache/tools/istioctl`, which `scripts/setup.sh` builds and links.
+fn istioctl() -> PathBuf {
+    let p = repo_root().join(".cache/tools/istioctl");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `bash scripts/setup.sh` (builds istioctl from the Go module proxy)",
+        p.display()
+    );
+    p
+}
+
+fn run(bin: &PathBuf, args: &[&str]) -> procs::Output {
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    procs::run(cmd, None).unwrap_or_else(|e| panic!("{} {args:?}: {e}", bin.display()))
+}
+
+/// `kubectl kustomize deploy/istio`: what `kubectl apply -k deploy/istio` applies.
+fn rendered_variant() -> String {
+    let kubectl = connector_devkit::kube::binary("kubectl").unwrap_or_else(|e| panic!("{e}"));
+    let dir = repo_root().join("deploy/istio");
+    let out = run(&kubectl, &["kustomize", &dir.display().to_string()]);
+    assert!(out.success, "kubectl kustomize deploy/istio: {}", out.stderr);
+    out.stdout
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn shipped_plugin() -> Value {
+    documents(&rendered_variant())
+        .into_iter()
+        .find(|d| d["kind"] == "WasmPlugin" && d["metadata"]["name"] == PLUGIN)
+        .expect("deploy/istio renders the WasmPlugin")
+}
+
+#[test]
+fn istioctl_validates_and_analyzes_the_rendered_variant() {
+    let istioctl = istioctl();
+    let work = connector_devkit::WorkDir::new("istioctl").unwrap();
+    let rendered = rendered_variant();
+    let kinds: Vec<String> = documents(&rendered)
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    for k in ["WasmPlugin", "Gateway", "ServiceEntry", "Deployment"] {
+        assert!(kinds.iter().any(|x| x == k), "the render has a {k}: {kinds:?}");
+    }
+    let file = work.path().join("istio.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    let file = file.display().to_string();
+
+    let started = Instant::now();
+    let validate = run(&istioctl, &["validate", "-f", &file]);
+    let text = format!("{}{}", validate.stdout, validate.stderr);
+    assert!(validate.success, "istioctl validate -f: {text}");
+    assert!(text.contains("is valid"), "{text}");
+    // The one warning left: the webhook Deployment (deploy/base, not in the mesh: its namespace
+    // has no sidecar injection) lacks Istio's telemetry labels `app`/`version`. The gateway has them.
+    for line in text.lines().filter(|l| !l.trim().is_empty() && !l.contains("is valid")) {
+        assert!(
+            line.contains("deployment \"connector-webhook/oci-connector-system:\" may not provide Istio metrics and telemetry labels"),
+            "unexpected istioctl validate output: {line}\n{text}"
+        );
+    }
+
+    let analyze = run(
+        &istioctl,
+        &[
+            "analyze",
+            "--use-kube=false",
+            "-A",
+            "--output-threshold",
+            "Info",
+            "-o",
+            "json",
+            &file,
+        ],
+    );
+    assert!(
+        analyze.success,
+        "istioctl analyze: {}{}",
+        analyze.stdout, analyze.stderr
+    );
+    let messages: Value = serde_json::from_str(analyze.stdout.trim())
+        .unwrap_or_else(|e| panic!("istioctl analyze -o json: {e}: {}", analyze.stdout));
+    assert_eq!(
+        messages,
+        json!([]),
+        "istioctl analyze found something: {}",
+        analyze.stderr
+    );
+    let took = started.elapsed();
+
+    // The checks can fail: a WasmPlugin Istio refuses (an enum value it does not know, an URL
+    // scheme it does not fetch) makes both commands fail.
+    for (what, from, to) in [
+        (
+            "failStrategy",
+            "failStrategy: FAIL_CLOSE",
+            "failStrategy: FAIL_SOMETIMES",
+        ),
+        ("url", "url: oci://", "url: ftp://"),
+    ] {
+        assert!(rendered.contains(from), "{from}");
+        let broken = work.path().join(format!("broken-{what}.yaml"));
+        std::fs::write(&broken, rendered.replace(from, to)).unwrap();
+        let broken = broken.display().to_string();
+        let v = run(&istioctl, &["validate", "-f", &broken]);
+        assert!(
+            !v.success,
+            "istioctl validate accepted a broken {what}: {}{}",
+            v.stdout, v.stderr
+        );
+        assert!(
+            format!("{}{}", v.stdout, v.stderr).contains("WasmPlugin/oci-connector-system/oci-connector"),
+            "{what}: {}{}",
+            v.stdout,
+            v.stderr
+        );
+        if what == "failStrategy" {
+            let a = run(&istioctl, &["analyze", "--use-kube=false", "-A", &broken]);
+            assert!(!a.success, "istioctl analyze accepted a broken {what}");
+        }
+    }
+    eprintln!("istioctl validate + analyze of deploy/istio: {took:?}");
+}
+
+/// The files agree with each other: the gateway's controller writes the WasmPlugin the variant
+/// ships, names the channel by the cluster its placeholder names, and its ServiceAccount may
+/// patch exactly that WasmPlugin.
+#[test]
+fn the_gateway_controller_is_pointed_at_the_shipped_wasmplugin() {
+    let all = documents(&rendered_variant());
+    let find = |kind: &str, name: &str| {
+        all.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name}"))
+            .clone()
+    };
+    let plugin = shipped_plugin();
+    let pod = find("Deployment", "connector-gateway")["spec"]["template"]["spec"].clone();
+    let controller = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "controller")
+        .unwrap()
+        .clone();
+    let args: Vec<&str> = controller["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let want = [
+        format!(
+            "--istio-wasmplugin={}/{}",
+            plugin["metadata"]["namespace"].as_str().unwrap(),
+            plugin["metadata"]["name"].as_str().unwrap()
+        ),
+        format!(
+            "--channel-cluster={}",
+            plugin["spec"]["pluginConfig"]["controller"]["cluster"]
+                .as_str()
+                .unwrap()
+        ),
+    ];
+    for w in &want {
+        assert!(args.contains(&w.as_str()), "controller args lack {w}: {args:?}");
+    }
+    let role = find("Role", "oci-connector-controller-wasmplugin");
+    assert_eq!(role["metadata"]["namespace"], plugin["metadata"]["namespace"]);
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["extensions.istio.io"], "resources": ["wasmplugins"],
+            "resourceNames": [plugin["metadata"]["name"]], "verbs": ["get", "list", "watch", "patch"]}])
+    );
+    let binding = find("RoleBinding", "oci-connector-controller-wasmplugin");
+    assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
+}
+
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}: not within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn can_i(kube: &KubeCluster, args: &[&str]) -> String {
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--as", CONTROLLER_USER]);
+    kube.kubectl(&all).unwrap().stdout.trim().to_string()
+}
+
+/// A static Envoy with the filter configured by `plugin_config` exactly (as istiod hands a
+/// WasmPlugin's pluginConfig to the gateway's Envoy), the channel cluster Istio would build, and
+/// the connector's upstream cluster.
+fn envoy_with(
+    work: &connector_devkit::WorkDir,
+    plugin_config: &Value,
+    (channel_port, env): (u16, Vec<(String, String)>),
+    upstream: Option<(&str, u16)>,
+) -> Envoy {
+    let mut clusters = vec![Cluster {
+        name: CHANNEL_CLUSTER.into(),
+        port: channel_port,
+    }];
+    if let Some((name, port)) = upstream {
+        clusters.push(Cluster {
+            name: name.into(),
+            port,
+        });
+    }
+    Envoy::start(
+        work,
+        &EnvoySpec {
+            clusters,
+            filter: Some(WasmFilter {
+                wasm: connector_devkit::require_wasm().unwrap(),
+                config: plugin_config.clone(),
+                secret_env: env,
+                plain_route: false,
+            }),
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_configuration() {
+    let s = connector_e2e::xds::setup("istio-wasmplugin");
+    let creds = s.registry.credentials.clone().unwrap();
+    let kube = KubeCluster::start("istio-wasmplugin").unwrap_or_else(|e| panic!("{e}"));
+    kube.install_crd().unwrap();
+    let crd = repo_root().join("tests/testdata/istio-wasmplugin-crd.yaml");
+    kube.kubectl(&["apply", "--server-side", "-f", &crd.display().to_string()])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    kube.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/wasmplugins.extensions.istio.io",
+    ])
+    .and_then(|o| o.ok())
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The controller runs with exactly the variant's RBAC (deploy/base + wasmplugin-rbac.yaml).
+    let kubeconfig = kube.controller_kubeconfig_for("istio").unwrap();
+    kube.namespace(NS, &[]).unwrap();
+    // The shipped WasmPlugin, applied as `kubectl apply -k deploy/istio` would (client-side).
+    let shipped = shipped_plugin();
+    let placeholder = shipped["spec"]["pluginConfig"].clone();
+    kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped.to_string().as_bytes()))
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // RBAC: this WasmPlugin only.
+    assert_eq!(
+        can_i(
+            &kube,
+            &[
+                "patch",
+                "wasmplugins.extensions.istio.io/oci-connector",
+                "-n",
+                PLUGIN_NS
+            ]
+        ),
+        "yes"
+    );
+    assert_eq!(
+        can_i(
+            &kube,
+            &["patch", "wasmplugins.extensions.istio.io/other", "-n", PLUGIN_NS]
+        ),
+        "no"
+    );
+    assert_eq!(
+        can_i(&kube, &["create", "wasmplugins.extensions.istio.io", "-n", PLUGIN_NS]),
+        "no"
+    );
+    assert_eq!(
+        can_i(
+            &kube,
+            &["patch", "wasmplugins.extensions.istio.io/oci-connector", "-n", NS]
+        ),
+        "no"
+    );
+
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    kube.apply(&json!({
+        "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+        "metadata": {"name": "registry", "namespace": NS},
+        "spec": {"address": s.registry.url(), "auth": {"name": "basicAuth", "secretRef": {"name": "robot"}}, "connectorClassName": "oci"},
+    }))
+    .unwrap();
+    kube.kubectl(&[
+        "create",
+        "rolebinding",
+        "default-uses-connectors",
+        "-n",
+        NS,
+        "--clusterrole=oci-connector-user",
+        "--serviceaccount=demo:default",
+    ])
+    .and_then(|o| o.ok())
+    .unwrap_or_else(|e| panic!("{e}"));
+    let token = kube.create_token(NS, "default", "oci-connector", &[]).unwrap();
+
+    // As shipped (what Envoy runs before the controller wrote anything): the filter loads and
+    // refuses every request with 401 and OCI error JSON; no 503, nothing forwarded.
+    {
+        let work = connector_devkit::WorkDir::new("istio-placeholder").unwrap();
+        // No controller yet: the channel cluster leads nowhere, the key is a fresh one.
+        let key = vec![(
+            connector_devkit::controller::CHANNEL_KEY_ENV.to_string(),
+            connector_devkit::random_secret().unwrap(),
+        )];
+        let envoy = envoy_with(&work, &placeholder, (procs::free_port().unwrap(), key), None);
+        for path in [
+            "/v2/",
+            "/v2/namespaces/demo/connectors/registry/library/app/manifests/v1",
+        ] {
+            let r = Request::get(path)
+                .header("authorization", &format!("Bearer {token}"))
+                .send(envoy.port)
+                .unwrap();
+            assert_eq!(r.status, 401, "{path}: {}", r.body_text());
+            let body = r.json().unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body_text()));
+            assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED", "{path}: {body}");
+            assert!(
+                body["errors"][0]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("no ServiceAccount keys yet"),
+                "{path}: {body}"
+            );
+        }
+        let log = envoy.log();
+        assert!(
+            log.contains("configuration accepted: 0 connector(s), 0 key(s)"),
+            "{log}"
+        );
+        assert!(
+            envoy.critical_wasm_lines().is_empty(),
+            "{:?}",
+            envoy.critical_wasm_lines()
+        );
+    }
+
+    let started = Instant::now();
+    let controller = Controller::start_kube(
+        &s.work,
+        &kubeconfig,
+        "https://192.168.1.10:31568",
+        &[
+            "--istio-wasmplugin",
+            &format!("{PLUGIN_NS}/{PLUGIN}"),
+            "--channel-cluster",
+            CHANNEL_CLUSTER,
+            "--proxy-tls-external",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ready = started.elapsed();
+
+    // The controller writes the WasmPlugin: the cluster's keys, the connector, the channel cluster.
+    let (plugin, took) = until("the controller writes the WasmPlugin's pluginConfig", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        let connectors = p["spec"]["pluginConfig"]["connectors"].as_array()?;
+        (connectors.len() == 1).then_some(p)
+    });
+    let config = plugin["spec"]["pluginConfig"].clone();
+    assert_eq!(config["controller"]["cluster"], CHANNEL_CLUSTER);
+    assert_eq!(config["controller"]["keyEnv"], "CONNECTOR_CHANNEL_KEY");
+    assert_eq!(config["authorization"], "controller");
+    assert!(!config["identity"]["jwks"]["keys"].as_array().unwrap().is_empty());
+    let entry = &config["connectors"][0];
+    assert_eq!(
+        (entry["namespace"].as_str(), entry["name"].as_str()),
+        (Some(NS), Some("registry"))
+    );
+    assert!(entry["credential"]["fromController"].is_string(), "{entry}");
+    // Everything else of the shipped object is the operator's, untouched.
+    for field in ["url", "failStrategy", "selector", "phase", "vmConfig", "pluginName"] {
+        assert_eq!(plugin["spec"][field], shipped["spec"][field], "spec.{field}");
+    }
+    // pluginConfig is the controller's field manager's (server-side apply).
+    let with_fields: Value = serde_json::from_str(
+        &kube
+            .kubectl(&[
+                "get",
+                "wasmplugin",
+                PLUGIN,
+                "-n",
+                PLUGIN_NS,
+                "--show-managed-fields",
+                "-o",
+                "json",
+            ])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .stdout,
+    )
+    .unwrap();
+    let ours = with_fields["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["manager"] == "connector-controller-wasmplugin")
+        .unwrap_or_else(|| panic!("{}", with_fields["metadata"]["managedFields"]));
+    assert_eq!(ours["operation"], "Apply");
+    assert!(ours["fieldsV1"]["f:spec"]["f:pluginConfig"].is_object(), "{ours}");
+    // No secret in the WasmPlugin: not the password, not the username:password pair, not the key.
+    let whole = plugin.to_string();
+    assert!(
+        !whole.contains(&creds.password),
+        "the registry password is in the WasmPlugin"
+    );
+    assert!(
+        !whole.contains(controller.key()),
+        "the channel key is in the WasmPlugin"
+    );
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", creds.username, creds.password));
+    assert!(!whole.contains(&basic));
+
+    // Exactly that pluginConfig in a real Envoy with the filter: an image pulled through it.
+    let cluster = entry["cluster"].as_str().unwrap().to_string();
+    let envoy = envoy_with(
+        &s.work,
+        &config,
+        (controller.ports.channel, controller.envoy_env()),
+        Some((&cluster, s.registry.port)),
+    );
+    let pulled = Instant::now();
+    connector_e2e::xds::pull(&s, &envoy.authority(), "registry", &token, "pulled");
+    let pull_took = pulled.elapsed();
+    assert!(
+        envoy.critical_wasm_lines().is_empty(),
+        "{:?}",
+        envoy.critical_wasm_lines()
+    );
+    // Another namespace's token is refused with an OCI error (RBAC through the controller).
+    kube.namespace("other", &[]).unwrap();
+    let other = kube.create_token("other", "default", "oci-connector", &[]).unwrap();
+    let r = Request::get("/v2/namespaces/demo/connectors/registry/library/app/manifests/v1")
+        .header("authorization", &format!("Bearer {other}"))
+        .send(envoy.port)
+        .unwrap();
+    assert!(matches!(r.status, 403 | 404), "{}: {}", r.status, r.body_text());
+
+    // A second replica (its own ports, the channel key every replica shares) writes the same
+    // configuration: the WasmPlugin is not rewritten, and a second gateway Envoy given that one
+    // pluginConfig pulls through the second controller's channel (same credential revisions).
+    let rv = plugin["metadata"]["resourceVersion"].clone();
+    let replica = Controller::restart_kube(
+        &s.work,
+        "controller-2",
+        &kubeconfig,
+        "https://192.168.1.10:31568",
+        (connector_devkit::controller::Ports::free().unwrap(), controller.key()),
+        &[
+            "--istio-wasmplugin",
+            &format!("{PLUGIN_NS}/{PLUGIN}"),
+            "--channel-cluster",
+            CHANNEL_CLUSTER,
+            "--proxy-tls-external",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    let now = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).unwrap().unwrap();
+    assert_eq!(
+        now["metadata"]["resourceVersion"], rv,
+        "the second replica rewrote the WasmPlugin"
+    );
+    let replica_work = connector_devkit::WorkDir::new("istio-replica").unwrap();
+    let second = envoy_with(
+        &replica_work,
+        &config,
+        (replica.ports.channel, replica.envoy_env()),
+        Some((&cluster, s.registry.port)),
+    );
+    connector_e2e::xds::pull(&s, &second.authority(), "registry", &token, "pulled-replica");
+    drop(second);
+    drop(replica);
+
+    // The credential rotated: a new revision in the WasmPlugin, and still no password in it.
+    let revision = entry["credential"]["fromController"].clone();
+    let rotated = "rotated-password-for-the-revision-check";
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": rotated},
+    }))
+    .unwrap();
+    let (after, rotation) = until("a rotated credential gets a new revision in the WasmPlugin", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        let r = p["spec"]["pluginConfig"]["connectors"][0]["credential"]["fromController"].clone();
+        (r.is_string() && r != revision).then_some(p)
+    });
+    assert!(
+        !after.to_string().contains(rotated),
+        "the rotated password is in the WasmPlugin"
+    );
+    // Back to the working credential, and the configuration the rest of the test compares with.
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "registry"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    until("the credential's first revision is back", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        (p["spec"]["pluginConfig"] == config).then_some(())
+    });
+
+    // `kubectl apply -k deploy/istio` again resets pluginConfig to the placeholder: the
+    // controller, watching the WasmPlugin, writes its configuration back.
+    kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped.to_string().as_bytes()))
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, restored) = until("the controller restores the WasmPlugin's pluginConfig", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        (p["spec"]["pluginConfig"] == config).then_some(())
+    });
+    let log = controller.log();
+    assert!(
+        !log.contains(&creds.password),
+        "the password is in the controller's log"
+    );
+    eprintln!(
+        "controller ready (/readyz) {ready:?} after its start; pluginConfig seen written {took:?} later; pull through Envoy with it: {pull_took:?}; rotated credential's new revision written in {rotation:?}; placeholder re-applied, restored in {restored:?}"
+    );
+}
