@@ -13,14 +13,12 @@
 //! - [`channel`]: the loopback channel the filter gets credentials and access decisions from;
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
 //! - [`ops`]: metrics, `/healthz`, `/readyz`;
-//! - [`client_config`]: client configuration for a connector (docker, containerd, buildkit, CRI-O/podman);
 //! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode;
 //! - [`wasmplugin`]: the rendered filter configuration written into an Istio `WasmPlugin`.
 
 /// The Connector API crate's RBAC rule, under the name the controller's modules use.
 pub use connector_api::authz;
 pub mod channel;
-pub mod client_config;
 pub mod cluster_identity;
 pub mod conditions;
 /// The Connector CRD types, from the API crate the webhook shares.

@@ -37,13 +37,7 @@ const USAGE: &str = "usage:
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
       link-local addresses (cloud metadata) and the controller's own ports always. In API mode spec.hosts must
       be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
-  connector-controller client-config --connector <ns>/<name> --address <upstream registry> --proxy <http(s)://proxy>
-        [--host-name c-<name>-connector.<ns>.svc.cluster.local] [--token-file <file>]
-        [--proxy-ca <CA PEM the proxy's certificate chains to> | --skip-verify]
-        [--format docker,containerd,buildkit,registries,daemon] --out <dir>
-      Client configuration for a connector: docker config.json, containerd hosts.toml,
-      buildkitd.toml, registries.conf (CRI-O, podman, skopeo, buildah), daemon.json; with
-      --proxy-ca, the CA where each client reads it (hosts.toml's ca, certs.d/<proxy>/ca.crt).
+  (client configuration for a connector: the connector-client-config binary)
   connector-controller crd
   connector-controller render --manifests <dir> --identity <file.json> --out <dir>
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt]";
@@ -63,7 +57,6 @@ fn main() -> ExitCode {
         },
         Some("render") => render(&args[1..]),
         Some("serve") => serve(&args[1..]),
-        Some("client-config") => client_config(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -528,108 +521,4 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-fn client_config(args: &[String]) -> ExitCode {
-    use connector_controller::client_config::{ClientSettings, Format, read_token_file, write_all};
-    let mut flags = std::collections::HashMap::new();
-    let mut skip_verify = false;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--skip-verify" => skip_verify = true,
-            "--connector" | "--address" | "--proxy" | "--host-name" | "--token-file" | "--format" | "--out"
-            | "--proxy-ca" => {
-                let Some(v) = it.next() else {
-                    eprintln!("connector-controller client-config: {flag} needs a value\n{USAGE}");
-                    return ExitCode::from(2);
-                };
-                flags.insert(flag.as_str(), v.clone());
-            }
-            _ => {
-                eprintln!("connector-controller client-config: unknown argument {flag:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let mut problems = vec![];
-    for required in ["--connector", "--address", "--proxy", "--out"] {
-        if !flags.contains_key(required) {
-            problems.push(format!("{required} is required"));
-        }
-    }
-    let (namespace, name) = match flags.get("--connector").map(|c| c.split_once('/')) {
-        Some(Some((ns, n))) if !ns.is_empty() && !n.is_empty() => (ns.to_string(), n.to_string()),
-        Some(_) => {
-            problems.push("--connector: expected <namespace>/<name>".into());
-            (String::new(), String::new())
-        }
-        None => (String::new(), String::new()),
-    };
-    let formats: Vec<Format> = match flags.get("--format") {
-        None => Format::ALL.to_vec(),
-        Some(list) => list
-            .split(',')
-            .filter_map(|f| {
-                Format::parse(f.trim())
-                    .map_err(|e| problems.push(format!("--format: {e}")))
-                    .ok()
-            })
-            .collect(),
-    };
-    let token = match flags.get("--token-file") {
-        Some(f) => match read_token_file(std::path::Path::new(f)) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                problems.push(format!("--token-file {f}: {e}"));
-                None
-            }
-        },
-        None => None,
-    };
-    let proxy_ca = match flags.get("--proxy-ca") {
-        Some(f) => match std::fs::read_to_string(f) {
-            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
-            Ok(_) => {
-                problems.push(format!("--proxy-ca {f}: no PEM certificate in it"));
-                None
-            }
-            Err(e) => {
-                problems.push(format!("--proxy-ca {f}: {e}"));
-                None
-            }
-        },
-        None => None,
-    };
-    if !problems.is_empty() {
-        for p in problems {
-            eprintln!("connector-controller client-config: {p}");
-        }
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    let settings = ClientSettings {
-        namespace,
-        name,
-        upstream: flags.get("--address").cloned().unwrap_or_default(),
-        proxy: flags.get("--proxy").cloned().unwrap_or_default(),
-        host_name: flags.get("--host-name").cloned(),
-        token,
-        skip_verify,
-        proxy_ca,
-    };
-    let out = PathBuf::from(flags.get("--out").cloned().unwrap_or_default());
-    match write_all(&settings, &formats, &out) {
-        Ok(paths) => {
-            // Paths only: config.json may hold the token.
-            for p in paths {
-                println!("{}", p.display());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("connector-controller client-config: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -26,6 +26,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
+use toml::Table;
 
 /// The user name put next to the token. The proxy ignores it (any user name is accepted); a
 /// fixed, descriptive one makes the credential's nature obvious in `docker info` and logs.
@@ -46,6 +47,8 @@ pub enum ClientConfigError {
     Token,
     #[error("unknown format {0:?}: expected one of docker, containerd, buildkit, registries, daemon")]
     Format(String),
+    #[error("writing TOML failed: {0}")]
+    Toml(String),
 }
 
 /// One client file format.
@@ -280,20 +283,11 @@ fn split_address(addr: &str) -> Option<(Option<&str>, String)> {
     Some((scheme, authority.to_ascii_lowercase()))
 }
 
-/// A TOML basic string (quotes, backslashes and control characters escaped).
-fn toml_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// A comment header, then the document as the `toml` crate writes it (every name and URL quoted
+/// as TOML requires).
+fn toml_text(header: &str, doc: &Table) -> Result<String, ClientConfigError> {
+    let body = toml::to_string(doc).map_err(|e| ClientConfigError::Toml(e.to_string()))?;
+    Ok(format!("{header}{body}"))
 }
 
 fn json_text(v: &Value) -> String {
@@ -361,35 +355,33 @@ pub fn docker_config(s: &ClientSettings) -> Result<Rendered, ClientConfigError> 
 /// provider) or `ctr --user`, never from this file.
 pub fn containerd_hosts(s: &ClientSettings) -> Result<Rendered, ClientConfigError> {
     let e = Endpoints::new(s)?;
-    let url = toml_str(&format!("{}/v2/{}", e.proxy_origin(), e.connector_path));
-    let skip_verify = if e.proxy_tls && s.skip_verify {
-        "skip_verify = true\n"
+    let url = format!("{}/v2/{}", e.proxy_origin(), e.connector_path);
+    // The same settings for `server` and its one `[host]`.
+    let mut settings = Table::new();
+    settings.insert("capabilities".into(), toml::Value::from(vec!["pull", "resolve"]));
+    settings.insert("override_path".into(), true.into());
+    if e.proxy_tls && s.skip_verify {
+        settings.insert("skip_verify".into(), true.into());
     } else if e.gives_ca(s) {
         // Relative: containerd reads it beside this hosts.toml (see containerd_ca_file).
-        "ca = \"proxy-ca.crt\"\n"
-    } else {
-        ""
-    };
-    let text = format!(
-        "# Pulls of {name} ({origin}) go through the connector {ns}/{conn}.\n\
-         # server is the proxy too: containerd falls back to server, and the upstream must never\n\
-         # receive the ServiceAccount token.\n\
-         server = {url}\n\
-         capabilities = [\"pull\", \"resolve\"]\n\
-         override_path = true\n\
-         {skip_verify}\n\
-         [host.{url}]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n\
-         {host_skip}",
-        name = e.upstream_name,
-        origin = e.upstream_origin,
-        ns = s.namespace,
-        conn = s.name,
-        host_skip = if skip_verify.is_empty() {
-            String::new()
-        } else {
-            format!("  {skip_verify}")
-        },
-    );
+        settings.insert("ca".into(), "proxy-ca.crt".into());
+    }
+    let mut doc = Table::new();
+    doc.insert("server".into(), url.clone().into());
+    doc.extend(settings.clone());
+    doc.insert("host".into(), Table::from_iter([(url, settings.into())]).into());
+    let text = toml_text(
+        &format!(
+            "# Pulls of {name} ({origin}) go through the connector {ns}/{conn}.\n\
+             # server is the proxy too: containerd falls back to server, and the upstream must never\n\
+             # receive the ServiceAccount token.\n",
+            name = e.upstream_name,
+            origin = e.upstream_origin,
+            ns = s.namespace,
+            conn = s.name,
+        ),
+        &doc,
+    )?;
     Ok(Rendered {
         format: Format::Containerd,
         relative_path: PathBuf::from("certs.d").join(&e.upstream_name).join("hosts.toml"),
@@ -412,29 +404,34 @@ pub fn containerd_hosts(s: &ClientSettings) -> Result<Rendered, ClientConfigErro
 /// from the client's docker `config.json`, keyed by the mirror's `host:port`.
 pub fn buildkitd(s: &ClientSettings) -> Result<Rendered, ClientConfigError> {
     let e = Endpoints::new(s)?;
-    let mut text = format!(
-        "# Pulls of {name} go through the connector {ns}/{conn}.\n\
-         [registry.{name_q}]\n  mirrors = [{mirror}]\n",
-        name = e.upstream_name,
-        ns = s.namespace,
-        conn = s.name,
-        name_q = toml_str(&e.upstream_name),
-        mirror = toml_str(&e.proxy_path_name()),
+    let mut registries = Table::new();
+    registries.insert(
+        e.upstream_name.clone(),
+        Table::from_iter([("mirrors".to_string(), toml::Value::from(vec![e.proxy_path_name()]))]).into(),
     );
-    if e.proxy_insecure {
-        text.push_str(&format!("\n[registry.{}]\n", toml_str(&e.proxy)));
-        if e.proxy_tls {
-            text.push_str("  insecure = true\n");
-        } else {
-            text.push_str("  http = true\n  insecure = true\n");
-        }
+    let proxy_section = if e.proxy_insecure && e.proxy_tls {
+        Some(Table::from_iter([("insecure".to_string(), true.into())]))
+    } else if e.proxy_insecure {
+        Some(Table::from_iter([
+            ("http".to_string(), true.into()),
+            ("insecure".to_string(), true.into()),
+        ]))
     } else if e.gives_ca(s) {
-        text.push_str(&format!(
-            "\n[registry.{}]\n  ca = [{}]\n",
-            toml_str(&e.proxy),
-            toml_str(&format!("{BUILDKIT_CERTS}/{}/ca.crt", e.proxy))
-        ));
+        let ca = format!("{BUILDKIT_CERTS}/{}/ca.crt", e.proxy);
+        Some(Table::from_iter([("ca".to_string(), toml::Value::from(vec![ca]))]))
+    } else {
+        None
+    };
+    if let Some(section) = proxy_section {
+        registries.insert(e.proxy.clone(), section.into());
     }
+    let text = toml_text(
+        &format!(
+            "# Pulls of {} go through the connector {}/{}.\n",
+            e.upstream_name, s.namespace, s.name
+        ),
+        &Table::from_iter([("registry".to_string(), registries.into())]),
+    )?;
     Ok(Rendered {
         format: Format::Buildkit,
         relative_path: PathBuf::from("buildkitd.toml"),
@@ -454,18 +451,19 @@ pub fn buildkitd(s: &ClientSettings) -> Result<Rendered, ClientConfigError> {
 /// unverifiable certificate). Credentials: the `config.json` entry for the proxy's `host:port`.
 pub fn registries_conf(s: &ClientSettings) -> Result<Rendered, ClientConfigError> {
     let e = Endpoints::new(s)?;
-    let mut text = format!(
-        "# Pulls of {name} go through the connector {ns}/{conn}.\n\
-         [[registry]]\nprefix = {prefix}\nlocation = {location}\n",
-        name = e.upstream_name,
-        ns = s.namespace,
-        conn = s.name,
-        prefix = toml_str(&e.upstream_name),
-        location = toml_str(&e.proxy_path_name()),
-    );
+    let mut registry = Table::new();
+    registry.insert("prefix".into(), e.upstream_name.clone().into());
+    registry.insert("location".into(), e.proxy_path_name().into());
     if e.proxy_insecure {
-        text.push_str("insecure = true\n");
+        registry.insert("insecure".into(), true.into());
     }
+    let text = toml_text(
+        &format!(
+            "# Pulls of {} go through the connector {}/{}.\n",
+            e.upstream_name, s.namespace, s.name
+        ),
+        &Table::from_iter([("registry".to_string(), toml::Value::Array(vec![registry.into()]))]),
+    )?;
     Ok(Rendered {
         format: Format::Registries,
         relative_path: PathBuf::from("registries.conf"),
@@ -664,6 +662,11 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A rendered TOML file read back as its consumer would.
+    fn parsed(r: &Rendered) -> Table {
+        toml::from_str(&r.text).unwrap_or_else(|e| panic!("{}: {e}\n{}", r.relative_path.display(), r.text))
+    }
+
     fn http_settings() -> ClientSettings {
         ClientSettings {
             namespace: "demo".into(),
@@ -749,16 +752,21 @@ mod tests {
     fn containerd_hosts_points_the_upstream_name_at_the_proxy_path() {
         let r = containerd_hosts(&http_settings()).unwrap();
         assert_eq!(r.relative_path, Path::new("certs.d/harbor.example.com:8443/hosts.toml"));
-        assert_eq!(
-            r.text,
+        assert!(r.text.starts_with(
             "# Pulls of harbor.example.com:8443 (https://harbor.example.com:8443) go through the connector demo/registry.\n\
              # server is the proxy too: containerd falls back to server, and the upstream must never\n\
-             # receive the ServiceAccount token.\n\
-             server = \"http://10.0.0.5:31567/v2/namespaces/demo/connectors/registry\"\n\
-             capabilities = [\"pull\", \"resolve\"]\n\
-             override_path = true\n\n\
-             [host.\"http://10.0.0.5:31567/v2/namespaces/demo/connectors/registry\"]\n  \
-             capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n"
+             # receive the ServiceAccount token.\n"
+        ));
+        assert_eq!(
+            parsed(&r),
+            toml::toml! {
+                server = "http://10.0.0.5:31567/v2/namespaces/demo/connectors/registry"
+                capabilities = ["pull", "resolve"]
+                override_path = true
+                [host."http://10.0.0.5:31567/v2/namespaces/demo/connectors/registry"]
+                capabilities = ["pull", "resolve"]
+                override_path = true
+            }
         );
         assert!(!r.secret);
         assert!(!r.text.contains("eyJ"), "no token in hosts.toml");
@@ -779,16 +787,10 @@ mod tests {
             ..https_settings()
         })
         .unwrap();
-        assert!(
-            unverified
-                .text
-                .contains("override_path = true\nskip_verify = true\n\n[host.")
-        );
-        assert!(
-            unverified
-                .text
-                .ends_with("  override_path = true\n  skip_verify = true\n")
-        );
+        let doc = parsed(&unverified);
+        let url = "https://proxy.example.com/v2/namespaces/demo/connectors/registry";
+        assert_eq!(doc["skip_verify"].as_bool(), Some(true), "{doc}");
+        assert_eq!(doc["host"][url]["skip_verify"].as_bool(), Some(true), "{doc}");
     }
 
     #[test]
@@ -841,12 +843,19 @@ mod tests {
     fn buildkitd_mirrors_the_upstream_and_marks_an_http_proxy() {
         let r = buildkitd(&http_settings()).unwrap();
         assert_eq!(r.relative_path, Path::new("buildkitd.toml"));
+        assert!(
+            r.text
+                .starts_with("# Pulls of harbor.example.com:8443 go through the connector demo/registry.\n")
+        );
         assert_eq!(
-            r.text,
-            "# Pulls of harbor.example.com:8443 go through the connector demo/registry.\n\
-             [registry.\"harbor.example.com:8443\"]\n  \
-             mirrors = [\"10.0.0.5:31567/namespaces/demo/connectors/registry\"]\n\n\
-             [registry.\"10.0.0.5:31567\"]\n  http = true\n  insecure = true\n"
+            parsed(&r),
+            toml::toml! {
+                [registry."harbor.example.com:8443"]
+                mirrors = ["10.0.0.5:31567/namespaces/demo/connectors/registry"]
+                [registry."10.0.0.5:31567"]
+                http = true
+                insecure = true
+            }
         );
     }
 
@@ -861,9 +870,9 @@ mod tests {
             ..https_settings()
         })
         .unwrap();
-        assert!(
-            r.text
-                .ends_with("[registry.\"proxy.example.com\"]\n  insecure = true\n"),
+        assert_eq!(
+            parsed(&r)["registry"]["proxy.example.com"],
+            toml::Value::Table(toml::toml! { insecure = true }),
             "{}",
             r.text
         );
@@ -873,12 +882,18 @@ mod tests {
     #[test]
     fn registries_conf_rewrites_the_upstream_prefix_to_the_proxy_path() {
         let r = registries_conf(&http_settings()).unwrap();
+        assert!(
+            r.text
+                .starts_with("# Pulls of harbor.example.com:8443 go through the connector demo/registry.\n")
+        );
         assert_eq!(
-            r.text,
-            "# Pulls of harbor.example.com:8443 go through the connector demo/registry.\n\
-             [[registry]]\nprefix = \"harbor.example.com:8443\"\n\
-             location = \"10.0.0.5:31567/namespaces/demo/connectors/registry\"\n\
-             insecure = true\n"
+            parsed(&r),
+            toml::toml! {
+                [[registry]]
+                prefix = "harbor.example.com:8443"
+                location = "10.0.0.5:31567/namespaces/demo/connectors/registry"
+                insecure = true
+            }
         );
         let tls = registries_conf(&https_settings()).unwrap();
         assert!(!tls.text.contains("insecure"), "{}", tls.text);
@@ -1011,9 +1026,13 @@ mod tests {
     }
 
     #[test]
-    fn toml_strings_escape_quotes_backslashes_and_controls() {
-        assert_eq!(toml_str(r#"a"b\c"#), r#""a\"b\\c""#);
-        assert_eq!(toml_str("a\u{7}"), "\"a\\u0007\"");
+    fn toml_text_quotes_what_toml_requires() {
+        let odd = "a\"b\\c\u{7}]#";
+        let doc = Table::from_iter([(odd.to_string(), toml::Value::from(odd))]);
+        let text = toml_text("# header\n", &doc).unwrap();
+        assert!(text.starts_with("# header\n"));
+        let back: Table = toml::from_str(&text).unwrap();
+        assert_eq!(back, doc, "{text}");
     }
 
     #[test]
@@ -1090,17 +1109,17 @@ mod tests {
                 assert!(!text.contains(bad), "{f}: {bad} in {text}");
             }
         }
-        assert!(
-            containerd_hosts(&s)
-                .unwrap()
-                .text
-                .contains("[host.\"https://10.0.0.5:31567/v2/namespaces/demo/connectors/registry\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n  ca = \"proxy-ca.crt\"\n")
+        assert_eq!(
+            parsed(&containerd_hosts(&s).unwrap())["host"]["https://10.0.0.5:31567/v2/namespaces/demo/connectors/registry"],
+            toml::Value::Table(toml::toml! {
+                capabilities = ["pull", "resolve"]
+                override_path = true
+                ca = "proxy-ca.crt"
+            })
         );
-        assert!(
-            buildkitd(&s)
-                .unwrap()
-                .text
-                .ends_with("[registry.\"10.0.0.5:31567\"]\n  ca = [\"/etc/buildkit/certs/10.0.0.5:31567/ca.crt\"]\n")
+        assert_eq!(
+            parsed(&buildkitd(&s).unwrap())["registry"]["10.0.0.5:31567"],
+            toml::Value::Table(toml::toml! { ca = ["/etc/buildkit/certs/10.0.0.5:31567/ca.crt"] })
         );
         let paths = |f| -> Vec<String> {
             ca_files(&s, f)

@@ -8,13 +8,13 @@
 //!
 //! `buildkitd.toml` and `daemon.json` have no consumer on the build machines (no Docker engine,
 //! no buildkitd): they are only parsed and checked field by field, in the module's unit tests and
-//! in `unconsumed_files_parse_field_by_field` below (the JSON ones, with `serde_json`).
+//! in `unconsumed_files_parse_field_by_field` below (with `serde_json` and `toml`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use connector_controller::client_config::{ClientSettings, Format, write_all};
+use connector_client_config::{ClientSettings, Format, write_all};
 use connector_devkit::containerd::{Containerd, NAMESPACE as CTR_NAMESPACE};
 use connector_devkit::http::{Request, basic_value};
 use connector_devkit::image;
@@ -276,16 +276,21 @@ fn unconsumed_files_parse_field_by_field() {
         "a verified https proxy is no insecure registry; not Docker Hub, so no mirror"
     );
 
-    let buildkit = std::fs::read_to_string(find(&files, "buildkitd.toml")).unwrap();
+    let buildkit: toml::Table =
+        toml::from_str(&std::fs::read_to_string(find(&files, "buildkitd.toml")).unwrap()).unwrap();
     let up = upstream_authority(s);
-    assert_eq!(
-        buildkit,
-        format!(
-            "# Pulls of {up} go through the connector demo/registry.\n\
-             [registry.\"{up}\"]\n  mirrors = [\"{proxy}/namespaces/demo/connectors/registry\"]\n\n\
-             [registry.\"{proxy}\"]\n  ca = [\"/etc/buildkit/certs/{proxy}/ca.crt\"]\n"
-        )
-    );
+    let mirror = format!("{proxy}/namespaces/demo/connectors/registry");
+    let ca = format!("/etc/buildkit/certs/{proxy}/ca.crt");
+    let section =
+        |key: &str, value: String| toml::Table::from_iter([(key.to_string(), toml::Value::from(vec![value]))]);
+    let want = toml::Table::from_iter([(
+        "registry".to_string(),
+        toml::Value::Table(toml::Table::from_iter([
+            (up.clone(), toml::Value::Table(section("mirrors", mirror))),
+            (proxy.clone(), toml::Value::Table(section("ca", ca))),
+        ])),
+    )]);
+    assert_eq!(buildkit, want);
 }
 
 /// A ServiceAccount the connector refuses: the pull fails, and the token must not reach the
@@ -326,7 +331,7 @@ fn ctr_refused_by_the_proxy_never_hands_the_token_to_the_upstream() {
     );
 }
 
-/// The CLI (`connector-controller client-config`) writes every format, the token only into the
+/// The CLI (`connector-client-config`) writes every format, the token only into the
 /// 0600 `config.json`, and refuses bad input listing each problem.
 #[test]
 fn the_client_config_command_writes_every_format() {
@@ -342,8 +347,7 @@ fn the_client_config_command_writes_every_format() {
     .unwrap();
     let out = work.path().join("out");
     let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_connector-controller"))
-            .arg("client-config")
+        std::process::Command::new(env!("CARGO_BIN_EXE_connector-client-config"))
             .args(args)
             .output()
             .unwrap()
