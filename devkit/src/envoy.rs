@@ -294,82 +294,47 @@ pub enum ListenerMode {
     Plain,
 }
 
+/// The production bootstrap of an Envoy beside the controller, `envoy/envoy.xds.yaml`: the one
+/// source of truth. devkit runs exactly that file (with its ports moved), and the deploy and
+/// compose copies are checked against it (`deploy_manifests`).
+pub const XDS_BOOTSTRAP_YAML: &str = include_str!("../../envoy/envoy.xds.yaml");
+
 /// The bootstrap of an Envoy whose filter configuration (ECDS), upstream clusters (CDS) and
 /// listener certificate (SDS) come from the controller's xDS server on `xds_port`, and whose
-/// filter reaches the controller's loopback channel on `channel_port`. Same listener and route
-/// as [`bootstrap`], speaking TLS.
+/// filter reaches the controller's loopback channel on `channel_port`: `envoy/envoy.xds.yaml`
+/// with the listener on `port` and the admin interface on `admin_port`, speaking TLS.
 pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u16) -> Value {
     xds_bootstrap_with(port, admin_port, xds_port, channel_port, ListenerMode::Tls)
 }
 
 /// As [`xds_bootstrap`], with the listener speaking TLS or (legacy) plain HTTP.
 pub fn xds_bootstrap_with(port: u16, admin_port: u16, xds_port: u16, channel_port: u16, mode: ListenerMode) -> Value {
-    let tls = (mode == ListenerMode::Tls).then(proxy_tls_transport_socket);
-    let static_cluster = |name: &str, port: u16, h2: bool| {
-        let mut c = json!({
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
-                    "socket_address": { "address": "127.0.0.1", "port_value": port }
-                }}}]}],
-            },
-        });
-        if h2 {
-            c["typed_extension_protocol_options"] = json!({
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": { "http2_protocol_options": {} },
-                }
-            });
-        }
-        c
+    let mut b: Value = serde_saphyr::from_str(XDS_BOOTSTRAP_YAML)
+        .unwrap_or_else(|e| panic!("envoy/envoy.xds.yaml is not YAML: {e}"));
+    let set_port = |v: &mut Value, port: u16| {
+        let slot = &mut v["socket_address"]["port_value"];
+        assert!(slot.is_u64(), "envoy/envoy.xds.yaml: no port where devkit sets one: {v}");
+        *slot = json!(port);
     };
-    json!({
-        "node": { "id": "oci-connector-proxy", "cluster": "oci-connector" },
-        // Hardened edge: a bound on open client connections (Envoy warns when there is none).
-        "overload_manager": { "resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                "max_active_downstream_connections": 10000,
-            },
-        }]},
-        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } } },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }],
-                "set_node_on_first_message_only": true,
-            },
-            "cds_config": { "ads": {}, "resource_api_version": "V3" },
-        },
-        "static_resources": {
-            "listeners": [listener(port, header_route(), vec![
-                // With config_discovery the filter's name is the ECDS resource name. The filter's
-                // configuration comes from the controller; until it has arrived the listener does
-                // not serve: no default means no unauthenticated path.
-                json!({
-                    "name": FILTER_CONFIG_NAME,
-                    "config_discovery": {
-                        "config_source": { "ads": {}, "resource_api_version": "V3" },
-                        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
-                    },
-                }),
-                json!({
-                    "name": "envoy.filters.http.router",
-                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
-                }),
-            ], true, tls)],
-            "clusters": [
-                static_cluster(XDS_CLUSTER, xds_port, true),
-                static_cluster(CHANNEL_CLUSTER, channel_port, false),
-            ],
-        },
-    })
+    set_port(&mut b["admin"]["address"], admin_port);
+    let listener = &mut b["static_resources"]["listeners"][0];
+    set_port(&mut listener["address"], port);
+    if mode == ListenerMode::Plain {
+        let removed = listener["filter_chains"][0]
+            .as_object_mut()
+            .and_then(|chain| chain.remove("transport_socket"));
+        assert!(removed.is_some(), "envoy/envoy.xds.yaml: the listener has no TLS transport socket");
+    }
+    let clusters = b["static_resources"]["clusters"].as_array_mut();
+    for cluster in clusters.into_iter().flatten() {
+        let port = match cluster["name"].as_str() {
+            Some(XDS_CLUSTER) => xds_port,
+            Some(CHANNEL_CLUSTER) => channel_port,
+            other => panic!("envoy/envoy.xds.yaml: unexpected static cluster {other:?}"),
+        };
+        set_port(&mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"], port);
+    }
+    b
 }
 
 /// The `envoy.filters.http.wasm` entry for `f`.
