@@ -93,7 +93,8 @@ fn the_xds_bootstrap_loads_and_is_what_the_tests_run() {
 #[test]
 fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
     let yaml: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.example.yaml")).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("envoy/envoy.example.yaml")).unwrap())
+            .unwrap();
     let clusters = yaml["static_resources"]["clusters"].as_array().unwrap();
     let tls: Vec<&Value> = clusters
         .iter()
