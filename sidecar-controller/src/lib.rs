@@ -1,7 +1,8 @@
 //! The sidecar controller (issue 4): turns `Connector` resources and their Secrets into live
 //! Envoy configuration.
 //!
-//! - [`crd`]: the `Connector` resource and its generated CRD;
+//! - [`crd`] and [`authz`]: the `Connector` resource and the RBAC rule, from the `connector-api`
+//!   crate the webhook shares (the host-free rules come from `connector-core`);
 //! - [`secrets`]: Secret → upstream credential plus the `SecretReady` condition, as pure functions;
 //! - [`manifests`]: Connector and Secret manifests read from files, every problem located;
 //! - [`render`]: file mode's one-shot output for a static Envoy (`connector-controller render`);

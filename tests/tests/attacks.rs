@@ -12,9 +12,8 @@ use connector_devkit::stack::{
     ALLOWED_NAMESPACE, BROKEN_CONNECTOR_NAME, CONNECTOR_NAME, CONNECTOR_NAMESPACE, Stack, UPSTREAM_USER, host_name,
 };
 use connector_e2e::{REPO, Shared, TAG, manifest_path, oci_error, path_form, with_token};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -124,34 +123,6 @@ fn b64url_decode(s: &str) -> Vec<u8> {
     out
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Runs `openssl` with `args`, `input` on stdin; returns stdout.
-fn openssl(args: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn openssl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input)
-        .expect("write openssl stdin");
-    let out = child.wait_with_output().expect("openssl output");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// The PEM file of one of the minter's keys (`rsa-1`, `ec-1`, `rogue-1`).
 fn key_pem(s: &Stack, kid: &str) -> String {
     s.work
@@ -179,40 +150,55 @@ fn remember(t: String) -> String {
     t
 }
 
-/// A JWT with any header, HS256-signed with `secret` as the HMAC key.
-fn hs256(header: &Value, claims: &Value, secret: &[u8]) -> String {
+/// `header.claims` signed with `key` as `alg`, the header written as given (forged tokens carry
+/// headers no well-behaved library would write).
+fn signed(header: &Value, claims: &Value, key: &EncodingKey, alg: Algorithm) -> String {
     let signing_input = format!(
         "{}.{}",
         b64url(header.to_string().as_bytes()),
         b64url(claims.to_string().as_bytes())
     );
-    let key = format!("hexkey:{}", hex(secret));
-    let sig = openssl(
-        &["dgst", "-sha256", "-mac", "HMAC", "-macopt", &key, "-binary"],
-        signing_input.as_bytes(),
-    );
-    remember(format!("{signing_input}.{}", b64url(&sig)))
+    let sig = jsonwebtoken::crypto::sign(signing_input.as_bytes(), key, alg).expect("sign");
+    remember(format!("{signing_input}.{sig}"))
+}
+
+/// A JWT with any header, HS256-signed with `secret` as the HMAC key.
+fn hs256(header: &Value, claims: &Value, secret: &[u8]) -> String {
+    signed(header, claims, &EncodingKey::from_secret(secret), Algorithm::HS256)
+}
+
+fn rsa_key(pem: &str) -> EncodingKey {
+    EncodingKey::from_rsa_pem(&std::fs::read(pem).expect("read the key")).expect("an RSA private key")
 }
 
 /// A JWT with any header, RS256-signed with the PEM private key at `pem`.
 fn rs256(header: &Value, claims: &Value, pem: &str) -> String {
-    let signing_input = format!(
-        "{}.{}",
-        b64url(header.to_string().as_bytes()),
-        b64url(claims.to_string().as_bytes())
-    );
-    let sig = openssl(&["dgst", "-sha256", "-sign", pem, "-binary"], signing_input.as_bytes());
-    remember(format!("{signing_input}.{}", b64url(&sig)))
+    signed(header, claims, &rsa_key(pem), Algorithm::RS256)
 }
 
-/// The public JWK (`kty`, `n`, `e`) of an RSA private key PEM.
+/// The public JWK (`kty`, `n`, `e`, `kid`, `alg`, `use`) of an RSA private key PEM.
 fn rsa_public_jwk(pem: &str, kid: &str) -> Value {
-    let out = String::from_utf8(openssl(&["rsa", "-in", pem, "-noout", "-modulus"], b"")).unwrap_or_default();
-    let hexmod = out.trim().trim_start_matches("Modulus=");
-    let bytes: Vec<u8> = (0..hexmod.len() / 2)
-        .map(|i| u8::from_str_radix(&hexmod[2 * i..2 * i + 2], 16).unwrap_or(0))
-        .collect();
-    json!({ "kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig", "n": b64url(&bytes), "e": "AQAB" })
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa_key(pem), Algorithm::RS256).expect("a JWK");
+    jwk.common.key_id = Some(kid.to_string());
+    jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
+    serde_json::to_value(&jwk).expect("JSON")
+}
+
+/// The RSA public key of the private key PEM at `pem` as an attacker finds it published: SPKI
+/// PEM, PKCS#1 PEM and SPKI DER.
+fn public_key_encodings(pem: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    use rsa::pkcs1::{DecodeRsaPrivateKey as _, EncodeRsaPublicKey as _};
+    use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _, LineEnding};
+    let text = std::fs::read_to_string(pem).expect("read the key");
+    let private = rsa::RsaPrivateKey::from_pkcs8_pem(&text)
+        .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(&text))
+        .expect("an RSA private key");
+    let public = private.to_public_key();
+    (
+        public.to_public_key_pem(LineEnding::LF).expect("SPKI PEM").into_bytes(),
+        public.to_pkcs1_pem(LineEnding::LF).expect("PKCS#1 PEM").into_bytes(),
+        public.to_public_key_der().expect("SPKI DER").as_bytes().to_vec(),
+    )
 }
 
 /// `Basic base64(robot:<password>)` of a connector.
@@ -541,9 +527,7 @@ fn token_cases(s: &Stack) -> (Vec<Case>, std::net::TcpListener) {
     );
     // Key confusion: HS256 keyed with the RSA public key's bytes.
     let pem = key_pem(s, "rsa-1");
-    let spki_pem = openssl(&["pkey", "-in", &pem, "-pubout"], b"");
-    let pkcs1_pem = openssl(&["rsa", "-in", &pem, "-RSAPublicKey_out"], b"");
-    let spki_der = openssl(&["pkey", "-in", &pem, "-pubout", "-outform", "DER"], b"");
+    let (spki_pem, pkcs1_pem, spki_der) = public_key_encodings(&pem);
     let n = s.minter.jwks()["keys"][0]["n"].as_str().unwrap_or("").to_string();
     let jwks_json = s.minter.jwks().to_string();
     let c = claims(CONNECTOR_NAMESPACE, "default");
