@@ -44,6 +44,10 @@ const USAGE: &str = "usage:
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.first().map(String::as_str), Some("-h" | "--help" | "help")) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     match args.first().map(String::as_str) {
         Some("crd") if args.len() == 1 => match connector_controller::crd::crd_yaml() {
             Ok(y) => {
@@ -64,22 +68,62 @@ fn main() -> ExitCode {
     }
 }
 
-fn render(args: &[String]) -> ExitCode {
-    let (mut manifests, mut identity, mut out, mut ca) = (None, None, None, None);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let slot = match flag.as_str() {
-            "--manifests" => &mut manifests,
-            "--identity" => &mut identity,
-            "--out" => &mut out,
-            "--upstream-ca" => &mut ca,
-            _ => {
-                eprintln!("connector-controller render: unknown argument {flag:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        };
-        *slot = it.next().map(PathBuf::from);
+/// Parses `args` with clap: `valued` flags take one value (`--flag v` or `--flag=v`),
+/// `switches` none. Returns the values given and the switches set, or clap's message (one line).
+fn parse_flags(
+    command: &'static str,
+    args: &[String],
+    valued: &[&'static str],
+    switches: &[&'static str],
+) -> Result<(std::collections::HashMap<String, String>, Vec<&'static str>), String> {
+    use clap::{Arg, ArgAction, Command};
+    let long = |f: &'static str| f.trim_start_matches("--");
+    // A repeated flag: the last one counts, as before clap.
+    let mut cmd = Command::new(command)
+        .no_binary_name(true)
+        .disable_help_flag(true)
+        .args_override_self(true);
+    for f in valued {
+        let arg = Arg::new(*f).long(long(f)).value_name("VALUE");
+        cmd = cmd.arg(arg.num_args(1).action(ArgAction::Set));
     }
+    for f in switches {
+        cmd = cmd.arg(Arg::new(*f).long(long(f)).action(ArgAction::SetTrue));
+    }
+    let m = cmd.try_get_matches_from(args).map_err(|e| {
+        let text = e.to_string();
+        let body = text.split("\n\n").next().unwrap_or_default();
+        let body = body.strip_prefix("error: ").unwrap_or(body);
+        body.split_whitespace().collect::<Vec<_>>().join(" ")
+    })?;
+    let values = valued
+        .iter()
+        .filter_map(|f| m.get_one::<String>(f).map(|v| (f.to_string(), v.clone())))
+        .collect();
+    let set = switches.iter().copied().filter(|f| m.get_flag(f)).collect();
+    Ok((values, set))
+}
+
+fn render(args: &[String]) -> ExitCode {
+    let flags = match parse_flags(
+        "render",
+        args,
+        &["--manifests", "--identity", "--out", "--upstream-ca"],
+        &[],
+    ) {
+        Ok((flags, _)) => flags,
+        Err(e) => {
+            eprintln!("connector-controller render: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = |f: &str| flags.get(f).map(PathBuf::from);
+    let (manifests, identity, out, ca) = (
+        path("--manifests"),
+        path("--identity"),
+        path("--out"),
+        path("--upstream-ca"),
+    );
     let (Some(manifests), Some(identity), Some(out)) = (manifests, identity, out) else {
         eprintln!("connector-controller render: --manifests, --identity and --out are all required\n{USAGE}");
         return ExitCode::from(2);
@@ -125,8 +169,16 @@ fn render(args: &[String]) -> ExitCode {
 /// The channel key's variable, in the controller's environment and in Envoy's.
 const CHANNEL_KEY_ENV: &str = "CONNECTOR_CHANNEL_KEY";
 
-/// Flags of `serve` that take a value (`--kube` and `--strict-proxy-subresource` take none):
-/// those of both modes, of file mode, of API mode.
+/// Flags of `serve` that take no value.
+const SWITCHES: &[&str] = &[
+    "--kube",
+    "--strict-proxy-subresource",
+    "--allow-local-upstreams",
+    "--proxy-plain-http",
+    "--proxy-tls-external",
+];
+
+/// Flags of `serve` that take a value: those of both modes, of file mode, of API mode.
 const COMMON_FLAGS: &[&str] = &[
     "--wasm",
     "--xds",
@@ -169,37 +221,22 @@ enum Source {
 
 fn serve(args: &[String]) -> ExitCode {
     use connector_controller::{pipeline::ChannelSettings, serve, xds::WasmSettings};
-    let mut flags = std::collections::HashMap::new();
-    let (mut kube, mut strict, mut allow_local, mut plain_http, mut tls_external) = (false, false, false, false, false);
-    // `--flag value` and `--flag=value` (the form Kubernetes manifests usually use).
-    let split: Vec<String> = args
-        .iter()
-        .flat_map(|a| match a.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => vec![f.to_string(), v.to_string()],
-            _ => vec![a.clone()],
-        })
-        .collect();
-    let mut it = split.iter();
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--kube" => kube = true,
-            "--strict-proxy-subresource" => strict = true,
-            "--allow-local-upstreams" => allow_local = true,
-            "--proxy-plain-http" => plain_http = true,
-            "--proxy-tls-external" => tls_external = true,
-            f if [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].iter().any(|l| l.contains(&f)) => {
-                let Some(v) = it.next() else {
-                    eprintln!("connector-controller serve: {flag} needs a value\n{USAGE}");
-                    return ExitCode::from(2);
-                };
-                flags.insert(flag.clone(), v.clone());
-            }
-            _ => {
-                eprintln!("connector-controller serve: unknown argument {flag:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
+    let valued: Vec<&'static str> = [COMMON_FLAGS, FILE_FLAGS, KUBE_FLAGS].concat();
+    let (flags, switches) = match parse_flags("serve", args, &valued, SWITCHES) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("connector-controller serve: {e}\n{USAGE}");
+            return ExitCode::from(2);
         }
-    }
+    };
+    let switch = |f: &str| switches.contains(&f);
+    let (kube, strict, allow_local, plain_http, tls_external) = (
+        switch("--kube"),
+        switch("--strict-proxy-subresource"),
+        switch("--allow-local-upstreams"),
+        switch("--proxy-plain-http"),
+        switch("--proxy-tls-external"),
+    );
     let get = |f: &str, default: &str| flags.get(f).cloned().unwrap_or_else(|| default.to_string());
     // Every problem of the command line at once.
     let mut problems = vec![];
