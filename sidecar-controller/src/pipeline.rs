@@ -8,7 +8,7 @@
 //! whole (identity) refuse the whole configuration and the previous one stays in Envoy.
 //!
 //! No secret enters the configuration: each connector carries `{"fromController": <revision>}`,
-//! where the revision is a keyed digest of the credential under a key drawn at start-up and
+//! where the revision is an HMAC-SHA256 of the credential under a key drawn at start-up and
 //! never written anywhere. It changes whenever the credential does (so Envoy gets a new
 //! configuration and the filter drops its caches), reveals nothing about the password, and
 //! differs after a controller restart (so a credential changed while the controller was down is
@@ -157,18 +157,17 @@ impl std::fmt::Debug for Rendering {
     }
 }
 
-/// Keyed digests of credentials (see the module docs).
+/// HMACs of credentials (see the module docs).
 pub struct Revisions {
     key: [u8; 32],
 }
 
 impl Revisions {
-    /// A fresh key from the OS (`/dev/urandom`), falling back to time and pid mixed: the
+    /// A fresh key from the OS random source, falling back to time and pid mixed: the
     /// revision's secrecy rests on the key only against offline guessing of weak passwords.
     pub fn new() -> Self {
         let mut key = [0u8; 32];
-        let read = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key));
-        if read.is_err() {
+        if getrandom::fill(&mut key).is_err() {
             let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
             key.copy_from_slice(&Sha256::digest(seed.as_bytes()));
         }
@@ -179,13 +178,22 @@ impl Revisions {
         Self { key }
     }
 
+    /// HMAC-SHA256 of the credential under the key, first 8 bytes in hex.
     pub fn of(&self, c: &Credential) -> String {
-        let mut h = Sha256::new();
-        h.update(self.key);
-        h.update(c.username.as_bytes());
-        h.update([0u8]);
-        h.update(c.password.as_bytes());
-        h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+        use hmac::Mac as _;
+        // Any key length is valid for HMAC: this cannot fail.
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(&self.key) else {
+            return String::new();
+        };
+        mac.update(c.username.as_bytes());
+        mac.update(&[0u8]);
+        mac.update(c.password.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
