@@ -1,0 +1,374 @@
+//! The configuration's tests: every field's checks, every problem reported with its path.
+
+use super::*;
+use crate::testkeys;
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "REG_PASSWORD" => Some("s3cret-pass".into()),
+        "REG_USER" => Some("robot$ci".into()),
+        _ => None,
+    }
+}
+
+pub fn doc() -> Value {
+    serde_json::json!({
+        "identity": {
+            "issuers": [testkeys::ISSUER],
+            "audiences": [testkeys::AUDIENCE],
+            "jwks": testkeys::jwks()
+        },
+        "connectors": [{
+            "namespace": "demo", "name": "registry",
+            "address": "http://127.0.0.1:5000/",
+            "cluster": "upstream_demo",
+            "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"},
+            "allowedNamespaces": ["ci"],
+            "allowedServiceAccounts": ["build/kaniko"],
+            "hosts": ["Registry.Internal"]
+        }]
+    })
+}
+
+fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
+    compile(v.to_string().as_bytes(), &env)
+}
+
+/// The state of a proxy whose controller has not written its configuration yet (the Istio
+/// WasmPlugin as shipped): no keys and no connectors is valid only under a controller.
+#[test]
+fn an_empty_key_set_is_valid_only_for_a_controller_managed_configuration_without_connectors() {
+    let waiting = serde_json::json!({
+        "controller": {"cluster": "outbound|18001||connector-controller.local"},
+        "authorization": "controller",
+        "identity": {"issuers": ["https://k8s"], "audiences": ["oci-connector"], "jwks": {"keys": []}},
+        "connectors": []
+    });
+    let c = compile_value(&waiting).unwrap();
+    assert!(c.policy.keys.is_empty() && c.connectors.is_empty());
+
+    let mut with_connector = doc();
+    with_connector["controller"] = serde_json::json!({"cluster": "channel"});
+    with_connector["identity"]["jwks"] = serde_json::json!({"keys": []});
+    let mut without_controller = waiting.clone();
+    without_controller.as_object_mut().unwrap().remove("controller");
+    without_controller["authorization"] = serde_json::json!("rules");
+    let mut bad_connector_only = waiting.clone();
+    bad_connector_only["connectors"] = serde_json::json!([{"name": "x"}]);
+    for (what, d) in [
+        ("a connector nobody could use", with_connector),
+        ("no controller", without_controller),
+        ("a connector the validator refuses", bad_connector_only),
+    ] {
+        let Err(errors) = compile_value(&d) else {
+            panic!("{what}: accepted")
+        };
+        assert!(
+            errors.iter().any(|e| e.path == "identity.jwks.keys"),
+            "{what}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn a_valid_document_compiles_with_defaults() {
+    let c = compile_value(&doc()).unwrap();
+    assert_eq!(c.realm, DEFAULT_REALM);
+    assert_eq!(c.policy.clock_skew, 60);
+    assert_eq!(c.token_cache_size, 10_000);
+    let k = c.connector("demo", "registry").unwrap();
+    assert_eq!(
+        k.upstream,
+        Upstream {
+            scheme: "http".into(),
+            authority: "127.0.0.1:5000".into()
+        }
+    );
+    let basic = format!("Basic {}", STANDARD.encode("robot:s3cret-pass"));
+    assert_eq!(k.credential, UpstreamCredential::Static(basic.clone()));
+    assert!(format!("{k:?}").contains("<redacted>"));
+    assert!(!format!("{k:?}").contains(&basic));
+    assert!(
+        c.connector_by_host("c-registry-connector.demo.svc.cluster.local")
+            .is_some()
+    );
+    assert!(c.connector_by_host("registry.internal").is_some());
+    assert!(
+        c.connector_by_host("c-other-connector.demo.svc.cluster.local")
+            .is_none()
+    );
+    assert!(c.looks_like_connector_host("c-other-connector.demo.svc.cluster.local"));
+    assert!(c.looks_like_connector_host("c-a.b-c-connector.x-y.svc.cluster.local"));
+    assert!(!c.looks_like_connector_host("127.0.0.1"));
+    assert!(!c.looks_like_connector_host("c--connector.demo.svc.cluster.local"));
+}
+
+#[test]
+fn username_from_env() {
+    let mut d = doc();
+    d["connectors"][0]["credential"] = serde_json::json!({"usernameEnv": "REG_USER", "passwordEnv": "REG_PASSWORD"});
+    let c = compile_value(&d).unwrap();
+    assert_eq!(
+        c.connectors[0].credential,
+        UpstreamCredential::Static(format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass")))
+    );
+}
+
+#[test]
+fn every_error_is_listed_with_its_path() {
+    let mut d = doc();
+    d["identity"]["audiences"] = serde_json::json!([]);
+    d["identity"]["clockSkewSeconds"] = serde_json::json!(300);
+    d["identity"]["jwks"]["keys"][0]["kty"] = serde_json::json!("oct");
+    d["identity"]["extra"] = serde_json::json!(1);
+    d["proxy"] = serde_json::json!({"hostPattern": "{name}.example"});
+    d["connectors"][0]["address"] = serde_json::json!("ftp://x");
+    d["connectors"][0]["credential"] =
+        serde_json::json!({"username": "u", "password": "hunter2-secret", "passwordEnv": "MISSING"});
+    d["connectors"][0]["allowedServiceAccounts"] = serde_json::json!(["nobody"]);
+    d["connectors"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"namespace": "Bad_NS"}));
+    let errors = compile_value(&d).err().unwrap();
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "identity.audiences",
+        "identity.clockSkewSeconds",
+        "identity.jwks.keys[0].kty",
+        "identity.extra",
+        "proxy.hostPattern",
+        "connectors[0].address",
+        "connectors[0].credential.password",
+        "connectors[0].credential.passwordEnv",
+        "connectors[0].allowedServiceAccounts[0]",
+        "connectors[1].namespace",
+        "connectors[1].name",
+        "connectors[1].address",
+        "connectors[1].cluster",
+        "connectors[1].credential",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+    // No error message ever carries a secret value.
+    for e in &errors {
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}
+
+#[test]
+fn docker_config_json_credentials() {
+    let config = |json: &str, address: &str| {
+        let mut d = doc();
+        d["connectors"][0]["address"] = serde_json::json!(address);
+        d["connectors"][0]["credential"] = serde_json::json!({"dockerConfigJsonEnv": "DOCKER_CONFIG_JSON"});
+        let json = json.to_string();
+        compile(d.to_string().as_bytes(), &move |k| {
+            (k == "DOCKER_CONFIG_JSON").then(|| json.clone())
+        })
+    };
+    let b64 = STANDARD.encode("robot$x:s3cret");
+    let want = format!("Basic {b64}");
+    for (json, address) in [
+        (
+            format!(r#"{{"auths":{{"harbor.example.com":{{"auth":"{b64}"}}}}}}"#),
+            "https://harbor.example.com",
+        ),
+        (
+            format!(r#"{{"auths":{{"https://harbor.example.com":{{"auth":"{b64}"}}}}}}"#),
+            "https://harbor.example.com:443",
+        ),
+        (
+            r#"{"auths":{"127.0.0.1:5000":{"username":"robot$x","password":"s3cret"}}}"#.to_string(),
+            "http://127.0.0.1:5000",
+        ),
+        (
+            format!(r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{b64}"}}}}}}"#),
+            "https://registry-1.docker.io",
+        ),
+    ] {
+        let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
+        assert_eq!(
+            c.connectors[0].credential,
+            UpstreamCredential::Static(want.clone()),
+            "{json}"
+        );
+    }
+    for (json, needle) in [
+        (
+            r#"{"auths":{"other.example.com":{"auth":"eDp5"}}}"#,
+            "has no entry for harbor.example.com (entries: other.example.com)",
+        ),
+        ("not json", "is not valid JSON"),
+        (r#"{"auths":{"harbor.example.com":{"auth":"!!"}}}"#, "is not base64"),
+        (r#"{"auths":{"harbor.example.com":{}}}"#, "neither"),
+    ] {
+        let errors = config(json, "https://harbor.example.com").err().unwrap();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "connectors[0].credential.dockerConfigJsonEnv" && e.message.contains(needle)),
+            "{json}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn token_realms_are_validated() {
+    let mut d = doc();
+    d["connectors"][0]["tokenRealms"] =
+        serde_json::json!([{"url": "https://auth.example.com/token", "cluster": "auth"}, {"url": "ftp://x"}, "nope"]);
+    let errors = compile_value(&d).err().unwrap();
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "connectors[0].tokenRealms[1].url",
+        "connectors[0].tokenRealms[1].cluster",
+        "connectors[0].tokenRealms[2]",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {paths:?}");
+    }
+    d["connectors"][0]["tokenRealms"] =
+        serde_json::json!([{"url": "https://Auth.Example.com:443/token", "cluster": "auth"}]);
+    let c = compile_value(&d).unwrap();
+    let r = &c.connectors[0].token_realms[0];
+    assert_eq!(
+        (r.scheme.as_str(), r.authority.as_str(), r.path.as_str()),
+        ("https", "auth.example.com", "/token")
+    );
+}
+
+#[test]
+fn duplicates_are_refused() {
+    let mut d = doc();
+    let copy = d["connectors"][0].clone();
+    d["connectors"].as_array_mut().unwrap().push(copy);
+    let errors = compile_value(&d).err().unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.path == "connectors[1]" && e.message.contains("twice")),
+        "{errors:?}"
+    );
+    assert!(errors.iter().any(|e| e.path == "connectors[1].hosts"), "{errors:?}");
+}
+
+#[test]
+fn malformed_json_and_wrong_types() {
+    let e = compile(b"{", &env).err().unwrap();
+    assert_eq!(e[0].path, "$");
+    let e = compile(b"[]", &env).err().unwrap();
+    assert!(e.iter().any(|e| e.path == "$" && e.message.contains("object")));
+    assert!(e.iter().any(|e| e.path == "identity"));
+    assert!(e.iter().any(|e| e.path == "connectors"));
+}
+
+#[test]
+fn weak_or_mismatched_keys_are_refused() {
+    let mut d = doc();
+    d["identity"]["jwks"]["keys"][0]["n"] = serde_json::json!("AQAB");
+    d["identity"]["jwks"]["keys"][1]["alg"] = serde_json::json!("ES384");
+    let errors = compile_value(&d).err().unwrap();
+    assert!(errors.iter().any(|e| e.path == "identity.jwks.keys[0].n"), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.path == "identity.jwks.keys[1].alg"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn check_jwk_accepts_what_compile_accepts_and_explains_the_rest() {
+    let good = doc()["identity"]["jwks"]["keys"][0].clone();
+    assert!(check_jwk(&good, "k").is_ok());
+    for (key, path) in [
+        (
+            serde_json::json!({"kty": "EC", "crv": "P-521", "kid": "a", "x": "AA", "y": "AA"}),
+            "k.crv",
+        ),
+        (
+            serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "b", "x": "AA"}),
+            "k.kty",
+        ),
+        (
+            serde_json::json!({"kty": "RSA", "kid": "c", "n": URL_SAFE_NO_PAD.encode([0xc5u8; 128]), "e": "AQAB"}),
+            "k.n",
+        ),
+    ] {
+        let errors = check_jwk(&key, "k").unwrap_err();
+        assert!(errors.iter().any(|e| e.path == path), "{key}: {errors:?}");
+    }
+}
+
+#[test]
+fn upstream_addresses() {
+    assert_eq!(
+        Upstream::parse("https://Harbor.Example:443").unwrap().authority,
+        "harbor.example"
+    );
+    assert_eq!(Upstream::parse("http://h:8080/").unwrap().authority, "h:8080");
+    assert!(Upstream::parse("http://h/v2").is_err());
+    assert!(Upstream::parse("http://u:p@h").is_err());
+    assert!(Upstream::parse("h:5000").is_err());
+    assert!(Upstream::parse("http://h:0").is_err());
+    let u = Upstream::parse("http://h:8080").unwrap();
+    assert!(u.is_origin("HTTP", "H:8080"));
+    assert!(!u.is_origin("http", "h:8081"));
+    assert!(Upstream::parse("https://h").unwrap().is_origin("https", "h:443"));
+}
+
+#[test]
+fn credential_from_the_controller_channel() {
+    let env = |k: &str| (k == "CHANNEL_KEY").then(|| "k3y".to_string());
+    let mut d = doc();
+    d["controller"] = serde_json::json!({"cluster": "connector_controller", "keyEnv": "CHANNEL_KEY"});
+    d["authorization"] = serde_json::json!("controller");
+    d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
+    let c = compile(d.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(
+        c.connectors[0].credential,
+        UpstreamCredential::Controller { revision: "r7".into() }
+    );
+    assert_eq!(c.access, AccessMode::Controller);
+    let ch = c.controller.as_ref().unwrap();
+    assert_eq!(
+        (ch.cluster.as_str(), ch.authority.as_str(), ch.key.as_deref()),
+        ("connector_controller", "connector-controller", Some("k3y"))
+    );
+    assert!(!format!("{ch:?}").contains("k3y"), "the channel key is redacted");
+
+    // Every problem at once: no channel for fromController or RBAC, bad revision, key unset.
+    let mut d = doc();
+    d["authorization"] = serde_json::json!("controller");
+    d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
+    let mut second = d["connectors"][0].clone();
+    second["name"] = serde_json::json!("second");
+    second["hosts"] = serde_json::json!([]);
+    second["credential"] = serde_json::json!({"fromController": "r 7"});
+    d["connectors"].as_array_mut().unwrap().push(second);
+    let errs = compile(d.to_string().as_bytes(), &env).err().unwrap();
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "authorization",
+            "connectors[0].credential.fromController",
+            "connectors[1].credential.fromController"
+        ],
+        "{errs:?}"
+    );
+    let mut d = doc();
+    d["controller"] = serde_json::json!({"cluster": "c", "keyEnv": "UNSET"});
+    d["authorization"] = serde_json::json!("rbac");
+    let errs = compile(d.to_string().as_bytes(), &env).err().unwrap();
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "controller.keyEnv",
+            "authorization",
+            "connectors[0].credential.passwordEnv"
+        ],
+        "{errs:?}"
+    );
+}
