@@ -309,11 +309,14 @@ pub fn xds_bootstrap(port: u16, admin_port: u16, xds_port: u16, channel_port: u1
 
 /// As [`xds_bootstrap`], with the listener speaking TLS or (legacy) plain HTTP.
 pub fn xds_bootstrap_with(port: u16, admin_port: u16, xds_port: u16, channel_port: u16, mode: ListenerMode) -> Value {
-    let mut b: Value = serde_saphyr::from_str(XDS_BOOTSTRAP_YAML)
-        .unwrap_or_else(|e| panic!("envoy/envoy.xds.yaml is not YAML: {e}"));
+    let mut b: Value =
+        serde_saphyr::from_str(XDS_BOOTSTRAP_YAML).unwrap_or_else(|e| panic!("envoy/envoy.xds.yaml is not YAML: {e}"));
     let set_port = |v: &mut Value, port: u16| {
         let slot = &mut v["socket_address"]["port_value"];
-        assert!(slot.is_u64(), "envoy/envoy.xds.yaml: no port where devkit sets one: {v}");
+        assert!(
+            slot.is_u64(),
+            "envoy/envoy.xds.yaml: no port where devkit sets one: {v}"
+        );
         *slot = json!(port);
     };
     set_port(&mut b["admin"]["address"], admin_port);
@@ -323,7 +326,10 @@ pub fn xds_bootstrap_with(port: u16, admin_port: u16, xds_port: u16, channel_por
         let removed = listener["filter_chains"][0]
             .as_object_mut()
             .and_then(|chain| chain.remove("transport_socket"));
-        assert!(removed.is_some(), "envoy/envoy.xds.yaml: the listener has no TLS transport socket");
+        assert!(
+            removed.is_some(),
+            "envoy/envoy.xds.yaml: the listener has no TLS transport socket"
+        );
     }
     let clusters = b["static_resources"]["clusters"].as_array_mut();
     for cluster in clusters.into_iter().flatten() {
@@ -332,7 +338,10 @@ pub fn xds_bootstrap_with(port: u16, admin_port: u16, xds_port: u16, channel_por
             Some(CHANNEL_CLUSTER) => channel_port,
             other => panic!("envoy/envoy.xds.yaml: unexpected static cluster {other:?}"),
         };
-        set_port(&mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"], port);
+        set_port(
+            &mut cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"],
+            port,
+        );
     }
     b
 }
