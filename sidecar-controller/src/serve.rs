@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::channel::{AccessCheck, Channel, CredentialTable, Credentials};
 use crate::hub::{Hub, Published, acked_floor};
 use crate::ops::Metrics;
-use crate::pipeline::{ChannelSettings, Revisions, Tenancy, render_live};
+use crate::pipeline::{ChannelSettings, RenderCache, Revisions, Tenancy, render_live_cached};
 use crate::xds::{Ads, Snapshot, WasmSettings};
 
 #[derive(Debug, Clone)]
@@ -65,6 +65,7 @@ pub async fn pipeline(
     let mut inputs = hub.inputs();
     let mut acked = hub.filter_acked();
     let mut table = CredentialTable::default();
+    let mut cache = RenderCache::default();
     let mut version = 0u64;
     let mut last: Option<(String, Vec<crate::render::UpstreamCluster>)> = None;
     let mut fresh_inputs = true;
@@ -75,7 +76,8 @@ pub async fn pipeline(
             None
         };
         if let Some(i) = current {
-            match render_live(&i, &channel, &revisions, &tenancy) {
+            let started = Instant::now();
+            match render_live_cached(&i, &channel, &revisions, &tenancy, &mut cache) {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
                     let config = r.filter_config.to_string();
@@ -86,7 +88,7 @@ pub async fn pipeline(
                     let with_revisions = r
                         .credentials
                         .iter()
-                        .map(|(k, c)| (k.clone(), (c.clone(), revisions.of(c))))
+                        .filter_map(|(k, c)| Some((k.clone(), (c.clone(), r.revisions.get(k)?.clone()))))
                         .collect();
                     table.install(with_revisions, version);
                     credentials.send_replace(table.served());
@@ -107,6 +109,8 @@ pub async fn pipeline(
                         version,
                         connectors = r.connectors.len(),
                         left_out = r.left_out.len(),
+                        rerendered = cache.rendered,
+                        render_ms = started.elapsed().as_millis() as u64,
                         "configuration rendered"
                     );
                     hub.metrics.connectors_configured.set(r.connectors.len() as i64);
