@@ -206,6 +206,8 @@ enum Part {
         clusters: Vec<UpstreamCluster>,
         credential: Credential,
         revision: String,
+        /// The host names the filter will route to it (its default one and `spec.hosts`).
+        hosts: Vec<String>,
     },
     LeftOut(Vec<Problem>),
 }
@@ -246,6 +248,7 @@ fn render_part(
     c: &crate::crd::Connector,
     key: &ConnectorKey,
     inputs: &Inputs,
+    channel: &ChannelSettings,
     revisions: &Revisions,
     tenancy: &Tenancy,
 ) -> Part {
@@ -307,12 +310,29 @@ fn render_part(
     let cluster = cluster_for(&upstream);
     let revision = revisions.of(&credential);
     let entry = filter_entry(c, &cluster.name, json!({ "fromController": revision }), realms);
+    // The filter's validator on this entry alone (what spans connectors is checked later).
+    let key_env = channel.key_env.clone();
+    let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
+    let compiled = match connector_filter::config::compile_connector_entry(&entry, 0, &lookup, true) {
+        Ok(compiled) => compiled,
+        Err(errors) => {
+            let origins = [at.to_string()];
+            return Part::LeftOut(errors.into_iter().map(|e| locate(e, &origins, "identity")).collect());
+        }
+    };
+    let mut hosts = vec![connector_filter::config::render_host(
+        connector_filter::config::DEFAULT_HOST_PATTERN,
+        &compiled.namespace,
+        &compiled.name,
+    )];
+    hosts.extend(compiled.hosts.iter().cloned());
     own_clusters.insert(0, cluster);
     Part::Served {
         entry,
         clusters: own_clusters,
         credential,
         revision,
+        hosts,
     }
 }
 
@@ -331,6 +351,7 @@ pub fn render_live_cached(
     let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
     let mut credentials = HashMap::new();
     let mut revisions_of: HashMap<ConnectorKey, String> = HashMap::new();
+    let mut hosts_of: HashMap<ConnectorKey, Vec<String>> = HashMap::new();
     let mut entries: Vec<(ConnectorKey, String, Value, Vec<UpstreamCluster>)> = vec![];
     let mut ordered: Vec<&(crate::manifests::Location, crate::crd::Connector)> = inputs.set.connectors.iter().collect();
     // Stable: connectors without a creation time (file mode) keep their file order.
@@ -367,7 +388,7 @@ pub fn render_live_cached(
             Some(p) => p,
             None => {
                 cache.rendered += 1;
-                render_part(at, c, &key, inputs, revisions, tenancy)
+                render_part(at, c, &key, inputs, channel, revisions, tenancy)
             }
         };
         if let Some(pk) = part_key {
@@ -382,7 +403,9 @@ pub fn render_live_cached(
                 clusters: own_clusters,
                 credential,
                 revision,
+                hosts,
             } => {
+                hosts_of.insert(key.clone(), hosts);
                 credentials.insert(key.clone(), credential);
                 revisions_of.insert(key.clone(), revision);
                 entries.push((key, at.to_string(), entry, own_clusters));
@@ -419,73 +442,74 @@ pub fn render_live_cached(
         }
     });
 
-    // The filter's own validator has the last word; a connector it refuses is left out and the
-    // rest validated again (twice at most: the second pass can only fail on the whole).
+    // The filter's own validator has the last word. Each connector's entry was validated
+    // alone when its part was rendered (`compile_connector_entry`, cached with the part);
+    // what spans connectors, a host name claimed twice, is checked here in order (the older
+    // claimant keeps it), and the whole (identity, controller, authorization) by the filter's
+    // `compile` on a configuration without connectors.
+    let mut by_host: HashMap<String, usize> = HashMap::new();
+    let mut index = 0usize;
+    entries.retain(|(key, at, _, _)| {
+        let hosts = hosts_of.get(key).map(Vec::as_slice).unwrap_or_default();
+        let taken: Vec<&String> = hosts
+            .iter()
+            .filter(|h| by_host.get(*h).is_some_and(|other| *other != index))
+            .collect();
+        if !taken.is_empty() {
+            let problems = taken
+                .into_iter()
+                .map(|h| {
+                    Problem::new(
+                        at,
+                        format!("filter configuration connectors[{index}].hosts"),
+                        format!("host {h:?} is already used by another connector"),
+                    )
+                })
+                .collect();
+            left_out.insert(key.clone(), problems);
+            return false;
+        }
+        for h in hosts {
+            by_host.insert(h.clone(), index);
+        }
+        index += 1;
+        true
+    });
     let key_env = channel.key_env.clone();
     let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
-    for _ in 0..2 {
-        let mut doc = json!({
-            "identity": inputs.identity,
-            "controller": { "cluster": channel.cluster },
-            "authorization": match inputs.authorization { Authorization::Rules => "rules", Authorization::Controller => "controller" },
-            "connectors": entries.iter().map(|(_, _, e, _)| e.clone()).collect::<Vec<_>>(),
-        });
-        if let Some(var) = &channel.key_env {
-            doc["controller"]["keyEnv"] = json!(var);
-        }
-        let origins: Vec<String> = entries.iter().map(|(_, at, _, _)| at.clone()).collect();
-        let errors = match connector_filter::config::compile(doc.to_string().as_bytes(), &lookup) {
-            Ok(_) => {
-                let used: BTreeSet<&str> = entries
-                    .iter()
-                    .flat_map(|(_, _, _, own)| own.iter().map(|c| c.name.as_str()))
-                    .collect();
-                let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
-                credentials.retain(|k, _| connectors.contains(k));
-                revisions_of.retain(|k, _| connectors.contains(k));
-                return Ok(Rendering {
-                    revisions: revisions_of,
-                    filter_config: doc,
-                    clusters: clusters
-                        .into_values()
-                        .map(|(c, _)| c)
-                        .filter(|c| used.contains(c.name.as_str()))
-                        .collect(),
-                    credentials,
-                    connectors,
-                    left_out,
-                });
-            }
-            Err(errors) => errors,
-        };
-        let mut whole = vec![];
-        let mut bad: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
-        for e in errors {
-            let index = e
-                .path
-                .strip_prefix("connectors[")
-                .and_then(|r| r.split_once(']'))
-                .and_then(|(i, _)| i.parse::<usize>().ok())
-                .filter(|i| *i < entries.len());
-            let p = locate(e, &origins, "identity");
-            match index {
-                Some(i) => bad.entry(i).or_default().push(p),
-                None => whole.push(p),
-            }
-        }
-        if !whole.is_empty() {
-            return Err(whole);
-        }
-        for (i, problems) in bad.into_iter().rev() {
-            let (key, ..) = entries.remove(i);
-            left_out.insert(key, problems);
-        }
+    let mut doc = json!({
+        "identity": inputs.identity,
+        "controller": { "cluster": channel.cluster },
+        "authorization": match inputs.authorization { Authorization::Rules => "rules", Authorization::Controller => "controller" },
+        "connectors": [],
+    });
+    if let Some(var) = &channel.key_env {
+        doc["controller"]["keyEnv"] = json!(var);
     }
-    Err(vec![Problem::new(
-        "filter configuration",
-        "",
-        "the filter refused the configuration after every reported connector was left out",
-    )])
+    if let Err(errors) = connector_filter::config::compile(doc.to_string().as_bytes(), &lookup) {
+        return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
+    }
+    let used: BTreeSet<&str> = entries
+        .iter()
+        .flat_map(|(_, _, _, own)| own.iter().map(|c| c.name.as_str()))
+        .collect();
+    let clusters = clusters
+        .into_values()
+        .map(|(c, _)| c)
+        .filter(|c| used.contains(c.name.as_str()))
+        .collect();
+    let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
+    doc["connectors"] = Value::Array(entries.into_iter().map(|(_, _, e, _)| e).collect());
+    credentials.retain(|k, _| connectors.contains(k));
+    revisions_of.retain(|k, _| connectors.contains(k));
+    Ok(Rendering {
+        revisions: revisions_of,
+        filter_config: doc,
+        clusters,
+        credentials,
+        connectors,
+        left_out,
+    })
 }
 
 #[cfg(test)]
@@ -860,6 +884,34 @@ mod tests {
         let fewer = yaml("two").replacen(&connector("c7", "http://127.0.0.1:5000", "robot"), "", 1);
         let r = run(&fewer, &mut cache);
         assert_eq!((r.connectors.len(), cache.rendered), (50, 0));
+    }
+
+    /// The filter's validator, run per connector: a connector it refuses is left out with the
+    /// filter's field path, the others are served.
+    #[test]
+    fn a_connector_the_filter_refuses_is_left_out_with_the_filters_path() {
+        let yaml = [
+            connector("good", "http://127.0.0.1:5000", "robot"),
+            connector("bad", "http://127.0.0.1:5000", "robot").replace(
+                "connectorClassName: oci\n",
+                "connectorClassName: oci\n  allowedServiceAccounts: [nobody]\n",
+            ),
+            secret("robot", "pw"),
+        ]
+        .concat();
+        let r = render_live(
+            &inputs(&yaml, Authorization::Rules),
+            &channel(),
+            &Revisions::new(),
+            &local(),
+        )
+        .unwrap();
+        assert_eq!(r.connectors.len(), 1, "{:#?}", r.left_out);
+        let w = why(&r, "demo", "bad");
+        assert!(
+            w.contains("m.yaml document 1: filter configuration connectors[0].allowedServiceAccounts[0]"),
+            "{w}"
+        );
     }
 
     #[test]
