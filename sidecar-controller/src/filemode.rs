@@ -41,13 +41,25 @@ fn stamp(m: &std::fs::Metadata) -> Stamp {
 pub struct FileCache {
     files: HashMap<PathBuf, (Stamp, ManifestSet, Vec<Problem>)>,
     identity: Option<(Stamp, Result<serde_json::Value, Problem>)>,
+    /// The manifest files and their stamps at the last load: an event or re-scan that finds
+    /// the same publishes nothing.
+    listing: Option<Vec<(PathBuf, Stamp)>>,
     /// Files parsed (not taken from the cache) by the last load.
     pub parsed: usize,
 }
 
 /// Reads the directory and the identity file into [`Inputs`]; every problem of both.
 pub fn load(s: &FileSettings) -> Result<Inputs, Vec<Problem>> {
-    load_cached(s, &mut FileCache::default())
+    load_cached(s, &mut FileCache::default()).map(|i| i.unwrap_or_else(|| unreachable_empty()))
+}
+
+/// A fresh cache always loads: never reached, but no panic either.
+fn unreachable_empty() -> Inputs {
+    Inputs {
+        set: ManifestSet::default(),
+        identity: serde_json::Value::Null,
+        authorization: Authorization::Rules,
+    }
 }
 
 /// The identity file, with keys the proxy cannot use dropped.
@@ -63,10 +75,21 @@ fn read_identity(s: &FileSettings) -> Result<serde_json::Value, Problem> {
     })
 }
 
-/// [`load`], parsing only files whose stamp changed since `cache` saw them.
-pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Inputs, Vec<Problem>> {
+/// [`load`], parsing only files whose stamp changed since `cache` saw them; `None` when no
+/// file and not the identity changed since the last load.
+pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Option<Inputs>, Vec<Problem>> {
     cache.parsed = 0;
-    let identity = match std::fs::metadata(&s.identity).map(|m| stamp(&m)) {
+    let identity_stamp = std::fs::metadata(&s.identity).map(|m| stamp(&m)).ok();
+    let listing = listing(&s.manifests);
+    let same_identity = match (&cache.identity, identity_stamp) {
+        (Some((old, _)), Some(new)) => *old == new,
+        _ => false,
+    };
+    if same_identity && listing.as_ref().ok() == cache.listing.as_ref() && cache.listing.is_some() {
+        return Ok(None);
+    }
+    cache.listing = listing.as_ref().ok().cloned();
+    let identity = match identity_stamp.ok_or(()) {
         Ok(st) => match &cache.identity {
             Some((old, v)) if *old == st => v.clone(),
             _ => {
@@ -80,20 +103,20 @@ pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Inputs, Ve
             read_identity(s)
         }
     };
-    let set = load_dir_cached(&s.manifests, cache);
+    let set = listing.and_then(|files| load_dir_cached(&s.manifests, files, cache));
     match (set, identity) {
-        (Ok(set), Ok(identity)) => Ok(Inputs {
+        (Ok(set), Ok(identity)) => Ok(Some(Inputs {
             set,
             identity,
             authorization: Authorization::Rules,
-        }),
+        })),
         (set, identity) => Err(set.err().into_iter().flatten().chain(identity.err()).collect()),
     }
 }
 
-/// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in
-/// the same order.
-fn load_dir_cached(dir: &Path, cache: &mut FileCache) -> Result<ManifestSet, Vec<Problem>> {
+/// The manifest files of `dir` (`*.yaml`, `*.yml`, following symlinks as ConfigMap volumes
+/// need) with their stamps, in name order.
+fn listing(dir: &Path) -> Result<Vec<(PathBuf, Stamp)>, Vec<Problem>> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
         vec![Problem::new(
             dir.display(),
@@ -105,12 +128,21 @@ fn load_dir_cached(dir: &Path, cache: &mut FileCache) -> Result<ManifestSet, Vec
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .filter_map(|p| {
-            // Follows symlinks, as `is_file` does (ConfigMap volumes are symlinks).
             let m = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_file)?;
             Some((p, stamp(&m)))
         })
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in
+/// the same order.
+fn load_dir_cached(
+    dir: &Path,
+    files: Vec<(PathBuf, Stamp)>,
+    cache: &mut FileCache,
+) -> Result<ManifestSet, Vec<Problem>> {
     let mut problems = vec![];
     if files.is_empty() {
         problems.push(Problem::new(dir.display(), "", "no *.yaml or *.yml files"));
@@ -150,33 +182,29 @@ pub async fn run(settings: FileSettings, hub: Hub) {
         tracing::warn!(error = %e, "cannot watch the manifest directory with inotify: re-scanning every --poll-ms only");
     }
     let mut cache = FileCache::default();
-    let mut last: Option<Vec<(PathBuf, Stamp)>> = None;
     loop {
-        let now = fingerprint(&settings);
-        if last.as_ref() != Some(&now) {
-            last = Some(now);
-            let started = std::time::Instant::now();
-            match load_cached(&settings, &mut cache) {
-                Ok(inputs) => {
-                    tracing::info!(
-                        connectors = inputs.set.connectors.len(),
-                        secrets = inputs.set.secrets.len(),
-                        files_parsed = cache.parsed,
-                        load_ms = started.elapsed().as_millis() as u64,
-                        dir = %settings.manifests.display(),
-                        "manifests read"
-                    );
-                    hub.publish_inputs(inputs);
-                }
-                Err(problems) => {
-                    hub.metrics.reason(&hub.metrics.reconcile_errors, "ManifestsInvalid");
-                    tracing::error!(
-                        problems = problems.len(),
-                        "manifests refused as a whole; the previous configuration stays in force"
-                    );
-                    for p in problems {
-                        tracing::error!(problem = %p, "manifest problem");
-                    }
+        let started = std::time::Instant::now();
+        match load_cached(&settings, &mut cache) {
+            Ok(None) => {}
+            Ok(Some(inputs)) => {
+                tracing::info!(
+                    connectors = inputs.set.connectors.len(),
+                    secrets = inputs.set.secrets.len(),
+                    files_parsed = cache.parsed,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    dir = %settings.manifests.display(),
+                    "manifests read"
+                );
+                hub.publish_inputs(inputs);
+            }
+            Err(problems) => {
+                hub.metrics.reason(&hub.metrics.reconcile_errors, "ManifestsInvalid");
+                tracing::error!(
+                    problems = problems.len(),
+                    "manifests refused as a whole; the previous configuration stays in force"
+                );
+                for p in problems {
+                    tracing::error!(problem = %p, "manifest problem");
                 }
             }
         }
@@ -193,25 +221,6 @@ pub async fn run(settings: FileSettings, hub: Hub) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         while rx.try_recv().is_ok() {}
     }
-}
-
-/// Names, stamps of the manifest files and the identity file: a `stat` per file, taken on
-/// each event and each safety re-scan.
-fn fingerprint(s: &FileSettings) -> Vec<(PathBuf, Stamp)> {
-    let mut out = vec![];
-    let mut add = |p: PathBuf| {
-        if let Ok(m) = std::fs::metadata(&p) {
-            out.push((p, stamp(&m)));
-        }
-    };
-    add(s.identity.clone());
-    if let Ok(entries) = std::fs::read_dir(&s.manifests) {
-        for e in entries.flatten() {
-            add(e.path());
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Watches the manifest directory and the identity file's directory; every event pokes `tx`.
