@@ -50,7 +50,7 @@ pub struct FileCache {
 
 /// Reads the directory and the identity file into [`Inputs`]; every problem of both.
 pub fn load(s: &FileSettings) -> Result<Inputs, Vec<Problem>> {
-    load_cached(s, &mut FileCache::default()).map(|i| i.unwrap_or_else(|| unreachable_empty()))
+    load_cached(s, &mut FileCache::default()).map(|i| i.unwrap_or_else(unreachable_empty))
 }
 
 /// A fresh cache always loads: never reached, but no panic either.
