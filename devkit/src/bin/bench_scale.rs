@@ -135,13 +135,11 @@ fn run_size(
     for i in 0..n {
         put(&manifests, i, &doc(i, upstream, "pw-0"))?;
     }
-    let token = minter.valid(&ns_of(0), "default")?;
     // Every namespace's default ServiceAccount may use its own connectors; one token per namespace.
     let tokens: Vec<String> = (0..NAMESPACES)
         .map(|k| minter.valid(&format!("team-{k}"), "default"))
         .collect::<Result<_>>()?;
     let token_of = |i: usize| tokens[i % NAMESPACES].clone();
-    let _ = token;
 
     let started = Instant::now();
     let controller = Controller::start_with_args(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
