@@ -3,7 +3,7 @@
 
 WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
 
-.PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench soak lint fuzz fuzz-smoke images compose-demo
+.PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench bench-scale soak lint fuzz fuzz-smoke images compose-demo
 
 # Idempotent: installs only what is missing (Debian packages, .venv with Envoy, wasm target, /etc/hosts
 # names, kube-apiserver + kubectl + etcd built once per version from the Go module proxy).
@@ -57,6 +57,11 @@ bench: setup wasm
 	cargo build -p noop-filter --target wasm32-wasip1 --release
 	cargo build -p connector-wasm-host --bin host-calls
 	cargo run --release -p connector-devkit --bin bench -- $(BENCH_ARGS)
+
+# Scale benchmark (README "Scale"): 100 to 20,000 connectors in file mode, side by side.
+bench-scale: setup wasm
+	cargo build -p connector-controller
+	cargo run --release -p connector-devkit --bin bench_scale -- $(BENCH_SCALE_ARGS)
 
 lint:
 	cargo fmt --all --check

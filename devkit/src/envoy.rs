@@ -471,13 +471,29 @@ impl Envoy {
         channel_port: u16,
         env: &[(String, String)],
     ) -> Result<Self> {
+        Self::start_xds_workers(work, dir, port, mode, xds_port, channel_port, env, 1)
+    }
+
+    /// As [`Envoy::start_xds_mode`] with `workers` worker threads (`--concurrency`): each
+    /// worker has its own Wasm VM and switches to a new filter configuration on its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_xds_workers(
+        work: &WorkDir,
+        dir: &str,
+        port: Option<u16>,
+        mode: ListenerMode,
+        xds_port: u16,
+        channel_port: u16,
+        env: &[(String, String)],
+        workers: u32,
+    ) -> Result<Self> {
         let port = match port {
             Some(p) => p,
             None => procs::free_port()?,
         };
         let admin_port = procs::free_port()?;
         let cfg = xds_bootstrap_with(port, admin_port, xds_port, channel_port, mode);
-        let e = Self::start_with(work, cfg, port, admin_port, env, dir)?.with_mode(mode);
+        let e = Self::start_workers(work, cfg, port, admin_port, env, dir, workers)?.with_mode(mode);
         if mode == ListenerMode::Tls
             && let Some(c) = crate::controller::ProxyCert::of(work)
         {
@@ -542,6 +558,18 @@ impl Envoy {
         env: &[(String, String)],
         dir: &str,
     ) -> Result<Self> {
+        Self::start_workers(work, cfg, port, admin_port, env, dir, 1)
+    }
+
+    fn start_workers(
+        work: &WorkDir,
+        cfg: Value,
+        port: u16,
+        admin_port: u16,
+        env: &[(String, String)],
+        dir: &str,
+        workers: u32,
+    ) -> Result<Self> {
         let dir = work.sub(dir)?;
         let config_path = dir.join("envoy.json");
         let cfg = serde_json::to_string_pretty(&cfg).map_err(|e| format!("serialise Envoy config: {e}"))?;
@@ -550,7 +578,7 @@ impl Envoy {
         let mut cmd = Command::new(envoy_binary()?);
         cmd.arg("-c")
             .arg(&config_path)
-            .args(["--concurrency", "1", "-l", "info"])
+            .args(["--concurrency", &workers.to_string(), "-l", "info"])
             // Several Envoys run at once (parallel test binaries, the demo): without hot restart
             // there is no shared-memory base id to collide on.
             .arg("--disable-hot-restart")

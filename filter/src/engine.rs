@@ -166,6 +166,20 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
     }
 }
 
+/// A connector removed while one of its requests waited (for the upstream's challenge): the
+/// request gets what the configuration now in force answers, the denial a connector that does
+/// not exist gets, not a 503 (issue 17: deletes under load answer 200 or 403, nothing else).
+pub fn removed_meanwhile(connector: &str, subject: &str) -> Refusal {
+    Refusal::denied(
+        "connector_denied",
+        format!(
+            "connector {} does not exist or {} may not use it",
+            quote(connector),
+            quote(subject)
+        ),
+    )
+}
+
 /// The RBAC-mode denial (the controller's SubjectAccessReview said no). Same status and code
 /// as [`not_permitted`], and, like it, the same words whether or not the connector exists.
 pub fn not_permitted_rbac(connector: &str, subject: &str, verb: crate::channel::Verb) -> Refusal {
@@ -414,6 +428,13 @@ pub fn plan_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connector_removed_while_its_request_waited_is_denied_like_an_unknown_one() {
+        let r = removed_meanwhile("demo/gone", "system:serviceaccount:demo:default");
+        assert_eq!((r.status, r.code, r.reason), (403, "DENIED", "connector_denied"));
+        assert!(r.message.contains("\"demo/gone\" does not exist"), "{}", r.message);
+    }
     use crate::config::compile;
     use crate::testkeys::*;
     use base64::Engine as _;

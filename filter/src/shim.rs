@@ -373,7 +373,15 @@ impl Context for Http {
                 match channel::parse_credential(status, &body, &target.connector, revision_of(&target)) {
                     Ok(authorization) => {
                         let label = target.connector.clone();
-                        let _ = self.with_state(|st| st.credentials.insert(&label, authorization.clone()));
+                        // Cached only for the configuration now in force: a request that began
+                        // on the previous one (a rotation meanwhile) uses its answer but does
+                        // not leave the old revision's credential behind for the new one.
+                        let revision = target.revision;
+                        let _ = self.with_state(|st| {
+                            if st.config.connector_by_label(&label).map(|c| c.revision) == Some(revision) {
+                                st.credentials.insert(&label, authorization.clone());
+                            }
+                        });
                         target.basic = authorization;
                         if let Action::Continue = self.proceed(target, scopes, now_secs()) {
                             resume_current();
@@ -392,7 +400,7 @@ impl Context for Http {
                     let c = st
                         .config
                         .connector_by_label(&target.connector)
-                        .ok_or_else(|| Refusal::unavailable("the connector was removed: retry"))?;
+                        .ok_or_else(|| crate::engine::removed_meanwhile(&target.connector, &target.subject))?;
                     let challenge = learn_challenge(c, status, www.as_deref())
                         .map_err(|r| crate::upstream::with_envoy_detail(r, status, &body))?;
                     st.upstream.learn(&target.connector, challenge);

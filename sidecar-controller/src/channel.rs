@@ -5,9 +5,16 @@
 //!
 //! Credentials cross only this channel: never xDS, never a log line. Answers carry
 //! `Cache-Control: no-store`.
+//!
+//! Make before break ([`CredentialTable`]): a connector's credential at a revision is served
+//! before any filter configuration names it, and until every connected Envoy has acknowledged
+//! a configuration that no longer names it, plus a short drain. A deleted connector or a rotated
+//! Secret therefore never leaves an Envoy worker, still on the previous configuration, without
+//! the credential that configuration names (issue 17: a 503 at 5,000 connectors).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -24,9 +31,106 @@ use crate::hub::{ConnectorKey, Hub};
 use crate::ops::Metrics;
 use crate::secrets::Credential;
 
-/// The credentials of the configured connectors with their revisions (what the filter
-/// configuration names), replaced on every render.
-pub type Credentials = Arc<HashMap<ConnectorKey, (Credential, String)>>;
+/// The credentials the channel serves, by connector, each with its revision (what a filter
+/// configuration names): the current one first, then revisions an Envoy may still run
+/// (see [`CredentialTable`]). Replaced on every render and on every retirement.
+pub type Credentials = Arc<HashMap<ConnectorKey, Vec<(Credential, String)>>>;
+
+/// How long a credential stays served after every Envoy acknowledged a filter configuration
+/// without it. The ECDS ACK leaves Envoy's main thread before its workers have switched to the
+/// new configuration, and a request that began on the old one may still ask for the
+/// credential; both take milliseconds, so two seconds is ample and still short.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// A credential no longer in the rendered set, kept while an Envoy may still use it.
+#[derive(Clone)]
+struct Retired {
+    key: ConnectorKey,
+    credential: Credential,
+    revision: String,
+    /// The first filter-configuration version that does not name it.
+    dropped_in: u64,
+    /// When every connected Envoy had acknowledged `dropped_in` or later.
+    acked_at: Option<Instant>,
+}
+
+/// The credential table behind the channel: the current rendering's credentials, plus the
+/// retired ones Envoy may still run (make before break). Pure: time and Envoy's
+/// acknowledgements are passed in, so the rules are unit-tested.
+#[derive(Default)]
+pub struct CredentialTable {
+    current: HashMap<ConnectorKey, (Credential, String)>,
+    retired: Vec<Retired>,
+}
+
+impl CredentialTable {
+    /// Installs a new rendering, sent to Envoy as filter-configuration `version`: what the
+    /// previous rendering had and this one lacks (a deleted connector, a rotated revision) is
+    /// retired, not forgotten.
+    pub fn install(&mut self, current: HashMap<ConnectorKey, (Credential, String)>, version: u64) {
+        let old = std::mem::replace(&mut self.current, current);
+        for (key, (credential, revision)) in old {
+            let kept = self.current.get(&key).is_some_and(|(_, r)| *r == revision);
+            if !kept {
+                self.retired.push(Retired {
+                    key,
+                    credential,
+                    revision,
+                    dropped_in: version,
+                    acked_at: None,
+                });
+            }
+        }
+        // A connector back at a revision it had: the current entry serves it.
+        let current = &self.current;
+        self.retired
+            .retain(|r| current.get(&r.key).is_none_or(|(_, rev)| *rev != r.revision));
+    }
+
+    /// Envoy's progress: `floor` is the lowest filter-configuration version every connected
+    /// Envoy has acknowledged (`None`: no Envoy connected, or one that has acknowledged
+    /// nothing yet, which may still run anything older). Drops what drained by `now`; returns
+    /// whether the table changed.
+    pub fn advance(&mut self, floor: Option<u64>, now: Instant) -> bool {
+        if let Some(floor) = floor {
+            for r in &mut self.retired {
+                if r.acked_at.is_none() && r.dropped_in <= floor {
+                    r.acked_at = Some(now);
+                }
+            }
+        }
+        let before = self.retired.len();
+        self.retired
+            .retain(|r| r.acked_at.is_none_or(|at| now.duration_since(at) < DRAIN));
+        self.retired.len() != before
+    }
+
+    /// When [`Self::advance`] next has something to drop.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.retired
+            .iter()
+            .filter_map(|r| r.acked_at)
+            .min()
+            .map(|at| at + DRAIN)
+    }
+
+    /// Credentials kept for configurations Envoy may still run.
+    pub fn retired_len(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// What the channel serves.
+    pub fn served(&self) -> Credentials {
+        let mut out: HashMap<ConnectorKey, Vec<(Credential, String)>> =
+            self.current.iter().map(|(k, v)| (k.clone(), vec![v.clone()])).collect();
+        for r in &self.retired {
+            out.entry(r.key.clone())
+                .or_default()
+                .push((r.credential.clone(), r.revision.clone()));
+        }
+        Arc::new(out)
+    }
+}
 
 pub use connector_api::authz::{AccessAnswer, AccessCheck, BoundTo};
 
@@ -104,7 +208,7 @@ async fn credential(
         return refused_key();
     }
     let creds = ch.credentials.borrow().clone();
-    let Some((c, revision)) = creds.get(&(namespace.clone(), name.clone())) else {
+    let Some(known) = creds.get(&(namespace.clone(), name.clone())) else {
         Metrics::result(&metrics.credential_fetches, "unknown");
         return error(
             StatusCode::NOT_FOUND,
@@ -113,10 +217,11 @@ async fn credential(
             ),
         );
     };
-    // Bound to the filter's configuration (issue 12.7): a filter still configured with an
-    // older revision (the Secret changed, its new configuration not yet applied) gets no
-    // credential it was not configured for; it answers 503 and asks again on a later request.
-    if q.revision.as_deref() != Some(revision.as_str()) {
+    // Bound to the filter's configuration (issue 12.7): the filter gets exactly the revision
+    // its configuration names, the current one or one an Envoy may still run (make before
+    // break), never another; a revision the controller does not know (e.g. from before its
+    // restart) answers 409, the filter answers 503 and asks again on a later request.
+    let Some((c, revision)) = known.iter().find(|(_, r)| q.revision.as_deref() == Some(r.as_str())) else {
         Metrics::result(&metrics.credential_fetches, "other_revision");
         return error(
             StatusCode::CONFLICT,
@@ -124,7 +229,7 @@ async fn credential(
                 "connector {namespace}/{name}'s credential is at another revision than the one asked for: the filter's configuration is older or newer than the controller's, and the next one agrees"
             ),
         );
-    }
+    };
     Metrics::result(&metrics.credential_fetches, "ok");
     tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
     let authorization = connector_core::basic::authorization(&c.username, &c.password);
@@ -195,4 +300,80 @@ async fn unknown_kid(State(ch): State<Channel>, headers: HeaderMap) -> Response 
     }
     ch.hub.unknown_kid.notify_one();
     StatusCode::ACCEPTED.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(p: &str) -> Credential {
+        Credential {
+            username: "robot".into(),
+            password: p.into(),
+        }
+    }
+
+    fn key(n: &str) -> ConnectorKey {
+        ("demo".into(), n.into())
+    }
+
+    fn revisions(t: &CredentialTable, n: &str) -> Vec<String> {
+        t.served()
+            .get(&key(n))
+            .map(|v| v.iter().map(|(_, r)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Issue 17: a deleted connector's and a rotated Secret's old credential stay served until
+    /// every Envoy acknowledged a configuration without them, plus the drain; never before.
+    #[test]
+    fn removed_credentials_stay_until_envoy_acknowledged_and_drained() {
+        let t0 = Instant::now();
+        let mut t = CredentialTable::default();
+        t.install(
+            [
+                (key("a"), (cred("a1"), "r1".into())),
+                (key("b"), (cred("b1"), "s1".into())),
+            ]
+            .into(),
+            1,
+        );
+        assert!(!t.advance(Some(1), t0));
+        // v2: a is deleted, b rotated. The new revision is served at once (before Envoy has v2).
+        t.install([(key("b"), (cred("b2"), "s2".into()))].into(), 2);
+        assert_eq!(revisions(&t, "a"), ["r1"]);
+        assert_eq!(revisions(&t, "b"), ["s2", "s1"], "current first, then the retired one");
+        // No Envoy, or one still on v1, or one that acknowledged nothing: all kept.
+        for floor in [None, Some(1)] {
+            assert!(!t.advance(floor, t0 + DRAIN * 10));
+            assert_eq!(t.retired_len(), 2);
+        }
+        assert_eq!(t.next_deadline(), None);
+        // Envoy acknowledged v2: kept for the drain, dropped after it.
+        let acked = t0 + DRAIN * 10;
+        assert!(!t.advance(Some(2), acked));
+        assert_eq!(t.next_deadline(), Some(acked + DRAIN));
+        assert!(!t.advance(Some(2), acked + DRAIN / 2));
+        assert_eq!(revisions(&t, "a"), ["r1"]);
+        assert!(t.advance(Some(2), acked + DRAIN));
+        assert_eq!(revisions(&t, "a"), Vec::<String>::new());
+        assert_eq!(revisions(&t, "b"), ["s2"]);
+        assert_eq!(t.retired_len(), 0);
+    }
+
+    #[test]
+    fn a_connector_back_at_its_revision_is_served_once_and_a_later_version_retires_earlier_drops() {
+        let t0 = Instant::now();
+        let mut t = CredentialTable::default();
+        t.install([(key("a"), (cred("a1"), "r1".into()))].into(), 1);
+        t.install(HashMap::new(), 2);
+        t.install([(key("a"), (cred("a1"), "r1".into()))].into(), 3);
+        assert_eq!(revisions(&t, "a"), ["r1"], "no duplicate of the current revision");
+        t.install(HashMap::new(), 4);
+        // Envoy skipped v4 and acknowledged v5 directly: v4's drops are covered.
+        t.install(HashMap::new(), 5);
+        t.advance(Some(5), t0);
+        assert!(t.advance(Some(5), t0 + DRAIN));
+        assert!(t.served().is_empty());
+    }
 }

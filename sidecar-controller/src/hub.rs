@@ -71,6 +71,9 @@ pub struct Hub {
     inputs: watch::Sender<Option<Arc<Inputs>>>,
     published: watch::Sender<Option<Arc<Published>>>,
     proxy: watch::Sender<ProxyState>,
+    /// Per open ADS stream (by stream id): the highest filter-configuration version that Envoy
+    /// acknowledged on it, `None` until its first ACK. What the credential table retires by.
+    filter_acked: watch::Sender<BTreeMap<u64, Option<u64>>>,
     /// The proxy listener's serving certificate and its generation (SDS version); `None`
     /// until a source delivered one, and always `None` for a plain-HTTP (legacy) proxy.
     proxy_cert: watch::Sender<Option<(u64, Arc<ServingCert>)>>,
@@ -91,6 +94,7 @@ impl Hub {
             inputs: watch::channel(None).0,
             published: watch::channel(None).0,
             proxy: watch::channel(ProxyState::default()).0,
+            filter_acked: watch::channel(BTreeMap::new()).0,
             proxy_cert: watch::channel(None).0,
             unknown_kid: Arc::new(Notify::new()),
             metrics: Arc::new(Metrics::default()),
@@ -125,6 +129,22 @@ impl Hub {
         self.proxy.subscribe()
     }
 
+    /// Records a stream's filter-configuration ACK (`Some`), its opening (`None` acknowledged
+    /// yet), or with `closed` its end.
+    pub fn set_filter_acked(&self, stream: u64, acked: Option<u64>, closed: bool) {
+        self.filter_acked.send_modify(|m| {
+            if closed {
+                m.remove(&stream);
+            } else {
+                m.insert(stream, acked);
+            }
+        });
+    }
+
+    pub fn filter_acked(&self) -> watch::Receiver<BTreeMap<u64, Option<u64>>> {
+        self.filter_acked.subscribe()
+    }
+
     /// Publishes a serving certificate; `false` (nothing sent) when it is the one in force.
     pub fn publish_proxy_cert(&self, cert: ServingCert) -> bool {
         self.proxy_cert.send_if_modified(|c| {
@@ -140,6 +160,15 @@ impl Hub {
     pub fn proxy_cert(&self) -> watch::Receiver<Option<(u64, Arc<ServingCert>)>> {
         self.proxy_cert.subscribe()
     }
+}
+
+/// The lowest filter-configuration version every connected Envoy acknowledged: `None` when no
+/// Envoy is connected or one has acknowledged nothing yet (it may run any older one).
+pub fn acked_floor(acked: &BTreeMap<u64, Option<u64>>) -> Option<u64> {
+    if acked.is_empty() {
+        return None;
+    }
+    acked.values().try_fold(u64::MAX, |floor, v| v.map(|v| floor.min(v)))
 }
 
 /// The `ProxyReady` condition of one connector: `(status, reason, message)`.

@@ -417,12 +417,17 @@ fn build_inputs(connectors: &Store<Connector>, secrets: &SecretCache, identity: 
     let mut wanted = BTreeSet::new();
     for c in list {
         let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
-        digest.update(serde_json::to_vec(&(&ns, &name, &c.spec)).unwrap_or_default());
+        let bytes = serde_json::to_vec(&(&ns, &name, &c.spec, &c.metadata.creation_timestamp)).unwrap_or_default();
+        digest.update(&bytes);
         wanted.insert((ns.clone(), c.spec.auth.secret_ref.name.clone()));
         let mut c = (*c).clone();
         c.status = None;
         c.metadata.managed_fields = None;
-        set.connectors.push((location("Connector", &ns, &name), c));
+        set.add_connector(
+            location("Connector", &ns, &name),
+            c,
+            Some(crate::manifests::content_of(&bytes)),
+        );
     }
     for (ns, name) in wanted {
         let Some(s) = secrets.get(&ns, &name) else {
@@ -434,11 +439,16 @@ fn build_inputs(connectors: &Store<Connector>, secrets: &SecretCache, identity: 
             .annotations
             .as_ref()
             .and_then(|a| a.get(crate::secrets::ALLOWED_CONNECTORS_ANNOTATION));
-        digest
-            .update(serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default());
+        let bytes = serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default();
+        digest.update(&bytes);
         let mut s = (*s).clone();
         s.metadata.managed_fields = None;
-        set.secrets.push((location("Secret", &ns, &name), s));
+        // The render cache's key: everything of the Secret the pipeline reads.
+        set.add_secret(
+            location("Secret", &ns, &name),
+            s,
+            Some(crate::manifests::content_of(&bytes)),
+        );
     }
     digest.update(serde_json::to_vec(&identity).unwrap_or_default());
     (

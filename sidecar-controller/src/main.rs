@@ -22,11 +22,12 @@ const USAGE: &str = "usage:
       into that WasmPlugin's spec.pluginConfig (server-side apply, only when it changes).
   connector-controller serve --manifests <dir> --identity <file.json> --wasm <module path as Envoy sees it>
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
-        [--channel-cluster connector_controller] [--poll-ms 500]
+        [--channel-cluster connector_controller] [--poll-ms 30000]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
         [--host-grants <namespace>=<host or *.suffix>[,...]]
         (--proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
-      File mode: a watched directory of Connector and Secret manifests. Both modes:
+      File mode: a directory of Connector and Secret manifests, watched with inotify (and
+      re-scanned every --poll-ms as a safety net). Both modes:
       The proxy listener speaks TLS (h2, http/1.1) with the certificate the controller hands Envoy
       over SDS: a kubernetes.io/tls Secret (cert-manager's tls.crt/tls.key), watched, or PEM files,
       re-read on change. --proxy-tls-external serves none: TLS is terminated by the gateway the
@@ -337,11 +338,12 @@ fn serve(args: &[String]) -> ExitCode {
                 problems.push(format!("{required} is required in file mode (or use --kube)"));
             }
         }
-        let poll = number("--poll-ms", "500", &mut problems);
+        // Changes arrive through inotify; this is only the safety re-scan (filemode.rs).
+        let poll = number("--poll-ms", "30000", &mut problems);
         Source::Files(connector_controller::filemode::FileSettings {
             manifests: PathBuf::from(get("--manifests", "")),
             identity: PathBuf::from(get("--identity", "")),
-            poll: std::time::Duration::from_millis(poll.unwrap_or(500).max(50)),
+            poll: std::time::Duration::from_millis(poll.unwrap_or(30000).max(50)),
         })
     };
     let proxy_tls = proxy_tls_source(&flags, plain_http, tls_external, &mut problems);

@@ -5,12 +5,14 @@
 //! A problem inside a Secret document is reported by path only: serde's messages quote the
 //! offending value, and in a Secret that value may be the password.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Secret;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
 
 use crate::crd::Connector;
 
@@ -59,20 +61,148 @@ impl fmt::Display for Problem {
 }
 
 /// The objects of a manifest directory, each with where it came from.
-#[derive(Debug, Default)]
+///
+/// Indexed by `(namespace, name)`, so looking a Secret up or finding a duplicate costs the same
+/// at 20,000 objects as at 10 (issue 17: both were linear scans inside loops). Objects added
+/// through [`Self::add_connector`] / [`Self::add_secret`] are indexed; a set whose vectors were
+/// pushed to directly falls back to scanning.
+#[derive(Debug, Default, Clone)]
 pub struct ManifestSet {
     pub connectors: Vec<(Location, Connector)>,
     pub secrets: Vec<(Location, Secret)>,
+    connector_index: HashMap<ObjectKey, usize>,
+    secret_index: HashMap<ObjectKey, usize>,
+    /// A digest of each object's content, when its source computed one: what the pipeline's
+    /// render cache is keyed by, so an unchanged object is not rendered again.
+    connector_content: HashMap<ObjectKey, Content>,
+    secret_content: HashMap<ObjectKey, Content>,
+}
+
+/// `(namespace, name)`.
+pub type ObjectKey = (String, String);
+
+/// A digest of an object's content (128 bits of SHA-256).
+pub type Content = u128;
+
+/// The [`Content`] digest of a document's bytes.
+pub fn content_of(bytes: &[u8]) -> Content {
+    let d = Sha256::digest(bytes);
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(b)
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 impl ManifestSet {
+    /// Adds a Connector (the caller has checked it is not a duplicate), with its content digest.
+    pub fn add_connector(&mut self, at: Location, c: Connector, content: Option<Content>) {
+        let key = key_of(&c.metadata);
+        if self.connector_index.len() == self.connectors.len() {
+            self.connector_index.insert(key.clone(), self.connectors.len());
+        }
+        if let Some(d) = content {
+            self.connector_content.insert(key, d);
+        }
+        self.connectors.push((at, c));
+    }
+
+    /// Adds a Secret (the caller has checked it is not a duplicate), with its content digest.
+    pub fn add_secret(&mut self, at: Location, s: Secret, content: Option<Content>) {
+        let key = key_of(&s.metadata);
+        if self.secret_index.len() == self.secrets.len() {
+            self.secret_index.insert(key.clone(), self.secrets.len());
+        }
+        if let Some(d) = content {
+            self.secret_content.insert(key, d);
+        }
+        self.secrets.push((at, s));
+    }
+
     /// The Secret `namespace/name`, if the set has it.
     pub fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
+        if self.secret_index.len() == self.secrets.len() {
+            let i = self.secret_index.get(&(namespace.to_string(), name.to_string()))?;
+            return self.secrets.get(*i).map(|(_, s)| s);
+        }
         self.secrets
             .iter()
             .map(|(_, s)| s)
             .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
     }
+
+    /// Where the Connector `namespace/name` was defined, if the set has it.
+    fn connector_at(&self, key: &ObjectKey) -> Option<&Location> {
+        if self.connector_index.len() == self.connectors.len() {
+            return self
+                .connector_index
+                .get(key)
+                .and_then(|i| self.connectors.get(*i))
+                .map(|(l, _)| l);
+        }
+        self.connectors
+            .iter()
+            .find(|(_, c)| key_of(&c.metadata) == *key)
+            .map(|(l, _)| l)
+    }
+
+    fn secret_at(&self, key: &ObjectKey) -> Option<&Location> {
+        if self.secret_index.len() == self.secrets.len() {
+            return self
+                .secret_index
+                .get(key)
+                .and_then(|i| self.secrets.get(*i))
+                .map(|(l, _)| l);
+        }
+        self.secrets
+            .iter()
+            .find(|(_, s)| key_of(&s.metadata) == *key)
+            .map(|(l, _)| l)
+    }
+
+    /// The content digest of the Connector `key`, when its source computed one.
+    pub fn connector_content(&self, key: &ObjectKey) -> Option<Content> {
+        self.connector_content.get(key).copied()
+    }
+
+    /// The content digest of the Secret `key`, when its source computed one.
+    pub fn secret_content(&self, key: &ObjectKey) -> Option<Content> {
+        self.secret_content.get(key).copied()
+    }
+
+    /// Adds every object of `other` (parsed from another file) that is not already defined
+    /// here; a duplicate is a problem at its location, as when both were in one file.
+    pub fn merge(&mut self, other: &ManifestSet, problems: &mut Vec<Problem>) {
+        for (at, c) in &other.connectors {
+            let key = key_of(&c.metadata);
+            if let Some(first) = self.connector_at(&key) {
+                problems.push(duplicate(at, "Connector", &key, first));
+                continue;
+            }
+            self.add_connector(at.clone(), c.clone(), other.connector_content(&key));
+        }
+        for (at, s) in &other.secrets {
+            let key = key_of(&s.metadata);
+            if let Some(first) = self.secret_at(&key) {
+                problems.push(duplicate(at, "Secret", &key, first));
+                continue;
+            }
+            self.add_secret(at.clone(), s.clone(), other.secret_content(&key));
+        }
+    }
+}
+
+fn duplicate(at: &Location, kind: &str, key: &ObjectKey, first: &Location) -> Problem {
+    Problem::new(
+        at,
+        "metadata.name",
+        format!("{kind} {}/{} is already defined at {first}", key.0, key.1),
+    )
 }
 
 /// Reads every `*.yaml` / `*.yml` file of `dir` (not recursing), in name order so problems come
@@ -138,19 +268,20 @@ pub fn parse_file(file: &Path, text: &str, set: &mut ManifestSet, problems: &mut
 fn parse_document(at: Location, value: serde_json::Value, set: &mut ManifestSet, problems: &mut Vec<Problem>) {
     let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let (api_version, kind) = (field("apiVersion"), field("kind"));
+    let content = serde_json::to_vec(&value).ok().map(|b| content_of(&b));
     match (api_version.as_str(), kind.as_str()) {
         (CONNECTOR_API_VERSION, "Connector") => {
             if let Some(c) = typed::<Connector>(&at, value, false, problems)
-                && check_metadata(&at, "Connector", &c.metadata, set.connectors.iter().map(|(l, c)| (l, &c.metadata)), problems)
+                && check_metadata(&at, "Connector", &c.metadata, |k| set.connector_at(k), problems)
             {
-                set.connectors.push((at, c));
+                set.add_connector(at, c, content);
             }
         }
         ("v1", "Secret") => {
             if let Some(s) = typed::<Secret>(&at, value, true, problems)
-                && check_metadata(&at, "Secret", &s.metadata, set.secrets.iter().map(|(l, s)| (l, &s.metadata)), problems)
+                && check_metadata(&at, "Secret", &s.metadata, |k| set.secret_at(k), problems)
             {
-                set.secrets.push((at, s));
+                set.add_secret(at, s, content);
             }
         }
         _ => problems.push(Problem::new(
@@ -188,12 +319,7 @@ fn check_metadata<'a>(
     at: &Location,
     kind: &str,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    seen: impl Iterator<
-        Item = (
-            &'a Location,
-            &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        ),
-    >,
+    defined_at: impl Fn(&ObjectKey) -> Option<&'a Location>,
     problems: &mut Vec<Problem>,
 ) -> bool {
     let before = problems.len();
@@ -210,19 +336,9 @@ fn check_metadata<'a>(
     if problems.len() > before {
         return false;
     }
-    if let Some((first, _)) = seen
-        .into_iter()
-        .find(|(_, m)| m.name == meta.name && m.namespace == meta.namespace)
-    {
-        problems.push(Problem::new(
-            at,
-            "metadata.name",
-            format!(
-                "{kind} {}/{} is already defined at {first}",
-                meta.namespace.as_deref().unwrap_or_default(),
-                meta.name.as_deref().unwrap_or_default()
-            ),
-        ));
+    let key = key_of(meta);
+    if let Some(first) = defined_at(&key) {
+        problems.push(duplicate(at, kind, &key, first));
         return false;
     }
     true

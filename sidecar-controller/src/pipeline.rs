@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use connector_filter::config::Upstream;
 
 use crate::hub::{Authorization, ConnectorKey, Inputs};
-use crate::manifests::Problem;
+use crate::manifests::{Content, Problem};
 use crate::render::{UpstreamCluster, add_cluster, cluster_for, filter_entry, locate, realm_origin};
 use crate::secrets::{Credential, credential_from_secret};
 
@@ -142,6 +142,8 @@ pub struct Rendering {
     pub clusters: Vec<UpstreamCluster>,
     /// The credential of each configured connector, served over the channel only.
     pub credentials: HashMap<ConnectorKey, Credential>,
+    /// The revision of each of those credentials (what the filter configuration names).
+    pub revisions: HashMap<ConnectorKey, String>,
     pub connectors: BTreeSet<ConnectorKey>,
     pub left_out: BTreeMap<ConnectorKey, Vec<Problem>>,
 }
@@ -203,6 +205,36 @@ impl Default for Revisions {
     }
 }
 
+/// One connector's part of a rendering: its filter entry, the clusters it names (its
+/// registry's first), its credential and the credential's revision; or why it is left out.
+#[derive(Clone)]
+enum Part {
+    Served {
+        entry: Value,
+        clusters: Vec<UpstreamCluster>,
+        credential: Credential,
+        revision: String,
+        /// The host names the filter will route to it (its default one and `spec.hosts`).
+        hosts: Vec<String>,
+    },
+    LeftOut(Vec<Problem>),
+}
+
+/// What a cached [`Part`] was rendered from: the Connector's and its Secret's content digests.
+/// A left-out part's problems also name where the Connector was defined: it is reused only at
+/// the same place (a served part does not depend on it).
+type PartKey = (Content, Option<Content>);
+
+/// The parts of the last rendering, by connector, each with what it was rendered from: a
+/// rendering re-renders only connectors whose Connector or Secret changed (issue 17). Valid
+/// for one [`Revisions`] key and one [`Tenancy`]: the pipeline keeps one per its lifetime.
+#[derive(Default)]
+pub struct RenderCache {
+    parts: HashMap<ConnectorKey, (PartKey, String, Part)>,
+    /// Parts rendered (not taken from the cache) by the last rendering.
+    pub rendered: usize,
+}
+
 /// Renders `inputs`. `Err` only for problems of the whole (the identity settings, or a
 /// configuration the filter would refuse for reasons no single connector explains).
 ///
@@ -215,9 +247,119 @@ pub fn render_live(
     revisions: &Revisions,
     tenancy: &Tenancy,
 ) -> Result<Rendering, Vec<Problem>> {
+    render_live_cached(inputs, channel, revisions, tenancy, &mut RenderCache::default())
+}
+
+/// One connector's [`Part`], from scratch.
+fn render_part(
+    at: &crate::manifests::Location,
+    c: &crate::crd::Connector,
+    key: &ConnectorKey,
+    inputs: &Inputs,
+    channel: &ChannelSettings,
+    revisions: &Revisions,
+    tenancy: &Tenancy,
+) -> Part {
+    let mut problems = vec![];
+    let upstream = Upstream::parse(&c.spec.address)
+        .map_err(|e| problems.push(Problem::new(at, "spec.address", e)))
+        .ok();
+    if let Some(why) = upstream.as_ref().and_then(|u| tenancy.refuse_upstream(&cluster_for(u))) {
+        problems.push(Problem::new(at, "spec.address", why));
+    }
+    let secret_name = &c.spec.auth.secret_ref.name;
+    let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
+    let outcome = credential_from_secret(
+        &key.0,
+        secret_name,
+        &key.1,
+        inputs.set.secret(&key.0, secret_name),
+        authority,
+    );
+    if !outcome.condition.status {
+        problems.push(Problem::new(
+            at,
+            "spec.auth.secretRef.name",
+            format!("{}: {}", outcome.condition.reason.as_str(), outcome.condition.message),
+        ));
+    }
+    for (i, host) in c.spec.hosts.iter().enumerate() {
+        if let Some(why) = tenancy.refuse_host(&key.0, host) {
+            problems.push(Problem::new(at, format!("spec.hosts[{i}]"), why));
+        }
+    }
+    let mut own_clusters = vec![];
+    let mut realms = vec![];
+    for (i, realm) in c.spec.token_realms.iter().enumerate() {
+        match realm_origin(&realm.url) {
+            Ok(u) => {
+                let mut cl = cluster_for(&u);
+                match &realm.cluster {
+                    Some(_) if tenancy.tenants => problems.push(Problem::new(
+                        at,
+                        format!("spec.tokenRealms[{i}].cluster"),
+                        "the controller names the clusters of a Connector's token realms: remove this field",
+                    )),
+                    Some(named) => cl.name.clone_from(named),
+                    None => {}
+                }
+                if let Some(why) = tenancy.refuse_upstream(&cl) {
+                    problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), why));
+                }
+                realms.push(json!({ "url": realm.url, "cluster": cl.name }));
+                own_clusters.push(cl);
+            }
+            Err(e) => problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), e)),
+        }
+    }
+    let (Some(upstream), Some(credential), true) = (upstream, outcome.credential, problems.is_empty()) else {
+        return Part::LeftOut(problems);
+    };
+    let cluster = cluster_for(&upstream);
+    let revision = revisions.of(&credential);
+    let entry = filter_entry(c, &cluster.name, json!({ "fromController": revision }), realms);
+    // The filter's validator on this entry alone (what spans connectors is checked later).
+    let key_env = channel.key_env.clone();
+    let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
+    let compiled = match connector_filter::config::compile_connector_entry(&entry, 0, &lookup, true) {
+        Ok(compiled) => compiled,
+        Err(errors) => {
+            let origins = [at.to_string()];
+            return Part::LeftOut(errors.into_iter().map(|e| locate(e, &origins, "identity")).collect());
+        }
+    };
+    let mut hosts = vec![connector_filter::config::render_host(
+        connector_filter::config::DEFAULT_HOST_PATTERN,
+        &compiled.namespace,
+        &compiled.name,
+    )];
+    hosts.extend(compiled.hosts.iter().cloned());
+    own_clusters.insert(0, cluster);
+    Part::Served {
+        entry,
+        clusters: own_clusters,
+        credential,
+        revision,
+        hosts,
+    }
+}
+
+/// [`render_live`], re-rendering only the connectors whose Connector or Secret content
+/// changed since the rendering `cache` remembers; the rest of the work (order, cluster and
+/// host conflicts, the filter's validation of the whole) is linear in the number of connectors
+/// and does no parsing, hashing or credential decoding per unchanged connector.
+pub fn render_live_cached(
+    inputs: &Inputs,
+    channel: &ChannelSettings,
+    revisions: &Revisions,
+    tenancy: &Tenancy,
+    cache: &mut RenderCache,
+) -> Result<Rendering, Vec<Problem>> {
     let mut left_out: BTreeMap<ConnectorKey, Vec<Problem>> = BTreeMap::new();
     let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
     let mut credentials = HashMap::new();
+    let mut revisions_of: HashMap<ConnectorKey, String> = HashMap::new();
+    let mut hosts_of: HashMap<ConnectorKey, Vec<String>> = HashMap::new();
     let mut entries: Vec<(ConnectorKey, String, Value, Vec<UpstreamCluster>)> = vec![];
     let mut ordered: Vec<&(crate::manifests::Location, crate::crd::Connector)> = inputs.set.connectors.iter().collect();
     // Stable: connectors without a creation time (file mode) keep their file order.
@@ -227,164 +369,155 @@ pub fn render_live(
             .as_ref()
             .map(|t| (t.0, c.metadata.namespace.clone(), c.metadata.name.clone()))
     });
+    let mut parts = HashMap::with_capacity(ordered.len());
+    cache.rendered = 0;
     for (at, c) in ordered {
         let key = (
             c.metadata.namespace.clone().unwrap_or_default(),
             c.metadata.name.clone().unwrap_or_default(),
         );
-        let mut problems = vec![];
-        let upstream = Upstream::parse(&c.spec.address)
-            .map_err(|e| problems.push(Problem::new(at, "spec.address", e)))
-            .ok();
-        if let Some(why) = upstream.as_ref().and_then(|u| tenancy.refuse_upstream(&cluster_for(u))) {
-            problems.push(Problem::new(at, "spec.address", why));
-        }
-        let secret_name = &c.spec.auth.secret_ref.name;
-        let authority = upstream.as_ref().map(|u| u.authority.as_str()).unwrap_or_default();
-        let outcome = credential_from_secret(
-            &key.0,
-            secret_name,
-            &key.1,
-            inputs.set.secret(&key.0, secret_name),
-            authority,
-        );
-        if !outcome.condition.status {
-            problems.push(Problem::new(
-                at,
-                "spec.auth.secretRef.name",
-                format!("{}: {}", outcome.condition.reason.as_str(), outcome.condition.message),
-            ));
-        }
-        for (i, host) in c.spec.hosts.iter().enumerate() {
-            if let Some(why) = tenancy.refuse_host(&key.0, host) {
-                problems.push(Problem::new(at, format!("spec.hosts[{i}]"), why));
+        // Keyed by content when the source gave digests; without them, always rendered.
+        let secret_key = (key.0.clone(), c.spec.auth.secret_ref.name.clone());
+        let part_key = inputs
+            .set
+            .connector_content(&key)
+            .map(|d| (d, inputs.set.secret_content(&secret_key)));
+        let here = at.to_string();
+        let cached = part_key
+            .as_ref()
+            .and_then(|pk| {
+                cache
+                    .parts
+                    .remove(&key)
+                    .filter(|(k, place, part)| k == pk && (matches!(part, Part::Served { .. }) || *place == here))
+            })
+            .map(|(_, _, p)| p);
+        let part = match cached {
+            Some(p) => p,
+            None => {
+                cache.rendered += 1;
+                render_part(at, c, &key, inputs, channel, revisions, tenancy)
             }
-        }
-        let mut own_clusters = vec![];
-        let mut realms = vec![];
-        for (i, realm) in c.spec.token_realms.iter().enumerate() {
-            match realm_origin(&realm.url) {
-                Ok(u) => {
-                    let mut cl = cluster_for(&u);
-                    match &realm.cluster {
-                        Some(_) if tenancy.tenants => problems.push(Problem::new(
-                            at,
-                            format!("spec.tokenRealms[{i}].cluster"),
-                            "the controller names the clusters of a Connector's token realms: remove this field",
-                        )),
-                        Some(named) => cl.name.clone_from(named),
-                        None => {}
-                    }
-                    if let Some(why) = tenancy.refuse_upstream(&cl) {
-                        problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), why));
-                    }
-                    realms.push(json!({ "url": realm.url, "cluster": cl.name }));
-                    own_clusters.push(cl);
-                }
-                Err(e) => problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), e)),
-            }
-        }
-        let (Some(upstream), Some(credential), true) = (upstream, outcome.credential, problems.is_empty()) else {
-            left_out.insert(key, problems);
-            continue;
         };
-        let cluster = cluster_for(&upstream);
-        let entry = filter_entry(
-            c,
-            &cluster.name,
-            json!({ "fromController": revisions.of(&credential) }),
-            realms,
-        );
-        own_clusters.insert(0, cluster);
-        credentials.insert(key.clone(), credential);
-        entries.push((key, at.to_string(), entry, own_clusters));
+        if let Some(pk) = part_key {
+            parts.insert(key.clone(), (pk, here, part.clone()));
+        }
+        match part {
+            Part::LeftOut(problems) => {
+                left_out.insert(key, problems);
+            }
+            Part::Served {
+                entry,
+                clusters: own_clusters,
+                credential,
+                revision,
+                hosts,
+            } => {
+                hosts_of.insert(key.clone(), hosts);
+                credentials.insert(key.clone(), credential);
+                revisions_of.insert(key.clone(), revision);
+                entries.push((key, at.to_string(), entry, own_clusters));
+            }
+        }
     }
+    // Connectors gone since the last rendering leave the cache with it.
+    cache.parts = parts;
 
     // Clusters: a name claimed for two origins leaves out the later connector.
+    // Tried on the map itself and undone on a conflict (a copy per connector was quadratic).
     entries.retain(|(key, at_label, _, own)| {
         let mut problems = vec![];
-        let mut trial = clusters.clone();
         let at = crate::manifests::Location {
             file: at_label.into(),
             index: 0,
         };
+        let mut added = vec![];
         for cl in own {
-            add_cluster(&mut trial, cl.clone(), &at, "spec", &mut problems);
+            let new = !clusters.contains_key(&cl.name);
+            add_cluster(&mut clusters, cl.clone(), &at, "spec", &mut problems);
+            if new && clusters.contains_key(&cl.name) {
+                added.push(cl.name.clone());
+            }
         }
         if problems.is_empty() {
-            clusters = trial;
             true
         } else {
+            for name in added {
+                clusters.remove(&name);
+            }
             left_out.insert(key.clone(), problems);
             false
         }
     });
 
-    // The filter's own validator has the last word; a connector it refuses is left out and the
-    // rest validated again (twice at most: the second pass can only fail on the whole).
+    // The filter's own validator has the last word. Each connector's entry was validated
+    // alone when its part was rendered (`compile_connector_entry`, cached with the part);
+    // what spans connectors, a host name claimed twice, is checked here in order (the older
+    // claimant keeps it), and the whole (identity, controller, authorization) by the filter's
+    // `compile` on a configuration without connectors.
+    let mut by_host: HashMap<String, usize> = HashMap::new();
+    let mut index = 0usize;
+    entries.retain(|(key, at, _, _)| {
+        let hosts = hosts_of.get(key).map(Vec::as_slice).unwrap_or_default();
+        let taken: Vec<&String> = hosts
+            .iter()
+            .filter(|h| by_host.get(*h).is_some_and(|other| *other != index))
+            .collect();
+        if !taken.is_empty() {
+            let problems = taken
+                .into_iter()
+                .map(|h| {
+                    Problem::new(
+                        at,
+                        format!("filter configuration connectors[{index}].hosts"),
+                        format!("host {h:?} is already used by another connector"),
+                    )
+                })
+                .collect();
+            left_out.insert(key.clone(), problems);
+            return false;
+        }
+        for h in hosts {
+            by_host.insert(h.clone(), index);
+        }
+        index += 1;
+        true
+    });
     let key_env = channel.key_env.clone();
     let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
-    for _ in 0..2 {
-        let mut doc = json!({
-            "identity": inputs.identity,
-            "controller": { "cluster": channel.cluster },
-            "authorization": match inputs.authorization { Authorization::Rules => "rules", Authorization::Controller => "controller" },
-            "connectors": entries.iter().map(|(_, _, e, _)| e.clone()).collect::<Vec<_>>(),
-        });
-        if let Some(var) = &channel.key_env {
-            doc["controller"]["keyEnv"] = json!(var);
-        }
-        let origins: Vec<String> = entries.iter().map(|(_, at, _, _)| at.clone()).collect();
-        let errors = match connector_filter::config::compile(doc.to_string().as_bytes(), &lookup) {
-            Ok(_) => {
-                let used: BTreeSet<&str> = entries
-                    .iter()
-                    .flat_map(|(_, _, _, own)| own.iter().map(|c| c.name.as_str()))
-                    .collect();
-                let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
-                credentials.retain(|k, _| connectors.contains(k));
-                return Ok(Rendering {
-                    filter_config: doc,
-                    clusters: clusters
-                        .into_values()
-                        .map(|(c, _)| c)
-                        .filter(|c| used.contains(c.name.as_str()))
-                        .collect(),
-                    credentials,
-                    connectors,
-                    left_out,
-                });
-            }
-            Err(errors) => errors,
-        };
-        let mut whole = vec![];
-        let mut bad: BTreeMap<usize, Vec<Problem>> = BTreeMap::new();
-        for e in errors {
-            let index = e
-                .path
-                .strip_prefix("connectors[")
-                .and_then(|r| r.split_once(']'))
-                .and_then(|(i, _)| i.parse::<usize>().ok())
-                .filter(|i| *i < entries.len());
-            let p = locate(e, &origins, "identity");
-            match index {
-                Some(i) => bad.entry(i).or_default().push(p),
-                None => whole.push(p),
-            }
-        }
-        if !whole.is_empty() {
-            return Err(whole);
-        }
-        for (i, problems) in bad.into_iter().rev() {
-            let (key, ..) = entries.remove(i);
-            left_out.insert(key, problems);
-        }
+    let mut doc = json!({
+        "identity": inputs.identity,
+        "controller": { "cluster": channel.cluster },
+        "authorization": match inputs.authorization { Authorization::Rules => "rules", Authorization::Controller => "controller" },
+        "connectors": [],
+    });
+    if let Some(var) = &channel.key_env {
+        doc["controller"]["keyEnv"] = json!(var);
     }
-    Err(vec![Problem::new(
-        "filter configuration",
-        "",
-        "the filter refused the configuration after every reported connector was left out",
-    )])
+    if let Err(errors) = connector_filter::config::compile(doc.to_string().as_bytes(), &lookup) {
+        return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
+    }
+    let used: BTreeSet<&str> = entries
+        .iter()
+        .flat_map(|(_, _, _, own)| own.iter().map(|c| c.name.as_str()))
+        .collect();
+    let clusters = clusters
+        .into_values()
+        .map(|(c, _)| c)
+        .filter(|c| used.contains(c.name.as_str()))
+        .collect();
+    let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
+    doc["connectors"] = Value::Array(entries.into_iter().map(|(_, _, e, _)| e).collect());
+    credentials.retain(|k, _| connectors.contains(k));
+    revisions_of.retain(|k, _| connectors.contains(k));
+    Ok(Rendering {
+        revisions: revisions_of,
+        filter_config: doc,
+        clusters,
+        credentials,
+        connectors,
+        left_out,
+    })
 }
 
 #[cfg(test)]
@@ -711,6 +844,82 @@ mod tests {
         assert_eq!(r.filter_config["authorization"], "rules");
         assert!(!format!("{r:?}").contains("pa55-word"));
         assert!(!format!("{r:?}").contains("pr1vate-word"));
+    }
+
+    /// Issue 17: a rendering re-renders only what changed, and gives what a fresh one gives.
+    #[test]
+    fn the_render_cache_rerenders_only_changed_connectors_and_agrees_with_a_fresh_render() {
+        let yaml = |pw: &str| {
+            let mut docs: Vec<String> = (0..50)
+                .map(|i| connector(&format!("c{i}"), "http://127.0.0.1:5000", "robot"))
+                .collect();
+            docs.push(connector("other", "http://127.0.0.1:5001", "other"));
+            docs.push(secret("robot", "pw"));
+            docs.push(secret("other", pw));
+            docs.concat()
+        };
+        let revisions = Revisions::with_key([3; 32]);
+        let mut cache = RenderCache::default();
+        let run = |y: &str, cache: &mut RenderCache| {
+            render_live_cached(
+                &inputs(y, Authorization::Rules),
+                &channel(),
+                &revisions,
+                &local(),
+                cache,
+            )
+            .unwrap()
+        };
+        let first = run(&yaml("one"), &mut cache);
+        assert_eq!((first.connectors.len(), cache.rendered), (51, 51));
+        let again = run(&yaml("one"), &mut cache);
+        assert_eq!(cache.rendered, 0, "nothing changed, nothing rendered");
+        assert_eq!(again.filter_config, first.filter_config);
+        // One Secret rotated: exactly its connector is rendered again.
+        let rotated = run(&yaml("two"), &mut cache);
+        assert_eq!(cache.rendered, 1);
+        let fresh = render_live(
+            &inputs(&yaml("two"), Authorization::Rules),
+            &channel(),
+            &revisions,
+            &local(),
+        )
+        .unwrap();
+        assert_eq!(rotated.filter_config, fresh.filter_config);
+        assert_eq!(rotated.revisions, fresh.revisions);
+        assert_ne!(rotated.filter_config, first.filter_config);
+        // A connector removed: nothing rendered, and it is gone.
+        let fewer = yaml("two").replacen(&connector("c7", "http://127.0.0.1:5000", "robot"), "", 1);
+        let r = run(&fewer, &mut cache);
+        assert_eq!((r.connectors.len(), cache.rendered), (50, 0));
+    }
+
+    /// The filter's validator, run per connector: a connector it refuses is left out with the
+    /// filter's field path, the others are served.
+    #[test]
+    fn a_connector_the_filter_refuses_is_left_out_with_the_filters_path() {
+        let yaml = [
+            connector("good", "http://127.0.0.1:5000", "robot"),
+            connector("bad", "http://127.0.0.1:5000", "robot").replace(
+                "connectorClassName: oci\n",
+                "connectorClassName: oci\n  allowedServiceAccounts: [nobody]\n",
+            ),
+            secret("robot", "pw"),
+        ]
+        .concat();
+        let r = render_live(
+            &inputs(&yaml, Authorization::Rules),
+            &channel(),
+            &Revisions::new(),
+            &local(),
+        )
+        .unwrap();
+        assert_eq!(r.connectors.len(), 1, "{:#?}", r.left_out);
+        let w = why(&r, "demo", "bad");
+        assert!(
+            w.contains("m.yaml document 1: filter configuration connectors[0].allowedServiceAccounts[0]"),
+            "{w}"
+        );
     }
 
     #[test]

@@ -6,16 +6,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::watch;
 
-use crate::channel::{AccessCheck, Channel, Credentials};
-use crate::hub::{Hub, Published};
+use crate::channel::{AccessCheck, Channel, CredentialTable, Credentials};
+use crate::hub::{Hub, Published, acked_floor};
 use crate::ops::Metrics;
-use crate::pipeline::{ChannelSettings, Revisions, Tenancy, render_live};
+use crate::pipeline::{ChannelSettings, RenderCache, Revisions, Tenancy, render_live_cached};
 use crate::xds::{Ads, Snapshot, WasmSettings};
 
 #[derive(Debug, Clone)]
@@ -53,7 +54,9 @@ impl ServeSettings {
 
 /// Renders every new [`crate::hub::Inputs`] and hands the result on: credentials to the
 /// channel first, then the snapshot to xDS (so a filter that sees the new configuration finds
-/// the new credential), then what was configured to the hub for status reporting.
+/// the new credential), then what was configured to the hub for status reporting. Credentials
+/// a rendering drops stay served until every Envoy acknowledged a configuration without them
+/// (make before break, [`CredentialTable`]).
 pub async fn pipeline(
     hub: Hub,
     channel: ChannelSettings,
@@ -63,24 +66,36 @@ pub async fn pipeline(
     revisions: Revisions,
 ) {
     let mut inputs = hub.inputs();
+    let mut acked = hub.filter_acked();
+    let mut table = CredentialTable::default();
+    let mut cache = RenderCache::default();
     let mut version = 0u64;
     let mut last: Option<(String, Vec<crate::render::UpstreamCluster>)> = None;
+    let mut fresh_inputs = true;
     loop {
-        let current = inputs.borrow_and_update().clone();
+        let current = if fresh_inputs {
+            inputs.borrow_and_update().clone()
+        } else {
+            None
+        };
         if let Some(i) = current {
-            match render_live(&i, &channel, &revisions, &tenancy) {
+            let started = Instant::now();
+            match render_live_cached(&i, &channel, &revisions, &tenancy, &mut cache) {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
                     let config = r.filter_config.to_string();
                     let same = last.as_ref().is_some_and(|(c, cl)| *c == config && *cl == r.clusters);
+                    if !same {
+                        version += 1;
+                    }
                     let with_revisions = r
                         .credentials
                         .iter()
-                        .map(|(k, c)| (k.clone(), (c.clone(), revisions.of(c))))
+                        .filter_map(|(k, c)| Some((k.clone(), (c.clone(), r.revisions.get(k)?.clone()))))
                         .collect();
-                    credentials.send_replace(Arc::new(with_revisions));
+                    table.install(with_revisions, version);
+                    credentials.send_replace(table.served());
                     if !same {
-                        version += 1;
                         snapshots.send_replace(Some(Arc::new(Snapshot {
                             version,
                             clusters: r.clusters.clone(),
@@ -97,6 +112,8 @@ pub async fn pipeline(
                         version,
                         connectors = r.connectors.len(),
                         left_out = r.left_out.len(),
+                        rerendered = cache.rendered,
+                        render_ms = started.elapsed().as_millis() as u64,
                         "configuration rendered"
                     );
                     hub.metrics.connectors_configured.set(r.connectors.len() as i64);
@@ -120,8 +137,30 @@ pub async fn pipeline(
                 }
             }
         }
-        if inputs.changed().await.is_err() {
-            return;
+        let floor = acked_floor(&acked.borrow_and_update());
+        if table.advance(floor, Instant::now()) {
+            tracing::debug!(
+                kept = table.retired_len(),
+                "credentials no Envoy configuration names any more were dropped"
+            );
+            credentials.send_replace(table.served());
+        }
+        let deadline = table.next_deadline();
+        tokio::select! {
+            changed = inputs.changed() => {
+                if changed.is_err() { return; }
+                fresh_inputs = true;
+            }
+            changed = acked.changed() => {
+                if changed.is_err() { return; }
+                fresh_inputs = false;
+            }
+            () = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => fresh_inputs = false,
         }
     }
 }

@@ -278,7 +278,10 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let session = Session {
+            id: STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            filter_acked: None,
             ads: self.clone(),
             tx,
             sent: HashMap::new(),
@@ -305,6 +308,10 @@ impl AggregatedDiscoveryService for Ads {
 
 /// One Envoy's ADS stream.
 struct Session {
+    /// Names the stream in the hub's per-stream ACK record.
+    id: u64,
+    /// The highest filter-configuration version acknowledged on this stream.
+    filter_acked: Option<u64>,
     ads: Ads,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// Per type URL: (snapshot version, nonce) of the last response sent.
@@ -327,6 +334,9 @@ impl Session {
         let metrics = self.ads.hub.metrics.clone();
         metrics.xds_streams.inc();
         self.ads.hub.set_proxy(|p| p.connected = true);
+        // An Envoy that reconnects may run any configuration it had: until it acknowledges one
+        // on this stream, no credential is retired.
+        self.ads.hub.set_filter_acked(self.id, None, false);
         let mut snapshots = self.ads.snapshots.clone();
         let mut shutdown = self.ads.shutdown.clone();
         let mut certs = self.ads.hub.proxy_cert();
@@ -356,6 +366,7 @@ impl Session {
                 }
             }
         }
+        self.ads.hub.set_filter_acked(self.id, None, true);
         let open = metrics.xds_streams.dec() - 1;
         if open <= 0 {
             self.ads.hub.set_proxy(|p| p.connected = false);
@@ -416,6 +427,9 @@ impl Session {
         if let Some((_, clusters)) = self.filter_pending.take() {
             self.filter_live = clusters;
         }
+        let acked = self.filter_acked.map_or(version, |a| a.max(version));
+        self.filter_acked = Some(acked);
+        self.ads.hub.set_filter_acked(self.id, Some(acked), false);
         self.ads.hub.set_proxy(|p| {
             p.accepted = Some(p.accepted.map_or(version, |a| a.max(version)));
             if p.rejected.as_ref().is_some_and(|(v, _)| *v <= version) {

@@ -359,5 +359,24 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     }
 }
 
+/// Validates one connector entry exactly as [`compile`] does at `connectors[index]` (the same
+/// checks, the same error paths), without the rest of the configuration: the controller
+/// validates each changed connector alone and checks what spans connectors (host names)
+/// itself, so a change does not re-validate every connector (issue 17).
+pub fn compile_connector_entry(
+    v: &Value,
+    index: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+    has_controller: bool,
+) -> Result<Connector, Vec<ConfigError>> {
+    let mut errors = vec![];
+    let mut w = Walk { errors: &mut errors };
+    let c = compile_connector(&mut w, v, &format!("connectors[{index}]"), env, has_controller);
+    match c {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => Err(errors),
+    }
+}
+
 #[cfg(test)]
 mod tests;

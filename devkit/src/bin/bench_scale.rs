@@ -1,0 +1,291 @@
+//! The scale benchmark (issue 17): the controller in file mode and Envoy (`--concurrency 2`)
+//! at several connector counts side by side in one run. Each connector is a Connector plus its
+//! Secret in a file of its own, spread over 50 namespaces, all pointing at one open
+//! Distribution registry (behind the recorder, which shows which credential went upstream).
+//!
+//! Per size: cold start (controller spawned → every connector served), the latency of an add,
+//! a delete and a Secret rotation until effective through Envoy (median), the controller's CPU
+//! per change, its RSS at start and after the changes, Envoy's RSS, the filter configuration's
+//! size (ECDS), and the controller's idle CPU.
+//!
+//! "Served" is read through Envoy: a configured connector forwards a manifest GET of a missing
+//! tag to the registry (404), an unconfigured one is refused (403). The configuration is one
+//! ECDS resource, so once the last connector written is served, all are.
+//!
+//! Usage: `cargo run --release -p connector-devkit --bin bench-scale -- [--sizes 100,1000,5000,20000]
+//! [--changes 30] [--idle-seconds 10]`. The controller binary is the one the tests use
+//! (`target/debug/connector-controller`, or `CONNECTOR_CONTROLLER_BIN`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use connector_devkit::controller::{Controller, ProxyCert};
+use connector_devkit::envoy::{Envoy, ListenerMode};
+use connector_devkit::http::{Request, basic_value};
+use connector_devkit::recorder::Recorder;
+use connector_devkit::registry::Registry;
+use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
+use connector_devkit::{Result, WorkDir, procs, require_wasm};
+
+const NAMESPACES: usize = 50;
+const WORKERS: u32 = 2;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the name: utime and stime are the 14th and 15th fields overall.
+    (field(14 - 3) + field(15 - 3)) / 100.0
+}
+
+fn ns_of(i: usize) -> String {
+    format!("team-{}", i % NAMESPACES)
+}
+
+fn doc(i: usize, upstream: &str, password: &str) -> String {
+    let (ns, name) = (ns_of(i), format!("c{i}"));
+    format!(
+        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  address: {upstream}\n  auth: {{name: basicAuth, secretRef: {{name: {name}}}}}\n  connectorClassName: oci\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{connectors.alauda.io/allowed-connectors: \"{name}\"}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot-{i}, password: {password}}}\n"
+    )
+}
+
+/// Replaces a file whole, by rename, as an editor or a tool would.
+fn put(dir: &Path, i: usize, text: &str) -> Result<()> {
+    let (tmp, file) = (dir.join(format!(".c{i}.tmp")), dir.join(format!("c{i}.yaml")));
+    std::fs::write(&tmp, text).map_err(|e| format!("write: {e}"))?;
+    std::fs::rename(&tmp, &file).map_err(|e| format!("rename: {e}"))
+}
+
+fn status(envoy: &Envoy, i: usize, token: &str) -> u16 {
+    Request::get(&format!(
+        "/v2/namespaces/{}/connectors/c{i}/bench/app/manifests/missing",
+        ns_of(i)
+    ))
+    .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+    .bearer(token)
+    .send(envoy.port)
+    .map(|r| r.status)
+    .unwrap_or(0)
+}
+
+/// Polls until connector `i` answers `want`; how long that took.
+fn until(envoy: &Envoy, i: usize, token: &str, want: u16, limit: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if status(envoy, i, token) == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("connector c{i} did not answer {want} within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Row {
+    n: usize,
+    cold_s: f64,
+    add_s: f64,
+    delete_s: f64,
+    rotate_s: f64,
+    cpu_per_change_ms: f64,
+    rss_start_kib: u64,
+    rss_after_kib: u64,
+    changes: usize,
+    envoy_rss_kib: u64,
+    ecds_bytes: usize,
+    idle_cpu_pct: f64,
+}
+
+fn run_size(
+    n: usize,
+    changes: usize,
+    idle: Duration,
+    minter: &Minter,
+    upstream: &str,
+    recorder: &Recorder,
+) -> Result<Row> {
+    let work = WorkDir::new(&format!("bench-scale-{n}"))?;
+    let manifests = work.sub("manifests")?;
+    let identity = work.path().join("identity.json");
+    std::fs::write(
+        &identity,
+        serde_json::json!({ "issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": minter.jwks() }).to_string(),
+    )
+    .map_err(|e| format!("identity: {e}"))?;
+    for i in 0..n {
+        put(&manifests, i, &doc(i, upstream, "pw-0"))?;
+    }
+    // Every namespace's default ServiceAccount may use its own connectors; one token per namespace.
+    let tokens: Vec<String> = (0..NAMESPACES)
+        .map(|k| minter.valid(&format!("team-{k}"), "default"))
+        .collect::<Result<_>>()?;
+    let token_of = |i: usize| tokens[i % NAMESPACES].clone();
+
+    let started = Instant::now();
+    let controller = Controller::start_with_args(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
+    let mode = match ProxyCert::of(&work) {
+        Some(_) => ListenerMode::Tls,
+        None => ListenerMode::Plain,
+    };
+    let envoy = Envoy::start_xds_workers(
+        &work,
+        "envoy",
+        None,
+        mode,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+        WORKERS,
+    )?;
+    let limit = Duration::from_secs(600);
+    for i in [n - 1, 0, n / 2] {
+        until(&envoy, i, &token_of(i), 404, limit)?;
+    }
+    let cold_s = started.elapsed().as_secs_f64();
+    let rss_start_kib = procs::rss_kib(controller.pid());
+    let envoy_rss_kib = procs::rss_kib(envoy.pid());
+    let ecds_bytes = Request::get("/config_dump?resource=ecds_filters")
+        .send(envoy.admin_port)
+        .map(|r| r.body.len())
+        .unwrap_or(0);
+    eprintln!("n={n}: cold start {cold_s:.2} s, controller {rss_start_kib} KiB, Envoy {envoy_rss_kib} KiB");
+
+    // Changes, round robin: add a new connector, rotate an existing one's Secret, delete the
+    // one just added. Each is timed until Envoy shows it.
+    let (mut adds, mut deletes, mut rotates) = (vec![], vec![], vec![]);
+    let cpu_before = cpu_seconds(controller.pid());
+    let mut done = 0;
+    let mut k = 0;
+    while done < changes {
+        let i = n + k;
+        let ti = token_of(i);
+        let t = Instant::now();
+        put(&manifests, i, &doc(i, upstream, "pw-0"))?;
+        until(&envoy, i, &ti, 404, limit)?;
+        adds.push(t.elapsed().as_secs_f64());
+        let r = (k * 7919) % n;
+        let password = format!("pw-rot-{k}");
+        recorder.take();
+        let t = Instant::now();
+        put(&manifests, r, &doc(r, upstream, &password))?;
+        let want = format!("Basic {}", basic_value(&format!("robot-{r}"), &password));
+        loop {
+            status(&envoy, r, &token_of(r));
+            if recorder.take().authorizations().contains(&want.as_str()) {
+                break;
+            }
+            if t.elapsed() > limit {
+                return Err(format!("rotation of c{r} not effective"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        rotates.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::fs::remove_file(manifests.join(format!("c{i}.yaml"))).map_err(|e| format!("remove: {e}"))?;
+        until(&envoy, i, &ti, 403, limit)?;
+        deletes.push(t.elapsed().as_secs_f64());
+        done += 3;
+        k += 1;
+    }
+    let cpu_changes = cpu_seconds(controller.pid()) - cpu_before;
+    // Let the drain of retired credentials pass before reading memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_after_kib = procs::rss_kib(controller.pid());
+    let idle_before = cpu_seconds(controller.pid());
+    std::thread::sleep(idle);
+    let idle_cpu_pct = (cpu_seconds(controller.pid()) - idle_before) / idle.as_secs_f64() * 100.0;
+    Ok(Row {
+        n,
+        cold_s,
+        add_s: median(adds),
+        delete_s: median(deletes),
+        rotate_s: median(rotates),
+        cpu_per_change_ms: cpu_changes / done as f64 * 1000.0,
+        rss_start_kib,
+        rss_after_kib,
+        changes: done,
+        envoy_rss_kib,
+        ecds_bytes,
+        idle_cpu_pct,
+    })
+}
+
+fn main() -> Result<()> {
+    require_wasm()?;
+    let sizes: Vec<usize> = arg("--sizes", "100,1000,5000,20000")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let changes: usize = arg("--changes", "30").parse().unwrap_or(30);
+    let idle = Duration::from_secs(arg("--idle-seconds", "10").parse().unwrap_or(10));
+    let work = WorkDir::new("bench-scale")?;
+    let registry = Registry::start_open(&work)?;
+    let recorder = Recorder::start(registry.port)?;
+    let upstream = format!("http://127.0.0.1:{}", recorder.port);
+    let minter = Minter::new(&work.sub("keys")?)?;
+    let mut rows = vec![];
+    for n in sizes {
+        match run_size(n, changes, idle, &minter, &upstream, &recorder) {
+            Ok(r) => rows.push(r),
+            Err(e) => eprintln!("n={n}: {e}"),
+        }
+    }
+    println!(
+        "\nfile mode, controller {} , Envoy --concurrency {WORKERS}; changes timed until Envoy shows them (medians)\n",
+        connector_devkit::controller::controller_binary()?.display()
+    );
+    println!(
+        "| connectors | cold start | add | delete | rotate | controller CPU per change | controller RSS start / after {} changes | KiB per connector (after) | Envoy RSS | ECDS config dump | controller idle CPU |",
+        rows.first().map_or(0, |r| r.changes)
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {} / {} MiB | {:.1} | {} MiB | {} KB | {:.2} % |",
+            r.n,
+            r.cold_s,
+            r.add_s,
+            r.delete_s,
+            r.rotate_s,
+            r.cpu_per_change_ms,
+            r.rss_start_kib / 1024,
+            r.rss_after_kib / 1024,
+            r.rss_after_kib as f64 / r.n as f64,
+            r.envoy_rss_kib / 1024,
+            r.ecds_bytes / 1000,
+            r.idle_cpu_pct
+        );
+    }
+    // Envoy's memory per connector per worker, from the difference between sizes.
+    if let (Some(a), Some(b)) = (rows.first(), rows.last())
+        && b.n > a.n
+    {
+        let per = (b.envoy_rss_kib as f64 - a.envoy_rss_kib as f64) / (b.n - a.n) as f64 / f64::from(WORKERS);
+        let ctl = (b.rss_after_kib as f64 - a.rss_after_kib as f64) / (b.n - a.n) as f64;
+        println!(
+            "\nbetween {} and {} connectors: Envoy {per:.2} KiB per connector per worker; controller {ctl:.2} KiB per connector (after the changes)",
+            a.n, b.n
+        );
+    }
+    Ok(())
+}
