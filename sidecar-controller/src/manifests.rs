@@ -10,7 +10,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Secret;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -236,31 +235,27 @@ pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
 
 /// Adds the documents of one file to `set`; problems go to `problems`.
 pub fn parse_file(file: &Path, text: &str, set: &mut ManifestSet, problems: &mut Vec<Problem>) {
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    // The whole file at once: a syntax error anywhere refuses it (and so the whole set), and
+    // documents after it could not be located reliably anyway.
+    let docs = match serde_saphyr::from_multiple::<serde_json::Value>(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            let at = Location {
+                file: file.to_path_buf(),
+                index: 0,
+            };
+            problems.push(Problem::new(&at, "", format!("not YAML: {}", location_only(&e))));
+            return;
+        }
+    };
+    for (index, value) in docs.into_iter().enumerate() {
         let at = Location {
             file: file.to_path_buf(),
             index,
         };
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue, // `---` at the start or end of a file
-            Ok(v) => v,
-            Err(e) => {
-                // A syntax error ends the stream: later documents cannot be located reliably.
-                problems.push(Problem::new(&at, "", format!("not YAML: {}", location_only(&e))));
-                return;
-            }
-        };
-        let value: serde_json::Value = match serde_json::to_value(value) {
-            Ok(v) => v,
-            Err(_) => {
-                problems.push(Problem::new(
-                    &at,
-                    "",
-                    "not a JSON-compatible object (non-string map keys?)",
-                ));
-                continue;
-            }
-        };
+        if value.is_null() {
+            continue; // `---` at the start or end of a file
+        }
         parse_document(at, value, set, problems);
     }
 }
@@ -345,7 +340,7 @@ fn check_metadata<'a>(
 }
 
 /// A YAML error's position without the text around it (the text may be in a Secret).
-fn location_only(e: &serde_yaml::Error) -> String {
+fn location_only(e: &serde_saphyr::Error) -> String {
     match e.location() {
         Some(l) => format!("syntax error at line {}, column {}", l.line(), l.column()),
         None => "syntax error".to_string(),
