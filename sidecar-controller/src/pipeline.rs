@@ -13,6 +13,10 @@
 //! configuration and the filter drops its caches), reveals nothing about the password, and
 //! differs after a controller restart (so a credential changed while the controller was down is
 //! never hidden behind an unchanged configuration).
+//!
+//! A change costs what it changes ([`RenderCache`]): each connector's part (entry, clusters,
+//! credential, the filter's verdict on the entry) is kept by its Connector's and Secret's
+//! content digests and rendered again only when one of them changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
