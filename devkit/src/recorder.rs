@@ -1,7 +1,10 @@
 //! Owns the recording relay between Envoy and the upstream registry: a transparent TCP relay
 //! that forwards every byte unchanged and keeps a copy of what the upstream receives. It is how
 //! the tests prove what crossed the wire to the registry (which credential, that no client JWT
-//! did, that a refused request sent nothing).
+//! did, that a refused request sent nothing). In front of a TLS upstream (every upstream of the
+//! harness but the plain-HTTP opt-in) it speaks TLS on both sides: it serves the harness's
+//! upstream certificate to the proxy and verifies the upstream's against the upstream CA, and
+//! records the plaintext in between, so the proxy's hop to "the registry" is verified TLS too.
 
 use crate::Result;
 use std::io::{Read, Write};
@@ -9,6 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 #[derive(Default)]
 struct Shared {
@@ -57,21 +61,55 @@ fn is_request_line(l: &str) -> bool {
 
 pub struct Recorder {
     pub port: u16,
+    /// Speaks TLS (its upstream does).
+    tls: bool,
     shared: Arc<Shared>,
 }
 
+/// The two TLS configurations of a recorder in front of a TLS upstream.
+#[derive(Clone)]
+struct TlsRelay {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
 impl Recorder {
-    /// Listens on a free loopback port and relays each connection to 127.0.0.1:upstream_port.
+    /// Listens on a free loopback port and relays each connection to 127.0.0.1:upstream_port;
+    /// over TLS on both sides when that port is a harness TLS port ([`crate::http::trust_port`]),
+    /// and then registered as one itself.
     pub fn start(upstream_port: u16) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("recorder bind: {e}"))?;
         let port = listener.local_addr().map_err(|e| format!("recorder addr: {e}"))?.port();
+        let tls = match crate::http::tls_ca(upstream_port) {
+            Some(upstream_ca) => {
+                let own = crate::tls::upstream()?;
+                crate::http::trust_port(port, &own.ca);
+                Some(TlsRelay {
+                    server: crate::tls::server_config(&own.server_cert())?,
+                    client: crate::http::tls_client(&upstream_ca)?,
+                })
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
+        let is_tls = tls.is_some();
         thread::Builder::new()
             .name(format!("recorder-{port}"))
-            .spawn(move || accept_loop(listener, upstream_port, s))
+            .spawn(move || accept_loop(listener, upstream_port, s, tls))
             .map_err(|e| format!("recorder thread: {e}"))?;
-        Ok(Self { port, shared })
+        Ok(Self {
+            port,
+            tls: is_tls,
+            shared,
+        })
+    }
+
+    /// `https://127.0.0.1:<port>` (`http://` in front of a plain-HTTP upstream): a connector's
+    /// address when the proxy reaches the registry through the recorder.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// What was received so far, without clearing.
@@ -110,7 +148,7 @@ impl Drop for Recorder {
     }
 }
 
-fn accept_loop(listener: TcpListener, upstream_port: u16, shared: Arc<Shared>) {
+fn accept_loop(listener: TcpListener, upstream_port: u16, shared: Arc<Shared>, tls: Option<TlsRelay>) {
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
@@ -126,14 +164,23 @@ fn accept_loop(listener: TcpListener, upstream_port: u16, shared: Arc<Shared>) {
         };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
-            continue;
-        };
         let rec = shared.clone();
-        // Client (Envoy) -> upstream: recorded.
-        thread::spawn(move || pump(client, upstream, Some(rec)));
-        // Upstream -> client: passed through only.
-        thread::spawn(move || pump(u2, c2, None));
+        match &tls {
+            Some(t) => {
+                let t = t.clone();
+                // The handshakes run on the connection's own thread: a slow peer holds up nobody.
+                thread::spawn(move || relay_tls(client, upstream, &t, rec));
+            }
+            None => {
+                let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+                    continue;
+                };
+                // Client (Envoy) -> upstream: recorded.
+                thread::spawn(move || pump(client, upstream, Some(rec)));
+                // Upstream -> client: passed through only.
+                thread::spawn(move || pump(u2, c2, None));
+            }
+        }
     }
 }
 
@@ -157,4 +204,115 @@ fn pump(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<Shared>>) {
     }
     // Propagate the half-close so keep-alive and Connection: close both behave as without us.
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// One TLS side of the relay: the connection state behind a lock (both pump threads use it:
+/// one feeds it what its socket received, the other hands it plaintext to send) and the socket.
+struct Side {
+    conn: Mutex<rustls::Connection>,
+    sock: TcpStream,
+}
+
+impl Side {
+    /// Completes the handshake on the calling thread (bounded: a peer that stalls is dropped).
+    fn handshake(mut conn: rustls::Connection, sock: TcpStream) -> Option<Arc<Self>> {
+        sock.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut s = &sock;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut s).ok()?;
+        }
+        sock.set_read_timeout(None).ok()?;
+        Some(Arc::new(Self {
+            conn: Mutex::new(conn),
+            sock,
+        }))
+    }
+
+    /// Sends whatever TLS records the connection has queued.
+    fn flush(&self, conn: &mut rustls::Connection) -> std::io::Result<()> {
+        let mut s = &self.sock;
+        while conn.wants_write() {
+            conn.write_tls(&mut s)?;
+        }
+        Ok(())
+    }
+}
+
+fn relay_tls(client: TcpStream, upstream: TcpStream, tls: &TlsRelay, rec: Arc<Shared>) {
+    let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+    let (Ok(server), Ok(to_upstream)) = (
+        rustls::ServerConnection::new(tls.server.clone()),
+        rustls::ClientConnection::new(tls.client.clone(), name),
+    ) else {
+        return;
+    };
+    let Some(down) = Side::handshake(server.into(), client) else {
+        return;
+    };
+    let Some(up) = Side::handshake(to_upstream.into(), upstream) else {
+        let _ = down.sock.shutdown(Shutdown::Both);
+        return;
+    };
+    let (d, u) = (down.clone(), up.clone());
+    // Proxy -> upstream: recorded; upstream -> proxy: passed through only.
+    thread::spawn(move || pump_tls(&d, &u, Some(rec)));
+    pump_tls(&up, &down, None);
+}
+
+/// Reads TLS records from `from`'s socket, decrypts them, and sends the plaintext on through `to`.
+fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
+    let mut buf = [0u8; 64 * 1024];
+    let mut plain = Vec::new();
+    let mut closed = false;
+    while !closed {
+        let n = match (&from.sock).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        plain.clear();
+        {
+            let Ok(mut conn) = from.conn.lock() else { break };
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+                    closed = true;
+                    break;
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    match conn.reader().read(&mut chunk) {
+                        Ok(0) => {
+                            // close_notify from the peer.
+                            closed = true;
+                            break;
+                        }
+                        Ok(m) => plain.extend_from_slice(&chunk[..m]),
+                        Err(_) => break,
+                    }
+                }
+            }
+            // Alerts and key updates the peer's records asked for.
+            if from.flush(&mut conn).is_err() {
+                closed = true;
+            }
+        }
+        if plain.is_empty() {
+            continue;
+        }
+        if let Some(r) = &record
+            && let Ok(mut b) = r.bytes.lock()
+        {
+            b.extend_from_slice(&plain);
+        }
+        let Ok(mut conn) = to.conn.lock() else { break };
+        if conn.writer().write_all(&plain).is_err() || to.flush(&mut conn).is_err() {
+            break;
+        }
+    }
+    // Propagate the half-close, as the plain relay does.
+    if let Ok(mut conn) = to.conn.lock() {
+        conn.send_close_notify();
+        let _ = to.flush(&mut conn);
+    }
+    let _ = to.sock.shutdown(Shutdown::Write);
 }
