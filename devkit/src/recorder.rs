@@ -263,18 +263,21 @@ fn relay_tls(client: TcpStream, upstream: TcpStream, tls: &TlsRelay, rec: Arc<Sh
 fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
     let mut buf = [0u8; 64 * 1024];
     let mut plain = Vec::new();
-    let mut closed = false;
-    while !closed {
-        let n = match (&from.sock).read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
+    // Nothing read yet, but the handshake may have read records past its end (a client's first
+    // request in the same segment as its Finished): those are decrypted first.
+    let mut n = 0;
+    loop {
         plain.clear();
+        let mut closed = false;
         {
             let Ok(mut conn) = from.conn.lock() else { break };
             let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                if conn.read_tls(&mut rest).is_err() || conn.process_new_packets().is_err() {
+            loop {
+                if !rest.is_empty() && conn.read_tls(&mut rest).is_err() {
+                    closed = true;
+                    break;
+                }
+                if conn.process_new_packets().is_err() {
                     closed = true;
                     break;
                 }
@@ -290,24 +293,33 @@ fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
                         Err(_) => break,
                     }
                 }
+                if rest.is_empty() || closed {
+                    break;
+                }
             }
             // Alerts and key updates the peer's records asked for.
             if from.flush(&mut conn).is_err() {
                 closed = true;
             }
         }
-        if plain.is_empty() {
-            continue;
+        if !plain.is_empty() {
+            if let Some(r) = &record
+                && let Ok(mut b) = r.bytes.lock()
+            {
+                b.extend_from_slice(&plain);
+            }
+            let Ok(mut conn) = to.conn.lock() else { break };
+            if conn.writer().write_all(&plain).is_err() || to.flush(&mut conn).is_err() {
+                break;
+            }
         }
-        if let Some(r) = &record
-            && let Ok(mut b) = r.bytes.lock()
-        {
-            b.extend_from_slice(&plain);
-        }
-        let Ok(mut conn) = to.conn.lock() else { break };
-        if conn.writer().write_all(&plain).is_err() || to.flush(&mut conn).is_err() {
+        if closed {
             break;
         }
+        n = match (&from.sock).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
     }
     // Propagate the half-close, as the plain relay does.
     if let Ok(mut conn) = to.conn.lock() {
