@@ -131,7 +131,7 @@ fn run_wrk(s: &Scenario, script: &Path, seconds: u32) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", "-s"])
         .arg(script)
-        .arg(format!("http://127.0.0.1:{}{}", s.port, s.path))
+        .arg(format!("{}{}", origin(s.port), s.path))
         .env("BENCH_ACCEPT", MANIFEST_ACCEPT)
         .env(
             "BENCH_TOKENS",
@@ -284,12 +284,7 @@ fn run() -> Result<()> {
     let mut start_envoy = |label: &str, port: u16, filter: Option<(&Path, bool)>| -> Result<Envoy> {
         let w = WorkDir::new(label)?;
         let cluster = "upstream_bench".to_string();
-        let connector = bench_connector(
-            format!("http://127.0.0.1:{port}"),
-            cluster.clone(),
-            "robot".into(),
-            "BENCH_REGISTRY_PASSWORD",
-        );
+        let connector = bench_connector(origin(port), cluster.clone(), "robot".into(), "BENCH_REGISTRY_PASSWORD");
         let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
         config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
         let filter = filter.map(|(module, plain_route)| WasmFilter {
@@ -891,9 +886,23 @@ fn host_calls(wasm: &Path) -> String {
     }
 }
 
+/// `https://127.0.0.1:<port>` for a harness TLS port (every upstream: the registry and nginx
+/// serve the harness's upstream certificate), `http://` for the benchmark's Envoy listeners.
+fn origin(port: u16) -> String {
+    let scheme = if connector_devkit::http::tls_ca(port).is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// curl, trusting the harness's upstream CA (the direct requests to the registry are verified).
 fn curl(args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "600"]).args(args);
+    cmd.args(["-sS", "--max-time", "600", "--cacert"])
+        .arg(&connector_devkit::tls::upstream()?.ca)
+        .args(args);
     Ok(procs::run(cmd, None)?.ok()?.stdout)
 }
 
@@ -1222,7 +1231,7 @@ fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, round
     let w = WorkDir::new("bench-flood-filter")?;
     let cluster = "upstream_bench".to_string();
     let connector = bench_connector(
-        format!("http://127.0.0.1:{}", static_up.port),
+        origin(static_up.port),
         cluster.clone(),
         "robot".into(),
         "BENCH_REGISTRY_PASSWORD",
