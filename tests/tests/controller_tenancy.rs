@@ -22,7 +22,7 @@ use connector_devkit::registry::Registry;
 use connector_e2e::xds::start_kube_stack;
 use serde_json::{Value, json};
 
-const PROXY_URL: &str = "http://192.168.1.10:31567";
+const PROXY_URL: &str = "https://192.168.1.10:31567";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn connector(ns: &str, name: &str, address: &str, extra: Value) -> Value {
