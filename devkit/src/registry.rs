@@ -119,7 +119,7 @@ impl Registry {
         // Without the harness certificate's section, then with `cert`'s.
         let harness = tls_section(&crate::tls::upstream()?.server_cert());
         let config = config
-            .replace(&format!("{marker}{harness}"), &marker)
+            .replace(&harness, "")
             .replace(&marker, &format!("{marker}{}", tls_section(cert)));
         std::fs::write(&self.cfg_path, config).map_err(|e| format!("write {}: {e}", self.cfg_path.display()))?;
         self.tls = true;

@@ -114,7 +114,7 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
         json!({"tokenRealms": [{"url": "https://auth.example.com/token", "cluster": "connector_controller"}]}),
     ))
     .unwrap();
-    kube.apply(&connector("team-b", "metadata", "https://169.254.169.254", json!({})))
+    kube.apply(&connector("team-b", "metadata", "http://169.254.169.254", json!({})))
         .unwrap();
     kube.apply(&connector("team-b", "fine", &registry.url(), json!({})))
         .unwrap();

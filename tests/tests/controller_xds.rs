@@ -492,7 +492,7 @@ fn connectors_aimed_at_the_pods_own_ports_or_metadata_are_left_out_and_the_other
     put(
         &s.manifests,
         "metadata.yaml",
-        &connector_yaml("metadata", "https://169.254.169.254", "robot"),
+        &connector_yaml("metadata", "http://169.254.169.254", "robot"),
     );
     put(
         &s.manifests,
