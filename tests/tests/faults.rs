@@ -495,13 +495,16 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
         ))
     );
     let direct = s.registry.url();
+    // The registry's TLS is verified: curl trusts the harness's upstream CA.
+    let upstream_ca = connector_devkit::tls::upstream().unwrap().ca;
+    let ca = format!("--cacert '{}'", upstream_ca.display());
     let up = format!("{}:{}", creds.username, creds.password);
     let location = sh(&format!(
-        "curl -sS -u '{up}' -X POST -D - -o /dev/null '{direct}/v2/big/layer/blobs/uploads/' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
+        "curl -sS {ca} -u '{up}' -X POST -D - -o /dev/null '{direct}/v2/big/layer/blobs/uploads/' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
     ));
     let sep = if location.contains('?') { '&' } else { '?' };
     let code = sh(&format!(
-        "curl -sS -u '{up}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}{sep}digest={digest}'"
+        "curl -sS {ca} -u '{up}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}{sep}digest={digest}'"
     ));
     assert_eq!(code, "201", "push of the {BIG_MIB} MiB layer straight to the registry");
     std::fs::remove_file(&file).ok();
