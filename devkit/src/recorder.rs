@@ -206,10 +206,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<Shared>>) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// One TLS side of the relay: the connection state behind a lock (both pump threads use it:
-/// one feeds it what its socket received, the other hands it plaintext to send) and the socket.
+/// One TLS side of the relay. The connection state is behind `conn`, held only briefly (to
+/// feed it received records, or to encrypt plaintext): never across a socket operation, so a
+/// peer that stops reading (a registry refusing a large body) cannot keep the other direction
+/// from decrypting its answer. `send` orders the socket writes: whoever holds it drains every
+/// record the connection queued, in sequence, and writes them.
 struct Side {
     conn: Mutex<rustls::Connection>,
+    send: Mutex<()>,
     sock: TcpStream,
 }
 
@@ -224,17 +228,34 @@ impl Side {
         sock.set_read_timeout(None).ok()?;
         Some(Arc::new(Self {
             conn: Mutex::new(conn),
+            send: Mutex::new(()),
             sock,
         }))
     }
 
-    /// Sends whatever TLS records the connection has queued.
-    fn flush(&self, conn: &mut rustls::Connection) -> std::io::Result<()> {
-        let mut s = &self.sock;
-        while conn.wants_write() {
-            conn.write_tls(&mut s)?;
+    /// Encrypts `plain` (and, with `close`, a close_notify after it) and writes every queued
+    /// record to the socket, including those the other direction's reads queued (alerts, key
+    /// updates).
+    fn send(&self, plain: &[u8], close: bool) -> std::io::Result<()> {
+        let _order = self
+            .send
+            .lock()
+            .map_err(|_| std::io::Error::other("send lock poisoned"))?;
+        let mut out = Vec::new();
+        {
+            let mut conn = self
+                .conn
+                .lock()
+                .map_err(|_| std::io::Error::other("TLS state poisoned"))?;
+            conn.writer().write_all(plain)?;
+            if close {
+                conn.send_close_notify();
+            }
+            while conn.wants_write() {
+                conn.write_tls(&mut out)?;
+            }
         }
-        Ok(())
+        (&self.sock).write_all(&out)
     }
 }
 
@@ -297,10 +318,6 @@ fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
                     break;
                 }
             }
-            // Alerts and key updates the peer's records asked for.
-            if from.flush(&mut conn).is_err() {
-                closed = true;
-            }
         }
         if !plain.is_empty() {
             if let Some(r) = &record
@@ -308,8 +325,7 @@ fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
             {
                 b.extend_from_slice(&plain);
             }
-            let Ok(mut conn) = to.conn.lock() else { break };
-            if conn.writer().write_all(&plain).is_err() || to.flush(&mut conn).is_err() {
+            if to.send(&plain, false).is_err() {
                 break;
             }
         }
@@ -322,9 +338,6 @@ fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
         };
     }
     // Propagate the half-close, as the plain relay does.
-    if let Ok(mut conn) = to.conn.lock() {
-        conn.send_close_notify();
-        let _ = to.flush(&mut conn);
-    }
+    let _ = to.send(&[], true);
     let _ = to.sock.shutdown(Shutdown::Write);
 }
