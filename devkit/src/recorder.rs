@@ -261,12 +261,17 @@ impl Side {
 
 fn relay_tls(client: TcpStream, upstream: TcpStream, tls: &TlsRelay, rec: Arc<Shared>) {
     let name = rustls::pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
-    let (Ok(server), Ok(to_upstream)) = (
+    let (Ok(mut server), Ok(mut to_upstream)) = (
         rustls::ServerConnection::new(tls.server.clone()),
         rustls::ClientConnection::new(tls.client.clone(), name),
     ) else {
         return;
     };
+    // rustls holds at most 64 KiB of unsent records by default and then accepts a short write;
+    // a socket read here (64 KiB) can decrypt to more than fits beside queued records. The
+    // relay drains every record it encrypts right away, so the buffer stays bounded anyway.
+    server.set_buffer_limit(None);
+    to_upstream.set_buffer_limit(None);
     let Some(down) = Side::handshake(server.into(), client) else {
         return;
     };
@@ -340,4 +345,23 @@ fn pump_tls(from: &Side, to: &Side, record: Option<Arc<Shared>>) {
     // Propagate the half-close, as the plain relay does.
     let _ = to.send(&[], true);
     let _ = to.sock.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The TLS relay in front of a real TLS registry: a verified request through it gets the
+    /// registry's answer, and the recorder saw the plaintext request.
+    #[test]
+    fn relays_tls_to_a_tls_registry_and_records_the_plaintext() {
+        let work = crate::WorkDir::new("recorder-selftest").unwrap();
+        let registry = crate::registry::Registry::start_open(&work).unwrap();
+        let recorder = super::Recorder::start(registry.port).unwrap();
+        assert!(recorder.url().starts_with("https://"));
+        for _ in 0..3 {
+            let r = crate::http::Request::get("/v2/").send(recorder.port).unwrap();
+            assert_eq!(r.status, 200, "{}", r.summary());
+        }
+        let seen = recorder.take();
+        assert_eq!(seen.requests, 3, "{:?}", seen.text);
+    }
 }
