@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use connector_devkit::controller::ProxyCert;
 use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, bootstrap, filter_config};
 use connector_devkit::http::Request;
 use connector_devkit::image;
@@ -1115,13 +1116,27 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
             name: "upstream_pull".into(),
             port: upstream.port,
         };
-        let plain = Envoy::start(
-            &WorkDir::new(&format!("bench-pull-plain-{round}"))?,
+        // skopeo verifies every hop: these Envoys' listeners speak TLS (a proxy certificate
+        // per work dir), as the pull-through registry's does; Envoy verifies the upstream.
+        let plain_work = WorkDir::new(&format!("bench-pull-plain-{round}"))?;
+        let plain = Envoy::start_tls(
+            &plain_work,
             &EnvoySpec {
                 clusters: vec![registry_cluster.clone()],
                 filter: None,
             },
+            &ProxyCert::for_work(&plain_work)?,
         )?;
+        // Through a plain Envoy the client meets the upstream's Bearer challenge and fetches its
+        // token from the realm itself: it trusts the proxy's CA and the upstream's.
+        let bundle = plain_work.path().join("proxy-and-upstream-ca.pem");
+        let pem = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("read {}: {e}", p.display()));
+        std::fs::write(
+            &bundle,
+            pem(&ProxyCert::for_work(&plain_work)?.ca)? + &pem(&connector_devkit::tls::upstream()?.ca)?,
+        )
+        .map_err(|e| format!("write {}: {e}", bundle.display()))?;
+        skopeo.trust(&plain.authority(), &bundle)?;
         let connector = bench_connector(
             upstream.url(),
             registry_cluster.name.clone(),
@@ -1132,8 +1147,9 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
         c["tokenRealms"] = serde_json::json!([{ "url": tokens.realm(), "cluster": "token_service" }]);
         let mut config = filter_config(&minter.jwks(), &[]);
         config["connectors"] = serde_json::json!([c]);
-        let filtered = Envoy::start(
-            &WorkDir::new(&format!("bench-pull-filter-{round}"))?,
+        let filter_work = WorkDir::new(&format!("bench-pull-filter-{round}"))?;
+        let filtered = Envoy::start_tls(
+            &filter_work,
             &EnvoySpec {
                 clusters: vec![
                     registry_cluster,
@@ -1149,6 +1165,7 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
                     plain_route: false,
                 }),
             },
+            &ProxyCert::for_work(&filter_work)?,
         )?;
         let proxy = Registry::start_pull_through(&rw, "pull-through", &upstream.url(), Some(&robot))?;
         let refs = [
