@@ -743,7 +743,7 @@ fn push_table(work: &WorkDir, minter: &Minter, seconds: u32, rounds: u32) -> Res
     };
     let secret = |name: &str, password: &str| {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
         )
     };
     let connector = |name: &str, secret: &str| {
