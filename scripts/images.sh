@@ -7,7 +7,8 @@
 # the glibc libraries `ldd` lists for it, and the filter module.
 #
 # IMAGE_REGISTRY (default `localhost`) is the one place the registry is named. With PUSH=1 the
-# images are pushed there (skopeo; IMAGE_TLS_VERIFY=false for a plain-HTTP test registry) and the
+# images are pushed there (buildah, then checked with skopeo; always over verified TLS:
+# IMAGE_CERT_DIR names a directory with the `ca.crt` of a registry whose CA is private) and the
 # pushed digests are written into deploy/images/kustomization.yaml, the kustomize component every
 # variant takes its image names from, so manifests pin what was pushed.
 set -euo pipefail
@@ -60,12 +61,15 @@ component="deploy/images/kustomization.yaml"
 tmp="$(mktemp)"
 {
   sed -n '1,/^images:/p' "$component"
+  # TLS is always verified; a private CA is trusted through a cert dir, never by turning checks off.
+  tls=(--tls-verify=true)
+  [[ -n "${IMAGE_CERT_DIR:-}" ]] && tls+=(--cert-dir "$IMAGE_CERT_DIR")
   for name in controller proxy webhook; do
     ref="$REG/oci-connector/$name:$VERSION"
-    buildah push -q --tls-verify="${IMAGE_TLS_VERIFY:-true}" --digestfile "$stage/$name.digest" "$ref" "docker://$ref" >/dev/null
+    buildah push -q "${tls[@]}" --digestfile "$stage/$name.digest" "$ref" "docker://$ref" >/dev/null
     digest="$(cat "$stage/$name.digest")"
     # What the registry now serves under the tag must be what was pushed.
-    served="$(skopeo inspect --tls-verify="${IMAGE_TLS_VERIFY:-true}" --format '{{.Digest}}' "docker://$ref")"
+    served="$(skopeo inspect "${tls[@]}" --format '{{.Digest}}' "docker://$ref")"
     [[ "$served" == "$digest" ]] || { echo "images: $ref: pushed $digest, registry serves $served" >&2; exit 1; }
     say "pushed $ref@$digest"
     printf '  - name: oci-connector/%s\n    newName: %s/oci-connector/%s\n    digest: %s\n' "$name" "$REG" "$name" "$digest"

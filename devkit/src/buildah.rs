@@ -141,13 +141,14 @@ impl Buildah {
     }
 }
 
-/// TLS verified against the CA of a harness TLS listener (the proxy), plain HTTP otherwise.
+/// TLS verified against the CA of a harness TLS listener (the proxy, a registry), otherwise
+/// against the system's CAs: never unverified.
 fn tls_flags(reference: &str) -> Result<Vec<String>> {
     Ok(match crate::http::tls_ca_of_reference(reference) {
         Some(ca) => vec![
             "--tls-verify=true".into(),
             format!("--cert-dir={}", crate::http::cert_dir_for(&ca)?.display()),
         ],
-        None => vec!["--tls-verify=false".into()],
+        None => vec!["--tls-verify=true".into()],
     })
 }

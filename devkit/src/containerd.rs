@@ -66,7 +66,8 @@ impl Containerd {
     }
 
     /// `ctr images pull --user <user> <reference>` (reference without `docker://`), verifying
-    /// TLS with `--tlscacert` for a harness TLS listener (the proxy), `--plain-http` otherwise.
+    /// TLS verified against the CA of a harness TLS listener (the proxy), through a hosts dir.
+    /// Any other reference is an error: ctr would speak plain HTTP to a loopback host.
     pub fn pull(&self, reference: &str, user: Option<&str>) -> Result<Output> {
         let mut cmd = self.ctr();
         cmd.args(["images", "pull"]);
@@ -74,7 +75,11 @@ impl Containerd {
             // ctr speaks plain HTTP to 127.0.0.1 whatever --tlscacert says; a hosts.toml (as
             // client-config renders it for nodes) names the https origin and its `ca`.
             Some(ca) => cmd.arg("--hosts-dir").arg(self.hosts_dir(reference, &ca)?),
-            None => cmd.arg("--plain-http"),
+            None => {
+                return Err(format!(
+                    "{reference}: not a harness TLS listener; ctr would pull it over plain HTTP"
+                ));
+            }
         };
         if let Some(u) = user {
             cmd.arg("--user").arg(u);

@@ -244,6 +244,11 @@ impl Controller {
             // this is the one place the operator's opt-in for local upstreams is given.
             .arg("--allow-local-upstreams")
             .args(args);
+        if !args.contains(&"--upstream-ca") {
+            // The harness's upstreams serve certificates of its upstream CA: Envoy's clusters
+            // and the controller's probes verify them against it (unless a test names its own).
+            cmd.arg("--upstream-ca").arg(&crate::tls::upstream()?.ca);
+        }
         if let Some(c) = &proxy_cert {
             cmd.args(c.serve_args());
         }

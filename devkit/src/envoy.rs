@@ -18,7 +18,8 @@ pub const REALM: &str = "oci-connector";
 /// Host form: one host name per connector.
 pub const HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
 
-/// One upstream cluster: a name and a loopback port (the recorder or the registry).
+/// One upstream cluster: a name and a loopback port (the recorder or the registry); reached
+/// over verified TLS when the port is a harness TLS port ([`crate::http::trust_port`]).
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
@@ -115,7 +116,7 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
         .clusters
         .iter()
         .map(|c| {
-            json!({
+            let mut cluster = json!({
                 "name": c.name,
                 "type": "STATIC",
                 "connect_timeout": "2s",
@@ -125,7 +126,11 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
                         "socket_address": { "address": "127.0.0.1", "port_value": c.port }
                     }}}]}],
                 },
-            })
+            });
+            if let Some(ca) = crate::http::tls_ca(c.port) {
+                cluster["transport_socket"] = upstream_tls(&ca);
+            }
+            cluster
         })
         .collect();
     json!({
@@ -133,6 +138,22 @@ pub fn bootstrap(spec: &EnvoySpec, port: u16, admin_port: u16) -> Value {
         "static_resources": {
             "listeners": [listener(port, route, http_filters, false, None)],
             "clusters": clusters,
+        },
+    })
+}
+
+/// TLS to a harness upstream on 127.0.0.1 (every one but the plain-HTTP opt-in), as the
+/// controller's CDS sets it for an `https://127.0.0.1:<port>` address: validated against `ca`,
+/// and the certificate must name the address dialled (Envoy checks names only when told to).
+fn upstream_tls(ca: &Path) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": { "validation_context": {
+                "trusted_ca": { "filename": ca.to_string_lossy() },
+                "match_typed_subject_alt_names": [{ "san_type": "IP_ADDRESS", "matcher": { "exact": "127.0.0.1" } }],
+            }},
         },
     })
 }

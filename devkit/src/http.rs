@@ -66,7 +66,7 @@ pub fn open(port: u16, timeout: Duration) -> Result<Conn> {
 }
 
 /// A rustls client trusting only `ca`.
-fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

@@ -23,9 +23,10 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     crate::setup_binary(&bin_dir(), name, "the OCI tools from the Go module proxy")
 }
 
-/// A running olareg on a free loopback port, storing under the work dir. No authentication of
-/// its own (olareg has none): the tests here are about the protocol passing through the proxy;
-/// the credential handling is the Distribution suites'.
+/// A running olareg on a free loopback port, storing under the work dir, serving HTTPS with the
+/// harness's upstream certificate. No authentication of its own (olareg has none): the tests
+/// here are about the protocol passing through the proxy; the credential handling is the
+/// Distribution suites'.
 pub struct Olareg {
     pub port: u16,
     proc: Proc,
@@ -37,19 +38,25 @@ impl Olareg {
     pub fn start(work: &WorkDir, dir: &str, referrers: bool) -> Result<Self> {
         let port = free_port()?;
         let store = work.sub(&format!("{dir}/store"))?;
+        let tls = crate::tls::upstream()?;
         let mut cmd = Command::new(binary("olareg")?);
         cmd.args(["serve", "--addr", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
             .arg("--dir")
             .arg(&store)
             .arg(format!("--api-referrer={referrers}"))
             .args(["--api-delete", "--gc-frequency", "-1s", "-v", "info"]);
         let mut proc = Proc::spawn("olareg", cmd, &work.sub(dir)?.join("olareg.log"))?;
         proc.wait_for_port(port, Duration::from_secs(20))?;
+        crate::http::trust_port(port, &tls.ca);
         Ok(Self { port, proc })
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 
     pub fn authority(&self) -> String {

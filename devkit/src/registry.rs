@@ -2,7 +2,10 @@
 //! loopback port with filesystem storage in the work dir, with htpasswd auth (the private
 //! registry the connector fronts), with token auth (`auth: token`, trusting the harness's
 //! [`TokenServer`]: the Bearer-challenge upstream), or without (a benchmark upstream that is not
-//! the bottleneck: htpasswd runs bcrypt on every request).
+//! the bottleneck: htpasswd runs bcrypt on every request). Every registry serves HTTPS with
+//! the harness's upstream certificate ([`crate::tls::upstream`]) and its port is registered as a
+//! TLS port ([`crate::http::trust_port`]), so clients verify it; plain HTTP is only the explicit
+//! legacy opt-in [`Registry::start_plain_http_with_auth`].
 
 use crate::procs::{self, Proc};
 use crate::token_server::{self, TokenServer};
@@ -36,6 +39,18 @@ pub struct Registry {
     cfg_path: PathBuf,
     /// Token auth: the rootcertbundle file the registry reads at start.
     bundle: Option<PathBuf>,
+    /// Serves HTTPS (the default); false only for the plain-HTTP legacy opt-in.
+    tls: bool,
+    /// [`Registry::serve_tls`] replaced the harness certificate with one of another CA: the
+    /// harness's readiness check (which trusts the upstream CA) cannot speak to it.
+    foreign_cert: bool,
+}
+
+/// How the registry listens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listen {
+    Tls,
+    PlainHttp,
 }
 
 /// How clients authenticate to the registry.
@@ -53,6 +68,18 @@ impl Registry {
             password: crate::random_secret()?,
         };
         Self::start(work, Some(creds), false)
+    }
+
+    /// The legacy opt-in: a registry requiring `username` that speaks plain HTTP, reached by a
+    /// connector whose address is `http://...`. The one test that shows an http upstream
+    /// still works uses it; every other upstream of the harness speaks verified TLS.
+    pub fn start_plain_http_with_auth(work: &WorkDir, username: &str) -> Result<Self> {
+        let creds = Credentials {
+            username: username.into(),
+            password: crate::random_secret()?,
+        };
+        let htpasswd = creds.clone();
+        Self::start_listening(work, Some(creds), false, Auth::Htpasswd(&htpasswd), Listen::PlainHttp)
     }
 
     /// Starts a registry with `auth: token`: it challenges with
@@ -79,8 +106,9 @@ impl Registry {
         self.restart()
     }
 
-    /// Switches the registry to HTTPS with `cert` (storage and accounts kept): it is then
-    /// `https://<cert's host>:<port>`. Push test content before, over plain HTTP.
+    /// Serves `cert` (e.g. one of a test's own CA, or naming another host) instead of the
+    /// harness's upstream certificate, storage and accounts kept; it is then
+    /// `https://<cert's host>:<port>`, trusted only by whoever trusts that certificate's CA.
     pub fn serve_tls(&mut self, cert: &crate::tls::ServerCert) -> Result<()> {
         let config =
             std::fs::read_to_string(&self.cfg_path).map_err(|e| format!("read {}: {e}", self.cfg_path.display()))?;
@@ -88,23 +116,15 @@ impl Registry {
         if !config.contains(&marker) {
             return Err(format!("{} has no http section to add TLS to", self.cfg_path.display()));
         }
-        let config = config.replace(
-            &marker,
-            &format!(
-                "{marker}  tls:\n    certificate: {}\n    key: {}\n",
-                cert.cert.display(),
-                cert.key.display()
-            ),
-        );
+        // Without the harness certificate's section, then with `cert`'s.
+        let harness = tls_section(&crate::tls::upstream()?.server_cert());
+        let config = config
+            .replace(&harness, "")
+            .replace(&marker, &format!("{marker}{}", tls_section(cert)));
         std::fs::write(&self.cfg_path, config).map_err(|e| format!("write {}: {e}", self.cfg_path.display()))?;
-        self.proc.stop();
-        let log = self.proc.log_path().to_path_buf();
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&self.cfg_path);
-        let mut proc = Proc::spawn("docker-registry", cmd, &log)?;
-        proc.wait_for_port(self.port, Duration::from_secs(20))?;
-        self.proc = proc;
-        Ok(())
+        self.tls = true;
+        self.foreign_cert = true;
+        self.restart()
     }
 
     /// CNCF Distribution in pull-through proxy mode (the neighbour the benchmark compares with):
@@ -125,20 +145,23 @@ impl Registry {
         let config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n{}\
              proxy:\n  remoteurl: {remote}\n{auth}",
             storage.display(),
-            crate::random_hex(16)?
+            crate::random_hex(16)?,
+            tls_section(&crate::tls::upstream()?.server_cert()),
         );
         let cfg_path = dir.join("config.yml");
         std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
-        let proc = spawn(&cfg_path, &dir.join("registry.log"), port)?;
+        let proc = spawn(&cfg_path, &dir.join("registry.log"), port, Listen::Tls)?;
         Ok(Self {
             port,
             credentials: None,
             proc,
             cfg_path,
             bundle: None,
+            tls: true,
+            foreign_cert: false,
         })
     }
 
@@ -164,17 +187,15 @@ impl Registry {
     pub fn restart(&mut self) -> Result<()> {
         self.proc.stop();
         let log = self.proc.log_path().to_path_buf();
-        let config = std::fs::read_to_string(&self.cfg_path).unwrap_or_default();
-        if config.contains("\n  tls:\n") {
-            // Behind TLS (see `serve_tls`): the certificate files are read again, and the
-            // plain-HTTP readiness check cannot speak to it; the port answering is enough.
-            let mut cmd = Command::new("docker-registry");
-            cmd.arg("serve").arg(&self.cfg_path);
-            let mut proc = Proc::spawn("docker-registry", cmd, &log)?;
+        if self.foreign_cert {
+            // A certificate the harness does not trust (see `serve_tls`): the readiness check
+            // cannot speak to it; the port answering is enough.
+            let mut proc = Proc::spawn("docker-registry", command(&self.cfg_path)?, &log)?;
             proc.wait_for_port(self.port, Duration::from_secs(20))?;
             self.proc = proc;
         } else {
-            self.proc = spawn(&self.cfg_path, &log, self.port)?;
+            let listen = if self.tls { Listen::Tls } else { Listen::PlainHttp };
+            self.proc = spawn(&self.cfg_path, &log, self.port, listen)?;
         }
         Ok(())
     }
@@ -194,6 +215,16 @@ impl Registry {
     }
 
     fn start_with(work: &WorkDir, credentials: Option<Credentials>, lean: bool, auth: Auth<'_>) -> Result<Self> {
+        Self::start_listening(work, credentials, lean, auth, Listen::Tls)
+    }
+
+    fn start_listening(
+        work: &WorkDir,
+        credentials: Option<Credentials>,
+        lean: bool,
+        auth: Auth<'_>,
+        listen: Listen,
+    ) -> Result<Self> {
         let dir = work.sub("registry")?;
         let storage = work.sub("registry/storage")?;
         let port = procs::free_port()?;
@@ -224,13 +255,17 @@ impl Registry {
             }
             Auth::None => String::new(),
         };
+        let tls = match listen {
+            Listen::Tls => tls_section(&crate::tls::upstream()?.server_cert()),
+            Listen::PlainHttp => String::new(),
+        };
         // JSON is valid YAML, but Distribution's docs and errors speak YAML: keep it readable.
         let config = if lean {
             format!(
                 "version: 0.1\n\
                  log:\n  level: error\n  accesslog:\n    disabled: true\n\
                  storage:\n  inmemory: {{}}\n  cache:\n    blobdescriptor: inmemory\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n",
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n{tls}",
                 crate::random_hex(16)?
             )
         } else {
@@ -238,7 +273,7 @@ impl Registry {
                 "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: {}\n{tls}\
              {auth}",
                 storage.display(),
                 crate::random_hex(16)?
@@ -246,13 +281,15 @@ impl Registry {
         };
         let cfg_path = dir.join("config.yml");
         std::fs::write(&cfg_path, config).map_err(|e| format!("write {}: {e}", cfg_path.display()))?;
-        let proc = spawn(&cfg_path, &dir.join("registry.log"), port)?;
+        let proc = spawn(&cfg_path, &dir.join("registry.log"), port, listen)?;
         Ok(Self {
             port,
             credentials,
             proc,
             cfg_path,
             bundle,
+            tls: listen == Listen::Tls,
+            foreign_cert: false,
         })
     }
 
@@ -261,9 +298,10 @@ impl Registry {
         self.proc.pid()
     }
 
-    /// `http://127.0.0.1:port`.
+    /// `https://127.0.0.1:port` (`http://` for the plain-HTTP legacy opt-in).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `127.0.0.1:port`, as in image references.
@@ -276,10 +314,31 @@ impl Registry {
     }
 }
 
-fn spawn(cfg_path: &Path, log: &Path, port: u16) -> Result<Proc> {
+/// `docker-registry serve <config>`, trusting the harness's upstream CA for its own outgoing
+/// TLS (a pull-through cache's remote): Go reads `SSL_CERT_FILE`.
+fn command(cfg_path: &Path) -> Result<Command> {
     let mut cmd = Command::new("docker-registry");
     cmd.arg("serve").arg(cfg_path);
-    let mut proc = Proc::spawn("docker-registry", cmd, log)?;
+    cmd.env("SSL_CERT_FILE", crate::tls::upstream()?.ca);
+    Ok(cmd)
+}
+
+/// The `http.tls` section serving `cert`.
+fn tls_section(cert: &crate::tls::ServerCert) -> String {
+    format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        cert.cert.display(),
+        cert.key.display()
+    )
+}
+
+fn spawn(cfg_path: &Path, log: &Path, port: u16, listen: Listen) -> Result<Proc> {
+    if listen == Listen::Tls {
+        // Clients of the harness (the readiness check below, skopeo, the raw HTTP client)
+        // verify this port against the upstream CA.
+        crate::http::trust_port(port, &crate::tls::upstream()?.ca);
+    }
+    let mut proc = Proc::spawn("docker-registry", command(cfg_path)?, log)?;
     // /v2/ answers 200 (open) or 401 (htpasswd, token) once the registry serves.
     proc.wait_for_http(port, "/v2/", |s| s == 200 || s == 401, Duration::from_secs(20))?;
     Ok(proc)

@@ -25,8 +25,11 @@ pub struct Skopeo {
     cache: PathBuf,
     auth_file: PathBuf,
     /// Registries (`host:port`) reached over verified TLS, with the `--cert-dir` holding the CA
-    /// to trust (`ca.crt`); every other registry of the harness is plain HTTP.
+    /// to trust (`ca.crt`), besides the harness's TLS ports ([`crate::http::tls_ca`]).
     trusted: Mutex<Vec<(String, PathBuf)>>,
+    /// Registries (`host:port`) a test declared plain HTTP: the legacy opt-in, the only place
+    /// skopeo gets `--tls-verify=false`.
+    plain_http: Mutex<Vec<String>>,
     dir: PathBuf,
 }
 
@@ -43,6 +46,7 @@ impl Skopeo {
             cache: work.sub("skopeo/cache")?,
             auth_file: dir.join("auth.json"),
             trusted: Mutex::new(vec![]),
+            plain_http: Mutex::new(vec![]),
             dir,
         })
     }
@@ -58,8 +62,17 @@ impl Skopeo {
         Ok(())
     }
 
+    /// From now on `authority` is reached over plain HTTP (`--tls-verify=false`): only for the
+    /// legacy plain-HTTP opt-in, a proxy started with `--proxy-plain-http`.
+    pub fn plain_http(&self, authority: &str) -> Result<()> {
+        let mut plain = self.plain_http.lock().map_err(|_| "skopeo plain-HTTP list poisoned")?;
+        plain.push(authority.to_string());
+        Ok(())
+    }
+
     /// The TLS flags for `reference` (`--<prefix>tls-verify...`): verified with the CA of a
-    /// trusted authority, otherwise plain HTTP.
+    /// trusted authority or harness TLS port, plain HTTP for a declared [`Skopeo::plain_http`]
+    /// authority, otherwise verified against the system's CAs.
     fn tls_flags(&self, prefix: &str, reference: &str) -> Vec<String> {
         let authority = reference
             .strip_prefix("docker://")
@@ -79,12 +92,18 @@ impl Skopeo {
                 std::fs::copy(&ca, dir.join("ca.crt")).ok()?;
                 Some(dir)
             });
+        let plain = self
+            .plain_http
+            .lock()
+            .map(|p| p.iter().any(|a| a == authority))
+            .unwrap_or(false);
         match dir {
             Some(dir) => vec![
                 format!("--{prefix}tls-verify=true"),
                 format!("--{prefix}cert-dir={}", dir.display()),
             ],
-            None => vec![format!("--{prefix}tls-verify=false")],
+            None if plain => vec![format!("--{prefix}tls-verify=false")],
+            None => vec![format!("--{prefix}tls-verify=true")],
         }
     }
 
@@ -127,7 +146,8 @@ impl Skopeo {
         procs::run(cmd, None)
     }
 
-    /// `skopeo copy src dest`; registries on either side are plain HTTP unless trusted ([`Skopeo::trust`]).
+    /// `skopeo copy src dest`; registries on either side verified as [`Skopeo::trust`] and the
+    /// harness's TLS ports say.
     pub fn copy(&self, src: &str, src_creds: Creds<'_>, dest: &str, dest_creds: Creds<'_>) -> Result<Output> {
         let mut cmd = self.command();
         cmd.args(["copy", "--command-timeout", "120s"]);

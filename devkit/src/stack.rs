@@ -69,7 +69,7 @@ impl Stack {
                     ConnectorSpec {
                         namespace: CONNECTOR_NAMESPACE.into(),
                         name: CONNECTOR_NAME.into(),
-                        address: format!("http://127.0.0.1:{}", recorder.port),
+                        address: recorder.url(),
                         cluster: CLUSTER.into(),
                         username: creds.username.clone(),
                         password_env: PASSWORD_ENV.into(),
@@ -79,7 +79,7 @@ impl Stack {
                     ConnectorSpec {
                         namespace: CONNECTOR_NAMESPACE.into(),
                         name: BROKEN_CONNECTOR_NAME.into(),
-                        address: format!("http://127.0.0.1:{}", recorder.port),
+                        address: recorder.url(),
                         cluster: CLUSTER.into(),
                         username: creds.username.clone(),
                         password_env: BROKEN_PASSWORD_ENV.into(),

@@ -8,6 +8,8 @@
 //! with 60 s leeway, then grants what the `access` claim lists). Tests steer it (lifetime,
 //! failing, hanging, key rotation) and read back every request it received: how often tokens
 //! were fetched, for which scopes, and which Authorization arrived (never a client's JWT).
+//! It serves HTTPS with the harness's upstream certificate ([`crate::tls::upstream`]), so the
+//! realm is an `https://` URL and every client of it (the proxy, skopeo) verifies it.
 
 use crate::{Result, WorkDir, procs};
 use base64::Engine;
@@ -93,17 +95,23 @@ pub struct TokenServer {
     shared: Arc<Shared>,
 }
 
+/// One client connection, TLS over TCP.
+type Conn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
 impl TokenServer {
     /// Generates a signing key and certificate under `<work>/token-server` and listens on a free
     /// loopback port, accepting `username` / `password` (the robot account) as Basic credential.
     pub fn start(work: &WorkDir, username: &str, password: &str) -> Result<Self> {
         let keys_dir = work.sub("token-server")?;
         let key = generate_key(&keys_dir, 1)?;
+        let upstream = crate::tls::upstream()?;
+        let tls = crate::tls::server_config(&upstream.server_cert())?;
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("token server bind: {e}"))?;
         let port = listener
             .local_addr()
             .map_err(|e| format!("token server addr: {e}"))?
             .port();
+        crate::http::trust_port(port, &upstream.ca);
         let shared = Arc::new(Shared {
             username: username.into(),
             password: password.into(),
@@ -121,14 +129,14 @@ impl TokenServer {
         let s = shared.clone();
         thread::Builder::new()
             .name(format!("token-server-{port}"))
-            .spawn(move || accept_loop(listener, s))
+            .spawn(move || accept_loop(listener, s, tls))
             .map_err(|e| format!("token server thread: {e}"))?;
         Ok(Self { port, shared })
     }
 
-    /// The realm the registry names in its challenge: `http://127.0.0.1:<port>/token`.
+    /// The realm the registry names in its challenge: `https://127.0.0.1:<port>/token`.
     pub fn realm(&self) -> String {
-        format!("http://127.0.0.1:{}/token", self.port)
+        format!("https://127.0.0.1:{}/token", self.port)
     }
 
     /// The PEM certificate of the current signing key (what the registry's rootcertbundle holds).
@@ -240,21 +248,25 @@ fn generate_key(dir: &Path, generation: u32) -> Result<Key> {
     })
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>) {
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(stream) = conn else { continue };
+        let Ok(server) = rustls::ServerConnection::new(tls.clone()) else {
+            continue;
+        };
         let s = shared.clone();
-        // One thread per connection: a hanging answer must not hold up the others.
-        thread::spawn(move || serve(stream, &s));
+        // One thread per connection: a hanging answer must not hold up the others. The TLS
+        // handshake happens on the first read.
+        thread::spawn(move || serve(rustls::StreamOwned::new(server, stream), &s));
     }
 }
 
 /// Serves requests on one connection until the peer closes it (Envoy keeps connections alive).
-fn serve(mut stream: TcpStream, shared: &Shared) {
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+fn serve(mut stream: Conn, shared: &Shared) {
+    stream.sock.set_read_timeout(Some(Duration::from_secs(60))).ok();
     let mut buf = Vec::new();
     loop {
         let head_end = loop {
@@ -295,8 +307,10 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         }
         out.push_str("\r\n");
         out.push_str(&body);
-        if stream.write_all(out.as_bytes()).is_err() || close {
-            let _ = stream.shutdown(Shutdown::Both);
+        if stream.write_all(out.as_bytes()).and_then(|_| stream.flush()).is_err() || close {
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+            let _ = stream.sock.shutdown(Shutdown::Both);
             return;
         }
     }

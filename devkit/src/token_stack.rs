@@ -63,7 +63,7 @@ impl TokenStack {
         // skopeo does the token dance itself with the robot account.
         let (image, recorder, minter) =
             crate::stack::seed_upstream(&work, &skopeo, &registry, UPSTREAM_USER, &password)?;
-        let address = format!("http://127.0.0.1:{}", recorder.port);
+        let address = recorder.url();
         let connector = |name: &str| ConnectorSpec {
             namespace: CONNECTOR_NAMESPACE.into(),
             name: name.into(),

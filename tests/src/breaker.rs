@@ -83,6 +83,8 @@ impl Breaker {
         Self { port, seen, stop }
     }
 
+    /// Plain HTTP on purpose: what it tests is a peer breaking off byte by byte (FIN, RST,
+    /// stall mid-body) at a raw socket; the TLS path to an upstream is tested on the real ones.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -25,6 +25,7 @@ fn full(status: &str, extra_headers: &str, body: &str) -> Answer {
 }
 
 /// The hostile upstream: challenges with Basic, then per path echoes, redirects, sets cookies.
+/// Plain HTTP (a hand-written [`Breaker`]): its hostile answers are the test, not its transport.
 fn hostile(elsewhere: u16, storage: u16) -> Breaker {
     Breaker::start(move |method, path, head| {
         let auth_line = head

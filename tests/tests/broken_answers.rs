@@ -37,6 +37,7 @@ fn broken_probe(then: Then) -> Breaker {
 }
 
 /// An upstream that asks for a bearer token from its own `/token`, whose answer breaks off.
+/// Plain HTTP like every [`Breaker`]: the raw socket breaking off is what is tested.
 fn broken_realm(then: Then) -> Breaker {
     let realm_port = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
     let rp = realm_port.clone();

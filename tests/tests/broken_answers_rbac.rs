@@ -79,7 +79,7 @@ fn an_access_answer_that_breaks_off_costs_only_its_request() {
         "--serviceaccount=demo:builder",
     ])
     .unwrap();
-    let controller = Controller::start_kube(&work, &kubeconfig, "http://127.0.0.1:8080", &[]).unwrap();
+    let controller = Controller::start_kube(&work, &kubeconfig, "https://127.0.0.1:8080", &[]).unwrap();
     let channel_port = controller.ports.channel;
     let relay = Breaker::start(move |_, path, _| {
         if path.starts_with(&format!("/v1/access/{NS}/broken-access")) {

@@ -74,7 +74,9 @@ fn rendered_manifests_drive_envoy_and_a_pull_succeeds() {
     let clusters: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&written.clusters).unwrap()).unwrap();
     assert_eq!(clusters.len(), 1, "one upstream, one cluster: {clusters:?}");
     assert_eq!(clusters[0]["host"], "127.0.0.1");
-    assert_eq!(clusters[0]["tls"], false);
+    // The registry speaks TLS (devkit's upstream CA): the rendered cluster says so, and the
+    // static Envoy below verifies it (devkit's clusters for a harness TLS port).
+    assert_eq!(clusters[0]["tls"], true);
     let clusters = clusters
         .iter()
         .map(|c| Cluster {

@@ -33,7 +33,7 @@ const NS: &str = "demo";
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
 const AUDIENCE: &str = "oci-connector";
-const PROXY_URL: &str = "http://192.168.1.10:31567";
+const PROXY_URL: &str = "https://192.168.1.10:31567";
 const MANIFEST_TYPES: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -136,7 +136,7 @@ fn two_replicas_one_lease_holder_writes_status_and_pulls_survive_the_leaders_dea
         "--revocation-seconds",
         "30",
     ];
-    let proxy_url = "http://192.168.1.10:31567";
+    let proxy_url = "https://192.168.1.10:31567";
     let mut replicas: Vec<Option<Controller>> = vec![];
     let mut envoys = vec![];
     for i in 0..2 {

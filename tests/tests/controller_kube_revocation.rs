@@ -79,7 +79,7 @@ fn deleting_a_service_account_or_pod_refuses_its_tokens_within_seconds() {
     .unwrap();
 
     let kubeconfig = kube.controller_kubeconfig().unwrap();
-    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "http://192.168.1.10:31567", &[]);
+    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "https://192.168.1.10:31567", &[]);
 
     let builder = kube.create_token(NS, "builder", AUDIENCE, &[]).unwrap();
     let bound = kube

@@ -83,7 +83,7 @@ fn a_namespaced_controller_watches_only_its_secret_types_and_its_memory_stays_fl
     }
     assert_eq!(can_i(&kube, &["list", "secrets", "--all-namespaces"]), "no");
 
-    let (controller, _envoy) = start_kube_stack(&work, &kubeconfig, "http://192.168.1.10:31567", &["--namespace", NS]);
+    let (controller, _envoy) = start_kube_stack(&work, &kubeconfig, "https://192.168.1.10:31567", &["--namespace", NS]);
     let start = Instant::now();
     while ready(&kube, "registry").as_deref() != Some("True") {
         assert!(

@@ -22,7 +22,7 @@ use connector_devkit::registry::Registry;
 use connector_e2e::xds::start_kube_stack;
 use serde_json::{Value, json};
 
-const PROXY_URL: &str = "http://192.168.1.10:31567";
+const PROXY_URL: &str = "https://192.168.1.10:31567";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn connector(ns: &str, name: &str, address: &str, extra: Value) -> Value {
@@ -128,12 +128,7 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
     }))
     .unwrap();
     let relay = Recorder::start(registry.port).unwrap();
-    let mut borrower = connector(
-        "team-a",
-        "borrower",
-        &format!("http://127.0.0.1:{}", relay.port),
-        json!({}),
-    );
+    let mut borrower = connector("team-a", "borrower", &relay.url(), json!({}));
     borrower["spec"]["auth"]["secretRef"]["name"] = json!("private");
     kube.apply(&borrower).unwrap();
 

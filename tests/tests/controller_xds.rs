@@ -193,7 +193,7 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
     };
     // The registry accepts both robot accounts, as during a real rotation window.
     s.registry.add_user(&new).unwrap();
-    let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
+    let upstream = s.recorder.url();
     let (controller, envoy, token) = serve(&s, &upstream, &old, &[]);
     until_status(&envoy, "registry", &token, 200);
 
@@ -314,7 +314,7 @@ fn rotation_and_connector_changes_under_load_fail_no_request() {
 fn an_https_registry_is_reached_with_tls_sni_and_the_configured_ca() {
     let mut s = setup("controller-tls");
     let creds = s.registry.credentials.clone().unwrap();
-    // The sample is already pushed over plain HTTP; now the registry speaks only HTTPS, with a
+    // The sample is already pushed (over the harness's verified TLS); now the registry serves a
     // certificate for `localhost` from a CA of this test (not in the system bundle).
     let ca = connector_devkit::tls::TestCa::new(&s.work.sub("ca").unwrap()).unwrap();
     s.registry.serve_tls(&ca.issue("localhost").unwrap()).unwrap();

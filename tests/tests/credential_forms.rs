@@ -45,7 +45,7 @@ fn a_docker_config_json_secret_is_a_working_credential() {
     let connector = ConnectorSpec {
         namespace: "team".into(),
         name: "registry".into(),
-        address: format!("http://127.0.0.1:{}", recorder.port),
+        address: recorder.url(),
         cluster: "upstream_team".into(),
         username: String::new(),
         password_env: String::new(),

@@ -451,6 +451,7 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
     for want in [
         "--proxy-tls-cert=/local/tls/tls.crt",
         "--proxy-tls-key=/local/tls/tls.key",
+        "--upstream-ca=/local/tls/ca.crt",
         "--identity=/local/identity.json",
     ] {
         assert!(command.contains(&want), "{command:?}");
@@ -486,6 +487,9 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
     assert_eq!(rendered.connectors.len(), 1, "{:?}", rendered.left_out);
     assert_eq!(rendered.clusters[0].host, "registry");
     assert_eq!(rendered.clusters[0].port, 5000);
+    // The registry speaks TLS (make-files.sh issues its certificate from the demo CA).
+    assert!(rendered.clusters[0].tls, "the compose registry is reached over TLS");
+    assert!(make_files.contains("\"$d/tls/registry.crt\""));
     assert!(services.contains_key("registry"));
 }
 

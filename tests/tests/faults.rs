@@ -189,7 +189,8 @@ fn upstream_down_answers_503_and_recovers_without_restarting_envoy() {
 }
 
 /// A stand-in upstream: records every request head it receives; either never answers, or
-/// challenges `/v2/` with Basic and answers everything else `503` with an OCI body.
+/// challenges `/v2/` with Basic and answers everything else `503` with an OCI body. Plain HTTP
+/// on purpose: a raw socket that stays silent or answers 503 is the point, not its transport.
 struct StandIn {
     port: u16,
     heads: Arc<Mutex<Vec<String>>>,
@@ -480,7 +481,7 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
     let _turn = serial();
     let s = setup("faults-envoy-restart");
     let creds = s.registry.credentials.clone().unwrap();
-    let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
+    let upstream = s.recorder.url();
     let (controller, envoy, token) = serve(&s, &[("registry", &upstream)], &[]);
     until_ok(envoy.port, "registry", &token, Duration::from_secs(10));
 
@@ -494,13 +495,16 @@ fn envoy_killed_mid_download_truncates_and_a_new_envoy_serves_the_retry() {
         ))
     );
     let direct = s.registry.url();
+    // The registry's TLS is verified: curl trusts the harness's upstream CA.
+    let upstream_ca = connector_devkit::tls::upstream().unwrap().ca;
+    let ca = format!("--cacert '{}'", upstream_ca.display());
     let up = format!("{}:{}", creds.username, creds.password);
     let location = sh(&format!(
-        "curl -sS -u '{up}' -X POST -D - -o /dev/null '{direct}/v2/big/layer/blobs/uploads/' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
+        "curl -sS {ca} -u '{up}' -X POST -D - -o /dev/null '{direct}/v2/big/layer/blobs/uploads/' | tr -d '\\r' | sed -n 's/^[Ll]ocation: //p'"
     ));
     let sep = if location.contains('?') { '&' } else { '?' };
     let code = sh(&format!(
-        "curl -sS -u '{up}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}{sep}digest={digest}'"
+        "curl -sS {ca} -u '{up}' -X PUT -H 'Content-Type: application/octet-stream' -T '{f}' -o /dev/null -w '%{{http_code}}' '{location}{sep}digest={digest}'"
     ));
     assert_eq!(code, "201", "push of the {BIG_MIB} MiB layer straight to the registry");
     std::fs::remove_file(&file).ok();
@@ -602,7 +606,7 @@ fn a_module_envoy_cannot_load_fails_closed_without_hanging() {
     let mut bytes = b"\0asm\x01\0\0\0".to_vec();
     bytes.extend(connector_devkit::random_bytes(4096).unwrap());
     std::fs::write(&garbage, &bytes).unwrap();
-    let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
+    let upstream = s.recorder.url();
     let garbage_arg = garbage.to_string_lossy().into_owned();
     // A second `--wasm` overrides the devkit's (the last value wins in the controller's parser).
     let args = ["--wasm", garbage_arg.as_str()];

@@ -140,8 +140,10 @@ fn tags_list_passes_through_both_forms() {
             listed.summary()
         );
         let upstream = s.recorder.take();
+        // The connector's one challenge probe lands here when this test is the first to use it.
+        let forwarded: Vec<&str> = upstream.request_lines().into_iter().filter(|l| !is_probe(l)).collect();
         assert_eq!(
-            upstream.request_lines(),
+            forwarded,
             vec![format!("GET /v2/{REPO}/tags/list?n=1 HTTP/1.1").as_str()]
         );
 

@@ -140,7 +140,7 @@ fn a_real_kubelet_pulls_through_the_proxy_with_the_pods_own_token_and_no_pull_se
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("{e}"));
     let kubeconfig = kube.controller_kubeconfig().unwrap();
-    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "http://127.0.0.1:1", &[]);
+    let (controller, envoy) = start_kube_stack(&work, &kubeconfig, "https://127.0.0.1:1", &[]);
     let proxy = format!("127.0.0.1:{}", envoy.port);
 
     // The node's configuration: containerd reaches the proxy over TLS, the kubelet asks the

@@ -73,7 +73,7 @@ fn file_mode_tls_listener_verified_by_clients_and_rotated_under_load() {
     put(
         &s.manifests,
         "registry.yaml",
-        &connector_yaml("registry", &format!("http://127.0.0.1:{}", s.recorder.port), "robot"),
+        &connector_yaml("registry", &s.recorder.url(), "robot"),
     );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
     // The harness's controller serves a certificate it made (CA + server certificate naming
@@ -337,7 +337,7 @@ fn the_controller_needs_a_choice_and_plain_http_is_the_explicit_legacy_opt_in() 
     put(
         &s.manifests,
         "registry.yaml",
-        &connector_yaml("registry", &format!("http://127.0.0.1:{}", s.recorder.port), "robot"),
+        &connector_yaml("registry", &s.recorder.url(), "robot"),
     );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
     let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--proxy-plain-http"]).unwrap();
@@ -354,7 +354,9 @@ fn the_controller_needs_a_choice_and_plain_http_is_the_explicit_legacy_opt_in() 
     .unwrap();
     assert!(envoy.base_url().starts_with("http://"));
     let token = s.minter.valid(NS, "default").unwrap();
-    // skopeo needs --tls-verify=false for it: the cost of the legacy setup.
+    // skopeo needs --tls-verify=false for it: the cost of the legacy setup, and the only
+    // place a test turns verification off on the proxy side.
+    s.skopeo.plain_http(&envoy.authority()).unwrap();
     pull(&s, &envoy.authority(), "registry", &token, "pulled");
 }
 
@@ -486,4 +488,95 @@ fn the_controller_is_not_ready_until_the_proxy_certificate_is_loaded() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The upstream side's legacy opt-in: a connector whose address is `http://...` reaches a
+/// plain-HTTP registry through the TLS proxy, and Envoy's cluster for it has no TLS, exactly as
+/// the address asked. It is the one plain-HTTP registry of the tests (seeding it is the one
+/// `--dest-tls-verify=false` on the upstream side); every other upstream is verified TLS, like
+/// the connector beside it here, whose cluster verifies the upstream CA.
+#[test]
+fn an_http_upstream_is_the_explicit_legacy_opt_in() {
+    use connector_devkit::registry::Registry;
+    use connector_devkit::skopeo::Creds;
+    let s = setup("upstream-plain-http");
+    let tls_creds = s.registry.credentials.clone().unwrap();
+    let plain_work = connector_devkit::WorkDir::new("upstream-plain-http-registry").unwrap();
+    let plain = Registry::start_plain_http_with_auth(&plain_work, "plain-robot").unwrap();
+    let creds = plain.credentials.clone().unwrap();
+    assert!(plain.url().starts_with("http://"), "{}", plain.url());
+    s.skopeo.plain_http(&plain.authority()).unwrap();
+    connector_devkit::image::push(
+        &s.skopeo,
+        &s.sample,
+        &plain.authority(),
+        "library/app",
+        Creds::Basic(&creds.username, &creds.password),
+    )
+    .unwrap();
+    put(
+        &s.manifests,
+        "plain.yaml",
+        &connector_yaml("plain", &plain.url(), "plain-robot"),
+    );
+    put(&s.manifests, "plain-secret.yaml", &secret_yaml("plain-robot", &creds));
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &s.recorder.url(), "robot"),
+    );
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &tls_creds));
+    let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
+    let envoy = Envoy::start_xds(
+        &s.work,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+    )
+    .unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    // Clients still verify the proxy: only the proxy's hop to this one upstream is plain.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = s.skopeo.inspect(
+            &format!(
+                "docker://{}/namespaces/{NS}/connectors/plain/library/app:v1",
+                envoy.authority()
+            ),
+            connector_devkit::skopeo::Creds::Basic("sa", &token),
+            true,
+        );
+        if out.as_ref().is_ok_and(|o| o.success) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pull(&s, &envoy.authority(), "plain", &token, "pulled-plain");
+
+    // The clusters Envoy got: TLS for the https connector, none for the http one.
+    let dump: serde_json::Value = serde_json::from_str(&envoy.config_dump().unwrap()).unwrap();
+    let clusters: Vec<&serde_json::Value> = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["dynamic_active_clusters"].as_array())
+        .flatten()
+        .map(|c| &c["cluster"])
+        .collect();
+    let by_prefix = |prefix: &str| {
+        clusters
+            .iter()
+            .find(|c| c["name"].as_str().unwrap_or_default().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no cluster {prefix}* in {clusters:?}"))
+    };
+    let http = by_prefix(&format!("upstream_http_127_0_0_1_{}_", plain.port));
+    assert!(
+        http.get("transport_socket").is_none(),
+        "an http upstream gets no TLS: {http}"
+    );
+    let https = by_prefix(&format!("upstream_https_127_0_0_1_{}_", s.recorder.port));
+    assert!(
+        https["transport_socket"].to_string().contains("UpstreamTlsContext"),
+        "an https upstream is verified TLS: {https}"
+    );
 }

@@ -378,7 +378,7 @@ fn unlisted_realm_is_refused_and_gets_nothing() {
         let (_code, message) = oci_error(&r);
         let realm = s.token_server.realm();
         let authority = realm
-            .trim_start_matches("http://")
+            .trim_start_matches("https://")
             .split('/')
             .next()
             .unwrap_or("")

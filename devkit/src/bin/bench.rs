@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use connector_devkit::controller::ProxyCert;
 use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, bootstrap, filter_config};
 use connector_devkit::http::Request;
 use connector_devkit::image;
@@ -131,7 +132,7 @@ fn run_wrk(s: &Scenario, script: &Path, seconds: u32) -> Result<Sample> {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency", "-s"])
         .arg(script)
-        .arg(format!("http://127.0.0.1:{}{}", s.port, s.path))
+        .arg(format!("{}{}", origin(s.port), s.path))
         .env("BENCH_ACCEPT", MANIFEST_ACCEPT)
         .env(
             "BENCH_TOKENS",
@@ -284,12 +285,7 @@ fn run() -> Result<()> {
     let mut start_envoy = |label: &str, port: u16, filter: Option<(&Path, bool)>| -> Result<Envoy> {
         let w = WorkDir::new(label)?;
         let cluster = "upstream_bench".to_string();
-        let connector = bench_connector(
-            format!("http://127.0.0.1:{port}"),
-            cluster.clone(),
-            "robot".into(),
-            "BENCH_REGISTRY_PASSWORD",
-        );
+        let connector = bench_connector(origin(port), cluster.clone(), "robot".into(), "BENCH_REGISTRY_PASSWORD");
         let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
         config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
         let filter = filter.map(|(module, plain_route)| WasmFilter {
@@ -747,7 +743,7 @@ fn push_table(work: &WorkDir, minter: &Minter, seconds: u32, rounds: u32) -> Res
     };
     let secret = |name: &str, password: &str| {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: robot\n  password: {password}\n"
         )
     };
     let connector = |name: &str, secret: &str| {
@@ -891,9 +887,23 @@ fn host_calls(wasm: &Path) -> String {
     }
 }
 
+/// `https://127.0.0.1:<port>` for a harness TLS port (every upstream: the registry and nginx
+/// serve the harness's upstream certificate), `http://` for the benchmark's Envoy listeners.
+fn origin(port: u16) -> String {
+    let scheme = if connector_devkit::http::tls_ca(port).is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// curl, trusting the harness's upstream CA (the direct requests to the registry are verified).
 fn curl(args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "600"]).args(args);
+    cmd.args(["-sS", "--max-time", "600", "--cacert"])
+        .arg(&connector_devkit::tls::upstream()?.ca)
+        .args(args);
     Ok(procs::run(cmd, None)?.ok()?.stdout)
 }
 
@@ -1106,13 +1116,27 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
             name: "upstream_pull".into(),
             port: upstream.port,
         };
-        let plain = Envoy::start(
-            &WorkDir::new(&format!("bench-pull-plain-{round}"))?,
+        // skopeo verifies every hop: these Envoys' listeners speak TLS (a proxy certificate
+        // per work dir), as the pull-through registry's does; Envoy verifies the upstream.
+        let plain_work = WorkDir::new(&format!("bench-pull-plain-{round}"))?;
+        let plain = Envoy::start_tls(
+            &plain_work,
             &EnvoySpec {
                 clusters: vec![registry_cluster.clone()],
                 filter: None,
             },
+            &ProxyCert::for_work(&plain_work)?,
         )?;
+        // Through a plain Envoy the client meets the upstream's Bearer challenge and fetches its
+        // token from the realm itself: it trusts the proxy's CA and the upstream's.
+        let bundle = plain_work.path().join("proxy-and-upstream-ca.pem");
+        let pem = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("read {}: {e}", p.display()));
+        std::fs::write(
+            &bundle,
+            pem(&ProxyCert::for_work(&plain_work)?.ca)? + &pem(&connector_devkit::tls::upstream()?.ca)?,
+        )
+        .map_err(|e| format!("write {}: {e}", bundle.display()))?;
+        skopeo.trust(&plain.authority(), &bundle)?;
         let connector = bench_connector(
             upstream.url(),
             registry_cluster.name.clone(),
@@ -1123,8 +1147,9 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
         c["tokenRealms"] = serde_json::json!([{ "url": tokens.realm(), "cluster": "token_service" }]);
         let mut config = filter_config(&minter.jwks(), &[]);
         config["connectors"] = serde_json::json!([c]);
-        let filtered = Envoy::start(
-            &WorkDir::new(&format!("bench-pull-filter-{round}"))?,
+        let filter_work = WorkDir::new(&format!("bench-pull-filter-{round}"))?;
+        let filtered = Envoy::start_tls(
+            &filter_work,
             &EnvoySpec {
                 clusters: vec![
                     registry_cluster,
@@ -1140,6 +1165,7 @@ fn pull_table(work: &WorkDir, minter: &Minter, wasm: &Path, skopeo: &Skopeo, rou
                     plain_route: false,
                 }),
             },
+            &ProxyCert::for_work(&filter_work)?,
         )?;
         let proxy = Registry::start_pull_through(&rw, "pull-through", &upstream.url(), Some(&robot))?;
         let refs = [
@@ -1222,7 +1248,7 @@ fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, round
     let w = WorkDir::new("bench-flood-filter")?;
     let cluster = "upstream_bench".to_string();
     let connector = bench_connector(
-        format!("http://127.0.0.1:{}", static_up.port),
+        origin(static_up.port),
         cluster.clone(),
         "robot".into(),
         "BENCH_REGISTRY_PASSWORD",

@@ -1,10 +1,11 @@
 //! `make compose-demo`: `docker-compose.yml` run for real, with podman-compose and podman (there
 //! is no Docker engine here) on the images `make images` built (FROM scratch, static binaries).
-//! It writes what the compose file mounts from `$OCI_CONNECTOR_COMPOSE_DIR`: the proxy's TLS
-//! certificate (from a CA of its own) and an identity file with the public key of a token signer
-//! made now; starts the stack; seeds the demo registry with the robot account; pulls through the
-//! proxy with skopeo, verifying TLS with that CA, with a ServiceAccount-style token; shows a
-//! refused pull; and takes the stack down again.
+//! It writes what the compose file mounts from `$OCI_CONNECTOR_COMPOSE_DIR`: the proxy's and the
+//! registry's TLS certificates (from a CA of its own, which Envoy and the controller trust for
+//! the upstream) and an identity file with the public key of a token signer made now; starts the
+//! stack; seeds the demo registry with the robot account over TLS verified with that CA; pulls
+//! through the proxy with skopeo, verifying TLS with that CA, with a ServiceAccount-style token;
+//! shows a refused pull; and takes the stack down again.
 
 use connector_devkit::image;
 use connector_devkit::procs::{self, Output};
@@ -50,15 +51,28 @@ fn run() -> Result<()> {
         "/CN=localhost",
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
     )?;
+    // The registry's, from the same CA: `registry` in the compose network, localhost from here.
+    let registry_cert = ca.issue_with(
+        "registry",
+        "/CN=registry",
+        "subjectAltName=DNS:registry,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    )?;
     std::fs::create_dir_all(dir.join("tls")).map_err(|e| e.to_string())?;
-    std::fs::copy(&cert.cert, dir.join("tls/tls.crt")).map_err(|e| e.to_string())?;
-    std::fs::copy(&cert.key, dir.join("tls/tls.key")).map_err(|e| e.to_string())?;
-    // The controller's image runs as 65532: the demo key must be readable by it.
-    std::fs::set_permissions(
-        dir.join("tls/tls.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .map_err(|e| e.to_string())?;
+    std::fs::copy(&ca.cert, dir.join("tls/ca.crt")).map_err(|e| e.to_string())?;
+    for (from, to) in [
+        (&cert.cert, "tls.crt"),
+        (&cert.key, "tls.key"),
+        (&registry_cert.cert, "registry.crt"),
+        (&registry_cert.key, "registry.key"),
+    ] {
+        std::fs::copy(from, dir.join("tls").join(to)).map_err(|e| e.to_string())?;
+    }
+    // The controller's and the registry's images run as non-root users: the demo keys must be
+    // readable by them.
+    for key in ["tls/tls.key", "tls/registry.key"] {
+        std::fs::set_permissions(dir.join(key), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
+    }
     let minter = Minter::new(&work.sub("keys")?)?;
     std::fs::write(
         dir.join("identity.json"),
@@ -99,8 +113,13 @@ fn run() -> Result<()> {
     step(3, "the demo registry gets an image, pushed with its robot account");
     let skopeo = Skopeo::new(&work)?;
     let sample = image::build_sample(&work, "app", "v1", 2)?;
+    // Verified against the demo CA, like every client here.
+    let certs = work.sub("client-certs")?;
+    std::fs::copy(&ca.cert, certs.join("ca.crt")).map_err(|e| e.to_string())?;
     let mut c = skopeo.command();
-    c.args(["copy", "--dest-tls-verify=false", "--dest-creds"])
+    c.args(["copy", "--dest-cert-dir"])
+        .arg(&certs)
+        .arg("--dest-creds")
         .arg(format!("{}:{}", ROBOT.0, ROBOT.1))
         .arg(sample.oci_ref())
         .arg("docker://localhost:5000/library/app:v1");
@@ -108,8 +127,6 @@ fn run() -> Result<()> {
 
     step(4, "pull through the proxy with a ServiceAccount token, TLS verified");
     let token = minter.valid("demo", "default")?;
-    let certs = work.sub("client-certs")?;
-    std::fs::copy(&ca.cert, certs.join("ca.crt")).map_err(|e| e.to_string())?;
     let pull = |token: &str, dest: &str| -> Result<Output> {
         let mut c = skopeo.command();
         c.args(["copy", "--src-cert-dir"])

@@ -4,7 +4,8 @@
 //! a Connector added and deleted live, the proxy's TLS certificate rotated live, and proof that
 //! the upstream saw the robot's credential and never the token, and that no secret reached
 //! Envoy's config dump or any log. The proxy speaks TLS (a CA made for the demo; skopeo verifies
-//! with it, no `--tls-verify=false`).
+//! with it, no `--tls-verify=false`), and so does the registry behind it (the harness's upstream
+//! CA, which Envoy and the controller verify with `--upstream-ca`).
 //! `cargo run -p connector-devkit --bin demo` (after `make demo`'s setup and builds).
 
 use connector_devkit::controller::Controller;
@@ -118,7 +119,7 @@ impl Demo {
 
 fn connector_yaml(name: &str, port: u16) -> String {
     format!(
-        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {CONNECTOR_NAMESPACE}\nspec:\n  address: http://127.0.0.1:{port}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: registry-robot\n  connectorClassName: oci\n"
+        "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata:\n  name: {name}\n  namespace: {CONNECTOR_NAMESPACE}\nspec:\n  address: https://127.0.0.1:{port}\n  auth:\n    name: basicAuth\n    secretRef:\n      name: registry-robot\n  connectorClassName: oci\n"
     )
 }
 
