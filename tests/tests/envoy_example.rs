@@ -100,14 +100,24 @@ fn every_tls_cluster_of_the_example_verifies_the_upstream_name() {
         .iter()
         .filter(|c| c["transport_socket"]["name"] == "envoy.transport_sockets.tls")
         .collect();
-    assert!(!tls.is_empty(), "the example has an https upstream");
+    assert_eq!(
+        tls.len(),
+        clusters.len(),
+        "every upstream of the example is TLS: {clusters:?}"
+    );
     for c in tls {
         let config = &c["transport_socket"]["typed_config"];
         let host = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"];
-        assert_eq!(&config["sni"], host, "{c}");
         let sans = &config["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"];
-        assert_eq!(sans[0]["san_type"], "DNS", "{c}");
         assert_eq!(&sans[0]["matcher"]["exact"], host, "{c}");
+        if host.as_str().is_some_and(|h| h.parse::<std::net::IpAddr>().is_ok()) {
+            // An address is never sent as SNI (RFC 6066); the certificate must name it.
+            assert_eq!(sans[0]["san_type"], "IP_ADDRESS", "{c}");
+            assert!(config["sni"].is_null(), "{c}");
+        } else {
+            assert_eq!(&config["sni"], host, "{c}");
+            assert_eq!(sans[0]["san_type"], "DNS", "{c}");
+        }
     }
 }
 
