@@ -152,6 +152,10 @@ async fn client(api: &Api) -> kube::Client {
 }
 
 fn settings() -> KubeSettings {
+    // The harness's registries serve TLS from devkit's upstream CA: the probes trust exactly
+    // it, as the controller's --upstream-ca makes them in the e2e suites.
+    let ca = connector_devkit::tls::upstream().expect("the harness's upstream CA");
+    connector_controller::probe::use_upstream_ca(&ca.ca.display().to_string()).expect("the probes trust it");
     KubeSettings {
         namespace: Some(NS.into()),
         reprobe_period: Duration::from_secs(30),
