@@ -477,3 +477,591 @@ impl Flow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Walks the flow through every path with the acts the shim would perform, the host's
+    //! answers fed back as the shim would feed them.
+
+    use super::*;
+    use crate::config::compile;
+    use crate::engine::{Decision, Request, decide_request};
+    use crate::identity::TokenCache;
+    use crate::testkeys::*;
+    use jsonwebtoken::Algorithm;
+    use serde_json::json;
+
+    const MANIFEST: &str = "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1";
+    const STATIC: &str = "Basic cm9ib3Q6cHc=";
+    const BEARER: &str = r#"Bearer realm="https://auth.example.com/token",service="s""#;
+    const TOKEN_PATH: &str = "/token?service=s&scope=repository%3Alib%2Fapp%3Apull";
+
+    /// The VM's state as the shim holds it.
+    struct World {
+        config: Config,
+        access: AccessCache,
+        credentials: CredentialCache,
+        upstream: UpstreamAuth,
+        secrets: SecretsMemo,
+    }
+
+    impl World {
+        /// One connector, `demo/reg`, behind a controller channel. `rbac`: the controller
+        /// decides access; `from_controller`: it also holds the connector's credential.
+        fn new(rbac: bool, from_controller: bool) -> World {
+            let mut doc = json!({
+                "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+                "controller": {"cluster": "connector_controller", "authority": "connector-controller"},
+                "connectors": [
+                    {"namespace": "demo", "name": "reg", "address": "http://registry.example:5000", "cluster": "up_demo",
+                     "credential": {"username": "robot", "passwordEnv": "P"},
+                     "tokenRealms": [{"url": "https://auth.example.com/token", "cluster": "auth"}]},
+                ]
+            });
+            if rbac {
+                doc["authorization"] = json!("controller");
+            }
+            if from_controller {
+                doc["connectors"][0]["credential"] = json!({"fromController": "rev-1"});
+            }
+            let config = compile(doc.to_string().as_bytes(), &|k| (k == "P").then(|| "pw".to_string())).unwrap();
+            World {
+                config,
+                access: AccessCache::default(),
+                credentials: CredentialCache::default(),
+                upstream: UpstreamAuth::default(),
+                secrets: SecretsMemo::default(),
+            }
+        }
+
+        fn vm(&mut self) -> Vm<'_> {
+            Vm {
+                config: &self.config,
+                access: &mut self.access,
+                credentials: &mut self.credentials,
+                upstream: &mut self.upstream,
+                secrets: &mut self.secrets,
+            }
+        }
+
+        /// A pull of `demo/reg`'s `lib/app` by `demo/default`, decided by the engine, started
+        /// as context `id`.
+        fn start(&mut self, flow: &mut Flow, id: u32) -> Act {
+            self.start_at(flow, id, NOW)
+        }
+
+        fn start_at(&mut self, flow: &mut Flow, id: u32, now: u64) -> Act {
+            let token = format!(
+                "Bearer {}",
+                sign(
+                    RSA_KID,
+                    Algorithm::RS256,
+                    &json!({
+                        "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW,
+                        "sub": "system:serviceaccount:demo:default",
+                        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "sa-uid"}}
+                    }),
+                )
+            );
+            let req = Request {
+                method: "GET",
+                path: MANIFEST,
+                authority: "proxy:8443",
+                scheme: "https",
+                authorization: &[token.as_str()],
+            };
+            let Decision::Forward(f) = decide_request(&self.config, &mut TokenCache::new(4), &req, now) else {
+                panic!("the engine should forward")
+            };
+            let subject = f.caller.subject();
+            let (target, scopes, plan) = Target::of(*f, "GET", subject);
+            assert_eq!(plan.connector, "demo/reg");
+            assert_eq!(scopes, vec!["repository:lib/app:pull".to_string()]);
+            flow.start(&mut self.vm(), target, scopes, id, now)
+        }
+
+        fn answer(&mut self, flow: &mut Flow, id: u32, status: u32, www: Option<&str>, body: &str) -> Option<Act> {
+            let answer = CallAnswer {
+                status,
+                www_authenticate: www.map(str::to_string),
+                body: body.as_bytes().to_vec(),
+            };
+            flow.answer(&mut self.vm(), &answer, id, &|| NOW)
+        }
+
+        /// Answers a request's challenge probe with `status` and `www`.
+        fn probe_answer(&mut self, flow: &mut Flow, id: u32, status: u32, www: Option<&str>) -> Act {
+            self.answer(flow, id, status, www, "").unwrap()
+        }
+    }
+
+    fn call(act: &Act) -> &Call {
+        match act {
+            Act::CallCluster(call) => call,
+            other => panic!("expected a call, got {other:?}"),
+        }
+    }
+
+    fn header<'a>(call: &'a Call, name: &str) -> Option<&'a str> {
+        call.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The refusal of a `Respond`: status, reason, message and whether it is logged.
+    fn refusal(act: &Act) -> (u16, &'static str, &str, bool) {
+        match act {
+            Act::Respond { refusal, warn } => (refusal.status, refusal.reason, refusal.message.as_str(), *warn),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn forward(authorization: &str) -> Act {
+        Act::Forward {
+            authorization: authorization.to_string(),
+        }
+    }
+
+    /// The probe this flow's request sends to the connector's upstream.
+    fn assert_probe(act: &Act) {
+        let c = call(act);
+        assert_eq!(c.cluster, "up_demo");
+        assert_eq!(header(c, ":path"), Some("/v2/"));
+        assert_eq!(header(c, ":authority"), Some("registry.example:5000"));
+        assert_eq!(header(c, ":scheme"), Some("http"));
+        assert_eq!(header(c, "authorization"), None, "the probe carries no credential");
+        assert_eq!(c.sent_stat, None);
+    }
+
+    /// The token fetch this flow's request sends to the realm's cluster.
+    fn assert_fetch(act: &Act) {
+        let c = call(act);
+        assert_eq!(c.cluster, "auth");
+        assert_eq!(header(c, ":path"), Some(TOKEN_PATH));
+        assert_eq!(header(c, ":authority"), Some("auth.example.com"));
+        assert_eq!(header(c, "authorization"), Some(STATIC));
+        assert_eq!(
+            c.sent_stat.as_deref(),
+            Some("oci_connector.connector.demo.reg.upstream_token_fetches")
+        );
+    }
+
+    /// A world whose upstream wants bearer tokens, learned by one request's probe.
+    fn bearer_world() -> World {
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        assert_probe(&w.start(&mut f, 9));
+        assert_fetch(&w.probe_answer(&mut f, 9, 401, Some(BEARER)));
+        // That fetch failed: the challenge stays learned, no token is cached.
+        let act = w.answer(&mut f, 9, 0, None, "").unwrap();
+        assert!(
+            matches!(act, Act::FailWaiters { ref waiters, .. } if waiters.is_empty()),
+            "{act:?}"
+        );
+        w
+    }
+
+    #[test]
+    fn rbac_access_allowed_goes_on_and_is_cached() {
+        let mut w = World::new(true, false);
+        let mut f = Flow::default();
+        let act = w.start(&mut f, 1);
+        let c = call(&act);
+        assert_eq!(c.cluster, "connector_controller");
+        assert_eq!(
+            header(c, ":path"),
+            Some("/v1/access/demo/reg?user=system%3Aserviceaccount%3Ademo%3Adefault&verb=pull&saUid=sa-uid")
+        );
+        assert!(f.awaits_call());
+        // Allowed: the flow goes on to the upstream's challenge, then forwards.
+        let act = w
+            .answer(&mut f, 1, 200, None, r#"{"allowed":true,"ttlSeconds":60}"#)
+            .unwrap();
+        assert_probe(&act);
+        assert_eq!(w.probe_answer(&mut f, 1, 200, None), forward(STATIC));
+        let act = w.answer(&mut f, 1, 200, None, r#"{"allowed":true,"ttlSeconds":60}"#);
+        assert!(act.is_none(), "a second answer is ignored: {act:?}");
+        // The next request is not asked about again (cached), and the upstream is known.
+        let mut f2 = Flow::default();
+        assert_eq!(w.start(&mut f2, 2), forward(STATIC));
+    }
+
+    #[test]
+    fn rbac_access_answer_allowed_then_probe() {
+        let mut w = World::new(true, false);
+        let mut f = Flow::default();
+        call(&w.start(&mut f, 1));
+        let act = w
+            .answer(&mut f, 1, 200, None, r#"{"allowed":true,"ttlSeconds":60}"#)
+            .unwrap();
+        assert_probe(&act);
+        assert_eq!(w.access.len(), 1);
+        assert_eq!(
+            w.probe_answer(&mut f, 1, 401, Some(r#"Basic realm="r""#)),
+            forward(STATIC)
+        );
+        assert_eq!(
+            f.sent_secrets().map(|s| s.to_vec()),
+            Some(crate::leak::secrets_of(STATIC))
+        );
+    }
+
+    #[test]
+    fn rbac_access_denied_refuses_and_is_cached() {
+        let mut w = World::new(true, false);
+        let mut f = Flow::default();
+        call(&w.start(&mut f, 1));
+        let act = w.answer(&mut f, 1, 200, None, r#"{"allowed":false}"#).unwrap();
+        let (status, reason, message, warn) = refusal(&act);
+        assert_eq!((status, reason, warn), (403, "connector_denied", false));
+        assert!(message.contains("may not pull"), "{message}");
+        // The decision is cached: the next request is refused without asking.
+        let mut f2 = Flow::default();
+        let act = w.start(&mut f2, 2);
+        assert_eq!(refusal(&act).1, "connector_denied");
+        assert!(!f2.awaits_call());
+    }
+
+    #[test]
+    fn an_unreadable_access_answer_refuses_with_a_warning_and_caches_nothing() {
+        for (status, body) in [(0, ""), (500, "{}"), (200, "not json"), (200, r#"{"ttlSeconds":5}"#)] {
+            let mut w = World::new(true, false);
+            let mut f = Flow::default();
+            call(&w.start(&mut f, 1));
+            let act = w.answer(&mut f, 1, status, None, body).unwrap();
+            let (code, reason, _, warn) = refusal(&act);
+            assert_eq!(
+                (code, reason, warn),
+                (503, "controller_unavailable", true),
+                "{status} {body}"
+            );
+            assert!(w.access.is_empty());
+            // The next request asks again.
+            let mut f2 = Flow::default();
+            assert_eq!(call(&w.start(&mut f2, 2)).cluster, "connector_controller");
+        }
+    }
+
+    #[test]
+    fn the_controller_credential_is_fetched_cached_and_known_to_the_echo_check() {
+        let mut w = World::new(false, true);
+        let mut f = Flow::default();
+        let act = w.start(&mut f, 1);
+        let c = call(&act);
+        assert_eq!(c.cluster, "connector_controller");
+        assert_eq!(header(c, ":path"), Some("/v1/credentials/demo/reg?revision=rev-1"));
+        assert_eq!(header(c, ":authority"), Some("connector-controller"));
+        let act = w
+            .answer(
+                &mut f,
+                1,
+                200,
+                None,
+                r#"{"revision":"rev-1","authorization":"Basic c2VjcmV0"}"#,
+            )
+            .unwrap();
+        assert_probe(&act);
+        assert_eq!(
+            w.probe_answer(&mut f, 1, 401, Some(r#"Basic realm="r""#)),
+            forward("Basic c2VjcmV0")
+        );
+        // The upstream's answer is checked against the credential the controller supplied.
+        assert_eq!(
+            f.sent_secrets().map(|s| s.to_vec()),
+            Some(crate::leak::secrets_of("Basic c2VjcmV0"))
+        );
+        // Cached: the next request asks nobody.
+        let mut f2 = Flow::default();
+        assert_eq!(w.start(&mut f2, 2), forward("Basic c2VjcmV0"));
+    }
+
+    #[test]
+    fn an_unreadable_credential_answer_or_one_for_another_revision_refuses_and_caches_nothing() {
+        for (status, body, needle) in [
+            (0, "", "controller"),
+            (500, r#"{"error":"boom"}"#, "boom"),
+            (200, "not json", "not JSON"),
+            (
+                200,
+                r#"{"revision":"rev-2","authorization":"Basic c2VjcmV0"}"#,
+                "\"rev-1\"",
+            ),
+            (
+                200,
+                r#"{"revision":"rev-1","authorization":"Digest x"}"#,
+                "no usable authorization",
+            ),
+        ] {
+            let mut w = World::new(false, true);
+            let mut f = Flow::default();
+            call(&w.start(&mut f, 1));
+            let act = w.answer(&mut f, 1, status, None, body).unwrap();
+            let (code, reason, message, warn) = refusal(&act);
+            assert_eq!((code, reason, warn), (503, "controller_unavailable", true), "{body}");
+            assert!(message.contains(needle), "{message} should mention {needle}");
+            assert!(w.credentials.get("demo/reg").is_none());
+            let mut f2 = Flow::default();
+            assert_eq!(call(&w.start(&mut f2, 2)).cluster, "connector_controller");
+        }
+    }
+
+    #[test]
+    fn rbac_and_controller_credential_are_asked_in_turn() {
+        let mut w = World::new(true, true);
+        let mut f = Flow::default();
+        let act = w.start(&mut f, 1);
+        assert!(header(call(&act), ":path").unwrap().starts_with("/v1/access/"));
+        let act = w.answer(&mut f, 1, 200, None, r#"{"allowed":true}"#).unwrap();
+        assert!(header(call(&act), ":path").unwrap().starts_with("/v1/credentials/"));
+        let act = w
+            .answer(
+                &mut f,
+                1,
+                200,
+                None,
+                r#"{"revision":"rev-1","authorization":"Basic c2VjcmV0"}"#,
+            )
+            .unwrap();
+        assert_probe(&act);
+    }
+
+    #[test]
+    fn the_challenge_probe_learns_open_basic_and_bearer_upstreams() {
+        // Open and Basic: the connector's credential goes on right away, and is remembered.
+        for (status, www) in [(200, None), (401, Some(r#"Basic realm="r""#))] {
+            let mut w = World::new(false, false);
+            let mut f = Flow::default();
+            assert_probe(&w.start(&mut f, 1));
+            assert_eq!(w.probe_answer(&mut f, 1, status, www), forward(STATIC));
+            assert!(!f.awaits_call());
+            assert_eq!(f.used_token(), None);
+            let mut f2 = Flow::default();
+            assert_eq!(w.start(&mut f2, 2), forward(STATIC));
+        }
+        // Bearer with a listed realm: this request fetches the token with the credential.
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        assert_probe(&w.start(&mut f, 1));
+        assert_fetch(&w.probe_answer(&mut f, 1, 401, Some(BEARER)));
+        assert!(f.awaits_call());
+    }
+
+    #[test]
+    fn a_probe_that_is_unanswered_or_names_a_foreign_realm_refuses_and_learns_nothing() {
+        for (status, www, reason, needle) in [
+            (0, None, "upstream_unavailable", "did not answer"),
+            (503, None, "upstream_unavailable", "could not be reached"),
+            (
+                401,
+                Some(r#"Bearer realm="https://evil.example/token",service="s""#),
+                "realm_refused",
+                "https://evil.example/token",
+            ),
+            (401, Some("Negotiate x"), "", ""),
+        ] {
+            let mut w = World::new(false, false);
+            let mut f = Flow::default();
+            assert_probe(&w.start(&mut f, 1));
+            let act = w.probe_answer(&mut f, 1, status, www);
+            let (code, got, message, warn) = refusal(&act);
+            assert_eq!((code, warn), (503, false), "{status} {www:?}");
+            if !reason.is_empty() {
+                assert_eq!(got, reason, "{message}");
+                assert!(message.contains(needle), "{message}");
+            }
+            assert!(w.upstream.challenge("demo/reg").is_none());
+            let mut f2 = Flow::default();
+            assert_probe(&w.start(&mut f2, 2));
+        }
+    }
+
+    #[test]
+    fn a_probe_answered_after_its_connector_was_removed_refuses() {
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        assert_probe(&w.start(&mut f, 1));
+        w.config.connectors.clear();
+        let act = w.probe_answer(&mut f, 1, 200, None);
+        assert!(refusal(&act).2.contains("the connector was removed"));
+    }
+
+    #[test]
+    fn one_token_fetch_resumes_every_waiter_and_is_cached() {
+        let mut w = bearer_world();
+        let (mut fetcher, mut a, mut b) = (Flow::default(), Flow::default(), Flow::default());
+        assert_fetch(&w.start(&mut fetcher, 1));
+        // Two more requests for the same token wait for that fetch instead of fetching.
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        assert_eq!(w.start(&mut b, 3), Act::Pause);
+        assert!(!a.awaits_call(), "a waiter awaits no call of its own");
+        let key = a.used_token().map(str::to_string);
+        assert!(key.is_some());
+        let act = w.answer(&mut fetcher, 1, 200, None, r#"{"token":"t","expires_in":300}"#);
+        assert_eq!(
+            act,
+            Some(Act::ResumeWaiters {
+                authorization: "Bearer t".into(),
+                waiters: vec![2, 3]
+            })
+        );
+        assert_eq!(fetcher.used_token().map(str::to_string), key);
+        // Cached: the next request is forwarded with it at once.
+        let mut next = Flow::default();
+        assert_eq!(w.start(&mut next, 4), forward("Bearer t"));
+        assert_eq!(next.take_used_token(), key);
+        assert_eq!(next.used_token(), None);
+        // Once the token expired, the next request fetches again.
+        let mut later = Flow::default();
+        assert_fetch(&w.start_at(&mut later, 5, NOW + 400));
+    }
+
+    #[test]
+    fn a_failed_token_fetch_fails_its_waiters_with_a_warning_and_caches_nothing() {
+        for (status, body, needle) in [
+            (0, "", "did not answer in time"),
+            (401, "", "refused"),
+            (200, "not json", ""),
+            (
+                503,
+                "upstream connect error or disconnect/reset before headers",
+                "(Envoy: upstream connect error",
+            ),
+        ] {
+            let mut w = bearer_world();
+            let (mut fetcher, mut a) = (Flow::default(), Flow::default());
+            assert_fetch(&w.start(&mut fetcher, 1));
+            assert_eq!(w.start(&mut a, 2), Act::Pause);
+            let act = w.answer(&mut fetcher, 1, status, None, body).unwrap();
+            let Act::FailWaiters { waiters, refusal, warn } = act else {
+                panic!("{status}: {act:?}")
+            };
+            assert_eq!(
+                (waiters, refusal.status, refusal.reason, warn),
+                (vec![2], 503, "token_fetch_failed", true)
+            );
+            assert!(
+                refusal.message.contains("https://auth.example.com/token"),
+                "{}",
+                refusal.message
+            );
+            assert!(refusal.message.contains(needle), "{}", refusal.message);
+            assert_eq!(w.upstream.cached_tokens(), 0);
+            // Nothing is in flight any more: the next request fetches again.
+            let mut next = Flow::default();
+            assert_fetch(&w.start(&mut next, 3));
+        }
+    }
+
+    #[test]
+    fn a_fetcher_that_went_away_fails_its_waiters_and_a_waiter_that_went_away_is_dropped() {
+        let mut w = bearer_world();
+        let (mut fetcher, mut a, mut b) = (Flow::default(), Flow::default(), Flow::default());
+        assert_fetch(&w.start(&mut fetcher, 1));
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        assert_eq!(w.start(&mut b, 3), Act::Pause);
+        // Waiter 3 goes away: it is no longer resumed, and nothing is answered for it.
+        assert!(b.done(&mut w.vm(), 3).is_none());
+        // The fetcher goes away: its remaining waiter is answered.
+        let (waiters, r) = fetcher.done(&mut w.vm(), 1).unwrap();
+        assert_eq!((waiters, r.status, r.reason), (vec![2], 503, "upstream_unavailable"));
+        assert!(
+            r.message.contains("abandoned by the request that started it"),
+            "{}",
+            r.message
+        );
+        // Its answer arriving later changes nothing, and the next request fetches again.
+        assert!(w.answer(&mut fetcher, 1, 200, None, r#"{"token":"t"}"#).is_none());
+        let mut next = Flow::default();
+        assert_fetch(&w.start(&mut next, 4));
+        // A request that ends while waiting for nothing has no one to answer.
+        let mut idle = Flow::default();
+        assert!(idle.done(&mut w.vm(), 5).is_none());
+    }
+
+    #[test]
+    fn failed_dispatches_refuse_and_free_the_token_key() {
+        // The controller's channel.
+        let mut w = World::new(true, false);
+        let mut f = Flow::default();
+        let act = w.start(&mut f, 1);
+        let act = f.not_dispatched(&mut w.vm(), &call(&act).cluster.clone());
+        let (code, reason, message, _) = refusal(&act);
+        assert_eq!((code, reason), (503, "controller_unavailable"));
+        assert!(message.contains("connector_controller"), "{message}");
+        assert!(!f.awaits_call());
+        // The upstream's challenge probe.
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        let act = w.start(&mut f, 1);
+        let act = f.not_dispatched(&mut w.vm(), &call(&act).cluster.clone());
+        let (code, reason, message, _) = refusal(&act);
+        assert_eq!((code, reason), (503, "upstream_unavailable"));
+        assert!(message.contains("cannot reach the upstream of connector demo/reg (Envoy cluster up_demo)"));
+        // The token fetch: the key is freed, so its waiters are answered and the next fetches.
+        let mut w = bearer_world();
+        let (mut fetcher, mut a) = (Flow::default(), Flow::default());
+        let act = w.start(&mut fetcher, 1);
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        let act = fetcher.not_dispatched(&mut w.vm(), &call(&act).cluster.clone());
+        let Act::FailWaiters { waiters, refusal, warn } = act else {
+            panic!("{act:?}")
+        };
+        assert_eq!((waiters, refusal.status, warn), (vec![2], 503, false));
+        assert!(
+            refusal
+                .message
+                .contains("cannot reach the token service https://auth.example.com/token (Envoy cluster auth)")
+        );
+        let mut next = Flow::default();
+        assert_fetch(&w.start(&mut next, 3));
+    }
+
+    #[test]
+    fn a_request_whose_headers_cannot_be_edited_waits_for_nothing() {
+        let mut w = bearer_world();
+        let (mut fetcher, mut a) = (Flow::default(), Flow::default());
+        assert_fetch(&w.start(&mut fetcher, 1));
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        a.not_sent();
+        assert_eq!(a.used_token(), None);
+        assert!(a.done(&mut w.vm(), 2).is_none());
+        fetcher.not_sent();
+        assert!(!fetcher.awaits_call());
+        assert!(w.answer(&mut fetcher, 1, 200, None, r#"{"token":"t"}"#).is_none());
+    }
+
+    #[test]
+    fn without_a_controller_channel_nothing_is_forwarded() {
+        for (rbac, from_controller) in [(true, false), (false, true)] {
+            let mut w = World::new(rbac, from_controller);
+            w.config.controller = None;
+            let mut f = Flow::default();
+            let act = w.start(&mut f, 1);
+            let (code, _, message, _) = refusal(&act);
+            assert_eq!(code, 503);
+            assert!(message.contains("names no controller channel"), "{message}");
+            assert!(!f.awaits_call());
+        }
+    }
+
+    #[test]
+    fn a_late_answer_changes_nothing() {
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        assert!(w.answer(&mut f, 1, 200, None, "").is_none());
+        // A waiter is resumed by its fetcher, never by an answer of its own.
+        let mut w = bearer_world();
+        let (mut fetcher, mut a) = (Flow::default(), Flow::default());
+        assert_fetch(&w.start(&mut fetcher, 1));
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        assert!(w.answer(&mut a, 2, 200, None, r#"{"token":"t"}"#).is_none());
+        // It still waits: going away leaves the fetch, whose answer then resumes nobody.
+        assert!(a.done(&mut w.vm(), 2).is_none());
+        let act = w.answer(&mut fetcher, 1, 200, None, r#"{"token":"t"}"#);
+        assert_eq!(
+            act,
+            Some(Act::ResumeWaiters {
+                authorization: "Bearer t".into(),
+                waiters: vec![]
+            })
+        );
+    }
+}
