@@ -98,9 +98,7 @@ impl State {
             config,
         }
     }
-}
 
-impl State {
     /// What the request flow reads and updates.
     fn vm(&mut self) -> Vm<'_> {
         Vm {
