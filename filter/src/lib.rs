@@ -7,6 +7,8 @@
 //! - [`identity`]: credential extraction, JWT verification, the verified-token cache;
 //! - [`pkcs1`]: RSA PKCS#1 v1.5 signature checks on keys prepared per configuration;
 //! - [`engine`]: the request and response decisions;
+//! - [`flow`]: the forwarded request's flow (access check, controller credential, challenge
+//!   probe, upstream token single flight) as a state machine the shim drives;
 //! - [`rewrite`]: `Location` / `Link` mapping back to the client's address form;
 //! - [`respond`]: refusals as OCI error responses;
 //! - [`leak`]: whether an upstream answer repeats the credential the filter sent;
@@ -20,6 +22,7 @@
 pub mod channel;
 pub mod config;
 pub mod engine;
+pub mod flow;
 pub mod identity;
 pub mod leak;
 pub mod pkcs1;

@@ -1,6 +1,9 @@
-//! The thin proxy-wasm layer: gathers what the engine needs from the host, calls the plain
-//! decision functions, performs the HTTP calls they describe (probing an upstream's challenge,
-//! fetching a token, asking the controller), and applies their results.
+//! The thin proxy-wasm layer: the filter's callbacks. It gathers what the plain modules need
+//! from the host (request headers, the clock, an HTTP call's answer), hands it to them
+//! ([`crate::engine`] decides the request and the response, [`crate::flow`] walks a forwarded
+//! request through its checks and its upstream credential), and performs what they return:
+//! header edits, local answers, the HTTP calls the flow asks for, resuming or answering paused
+//! requests, stats and log lines. The VM's state (configuration and caches) lives here.
 //!
 //! Every host call goes through [`crate::host`], which handles every status: the SDK's own
 //! accessors panic on an unexpected one, and a panic traps the VM for every connector. A host
@@ -14,16 +17,17 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::channel::{self, AccessCache, ChannelCall, CredentialCache};
-use crate::config::{self, Config, UpstreamCredential};
+use crate::channel::{self, AccessCache, CredentialCache};
+use crate::config::{self, Config};
 use crate::engine::{
     CLUSTER_HEADER, Decision, FORWARDED_PROTO_HEADER, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request,
     plan_response,
 };
+use crate::flow::{Act, CallAnswer, Flow, Target, Vm};
 use crate::host::{self, Buffer, Map};
 use crate::identity::TokenCache;
 use crate::respond::{LocalResponse, Refusal};
-use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, parse_token_response, token_key};
+use crate::upstream::UpstreamAuth;
 
 /// How long the filter waits for an upstream's challenge or a token service. After that the
 /// request fails with 503; it is never forwarded without the connector's credential.
@@ -92,6 +96,17 @@ impl State {
             last_kid_notice,
             root_id,
             config,
+        }
+    }
+
+    /// What the request flow reads and updates.
+    fn vm(&mut self) -> Vm<'_> {
+        Vm {
+            config: &self.config,
+            access: &mut self.access,
+            credentials: &mut self.credentials,
+            upstream: &mut self.upstream,
+            secrets: &mut self.secrets,
         }
     }
 }
@@ -246,9 +261,7 @@ impl RootContext for Root {
             state: self.state.clone(),
             plan: None,
             realm: String::new(),
-            waiting: None,
-            used_token: None,
-            sent_secrets: None,
+            flow: Flow::default(),
             check_body: false,
             status: 0,
         }))
@@ -259,66 +272,15 @@ impl RootContext for Root {
     }
 }
 
-/// What a paused request is waiting for.
-enum Waiting {
-    /// The controller's access decision for this caller and connector (RBAC mode).
-    Access { target: Target, scopes: Vec<String> },
-    /// The connector's upstream credential from the controller.
-    Credential { target: Target, scopes: Vec<String> },
-    /// This request asked the upstream for its challenge (`GET /v2/`).
-    Challenge { target: Target, scopes: Vec<String> },
-    /// This request fetches the token for `key`; others may wait on it.
-    Token { key: TokenKey, realm: String },
-    /// Another request fetches the token for `key`; it resumes this one.
-    OtherFetch { key: TokenKey },
-}
-
-/// The credential revision the request's configuration names (empty for a static credential,
-/// which is never asked for).
-fn revision_of(target: &Target) -> &str {
-    match &target.credential {
-        UpstreamCredential::Controller { revision } => revision,
-        UpstreamCredential::Static(_) => "",
-    }
-}
-
-/// Where a forwarded request goes and with which credential, taken from the engine's decision
-/// so the request path never looks the connector up a second time.
-struct Target {
-    connector: String,
-    namespace: String,
-    name: String,
-    /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
-    subject: String,
-    /// The objects the caller's token is bound to, checked by the controller with the access.
-    bound: crate::identity::Bound,
-    /// The controller must still confirm the caller may use the connector.
-    check_access: bool,
-    /// What the request does (pull, push, delete): RBAC mode asks about exactly that.
-    verb: channel::Verb,
-    credential: UpstreamCredential,
-    cluster: String,
-    scheme: String,
-    authority: String,
-    /// The connector's Basic credential: sent to Basic upstreams and to token realms. Empty
-    /// until the controller supplied it, for a controller-sourced credential.
-    basic: String,
-    /// The connector's revision: its upstream tokens are cached under it.
-    revision: u64,
-}
-
 struct Http {
     id: u32,
     state: Shared,
     /// Set when the request was forwarded; the response phase must not read request headers.
     plan: Option<ResponsePlan>,
     realm: String,
-    waiting: Option<Waiting>,
-    /// The cached upstream token this request carries: dropped if the upstream refuses it.
-    used_token: Option<TokenKey>,
-    /// What the connector's Basic credential this request was forwarded with (also what a
-    /// token service got) looks like in an answer: an upstream answer must never repeat it.
-    sent_secrets: Option<Rc<[Vec<u8>]>>,
+    /// Where the request is in the flow (checks, credential, upstream token), and what it was
+    /// forwarded with.
+    flow: Flow,
     /// An error answer's body is held and read before anything of the answer leaves: it must not
     /// repeat the credential, and a `400` may be ECR Public's `DENIED` for an expired token.
     check_body: bool,
@@ -330,139 +292,42 @@ impl Context for Http {
     fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         // A call that failed after it started (the answer broke off: close or reset after the
         // head, or the call's timeout) arrives with no headers. That, or any answer that cannot
-        // be read, is "no answer" (status 0): every parser below turns it into the 503 an
-        // unreachable upstream gets, and the request is answered now, not at the idle timeout.
-        let CallAnswer {
-            status,
-            www_authenticate,
-            body,
-        } = read_call_answer(num_headers, body_size).unwrap_or_default();
-        if status == 0 {
+        // be read, is "no answer" (status 0): the flow turns it into the 503 an unreachable
+        // upstream gets, and the request is answered now, not at the idle timeout.
+        let answer = read_call_answer(num_headers, body_size).unwrap_or_default();
+        if answer.status == 0 {
             count(crate::stats::CALL_FAILED);
         }
-        match self.waiting.take() {
-            Some(Waiting::Access { mut target, scopes }) => {
-                let now = now_secs();
-                match channel::parse_access(status, &body, &target.connector) {
-                    Ok((allowed, ttl)) => {
-                        let _ = self.with_state(|st| {
-                            let key = channel::access_key(&target.subject, &target.bound);
-                            st.access
-                                .insert(&key, &target.connector, target.verb, allowed, ttl, now)
-                        });
-                        if allowed {
-                            target.check_access = false;
-                            if let Action::Continue = self.proceed(target, scopes, now) {
-                                resume_current();
-                            }
-                        } else {
-                            self.refuse(crate::engine::not_permitted_rbac(
-                                &target.connector,
-                                &target.subject,
-                                target.verb,
-                            ));
-                        }
-                    }
-                    Err(r) => {
-                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
-                        self.refuse(r);
-                    }
+        let (id, flow) = (self.id, &mut self.flow);
+        let act = match with_state(&self.state, |st| flow.answer(&mut st.vm(), &answer, id, &now_secs)) {
+            Ok(act) => act,
+            // Without the VM's state a waiting request is refused; a late answer changes nothing.
+            Err(r) => flow.awaits_call().then(|| {
+                flow.not_sent();
+                Act::Respond {
+                    refusal: r,
+                    warn: false,
                 }
-            }
-            Some(Waiting::Credential { mut target, scopes }) => {
-                match channel::parse_credential(status, &body, &target.connector, revision_of(&target)) {
-                    Ok(authorization) => {
-                        let label = target.connector.clone();
-                        // Cached only for the configuration now in force: a request that began
-                        // on the previous one (a rotation meanwhile) uses its answer but does
-                        // not leave the old revision's credential behind for the new one.
-                        let revision = target.revision;
-                        let _ = self.with_state(|st| {
-                            if st.config.connector_by_label(&label).map(|c| c.revision) == Some(revision) {
-                                st.credentials.insert(&label, authorization.clone());
-                            }
-                        });
-                        target.basic = authorization;
-                        if let Action::Continue = self.proceed(target, scopes, now_secs()) {
-                            resume_current();
-                        }
-                    }
-                    Err(r) => {
-                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
-                        self.refuse(r);
-                    }
-                }
-            }
-            Some(Waiting::Challenge { target, scopes }) => {
-                let www = www_authenticate;
-                let learned = self.with_state(|st| {
-                    // Realm checks need the connector's tokenRealms: the one lookup, once per upstream.
-                    let c = st
-                        .config
-                        .connector_by_label(&target.connector)
-                        .ok_or_else(|| crate::engine::removed_meanwhile(&target.connector, &target.subject))?;
-                    let challenge = learn_challenge(c, status, www.as_deref())
-                        .map_err(|r| crate::upstream::with_envoy_detail(r, status, &body))?;
-                    st.upstream.learn(&target.connector, challenge);
-                    Ok(())
-                });
-                match learned.and_then(|r| r) {
-                    Ok(()) => {
-                        if let Action::Continue = self.authorize_upstream(target, scopes, now_secs()) {
-                            resume_current();
-                        }
-                    }
-                    Err(r) => {
-                        self.refuse(r);
-                    }
-                }
-            }
-            Some(Waiting::Token { key, realm }) => {
-                let result = parse_token_response(status, &body, &realm)
-                    .map_err(|r| crate::upstream::with_envoy_detail(r, status, &body));
-                let now = now_secs();
-                let waiters = self
-                    .with_state(|st| st.upstream.complete(&key, &result, now))
-                    .unwrap_or_default();
-                match result {
-                    Ok((authorization, _)) => {
-                        self.used_token = Some(key);
-                        forward_current_with(&authorization);
-                        for w in waiters {
-                            // A waiter that has gone away is skipped.
-                            if host::set_effective_context(w).is_ok() {
-                                forward_current_with(&authorization);
-                            }
-                        }
-                    }
-                    Err(r) => {
-                        log(LogLevel::Warn, &format!("{}: {}", r.reason, r.message));
-                        self.fail_waiters(waiters, &r);
-                        self.refuse(r);
-                    }
-                }
-                let _ = host::set_effective_context(self.id);
-            }
-            // A late answer for a request that no longer waits: nothing to do.
-            other => self.waiting = other,
+            }),
+        };
+        let Some(act) = act else {
+            return;
+        };
+        // Waiters were made current one by one: this request's context is made current again.
+        let token_answer = matches!(act, Act::ResumeWaiters { .. } | Act::FailWaiters { .. });
+        if let Action::Continue = self.perform(act) {
+            resume_current();
+        }
+        if token_answer {
+            let _ = host::set_effective_context(self.id);
         }
     }
 
     fn on_done(&mut self) -> bool {
         // A fetcher that goes away (client disconnected) must not leave its waiters hanging.
-        match self.waiting.take() {
-            Some(Waiting::Token { key, realm }) => {
-                let waiters = self.with_state(|st| st.upstream.abandon(&key)).unwrap_or_default();
-                let r = Refusal::unavailable_upstream(format!(
-                    "the token fetch from {realm} was abandoned by the request that started it: retry"
-                ));
-                self.fail_waiters(waiters, &r);
-            }
-            Some(Waiting::OtherFetch { key }) => {
-                let id = self.id;
-                let _ = self.with_state(|st| st.upstream.leave(&key, id));
-            }
-            _ => {}
+        let (id, flow) = (self.id, &mut self.flow);
+        if let Ok(Some((waiters, r))) = with_state(&self.state, |st| flow.done(&mut st.vm(), id)) {
+            self.fail_waiters(waiters, &r);
         }
         true
     }
@@ -470,14 +335,6 @@ impl Context for Http {
 
 fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
-}
-
-/// What an HTTP call brought back. The default (status 0) is "no answer".
-#[derive(Default)]
-struct CallAnswer {
-    status: u32,
-    www_authenticate: Option<String>,
-    body: Vec<u8>,
 }
 
 /// Reads the answer of the call being delivered; `None` when the call failed (no headers) or
@@ -636,8 +493,8 @@ impl Http {
     /// What this request's upstream answer must never contain: the connector's credential and
     /// the upstream token it carried (each derived once per credential, see `SecretsMemo`).
     fn secrets(&self) -> Vec<Rc<[Vec<u8>]>> {
-        let mut out: Vec<Rc<[Vec<u8>]>> = self.sent_secrets.iter().cloned().collect();
-        if let Some(k) = &self.used_token
+        let mut out: Vec<Rc<[Vec<u8>]>> = self.flow.sent_secrets().into_iter().cloned().collect();
+        if let Some(k) = self.flow.used_token()
             && let Ok(Some(t)) = self.with_state(|st| {
                 let token = st.upstream.token_value(k)?;
                 Some(st.secrets.of(token))
@@ -663,105 +520,72 @@ impl Http {
         })
     }
 
-    /// The steps before the upstream credential goes on: the controller's access decision
-    /// (RBAC mode) and the connector's credential from the controller, each from this VM's
-    /// cache or, on a miss, asked for while the request waits.
-    fn proceed(&mut self, mut target: Target, scopes: Vec<String>, now: u64) -> Action {
-        if target.check_access {
-            let (key, connector) = (channel::access_key(&target.subject, &target.bound), &target.connector);
-            let verb = target.verb;
-            match self.with_state(|st| st.access.get(&key, connector, verb, now)) {
-                Err(r) => return self.refuse(r),
-                Ok(Some(true)) => target.check_access = false,
-                Ok(Some(false)) => {
-                    let r = crate::engine::not_permitted_rbac(&target.connector, &target.subject, target.verb);
-                    return self.refuse(r);
+    /// Performs the flow's next act for this request. `Continue`: the request goes on now (a
+    /// paused one must be resumed by the caller); `Pause`: it waits or was answered.
+    fn perform(&mut self, act: Act) -> Action {
+        match act {
+            Act::Forward { authorization } => {
+                if host::set_header(Map::Request, "authorization", Some(&authorization)).is_err() {
+                    self.flow.not_sent();
+                    return self.refuse(cannot_edit());
                 }
-                Ok(None) => {
-                    let call = self.with_state(|st| {
-                        st.config.controller.as_ref().map(|ch| {
-                            (
-                                ch.cluster.clone(),
-                                channel::access_call(
-                                    ch,
-                                    &target.namespace,
-                                    &target.name,
-                                    &target.subject,
-                                    &target.bound,
-                                    target.verb,
-                                ),
-                            )
-                        })
-                    });
-                    return self.call_controller(
-                        call,
-                        |target, scopes| Waiting::Access { target, scopes },
-                        target,
-                        scopes,
-                    );
+                Action::Continue
+            }
+            Act::Pause => {
+                // The request waits: the client's credential must not stay on it meanwhile.
+                if host::set_header(Map::Request, "authorization", None).is_err() {
+                    self.flow.not_sent();
+                    return self.refuse(cannot_edit());
                 }
-            }
-        }
-        if matches!(target.credential, UpstreamCredential::Controller { .. }) && target.basic.is_empty() {
-            let label = &target.connector;
-            match self.with_state(|st| st.credentials.get(label).map(str::to_string)) {
-                Err(r) => return self.refuse(r),
-                Ok(Some(v)) => target.basic = v,
-                Ok(None) => {
-                    let call = self.with_state(|st| {
-                        st.config.controller.as_ref().map(|ch| {
-                            (
-                                ch.cluster.clone(),
-                                channel::credential_call(ch, &target.namespace, &target.name, revision_of(&target)),
-                            )
-                        })
-                    });
-                    return self.call_controller(
-                        call,
-                        |target, scopes| Waiting::Credential { target, scopes },
-                        target,
-                        scopes,
-                    );
-                }
-            }
-        }
-        self.authorize_upstream(target, scopes, now)
-    }
-
-    /// Sends one request to the controller and parks this one until it answers. Without a
-    /// channel (it cannot happen with a validated configuration) or when Envoy cannot send
-    /// the call, the request is refused: never forwarded without its checks.
-    fn call_controller(
-        &mut self,
-        call: Result<Option<(String, ChannelCall)>, Refusal>,
-        waiting: impl FnOnce(Target, Vec<String>) -> Waiting,
-        target: Target,
-        scopes: Vec<String>,
-    ) -> Action {
-        let (cluster, call) = match call {
-            Err(r) => return self.refuse(r),
-            Ok(None) => {
-                return self.refuse(Refusal::unavailable(
-                    "the configuration names no controller channel: the connector proxy cannot check this request",
-                ));
-            }
-            Ok(Some(c)) => c,
-        };
-        // The request waits: the client's credential must not stay on it meanwhile.
-        if host::set_header(Map::Request, "authorization", None).is_err() {
-            return self.refuse(cannot_edit());
-        }
-        match host::dispatch_http_call(&cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
-            Ok(_) => {
-                self.waiting = Some(waiting(target, scopes));
                 Action::Pause
             }
-            Err(_) => self.refuse(
-                Refusal::unavailable(format!(
-                    "the proxy cannot reach the connector controller (Envoy cluster {cluster}): retry"
-                ))
-                .with_reason("controller_unavailable"),
-            ),
+            Act::CallCluster(call) => {
+                // The request waits: the client's credential must not stay on it meanwhile.
+                if host::set_header(Map::Request, "authorization", None).is_err() {
+                    self.flow.not_sent();
+                    return self.refuse(cannot_edit());
+                }
+                match host::dispatch_http_call(&call.cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
+                    Ok(_) => {
+                        if let Some(stat) = &call.sent_stat {
+                            count(stat);
+                        }
+                        Action::Pause
+                    }
+                    Err(_) => {
+                        let flow = &mut self.flow;
+                        let next = with_state(&self.state, |st| flow.not_dispatched(&mut st.vm(), &call.cluster))
+                            .unwrap_or_else(|r| Act::Respond {
+                                refusal: r,
+                                warn: false,
+                            });
+                        self.perform(next)
+                    }
+                }
+            }
+            Act::Respond { refusal, warn } => {
+                if warn {
+                    log(LogLevel::Warn, &format!("{}: {}", refusal.reason, refusal.message));
+                }
+                self.refuse(refusal)
+            }
+            Act::ResumeWaiters { authorization, waiters } => {
+                forward_current_with(&authorization);
+                for w in waiters {
+                    // A waiter that has gone away is skipped.
+                    if host::set_effective_context(w).is_ok() {
+                        forward_current_with(&authorization);
+                    }
+                }
+                Action::Pause
+            }
+            Act::FailWaiters { waiters, refusal, warn } => {
+                if warn {
+                    log(LogLevel::Warn, &format!("{}: {}", refusal.reason, refusal.message));
+                }
+                self.fail_waiters(waiters, &refusal);
+                self.refuse(refusal)
+            }
         }
     }
 
@@ -780,119 +604,6 @@ impl Http {
                 let _ = host::dispatch_http_call(&cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT);
             }
             let _ = host::set_effective_context(self.id);
-        }
-    }
-
-    /// Puts the connector's upstream credential on the request: Basic right away, or a bearer
-    /// token (cached, fetched by this request, or fetched by another one this request waits
-    /// for). The first request to a connector asks the upstream which it wants.
-    fn authorize_upstream(&mut self, target: Target, scopes: Vec<String>, now: u64) -> Action {
-        // Without the VM's state (no configuration) the request is refused below; derive them
-        // anyway so no path checks an answer against nothing.
-        self.sent_secrets = Some(
-            self.with_state(|st| st.secrets.of(&target.basic))
-                .unwrap_or_else(|_| crate::leak::secrets_of(&target.basic).into()),
-        );
-        enum Plan {
-            Header(String, Option<TokenKey>),
-            Probe,
-            Fetch {
-                key: TokenKey,
-                cluster: String,
-                authority: String,
-                path: String,
-                realm: String,
-            },
-            Wait(TokenKey),
-        }
-        let id = self.id;
-        let plan = self.with_state(|st| match st.upstream.challenge(&target.connector) {
-            None => Plan::Probe,
-            Some(Challenge::Open | Challenge::Basic) => Plan::Header(target.basic.clone(), None),
-            Some(Challenge::Bearer(realm)) => {
-                let realm = realm.clone();
-                let key = token_key(&target.connector, target.revision, &realm, &scopes);
-                match st.upstream.step(&key, id, now) {
-                    Step::Send(v) => Plan::Header(v, Some(key)),
-                    Step::Wait(k) => Plan::Wait(k),
-                    Step::Fetch(k) => Plan::Fetch {
-                        path: crate::upstream::token_request_path(&realm, &scopes),
-                        realm: format!("{}://{}{}", realm.scheme, realm.authority, realm.path),
-                        key: k,
-                        cluster: realm.cluster,
-                        authority: realm.authority,
-                    },
-                }
-            }
-        });
-        // The request waits: the client's credential must not stay on it meanwhile.
-        if !matches!(plan, Ok(Plan::Header(..))) && host::set_header(Map::Request, "authorization", None).is_err() {
-            return self.refuse(cannot_edit());
-        }
-        match plan {
-            Err(r) => self.refuse(r),
-            Ok(Plan::Header(value, used)) => {
-                if host::set_header(Map::Request, "authorization", Some(&value)).is_err() {
-                    return self.refuse(cannot_edit());
-                }
-                self.used_token = used;
-                Action::Continue
-            }
-            Ok(Plan::Probe) => {
-                let headers = vec![
-                    (":method", "GET"),
-                    (":path", "/v2/"),
-                    (":authority", target.authority.as_str()),
-                    (":scheme", target.scheme.as_str()),
-                ];
-                match host::dispatch_http_call(&target.cluster, headers, UPSTREAM_CALL_TIMEOUT) {
-                    Ok(_) => {
-                        self.waiting = Some(Waiting::Challenge { target, scopes });
-                        Action::Pause
-                    }
-                    Err(_) => self.refuse(Refusal::unavailable_upstream(format!(
-                        "the proxy cannot reach the upstream of connector {} (Envoy cluster {})",
-                        target.connector, target.cluster
-                    ))),
-                }
-            }
-            Ok(Plan::Wait(key)) => {
-                self.waiting = Some(Waiting::OtherFetch { key: key.clone() });
-                self.used_token = Some(key);
-                Action::Pause
-            }
-            Ok(Plan::Fetch {
-                key,
-                cluster,
-                authority,
-                path,
-                realm,
-            }) => {
-                let headers = vec![
-                    (":method", "GET"),
-                    (":path", path.as_str()),
-                    (":authority", authority.as_str()),
-                    ("authorization", target.basic.as_str()),
-                    ("accept", "application/json"),
-                ];
-                match host::dispatch_http_call(&cluster, headers, UPSTREAM_CALL_TIMEOUT) {
-                    Ok(_) => {
-                        count(&crate::stats::token_fetch(&target.connector));
-                        self.waiting = Some(Waiting::Token { key, realm });
-                        Action::Pause
-                    }
-                    Err(_) => {
-                        let r = Refusal::unavailable_upstream(format!(
-                            "the proxy cannot reach the token service {realm} (Envoy cluster {cluster})"
-                        ));
-                        let waiters = self
-                            .with_state(|st| st.upstream.complete(&key, &Err(r.clone()), 0))
-                            .unwrap_or_default();
-                        self.fail_waiters(waiters, &r);
-                        self.refuse(r)
-                    }
-                }
-            }
         }
     }
 }
@@ -990,27 +701,12 @@ impl HttpContext for Http {
                         ),
                     );
                 }
-                let basic = match &f.credential {
-                    UpstreamCredential::Static(v) => v.clone(),
-                    UpstreamCredential::Controller { .. } => String::new(),
-                };
-                let target = Target {
-                    connector: f.response.connector.clone(),
-                    namespace: f.namespace,
-                    name: f.name,
-                    subject,
-                    bound: f.caller.bound.clone(),
-                    check_access: f.check_access,
-                    verb: channel::Verb::of_method(&method),
-                    credential: f.credential,
-                    cluster: f.cluster,
-                    scheme: f.response.upstream.scheme.clone(),
-                    authority: f.authority,
-                    basic,
-                    revision: f.revision,
-                };
-                self.plan = Some(f.response);
-                self.proceed(target, f.scopes, now)
+                let (target, scopes, plan) = Target::of(*f, &method, subject);
+                self.plan = Some(plan);
+                let (id, flow) = (self.id, &mut self.flow);
+                let act = with_state(&self.state, |st| flow.start(&mut st.vm(), target, scopes, id, now))
+                    .unwrap_or_else(|refusal| Act::Respond { refusal, warn: false });
+                self.perform(act)
             }
         }
     }
@@ -1055,7 +751,7 @@ impl HttpContext for Http {
             let scheme = header("www-authenticate")
                 .and_then(|v| crate::upstream::parse_challenge(&v))
                 .map(|(s, _)| s);
-            let (connector, used) = (plan.connector.clone(), self.used_token.take());
+            let (connector, used) = (plan.connector.clone(), self.flow.take_used_token());
             let _ = self.with_state(|st| st.upstream.refused(&connector, used.as_deref(), scheme.as_deref()));
         }
         if let Some((response, reason)) = edits.replace {
@@ -1122,7 +818,7 @@ impl HttpContext for Http {
         // ECR Public answers an expired token with 400 DENIED rather than 401.
         if self.status == 400
             && crate::upstream::is_denied(&body)
-            && let Some(k) = self.used_token.take()
+            && let Some(k) = self.flow.take_used_token()
         {
             let _ = self.with_state(|st| st.upstream.drop_token(&k));
         }
