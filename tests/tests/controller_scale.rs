@@ -35,7 +35,7 @@ fn adds_rotations_and_deletes_under_load_with_two_workers_answer_only_200_or_403
     };
     // Both robot accounts are valid, as during a real rotation window.
     s.registry.add_user(&new).unwrap();
-    let upstream = format!("http://127.0.0.1:{}", s.recorder.port);
+    let upstream = s.recorder.url();
     put(
         &s.manifests,
         "steady.yaml",
