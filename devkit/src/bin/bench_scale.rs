@@ -241,7 +241,7 @@ fn main() -> Result<()> {
     let work = WorkDir::new("bench-scale")?;
     let registry = Registry::start_open(&work)?;
     let recorder = Recorder::start(registry.port)?;
-    let upstream = format!("http://127.0.0.1:{}", recorder.port);
+    let upstream = recorder.url();
     let minter = Minter::new(&work.sub("keys")?)?;
     let mut rows = vec![];
     for n in sizes {
