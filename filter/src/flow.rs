@@ -213,6 +213,26 @@ impl Flow {
         self.used_token = None;
     }
 
+    /// The host would not take the client's credential off this request before the call of the
+    /// last [`Act::CallCluster`]: the call is not made and the request is refused with `refusal`.
+    /// A token fetch it was to make is given up, so the requests waiting on that token are
+    /// answered now ([`Act::FailWaiters`]) and the next request fetches, instead of all of them
+    /// waiting for Envoy's timeout.
+    pub fn call_not_made(&mut self, vm: &mut Vm<'_>, refusal: Refusal) -> Act {
+        self.used_token = None;
+        match self.waiting.take() {
+            Some(Waiting::Token { key, .. }) => {
+                let waiters = vm.upstream.complete(&key, &Err(refusal.clone()), 0);
+                Act::FailWaiters {
+                    waiters,
+                    refusal,
+                    warn: false,
+                }
+            }
+            _ => Act::refuse(refusal),
+        }
+    }
+
     /// The host would not send the call of the last [`Act::CallCluster`] (to `cluster`).
     pub fn not_dispatched(&mut self, vm: &mut Vm<'_>, cluster: &str) -> Act {
         match self.waiting.take() {
@@ -1036,6 +1056,29 @@ mod tests {
         fetcher.not_sent();
         assert!(!fetcher.awaits_call());
         assert!(w.answer(&mut fetcher, 1, 200, None, r#"{"token":"t"}"#).is_none());
+    }
+
+    #[test]
+    fn a_token_fetch_whose_request_cannot_be_edited_frees_the_key_and_answers_its_waiters() {
+        let mut w = bearer_world();
+        let (mut fetcher, mut a) = (Flow::default(), Flow::default());
+        assert_fetch(&w.start(&mut fetcher, 1));
+        assert_eq!(w.start(&mut a, 2), Act::Pause);
+        let act = fetcher.call_not_made(&mut w.vm(), Refusal::unavailable("cannot edit"));
+        let Act::FailWaiters { waiters, refusal: r, .. } = act else {
+            panic!("{act:?}")
+        };
+        assert_eq!((waiters, r.status), (vec![2], 503));
+        assert!(!fetcher.awaits_call());
+        let mut next = Flow::default();
+        assert_fetch(&w.start(&mut next, 3));
+        // Any other call: just the refusal.
+        let mut w = World::new(false, false);
+        let mut f = Flow::default();
+        assert_probe(&w.start(&mut f, 1));
+        let act = f.call_not_made(&mut w.vm(), Refusal::unavailable("cannot edit"));
+        assert_eq!(refusal(&act).0, 503);
+        assert!(!f.awaits_call());
     }
 
     #[test]

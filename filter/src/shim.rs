@@ -542,8 +542,16 @@ impl Http {
             Act::CallCluster(call) => {
                 // The request waits: the client's credential must not stay on it meanwhile.
                 if host::set_header(Map::Request, "authorization", None).is_err() {
-                    self.flow.not_sent();
-                    return self.refuse(cannot_edit());
+                    let flow = &mut self.flow;
+                    let next = with_state(&self.state, |st| flow.call_not_made(&mut st.vm(), cannot_edit()))
+                        .unwrap_or_else(|r| {
+                            flow.not_sent();
+                            Act::Respond {
+                                refusal: r,
+                                warn: false,
+                            }
+                        });
+                    return self.perform(next);
                 }
                 match host::dispatch_http_call(&call.cluster, call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
                     Ok(_) => {
