@@ -8,8 +8,8 @@
 //!   on one host and port cannot both be served: the newer connector is left out, with why.
 //! - [`run`] keeps one `ServiceEntry` (MESH_EXTERNAL, the host's ports) and, for hosts reached
 //!   over TLS, one `DestinationRule` (TLS origination: `SIMPLE`, SNI and subjectAltNames = the
-//!   host, so the upstream's certificate must name it; the CA bundle of `--upstream-ca` when it
-//!   is not the system one) per upstream host, in the WasmPlugin's namespace, visible to that
+//!   host, so the upstream's certificate must name it; `caCertificates` the bundle of
+//!   `--upstream-ca`, which Envoy's clusters trust outside Istio) per upstream host, in the WasmPlugin's namespace, visible to that
 //!   namespace only (`exportTo: ["."]`: other workloads' routing is not touched). Written by
 //!   server-side apply under [`FIELD_MANAGER`] only when they differ, labelled as the
 //!   controller's ([`MANAGED_BY`], [`PLUGIN_LABEL`]), and deleted when no connector needs them.
@@ -45,9 +45,24 @@ pub const RESYNC: Duration = Duration::from_secs(30);
 const GROUP: &str = "networking.istio.io";
 const VERSION: &str = "v1";
 
-/// The cluster Istio builds for `port` of a ServiceEntry host (`model.BuildSubsetKey`).
+/// The cluster Istio builds for `port` of the ServiceEntry for `host` (`model.BuildSubsetKey`).
 pub fn outbound_name(host: &str, port: u16) -> String {
-    format!("outbound|{port}||{host}")
+    format!("outbound|{port}||{}", service_host(host))
+}
+
+/// The ServiceEntry host for an upstream host. Istio refuses an IP address as a host (`domain
+/// name "0.0.1" invalid (top level domain "1" cannot be all-numeric)`, istioctl validate), so
+/// an address gets a name under `.invalid` (RFC 6761: never resolved), and its ServiceEntry
+/// `STATIC` resolution with the address as its one endpoint: the name only keys the cluster.
+pub fn service_host(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => format!("{}.ipv4.oci-connector.invalid", v4.to_string().replace('.', "-")),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let segments: Vec<String> = v6.segments().iter().map(|s| format!("{s:x}")).collect();
+            format!("{}.ipv6.oci-connector.invalid", segments.join("-"))
+        }
+        Err(_) => host.to_string(),
+    }
 }
 
 /// `r` with every cluster named as Istio names it. Connectors in `filter_config` are in
@@ -121,22 +136,23 @@ pub fn objects(
     clusters: &[UpstreamCluster],
     namespace: &str,
     plugin: &str,
-    ca_bundle: Option<&str>,
+    ca_bundle: &str,
 ) -> Vec<(&'static str, String, Value)> {
     let mut hosts: BTreeMap<&str, Vec<&UpstreamCluster>> = BTreeMap::new();
     for c in clusters {
         hosts.entry(c.host.as_str()).or_default().push(c);
     }
     let mut out = vec![];
-    for (host, mut ports) in hosts {
+    for (address, mut ports) in hosts {
         ports.sort_by_key(|c| c.port);
-        let name = object_name(host);
+        let host = service_host(address);
+        let name = object_name(&host);
         let metadata = json!({
             "name": name,
             "namespace": namespace,
             "labels": { "app.kubernetes.io/managed-by": MANAGED_BY, PLUGIN_LABEL: plugin },
         });
-        let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+        let is_ip = address.parse::<std::net::IpAddr>().is_ok();
         let mut se = json!({
             "hosts": [host],
             "location": "MESH_EXTERNAL",
@@ -149,7 +165,7 @@ pub fn objects(
             }).collect::<Vec<_>>(),
         });
         if is_ip {
-            se["endpoints"] = json!([{ "address": host }]);
+            se["endpoints"] = json!([{ "address": address }]);
         }
         out.push((
             "ServiceEntry",
@@ -160,12 +176,11 @@ pub fn objects(
             .iter()
             .filter(|c| c.tls)
             .map(|c| {
-                let mut t = json!({ "mode": "SIMPLE", "subjectAltNames": [host] });
+                // The certificate must name the upstream as the connector wrote it (its address,
+                // for an IP upstream); SNI carries names only.
+                let mut t = json!({ "mode": "SIMPLE", "subjectAltNames": [address], "caCertificates": ca_bundle });
                 if let Some(sni) = &c.sni {
                     t["sni"] = json!(sni);
-                }
-                if let Some(ca) = ca_bundle {
-                    t["caCertificates"] = json!(ca);
                 }
                 json!({ "port": { "number": c.port }, "tls": t })
             })
@@ -267,8 +282,10 @@ pub struct Upstreams {
     pub namespace: String,
     /// The WasmPlugin's name ([`PLUGIN_LABEL`]).
     pub plugin: String,
-    /// `caCertificates` of the DestinationRules; `None`: the gateway's system roots.
-    pub ca_bundle: Option<String>,
+    /// `caCertificates` of the DestinationRules (`--upstream-ca`: a PEM file as the gateway's
+    /// Envoy sees it). Always set: without it Istio trusts its own idea of system roots, and
+    /// `istioctl analyze` warns (IST0129) that nothing validates the server.
+    pub ca_bundle: String,
 }
 
 /// Keeps the ServiceEntries and DestinationRules equal to what the latest snapshot's clusters
@@ -285,12 +302,7 @@ pub async fn run(target: Upstreams, mut snapshots: watch::Receiver<Option<Arc<Sn
         let wait = match &snapshot {
             None => RESYNC,
             Some(s) => {
-                let want = objects(
-                    &s.clusters,
-                    &target.namespace,
-                    &target.plugin,
-                    target.ca_bundle.as_deref(),
-                );
+                let want = objects(&s.clusters, &target.namespace, &target.plugin, &target.ca_bundle);
                 match sync(&entries, &rules, &want, &target.plugin).await {
                     Ok(changed) => {
                         backoff = Duration::from_millis(500);
@@ -407,14 +419,14 @@ mod tests {
         assert_eq!(c[0]["cluster"], "outbound|443||harbor.example.com");
         assert_eq!(c[0]["tokenRealms"][0]["cluster"], "outbound|443||auth.example.com");
         assert_eq!(c[1]["cluster"], c[0]["cluster"]);
-        assert_eq!(c[2]["cluster"], "outbound|5000||127.0.0.1");
+        assert_eq!(c[2]["cluster"], "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid");
         let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
             [
                 "outbound|443||auth.example.com",
                 "outbound|443||harbor.example.com",
-                "outbound|5000||127.0.0.1"
+                "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid"
             ]
         );
         assert!(r.left_out.is_empty());
@@ -458,7 +470,8 @@ mod tests {
             c
         })
         .collect();
-        let objs = objects(&clusters, "oci-connector-system", "oci-connector", None);
+        const CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+        let objs = objects(&clusters, "oci-connector-system", "oci-connector", CA);
         let find = |kind: &str, host: &str| {
             objs.iter()
                 .find(|(k, _, o)| *k == kind && (o["spec"]["hosts"][0] == host || o["spec"]["host"] == host))
@@ -479,22 +492,25 @@ mod tests {
         assert_eq!(
             dr["spec"]["trafficPolicy"]["portLevelSettings"],
             json!([{"port": {"number": 443}, "tls": {"mode": "SIMPLE", "sni": "harbor.example.com",
-                "subjectAltNames": ["harbor.example.com"]}}])
+                "subjectAltNames": ["harbor.example.com"], "caCertificates": CA}}])
         );
-        let ip = find("ServiceEntry", "10.0.0.1").unwrap();
+        // An address is no ServiceEntry host: a name that is never resolved, the address its endpoint.
+        let ip = find("ServiceEntry", "10-0-0-1.ipv4.oci-connector.invalid").unwrap();
         assert_eq!(ip["spec"]["resolution"], "STATIC");
         assert_eq!(ip["spec"]["endpoints"], json!([{"address": "10.0.0.1"}]));
         // An address: no SNI (names only), the certificate must carry the IP.
-        let dr = find("DestinationRule", "10.0.0.1").unwrap();
+        let dr = find("DestinationRule", "10-0-0-1.ipv4.oci-connector.invalid").unwrap();
         assert_eq!(
             dr["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"],
-            json!({"mode": "SIMPLE", "subjectAltNames": ["10.0.0.1"]})
+            json!({"mode": "SIMPLE", "subjectAltNames": ["10.0.0.1"], "caCertificates": CA})
         );
+        assert_eq!(service_host("::1"), "0-0-0-0-0-0-0-1.ipv6.oci-connector.invalid");
         // Plain http only: a ServiceEntry, no DestinationRule.
-        assert!(find("ServiceEntry", "127.0.0.1").is_some());
-        assert!(find("DestinationRule", "127.0.0.1").is_none());
+        let local = "127-0-0-1.ipv4.oci-connector.invalid";
+        assert!(find("ServiceEntry", local).is_some());
+        assert!(find("DestinationRule", local).is_none());
         // A custom CA bundle goes into every TLS setting.
-        let with_ca = objects(&clusters, "ns", "p", Some("/etc/upstream-ca/ca.crt"));
+        let with_ca = objects(&clusters, "ns", "p", "/etc/upstream-ca/ca.crt");
         assert!(with_ca.iter().filter(|(k, ..)| *k == "DestinationRule").all(
             |(_, _, o)| o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["caCertificates"]
                 == "/etc/upstream-ca/ca.crt"

@@ -224,7 +224,7 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
             client: target.client.clone(),
             namespace: target.namespace.clone(),
             plugin: target.name.clone(),
-            ca_bundle: (settings.upstream_ca != crate::xds::SYSTEM_CA_BUNDLE).then(|| settings.upstream_ca.clone()),
+            ca_bundle: settings.upstream_ca.clone(),
         };
         tokio::spawn(crate::istio::run(upstreams, snap_rx.clone(), progress.clone()));
         tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone(), progress));
