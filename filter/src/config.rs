@@ -780,14 +780,17 @@ fn compile_connector(
             }
         });
     let cluster = w.string(m, path, "cluster", true);
+    // '|' is in the names Istio gives clusters (`outbound|443||registry.example.com`), which a
+    // controller in an Istio gateway names (`--istio-wasmplugin`); none of these characters can
+    // end or split the `x-oci-connector-cluster` header value.
     if let Some(c) = cluster
         && !c
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'|'))
     {
         w.err(
             format!("{path}.cluster"),
-            "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':')",
+            "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':', '|')",
         );
     }
     let authorization = compile_credential(
@@ -1094,6 +1097,31 @@ mod tests {
 
     fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
         compile(v.to_string().as_bytes(), &env)
+    }
+
+    #[test]
+    fn cluster_names_as_envoy_and_istio_write_them() {
+        for (name, ok) in [
+            ("upstream_https_harbor_example_com_443_0123abcd", true),
+            ("outbound|443||registry.example.com", true),
+            ("a b", false),
+            ("a\r\nx-injected: 1", false),
+            ("a,b", false),
+        ] {
+            let mut d = doc();
+            d["connectors"][0]["cluster"] = serde_json::json!(name);
+            let paths: Vec<String> = compile_value(&d)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.path)
+                .collect();
+            assert_eq!(
+                !paths.contains(&"connectors[0].cluster".to_string()),
+                ok,
+                "{name:?}: {paths:?}"
+            );
+        }
     }
 
     /// The state of a proxy whose controller has not written its configuration yet (the Istio

@@ -109,7 +109,8 @@ pub fn with_outbound_names(mut r: Rendering) -> Rendering {
             mine.push(renamed);
         };
         rename(&mut entry["cluster"], "spec.address".into());
-        if let Some(realms) = entry["tokenRealms"].as_array_mut() {
+        // `get_mut`, not indexing: an index would add `"tokenRealms": null`, which the filter refuses.
+        if let Some(realms) = entry.get_mut("tokenRealms").and_then(Value::as_array_mut) {
             for (i, realm) in realms.iter_mut().enumerate() {
                 rename(&mut realm["cluster"], format!("spec.tokenRealms[{i}].url"));
             }
@@ -420,6 +421,8 @@ mod tests {
         assert_eq!(c[0]["tokenRealms"][0]["cluster"], "outbound|443||auth.example.com");
         assert_eq!(c[1]["cluster"], c[0]["cluster"]);
         assert_eq!(c[2]["cluster"], "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid");
+        // No key appears that was not there (the filter refuses `"tokenRealms": null`).
+        assert!(c[1].get("tokenRealms").is_none(), "{}", c[1]);
         let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,

@@ -219,6 +219,17 @@ fn the_gateway_controller_is_pointed_at_the_shipped_wasmplugin() {
     );
     let binding = find("RoleBinding", "oci-connector-controller-wasmplugin");
     assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
+    // The upstreams' ServiceEntries/DestinationRules: found by label, written by server-side
+    // apply, deleted; no get, no watch, nothing else of Istio's.
+    let role = find("Role", "oci-connector-controller-istio-upstreams");
+    assert_eq!(role["metadata"]["namespace"], plugin["metadata"]["namespace"]);
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["networking.istio.io"], "resources": ["serviceentries", "destinationrules"],
+            "verbs": ["list", "create", "patch", "delete"]}])
+    );
+    let binding = find("RoleBinding", "oci-connector-controller-istio-upstreams");
+    assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
 }
 
 fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
@@ -279,15 +290,19 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
     let creds = s.registry.credentials.clone().unwrap();
     let kube = KubeCluster::start("istio-wasmplugin").unwrap_or_else(|e| panic!("{e}"));
     kube.install_crd().unwrap();
-    let crd = repo_root().join("tests/testdata/istio-wasmplugin-crd.yaml");
-    kube.kubectl(&["apply", "--server-side", "-f", &crd.display().to_string()])
-        .and_then(|o| o.ok())
-        .unwrap_or_else(|e| panic!("{e}"));
+    for crds in ["istio-wasmplugin-crd.yaml", "istio-networking-crds.yaml"] {
+        let crd = repo_root().join("tests/testdata").join(crds);
+        kube.kubectl(&["apply", "--server-side", "-f", &crd.display().to_string()])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     kube.kubectl(&[
         "wait",
         "--for=condition=Established",
         "--timeout=30s",
         "crd/wasmplugins.extensions.istio.io",
+        "crd/serviceentries.networking.istio.io",
+        "crd/destinationrules.networking.istio.io",
     ])
     .and_then(|o| o.ok())
     .unwrap_or_else(|e| panic!("{e}"));
@@ -328,6 +343,24 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         can_i(
             &kube,
             &["patch", "wasmplugins.extensions.istio.io/oci-connector", "-n", NS]
+        ),
+        "no"
+    );
+    // The upstreams' ServiceEntries and DestinationRules: in the gateway's namespace only.
+    for kind in [
+        "serviceentries.networking.istio.io",
+        "destinationrules.networking.istio.io",
+    ] {
+        for verb in ["list", "create", "patch", "delete"] {
+            assert_eq!(can_i(&kube, &[verb, kind, "-n", PLUGIN_NS]), "yes", "{verb} {kind}");
+            assert_eq!(can_i(&kube, &[verb, kind, "-n", NS]), "no", "{verb} {kind} in {NS}");
+        }
+        assert_eq!(can_i(&kube, &["watch", kind, "-n", PLUGIN_NS]), "no", "watch {kind}");
+    }
+    assert_eq!(
+        can_i(
+            &kube,
+            &["create", "virtualservices.networking.istio.io", "-n", PLUGIN_NS]
         ),
         "no"
     );
@@ -433,6 +466,50 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         (Some(NS), Some("registry"))
     );
     assert!(entry["credential"]["fromController"].is_string(), "{entry}");
+    // The cluster is the one Istio builds for the ServiceEntry the controller wrote for the
+    // registry's address (an IP: a never-resolved name, the address its STATIC endpoint).
+    let registry_host = "127-0-0-1.ipv4.oci-connector.invalid";
+    assert_eq!(
+        entry["cluster"],
+        format!("outbound|{}||{registry_host}", s.registry.port)
+    );
+    let (entries, se_took) = until("the registry's ServiceEntry", || {
+        let e = upstream_objects(&kube, "serviceentries");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let se = &entries[0];
+    assert_eq!(se["spec"]["hosts"], json!([registry_host]));
+    assert_eq!(se["spec"]["resolution"], "STATIC");
+    assert_eq!(se["spec"]["location"], "MESH_EXTERNAL");
+    assert_eq!(se["spec"]["exportTo"], json!(["."]));
+    assert_eq!(se["spec"]["endpoints"], json!([{"address": "127.0.0.1"}]));
+    assert_eq!(
+        se["spec"]["ports"],
+        json!([{"number": s.registry.port, "name": format!("http-{}", s.registry.port), "protocol": "HTTP"}])
+    );
+    // Plain http: no TLS to originate, no DestinationRule.
+    assert!(upstream_objects(&kube, "destinationrules").is_empty());
+    assert_eq!(istio_clusters(&entries), referenced_clusters(&config));
+    // ProxyReady says what the controller saw: the WasmPlugin and the ServiceEntries carry the
+    // configuration (no Envoy connects to its xDS server in Istio mode).
+    let (proxy_ready, _) = until("ProxyReady is PluginConfigWritten", || {
+        let c = kube.get("connector", NS, "registry").ok()??;
+        let ready = c["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "ProxyReady")?
+            .clone();
+        (ready["reason"] == "PluginConfigWritten").then_some(ready)
+    });
+    assert_eq!(proxy_ready["status"], "True", "{proxy_ready}");
+    assert!(
+        proxy_ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("istiod delivers it"),
+        "{proxy_ready}"
+    );
     // Everything else of the shipped object is the operator's, untouched.
     for field in ["url", "failStrategy", "selector", "phase", "vmConfig", "pluginName"] {
         assert_eq!(plugin["spec"][field], shipped["spec"][field], "spec.{field}");
@@ -581,12 +658,227 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
         (p["spec"]["pluginConfig"] == config).then_some(())
     });
+    let tls = tls_upstreams(&kube, &creds);
     let log = controller.log();
     assert!(
         !log.contains(&creds.password),
         "the password is in the controller's log"
     );
     eprintln!(
-        "controller ready (/readyz) {ready:?} after its start; pluginConfig seen written {took:?} later; pull through Envoy with it: {pull_took:?}; rotated credential's new revision written in {rotation:?}; placeholder re-applied, restored in {restored:?}"
+        "controller ready (/readyz) {ready:?} after its start; pluginConfig seen written {took:?} later; registry ServiceEntry seen {se_took:?} after that; pull through Envoy with it: {pull_took:?}; rotated credential's new revision written in {rotation:?}; placeholder re-applied, restored in {restored:?}; {tls}"
     );
+}
+
+/// The ServiceEntries or DestinationRules the controller wrote for the WasmPlugin's upstreams.
+fn upstream_objects(kube: &KubeCluster, resource: &str) -> Vec<Value> {
+    let out = kube
+        .kubectl(&[
+            "get",
+            &format!("{resource}.networking.istio.io"),
+            "-n",
+            PLUGIN_NS,
+            "-l",
+            &format!("app.kubernetes.io/managed-by=oci-connector-controller,connectors.alauda.io/wasmplugin={PLUGIN}"),
+            "--show-managed-fields",
+            "-o",
+            "json",
+        ])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let list: Value = serde_json::from_str(&out.stdout).unwrap();
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The clusters Istio builds for ServiceEntries: `outbound|<port>||<host>` for every host and
+/// port (`model.BuildSubsetKey`, no subsets).
+fn istio_clusters(entries: &[Value]) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for e in entries {
+        for h in e["spec"]["hosts"].as_array().unwrap() {
+            for p in e["spec"]["ports"].as_array().unwrap() {
+                names.insert(format!("outbound|{}||{}", p["number"], h.as_str().unwrap()));
+            }
+        }
+    }
+    names
+}
+
+/// Every upstream and token-realm cluster a filter configuration names.
+fn referenced_clusters(config: &Value) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for c in config["connectors"].as_array().unwrap() {
+        names.insert(c["cluster"].as_str().unwrap().to_string());
+        for r in c["tokenRealms"].as_array().into_iter().flatten() {
+            names.insert(r["cluster"].as_str().unwrap().to_string());
+        }
+    }
+    names
+}
+
+/// Two connectors on one https registry (one with an https token realm): one ServiceEntry
+/// and one DestinationRule per host, TLS verified against the host; Istio's own validation
+/// accepts them as the API server holds them; each goes when the last connector needing it
+/// does. Returns the timings.
+fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credentials) -> String {
+    let (registry, realm) = ("registry.example.com", "auth.example.com");
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot-tls", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    for (name, realms) in [
+        ("tls", json!([{"url": format!("https://{realm}/token")}])),
+        ("tls-2", json!([])),
+    ] {
+        kube.apply(&json!({
+            "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"address": format!("https://{registry}"), "tokenRealms": realms,
+                "auth": {"name": "basicAuth", "secretRef": {"name": "robot-tls"}}, "connectorClassName": "oci"},
+        }))
+        .unwrap();
+    }
+    let started = Instant::now();
+    let ((entries, rules, config), _) = until("ServiceEntries and DestinationRules for the https upstreams", || {
+        let config = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??["spec"]["pluginConfig"].clone();
+        let (e, r) = (
+            upstream_objects(kube, "serviceentries"),
+            upstream_objects(kube, "destinationrules"),
+        );
+        (config["connectors"].as_array()?.len() == 3 && e.len() == 3 && r.len() == 2).then_some((e, r, config))
+    });
+    let written = started.elapsed();
+    let tls_entry = config["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tls")
+        .unwrap();
+    assert_eq!(tls_entry["cluster"], format!("outbound|443||{registry}"));
+    assert_eq!(tls_entry["tokenRealms"][0]["cluster"], format!("outbound|443||{realm}"));
+    // What the pluginConfig names is exactly what Istio builds from the ServiceEntries.
+    assert_eq!(istio_clusters(&entries), referenced_clusters(&config));
+    for host in [registry, realm] {
+        let se = entries
+            .iter()
+            .find(|e| e["spec"]["hosts"] == json!([host]))
+            .unwrap_or_else(|| panic!("no ServiceEntry for {host}: {entries:?}"));
+        assert_eq!(se["spec"]["resolution"], "DNS");
+        assert_eq!(se["spec"]["location"], "MESH_EXTERNAL");
+        assert_eq!(se["spec"]["exportTo"], json!(["."]));
+        assert_eq!(
+            se["spec"]["ports"],
+            json!([{"number": 443, "name": "https-443", "protocol": "HTTPS"}])
+        );
+        let dr = rules
+            .iter()
+            .find(|r| r["spec"]["host"] == host)
+            .unwrap_or_else(|| panic!("no DestinationRule for {host}: {rules:?}"));
+        assert_eq!(dr["metadata"]["name"], se["metadata"]["name"]);
+        assert_eq!(dr["spec"]["exportTo"], json!(["."]));
+        assert_eq!(
+            dr["spec"]["trafficPolicy"]["portLevelSettings"],
+            json!([{"port": {"number": 443}, "tls": {"mode": "SIMPLE", "sni": host,
+                "subjectAltNames": [host], "caCertificates": "/etc/ssl/certs/ca-certificates.crt"}}])
+        );
+        for o in [se, dr] {
+            let managers: Vec<&str> = o["metadata"]["managedFields"]
+                .as_array()
+                .map(|m| m.iter().filter_map(|f| f["manager"].as_str()).collect())
+                .unwrap_or_default();
+            assert_eq!(managers, ["connector-controller-istio-upstreams"], "{o}");
+        }
+    }
+
+    // Istio's own validation on the objects as the API server holds them.
+    let work = connector_devkit::WorkDir::new("istio-upstreams").unwrap();
+    let mut docs = vec![];
+    for mut o in entries.iter().chain(&rules).cloned() {
+        for f in [
+            "managedFields",
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "generation",
+        ] {
+            o["metadata"].as_object_mut().unwrap().remove(f);
+        }
+        docs.push(serde_json::to_string_pretty(&o).unwrap());
+    }
+    let file = work.path().join("upstreams.yaml");
+    std::fs::write(&file, docs.join("\n---\n")).unwrap();
+    let file = file.display().to_string();
+    let istioctl = istioctl();
+    let validate = run(&istioctl, &["validate", "-f", &file]);
+    let text = format!("{}{}", validate.stdout, validate.stderr);
+    assert!(validate.success, "istioctl validate -f: {text}");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("is valid")),
+        "{text}"
+    );
+    // analyze with the variant itself (its Gateway and gateway Deployment in the same namespace).
+    let variant = work.path().join("istio.yaml");
+    std::fs::write(&variant, rendered_variant()).unwrap();
+    let analyze = run(
+        &istioctl,
+        &[
+            "analyze",
+            "--use-kube=false",
+            "-A",
+            "--output-threshold",
+            "Info",
+            "-o",
+            "json",
+            &variant.display().to_string(),
+            &file,
+        ],
+    );
+    assert!(
+        analyze.success,
+        "istioctl analyze: {}{}",
+        analyze.stdout, analyze.stderr
+    );
+    let messages: Value = serde_json::from_str(analyze.stdout.trim())
+        .unwrap_or_else(|e| panic!("istioctl analyze -o json: {e}: {}", analyze.stdout));
+    assert_eq!(messages, json!([]), "istioctl analyze: {}", analyze.stderr);
+
+    // The realm's host goes with the one connector using it; the registry's stays for tls-2.
+    kube.kubectl(&["delete", "connector", "tls", "-n", NS])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, realm_gone) = until("the token realm's ServiceEntry/DestinationRule removed", || {
+        let (e, r) = (
+            upstream_objects(kube, "serviceentries"),
+            upstream_objects(kube, "destinationrules"),
+        );
+        let hosts: Vec<Value> = e.iter().map(|e| e["spec"]["hosts"][0].clone()).collect();
+        (!hosts.contains(&json!(realm)) && r.len() == 1).then_some(())
+    });
+    let hosts: Vec<Value> = upstream_objects(kube, "serviceentries")
+        .iter()
+        .map(|e| e["spec"]["hosts"][0].clone())
+        .collect();
+    assert!(hosts.contains(&json!(registry)), "{hosts:?}");
+    assert_eq!(upstream_objects(kube, "destinationrules")[0]["spec"]["host"], registry);
+    kube.kubectl(&["delete", "connector", "tls-2", "-n", NS])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (left, registry_gone) = until("the https registry's ServiceEntry/DestinationRule removed", || {
+        let (e, r) = (
+            upstream_objects(kube, "serviceentries"),
+            upstream_objects(kube, "destinationrules"),
+        );
+        (e.len() == 1 && r.is_empty()).then_some(e)
+    });
+    assert_eq!(
+        left[0]["spec"]["hosts"],
+        json!(["127-0-0-1.ipv4.oci-connector.invalid"])
+    );
+    format!(
+        "https upstreams' ServiceEntries/DestinationRules seen {written:?} after the Connectors were applied; removed {realm_gone:?} (realm) and {registry_gone:?} (registry) after their last Connector was deleted"
+    )
 }
