@@ -14,6 +14,13 @@
 //!   JSON, not a 503), then exactly the pluginConfig the controller wrote, pulls an image with
 //!   skopeo and a token from the TokenRequest API; re-applying the shipped placeholder is put
 //!   right by the controller again.
+//! - With Istio's ServiceEntry and DestinationRule CRDs (tests/testdata, same module): the
+//!   controller names each upstream cluster as Istio does (`outbound|<port>||<host>`) and writes
+//!   one ServiceEntry per upstream host and, for https hosts, a DestinationRule originating TLS
+//!   with the host as SNI and subjectAltName; `istioctl validate`/`analyze` accept them as the
+//!   API server holds them; the clusters the pluginConfig names are exactly those Istio builds
+//!   for them; they go with the last Connector needing them; `ProxyReady` is
+//!   `PluginConfigWritten`.
 
 use std::path::PathBuf;
 use std::process::Command;
