@@ -889,3 +889,243 @@ fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credent
         "https upstreams' ServiceEntries/DestinationRules seen {written:?} after the Connectors were applied; removed {realm_gone:?} (realm) and {registry_gone:?} (registry) after their last Connector was deleted"
     )
 }
+
+/// `pilot-discovery` (istiod) built from the same istio module as istioctl, if present. Not
+/// built by `scripts/setup.sh`: the experiment below is `#[ignore]`d.
+fn pilot_discovery() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home)
+        .join(".cache/oci-connector/tools/pilot-discovery-v0.0.0-20260827124520-eed52ebb66ad/pilot-discovery");
+    p.is_file().then_some(p)
+}
+
+/// Experiment (README "Istio variant", what was run): istiod against devkit's kube-apiserver
+/// with Istio's CRDs, the variant's Gateway and WasmPlugin and the objects the controller
+/// writes for an https upstream, and a plain Envoy connected to istiod's plaintext xDS port as
+/// the gateway's node: what Envoy gets. Run with `--ignored` after building pilot-discovery
+/// into `~/.cache/oci-connector/tools/` (see the README).
+#[test]
+#[ignore = "needs pilot-discovery (istiod), which scripts/setup.sh does not build"]
+fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
+    let Some(istiod) = pilot_discovery() else {
+        panic!("pilot-discovery is not built (README \"Istio variant\")");
+    };
+    let kube = KubeCluster::start("istiod").unwrap_or_else(|e| panic!("{e}"));
+    let all_crds = PathBuf::from(std::env::var("HOME").unwrap()).join(
+        "go/pkg/mod/istio.io/istio@v0.0.0-20260827124520-eed52ebb66ad/manifests/charts/base/files/crd-all.gen.yaml",
+    );
+    kube.kubectl(&["apply", "--server-side", "-f", &all_crds.display().to_string()])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    kube.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    for ns in ["istio-system", PLUGIN_NS] {
+        kube.namespace(ns, &[]).unwrap();
+    }
+    // The variant's Istio objects (Gateway, WasmPlugin, the channel's ServiceEntry).
+    for d in documents(&rendered_variant()) {
+        if d["apiVersion"].as_str().unwrap_or_default().contains("istio.io") {
+            kube.apply(&d).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // What the controller writes for one https upstream.
+    let upstream = connector_controller::render::UpstreamCluster {
+        name: "unused".into(),
+        host: "registry.example.com".into(),
+        port: 443,
+        tls: true,
+        sni: Some("registry.example.com".into()),
+    };
+    for (_, _, o) in connector_controller::istio::objects(
+        std::slice::from_ref(&upstream),
+        PLUGIN_NS,
+        PLUGIN,
+        "/etc/ssl/certs/ca-certificates.crt",
+    ) {
+        kube.apply(&o).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let work = connector_devkit::WorkDir::new("istiod").unwrap();
+    let (grpc, http, mon, https) = (
+        procs::free_port().unwrap(),
+        procs::free_port().unwrap(),
+        procs::free_port().unwrap(),
+        procs::free_port().unwrap(),
+    );
+    let mut cmd = Command::new(&istiod);
+    cmd.args(["discovery", "--kubeconfig"])
+        .arg(&kube.kubeconfig)
+        .args(["--grpcAddr", &format!("127.0.0.1:{grpc}")])
+        .args(["--httpAddr", &format!("127.0.0.1:{http}")])
+        .args(["--monitoringAddr", &format!("127.0.0.1:{mon}")])
+        .args(["--httpsAddr", &format!("127.0.0.1:{https}")])
+        .args(["--secureGRPCAddr", ""])
+        .args(["--domain", "cluster.local"])
+        .env("POD_NAMESPACE", "istio-system")
+        .env("POD_NAME", "istiod-test")
+        .env("REVISION", "default")
+        .env("PILOT_ENABLE_ANALYSIS", "false")
+        .env("ENABLE_CA_SERVER", "false")
+        .env("INJECTION_WEBHOOK_CONFIG_NAME", "")
+        .env("VALIDATION_WEBHOOK_CONFIG_NAME", "")
+        .env("PILOT_ENABLE_GATEWAY_API", "false")
+        // Istio's telemetry filter (`istio.metadata_exchange`) is built into istio-proxy only: a
+        // plain Envoy refuses every cluster carrying it (seen: "Didn't find a registered
+        // implementation for 'istio.metadata_exchange'").
+        .env("PILOT_ENABLE_METADATA_EXCHANGE", "false");
+    let log = work.path().join("istiod.log");
+    let started = Instant::now();
+    let mut pilot = procs::Proc::spawn("istiod", cmd, &log).unwrap_or_else(|e| panic!("{e}"));
+    pilot
+        .wait_for_http(http, "/ready", |s| s == 200, Duration::from_secs(60))
+        .unwrap_or_else(|e| {
+            panic!(
+                "istiod not ready: {e}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    let istiod_ready = started.elapsed();
+
+    // A plain Envoy as the gateway's node: its labels select the Gateway and the WasmPlugin.
+    let admin = procs::free_port().unwrap();
+    let bootstrap = json!({
+        "node": {
+            "id": format!("router~127.0.0.1~connector-gateway-0.{PLUGIN_NS}~{PLUGIN_NS}.svc.cluster.local"),
+            "cluster": "connector-gateway",
+            "metadata": {
+                "NAMESPACE": PLUGIN_NS,
+                "NAME": "connector-gateway-0",
+                "LABELS": {"istio": "connector-gateway", "app": "connector-gateway"},
+                "CLUSTER_ID": "Kubernetes",
+                "ISTIO_VERSION": "1.30.0",
+                "SERVICE_ACCOUNT": "connector-proxy",
+                "INSTANCE_IPS": "127.0.0.1",
+            },
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds-grpc", "type": "STATIC", "connect_timeout": "5s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": grpc}}}}]}]},
+        }]},
+    });
+    let config = work.path().join("envoy.json");
+    std::fs::write(&config, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
+    let envoy_log = work.path().join("envoy.log");
+    let mut cmd = Command::new(connector_devkit::envoy::envoy_binary().unwrap());
+    cmd.arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "1",
+            "-l",
+            "info",
+            "--disable-hot-restart",
+            "--log-path",
+        ])
+        .arg(&envoy_log);
+    let _envoy = procs::Proc::spawn("envoy-istio", cmd, &envoy_log).unwrap_or_else(|e| panic!("{e}"));
+    let outbound = connector_controller::istio::outbound_name(&upstream.host, upstream.port);
+    let begun = Instant::now();
+    let (dump, took) = loop {
+        let text = Request::get("/config_dump?include_eds")
+            .send(admin)
+            .map(|r| r.body_text())
+            .unwrap_or_default();
+        if text.contains(&outbound) {
+            break (text, begun.elapsed());
+        }
+        if begun.elapsed() > DEADLINE {
+            let interesting = |p: &PathBuf| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        let l = l.to_ascii_lowercase();
+                        l.contains("warn") || l.contains("error") || l.contains("connect") || l.contains("push")
+                    })
+                    .take(60)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let names: Vec<String> = text
+                .match_indices("\"name\": \"")
+                .map(|(k, _)| text[k + 9..].split('"').next().unwrap_or_default().to_string())
+                .take(40)
+                .collect();
+            panic!(
+                "Envoy has no {outbound} within {DEADLINE:?}; names in its dump: {names:?}\n--- envoy\n{}\n--- istiod\n{}",
+                interesting(&envoy_log),
+                interesting(&log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    std::fs::write(
+        work.path().join("config_dump.json"),
+        serde_json::to_string_pretty(&dump).unwrap(),
+    )
+    .unwrap();
+    let clusters: Vec<Value> = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["@type"].as_str().unwrap_or_default().contains("ClustersConfigDump"))
+        // Warming too: a DNS cluster warms until its first resolution (registry.example.com
+        // does not resolve here).
+        .flat_map(|c| {
+            let mut all = c["dynamic_active_clusters"].as_array().cloned().unwrap_or_default();
+            all.extend(c["dynamic_warming_clusters"].as_array().cloned().unwrap_or_default());
+            all
+        })
+        .map(|c| c["cluster"].clone())
+        .collect();
+    let ours = clusters
+        .iter()
+        .find(|c| c["name"] == outbound.as_str())
+        .unwrap_or_else(|| panic!("no {outbound}"));
+    let tls = &ours["transport_socket"]["typed_config"];
+    assert_eq!(tls["sni"], "registry.example.com", "{ours}");
+    let names: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert!(names.contains(&CHANNEL_CLUSTER), "{names:?}");
+    eprintln!(
+        "istiod ready {istiod_ready:?} after its start; Envoy had {outbound} {took:?} after its start; clusters: {names:?}; {outbound}: {ours}; dump in {}",
+        work.path().display()
+    );
+    // What else the gateway got: listeners (the Gateway's server) and the WasmPlugin (ECDS).
+    std::thread::sleep(Duration::from_secs(3));
+    let text = Request::get("/config_dump")
+        .send(admin)
+        .map(|r| r.body_text())
+        .unwrap_or_default();
+    let listeners: Vec<&str> = text
+        .match_indices("\"name\": \"")
+        .map(|(k, _)| text[k + 9..].split('"').next().unwrap_or_default())
+        .filter(|n| n.contains("0.0.0.0") || n.contains("oci-connector"))
+        .collect();
+    eprintln!("listener/extension names in Envoy's dump: {listeners:?}");
+    let envoy_text = std::fs::read_to_string(&envoy_log).unwrap_or_default();
+    for l in envoy_text.lines().filter(|l| {
+        (l.contains("[warning]") || l.contains("[error]") || l.contains("wasm")) && !l.contains("Deprecated")
+    }) {
+        eprintln!("envoy: {}", &l[..l.len().min(700)]);
+    }
+    let istiod_text = std::fs::read_to_string(&log).unwrap_or_default();
+    for l in istiod_text
+        .lines()
+        .filter(|l| l.contains("PUSH") || l.contains("ACK") || l.contains("ateway") || l.contains("asm"))
+    {
+        eprintln!("istiod: {}", &l[..l.len().min(700)]);
+    }
+}
