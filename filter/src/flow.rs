@@ -1065,7 +1065,10 @@ mod tests {
         assert_fetch(&w.start(&mut fetcher, 1));
         assert_eq!(w.start(&mut a, 2), Act::Pause);
         let act = fetcher.call_not_made(&mut w.vm(), Refusal::unavailable("cannot edit"));
-        let Act::FailWaiters { waiters, refusal: r, .. } = act else {
+        let Act::FailWaiters {
+            waiters, refusal: r, ..
+        } = act
+        else {
             panic!("{act:?}")
         };
         assert_eq!((waiters, r.status), (vec![2], 503));

@@ -411,11 +411,13 @@ mod tests {
             connected: true,
             accepted: Some(3),
             rejected: None,
+            ..Default::default()
         };
         let nacked = ProxyState {
             connected: true,
             accepted: Some(2),
             rejected: Some((3, "bad filter".into())),
+            ..Default::default()
         };
         for (case, p, s, status, reason) in [
             ("accepted", Some(&published), &acked, Status::True, "Accepted"),

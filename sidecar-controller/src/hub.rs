@@ -64,6 +64,10 @@ pub struct ProxyState {
     pub accepted: Option<u64>,
     /// The latest rejection: the version Envoy refused and its message. Cleared by a later ACK.
     pub rejected: Option<(u64, String)>,
+    /// Istio mode (`--istio-wasmplugin`, module `istio`): istiod configures Envoy, so what the
+    /// controller can observe is the configuration version its WasmPlugin and upstream
+    /// ServiceEntries/DestinationRules carry on the API server: `Some(None)` before any.
+    pub plugin_config: Option<Option<u64>>,
 }
 
 #[derive(Clone)]
@@ -194,6 +198,9 @@ pub fn proxy_ready(
     }
     if !p.connectors.contains(key) {
         return (false, "NotConfigured", "not in the proxy configuration yet".into());
+    }
+    if let Some(written) = proxy.plugin_config {
+        return crate::istio::proxy_ready(p, written);
     }
     if let Some((version, message)) = &proxy.rejected
         && *version >= p.version

@@ -15,7 +15,8 @@
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
 //! - [`ops`]: metrics, `/healthz`, `/readyz`;
 //! - [`kube_mode`] and its parts ([`conditions`], [`probe`], [`authz`], [`cluster_identity`]): API mode;
-//! - [`wasmplugin`]: the rendered filter configuration written into an Istio `WasmPlugin`.
+//! - [`wasmplugin`]: the rendered filter configuration written into an Istio `WasmPlugin`;
+//! - [`istio`]: Istio mode's cluster names, upstream ServiceEntries/DestinationRules, `ProxyReady`.
 
 /// The Connector API crate's RBAC rule, under the name the controller's modules use.
 pub use connector_api::authz;
@@ -26,6 +27,7 @@ pub mod conditions;
 pub use connector_api::crd;
 pub mod filemode;
 pub mod hub;
+pub mod istio;
 pub mod kube_mode;
 pub mod manifests;
 pub mod ops;

@@ -677,6 +677,7 @@ mod tests {
             connected: true,
             accepted: Some(1),
             rejected: None,
+            ..Default::default()
         };
         let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
         let (ok, reason, message) = crate::hub::proxy_ready(&key("team-a", "late"), Some(&published), &state);

@@ -56,9 +56,11 @@ impl ServeSettings {
 /// channel first, then the snapshot to xDS (so a filter that sees the new configuration finds
 /// the new credential), then what was configured to the hub for status reporting. Credentials
 /// a rendering drops stay served until every Envoy acknowledged a configuration without them
-/// (make before break, [`CredentialTable`]).
+/// (make before break, [`CredentialTable`]). `istio`: clusters named as Istio names them
+/// (`--istio-wasmplugin`).
 pub async fn pipeline(
     hub: Hub,
+    istio: bool,
     channel: ChannelSettings,
     tenancy: Tenancy,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
@@ -80,7 +82,10 @@ pub async fn pipeline(
         };
         if let Some(i) = current {
             let started = Instant::now();
-            match render_live_cached(&i, &channel, &revisions, &tenancy, &mut cache) {
+            // In an Istio gateway the clusters are istiod's, named its way (module `istio`).
+            let rendered = render_live_cached(&i, &channel, &revisions, &tenancy, &mut cache)
+                .map(|r| if istio { crate::istio::with_outbound_names(r) } else { r });
+            match rendered {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
                     let config = r.filter_config.to_string();
@@ -253,10 +258,19 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         (None, _) => Revisions::new(),
     };
     if let Some(target) = settings.istio_wasmplugin.clone() {
-        tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone()));
+        let progress = crate::istio::Progress::new(hub.clone());
+        let upstreams = crate::istio::Upstreams {
+            client: target.client.clone(),
+            namespace: target.namespace.clone(),
+            plugin: target.name.clone(),
+            ca_bundle: settings.upstream_ca.clone(),
+        };
+        tokio::spawn(crate::istio::run(upstreams, snap_rx.clone(), progress.clone()));
+        tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone(), progress));
     }
     tokio::spawn(pipeline(
         hub.clone(),
+        settings.istio_wasmplugin.is_some(),
         settings.channel_settings.clone(),
         tenancy,
         snap_tx,

@@ -92,19 +92,36 @@ fn seen(o: &DynamicObject) -> Option<Seen> {
 /// `snapshots` closes. Errors are logged and retried with back-off; the WasmPlugin missing is
 /// waited for (the controller never creates it: url, selector and failStrategy are the
 /// operator's).
-pub async fn run(target: Target, mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>) {
+///
+/// Each time the object is seen holding the configuration of a snapshot, `progress` hears that
+/// snapshot's version (Istio mode's `ProxyReady`, see `istio`).
+pub async fn run(
+    target: Target,
+    mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    progress: Arc<crate::istio::Progress>,
+) {
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND));
     let api: Api<DynamicObject> = Api::namespaced_with(target.client.clone(), &target.namespace, &resource);
     let config = watcher::Config::default().fields(&format!("metadata.name={}", target.name));
     let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
     let label = format!("{}/{}", target.namespace, target.name);
-    let parse = |s: Option<&Arc<Snapshot>>| s.and_then(|s| serde_json::from_str::<Value>(&s.filter_config).ok());
-    let mut desired = parse(snapshots.borrow_and_update().as_ref());
+    let parse = |s: Option<&Arc<Snapshot>>| {
+        s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config).ok()?)))
+    };
+    let (mut version, mut desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
+    let mut reported = None;
     let mut observed: Option<Seen> = None;
     let mut listed = false;
     let mut last: Option<(Value, Value)> = None;
     let mut backoff = Duration::from_millis(500);
     loop {
+        if let (Some(v), Some(want), Some((_, current))) = (version, &desired, &observed)
+            && want == current
+            && reported != Some(v)
+        {
+            progress.plugin_config(v);
+            reported = Some(v);
+        }
         if let (Some(want), Some((rv, current))) = (&desired, &observed)
             && should_write(want, current, last.as_ref())
         {
@@ -139,7 +156,7 @@ pub async fn run(target: Target, mut snapshots: watch::Receiver<Option<Arc<Snaps
                 if changed.is_err() {
                     return;
                 }
-                desired = parse(snapshots.borrow_and_update().as_ref());
+                (version, desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
             }
             event = events.next() => match event {
                 Some(event) => apply_event(event, &mut observed, &mut listed, &label),

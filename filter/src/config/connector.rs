@@ -67,14 +67,17 @@ pub(super) fn compile_connector(
             }
         });
     let cluster = w.string(m, path, "cluster", true);
+    // '|' is in the names Istio gives clusters (`outbound|443||registry.example.com`), which a
+    // controller in an Istio gateway names (`--istio-wasmplugin`); none of these characters can
+    // end or split the `x-oci-connector-cluster` header value.
     if let Some(c) = cluster
         && !c
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'|'))
     {
         w.err(
             format!("{path}.cluster"),
-            "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':')",
+            "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':', '|')",
         );
     }
     let authorization = compile_credential(

@@ -36,6 +36,31 @@ fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
     compile(v.to_string().as_bytes(), &env)
 }
 
+#[test]
+fn cluster_names_as_envoy_and_istio_write_them() {
+    for (name, ok) in [
+        ("upstream_https_harbor_example_com_443_0123abcd", true),
+        ("outbound|443||registry.example.com", true),
+        ("a b", false),
+        ("a\r\nx-injected: 1", false),
+        ("a,b", false),
+    ] {
+        let mut d = doc();
+        d["connectors"][0]["cluster"] = serde_json::json!(name);
+        let paths: Vec<String> = compile_value(&d)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(
+            !paths.contains(&"connectors[0].cluster".to_string()),
+            ok,
+            "{name:?}: {paths:?}"
+        );
+    }
+}
+
 /// The state of a proxy whose controller has not written its configuration yet (the Istio
 /// WasmPlugin as shipped): no keys and no connectors is valid only under a controller.
 #[test]

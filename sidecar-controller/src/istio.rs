@@ -1,0 +1,534 @@
+//! Owns the upstream side of Istio mode (`--istio-wasmplugin`): istiod, not the controller's xDS
+//! server, builds the gateway Envoy's clusters, and it builds them only from Services and
+//! ServiceEntries, named `outbound|<port>||<host>`. So in Istio mode:
+//!
+//! - [`with_outbound_names`] renames every upstream and token-realm cluster of a rendering to
+//!   the name Istio gives it (the filter routes each request to the cluster its configuration
+//!   names). Istio names a cluster by host and port only, so an `http` and an `https` origin
+//!   on one host and port cannot both be served: the newer connector is left out, with why.
+//! - [`run`] keeps one `ServiceEntry` (MESH_EXTERNAL, the host's ports) and, for hosts reached
+//!   over TLS, one `DestinationRule` (TLS origination: `SIMPLE`, SNI and subjectAltNames = the
+//!   host, so the upstream's certificate must name it; `caCertificates` the bundle of
+//!   `--upstream-ca`, which Envoy's clusters trust outside Istio) per upstream host, in the WasmPlugin's namespace, visible to that
+//!   namespace only (`exportTo: ["."]`: other workloads' routing is not touched). Written by
+//!   server-side apply under [`FIELD_MANAGER`] only when they differ, labelled as the
+//!   controller's ([`MANAGED_BY`], [`PLUGIN_LABEL`]), and deleted when no connector needs them.
+//!   The list is re-read every [`RESYNC`], so a hand edit or deletion is put right.
+//!
+//! What Istio mode's `ProxyReady` means is the WasmPlugin's business (`wasmplugin`): this
+//! module reports which configuration version its objects carry ([`Progress`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::hub::{ConnectorKey, Hub};
+use crate::manifests::Problem;
+use crate::pipeline::Rendering;
+use crate::render::UpstreamCluster;
+use crate::xds::Snapshot;
+
+/// The field manager of the ServiceEntries and DestinationRules.
+pub const FIELD_MANAGER: &str = "connector-controller-istio-upstreams";
+/// `app.kubernetes.io/managed-by` on every object this module writes.
+pub const MANAGED_BY: &str = "oci-connector-controller";
+/// Names the WasmPlugin whose connectors need the object: two gateways' controllers in one
+/// namespace each keep (and delete) only their own.
+pub const PLUGIN_LABEL: &str = "connectors.alauda.io/wasmplugin";
+/// How often the objects are re-read even when the configuration did not change.
+pub const RESYNC: Duration = Duration::from_secs(30);
+const GROUP: &str = "networking.istio.io";
+const VERSION: &str = "v1";
+
+/// The cluster Istio builds for `port` of the ServiceEntry for `host` (`model.BuildSubsetKey`).
+pub fn outbound_name(host: &str, port: u16) -> String {
+    format!("outbound|{port}||{}", service_host(host))
+}
+
+/// The ServiceEntry host for an upstream host. Istio refuses an IP address as a host (`domain
+/// name "0.0.1" invalid (top level domain "1" cannot be all-numeric)`, istioctl validate), so
+/// an address gets a name under `.invalid` (RFC 6761: never resolved), and its ServiceEntry
+/// `STATIC` resolution with the address as its one endpoint: the name only keys the cluster.
+pub fn service_host(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => format!("{}.ipv4.oci-connector.invalid", v4.to_string().replace('.', "-")),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let segments: Vec<String> = v6.segments().iter().map(|s| format!("{s:x}")).collect();
+            format!("{}.ipv6.oci-connector.invalid", segments.join("-"))
+        }
+        Err(_) => host.to_string(),
+    }
+}
+
+/// `r` with every cluster named as Istio names it. Connectors in `filter_config` are in
+/// render order (oldest first), so the older of two conflicting connectors keeps serving.
+pub fn with_outbound_names(mut r: Rendering) -> Rendering {
+    let by_name: BTreeMap<String, UpstreamCluster> = r.clusters.iter().map(|c| (c.name.clone(), c.clone())).collect();
+    let mut taken: BTreeMap<String, UpstreamCluster> = BTreeMap::new();
+    let mut kept = vec![];
+    let entries = match r.filter_config["connectors"].take() {
+        Value::Array(a) => a,
+        _ => vec![],
+    };
+    for mut entry in entries {
+        let key: ConnectorKey = (
+            entry["namespace"].as_str().unwrap_or_default().to_string(),
+            entry["name"].as_str().unwrap_or_default().to_string(),
+        );
+        let mut mine = vec![];
+        let mut problems = vec![];
+        let mut rename = |slot: &mut Value, path: String| {
+            let Some(c) = slot.as_str().and_then(|n| by_name.get(n)) else {
+                return;
+            };
+            let mut renamed = c.clone();
+            renamed.name = outbound_name(&c.host, c.port);
+            let other = taken
+                .get(&renamed.name)
+                .or_else(|| mine.iter().find(|m: &&UpstreamCluster| m.name == renamed.name));
+            match other {
+                Some(other) if other.tls != renamed.tls => problems.push(Problem::new(
+                    format!("Connector {}/{}", key.0, key.1),
+                    path,
+                    format!(
+                        "Istio names a cluster by host and port only ({}), and another connector already reaches {}:{} over {}: one host and port can be served over http or https, not both",
+                        renamed.name,
+                        c.host,
+                        c.port,
+                        if other.tls { "https" } else { "http" }
+                    ),
+                )),
+                _ => {}
+            }
+            *slot = json!(renamed.name);
+            mine.push(renamed);
+        };
+        rename(&mut entry["cluster"], "spec.address".into());
+        // `get_mut`, not indexing: an index would add `"tokenRealms": null`, which the filter refuses.
+        if let Some(realms) = entry.get_mut("tokenRealms").and_then(Value::as_array_mut) {
+            for (i, realm) in realms.iter_mut().enumerate() {
+                rename(&mut realm["cluster"], format!("spec.tokenRealms[{i}].url"));
+            }
+        }
+        if problems.is_empty() {
+            for c in mine {
+                taken.insert(c.name.clone(), c);
+            }
+            kept.push(entry);
+        } else {
+            r.connectors.remove(&key);
+            r.credentials.remove(&key);
+            r.left_out.insert(key, problems);
+        }
+    }
+    r.filter_config["connectors"] = Value::Array(kept);
+    r.clusters = taken.into_values().collect();
+    r
+}
+
+/// The objects for `clusters`: `(kind, name, object)`, one ServiceEntry per host and one
+/// DestinationRule per host with a TLS port, sorted by name.
+pub fn objects(
+    clusters: &[UpstreamCluster],
+    namespace: &str,
+    plugin: &str,
+    ca_bundle: &str,
+) -> Vec<(&'static str, String, Value)> {
+    let mut hosts: BTreeMap<&str, Vec<&UpstreamCluster>> = BTreeMap::new();
+    for c in clusters {
+        hosts.entry(c.host.as_str()).or_default().push(c);
+    }
+    let mut out = vec![];
+    for (address, mut ports) in hosts {
+        ports.sort_by_key(|c| c.port);
+        let host = service_host(address);
+        let name = object_name(&host);
+        let metadata = json!({
+            "name": name,
+            "namespace": namespace,
+            "labels": { "app.kubernetes.io/managed-by": MANAGED_BY, PLUGIN_LABEL: plugin },
+        });
+        let is_ip = address.parse::<std::net::IpAddr>().is_ok();
+        let mut se = json!({
+            "hosts": [host],
+            "location": "MESH_EXTERNAL",
+            // A name is resolved by the gateway's Envoy; an address is the endpoint itself.
+            "resolution": if is_ip { "STATIC" } else { "DNS" },
+            "exportTo": ["."],
+            "ports": ports.iter().map(|c| {
+                let proto = if c.tls { "HTTPS" } else { "HTTP" };
+                json!({ "number": c.port, "name": format!("{}-{}", proto.to_ascii_lowercase(), c.port), "protocol": proto })
+            }).collect::<Vec<_>>(),
+        });
+        if is_ip {
+            se["endpoints"] = json!([{ "address": address }]);
+        }
+        out.push((
+            "ServiceEntry",
+            name.clone(),
+            json!({ "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "ServiceEntry", "metadata": metadata, "spec": se }),
+        ));
+        let tls: Vec<Value> = ports
+            .iter()
+            .filter(|c| c.tls)
+            .map(|c| {
+                // The certificate must name the upstream as the connector wrote it (its address,
+                // for an IP upstream); SNI carries names only.
+                let mut t = json!({ "mode": "SIMPLE", "subjectAltNames": [address], "caCertificates": ca_bundle });
+                if let Some(sni) = &c.sni {
+                    t["sni"] = json!(sni);
+                }
+                json!({ "port": { "number": c.port }, "tls": t })
+            })
+            .collect();
+        if !tls.is_empty() {
+            out.push((
+                "DestinationRule",
+                name.clone(),
+                json!({ "apiVersion": format!("{GROUP}/{VERSION}"), "kind": "DestinationRule", "metadata": metadata,
+                    "spec": { "host": host, "exportTo": ["."], "trafficPolicy": { "portLevelSettings": tls } } }),
+            ));
+        }
+    }
+    out
+}
+
+/// `connector-upstream-<host, readable part>-<digest of the host>`: a DNS label, unique per host.
+fn object_name(host: &str) -> String {
+    let digest: String = Sha256::digest(host.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let readable: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(32)
+        .collect();
+    format!("connector-upstream-{}-{digest}", readable.trim_matches('-'))
+}
+
+/// Which configuration version the WasmPlugin and the upstream objects carry, as observed on
+/// the API server; the lower of the two goes to the hub (`ProxyState::plugin_config`), where
+/// `ProxyReady` reads it.
+pub struct Progress {
+    hub: Hub,
+    seen: Mutex<(Option<u64>, Option<u64>)>,
+}
+
+impl Progress {
+    /// Also switches the hub's `ProxyReady` to Istio mode's meaning.
+    pub fn new(hub: Hub) -> Arc<Self> {
+        hub.set_proxy(|p| p.plugin_config = Some(None));
+        Arc::new(Self {
+            hub,
+            seen: Mutex::new((None, None)),
+        })
+    }
+
+    pub fn plugin_config(&self, version: u64) {
+        self.set(|s| s.0 = Some(version));
+    }
+
+    pub fn upstreams(&self, version: u64) {
+        self.set(|s| s.1 = Some(version));
+    }
+
+    fn set(&self, f: impl FnOnce(&mut (Option<u64>, Option<u64>))) {
+        let both = {
+            let mut s = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut s);
+            match *s {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            }
+        };
+        self.hub.set_proxy(|p| p.plugin_config = Some(both));
+    }
+}
+
+/// Istio mode's `ProxyReady` for a connector in configuration version `p.version`, given the
+/// version the WasmPlugin and the upstream objects were last seen to carry. It says what the
+/// controller observed on the API server, no more: whether istiod delivered it to the
+/// gateway's Envoy (and Envoy loaded it) the controller cannot see, and the message says so.
+pub fn proxy_ready(p: &crate::hub::Published, written: Option<u64>) -> (bool, &'static str, String) {
+    match written {
+        Some(v) if v >= p.version => (
+            true,
+            "PluginConfigWritten",
+            format!(
+                "the WasmPlugin and the upstream ServiceEntries/DestinationRules carry configuration version {v} (seen on the API server); istiod delivers it to the gateway, which this controller does not observe"
+            ),
+        ),
+        _ => (
+            false,
+            "PluginConfigPending",
+            format!(
+                "configuration version {} is not yet seen in the WasmPlugin and the upstream ServiceEntries/DestinationRules (the controller's log says why)",
+                p.version
+            ),
+        ),
+    }
+}
+
+/// Where the objects go, and what they trust.
+#[derive(Clone)]
+pub struct Upstreams {
+    pub client: kube::Client,
+    pub namespace: String,
+    /// The WasmPlugin's name ([`PLUGIN_LABEL`]).
+    pub plugin: String,
+    /// `caCertificates` of the DestinationRules (`--upstream-ca`: a PEM file as the gateway's
+    /// Envoy sees it). Always set: without it Istio trusts its own idea of system roots, and
+    /// `istioctl analyze` warns (IST0129) that nothing validates the server.
+    pub ca_bundle: String,
+}
+
+/// Keeps the ServiceEntries and DestinationRules equal to what the latest snapshot's clusters
+/// need until `snapshots` closes. Errors are logged and retried with back-off.
+pub async fn run(target: Upstreams, mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>, progress: Arc<Progress>) {
+    let api = |kind: &str| -> Api<DynamicObject> {
+        let r = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, kind));
+        Api::namespaced_with(target.client.clone(), &target.namespace, &r)
+    };
+    let (entries, rules) = (api("ServiceEntry"), api("DestinationRule"));
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let wait = match &snapshot {
+            None => RESYNC,
+            Some(s) => {
+                let want = objects(&s.clusters, &target.namespace, &target.plugin, &target.ca_bundle);
+                match sync(&entries, &rules, &want, &target.plugin).await {
+                    Ok(changed) => {
+                        backoff = Duration::from_millis(500);
+                        if changed > 0 {
+                            tracing::info!(namespace = %target.namespace, objects = want.len(), changed, "Istio ServiceEntries/DestinationRules written");
+                        }
+                        progress.upstreams(s.version);
+                        RESYNC
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace = %target.namespace, error = %e, ?backoff, "writing the upstreams' ServiceEntries/DestinationRules failed; retrying");
+                        let b = backoff;
+                        backoff = (backoff * 2).min(RESYNC);
+                        b
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One pass: applies what differs, deletes what is no longer wanted. The number of writes.
+async fn sync(
+    entries: &Api<DynamicObject>,
+    rules: &Api<DynamicObject>,
+    want: &[(&'static str, String, Value)],
+    plugin: &str,
+) -> Result<usize, kube::Error> {
+    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{PLUGIN_LABEL}={plugin}");
+    let mut writes = 0;
+    for (kind, api) in [("ServiceEntry", entries), ("DestinationRule", rules)] {
+        let existing = api.list(&ListParams::default().labels(&selector)).await?;
+        let have: BTreeMap<String, &DynamicObject> = existing
+            .items
+            .iter()
+            .filter_map(|o| Some((o.metadata.name.clone()?, o)))
+            .collect();
+        let mut wanted = BTreeSet::new();
+        for (_, name, object) in want.iter().filter(|(k, ..)| *k == kind) {
+            wanted.insert(name.clone());
+            if have.get(name).is_some_and(|o| o.data["spec"] == object["spec"]) {
+                continue;
+            }
+            api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
+                .await?;
+            writes += 1;
+        }
+        for name in have.keys().filter(|n| !wanted.contains(*n)) {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => writes += 1,
+                // Another replica was first.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(writes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::cluster_for;
+    use connector_filter::config::Upstream;
+    use std::collections::{BTreeSet, HashMap};
+
+    fn cl(address: &str) -> UpstreamCluster {
+        cluster_for(&Upstream::parse(address).unwrap())
+    }
+
+    fn rendering(connectors: &[(&str, &str, &[&str])]) -> Rendering {
+        let mut clusters = BTreeMap::new();
+        let mut entries = vec![];
+        for (name, address, realms) in connectors {
+            let c = cl(address);
+            clusters.insert(c.name.clone(), c.clone());
+            let mut e = json!({"namespace": "demo", "name": name, "cluster": c.name});
+            if !realms.is_empty() {
+                e["tokenRealms"] = realms
+                    .iter()
+                    .map(|r| {
+                        let rc = cl(r);
+                        clusters.insert(rc.name.clone(), rc.clone());
+                        json!({"url": format!("{r}/token"), "cluster": rc.name})
+                    })
+                    .collect();
+            }
+            entries.push(e);
+        }
+        Rendering {
+            filter_config: json!({"connectors": entries}),
+            clusters: clusters.into_values().collect(),
+            credentials: HashMap::new(),
+            revisions: HashMap::new(),
+            connectors: connectors
+                .iter()
+                .map(|(n, ..)| ("demo".to_string(), n.to_string()))
+                .collect::<BTreeSet<_>>(),
+            left_out: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn clusters_are_named_as_istio_names_them() {
+        let r = with_outbound_names(rendering(&[
+            ("a", "https://Harbor.Example.com", &["https://auth.example.com"]),
+            ("b", "https://harbor.example.com:443", &[]),
+            ("c", "http://127.0.0.1:5000", &[]),
+        ]));
+        let c = &r.filter_config["connectors"];
+        assert_eq!(c[0]["cluster"], "outbound|443||harbor.example.com");
+        assert_eq!(c[0]["tokenRealms"][0]["cluster"], "outbound|443||auth.example.com");
+        assert_eq!(c[1]["cluster"], c[0]["cluster"]);
+        assert_eq!(c[2]["cluster"], "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid");
+        // No key appears that was not there (the filter refuses `"tokenRealms": null`).
+        assert!(c[1].get("tokenRealms").is_none(), "{}", c[1]);
+        let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "outbound|443||auth.example.com",
+                "outbound|443||harbor.example.com",
+                "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid"
+            ]
+        );
+        assert!(r.left_out.is_empty());
+    }
+
+    #[test]
+    fn http_and_https_on_one_host_and_port_leave_out_the_newer() {
+        let r = with_outbound_names(rendering(&[
+            ("old", "https://r.example:8443", &[]),
+            ("new", "http://r.example:8443", &[]),
+            ("realm", "https://s.example", &["http://r.example:8443"]),
+        ]));
+        let names: Vec<&str> = r.filter_config["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["old"]);
+        for n in ["new", "realm"] {
+            let why = &r.left_out[&("demo".to_string(), n.to_string())][0];
+            assert!(why.message.contains("outbound|8443||r.example"), "{why}");
+            assert!(!r.connectors.contains(&("demo".to_string(), n.to_string())));
+        }
+        // The left-out connectors' clusters are not built (s.example was only the realm one's).
+        assert_eq!(r.clusters.len(), 1);
+    }
+
+    #[test]
+    fn objects_per_host_with_verified_tls() {
+        let clusters: Vec<UpstreamCluster> = [
+            "https://harbor.example.com",
+            "http://harbor.example.com:5000",
+            "https://10.0.0.1:8443",
+            "http://127.0.0.1:5000",
+        ]
+        .iter()
+        .map(|a| {
+            let mut c = cl(a);
+            c.name = outbound_name(&c.host, c.port);
+            c
+        })
+        .collect();
+        const CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+        let objs = objects(&clusters, "oci-connector-system", "oci-connector", CA);
+        let find = |kind: &str, host: &str| {
+            objs.iter()
+                .find(|(k, _, o)| *k == kind && (o["spec"]["hosts"][0] == host || o["spec"]["host"] == host))
+                .map(|(_, _, o)| o.clone())
+        };
+        let se = find("ServiceEntry", "harbor.example.com").unwrap();
+        assert_eq!(se["spec"]["location"], "MESH_EXTERNAL");
+        assert_eq!(se["spec"]["resolution"], "DNS");
+        assert_eq!(se["spec"]["exportTo"], json!(["."]));
+        assert_eq!(
+            se["spec"]["ports"],
+            json!([{"number": 443, "name": "https-443", "protocol": "HTTPS"},
+                {"number": 5000, "name": "http-5000", "protocol": "HTTP"}])
+        );
+        assert_eq!(se["metadata"]["labels"]["app.kubernetes.io/managed-by"], MANAGED_BY);
+        let dr = find("DestinationRule", "harbor.example.com").unwrap();
+        // TLS only on the https port, verified against the host name.
+        assert_eq!(
+            dr["spec"]["trafficPolicy"]["portLevelSettings"],
+            json!([{"port": {"number": 443}, "tls": {"mode": "SIMPLE", "sni": "harbor.example.com",
+                "subjectAltNames": ["harbor.example.com"], "caCertificates": CA}}])
+        );
+        // An address is no ServiceEntry host: a name that is never resolved, the address its endpoint.
+        let ip = find("ServiceEntry", "10-0-0-1.ipv4.oci-connector.invalid").unwrap();
+        assert_eq!(ip["spec"]["resolution"], "STATIC");
+        assert_eq!(ip["spec"]["endpoints"], json!([{"address": "10.0.0.1"}]));
+        // An address: no SNI (names only), the certificate must carry the IP.
+        let dr = find("DestinationRule", "10-0-0-1.ipv4.oci-connector.invalid").unwrap();
+        assert_eq!(
+            dr["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"],
+            json!({"mode": "SIMPLE", "subjectAltNames": ["10.0.0.1"], "caCertificates": CA})
+        );
+        assert_eq!(service_host("::1"), "0-0-0-0-0-0-0-1.ipv6.oci-connector.invalid");
+        // Plain http only: a ServiceEntry, no DestinationRule.
+        let local = "127-0-0-1.ipv4.oci-connector.invalid";
+        assert!(find("ServiceEntry", local).is_some());
+        assert!(find("DestinationRule", local).is_none());
+        // A custom CA bundle goes into every TLS setting.
+        let with_ca = objects(&clusters, "ns", "p", "/etc/upstream-ca/ca.crt");
+        assert!(with_ca.iter().filter(|(k, ..)| *k == "DestinationRule").all(
+            |(_, _, o)| o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["caCertificates"]
+                == "/etc/upstream-ca/ca.crt"
+        ));
+        // Names are DNS labels, one per host.
+        let names: BTreeSet<&str> = objs.iter().map(|(_, n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), 3);
+        for n in names {
+            assert!(
+                n.len() <= 63
+                    && n.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n}"
+            );
+        }
+    }
+}
