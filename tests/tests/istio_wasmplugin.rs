@@ -493,10 +493,16 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
     assert_eq!(se["spec"]["endpoints"], json!([{"address": "127.0.0.1"}]));
     assert_eq!(
         se["spec"]["ports"],
-        json!([{"number": s.registry.port, "name": format!("http-{}", s.registry.port), "protocol": "HTTP"}])
+        json!([{"number": s.registry.port, "name": format!("https-{}", s.registry.port), "protocol": "HTTPS"}])
     );
-    // Plain http: no TLS to originate, no DestinationRule.
-    assert!(upstream_objects(&kube, "destinationrules").is_empty());
+    // The harness's registry serves TLS: one DestinationRule originates it, verified against the
+    // upstream CA, the certificate required to name the address (no SNI for an address).
+    let rules = upstream_objects(&kube, "destinationrules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let tls = &rules[0]["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"];
+    assert_eq!(tls["mode"], "SIMPLE", "{tls}");
+    assert_eq!(tls["subjectAltNames"], json!(["127.0.0.1"]), "{tls}");
+    assert!(tls["sni"].is_null() && tls["caCertificates"].is_string(), "{tls}");
     assert_eq!(istio_clusters(&entries), referenced_clusters(&config));
     // ProxyReady says what the controller saw: the WasmPlugin and the ServiceEntries carry the
     // configuration (no Envoy connects to its xDS server in Istio mode).
@@ -569,6 +575,10 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         (controller.ports.channel, controller.envoy_env()),
         Some((&cluster, s.registry.port)),
     );
+    // In the Istio variant the Gateway terminates TLS in front of the filter
+    // (--proxy-tls-external): this Envoy stands in for the filter's side of it, so its listener
+    // is plain, and the client is told so explicitly.
+    s.skopeo.plain_http(&envoy.authority()).unwrap();
     let pulled = Instant::now();
     connector_e2e::xds::pull(&s, &envoy.authority(), "registry", &token, "pulled");
     let pull_took = pulled.elapsed();
@@ -618,6 +628,7 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
         (replica.ports.channel, replica.envoy_env()),
         Some((&cluster, s.registry.port)),
     );
+    s.skopeo.plain_http(&second.authority()).unwrap();
     connector_e2e::xds::pull(&s, &second.authority(), "registry", &token, "pulled-replica");
     drop(second);
     drop(replica);
@@ -755,9 +766,12 @@ fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credent
             upstream_objects(kube, "serviceentries"),
             upstream_objects(kube, "destinationrules"),
         );
-        (config["connectors"].as_array()?.len() == 3 && e.len() == 3 && r.len() == 2).then_some((e, r, config))
+        // The harness registry (TLS too) keeps its own pair beside the two hosts here.
+        (config["connectors"].as_array()?.len() == 3 && e.len() == 3 && r.len() == 3).then_some((e, r, config))
     });
     let written = started.elapsed();
+    // The controller's --upstream-ca (devkit gives every controller the harness's upstream CA).
+    let upstream_ca = connector_devkit::tls::upstream().unwrap().ca.display().to_string();
     let tls_entry = config["connectors"]
         .as_array()
         .unwrap()
@@ -789,7 +803,7 @@ fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credent
         assert_eq!(
             dr["spec"]["trafficPolicy"]["portLevelSettings"],
             json!([{"port": {"number": 443}, "tls": {"mode": "SIMPLE", "sni": host,
-                "subjectAltNames": [host], "caCertificates": "/etc/ssl/certs/ca-certificates.crt"}}])
+                "subjectAltNames": [host], "caCertificates": upstream_ca}}])
         );
         for o in [se, dr] {
             let managers: Vec<&str> = o["metadata"]["managedFields"]
@@ -863,14 +877,18 @@ fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credent
             upstream_objects(kube, "destinationrules"),
         );
         let hosts: Vec<Value> = e.iter().map(|e| e["spec"]["hosts"][0].clone()).collect();
-        (!hosts.contains(&json!(realm)) && r.len() == 1).then_some(())
+        (!hosts.contains(&json!(realm)) && r.len() == 2).then_some(())
     });
     let hosts: Vec<Value> = upstream_objects(kube, "serviceentries")
         .iter()
         .map(|e| e["spec"]["hosts"][0].clone())
         .collect();
     assert!(hosts.contains(&json!(registry)), "{hosts:?}");
-    assert_eq!(upstream_objects(kube, "destinationrules")[0]["spec"]["host"], registry);
+    let rule_hosts: Vec<Value> = upstream_objects(kube, "destinationrules")
+        .iter()
+        .map(|r| r["spec"]["host"].clone())
+        .collect();
+    assert!(rule_hosts.contains(&json!(registry)), "{rule_hosts:?}");
     kube.kubectl(&["delete", "connector", "tls-2", "-n", NS])
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -879,12 +897,14 @@ fn tls_upstreams(kube: &KubeCluster, creds: &connector_devkit::registry::Credent
             upstream_objects(kube, "serviceentries"),
             upstream_objects(kube, "destinationrules"),
         );
-        (e.len() == 1 && r.is_empty()).then_some(e)
+        (e.len() == 1 && r.len() == 1).then_some((e, r))
     });
+    let (left, left_rules) = left;
     assert_eq!(
         left[0]["spec"]["hosts"],
         json!(["127-0-0-1.ipv4.oci-connector.invalid"])
     );
+    assert_eq!(left_rules[0]["spec"]["host"], "127-0-0-1.ipv4.oci-connector.invalid");
     format!(
         "https upstreams' ServiceEntries/DestinationRules seen {written:?} after the Connectors were applied; removed {realm_gone:?} (realm) and {registry_gone:?} (registry) after their last Connector was deleted"
     )
