@@ -114,26 +114,12 @@ pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Option<Inp
     }
 }
 
-/// The manifest files of `dir` (`*.yaml`, `*.yml`, following symlinks as ConfigMap volumes
-/// need) with their stamps, in name order.
+/// The manifest files of `dir` ([`crate::manifests::manifest_files`]) with their stamps.
 fn listing(dir: &Path) -> Result<Vec<(PathBuf, Stamp)>, Vec<Problem>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        vec![Problem::new(
-            dir.display(),
-            "",
-            format!("cannot read the manifest directory: {e}"),
-        )]
-    })?;
-    let mut files: Vec<(PathBuf, Stamp)> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .filter_map(|p| {
-            let m = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_file)?;
-            Some((p, stamp(&m)))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+    Ok(crate::manifests::manifest_files(dir)?
+        .into_iter()
+        .map(|(p, m)| (p, stamp(&m)))
+        .collect())
 }
 
 /// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in

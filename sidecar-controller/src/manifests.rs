@@ -204,9 +204,10 @@ fn duplicate(at: &Location, kind: &str, key: &ObjectKey, first: &Location) -> Pr
     )
 }
 
-/// Reads every `*.yaml` / `*.yml` file of `dir` (not recursing), in name order so problems come
-/// out in a stable order.
-pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
+/// The `*.yaml` / `*.yml` files of `dir` (not recursing; following symlinks, as ConfigMap
+/// volumes need) with their metadata, in name order so problems come out in a stable order.
+/// File mode's watch stamps them from that metadata; [`load_dir`] reads them.
+pub fn manifest_files(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, Vec<Problem>> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
         vec![Problem::new(
             dir.display(),
@@ -214,11 +215,21 @@ pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
             format!("cannot read the manifest directory: {e}"),
         )]
     })?;
-    let mut files: Vec<PathBuf> = entries
+    let mut files: Vec<(PathBuf, std::fs::Metadata)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_file)?;
+            Some((p, m))
+        })
         .collect();
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(files)
+}
+
+/// Reads every manifest file of `dir` ([`manifest_files`]).
+pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
+    let files: Vec<PathBuf> = manifest_files(dir)?.into_iter().map(|(p, _)| p).collect();
     let mut set = ManifestSet::default();
     let mut problems = vec![];
     if files.is_empty() {
