@@ -468,7 +468,7 @@ impl Envoy {
     }
 
     /// TLS when the harness made a proxy certificate for `work`.
-    fn harness_mode(work: &WorkDir) -> ListenerMode {
+    pub fn harness_mode(work: &WorkDir) -> ListenerMode {
         match crate::controller::ProxyCert::of(work) {
             Some(_) => ListenerMode::Tls,
             None => ListenerMode::Plain,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connector_devkit::controller::Controller;
-use connector_devkit::envoy::{Envoy, ListenerMode};
+use connector_devkit::envoy::Envoy;
 use connector_devkit::http::Request;
 use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
@@ -47,10 +47,7 @@ fn adds_rotations_and_deletes_under_load_with_two_workers_answer_only_200_or_403
         .collect();
     put(&s.manifests, "fillers.yaml", &fillers);
     let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &[]).unwrap();
-    let mode = match connector_devkit::controller::ProxyCert::of(&s.work) {
-        Some(_) => ListenerMode::Tls,
-        None => ListenerMode::Plain,
-    };
+    let mode = Envoy::harness_mode(&s.work);
     let envoy = Envoy::start_xds_workers(
         &s.work,
         "envoy",

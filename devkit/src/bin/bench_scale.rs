@@ -19,8 +19,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use connector_devkit::controller::{Controller, ProxyCert};
-use connector_devkit::envoy::{Envoy, ListenerMode};
+use connector_devkit::controller::Controller;
+use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{Request, basic_value};
 use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::Registry;
@@ -143,10 +143,7 @@ fn run_size(
 
     let started = Instant::now();
     let controller = Controller::start_with_args(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
-    let mode = match ProxyCert::of(&work) {
-        Some(_) => ListenerMode::Tls,
-        None => ListenerMode::Plain,
-    };
+    let mode = Envoy::harness_mode(&work);
     let envoy = Envoy::start_xds_workers(
         &work,
         "envoy",
