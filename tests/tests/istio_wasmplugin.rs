@@ -497,7 +497,11 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
     );
     // The harness's registry serves TLS: one DestinationRule originates it, verified against the
     // upstream CA, the certificate required to name the address (no SNI for an address).
-    let rules = upstream_objects(&kube, "destinationrules");
+    // Written after the ServiceEntry, so waited for in turn (read at once, it raced the write).
+    let (rules, _) = until("the registry's DestinationRule", || {
+        let r = upstream_objects(&kube, "destinationrules");
+        (!r.is_empty()).then_some(r)
+    });
     assert_eq!(rules.len(), 1, "{rules:?}");
     let tls = &rules[0]["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"];
     assert_eq!(tls["mode"], "SIMPLE", "{tls}");
