@@ -17,8 +17,7 @@ use crate::route::is_dns_label;
 
 /// Real ServiceAccount tokens are about 1 KB; anything far larger is refused unparsed.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-/// The issue bounds clock skew to a minute.
-pub const MAX_CLOCK_SKEW: u64 = 60;
+pub use connector_core::config::{Algorithm, MAX_CLOCK_SKEW};
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,112 +46,7 @@ impl Identity {
     }
 }
 
-/// The signature algorithms a configured key may have (a token's header `alg` must name its key's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    RS256,
-    RS384,
-    RS512,
-    PS256,
-    PS384,
-    PS512,
-    ES256,
-    ES384,
-}
-
-/// A public key, parsed once when the configuration is compiled: the request path never
-/// decodes key material (a new token costs its signature check, not a key parse).
-#[derive(Clone)]
-pub enum PublicKey {
-    /// RS256, RS384, RS512: prepared for the fast check of [`crate::pkcs1`].
-    RsaPkcs1(crate::pkcs1::RsaKey),
-    /// PS256, PS384, PS512.
-    RsaPss(rsa::RsaPublicKey),
-    P256(p256::ecdsa::VerifyingKey),
-    P384(p384::ecdsa::VerifyingKey),
-}
-
-/// A verification key from the configured JWKS, with the one algorithm it may be used with.
-#[derive(Clone)]
-pub struct VerifyKey {
-    pub algorithm: Algorithm,
-    pub key: PublicKey,
-    /// The key's public material as configured (RSA `n` and `e`, EC `x` and `y`, decoded): a
-    /// new configuration keeps the tokens a key verified only if the same `kid` names the same key.
-    pub material: Vec<u8>,
-}
-
-impl VerifyKey {
-    /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
-    pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
-        // The rsa crate's checks (modulus size, exponent range) decide what is a usable key.
-        let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
-            .map_err(|e| format!("RSA key rejected: {e}"))?;
-        let hash = match algorithm {
-            Algorithm::RS256 => Some(crate::pkcs1::Hash::Sha256),
-            Algorithm::RS384 => Some(crate::pkcs1::Hash::Sha384),
-            Algorithm::RS512 => Some(crate::pkcs1::Hash::Sha512),
-            _ => None,
-        };
-        let key = match hash {
-            Some(hash) => PublicKey::RsaPkcs1(
-                crate::pkcs1::RsaKey::new(n, e, hash).ok_or("RSA key rejected: unusable modulus or exponent")?,
-            ),
-            None => PublicKey::RsaPss(key),
-        };
-        Ok(Self {
-            algorithm,
-            key,
-            material: [n, e].concat(),
-        })
-    }
-
-    /// An EC key from its JWK coordinates; the curve follows the algorithm (ES256: P-256,
-    /// ES384: P-384). A point not on the curve is refused here, not at the first token.
-    pub fn ec(algorithm: Algorithm, x: &[u8], y: &[u8]) -> Result<Self, String> {
-        let sec1 = [&[0x04u8][..], x, y].concat();
-        let key = match algorithm {
-            Algorithm::ES256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P256),
-            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384),
-            other => return Err(format!("{} is not an EC algorithm", algorithm_name(other))),
-        }
-        .map_err(|_| "EC key rejected: the point is not on the curve".to_string())?;
-        Ok(Self {
-            algorithm,
-            key,
-            material: sec1,
-        })
-    }
-
-    /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
-    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
-        use p256::ecdsa::signature::Verifier as _;
-        use rsa::Pss;
-        use sha2::{Digest as _, Sha256, Sha384, Sha512};
-        match (&self.key, self.algorithm) {
-            (PublicKey::RsaPkcs1(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
-                k.verifies(message, signature)
-            }
-            (PublicKey::RsaPss(k), Algorithm::PS256) => k
-                .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
-                .is_ok(),
-            (PublicKey::RsaPss(k), Algorithm::PS384) => k
-                .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
-                .is_ok(),
-            (PublicKey::RsaPss(k), Algorithm::PS512) => k
-                .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
-                .is_ok(),
-            (PublicKey::P256(k), Algorithm::ES256) => {
-                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
-            }
-            (PublicKey::P384(k), Algorithm::ES384) => {
-                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
-            }
-            // A key never carries an algorithm of another family (built only by `rsa`/`ec`).
-            _ => false,
-        }
-    }
-}
+pub use connector_core::keys::{PublicKey, VerifyKey};
 
 /// What a token must satisfy; compiled from the configuration.
 pub struct TokenPolicy {
@@ -463,16 +357,7 @@ fn check_claims(claims: &Map<String, Value>, policy: &TokenPolicy, now: u64) -> 
 }
 
 pub fn algorithm_name(a: Algorithm) -> &'static str {
-    match a {
-        Algorithm::RS256 => "RS256",
-        Algorithm::RS384 => "RS384",
-        Algorithm::RS512 => "RS512",
-        Algorithm::ES256 => "ES256",
-        Algorithm::ES384 => "ES384",
-        Algorithm::PS256 => "PS256",
-        Algorithm::PS384 => "PS384",
-        Algorithm::PS512 => "PS512",
-    }
+    a.name()
 }
 
 /// Verified tokens, keyed by the token itself. Bounded (oldest evicted first); an entry

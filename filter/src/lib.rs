@@ -25,7 +25,7 @@ pub mod engine;
 pub mod flow;
 pub mod identity;
 pub mod leak;
-pub mod pkcs1;
+pub use connector_core::keys::pkcs1;
 pub mod respond;
 pub mod rewrite;
 pub mod route;

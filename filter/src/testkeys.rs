@@ -1,4 +1,4 @@
-//! Unit-test fixtures: signing keys and a token builder. The PEM files in `testdata/` were
+//! Unit-test fixtures: signing keys and a token builder. The PEM files in `core/src/keys/testdata/` were
 //! generated for these tests only (`openssl genpkey`) and are trusted by nothing else.
 
 use base64::Engine as _;
@@ -15,8 +15,8 @@ pub const AUDIENCE: &str = "oci-connector";
 pub const RSA_KID: &str = "rsa-1";
 pub const EC_KID: &str = "ec-1";
 
-const RSA_PEM: &[u8] = include_bytes!("testdata/rsa.pem");
-const EC_PEM: &[u8] = include_bytes!("testdata/ec.pem");
+const RSA_PEM: &[u8] = include_bytes!("../../core/src/keys/testdata/rsa.pem");
+const EC_PEM: &[u8] = include_bytes!("../../core/src/keys/testdata/ec.pem");
 
 fn encoding_key(kid: &str) -> (EncodingKey, Algorithm) {
     if kid == EC_KID {

@@ -11,16 +11,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::config::{Connector, normalise_authority};
+use crate::config::Connector;
 use crate::respond::{Refusal, quote};
-
-/// Token lifetimes outside these bounds are clamped: a zero or negative `expires_in` would
-/// mean a fetch per request, a huge one a token kept after the upstream stopped honouring it.
-pub const DEFAULT_EXPIRES_IN: u64 = 60;
-pub const MIN_EXPIRES_IN: u64 = 10;
-pub const MAX_EXPIRES_IN: u64 = 24 * 3600;
-/// The token service's answer is small; anything larger is refused unparsed.
-pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 /// What the upstream answered on an unauthenticated `GET /v2/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,97 +37,8 @@ pub struct BearerRealm {
     pub path: String,
 }
 
-/// A parsed `WWW-Authenticate` value: scheme (lowercase) and its parameters.
-pub fn parse_challenge(value: &str) -> Option<(String, HashMap<String, String>)> {
-    let value = value.trim();
-    let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return None;
-    }
-    let mut params = HashMap::new();
-    let mut chars = rest.trim().chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let mut name = String::new();
-        while let Some(c) = chars.peek().copied() {
-            if c == '=' || c == ',' || c.is_whitespace() {
-                break;
-            }
-            name.push(c);
-            chars.next();
-        }
-        if name.is_empty() {
-            break;
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek() != Some(&'=') {
-            return None;
-        }
-        chars.next();
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut val = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            let mut closed = false;
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some(n) = chars.next() {
-                            val.push(n);
-                        }
-                    }
-                    '"' => {
-                        closed = true;
-                        break;
-                    }
-                    _ => val.push(c),
-                }
-            }
-            if !closed {
-                return None;
-            }
-        } else {
-            while let Some(c) = chars.peek().copied() {
-                if c == ',' || c.is_whitespace() {
-                    break;
-                }
-                val.push(c);
-                chars.next();
-            }
-        }
-        params.insert(name.to_ascii_lowercase(), val);
-    }
-    Some((scheme.to_ascii_lowercase(), params))
-}
-
-/// Splits `scheme://authority/path?query` into its parts (authority normalised).
-pub fn split_url(url: &str) -> Option<(String, String, String)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme != "http" && scheme != "https" {
-        return None;
-    }
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at_checked(end)?;
-    if authority.contains('@') || path.contains('#') {
-        return None;
-    }
-    let authority = normalise_authority(&scheme, authority)?;
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
-    };
-    Some((scheme, authority, path))
-}
+pub use connector_core::address::split_url;
+pub use connector_core::token_service::parse_challenge;
 
 /// Interprets the upstream's answer to `GET /v2/` for `connector`.
 pub fn learn_challenge(
@@ -234,18 +137,7 @@ pub fn scopes(repository: &str, method: &str, mount_from: Option<&str>) -> Vec<S
     out
 }
 
-/// Percent-encodes a query parameter value (RFC 3986 unreserved characters pass).
-pub fn encode_query_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len() * 3);
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use connector_core::percent::encode_query_value;
 
 /// The `:path` of a token request: the realm's path plus `service` and one `scope` per scope.
 pub fn token_request_path(realm: &BearerRealm, scopes: &[String]) -> String {
@@ -290,51 +182,10 @@ pub fn with_envoy_detail(mut r: Refusal, status: u32, body: &[u8]) -> Refusal {
 }
 
 pub fn parse_token_response(status: u32, body: &[u8], realm: &str) -> Result<(String, u64), Refusal> {
-    let fail = |why: String| {
+    connector_core::token_service::token_from_answer(status, body).map_err(|why| {
         Refusal::unavailable_upstream(format!("the token service at {} {why}", quote(realm)))
             .with_reason("token_fetch_failed")
-    };
-    match status {
-        200 => {}
-        0 => return Err(fail("did not answer in time: retry later".into())),
-        401 | 403 => {
-            return Err(fail(format!(
-                "refused the connector's credential ({status}): the connector's Secret is wrong or lacks access"
-            )));
-        }
-        502..=504 => {
-            return Err(fail(format!(
-                "could not be reached or is unavailable ({status}): retry later"
-            )));
-        }
-        other => return Err(fail(format!("answered {other}: retry later"))),
-    }
-    if body.len() > MAX_TOKEN_RESPONSE {
-        return Err(fail("answered with an oversized body".into()));
-    }
-    let v: Value = serde_json::from_slice(body).map_err(|_| fail("answered with something that is not JSON".into()))?;
-    let token = ["token", "access_token"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(Value::as_str).filter(|t| !t.is_empty()))
-        .ok_or_else(|| fail("answered without a token".into()))?;
-    if token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return Err(fail("answered with a malformed token".into()));
-    }
-    let expires_in = v
-        .get("expires_in")
-        .and_then(Value::as_f64)
-        .map(|s| {
-            if s.is_finite() && s > 0.0 {
-                s as u64
-            } else {
-                DEFAULT_EXPIRES_IN
-            }
-        })
-        .unwrap_or(DEFAULT_EXPIRES_IN)
-        .clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
-    // Refresh shortly before the upstream would refuse it.
-    let keep = expires_in - (expires_in / 10).clamp(1, 30);
-    Ok((format!("Bearer {token}"), keep))
+    })
 }
 
 /// Whether an upstream error body carries the OCI error code `DENIED` (ECR Public answers an
@@ -524,35 +375,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn challenges_parse() {
-        let (s, p) =
-            parse_challenge(r#"Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull,push""#)
-                .unwrap();
-        assert_eq!(s, "bearer");
-        assert_eq!(p["realm"], "https://auth.example.com/token");
-        assert_eq!(p["service"], "registry.example.com");
-        assert_eq!(p["scope"], "repository:a/b:pull,push");
-        let (s, p) = parse_challenge("Basic realm=\"Registry Realm\"").unwrap();
-        assert_eq!((s.as_str(), p["realm"].as_str()), ("basic", "Registry Realm"));
-        let (_, p) = parse_challenge(r#"Bearer realm = "a\"b" , service=plain"#).unwrap();
-        assert_eq!((p["realm"].as_str(), p["service"].as_str()), ("a\"b", "plain"));
-        assert!(parse_challenge("Bearer realm=\"unterminated").is_none());
-        assert!(parse_challenge("Bearer realm").is_none());
-        assert!(parse_challenge("").is_none());
-    }
-
-    #[test]
-    fn urls_split() {
-        assert_eq!(
-            split_url("https://Auth.Example.com:443/token?x=1").unwrap(),
-            ("https".into(), "auth.example.com".into(), "/token?x=1".into())
-        );
-        assert_eq!(split_url("http://h:5000").unwrap().2, "/");
-        assert!(split_url("ftp://h/x").is_none());
-        assert!(split_url("http://u:p@h/x").is_none());
-    }
-
-    #[test]
     fn scopes_per_method() {
         assert_eq!(scopes("a/b", "GET", None), vec!["repository:a/b:pull"]);
         assert_eq!(scopes("a/b", "HEAD", None), vec!["repository:a/b:pull"]);
@@ -597,8 +419,14 @@ mod tests {
         );
         assert_eq!(ok(r#"{"access_token":"t2"}"#).unwrap(), ("Bearer t2".into(), 54));
         assert_eq!(ok(r#"{"token":"t","expires_in":-5}"#).unwrap().1, 54);
-        assert_eq!(ok(r#"{"token":"t","expires_in":1e12}"#).unwrap().1, MAX_EXPIRES_IN - 30);
-        assert_eq!(ok(r#"{"token":"t","expires_in":1}"#).unwrap().1, MIN_EXPIRES_IN - 1);
+        assert_eq!(
+            ok(r#"{"token":"t","expires_in":1e12}"#).unwrap().1,
+            connector_core::token_service::MAX_EXPIRES_IN - 30
+        );
+        assert_eq!(
+            ok(r#"{"token":"t","expires_in":1}"#).unwrap().1,
+            connector_core::token_service::MIN_EXPIRES_IN - 1
+        );
         for bad in ["{}", "[]", "nope", r#"{"token":""}"#, r#"{"token":"a b"}"#] {
             assert_eq!(ok(bad).unwrap_err().reason, "token_fetch_failed", "{bad}");
         }

@@ -92,7 +92,7 @@ pub async fn fetch(client: &kube::Client) -> Result<(String, Value), IdentityErr
 }
 
 /// The key set with only the keys the filter can verify tokens with (its own check,
-/// `connector_filter::config::check_jwk`): an ES512, Ed25519 or 1024-bit RSA key, or a repeated
+/// `connector_core::keys::check_jwk`): an ES512, Ed25519 or 1024-bit RSA key, or a repeated
 /// `kid`, is skipped with a warning instead of making every later configuration fail. Tokens
 /// signed with a skipped key are refused like any unknown key. `Err` when no key is usable.
 pub fn usable_keys(jwks: &Value) -> Result<Value, String> {
@@ -103,7 +103,7 @@ pub fn usable_keys(jwks: &Value) -> Result<Value, String> {
     let mut problems = vec![];
     for (i, key) in keys.iter().enumerate() {
         let kid = key.get("kid").and_then(Value::as_str).unwrap_or_default();
-        let why = match connector_filter::config::check_jwk(key, &format!("keys[{i}]")) {
+        let why = match connector_core::keys::check_jwk(key, &format!("keys[{i}]")) {
             Ok(()) if kept.iter().any(|k| k.get("kid").and_then(Value::as_str) == Some(kid)) => {
                 format!("keys[{i}].kid: key id {kid:?} appears twice; the first is used")
             }

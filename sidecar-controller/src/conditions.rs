@@ -75,7 +75,7 @@ pub fn secret_check(connector: &Connector, secret: Option<&Secret>) -> (Check, O
     let namespace = connector.metadata.namespace.as_deref().unwrap_or_default();
     // The authority only matters for a docker config Secret (its `auths` key); a bad address
     // shows in LivenessReady.
-    let authority = connector_filter::config::Upstream::parse(&connector.spec.address)
+    let authority = connector_core::address::Upstream::parse(&connector.spec.address)
         .map(|u| u.authority)
         .unwrap_or_default();
     let outcome = credential_from_secret(

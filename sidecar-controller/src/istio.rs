@@ -371,7 +371,7 @@ async fn sync(
 mod tests {
     use super::*;
     use crate::render::cluster_for;
-    use connector_filter::config::Upstream;
+    use connector_core::address::Upstream;
     use std::collections::{BTreeSet, HashMap};
 
     fn cl(address: &str) -> UpstreamCluster {

@@ -20,10 +20,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use connector_filter::config::Upstream;
+use connector_core::address::Upstream;
+use connector_core::config::{AccessMode, ChannelConfig, ConnectorEntry, CredentialRef, FilterConfig, RealmEntry};
 
 use crate::hub::{Authorization, ConnectorKey, Inputs};
 use crate::manifests::{Content, Problem};
@@ -214,7 +215,7 @@ impl Default for Revisions {
 #[derive(Clone)]
 enum Part {
     Served {
-        entry: Value,
+        entry: Box<ConnectorEntry>,
         clusters: Vec<UpstreamCluster>,
         credential: Credential,
         revision: String,
@@ -260,7 +261,6 @@ fn render_part(
     c: &crate::crd::Connector,
     key: &ConnectorKey,
     inputs: &Inputs,
-    channel: &ChannelSettings,
     revisions: &Revisions,
     tenancy: &Tenancy,
 ) -> Part {
@@ -310,7 +310,10 @@ fn render_part(
                 if let Some(why) = tenancy.refuse_upstream(&cl) {
                     problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), why));
                 }
-                realms.push(json!({ "url": realm.url, "cluster": cl.name }));
+                realms.push(RealmEntry {
+                    url: realm.url.clone(),
+                    cluster: cl.name.clone(),
+                });
                 own_clusters.push(cl);
             }
             Err(e) => problems.push(Problem::new(at, format!("spec.tokenRealms[{i}].url"), e)),
@@ -321,26 +324,20 @@ fn render_part(
     };
     let cluster = cluster_for(&upstream);
     let revision = revisions.of(&credential);
-    let entry = filter_entry(c, &cluster.name, json!({ "fromController": revision }), realms);
-    // The filter's validator on this entry alone (what spans connectors is checked later).
-    let key_env = channel.key_env.clone();
-    let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
-    let compiled = match connector_filter::config::compile_connector_entry(&entry, 0, &lookup, true) {
-        Ok(compiled) => compiled,
-        Err(errors) => {
-            let origins = [at.to_string()];
-            return Part::LeftOut(errors.into_iter().map(|e| locate(e, &origins, "identity")).collect());
-        }
+    let credential_ref = CredentialRef::FromController {
+        revision: revision.clone(),
     };
-    let mut hosts = vec![connector_filter::config::render_host(
-        connector_filter::config::DEFAULT_HOST_PATTERN,
-        &compiled.namespace,
-        &compiled.name,
-    )];
-    hosts.extend(compiled.hosts.iter().cloned());
+    let entry = filter_entry(c, &cluster.name, credential_ref, realms);
+    // The filter's checks on this entry alone (what spans connectors is checked later).
+    let errors = connector_core::config::check_entry(&entry, "connectors[0]", true);
+    if !errors.is_empty() {
+        let origins = [at.to_string()];
+        return Part::LeftOut(errors.into_iter().map(|e| locate(e, &origins, "identity")).collect());
+    }
+    let hosts = connector_core::config::entry_hosts(&entry, connector_core::host::DEFAULT_HOST_PATTERN);
     own_clusters.insert(0, cluster);
     Part::Served {
-        entry,
+        entry: Box::new(entry),
         clusters: own_clusters,
         credential,
         revision,
@@ -364,7 +361,7 @@ pub fn render_live_cached(
     let mut credentials = HashMap::new();
     let mut revisions_of: HashMap<ConnectorKey, String> = HashMap::new();
     let mut hosts_of: HashMap<ConnectorKey, Vec<String>> = HashMap::new();
-    let mut entries: Vec<(ConnectorKey, String, Value, Vec<UpstreamCluster>)> = vec![];
+    let mut entries: Vec<(ConnectorKey, String, ConnectorEntry, Vec<UpstreamCluster>)> = vec![];
     let mut ordered: Vec<&(crate::manifests::Location, crate::crd::Connector)> = inputs.set.connectors.iter().collect();
     // Stable: connectors without a creation time (file mode) keep their file order.
     ordered.sort_by_key(|(_, c)| {
@@ -400,7 +397,7 @@ pub fn render_live_cached(
             Some(p) => p,
             None => {
                 cache.rendered += 1;
-                render_part(at, c, &key, inputs, channel, revisions, tenancy)
+                render_part(at, c, &key, inputs, revisions, tenancy)
             }
         };
         if let Some(pk) = part_key {
@@ -420,7 +417,7 @@ pub fn render_live_cached(
                 hosts_of.insert(key.clone(), hosts);
                 credentials.insert(key.clone(), credential);
                 revisions_of.insert(key.clone(), revision);
-                entries.push((key, at.to_string(), entry, own_clusters));
+                entries.push((key, at.to_string(), *entry, own_clusters));
             }
         }
     }
@@ -487,18 +484,23 @@ pub fn render_live_cached(
         index += 1;
         true
     });
-    let key_env = channel.key_env.clone();
-    let lookup = move |name: &str| (Some(name) == key_env.as_deref()).then(|| "present".to_string());
-    let mut doc = json!({
-        "identity": inputs.identity,
-        "controller": { "cluster": channel.cluster },
-        "authorization": match inputs.authorization { Authorization::Rules => "rules", Authorization::Controller => "controller" },
-        "connectors": [],
-    });
-    if let Some(var) = &channel.key_env {
-        doc["controller"]["keyEnv"] = json!(var);
-    }
-    if let Err(errors) = connector_filter::config::compile(doc.to_string().as_bytes(), &lookup) {
+    let (identity, mut errors) = connector_core::config::read_identity(&inputs.identity);
+    let mut doc = FilterConfig {
+        identity,
+        controller: Some(ChannelConfig {
+            cluster: channel.cluster.clone(),
+            authority: None,
+            key_env: channel.key_env.clone(),
+        }),
+        authorization: match inputs.authorization {
+            Authorization::Rules => AccessMode::Rules,
+            Authorization::Controller => AccessMode::Controller,
+        },
+        ..FilterConfig::default()
+    };
+    connector_core::config::merge(&mut errors, connector_core::config::check_settings(&doc));
+    connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&doc.identity));
+    if !errors.is_empty() {
         return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
     }
     let used: BTreeSet<&str> = entries
@@ -511,12 +513,19 @@ pub fn render_live_cached(
         .filter(|c| used.contains(c.name.as_str()))
         .collect();
     let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
-    doc["connectors"] = Value::Array(entries.into_iter().map(|(_, _, e, _)| e).collect());
+    doc.connectors = entries.into_iter().map(|(_, _, e, _)| e).collect();
+    let filter_config = serde_json::to_value(&doc).map_err(|e| {
+        vec![Problem::new(
+            "filter configuration",
+            "",
+            format!("cannot be written as JSON: {e}"),
+        )]
+    })?;
     credentials.retain(|k, _| connectors.contains(k));
     revisions_of.retain(|k, _| connectors.contains(k));
     Ok(Rendering {
         revisions: revisions_of,
-        filter_config: doc,
+        filter_config,
         clusters,
         credentials,
         connectors,
@@ -528,6 +537,7 @@ pub fn render_live_cached(
 mod tests {
     use super::*;
     use crate::manifests::{ManifestSet, parse_file};
+    use serde_json::json;
 
     const IDENTITY_KEY_N: &str = "7G7S06o6LC9D90t0mSQpgH47Q_bOGioa68ApIuEEAX7ZO_D-wur2Yu_Fg8LIUjHuJDhMcJdQ5zLD-ATufSaLkg3dImGjTHBEKJJIxEJWG7eDznV3PoQZpOUNSfmU5Wj8qV8nkAvxOUDxUXt8Y_HSr1MiuSJQqOx5ZsuzOJiwBFxKzf6cLa-Y4Ov_mB9stvhxlYFHd3m-MOtr9EuMgwWSf47vuu3zL3uL5WHCIZEHbYAp37-_Yfl5ZgvahV2cr6iHcWF7aoKSt6CO5lbjaRwmwkPgd1BVR11rr45cpXt5THYaAv6mXWBVKgjBDPXX6h_4KibHqHU07iTuNvExpugxOw";
 

@@ -13,7 +13,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use connector_filter::upstream::{encode_query_value, parse_challenge, split_url};
+use connector_core::address::split_url;
+use connector_core::percent::encode_query_value;
+use connector_core::token_service::parse_challenge;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 
@@ -369,9 +371,9 @@ async fn fetch_token(
             format!("reading the token service's answer from {realm:?} failed: {e}"),
         )
     })?;
-    connector_filter::upstream::parse_token_response(200, &body, realm)
+    connector_core::token_service::token_from_answer(200, &body)
         .map(|(authorization, _)| authorization)
-        .map_err(|refusal| ProbeError::new(TOKEN_SERVICE_FAILED, refusal.message))
+        .map_err(|why| ProbeError::new(TOKEN_SERVICE_FAILED, format!("the token service at {realm:?} {why}")))
 }
 
 #[cfg(test)]

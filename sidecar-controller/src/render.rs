@@ -5,8 +5,8 @@
 //! `connector-controller render` is for operators who run Envoy from static files instead of
 //! from the controller's xDS (`serve`, the normal way, whose pipeline reuses this module's
 //! per-connector entries): a change means rendering again and restarting Envoy. The
-//! rendered configuration is checked with the filter's own validator
-//! (`connector_filter::config::compile`), so a set this accepts is one the filter loads.
+//! configuration is built as `connector_core::config`'s typed document and checked with the
+//! checks the filter runs when it loads it, so a set this accepts is one the filter loads.
 //!
 //! Credentials go only to the env file (mode 0600): the configuration names the variables, so it
 //! and Envoy's config dump stay free of passwords, exactly as the filter expects.
@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use connector_filter::config::Upstream;
+use connector_core::address::Upstream;
+use connector_core::config::{ConfigError, ConnectorEntry, CredentialRef, FilterConfig, RealmEntry, Username};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -201,7 +202,10 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
                     if let Some(named) = &realm.cluster {
                         cl.name.clone_from(named);
                     }
-                    realms.push(json!({ "url": realm.url, "cluster": cl.name }));
+                    realms.push(RealmEntry {
+                        url: realm.url.clone(),
+                        cluster: cl.name.clone(),
+                    });
                     add_cluster(&mut clusters, cl, at, &path, &mut problems);
                 }
                 Err(e) => {
@@ -225,26 +229,42 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
         };
         env.insert(user_var.clone(), (at.to_string(), username));
         env.insert(password_var.clone(), (at.to_string(), password));
-        let credential = json!({ "usernameEnv": user_var, "passwordEnv": password_var });
+        let credential = CredentialRef::Env {
+            username: Username::Env(user_var),
+            password_env: password_var,
+        };
         entries.push(filter_entry(c, &cluster, credential, realms));
         origins.push(at.to_string());
     }
-    // The filter's validator runs even when the set already has problems, on the connectors
-    // that got this far, so one run reports everything.
-    let filter_config = json!({ "identity": identity, "connectors": entries });
+    // The filter's checks (connector-core's, and its key building) run even when the set
+    // already has problems, on the connectors that got this far, so one run reports everything.
+    // The variables the entries name are this rendering's own, so the filter's environment
+    // look-ups cannot fail.
+    let (identity, mut errors) = connector_core::config::read_identity(identity);
+    let config = FilterConfig {
+        identity,
+        connectors: entries,
+        ..FilterConfig::default()
+    };
+    connector_core::config::merge(&mut errors, connector_core::config::check(&config));
+    connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&config.identity));
+    // "no connectors" is only news when the manifests have none, not when every one of them
+    // was left out for a problem already reported.
+    let dropped = origins.len() < set.connectors.len();
+    problems.extend(
+        errors
+            .into_iter()
+            .filter(|e| !(dropped && e.path == "connectors"))
+            .map(|e| locate(e, &origins, identity_at)),
+    );
     let env: Vec<(String, String)> = env.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    if let Err(errors) = connector_filter::config::compile(filter_config.to_string().as_bytes(), &lookup) {
-        // "no connectors" is only news when the manifests have none, not when every one of
-        // them was left out for a problem already reported.
-        let dropped = origins.len() < set.connectors.len();
-        problems.extend(
-            errors
-                .into_iter()
-                .filter(|e| !(dropped && e.path == "connectors"))
-                .map(|e| locate(e, &origins, identity_at)),
-        );
-    }
+    let filter_config = serde_json::to_value(&config).map_err(|e| {
+        vec![Problem::new(
+            "filter configuration",
+            "",
+            format!("cannot be written as JSON: {e}"),
+        )]
+    })?;
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -257,34 +277,28 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
 
 /// A connector's entry in the filter configuration (README "Filter configuration"): shared by
 /// file mode's one-shot output and the live controller, which differ only in `credential`.
-pub(crate) fn filter_entry(c: &crate::crd::Connector, cluster: &str, credential: Value, realms: Vec<Value>) -> Value {
-    let mut entry = json!({
-        "namespace": c.metadata.namespace.as_deref().unwrap_or_default(),
-        "name": c.metadata.name.as_deref().unwrap_or_default(),
-        "address": c.spec.address,
-        "cluster": cluster,
-        "credential": credential,
-    });
-    for (key, list) in [
-        ("allowedNamespaces", &c.spec.allowed_namespaces),
-        ("allowedServiceAccounts", &c.spec.allowed_service_accounts),
-        ("hosts", &c.spec.hosts),
-    ] {
-        if !list.is_empty() {
-            entry[key] = json!(list);
-        }
+pub(crate) fn filter_entry(
+    c: &crate::crd::Connector,
+    cluster: &str,
+    credential: CredentialRef,
+    token_realms: Vec<RealmEntry>,
+) -> ConnectorEntry {
+    ConnectorEntry {
+        namespace: c.metadata.namespace.clone().unwrap_or_default(),
+        name: c.metadata.name.clone().unwrap_or_default(),
+        address: c.spec.address.clone(),
+        cluster: cluster.to_string(),
+        credential,
+        allowed_namespaces: c.spec.allowed_namespaces.clone(),
+        allowed_service_accounts: c.spec.allowed_service_accounts.clone(),
+        hosts: c.spec.hosts.clone(),
+        token_realms,
+        read_only: c.spec.read_only,
     }
-    if !realms.is_empty() {
-        entry["tokenRealms"] = Value::Array(realms);
-    }
-    if c.spec.read_only {
-        entry["readOnly"] = json!(true);
-    }
-    entry
 }
 
 /// Maps a finding of the filter's validator back to the document it is about.
-pub(crate) fn locate(e: connector_filter::config::ConfigError, origins: &[String], identity_at: &str) -> Problem {
+pub(crate) fn locate(e: ConfigError, origins: &[String], identity_at: &str) -> Problem {
     let index = e
         .path
         .strip_prefix("connectors[")
@@ -519,7 +533,13 @@ mod tests {
         assert_eq!(c[0]["allowedServiceAccounts"], json!(["build/kaniko"]));
         assert!(named(&c[1]["cluster"], "upstream_http_127_0_0_1_5000"));
         assert!(c[1].get("hosts").is_none());
-        assert_eq!(r.filter_config["identity"], identity());
+        // The identity as given, less the JWK fields the filter does not read (the typed
+        // document carries only its schema's fields).
+        let mut want = identity();
+        for key in want["jwks"]["keys"].as_array_mut().unwrap() {
+            key.as_object_mut().unwrap().remove("key_ops");
+        }
+        assert_eq!(r.filter_config["identity"], want);
         let names: Vec<Value> = r.clusters.iter().map(|c| json!(c.name)).collect();
         for (n, prefix) in names.iter().zip([
             "upstream_http_127_0_0_1_5000",

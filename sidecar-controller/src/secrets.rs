@@ -101,7 +101,7 @@ impl SecretOutcome {
 
 /// The credential in `secret` (named `name`, in the connector's namespace `namespace`) for the
 /// connector `connector` whose upstream is `authority` (`host[:port]`, as
-/// `connector_filter::config::Upstream` normalises it). `None`: the Secret does not exist.
+/// `connector_core::address::Upstream` normalises it). `None`: the Secret does not exist.
 /// A Secret that does not opt in to this connector ([`ALLOWED_CONNECTORS_ANNOTATION`]) yields
 /// no credential, whatever it holds: its data is not even read.
 pub fn credential_from_secret(

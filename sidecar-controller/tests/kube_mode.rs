@@ -290,7 +290,7 @@ fn play_proxy(hub: Hub) -> tokio::task::JoinHandle<()> {
                         c.metadata.namespace.clone().unwrap_or_default(),
                         c.metadata.name.clone().unwrap_or_default(),
                     );
-                    let authority = connector_filter::config::Upstream::parse(&c.spec.address)
+                    let authority = connector_core::address::Upstream::parse(&c.spec.address)
                         .map(|u| u.authority)
                         .unwrap_or_default();
                     let secret_name = &c.spec.auth.secret_ref.name;
@@ -339,7 +339,7 @@ fn published_credential(hub: &Hub, name: &str) -> Result<(String, String), Strin
         .iter()
         .find(|(_, c)| c.metadata.name.as_deref() == Some(name))
         .ok_or_else(|| format!("{name} not in the Inputs"))?;
-    let authority = connector_filter::config::Upstream::parse(&c.spec.address)
+    let authority = connector_core::address::Upstream::parse(&c.spec.address)
         .map(|u| u.authority)
         .unwrap_or_default();
     let secret_name = &c.spec.auth.secret_ref.name;

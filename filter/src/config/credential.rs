@@ -1,9 +1,16 @@
-//! Credentials: from the controller by revision, from environment variables, or from a docker
-//! `config.json` in one; and the controller channel's settings.
+//! Credentials: from the controller by revision, or read from the VM's environment (a username
+//! and password, or a docker `config.json` in one variable); and the controller channel's key.
+//! The values are read here once; the document only names the variables.
 
-use serde_json::{Map, Value};
+use connector_core::config::{ChannelConfig, CredentialRef, DEFAULT_CHANNEL_AUTHORITY, Username};
 
 use super::*;
+
+fn not_set(var: &str) -> String {
+    format!(
+        "environment variable {var:?} is not set in the Wasm VM: list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"
+    )
+}
 
 /// The `auths` entry of a docker `config.json` (kubernetes.io/dockerconfigjson) for `upstream`.
 pub(super) fn credential_from_docker_config(json: &str, upstream: &Upstream) -> Result<(String, String), String> {
@@ -23,148 +30,84 @@ pub(super) fn credential_from_docker_config(json: &str, upstream: &Upstream) -> 
     }
 }
 
-/// Builds the upstream `Authorization` value from environment variables. The values are read
-/// here once; the document only names the variables.
+/// The credential of one connector (`path` is its `credential`); `None` with the problem in
+/// `found` when the environment does not hold it. `upstream` is `None` when the address is
+/// wrong (already reported): a docker config cannot be looked up then.
 pub(super) fn compile_credential(
-    w: &mut Walk<'_>,
-    v: Option<&Value>,
+    credential: &CredentialRef,
     path: &str,
     upstream: Option<&Upstream>,
     env: &dyn Fn(&str) -> Option<String>,
-    has_controller: bool,
+    found: &mut Vec<ConfigError>,
 ) -> Option<UpstreamCredential> {
-    let Some(Value::Object(m)) = v else {
-        w.err(
-            path,
-            "is required: expected {\"username\": ..., \"passwordEnv\": ...}, {\"dockerConfigJsonEnv\": ...} or {\"fromController\": \"<revision>\"}",
-        );
-        return None;
+    let mut read = |key: &str, var: &str| -> Option<String> {
+        let value = env(var).filter(|v| !v.is_empty());
+        if value.is_none() {
+            found.push(ConfigError::new(format!("{path}.{key}"), not_set(var)));
+        }
+        value
     };
-    if m.contains_key("fromController") {
-        w.object(v, path, &["fromController"], true)?;
-        let revision = w.string(m, path, "fromController", true)?;
-        if !revision
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-        {
-            w.err(
-                format!("{path}.fromController"),
-                "expected a revision label (letters, digits, '-', '.', '_')",
-            );
-            return None;
+    match credential {
+        CredentialRef::FromController { revision } => Some(UpstreamCredential::Controller {
+            revision: revision.clone(),
+        }),
+        CredentialRef::DockerConfig { var } => {
+            let json = read("dockerConfigJsonEnv", var)?;
+            match credential_from_docker_config(&json, upstream?) {
+                Ok((u, p)) => Some(UpstreamCredential::Static(connector_core::basic::authorization(&u, &p))),
+                Err(e) => {
+                    found.push(ConfigError::new(
+                        format!("{path}.dockerConfigJsonEnv"),
+                        format!("the docker config in {var:?} {e}"),
+                    ));
+                    None
+                }
+            }
         }
-        if !has_controller {
-            w.err(
-                format!("{path}.fromController"),
-                "needs the controller channel: set controller.cluster",
-            );
-            return None;
+        CredentialRef::Env { username, password_env } => {
+            let username = match username {
+                Username::Literal(u) => Some(u.clone()),
+                Username::Env(var) => read("usernameEnv", var),
+            };
+            let password = read("passwordEnv", password_env);
+            let username = username?;
+            if username.contains(':') {
+                found.push(ConfigError::new(
+                    path,
+                    "the username must not contain ':' (Basic credentials cannot carry it)",
+                ));
+                return None;
+            }
+            Some(UpstreamCredential::Static(connector_core::basic::authorization(
+                &username, &password?,
+            )))
         }
-        return Some(UpstreamCredential::Controller {
-            revision: revision.to_string(),
-        });
     }
-    compile_static_credential(w, m, v, path, upstream, env).map(UpstreamCredential::Static)
 }
 
 /// `{"cluster": "connector_controller", "authority": "connector-controller", "keyEnv": "VAR"}`.
-pub(super) fn compile_controller(
-    w: &mut Walk<'_>,
-    v: Option<&Value>,
+pub(super) fn compile_channel(
+    channel: &ChannelConfig,
     env: &dyn Fn(&str) -> Option<String>,
+    found: &mut Vec<ConfigError>,
 ) -> Option<ControllerChannel> {
-    let m = w.object(v, "controller", &["cluster", "authority", "keyEnv"], false)?;
-    let cluster = w.string(m, "controller", "cluster", true);
-    let authority = w
-        .string(m, "controller", "authority", false)
-        .unwrap_or("connector-controller")
-        .to_string();
-    let key = match w.string(m, "controller", "keyEnv", false) {
+    let key = match &channel.key_env {
         None => None,
         Some(var) => match env(var) {
             Some(k) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic()) => Some(k),
             _ => {
-                w.err("controller.keyEnv", format!("environment variable {var:?} is not set in the Wasm VM (or is not a printable token): list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
+                found.push(ConfigError::new("controller.keyEnv", format!("environment variable {var:?} is not set in the Wasm VM (or is not a printable token): list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment")));
                 return None;
             }
         },
     };
     Some(ControllerChannel {
-        cluster: cluster?.to_string(),
-        authority,
+        cluster: channel.cluster.clone(),
+        authority: channel
+            .authority
+            .as_deref()
+            .unwrap_or(DEFAULT_CHANNEL_AUTHORITY)
+            .to_string(),
         key,
     })
-}
-
-/// Reads a credential held in the VM's environment into a ready-made `Authorization` value.
-pub(super) fn compile_static_credential(
-    w: &mut Walk<'_>,
-    m: &Map<String, Value>,
-    v: Option<&Value>,
-    path: &str,
-    upstream: Option<&Upstream>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Option<String> {
-    if m.contains_key("dockerConfigJsonEnv") {
-        // A kubernetes.io/dockerconfigjson Secret's .dockerconfigjson, handed over as one variable.
-        w.object(v, path, &["dockerConfigJsonEnv"], true)?;
-        let var = w.string(m, path, "dockerConfigJsonEnv", true)?;
-        let Some(json) = env(var).filter(|j| !j.is_empty()) else {
-            w.err(format!("{path}.dockerConfigJsonEnv"), format!("environment variable {var:?} is not set in the Wasm VM: list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
-            return None;
-        };
-        let upstream = upstream?;
-        return match credential_from_docker_config(&json, upstream) {
-            Ok((u, p)) => Some(connector_core::basic::authorization(&u, &p)),
-            Err(e) => {
-                w.err(
-                    format!("{path}.dockerConfigJsonEnv"),
-                    format!("the docker config in {var:?} {e}"),
-                );
-                None
-            }
-        };
-    }
-    if m.contains_key("password") {
-        w.err(format!("{path}.password"), "inline passwords are refused (the plugin configuration shows in Envoy's config dump): put the password in an environment variable and name it in passwordEnv");
-    }
-    let known = ["username", "usernameEnv", "passwordEnv", "password"];
-    w.object(v, path, &known, true)?;
-    let from_env = |w: &mut Walk<'_>, key: &str| -> Option<String> {
-        let var = w.string(m, path, key, false)?;
-        match env(var) {
-            Some(value) if !value.is_empty() => Some(value),
-            _ => {
-                w.err(format!("{path}.{key}"), format!("environment variable {var:?} is not set in the Wasm VM: list it in vm_config.environment_variables.host_env_keys and set it in Envoy's environment"));
-                None
-            }
-        }
-    };
-    let username = match (m.get("username"), m.contains_key("usernameEnv")) {
-        (Some(Value::String(u)), false) if !u.is_empty() => Some(u.clone()),
-        (None, true) => from_env(w, "usernameEnv"),
-        _ => {
-            w.err(
-                path,
-                "expected exactly one of username or usernameEnv (a non-empty string)",
-            );
-            None
-        }
-    };
-    if !m.contains_key("passwordEnv") {
-        w.err(
-            format!("{path}.passwordEnv"),
-            "is required: the name of the environment variable that holds the password",
-        );
-    }
-    let password = from_env(w, "passwordEnv");
-    let username = username?;
-    if username.contains(':') {
-        w.err(
-            path,
-            "the username must not contain ':' (Basic credentials cannot carry it)",
-        );
-        return None;
-    }
-    Some(connector_core::basic::authorization(&username, &password?))
 }

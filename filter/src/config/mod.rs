@@ -1,57 +1,31 @@
-//! The filter's configuration: one JSON document, validated as a whole and compiled into
-//! indexed structures before any request is served.
+//! The filter's configuration, compiled: the document is parsed and checked by
+//! `connector_core::config` (the typed schema the controller also builds, every problem listed
+//! with its path); here it is turned into the filter's indexed runtime tables. What only the
+//! filter can check is added to the same list: the credentials held in the VM's environment
+//! (Envoy's `vm_config.environment_variables.host_env_keys`, so the plugin configuration and
+//! Envoy's config dump stay free of passwords) and whether each JWK makes a verification key.
 //!
-//! Validation walks the document itself (rather than stopping at serde's first error) so that
-//! *every* problem is reported at once, each with its field path. Secrets never appear in the
-//! document: a credential names the environment variables (handed to the VM by Envoy through
-//! `vm_config.environment_variables.host_env_keys`) that hold it, so the plugin configuration
-//! and Envoy's config dump stay free of passwords.
-//!
-//! Here: the compiled types and the top-level [`compile`]. The parts: `walk` (the validating
-//! walk), `keys` (the `identity` section and its JWKS), `connector` (one `connectors[i]`
-//! entry), `credential` (controller, environment and docker-config credentials), `address`
-//! (upstream addresses).
+//! Here: the compiled types and [`compile`]. The parts: `keys` (the `identity` section's keys),
+//! `credential` (controller, environment and docker-config credentials).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use serde_json::{Map, Value};
+use connector_core::config::{ConnectorEntry, FilterConfig};
 
-use crate::identity::{Algorithm, Identity, MAX_CLOCK_SKEW, TokenPolicy, VerifyKey};
-use crate::route::{is_dns_label, is_dns_subdomain};
+use crate::identity::{Identity, TokenPolicy};
 
-mod address;
-mod connector;
 mod credential;
 mod keys;
-mod walk;
 
-pub use address::normalise_authority;
-use connector::{check_host_pattern, compile_connector};
-use credential::{compile_controller, compile_credential};
-pub use keys::check_jwk;
-use keys::compile_identity;
-use walk::Walk;
-
-pub const DEFAULT_REALM: &str = "oci-connector";
+pub use connector_core::address::{Upstream, normalise_authority};
+pub use connector_core::config::{
+    AccessMode, ConfigError, DEFAULT_MAX_TOKEN_LIFETIME, DEFAULT_REALM, DEFAULT_TOKEN_CACHE_SIZE,
+};
 pub use connector_core::host::{DEFAULT_HOST_PATTERN, render_host};
-pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
-/// 24 h: ServiceAccount tokens for a custom audience are short-lived (1 h by default; the API
-/// server's one-year extension applies only to its own audience).
-pub const DEFAULT_MAX_TOKEN_LIFETIME: u64 = 86_400;
-
-/// One validation problem, located by its JSON path (e.g. `connectors[1].credential.passwordEnv`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
+pub use connector_core::keys::check_jwk;
+use credential::{compile_channel, compile_credential};
+use keys::compile_policy;
 
 /// The validated, compiled configuration.
 pub struct Config {
@@ -64,15 +38,6 @@ pub struct Config {
     pub access: AccessMode,
     by_name: HashMap<(String, String), usize>,
     by_host: HashMap<String, usize>,
-}
-
-/// The upstream registry's origin, as the connector's `address` gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// `http` or `https`.
-    pub scheme: String,
-    /// `host[:port]`, lowercase, default port omitted.
-    pub authority: String,
 }
 
 /// A registry reachable through the proxy.
@@ -140,15 +105,6 @@ impl fmt::Debug for ControllerChannel {
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
-}
-
-/// Who decides whether a caller may use a connector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccessMode {
-    /// The connector's own lists ([`Connector::admits`]), in the filter.
-    Rules,
-    /// Kubernetes RBAC: the controller answers (SubjectAccessReview), the filter caches.
-    Controller,
 }
 
 /// A token realm a connector explicitly allows, and the Envoy cluster that reaches it.
@@ -225,157 +181,114 @@ impl Config {
 
 /// Validates and compiles the configuration. `env` reads the VM's environment.
 pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<ConfigError>> {
-    let mut errors = vec![];
-    let doc: Value = match serde_json::from_slice(json) {
-        Ok(v) => v,
-        Err(e) => {
-            return Err(vec![ConfigError {
-                path: "$".into(),
-                message: format!("not valid JSON: {e} (line {}, column {})", e.line(), e.column()),
-            }]);
+    let parsed = connector_core::config::parse(json);
+    let mut errors = parsed.errors;
+    let config = parsed.config;
+    // The filter's own findings, except under a path already reported (a value found wrong
+    // there was read as empty, and is not reported twice).
+    let mut found = vec![];
+    let policy = compile_policy(&config.identity, &mut found);
+    let controller = config
+        .controller
+        .as_ref()
+        .and_then(|c| compile_channel(c, env, &mut found));
+    let host_pattern = config.proxy.host_pattern().to_string();
+    let mut connectors = Vec::with_capacity(config.connectors.len());
+    for (i, entry) in config.connectors.iter().enumerate() {
+        if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
+            connectors.push(c);
         }
-    };
-    let mut w = Walk { errors: &mut errors };
-    let root = w.object(
-        Some(&doc),
-        "$",
-        &["proxy", "identity", "connectors", "controller", "authorization"],
-        true,
-    );
-    let empty = Map::new();
-    let root = root.unwrap_or(&empty);
-
-    let proxy = w
-        .object(root.get("proxy"), "proxy", &["realm", "hostPattern"], false)
-        .unwrap_or(&empty);
-    let realm = w
-        .string(proxy, "proxy", "realm", false)
-        .unwrap_or(DEFAULT_REALM)
-        .to_string();
-    if realm.contains(['"', '\\']) || realm.chars().any(char::is_control) {
-        w.err(
-            "proxy.realm",
-            "must not contain quotes, backslashes or control characters",
-        );
     }
-    let host_pattern = w
-        .string(proxy, "proxy", "hostPattern", false)
-        .unwrap_or(DEFAULT_HOST_PATTERN)
-        .to_string();
-    check_host_pattern(&mut w, &host_pattern);
-
-    let (policy, token_cache_size) = compile_identity(&mut w, root.get("identity"));
-    let controller = compile_controller(&mut w, root.get("controller"), env);
-    let access = match root.get("authorization") {
-        None => AccessMode::Rules,
-        Some(Value::String(s)) if s == "rules" => AccessMode::Rules,
-        Some(Value::String(s)) if s == "controller" => AccessMode::Controller,
-        Some(_) => {
-            w.err(
-                "authorization",
-                "expected \"rules\" (the connector's lists) or \"controller\" (Kubernetes RBAC through the controller)",
-            );
-            AccessMode::Rules
+    connector_core::config::merge(&mut errors, found);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    // Names and host names are unique: `parse` checked them.
+    let mut by_name = HashMap::with_capacity(connectors.len());
+    let mut by_host = HashMap::with_capacity(connectors.len());
+    for (index, c) in connectors.iter().enumerate() {
+        by_name.insert((c.namespace.clone(), c.name.clone()), index);
+        by_host.insert(render_host(&host_pattern, &c.namespace, &c.name), index);
+        for h in &c.hosts {
+            by_host.insert(h.clone(), index);
         }
-    };
-    if access == AccessMode::Controller && root.get("controller").is_none() {
-        w.err(
-            "authorization",
-            "\"controller\" needs the controller channel: set controller.cluster",
-        );
     }
-    let has_controller = root.get("controller").is_some();
-
-    let mut connectors = vec![];
-    let mut by_name = HashMap::new();
-    let mut by_host: HashMap<String, usize> = HashMap::new();
-    match root.get("connectors") {
-        Some(Value::Array(items)) => {
-            // A controller-managed configuration may be empty (the last Connector was deleted:
-            // every request is then refused); a hand-written one without connectors is a mistake.
-            if items.is_empty() && !has_controller {
-                w.err("connectors", "must list at least one connector");
-            }
-            for (i, item) in items.iter().enumerate() {
-                let path = format!("connectors[{i}]");
-                let Some(c) = compile_connector(&mut w, item, &path, env, has_controller) else {
-                    continue;
-                };
-                let index = connectors.len();
-                if by_name.insert((c.namespace.clone(), c.name.clone()), index).is_some() {
-                    w.err(&path, format!("connector {} is defined twice", c.label()));
-                }
-                let mut hosts = vec![render_host(&host_pattern, &c.namespace, &c.name)];
-                hosts.extend(c.hosts.iter().cloned());
-                for h in hosts {
-                    if by_host.insert(h.clone(), index).is_some_and(|other| other != index) {
-                        w.err(
-                            format!("{path}.hosts"),
-                            format!("host {h:?} is already used by another connector"),
-                        );
-                    }
-                }
-                connectors.push(c);
-            }
-        }
-        None => w.err("connectors", "is required: expected a list of connectors"),
-        Some(_) => w.err("connectors", "expected a list of connectors"),
-    }
-    // An empty key set verifies no token. That is the state of a proxy waiting for its
-    // controller (the Istio WasmPlugin as shipped, before `--istio-wasmplugin` writes it):
-    // valid only with the controller channel and no connectors, so it refuses everything with
-    // an OCI error. With connectors it is a mistake: nobody could ever use them.
-    let no_keys = root
-        .get("identity")
-        .and_then(|i| i.get("jwks"))
-        .and_then(|j| j.get("keys"))
-        .and_then(Value::as_array)
-        .is_some_and(Vec::is_empty);
-    let no_connectors = root
-        .get("connectors")
-        .and_then(Value::as_array)
-        .is_some_and(Vec::is_empty);
-    if no_keys && !(has_controller && no_connectors) {
-        w.err(
-            "identity.jwks.keys",
-            "is required: expected a non-empty list of JWK public keys (the cluster's /openid/v1/jwks); \
-             an empty list is accepted only while a controller-managed configuration has no connectors",
-        );
-    }
-
-    match (errors.is_empty(), policy) {
-        (true, Some(policy)) => Ok(Config {
-            realm,
-            host_pattern,
-            policy,
-            token_cache_size,
-            connectors,
-            controller,
-            access,
-            by_name,
-            by_host,
-        }),
-        _ => Err(errors),
-    }
+    let FilterConfig {
+        proxy,
+        identity,
+        authorization,
+        ..
+    } = config;
+    Ok(Config {
+        realm: proxy.realm().to_string(),
+        host_pattern,
+        policy,
+        token_cache_size: usize::try_from(identity.token_cache_size()).unwrap_or(usize::MAX),
+        connectors,
+        controller,
+        access: authorization,
+        by_name,
+        by_host,
+    })
 }
 
-/// Validates one connector entry exactly as [`compile`] does at `connectors[index]` (the same
-/// checks, the same error paths), without the rest of the configuration: the controller
-/// validates each changed connector alone and checks what spans connectors (host names)
-/// itself, so a change does not re-validate every connector (issue 17).
-pub fn compile_connector_entry(
-    v: &Value,
-    index: usize,
+/// One checked entry at `path`, compiled: the credential resolved, the address, realms and
+/// lists turned into what the request path looks up.
+fn compile_connector(
+    entry: &ConnectorEntry,
+    path: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    has_controller: bool,
-) -> Result<Connector, Vec<ConfigError>> {
-    let mut errors = vec![];
-    let mut w = Walk { errors: &mut errors };
-    let c = compile_connector(&mut w, v, &format!("connectors[{index}]"), env, has_controller);
-    match c {
-        Some(c) if errors.is_empty() => Ok(c),
-        _ => Err(errors),
-    }
+    found: &mut Vec<ConfigError>,
+) -> Option<Connector> {
+    let upstream = Upstream::parse(&entry.address).ok();
+    let credential = compile_credential(
+        &entry.credential,
+        &format!("{path}.credential"),
+        upstream.as_ref(),
+        env,
+        found,
+    )?;
+    let token_realms = entry
+        .token_realms
+        .iter()
+        .filter_map(|r| {
+            let (scheme, authority, path) = connector_core::address::split_url(&r.url)?;
+            Some(TokenRealm {
+                scheme,
+                authority,
+                path,
+                cluster: r.cluster.clone(),
+            })
+        })
+        .collect();
+    let allowed_service_accounts = entry
+        .allowed_service_accounts
+        .iter()
+        .filter_map(|sa| connector_core::config::parse_service_account(sa))
+        .map(|(ns, name)| (ns.to_string(), name.to_string()))
+        .collect();
+    Some(Connector {
+        namespace: entry.namespace.clone(),
+        name: entry.name.clone(),
+        upstream: upstream?,
+        cluster: entry.cluster.clone(),
+        credential,
+        allowed_namespaces: entry.allowed_namespaces.iter().cloned().collect(),
+        allowed_service_accounts,
+        hosts: entry.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        token_realms,
+        read_only: entry.read_only,
+        revision: revision(entry),
+    })
+}
+
+/// A stable hash of a whole entry: what the connector's caches are keyed by.
+fn revision(entry: &ConnectorEntry) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // SipHash with fixed keys: the same entry gets the same revision in every VM of a build.
+    let mut h = std::hash::DefaultHasher::new();
+    entry.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

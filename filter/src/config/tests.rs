@@ -4,6 +4,7 @@ use super::*;
 use crate::testkeys;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::Value;
 
 fn env(name: &str) -> Option<String> {
     match name {
@@ -387,11 +388,12 @@ fn credential_from_the_controller_channel() {
     d["authorization"] = serde_json::json!("rbac");
     let errs = compile(d.to_string().as_bytes(), &env).err().unwrap();
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    // The document's own problems first, then what the VM's environment lacks.
     assert_eq!(
         paths,
         [
-            "controller.keyEnv",
             "authorization",
+            "controller.keyEnv",
             "connectors[0].credential.passwordEnv"
         ],
         "{errs:?}"

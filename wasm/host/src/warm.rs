@@ -15,7 +15,7 @@ const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const AUDIENCE: &str = "oci-connector";
 const KID: &str = "rsa-1";
 /// The filter's unit-test key (generated for tests only, trusted by nothing else).
-const RSA_PEM: &[u8] = include_bytes!("../../../filter/src/testdata/rsa.pem");
+const RSA_PEM: &[u8] = include_bytes!("../../../core/src/keys/testdata/rsa.pem");
 const PATH: &str = "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1";
 
 /// The host calls of one warm forwarded request, by phase, in the order made.

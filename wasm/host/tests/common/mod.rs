@@ -12,7 +12,7 @@ pub const NOW: u64 = 1_800_000_000;
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub const AUDIENCE: &str = "oci-connector";
 pub const KID: &str = "rsa-1";
-pub const RSA_PEM: &[u8] = include_bytes!("../../../../filter/src/testdata/rsa.pem");
+pub const RSA_PEM: &[u8] = include_bytes!("../../../../core/src/keys/testdata/rsa.pem");
 pub const PASSWORD: &str = "s3cret-pw";
 pub const REGISTRY: &str = "/v2/namespaces/demo/connectors/registry";
 

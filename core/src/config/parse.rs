@@ -1,0 +1,283 @@
+//! JSON → [`FilterConfig`]: the structure (objects, types, required and unknown fields), then
+//! the typed checks of [`super::check`], every problem of both with its path.
+
+use serde_json::{Map, Value};
+
+use super::check::{self, covered};
+use super::walk::Walk;
+use super::*;
+
+/// A parsed document and everything wrong with it. `config` holds what could be read even when
+/// there are errors (a bad value read as empty), so that a caller that checks further (the
+/// filter reads the environment) can report its own findings too; it is usable only when
+/// `errors` is empty.
+#[derive(Debug)]
+pub struct Parsed {
+    pub config: FilterConfig,
+    pub errors: Vec<ConfigError>,
+}
+
+/// Parses and checks a whole configuration document.
+pub fn parse(json: &[u8]) -> Parsed {
+    let doc: Value = match serde_json::from_slice(json) {
+        Ok(v) => v,
+        Err(e) => {
+            let message = format!("not valid JSON: {e} (line {}, column {})", e.line(), e.column());
+            return Parsed {
+                config: FilterConfig::default(),
+                errors: vec![ConfigError::new("$", message)],
+            };
+        }
+    };
+    let mut errors = vec![];
+    let mut w = Walk { errors: &mut errors };
+    let known = ["proxy", "identity", "connectors", "controller", "authorization"];
+    let empty = Map::new();
+    let root = w.object(Some(&doc), "$", &known, true).unwrap_or(&empty);
+
+    let proxy = match w.object(root.get("proxy"), "proxy", &["realm", "hostPattern"], false) {
+        Some(m) => Proxy {
+            realm: w.string(m, "proxy", "realm", false),
+            host_pattern: w.string(m, "proxy", "hostPattern", false),
+        },
+        None => Proxy::default(),
+    };
+    let identity = walk_identity(&mut w, root.get("identity"));
+    let controller = w
+        .object(
+            root.get("controller"),
+            "controller",
+            &["cluster", "authority", "keyEnv"],
+            false,
+        )
+        .map(|m| ChannelConfig {
+            cluster: w.required(m, "controller", "cluster"),
+            authority: w.string(m, "controller", "authority", false),
+            key_env: w.string(m, "controller", "keyEnv", false),
+        });
+    let authorization = match root.get("authorization") {
+        None => AccessMode::Rules,
+        Some(Value::String(s)) if s == "rules" => AccessMode::Rules,
+        Some(Value::String(s)) if s == "controller" => AccessMode::Controller,
+        Some(_) => {
+            w.err(
+                "authorization",
+                "expected \"rules\" (the connector's lists) or \"controller\" (Kubernetes RBAC through the controller)",
+            );
+            AccessMode::Rules
+        }
+    };
+    let connectors = match root.get("connectors") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| walk_entry(&mut w, item, &format!("connectors[{i}]")))
+            .collect(),
+        None => {
+            w.err("connectors", "is required: expected a list of connectors");
+            vec![]
+        }
+        Some(_) => {
+            w.err("connectors", "expected a list of connectors");
+            vec![]
+        }
+    };
+    let config = FilterConfig {
+        proxy,
+        identity,
+        controller,
+        authorization,
+        connectors,
+    };
+    merge(&mut errors, check::check(&config));
+    Parsed { config, errors }
+}
+
+/// Reads an `identity` section alone (the controller's identity file, or what it builds from
+/// the cluster's discovery documents): its structure only. The checks run on the whole
+/// document ([`check_settings`]), which knows whether keys may be missing.
+pub fn read_identity(v: &Value) -> (IdentityConfig, Vec<ConfigError>) {
+    let mut errors = vec![];
+    let identity = walk_identity(&mut Walk { errors: &mut errors }, Some(v));
+    (identity, errors)
+}
+
+/// Adds to `errors` the `found` problems that no reported path covers (a value already found
+/// wrong was read as empty; its checks would only repeat that).
+pub fn merge(errors: &mut Vec<ConfigError>, found: Vec<ConfigError>) {
+    let found: Vec<ConfigError> = found.into_iter().filter(|e| !covered(errors, &e.path)).collect();
+    errors.extend(found);
+}
+
+/// Reads one JWK (a key of the cluster's JWKS) and checks its shape ([`check_jwk_shape`]).
+pub fn parse_jwk(v: &Value, path: &str) -> Result<(Jwk, KeyMaterial), Vec<ConfigError>> {
+    let mut errors = vec![];
+    let jwk = walk_jwk(&mut Walk { errors: &mut errors }, v, path);
+    match check_jwk_shape(&jwk, path) {
+        Ok(material) if errors.is_empty() => Ok((jwk, material)),
+        Ok(_) => Err(errors),
+        Err(found) => {
+            merge(&mut errors, found);
+            Err(errors)
+        }
+    }
+}
+
+fn walk_identity(w: &mut Walk<'_>, v: Option<&Value>) -> IdentityConfig {
+    let known = [
+        "issuers",
+        "audiences",
+        "jwks",
+        "clockSkewSeconds",
+        "tokenCacheSize",
+        "maxTokenLifetimeSeconds",
+    ];
+    let Some(m) = w.object(v, "identity", &known, true) else {
+        return IdentityConfig::default();
+    };
+    let mut keys = vec![];
+    if let Some(jwks) = w.object(m.get("jwks"), "identity.jwks", &["keys"], true) {
+        match jwks.get("keys") {
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    keys.push(walk_jwk(w, item, &format!("identity.jwks.keys[{i}]")));
+                }
+            }
+            _ => w.err(
+                "identity.jwks.keys",
+                "is required: expected a non-empty list of JWK public keys (the cluster's /openid/v1/jwks)",
+            ),
+        }
+    }
+    IdentityConfig {
+        issuers: w.strings(m, "identity", "issuers", true),
+        audiences: w.strings(m, "identity", "audiences", true),
+        jwks: Jwks { keys },
+        clock_skew_seconds: w.number(m, "identity", "clockSkewSeconds", check::CLOCK_SKEW),
+        token_cache_size: w.number(m, "identity", "tokenCacheSize", check::TOKEN_CACHE_SIZE),
+        max_token_lifetime_seconds: w.number(m, "identity", "maxTokenLifetimeSeconds", check::TOKEN_LIFETIME),
+    }
+}
+
+/// A JWK's fields as strings; fields the filter does not read are ignored (the cluster's JWKS
+/// may carry more).
+fn walk_jwk(w: &mut Walk<'_>, v: &Value, path: &str) -> Jwk {
+    let Value::Object(m) = v else {
+        w.err(path, "expected a JWK object");
+        return Jwk::default();
+    };
+    Jwk {
+        kid: w.required(m, path, "kid"),
+        kty: w.required(m, path, "kty"),
+        alg: w.string(m, path, "alg", false),
+        use_: w.string(m, path, "use", false),
+        n: w.string(m, path, "n", false),
+        e: w.string(m, path, "e", false),
+        crv: w.string(m, path, "crv", false),
+        x: w.string(m, path, "x", false),
+        y: w.string(m, path, "y", false),
+    }
+}
+
+fn walk_entry(w: &mut Walk<'_>, v: &Value, path: &str) -> ConnectorEntry {
+    let known = [
+        "namespace",
+        "name",
+        "address",
+        "cluster",
+        "credential",
+        "allowedNamespaces",
+        "allowedServiceAccounts",
+        "hosts",
+        "tokenRealms",
+        "readOnly",
+    ];
+    let Some(m) = w.object(Some(v), path, &known, true) else {
+        return ConnectorEntry::default();
+    };
+    ConnectorEntry {
+        namespace: w.required(m, path, "namespace"),
+        name: w.required(m, path, "name"),
+        address: w.required(m, path, "address"),
+        cluster: w.required(m, path, "cluster"),
+        credential: walk_credential(w, m.get("credential"), &format!("{path}.credential")),
+        allowed_namespaces: w.strings(m, path, "allowedNamespaces", false),
+        allowed_service_accounts: w.strings(m, path, "allowedServiceAccounts", false),
+        hosts: w.strings(m, path, "hosts", false),
+        token_realms: walk_realms(w, m.get("tokenRealms"), &format!("{path}.tokenRealms")),
+        read_only: w.boolean(m, path, "readOnly"),
+    }
+}
+
+/// One of the three credential shapes, told apart by their keys. An unusable credential is
+/// reported at `path` and read as the default (whose checks that path then covers).
+fn walk_credential(w: &mut Walk<'_>, v: Option<&Value>, path: &str) -> CredentialRef {
+    let Some(Value::Object(m)) = v else {
+        w.err(
+            path,
+            "is required: expected {\"username\": ..., \"passwordEnv\": ...}, {\"dockerConfigJsonEnv\": ...} or {\"fromController\": \"<revision>\"}",
+        );
+        return CredentialRef::default();
+    };
+    if m.contains_key("fromController") {
+        w.object(v, path, &["fromController"], true);
+        return CredentialRef::FromController {
+            revision: w.required(m, path, "fromController"),
+        };
+    }
+    if m.contains_key("dockerConfigJsonEnv") {
+        w.object(v, path, &["dockerConfigJsonEnv"], true);
+        return CredentialRef::DockerConfig {
+            var: w.required(m, path, "dockerConfigJsonEnv"),
+        };
+    }
+    if m.contains_key("password") {
+        w.err(format!("{path}.password"), "inline passwords are refused (the plugin configuration shows in Envoy's config dump): put the password in an environment variable and name it in passwordEnv");
+    }
+    w.object(v, path, &["username", "usernameEnv", "passwordEnv", "password"], true);
+    let username = match (m.get("username"), m.contains_key("usernameEnv")) {
+        (Some(Value::String(u)), false) if !u.is_empty() => Username::Literal(u.clone()),
+        (None, true) => Username::Env(w.required(m, path, "usernameEnv")),
+        _ => {
+            w.err(
+                path,
+                "expected exactly one of username or usernameEnv (a non-empty string)",
+            );
+            Username::Env(String::new())
+        }
+    };
+    if !m.contains_key("passwordEnv") {
+        w.err(
+            format!("{path}.passwordEnv"),
+            "is required: the name of the environment variable that holds the password",
+        );
+    }
+    CredentialRef::Env {
+        username,
+        password_env: w.string(m, path, "passwordEnv", false).unwrap_or_default(),
+    }
+}
+
+/// `tokenRealms`; an item that is not an object is reported and kept as an empty placeholder.
+fn walk_realms(w: &mut Walk<'_>, v: Option<&Value>, path: &str) -> Vec<RealmEntry> {
+    let items = match v {
+        None => return vec![],
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            w.err(path, "expected a list of {\"url\": ..., \"cluster\": ...}");
+            return vec![];
+        }
+    };
+    let mut out = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        out.push(match w.object(Some(item), &p, &["url", "cluster"], true) {
+            Some(m) => RealmEntry {
+                url: w.required(m, &p, "url"),
+                cluster: w.required(m, &p, "cluster"),
+            },
+            None => RealmEntry::default(),
+        });
+    }
+    out
+}

@@ -1,0 +1,137 @@
+//! Verification keys: a JWK's checked material ([`KeyMaterial`]) built once per configuration
+//! into what verifies a token's signature. Shared by the filter, which verifies with them, and
+//! the controller, which builds each key of the cluster's JWKS the same way to leave out the
+//! keys the filter could not use (instead of having the filter refuse the whole configuration).
+//! Behind the `keys` feature: the webhook and the credential provider link no crypto.
+
+use crate::config::{Algorithm, ConfigError, IdentityConfig, KeyMaterial, check_jwk_shape};
+
+pub mod pkcs1;
+
+/// A public key, parsed once when the configuration is compiled: the request path never
+/// decodes key material (a new token costs its signature check, not a key parse).
+#[derive(Clone)]
+pub enum PublicKey {
+    /// RS256, RS384, RS512: prepared for the fast check of [`pkcs1`].
+    RsaPkcs1(pkcs1::RsaKey),
+    /// PS256, PS384, PS512.
+    RsaPss(rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
+}
+
+/// A verification key from the configured JWKS, with the one algorithm it may be used with.
+#[derive(Clone)]
+pub struct VerifyKey {
+    pub algorithm: Algorithm,
+    pub key: PublicKey,
+    /// The key's public material as configured (RSA `n` and `e`, EC `x` and `y`, decoded): a
+    /// new configuration keeps the tokens a key verified only if the same `kid` names the same key.
+    pub material: Vec<u8>,
+}
+
+impl VerifyKey {
+    /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
+    pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
+        // The rsa crate's checks (modulus size, exponent range) decide what is a usable key.
+        let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
+            .map_err(|e| format!("RSA key rejected: {e}"))?;
+        let hash = match algorithm {
+            Algorithm::RS256 => Some(pkcs1::Hash::Sha256),
+            Algorithm::RS384 => Some(pkcs1::Hash::Sha384),
+            Algorithm::RS512 => Some(pkcs1::Hash::Sha512),
+            _ => None,
+        };
+        let key = match hash {
+            Some(hash) => PublicKey::RsaPkcs1(
+                pkcs1::RsaKey::new(n, e, hash).ok_or("RSA key rejected: unusable modulus or exponent")?,
+            ),
+            None => PublicKey::RsaPss(key),
+        };
+        Ok(Self {
+            algorithm,
+            key,
+            material: [n, e].concat(),
+        })
+    }
+
+    /// An EC key from its JWK coordinates; the curve follows the algorithm (ES256: P-256,
+    /// ES384: P-384). A point not on the curve is refused here, not at the first token.
+    pub fn ec(algorithm: Algorithm, x: &[u8], y: &[u8]) -> Result<Self, String> {
+        let sec1 = [&[0x04u8][..], x, y].concat();
+        let key = match algorithm {
+            Algorithm::ES256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P256),
+            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384),
+            other => return Err(format!("{} is not an EC algorithm", other.name())),
+        }
+        .map_err(|_| "EC key rejected: the point is not on the curve".to_string())?;
+        Ok(Self {
+            algorithm,
+            key,
+            material: sec1,
+        })
+    }
+
+    /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::Verifier as _;
+        use rsa::Pss;
+        use sha2::{Digest as _, Sha256, Sha384, Sha512};
+        match (&self.key, self.algorithm) {
+            (PublicKey::RsaPkcs1(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
+                k.verifies(message, signature)
+            }
+            (PublicKey::RsaPss(k), Algorithm::PS256) => k
+                .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
+                .is_ok(),
+            (PublicKey::RsaPss(k), Algorithm::PS384) => k
+                .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
+                .is_ok(),
+            (PublicKey::RsaPss(k), Algorithm::PS512) => k
+                .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
+                .is_ok(),
+            (PublicKey::P256(k), Algorithm::ES256) => {
+                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            (PublicKey::P384(k), Algorithm::ES384) => {
+                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            }
+            // A key never carries an algorithm of another family (built only by `rsa`/`ec`).
+            _ => false,
+        }
+    }
+}
+
+/// Builds a key from checked material; `Err` says why the numbers make no usable key.
+pub fn build_key(material: &KeyMaterial) -> Result<VerifyKey, String> {
+    match material {
+        KeyMaterial::Rsa { algorithm, n, e } => VerifyKey::rsa(*algorithm, n, e),
+        KeyMaterial::Ec { algorithm, x, y } => VerifyKey::ec(*algorithm, x, y),
+    }
+}
+
+/// Every key of `identity` built, as the filter builds them: the findings for the keys whose
+/// shape is fine but whose numbers make no key (a badly shaped key is `check_jwk_shape`'s).
+pub fn check_keys(identity: &IdentityConfig) -> Vec<ConfigError> {
+    let mut found = vec![];
+    for (i, jwk) in identity.jwks.keys.iter().enumerate() {
+        let path = format!("identity.jwks.keys[{i}]");
+        if let Ok(material) = check_jwk_shape(jwk, &path)
+            && let Err(e) = build_key(&material)
+        {
+            found.push(ConfigError::new(path, e));
+        }
+    }
+    found
+}
+
+/// One JWK of a cluster's JWKS checked exactly as the filter checks each of
+/// `identity.jwks.keys`: `Err` lists why the filter could not verify tokens with it (paths
+/// start at `path`). The controller skips such keys (ES512, Ed25519, short RSA, a point off
+/// its curve) instead of refusing them all.
+pub fn check_jwk(v: &serde_json::Value, path: &str) -> Result<(), Vec<ConfigError>> {
+    let (_, material) = crate::config::parse_jwk(v, path)?;
+    build_key(&material)
+        .map(drop)
+        .map_err(|e| vec![ConfigError::new(path, e)])
+}
