@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the filter's unit tests compiled to wasm32-wasip1, under wasmtime (wasi-runner).
+# Runs the unit tests of what the module links, the filter and connector-core (with its `keys`:
+# the PKCS#1 limb arithmetic is 32-bit there), compiled to wasm32-wasip1, under wasmtime (wasi-runner).
 #
 # cargo reads .cargo/config.toml from the current directory upwards, so a runner config inside
 # filter/ would not apply to a workspace-level `cargo test`; the runner is set through the
@@ -10,4 +11,5 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 cargo build -p connector-wasm-host --bin wasi-runner
 export CARGO_TARGET_WASM32_WASIP1_RUNNER="$root/target/debug/wasi-runner"
+cargo test -p connector-core --features keys --lib --target wasm32-wasip1 -- "$@"
 exec cargo test -p connector-filter --lib --target wasm32-wasip1 -- "$@"
