@@ -451,11 +451,11 @@ pub fn render_live_cached(
         }
     });
 
-    // The filter's own validator has the last word. Each connector's entry was validated
-    // alone when its part was rendered (`compile_connector_entry`, cached with the part);
-    // what spans connectors, a host name claimed twice, is checked here in order (the older
-    // claimant keeps it), and the whole (identity, controller, authorization) by the filter's
-    // `compile` on a configuration without connectors.
+    // The filter's checks (connector-core's) have the last word. Each connector's entry was
+    // checked alone when its part was rendered (`check_entry`, cached with the part); what
+    // spans connectors, a host name claimed twice, is checked here in order (the older
+    // claimant keeps it), and the rest (identity, controller, authorization) by
+    // `check_settings` and the keys built as the filter builds them.
     let mut by_host: HashMap<String, usize> = HashMap::new();
     let mut index = 0usize;
     entries.retain(|(key, at, _, _)| {
