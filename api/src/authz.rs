@@ -48,14 +48,8 @@ pub fn ignore_reviews() -> ReviewObserver {
 /// How long a ServiceAccount's or Pod's uid, as read from the API server, is relied on.
 pub const LIVE_TTL: Duration = Duration::from_secs(1);
 
-/// An access decision for the filter (the controller channel's `/v1/access` answer).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessAnswer {
-    pub allowed: bool,
-    /// How long the filter may keep it.
-    pub ttl_secs: u64,
-    pub reason: String,
-}
+/// An access decision for the filter: the controller channel's `/v1/access` answer as is.
+pub use connector_core::channel::AccessAnswer;
 
 /// The objects a caller's token is bound to, as the filter read them from its claims.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -363,7 +357,7 @@ impl AccessCheck for Authorizer {
                 .map_err(|e| format!("SubjectAccessReview failed: {e}"))?;
             Ok(AccessAnswer {
                 allowed: d.allowed,
-                ttl_secs: d.ttl.as_secs().max(1),
+                ttl_seconds: d.ttl.as_secs().max(1),
                 reason: d.reason,
             })
         })
@@ -390,13 +384,13 @@ impl AccessCheck for Authorizer {
                 // re-created just now may still read as gone for LIVE_TTL.
                 return Ok(AccessAnswer {
                     allowed: false,
-                    ttl_secs: LIVE_TTL.as_secs().max(1),
+                    ttl_seconds: LIVE_TTL.as_secs().max(1),
                     reason,
                 });
             }
             let mut answer = self.check(user, namespace, name, verb).await?;
             if answer.allowed {
-                answer.ttl_secs = answer.ttl_secs.min(self.settings.revocation.as_secs().max(1));
+                answer.ttl_seconds = answer.ttl_seconds.min(self.settings.revocation.as_secs().max(1));
             }
             Ok(answer)
         })

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod address;
 pub mod basic;
+pub mod channel;
 pub mod config;
 pub mod docker_config;
 pub mod host;

@@ -2,12 +2,8 @@
 //! (an upstream credential, an access decision, "a token had an unknown key"), how their
 //! answers are read, and the caches that keep the channel off the request path.
 //!
-//! Protocol (plain HTTP/1.1 JSON on loopback, through the Envoy cluster the configuration's
-//! `controller.cluster` names; `Authorization: Bearer <key>` when a key is configured):
-//! - `GET /v1/credentials/<ns>/<name>` → `200 {"revision": "...", "authorization": "Basic ..."}`
-//! - `GET /v1/access/<ns>/<name>?user=<subject>&verb=<pull|push|delete>` →
-//!   `200 {"allowed": bool, "ttlSeconds": n, "reason": "..."}` (no `verb`: pull, as before)
-//! - `POST /v1/unknown-kid` → `202`: the controller re-reads the cluster's keys (rate limited there).
+//! The protocol (paths, queries, answers) is `connector_core::channel`'s, which the controller
+//! serves.
 //!
 //! Everything here fails closed: an answer the filter cannot read refuses the request (503), it
 //! never lets it through.
@@ -19,7 +15,7 @@ use serde_json::Value;
 use crate::config::ControllerChannel;
 use crate::identity::Bound;
 use crate::respond::{Refusal, quote};
-use crate::upstream::encode_query_value;
+use connector_core::channel::AccessQuery;
 
 /// Answers larger than this are not from our controller.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -63,14 +59,8 @@ pub use connector_core::verb::Verb;
 /// Asks for the connector's credential at `revision`, the one the filter's configuration names:
 /// the controller answers only for that revision (issue 12.7).
 pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str, revision: &str) -> ChannelCall {
-    ChannelCall::new(
-        ch,
-        "GET",
-        format!(
-            "/v1/credentials/{namespace}/{name}?revision={}",
-            encode_query_value(revision)
-        ),
-    )
+    let path = connector_core::channel::credential_path(namespace, name, revision);
+    ChannelCall::new(ch, "GET", path)
 }
 
 /// Asks whether `subject` may do `verb` through the connector. `bound` names the objects the
@@ -84,22 +74,14 @@ pub fn access_call(
     bound: &Bound,
     verb: Verb,
 ) -> ChannelCall {
-    let mut path = format!(
-        "/v1/access/{namespace}/{name}?user={}&verb={}",
-        encode_query_value(subject),
-        verb.as_str()
-    );
-    if !bound.service_account_uid.is_empty() {
-        path.push_str(&format!("&saUid={}", encode_query_value(&bound.service_account_uid)));
-    }
-    if let Some((pod, uid)) = &bound.pod {
-        path.push_str(&format!(
-            "&pod={}&podUid={}",
-            encode_query_value(pod),
-            encode_query_value(uid)
-        ));
-    }
-    ChannelCall::new(ch, "GET", path)
+    let query = AccessQuery {
+        user: subject.to_string(),
+        verb: Some(verb.as_str().to_string()),
+        sa_uid: Some(bound.service_account_uid.clone()).filter(|u| !u.is_empty()),
+        pod: bound.pod.as_ref().map(|(pod, _)| pod.clone()),
+        pod_uid: bound.pod.as_ref().map(|(_, uid)| uid.clone()),
+    };
+    ChannelCall::new(ch, "GET", connector_core::channel::access_path(namespace, name, &query))
 }
 
 /// The key of a caller in the [`AccessCache`]: the subject and the objects its token is bound
@@ -113,7 +95,7 @@ pub fn access_key(subject: &str, bound: &Bound) -> String {
 }
 
 pub fn unknown_kid_call(ch: &ControllerChannel) -> ChannelCall {
-    ChannelCall::new(ch, "POST", "/v1/unknown-kid".to_string())
+    ChannelCall::new(ch, "POST", connector_core::channel::UNKNOWN_KID_PATH.to_string())
 }
 
 fn channel_failure(connector: &str, what: &str, why: String) -> Refusal {
@@ -154,6 +136,8 @@ fn answer(status: u32, body: &[u8], fail: &dyn Fn(String) -> Refusal) -> Result<
 /// cached, asked again on the next one.
 pub fn parse_credential(status: u32, body: &[u8], connector: &str, revision: &str) -> Result<String, Refusal> {
     let fail = |why: String| channel_failure(connector, "the upstream credential", why);
+    // Read field by field, not through `CredentialAnswer`'s derived `Deserialize` (41 KB of
+    // the module with `AccessAnswer`'s); the tests feed these readers serialised answers.
     let v = answer(status, body, &fail)?;
     if v.get("revision").and_then(Value::as_str) != Some(revision) {
         return Err(fail(format!(
@@ -333,9 +317,14 @@ mod tests {
 
     #[test]
     fn credential_answers() {
-        let ok = br#"{"revision":"3","authorization":"Basic cm9ib3Q6cHc="}"#;
+        // As the controller writes it (connector-core's type, serialised).
+        let ok = serde_json::to_vec(&connector_core::channel::CredentialAnswer {
+            authorization: "Basic cm9ib3Q6cHc=".into(),
+            revision: "3".into(),
+        })
+        .unwrap();
         assert_eq!(
-            parse_credential(200, ok, "demo/reg", "3").unwrap(),
+            parse_credential(200, &ok, "demo/reg", "3").unwrap(),
             "Basic cm9ib3Q6cHc="
         );
         for (status, body, needle) in [
@@ -379,10 +368,14 @@ mod tests {
 
     #[test]
     fn access_answers_and_cache() {
-        assert_eq!(
-            parse_access(200, br#"{"allowed":true,"ttlSeconds":30}"#, "d/r").unwrap(),
-            (true, 30)
-        );
+        // As the controller writes it (connector-core's type, serialised).
+        let answer = serde_json::to_vec(&connector_core::channel::AccessAnswer {
+            allowed: true,
+            ttl_seconds: 30,
+            reason: "RBAC".into(),
+        })
+        .unwrap();
+        assert_eq!(parse_access(200, &answer, "d/r").unwrap(), (true, 30));
         assert_eq!(
             parse_access(200, br#"{"allowed":false,"ttlSeconds":99999}"#, "d/r").unwrap(),
             (false, MAX_TTL)

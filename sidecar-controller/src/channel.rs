@@ -1,5 +1,5 @@
-//! Owns the controller's end of the loopback channel the filter calls (protocol in the filter's
-//! `channel` module and the README): upstream credentials, RBAC access decisions, and the
+//! Owns the controller's end of the loopback channel the filter calls (the protocol is
+//! `connector_core::channel`'s, shared with the filter): upstream credentials, RBAC access decisions, and the
 //! unknown-kid notice. It listens on loopback only (in the pod: only Envoy's container and
 //! ours reach it) and, when a key is configured, also requires `Authorization: Bearer <key>`.
 //!
@@ -21,9 +21,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use connector_core::verb::Verb;
-use serde::Deserialize;
-use serde_json::json;
+use connector_core::channel::{
+    ACCESS_ROUTE, AccessQuery, CREDENTIAL_ROUTE, CredentialAnswer, CredentialQuery, ErrorAnswer, UNKNOWN_KID_PATH,
+    access_verb,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -159,9 +160,9 @@ impl Channel {
 
     pub fn router(self) -> axum::Router {
         axum::Router::new()
-            .route("/v1/credentials/{namespace}/{name}", get(credential))
-            .route("/v1/access/{namespace}/{name}", get(access))
-            .route("/v1/unknown-kid", post(unknown_kid))
+            .route(CREDENTIAL_ROUTE, get(credential))
+            .route(ACCESS_ROUTE, get(access))
+            .route(UNKNOWN_KID_PATH, post(unknown_kid))
             .with_state(self)
     }
 
@@ -180,7 +181,7 @@ impl Channel {
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+    (status, Json(ErrorAnswer { error: message })).into_response()
 }
 
 fn refused_key() -> Response {
@@ -188,12 +189,6 @@ fn refused_key() -> Response {
         StatusCode::UNAUTHORIZED,
         "the channel key is missing or wrong: the filter's controller.keyEnv must name the variable holding the controller's key".into(),
     )
-}
-
-#[derive(Deserialize)]
-struct CredentialQuery {
-    /// The revision the filter's configuration names for this connector.
-    revision: Option<String>,
 }
 
 async fn credential(
@@ -233,25 +228,15 @@ async fn credential(
     Metrics::result(&metrics.credential_fetches, "ok");
     tracing::debug!(connector = %format!("{namespace}/{name}"), "credential handed to the filter");
     let authorization = connector_core::basic::authorization(&c.username, &c.password);
-    let mut response = Json(json!({ "authorization": authorization, "revision": revision })).into_response();
+    let answer = CredentialAnswer {
+        authorization,
+        revision: revision.clone(),
+    };
+    let mut response = Json(answer).into_response();
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-#[derive(Deserialize)]
-struct AccessQuery {
-    user: String,
-    /// `pull`, `push` or `delete` (the filter's `Verb`); absent: pull, as older filters ask.
-    verb: Option<String>,
-    /// The token's `kubernetes.io.serviceaccount.uid`.
-    #[serde(rename = "saUid")]
-    sa_uid: Option<String>,
-    /// The Pod a token is bound to: `kubernetes.io.pod.name` and `.uid`.
-    pod: Option<String>,
-    #[serde(rename = "podUid")]
-    pod_uid: Option<String>,
 }
 
 async fn access(
@@ -269,24 +254,16 @@ async fn access(
             "this controller runs without RBAC (file mode): the filter configuration should use authorization \"rules\"".into(),
         );
     };
-    let verb = match q.verb.as_deref() {
-        None => Verb::Pull,
-        Some(v) => match Verb::parse(v) {
-            Some(verb) => verb,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown verb {v:?}: expected pull, push or delete"),
-                );
-            }
-        },
+    let verb = match access_verb(&q) {
+        Ok(verb) => verb,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let bound = BoundTo {
         service_account_uid: q.sa_uid.filter(|u| !u.is_empty()),
         pod: q.pod.zip(q.pod_uid),
     };
     match check.check_bound(&q.user, &bound, &namespace, &name, verb).await {
-        Ok(a) => Json(json!({ "allowed": a.allowed, "ttlSeconds": a.ttl_secs, "reason": a.reason })).into_response(),
+        Ok(answer) => Json(answer).into_response(),
         Err(e) => {
             tracing::warn!(connector = %format!("{namespace}/{name}"), user = %q.user, error = %e, "access check failed");
             error(StatusCode::SERVICE_UNAVAILABLE, format!("the access check failed: {e}"))

@@ -839,7 +839,7 @@ async fn subject_access_reviews_follow_rbac_and_are_cached() {
         json!({"kind": "Group", "name": "system:serviceaccounts:ci"}),
     );
     let a = authz.check(ci, NS, "shared", Verb::Pull).await.unwrap();
-    assert!(a.allowed && a.ttl_secs >= 29, "{a:?}");
+    assert!(a.allowed && a.ttl_seconds >= 29, "{a:?}");
     assert!(!authz.check(ci, NS, "registry", Verb::Pull).await.unwrap().allowed);
 
     // Strict mode asks for connectors/proxy: the plain `get` rule is not enough.
