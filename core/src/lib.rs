@@ -17,6 +17,7 @@ pub mod host;
 pub mod keys;
 pub mod names;
 pub mod percent;
+pub mod reference;
 pub mod registry;
 pub mod token_service;
 pub mod verb;

@@ -523,16 +523,25 @@ pub fn go_duration(secs: u64) -> String {
     }
 }
 
-/// The auth key and connector when `image` is the proxy's; None for any other registry.
+/// The auth key and connector when `image` is the proxy's; None for any other registry, and for
+/// a reference the runtime could not pull either (`connector_core::reference`'s grammar, the
+/// webhook's). A reference without a registry (`nginx`) is Docker Hub's, never the proxy's.
 pub fn classify(image: &str, settings: &Settings) -> Option<(String, Target)> {
-    let (authority, path) = split_image(image)?;
-    let authority = Authority::parse(authority).ok()?;
+    // The kubelet's matcher tolerates a scheme in front of an image; the reference grammar not.
+    let image = image.trim();
+    let image = ["docker://", "https://", "http://"]
+        .iter()
+        .find_map(|p| image.strip_prefix(p))
+        .unwrap_or(image);
+    let parsed = connector_core::reference::ImageRef::parse(image).ok()?;
+    let authority = Authority::parse(&parsed.registry).ok()?;
+    let path = parsed.repository.as_str();
     if authority == settings.proxy {
         let rest = path.strip_prefix("namespaces/")?;
         let (namespace, rest) = rest.split_once('/')?;
         let rest = rest.strip_prefix("connectors/")?;
         let (name, repo) = rest.split_once('/')?;
-        if !is_dns_label(namespace) || !is_dns_label(name) || repo_name(repo).is_empty() {
+        if !is_dns_label(namespace) || !is_dns_label(name) || repo.is_empty() {
             return None;
         }
         return Some((
@@ -543,9 +552,6 @@ pub fn classify(image: &str, settings: &Settings) -> Option<(String, Target)> {
             },
         ));
     }
-    if repo_name(path).is_empty() {
-        return None;
-    }
     let entry = settings.hosts.iter().find(|h| h.authority == authority)?;
     Some((
         authority.to_string(),
@@ -554,29 +560,6 @@ pub fn classify(image: &str, settings: &Settings) -> Option<(String, Target)> {
             name: entry.name.clone(),
         },
     ))
-}
-
-/// Splits an image reference into its registry authority and the rest, as the kubelet's matcher
-/// sees it. A reference without a registry (`nginx`, `library/nginx`) is Docker Hub's: None here.
-fn split_image(image: &str) -> Option<(&str, &str)> {
-    let image = image.trim();
-    let image = image
-        .strip_prefix("docker://")
-        .or_else(|| image.strip_prefix("https://"))
-        .or_else(|| image.strip_prefix("http://"))
-        .unwrap_or(image);
-    let (first, rest) = image.split_once('/')?;
-    let is_registry = first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[');
-    is_registry.then_some((first, rest))
-}
-
-/// The repository part of `repo[:tag][@digest]`.
-fn repo_name(rest: &str) -> &str {
-    let rest = rest.split('@').next().unwrap_or("");
-    match rest.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => repo,
-        _ => rest,
-    }
 }
 
 #[cfg(test)]

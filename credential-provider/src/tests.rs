@@ -158,7 +158,7 @@ fn which_images_are_the_proxys() {
         ),
         (
             &s,
-            "192.168.1.10:31567/namespaces/ns-1/connectors/harbor/a/b/c@sha256:0123456789abcdef",
+            "192.168.1.10:31567/namespaces/ns-1/connectors/harbor/a/b/c@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             path("ns-1", "harbor"),
         ),
         (
@@ -174,7 +174,7 @@ fn which_images_are_the_proxys() {
         ),
         (
             &host_port,
-            "c-harbor-connector.team-a.svc.cluster.local:8080/lib/app@sha256:00",
+            "c-harbor-connector.team-a.svc.cluster.local:8080/lib/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             host("c-harbor-connector.team-a.svc.cluster.local:8080", "team-a", "harbor"),
         ),
         (

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::AdmissionRequest;
 use serde_json::{Value, json};
 
-use crate::reference::{self, ImageRef};
+use connector_core::reference::{self, ImageRef};
 
 /// The opt-in label; only the value `"true"` opts in.
 pub const INJECT_LABEL: &str = "connectors.cpaas.io/proxy-inject";

@@ -1,6 +1,7 @@
-//! Owns image references: parsing by the distribution reference grammar
+//! Image references: parsing by the distribution reference grammar
 //! (`[domain/]path[:tag][@digest]`), Docker Hub normalisation, and the registry-host
-//! normalisation shared by image references and `Connector.spec.address`.
+//! normalisation shared by image references and `Connector.spec.address`. The webhook rewrites
+//! images by it and the credential provider matches the kubelet's images by it.
 //!
 //! A reference that does not parse is an error, never a guess: the webhook must not rewrite an
 //! image to something the runtime would read differently.
@@ -23,9 +24,17 @@ pub struct ImageRef {
     pub digest: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
+/// Why a reference or an address is not one.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefError(String);
+
+impl fmt::Display for RefError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefError {}
 
 impl ImageRef {
     /// Parses `image` as a container runtime would (containerd/docker `ParseNormalizedNamed`).
@@ -46,12 +55,16 @@ impl ImageRef {
         };
         // A tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
         let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
-        let (name, tag) = match rest[last_slash..].rfind(':') {
+        let after_slash = rest.get(last_slash..).unwrap_or_default();
+        let (name, tag) = match after_slash.rfind(':') {
             Some(i) => {
                 let at = last_slash + i;
-                let tag = &rest[at + 1..];
+                let (name, tag) = (
+                    rest.get(..at).unwrap_or_default(),
+                    rest.get(at + 1..).unwrap_or_default(),
+                );
                 check_tag(tag)?;
-                (&rest[..at], Some(tag.to_string()))
+                (name, Some(tag.to_string()))
             }
             None => (rest, None),
         };
@@ -114,7 +127,7 @@ fn is_domain_like(first: &str) -> bool {
 /// Lowercases a registry host and folds Docker Hub's names into `docker.io`.
 pub fn normalize_registry(host: &str) -> String {
     let host = host.to_ascii_lowercase();
-    if connector_core::registry::is_docker_hub(&host) {
+    if crate::registry::is_docker_hub(&host) {
         DOCKER_HUB.to_string()
     } else {
         host
@@ -124,27 +137,10 @@ pub fn normalize_registry(host: &str) -> String {
 /// The registry host of a `Connector.spec.address` (`http(s)://host[:port][/]`): scheme
 /// stripped, the scheme's default port omitted, normalised like image registries.
 pub fn registry_of_address(address: &str) -> Result<String, RefError> {
-    let (rest, default_port) = if let Some(r) = address.strip_prefix("https://") {
-        (r, "443")
-    } else if let Some(r) = address.strip_prefix("http://") {
-        (r, "80")
-    } else {
-        return Err(RefError(format!(
-            "address {address:?} does not start with http:// or https://"
-        )));
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
-        return Err(RefError(format!(
-            "address {address:?} is not an origin (http(s)://host[:port])"
-        )));
-    }
-    let host = match rest.rsplit_once(':') {
-        Some((host, port)) if port == default_port && !host.ends_with(':') => host,
-        _ => rest,
-    };
-    check_domain(host)?;
-    Ok(normalize_registry(host))
+    let upstream =
+        crate::address::Upstream::parse(address).map_err(|why| RefError(format!("address {address:?}: {why}")))?;
+    check_domain(&upstream.authority)?;
+    Ok(normalize_registry(&upstream.authority))
 }
 
 /// `host[:port]`: dot-separated DNS labels (letters, digits, inner `-`) or a bracketed IPv6
@@ -203,28 +199,15 @@ fn check_path(path: &str) -> Result<(), RefError> {
 }
 
 fn component_ok(c: &str) -> bool {
-    let b = c.as_bytes();
     let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+    let b = c.as_bytes();
+    if !b.first().is_some_and(|x| alnum(*x)) || !b.last().is_some_and(|x| alnum(*x)) {
         return false;
     }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
+    // Between alphanumeric runs: exactly one separator, `.`, `_`, `__` or a run of `-`.
+    c.split(|ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit())
+        .filter(|sep| !sep.is_empty())
+        .all(|sep| sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-'))
 }
 
 /// `[\w][\w.-]{0,127}`.
