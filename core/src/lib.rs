@@ -10,6 +10,7 @@ pub mod access;
 pub mod address;
 pub mod basic;
 pub mod channel;
+pub mod cli;
 pub mod config;
 pub mod docker_config;
 pub mod host;

@@ -91,12 +91,9 @@ fn parse_flags(
     for f in switches {
         cmd = cmd.arg(Arg::new(*f).long(long(f)).action(ArgAction::SetTrue));
     }
-    let m = cmd.try_get_matches_from(args).map_err(|e| {
-        let text = e.to_string();
-        let body = text.split("\n\n").next().unwrap_or_default();
-        let body = body.strip_prefix("error: ").unwrap_or(body);
-        body.split_whitespace().collect::<Vec<_>>().join(" ")
-    })?;
+    let m = cmd
+        .try_get_matches_from(args)
+        .map_err(|e| connector_core::cli::one_line(&e.to_string()))?;
     let values = valued
         .iter()
         .filter_map(|f| m.get_one::<String>(f).map(|v| (f.to_string(), v.clone())))

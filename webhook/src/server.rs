@@ -117,13 +117,8 @@ impl Settings {
     }
 }
 
-/// clap's own wording on one line, without its usage footer (the binary prints its usage):
-/// `the following required arguments were not provided: --proxy-host <PROXY_HOST>`.
 fn clap_message(e: &clap::Error) -> String {
-    let text = e.to_string();
-    let body = text.split("\n\n").next().unwrap_or_default();
-    let body = body.strip_prefix("error: ").unwrap_or(body);
-    body.split_whitespace().collect::<Vec<_>>().join(" ")
+    connector_core::cli::one_line(&e.to_string())
 }
 
 /// Reads the certificate chain and key; errors name the file, never its content.
