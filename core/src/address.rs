@@ -130,6 +130,7 @@ mod tests {
         let u = Upstream::parse("http://h:8080").unwrap();
         assert!(u.is_origin("HTTP", "H:8080"));
         assert!(!u.is_origin("http", "h:8081"));
+        assert!(Upstream::parse("https://h").unwrap().is_origin("https", "h:443"));
     }
 
     #[test]

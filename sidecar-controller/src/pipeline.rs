@@ -514,13 +514,7 @@ pub fn render_live_cached(
         .collect();
     let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
     doc.connectors = entries.into_iter().map(|(_, _, e, _)| e).collect();
-    let filter_config = serde_json::to_value(&doc).map_err(|e| {
-        vec![Problem::new(
-            "filter configuration",
-            "",
-            format!("cannot be written as JSON: {e}"),
-        )]
-    })?;
+    let filter_config = crate::render::config_json(&doc)?;
     credentials.retain(|k, _| connectors.contains(k));
     revisions_of.retain(|k, _| connectors.contains(k));
     Ok(Rendering {

@@ -258,13 +258,7 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
             .map(|e| locate(e, &origins, identity_at)),
     );
     let env: Vec<(String, String)> = env.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let filter_config = serde_json::to_value(&config).map_err(|e| {
-        vec![Problem::new(
-            "filter configuration",
-            "",
-            format!("cannot be written as JSON: {e}"),
-        )]
-    })?;
+    let filter_config = config_json(&config)?;
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -297,7 +291,18 @@ pub(crate) fn filter_entry(
     }
 }
 
-/// Maps a finding of the filter's validator back to the document it is about.
+/// The typed document as the JSON Envoy and the files carry.
+pub(crate) fn config_json(config: &FilterConfig) -> Result<Value, Vec<Problem>> {
+    serde_json::to_value(config).map_err(|e| {
+        vec![Problem::new(
+            "filter configuration",
+            "",
+            format!("cannot be written as JSON: {e}"),
+        )]
+    })
+}
+
+/// Maps a finding of the filter's checks back to the document it is about.
 pub(crate) fn locate(e: ConfigError, origins: &[String], identity_at: &str) -> Problem {
     let index = e
         .path

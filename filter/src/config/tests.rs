@@ -327,23 +327,6 @@ fn check_jwk_accepts_what_compile_accepts_and_explains_the_rest() {
 }
 
 #[test]
-fn upstream_addresses() {
-    assert_eq!(
-        Upstream::parse("https://Harbor.Example:443").unwrap().authority,
-        "harbor.example"
-    );
-    assert_eq!(Upstream::parse("http://h:8080/").unwrap().authority, "h:8080");
-    assert!(Upstream::parse("http://h/v2").is_err());
-    assert!(Upstream::parse("http://u:p@h").is_err());
-    assert!(Upstream::parse("h:5000").is_err());
-    assert!(Upstream::parse("http://h:0").is_err());
-    let u = Upstream::parse("http://h:8080").unwrap();
-    assert!(u.is_origin("HTTP", "H:8080"));
-    assert!(!u.is_origin("http", "h:8081"));
-    assert!(Upstream::parse("https://h").unwrap().is_origin("https", "h:443"));
-}
-
-#[test]
 fn credential_from_the_controller_channel() {
     let env = |k: &str| (k == "CHANNEL_KEY").then(|| "k3y".to_string());
     let mut d = doc();
