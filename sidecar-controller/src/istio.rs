@@ -71,19 +71,12 @@ pub fn with_outbound_names(mut r: Rendering) -> Rendering {
     let by_name: BTreeMap<String, UpstreamCluster> = r.clusters.iter().map(|c| (c.name.clone(), c.clone())).collect();
     let mut taken: BTreeMap<String, UpstreamCluster> = BTreeMap::new();
     let mut kept = vec![];
-    let entries = match r.filter_config["connectors"].take() {
-        Value::Array(a) => a,
-        _ => vec![],
-    };
-    for mut entry in entries {
-        let key: ConnectorKey = (
-            entry["namespace"].as_str().unwrap_or_default().to_string(),
-            entry["name"].as_str().unwrap_or_default().to_string(),
-        );
+    for mut entry in std::mem::take(&mut r.filter_config.connectors) {
+        let key: ConnectorKey = (entry.namespace.clone(), entry.name.clone());
         let mut mine = vec![];
         let mut problems = vec![];
-        let mut rename = |slot: &mut Value, path: String| {
-            let Some(c) = slot.as_str().and_then(|n| by_name.get(n)) else {
+        let mut rename = |slot: &mut String, path: String| {
+            let Some(c) = by_name.get(slot.as_str()) else {
                 return;
             };
             let mut renamed = c.clone();
@@ -105,15 +98,12 @@ pub fn with_outbound_names(mut r: Rendering) -> Rendering {
                 )),
                 _ => {}
             }
-            *slot = json!(renamed.name);
+            slot.clone_from(&renamed.name);
             mine.push(renamed);
         };
-        rename(&mut entry["cluster"], "spec.address".into());
-        // `get_mut`, not indexing: an index would add `"tokenRealms": null`, which the filter refuses.
-        if let Some(realms) = entry.get_mut("tokenRealms").and_then(Value::as_array_mut) {
-            for (i, realm) in realms.iter_mut().enumerate() {
-                rename(&mut realm["cluster"], format!("spec.tokenRealms[{i}].url"));
-            }
+        rename(&mut entry.cluster, "spec.address".into());
+        for (i, realm) in entry.token_realms.iter_mut().enumerate() {
+            rename(&mut realm.cluster, format!("spec.tokenRealms[{i}].url"));
         }
         if problems.is_empty() {
             for c in mine {
@@ -126,7 +116,7 @@ pub fn with_outbound_names(mut r: Rendering) -> Rendering {
             r.left_out.insert(key, problems);
         }
     }
-    r.filter_config["connectors"] = Value::Array(kept);
+    r.filter_config.connectors = kept;
     r.clusters = taken.into_values().collect();
     r
 }
@@ -372,6 +362,7 @@ mod tests {
     use super::*;
     use crate::render::cluster_for;
     use connector_core::address::Upstream;
+    use connector_core::config::{ConnectorEntry, FilterConfig, RealmEntry};
     use std::collections::{BTreeSet, HashMap};
 
     fn cl(address: &str) -> UpstreamCluster {
@@ -384,21 +375,30 @@ mod tests {
         for (name, address, realms) in connectors {
             let c = cl(address);
             clusters.insert(c.name.clone(), c.clone());
-            let mut e = json!({"namespace": "demo", "name": name, "cluster": c.name});
-            if !realms.is_empty() {
-                e["tokenRealms"] = realms
-                    .iter()
-                    .map(|r| {
-                        let rc = cl(r);
-                        clusters.insert(rc.name.clone(), rc.clone());
-                        json!({"url": format!("{r}/token"), "cluster": rc.name})
-                    })
-                    .collect();
-            }
-            entries.push(e);
+            let token_realms = realms
+                .iter()
+                .map(|r| {
+                    let rc = cl(r);
+                    clusters.insert(rc.name.clone(), rc.clone());
+                    RealmEntry {
+                        url: format!("{r}/token"),
+                        cluster: rc.name,
+                    }
+                })
+                .collect();
+            entries.push(ConnectorEntry {
+                namespace: "demo".into(),
+                name: name.to_string(),
+                cluster: c.name,
+                token_realms,
+                ..ConnectorEntry::default()
+            });
         }
         Rendering {
-            filter_config: json!({"connectors": entries}),
+            filter_config: FilterConfig {
+                connectors: entries,
+                ..FilterConfig::default()
+            },
             clusters: clusters.into_values().collect(),
             credentials: HashMap::new(),
             revisions: HashMap::new(),
@@ -417,13 +417,14 @@ mod tests {
             ("b", "https://harbor.example.com:443", &[]),
             ("c", "http://127.0.0.1:5000", &[]),
         ]));
-        let c = &r.filter_config["connectors"];
-        assert_eq!(c[0]["cluster"], "outbound|443||harbor.example.com");
-        assert_eq!(c[0]["tokenRealms"][0]["cluster"], "outbound|443||auth.example.com");
-        assert_eq!(c[1]["cluster"], c[0]["cluster"]);
-        assert_eq!(c[2]["cluster"], "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid");
+        let c = &r.filter_config.connectors;
+        assert_eq!(c[0].cluster, "outbound|443||harbor.example.com");
+        assert_eq!(c[0].token_realms[0].cluster, "outbound|443||auth.example.com");
+        assert_eq!(c[1].cluster, c[0].cluster);
+        assert_eq!(c[2].cluster, "outbound|5000||127-0-0-1.ipv4.oci-connector.invalid");
         // No key appears that was not there (the filter refuses `"tokenRealms": null`).
-        assert!(c[1].get("tokenRealms").is_none(), "{}", c[1]);
+        let json = serde_json::to_value(&c[1]).unwrap();
+        assert!(json.get("tokenRealms").is_none(), "{json}");
         let names: Vec<&str> = r.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
@@ -443,12 +444,7 @@ mod tests {
             ("new", "http://r.example:8443", &[]),
             ("realm", "https://s.example", &["http://r.example:8443"]),
         ]));
-        let names: Vec<&str> = r.filter_config["connectors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = r.filter_config.connectors.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["old"]);
         for n in ["new", "realm"] {
             let why = &r.left_out[&("demo".to_string(), n.to_string())][0];

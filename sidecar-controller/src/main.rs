@@ -148,7 +148,7 @@ fn render(args: &[String]) -> ExitCode {
             // Counts and paths only: the env file's values stay in the env file.
             println!(
                 "rendered {} connector(s), {} cluster(s): {}, {} (mode 0600), {}, {}",
-                rendered.filter_config["connectors"].as_array().map_or(0, Vec::len),
+                rendered.filter_config.connectors.len(),
                 rendered.clusters.len(),
                 w.filter_config.display(),
                 w.env.display(),

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use serde::de::DeserializeOwned;
@@ -67,8 +68,10 @@ impl fmt::Display for Problem {
 /// pushed to directly falls back to scanning.
 #[derive(Debug, Default, Clone)]
 pub struct ManifestSet {
-    pub connectors: Vec<(Location, Connector)>,
-    pub secrets: Vec<(Location, Secret)>,
+    /// Shared, not copied: file mode's per-file cache and the set it publishes hold the same
+    /// objects (a copy of every object per change cost memory and time linear in N, issue 17).
+    pub connectors: Vec<(Location, Arc<Connector>)>,
+    pub secrets: Vec<(Location, Arc<Secret>)>,
     connector_index: HashMap<ObjectKey, usize>,
     secret_index: HashMap<ObjectKey, usize>,
     /// A digest of each object's content, when its source computed one: what the pipeline's
@@ -100,7 +103,8 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
 
 impl ManifestSet {
     /// Adds a Connector (the caller has checked it is not a duplicate), with its content digest.
-    pub fn add_connector(&mut self, at: Location, c: Connector, content: Option<Content>) {
+    pub fn add_connector(&mut self, at: Location, c: impl Into<Arc<Connector>>, content: Option<Content>) {
+        let c = c.into();
         let key = key_of(&c.metadata);
         if self.connector_index.len() == self.connectors.len() {
             self.connector_index.insert(key.clone(), self.connectors.len());
@@ -112,7 +116,8 @@ impl ManifestSet {
     }
 
     /// Adds a Secret (the caller has checked it is not a duplicate), with its content digest.
-    pub fn add_secret(&mut self, at: Location, s: Secret, content: Option<Content>) {
+    pub fn add_secret(&mut self, at: Location, s: impl Into<Arc<Secret>>, content: Option<Content>) {
+        let s = s.into();
         let key = key_of(&s.metadata);
         if self.secret_index.len() == self.secrets.len() {
             self.secret_index.insert(key.clone(), self.secrets.len());
@@ -127,11 +132,11 @@ impl ManifestSet {
     pub fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
         if self.secret_index.len() == self.secrets.len() {
             let i = self.secret_index.get(&(namespace.to_string(), name.to_string()))?;
-            return self.secrets.get(*i).map(|(_, s)| s);
+            return self.secrets.get(*i).map(|(_, s)| &**s);
         }
         self.secrets
             .iter()
-            .map(|(_, s)| s)
+            .map(|(_, s)| &**s)
             .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
     }
 

@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use connector_core::address::Upstream;
@@ -143,7 +142,7 @@ impl Tenancy {
 /// The result of one render: what goes to Envoy, and what stays in the controller.
 #[derive(Clone)]
 pub struct Rendering {
-    pub filter_config: Value,
+    pub filter_config: FilterConfig,
     pub clusters: Vec<UpstreamCluster>,
     /// The credential of each configured connector, served over the channel only.
     pub credentials: HashMap<ConnectorKey, Credential>,
@@ -362,7 +361,8 @@ pub fn render_live_cached(
     let mut revisions_of: HashMap<ConnectorKey, String> = HashMap::new();
     let mut hosts_of: HashMap<ConnectorKey, Vec<String>> = HashMap::new();
     let mut entries: Vec<(ConnectorKey, String, ConnectorEntry, Vec<UpstreamCluster>)> = vec![];
-    let mut ordered: Vec<&(crate::manifests::Location, crate::crd::Connector)> = inputs.set.connectors.iter().collect();
+    let mut ordered: Vec<&(crate::manifests::Location, std::sync::Arc<crate::crd::Connector>)> =
+        inputs.set.connectors.iter().collect();
     // Stable: connectors without a creation time (file mode) keep their file order.
     ordered.sort_by_key(|(_, c)| {
         c.metadata
@@ -514,12 +514,11 @@ pub fn render_live_cached(
         .collect();
     let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
     doc.connectors = entries.into_iter().map(|(_, _, e, _)| e).collect();
-    let filter_config = crate::render::config_json(&doc)?;
     credentials.retain(|k, _| connectors.contains(k));
     revisions_of.retain(|k, _| connectors.contains(k));
     Ok(Rendering {
         revisions: revisions_of,
-        filter_config,
+        filter_config: doc,
         clusters,
         credentials,
         connectors,
@@ -847,10 +846,11 @@ mod tests {
             r.clusters
         );
         assert_eq!(r.credentials[&good].password, "pa55-word");
-        let text = r.filter_config.to_string();
+        let text = serde_json::to_string(&r.filter_config).unwrap();
         assert!(!text.contains("pa55-word"), "no secret in the configuration: {text}");
-        assert_eq!(r.filter_config["controller"]["keyEnv"], "CONNECTOR_CHANNEL_KEY");
-        assert_eq!(r.filter_config["authorization"], "rules");
+        let json = serde_json::to_value(&r.filter_config).unwrap();
+        assert_eq!(json["controller"]["keyEnv"], "CONNECTOR_CHANNEL_KEY");
+        assert_eq!(json["authorization"], "rules");
         assert!(!format!("{r:?}").contains("pa55-word"));
         assert!(!format!("{r:?}").contains("pr1vate-word"));
     }
@@ -942,10 +942,10 @@ mod tests {
                 &local(),
             )
             .unwrap();
-            r.filter_config["connectors"][0]["credential"]["fromController"]
-                .as_str()
-                .unwrap()
-                .to_string()
+            match &r.filter_config.connectors[0].credential {
+                CredentialRef::FromController { revision } => revision.clone(),
+                other => panic!("{other:?}"),
+            }
         };
         assert_eq!(run("one", 1), run("one", 1), "stable for the same credential");
         assert_ne!(
@@ -966,7 +966,7 @@ mod tests {
         )
         .unwrap();
         assert!(r.connectors.is_empty());
-        assert_eq!(r.filter_config["connectors"], json!([]));
+        assert_eq!(r.filter_config.connectors, vec![]);
         let mut i = inputs(
             &[
                 connector("good", "http://127.0.0.1:5000", "robot"),

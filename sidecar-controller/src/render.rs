@@ -113,7 +113,7 @@ impl UpstreamCluster {
 /// What `render` produces. `Debug` shows variable names, never their values.
 #[derive(Clone)]
 pub struct Rendered {
-    pub filter_config: Value,
+    pub filter_config: FilterConfig,
     /// `(variable, value)`, sorted by variable.
     pub env: Vec<(String, String)>,
     pub clusters: Vec<UpstreamCluster>,
@@ -258,12 +258,11 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
             .map(|e| locate(e, &origins, identity_at)),
     );
     let env: Vec<(String, String)> = env.into_iter().map(|(k, (_, v))| (k, v)).collect();
-    let filter_config = config_json(&config)?;
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(Rendered {
-        filter_config,
+        filter_config: config,
         env,
         clusters: clusters.into_values().map(|(c, _)| c).collect(),
     })
@@ -289,17 +288,6 @@ pub(crate) fn filter_entry(
         token_realms,
         read_only: c.spec.read_only,
     }
-}
-
-/// The typed document as the JSON Envoy and the files carry.
-pub(crate) fn config_json(config: &FilterConfig) -> Result<Value, Vec<Problem>> {
-    serde_json::to_value(config).map_err(|e| {
-        vec![Problem::new(
-            "filter configuration",
-            "",
-            format!("cannot be written as JSON: {e}"),
-        )]
-    })
 }
 
 /// Maps a finding of the filter's checks back to the document it is about.
@@ -517,7 +505,8 @@ mod tests {
             connector("local", "http://127.0.0.1:5000", ""),
         );
         let r = run(&text).unwrap();
-        let c = &r.filter_config["connectors"];
+        let json = serde_json::to_value(&r.filter_config).unwrap();
+        let c = &json["connectors"];
         let named = |v: &Value, prefix: &str| {
             v.as_str()
                 .is_some_and(|n| n.starts_with(&format!("{prefix}_")) && n.len() == prefix.len() + 17)
@@ -544,7 +533,7 @@ mod tests {
         for key in want["jwks"]["keys"].as_array_mut().unwrap() {
             key.as_object_mut().unwrap().remove("key_ops");
         }
-        assert_eq!(r.filter_config["identity"], want);
+        assert_eq!(json["identity"], want);
         let names: Vec<Value> = r.clusters.iter().map(|c| json!(c.name)).collect();
         for (n, prefix) in names.iter().zip([
             "upstream_http_127_0_0_1_5000",
@@ -560,7 +549,7 @@ mod tests {
             r.env
                 .contains(&("CONNECTOR_DEMO_LOCAL_PASSWORD".into(), PASSWORD.into()))
         );
-        let text = r.filter_config.to_string();
+        let text = serde_json::to_string(&r.filter_config).unwrap();
         assert!(!text.contains(PASSWORD), "a password in the filter configuration");
         assert!(!format!("{r:?}").contains(PASSWORD), "a password in Debug");
     }
@@ -698,7 +687,8 @@ mod tests {
             connector("two", "http://a.b.example", "")
         );
         let r = run(&text).unwrap();
-        let c = &r.filter_config["connectors"];
+        let json = serde_json::to_value(&r.filter_config).unwrap();
+        let c = &json["connectors"];
         assert_eq!(c.as_array().unwrap().len(), 2);
         assert_ne!(c[0]["cluster"], c[1]["cluster"]);
         assert_eq!(r.clusters.len(), 2);

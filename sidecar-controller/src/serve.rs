@@ -88,7 +88,9 @@ pub async fn pipeline(
             match rendered {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
-                    let config = r.filter_config.to_string();
+                    // Straight from the typed document: no JSON tree is built per change. (It
+                    // cannot fail: every map key is a string.)
+                    let config = serde_json::to_string(&r.filter_config).unwrap_or_default();
                     let same = last.as_ref().is_some_and(|(c, cl)| *c == config && *cl == r.clusters);
                     if !same {
                         version += 1;
