@@ -27,9 +27,11 @@ pub fn covered(reported: &[ConfigError], path: &str) -> bool {
     })
 }
 
-fn required(errors: &mut Vec<ConfigError>, path: String, value: &str) -> bool {
+/// Whether `value` is there; if not, "is required" at `base.field` (the path is built only
+/// then: these checks run on every entry of every configuration push).
+fn required(errors: &mut Vec<ConfigError>, base: &str, field: &str, value: &str) -> bool {
     if value.is_empty() {
-        errors.push(ConfigError::new(path, "is required"));
+        errors.push(ConfigError::new(format!("{base}.{field}"), "is required"));
         return false;
     }
     true
@@ -74,7 +76,7 @@ pub fn check_settings(config: &FilterConfig) -> Vec<ConfigError> {
         has_controller && config.connectors.is_empty(),
     ));
     if let Some(c) = &config.controller {
-        required(&mut errors, "controller.cluster".into(), &c.cluster);
+        required(&mut errors, "controller", "cluster", &c.cluster);
         if c.authority.as_deref() == Some("") {
             errors.push(ConfigError::new("controller.authority", "must not be empty"));
         }
@@ -295,19 +297,19 @@ pub fn check_jwk_shape(jwk: &Jwk, path: &str) -> Result<KeyMaterial, Vec<ConfigE
 /// allow lists, host names. What spans connectors is [`check_connectors`].
 pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> Vec<ConfigError> {
     let mut errors = vec![];
-    if required(&mut errors, format!("{path}.namespace"), &entry.namespace) && !is_dns_label(&entry.namespace) {
+    if required(&mut errors, &path, "namespace", &entry.namespace) && !is_dns_label(&entry.namespace) {
         errors.push(ConfigError::new(
             format!("{path}.namespace"),
             "expected a Kubernetes namespace name (RFC 1123 label)",
         ));
     }
-    if required(&mut errors, format!("{path}.name"), &entry.name) && !is_dns_subdomain(&entry.name) {
+    if required(&mut errors, &path, "name", &entry.name) && !is_dns_subdomain(&entry.name) {
         errors.push(ConfigError::new(
             format!("{path}.name"),
             "expected a Kubernetes object name (RFC 1123 subdomain)",
         ));
     }
-    if required(&mut errors, format!("{path}.address"), &entry.address)
+    if required(&mut errors, &path, "address", &entry.address)
         && let Err(e) = Upstream::parse(&entry.address)
     {
         errors.push(ConfigError::new(format!("{path}.address"), e));
@@ -315,7 +317,7 @@ pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> 
     // '|' is in the names Istio gives clusters (`outbound|443||registry.example.com`), which a
     // controller in an Istio gateway names (`--istio-wasmplugin`); none of these characters can
     // end or split the `x-oci-connector-cluster` header value.
-    if required(&mut errors, format!("{path}.cluster"), &entry.cluster) && !is_cluster_name(&entry.cluster) {
+    if required(&mut errors, &path, "cluster", &entry.cluster) && !is_cluster_name(&entry.cluster) {
         errors.push(ConfigError::new(
             format!("{path}.cluster"),
             "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':', '|')",
@@ -324,26 +326,26 @@ pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> 
     let at = format!("{path}.credential");
     match &entry.credential {
         CredentialRef::FromController { revision } => {
-            let p = format!("{at}.fromController");
-            let present = required(&mut errors, p.clone(), revision);
+            let present = required(&mut errors, &at, "fromController", revision);
+            let p = || format!("{at}.fromController");
             if present
                 && !revision
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
             {
                 errors.push(ConfigError::new(
-                    p,
+                    p(),
                     "expected a revision label (letters, digits, '-', '.', '_')",
                 ));
             } else if present && !has_controller {
                 errors.push(ConfigError::new(
-                    p,
+                    p(),
                     "needs the controller channel: set controller.cluster",
                 ));
             }
         }
         CredentialRef::DockerConfig { var } => {
-            required(&mut errors, format!("{at}.dockerConfigJsonEnv"), var);
+            required(&mut errors, &at, "dockerConfigJsonEnv", var);
         }
         CredentialRef::Env { username, password_env } => {
             match username {
@@ -352,24 +354,24 @@ pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> 
                     "the username must not contain ':' (Basic credentials cannot carry it)",
                 )),
                 Username::Literal(u) => {
-                    required(&mut errors, format!("{at}.username"), u);
+                    required(&mut errors, &at, "username", u);
                 }
                 Username::Env(var) => {
-                    required(&mut errors, format!("{at}.usernameEnv"), var);
+                    required(&mut errors, &at, "usernameEnv", var);
                 }
             }
-            required(&mut errors, format!("{at}.passwordEnv"), password_env);
+            required(&mut errors, &at, "passwordEnv", password_env);
         }
     }
     for (i, realm) in entry.token_realms.iter().enumerate() {
         let p = format!("{path}.tokenRealms[{i}]");
-        if required(&mut errors, format!("{p}.url"), &realm.url) && split_url(&realm.url).is_none() {
+        if required(&mut errors, &p, "url", &realm.url) && split_url(&realm.url).is_none() {
             errors.push(ConfigError::new(
                 format!("{p}.url"),
                 "expected the realm URL as the upstream's challenge names it: http(s)://host[:port]/path",
             ));
         }
-        required(&mut errors, format!("{p}.cluster"), &realm.cluster);
+        required(&mut errors, &p, "cluster", &realm.cluster);
     }
     for (i, ns) in entry.allowed_namespaces.iter().enumerate() {
         if !is_dns_label(ns) {
