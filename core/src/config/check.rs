@@ -297,19 +297,19 @@ pub fn check_jwk_shape(jwk: &Jwk, path: &str) -> Result<KeyMaterial, Vec<ConfigE
 /// allow lists, host names. What spans connectors is [`check_connectors`].
 pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> Vec<ConfigError> {
     let mut errors = vec![];
-    if required(&mut errors, &path, "namespace", &entry.namespace) && !is_dns_label(&entry.namespace) {
+    if required(&mut errors, path, "namespace", &entry.namespace) && !is_dns_label(&entry.namespace) {
         errors.push(ConfigError::new(
             format!("{path}.namespace"),
             "expected a Kubernetes namespace name (RFC 1123 label)",
         ));
     }
-    if required(&mut errors, &path, "name", &entry.name) && !is_dns_subdomain(&entry.name) {
+    if required(&mut errors, path, "name", &entry.name) && !is_dns_subdomain(&entry.name) {
         errors.push(ConfigError::new(
             format!("{path}.name"),
             "expected a Kubernetes object name (RFC 1123 subdomain)",
         ));
     }
-    if required(&mut errors, &path, "address", &entry.address)
+    if required(&mut errors, path, "address", &entry.address)
         && let Err(e) = Upstream::parse(&entry.address)
     {
         errors.push(ConfigError::new(format!("{path}.address"), e));
@@ -317,7 +317,7 @@ pub fn check_entry(entry: &ConnectorEntry, path: &str, has_controller: bool) -> 
     // '|' is in the names Istio gives clusters (`outbound|443||registry.example.com`), which a
     // controller in an Istio gateway names (`--istio-wasmplugin`); none of these characters can
     // end or split the `x-oci-connector-cluster` header value.
-    if required(&mut errors, &path, "cluster", &entry.cluster) && !is_cluster_name(&entry.cluster) {
+    if required(&mut errors, path, "cluster", &entry.cluster) && !is_cluster_name(&entry.cluster) {
         errors.push(ConfigError::new(
             format!("{path}.cluster"),
             "expected an Envoy cluster name (letters, digits, '_', '-', '.', ':', '|')",
