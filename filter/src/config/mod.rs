@@ -203,14 +203,14 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     if !errors.is_empty() {
         return Err(errors);
     }
-    // Names and host names are unique: `parse` checked them.
+    // Names and host names are unique: `parse` checked them, with the same `entry_hosts`.
+    // Without errors every entry compiled, so an entry's index is its connector's.
     let mut by_name = HashMap::with_capacity(connectors.len());
     let mut by_host = HashMap::with_capacity(connectors.len());
-    for (index, c) in connectors.iter().enumerate() {
-        by_name.insert((c.namespace.clone(), c.name.clone()), index);
-        by_host.insert(render_host(&host_pattern, &c.namespace, &c.name), index);
-        for h in &c.hosts {
-            by_host.insert(h.clone(), index);
+    for (index, entry) in config.connectors.iter().enumerate() {
+        by_name.insert((entry.namespace.clone(), entry.name.clone()), index);
+        for h in connector_core::config::entry_hosts(entry, &host_pattern) {
+            by_host.insert(h, index);
         }
     }
     let FilterConfig {
