@@ -137,8 +137,9 @@ pub fn normalize_registry(host: &str) -> String {
 /// The registry host of a `Connector.spec.address` (`http(s)://host[:port][/]`): scheme
 /// stripped, the scheme's default port omitted, normalised like image registries.
 pub fn registry_of_address(address: &str) -> Result<String, RefError> {
+    // The address is not repeated: one written with user info would carry a password.
     let upstream =
-        crate::address::Upstream::parse(address).map_err(|why| RefError(format!("address {address:?}: {why}")))?;
+        crate::address::Upstream::parse(address).map_err(|why| RefError(format!("the Connector's address: {why}")))?;
     check_domain(&upstream.authority)?;
     Ok(normalize_registry(&upstream.authority))
 }
@@ -367,5 +368,8 @@ mod tests {
             let got = registry_of_address(address).map_err(|_| ());
             assert_eq!(got, want.map(str::to_string), "{address}");
         }
+        // An address written with user info is refused without repeating it.
+        let e = registry_of_address("https://robot:s3cret@harbor.example.com").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 }
