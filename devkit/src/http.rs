@@ -182,8 +182,18 @@ impl Request {
 
     /// Sends the request to 127.0.0.1:port on a fresh connection and reads the whole answer.
     pub fn send(&self, port: u16) -> Result<Response> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = open(port, self.timeout)?;
+        self.exchange(&mut s, port, true)
+    }
+
+    /// Sends the request on an open connection and leaves it open (HTTP/1.1 keep-alive): for a
+    /// load that should measure the proxy, not a TCP and TLS handshake per request.
+    pub fn send_on(&self, conn: &mut Conn, port: u16) -> Result<Response> {
+        self.exchange(conn, port, false)
+    }
+
+    fn exchange(&self, s: &mut Conn, port: u16, close: bool) -> Result<Response> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut head = format!("{} {} HTTP/1.1\r\n", self.method, self.path);
         if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
             head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
@@ -194,11 +204,14 @@ impl Request {
         if !self.body.is_empty() || matches!(self.method.as_str(), "POST" | "PUT" | "PATCH") {
             head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
-        head.push_str("Connection: close\r\n\r\n");
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
         s.write_all(head.as_bytes())
             .and_then(|_| s.write_all(&self.body))
             .map_err(|e| format!("send {} {} to {addr}: {e}", self.method, self.path))?;
-        let raw = read_response(&mut s, self.method == "HEAD")
+        let raw = read_response(s, self.method == "HEAD")
             .map_err(|e| format!("read answer to {} {} from {addr}: {e}", self.method, self.path))?;
         Response::parse(&raw, self.method == "HEAD").map_err(|e| format!("{} {}: {e}", self.method, self.path))
     }

@@ -17,18 +17,25 @@
 //! (`target/debug/connector-controller`, or `CONNECTOR_CONTROLLER_BIN`).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use connector_devkit::controller::Controller;
 use connector_devkit::envoy::Envoy;
-use connector_devkit::http::{Request, basic_value};
+use connector_devkit::http::{self, Request, basic_value};
+use connector_devkit::image;
 use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::Registry;
+use connector_devkit::skopeo::{Creds, Skopeo};
 use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
 use connector_devkit::{Result, WorkDir, procs, require_wasm};
 
 const NAMESPACES: usize = 50;
 const WORKERS: u32 = 2;
+/// Clients of the steady load, each on one keep-alive connection.
+const LOAD_THREADS: usize = 2;
+/// The repository every connector reaches (all point at one registry).
+const REPO: &str = "bench/app";
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -67,9 +74,201 @@ fn put(dir: &Path, i: usize, text: &str) -> Result<()> {
     std::fs::rename(&tmp, &file).map_err(|e| format!("rename: {e}"))
 }
 
+/// What the load saw: every answer with when it came (ms since the load started), which
+/// connector it was for, and whether a 403 was acceptable for it at that moment.
+#[derive(Clone, Copy)]
+struct Seen {
+    at_ms: u32,
+    target: usize,
+    allow_403: bool,
+    status: u16,
+}
+
+/// The connector the changes are touching right now, for the load to pull from too:
+/// `index << 1 | allow_403`, or `u64::MAX` for none.
+static CHANGING: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn manifest_get(ns: &str, i: usize, token: &str) -> Request {
+    Request::get(&format!("/v2/namespaces/{ns}/connectors/c{i}/{REPO}/manifests/v1"))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .bearer(token)
+}
+
+/// One load thread: keep-alive manifest GETs of the image every connector can reach, three of
+/// four from steady connectors (whose answer must be 200), one of four from the connector being
+/// changed (200, or 403 while it is being added or deleted). A broken connection is an answer
+/// of 0 and is reopened.
+fn load_thread(port: u16, steady: &[usize], tokens: &[String], start: Instant, stop: &AtomicBool) -> Vec<Seen> {
+    let mut seen = Vec::with_capacity(1 << 18);
+    let mut conn = None;
+    let mut k = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        k += 1;
+        let changing = CHANGING.load(Ordering::Relaxed);
+        let (target, allow_403) = if k % 4 == 0 && changing != u64::MAX {
+            ((changing >> 1) as usize, changing & 1 == 1)
+        } else {
+            (steady[k % steady.len()], false)
+        };
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match http::open(port, Duration::from_secs(10)) {
+                Ok(c) => c,
+                Err(_) => {
+                    seen.push(Seen { at_ms: start.elapsed().as_millis() as u32, target, allow_403, status: 0 });
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            },
+        };
+        let mut c = c;
+        let status = match manifest_get(&ns_of(target), target, &tokens[target % NAMESPACES]).send_on(&mut c, port) {
+            Ok(r) => {
+                if r.header("connection").is_none_or(|v| !v.eq_ignore_ascii_case("close")) {
+                    conn = Some(c);
+                }
+                r.status
+            }
+            Err(_) => 0,
+        };
+        seen.push(Seen { at_ms: start.elapsed().as_millis() as u32, target, allow_403, status });
+    }
+    seen
+}
+
+/// Answers per second in `[from, to)` ms.
+fn rate(seen: &[Seen], from: u32, to: u32) -> f64 {
+    seen.iter().filter(|s| s.at_ms >= from && s.at_ms < to).count() as f64 * 1000.0 / f64::from(to - from)
+}
+
+struct LoadRow {
+    n: usize,
+    changes: usize,
+    answers: usize,
+    quiet_rps: f64,
+    first_second: Vec<f64>,
+    second_second: Vec<f64>,
+    worst_100ms: f64,
+    unexpected: Vec<String>,
+    add_s: f64,
+    delete_s: f64,
+    rss_after_kib: u64,
+}
+
+/// Changes under a steady pull load (issue 17): `changes` adds, Secret rotations and deletes,
+/// one every `spacing`, with `LOAD_THREADS` clients pulling throughout. Reports the load's
+/// throughput in the first and second second after each change against the quiet seconds
+/// before and after, and every answer other than 200 (and the 403 of a connector being added
+/// or deleted).
+#[allow(clippy::too_many_arguments)]
+fn run_under_load(
+    n: usize,
+    changes: usize,
+    spacing: Duration,
+    manifests: &Path,
+    upstream: &str,
+    envoy: &Envoy,
+    controller: &Controller,
+    recorder: &Recorder,
+    tokens: &[String],
+) -> Result<LoadRow> {
+    // Steady connectors spread over the namespaces, none of which the changes touch.
+    let steady: Vec<usize> = (0..16).map(|j| j * (n / 16) + 1).filter(|&i| i < n).collect();
+    for &i in &steady {
+        let r = manifest_get(&ns_of(i), i, &tokens[i % NAMESPACES]).send(envoy.port)?;
+        if r.status != 200 {
+            return Err(format!("pre-flight of c{i}: {}", r.summary()));
+        }
+    }
+    const QUIET_MS: u32 = 5000;
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let mut marks: Vec<(u32, &str, usize)> = vec![];
+    let (seen, last_change_ms) = std::thread::scope(|scope| -> Result<(Vec<Seen>, u32)> {
+        let threads: Vec<_> = (0..LOAD_THREADS)
+            .map(|_| scope.spawn(|| load_thread(envoy.port, &steady, tokens, start, &stop)))
+            .collect();
+        let mut run = || -> Result<()> {
+            std::thread::sleep(Duration::from_millis(u64::from(QUIET_MS)));
+            let base = n + 1_000_000;
+            let mut k = 0;
+            while marks.len() < changes {
+                let i = base + k;
+                let r = (k * 7919 + 3) % n;
+                let steps: [(&str, usize, bool); 3] = [("add", i, true), ("rotate", r, false), ("delete", i, true)];
+                for (what, target, allow_403) in steps {
+                    CHANGING.store((target as u64) << 1 | u64::from(allow_403), Ordering::Relaxed);
+                    let at = start.elapsed();
+                    marks.push((at.as_millis() as u32, what, target));
+                    match what {
+                        "add" => put(manifests, i, &doc(i, upstream, "pw-0"))?,
+                        "rotate" => put(manifests, r, &doc(r, upstream, &format!("pw-load-{k}")))?,
+                        _ => std::fs::remove_file(manifests.join(format!("c{i}.yaml"))).map_err(|e| format!("remove: {e}"))?,
+                    }
+                    // The recorder keeps what it relays; drop it as we go.
+                    recorder.take();
+                    std::thread::sleep((at + spacing).saturating_sub(start.elapsed()));
+                }
+                k += 1;
+            }
+            Ok(())
+        };
+        let outcome = run();
+        CHANGING.store(u64::MAX, Ordering::Relaxed);
+        let last = start.elapsed().as_millis() as u32;
+        std::thread::sleep(Duration::from_millis(u64::from(QUIET_MS)));
+        stop.store(true, Ordering::Relaxed);
+        let mut seen: Vec<Seen> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+        seen.sort_by_key(|s| s.at_ms);
+        outcome.map(|_| (seen, last))
+    })?;
+    recorder.take();
+    let end = seen.last().map_or(0, |s| s.at_ms);
+    // Quiet: the seconds before the first change and after the last one has settled (skipping
+    // the first second of each, while connections open and after the last change).
+    let quiet_rps = (rate(&seen, 1000, QUIET_MS) + rate(&seen, last_change_ms + 1000, end)) / 2.0;
+    let first_second: Vec<f64> = marks.iter().map(|(t, ..)| rate(&seen, *t, t + 1000) / quiet_rps).collect();
+    let second_second: Vec<f64> = marks.iter().map(|(t, ..)| rate(&seen, t + 1000, t + 2000) / quiet_rps).collect();
+    let worst_100ms = (QUIET_MS / 100..last_change_ms / 100)
+        .map(|b| rate(&seen, b * 100, b * 100 + 100) / quiet_rps)
+        .fold(f64::INFINITY, f64::min);
+    let unexpected: Vec<String> = seen
+        .iter()
+        .filter(|s| !(s.status == 200 || (s.status == 403 && s.allow_403)))
+        .map(|s| format!("{} ms: c{} answered {}", s.at_ms, s.target, s.status))
+        .collect();
+    // How long an add and a delete took to show in the load's own answers.
+    let effective = |what: &str, want: u16| -> f64 {
+        median(
+            marks
+                .iter()
+                .filter(|(_, w, _)| *w == what)
+                .filter_map(|(t, _, target)| {
+                    seen.iter()
+                        .find(|s| s.at_ms >= *t && s.target == *target && s.status == want)
+                        .map(|s| f64::from(s.at_ms - t) / 1000.0)
+                })
+                .collect(),
+        )
+    };
+    Ok(LoadRow {
+        n,
+        changes: marks.len(),
+        answers: seen.len(),
+        quiet_rps,
+        add_s: effective("add", 200),
+        delete_s: effective("delete", 403),
+        first_second,
+        second_second,
+        worst_100ms,
+        unexpected,
+        rss_after_kib: procs::rss_kib(controller.pid()),
+    })
+}
+
 fn status(envoy: &Envoy, i: usize, token: &str) -> u16 {
     Request::get(&format!(
-        "/v2/namespaces/{}/connectors/c{i}/bench/app/manifests/missing",
+        "/v2/namespaces/{}/connectors/c{i}/{REPO}/manifests/missing",
         ns_of(i)
     ))
     .header("Accept", "application/vnd.oci.image.manifest.v1+json")
@@ -114,6 +313,14 @@ struct Row {
     envoy_rss_kib: u64,
     ecds_bytes: usize,
     idle_cpu_pct: f64,
+    load: Option<LoadRow>,
+}
+
+/// The changes under load: how many, how far apart, at which sizes.
+struct LoadPlan {
+    changes: usize,
+    spacing: Duration,
+    sizes: Vec<usize>,
 }
 
 fn run_size(
@@ -123,6 +330,7 @@ fn run_size(
     minter: &Minter,
     upstream: &str,
     recorder: &Recorder,
+    plan: &LoadPlan,
 ) -> Result<Row> {
     let work = WorkDir::new(&format!("bench-scale-{n}"))?;
     let manifests = work.sub("manifests")?;
@@ -211,6 +419,21 @@ fn run_size(
     let idle_before = cpu_seconds(controller.pid());
     std::thread::sleep(idle);
     let idle_cpu_pct = (cpu_seconds(controller.pid()) - idle_before) / idle.as_secs_f64() * 100.0;
+    let load = if plan.changes > 0 && plan.sizes.contains(&n) {
+        Some(run_under_load(
+            n,
+            plan.changes,
+            plan.spacing,
+            &manifests,
+            upstream,
+            &envoy,
+            &controller,
+            recorder,
+            &tokens,
+        )?)
+    } else {
+        None
+    };
     Ok(Row {
         n,
         cold_s,
@@ -224,6 +447,7 @@ fn run_size(
         envoy_rss_kib,
         ecds_bytes,
         idle_cpu_pct,
+        load,
     })
 }
 
@@ -235,14 +459,26 @@ fn main() -> Result<()> {
         .collect();
     let changes: usize = arg("--changes", "30").parse().unwrap_or(30);
     let idle = Duration::from_secs(arg("--idle-seconds", "10").parse().unwrap_or(10));
+    let plan = LoadPlan {
+        changes: arg("--load-changes", "100").parse().unwrap_or(100),
+        spacing: Duration::from_millis(arg("--spacing-ms", "2000").parse().unwrap_or(2000)),
+        sizes: arg("--load-sizes", "5000,20000")
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+    };
     let work = WorkDir::new("bench-scale")?;
     let registry = Registry::start_open(&work)?;
+    // The image the load pulls, through any connector.
+    let skopeo = Skopeo::new(&work)?;
+    let sample = image::build_sample(&work, "bench", "v1", 1)?;
+    image::push(&skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
     let recorder = Recorder::start(registry.port)?;
     let upstream = recorder.url();
     let minter = Minter::new(&work.sub("keys")?)?;
     let mut rows = vec![];
     for n in sizes {
-        match run_size(n, changes, idle, &minter, &upstream, &recorder) {
+        match run_size(n, changes, idle, &minter, &upstream, &recorder, &plan) {
             Ok(r) => rows.push(r),
             Err(e) => eprintln!("n={n}: {e}"),
         }
@@ -272,6 +508,43 @@ fn main() -> Result<()> {
             r.ecds_bytes / 1000,
             r.idle_cpu_pct
         );
+    }
+    let loaded: Vec<&LoadRow> = rows.iter().filter_map(|r| r.load.as_ref()).collect();
+    if !loaded.is_empty() {
+        println!(
+            "\nunder load: {LOAD_THREADS} keep-alive clients pulling a manifest through 16 steady connectors and the one being changed; \
+             an add, a Secret rotation or a delete every {} ms; throughput against the quiet seconds before and after\n",
+            plan.spacing.as_millis()
+        );
+        println!(
+            "| connectors | changes | answers | quiet req/s | 1st second after a change (median / worst) | 2nd second (median / worst) | worst 100 ms | add / delete seen by the load | answers other than 200 and the expected 403 | controller RSS after all changes |"
+        );
+        println!("|---:|---:|---:|---:|---|---|---:|---|---:|---:|");
+        for l in &loaded {
+            let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            println!(
+                "| {} | {} | {} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} s | {} | {} MiB ({:.1} KiB per connector) |",
+                l.n,
+                l.changes,
+                l.answers,
+                l.quiet_rps,
+                median(l.first_second.clone()),
+                worst(&l.first_second),
+                median(l.second_second.clone()),
+                worst(&l.second_second),
+                l.worst_100ms,
+                l.add_s,
+                l.delete_s,
+                l.unexpected.len(),
+                l.rss_after_kib / 1024,
+                l.rss_after_kib as f64 / l.n as f64
+            );
+        }
+        for l in &loaded {
+            for u in l.unexpected.iter().take(20) {
+                println!("n={}: {u}", l.n);
+            }
+        }
     }
     // Envoy's memory per connector per worker, from the difference between sizes.
     if let (Some(a), Some(b)) = (rows.first(), rows.last())
