@@ -56,6 +56,23 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     (field(14 - 3) + field(15 - 3)) / 100.0
 }
 
+/// CPU seconds of each thread of a process, by thread name (`/proc/<pid>/task/*/stat`):
+/// Envoy's main thread and its workers (`wrk:worker_N`) apart.
+fn thread_cpu(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(pid) = pid else { return out };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += (field(14 - 3) + field(15 - 3)) / 100.0;
+    }
+    out
+}
+
 fn ns_of(i: usize) -> String {
     format!("team-{}", i % NAMESPACES)
 }
@@ -313,6 +330,8 @@ struct Row {
     envoy_rss_kib: u64,
     ecds_bytes: usize,
     idle_cpu_pct: f64,
+    quiet_ctl_ms: f64,
+    quiet_envoy_ms: f64,
     load: Option<LoadRow>,
 }
 
@@ -419,6 +438,28 @@ fn run_size(
     let idle_before = cpu_seconds(controller.pid());
     std::thread::sleep(idle);
     let idle_cpu_pct = (cpu_seconds(controller.pid()) - idle_before) / idle.as_secs_f64() * 100.0;
+    // CPU per change on each side, with nothing else running: Secret rotations a second and a
+    // half apart (long enough for one to settle at 20,000), no requests.
+    const QUIET_CHANGES: usize = 8;
+    let (ctl_before, envoy_before) = (cpu_seconds(controller.pid()), cpu_seconds(envoy.pid()));
+    let threads_before = thread_cpu(envoy.pid());
+    for k in 0..QUIET_CHANGES {
+        let r = (k * 104_729 + 11) % n;
+        put(&manifests, r, &doc(r, upstream, &format!("pw-quiet-{k}")))?;
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let quiet_ctl_ms = (cpu_seconds(controller.pid()) - ctl_before) / QUIET_CHANGES as f64 * 1000.0;
+    let quiet_envoy_ms = (cpu_seconds(envoy.pid()) - envoy_before) / QUIET_CHANGES as f64 * 1000.0;
+    let by_thread: Vec<String> = thread_cpu(envoy.pid())
+        .into_iter()
+        .map(|(name, after)| (name.clone(), after - threads_before.get(&name).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .map(|(name, d)| format!("{name} {:.1} ms", d / QUIET_CHANGES as f64 * 1000.0))
+        .collect();
+    eprintln!(
+        "n={n}: CPU per change without requests: controller {quiet_ctl_ms:.1} ms, Envoy {quiet_envoy_ms:.1} ms ({})",
+        by_thread.join(", ")
+    );
     let load = if plan.changes > 0 && plan.sizes.contains(&n) {
         Some(run_under_load(
             n,
@@ -447,6 +488,8 @@ fn run_size(
         envoy_rss_kib,
         ecds_bytes,
         idle_cpu_pct,
+        quiet_ctl_ms,
+        quiet_envoy_ms,
         load,
     })
 }
@@ -488,13 +531,13 @@ fn main() -> Result<()> {
         connector_devkit::controller::controller_binary()?.display()
     );
     println!(
-        "| connectors | cold start | add | delete | rotate | controller CPU per change | controller RSS start / after {} changes | KiB per connector (after) | Envoy RSS | ECDS config dump | controller idle CPU |",
+        "| connectors | cold start | add | delete | rotate | controller CPU per change | controller RSS start / after {} changes | KiB per connector (after) | Envoy RSS | ECDS config dump | controller idle CPU | CPU per change without requests: controller / Envoy |",
         rows.first().map_or(0, |r| r.changes)
     );
-    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {} / {} MiB | {:.1} | {} MiB | {} KB | {:.2} % |",
+            "| {} | {:.2} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {} / {} MiB | {:.1} | {} MiB | {} KB | {:.2} % | {:.1} / {:.1} ms |",
             r.n,
             r.cold_s,
             r.add_s,
@@ -506,7 +549,9 @@ fn main() -> Result<()> {
             r.rss_after_kib as f64 / r.n as f64,
             r.envoy_rss_kib / 1024,
             r.ecds_bytes / 1000,
-            r.idle_cpu_pct
+            r.idle_cpu_pct,
+            r.quiet_ctl_ms,
+            r.quiet_envoy_ms
         );
     }
     let loaded: Vec<&LoadRow> = rows.iter().filter_map(|r| r.load.as_ref()).collect();

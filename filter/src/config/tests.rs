@@ -382,3 +382,37 @@ fn credential_from_the_controller_channel() {
         "{errs:?}"
     );
 }
+
+#[test]
+#[ignore]
+fn tmp_timing() {
+    for n in [5000usize, 20000] {
+        let mut d = doc();
+        d["controller"] = serde_json::json!({"cluster": "ctl", "authority": "controller"});
+        let entries: Vec<Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({
+                    "namespace": format!("team-{}", i % 50), "name": format!("c{i}"),
+                    "address": "https://127.0.0.1:5000/",
+                    "cluster": "upstream_https_127_0_0_1_5000_abcdef01",
+                    "credential": {"fromController": format!("rev-{i}-abcdefabcdef")},
+                })
+            })
+            .collect();
+        d["connectors"] = Value::Array(entries);
+        let s = d.to_string();
+        let t = std::time::Instant::now();
+        let p = connector_core::config::parse(s.as_bytes());
+        let parse = t.elapsed();
+        assert!(p.errors.is_empty(), "{:?}", &p.errors[..1]);
+        let t = std::time::Instant::now();
+        let c = compile(s.as_bytes(), &env);
+        let all = t.elapsed();
+        assert!(c.is_ok(), "{:?}", c.err().map(|e| e[0].to_string()));
+        let t = std::time::Instant::now();
+        let v: Value = serde_json::from_slice(s.as_bytes()).unwrap();
+        let sj = t.elapsed();
+        drop(v);
+        eprintln!("n={n} bytes={} parse={parse:?} compile(all)={all:?} serde_json Value={sj:?}", s.len());
+    }
+}

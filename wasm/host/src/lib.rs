@@ -278,19 +278,28 @@ pub struct Options {
     pub now_nanos: Option<u64>,
     /// The module file; `None`: [`default_module_path`].
     pub module: Option<PathBuf>,
+    /// Compile the module with Cranelift's optimisations, as a measurement wants (an engine
+    /// like Envoy's); the tests leave it off, for a quick compile.
+    pub optimized: bool,
 }
 
-fn compiled(path: &Path) -> Result<(Engine, Module)> {
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Engine, Module)>>> = OnceLock::new();
+fn compiled(path: &Path, optimized: bool) -> Result<(Engine, Module)> {
+    type Compiled = HashMap<(PathBuf, bool), (Engine, Module)>;
+    static CACHE: OnceLock<Mutex<Compiled>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut guard = cache.lock().map_err(|_| anyhow!("module cache poisoned"))?;
-    if let Some(hit) = guard.get(path) {
+    let key = (path.to_path_buf(), optimized);
+    if let Some(hit) = guard.get(&key) {
         return Ok(hit.clone());
     }
     // Cranelift built without optimisations (a debug test build) compiles the module slowly;
     // unoptimised machine code is plenty for tests.
     let mut config = wasmtime::Config::new();
-    config.cranelift_opt_level(wasmtime::OptLevel::None);
+    config.cranelift_opt_level(if optimized {
+        wasmtime::OptLevel::Speed
+    } else {
+        wasmtime::OptLevel::None
+    });
     let engine = Engine::new(&config)?;
     let bytes = std::fs::read(path).with_context(|| {
         format!(
@@ -301,7 +310,7 @@ fn compiled(path: &Path) -> Result<(Engine, Module)> {
     let module = Module::new(&engine, &bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("compiling {}", path.display()))?;
-    guard.insert(path.to_path_buf(), (engine.clone(), module.clone()));
+    guard.insert(key, (engine.clone(), module.clone()));
     Ok((engine, module))
 }
 
@@ -337,7 +346,7 @@ impl Host {
     /// `_initialize`/`_start`, `proxy_on_vm_start` and the root context's creation.
     pub fn with(opts: Options) -> Result<Host> {
         let path = opts.module.clone().unwrap_or_else(default_module_path);
-        let (engine, module) = compiled(&path)?;
+        let (engine, module) = compiled(&path, opts.optimized)?;
         let mut wasi = WasiCtxBuilder::new();
         wasi.inherit_stderr();
         for (k, v) in &opts.env {

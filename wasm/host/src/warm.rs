@@ -11,8 +11,8 @@ use serde_json::json;
 use crate::{Action, Host, Options, headers};
 
 const NOW: u64 = 1_800_000_000;
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-const AUDIENCE: &str = "oci-connector";
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub const AUDIENCE: &str = "oci-connector";
 const KID: &str = "rsa-1";
 /// The filter's unit-test key (generated for tests only, trusted by nothing else).
 const RSA_PEM: &[u8] = include_bytes!("../../../core/src/keys/testdata/rsa.pem");
@@ -31,13 +31,20 @@ impl WarmCalls {
     }
 }
 
+/// The public JWK of the unit-test key, as the configuration's `identity.jwks` lists it.
+pub fn test_jwk() -> Result<Jwk> {
+    let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
+    jwk.common.key_id = Some(KID.to_string());
+    Ok(jwk)
+}
+
 /// Sends the same authenticated manifest GET twice through a Basic-credential connector and
 /// returns the host calls of the second (warm) one: request headers, then the upstream's 200
 /// answer (headers and body) and the end of the stream.
 pub fn warm_forwarded_request(module: Option<std::path::PathBuf>) -> Result<WarmCalls> {
     let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
-    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256)?;
-    jwk.common.key_id = Some(KID.to_string());
+    let jwk = test_jwk()?;
     let config = json!({
         "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
         "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
