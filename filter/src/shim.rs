@@ -56,16 +56,15 @@ impl State {
     /// decisions of connectors still configured. A push that changes one connector or one key
     /// costs exactly that connector's or key's entries.
     fn next(old: Option<State>, config: Config, root_id: u32) -> State {
-        let hot = HotMetrics::define(&config);
         let Some(old) = old else {
             return State {
+                hot: HotMetrics::carry(None, &config),
                 cache: TokenCache::new(config.token_cache_size),
                 config,
                 upstream: UpstreamAuth::default(),
                 credentials: CredentialCache::default(),
                 access: AccessCache::default(),
                 secrets: crate::leak::SecretsMemo::default(),
-                hot,
                 last_kid_notice: None,
                 root_id,
             };
@@ -78,8 +77,10 @@ impl State {
             mut access,
             secrets,
             last_kid_notice,
+            hot,
             ..
         } = old;
+        let hot = HotMetrics::carry(Some(hot), &config);
         let old_revision = |label: &str| old_config.connector_by_label(label).map(|c| c.revision);
         let revision = |label: &str| config.connector_by_label(label).map(|c| c.revision);
         upstream.carry_over(old_revision, revision);
@@ -111,30 +112,38 @@ impl State {
     }
 }
 
-/// Stat ids the forwarded path increments, defined when the configuration is accepted: the
-/// request path builds no stat name and defines nothing. `None`: the host refused the
-/// definition, and the name is tried again on use (see [`count`]).
+/// Stat ids the forwarded path increments: the request path builds no stat name once a
+/// connector has forwarded in this VM. A connector's id is defined on its first forwarded
+/// request, not with the configuration: defining one per connector on every push cost each VM
+/// (and Envoy's configuration canary, which never serves) a host call per connector.
+/// `None`: the host refused the definition, and the name is tried again on use (see [`count`]).
 #[derive(Default)]
 struct HotMetrics {
+    /// By connector label; kept across configurations for the connectors still configured.
     forwarded: HashMap<String, u32>,
     hits: Option<u32>,
     misses: Option<u32>,
 }
 
 impl HotMetrics {
-    fn define(config: &Config) -> HotMetrics {
+    fn carry(old: Option<HotMetrics>, config: &Config) -> HotMetrics {
+        let mut forwarded = old.map(|o| o.forwarded).unwrap_or_default();
+        forwarded.retain(|label, _| config.connector_by_label(label).is_some());
         HotMetrics {
-            forwarded: config
-                .connectors
-                .iter()
-                .filter_map(|c| {
-                    let label = c.label();
-                    metric_id(&crate::stats::forwarded(&label)).map(|id| (label, id))
-                })
-                .collect(),
+            forwarded,
             hits: metric_id(crate::stats::token_cache(true)),
             misses: metric_id(crate::stats::token_cache(false)),
         }
+    }
+
+    /// The forwarded counter of `connector`, defined on first use.
+    fn forwarded(&mut self, connector: &str) -> Option<u32> {
+        if let Some(id) = self.forwarded.get(connector) {
+            return Some(*id);
+        }
+        let id = metric_id(&crate::stats::forwarded(connector))?;
+        self.forwarded.insert(connector.to_string(), id);
+        Some(id)
     }
 }
 
@@ -681,11 +690,11 @@ impl HttpContext for Http {
                 {
                     return self.refuse(cannot_edit());
                 }
-                // Ids defined with the configuration: no stat name is built here.
+                // Ids kept per VM: no stat name is built here once the connector has forwarded.
                 let ids = self
                     .with_state(|st| {
                         let cache = if f.cache_hit { st.hot.hits } else { st.hot.misses };
-                        (st.hot.forwarded.get(&f.response.connector).copied(), cache)
+                        (st.hot.forwarded(&f.response.connector), cache)
                     })
                     .unwrap_or_default();
                 match ids.0 {

@@ -4,7 +4,10 @@
 //!
 //! Cost follows the change (issue 17): each file's documents are parsed once and kept, keyed
 //! by the file's size, inode, modification and change times; a change re-reads only files
-//! whose key moved (the rest is one `stat` per file). While nothing changes, nothing runs but
+//! whose key moved. An inotify event names the files it is about, and only those are looked
+//! at again (at 5,000 files, listing and `stat`ing the directory was most of a change's CPU);
+//! an event without paths, an error (a queue overflow) and the timer re-scan the whole
+//! directory, a `stat` per file. While nothing changes, nothing runs but
 //! a slow safety re-scan (`--poll-ms`, 30 s by default): inotify misses changes on some
 //! filesystems (NFS, some bind mounts) and drops events when its queue overflows, and the
 //! re-scan, a `stat` per file, is what makes those converge anyway.
@@ -12,7 +15,8 @@
 //! A set that does not parse is refused as a whole, every problem logged, and the last good
 //! one stays in force.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,9 +45,9 @@ fn stamp(m: &std::fs::Metadata) -> Stamp {
 pub struct FileCache {
     files: HashMap<PathBuf, (Stamp, ManifestSet, Vec<Problem>)>,
     identity: Option<(Stamp, Result<serde_json::Value, Problem>)>,
-    /// The manifest files and their stamps at the last load: an event or re-scan that finds
-    /// the same publishes nothing.
-    listing: Option<Vec<(PathBuf, Stamp)>>,
+    /// The manifest files and their stamps at the last load, in path order: an event or
+    /// re-scan that finds the same publishes nothing.
+    listing: Option<BTreeMap<PathBuf, Stamp>>,
     /// Files parsed (not taken from the cache) by the last load.
     pub parsed: usize,
 }
@@ -76,19 +80,45 @@ fn read_identity(s: &FileSettings) -> Result<serde_json::Value, Problem> {
 }
 
 /// [`load`], parsing only files whose stamp changed since `cache` saw them; `None` when no
-/// file and not the identity changed since the last load.
+/// file and not the identity changed since the last load. Lists the whole directory.
 pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Option<Inputs>, Vec<Problem>> {
+    load_hinted(s, cache, None)
+}
+
+/// [`load_cached`]; with `changed` (the paths inotify named since the last load), only those
+/// manifest files are looked at again, the rest of the listing is the cache's.
+pub fn load_hinted(
+    s: &FileSettings,
+    cache: &mut FileCache,
+    changed: Option<&HashSet<PathBuf>>,
+) -> Result<Option<Inputs>, Vec<Problem>> {
     cache.parsed = 0;
     let identity_stamp = std::fs::metadata(&s.identity).map(|m| stamp(&m)).ok();
-    let listing = listing(&s.manifests);
     let same_identity = match (&cache.identity, identity_stamp) {
         (Some((old, _)), Some(new)) => *old == new,
         _ => false,
     };
-    if same_identity && listing.as_ref().ok() == cache.listing.as_ref() && cache.listing.is_some() {
+    let hinted = match (changed, cache.listing.as_mut()) {
+        (Some(paths), Some(listing)) => relist(&s.manifests, listing, paths),
+        _ => None,
+    };
+    let same_listing = match hinted {
+        Some(same) => same,
+        None => match listing(&s.manifests) {
+            Ok(new) => {
+                let same = cache.listing.as_ref() == Some(&new);
+                cache.listing = Some(new);
+                same
+            }
+            Err(problems) => {
+                cache.listing = None;
+                return Err(problems);
+            }
+        },
+    };
+    if same_identity && same_listing {
         return Ok(None);
     }
-    cache.listing = listing.as_ref().ok().cloned();
     let identity = match identity_stamp.ok_or(()) {
         Ok(st) => match &cache.identity {
             Some((old, v)) if *old == st => v.clone(),
@@ -103,7 +133,8 @@ pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Option<Inp
             read_identity(s)
         }
     };
-    let set = listing.and_then(|files| load_dir_cached(&s.manifests, files, cache));
+    let files = cache.listing.clone().unwrap_or_default();
+    let set = load_dir_cached(&s.manifests, files, cache);
     match (set, identity) {
         (Ok(set), Ok(identity)) => Ok(Some(Inputs {
             set,
@@ -115,18 +146,43 @@ pub fn load_cached(s: &FileSettings, cache: &mut FileCache) -> Result<Option<Inp
 }
 
 /// The manifest files of `dir` ([`crate::manifests::manifest_files`]) with their stamps.
-fn listing(dir: &Path) -> Result<Vec<(PathBuf, Stamp)>, Vec<Problem>> {
+fn listing(dir: &Path) -> Result<BTreeMap<PathBuf, Stamp>, Vec<Problem>> {
     Ok(crate::manifests::manifest_files(dir)?
         .into_iter()
         .map(|(p, m)| (p, stamp(&m)))
         .collect())
 }
 
+/// Brings `listing` up to date for the `changed` paths of `dir` alone (a `stat` each);
+/// whether it stayed the same. `None` when the paths cannot tell: a directory or symlink
+/// changed that is not itself a manifest file (a ConfigMap volume swaps its `..data` link, and
+/// every `*.yaml` link then resolves elsewhere with no event of its own), so the caller lists
+/// the whole directory.
+fn relist(dir: &Path, listing: &mut BTreeMap<PathBuf, Stamp>, changed: &HashSet<PathBuf>) -> Option<bool> {
+    let mut same = true;
+    for path in changed.iter().filter(|p| p.parent() == Some(dir)) {
+        if !crate::manifests::is_manifest_name(path) {
+            let linked = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() || m.is_symlink());
+            if linked {
+                return None;
+            }
+            continue;
+        }
+        let now = std::fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| stamp(&m));
+        let before = match now {
+            Some(st) => listing.insert(path.clone(), st),
+            None => listing.remove(path),
+        };
+        same &= before == now;
+    }
+    Some(same)
+}
+
 /// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in
 /// the same order.
 fn load_dir_cached(
     dir: &Path,
-    files: Vec<(PathBuf, Stamp)>,
+    files: BTreeMap<PathBuf, Stamp>,
     cache: &mut FileCache,
 ) -> Result<ManifestSet, Vec<Problem>> {
     let mut problems = vec![];
@@ -163,14 +219,25 @@ pub async fn run(settings: FileSettings, hub: Hub) {
     // Events from inotify (on the manifest directory and the identity file's directory) wake
     // the loop; the timer is only the safety re-scan.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = watch(&settings, tx);
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
+    let watcher = watch(&settings, tx, Arc::clone(&dirty));
     if let Err(e) = &watcher {
         tracing::warn!(error = %e, "cannot watch the manifest directory with inotify: re-scanning every --poll-ms only");
     }
     let mut cache = FileCache::default();
+    // The first load, and every timer tick, re-scans the whole directory.
+    let mut rescan = true;
     loop {
         let started = std::time::Instant::now();
-        match load_cached(&settings, &mut cache) {
+        let hint = match dirty.lock() {
+            Ok(mut d) => std::mem::take(&mut *d),
+            Err(_) => Dirty {
+                all: true,
+                ..Dirty::default()
+            },
+        };
+        let changed = (!rescan && !hint.all && watcher.is_ok()).then_some(&hint.paths);
+        match load_hinted(&settings, &mut cache, changed) {
             Ok(None) => {}
             Ok(Some(inputs)) => {
                 tracing::info!(
@@ -194,23 +261,37 @@ pub async fn run(settings: FileSettings, hub: Hub) {
                 }
             }
         }
-        tokio::select! {
+        rescan = tokio::select! {
             got = rx.recv() => {
                 if got.is_none() {
                     // The watcher is gone: fall back to the timer alone.
                     tokio::time::sleep(settings.poll).await;
                 }
+                got.is_none()
             }
-            () = tokio::time::sleep(settings.poll) => {}
-        }
+            () = tokio::time::sleep(settings.poll) => true,
+        };
         // Events come in bursts (a rename is several); one read after the burst.
         tokio::time::sleep(Duration::from_millis(5)).await;
         while rx.try_recv().is_ok() {}
     }
 }
 
-/// Watches the manifest directory and the identity file's directory; every event pokes `tx`.
-fn watch(s: &FileSettings, tx: tokio::sync::mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+/// What inotify reported since the last load: the paths it named, or that the whole directory
+/// must be looked at (an event without paths, a rescan flag, an error such as a queue overflow).
+#[derive(Default)]
+struct Dirty {
+    all: bool,
+    paths: HashSet<PathBuf>,
+}
+
+/// Watches the manifest directory and the identity file's directory; every event is noted in
+/// `dirty` and pokes `tx`.
+fn watch(
+    s: &FileSettings,
+    tx: tokio::sync::mpsc::Sender<()>,
+    dirty: Arc<Mutex<Dirty>>,
+) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let identity = s.identity.clone();
     let manifests = s.manifests.clone();
@@ -220,6 +301,12 @@ fn watch(s: &FileSettings, tx: tokio::sync::mpsc::Sender<()>) -> notify::Result<
             Err(_) => true,
             Ok(e) => e.paths.is_empty() || e.paths.iter().any(|p| p == &identity || p.parent() == Some(&manifests)),
         };
+        if let Ok(mut d) = dirty.lock() {
+            match &event {
+                Ok(e) if !e.paths.is_empty() && !e.need_rescan() => d.paths.extend(e.paths.iter().cloned()),
+                _ => d.all = true,
+            }
+        }
         if relevant {
             // Full means a wake-up is already pending.
             let _ = tx.try_send(());
@@ -234,4 +321,111 @@ fn watch(s: &FileSettings, tx: tokio::sync::mpsc::Sender<()>) -> notify::Result<
         w.watch(parent, notify::RecursiveMode::NonRecursive)?;
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(name: &str, password: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: demo}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: {password}}}\n"
+        )
+    }
+
+    fn settings(dir: &Path) -> FileSettings {
+        let identity = dir.join("identity.json");
+        let example: serde_json::Value =
+            serde_json::from_str(include_str!("../../envoy/connectors.example.json")).unwrap();
+        std::fs::write(&identity, example["identity"].to_string()).unwrap();
+        let manifests = dir.join("manifests");
+        std::fs::create_dir(&manifests).unwrap();
+        FileSettings {
+            manifests,
+            identity,
+            poll: Duration::from_secs(30),
+        }
+    }
+
+    fn passwords(inputs: &Inputs) -> Vec<String> {
+        let mut v: Vec<String> = inputs
+            .set
+            .secrets
+            .iter()
+            .map(|(_, s)| {
+                let data = s.string_data.clone().unwrap_or_default();
+                format!("{}={}", s.metadata.name.clone().unwrap_or_default(), data["password"])
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn hint(paths: &[&Path]) -> HashSet<PathBuf> {
+        paths.iter().map(|p| p.to_path_buf()).collect()
+    }
+
+    #[test]
+    fn an_event_looks_again_at_the_files_it_names_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        let (a, b) = (s.manifests.join("a.yaml"), s.manifests.join("b.yaml"));
+        std::fs::write(&a, secret("a", "one")).unwrap();
+        std::fs::write(&b, secret("b", "one")).unwrap();
+        let mut cache = FileCache::default();
+        let first = load_hinted(&s, &mut cache, None).unwrap().unwrap();
+        assert_eq!(passwords(&first), ["a=one", "b=one"]);
+
+        // The named file is read again; nothing else is.
+        std::fs::write(&a, secret("a", "two")).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().unwrap();
+        assert_eq!(passwords(&got), ["a=two", "b=one"]);
+        assert_eq!(cache.parsed, 1);
+
+        // An event about a file that did not change, or about a non-manifest file: no load.
+        assert!(load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().is_none());
+        std::fs::write(s.manifests.join(".a.tmp"), "x").unwrap();
+        assert!(
+            load_hinted(&s, &mut cache, Some(&hint(&[&s.manifests.join(".a.tmp")])))
+                .unwrap()
+                .is_none()
+        );
+
+        // A new file and a removed one, each named by its event.
+        let c = s.manifests.join("c.yml");
+        std::fs::write(&c, secret("c", "one")).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&b, &c]))).unwrap().unwrap();
+        assert_eq!(passwords(&got), ["a=two", "c=one"]);
+
+        // A change no event named is seen by the next full re-scan (the timer's), not before.
+        std::fs::write(&c, secret("c", "three-longer")).unwrap();
+        assert!(load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().is_none());
+        let got = load_hinted(&s, &mut cache, None).unwrap().unwrap();
+        assert_eq!(passwords(&got), ["a=two", "c=three-longer"]);
+    }
+
+    #[test]
+    fn a_swapped_link_directory_lists_the_whole_directory() {
+        // A ConfigMap volume: `*.yaml` links into `..data`, which is swapped as a whole; the
+        // event names `..data` only.
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        let (v1, v2) = (s.manifests.join("..v1"), s.manifests.join("..v2"));
+        for (dir, password) in [(&v1, "one"), (&v2, "two")] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("a.yaml"), secret("a", password)).unwrap();
+        }
+        let data = s.manifests.join("..data");
+        std::os::unix::fs::symlink("..v1", &data).unwrap();
+        std::os::unix::fs::symlink("..data/a.yaml", s.manifests.join("a.yaml")).unwrap();
+        let mut cache = FileCache::default();
+        assert_eq!(passwords(&load_hinted(&s, &mut cache, None).unwrap().unwrap()), ["a=one"]);
+
+        let tmp_link = s.manifests.join("..data_tmp");
+        std::os::unix::fs::symlink("..v2", &tmp_link).unwrap();
+        std::fs::rename(&tmp_link, &data).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&tmp_link, &data]))).unwrap().unwrap();
+        assert_eq!(passwords(&got), ["a=two"]);
+    }
 }

@@ -209,6 +209,11 @@ fn duplicate(at: &Location, kind: &str, key: &ObjectKey, first: &Location) -> Pr
     )
 }
 
+/// Whether a file's name makes it a manifest file: `*.yaml` or `*.yml`.
+pub fn is_manifest_name(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
 /// The `*.yaml` / `*.yml` files of `dir` (not recursing; following symlinks, as ConfigMap
 /// volumes need) with their metadata, in name order so problems come out in a stable order.
 /// File mode's watch stamps them from that metadata; [`load_dir`] reads them.
@@ -222,7 +227,7 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, V
     })?;
     let mut files: Vec<(PathBuf, std::fs::Metadata)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| is_manifest_name(p))
         .filter_map(|p| {
             let m = std::fs::metadata(&p).ok().filter(std::fs::Metadata::is_file)?;
             Some((p, m))
