@@ -224,7 +224,12 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         // No configuration readable is an empty one: refused by `compile`, so fail closed.
         let bytes = host::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
-        let compiled = config::compile(&bytes, &|name| std::env::var(name).ok());
+        // The configuration this VM runs lends the new one every connector it repeats.
+        let compiled = VM_STATE.with(|shared| {
+            let running = shared.try_borrow().ok();
+            let previous = running.as_ref().and_then(|s| s.as_ref()).map(|s| &s.config);
+            config::compile_after(&bytes, &|name| std::env::var(name).ok(), previous)
+        });
         DEBUG.with(|d| {
             // 0: trace, 1: debug.
             d.set(matches!(host::log_level(), Some(0 | 1)))

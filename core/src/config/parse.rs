@@ -31,10 +31,32 @@ pub fn parse(json: &[u8]) -> Parsed {
     };
     let mut errors = vec![];
     let mut w = Walk { errors: &mut errors };
-    let known = ["proxy", "identity", "connectors", "controller", "authorization"];
     let empty = Map::new();
-    let root = w.object(Some(&doc), "$", &known, true).unwrap_or(&empty);
+    let root = w.object(Some(&doc), "$", &ROOT_KEYS, true).unwrap_or(&empty);
+    let mut config = walk_settings(&mut w, root);
+    config.connectors = match root.get("connectors") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| walk_entry(&mut w, item, &format!("connectors[{i}]")))
+            .collect(),
+        None => {
+            w.err("connectors", "is required: expected a list of connectors");
+            vec![]
+        }
+        Some(_) => {
+            w.err("connectors", "expected a list of connectors");
+            vec![]
+        }
+    };
+    merge(&mut errors, check::check(&config));
+    Parsed { config, errors }
+}
 
+const ROOT_KEYS: [&str; 5] = ["proxy", "identity", "connectors", "controller", "authorization"];
+
+/// Everything of the document but its connectors.
+fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
     let proxy = match w.object(root.get("proxy"), "proxy", &["realm", "hostPattern"], false) {
         Some(m) => Proxy {
             realm: w.string(m, "proxy", "realm", false),
@@ -42,7 +64,7 @@ pub fn parse(json: &[u8]) -> Parsed {
         },
         None => Proxy::default(),
     };
-    let identity = walk_identity(&mut w, root.get("identity"));
+    let identity = walk_identity(w, root.get("identity"));
     let controller = w
         .object(
             root.get("controller"),
@@ -67,30 +89,212 @@ pub fn parse(json: &[u8]) -> Parsed {
             AccessMode::Rules
         }
     };
-    let connectors = match root.get("connectors") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| walk_entry(&mut w, item, &format!("connectors[{i}]")))
-            .collect(),
-        None => {
-            w.err("connectors", "is required: expected a list of connectors");
-            vec![]
-        }
-        Some(_) => {
-            w.err("connectors", "expected a list of connectors");
-            vec![]
-        }
-    };
-    let config = FilterConfig {
+    FilterConfig {
         proxy,
         identity,
         controller,
         authorization,
-        connectors,
+        connectors: vec![],
+    }
+}
+
+/// A document cut at its connector entries: each entry's JSON text as it stands in the
+/// document, and the text of everything else (its members in key order). Two documents with
+/// the same `settings` give an entry of the same text the same meaning.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Split<'a> {
+    pub settings: String,
+    pub entries: Vec<&'a str>,
+}
+
+/// Cuts `json` at its connector entries ([`Split`]); `None` when it is not an object whose
+/// `connectors` is a list, or has a member name written with escapes (then only [`parse`] can
+/// say what it means).
+///
+/// serde_json checks the syntax (into `IgnoredAny`: nothing is built); the cut itself is a
+/// scan of the valid text for its top-level members and the list's items. serde_json's
+/// `RawValue` does the same job but its feature costs the filter module 47 KB and the module
+/// is held under 700 KB (issue 14).
+pub fn split(json: &[u8]) -> Option<Split<'_>> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(json).ok()?;
+    let text = std::str::from_utf8(json).ok()?;
+    let mut scan = Scan { text, at: 0 };
+    let mut settings = String::new();
+    let mut entries = None;
+    scan.expect(b'{')?;
+    while scan.peek()? != b'}' {
+        let key = scan.value()?;
+        if key.contains('\\') {
+            return None;
+        }
+        scan.expect(b':')?;
+        if key == "\"connectors\"" {
+            if entries.is_some() {
+                return None;
+            }
+            entries = Some(scan.items()?);
+        } else {
+            settings.push_str(key);
+            settings.push(':');
+            settings.push_str(scan.value()?);
+            settings.push(',');
+        }
+        if scan.peek()? == b',' {
+            scan.at += 1;
+        }
+    }
+    Some(Split {
+        settings,
+        entries: entries?,
+    })
+}
+
+/// A cursor over JSON text already known to be valid.
+struct Scan<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Scan<'a> {
+    /// The next byte that is not whitespace, not consumed.
+    fn peek(&mut self) -> Option<u8> {
+        let bytes = self.text.as_bytes();
+        while bytes.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+        bytes.get(self.at).copied()
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// The text of the value here: a string, an object or list (to its matching end), or a
+    /// literal or number.
+    fn value(&mut self) -> Option<&'a str> {
+        let bytes = self.text.as_bytes();
+        let first = self.peek()?;
+        let start = self.at;
+        let mut depth = 0usize;
+        let mut in_string = false;
+        let mut i = self.at;
+        while let Some(&b) = bytes.get(i) {
+            i += 1;
+            if in_string {
+                match b {
+                    b'\\' => i += 1,
+                    b'"' => {
+                        in_string = false;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth == 0 => {
+                    i -= 1;
+                    break;
+                }
+                b'}' | b']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                b',' | b':' if depth == 0 && first != b'"' => {
+                    i -= 1;
+                    break;
+                }
+                _ if depth == 0 && b.is_ascii_whitespace() => {
+                    i -= 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        self.at = i;
+        self.text.get(start..i)
+    }
+
+    /// The texts of a list's items.
+    fn items(&mut self) -> Option<Vec<&'a str>> {
+        self.expect(b'[')?;
+        let mut out = vec![];
+        while self.peek()? != b']' {
+            out.push(self.value()?);
+            if self.peek()? == b',' {
+                self.at += 1;
+            }
+        }
+        self.at += 1;
+        Some(out)
+    }
+}
+
+/// The outcome of [`parse_reusing`]: the parse, and which entries came from `known`.
+#[derive(Debug)]
+pub struct Reparsed {
+    pub parsed: Parsed,
+    pub reused: Vec<bool>,
+}
+
+/// [`parse`] of the document `split` cut, taking each entry `known` has for its index and
+/// exact text instead of walking and checking it again: a configuration push that changes one
+/// connector of thousands reads one entry. `known` must hold only entries an earlier parse of a
+/// document with the same [`Split::settings`] accepted (an entry's checks depend on them).
+/// The result equals [`parse`]'s whenever the document is accepted; any problem at all makes
+/// it [`parse`]'s (every problem listed, in the usual order), reusing nothing.
+pub fn parse_reusing(
+    json: &[u8],
+    split: &Split<'_>,
+    known: &dyn Fn(usize, &str) -> Option<ConnectorEntry>,
+) -> Reparsed {
+    let fallback = |n: usize| Reparsed {
+        parsed: parse(json),
+        reused: vec![false; n],
     };
-    merge(&mut errors, check::check(&config));
-    Parsed { config, errors }
+    let n = split.entries.len();
+    let mut errors = vec![];
+    let mut w = Walk { errors: &mut errors };
+    // The settings alone: a small object, parsed whole.
+    let Ok(doc) = serde_json::from_str::<Value>(&format!("{{{}}}", split.settings.trim_end_matches(','))) else {
+        return fallback(n);
+    };
+    let empty = Map::new();
+    let root = w.object(Some(&doc), "$", &ROOT_KEYS, true).unwrap_or(&empty);
+    let mut config = walk_settings(&mut w, root);
+    let has_controller = config.controller.is_some();
+    let mut reused = Vec::with_capacity(n);
+    let mut found = vec![];
+    for (i, text) in split.entries.iter().enumerate() {
+        if let Some(entry) = known(i, text) {
+            config.connectors.push(entry);
+            reused.push(true);
+            continue;
+        }
+        let Ok(item) = serde_json::from_str::<Value>(text) else {
+            return fallback(n);
+        };
+        let path = format!("connectors[{i}]");
+        let entry = walk_entry(&mut w, &item, &path);
+        found.extend(check::check_entry(&entry, &path, has_controller));
+        config.connectors.push(entry);
+        reused.push(false);
+    }
+    found.extend(check::check_settings(&config));
+    found.extend(check::check_connectors(&config.connectors, config.proxy.host_pattern()));
+    if !errors.is_empty() || !found.is_empty() {
+        return fallback(n);
+    }
+    Reparsed {
+        parsed: Parsed { config, errors },
+        reused,
+    }
 }
 
 /// Reads an `identity` section alone (the controller's identity file, or what it builds from

@@ -244,3 +244,118 @@ fn covered_paths() {
     assert!(!covered(&reported, "connectors[1].credentials"));
     assert!(!covered(&reported, "connectors[10].credential"));
 }
+
+/// `parse_reusing` with a `known` built from an earlier accepted parse, as the filter keeps it.
+fn reparse(json: &[u8], earlier: &[u8]) -> Reparsed {
+    let before = parse(earlier);
+    assert_eq!(before.errors, vec![], "the earlier document must be accepted");
+    let old = split(earlier).unwrap();
+    let new = split(json).unwrap();
+    let known: std::collections::HashMap<&str, &ConnectorEntry> =
+        old.entries.iter().copied().zip(&before.config.connectors).collect();
+    let same = old.settings == new.settings;
+    parse_reusing(json, &new, &|_, text| {
+        same.then(|| known.get(text).map(|e| (*e).clone())).flatten()
+    })
+}
+
+#[test]
+fn split_cuts_at_the_entries() {
+    let json = br#"{"identity": {"issuers": ["i"]}, "connectors": [ {"name": "a"} , {"name":"b"}], "authorization": "rules"}"#;
+    let s = split(json).unwrap();
+    assert_eq!(s.entries, vec![r#"{"name": "a"}"#, r#"{"name":"b"}"#]);
+    assert_eq!(s.settings, r#""identity":{"issuers": ["i"]},"authorization":"rules","#);
+    // Strings holding the characters the scan looks for, numbers, literals, nesting.
+    let json = br#" { "proxy" : {"realm": "a\"},]\\"} , "connectors" : [ "x,y" , 12.5e3,true,null, [1,[2]] , {"a":{"b":"}"}} ] } "#;
+    let s = split(json).unwrap();
+    assert_eq!(s.entries, vec![r#""x,y""#, "12.5e3", "true", "null", "[1,[2]]", r#"{"a":{"b":"}"}}"#]);
+    assert_eq!(s.settings, r#""proxy":{"realm": "a\"},]\\"},"#);
+    assert_eq!(split(br#"{"connectors": []}"#).unwrap(), Split::default());
+    // Not JSON, not an object, no connectors, connectors not a list, written twice or with
+    // an escape: only `parse` can say.
+    for bad in [
+        &b"[]"[..],
+        br#"{"identity": {}}"#,
+        br#"{"connectors": {}}"#,
+        b"{",
+        br#"{"connectors": [], "connectors": []}"#,
+        br#"{"conn\u0065ctors": []}"#,
+        br#"{"connectors": [1,]}"#,
+    ] {
+        assert_eq!(split(bad), None, "{}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn split_entries_are_the_documents_entries() {
+    for json in [serde_json::to_vec(&full()).unwrap(), serde_json::to_vec_pretty(&full()).unwrap()] {
+        let doc: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let s = split(&json).unwrap();
+        let items: Vec<serde_json::Value> = s.entries.iter().map(|t| serde_json::from_str(t).unwrap()).collect();
+        assert_eq!(&serde_json::Value::from(items), &doc["connectors"]);
+        let mut rest = doc.clone();
+        rest.as_object_mut().unwrap().remove("connectors");
+        let settings: serde_json::Value =
+            serde_json::from_str(&format!("{{{}}}", s.settings.trim_end_matches(','))).unwrap();
+        assert_eq!(settings, rest);
+    }
+}
+
+#[test]
+fn reusing_entries_gives_what_a_full_parse_gives() {
+    let config = full();
+    let earlier = serde_json::to_vec(&config).unwrap();
+    // One entry changed, one added, one removed.
+    let mut changed = config.clone();
+    changed.connectors[1].allowed_namespaces = vec!["team-z".into()];
+    changed.connectors.push(entry("new", CredentialRef::FromController { revision: "r-2".into() }));
+    changed.connectors.remove(2);
+    let json = serde_json::to_vec(&changed).unwrap();
+    let r = reparse(&json, &earlier);
+    assert_eq!(r.parsed.errors, vec![]);
+    assert_eq!(r.parsed.config, changed);
+    assert_eq!(r.parsed.config, parse(&json).config);
+    // harbor and quay reused; the changed hub and the new entry read.
+    assert_eq!(r.reused, vec![true, false, true, false]);
+
+    // Settings changed (no controller any more): nothing is reused, and an entry an earlier
+    // parse accepted is refused now, with the full parse's problems.
+    let mut no_channel = changed.clone();
+    no_channel.controller = None;
+    no_channel.authorization = AccessMode::Rules;
+    let json = serde_json::to_vec(&no_channel).unwrap();
+    let r = reparse(&json, &earlier);
+    assert_eq!(r.reused, vec![false; 4]);
+    assert_eq!(r.parsed.errors, parse(&json).errors);
+    assert!(
+        r.parsed.errors.iter().any(|e| e.path == "connectors[0].credential.fromController"),
+        "{:?}",
+        r.parsed.errors
+    );
+}
+
+#[test]
+fn a_problem_in_a_reparsed_document_is_reported_as_a_full_parse_reports_it() {
+    let config = full();
+    let earlier = serde_json::to_vec(&config).unwrap();
+    let mut docs = vec![];
+    // A new entry that claims a name already used, one with a bad field, an unknown field.
+    let mut twice = config.clone();
+    twice.connectors.push(twice.connectors[0].clone());
+    docs.push(serde_json::to_value(&twice).unwrap());
+    let mut bad = serde_json::to_value(&config).unwrap();
+    bad["connectors"][1]["namespace"] = serde_json::json!("Not A Label");
+    bad["connectors"][2]["unknown"] = serde_json::json!(1);
+    docs.push(bad);
+    let mut root = serde_json::to_value(&config).unwrap();
+    root["extra"] = serde_json::json!(true);
+    docs.push(root);
+    for doc in docs {
+        let json = doc.to_string();
+        let r = reparse(json.as_bytes(), &earlier);
+        let full = parse(json.as_bytes());
+        assert!(!full.errors.is_empty(), "{json}");
+        assert_eq!(r.parsed.errors, full.errors, "{json}");
+        assert!(r.reused.iter().all(|r| !r));
+    }
+}

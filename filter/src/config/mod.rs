@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::rc::Rc;
 
 use connector_core::config::{ConnectorEntry, FilterConfig};
 
@@ -33,11 +34,17 @@ pub struct Config {
     pub host_pattern: String,
     pub policy: TokenPolicy,
     pub token_cache_size: usize,
-    pub connectors: Vec<Connector>,
+    /// Shared with the next configuration when its entry's text is unchanged ([`compile_after`]).
+    pub connectors: Vec<Rc<Connector>>,
     pub controller: Option<ControllerChannel>,
     pub access: AccessMode,
     by_name: HashMap<(String, String), usize>,
     by_host: HashMap<String, usize>,
+    /// What the next configuration may reuse: the text of everything but the connectors, and
+    /// each connector's entry, typed and as JSON text (index into `connectors`).
+    settings: String,
+    entries: Vec<ConnectorEntry>,
+    by_text: HashMap<Box<str>, usize>,
 }
 
 /// A registry reachable through the proxy.
@@ -157,7 +164,7 @@ impl connector_core::access::AllowLists for Connector {
 impl Config {
     pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
         let i = self.by_name.get(&(namespace.to_string(), name.to_string()))?;
-        self.connectors.get(*i)
+        self.connectors.get(*i).map(Rc::as_ref)
     }
 
     /// The connector named `<namespace>/<name>`.
@@ -169,7 +176,7 @@ impl Config {
     /// The connector whose host-form name is `host` (no port, any case).
     pub fn connector_by_host(&self, host: &str) -> Option<&Connector> {
         let i = self.by_host.get(&host.to_ascii_lowercase())?;
-        self.connectors.get(*i)
+        self.connectors.get(*i).map(Rc::as_ref)
     }
 
     /// Whether `host` has the shape of a host-form name, known or not: such a host is answered
@@ -181,7 +188,38 @@ impl Config {
 
 /// Validates and compiles the configuration. `env` reads the VM's environment.
 pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<ConfigError>> {
-    let parsed = connector_core::config::parse(json);
+    compile_after(json, env, None)
+}
+
+/// [`compile`], sharing with `previous` (the configuration this VM runs) every connector whose
+/// entry has the same JSON text under the same settings: a push that changes one connector of
+/// thousands checks and compiles that one (issue 17). The outcome is [`compile`]'s: reuse is
+/// taken only when the document is accepted as a whole, and `env` is fixed for a VM's life.
+pub fn compile_after(
+    json: &[u8],
+    env: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Config>,
+) -> Result<Config, Vec<ConfigError>> {
+    let split = connector_core::config::split(json);
+    // The earlier connector each entry repeats, by index.
+    let earlier: Vec<Option<usize>> = match (&split, previous) {
+        (Some(s), Some(p)) if p.settings == s.settings => {
+            s.entries.iter().map(|text| p.by_text.get(*text).copied()).collect()
+        }
+        (Some(s), _) => vec![None; s.entries.len()],
+        (None, _) => vec![],
+    };
+    let (parsed, reused) = match (&split, previous) {
+        (Some(s), Some(p)) if earlier.iter().any(Option::is_some) => {
+            let known = |i: usize, _: &str| -> Option<ConnectorEntry> {
+                let j = (*earlier.get(i)?)?;
+                p.entries.get(j).cloned()
+            };
+            let r = connector_core::config::parse_reusing(json, s, &known);
+            (r.parsed, r.reused)
+        }
+        _ => (connector_core::config::parse(json), vec![]),
+    };
     let mut errors = parsed.errors;
     let config = parsed.config;
     // The filter's own findings, except under a path already reported (a value found wrong
@@ -195,8 +233,17 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
     let host_pattern = config.proxy.host_pattern().to_string();
     let mut connectors = Vec::with_capacity(config.connectors.len());
     for (i, entry) in config.connectors.iter().enumerate() {
-        if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
+        let shared = reused
+            .get(i)
+            .copied()
+            .unwrap_or(false)
+            .then(|| earlier.get(i).copied().flatten())
+            .flatten()
+            .and_then(|j| previous?.connectors.get(j).cloned());
+        if let Some(c) = shared {
             connectors.push(c);
+        } else if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
+            connectors.push(Rc::new(c));
         }
     }
     connector_core::config::merge(&mut errors, found);
@@ -213,10 +260,18 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             by_host.insert(h, index);
         }
     }
+    let (settings, by_text) = match split {
+        Some(s) if s.entries.len() == connectors.len() => {
+            let by_text = s.entries.iter().enumerate().map(|(i, t)| (Box::from(*t), i)).collect();
+            (s.settings, by_text)
+        }
+        _ => (String::new(), HashMap::new()),
+    };
     let FilterConfig {
         proxy,
         identity,
         authorization,
+        connectors: entries,
         ..
     } = config;
     Ok(Config {
@@ -229,6 +284,9 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         access: authorization,
         by_name,
         by_host,
+        settings,
+        entries,
+        by_text,
     })
 }
 
