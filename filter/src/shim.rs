@@ -58,7 +58,7 @@ impl State {
     fn next(old: Option<State>, config: Config, root_id: u32) -> State {
         let Some(old) = old else {
             return State {
-                hot: HotMetrics::carry(None, &config),
+                hot: HotMetrics::carry(None),
                 cache: TokenCache::new(config.token_cache_size),
                 config,
                 upstream: UpstreamAuth::default(),
@@ -80,7 +80,7 @@ impl State {
             hot,
             ..
         } = old;
-        let hot = HotMetrics::carry(Some(hot), &config);
+        let hot = HotMetrics::carry(Some(hot));
         let old_revision = |label: &str| old_config.connector_by_label(label).map(|c| c.revision);
         let revision = |label: &str| config.connector_by_label(label).map(|c| c.revision);
         upstream.carry_over(old_revision, revision);
@@ -119,18 +119,17 @@ impl State {
 /// `None`: the host refused the definition, and the name is tried again on use (see [`count`]).
 #[derive(Default)]
 struct HotMetrics {
-    /// By connector label; kept across configurations for the connectors still configured.
+    /// By connector label; kept across configurations (a removed connector's id is a few
+    /// bytes, and comes back with it).
     forwarded: HashMap<String, u32>,
     hits: Option<u32>,
     misses: Option<u32>,
 }
 
 impl HotMetrics {
-    fn carry(old: Option<HotMetrics>, config: &Config) -> HotMetrics {
-        let mut forwarded = old.map(|o| o.forwarded).unwrap_or_default();
-        forwarded.retain(|label, _| config.connector_by_label(label).is_some());
+    fn carry(old: Option<HotMetrics>) -> HotMetrics {
         HotMetrics {
-            forwarded,
+            forwarded: old.map(|o| o.forwarded).unwrap_or_default(),
             hits: metric_id(crate::stats::token_cache(true)),
             misses: metric_id(crate::stats::token_cache(false)),
         }

@@ -16,9 +16,9 @@
 //! one stays in force.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::hub::{Authorization, Hub, Inputs};
@@ -420,12 +420,17 @@ mod tests {
         std::os::unix::fs::symlink("..v1", &data).unwrap();
         std::os::unix::fs::symlink("..data/a.yaml", s.manifests.join("a.yaml")).unwrap();
         let mut cache = FileCache::default();
-        assert_eq!(passwords(&load_hinted(&s, &mut cache, None).unwrap().unwrap()), ["a=one"]);
+        assert_eq!(
+            passwords(&load_hinted(&s, &mut cache, None).unwrap().unwrap()),
+            ["a=one"]
+        );
 
         let tmp_link = s.manifests.join("..data_tmp");
         std::os::unix::fs::symlink("..v2", &tmp_link).unwrap();
         std::fs::rename(&tmp_link, &data).unwrap();
-        let got = load_hinted(&s, &mut cache, Some(&hint(&[&tmp_link, &data]))).unwrap().unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&tmp_link, &data])))
+            .unwrap()
+            .unwrap();
         assert_eq!(passwords(&got), ["a=two"]);
     }
 }

@@ -99,8 +99,8 @@ fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
 }
 
 /// A document cut at its connector entries: each entry's JSON text as it stands in the
-/// document, and the text of everything else (its members in key order). Two documents with
-/// the same `settings` give an entry of the same text the same meaning.
+/// document, and everything else as an object of its own (its members as they stand). Two
+/// documents with the same `settings` give an entry of the same text the same meaning.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Split<'a> {
     pub settings: String,
@@ -111,45 +111,59 @@ pub struct Split<'a> {
 /// `connectors` is a list, or has a member name written with escapes (then only [`parse`] can
 /// say what it means).
 ///
-/// serde_json checks the syntax (into `IgnoredAny`: nothing is built); the cut itself is a
-/// scan of the valid text for its top-level members and the list's items. serde_json's
-/// `RawValue` does the same job but its feature costs the filter module 47 KB and the module
-/// is held under 700 KB (issue 14).
+/// A strict scan of the structure: braces, brackets, strings, and the commas and colons
+/// between members and items. The pieces themselves are left to serde_json: the settings and
+/// every entry [`parse_reusing`] reads are parsed by it, and a reused entry is text an earlier
+/// parse accepted. (serde_json's `RawValue` cuts the same way, but its feature costs the filter
+/// module 47 KB, and the module is held under 700 KB.)
 pub fn split(json: &[u8]) -> Option<Split<'_>> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(json).ok()?;
     let text = std::str::from_utf8(json).ok()?;
     let mut scan = Scan { text, at: 0 };
-    let mut settings = String::new();
+    let mut settings = String::from("{");
     let mut entries = None;
     scan.expect(b'{')?;
-    while scan.peek()? != b'}' {
-        let key = scan.value()?;
-        if key.contains('\\') {
-            return None;
-        }
-        scan.expect(b':')?;
-        if key == "\"connectors\"" {
-            if entries.is_some() {
+    if scan.peek()? == b'}' {
+        scan.at += 1;
+    } else {
+        loop {
+            if scan.peek()? != b'"' {
                 return None;
             }
-            entries = Some(scan.items()?);
-        } else {
-            settings.push_str(key);
-            settings.push(':');
-            settings.push_str(scan.value()?);
-            settings.push(',');
-        }
-        if scan.peek()? == b',' {
-            scan.at += 1;
+            let key = scan.value()?;
+            if key.contains('\\') {
+                return None;
+            }
+            scan.expect(b':')?;
+            if key == "\"connectors\"" {
+                if entries.is_some() {
+                    return None;
+                }
+                entries = Some(scan.items()?);
+            } else {
+                if settings.len() > 1 {
+                    settings.push(',');
+                }
+                settings.push_str(key);
+                settings.push(':');
+                settings.push_str(scan.value()?);
+            }
+            if scan.close(b'}')? {
+                break;
+            }
         }
     }
+    // Nothing after the document.
+    if scan.peek().is_some() {
+        return None;
+    }
+    settings.push('}');
     Some(Split {
         settings,
         entries: entries?,
     })
 }
 
-/// A cursor over JSON text already known to be valid.
+/// A cursor over JSON text: the structure only (see [`split`]).
 struct Scan<'a> {
     text: &'a str,
     at: usize,
@@ -167,6 +181,17 @@ impl<'a> Scan<'a> {
 
     fn expect(&mut self, byte: u8) -> Option<()> {
         (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// After a member or item: a comma (`false`, more follow) or the `end` (`true`).
+    fn close(&mut self, end: u8) -> Option<bool> {
+        let next = self.peek()?;
+        self.at += 1;
+        match next {
+            b',' => Some(false),
+            b if b == end => Some(true),
+            _ => None,
+        }
     }
 
     /// The text of the value here: a string, an object or list (to its matching end), or a
@@ -218,29 +243,32 @@ impl<'a> Scan<'a> {
             }
         }
         self.at = i;
-        self.text.get(start..i)
+        self.text.get(start..i).filter(|v| !v.is_empty())
     }
 
     /// The texts of a list's items.
     fn items(&mut self) -> Option<Vec<&'a str>> {
         self.expect(b'[')?;
         let mut out = vec![];
-        while self.peek()? != b']' {
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(out);
+        }
+        loop {
             out.push(self.value()?);
-            if self.peek()? == b',' {
-                self.at += 1;
+            if self.close(b']')? {
+                return Some(out);
             }
         }
-        self.at += 1;
-        Some(out)
     }
 }
 
-/// The outcome of [`parse_reusing`]: the parse, and which entries came from `known`.
+/// The outcome of [`parse_reusing`]: the parse, and whether it is [`parse`]'s (nothing from
+/// `known` was used: the document had a problem).
 #[derive(Debug)]
 pub struct Reparsed {
     pub parsed: Parsed,
-    pub reused: Vec<bool>,
+    pub full: bool,
 }
 
 /// [`parse`] of the document `split` cut, taking each entry `known` has for its index and
@@ -254,46 +282,43 @@ pub fn parse_reusing(
     split: &Split<'_>,
     known: &dyn Fn(usize, &str) -> Option<ConnectorEntry>,
 ) -> Reparsed {
-    let fallback = |n: usize| Reparsed {
+    let fallback = || Reparsed {
         parsed: parse(json),
-        reused: vec![false; n],
+        full: true,
     };
-    let n = split.entries.len();
     let mut errors = vec![];
     let mut w = Walk { errors: &mut errors };
     // The settings alone: a small object, parsed whole.
-    let Ok(doc) = serde_json::from_str::<Value>(&format!("{{{}}}", split.settings.trim_end_matches(','))) else {
-        return fallback(n);
+    // (`from_slice` everywhere: a `from_str` would be a second copy of the parser in the module.)
+    let Ok(doc) = serde_json::from_slice::<Value>(split.settings.as_bytes()) else {
+        return fallback();
     };
     let empty = Map::new();
     let root = w.object(Some(&doc), "$", &ROOT_KEYS, true).unwrap_or(&empty);
     let mut config = walk_settings(&mut w, root);
     let has_controller = config.controller.is_some();
-    let mut reused = Vec::with_capacity(n);
     let mut found = vec![];
     for (i, text) in split.entries.iter().enumerate() {
         if let Some(entry) = known(i, text) {
             config.connectors.push(entry);
-            reused.push(true);
             continue;
         }
-        let Ok(item) = serde_json::from_str::<Value>(text) else {
-            return fallback(n);
+        let Ok(item) = serde_json::from_slice::<Value>(text.as_bytes()) else {
+            return fallback();
         };
         let path = format!("connectors[{i}]");
         let entry = walk_entry(&mut w, &item, &path);
         found.extend(check::check_entry(&entry, &path, has_controller));
         config.connectors.push(entry);
-        reused.push(false);
     }
     found.extend(check::check_settings(&config));
     found.extend(check::check_connectors(&config.connectors, config.proxy.host_pattern()));
     if !errors.is_empty() || !found.is_empty() {
-        return fallback(n);
+        return fallback();
     }
     Reparsed {
         parsed: Parsed { config, errors },
-        reused,
+        full: false,
     }
 }
 

@@ -61,10 +61,14 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
 fn thread_cpu(pid: Option<u32>) -> std::collections::BTreeMap<String, f64> {
     let mut out = std::collections::BTreeMap::new();
     let Some(pid) = pid else { return out };
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
     for t in tasks.flatten() {
         let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let name = stat[open + 1..close].to_string();
         let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let field = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
@@ -122,7 +126,7 @@ fn load_thread(port: u16, steady: &[usize], tokens: &[String], start: Instant, s
     while !stop.load(Ordering::Relaxed) {
         k += 1;
         let changing = CHANGING.load(Ordering::Relaxed);
-        let (target, allow_403) = if k % 4 == 0 && changing != u64::MAX {
+        let (target, allow_403) = if k.is_multiple_of(4) && changing != u64::MAX {
             ((changing >> 1) as usize, changing & 1 == 1)
         } else {
             (steady[k % steady.len()], false)
@@ -132,7 +136,12 @@ fn load_thread(port: u16, steady: &[usize], tokens: &[String], start: Instant, s
             None => match http::open(port, Duration::from_secs(10)) {
                 Ok(c) => c,
                 Err(_) => {
-                    seen.push(Seen { at_ms: start.elapsed().as_millis() as u32, target, allow_403, status: 0 });
+                    seen.push(Seen {
+                        at_ms: start.elapsed().as_millis() as u32,
+                        target,
+                        allow_403,
+                        status: 0,
+                    });
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
@@ -148,7 +157,12 @@ fn load_thread(port: u16, steady: &[usize], tokens: &[String], start: Instant, s
             }
             Err(_) => 0,
         };
-        seen.push(Seen { at_ms: start.elapsed().as_millis() as u32, target, allow_403, status });
+        seen.push(Seen {
+            at_ms: start.elapsed().as_millis() as u32,
+            target,
+            allow_403,
+            status,
+        });
     }
     seen
 }
@@ -220,7 +234,8 @@ fn run_under_load(
                     match what {
                         "add" => put(manifests, i, &doc(i, upstream, "pw-0"))?,
                         "rotate" => put(manifests, r, &doc(r, upstream, &format!("pw-load-{k}")))?,
-                        _ => std::fs::remove_file(manifests.join(format!("c{i}.yaml"))).map_err(|e| format!("remove: {e}"))?,
+                        _ => std::fs::remove_file(manifests.join(format!("c{i}.yaml")))
+                            .map_err(|e| format!("remove: {e}"))?,
                     }
                     // The recorder keeps what it relays; drop it as we go.
                     recorder.take();
@@ -244,8 +259,14 @@ fn run_under_load(
     // Quiet: the seconds before the first change and after the last one has settled (skipping
     // the first second of each, while connections open and after the last change).
     let quiet_rps = (rate(&seen, 1000, QUIET_MS) + rate(&seen, last_change_ms + 1000, end)) / 2.0;
-    let first_second: Vec<f64> = marks.iter().map(|(t, ..)| rate(&seen, *t, t + 1000) / quiet_rps).collect();
-    let second_second: Vec<f64> = marks.iter().map(|(t, ..)| rate(&seen, t + 1000, t + 2000) / quiet_rps).collect();
+    let first_second: Vec<f64> = marks
+        .iter()
+        .map(|(t, ..)| rate(&seen, *t, t + 1000) / quiet_rps)
+        .collect();
+    let second_second: Vec<f64> = marks
+        .iter()
+        .map(|(t, ..)| rate(&seen, t + 1000, t + 2000) / quiet_rps)
+        .collect();
     let worst_100ms = (QUIET_MS / 100..last_change_ms / 100)
         .map(|b| rate(&seen, b * 100, b * 100 + 100) / quiet_rps)
         .fold(f64::INFINITY, f64::min);

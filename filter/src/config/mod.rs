@@ -44,7 +44,7 @@ pub struct Config {
     /// each connector's entry, typed and as JSON text (index into `connectors`).
     settings: String,
     entries: Vec<ConnectorEntry>,
-    by_text: HashMap<Box<str>, usize>,
+    by_text: HashMap<String, usize>,
 }
 
 /// A registry reachable through the proxy.
@@ -201,24 +201,23 @@ pub fn compile_after(
     previous: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
     let split = connector_core::config::split(json);
-    // The earlier connector each entry repeats, by index.
+    // The earlier connector each entry repeats, by index (none when the settings differ).
     let earlier: Vec<Option<usize>> = match (&split, previous) {
         (Some(s), Some(p)) if p.settings == s.settings => {
             s.entries.iter().map(|text| p.by_text.get(*text).copied()).collect()
         }
-        (Some(s), _) => vec![None; s.entries.len()],
-        (None, _) => vec![],
+        _ => vec![],
     };
-    let (parsed, reused) = match (&split, previous) {
+    let (parsed, reusing) = match (&split, previous) {
         (Some(s), Some(p)) if earlier.iter().any(Option::is_some) => {
             let known = |i: usize, _: &str| -> Option<ConnectorEntry> {
                 let j = (*earlier.get(i)?)?;
                 p.entries.get(j).cloned()
             };
             let r = connector_core::config::parse_reusing(json, s, &known);
-            (r.parsed, r.reused)
+            (r.parsed, !r.full)
         }
-        _ => (connector_core::config::parse(json), vec![]),
+        _ => (connector_core::config::parse(json), false),
     };
     let mut errors = parsed.errors;
     let config = parsed.config;
@@ -233,12 +232,11 @@ pub fn compile_after(
     let host_pattern = config.proxy.host_pattern().to_string();
     let mut connectors = Vec::with_capacity(config.connectors.len());
     for (i, entry) in config.connectors.iter().enumerate() {
-        let shared = reused
+        let shared = earlier
             .get(i)
             .copied()
-            .unwrap_or(false)
-            .then(|| earlier.get(i).copied().flatten())
             .flatten()
+            .filter(|_| reusing)
             .and_then(|j| previous?.connectors.get(j).cloned());
         if let Some(c) = shared {
             connectors.push(c);
@@ -262,7 +260,7 @@ pub fn compile_after(
     }
     let (settings, by_text) = match split {
         Some(s) if s.entries.len() == connectors.len() => {
-            let by_text = s.entries.iter().enumerate().map(|(i, t)| (Box::from(*t), i)).collect();
+            let by_text = s.entries.iter().enumerate().map(|(i, t)| (t.to_string(), i)).collect();
             (s.settings, by_text)
         }
         _ => (String::new(), HashMap::new()),

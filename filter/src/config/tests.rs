@@ -383,36 +383,62 @@ fn credential_from_the_controller_channel() {
     );
 }
 
-#[test]
-#[ignore]
-fn tmp_timing() {
-    for n in [5000usize, 20000] {
-        let mut d = doc();
-        d["controller"] = serde_json::json!({"cluster": "ctl", "authority": "controller"});
-        let entries: Vec<Value> = (0..n)
-            .map(|i| {
-                serde_json::json!({
-                    "namespace": format!("team-{}", i % 50), "name": format!("c{i}"),
-                    "address": "https://127.0.0.1:5000/",
-                    "cluster": "upstream_https_127_0_0_1_5000_abcdef01",
-                    "credential": {"fromController": format!("rev-{i}-abcdefabcdef")},
-                })
+/// `n` connectors the controller's way (credentials from the channel), connector `changed`
+/// with revision `rev`.
+fn controller_doc(n: usize, changed: usize, rev: &str) -> Value {
+    let mut d = doc();
+    d["controller"] = serde_json::json!({"cluster": "ctl", "authority": "controller"});
+    d["connectors"] = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "namespace": format!("team-{}", i % 3), "name": format!("c{i}"),
+                "address": "https://registry.internal:5000",
+                "cluster": "upstream_registry",
+                "credential": {"fromController": if i == changed { rev.to_string() } else { format!("r0-{i}") }},
             })
-            .collect();
-        d["connectors"] = Value::Array(entries);
-        let s = d.to_string();
-        let t = std::time::Instant::now();
-        let p = connector_core::config::parse(s.as_bytes());
-        let parse = t.elapsed();
-        assert!(p.errors.is_empty(), "{:?}", &p.errors[..1]);
-        let t = std::time::Instant::now();
-        let c = compile(s.as_bytes(), &env);
-        let all = t.elapsed();
-        assert!(c.is_ok(), "{:?}", c.err().map(|e| e[0].to_string()));
-        let t = std::time::Instant::now();
-        let v: Value = serde_json::from_slice(s.as_bytes()).unwrap();
-        let sj = t.elapsed();
-        drop(v);
-        eprintln!("n={n} bytes={} parse={parse:?} compile(all)={all:?} serde_json Value={sj:?}", s.len());
-    }
+        })
+        .collect();
+    d
+}
+
+#[test]
+fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
+    let first = compile_value(&controller_doc(5, 99, "")).unwrap();
+    let next_doc = controller_doc(5, 2, "r1-2");
+    let next = compile_after(next_doc.to_string().as_bytes(), &env, Some(&first)).unwrap();
+    let shared: Vec<bool> = (0..5)
+        .map(|i| std::rc::Rc::ptr_eq(&first.connectors[i], &next.connectors[i]))
+        .collect();
+    assert_eq!(shared, [true, true, false, true, true]);
+    assert_eq!(
+        next.connector("team-2", "c2").map(|c| c.credential.clone()),
+        Some(UpstreamCredential::Controller {
+            revision: "r1-2".into()
+        })
+    );
+    // The same configuration as compiled from nothing.
+    let fresh = compile_value(&next_doc).unwrap();
+    let view = |c: &Config| format!("{:?}", c.connectors.iter().map(|c| (c, c.revision)).collect::<Vec<_>>());
+    assert_eq!(view(&next), view(&fresh));
+
+    // Other settings (a second issuer): nothing is shared.
+    let mut other = next_doc.clone();
+    other["identity"]["issuers"] = serde_json::json!([testkeys::ISSUER, "https://other.example"]);
+    let after = compile_after(other.to_string().as_bytes(), &env, Some(&next)).unwrap();
+    assert!((0..5).all(|i| !std::rc::Rc::ptr_eq(&next.connectors[i], &after.connectors[i])));
+
+    // A bad push is refused with the full list, whatever it repeats.
+    let mut bad = controller_doc(5, 2, "r1-2");
+    bad["connectors"][4]["name"] = serde_json::json!("c0");
+    bad["connectors"][4]["namespace"] = serde_json::json!("team-0");
+    bad["connectors"][1]["address"] = serde_json::json!("ftp://x");
+    let errors = compile_after(bad.to_string().as_bytes(), &env, Some(&next))
+        .err()
+        .unwrap_or_default();
+    assert_eq!(errors, compile_value(&bad).err().unwrap_or_default());
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert!(
+        paths.contains(&"connectors[1].address") && paths.contains(&"connectors[4]"),
+        "{paths:?}"
+    );
 }

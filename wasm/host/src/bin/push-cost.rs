@@ -26,7 +26,11 @@ fn document(n: usize, changed: usize, rev: usize) -> Result<String, String> {
     let jwk = connector_wasm_host::warm::test_jwk().map_err(|e| format!("{e:#}"))?;
     let entries: Vec<Value> = (0..n)
         .map(|i| {
-            let revision = if i == changed { format!("r{rev}-{i}") } else { format!("r0-{i}") };
+            let revision = if i == changed {
+                format!("r{rev}-{i}")
+            } else {
+                format!("r0-{i}")
+            };
             json!({
                 "namespace": format!("team-{}", i % 50), "name": format!("c{i}"),
                 "address": "https://registry.internal:5000",
@@ -44,10 +48,22 @@ fn document(n: usize, changed: usize, rev: usize) -> Result<String, String> {
     .to_string())
 }
 
-fn measure(n: usize, pushes: usize, module: Option<std::path::PathBuf>) -> Result<(Duration, Duration, Duration), String> {
-    let mut h = Host::with(Options { module, optimized: true, ..Options::default() }).map_err(|e| format!("{e:#}"))?;
+fn measure(
+    n: usize,
+    pushes: usize,
+    module: Option<std::path::PathBuf>,
+) -> Result<(Duration, Duration, Duration), String> {
+    let mut h = Host::with(Options {
+        module,
+        optimized: true,
+        ..Options::default()
+    })
+    .map_err(|e| format!("{e:#}"))?;
     let t = Instant::now();
-    if !h.configure(document(n, 0, 0)?.as_bytes()).map_err(|e| format!("{e:#}"))? {
+    if !h
+        .configure(document(n, 0, 0)?.as_bytes())
+        .map_err(|e| format!("{e:#}"))?
+    {
         return Err(format!("the first configuration of {n} connectors was refused"));
     }
     let first = t.elapsed();
@@ -66,9 +82,15 @@ fn measure(n: usize, pushes: usize, module: Option<std::path::PathBuf>) -> Resul
 }
 
 fn main() -> ExitCode {
-    let sizes: Vec<usize> = arg("--sizes", "1000,5000,20000").split(',').filter_map(|s| s.trim().parse().ok()).collect();
+    let sizes: Vec<usize> = arg("--sizes", "1000,5000,20000")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
     let pushes: usize = arg("--pushes", "20").parse().unwrap_or(20).max(1);
-    let module = std::env::args().skip(1).find(|a| a.ends_with(".wasm")).map(std::path::PathBuf::from);
+    let module = std::env::args()
+        .skip(1)
+        .find(|a| a.ends_with(".wasm"))
+        .map(std::path::PathBuf::from);
     println!("| connectors | first configuration | a push changing one connector (median / worst) |");
     println!("|---:|---:|---:|");
     for n in sizes {
