@@ -59,9 +59,11 @@ bench: setup wasm
 	cargo run --release -p connector-devkit --bin bench -- $(BENCH_ARGS)
 
 # Scale benchmark (README "Scale"): 100 to 20,000 connectors in file mode, side by side.
+# Then what one push costs a single filter VM (the shipped module under optimised wasmtime).
 bench-scale: setup wasm
 	cargo build -p connector-controller
 	cargo run --release -p connector-devkit --bin bench_scale -- $(BENCH_SCALE_ARGS)
+	cargo run --release -p connector-wasm-host --bin push-cost
 
 lint:
 	cargo fmt --all --check
