@@ -4,13 +4,20 @@
 use connector_filter::config::compile;
 use connector_filter::identity::{extract_token, verify};
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
 
 const N: &str = "7G7S06o6LC9D90t0mSQpgH47Q_bOGioa68ApIuEEAX7ZO_D-wur2Yu_Fg8LIUjHuJDhMcJdQ5zLD-ATufSaLkg3dImGjTHBEKJJIxEJWG7eDznV3PoQZpOUNSfmU5Wj8qV8nkAvxOUDxUXt8Y_HSr1MiuSJQqOx5ZsuzOJiwBFxKzf6cLa-Y4Ov_mB9stvhxlYFHd3m-MOtr9EuMgwWSf47vuu3zL3uL5WHCIZEHbYAp37-_Yfl5ZgvahV2cr6iHcWF7aoKSt6CO5lbjaRwmwkPgd1BVR11rr45cpXt5THYaAv6mXWBVKgjBDPXX6h_4KibHqHU07iTuNvExpugxOw";
 
+/// Built once per fuzzing thread (the compiled configuration shares its connectors with `Rc`,
+/// as one filter VM does, so it is not `Sync`).
 fn config() -> &'static connector_filter::config::Config {
-    static C: OnceLock<connector_filter::config::Config> = OnceLock::new();
-    C.get_or_init(|| {
+    thread_local! {
+        static C: &'static connector_filter::config::Config = Box::leak(Box::new(build()));
+    }
+    C.with(|c| *c)
+}
+
+fn build() -> connector_filter::config::Config {
+    {
         let doc = serde_json::json!({
             "identity": {"issuers": ["https://kubernetes.default.svc.cluster.local"], "audiences": ["oci-connector"],
                 "jwks": {"keys": [{"kty": "RSA", "kid": "rsa-1", "alg": "RS256", "e": "AQAB", "n": N}]}},
@@ -21,7 +28,7 @@ fn config() -> &'static connector_filter::config::Config {
             Ok(c) => c,
             Err(e) => panic!("fuzz fixture config: {e:?}"),
         }
-    })
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
