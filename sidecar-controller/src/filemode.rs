@@ -102,6 +102,8 @@ pub fn load_hinted(
         (Some(paths), Some(listing)) => relist(&s.manifests, listing, paths),
         _ => None,
     };
+    // A directory that cannot be listed is reported with the identity's problems, if any.
+    let mut unlisted = None;
     let same_listing = match hinted {
         Some(same) => same,
         None => match listing(&s.manifests) {
@@ -112,7 +114,8 @@ pub fn load_hinted(
             }
             Err(problems) => {
                 cache.listing = None;
-                return Err(problems);
+                unlisted = Some(problems);
+                false
             }
         },
     };
@@ -133,8 +136,15 @@ pub fn load_hinted(
             read_identity(s)
         }
     };
-    let files = cache.listing.clone().unwrap_or_default();
-    let set = load_dir_cached(&s.manifests, files, cache);
+    let set = match (unlisted, cache.listing.take()) {
+        (Some(problems), _) => Err(problems),
+        (None, files) => {
+            let files = files.unwrap_or_default();
+            let set = load_dir_cached(&s.manifests, &files, cache);
+            cache.listing = Some(files);
+            set
+        }
+    };
     match (set, identity) {
         (Ok(set), Ok(identity)) => Ok(Some(Inputs {
             set,
@@ -182,7 +192,7 @@ fn relist(dir: &Path, listing: &mut BTreeMap<PathBuf, Stamp>, changed: &HashSet<
 /// the same order.
 fn load_dir_cached(
     dir: &Path,
-    files: BTreeMap<PathBuf, Stamp>,
+    files: &BTreeMap<PathBuf, Stamp>,
     cache: &mut FileCache,
 ) -> Result<ManifestSet, Vec<Problem>> {
     let mut problems = vec![];
@@ -191,9 +201,10 @@ fn load_dir_cached(
     }
     let mut set = ManifestSet::default();
     let mut seen = HashMap::with_capacity(files.len());
-    for (file, st) in files {
-        let entry = match cache.files.remove(&file) {
-            Some(e) if e.0 == st => e,
+    for (file, &st) in files {
+        // The cache's own key moves to the new cache: no path is copied for an unchanged file.
+        let (file, entry) = match cache.files.remove_entry(file) {
+            Some((key, e)) if e.0 == st => (key, e),
             _ => {
                 cache.parsed += 1;
                 let mut one = ManifestSet::default();
@@ -202,7 +213,7 @@ fn load_dir_cached(
                     Ok(text) => crate::manifests::parse_file(&file, &text, &mut one, &mut file_problems),
                     Err(e) => file_problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
                 }
-                (st, one, file_problems)
+                (file.clone(), (st, one, file_problems))
             }
         };
         problems.extend(entry.2.iter().cloned());
@@ -403,6 +414,21 @@ mod tests {
         assert!(load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().is_none());
         let got = load_hinted(&s, &mut cache, None).unwrap().unwrap();
         assert_eq!(passwords(&got), ["a=two", "c=three-longer"]);
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_listed_is_reported_with_the_identitys_problems() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        std::fs::remove_dir(&s.manifests).unwrap();
+        std::fs::write(&s.identity, "not json").unwrap();
+        let problems = load_hinted(&s, &mut FileCache::default(), None)
+            .err()
+            .unwrap_or_default();
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 2, "{text:?}");
+        assert!(text[0].contains("cannot read the manifest directory"), "{text:?}");
+        assert!(text[1].contains("not JSON"), "{text:?}");
     }
 
     #[test]
