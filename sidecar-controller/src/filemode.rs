@@ -209,8 +209,8 @@ fn load_dir_cached(
                 cache.parsed += 1;
                 let mut one = ManifestSet::default();
                 let mut file_problems = vec![];
-                match std::fs::read_to_string(&file) {
-                    Ok(text) => crate::manifests::parse_file(&file, &text, &mut one, &mut file_problems),
+                match std::fs::read_to_string(file) {
+                    Ok(text) => crate::manifests::parse_file(file, &text, &mut one, &mut file_problems),
                     Err(e) => file_problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
                 }
                 (file.clone(), (st, one, file_problems))
