@@ -134,3 +134,14 @@ pub fn random_secret() -> Result<String> {
 pub fn random_hex(n: usize) -> Result<String> {
     Ok(random_bytes(n)?.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// The value after `name` on the command line (`--seconds 10`), parsed; `default` when it is
+/// missing or does not parse. For the benchmark and soak binaries.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -195,12 +195,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    connector_devkit::arg(name, default)
 }
 
 fn main() {

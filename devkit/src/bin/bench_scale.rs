@@ -28,7 +28,7 @@ use connector_devkit::recorder::Recorder;
 use connector_devkit::registry::Registry;
 use connector_devkit::skopeo::{Creds, Skopeo};
 use connector_devkit::tokens::{AUDIENCE, ISSUER, Minter};
-use connector_devkit::{Result, WorkDir, procs, require_wasm};
+use connector_devkit::{Result, WorkDir, arg, procs, require_wasm};
 
 const NAMESPACES: usize = 50;
 const WORKERS: u32 = 2;
@@ -37,12 +37,12 @@ const LOAD_THREADS: usize = 2;
 /// The repository every connector reaches (all point at one registry).
 const REPO: &str = "bench/app";
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+/// A comma-separated list of connector counts after `name`.
+fn counts(name: &str, default: &str) -> Vec<usize> {
+    arg(name, default.to_string())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
 }
 
 /// utime + stime of a process, in seconds.
@@ -517,19 +517,13 @@ fn run_size(
 
 fn main() -> Result<()> {
     require_wasm()?;
-    let sizes: Vec<usize> = arg("--sizes", "100,1000,5000,20000")
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let changes: usize = arg("--changes", "30").parse().unwrap_or(30);
-    let idle = Duration::from_secs(arg("--idle-seconds", "10").parse().unwrap_or(10));
+    let sizes = counts("--sizes", "100,1000,5000,20000");
+    let changes: usize = arg("--changes", 30);
+    let idle = Duration::from_secs(arg("--idle-seconds", 10));
     let plan = LoadPlan {
-        changes: arg("--load-changes", "100").parse().unwrap_or(100),
-        spacing: Duration::from_millis(arg("--spacing-ms", "2000").parse().unwrap_or(2000)),
-        sizes: arg("--load-sizes", "5000,20000")
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect(),
+        changes: arg("--load-changes", 100),
+        spacing: Duration::from_millis(arg("--spacing-ms", 2000)),
+        sizes: counts("--load-sizes", "5000,20000"),
     };
     let work = WorkDir::new("bench-scale")?;
     let registry = Registry::start_open(&work)?;

@@ -24,12 +24,7 @@ const WORKERS: usize = 4;
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    connector_devkit::arg(name, default)
 }
 
 /// Resident memory in MiB.
