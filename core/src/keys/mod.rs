@@ -12,10 +12,8 @@ pub mod pkcs1;
 /// decodes key material (a new token costs its signature check, not a key parse).
 #[derive(Clone)]
 pub enum PublicKey {
-    /// RS256, RS384, RS512: prepared for the fast check of [`pkcs1`].
-    RsaPkcs1(pkcs1::RsaKey),
-    /// PS256, PS384, PS512.
-    RsaPss(rsa::RsaPublicKey),
+    /// RS256, RS384, RS512, PS256, PS384, PS512: prepared for the checks of [`pkcs1`].
+    Rsa(pkcs1::RsaKey),
     P256(p256::ecdsa::VerifyingKey),
     P384(p384::ecdsa::VerifyingKey),
 }
@@ -33,24 +31,19 @@ pub struct VerifyKey {
 impl VerifyKey {
     /// An RSA key from its JWK components (big-endian bytes); `Err` says why it is unusable.
     pub fn rsa(algorithm: Algorithm, n: &[u8], e: &[u8]) -> Result<Self, String> {
-        // The rsa crate's checks (modulus size, exponent range) decide what is a usable key.
-        let key = rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(n), rsa::BigUint::from_bytes_be(e))
-            .map_err(|e| format!("RSA key rejected: {e}"))?;
-        let hash = match algorithm {
-            Algorithm::RS256 => Some(pkcs1::Hash::Sha256),
-            Algorithm::RS384 => Some(pkcs1::Hash::Sha384),
-            Algorithm::RS512 => Some(pkcs1::Hash::Sha512),
-            _ => None,
-        };
-        let key = match hash {
-            Some(hash) => PublicKey::RsaPkcs1(
-                pkcs1::RsaKey::new(n, e, hash).ok_or("RSA key rejected: unusable modulus or exponent")?,
-            ),
-            None => PublicKey::RsaPss(key),
-        };
+        use pkcs1::{Hash, RsaKey};
+        let key = match algorithm {
+            Algorithm::RS256 => RsaKey::new(n, e, Hash::Sha256),
+            Algorithm::RS384 => RsaKey::new(n, e, Hash::Sha384),
+            Algorithm::RS512 => RsaKey::new(n, e, Hash::Sha512),
+            Algorithm::PS256 => RsaKey::new_pss(n, e, Hash::Sha256),
+            Algorithm::PS384 => RsaKey::new_pss(n, e, Hash::Sha384),
+            Algorithm::PS512 => RsaKey::new_pss(n, e, Hash::Sha512),
+            other => return Err(format!("{} is not an RSA algorithm", other.name())),
+        }?;
         Ok(Self {
             algorithm,
-            key,
+            key: PublicKey::Rsa(key),
             material: [n, e].concat(),
         })
     }
@@ -75,21 +68,17 @@ impl VerifyKey {
     /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         use p256::ecdsa::signature::Verifier as _;
-        use rsa::Pss;
-        use sha2::{Digest as _, Sha256, Sha384, Sha512};
         match (&self.key, self.algorithm) {
-            (PublicKey::RsaPkcs1(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
-                k.verifies(message, signature)
-            }
-            (PublicKey::RsaPss(k), Algorithm::PS256) => k
-                .verify(Pss::new::<Sha256>(), &Sha256::digest(message), signature)
-                .is_ok(),
-            (PublicKey::RsaPss(k), Algorithm::PS384) => k
-                .verify(Pss::new::<Sha384>(), &Sha384::digest(message), signature)
-                .is_ok(),
-            (PublicKey::RsaPss(k), Algorithm::PS512) => k
-                .verify(Pss::new::<Sha512>(), &Sha512::digest(message), signature)
-                .is_ok(),
+            // The key was prepared for its algorithm's scheme and hash (see `rsa`).
+            (
+                PublicKey::Rsa(k),
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512,
+            ) => k.verifies(message, signature),
             (PublicKey::P256(k), Algorithm::ES256) => {
                 p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
             }

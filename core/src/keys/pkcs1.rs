@@ -1,16 +1,17 @@
-//! Owns RSA PKCS#1 v1.5 signature verification (RS256, RS384, RS512) on keys prepared once per
-//! configuration: the modulus as 32-bit limbs with its Montgomery constants, and the expected
-//! encoding's fixed part. Why not the `rsa` crate for these: its verification re-derives the
-//! Montgomery form on every call and multiplies through a generic big-integer type; a new token
-//! cost about a millisecond of Envoy CPU that way. 32-bit limbs keep every product a native
-//! 64-bit multiply in wasm32. Only public data is involved, so nothing here needs to be
-//! constant-time.
+//! Owns RSA signature verification, both PKCS #1 (RFC 8017) schemes JWS uses: v1.5 (RS256,
+//! RS384, RS512) and PSS (PS256, PS384, PS512), on keys prepared once per configuration: the
+//! modulus as 32-bit limbs with its Montgomery constants, and for v1.5 the expected encoding's
+//! fixed part. Why not the `rsa` crate: its verification re-derives the Montgomery form on every
+//! call and multiplies through a generic big-integer type (a new token cost about a millisecond
+//! of Envoy CPU that way), and its big-integer code was about 35 KB of the filter module.
+//! 32-bit limbs keep every product a native 64-bit multiply in wasm32. Only public data is
+//! involved, so nothing here needs to be constant-time.
 //!
-//! The check builds the whole expected encoded message `00 01 FF..FF 00 DigestInfo H` and
+//! The v1.5 check builds the whole expected encoded message `00 01 FF..FF 00 DigestInfo H` and
 //! compares it with `s^e mod n` byte for byte: no parsing of the decrypted block, so none of
-//! the classic lenient-parser forgeries apply.
-
-use sha2::Digest as _;
+//! the classic lenient-parser forgeries apply. The PSS check is EMSA-PSS-VERIFY (RFC 8017
+//! section 9.1.2) with MGF1 over the same hash and a salt as long as the hash (RFC 7518
+//! section 3.5).
 
 /// A hash a PKCS#1 v1.5 signature may be over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,10 +41,22 @@ impl Hash {
     }
 
     fn digest(self, message: &[u8]) -> Vec<u8> {
+        self.digest_parts(&[message])
+    }
+
+    /// The hash of the concatenation of `parts`.
+    fn digest_parts(self, parts: &[&[u8]]) -> Vec<u8> {
+        fn run<D: sha2::Digest>(parts: &[&[u8]]) -> Vec<u8> {
+            let mut d = D::new();
+            for p in parts {
+                d.update(p);
+            }
+            d.finalize().to_vec()
+        }
         match self {
-            Hash::Sha256 => sha2::Sha256::digest(message).to_vec(),
-            Hash::Sha384 => sha2::Sha384::digest(message).to_vec(),
-            Hash::Sha512 => sha2::Sha512::digest(message).to_vec(),
+            Hash::Sha256 => run::<sha2::Sha256>(parts),
+            Hash::Sha384 => run::<sha2::Sha384>(parts),
+            Hash::Sha512 => run::<sha2::Sha512>(parts),
         }
     }
 
@@ -68,28 +81,73 @@ pub struct RsaKey {
     e: u64,
     /// The modulus length in bytes: a signature has exactly this length.
     k: usize,
-    /// `00 01 FF..FF 00 DigestInfo`, everything of the encoded message but the hash.
-    prefix: Vec<u8>,
+    /// The modulus length in bits.
+    bits: usize,
+    scheme: Scheme,
     hash: Hash,
 }
 
+#[derive(Clone)]
+enum Scheme {
+    /// v1.5: `00 01 FF..FF 00 DigestInfo`, everything of the encoded message but the hash.
+    Pkcs1 {
+        prefix: Vec<u8>,
+    },
+    Pss,
+}
+
+/// The largest modulus accepted, in bits (as the `rsa` crate and most verifiers bound it).
+const MAX_BITS: usize = 4096;
+/// The largest public exponent accepted (the `rsa` crate's bound; keys use 65537).
+const MAX_EXPONENT: u64 = (1 << 33) - 1;
+
 impl RsaKey {
-    /// Prepares `n` and `e` (big-endian bytes) for signatures over `hash`. `None` for an even
-    /// or too short modulus, or an exponent that is not an odd number above 1.
-    pub fn new(n: &[u8], e: &[u8], hash: Hash) -> Option<RsaKey> {
+    /// Prepares `n` and `e` (big-endian bytes) for PKCS#1 v1.5 signatures over `hash`. `Err`
+    /// says what makes the numbers unusable (see [`RsaKey::prepare`]).
+    pub fn new(n: &[u8], e: &[u8], hash: Hash) -> Result<RsaKey, &'static str> {
+        let mut key = Self::prepare(n, e, hash)?;
+        let t_len = key.k.checked_sub(hash.len()).ok_or(TOO_SHORT)?;
+        let info = hash.digest_info();
+        // 00 01, at least 8 bytes FF, 00, DigestInfo.
+        let ff = t_len.checked_sub(3 + info.len()).filter(|n| *n >= 8).ok_or(TOO_SHORT)?;
+        let mut prefix = Vec::with_capacity(t_len);
+        prefix.extend_from_slice(&[0x00, 0x01]);
+        prefix.resize(2 + ff, 0xff);
+        prefix.push(0x00);
+        prefix.extend_from_slice(info);
+        key.scheme = Scheme::Pkcs1 { prefix };
+        Ok(key)
+    }
+
+    /// Prepares `n` and `e` for PSS signatures over `hash` (salt as long as the hash).
+    pub fn new_pss(n: &[u8], e: &[u8], hash: Hash) -> Result<RsaKey, &'static str> {
+        let key = Self::prepare(n, e, hash)?;
+        // emLen >= hLen + sLen + 2.
+        if key.k < 2 * hash.len() + 3 {
+            return Err(TOO_SHORT);
+        }
+        Ok(key)
+    }
+
+    /// The Montgomery constants of `n`. Refused: an even modulus or one outside 512 to 4096
+    /// bits; an exponent that is not odd, at least 3 and at most 2^33 - 1.
+    fn prepare(n: &[u8], e: &[u8], hash: Hash) -> Result<RsaKey, &'static str> {
         let n_be: Vec<u8> = n.iter().copied().skip_while(|b| *b == 0).collect();
         let k = n_be.len();
+        let bits = match n_be.first() {
+            Some(top) => 8 * k - top.leading_zeros() as usize,
+            None => 0,
+        };
+        if !(512..=MAX_BITS).contains(&bits) {
+            return Err(TOO_SHORT);
+        }
         let e = e
             .iter()
-            .try_fold(0u64, |acc, b| acc.checked_mul(256).map(|a| a | u64::from(*b)))?;
-        if k < 64 || e < 3 || e % 2 == 0 {
-            return None;
-        }
+            .try_fold(0u64, |acc, b| acc.checked_mul(256).map(|a| a | u64::from(*b)))
+            .filter(|e| (3..=MAX_EXPONENT).contains(e) && e % 2 == 1)
+            .ok_or("RSA key rejected: the exponent must be odd, at least 3 and at most 2^33 - 1")?;
         let limbs = limbs_of(&n_be);
-        let n0 = *limbs.first()?;
-        if n0 % 2 == 0 {
-            return None;
-        }
+        let n0 = limbs.first().copied().filter(|n0| n0 % 2 == 1).ok_or(EVEN)?;
         // Newton's iteration: each step doubles the correct low bits of n0^-1 (1, 2, 4, .. 32).
         let mut inv: u32 = 1;
         for _ in 0..5 {
@@ -106,27 +164,19 @@ impl RsaKey {
                 sub_in_place(&mut rr, &limbs);
             }
         }
-        let t_len = k.checked_sub(hash.len())?;
-        let info = hash.digest_info();
-        // 00 01, at least 8 bytes FF, 00, DigestInfo.
-        let ff = t_len.checked_sub(3 + info.len()).filter(|n| *n >= 8)?;
-        let mut prefix = Vec::with_capacity(t_len);
-        prefix.extend_from_slice(&[0x00, 0x01]);
-        prefix.resize(2 + ff, 0xff);
-        prefix.push(0x00);
-        prefix.extend_from_slice(info);
-        Some(RsaKey {
+        Ok(RsaKey {
             n0inv: inv.wrapping_neg(),
             n: limbs,
             rr,
             e,
             k,
-            prefix,
+            bits,
+            scheme: Scheme::Pss,
             hash,
         })
     }
 
-    /// Whether `signature` is this key's PKCS#1 v1.5 signature of `message`.
+    /// Whether `signature` is this key's signature of `message` (v1.5 or PSS, as prepared).
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         if signature.len() != self.k {
             return false;
@@ -136,10 +186,68 @@ impl RsaKey {
             return false;
         }
         let em = self.public_op(&s);
-        let Some((head, digest)) = em.split_at_checked(self.prefix.len()) else {
+        match &self.scheme {
+            Scheme::Pkcs1 { prefix } => {
+                let Some((head, digest)) = em.split_at_checked(prefix.len()) else {
+                    return false;
+                };
+                head == prefix.as_slice() && digest == self.hash.digest(message).as_slice()
+            }
+            Scheme::Pss => self.pss_verifies(message, &em),
+        }
+    }
+
+    /// EMSA-PSS-VERIFY (RFC 8017 section 9.1.2), `em` being `s^e mod n` in `k` bytes.
+    fn pss_verifies(&self, message: &[u8], em: &[u8]) -> bool {
+        let h_len = self.hash.len();
+        let em_bits = self.bits - 1;
+        let em_len = em_bits.div_ceil(8);
+        // I2OSP(m, emLen): when emLen is k - 1 the top byte must be zero.
+        let Some((top, em)) = em.split_at_checked(self.k - em_len) else {
             return false;
         };
-        head == self.prefix.as_slice() && digest == self.hash.digest(message).as_slice()
+        if top.iter().any(|b| *b != 0) || em.last() != Some(&0xbc) {
+            return false;
+        }
+        let db_len = em_len - h_len - 1;
+        let Some((masked_db, rest)) = em.split_at_checked(db_len) else {
+            return false;
+        };
+        let Some(h) = rest.get(..h_len) else {
+            return false;
+        };
+        // The bits above emBits in the top byte must be zero.
+        let unused = 8 * em_len - em_bits;
+        let top_mask = 0xffu8 >> unused;
+        if masked_db.first().is_some_and(|b| b & !top_mask != 0) {
+            return false;
+        }
+        // DB = maskedDB xor MGF1(H, dbLen).
+        let mut db = masked_db.to_vec();
+        let mut counter = 0u32;
+        let mut at = 0;
+        while at < db_len {
+            let block = self.hash.digest_parts(&[h, &counter.to_be_bytes()]);
+            for (d, m) in db.iter_mut().skip(at).zip(&block) {
+                *d ^= m;
+            }
+            at += block.len();
+            counter += 1;
+        }
+        if let Some(first) = db.first_mut() {
+            *first &= top_mask;
+        }
+        // DB = PS (zeros) || 01 || salt, the salt as long as the hash.
+        let Some(ps_len) = db_len.checked_sub(h_len + 1) else {
+            return false;
+        };
+        let (ps, tail) = db.split_at(ps_len);
+        if ps.iter().any(|b| *b != 0) || tail.first() != Some(&0x01) {
+            return false;
+        }
+        let salt = tail.get(1..).unwrap_or_default();
+        let m_hash = self.hash.digest(message);
+        self.hash.digest_parts(&[&[0u8; 8], &m_hash, salt]) == h
     }
 
     /// `s^e mod n`, big-endian, `k` bytes.
@@ -204,6 +312,9 @@ impl RsaKey {
         t
     }
 }
+
+const TOO_SHORT: &str = "RSA key rejected: the modulus must be 512 to 4096 bits long";
+const EVEN: &str = "RSA key rejected: the modulus is even";
 
 /// Adds `c` at limb `at` of `t` and carries on.
 fn add_carry(t: &mut [u32], at: usize, mut c: u64) {
@@ -385,14 +496,95 @@ mod tests {
     }
 
     #[test]
-    fn unusable_keys_are_refused() {
+    fn unusable_keys_are_refused_with_the_reason() {
         let key = test_key();
         let (n, e) = (key.n().to_bytes_be(), key.e().to_bytes_be());
         let mut even = n.clone();
         *even.last_mut().unwrap() &= 0xfe;
-        assert!(RsaKey::new(&even, &e, Hash::Sha256).is_none());
-        assert!(RsaKey::new(&n, &[2], Hash::Sha256).is_none());
-        assert!(RsaKey::new(&n, &[1], Hash::Sha256).is_none());
-        assert!(RsaKey::new(&n[..32], &e, Hash::Sha256).is_none());
+        let refused = |n: &[u8], e: &[u8]| RsaKey::new(n, e, Hash::Sha256).err().unwrap_or("accepted");
+        assert!(refused(&even, &e).contains("even"));
+        for bad_e in [&[2u8][..], &[1], &[0], &[0x04, 0, 0, 0, 1]] {
+            assert!(refused(&n, bad_e).contains("exponent"), "{bad_e:?}");
+        }
+        assert!(refused(&n[..32], &e).contains("512 to 4096 bits"));
+        let mut huge = vec![0xffu8; 513];
+        *huge.last_mut().unwrap() = 0xfb;
+        assert!(refused(&huge, &e).contains("512 to 4096 bits"), "4104 bits");
+        assert!(RsaKey::new_pss(&n[..32], &e, Hash::Sha512).is_err());
+    }
+
+    /// Signs `message` with PSS (salt as long as the hash), as a JWS signer does.
+    fn pss_sign(private: &rsa::RsaPrivateKey, hash: Hash, message: &[u8]) -> Vec<u8> {
+        use rsa::pss::SigningKey;
+        use rsa::signature::{RandomizedSigner as _, SignatureEncoding as _};
+        let rng = &mut rsa::rand_core::OsRng;
+        match hash {
+            Hash::Sha256 => SigningKey::<sha2::Sha256>::new(private.clone())
+                .sign_with_rng(rng, message)
+                .to_vec(),
+            Hash::Sha384 => SigningKey::<sha2::Sha384>::new(private.clone())
+                .sign_with_rng(rng, message)
+                .to_vec(),
+            Hash::Sha512 => SigningKey::<sha2::Sha512>::new(private.clone())
+                .sign_with_rng(rng, message)
+                .to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_pss_signature_verifies_and_any_change_to_it_or_the_message_does_not() {
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let pem = std::str::from_utf8(include_bytes!("testdata/rsa.pem")).unwrap();
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(pem).unwrap();
+        let public = private.to_public_key();
+        let (n, e) = (public.n().to_bytes_be(), public.e().to_bytes_be());
+        let message = b"header.claims";
+        for hash in [Hash::Sha256, Hash::Sha384, Hash::Sha512] {
+            let sig = pss_sign(&private, hash, message);
+            let key = RsaKey::new_pss(&n, &e, hash).unwrap();
+            assert!(key.verifies(message, &sig), "{hash:?}");
+            assert!(!key.verifies(b"header.claimz", &sig), "{hash:?}: another message");
+            for i in [0, 1, sig.len() / 2, sig.len() - 1] {
+                let mut bad = sig.clone();
+                bad[i] ^= 0x01;
+                assert!(!key.verifies(message, &bad), "{hash:?}: byte {i} flipped");
+            }
+            assert!(!key.verifies(message, &n), "{hash:?}: s = n is out of range");
+            // The schemes do not stand in for each other.
+            assert!(
+                !RsaKey::new(&n, &e, hash).unwrap().verifies(message, &sig),
+                "{hash:?} as v1.5"
+            );
+        }
+        let v15 = {
+            use rsa::pkcs1v15::SigningKey;
+            use rsa::signature::{SignatureEncoding as _, Signer as _};
+            SigningKey::<sha2::Sha256>::new(private.clone()).sign(message).to_vec()
+        };
+        assert!(!RsaKey::new_pss(&n, &e, Hash::Sha256).unwrap().verifies(message, &v15));
+        let sha384 = pss_sign(&private, Hash::Sha384, message);
+        assert!(
+            !RsaKey::new_pss(&n, &e, Hash::Sha256)
+                .unwrap()
+                .verifies(message, &sha384)
+        );
+    }
+
+    #[test]
+    fn pss_with_a_modulus_one_bit_past_whole_bytes() {
+        // 1025 bits: the encoded message is one byte shorter than the signature (emLen = k - 1),
+        // the one case where the decrypted block's top byte is not part of it.
+        let private = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1025).unwrap();
+        let public = private.to_public_key();
+        let (n, e) = (public.n().to_bytes_be(), public.e().to_bytes_be());
+        assert_eq!(n.len(), 129);
+        for hash in [Hash::Sha256, Hash::Sha384] {
+            let sig = pss_sign(&private, hash, b"m");
+            let key = RsaKey::new_pss(&n, &e, hash).unwrap();
+            assert!(key.verifies(b"m", &sig), "{hash:?}");
+            assert!(!key.verifies(b"n", &sig), "{hash:?}");
+        }
+        // SHA-512 with its 64-byte salt does not fit in 128 bytes: no such signature exists.
+        assert!(RsaKey::new_pss(&n, &e, Hash::Sha512).is_err());
     }
 }
