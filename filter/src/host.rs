@@ -83,6 +83,7 @@ unsafe extern "C" {
     ) -> u32;
     fn proxy_continue_stream(stream: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(millis: u32) -> u32;
     fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, value_size: usize) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, ret_id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
@@ -116,15 +117,21 @@ pub fn log_level() -> Option<u32> {
     Some(level)
 }
 
-/// Seconds since the Unix epoch by the host's clock; 0 if the host does not answer (every
+/// Milliseconds since the Unix epoch by the host's clock; 0 if the host does not answer (every
 /// time check then fails closed: tokens look not yet valid or expired).
-pub fn now_secs() -> u64 {
+pub fn now_millis() -> u64 {
     let mut nanos = 0u64;
     // SAFETY: `nanos` is a valid out-pointer for the call's duration.
     match check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) }) {
-        Ok(()) => nanos / 1_000_000_000,
+        Ok(()) => nanos / 1_000_000,
         Err(_) => 0,
     }
+}
+
+/// Calls the root context's `on_tick` every `millis` (0: never). Made on the root context.
+pub fn set_tick_period(millis: u32) -> Result<(), Status> {
+    // SAFETY: plain value argument.
+    check(unsafe { proxy_set_tick_period_milliseconds(millis) })
 }
 
 /// Every entry of a header map. `Err` when the host has no such map now: a failed HTTP call

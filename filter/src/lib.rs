@@ -13,6 +13,7 @@
 //! - [`respond`]: refusals as OCI error responses;
 //! - [`leak`]: whether an upstream answer repeats the credential the filter sent;
 //! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions);
+//! - [`tarpit`]: refusals past a per-second threshold answered after a delay;
 //! - [`stats`]: names of the Envoy stats and access-log properties the filter exports;
 //! - [`wire`]: the proxy-wasm ABI's byte formats (header maps, property paths).
 //!
@@ -30,6 +31,7 @@ pub mod respond;
 pub mod rewrite;
 pub mod route;
 pub mod stats;
+pub mod tarpit;
 pub mod upstream;
 pub mod wire;
 

@@ -27,6 +27,7 @@ use crate::flow::{Act, CallAnswer, Flow, Target, Vm};
 use crate::host::{self, Buffer, Map};
 use crate::identity::TokenCache;
 use crate::respond::{LocalResponse, Refusal};
+use crate::tarpit::{TICK_MS, Tarpit};
 use crate::upstream::UpstreamAuth;
 
 /// How long the filter waits for an upstream's challenge or a token service. After that the
@@ -45,6 +46,8 @@ struct State {
     /// What each credential sent upstream must never be echoed as, derived once per credential.
     secrets: crate::leak::SecretsMemo,
     hot: HotMetrics,
+    /// Refusals held back during a flood; answered from the root context's tick.
+    tarpit: Tarpit,
     last_kid_notice: Option<u64>,
     root_id: u32,
 }
@@ -65,6 +68,7 @@ impl State {
                 credentials: CredentialCache::default(),
                 access: AccessCache::default(),
                 secrets: crate::leak::SecretsMemo::default(),
+                tarpit: Tarpit::default(),
                 last_kid_notice: None,
                 root_id,
             };
@@ -78,6 +82,7 @@ impl State {
             secrets,
             last_kid_notice,
             hot,
+            tarpit,
             ..
         } = old;
         let hot = HotMetrics::carry(Some(hot));
@@ -94,6 +99,7 @@ impl State {
             access,
             secrets,
             hot,
+            tarpit,
             last_kid_notice,
             root_id,
             config,
@@ -207,7 +213,7 @@ fn debug_enabled() -> bool {
 }
 
 fn now_secs() -> u64 {
-    host::now_secs()
+    host::now_millis() / 1_000
 }
 
 struct Root {
@@ -247,7 +253,12 @@ impl RootContext for Root {
                 let Ok(mut slot) = shared.try_borrow_mut() else {
                     return false;
                 };
-                *slot = Some(State::next(slot.take(), config, self.id));
+                let state = State::next(slot.take(), config, self.id);
+                // Refusals held under the previous root are answered by this root's tick.
+                if state.tarpit.holding() > 0 {
+                    let _ = host::set_tick_period(TICK_MS);
+                }
+                *slot = Some(state);
                 drop(slot);
                 self.state = shared;
                 true
@@ -268,6 +279,27 @@ impl RootContext for Root {
         }
     }
 
+    /// Answers the held refusals that are due; stops ticking when none is left.
+    fn on_tick(&mut self) {
+        let now_ms = host::now_millis();
+        let (due, left) = VM_STATE.with(|shared| match shared.try_borrow_mut() {
+            Ok(mut slot) => match slot.as_mut() {
+                Some(st) => (st.tarpit.due(now_ms), st.tarpit.holding()),
+                None => (Vec::new(), 0),
+            },
+            Err(_) => (Vec::new(), 1),
+        });
+        for held in due {
+            if host::set_effective_context(held.context).is_ok() {
+                send_to_current(&held.response);
+            }
+        }
+        let _ = host::set_effective_context(self.id);
+        if left == 0 {
+            let _ = host::set_tick_period(0);
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             id: context_id,
@@ -277,6 +309,7 @@ impl RootContext for Root {
             flow: Flow::default(),
             check_body: false,
             status: 0,
+            held: false,
         }))
     }
 
@@ -299,6 +332,8 @@ struct Http {
     check_body: bool,
     /// The upstream's status, kept for the body phase.
     status: u32,
+    /// The refusal of this request waits in the tarpit.
+    held: bool,
 }
 
 impl Context for Http {
@@ -337,6 +372,10 @@ impl Context for Http {
     }
 
     fn on_done(&mut self) -> bool {
+        if self.held {
+            let id = self.id;
+            let _ = with_state(&self.state, |st| st.tarpit.forget(id));
+        }
         // A fetcher that goes away (client disconnected) must not leave its waiters hanging.
         let (id, flow) = (self.id, &mut self.flow);
         if let Ok(Some((waiters, r))) = with_state(&self.state, |st| flow.done(&mut st.vm(), id)) {
@@ -447,6 +486,33 @@ fn send_to_current(r: &LocalResponse) {
 impl Http {
     fn send(&self, r: LocalResponse) -> Action {
         send_to_current(&r);
+        Action::Pause
+    }
+
+    /// A refusal answered now, or held in the tarpit when this VM refuses too many this second
+    /// (the root context's tick answers it; see [`crate::tarpit`]).
+    fn refuse_or_hold(&mut self, response: LocalResponse, now_ms: u64) -> Action {
+        let id = self.id;
+        let mut unheld = Some(response);
+        let held = with_state(&self.state, |st| {
+            let first = st.tarpit.holding() == 0;
+            let response = unheld.take()?;
+            unheld = st.tarpit.refuse(id, response, now_ms);
+            unheld.is_none().then_some((first, st.root_id))
+        });
+        if let Some(response) = unheld {
+            return self.send(response);
+        }
+        let Ok(Some((first, root))) = held else {
+            return Action::Pause;
+        };
+        self.held = true;
+        count(crate::stats::REFUSAL_HELD);
+        if first && host::set_effective_context(root).is_ok() {
+            // The tick belongs to the root context: set it there.
+            let _ = host::set_tick_period(TICK_MS);
+            let _ = host::set_effective_context(self.id);
+        }
         Action::Pause
     }
 
@@ -656,7 +722,8 @@ impl HttpContext for Http {
             scheme: &scheme,
             authorization: &authorization,
         };
-        let now = now_secs();
+        let now_ms = host::now_millis();
+        let now = now_ms / 1_000;
 
         match self.decide(&request, now) {
             Decision::Respond { response, reason } => {
@@ -670,7 +737,10 @@ impl HttpContext for Http {
                         &format!("{method} answered locally: {} {reason}", response.status),
                     );
                 }
-                self.send(response)
+                if response.status < 400 {
+                    return self.send(response);
+                }
+                self.refuse_or_hold(response, now_ms)
             }
             Decision::Forward(f) => {
                 // Host calls are the filter's main per-request cost: remove only what is there.

@@ -33,6 +33,9 @@ pub fn token_fetch(connector: &str) -> String {
 /// usable answer: it broke off after its head, timed out, or could not be read.
 pub const CALL_FAILED: &str = "oci_connector.calls.failed";
 
+/// A refusal answered after the tarpit's hold ([`crate::tarpit`]), not at once.
+pub const REFUSAL_HELD: &str = "oci_connector.refusals.held";
+
 /// The verified-token cache: a hit skips signature verification.
 pub fn token_cache(hit: bool) -> &'static str {
     if hit {
