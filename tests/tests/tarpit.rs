@@ -15,7 +15,10 @@ static STACK: Shared = Shared::new("e2e-tarpit", true);
 fn a_flood_of_refusals_is_slowed_and_good_clients_are_not() {
     STACK.run(|s| {
         let port = s.envoy.port;
-        let token = s.minter.valid(connector_devkit::stack::CONNECTOR_NAMESPACE, "default").unwrap();
+        let token = s
+            .minter
+            .valid(connector_devkit::stack::CONNECTOR_NAMESPACE, "default")
+            .unwrap();
         let good = || {
             let started = Instant::now();
             let r = Request::get(&manifest_path())
@@ -50,9 +53,8 @@ fn a_flood_of_refusals_is_slowed_and_good_clients_are_not() {
             quick += 1;
         }
         let flood_time = started.elapsed();
-        let (i, took, held) = slow.unwrap_or_else(|| {
-            panic!("no refusal was held: {quick} answered at once in {flood_time:?}")
-        });
+        let (i, took, held) =
+            slow.unwrap_or_else(|| panic!("no refusal was held: {quick} answered at once in {flood_time:?}"));
         eprintln!("{quick} refusals answered at once, then request {i} after {took:?}");
         // At least the quick budget went through at once (more if a second boundary passed).
         assert!(quick >= QUICK_REFUSALS_PER_SECOND, "held after only {quick}");

@@ -6,6 +6,7 @@
 
 use crate::config::{Algorithm, ConfigError, IdentityConfig, KeyMaterial, check_jwk_shape};
 
+pub mod es256;
 pub mod pkcs1;
 
 /// A public key, parsed once when the configuration is compiled: the request path never
@@ -14,7 +15,8 @@ pub mod pkcs1;
 pub enum PublicKey {
     /// RS256, RS384, RS512, PS256, PS384, PS512: prepared for the checks of [`pkcs1`].
     Rsa(pkcs1::RsaKey),
-    P256(p256::ecdsa::VerifyingKey),
+    /// ES256: with its precomputed multiples (see [`es256`]); shared, they are 173 KB.
+    P256(std::rc::Rc<es256::Es256Key>),
     P384(p384::ecdsa::VerifyingKey),
 }
 
@@ -53,11 +55,12 @@ impl VerifyKey {
     pub fn ec(algorithm: Algorithm, x: &[u8], y: &[u8]) -> Result<Self, String> {
         let sec1 = [&[0x04u8][..], x, y].concat();
         let key = match algorithm {
-            Algorithm::ES256 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P256),
-            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384),
+            Algorithm::ES256 => PublicKey::P256(std::rc::Rc::new(es256::Es256Key::new(x, y)?)),
+            Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                .map(PublicKey::P384)
+                .map_err(|_| "EC key rejected: the point is not on the curve")?,
             other => return Err(format!("{} is not an EC algorithm", other.name())),
-        }
-        .map_err(|_| "EC key rejected: the point is not on the curve".to_string())?;
+        };
         Ok(Self {
             algorithm,
             key,
@@ -67,7 +70,7 @@ impl VerifyKey {
 
     /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
-        use p256::ecdsa::signature::Verifier as _;
+        use p384::ecdsa::signature::Verifier as _;
         match (&self.key, self.algorithm) {
             // The key was prepared for its algorithm's scheme and hash (see `rsa`).
             (
@@ -79,9 +82,7 @@ impl VerifyKey {
                 | Algorithm::PS384
                 | Algorithm::PS512,
             ) => k.verifies(message, signature),
-            (PublicKey::P256(k), Algorithm::ES256) => {
-                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
-            }
+            (PublicKey::P256(k), Algorithm::ES256) => k.verifies(message, signature),
             (PublicKey::P384(k), Algorithm::ES384) => {
                 p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
             }
@@ -93,6 +94,20 @@ impl VerifyKey {
 
 /// Builds a key from checked material; `Err` says why the numbers make no usable key.
 pub fn build_key(material: &KeyMaterial) -> Result<VerifyKey, String> {
+    build_key_reusing(material, None)
+}
+
+/// [`build_key`], or a copy of `earlier` (the key the same `kid` named in the running
+/// configuration) when that is the same key: an ES256 key's table costs milliseconds to build,
+/// and a configuration push that changes a connector does not change the keys.
+pub fn build_key_reusing(material: &KeyMaterial, earlier: Option<&VerifyKey>) -> Result<VerifyKey, String> {
+    let (algorithm, bytes) = match material {
+        KeyMaterial::Rsa { algorithm, n, e } => (*algorithm, [n.as_slice(), e].concat()),
+        KeyMaterial::Ec { algorithm, x, y } => (*algorithm, [&[0x04u8][..], x, y].concat()),
+    };
+    if let Some(k) = earlier.filter(|k| k.algorithm == algorithm && k.material == bytes) {
+        return Ok(k.clone());
+    }
     match material {
         KeyMaterial::Rsa { algorithm, n, e } => VerifyKey::rsa(*algorithm, n, e),
         KeyMaterial::Ec { algorithm, x, y } => VerifyKey::ec(*algorithm, x, y),

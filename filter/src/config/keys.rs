@@ -1,15 +1,21 @@
 //! The `identity` section's keys: each JWK whose shape `connector_core` accepted is built into
-//! a verification key here, once per configuration (the rsa crate's modulus and exponent
-//! checks, an EC point on its curve): what only the filter, which links the crypto, can decide.
+//! a verification key here (the modulus and exponent checks, an EC point on its curve, an
+//! ES256 key's table): what only the filter, which links the crypto, can decide. A key the
+//! running configuration already built under the same `kid` is reused.
 
 use std::collections::HashMap;
 
 use connector_core::config::{IdentityConfig, check_jwk_shape};
-use connector_core::keys::build_key;
+use connector_core::keys::build_key_reusing;
 
 use super::*;
 
-pub(super) fn compile_policy(identity: &IdentityConfig, found: &mut Vec<ConfigError>) -> TokenPolicy {
+/// `earlier`: the running configuration's keys; a `kid` naming the same key again is not rebuilt.
+pub(super) fn compile_policy(
+    identity: &IdentityConfig,
+    earlier: Option<&TokenPolicy>,
+    found: &mut Vec<ConfigError>,
+) -> TokenPolicy {
     let mut keys = HashMap::new();
     for (i, jwk) in identity.jwks.keys.iter().enumerate() {
         let path = format!("identity.jwks.keys[{i}]");
@@ -17,7 +23,8 @@ pub(super) fn compile_policy(identity: &IdentityConfig, found: &mut Vec<ConfigEr
         let Ok(material) = check_jwk_shape(jwk, &path) else {
             continue;
         };
-        match build_key(&material) {
+        let running = earlier.and_then(|p| p.keys.get(&jwk.kid));
+        match build_key_reusing(&material, running) {
             Ok(key) => {
                 keys.insert(jwk.kid.clone(), key);
             }

@@ -224,7 +224,7 @@ pub fn compile_after(
     // The filter's own findings, except under a path already reported (a value found wrong
     // there was read as empty, and is not reported twice).
     let mut found = vec![];
-    let policy = compile_policy(&config.identity, &mut found);
+    let policy = compile_policy(&config.identity, previous.map(|p| &p.policy), &mut found);
     let controller = config
         .controller
         .as_ref()

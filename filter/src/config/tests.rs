@@ -402,6 +402,45 @@ fn controller_doc(n: usize, changed: usize, rev: &str) -> Value {
 }
 
 #[test]
+fn a_push_reuses_the_keys_it_repeats_and_builds_a_changed_one() {
+    use connector_core::keys::PublicKey;
+    let ec_table = |c: &Config| match c.policy.keys.get(testkeys::EC_KID).map(|k| &k.key) {
+        Some(PublicKey::P256(k)) => std::rc::Rc::clone(k),
+        _ => panic!("the EC key is ES256"),
+    };
+    let first = compile_value(&controller_doc(3, 9, "")).unwrap();
+    let next = compile_after(controller_doc(3, 1, "r").to_string().as_bytes(), &env, Some(&first)).unwrap();
+    assert!(
+        std::rc::Rc::ptr_eq(&ec_table(&first), &ec_table(&next)),
+        "same kid, same key: reused"
+    );
+    // The same kid naming another point is built anew (and still verifies with its own key).
+    let mut doc = controller_doc(3, 1, "r");
+    let other = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": testkeys::EC_KID, "alg": "ES256",
+        "x": "axfR8uEsQkf4vOblY6RA8ncDfYEt6zOg9KE5RdiYwpY", "y": "T-NC4v4af5uO5-tKfA-eFivOM1drMV7Oy7ZAaDe_UfU"});
+    let keys = doc["identity"]["jwks"]["keys"].as_array_mut().unwrap();
+    let at = keys.iter().position(|k| k["kid"] == testkeys::EC_KID).unwrap();
+    keys[at] = other;
+    let after = compile_after(doc.to_string().as_bytes(), &env, Some(&next)).unwrap();
+    assert!(
+        !std::rc::Rc::ptr_eq(&ec_table(&next), &ec_table(&after)),
+        "another point: rebuilt"
+    );
+    let now = testkeys::NOW;
+    let claims = serde_json::json!({
+        "iss": testkeys::ISSUER, "aud": [testkeys::AUDIENCE], "exp": now + 600, "iat": now - 5,
+        "sub": "system:serviceaccount:demo:default",
+        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}}
+    });
+    let ec = testkeys::sign(testkeys::EC_KID, jsonwebtoken::Algorithm::ES256, &claims);
+    assert!(crate::identity::verify(&ec, &next.policy, testkeys::NOW).is_ok());
+    assert!(
+        crate::identity::verify(&ec, &after.policy, testkeys::NOW).is_err(),
+        "the old key is gone"
+    );
+}
+
+#[test]
 fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     let first = compile_value(&controller_doc(5, 99, "")).unwrap();
     let next_doc = controller_doc(5, 2, "r1-2");
