@@ -39,66 +39,78 @@ pub fn test_jwk() -> Result<Jwk> {
     Ok(jwk)
 }
 
-/// Sends the same authenticated manifest GET twice through a Basic-credential connector and
-/// returns the host calls of the second (warm) one: request headers, then the upstream's 200
-/// answer (headers and body) and the end of the stream.
-pub fn warm_forwarded_request(module: Option<std::path::PathBuf>) -> Result<WarmCalls> {
-    let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
-    let jwk = test_jwk()?;
-    let config = json!({
-        "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
-        "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
-            "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"}}]
-    });
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(KID.to_string());
-    let claims = json!({
-        "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
-        "sub": "system:serviceaccount:demo:default",
-        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}}
-    });
-    let token = jsonwebtoken::encode(&header, &claims, &key)?;
-    let mut h = Host::with(Options {
-        env: vec![("REG_PASSWORD".into(), "s3cret-pw".into())],
-        now_nanos: Some(NOW * 1_000_000_000),
-        module,
-        ..Options::default()
-    })?;
-    if !h.configure(config.to_string().as_bytes())? {
-        bail!("the configuration was refused: {:?}", h.rec().logs);
+/// A host with the warm-request configuration accepted, and the request and answer it is sent.
+pub struct Warm {
+    host: Host,
+    request: crate::Headers,
+    answer: crate::Headers,
+}
+
+impl Warm {
+    /// `optimized`: Cranelift's optimisations on, as a timing wants.
+    pub fn new(module: Option<std::path::PathBuf>, optimized: bool) -> Result<Warm> {
+        let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
+        let jwk = test_jwk()?;
+        let config = json!({
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
+            "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
+                "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"}}]
+        });
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(KID.to_string());
+        let claims = json!({
+            "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
+            "sub": "system:serviceaccount:demo:default",
+            "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}}
+        });
+        let token = jsonwebtoken::encode(&header, &claims, &key)?;
+        let mut host = Host::with(Options {
+            env: vec![("REG_PASSWORD".into(), "s3cret-pw".into())],
+            now_nanos: Some(NOW * 1_000_000_000),
+            module,
+            optimized,
+            ..Options::default()
+        })?;
+        if !host.configure(config.to_string().as_bytes())? {
+            bail!("the configuration was refused: {:?}", host.rec().logs);
+        }
+        // What Envoy hands the filter for `curl`/`wrk` through the HTTP connection manager.
+        let auth = format!("Bearer {token}");
+        let request = headers(&[
+            (":authority", "127.0.0.1:8080"),
+            (":path", PATH),
+            (":method", "GET"),
+            (":scheme", "http"),
+            ("accept", "application/vnd.oci.image.manifest.v1+json"),
+            ("authorization", &auth),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "3f0c6a4e-0000-4000-8000-000000000000"),
+        ]);
+        let answer = headers(&[
+            (":status", "200"),
+            ("content-type", "application/vnd.oci.image.manifest.v1+json"),
+            ("content-length", "2"),
+            (
+                "docker-content-digest",
+                "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            ),
+            ("docker-distribution-api-version", "registry/2.0"),
+            ("x-envoy-upstream-service-time", "1"),
+        ]);
+        Ok(Warm { host, request, answer })
     }
-    // What Envoy hands the filter for `curl`/`wrk` through the HTTP connection manager.
-    let auth = format!("Bearer {token}");
-    let request = headers(&[
-        (":authority", "127.0.0.1:8080"),
-        (":path", PATH),
-        (":method", "GET"),
-        (":scheme", "http"),
-        ("accept", "application/vnd.oci.image.manifest.v1+json"),
-        ("authorization", &auth),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "3f0c6a4e-0000-4000-8000-000000000000"),
-    ]);
-    let answer = headers(&[
-        (":status", "200"),
-        ("content-type", "application/vnd.oci.image.manifest.v1+json"),
-        ("content-length", "2"),
-        (
-            "docker-content-digest",
-            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
-        ),
-        ("docker-distribution-api-version", "registry/2.0"),
-        ("x-envoy-upstream-service-time", "1"),
-    ]);
-    let mut phases = vec![];
-    for round in 0..2 {
+
+    /// One request through: request headers, the upstream's 200 (headers and body), the end of
+    /// the stream; the host calls of each phase.
+    pub fn request(&mut self) -> Result<WarmCalls> {
+        let h = &mut self.host;
         let id = h.new_stream()?;
         let before = h.rec().calls.len();
-        let mut action = h.request_headers(id, request.clone(), true)?;
-        if round == 0 && action == Action::Pause {
+        let mut action = h.request_headers(id, self.request.clone(), true)?;
+        if action == Action::Pause && h.stream(id).local().is_none() {
             // The connector's first request asks the upstream for its scheme.
             let Some(probe) = h.pending_calls().first().map(|c| c.token) else {
-                bail!("the first request paused without a call: {:?}", h.rec().logs);
+                bail!("the request paused without a call: {:?}", h.rec().logs);
             };
             h.answer_call(probe, 401, &[("www-authenticate", r#"Basic realm="r""#)], b"")?;
             action = Action::Continue;
@@ -107,21 +119,31 @@ pub fn warm_forwarded_request(module: Option<std::path::PathBuf>) -> Result<Warm
             bail!("the request was not forwarded: {:?}", h.stream(id).local());
         }
         let middle = h.rec().calls.len();
-        h.response_headers(id, answer.clone(), false)?;
+        h.response_headers(id, self.answer.clone(), false)?;
         h.response_body(id, b"{}", true)?;
         h.finish(id)?;
-        let calls = &h.rec().calls;
+        let calls = &mut h.rec_mut().calls;
         let names = |from: usize, to: usize| calls.get(from..to).unwrap_or_default().iter().map(|c| c.0).collect();
-        phases.push(WarmCalls {
+        let out = WarmCalls {
             request: names(before, middle),
             response: names(middle, calls.len()),
-        });
+        };
+        // A timing loop must not grow the record without bound.
+        calls.clear();
+        h.rec_mut().streams.remove(&id);
+        Ok(out)
     }
-    let Some(warm) = phases.pop() else {
-        bail!("no request measured");
-    };
-    if !h.pending_calls().is_empty() {
-        bail!("the warm request made an HTTP call: {:?}", h.pending_calls());
+}
+
+/// Sends the same authenticated manifest GET twice through a Basic-credential connector and
+/// returns the host calls of the second (warm) one: request headers, then the upstream's 200
+/// answer (headers and body) and the end of the stream.
+pub fn warm_forwarded_request(module: Option<std::path::PathBuf>) -> Result<WarmCalls> {
+    let mut warm = Warm::new(module, false)?;
+    warm.request()?;
+    let calls = warm.request()?;
+    if !warm.host.pending_calls().is_empty() {
+        bail!("the warm request made an HTTP call: {:?}", warm.host.pending_calls());
     }
-    Ok(warm)
+    Ok(calls)
 }
