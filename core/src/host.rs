@@ -5,9 +5,27 @@
 
 pub const DEFAULT_HOST_PATTERN: &str = "c-{name}-connector.{namespace}.svc.cluster.local";
 
-/// Renders the host pattern for one connector.
+/// Renders the host pattern for one connector. One pass, one allocation: a configuration of
+/// 20,000 connectors renders every host name on each push.
 pub fn render_host(pattern: &str, namespace: &str, name: &str) -> String {
-    pattern.replace("{namespace}", namespace).replace("{name}", name)
+    let mut out = String::with_capacity(pattern.len() + namespace.len() + name.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find('{') {
+        let (head, tail) = rest.split_at(at);
+        out.push_str(head);
+        if let Some(after) = tail.strip_prefix("{namespace}") {
+            out.push_str(namespace);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{name}") {
+            out.push_str(name);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = tail.get(1..).unwrap_or_default();
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What is wrong with a host pattern, one message per problem (empty: it is usable).
@@ -69,6 +87,17 @@ fn pattern_matches(pattern: &[u8], host: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_each_placeholder_where_it_stands() {
+        assert_eq!(render_host("{name}.{namespace}.x", "ns", "n"), "n.ns.x");
+        assert_eq!(
+            render_host("x-{namespace}-{name}", "team-a", "reg.v2"),
+            "x-team-a-reg.v2"
+        );
+        // Not a placeholder: kept as written (a pattern with one is refused by `pattern_problems`).
+        assert_eq!(render_host("{nam}{name}{", "ns", "n"), "{nam}n{");
+    }
 
     #[test]
     fn renders_and_matches_the_default_pattern() {

@@ -974,4 +974,53 @@ mod perf_probe {
             eprintln!("{alg:?} new-token decision (cache at capacity): {per:.1} us");
         }
     }
+
+    #[test]
+    #[ignore]
+    /// A probe, not a test: what compiling a controller-rendered document of 5,000 connectors
+    /// costs natively, from nothing (Envoy's configuration canary) and after the running one (a
+    /// worker); run under `perf` to see where it goes. Timing is never asserted.
+    fn compile_cost() {
+        let doc = |changed: usize| {
+            let entries: Vec<serde_json::Value> = (0..5000)
+                .map(|i| {
+                    let rev = if i == changed {
+                        "r1".to_string()
+                    } else {
+                        format!("r0-{i}")
+                    };
+                    serde_json::json!({
+                        "namespace": format!("team-{}", i % 50), "name": format!("c{i}"),
+                        "address": "https://registry.internal:5000",
+                        "cluster": "upstream_https_registry_internal_5000_0123abcd",
+                        "credential": {"fromController": rev},
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
+                "controller": {"cluster": "connector_controller", "authority": "controller.local"},
+                "connectors": entries,
+            })
+            .to_string()
+        };
+        let env = |_: &str| None;
+        let (first, second) = (doc(usize::MAX), doc(7));
+        let rounds = 20;
+        let s = std::time::Instant::now();
+        for _ in 0..rounds {
+            compile(first.as_bytes(), &env).unwrap();
+        }
+        let full = s.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+        let running = compile(first.as_bytes(), &env).unwrap();
+        let s = std::time::Instant::now();
+        for _ in 0..rounds {
+            crate::config::compile_after(second.as_bytes(), &env, Some(&running)).unwrap();
+        }
+        let after = s.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+        eprintln!(
+            "5,000 connectors ({} bytes): full compile {full:.1} ms, after the running one {after:.1} ms",
+            first.len()
+        );
+    }
 }

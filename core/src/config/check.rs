@@ -428,19 +428,26 @@ pub(super) fn check_connectors(entries: &[ConnectorEntry], host_pattern: &str) -
         if entry.namespace.is_empty() || entry.name.is_empty() {
             continue;
         }
-        let path = format!("connectors[{i}]");
+        // Paths are formatted only for a problem: this runs over every entry on every push.
         if !names.insert((entry.namespace.as_str(), entry.name.as_str())) {
             errors.push(ConfigError::new(
-                &path,
+                format!("connectors[{i}]"),
                 format!("connector {} is defined twice", entry.label()),
             ));
         }
         for h in entry_hosts(entry, host_pattern) {
-            if by_host.insert(h.clone(), i).is_some_and(|other| other != i) {
-                errors.push(ConfigError::new(
-                    format!("{path}.hosts"),
-                    format!("host {h:?} is already used by another connector"),
-                ));
+            match by_host.entry(h) {
+                std::collections::hash_map::Entry::Occupied(mut claimed) => {
+                    if std::mem::replace(claimed.get_mut(), i) != i {
+                        errors.push(ConfigError::new(
+                            format!("connectors[{i}].hosts"),
+                            format!("host {:?} is already used by another connector", claimed.key()),
+                        ));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(free) => {
+                    free.insert(i);
+                }
             }
         }
     }

@@ -433,7 +433,10 @@ fn walk_entry(w: &mut Walk<'_>, v: &Value, path: &str) -> ConnectorEntry {
         allowed_namespaces: w.strings(m, path, "allowedNamespaces", false),
         allowed_service_accounts: w.strings(m, path, "allowedServiceAccounts", false),
         hosts: w.strings(m, path, "hosts", false),
-        token_realms: walk_realms(w, m.get("tokenRealms"), &format!("{path}.tokenRealms")),
+        token_realms: match m.get("tokenRealms") {
+            None => vec![],
+            realms => walk_realms(w, realms, &format!("{path}.tokenRealms")),
+        },
         read_only: w.boolean(m, path, "readOnly"),
     }
 }

@@ -78,23 +78,24 @@ impl Walk<'_> {
 
     /// A list of non-empty strings; a bad item is reported and kept as `""` at its index.
     pub(super) fn strings(&mut self, m: &Map<String, Value>, path: &str, key: &str, required: bool) -> Vec<String> {
-        let p = format!("{path}.{key}");
+        // The path is formatted only for a problem: this runs for every list of every entry.
+        let p = || format!("{path}.{key}");
         match m.get(key) {
             None if required => {
-                self.err(p, "is required: expected a non-empty list of strings");
+                self.err(p(), "is required: expected a non-empty list of strings");
                 vec![]
             }
             None => vec![],
             Some(Value::Array(items)) => {
                 if required && items.is_empty() {
-                    self.err(&p, "must not be empty");
+                    self.err(p(), "must not be empty");
                 }
                 let mut out = vec![];
                 for (i, item) in items.iter().enumerate() {
                     match item {
                         Value::String(s) if !s.is_empty() => out.push(s.clone()),
                         _ => {
-                            self.err(format!("{p}[{i}]"), "expected a non-empty string");
+                            self.err(format!("{}[{i}]", p()), "expected a non-empty string");
                             out.push(String::new());
                         }
                     }
@@ -102,7 +103,7 @@ impl Walk<'_> {
                 out
             }
             Some(_) => {
-                self.err(p, "expected a list of strings");
+                self.err(p(), "expected a list of strings");
                 vec![]
             }
         }
