@@ -72,7 +72,9 @@ pub async fn pipeline(
     let mut table = CredentialTable::default();
     let mut cache = RenderCache::default();
     let mut version = 0u64;
-    let mut last: Option<(String, Vec<crate::render::UpstreamCluster>)> = None;
+    // The last snapshot sent, compared with each rendering (held, not copied: the document is
+    // megabytes at 20,000 connectors).
+    let mut last: Option<Arc<Snapshot>> = None;
     let mut fresh_inputs = true;
     loop {
         let current = if fresh_inputs {
@@ -91,7 +93,9 @@ pub async fn pipeline(
                     // Straight from the typed document: no JSON tree is built per change. (It
                     // cannot fail: every map key is a string.)
                     let config = serde_json::to_string(&r.filter_config).unwrap_or_default();
-                    let same = last.as_ref().is_some_and(|(c, cl)| *c == config && *cl == r.clusters);
+                    let same = last
+                        .as_ref()
+                        .is_some_and(|s| s.filter_config == config && s.clusters == r.clusters);
                     if !same {
                         version += 1;
                     }
@@ -103,12 +107,13 @@ pub async fn pipeline(
                     table.install(with_revisions, version);
                     credentials.send_replace(table.served());
                     if !same {
-                        snapshots.send_replace(Some(Arc::new(Snapshot {
+                        let snapshot = Arc::new(Snapshot {
                             version,
-                            clusters: r.clusters.clone(),
-                            filter_config: config.clone(),
-                        })));
-                        last = Some((config, r.clusters.clone()));
+                            clusters: r.clusters,
+                            filter_config: config,
+                        });
+                        snapshots.send_replace(Some(Arc::clone(&snapshot)));
+                        last = Some(snapshot);
                     }
                     for (key, problems) in &r.left_out {
                         for p in problems {

@@ -252,7 +252,10 @@ impl Jacobian {
 pub(crate) struct Table(Vec<Affine>);
 
 impl Table {
-    fn of(p: &Affine) -> Table {
+    /// `None` if a multiple is the identity, which no point of the prime-order group gives
+    /// (the scalars stay below `2^258`, and `n` is a prime above `2^255`): a check with such a
+    /// table fails closed rather than use a wrong one.
+    fn of(p: &Affine) -> Option<Table> {
         let mut out = Vec::with_capacity(WINDOWS * PER_WINDOW);
         let mut base = *p;
         for _ in 0..WINDOWS {
@@ -264,19 +267,12 @@ impl Table {
                 acc = acc.add_affine(&base);
                 jac.push(acc);
             }
-            let affine = normalize(&jac);
-            let Some((next, multiples)) = affine.split_last() else {
-                break;
-            };
-            out.extend(multiples.iter().map(|a| a.unwrap_or(base)));
-            match next {
-                Some(n) => base = *n,
-                // 2^W * base is the identity only if the order of P divides it: not for a
-                // point of the prime-order group; stop rather than loop on nonsense.
-                None => break,
-            }
+            let affine: Option<Vec<Affine>> = normalize(&jac).into_iter().collect();
+            let mut affine = affine?;
+            base = affine.pop()?;
+            out.extend(affine);
         }
-        Table(out)
+        Some(Table(out))
     }
 
     fn get(&self, window: usize, digit: usize) -> Option<&Affine> {
@@ -312,9 +308,9 @@ fn normalize(points: &[Jacobian]) -> Vec<Option<Affine>> {
     out
 }
 
-fn generator_table() -> &'static Table {
-    static G: OnceLock<Table> = OnceLock::new();
-    G.get_or_init(|| Table::of(&Affine { x: fe(&GX), y: fe(&GY) }))
+fn generator_table() -> Option<&'static Table> {
+    static G: OnceLock<Option<Table>> = OnceLock::new();
+    G.get_or_init(|| Table::of(&Affine { x: fe(&GX), y: fe(&GY) })).as_ref()
 }
 
 /// `W`-bit digit `window` of a little-endian scalar.
@@ -366,7 +362,7 @@ fn sc_invert(a: &Sc) -> Sc {
 /// across pushes (`build_key_reusing`), so the table is built once per VM that verifies with it.
 pub struct Es256Key {
     point: Affine,
-    table: std::cell::OnceCell<Table>,
+    table: std::cell::OnceCell<Option<Table>>,
 }
 
 impl Es256Key {
@@ -417,8 +413,12 @@ impl Es256Key {
         let w = sc_invert(&sc(&s));
         let u1 = sc_plain(&sc_mul(&sc(&e), &w));
         let u2 = sc_plain(&sc_mul(&sc(&r), &w));
-        let g = generator_table();
-        let q = self.table.get_or_init(|| Table::of(&self.point));
+        let (Some(g), Some(q)) = (
+            generator_table(),
+            self.table.get_or_init(|| Table::of(&self.point)).as_ref(),
+        ) else {
+            return false;
+        };
         let mut acc = Jacobian::identity();
         for window in 0..WINDOWS {
             for (table, k) in [(g, &u1), (q, &u2)] {
@@ -559,7 +559,7 @@ mod tests {
         use p256::ecdsa::signature::Verifier as _;
         use std::time::Instant;
         let t = Instant::now();
-        generator_table();
+        assert!(generator_table().is_some());
         let g_table = t.elapsed();
         let (signing, _) = key_pair(7);
         let point = signing.verifying_key().to_encoded_point(false);
