@@ -108,10 +108,13 @@ pub struct ResponsePlan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Answer locally; `reason` is the refusal label (or `api_base`).
+    /// Answer locally; `reason` is the refusal label (or `api_base`). `authenticated`: the
+    /// caller's token was verified (a refusal after that, such as a connector it may not use, is
+    /// accountable to a ServiceAccount and never held by the tarpit).
     Respond {
         response: LocalResponse,
         reason: &'static str,
+        authenticated: bool,
     },
     Forward(Box<Forward>),
 }
@@ -121,6 +124,19 @@ fn refuse(config_realm: &str, r: Refusal) -> Decision {
     Decision::Respond {
         response: r.into_response(config_realm),
         reason,
+        authenticated: false,
+    }
+}
+
+/// A refusal of a caller whose token was verified.
+fn refuse_authenticated(config_realm: &str, r: Refusal) -> Decision {
+    match refuse(config_realm, r) {
+        Decision::Respond { response, reason, .. } => Decision::Respond {
+            response,
+            reason,
+            authenticated: true,
+        },
+        forward => forward,
     }
 }
 
@@ -226,6 +242,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
                 Ok(_) => Decision::Respond {
                     response: api_base_ok(),
                     reason: "api_base",
+                    authenticated: true,
                 },
                 Err(r) => refuse(realm, r),
             };
@@ -279,12 +296,12 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
             } else {
                 quote(&c.label())
             };
-            return refuse(realm, not_permitted(&label, &caller));
+            return refuse_authenticated(realm, not_permitted(&label, &caller));
         }
-        Addressed::Unknown(label, _) => return refuse(realm, not_permitted(&label, &caller)),
+        Addressed::Unknown(label, _) => return refuse_authenticated(realm, not_permitted(&label, &caller)),
     };
     if connector.read_only && !matches!(req.method, "GET" | "HEAD") {
-        return refuse(
+        return refuse_authenticated(
             realm,
             Refusal::denied(
                 "read_only",
@@ -480,9 +497,46 @@ mod tests {
         decide_request(&c, &mut cache, &req, NOW)
     }
 
+    #[test]
+    fn only_refusals_of_a_verified_caller_are_marked_authenticated() {
+        let authenticated = |d: &Decision| match d {
+            Decision::Respond { authenticated, .. } => *authenticated,
+            Decision::Forward(_) => panic!("forwarded"),
+        };
+        let good = format!("Bearer {}", token("demo", "default"));
+        let other = format!("Bearer {}", token("other", "default"));
+        // Before or at the token check: not accountable, may be held.
+        assert!(!authenticated(&run(
+            "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1",
+            "p",
+            &[]
+        )));
+        assert!(!authenticated(&run(
+            "/v2/namespaces/demo/connectors/reg/lib/app/manifests/v1",
+            "p",
+            &["Bearer x.y.z"]
+        )));
+        assert!(!authenticated(&run("/v2/_catalog", "p", &[&good])));
+        // After it: a connector the caller may not use, or that does not exist.
+        let d = run(
+            "/v2/namespaces/team/connectors/reg/lib/app/manifests/v1",
+            "p",
+            &[&other],
+        );
+        assert_eq!(refused(&d).0, 403);
+        assert!(authenticated(&d));
+        let d = run(
+            "/v2/namespaces/demo/connectors/gone/lib/app/manifests/v1",
+            "p",
+            &[&good],
+        );
+        assert_eq!(refused(&d).0, 403);
+        assert!(authenticated(&d));
+    }
+
     fn refused(d: &Decision) -> (u32, String, &'static str) {
         match d {
-            Decision::Respond { response, reason } => {
+            Decision::Respond { response, reason, .. } => {
                 let v: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
                 (
                     response.status,
@@ -819,7 +873,7 @@ mod tests {
             };
             match decide_request(&c, &mut cache, &req, NOW) {
                 Decision::Forward(_) => assert!(forwarded, "{method} was forwarded"),
-                Decision::Respond { response, reason } => {
+                Decision::Respond { response, reason, .. } => {
                     assert!(!forwarded, "{method} refused: {reason}");
                     assert_eq!((response.status, reason), (403, "read_only"), "{method}");
                     assert!(String::from_utf8(response.body).unwrap().contains("spec.readOnly"));

@@ -595,6 +595,7 @@ impl Http {
             Decision::Respond {
                 response: r.into_response(config::DEFAULT_REALM),
                 reason,
+                authenticated: false,
             }
         })
     }
@@ -726,7 +727,11 @@ impl HttpContext for Http {
         let now = now_ms / 1_000;
 
         match self.decide(&request, now) {
-            Decision::Respond { response, reason } => {
+            Decision::Respond {
+                response,
+                reason,
+                authenticated,
+            } => {
                 count(&crate::stats::answered(reason));
                 if reason == "unknown_kid" {
                     self.notify_unknown_kid(now);
@@ -737,7 +742,10 @@ impl HttpContext for Http {
                         &format!("{method} answered locally: {} {reason}", response.status),
                     );
                 }
-                if response.status < 400 {
+                // The tarpit slows refusals of callers it cannot hold to account; a ServiceAccount
+                // refused a connector is answered at once (a client retrying a deleted
+                // connector must not stall).
+                if response.status < 400 || authenticated {
                     return self.send(response);
                 }
                 self.refuse_or_hold(response, now_ms)

@@ -1,17 +1,24 @@
 //! The tarpit: when one VM refuses more requests in a second than a busy node's kubelets
-//! would cause, further refusals are answered after a delay instead of at once.
+//! would cause, further refusals of callers it cannot hold to account are answered after a
+//! delay instead of at once.
 //!
 //! Why: a refusal the filter answers itself is cheap, but a flood of them (garbage tokens, no
-//! credential at all) still costs the Envoy worker a request's parsing, routing and answer each,
-//! on the same thread as the good clients. Answered at once, a flooding client on a few
-//! kept-alive connections sends thousands a second. Held for [`HOLD_MS`], the same connections
-//! send a handful, and the worker serves the good clients. Requests the filter forwards are
-//! never held, and below the threshold nothing is held (a client's first, credential-less
-//! request, which registries answer with a challenge, is answered at once).
+//! credential at all, junk paths) still costs the Envoy worker a request's parsing, routing and
+//! answer each, on the same thread as the good clients. Answered at once, a flooding client on a
+//! few kept-alive connections sends thousands a second. Held for [`HOLD_MS`], the same
+//! connections send a handful, and the worker serves the good clients.
+//!
+//! What is held: refusals decided before or at the token check (401, 429, and the 404/405 of a
+//! path or method refused before it). Never held: requests the filter forwards, and refusals of a
+//! caller whose token was verified (a ServiceAccount refused a connector is accountable, and a
+//! client retrying a connector that was just deleted must not stall). Below the threshold
+//! nothing is held (a client's first, credential-less request, which registries answer with a
+//! challenge, is answered at once).
 //!
 //! A held request costs its stream's memory until it is answered; at most [`MAX_HELD`] are held
 //! per VM, past that a refusal is answered at once (Envoy's connection limit bounds the rest).
-//! The shim holds by pausing the request and answers from the root context's tick.
+//! The shim holds by pausing the request and answers from the root context's tick; the decision
+//! of what may be held is the engine's (`Decision::Respond::authenticated`).
 
 use crate::respond::LocalResponse;
 

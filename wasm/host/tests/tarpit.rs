@@ -53,6 +53,16 @@ fn a_flood_of_refusals_is_answered_after_the_hold_and_forwarded_requests_are_not
     let (gone, _) = request(&mut h, "GET", "/v2/", None);
     h.finish(gone).unwrap();
 
+    // A ServiceAccount refused a connector (403) is answered at once: it is accountable, and a
+    // client retrying a deleted connector must not stall.
+    let (denied, _) = request(
+        &mut h,
+        "GET",
+        "/v2/namespaces/demo/connectors/nope/lib/app/manifests/v1",
+        Some(&bearer(&token("demo", "default"))),
+    );
+    assert_refused(&h, denied, 403, "DENIED");
+
     // A good client is served meanwhile, not held.
     let _ok = forwarded(
         &mut h,
