@@ -3,6 +3,7 @@
 //! the controller, which builds each key of the cluster's JWKS the same way to leave out the
 //! keys the filter could not use (instead of having the filter refuse the whole configuration).
 //! Behind the `keys` feature: the webhook and the credential provider link no crypto.
+//! RSA (v1.5 and PSS) is [`pkcs1`]'s, ES256 [`es256`]'s, ES384 RustCrypto's `p384`.
 
 use crate::config::{Algorithm, ConfigError, IdentityConfig, KeyMaterial, check_jwk_shape};
 
