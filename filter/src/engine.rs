@@ -5,6 +5,8 @@
 //! then the caller's credential (401), then whether the caller may use the connector (403, the
 //! same answer whether the connector exists or not). Only then is anything forwarded.
 
+use std::rc::Rc;
+
 use crate::config::{AccessMode, Config, Connector, Upstream, UpstreamCredential};
 use crate::identity::{Identity, TokenCache, authenticate};
 use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
@@ -71,7 +73,7 @@ pub struct Forward {
     /// were not evaluated here.
     pub check_access: bool,
     pub response: ResponsePlan,
-    pub caller: Identity,
+    pub caller: Rc<Identity>,
     pub cache_hit: bool,
     /// Token scopes the upstream request needs (used when the upstream wants bearer tokens).
     pub scopes: Vec<String>,

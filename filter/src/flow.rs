@@ -26,8 +26,9 @@ pub struct Target {
     pub name: String,
     /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
     pub subject: String,
-    /// The objects the caller's token is bound to, checked by the controller with the access.
-    pub bound: crate::identity::Bound,
+    /// The caller's identity, shared with the token cache; `bound` names the objects its token
+    /// is bound to, which the controller checks with the access.
+    pub caller: std::rc::Rc<crate::identity::Identity>,
     /// The controller must still confirm the caller may use the connector.
     pub check_access: bool,
     /// What the request does (pull, push, delete): RBAC mode asks about exactly that.
@@ -58,7 +59,7 @@ impl Target {
             namespace: f.namespace,
             name: f.name,
             subject,
-            bound: f.caller.bound,
+            caller: f.caller,
             check_access: f.check_access,
             verb: channel::Verb::of_method(method),
             credential: f.credential,
@@ -284,7 +285,7 @@ impl Flow {
                 let now = now();
                 match channel::parse_access(status, body, &target.connector) {
                     Ok((allowed, ttl)) => {
-                        let key = channel::access_key(&target.subject, &target.bound);
+                        let key = channel::access_key(&target.subject, &target.caller.bound);
                         vm.access
                             .insert(&key, &target.connector, target.verb, allowed, ttl, now);
                         if allowed {
@@ -384,7 +385,7 @@ impl Flow {
     /// (RBAC mode) and the connector's credential from the controller.
     fn proceed(&mut self, vm: &mut Vm<'_>, mut target: Target, scopes: Vec<String>, id: u32, now: u64) -> Act {
         if target.check_access {
-            let key = channel::access_key(&target.subject, &target.bound);
+            let key = channel::access_key(&target.subject, &target.caller.bound);
             match vm.access.get(&key, &target.connector, target.verb, now) {
                 Some(true) => target.check_access = false,
                 Some(false) => {
@@ -403,7 +404,7 @@ impl Flow {
                                 &target.namespace,
                                 &target.name,
                                 &target.subject,
-                                &target.bound,
+                                &target.caller.bound,
                                 target.verb,
                             ),
                         )

@@ -461,6 +461,14 @@ impl Host {
         &mut self.store.data_mut().rec
     }
 
+    /// The size of the module's linear memory in bytes (it grows, never shrinks).
+    pub fn memory_bytes(&mut self) -> Result<usize> {
+        match self.instance.get_export(&mut self.store, "memory") {
+            Some(wasmtime::Extern::Memory(m)) => Ok(m.data_size(&self.store)),
+            _ => bail!("the module exports no memory"),
+        }
+    }
+
     /// Hands the plugin configuration to the root context: `proxy_on_configure`'s answer.
     pub fn configure(&mut self, config: &[u8]) -> Result<bool> {
         self.rec_mut().plugin_configuration = config.to_vec();

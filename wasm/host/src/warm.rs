@@ -44,6 +44,7 @@ pub struct Warm {
     host: Host,
     request: crate::Headers,
     answer: crate::Headers,
+    key: EncodingKey,
 }
 
 impl Warm {
@@ -56,14 +57,7 @@ impl Warm {
             "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
                 "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"}}]
         });
-        let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(KID.to_string());
-        let claims = json!({
-            "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
-            "sub": "system:serviceaccount:demo:default",
-            "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": "u-1"}}
-        });
-        let token = jsonwebtoken::encode(&header, &claims, &key)?;
+        let token = token(&key, "u-1")?;
         let mut host = Host::with(Options {
             env: vec![("REG_PASSWORD".into(), "s3cret-pw".into())],
             now_nanos: Some(NOW * 1_000_000_000),
@@ -97,7 +91,32 @@ impl Warm {
             ("docker-distribution-api-version", "registry/2.0"),
             ("x-envoy-upstream-service-time", "1"),
         ]);
-        Ok(Warm { host, request, answer })
+        Ok(Warm {
+            host,
+            request,
+            answer,
+            key,
+        })
+    }
+
+    /// A token of the same ServiceAccount that no request has sent yet: `uid` makes it unique.
+    pub fn new_token(&self, uid: &str) -> Result<String> {
+        token(&self.key, uid)
+    }
+
+    /// The request's `Authorization` becomes `Bearer <token>` for the requests that follow.
+    pub fn use_token(&mut self, token: &str) {
+        let auth = format!("Bearer {token}").into_bytes();
+        for (name, value) in self.request.iter_mut() {
+            if name.as_slice() == b"authorization" {
+                value.clone_from(&auth);
+            }
+        }
+    }
+
+    /// The module's linear memory now: what the filter's heap has grown to (it never shrinks).
+    pub fn memory_bytes(&mut self) -> Result<usize> {
+        self.host.memory_bytes()
     }
 
     /// One request through: request headers, the upstream's 200 (headers and body), the end of
@@ -133,6 +152,18 @@ impl Warm {
         h.rec_mut().streams.remove(&id);
         Ok(out)
     }
+}
+
+/// A ServiceAccount token of `demo:default` signed with the unit-test key.
+fn token(key: &EncodingKey, uid: &str) -> Result<String> {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(KID.to_string());
+    let claims = json!({
+        "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
+        "sub": "system:serviceaccount:demo:default",
+        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "default", "uid": uid}}
+    });
+    Ok(jsonwebtoken::encode(&header, &claims, key)?)
 }
 
 /// Sends the same authenticated manifest GET twice through a Basic-credential connector and
