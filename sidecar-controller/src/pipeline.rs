@@ -19,6 +19,7 @@
 //! content digests and rendered again only when one of them changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -234,7 +235,9 @@ type PartKey = (Content, Option<Content>);
 /// for one [`Revisions`] key and one [`Tenancy`]: the pipeline keeps one per its lifetime.
 #[derive(Default)]
 pub struct RenderCache {
-    parts: HashMap<ConnectorKey, (PartKey, String, Part)>,
+    /// Shared with the rendering that used them: a change copies out only what the document
+    /// and tables own, not every part a second time for the cache.
+    parts: HashMap<ConnectorKey, (PartKey, String, Arc<Part>)>,
     /// Parts rendered (not taken from the cache) by the last rendering.
     pub rendered: usize,
 }
@@ -390,22 +393,19 @@ pub fn render_live_cached(
                 cache
                     .parts
                     .remove(&key)
-                    .filter(|(k, place, part)| k == pk && (matches!(part, Part::Served { .. }) || *place == here))
+                    .filter(|(k, place, part)| k == pk && (matches!(**part, Part::Served { .. }) || *place == here))
             })
             .map(|(_, _, p)| p);
         let part = match cached {
             Some(p) => p,
             None => {
                 cache.rendered += 1;
-                render_part(at, c, &key, inputs, revisions, tenancy)
+                Arc::new(render_part(at, c, &key, inputs, revisions, tenancy))
             }
         };
-        if let Some(pk) = part_key {
-            parts.insert(key.clone(), (pk, here, part.clone()));
-        }
-        match part {
+        match &*part {
             Part::LeftOut(problems) => {
-                left_out.insert(key, problems);
+                left_out.insert(key.clone(), problems.clone());
             }
             Part::Served {
                 entry,
@@ -414,11 +414,14 @@ pub fn render_live_cached(
                 revision,
                 hosts,
             } => {
-                hosts_of.insert(key.clone(), hosts);
-                credentials.insert(key.clone(), credential);
-                revisions_of.insert(key.clone(), revision);
-                entries.push((key, at.to_string(), *entry, own_clusters));
+                hosts_of.insert(key.clone(), hosts.clone());
+                credentials.insert(key.clone(), credential.clone());
+                revisions_of.insert(key.clone(), revision.clone());
+                entries.push((key.clone(), here.clone(), (**entry).clone(), own_clusters.clone()));
             }
+        }
+        if let Some(pk) = part_key {
+            parts.insert(key, (pk, here, part));
         }
     }
     // Connectors gone since the last rendering leave the cache with it.
