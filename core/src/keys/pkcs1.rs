@@ -288,7 +288,12 @@ impl RsaKey {
         for (i, ai) in a.iter().enumerate() {
             let ai = u64::from(*ai);
             let mut c = 0u64;
-            for (tk, aj) in t.iter_mut().skip(2 * i + 1).zip(a.iter().skip(i + 1)) {
+            // Slices, not `skip`: at the module's opt-level "s" a `Skip` adapter is not
+            // always inlined, and this is the innermost loop of every RSA check.
+            let (Some(row), Some(rest)) = (t.get_mut(2 * i + 1..), a.get(i + 1..)) else {
+                continue;
+            };
+            for (tk, aj) in row.iter_mut().zip(rest) {
                 let x = u64::from(*tk) + ai * u64::from(*aj) + c;
                 *tk = x as u32;
                 c = x >> 32;
@@ -315,7 +320,8 @@ impl RsaKey {
         for i in 0..s {
             let m = u64::from(t.get(i).copied().unwrap_or(0).wrapping_mul(self.n0inv));
             let mut c = 0u64;
-            for (tk, nj) in t.iter_mut().skip(i).zip(&self.n) {
+            let Some(row) = t.get_mut(i..) else { continue };
+            for (tk, nj) in row.iter_mut().zip(&self.n) {
                 let x = u64::from(*tk) + m * u64::from(*nj) + c;
                 *tk = x as u32;
                 c = x >> 32;
@@ -373,7 +379,7 @@ const EVEN: &str = "RSA key rejected: the modulus is even";
 
 /// Adds `c` at limb `at` of `t` and carries on.
 fn add_carry(t: &mut [u32], at: usize, mut c: u64) {
-    for limb in t.iter_mut().skip(at) {
+    for limb in t.get_mut(at..).unwrap_or_default() {
         if c == 0 {
             break;
         }
