@@ -49,6 +49,16 @@ pub mod buffer {
     pub const PLUGIN_CONFIGURATION: i32 = 7;
 }
 
+/// The value after `name` on the command line, or `default`: the probes' (`push-cost`,
+/// `warm-cost`, `mem-cost`) one kind of option.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
 /// The release module as `cargo build -p connector-filter --target wasm32-wasip1 --release`
 /// writes it, or the file `CONNECTOR_FILTER_WASM` names.
 pub fn default_module_path() -> PathBuf {

@@ -8,15 +8,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use connector_wasm_host::arg;
 use connector_wasm_host::warm::Warm;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn kib(b: usize) -> String {
     format!("{:.0} KiB", b as f64 / 1024.0)

@@ -9,16 +9,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use connector_wasm_host::{Host, Options};
+use connector_wasm_host::{Host, Options, arg};
 use serde_json::{Value, json};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 /// A controller-rendered document: `n` connectors over 50 namespaces, connector `changed`
 /// carrying revision `rev`.
