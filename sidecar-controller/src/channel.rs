@@ -12,7 +12,7 @@
 //! Secret therefore never leaves an Envoy worker, still on the previous configuration, without
 //! the credential that configuration names (issue 17: a 503 at 5,000 connectors).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,11 +31,13 @@ use tokio::sync::watch;
 use crate::hub::{ConnectorKey, Hub};
 use crate::ops::Metrics;
 use crate::secrets::Credential;
+use crate::sharded::ByNamespace;
 
 /// The credentials the channel serves, by connector, each with its revision (what a filter
 /// configuration names): the current one first, then revisions an Envoy may still run
-/// (see [`CredentialTable`]). Replaced on every render and on every retirement.
-pub type Credentials = Arc<HashMap<ConnectorKey, Vec<(Credential, String)>>>;
+/// (see [`CredentialTable`]). Published on every render and on every retirement; a copy
+/// shares every namespace's entries, and a change copies only the namespaces it touches.
+pub type Credentials = ByNamespace<Vec<(Credential, String)>>;
 
 /// How long a credential stays served after every Envoy acknowledged a filter configuration
 /// without it. The ECDS ACK leaves Envoy's main thread before its workers have switched to the
@@ -60,32 +62,67 @@ struct Retired {
 /// acknowledgements are passed in, so the rules are unit-tested.
 #[derive(Default)]
 pub struct CredentialTable {
-    current: HashMap<ConnectorKey, (Credential, String)>,
+    current: ByNamespace<(Credential, String)>,
     retired: Vec<Retired>,
+    /// `current` and `retired` together, as the channel serves them.
+    served: Credentials,
 }
 
 impl CredentialTable {
     /// Installs a new rendering, sent to Envoy as filter-configuration `version`: what the
     /// previous rendering had and this one lacks (a deleted connector, a rotated revision) is
-    /// retired, not forgotten.
-    pub fn install(&mut self, current: HashMap<ConnectorKey, (Credential, String)>, version: u64) {
+    /// retired, not forgotten. Only namespaces whose entries changed are looked at.
+    pub fn install(&mut self, current: ByNamespace<(Credential, String)>, version: u64) {
         let old = std::mem::replace(&mut self.current, current);
-        for (key, (credential, revision)) in old {
-            let kept = self.current.get(&key).is_some_and(|(_, r)| *r == revision);
-            if !kept {
-                self.retired.push(Retired {
-                    key,
-                    credential,
-                    revision,
-                    dropped_in: version,
-                    acked_at: None,
-                });
+        let namespaces: BTreeSet<String> = old
+            .namespaces()
+            .chain(self.current.namespaces())
+            .filter(|ns| match (old.shard(ns), self.current.shard(ns)) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                _ => true,
+            })
+            .map(str::to_string)
+            .collect();
+        for ns in &namespaces {
+            for (name, (credential, revision)) in old.shard(ns).map(|s| s.iter()).into_iter().flatten() {
+                let kept = self.current.get(ns, name).is_some_and(|(_, r)| r == revision);
+                if !kept {
+                    self.retired.push(Retired {
+                        key: (ns.clone(), name.clone()),
+                        credential: credential.clone(),
+                        revision: revision.clone(),
+                        dropped_in: version,
+                        acked_at: None,
+                    });
+                }
             }
         }
         // A connector back at a revision it had: the current entry serves it.
         let current = &self.current;
-        self.retired
-            .retain(|r| current.get(&r.key).is_none_or(|(_, rev)| *rev != r.revision));
+        self.retired.retain(|r| {
+            current
+                .get(&r.key.0, &r.key.1)
+                .is_none_or(|(_, rev)| *rev != r.revision)
+        });
+        for ns in &namespaces {
+            self.reserve(ns);
+        }
+    }
+
+    /// Brings what is served in namespace `ns` up to `current` and `retired`.
+    fn reserve(&mut self, ns: &str) {
+        let mut entries: BTreeMap<String, Vec<(Credential, String)>> = self
+            .current
+            .shard(ns)
+            .map(|s| s.iter().map(|(name, v)| (name.clone(), vec![v.clone()])).collect())
+            .unwrap_or_default();
+        for r in self.retired.iter().filter(|r| r.key.0 == ns) {
+            entries
+                .entry(r.key.1.clone())
+                .or_default()
+                .push((r.credential.clone(), r.revision.clone()));
+        }
+        self.served.replace_namespace(ns, entries);
     }
 
     /// Envoy's progress: `floor` is the lowest filter-configuration version every connected
@@ -100,10 +137,18 @@ impl CredentialTable {
                 }
             }
         }
-        let before = self.retired.len();
-        self.retired
-            .retain(|r| r.acked_at.is_none_or(|at| now.duration_since(at) < DRAIN));
-        self.retired.len() != before
+        let mut dropped = BTreeSet::new();
+        self.retired.retain(|r| {
+            let keep = r.acked_at.is_none_or(|at| now.duration_since(at) < DRAIN);
+            if !keep {
+                dropped.insert(r.key.0.clone());
+            }
+            keep
+        });
+        for ns in &dropped {
+            self.reserve(ns);
+        }
+        !dropped.is_empty()
     }
 
     /// When [`Self::advance`] next has something to drop.
@@ -120,16 +165,9 @@ impl CredentialTable {
         self.retired.len()
     }
 
-    /// What the channel serves.
+    /// What the channel serves (a copy sharing the table's entries).
     pub fn served(&self) -> Credentials {
-        let mut out: HashMap<ConnectorKey, Vec<(Credential, String)>> =
-            self.current.iter().map(|(k, v)| (k.clone(), vec![v.clone()])).collect();
-        for r in &self.retired {
-            out.entry(r.key.clone())
-                .or_default()
-                .push((r.credential.clone(), r.revision.clone()));
-        }
-        Arc::new(out)
+        self.served.clone()
     }
 }
 
@@ -203,7 +241,7 @@ async fn credential(
         return refused_key();
     }
     let creds = ch.credentials.borrow().clone();
-    let Some(known) = creds.get(&(namespace.clone(), name.clone())) else {
+    let Some(known) = creds.get(&namespace, &name) else {
         Metrics::result(&metrics.credential_fetches, "unknown");
         return error(
             StatusCode::NOT_FOUND,
@@ -296,7 +334,7 @@ mod tests {
 
     fn revisions(t: &CredentialTable, n: &str) -> Vec<String> {
         t.served()
-            .get(&key(n))
+            .get("demo", n)
             .map(|v| v.iter().map(|(_, r)| r.clone()).collect())
             .unwrap_or_default()
     }
@@ -312,12 +350,13 @@ mod tests {
                 (key("a"), (cred("a1"), "r1".into())),
                 (key("b"), (cred("b1"), "s1".into())),
             ]
-            .into(),
+            .into_iter()
+            .collect(),
             1,
         );
         assert!(!t.advance(Some(1), t0));
         // v2: a is deleted, b rotated. The new revision is served at once (before Envoy has v2).
-        t.install([(key("b"), (cred("b2"), "s2".into()))].into(), 2);
+        t.install([(key("b"), (cred("b2"), "s2".into()))].into_iter().collect(), 2);
         assert_eq!(revisions(&t, "a"), ["r1"]);
         assert_eq!(revisions(&t, "b"), ["s2", "s1"], "current first, then the retired one");
         // No Envoy, or one still on v1, or one that acknowledged nothing: all kept.
@@ -342,13 +381,13 @@ mod tests {
     fn a_connector_back_at_its_revision_is_served_once_and_a_later_version_retires_earlier_drops() {
         let t0 = Instant::now();
         let mut t = CredentialTable::default();
-        t.install([(key("a"), (cred("a1"), "r1".into()))].into(), 1);
-        t.install(HashMap::new(), 2);
-        t.install([(key("a"), (cred("a1"), "r1".into()))].into(), 3);
+        t.install([(key("a"), (cred("a1"), "r1".into()))].into_iter().collect(), 1);
+        t.install(ByNamespace::default(), 2);
+        t.install([(key("a"), (cred("a1"), "r1".into()))].into_iter().collect(), 3);
         assert_eq!(revisions(&t, "a"), ["r1"], "no duplicate of the current revision");
-        t.install(HashMap::new(), 4);
+        t.install(ByNamespace::default(), 4);
         // Envoy skipped v4 and acknowledged v5 directly: v4's drops are covered.
-        t.install(HashMap::new(), 5);
+        t.install(ByNamespace::default(), 5);
         t.advance(Some(5), t0);
         assert!(t.advance(Some(5), t0 + DRAIN));
         assert!(t.served().is_empty());

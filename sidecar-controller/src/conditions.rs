@@ -242,7 +242,7 @@ mod tests {
     use crate::crd::{AuthName, ConnectorAuth, ConnectorClass, ConnectorSpec, SecretRef};
     use crate::probe;
     use k8s_openapi::ByteString;
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     const PASSWORD: &str = "pa55-w0rd-never-shown";
 
@@ -404,7 +404,7 @@ mod tests {
         let key = ("demo".to_string(), "registry".to_string());
         let published = Published {
             version: 3,
-            connectors: BTreeSet::from([key.clone()]),
+            connectors: [(key.clone(), ())].into_iter().collect(),
             ..Published::default()
         };
         let acked = ProxyState {

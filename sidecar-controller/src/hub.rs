@@ -6,7 +6,7 @@
 //! Everything travels through `tokio::sync::watch` channels: a consumer only ever needs the
 //! latest value, and a slow consumer must not hold up a source.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -15,6 +15,7 @@ use tokio::sync::{Notify, watch};
 use crate::manifests::{ManifestSet, Problem};
 use crate::ops::Metrics;
 use crate::proxy_tls::ServingCert;
+use crate::sharded::ByNamespace;
 
 /// `(namespace, name)` of a connector.
 pub type ConnectorKey = (String, String);
@@ -47,9 +48,9 @@ pub struct Published {
     /// The xDS version of the filter configuration carrying exactly `connectors`.
     pub version: u64,
     /// Connectors in that configuration.
-    pub connectors: BTreeSet<ConnectorKey>,
+    pub connectors: ByNamespace<()>,
     /// Connectors left out, with why (missing Secret, bad address ...).
-    pub left_out: BTreeMap<ConnectorKey, Vec<Problem>>,
+    pub left_out: ByNamespace<Vec<Problem>>,
     /// Problems of the input as a whole (an unreadable manifest file, a bad identity): while
     /// there are any, the previous configuration stays in place.
     pub refused: Vec<Problem>,
@@ -188,7 +189,7 @@ pub fn proxy_ready(
             "the controller has not rendered a configuration yet".into(),
         );
     };
-    if let Some(problems) = p.left_out.get(key) {
+    if let Some(problems) = p.left_out.get(&key.0, &key.1) {
         let why: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return (
             false,
@@ -196,7 +197,7 @@ pub fn proxy_ready(
             format!("left out of the proxy configuration: {}", why.join("; ")),
         );
     }
-    if !p.connectors.contains(key) {
+    if !p.connectors.contains(&key.0, &key.1) {
         return (false, "NotConfigured", "not in the proxy configuration yet".into());
     }
     if let Some(written) = proxy.plugin_config {

@@ -65,6 +65,29 @@ pub fn service_host(host: &str) -> String {
     }
 }
 
+/// [`with_outbound_names`] on the live renderer's output. It works on the whole rendering,
+/// copied out: an Istio gateway's controller pays a full copy per change (the scale work of
+/// issue 17 is on the xDS path).
+pub fn renamed_output(live: &crate::live::LiveRender, out: crate::live::LiveOutput) -> crate::live::LiveOutput {
+    let (newly_left_out, rendered, settled) = (out.newly_left_out.clone(), out.rendered, out.settled);
+    let r = with_outbound_names(Rendering::from_live(live, out));
+    crate::live::LiveOutput {
+        // It cannot fail: every map key is a string.
+        config_json: serde_json::to_string(&r.filter_config).unwrap_or_default(),
+        credentials: r
+            .credentials
+            .iter()
+            .filter_map(|(k, c)| Some((k.clone(), (c.clone(), r.revisions.get(k)?.clone()))))
+            .collect(),
+        clusters: std::sync::Arc::new(r.clusters),
+        connectors: r.connectors.into_iter().map(|k| (k, ())).collect(),
+        left_out: r.left_out.into_iter().collect(),
+        newly_left_out,
+        rendered,
+        settled,
+    }
+}
+
 /// `r` with every cluster named as Istio names it. Connectors in `filter_config` are in
 /// render order (oldest first), so the older of two conflicting connectors keeps serving.
 pub fn with_outbound_names(mut r: Rendering) -> Rendering {

@@ -72,12 +72,49 @@ pub struct ManifestSet {
     /// objects (a copy of every object per change cost memory and time linear in N, issue 17).
     pub connectors: Vec<(Location, Arc<Connector>)>,
     pub secrets: Vec<(Location, Arc<Secret>)>,
-    connector_index: HashMap<ObjectKey, usize>,
-    secret_index: HashMap<ObjectKey, usize>,
+    connector_index: Index<usize>,
+    secret_index: Index<usize>,
     /// A digest of each object's content, when its source computed one: what the pipeline's
     /// render cache is keyed by, so an unchanged object is not rendered again.
-    connector_content: HashMap<ObjectKey, Content>,
-    secret_content: HashMap<ObjectKey, Content>,
+    connector_content: Index<Content>,
+    secret_content: Index<Content>,
+}
+
+/// namespace → name → value: looked up with borrowed names, so the pipeline's walk over every
+/// connector allocates nothing per lookup.
+#[derive(Debug, Clone)]
+struct Index<V> {
+    by_ns: HashMap<String, HashMap<String, V>>,
+    len: usize,
+}
+
+impl<V> Default for Index<V> {
+    fn default() -> Self {
+        Self {
+            by_ns: HashMap::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<V: Copy> Index<V> {
+    fn get(&self, namespace: &str, name: &str) -> Option<V> {
+        self.by_ns.get(namespace)?.get(name).copied()
+    }
+
+    fn insert(&mut self, (namespace, name): ObjectKey, v: V) {
+        let names = match self.by_ns.get_mut(&namespace) {
+            Some(n) => n,
+            None => self.by_ns.entry(namespace).or_default(),
+        };
+        if names.insert(name, v).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 /// `(namespace, name)`.
@@ -130,13 +167,20 @@ impl ManifestSet {
 
     /// The Secret `namespace/name`, if the set has it.
     pub fn secret(&self, namespace: &str, name: &str) -> Option<&Secret> {
+        self.shared_secret(namespace, name).map(|s| &**s)
+    }
+
+    /// The Secret `namespace/name` as the set shares it: an unchanged Secret is the same
+    /// allocation from one set to the next (file mode's per-file cache), which the pipeline
+    /// compares instead of the content.
+    pub fn shared_secret(&self, namespace: &str, name: &str) -> Option<&Arc<Secret>> {
         if self.secret_index.len() == self.secrets.len() {
-            let i = self.secret_index.get(&(namespace.to_string(), name.to_string()))?;
-            return self.secrets.get(*i).map(|(_, s)| &**s);
+            let i = self.secret_index.get(namespace, name)?;
+            return self.secrets.get(i).map(|(_, s)| s);
         }
         self.secrets
             .iter()
-            .map(|(_, s)| &**s)
+            .map(|(_, s)| s)
             .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
     }
 
@@ -145,8 +189,8 @@ impl ManifestSet {
         if self.connector_index.len() == self.connectors.len() {
             return self
                 .connector_index
-                .get(key)
-                .and_then(|i| self.connectors.get(*i))
+                .get(&key.0, &key.1)
+                .and_then(|i| self.connectors.get(i))
                 .map(|(l, _)| l);
         }
         self.connectors
@@ -159,8 +203,8 @@ impl ManifestSet {
         if self.secret_index.len() == self.secrets.len() {
             return self
                 .secret_index
-                .get(key)
-                .and_then(|i| self.secrets.get(*i))
+                .get(&key.0, &key.1)
+                .and_then(|i| self.secrets.get(i))
                 .map(|(l, _)| l);
         }
         self.secrets
@@ -169,14 +213,14 @@ impl ManifestSet {
             .map(|(l, _)| l)
     }
 
-    /// The content digest of the Connector `key`, when its source computed one.
-    pub fn connector_content(&self, key: &ObjectKey) -> Option<Content> {
-        self.connector_content.get(key).copied()
+    /// The content digest of the Connector `namespace/name`, when its source computed one.
+    pub fn connector_content(&self, namespace: &str, name: &str) -> Option<Content> {
+        self.connector_content.get(namespace, name)
     }
 
-    /// The content digest of the Secret `key`, when its source computed one.
-    pub fn secret_content(&self, key: &ObjectKey) -> Option<Content> {
-        self.secret_content.get(key).copied()
+    /// The content digest of the Secret `namespace/name`, when its source computed one.
+    pub fn secret_content(&self, namespace: &str, name: &str) -> Option<Content> {
+        self.secret_content.get(namespace, name)
     }
 
     /// Adds every object of `other` (parsed from another file) that is not already defined
@@ -188,7 +232,7 @@ impl ManifestSet {
                 problems.push(duplicate(at, "Connector", &key, first));
                 continue;
             }
-            self.add_connector(at.clone(), c.clone(), other.connector_content(&key));
+            self.add_connector(at.clone(), c.clone(), other.connector_content(&key.0, &key.1));
         }
         for (at, s) in &other.secrets {
             let key = key_of(&s.metadata);
@@ -196,7 +240,7 @@ impl ManifestSet {
                 problems.push(duplicate(at, "Secret", &key, first));
                 continue;
             }
-            self.add_secret(at.clone(), s.clone(), other.secret_content(&key));
+            self.add_secret(at.clone(), s.clone(), other.secret_content(&key.0, &key.1));
         }
     }
 }

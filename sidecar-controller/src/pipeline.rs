@@ -14,21 +14,20 @@
 //! differs after a controller restart (so a credential changed while the controller was down is
 //! never hidden behind an unchanged configuration).
 //!
-//! A change costs what it changes ([`RenderCache`]): each connector's part (entry, clusters,
-//! credential, the filter's verdict on the entry) is kept by its Connector's and Secret's
-//! content digests and rendered again only when one of them changes.
+//! A change costs what it changes: [`crate::live::LiveRender`] keeps each connector's part
+//! (entry, clusters, credential, the filter's verdict on the entry, rendered here by
+//! [`render_part`]) and renders it again only when its Connector or Secret changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use connector_core::address::Upstream;
-use connector_core::config::{AccessMode, ChannelConfig, ConnectorEntry, CredentialRef, FilterConfig, RealmEntry};
+use connector_core::config::{ConnectorEntry, CredentialRef, FilterConfig, RealmEntry};
 
-use crate::hub::{Authorization, ConnectorKey, Inputs};
+use crate::hub::{ConnectorKey, Inputs};
 use crate::manifests::{Content, Problem};
-use crate::render::{UpstreamCluster, add_cluster, cluster_for, filter_entry, locate, realm_origin};
+use crate::render::{UpstreamCluster, cluster_for, filter_entry, locate, realm_origin};
 use crate::secrets::{Credential, credential_from_secret};
 
 /// How the configuration reaches the controller's channel from inside Envoy.
@@ -213,9 +212,11 @@ impl Default for Revisions {
 /// One connector's part of a rendering: its filter entry, the clusters it names (its
 /// registry's first), its credential and the credential's revision; or why it is left out.
 #[derive(Clone)]
-enum Part {
+pub(crate) enum Part {
     Served {
         entry: Box<ConnectorEntry>,
+        /// `entry` as the configuration document carries it, serialized once.
+        json: Box<str>,
         clusters: Vec<UpstreamCluster>,
         credential: Credential,
         revision: String,
@@ -228,22 +229,11 @@ enum Part {
 /// What a cached [`Part`] was rendered from: the Connector's and its Secret's content digests.
 /// A left-out part's problems also name where the Connector was defined: it is reused only at
 /// the same place (a served part does not depend on it).
-type PartKey = (Content, Option<Content>);
+pub(crate) type PartKey = (Content, Option<Content>);
 
-/// The parts of the last rendering, by connector, each with what it was rendered from: a
-/// rendering re-renders only connectors whose Connector or Secret changed (issue 17). Valid
-/// for one [`Revisions`] key and one [`Tenancy`]: the pipeline keeps one per its lifetime.
-#[derive(Default)]
-pub struct RenderCache {
-    /// Shared with the rendering that used them: a change copies out only what the document
-    /// and tables own, not every part a second time for the cache.
-    parts: HashMap<ConnectorKey, (PartKey, String, Arc<Part>)>,
-    /// Parts rendered (not taken from the cache) by the last rendering.
-    pub rendered: usize,
-}
-
-/// Renders `inputs`. `Err` only for problems of the whole (the identity settings, or a
-/// configuration the filter would refuse for reasons no single connector explains).
+/// Renders `inputs` from scratch: [`crate::live::LiveRender`] on an empty state, the whole
+/// result as one value (tests, and Istio mode's renaming, work on the whole). `Err` only for
+/// problems of the whole (the identity settings).
 ///
 /// Connectors are taken oldest first (creation time, then namespace and name): when two claim
 /// one host name or cluster name, the newer claimant is left out with the conflict as its
@@ -254,11 +244,36 @@ pub fn render_live(
     revisions: &Revisions,
     tenancy: &Tenancy,
 ) -> Result<Rendering, Vec<Problem>> {
-    render_live_cached(inputs, channel, revisions, tenancy, &mut RenderCache::default())
+    let mut live = crate::live::LiveRender::default();
+    let out = live.update(inputs, channel, revisions, tenancy)?;
+    Ok(Rendering::from_live(&live, out))
+}
+
+impl Rendering {
+    /// The whole rendering from a [`crate::live::LiveRender`] and its last output.
+    pub fn from_live(live: &crate::live::LiveRender, out: crate::live::LiveOutput) -> Self {
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        Self {
+            filter_config: live.filter_config(),
+            clusters: out.clusters.to_vec(),
+            credentials: out
+                .credentials
+                .iter()
+                .map(|(ns, n, (c, _))| (key(ns, n), c.clone()))
+                .collect(),
+            revisions: out
+                .credentials
+                .iter()
+                .map(|(ns, n, (_, r))| (key(ns, n), r.clone()))
+                .collect(),
+            connectors: out.connectors.iter().map(|(ns, n, ())| key(ns, n)).collect(),
+            left_out: out.left_out.iter().map(|(ns, n, p)| (key(ns, n), p.clone())).collect(),
+        }
+    }
 }
 
 /// One connector's [`Part`], from scratch.
-fn render_part(
+pub(crate) fn render_part(
     at: &crate::manifests::Location,
     c: &crate::crd::Connector,
     key: &ConnectorKey,
@@ -338,7 +353,10 @@ fn render_part(
     }
     let hosts = connector_core::config::entry_hosts(&entry, connector_core::host::DEFAULT_HOST_PATTERN);
     own_clusters.insert(0, cluster);
+    // It cannot fail: every map key is a string.
+    let json = serde_json::to_string(&entry).unwrap_or_default().into_boxed_str();
     Part::Served {
+        json,
         entry: Box::new(entry),
         clusters: own_clusters,
         credential,
@@ -347,191 +365,10 @@ fn render_part(
     }
 }
 
-/// [`render_live`], re-rendering only the connectors whose Connector or Secret content
-/// changed since the rendering `cache` remembers; the rest of the work (order, cluster and
-/// host conflicts, the filter's validation of the whole) is linear in the number of connectors
-/// and does no parsing, hashing or credential decoding per unchanged connector.
-pub fn render_live_cached(
-    inputs: &Inputs,
-    channel: &ChannelSettings,
-    revisions: &Revisions,
-    tenancy: &Tenancy,
-    cache: &mut RenderCache,
-) -> Result<Rendering, Vec<Problem>> {
-    let mut left_out: BTreeMap<ConnectorKey, Vec<Problem>> = BTreeMap::new();
-    let mut clusters: BTreeMap<String, (UpstreamCluster, String)> = BTreeMap::new();
-    let mut credentials = HashMap::new();
-    let mut revisions_of: HashMap<ConnectorKey, String> = HashMap::new();
-    let mut hosts_of: HashMap<ConnectorKey, Vec<String>> = HashMap::new();
-    let mut entries: Vec<(ConnectorKey, String, ConnectorEntry, Vec<UpstreamCluster>)> = vec![];
-    let mut ordered: Vec<&(crate::manifests::Location, std::sync::Arc<crate::crd::Connector>)> =
-        inputs.set.connectors.iter().collect();
-    // Stable: connectors without a creation time (file mode) keep their file order.
-    ordered.sort_by_key(|(_, c)| {
-        c.metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| (t.0, c.metadata.namespace.clone(), c.metadata.name.clone()))
-    });
-    let mut parts = HashMap::with_capacity(ordered.len());
-    cache.rendered = 0;
-    for (at, c) in ordered {
-        let key = (
-            c.metadata.namespace.clone().unwrap_or_default(),
-            c.metadata.name.clone().unwrap_or_default(),
-        );
-        // Keyed by content when the source gave digests; without them, always rendered.
-        let secret_key = (key.0.clone(), c.spec.auth.secret_ref.name.clone());
-        let part_key = inputs
-            .set
-            .connector_content(&key)
-            .map(|d| (d, inputs.set.secret_content(&secret_key)));
-        let here = at.to_string();
-        let cached = part_key
-            .as_ref()
-            .and_then(|pk| {
-                cache
-                    .parts
-                    .remove(&key)
-                    .filter(|(k, place, part)| k == pk && (matches!(**part, Part::Served { .. }) || *place == here))
-            })
-            .map(|(_, _, p)| p);
-        let part = match cached {
-            Some(p) => p,
-            None => {
-                cache.rendered += 1;
-                Arc::new(render_part(at, c, &key, inputs, revisions, tenancy))
-            }
-        };
-        match &*part {
-            Part::LeftOut(problems) => {
-                left_out.insert(key.clone(), problems.clone());
-            }
-            Part::Served {
-                entry,
-                clusters: own_clusters,
-                credential,
-                revision,
-                hosts,
-            } => {
-                hosts_of.insert(key.clone(), hosts.clone());
-                credentials.insert(key.clone(), credential.clone());
-                revisions_of.insert(key.clone(), revision.clone());
-                entries.push((key.clone(), here.clone(), (**entry).clone(), own_clusters.clone()));
-            }
-        }
-        if let Some(pk) = part_key {
-            parts.insert(key, (pk, here, part));
-        }
-    }
-    // Connectors gone since the last rendering leave the cache with it.
-    cache.parts = parts;
-
-    // Clusters: a name claimed for two origins leaves out the later connector.
-    // Tried on the map itself and undone on a conflict (a copy per connector was quadratic).
-    entries.retain(|(key, at_label, _, own)| {
-        let mut problems = vec![];
-        let at = crate::manifests::Location {
-            file: at_label.into(),
-            index: 0,
-        };
-        let mut added = vec![];
-        for cl in own {
-            let new = !clusters.contains_key(&cl.name);
-            add_cluster(&mut clusters, cl.clone(), &at, "spec", &mut problems);
-            if new && clusters.contains_key(&cl.name) {
-                added.push(cl.name.clone());
-            }
-        }
-        if problems.is_empty() {
-            true
-        } else {
-            for name in added {
-                clusters.remove(&name);
-            }
-            left_out.insert(key.clone(), problems);
-            false
-        }
-    });
-
-    // The filter's checks (connector-core's) have the last word. Each connector's entry was
-    // checked alone when its part was rendered (`check_entry`, cached with the part); what
-    // spans connectors, a host name claimed twice, is checked here in order (the older
-    // claimant keeps it), and the rest (identity, controller, authorization) by
-    // `check_settings` and the keys built as the filter builds them.
-    let mut by_host: HashMap<String, usize> = HashMap::new();
-    let mut index = 0usize;
-    entries.retain(|(key, at, _, _)| {
-        let hosts = hosts_of.get(key).map(Vec::as_slice).unwrap_or_default();
-        let taken: Vec<&String> = hosts
-            .iter()
-            .filter(|h| by_host.get(*h).is_some_and(|other| *other != index))
-            .collect();
-        if !taken.is_empty() {
-            let problems = taken
-                .into_iter()
-                .map(|h| {
-                    Problem::new(
-                        at,
-                        format!("filter configuration connectors[{index}].hosts"),
-                        format!("host {h:?} is already used by another connector"),
-                    )
-                })
-                .collect();
-            left_out.insert(key.clone(), problems);
-            return false;
-        }
-        for h in hosts {
-            by_host.insert(h.clone(), index);
-        }
-        index += 1;
-        true
-    });
-    let (identity, mut errors) = connector_core::config::read_identity(&inputs.identity);
-    let mut doc = FilterConfig {
-        identity,
-        controller: Some(ChannelConfig {
-            cluster: channel.cluster.clone(),
-            authority: None,
-            key_env: channel.key_env.clone(),
-        }),
-        authorization: match inputs.authorization {
-            Authorization::Rules => AccessMode::Rules,
-            Authorization::Controller => AccessMode::Controller,
-        },
-        ..FilterConfig::default()
-    };
-    connector_core::config::merge(&mut errors, connector_core::config::check_settings(&doc));
-    connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&doc.identity));
-    if !errors.is_empty() {
-        return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
-    }
-    let used: BTreeSet<&str> = entries
-        .iter()
-        .flat_map(|(_, _, _, own)| own.iter().map(|c| c.name.as_str()))
-        .collect();
-    let clusters = clusters
-        .into_values()
-        .map(|(c, _)| c)
-        .filter(|c| used.contains(c.name.as_str()))
-        .collect();
-    let connectors: BTreeSet<ConnectorKey> = entries.iter().map(|(k, ..)| k.clone()).collect();
-    doc.connectors = entries.into_iter().map(|(_, _, e, _)| e).collect();
-    credentials.retain(|k, _| connectors.contains(k));
-    revisions_of.retain(|k, _| connectors.contains(k));
-    Ok(Rendering {
-        revisions: revisions_of,
-        filter_config: doc,
-        clusters,
-        credentials,
-        connectors,
-        left_out,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Authorization;
     use crate::manifests::{ManifestSet, parse_file};
     use serde_json::json;
 
@@ -675,8 +512,8 @@ mod tests {
         // The conflict is reported on the claimant's ProxyReady condition, not on the victim's.
         let published = crate::hub::Published {
             version: 1,
-            connectors: r.connectors.clone(),
-            left_out: r.left_out.clone(),
+            connectors: r.connectors.iter().map(|k| (k.clone(), ())).collect(),
+            left_out: r.left_out.clone().into_iter().collect(),
             refused: vec![],
         };
         let state = crate::hub::ProxyState {
@@ -860,7 +697,7 @@ mod tests {
 
     /// Issue 17: a rendering re-renders only what changed, and gives what a fresh one gives.
     #[test]
-    fn the_render_cache_rerenders_only_changed_connectors_and_agrees_with_a_fresh_render() {
+    fn the_live_render_rerenders_only_changed_connectors_and_agrees_with_a_fresh_render() {
         let yaml = |pw: &str| {
             let mut docs: Vec<String> = (0..50)
                 .map(|i| connector(&format!("c{i}"), "http://127.0.0.1:5000", "robot"))
@@ -871,25 +708,22 @@ mod tests {
             docs.concat()
         };
         let revisions = Revisions::with_key([3; 32]);
-        let mut cache = RenderCache::default();
-        let run = |y: &str, cache: &mut RenderCache| {
-            render_live_cached(
-                &inputs(y, Authorization::Rules),
-                &channel(),
-                &revisions,
-                &local(),
-                cache,
-            )
-            .unwrap()
+        let mut live = crate::live::LiveRender::default();
+        let mut run = |y: &str| {
+            let out = live
+                .update(&inputs(y, Authorization::Rules), &channel(), &revisions, &local())
+                .unwrap();
+            let counts = (out.rendered, out.settled);
+            (Rendering::from_live(&live, out), counts)
         };
-        let first = run(&yaml("one"), &mut cache);
-        assert_eq!((first.connectors.len(), cache.rendered), (51, 51));
-        let again = run(&yaml("one"), &mut cache);
-        assert_eq!(cache.rendered, 0, "nothing changed, nothing rendered");
+        let (first, counts) = run(&yaml("one"));
+        assert_eq!((first.connectors.len(), counts), (51, (51, 51)));
+        let (again, counts) = run(&yaml("one"));
+        assert_eq!(counts, (0, 0), "nothing changed, nothing rendered or settled");
         assert_eq!(again.filter_config, first.filter_config);
-        // One Secret rotated: exactly its connector is rendered again.
-        let rotated = run(&yaml("two"), &mut cache);
-        assert_eq!(cache.rendered, 1);
+        // One Secret rotated: exactly its connector is rendered again, and settled alone.
+        let (rotated, counts) = run(&yaml("two"));
+        assert_eq!(counts, (1, 1));
         let fresh = render_live(
             &inputs(&yaml("two"), Authorization::Rules),
             &channel(),
@@ -902,8 +736,8 @@ mod tests {
         assert_ne!(rotated.filter_config, first.filter_config);
         // A connector removed: nothing rendered, and it is gone.
         let fewer = yaml("two").replacen(&connector("c7", "http://127.0.0.1:5000", "robot"), "", 1);
-        let r = run(&fewer, &mut cache);
-        assert_eq!((r.connectors.len(), cache.rendered), (50, 0));
+        let (r, (rendered, _)) = run(&fewer);
+        assert_eq!((r.connectors.len(), rendered), (50, 0));
     }
 
     /// The filter's validator, run per connector: a connector it refuses is left out with the

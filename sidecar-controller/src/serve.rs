@@ -15,8 +15,9 @@ use tokio::sync::watch;
 
 use crate::channel::{AccessCheck, Channel, CredentialTable, Credentials};
 use crate::hub::{Hub, Published, acked_floor};
+use crate::live::LiveRender;
 use crate::ops::Metrics;
-use crate::pipeline::{ChannelSettings, RenderCache, Revisions, Tenancy, render_live_cached};
+use crate::pipeline::{ChannelSettings, Revisions, Tenancy};
 use crate::xds::{Ads, Snapshot, WasmSettings};
 
 #[derive(Debug, Clone)]
@@ -70,7 +71,7 @@ pub async fn pipeline(
     let mut inputs = hub.inputs();
     let mut acked = hub.filter_acked();
     let mut table = CredentialTable::default();
-    let mut cache = RenderCache::default();
+    let mut live = LiveRender::default();
     let mut version = 0u64;
     // The last snapshot sent, compared with each rendering (held, not copied: the document is
     // megabytes at 20,000 connectors).
@@ -85,37 +86,35 @@ pub async fn pipeline(
         if let Some(i) = current {
             let started = Instant::now();
             // In an Istio gateway the clusters are istiod's, named its way (module `istio`).
-            let rendered = render_live_cached(&i, &channel, &revisions, &tenancy, &mut cache)
-                .map(|r| if istio { crate::istio::with_outbound_names(r) } else { r });
+            let rendered = live.update(&i, &channel, &revisions, &tenancy).map(|out| {
+                if istio {
+                    crate::istio::renamed_output(&live, out)
+                } else {
+                    out
+                }
+            });
             match rendered {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
-                    // Straight from the typed document: no JSON tree is built per change. (It
-                    // cannot fail: every map key is a string.)
-                    let config = serde_json::to_string(&r.filter_config).unwrap_or_default();
                     let same = last
                         .as_ref()
-                        .is_some_and(|s| s.filter_config == config && s.clusters == r.clusters);
+                        .is_some_and(|s| s.filter_config == r.config_json && *s.clusters == *r.clusters);
                     if !same {
                         version += 1;
                     }
-                    let with_revisions = r
-                        .credentials
-                        .iter()
-                        .filter_map(|(k, c)| Some((k.clone(), (c.clone(), r.revisions.get(k)?.clone()))))
-                        .collect();
-                    table.install(with_revisions, version);
+                    table.install(r.credentials, version);
                     credentials.send_replace(table.served());
                     if !same {
                         let snapshot = Arc::new(Snapshot {
                             version,
                             clusters: r.clusters,
-                            filter_config: config,
+                            filter_config: r.config_json,
                         });
                         snapshots.send_replace(Some(Arc::clone(&snapshot)));
                         last = Some(snapshot);
                     }
-                    for (key, problems) in &r.left_out {
+                    // Logged when it happens, not again on every later change.
+                    for (key, problems) in &r.newly_left_out {
                         for p in problems {
                             tracing::warn!(connector = %format!("{}/{}", key.0, key.1), problem = %p, "connector left out of the proxy configuration");
                         }
@@ -124,7 +123,8 @@ pub async fn pipeline(
                         version,
                         connectors = r.connectors.len(),
                         left_out = r.left_out.len(),
-                        rerendered = cache.rendered,
+                        rerendered = r.rendered,
+                        settled = r.settled,
                         render_ms = started.elapsed().as_millis() as u64,
                         "configuration rendered"
                     );

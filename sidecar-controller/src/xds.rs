@@ -69,7 +69,8 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub version: u64,
-    pub clusters: Vec<UpstreamCluster>,
+    /// Shared with the renderer while the clusters do not change.
+    pub clusters: std::sync::Arc<Vec<UpstreamCluster>>,
     /// The filter configuration JSON (no secrets in it: see `pipeline`).
     pub filter_config: String,
 }
@@ -289,7 +290,7 @@ impl AggregatedDiscoveryService for Ads {
             nonce: 0,
             clusters_sent: None,
             clusters_acked: vec![],
-            filter_live: vec![],
+            filter_live: Default::default(),
             filter_pending: None,
         };
         tokio::spawn(session.run(incoming));
@@ -324,9 +325,9 @@ struct Session {
     clusters_acked: Vec<UpstreamCluster>,
     /// Clusters named by the filter configuration Envoy last accepted: kept until a newer one
     /// that does not name them is accepted.
-    filter_live: Vec<UpstreamCluster>,
+    filter_live: std::sync::Arc<Vec<UpstreamCluster>>,
     /// Clusters named by the filter configuration sent and not answered yet (its version).
-    filter_pending: Option<(u64, Vec<UpstreamCluster>)>,
+    filter_pending: Option<(u64, std::sync::Arc<Vec<UpstreamCluster>>)>,
 }
 
 impl Session {

@@ -312,8 +312,8 @@ fn play_proxy(hub: Hub) -> tokio::task::JoinHandle<()> {
                 }
                 hub.publish_rendered(Published {
                     version,
-                    connectors,
-                    left_out,
+                    connectors: connectors.into_iter().map(|k| (k, ())).collect(),
+                    left_out: left_out.into_iter().collect(),
                     refused: vec![],
                 });
                 hub.set_proxy(|s| {

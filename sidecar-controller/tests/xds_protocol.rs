@@ -90,7 +90,7 @@ async fn acks_nacks_and_ordering() {
     let config = r#"{"connectors":[],"marker":"v1"}"#;
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 1,
-        clusters: vec![cluster(5000)],
+        clusters: std::sync::Arc::new(vec![cluster(5000)]),
         filter_config: config.into(),
     })));
     let cds = next(&mut responses).await.expect("clusters first");
@@ -123,7 +123,7 @@ async fn acks_nacks_and_ordering() {
     // Version 2 with the same clusters: only the filter configuration is sent. Envoy rejects it.
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 2,
-        clusters: vec![cluster(5000)],
+        clusters: std::sync::Arc::new(vec![cluster(5000)]),
         filter_config: r#"{"marker":"v2"}"#.into(),
     })));
     let ecds2 = next(&mut responses).await.expect("version 2");
@@ -163,7 +163,7 @@ async fn acks_nacks_and_ordering() {
     // Version 3 is accepted: the rejection clears.
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 3,
-        clusters: vec![cluster(5000), cluster(5001)],
+        clusters: std::sync::Arc::new(vec![cluster(5000), cluster(5001)]),
         filter_config: r#"{"marker":"v3"}"#.into(),
     })));
     let cds3 = next(&mut responses).await.expect("new cluster set first");
@@ -220,7 +220,7 @@ async fn start() -> (
 fn snapshot(version: u64, ports: &[u16]) -> Option<Arc<Snapshot>> {
     Some(Arc::new(Snapshot {
         version,
-        clusters: ports.iter().map(|p| cluster(*p)).collect(),
+        clusters: std::sync::Arc::new(ports.iter().map(|p| cluster(*p)).collect()),
         filter_config: format!(r#"{{"marker":"v{version}"}}"#),
     }))
 }
