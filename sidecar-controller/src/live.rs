@@ -39,17 +39,28 @@ use crate::sharded::ByNamespace;
 
 /// The order conflicts are settled in: oldest first (creation time, then namespace and name);
 /// without a creation time (file mode), where the connector was defined (file, then document).
+/// Shared: the state holds it in several indexes (one copy of the names per connector).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Order {
+struct Order(Arc<OrderKey>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct OrderKey {
     created: Option<(Time, String, String)>,
     file: PathBuf,
     index: usize,
     key: ConnectorKey,
 }
 
+impl std::ops::Deref for Order {
+    type Target = OrderKey;
+    fn deref(&self) -> &OrderKey {
+        &self.0
+    }
+}
+
 impl Order {
     fn of(at: &Location, c: &Connector, key: &ConnectorKey) -> Self {
-        Self {
+        Self(Arc::new(OrderKey {
             created: c
                 .metadata
                 .creation_timestamp
@@ -58,7 +69,7 @@ impl Order {
             file: at.file.clone(),
             index: at.index,
             key: key.clone(),
-        }
+        }))
     }
 }
 
