@@ -50,6 +50,11 @@ pub struct FileCache {
     listing: Option<BTreeMap<PathBuf, Stamp>>,
     /// Files parsed (not taken from the cache) by the last load.
     pub parsed: usize,
+    /// Every file's objects merged, when the last load had no problem: an event naming a few
+    /// files changes this set by theirs (a copy of it shares every namespace it does not touch).
+    merged: Option<ManifestSet>,
+    /// Whether the last load changed the set in place (`true`) or merged every file (`false`).
+    pub in_place: bool,
 }
 
 /// Reads the directory and the identity file into [`Inputs`]; every problem of both.
@@ -102,6 +107,8 @@ pub fn load_hinted(
         (Some(paths), Some(listing)) => relist(&s.manifests, listing, paths),
         _ => None,
     };
+    // Only the named files changed: the set can be changed in place by theirs.
+    let changed = changed.filter(|_| hinted.is_some());
     // A directory that cannot be listed is reported with the identity's problems, if any.
     let mut unlisted = None;
     let same_listing = match hinted {
@@ -140,7 +147,7 @@ pub fn load_hinted(
         (Some(problems), _) => Err(problems),
         (None, files) => {
             let files = files.unwrap_or_default();
-            let set = load_dir_cached(&s.manifests, &files, cache);
+            let set = load_dir_cached(&s.manifests, &files, cache, changed);
             cache.listing = Some(files);
             set
         }
@@ -188,13 +195,36 @@ fn relist(dir: &Path, listing: &mut BTreeMap<PathBuf, Stamp>, changed: &HashSet<
     Some(same)
 }
 
+/// One file parsed: its objects and its problems.
+fn parse(file: &Path) -> (ManifestSet, Vec<Problem>) {
+    let mut one = ManifestSet::default();
+    let mut problems = vec![];
+    match std::fs::read_to_string(file) {
+        Ok(text) => crate::manifests::parse_file(file, &text, &mut one, &mut problems),
+        Err(e) => problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
+    }
+    (one, problems)
+}
+
 /// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in
-/// the same order.
+/// the same order. With `changed` (the only paths that may differ from the last load) and a
+/// last load without problems, the last set is changed by those files alone
+/// ([`change_in_place`]); otherwise every file is merged again.
 fn load_dir_cached(
     dir: &Path,
     files: &BTreeMap<PathBuf, Stamp>,
     cache: &mut FileCache,
+    changed: Option<&HashSet<PathBuf>>,
 ) -> Result<ManifestSet, Vec<Problem>> {
+    cache.in_place = false;
+    if let (Some(paths), Some(mut merged)) = (changed, cache.merged.take())
+        && !files.is_empty()
+        && change_in_place(files, cache, &mut merged, paths)
+    {
+        cache.in_place = true;
+        cache.merged = Some(merged.clone());
+        return Ok(merged);
+    }
     let mut problems = vec![];
     if files.is_empty() {
         problems.push(Problem::new(dir.display(), "", "no *.yaml or *.yml files"));
@@ -207,12 +237,7 @@ fn load_dir_cached(
             Some((key, e)) if e.0 == st => (key, e),
             _ => {
                 cache.parsed += 1;
-                let mut one = ManifestSet::default();
-                let mut file_problems = vec![];
-                match std::fs::read_to_string(file) {
-                    Ok(text) => crate::manifests::parse_file(file, &text, &mut one, &mut file_problems),
-                    Err(e) => file_problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
-                }
+                let (one, file_problems) = parse(file);
                 (file.clone(), (st, one, file_problems))
             }
         };
@@ -222,7 +247,50 @@ fn load_dir_cached(
     }
     // Files gone since the last load leave the cache.
     cache.files = seen;
-    if problems.is_empty() { Ok(set) } else { Err(problems) }
+    if problems.is_empty() {
+        cache.merged = Some(set.clone());
+        Ok(set)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Changes `merged` (every file's objects at the last load, which had no problem) by the
+/// files in `paths`: a changed file's old objects go and its new ones come, a removed file's
+/// go. `false` when that cannot be done without changing the outcome (a changed file has a
+/// problem, or defines an object another file defines): the caller merges every file again,
+/// which lists every problem in order. The per-file cache is kept right either way.
+fn change_in_place(
+    files: &BTreeMap<PathBuf, Stamp>,
+    cache: &mut FileCache,
+    merged: &mut ManifestSet,
+    paths: &HashSet<PathBuf>,
+) -> bool {
+    // Every changed file's old objects go first: an object may move from one file to another.
+    let mut parse_again = vec![];
+    for path in paths {
+        let now = files.get(path).copied();
+        let before = cache.files.get(path).map(|(st, ..)| *st);
+        if now == before {
+            continue;
+        }
+        if let Some((_, old, _)) = cache.files.remove(path) {
+            merged.unmerge(&old);
+        }
+        if let Some(st) = now {
+            parse_again.push((path, st));
+        }
+    }
+    let mut fine = true;
+    for (path, st) in parse_again {
+        cache.parsed += 1;
+        let (one, problems) = parse(path);
+        let mut duplicates = vec![];
+        merged.merge(&one, &mut duplicates);
+        fine &= problems.is_empty() && duplicates.is_empty();
+        cache.files.insert(path.clone(), (st, one, problems));
+    }
+    fine
 }
 
 /// Publishes the directory's state on start and on every change, until the process ends.
@@ -252,8 +320,8 @@ pub async fn run(settings: FileSettings, hub: Hub) {
             Ok(None) => {}
             Ok(Some(inputs)) => {
                 tracing::info!(
-                    connectors = inputs.set.connectors.len(),
-                    secrets = inputs.set.secrets.len(),
+                    connectors = inputs.set.connector_count(),
+                    secrets = inputs.set.secret_count(),
                     files_parsed = cache.parsed,
                     load_ms = started.elapsed().as_millis() as u64,
                     dir = %settings.manifests.display(),
@@ -361,8 +429,7 @@ mod tests {
     fn passwords(inputs: &Inputs) -> Vec<String> {
         let mut v: Vec<String> = inputs
             .set
-            .secrets
-            .iter()
+            .secrets()
             .map(|(_, s)| {
                 let data = s.string_data.clone().unwrap_or_default();
                 format!("{}={}", s.metadata.name.clone().unwrap_or_default(), data["password"])
@@ -391,7 +458,11 @@ mod tests {
         std::fs::write(&a, secret("a", "two")).unwrap();
         let got = load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().unwrap();
         assert_eq!(passwords(&got), ["a=two", "b=one"]);
-        assert_eq!(cache.parsed, 1);
+        assert_eq!(
+            (cache.parsed, cache.in_place),
+            (1, true),
+            "the last set changed by a.yaml alone"
+        );
 
         // An event about a file that did not change, or about a non-manifest file: no load.
         assert!(load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().is_none());
@@ -408,12 +479,51 @@ mod tests {
         std::fs::remove_file(&b).unwrap();
         let got = load_hinted(&s, &mut cache, Some(&hint(&[&b, &c]))).unwrap().unwrap();
         assert_eq!(passwords(&got), ["a=two", "c=one"]);
+        assert!(cache.in_place);
 
         // A change no event named is seen by the next full re-scan (the timer's), not before.
         std::fs::write(&c, secret("c", "three-longer")).unwrap();
         assert!(load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().is_none());
         let got = load_hinted(&s, &mut cache, None).unwrap().unwrap();
         assert_eq!(passwords(&got), ["a=two", "c=three-longer"]);
+        assert!(!cache.in_place, "a re-scan merges every file");
+    }
+
+    /// Issue 17: changing the last set in place gives what a full load gives, problems
+    /// included: an object moved between files in one event, a duplicate (refused with both
+    /// places named, as a full load names them), and the set after the duplicate is fixed.
+    #[test]
+    fn a_set_changed_in_place_is_the_set_a_full_load_gives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        let (a, b) = (s.manifests.join("a.yaml"), s.manifests.join("b.yaml"));
+        std::fs::write(&a, secret("sx", "one") + "---\n" + &secret("sy", "one")).unwrap();
+        std::fs::write(&b, secret("sz", "one")).unwrap();
+        let mut cache = FileCache::default();
+        load_hinted(&s, &mut cache, None).unwrap().unwrap();
+        // sy moves from a.yaml to b.yaml; both files are named by the event.
+        std::fs::write(&a, secret("sx", "one")).unwrap();
+        std::fs::write(&b, secret("sy", "two") + "---\n" + &secret("sz", "one")).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&b, &a]))).unwrap().unwrap();
+        assert!(cache.in_place);
+        assert_eq!(passwords(&got), passwords(&load(&s).unwrap()));
+        assert_eq!(passwords(&got), ["sx=one", "sy=two", "sz=one"]);
+        // sz also defined in a.yaml: refused as a full load refuses it.
+        std::fs::write(&a, secret("sx", "one") + "---\n" + &secret("sz", "dup")).unwrap();
+        let in_place = load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap_err();
+        let full = load(&s).unwrap_err();
+        assert_eq!(in_place, full);
+        assert!(full[0].message.contains("already defined"), "{full:?}");
+        // Fixed: the next event's load merges every file again (the last load had a problem).
+        std::fs::write(&a, secret("sx", "one")).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&a]))).unwrap().unwrap();
+        assert!(!cache.in_place);
+        assert_eq!(passwords(&got), ["sx=one", "sy=two", "sz=one"]);
+        // And the one after that changes it in place again.
+        std::fs::write(&b, secret("sy", "three") + "---\n" + &secret("sz", "one")).unwrap();
+        let got = load_hinted(&s, &mut cache, Some(&hint(&[&b]))).unwrap().unwrap();
+        assert!(cache.in_place);
+        assert_eq!(passwords(&got), ["sx=one", "sy=three", "sz=one"]);
     }
 
     #[test]

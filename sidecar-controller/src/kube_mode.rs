@@ -493,8 +493,8 @@ async fn publish_loop(
         let (inputs, digest) = build_inputs(&connectors, &secrets, current);
         if last != Some(digest) {
             tracing::info!(
-                connectors = inputs.set.connectors.len(),
-                secrets = inputs.set.secrets.len(),
+                connectors = inputs.set.connector_count(),
+                secrets = inputs.set.secret_count(),
                 "desired state published"
             );
             hub.publish_inputs(inputs);

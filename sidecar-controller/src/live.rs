@@ -137,6 +137,8 @@ pub struct LiveRender {
     left_out: ByNamespace<Vec<Problem>>,
     /// The document's settings at the last update that was fine (`connectors` empty).
     settings: FilterConfig,
+    /// The objects the last update saw (shared with its inputs, not copied).
+    last_set: Option<crate::manifests::ManifestSet>,
 }
 
 fn served_parts(part: &Part) -> Option<(&[UpstreamCluster], &[String])> {
@@ -167,64 +169,32 @@ impl LiveRender {
     ) -> Result<LiveOutput, Vec<Problem>> {
         self.generation += 1;
         let generation = self.generation;
-        // 1. Which connectors changed, appeared or went.
+        // 1. Which connectors changed, appeared or went: in the namespaces whose objects are
+        // not the ones the last update saw (file mode shares unchanged namespaces' objects from
+        // one set to the next); all of them on the first update, or from a source that builds
+        // a new set every time.
+        let namespaces: Option<BTreeSet<String>> =
+            self.last_set.as_ref().map(|last| inputs.set.changed_namespaces(last));
         let mut changed: Vec<(ConnectorKey, Option<Slot>)> = vec![];
         let mut rendered = 0;
-        for (at, c) in &inputs.set.connectors {
-            let ns = c.metadata.namespace.as_deref().unwrap_or_default();
-            let name = c.metadata.name.as_deref().unwrap_or_default();
-            let secret_name = &c.spec.auth.secret_ref.name;
-            let secret = inputs.set.shared_secret(ns, secret_name);
-            let digests = inputs
-                .set
-                .connector_content(ns, name)
-                .map(|d| (d, inputs.set.secret_content(ns, secret_name)));
-            // A part rendered from the same objects (or the same content) is kept. A served part
-            // does not depend on where its Connector was defined, only its order does: moved
-            // within its file, it is settled again but not rendered again.
-            let mut reusable = None;
-            if let Some(slot) = self.slots.get_mut(ns).and_then(|m| m.get_mut(name)) {
-                let same_objects = Arc::ptr_eq(&slot.connector, c)
-                    && match (&slot.secret, secret) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        (None, None) => true,
-                        _ => false,
-                    };
-                let same_content = digests.is_some() && slot.digests == digests;
-                if same_objects || same_content {
-                    if slot.at == *at {
-                        slot.seen = generation;
-                        if !same_objects {
-                            // Same content in new objects (API mode): compare by address next time.
-                            slot.connector = Arc::clone(c);
-                            slot.secret = secret.cloned();
-                        }
-                        continue;
-                    }
-                    if matches!(*slot.part, Part::Served { .. }) {
-                        reusable = Some(Arc::clone(&slot.part));
+        match &namespaces {
+            Some(namespaces) => {
+                for ns in namespaces {
+                    for (at, c) in inputs.set.connectors_in(ns) {
+                        self.notice(at, c, inputs, revisions, tenancy, &mut changed, &mut rendered);
                     }
                 }
             }
-            let key: ConnectorKey = (ns.to_string(), name.to_string());
-            let part = reusable.unwrap_or_else(|| {
-                rendered += 1;
-                Arc::new(render_part(at, c, &key, inputs, revisions, tenancy))
-            });
-            let slot = Slot {
-                order: Order::of(at, c, &key),
-                at: at.clone(),
-                connector: Arc::clone(c),
-                secret: secret.cloned(),
-                digests,
-                part,
-                outcome: Outcome::Pending,
-                seen: generation,
-            };
-            let old = self.slots.entry(key.0.clone()).or_default().insert(key.1.clone(), slot);
-            changed.push((key, old));
+            None => {
+                for (at, c) in inputs.set.connectors() {
+                    self.notice(at, c, inputs, revisions, tenancy, &mut changed, &mut rendered);
+                }
+            }
         }
         for (ns, names) in &mut self.slots {
+            if namespaces.as_ref().is_some_and(|n| !n.contains(ns)) {
+                continue;
+            }
             let gone: Vec<String> = names
                 .iter()
                 .filter(|(_, s)| s.seen != generation)
@@ -236,6 +206,7 @@ impl LiveRender {
             }
         }
         self.slots.retain(|_, names| !names.is_empty());
+        self.last_set = Some(inputs.set.clone());
 
         // 2. Claims: the changed connectors' old claims go, their new ones come; whoever shares
         // a contested name with them is settled again.
@@ -410,6 +381,74 @@ impl LiveRender {
             rendered,
             settled,
         })
+    }
+
+    /// Looks at one connector of `inputs`: marks its slot seen if its part still holds, or
+    /// renders it (or reuses a served part that only moved) and records the change.
+    #[allow(clippy::too_many_arguments)]
+    fn notice(
+        &mut self,
+        at: &Location,
+        c: &Arc<Connector>,
+        inputs: &Inputs,
+        revisions: &Revisions,
+        tenancy: &Tenancy,
+        changed: &mut Vec<(ConnectorKey, Option<Slot>)>,
+        rendered: &mut usize,
+    ) {
+        let generation = self.generation;
+        let ns = c.metadata.namespace.as_deref().unwrap_or_default();
+        let name = c.metadata.name.as_deref().unwrap_or_default();
+        let secret_name = &c.spec.auth.secret_ref.name;
+        let secret = inputs.set.shared_secret(ns, secret_name);
+        let digests = inputs
+            .set
+            .connector_content(ns, name)
+            .map(|d| (d, inputs.set.secret_content(ns, secret_name)));
+        // A part rendered from the same objects (or the same content) is kept. A served part
+        // does not depend on where its Connector was defined, only its order does: moved
+        // within its file, it is settled again but not rendered again.
+        let mut reusable = None;
+        if let Some(slot) = self.slots.get_mut(ns).and_then(|m| m.get_mut(name)) {
+            let same_objects = Arc::ptr_eq(&slot.connector, c)
+                && match (&slot.secret, secret) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+            let same_content = digests.is_some() && slot.digests == digests;
+            if same_objects || same_content {
+                if slot.at == *at {
+                    slot.seen = generation;
+                    if !same_objects {
+                        // Same content in new objects (API mode): compare by address next time.
+                        slot.connector = Arc::clone(c);
+                        slot.secret = secret.cloned();
+                    }
+                    return;
+                }
+                if matches!(*slot.part, Part::Served { .. }) {
+                    reusable = Some(Arc::clone(&slot.part));
+                }
+            }
+        }
+        let key: ConnectorKey = (ns.to_string(), name.to_string());
+        let part = reusable.unwrap_or_else(|| {
+            *rendered += 1;
+            Arc::new(render_part(at, c, &key, inputs, revisions, tenancy))
+        });
+        let slot = Slot {
+            order: Order::of(at, c, &key),
+            at: at.clone(),
+            connector: Arc::clone(c),
+            secret: secret.cloned(),
+            digests,
+            part,
+            outcome: Outcome::Pending,
+            seen: generation,
+        };
+        let old = self.slots.entry(key.0.clone()).or_default().insert(key.1.clone(), slot);
+        changed.push((key, old));
     }
 
     /// The whole configuration document as a typed value, served entries copied in (for
@@ -686,6 +725,7 @@ mod tests {
         let mut file_of: BTreeMap<String, usize> = specs.keys().map(|k| (k.clone(), rng.below(10))).collect();
         // File mode's per-file cache: an unchanged file keeps its objects (compared by address).
         let mut parsed: BTreeMap<String, (String, ManifestSet)> = BTreeMap::new();
+        let mut merged = ManifestSet::default();
         let mut live = LiveRender::default();
         let (mut rendered_total, mut settled_total) = (0, 0);
         let mut seen_conflicts = [false; 2];
@@ -738,20 +778,34 @@ mod tests {
             }
             let secret_docs: String = secrets.iter().map(|((ns, s), pw)| secret_yaml(*ns, *s, *pw)).collect();
             files.insert("secrets.yaml".into(), secret_docs);
-            parsed.retain(|f, _| files.contains_key(f));
-            let mut set = ManifestSet::default();
+            // Changed in place, as file mode does: a changed or removed file's objects go, a
+            // changed or new file's come; the rest (and their namespaces) stay shared.
             let mut problems = vec![];
-            for (file, text) in &files {
-                let entry = parsed
-                    .entry(file.clone())
-                    .or_insert_with(|| (String::new(), ManifestSet::default()));
-                if entry.0 != *text {
-                    let mut one = ManifestSet::default();
-                    parse_file(Path::new(file), text, &mut one, &mut problems);
-                    *entry = (text.clone(), one);
+            let gone: Vec<String> = parsed.keys().filter(|f| !files.contains_key(*f)).cloned().collect();
+            for f in gone {
+                if let Some((_, old)) = parsed.remove(&f) {
+                    merged.unmerge(&old);
                 }
-                set.merge(&entry.1, &mut problems);
             }
+            let changed: Vec<&String> = files
+                .iter()
+                .filter(|(f, text)| parsed.get(*f).is_none_or(|(t, _)| t != *text))
+                .map(|(f, _)| f)
+                .collect();
+            // Every changed file's old objects first: a connector may move between files.
+            for file in &changed {
+                if let Some((_, old)) = parsed.remove(*file) {
+                    merged.unmerge(&old);
+                }
+            }
+            for file in changed {
+                let text = &files[file];
+                let mut one = ManifestSet::default();
+                parse_file(Path::new(file), text, &mut one, &mut problems);
+                merged.merge(&one, &mut problems);
+                parsed.insert(file.clone(), (text.clone(), one));
+            }
+            let set = merged.clone();
             assert!(problems.is_empty(), "{problems:?}");
             let inputs = Inputs {
                 set,

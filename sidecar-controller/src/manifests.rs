@@ -5,7 +5,6 @@
 //! A problem inside a Secret document is reported by path only: serde's messages quote the
 //! offending value, and in a Secret that value may be the password.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,11 +14,12 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use crate::crd::Connector;
+use crate::sharded::ByNamespace;
 
 const CONNECTOR_API_VERSION: &str = "connectors.alauda.io/v1alpha1";
 
 /// Where a document came from: its file and its 0-based index among the file's documents.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Location {
     pub file: PathBuf,
     pub index: usize,
@@ -62,58 +62,33 @@ impl fmt::Display for Problem {
 
 /// The objects of a manifest directory, each with where it came from.
 ///
-/// Indexed by `(namespace, name)`, so looking a Secret up or finding a duplicate costs the same
-/// at 20,000 objects as at 10 (issue 17: both were linear scans inside loops). Objects added
-/// through [`Self::add_connector`] / [`Self::add_secret`] are indexed; a set whose vectors were
-/// pushed to directly falls back to scanning.
+/// Kept by namespace and name ([`ByNamespace`]): looking a Secret up or finding a duplicate
+/// costs the same at 20,000 objects as at 10, a copy of the set shares every namespace's
+/// objects, and a change to one object copies only its namespace's map (issue 17: file mode
+/// keeps one set and changes it per event, instead of merging every file into a new one).
 #[derive(Debug, Default, Clone)]
 pub struct ManifestSet {
-    /// Shared, not copied: file mode's per-file cache and the set it publishes hold the same
-    /// objects (a copy of every object per change cost memory and time linear in N, issue 17).
-    pub connectors: Vec<(Location, Arc<Connector>)>,
-    pub secrets: Vec<(Location, Arc<Secret>)>,
-    connector_index: Index<usize>,
-    secret_index: Index<usize>,
-    /// A digest of each object's content, when its source computed one: what the pipeline's
-    /// render cache is keyed by, so an unchanged object is not rendered again.
-    connector_content: Index<Content>,
-    secret_content: Index<Content>,
+    connectors: ByNamespace<Entry<Connector>>,
+    secrets: ByNamespace<Entry<Secret>>,
 }
 
-/// namespace → name → value: looked up with borrowed names, so the pipeline's walk over every
-/// connector allocates nothing per lookup.
-#[derive(Debug, Clone)]
-struct Index<V> {
-    by_ns: HashMap<String, HashMap<String, V>>,
-    len: usize,
+/// One object: where it was defined, the object (shared, not copied: file mode's per-file
+/// cache and the set hold the same one), and a digest of its content when its source computed
+/// one (what the pipeline compares, so an unchanged object is not rendered again).
+#[derive(Debug)]
+struct Entry<T> {
+    at: Location,
+    object: Arc<T>,
+    content: Option<Content>,
 }
 
-impl<V> Default for Index<V> {
-    fn default() -> Self {
+impl<T> Clone for Entry<T> {
+    fn clone(&self) -> Self {
         Self {
-            by_ns: HashMap::new(),
-            len: 0,
+            at: self.at.clone(),
+            object: Arc::clone(&self.object),
+            content: self.content,
         }
-    }
-}
-
-impl<V: Copy> Index<V> {
-    fn get(&self, namespace: &str, name: &str) -> Option<V> {
-        self.by_ns.get(namespace)?.get(name).copied()
-    }
-
-    fn insert(&mut self, (namespace, name): ObjectKey, v: V) {
-        let names = match self.by_ns.get_mut(&namespace) {
-            Some(n) => n,
-            None => self.by_ns.entry(namespace).or_default(),
-        };
-        if names.insert(name, v).is_none() {
-            self.len += 1;
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
     }
 }
 
@@ -141,28 +116,64 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
 impl ManifestSet {
     /// Adds a Connector (the caller has checked it is not a duplicate), with its content digest.
     pub fn add_connector(&mut self, at: Location, c: impl Into<Arc<Connector>>, content: Option<Content>) {
-        let c = c.into();
-        let key = key_of(&c.metadata);
-        if self.connector_index.len() == self.connectors.len() {
-            self.connector_index.insert(key.clone(), self.connectors.len());
-        }
-        if let Some(d) = content {
-            self.connector_content.insert(key, d);
-        }
-        self.connectors.push((at, c));
+        let object = c.into();
+        let (ns, name) = key_of(&object.metadata);
+        self.connectors.insert(&ns, &name, Entry { at, object, content });
     }
 
     /// Adds a Secret (the caller has checked it is not a duplicate), with its content digest.
     pub fn add_secret(&mut self, at: Location, s: impl Into<Arc<Secret>>, content: Option<Content>) {
-        let s = s.into();
-        let key = key_of(&s.metadata);
-        if self.secret_index.len() == self.secrets.len() {
-            self.secret_index.insert(key.clone(), self.secrets.len());
+        let object = s.into();
+        let (ns, name) = key_of(&object.metadata);
+        self.secrets.insert(&ns, &name, Entry { at, object, content });
+    }
+
+    /// Every Connector with where it was defined, by namespace and name.
+    pub fn connectors(&self) -> impl Iterator<Item = (&Location, &Arc<Connector>)> {
+        self.connectors.iter().map(|(_, _, e)| (&e.at, &e.object))
+    }
+
+    /// The Connectors of namespace `namespace`, by name.
+    pub fn connectors_in(&self, namespace: &str) -> impl Iterator<Item = (&Location, &Arc<Connector>)> {
+        self.connectors
+            .shard(namespace)
+            .into_iter()
+            .flat_map(|m| m.values().map(|e| (&e.at, &e.object)))
+    }
+
+    /// Every Secret with where it was defined, by namespace and name.
+    pub fn secrets(&self) -> impl Iterator<Item = (&Location, &Arc<Secret>)> {
+        self.secrets.iter().map(|(_, _, e)| (&e.at, &e.object))
+    }
+
+    pub fn connector_count(&self) -> usize {
+        self.connectors.len()
+    }
+
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
+    }
+
+    /// Namespaces with Connectors or Secrets whose objects differ between `self` and `other`,
+    /// found without looking at unchanged namespaces' objects (they are shared).
+    pub fn changed_namespaces(&self, other: &ManifestSet) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (a, b) in [
+            (self.connectors.shard_pointers(), other.connectors.shard_pointers()),
+            (self.secrets.shard_pointers(), other.secrets.shard_pointers()),
+        ] {
+            for (ns, p) in &a {
+                if b.get(ns) != Some(p) {
+                    out.insert(ns.to_string());
+                }
+            }
+            for ns in b.keys() {
+                if !a.contains_key(ns) {
+                    out.insert(ns.to_string());
+                }
+            }
         }
-        if let Some(d) = content {
-            self.secret_content.insert(key, d);
-        }
-        self.secrets.push((at, s));
+        out
     }
 
     /// The Secret `namespace/name`, if the set has it.
@@ -174,82 +185,68 @@ impl ManifestSet {
     /// allocation from one set to the next (file mode's per-file cache), which the pipeline
     /// compares instead of the content.
     pub fn shared_secret(&self, namespace: &str, name: &str) -> Option<&Arc<Secret>> {
-        if self.secret_index.len() == self.secrets.len() {
-            let i = self.secret_index.get(namespace, name)?;
-            return self.secrets.get(i).map(|(_, s)| s);
-        }
-        self.secrets
-            .iter()
-            .map(|(_, s)| s)
-            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
+        self.secrets.get(namespace, name).map(|e| &e.object)
     }
 
     /// Where the Connector `namespace/name` was defined, if the set has it.
     fn connector_at(&self, key: &ObjectKey) -> Option<&Location> {
-        if self.connector_index.len() == self.connectors.len() {
-            return self
-                .connector_index
-                .get(&key.0, &key.1)
-                .and_then(|i| self.connectors.get(i))
-                .map(|(l, _)| l);
-        }
-        self.connectors
-            .iter()
-            .find(|(_, c)| key_of(&c.metadata) == *key)
-            .map(|(l, _)| l)
+        self.connectors.get(&key.0, &key.1).map(|e| &e.at)
     }
 
     fn secret_at(&self, key: &ObjectKey) -> Option<&Location> {
-        if self.secret_index.len() == self.secrets.len() {
-            return self
-                .secret_index
-                .get(&key.0, &key.1)
-                .and_then(|i| self.secrets.get(i))
-                .map(|(l, _)| l);
-        }
-        self.secrets
-            .iter()
-            .find(|(_, s)| key_of(&s.metadata) == *key)
-            .map(|(l, _)| l)
+        self.secrets.get(&key.0, &key.1).map(|e| &e.at)
     }
 
     /// The content digest of the Connector `namespace/name`, when its source computed one.
     pub fn connector_content(&self, namespace: &str, name: &str) -> Option<Content> {
-        self.connector_content.get(namespace, name)
+        self.connectors.get(namespace, name)?.content
     }
 
     /// The content digest of the Secret `namespace/name`, when its source computed one.
     pub fn secret_content(&self, namespace: &str, name: &str) -> Option<Content> {
-        self.secret_content.get(namespace, name)
+        self.secrets.get(namespace, name)?.content
     }
 
     /// Adds every object of `other` (parsed from another file) that is not already defined
     /// here; a duplicate is a problem at its location, as when both were in one file.
     pub fn merge(&mut self, other: &ManifestSet, problems: &mut Vec<Problem>) {
-        for (at, c) in &other.connectors {
-            let key = key_of(&c.metadata);
-            if let Some(first) = self.connector_at(&key) {
-                problems.push(duplicate(at, "Connector", &key, first));
+        for (ns, name, e) in other.connectors.iter() {
+            if let Some(first) = self.connectors.get(ns, name) {
+                problems.push(duplicate(&e.at, "Connector", ns, name, &first.at));
                 continue;
             }
-            self.add_connector(at.clone(), c.clone(), other.connector_content(&key.0, &key.1));
+            self.connectors.insert(ns, name, e.clone());
         }
-        for (at, s) in &other.secrets {
-            let key = key_of(&s.metadata);
-            if let Some(first) = self.secret_at(&key) {
-                problems.push(duplicate(at, "Secret", &key, first));
+        for (ns, name, e) in other.secrets.iter() {
+            if let Some(first) = self.secrets.get(ns, name) {
+                problems.push(duplicate(&e.at, "Secret", ns, name, &first.at));
                 continue;
             }
-            self.add_secret(at.clone(), s.clone(), other.secret_content(&key.0, &key.1));
+            self.secrets.insert(ns, name, e.clone());
+        }
+    }
+
+    /// Takes out every object `other` (one file's objects) has, defined where `other` says:
+    /// the opposite of a [`Self::merge`] that had no duplicates.
+    pub fn unmerge(&mut self, other: &ManifestSet) {
+        for (ns, name, e) in other.connectors.iter() {
+            if self.connectors.get(ns, name).is_some_and(|mine| mine.at == e.at) {
+                self.connectors.remove(ns, name);
+            }
+        }
+        for (ns, name, e) in other.secrets.iter() {
+            if self.secrets.get(ns, name).is_some_and(|mine| mine.at == e.at) {
+                self.secrets.remove(ns, name);
+            }
         }
     }
 }
 
-fn duplicate(at: &Location, kind: &str, key: &ObjectKey, first: &Location) -> Problem {
+fn duplicate(at: &Location, kind: &str, namespace: &str, name: &str, first: &Location) -> Problem {
     Problem::new(
         at,
         "metadata.name",
-        format!("{kind} {}/{} is already defined at {first}", key.0, key.1),
+        format!("{kind} {namespace}/{name} is already defined at {first}"),
     )
 }
 
@@ -398,7 +395,7 @@ fn check_metadata<'a>(
     }
     let key = key_of(meta);
     if let Some(first) = defined_at(&key) {
-        problems.push(duplicate(at, kind, &key, first));
+        problems.push(duplicate(at, kind, &key.0, &key.1, first));
         return false;
     }
     true
@@ -493,8 +490,8 @@ mod tests {
         ];
         for (case, text, connectors, secrets, expected) in cases {
             let (set, problems) = parse(&text);
-            assert_eq!(set.connectors.len(), connectors, "{case}: {problems:?}");
-            assert_eq!(set.secrets.len(), secrets, "{case}: {problems:?}");
+            assert_eq!(set.connector_count(), connectors, "{case}: {problems:?}");
+            assert_eq!(set.secret_count(), secrets, "{case}: {problems:?}");
             assert_eq!(problems.len(), expected.len(), "{case}: {problems:?}");
             for (p, e) in problems.iter().zip(&expected) {
                 assert!(p.contains(e), "{case}: {p:?} should contain {e:?}");
@@ -512,8 +509,8 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), CONNECTOR).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
         let set = load_dir(dir.path()).unwrap();
-        assert_eq!(set.connectors.len(), 1);
+        assert_eq!(set.connector_count(), 1);
         assert!(set.secret("demo", "creds").is_some());
-        assert!(set.connectors[0].0.file.ends_with("a.yaml"));
+        assert!(set.connectors().next().unwrap().0.file.ends_with("a.yaml"));
     }
 }

@@ -166,7 +166,10 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
     let mut entries = vec![];
     // Which document each filter entry came from, to locate the filter validator's findings.
     let mut origins = vec![];
-    for (at, c) in &set.connectors {
+    // In the order they were defined (file, then document): the older of two claimants wins.
+    let mut connectors: Vec<_> = set.connectors().collect();
+    connectors.sort_by(|a, b| a.0.cmp(b.0));
+    for (at, c) in connectors {
         let ns = c.metadata.namespace.as_deref().unwrap_or_default();
         let name = c.metadata.name.as_deref().unwrap_or_default();
         let mut ok = true;
@@ -250,7 +253,7 @@ pub fn render(set: &ManifestSet, identity: &Value, identity_at: &str) -> Result<
     connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&config.identity));
     // "no connectors" is only news when the manifests have none, not when every one of them
     // was left out for a problem already reported.
-    let dropped = origins.len() < set.connectors.len();
+    let dropped = origins.len() < set.connector_count();
     problems.extend(
         errors
             .into_iter()

@@ -285,7 +285,7 @@ fn play_proxy(hub: Hub) -> tokio::task::JoinHandle<()> {
                     + 1;
                 let mut connectors = BTreeSet::new();
                 let mut left_out = BTreeMap::new();
-                for (at, c) in &inputs.set.connectors {
+                for (at, c) in inputs.set.connectors() {
                     let key = (
                         c.metadata.namespace.clone().unwrap_or_default(),
                         c.metadata.name.clone().unwrap_or_default(),
@@ -335,8 +335,7 @@ fn published_credential(hub: &Hub, name: &str) -> Result<(String, String), Strin
     let inputs = inputs.ok_or("no Inputs yet")?;
     let (_, c) = inputs
         .set
-        .connectors
-        .iter()
+        .connectors()
         .find(|(_, c)| c.metadata.name.as_deref() == Some(name))
         .ok_or_else(|| format!("{name} not in the Inputs"))?;
     let authority = connector_core::address::Upstream::parse(&c.spec.address)
@@ -414,7 +413,7 @@ async fn conditions_events_and_the_proxy_state() {
         hub.inputs().borrow().clone().ok_or_else(|| "none".to_string())
     })
     .await;
-    assert_eq!(inputs.set.connectors.len(), 6);
+    assert_eq!(inputs.set.connector_count(), 6);
     assert_eq!(inputs.authorization, Authorization::Controller);
     assert_eq!(
         inputs.identity["issuers"],
