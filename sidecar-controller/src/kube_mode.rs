@@ -406,59 +406,173 @@ fn proxy_changes(hub: &Hub) -> impl Stream<Item = ()> + Send + 'static {
     futures::stream::select(published, proxy)
 }
 
-/// The desired state from the caches: every Connector, and the Secrets they name (no other
-/// Secret leaves the cache). The digest covers what the pipeline reads, so a status patch
+/// The desired state from the caches, kept between events: every Connector, and the Secrets
+/// they name (no other Secret leaves the cache). An event costs what it changed (issue 17): each
+/// cached object is looked at once (the reflector's store replaces an object's `Arc` when the
+/// object changes, so an unchanged one is the same allocation) and only a changed one is copied,
+/// digested and put into the set. The digest covers what the pipeline reads, so a status patch
 /// (a new resourceVersion, same spec) publishes nothing.
-fn build_inputs(connectors: &Store<Connector>, secrets: &SecretCache, identity: Value) -> (Inputs, [u8; 32]) {
-    let mut list = connectors.state();
-    list.sort_by_key(|c| (c.metadata.namespace.clone(), c.metadata.name.clone()));
-    let mut digest = Sha256::new();
-    let mut set = ManifestSet::default();
-    let mut wanted = BTreeSet::new();
-    for c in list {
-        let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
-        let bytes = serde_json::to_vec(&(&ns, &name, &c.spec, &c.metadata.creation_timestamp)).unwrap_or_default();
-        digest.update(&bytes);
-        wanted.insert((ns.clone(), c.spec.auth.secret_ref.name.clone()));
-        let mut c = (*c).clone();
-        c.status = None;
-        c.metadata.managed_fields = None;
-        set.add_connector(
-            location("Connector", &ns, &name),
-            c,
-            Some(crate::manifests::content_of(&bytes)),
-        );
+#[derive(Default)]
+struct ApiState {
+    set: ManifestSet,
+    /// namespace → name → what the set holds of the Connector: the store's object it was taken
+    /// from (by address), its digest, the Secret it names, and the last event that saw it.
+    connectors: HashMap<String, HashMap<String, Seen>>,
+    /// namespace → Secret name → the store's object it was taken from (by address; none: named
+    /// but not in the cache), its digest, and how many Connectors name it.
+    secrets: HashMap<String, HashMap<String, Named>>,
+    identity: Option<Value>,
+    generation: u64,
+}
+
+/// A named Secret: the store's object (by address), its digest, how many Connectors name it.
+type Named = (Option<usize>, Option<crate::manifests::Content>, usize);
+
+struct Seen {
+    object: usize,
+    content: crate::manifests::Content,
+    secret: String,
+    generation: u64,
+}
+
+fn address<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a).cast::<()>() as usize
+}
+
+impl ApiState {
+    /// Brings the set up to the caches; whether anything the pipeline reads changed.
+    fn update(&mut self, connectors: &Store<Connector>, secrets: &SecretCache, identity: Value) -> bool {
+        self.generation += 1;
+        let generation = self.generation;
+        let mut changed = self.identity.as_ref() != Some(&identity);
+        self.identity = Some(identity);
+        for c in connectors.state() {
+            let ns = c.metadata.namespace.as_deref().unwrap_or_default();
+            let name = c.metadata.name.as_deref().unwrap_or_default();
+            if let Some(seen) = self.connectors.get_mut(ns).and_then(|m| m.get_mut(name)) {
+                seen.generation = generation;
+                if seen.object == address(&c) {
+                    continue;
+                }
+                seen.object = address(&c);
+            }
+            // New or changed in the store: digest what the pipeline reads.
+            let bytes = serde_json::to_vec(&(ns, name, &c.spec, &c.metadata.creation_timestamp)).unwrap_or_default();
+            let content = crate::manifests::content_of(&bytes);
+            let secret = c.spec.auth.secret_ref.name.clone();
+            let before = self
+                .connectors
+                .get(ns)
+                .and_then(|m| m.get(name))
+                .map(|s| (s.content, s.secret.clone()));
+            if before.as_ref().is_some_and(|(d, _)| *d == content) {
+                continue;
+            }
+            changed = true;
+            if let Some((_, old_secret)) = before {
+                self.unname_secret(ns, &old_secret);
+            }
+            self.name_secret(ns, &secret);
+            let mut stripped = (*c).clone();
+            stripped.status = None;
+            stripped.metadata.managed_fields = None;
+            self.set
+                .add_connector(location("Connector", ns, name), stripped, Some(content));
+            self.connectors.entry(ns.to_string()).or_default().insert(
+                name.to_string(),
+                Seen {
+                    object: address(&c),
+                    content,
+                    secret,
+                    generation,
+                },
+            );
+        }
+        // Connectors gone from the cache.
+        let mut gone = vec![];
+        for (ns, names) in &mut self.connectors {
+            names.retain(|name, seen| {
+                let keep = seen.generation == generation;
+                if !keep {
+                    gone.push((ns.clone(), name.clone(), seen.secret.clone()));
+                }
+                keep
+            });
+        }
+        self.connectors.retain(|_, names| !names.is_empty());
+        for (ns, name, secret) in gone {
+            changed = true;
+            self.set.remove_connector(&ns, &name);
+            self.unname_secret(&ns, &secret);
+        }
+        // The named Secrets, each looked up once.
+        for (ns, names) in &mut self.secrets {
+            for (name, (object, content, _)) in names.iter_mut() {
+                let now = secrets.get(ns, name);
+                if now.as_ref().map(address) == *object {
+                    continue;
+                }
+                *object = now.as_ref().map(address);
+                let Some(s) = now else {
+                    if content.take().is_some() {
+                        changed = true;
+                        self.set.remove_secret(ns, name);
+                    }
+                    continue;
+                };
+                // The opt-in annotation decides whether the credential may be used at all.
+                let allowed = s
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::secrets::ALLOWED_CONNECTORS_ANNOTATION));
+                let bytes =
+                    serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default();
+                let digest = crate::manifests::content_of(&bytes);
+                if *content == Some(digest) {
+                    continue;
+                }
+                *content = Some(digest);
+                changed = true;
+                let mut stripped = (*s).clone();
+                stripped.metadata.managed_fields = None;
+                self.set
+                    .add_secret(location("Secret", ns, name), stripped, Some(digest));
+            }
+        }
+        changed
     }
-    for (ns, name) in wanted {
-        let Some(s) = secrets.get(&ns, &name) else {
-            continue;
+
+    fn name_secret(&mut self, ns: &str, name: &str) {
+        let names = self.secrets.entry(ns.to_string()).or_default();
+        names.entry(name.to_string()).or_insert((None, None, 0)).2 += 1;
+    }
+
+    /// One Connector fewer names `ns/name`; the last one takes the Secret out of the set.
+    fn unname_secret(&mut self, ns: &str, name: &str) {
+        let Some(names) = self.secrets.get_mut(ns) else {
+            return;
         };
-        // The opt-in annotation decides whether the credential may be used at all.
-        let allowed = s
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(crate::secrets::ALLOWED_CONNECTORS_ANNOTATION));
-        let bytes = serde_json::to_vec(&(&ns, &name, &s.type_, &s.data, &s.string_data, allowed)).unwrap_or_default();
-        digest.update(&bytes);
-        let mut s = (*s).clone();
-        s.metadata.managed_fields = None;
-        // The render cache's key: everything of the Secret the pipeline reads.
-        set.add_secret(
-            location("Secret", &ns, &name),
-            s,
-            Some(crate::manifests::content_of(&bytes)),
-        );
+        let last = names.get_mut(name).is_some_and(|(_, _, n)| {
+            *n -= 1;
+            *n == 0
+        });
+        if last {
+            names.remove(name);
+            if names.is_empty() {
+                self.secrets.remove(ns);
+            }
+            self.set.remove_secret(ns, name);
+        }
     }
-    digest.update(serde_json::to_vec(&identity).unwrap_or_default());
-    (
+
+    fn inputs(&self) -> Inputs {
         Inputs {
-            set,
-            identity,
+            set: self.set.clone(),
+            identity: self.identity.clone().unwrap_or(Value::Null),
             authorization: Authorization::Controller,
-        },
-        digest.finalize().into(),
-    )
+        }
+    }
 }
 
 /// Where an object came from, for problems the pipeline reports: `Connector demo/registry`.
@@ -487,18 +601,17 @@ async fn publish_loop(
         return;
     }
     tracing::info!("Connector and Secret caches synced and cluster identity read; publishing");
-    let mut last = None;
+    let mut state = ApiState::default();
     loop {
         let current = identity.borrow_and_update().clone().unwrap_or(Value::Null);
-        let (inputs, digest) = build_inputs(&connectors, &secrets, current);
-        if last != Some(digest) {
+        if state.update(&connectors, &secrets, current) {
+            let inputs = state.inputs();
             tracing::info!(
                 connectors = inputs.set.connector_count(),
                 secrets = inputs.set.secret_count(),
                 "desired state published"
             );
             hub.publish_inputs(inputs);
-            last = Some(digest);
         }
         ctx.forget_deleted(&connectors);
         tokio::select! {
@@ -729,4 +842,131 @@ fn error_policy(connector: Arc<Connector>, error: &Error, ctx: Arc<Ctx>) -> Acti
     let backoff = Duration::from_millis(500u64 << failures.min(10)).min(ctx.settings.reprobe_period);
     tracing::warn!(connector = %connector.name_any(), error = %error, ?backoff, "reconcile failed");
     Action::requeue(backoff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(ns: &str, name: &str, address: &str, secret: &str) -> Connector {
+        serde_json::from_value(json!({
+            "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+            "spec": {"address": address, "auth": {"name": "basicAuth", "secretRef": {"name": secret}},
+                "connectorClassName": "oci"},
+        }))
+        .unwrap()
+    }
+
+    fn secret(ns: &str, name: &str, password: &str) -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns},
+            "type": "kubernetes.io/basic-auth",
+            "stringData": {"username": "robot", "password": password},
+        }))
+        .unwrap()
+    }
+
+    fn names(set: &ManifestSet) -> (Vec<String>, Vec<String>) {
+        let key = |m: &kube::api::ObjectMeta| {
+            format!(
+                "{}/{}",
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default()
+            )
+        };
+        (
+            set.connectors().map(|(_, c)| key(&c.metadata)).collect(),
+            set.secrets().map(|(_, s)| key(&s.metadata)).collect(),
+        )
+    }
+
+    /// Issue 17, API mode: an event costs what it changed. The set follows the caches (only
+    /// named Secrets in it), a status patch publishes nothing, a change copies only its
+    /// namespace, and the kept set equals one built from scratch at every step.
+    #[test]
+    fn the_kept_set_follows_the_caches_and_a_change_touches_its_namespace_only() {
+        let (connectors, mut cw) = reflector::store::<Connector>();
+        let (secret_store, mut sw) = reflector::store::<Secret>();
+        let secrets = SecretCache {
+            stores: vec![secret_store],
+        };
+        let apply_c = |w: &mut reflector::store::Writer<Connector>, c: Connector| {
+            w.apply_watcher_event(&watcher::Event::Apply(c));
+        };
+        let apply_s = |w: &mut reflector::store::Writer<Secret>, s: Secret| {
+            w.apply_watcher_event(&watcher::Event::Apply(s));
+        };
+        apply_c(&mut cw, connector("a", "one", "https://r.example", "creds"));
+        apply_c(&mut cw, connector("a", "two", "https://r.example", "creds"));
+        apply_c(&mut cw, connector("b", "three", "https://r.example", "other"));
+        apply_s(&mut sw, secret("a", "creds", "pw1"));
+        apply_s(&mut sw, secret("b", "other", "pw1"));
+        apply_s(&mut sw, secret("b", "unrelated", "pw1"));
+        let identity = json!({"issuers": ["https://k8s"]});
+        let mut state = ApiState::default();
+        let fresh = |identity: &Value| {
+            let mut s = ApiState::default();
+            s.update(&connectors, &secrets, identity.clone());
+            names(&s.set)
+        };
+        assert!(state.update(&connectors, &secrets, identity.clone()));
+        assert_eq!(
+            names(&state.set),
+            (
+                vec!["a/one".into(), "a/two".into(), "b/three".into()],
+                vec!["a/creds".into(), "b/other".into()]
+            )
+        );
+        assert!(
+            !state.update(&connectors, &secrets, identity.clone()),
+            "nothing changed"
+        );
+        // A status patch: a new object in the store, the same spec.
+        let mut patched = connector("a", "one", "https://r.example", "creds");
+        patched.metadata.resource_version = Some("2".into());
+        apply_c(&mut cw, patched);
+        assert!(
+            !state.update(&connectors, &secrets, identity.clone()),
+            "a status patch publishes nothing"
+        );
+        // A spec change in b: namespace a's objects stay shared.
+        let before = state.set.clone();
+        apply_c(&mut cw, connector("b", "three", "https://s.example", "other"));
+        assert!(state.update(&connectors, &secrets, identity.clone()));
+        assert_eq!(state.set.changed_namespaces(&before), BTreeSet::from(["b".to_string()]));
+        // A rotation, a deletion that leaves a Secret unnamed, an identity change.
+        apply_s(&mut sw, secret("a", "creds", "pw2"));
+        assert!(state.update(&connectors, &secrets, identity.clone()));
+        let rotated = state
+            .set
+            .secret("a", "creds")
+            .and_then(|s| s.string_data.clone())
+            .unwrap();
+        assert_eq!(rotated["password"], "pw2");
+        cw.apply_watcher_event(&watcher::Event::Delete(connector(
+            "b",
+            "three",
+            "https://s.example",
+            "other",
+        )));
+        assert!(state.update(&connectors, &secrets, identity.clone()));
+        assert_eq!(
+            names(&state.set),
+            (vec!["a/one".into(), "a/two".into()], vec!["a/creds".into()])
+        );
+        assert_eq!(names(&state.set), fresh(&identity));
+        let other = json!({"issuers": ["https://other"]});
+        assert!(state.update(&connectors, &secrets, other.clone()));
+        assert_eq!(state.inputs().identity, other);
+        // The Secret of a connector whose Secret is missing comes when it is created.
+        apply_c(&mut cw, connector("c", "four", "https://r.example", "later"));
+        assert!(state.update(&connectors, &secrets, other.clone()));
+        assert!(state.set.secret("c", "later").is_none());
+        apply_s(&mut sw, secret("c", "later", "pw"));
+        assert!(state.update(&connectors, &secrets, other.clone()));
+        assert!(state.set.secret("c", "later").is_some());
+        assert_eq!(names(&state.set), fresh(&other));
+    }
 }

@@ -128,6 +128,16 @@ impl ManifestSet {
         self.secrets.insert(&ns, &name, Entry { at, object, content });
     }
 
+    /// Takes the Connector `namespace/name` out.
+    pub fn remove_connector(&mut self, namespace: &str, name: &str) {
+        self.connectors.remove(namespace, name);
+    }
+
+    /// Takes the Secret `namespace/name` out.
+    pub fn remove_secret(&mut self, namespace: &str, name: &str) {
+        self.secrets.remove(namespace, name);
+    }
+
     /// Every Connector with where it was defined, by namespace and name.
     pub fn connectors(&self) -> impl Iterator<Item = (&Location, &Arc<Connector>)> {
         self.connectors.iter().map(|(_, _, e)| (&e.at, &e.object))
