@@ -122,23 +122,20 @@ pub enum Decision {
 }
 
 fn refuse(config_realm: &str, r: Refusal) -> Decision {
-    let reason = r.reason;
-    Decision::Respond {
-        response: r.into_response(config_realm),
-        reason,
-        authenticated: false,
-    }
+    respond(config_realm, r, false)
 }
 
 /// A refusal of a caller whose token was verified.
 fn refuse_authenticated(config_realm: &str, r: Refusal) -> Decision {
-    match refuse(config_realm, r) {
-        Decision::Respond { response, reason, .. } => Decision::Respond {
-            response,
-            reason,
-            authenticated: true,
-        },
-        forward => forward,
+    respond(config_realm, r, true)
+}
+
+fn respond(config_realm: &str, r: Refusal, authenticated: bool) -> Decision {
+    let reason = r.reason;
+    Decision::Respond {
+        response: r.into_response(config_realm),
+        reason,
+        authenticated,
     }
 }
 
