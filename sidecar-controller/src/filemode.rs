@@ -206,6 +206,36 @@ fn parse(file: &Path) -> (ManifestSet, Vec<Problem>) {
     (one, problems)
 }
 
+/// Each file of `files` parsed ([`parse`]), on as many threads as there are cores.
+fn parse_all(files: &[&PathBuf]) -> HashMap<PathBuf, (ManifestSet, Vec<Problem>)> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(8);
+    if threads < 2 || files.len() < 64 {
+        return files.iter().map(|f| ((*f).clone(), parse(f))).collect();
+    }
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|f| ((*f).clone(), parse(f))).collect::<Vec<_>>()))
+            .collect();
+        // A worker that panicked (a parser bug) leaves its files refused, not the process down.
+        workers
+            .into_iter()
+            .zip(files.chunks(chunk))
+            .flat_map(|(w, part)| {
+                w.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|f| {
+                            let problem = Problem::new(f.display(), "", "the parser failed on this file");
+                            ((*f).clone(), (ManifestSet::default(), vec![problem]))
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
 /// [`crate::manifests::load_dir`] with the per-file cache: the same set, the same problems in
 /// the same order. With `changed` (the only paths that may differ from the last load) and a
 /// last load without problems, the last set is changed by those files alone
@@ -229,17 +259,23 @@ fn load_dir_cached(
     if files.is_empty() {
         problems.push(Problem::new(dir.display(), "", "no *.yaml or *.yml files"));
     }
+    // Files to read again, parsed on every core first: parsing is most of a cold start (40,000
+    // files at 20,000 connectors); merging stays in path order, so problems keep their order.
+    let stale: Vec<&PathBuf> = files
+        .iter()
+        .filter(|(file, st)| cache.files.get(*file).is_none_or(|e| e.0 != **st))
+        .map(|(file, _)| file)
+        .collect();
+    let mut parsed = parse_all(&stale);
+    cache.parsed += parsed.len();
     let mut set = ManifestSet::default();
     let mut seen = HashMap::with_capacity(files.len());
     for (file, &st) in files {
         // The cache's own key moves to the new cache: no path is copied for an unchanged file.
-        let (file, entry) = match cache.files.remove_entry(file) {
-            Some((key, e)) if e.0 == st => (key, e),
-            _ => {
-                cache.parsed += 1;
-                let (one, file_problems) = parse(file);
-                (file.clone(), (st, one, file_problems))
-            }
+        let (file, entry) = match (cache.files.remove_entry(file), parsed.remove(file)) {
+            (Some((key, e)), None) => (key, e),
+            (_, Some((one, file_problems))) => (file.clone(), (st, one, file_problems)),
+            (None, None) => (file.clone(), (st, ManifestSet::default(), vec![])),
         };
         problems.extend(entry.2.iter().cloned());
         set.merge(&entry.1, &mut problems);
@@ -487,6 +523,31 @@ mod tests {
         let got = load_hinted(&s, &mut cache, None).unwrap().unwrap();
         assert_eq!(passwords(&got), ["a=two", "c=three-longer"]);
         assert!(!cache.in_place, "a re-scan merges every file");
+    }
+
+    /// Issue 17: a cold load parses files on every core; the set and the problems (in path
+    /// order) are what the one-file-at-a-time reader gives.
+    #[test]
+    fn parsing_on_every_core_gives_the_set_and_problems_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        for i in 0..150 {
+            std::fs::write(s.manifests.join(format!("f{i:03}.yaml")), secret(&format!("s{i}"), "pw")).unwrap();
+        }
+        let got = load_hinted(&s, &mut FileCache::default(), None).unwrap().unwrap();
+        let serial = crate::manifests::load_dir(&s.manifests).unwrap();
+        assert_eq!(got.set.secret_count(), 150);
+        assert_eq!(
+            got.set.secrets().map(|(at, _)| at.clone()).collect::<Vec<_>>(),
+            serial.secrets().map(|(at, _)| at.clone()).collect::<Vec<_>>()
+        );
+        std::fs::write(s.manifests.join("f020.yaml"), "a: [").unwrap();
+        std::fs::write(s.manifests.join("f140.yaml"), secret("s3", "again")).unwrap();
+        let mut cache = FileCache::default();
+        let problems = load_hinted(&s, &mut cache, None).unwrap_err();
+        assert_eq!(problems, crate::manifests::load_dir(&s.manifests).unwrap_err());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(cache.parsed, 150);
     }
 
     /// Issue 17: changing the last set in place gives what a full load gives, problems
