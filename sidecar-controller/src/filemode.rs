@@ -532,7 +532,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = settings(tmp.path());
         for i in 0..150 {
-            std::fs::write(s.manifests.join(format!("f{i:03}.yaml")), secret(&format!("s{i}"), "pw")).unwrap();
+            std::fs::write(
+                s.manifests.join(format!("f{i:03}.yaml")),
+                secret(&format!("s{i}"), "pw"),
+            )
+            .unwrap();
         }
         let got = load_hinted(&s, &mut FileCache::default(), None).unwrap().unwrap();
         let serial = crate::manifests::load_dir(&s.manifests).unwrap();
