@@ -74,15 +74,7 @@ impl CredentialTable {
     /// retired, not forgotten. Only namespaces whose entries changed are looked at.
     pub fn install(&mut self, current: ByNamespace<(Credential, String)>, version: u64) {
         let old = std::mem::replace(&mut self.current, current);
-        let namespaces: BTreeSet<String> = old
-            .namespaces()
-            .chain(self.current.namespaces())
-            .filter(|ns| match (old.shard(ns), self.current.shard(ns)) {
-                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-                _ => true,
-            })
-            .map(str::to_string)
-            .collect();
+        let namespaces = self.current.differing_namespaces(&old);
         for ns in &namespaces {
             for (name, (credential, revision)) in old.shard(ns).map(|s| s.iter()).into_iter().flatten() {
                 let kept = self.current.get(ns, name).is_some_and(|(_, r)| r == revision);

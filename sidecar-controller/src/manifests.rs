@@ -167,22 +167,8 @@ impl ManifestSet {
     /// Namespaces with Connectors or Secrets whose objects differ between `self` and `other`,
     /// found without looking at unchanged namespaces' objects (they are shared).
     pub fn changed_namespaces(&self, other: &ManifestSet) -> std::collections::BTreeSet<String> {
-        let mut out = std::collections::BTreeSet::new();
-        for (a, b) in [
-            (self.connectors.shard_pointers(), other.connectors.shard_pointers()),
-            (self.secrets.shard_pointers(), other.secrets.shard_pointers()),
-        ] {
-            for (ns, p) in &a {
-                if b.get(ns) != Some(p) {
-                    out.insert(ns.to_string());
-                }
-            }
-            for ns in b.keys() {
-                if !a.contains_key(ns) {
-                    out.insert(ns.to_string());
-                }
-            }
-        }
+        let mut out = self.connectors.differing_namespaces(&other.connectors);
+        out.extend(self.secrets.differing_namespaces(&other.secrets));
         out
     }
 

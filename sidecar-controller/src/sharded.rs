@@ -5,7 +5,7 @@
 //! namespace, and a change copies only the namespace it touches (issue 17: at 20,000
 //! connectors, copying every entry on every change was most of a change's cost).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// `(namespace, name) → V`, sharded by namespace. Cloning shares every namespace's entries.
@@ -90,11 +90,17 @@ impl<V: Clone> ByNamespace<V> {
         self.shards.get(namespace)
     }
 
-    /// Each namespace with the address of its shared entries: equal addresses, equal entries.
-    pub fn shard_pointers(&self) -> BTreeMap<&str, usize> {
-        self.shards
-            .iter()
-            .map(|(ns, s)| (ns.as_str(), Arc::as_ptr(s).cast::<()>() as usize))
+    /// Namespaces whose entries are not the very ones `other` holds (added, removed, or
+    /// copied on a change), found by comparing each namespace's shared entries by address,
+    /// without looking at them.
+    pub fn differing_namespaces(&self, other: &Self) -> BTreeSet<String> {
+        self.namespaces()
+            .chain(other.namespaces())
+            .filter(|ns| match (self.shard(ns), other.shard(ns)) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                _ => true,
+            })
+            .map(str::to_string)
             .collect()
     }
 
@@ -132,6 +138,7 @@ mod tests {
             "an untouched namespace stays shared"
         );
         assert!(!Arc::ptr_eq(published.shard("a").unwrap(), m.shard("a").unwrap()));
+        assert_eq!(m.differing_namespaces(&published), BTreeSet::from(["a".to_string()]));
         assert_eq!(m.remove("b", "z"), Some(3));
         assert_eq!(m.remove("b", "z"), None);
         assert_eq!((m.len(), published.len()), (2, 3));
