@@ -42,6 +42,7 @@ use crate::manifests::{Location, ManifestSet};
 use crate::ops::Metrics;
 use crate::probe::{self, ProbeError};
 use crate::secrets::{Credential, TYPE_BASIC_AUTH, TYPE_DOCKER_CONFIG_JSON, TYPE_REGISTRY_TOKEN};
+use crate::sharded::address;
 
 /// The Secret types the controller reads, each watched with a field selector on `type` so that
 /// Secrets of other types (service-account tokens, TLS keys, Opaque application Secrets) never
@@ -433,10 +434,6 @@ struct Seen {
     content: crate::manifests::Content,
     secret: String,
     generation: u64,
-}
-
-fn address<T>(a: &Arc<T>) -> usize {
-    Arc::as_ptr(a).cast::<()>() as usize
 }
 
 impl ApiState {

@@ -35,7 +35,7 @@ use crate::manifests::{Location, Problem};
 use crate::pipeline::{ChannelSettings, Part, PartKey, Revisions, Tenancy, render_part};
 use crate::render::{UpstreamCluster, add_cluster, locate};
 use crate::secrets::Credential;
-use crate::sharded::ByNamespace;
+use crate::sharded::{ByNamespace, address};
 
 /// The order conflicts are settled in: oldest first (creation time, then namespace and name);
 /// without a creation time (file mode), where the connector was defined (file, then document).
@@ -141,10 +141,6 @@ pub struct LiveRender {
     last_set: Option<crate::manifests::ManifestSet>,
     /// A cold start's parts, rendered on every core, by the Connector's address.
     prerendered: HashMap<usize, Arc<Part>>,
-}
-
-fn address<T>(a: &Arc<T>) -> usize {
-    Arc::as_ptr(a).cast::<()>() as usize
 }
 
 /// Every connector's part, rendered on as many threads as there are cores: a cold start at

@@ -8,6 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+/// An object's identity as a shared allocation: the same address, the same unchanged object
+/// (how file mode's cache and the reflector's store hand out objects that did not change).
+pub fn address<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a).cast::<()>() as usize
+}
+
 /// `(namespace, name) → V`, sharded by namespace. Cloning shares every namespace's entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ByNamespace<V> {
