@@ -228,6 +228,7 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         // No configuration readable is an empty one: refused by `compile`, so fail closed.
+        let started = host::now_millis();
         let bytes = host::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
         // The configuration this VM runs lends the new one every connector it repeats.
         let compiled = VM_STATE.with(|shared| {
@@ -244,9 +245,11 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "configuration accepted: {} connector(s), {} key(s)",
+                        "configuration accepted: {} connector(s) ({} kept from the running one), {} key(s), in {} ms",
                         config.connectors.len(),
-                        config.policy.keys.len()
+                        config.kept,
+                        config.policy.keys.len(),
+                        host::now_millis().saturating_sub(started)
                     ),
                 );
                 let shared = VM_STATE.with(Rc::clone);

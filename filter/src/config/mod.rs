@@ -36,6 +36,8 @@ pub struct Config {
     pub token_cache_size: usize,
     /// Shared with the next configuration when its entry's text is unchanged ([`compile_after`]).
     pub connectors: Vec<Rc<Connector>>,
+    /// How many of `connectors` were shared with the previous configuration (for the log).
+    pub kept: usize,
     pub controller: Option<ControllerChannel>,
     pub access: AccessMode,
     by_name: HashMap<(String, String), usize>,
@@ -231,6 +233,7 @@ pub fn compile_after(
         .and_then(|c| compile_channel(c, env, &mut found));
     let host_pattern = config.proxy.host_pattern().to_string();
     let mut connectors = Vec::with_capacity(config.connectors.len());
+    let mut kept = 0;
     for (i, entry) in config.connectors.iter().enumerate() {
         let shared = earlier
             .get(i)
@@ -239,6 +242,7 @@ pub fn compile_after(
             .filter(|_| reusing)
             .and_then(|j| previous?.connectors.get(j).cloned());
         if let Some(c) = shared {
+            kept += 1;
             connectors.push(c);
         } else if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
             connectors.push(Rc::new(c));
@@ -278,6 +282,7 @@ pub fn compile_after(
         policy,
         token_cache_size: usize::try_from(identity.token_cache_size()).unwrap_or(usize::MAX),
         connectors,
+        kept,
         controller,
         access: authorization,
         by_name,
