@@ -245,10 +245,10 @@ impl RootContext for Root {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "configuration accepted: {} connector(s) ({} kept from the running one), {} key(s), in {} ms",
+                        "configuration accepted: {} connector(s), {} key(s); {} kept from the running configuration, compiled in {} ms",
                         config.connectors.len(),
-                        config.kept,
                         config.policy.keys.len(),
+                        config.kept,
                         host::now_millis().saturating_sub(started)
                     ),
                 );
