@@ -538,6 +538,21 @@ mod tests {
         /// One connector, `demo/reg`, behind a controller channel. `rbac`: the controller
         /// decides access; `from_controller`: it also holds the connector's credential.
         fn new(rbac: bool, from_controller: bool) -> World {
+            let config = Self::compile(&Self::doc(rbac, from_controller));
+            World {
+                config,
+                access: AccessCache::default(),
+                credentials: CredentialCache::default(),
+                upstream: UpstreamAuth::default(),
+                secrets: SecretsMemo::default(),
+            }
+        }
+
+        fn compile(doc: &serde_json::Value) -> Config {
+            compile(doc.to_string().as_bytes(), &|k| (k == "P").then(|| "pw".to_string())).unwrap()
+        }
+
+        fn doc(rbac: bool, from_controller: bool) -> serde_json::Value {
             let mut doc = json!({
                 "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": jwks()},
                 "controller": {"cluster": "connector_controller", "authority": "connector-controller"},
@@ -553,14 +568,7 @@ mod tests {
             if from_controller {
                 doc["connectors"][0]["credential"] = json!({"fromController": "rev-1"});
             }
-            let config = compile(doc.to_string().as_bytes(), &|k| (k == "P").then(|| "pw".to_string())).unwrap();
-            World {
-                config,
-                access: AccessCache::default(),
-                credentials: CredentialCache::default(),
-                upstream: UpstreamAuth::default(),
-                secrets: SecretsMemo::default(),
-            }
+            doc
         }
 
         fn vm(&mut self) -> Vm<'_> {
@@ -907,7 +915,10 @@ mod tests {
         let mut w = World::new(false, false);
         let mut f = Flow::default();
         assert_probe(&w.start(&mut f, 1));
-        w.config.connectors.clear();
+        // The next configuration has another connector instead.
+        let mut next = World::doc(false, false);
+        next["connectors"][0]["name"] = json!("other");
+        w.config = World::compile(&next);
         let act = w.probe_answer(&mut f, 1, 200, None);
         let (status, _, message, _) = refusal(&act);
         assert_eq!(status, 403, "{message}");

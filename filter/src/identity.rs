@@ -51,6 +51,7 @@ impl Identity {
 pub use connector_core::keys::{PublicKey, VerifyKey};
 
 /// What a token must satisfy; compiled from the configuration.
+#[derive(Clone)]
 pub struct TokenPolicy {
     pub keys: HashMap<String, VerifyKey>,
     pub issuers: HashSet<String>,

@@ -246,7 +246,7 @@ impl RootContext for Root {
                     LogLevel::Info,
                     &format!(
                         "configuration accepted: {} connector(s), {} key(s); {} kept from the running configuration, compiled in {} ms",
-                        config.connectors.len(),
+                        config.connectors().len(),
                         config.policy.keys.len(),
                         config.kept,
                         host::now_millis().saturating_sub(started)

@@ -113,8 +113,8 @@ pub struct Split<'a> {
 ///
 /// A strict scan of the structure: braces, brackets, strings, and the commas and colons
 /// between members and items. The pieces themselves are left to serde_json: the settings and
-/// every entry [`parse_reusing`] reads are parsed by it, and a reused entry is text an earlier
-/// parse accepted. (serde_json's `RawValue` cuts the same way, but its feature costs the filter
+/// every entry [`parse_entry`] reads are parsed by it, and an entry a caller keeps is text an
+/// earlier parse accepted. (serde_json's `RawValue` cuts the same way, but its feature costs the filter
 /// module 47 KB, and the module is held under 700 KB.)
 pub fn split(json: &[u8]) -> Option<Split<'_>> {
     let text = std::str::from_utf8(json).ok()?;
@@ -263,63 +263,16 @@ impl<'a> Scan<'a> {
     }
 }
 
-/// The outcome of [`parse_reusing`]: the parse, and whether it is [`parse`]'s (nothing from
-/// `known` was used: the document had a problem).
-#[derive(Debug)]
-pub struct Reparsed {
-    pub parsed: Parsed,
-    pub full: bool,
-}
-
-/// [`parse`] of the document `split` cut, taking each entry `known` has for its index and
-/// exact text instead of walking and checking it again: a configuration push that changes one
-/// connector of thousands reads one entry. `known` must hold only entries an earlier parse of a
-/// document with the same [`Split::settings`] accepted (an entry's checks depend on them).
-/// The result equals [`parse`]'s whenever the document is accepted; any problem at all makes
-/// it [`parse`]'s (every problem listed, in the usual order), reusing nothing.
-pub fn parse_reusing(
-    json: &[u8],
-    split: &Split<'_>,
-    known: &dyn Fn(usize, &str) -> Option<ConnectorEntry>,
-) -> Reparsed {
-    let fallback = || Reparsed {
-        parsed: parse(json),
-        full: true,
-    };
-    let mut errors = vec![];
-    let mut w = Walk { errors: &mut errors };
-    // The settings alone: a small object, parsed whole.
+/// One connector entry's text ([`Split::entries`]), read and checked alone, for a caller that
+/// checks what spans entries itself (the filter, against the configuration it runs);
+/// `has_controller`: whether the document names the controller channel. `None` on any problem:
+/// only [`parse`] of the whole document lists them, with their paths.
+pub fn parse_entry(text: &str, has_controller: bool) -> Option<ConnectorEntry> {
     // (`from_slice` everywhere: a `from_str` would be a second copy of the parser in the module.)
-    let Ok(doc) = serde_json::from_slice::<Value>(split.settings.as_bytes()) else {
-        return fallback();
-    };
-    let empty = Map::new();
-    let root = w.object(Some(&doc), "$", &ROOT_KEYS, true).unwrap_or(&empty);
-    let mut config = walk_settings(&mut w, root);
-    let has_controller = config.controller.is_some();
-    let mut found = vec![];
-    for (i, text) in split.entries.iter().enumerate() {
-        if let Some(entry) = known(i, text) {
-            config.connectors.push(entry);
-            continue;
-        }
-        let Ok(item) = serde_json::from_slice::<Value>(text.as_bytes()) else {
-            return fallback();
-        };
-        let path = format!("connectors[{i}]");
-        let entry = walk_entry(&mut w, &item, &path);
-        found.extend(check::check_entry(&entry, &path, has_controller));
-        config.connectors.push(entry);
-    }
-    found.extend(check::check_settings(&config));
-    found.extend(check::check_connectors(&config.connectors, config.proxy.host_pattern()));
-    if !errors.is_empty() || !found.is_empty() {
-        return fallback();
-    }
-    Reparsed {
-        parsed: Parsed { config, errors },
-        full: false,
-    }
+    let item = serde_json::from_slice::<Value>(text.as_bytes()).ok()?;
+    let mut errors = vec![];
+    let entry = walk_entry(&mut Walk { errors: &mut errors }, &item, "connectors[]");
+    (errors.is_empty() && check::check_entry(&entry, "connectors[]", has_controller).is_empty()).then_some(entry)
 }
 
 /// Reads an `identity` section alone (the controller's identity file, or what it builds from

@@ -245,25 +245,6 @@ fn covered_paths() {
     assert!(!covered(&reported, "connectors[10].credential"));
 }
 
-/// `parse_reusing` with a `known` built from an earlier accepted parse, as the filter keeps it.
-/// Also how many entries `known` handed out.
-fn reparse(json: &[u8], earlier: &[u8]) -> (Reparsed, usize) {
-    let before = parse(earlier);
-    assert_eq!(before.errors, vec![], "the earlier document must be accepted");
-    let old = split(earlier).unwrap();
-    let new = split(json).unwrap();
-    let known: std::collections::HashMap<&str, &ConnectorEntry> =
-        old.entries.iter().copied().zip(&before.config.connectors).collect();
-    let same = old.settings == new.settings;
-    let handed = std::cell::Cell::new(0);
-    let r = parse_reusing(json, &new, &|_, text| {
-        let e = same.then(|| known.get(text).map(|e| (*e).clone())).flatten();
-        handed.set(handed.get() + usize::from(e.is_some()));
-        e
-    });
-    (r, handed.get())
-}
-
 #[test]
 fn split_cuts_at_the_entries() {
     let json =
@@ -321,66 +302,43 @@ fn split_entries_are_the_documents_entries() {
 }
 
 #[test]
-fn reusing_entries_gives_what_a_full_parse_gives() {
+fn an_entry_read_alone_is_the_entry_the_whole_document_gives() {
     let config = full();
-    let earlier = serde_json::to_vec(&config).unwrap();
-    // One entry changed, one added, one removed.
-    let mut changed = config.clone();
-    changed.connectors[1].allowed_namespaces = vec!["team-z".into()];
-    changed
-        .connectors
-        .push(entry("new", CredentialRef::FromController { revision: "r-2".into() }));
-    changed.connectors.remove(2);
-    let json = serde_json::to_vec(&changed).unwrap();
-    let (r, reused) = reparse(&json, &earlier);
-    assert_eq!(r.parsed.errors, vec![]);
-    assert_eq!(r.parsed.config, changed);
-    assert_eq!(r.parsed.config, parse(&json).config);
-    // harbor and quay reused; the changed hub and the new entry read.
-    assert!(!r.full);
-    assert_eq!(reused, 2);
-
-    // Settings changed (no controller any more): nothing is reused, and an entry an earlier
-    // parse accepted is refused now, with the full parse's problems.
-    let mut no_channel = changed.clone();
-    no_channel.controller = None;
-    no_channel.authorization = AccessMode::Rules;
-    let json = serde_json::to_vec(&no_channel).unwrap();
-    let (r, _) = reparse(&json, &earlier);
-    assert!(r.full);
-    assert_eq!(r.parsed.errors, parse(&json).errors);
-    assert!(
-        r.parsed
-            .errors
-            .iter()
-            .any(|e| e.path == "connectors[0].credential.fromController"),
-        "{:?}",
-        r.parsed.errors
-    );
+    let json = serde_json::to_vec(&config).unwrap();
+    let s = split(&json).unwrap();
+    let alone: Vec<ConnectorEntry> = s.entries.iter().map(|t| parse_entry(t, true).unwrap()).collect();
+    assert_eq!(alone, parse(&json).config.connectors);
+    assert_eq!(alone, config.connectors);
 }
 
 #[test]
-fn a_problem_in_a_reparsed_document_is_reported_as_a_full_parse_reports_it() {
+fn an_entry_with_any_problem_reads_as_none() {
     let config = full();
-    let earlier = serde_json::to_vec(&config).unwrap();
-    let mut docs = vec![];
-    // A new entry that claims a name already used, one with a bad field, an unknown field.
-    let mut twice = config.clone();
-    twice.connectors.push(twice.connectors[0].clone());
-    docs.push(serde_json::to_value(&twice).unwrap());
-    let mut bad = serde_json::to_value(&config).unwrap();
-    bad["connectors"][1]["namespace"] = serde_json::json!("Not A Label");
-    bad["connectors"][2]["unknown"] = serde_json::json!(1);
-    docs.push(bad);
-    let mut root = serde_json::to_value(&config).unwrap();
-    root["extra"] = serde_json::json!(true);
-    docs.push(root);
-    for doc in docs {
-        let json = doc.to_string();
-        let (r, _) = reparse(json.as_bytes(), &earlier);
-        let full = parse(json.as_bytes());
-        assert!(!full.errors.is_empty(), "{json}");
-        assert_eq!(r.parsed.errors, full.errors, "{json}");
-        assert!(r.full);
+    let good = serde_json::to_value(&config.connectors[0]).unwrap();
+    assert!(parse_entry(&good.to_string(), true).is_some());
+    let mut bad_label = good.clone();
+    bad_label["namespace"] = serde_json::json!("Not A Label");
+    let mut unknown = good.clone();
+    unknown["unknown"] = serde_json::json!(1);
+    let mut no_address = good.clone();
+    no_address.as_object_mut().unwrap().remove("address");
+    for bad in [bad_label, unknown, no_address] {
+        assert_eq!(parse_entry(&bad.to_string(), true), None, "{bad}");
+        // The whole document says what is wrong.
+        let mut doc = serde_json::to_value(&config).unwrap();
+        doc["connectors"][0] = bad.clone();
+        assert!(!parse(doc.to_string().as_bytes()).errors.is_empty(), "{bad}");
     }
+    for text in ["", "[", "1", "{\"namespace\": 1}"] {
+        assert_eq!(parse_entry(text, true), None, "{text}");
+    }
+    // A credential from the controller needs the channel, which the settings name.
+    let from_controller = config
+        .connectors
+        .iter()
+        .find(|e| matches!(e.credential, CredentialRef::FromController { .. }))
+        .unwrap();
+    let text = serde_json::to_string(from_controller).unwrap();
+    assert!(parse_entry(&text, true).is_some());
+    assert_eq!(parse_entry(&text, false), None);
 }

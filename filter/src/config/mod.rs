@@ -8,15 +8,16 @@
 //! Here: the compiled types and [`compile`]. The parts: `keys` (the `identity` section's keys),
 //! `credential` (controller, environment and docker-config credentials).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::rc::Rc;
 
-use connector_core::config::{ConnectorEntry, FilterConfig};
+use connector_core::config::{ConnectorEntry, FilterConfig, Split};
 
 use crate::identity::{Identity, TokenPolicy};
 
 mod credential;
+mod index;
 mod keys;
 
 pub use connector_core::address::{Upstream, normalise_authority};
@@ -26,6 +27,7 @@ pub use connector_core::config::{
 pub use connector_core::host::{DEFAULT_HOST_PATTERN, render_host};
 pub use connector_core::keys::check_jwk;
 use credential::{compile_channel, compile_credential};
+use index::{Index, Slot};
 use keys::compile_policy;
 
 /// The validated, compiled configuration.
@@ -34,19 +36,18 @@ pub struct Config {
     pub host_pattern: String,
     pub policy: TokenPolicy,
     pub token_cache_size: usize,
-    /// Shared with the next configuration when its entry's text is unchanged ([`compile_after`]).
-    pub connectors: Vec<Rc<Connector>>,
+    /// In document order (read through [`Config::connectors`]: the index must agree). Shared
+    /// with the next configuration when its entry's text is unchanged ([`compile_after`]).
+    connectors: Vec<Rc<Connector>>,
     /// How many of `connectors` were shared with the previous configuration (for the log).
     pub kept: usize,
     pub controller: Option<ControllerChannel>,
     pub access: AccessMode,
-    by_name: HashMap<(String, String), usize>,
-    by_host: HashMap<String, usize>,
-    /// What the next configuration may reuse: the text of everything but the connectors, and
-    /// each connector's entry, typed and as JSON text (index into `connectors`).
-    settings: String,
-    entries: Vec<ConnectorEntry>,
-    by_text: HashMap<String, usize>,
+    index: Index,
+    /// What the next configuration may reuse: the document's text but its connectors (`None`
+    /// when the document could not be cut at its entries), and the entries in document order.
+    settings: Option<String>,
+    slots: Vec<Rc<Slot>>,
 }
 
 /// A registry reachable through the proxy.
@@ -164,9 +165,16 @@ impl connector_core::access::AllowLists for Connector {
 }
 
 impl Config {
+    /// Every connector, in document order.
+    pub fn connectors(&self) -> &[Rc<Connector>] {
+        &self.connectors
+    }
+
     pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
-        let i = self.by_name.get(&(namespace.to_string(), name.to_string()))?;
-        self.connectors.get(*i).map(Rc::as_ref)
+        self.index
+            .by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(Rc::as_ref)
     }
 
     /// The connector named `<namespace>/<name>`.
@@ -177,8 +185,10 @@ impl Config {
 
     /// The connector whose host-form name is `host` (no port, any case).
     pub fn connector_by_host(&self, host: &str) -> Option<&Connector> {
-        let i = self.by_host.get(&host.to_ascii_lowercase())?;
-        self.connectors.get(*i).map(Rc::as_ref)
+        self.index
+            .by_host
+            .get(host.to_ascii_lowercase().as_str())
+            .map(Rc::as_ref)
     }
 
     /// Whether `host` has the shape of a host-form name, known or not: such a host is answered
@@ -195,56 +205,124 @@ pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
 
 /// [`compile`], sharing with `previous` (the configuration this VM runs) every connector whose
 /// entry has the same JSON text under the same settings: a push that changes one connector of
-/// thousands checks and compiles that one (issue 17). The outcome is [`compile`]'s: reuse is
-/// taken only when the document is accepted as a whole, and `env` is fixed for a VM's life.
+/// thousands reads, checks and compiles that one and copies the few index shards it touches
+/// (issue 17). The outcome is [`compile`]'s: on any problem, or with other settings, the whole
+/// document is compiled from nothing and every problem listed. `env` is fixed for a VM's life.
 pub fn compile_after(
     json: &[u8],
     env: &dyn Fn(&str) -> Option<String>,
     previous: Option<&Config>,
 ) -> Result<Config, Vec<ConfigError>> {
     let split = connector_core::config::split(json);
-    // The earlier connector each entry repeats, by index (none when the settings differ).
-    let earlier: Vec<Option<usize>> = match (&split, previous) {
-        (Some(s), Some(p)) if p.settings == s.settings => {
-            s.entries.iter().map(|text| p.by_text.get(*text).copied()).collect()
-        }
-        _ => vec![],
-    };
-    let (parsed, reusing) = match (&split, previous) {
-        (Some(s), Some(p)) if earlier.iter().any(Option::is_some) => {
-            let known = |i: usize, _: &str| -> Option<ConnectorEntry> {
-                let j = (*earlier.get(i)?)?;
-                p.entries.get(j).cloned()
-            };
-            let r = connector_core::config::parse_reusing(json, s, &known);
-            (r.parsed, !r.full)
-        }
-        _ => (connector_core::config::parse(json), false),
-    };
+    if let (Some(s), Some(p)) = (&split, previous)
+        && let Some(config) = compile_change(s, p, env)
+    {
+        return Ok(config);
+    }
+    compile_whole(json, split, env, previous.map(|p| &p.policy))
+}
+
+/// `split` as a change of `running`: the entries it repeats (same text: the common head and
+/// tail compared in place, the rest looked up by text) are kept; the others are read, checked
+/// and compiled alone, and the names and host names they claim checked against everything
+/// kept. `None` where that cannot stand for [`compile_whole`]: other settings, no entries on
+/// either side (the settings' own rules depend on that), or any problem at all.
+fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Option<String>) -> Option<Config> {
+    let (new, old) = (&split.entries, &running.slots);
+    if running.settings.as_deref() != Some(split.settings.as_str()) || new.is_empty() || old.is_empty() {
+        return None;
+    }
+    let head = new.iter().zip(old).take_while(|(n, o)| **n == &*o.text).count();
+    let room = new.len().min(old.len()).saturating_sub(head);
+    let tail = new
+        .iter()
+        .rev()
+        .zip(old.iter().rev())
+        .take(room)
+        .take_while(|(n, o)| **n == &*o.text)
+        .count();
+    let new_middle = new.get(head..new.len().saturating_sub(tail))?;
+    let old_middle = old.get(head..old.len().saturating_sub(tail))?;
+    // The running entries the middle may keep, each once: a text the new document repeats is
+    // read again, and then claims a name already taken.
+    let mut claimable: HashSet<*const Slot> = old_middle.iter().map(Rc::as_ptr).collect();
+    let middle: Vec<Result<Rc<Slot>, &str>> = new_middle
+        .iter()
+        .map(|text| match running.index.by_text.get(*text) {
+            Some(slot) if claimable.remove(&Rc::as_ptr(slot)) => Ok(Rc::clone(slot)),
+            _ => Err(*text),
+        })
+        .collect();
+    let mut index = running.index.clone();
+    for gone in old_middle.iter().filter(|s| claimable.contains(&Rc::as_ptr(s))) {
+        index.remove(gone);
+    }
+    let has_controller = running.controller.is_some();
+    let mut slots = Vec::with_capacity(new.len());
+    slots.extend(old.get(..head)?.iter().cloned());
+    let mut read = 0;
+    for m in middle {
+        let slot = match m {
+            Ok(kept) => kept,
+            Err(text) => {
+                let entry = connector_core::config::parse_entry(text, has_controller)?;
+                let mut found = vec![];
+                let connector =
+                    compile_connector(&entry, "connectors[]", env, &mut found).filter(|_| found.is_empty())?;
+                let slot = Rc::new(Slot {
+                    text: Rc::from(text),
+                    connector: Rc::new(connector),
+                    hosts: connector_core::config::entry_hosts(&entry, &running.host_pattern),
+                });
+                if index.conflicts(&slot) {
+                    return None;
+                }
+                index.insert(&slot, true);
+                read += 1;
+                slot
+            }
+        };
+        slots.push(slot);
+    }
+    slots.extend(old.get(old.len().saturating_sub(tail)..)?.iter().cloned());
+    Some(Config {
+        realm: running.realm.clone(),
+        host_pattern: running.host_pattern.clone(),
+        policy: running.policy.clone(),
+        token_cache_size: running.token_cache_size,
+        connectors: slots.iter().map(|s| Rc::clone(&s.connector)).collect(),
+        kept: slots.len().saturating_sub(read),
+        controller: running.controller.clone(),
+        access: running.access,
+        index,
+        settings: running.settings.clone(),
+        slots,
+    })
+}
+
+/// The whole document read, checked and compiled from nothing, except the keys `earlier`
+/// already built from the same material (an RSA key's preparation is the costly part).
+fn compile_whole(
+    json: &[u8],
+    split: Option<Split<'_>>,
+    env: &dyn Fn(&str) -> Option<String>,
+    earlier: Option<&TokenPolicy>,
+) -> Result<Config, Vec<ConfigError>> {
+    let parsed = connector_core::config::parse(json);
     let mut errors = parsed.errors;
     let config = parsed.config;
     // The filter's own findings, except under a path already reported (a value found wrong
     // there was read as empty, and is not reported twice).
     let mut found = vec![];
-    let policy = compile_policy(&config.identity, previous.map(|p| &p.policy), &mut found);
+    let policy = compile_policy(&config.identity, earlier, &mut found);
     let controller = config
         .controller
         .as_ref()
         .and_then(|c| compile_channel(c, env, &mut found));
     let host_pattern = config.proxy.host_pattern().to_string();
     let mut connectors = Vec::with_capacity(config.connectors.len());
-    let mut kept = 0;
     for (i, entry) in config.connectors.iter().enumerate() {
-        let shared = earlier
-            .get(i)
-            .copied()
-            .flatten()
-            .filter(|_| reusing)
-            .and_then(|j| previous?.connectors.get(j).cloned());
-        if let Some(c) = shared {
-            kept += 1;
-            connectors.push(c);
-        } else if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
+        if let Some(c) = compile_connector(entry, &format!("connectors[{i}]"), env, &mut found) {
             connectors.push(Rc::new(c));
         }
     }
@@ -252,28 +330,34 @@ pub fn compile_after(
     if !errors.is_empty() {
         return Err(errors);
     }
-    // Names and host names are unique: `parse` checked them, with the same `entry_hosts`.
-    // Without errors every entry compiled, so an entry's index is its connector's.
-    let mut by_name = HashMap::with_capacity(connectors.len());
-    let mut by_host = HashMap::with_capacity(connectors.len());
-    for (index, entry) in config.connectors.iter().enumerate() {
-        by_name.insert((entry.namespace.clone(), entry.name.clone()), index);
-        for h in connector_core::config::entry_hosts(entry, &host_pattern) {
-            by_host.insert(h, index);
-        }
+    // Names and host names are unique: `parse` checked them. Without errors every entry
+    // compiled, so entries and connectors pair up. Their texts are kept for the next push when
+    // the document could be cut at them.
+    let texts = split
+        .as_ref()
+        .map(|s| &s.entries)
+        .filter(|t| t.len() == connectors.len());
+    let mut index = Index::new();
+    let mut slots = Vec::with_capacity(connectors.len());
+    for (i, (entry, connector)) in config.connectors.iter().zip(&connectors).enumerate() {
+        let text = texts.and_then(|t| t.get(i)).copied();
+        let slot = Rc::new(Slot {
+            text: Rc::from(text.unwrap_or_default()),
+            connector: Rc::clone(connector),
+            hosts: connector_core::config::entry_hosts(entry, &host_pattern),
+        });
+        index.insert(&slot, text.is_some());
+        slots.push(slot);
     }
-    let (settings, by_text) = match split {
-        Some(s) if s.entries.len() == connectors.len() => {
-            let by_text = s.entries.iter().enumerate().map(|(i, t)| (t.to_string(), i)).collect();
-            (s.settings, by_text)
-        }
-        _ => (String::new(), HashMap::new()),
+    let settings = if texts.is_some() {
+        split.map(|s| s.settings)
+    } else {
+        None
     };
     let FilterConfig {
         proxy,
         identity,
         authorization,
-        connectors: entries,
         ..
     } = config;
     Ok(Config {
@@ -282,14 +366,12 @@ pub fn compile_after(
         policy,
         token_cache_size: usize::try_from(identity.token_cache_size()).unwrap_or(usize::MAX),
         connectors,
-        kept,
+        kept: 0,
         controller,
         access: authorization,
-        by_name,
-        by_host,
+        index,
         settings,
-        entries,
-        by_text,
+        slots,
     })
 }
 

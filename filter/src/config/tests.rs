@@ -73,7 +73,7 @@ fn an_empty_key_set_is_valid_only_for_a_controller_managed_configuration_without
         "connectors": []
     });
     let c = compile_value(&waiting).unwrap();
-    assert!(c.policy.keys.is_empty() && c.connectors.is_empty());
+    assert!(c.policy.keys.is_empty() && c.connectors().is_empty());
 
     let mut with_connector = doc();
     with_connector["controller"] = serde_json::json!({"cluster": "channel"});
@@ -137,7 +137,7 @@ fn username_from_env() {
     d["connectors"][0]["credential"] = serde_json::json!({"usernameEnv": "REG_USER", "passwordEnv": "REG_PASSWORD"});
     let c = compile_value(&d).unwrap();
     assert_eq!(
-        c.connectors[0].credential,
+        c.connectors()[0].credential,
         UpstreamCredential::Static(format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass")))
     );
 }
@@ -217,7 +217,7 @@ fn docker_config_json_credentials() {
     ] {
         let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
         assert_eq!(
-            c.connectors[0].credential,
+            c.connectors()[0].credential,
             UpstreamCredential::Static(want.clone()),
             "{json}"
         );
@@ -258,7 +258,7 @@ fn token_realms_are_validated() {
     d["connectors"][0]["tokenRealms"] =
         serde_json::json!([{"url": "https://Auth.Example.com:443/token", "cluster": "auth"}]);
     let c = compile_value(&d).unwrap();
-    let r = &c.connectors[0].token_realms[0];
+    let r = &c.connectors()[0].token_realms[0];
     assert_eq!(
         (r.scheme.as_str(), r.authority.as_str(), r.path.as_str()),
         ("https", "auth.example.com", "/token")
@@ -335,7 +335,7 @@ fn credential_from_the_controller_channel() {
     d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
     let c = compile(d.to_string().as_bytes(), &env).unwrap();
     assert_eq!(
-        c.connectors[0].credential,
+        c.connectors()[0].credential,
         UpstreamCredential::Controller { revision: "r7".into() }
     );
     assert_eq!(c.access, AccessMode::Controller);
@@ -446,7 +446,7 @@ fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     let next_doc = controller_doc(5, 2, "r1-2");
     let next = compile_after(next_doc.to_string().as_bytes(), &env, Some(&first)).unwrap();
     let shared: Vec<bool> = (0..5)
-        .map(|i| std::rc::Rc::ptr_eq(&first.connectors[i], &next.connectors[i]))
+        .map(|i| std::rc::Rc::ptr_eq(&first.connectors()[i], &next.connectors()[i]))
         .collect();
     assert_eq!(shared, [true, true, false, true, true]);
     assert_eq!(
@@ -457,14 +457,19 @@ fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     );
     // The same configuration as compiled from nothing.
     let fresh = compile_value(&next_doc).unwrap();
-    let view = |c: &Config| format!("{:?}", c.connectors.iter().map(|c| (c, c.revision)).collect::<Vec<_>>());
+    let view = |c: &Config| {
+        format!(
+            "{:?}",
+            c.connectors().iter().map(|c| (c, c.revision)).collect::<Vec<_>>()
+        )
+    };
     assert_eq!(view(&next), view(&fresh));
 
     // Other settings (a second issuer): nothing is shared.
     let mut other = next_doc.clone();
     other["identity"]["issuers"] = serde_json::json!([testkeys::ISSUER, "https://other.example"]);
     let after = compile_after(other.to_string().as_bytes(), &env, Some(&next)).unwrap();
-    assert!((0..5).all(|i| !std::rc::Rc::ptr_eq(&next.connectors[i], &after.connectors[i])));
+    assert!((0..5).all(|i| !std::rc::Rc::ptr_eq(&next.connectors()[i], &after.connectors()[i])));
 
     // A bad push is refused with the full list, whatever it repeats.
     let mut bad = controller_doc(5, 2, "r1-2");
@@ -479,5 +484,175 @@ fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     assert!(
         paths.contains(&"connectors[1].address") && paths.contains(&"connectors[4]"),
         "{paths:?}"
+    );
+}
+
+/// Everything a compiled connector holds, in a stable order, and what the lookups give.
+fn full_view(c: &Config, names: &[(String, String)]) -> String {
+    let sorted = |set: Vec<String>| {
+        let mut v = set;
+        v.sort();
+        v
+    };
+    let mut out = String::new();
+    for k in c.connectors() {
+        out += &format!(
+            "{k:?} {:?} {:?} {:?} {:?} {} {}\n",
+            sorted(k.allowed_namespaces.iter().cloned().collect()),
+            sorted(
+                k.allowed_service_accounts
+                    .iter()
+                    .map(|(a, b)| format!("{a}/{b}"))
+                    .collect()
+            ),
+            k.hosts,
+            k.token_realms,
+            k.read_only,
+            k.revision
+        );
+        let host = render_host(&c.host_pattern, &k.namespace, &k.name);
+        for h in std::iter::once(&host).chain(&k.hosts) {
+            out += &format!("  {h} -> {:?}\n", c.connector_by_host(h).map(Connector::label));
+        }
+    }
+    for (ns, name) in names {
+        out += &format!("{ns}/{name}: {:?}\n", c.connector(ns, name).map(Connector::label));
+    }
+    out
+}
+
+/// Issue 17: a push compiled against the running configuration (keeping what it repeats)
+/// gives what a compile from nothing gives, whatever the change: adds, deletes, edits, moves,
+/// an entry written twice, a name or host claimed twice, a bad entry, other settings, an
+/// empty list. Each step is compiled against the last accepted configuration, as in the VM.
+#[test]
+fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing() {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let entry = |i: u64, rev: u64| {
+        serde_json::json!({
+            "namespace": format!("team-{}", i % 4), "name": format!("c{i}"),
+            "address": "https://registry.internal:5000",
+            "cluster": "upstream_registry",
+            "credential": {"fromController": format!("r{rev}")},
+        })
+    };
+    let mut d = doc();
+    d["controller"] = serde_json::json!({"cluster": "ctl", "authority": "controller"});
+    d["connectors"] = (0..40).map(|i| entry(i, 0)).collect();
+    let names: Vec<(String, String)> = (0..60).map(|i| (format!("team-{}", i % 4), format!("c{i}"))).collect();
+    let mut running = compile_value(&d).unwrap();
+    let (mut kept_total, mut accepted, mut refused) = (0, 0, 0);
+    for step in 0..400 {
+        let mut t = d.clone();
+        let list = t["connectors"].as_array_mut().unwrap();
+        let len = list.len() as u64;
+        let at = |n: u64| usize::try_from(n).unwrap();
+        match next(11) {
+            0 if len < 50 => list.insert(at(next(len + 1)), entry(40 + next(20), step)),
+            1 if len > 1 => drop(list.remove(at(next(len)))),
+            2 | 3 if len > 0 => list[at(next(len))]["credential"]["fromController"] = format!("r{step}").into(),
+            4 if len > 1 => {
+                let e = list.remove(at(next(len)));
+                list.insert(at(next(len)), e);
+            }
+            5 if len > 0 => {
+                // The same text twice.
+                let e = list[at(next(len))].clone();
+                list.insert(at(next(len)), e);
+            }
+            6 if len > 1 => {
+                // Another entry's name, or a host another entry is reached by.
+                let (a, b) = (at(next(len)), at(next(len)));
+                if next(2) == 0 {
+                    list[a]["name"] = list[b]["name"].clone();
+                    list[a]["namespace"] = list[b]["namespace"].clone();
+                } else {
+                    let host = render_host(
+                        DEFAULT_HOST_PATTERN,
+                        list[b]["namespace"].as_str().unwrap(),
+                        list[b]["name"].as_str().unwrap(),
+                    );
+                    list[a]["hosts"] = serde_json::json!([host]);
+                }
+            }
+            7 if len > 0 => list[at(next(len))]["namespace"] = "Not A Label".into(),
+            8 => {
+                let issuers = if next(2) == 0 {
+                    vec![testkeys::ISSUER]
+                } else {
+                    vec![testkeys::ISSUER, "https://b"]
+                };
+                t["identity"]["issuers"] = serde_json::json!(issuers);
+            }
+            // Emptied now and then (a controller-managed document may be), and filled again.
+            9 if len < 5 => t["connectors"] = (0..40).map(|i| entry(i, step)).collect(),
+            9 if next(4) == 0 => t["connectors"] = serde_json::json!([]),
+            _ => {
+                let e = entry(next(60), step);
+                if len > 0 {
+                    list[at(next(len))] = e;
+                } else {
+                    list.push(e);
+                }
+            }
+        }
+        let text = t.to_string();
+        let fresh = compile(text.as_bytes(), &env);
+        let pushed = compile_after(text.as_bytes(), &env, Some(&running));
+        match (fresh, pushed) {
+            (Ok(fresh), Ok(pushed)) => {
+                assert_eq!(full_view(&pushed, &names), full_view(&fresh, &names), "step {step}");
+                kept_total += pushed.kept;
+                accepted += 1;
+                running = pushed;
+                d = t;
+            }
+            (Err(fresh), Err(pushed)) => {
+                assert_eq!(pushed, fresh, "step {step}");
+                refused += 1;
+            }
+            (fresh, pushed) => panic!(
+                "step {step}: from nothing {:?}, against the running one {:?}",
+                fresh.err(),
+                pushed.err()
+            ),
+        }
+    }
+    // The walk went through both outcomes, and the accepted pushes mostly kept connectors.
+    assert!(accepted > 150 && refused > 50, "{accepted} accepted, {refused} refused");
+    assert!(kept_total > accepted * 15, "{kept_total} kept over {accepted} pushes");
+}
+
+#[test]
+fn a_push_changing_one_entry_keeps_the_others_and_copies_few_index_shards() {
+    let first = compile_value(&controller_doc(2000, 9999, "")).unwrap();
+    let next = compile_after(
+        controller_doc(2000, 1000, "r-1").to_string().as_bytes(),
+        &env,
+        Some(&first),
+    )
+    .unwrap();
+    assert_eq!(next.kept, 1999);
+    let (changed, same) = next.index.shards_changed(&first.index);
+    assert!(
+        changed <= 6 && same >= 3 * 64 - 6,
+        "{changed} shards copied, {same} shared"
+    );
+    assert_eq!(
+        next.connector("team-1", "c1000").map(|c| c.credential.clone()),
+        Some(UpstreamCredential::Controller { revision: "r-1".into() })
+    );
+    assert_eq!(
+        first.connector("team-1", "c1000").map(|c| c.credential.clone()),
+        Some(UpstreamCredential::Controller {
+            revision: "r0-1000".into()
+        }),
+        "the running configuration is untouched"
     );
 }
