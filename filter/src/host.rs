@@ -85,6 +85,14 @@ unsafe extern "C" {
     fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_set_tick_period_milliseconds(millis: u32) -> u32;
     fn proxy_set_property(path: *const u8, path_size: usize, value: *const u8, value_size: usize) -> u32;
+    fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        ret_data: *mut *mut u8,
+        ret_size: *mut usize,
+        ret_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, ret_id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
 }
@@ -167,6 +175,21 @@ pub fn buffer(kind: Buffer, max: usize) -> Result<Vec<u8>, Status> {
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Status(other)),
     }
+}
+
+/// The value of a shared data key (one store per `vm_id` and process); `None` when there is
+/// none or the host does not answer.
+pub fn shared_data(key: &str) -> Option<Vec<u8>> {
+    let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+    // SAFETY: `key` is live for the call; valid out-pointers.
+    let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+    (status == OK).then(|| take(data, size))
+}
+
+/// Sets a shared data key, whatever its value was (no compare-and-swap).
+pub fn set_shared_data(key: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: `key` and `value` are live for the call.
+    check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), 0) })
 }
 
 /// Replaces the first `size` bytes of a buffer (all of what is buffered) with `data`.

@@ -155,6 +155,12 @@ impl HotMetrics {
 type Shared = Rc<RefCell<Option<State>>>;
 
 thread_local! {
+    /// A configuration accepted by the memo of the last accepted document and not compiled
+    /// yet, with its root context's id (see [`Root::on_configure`] and [`with_state`]).
+    static PENDING: RefCell<Option<(Vec<u8>, u32)>> = const { RefCell::new(None) };
+}
+
+thread_local! {
     /// The VM's one state (a VM serves one Envoy worker). Envoy gives every new filter
     /// configuration a new root context in the same VM; a state per root would start every
     /// configuration with empty caches. Each accepted configuration replaces the config here
@@ -227,31 +233,48 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        // No configuration readable is an empty one: refused by `compile`, so fail closed.
         let started = host::now_millis();
+        // No configuration readable is an empty one: refused by `compile`, so fail closed.
         let bytes = host::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
-        // The configuration this VM runs lends the new one every connector it repeats.
-        let compiled = VM_STATE.with(|shared| {
-            let running = shared.try_borrow().ok();
-            let previous = running.as_ref().and_then(|s| s.as_ref()).map(|s| &s.config);
-            config::compile_after(&bytes, &|name| std::env::var(name).ok(), previous)
-        });
+        let env = |name: &str| std::env::var(name).ok();
         DEBUG.with(|d| {
             // 0: trace, 1: debug.
             d.set(matches!(host::log_level(), Some(0 | 1)))
         });
+        let running = VM_STATE.with(|shared| shared.try_borrow().map(|s| s.is_some()).unwrap_or(true));
+        // A VM with no configuration (Envoy's canary, which is configured once and killed, or a
+        // worker that has served nothing yet) decides by the memo of the last accepted
+        // document, and compiles on first use (`with_state`): the canary never does.
+        if !running
+            && let Some(memo) = host::shared_data(config::memo::KEY)
+            && let Some(next) = config::memo::check_change(&bytes, &memo, &env)
+        {
+            let _ = host::set_shared_data(config::memo::KEY, &next);
+            let size = bytes.len();
+            PENDING.with(|p| *p.borrow_mut() = Some((bytes, self.id)));
+            log(
+                LogLevel::Info,
+                &format!(
+                    "configuration accepted: {size} bytes, checked as a change of the last accepted document in {} ms; compiled on first use",
+                    host::now_millis().saturating_sub(started)
+                ),
+            );
+            self.state = VM_STATE.with(Rc::clone);
+            return true;
+        }
+        // The configuration this VM runs lends the new one every connector it repeats.
+        let compiled = VM_STATE.with(|shared| {
+            let running = shared.try_borrow().ok();
+            let previous = running.as_ref().and_then(|s| s.as_ref()).map(|s| &s.config);
+            config::compile_after(&bytes, &env, previous)
+        });
         match compiled {
             Ok(config) => {
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "configuration accepted: {} connector(s), {} key(s); {} kept from the running configuration, compiled in {} ms",
-                        config.connectors().len(),
-                        config.policy.keys.len(),
-                        config.kept,
-                        host::now_millis().saturating_sub(started)
-                    ),
-                );
+                if !running && let Some(memo) = config::memo::memo_of(&bytes, &config) {
+                    let _ = host::set_shared_data(config::memo::KEY, &memo);
+                }
+                log_accepted(&config, started, false);
+                PENDING.with(|p| p.borrow_mut().take());
                 let shared = VM_STATE.with(Rc::clone);
                 let Ok(mut slot) = shared.try_borrow_mut() else {
                     return false;
@@ -270,13 +293,7 @@ impl RootContext for Root {
                 // Fail closed: this root's requests get no state and are refused. The VM's state
                 // stays for the root of the configuration Envoy keeps running.
                 self.state = Shared::default();
-                log(
-                    LogLevel::Error,
-                    &format!("configuration refused, {} problem(s):", errors.len()),
-                );
-                for e in &errors {
-                    log(LogLevel::Error, &format!("config {e}"));
-                }
+                log_refused(&errors);
                 false
             }
         }
@@ -461,11 +478,54 @@ fn cannot_edit() -> Refusal {
     Refusal::unavailable("the connector proxy could not rewrite this request: retry").with_reason("host_call_failed")
 }
 
+/// `first_use`: compiled for the first request, after the memo accepted it.
+fn log_accepted(config: &Config, started: u64, first_use: bool) {
+    let (n, keys, ms) = (
+        config.connectors().len(),
+        config.policy.keys.len(),
+        host::now_millis().saturating_sub(started),
+    );
+    let line = if first_use {
+        format!("configuration compiled on first use: {n} connector(s), {keys} key(s), in {ms} ms")
+    } else {
+        let kept = config.kept;
+        format!(
+            "configuration accepted: {n} connector(s), {keys} key(s); {kept} kept from the running configuration, compiled in {ms} ms"
+        )
+    };
+    log(LogLevel::Info, &line);
+}
+
+fn log_refused(errors: &[config::ConfigError]) {
+    log(
+        LogLevel::Error,
+        &format!("configuration refused, {} problem(s):", errors.len()),
+    );
+    for e in errors {
+        log(LogLevel::Error, &format!("config {e}"));
+    }
+}
+
 /// Runs `f` on this VM's state; refuses (fails closed) when there is no valid configuration.
+/// A configuration accepted by the memo ([`Root::on_configure`]) is compiled here, on first use.
 fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
     let Ok(mut guard) = state.try_borrow_mut() else {
         return Err(Refusal::unavailable("the connector proxy is busy: retry"));
     };
+    if guard.is_none()
+        && let Some((bytes, root)) = PENDING.with(|p| p.try_borrow_mut().ok()?.take())
+    {
+        let started = host::now_millis();
+        match config::compile(&bytes, &|name| std::env::var(name).ok()) {
+            Ok(config) => {
+                log_accepted(&config, started, true);
+                *guard = Some(State::next(None, config, root));
+            }
+            // The memo said valid, the compile says not: both cannot be right, and nothing
+            // is served (fail closed) with the problems in the log.
+            Err(errors) => log_refused(&errors),
+        }
+    }
     match guard.as_mut() {
         Some(st) => Ok(f(st)),
         None => Err(Refusal::unavailable(

@@ -19,7 +19,7 @@ mod parse;
 mod walk;
 
 pub use check::{check, check_entry, check_jwk_shape, check_settings, covered, entry_hosts, parse_service_account};
-pub use parse::{Parsed, Split, merge, parse, parse_entry, parse_jwk, read_identity, split};
+pub use parse::{Parsed, Split, merge, parse, parse_entry, parse_jwk, read_identity, read_settings, split};
 
 pub const DEFAULT_REALM: &str = "oci-connector";
 pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;

@@ -263,6 +263,18 @@ impl<'a> Scan<'a> {
     }
 }
 
+/// The settings of a cut document ([`Split::settings`]) read alone, for a caller that knows
+/// them accepted before (the same text in a document [`parse`] accepted); `None` if they do not
+/// read cleanly.
+pub fn read_settings(settings: &str) -> Option<FilterConfig> {
+    let doc = serde_json::from_slice::<Value>(settings.as_bytes()).ok()?;
+    let mut errors = vec![];
+    let mut w = Walk { errors: &mut errors };
+    let root = w.object(Some(&doc), "$", &ROOT_KEYS, true)?;
+    let config = walk_settings(&mut w, root);
+    errors.is_empty().then_some(config)
+}
+
 /// One connector entry's text ([`Split::entries`]), read and checked alone, for a caller that
 /// checks what spans entries itself (the filter, against the configuration it runs);
 /// `has_controller`: whether the document names the controller channel. `None` on any problem:

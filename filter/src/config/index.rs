@@ -79,12 +79,18 @@ pub(super) struct Slot {
     pub hosts: Vec<String>,
 }
 
+/// One map type for the three lookups (one copy of the map code in the module, which is held
+/// under 700 KB): a connector's name is keyed `<namespace>/<name>` (neither has a `/`).
 #[derive(Clone)]
 pub(super) struct Index {
-    pub by_name: Sharded<(String, String), Rc<Connector>>,
-    pub by_host: Sharded<String, Rc<Connector>>,
+    pub by_name: Sharded<Rc<str>, Rc<Slot>>,
+    pub by_host: Sharded<Rc<str>, Rc<Slot>>,
     /// Empty when the document could not be cut at its entries (nothing to reuse then).
     pub by_text: Sharded<Rc<str>, Rc<Slot>>,
+}
+
+pub(super) fn name_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 impl Index {
@@ -112,12 +118,12 @@ impl Index {
         (n.0 + h.0 + t.0, n.1 + h.1 + t.1)
     }
 
-    /// Whether `slot`'s name or one of its host names belongs to another connector.
-    pub(super) fn conflicts(&self, slot: &Slot) -> bool {
+    /// Whether `slot`'s name or one of its host names belongs to another entry.
+    pub(super) fn conflicts(&self, slot: &Rc<Slot>) -> bool {
         let c = &slot.connector;
-        let other = |held: &Rc<Connector>| !Rc::ptr_eq(held, c);
+        let other = |held: &Rc<Slot>| !Rc::ptr_eq(held, slot);
         self.by_name
-            .get(&(c.namespace.clone(), c.name.clone()))
+            .get(name_key(&c.namespace, &c.name).as_str())
             .is_some_and(other)
             || slot
                 .hosts
@@ -128,9 +134,10 @@ impl Index {
     /// Adds `slot` under its name, host names and (`with_text`) text.
     pub(super) fn insert(&mut self, slot: &Rc<Slot>, with_text: bool) {
         let c = &slot.connector;
-        self.by_name.insert((c.namespace.clone(), c.name.clone()), Rc::clone(c));
+        self.by_name
+            .insert(Rc::from(name_key(&c.namespace, &c.name)), Rc::clone(slot));
         for h in &slot.hosts {
-            self.by_host.insert(h.clone(), Rc::clone(c));
+            self.by_host.insert(Rc::from(h.as_str()), Rc::clone(slot));
         }
         if with_text {
             self.by_text.insert(Rc::clone(&slot.text), Rc::clone(slot));
@@ -140,11 +147,11 @@ impl Index {
     /// Takes away what `slot` was found by.
     pub(super) fn remove(&mut self, slot: &Rc<Slot>) {
         let c = &slot.connector;
-        let is_it = |held: &Rc<Connector>| Rc::ptr_eq(held, c);
-        self.by_name.remove_if(&(c.namespace.clone(), c.name.clone()), is_it);
+        let is_it = |held: &Rc<Slot>| Rc::ptr_eq(held, slot);
+        self.by_name.remove_if(name_key(&c.namespace, &c.name).as_str(), is_it);
         for h in &slot.hosts {
             self.by_host.remove_if(h.as_str(), is_it);
         }
-        self.by_text.remove_if(&*slot.text, |held| Rc::ptr_eq(held, slot));
+        self.by_text.remove_if(&*slot.text, is_it);
     }
 }

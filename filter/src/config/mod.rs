@@ -19,6 +19,7 @@ use crate::identity::{Identity, TokenPolicy};
 mod credential;
 mod index;
 mod keys;
+pub mod memo;
 
 pub use connector_core::address::{Upstream, normalise_authority};
 pub use connector_core::config::{
@@ -171,10 +172,8 @@ impl Config {
     }
 
     pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
-        self.index
-            .by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .map(Rc::as_ref)
+        let slot = self.index.by_name.get(index::name_key(namespace, name).as_str())?;
+        Some(&slot.connector)
     }
 
     /// The connector named `<namespace>/<name>`.
@@ -185,10 +184,8 @@ impl Config {
 
     /// The connector whose host-form name is `host` (no port, any case).
     pub fn connector_by_host(&self, host: &str) -> Option<&Connector> {
-        self.index
-            .by_host
-            .get(host.to_ascii_lowercase().as_str())
-            .map(Rc::as_ref)
+        let slot = self.index.by_host.get(host.to_ascii_lowercase().as_str())?;
+        Some(&slot.connector)
     }
 
     /// Whether `host` has the shape of a host-form name, known or not: such a host is answered

@@ -547,14 +547,25 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
     d["connectors"] = (0..40).map(|i| entry(i, 0)).collect();
     let names: Vec<(String, String)> = (0..60).map(|i| (format!("team-{}", i % 4), format!("c{i}"))).collect();
     let mut running = compile_value(&d).unwrap();
-    let (mut kept_total, mut accepted, mut refused) = (0, 0, 0);
+    // What a VM without a configuration (Envoy's canary) decides by: the memo of the last
+    // accepted document.
+    let mut memo = memo::memo_of(d.to_string().as_bytes(), &running).unwrap();
+    let mut last = d.to_string();
+    let (mut kept_total, mut accepted, mut refused, mut by_memo) = (0, 0, 0, 0);
     for step in 0..400 {
         let mut t = d.clone();
         let list = t["connectors"].as_array_mut().unwrap();
         let len = list.len() as u64;
         let at = |n: u64| usize::try_from(n).unwrap();
         match next(11) {
-            0 if len < 50 => list.insert(at(next(len + 1)), entry(40 + next(20), step)),
+            0 if len < 50 => {
+                let e = entry(40 + next(20), step);
+                // Now and then written twice (two new entries claiming one name).
+                if next(3) == 0 {
+                    list.insert(at(next(len + 1)), e.clone());
+                }
+                list.insert(at(next(len + 1)), e);
+            }
             1 if len > 1 => drop(list.remove(at(next(len)))),
             2 | 3 if len > 0 => list[at(next(len))]["credential"]["fromController"] = format!("r{step}").into(),
             4 if len > 1 => {
@@ -605,8 +616,31 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
         let text = t.to_string();
         let fresh = compile(text.as_bytes(), &env);
         let pushed = compile_after(text.as_bytes(), &env, Some(&running));
+        let checked = memo::check_change(text.as_bytes(), &memo, &env);
+        let (a, b) = (
+            connector_core::config::split(text.as_bytes()).unwrap(),
+            connector_core::config::split(last.as_bytes()).unwrap(),
+        );
+        let comparable = a.settings == b.settings && !a.entries.is_empty() && !b.entries.is_empty();
+        match (&fresh, checked) {
+            (Ok(fresh), Some(checked)) => {
+                assert_eq!(checked, memo::memo_of(text.as_bytes(), fresh).unwrap(), "step {step}");
+                memo = checked;
+                by_memo += 1;
+            }
+            (Ok(_), None) => {
+                assert!(
+                    !comparable,
+                    "step {step}: valid, comparable, and the memo could not tell"
+                );
+                memo = memo::memo_of(text.as_bytes(), pushed.as_ref().unwrap()).unwrap();
+            }
+            (Err(e), Some(_)) => panic!("step {step}: the memo accepted a document with problems: {e:?}"),
+            (Err(_), None) => {}
+        }
         match (fresh, pushed) {
             (Ok(fresh), Ok(pushed)) => {
+                last.clone_from(&text);
                 assert_eq!(full_view(&pushed, &names), full_view(&fresh, &names), "step {step}");
                 kept_total += pushed.kept;
                 accepted += 1;
@@ -625,7 +659,11 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
         }
     }
     // The walk went through both outcomes, and the accepted pushes mostly kept connectors.
-    assert!(accepted > 150 && refused > 50, "{accepted} accepted, {refused} refused");
+    eprintln!("{accepted} accepted ({by_memo} by the memo), {refused} refused, {kept_total} connectors kept");
+    assert!(
+        accepted > 150 && refused > 50 && by_memo > 120,
+        "{accepted} accepted ({by_memo} by the memo), {refused} refused"
+    );
     assert!(kept_total > accepted * 15, "{kept_total} kept over {accepted} pushes");
 }
 

@@ -97,3 +97,85 @@ fn a_new_configuration_keeps_what_it_did_not_change() {
     assert_eq!(r.status, 401, "{}", r.body_text());
     assert!(r.body_text().contains("rsa-1"), "{}", r.body_text());
 }
+
+/// A fresh VM in the same process (what Envoy's configuration canary is, and a worker before
+/// its first request) with the memo the first VM left in shared data.
+fn fresh_vm_beside(h: &Host) -> Host {
+    let mut fresh = Host::with(options()).unwrap();
+    fresh.rec_mut().shared_data = h.rec().shared_data.clone();
+    fresh
+}
+
+#[test]
+fn a_fresh_vm_accepts_a_change_by_the_memo_and_compiles_on_first_use() {
+    let h = host();
+    assert_eq!(h.rec().shared_data.len(), 1, "the accepting VM left its memo");
+    let mut pushed = config();
+    pushed["connectors"][0]["allowedNamespaces"] = json!(["ci", "build"]);
+
+    // Accepted without a compile, which waits for the first request.
+    let mut fresh = fresh_vm_beside(&h);
+    assert!(fresh.configure(pushed.to_string().as_bytes()).unwrap());
+    assert_eq!(
+        fresh.rec().logs_containing("checked as a change").len(),
+        1,
+        "{:?}",
+        fresh.rec().logs
+    );
+    assert!(
+        fresh
+            .rec()
+            .logs_containing("compiled")
+            .iter()
+            .all(|l| l.contains("on first use"))
+    );
+    assert!(fresh.rec().logs_containing("compiled on first use:").is_empty());
+    // The first request compiles it, and it is what was pushed: `build` may use `registry`.
+    let t = token("build", "default");
+    let (id, action) = request(
+        &mut fresh,
+        "GET",
+        "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1",
+        Some(&bearer(&t)),
+    );
+    assert_eq!(action, Action::Pause, "{:?}", fresh.stream(id).local());
+    answer_basic_probe(&mut fresh, "upstream_demo");
+    assert!(fresh.stream(id).local().is_none());
+    assert_eq!(
+        fresh
+            .rec()
+            .logs_containing("compiled on first use: 2 connector(s)")
+            .len(),
+        1,
+        "{:?}",
+        fresh.rec().logs
+    );
+
+    // A push with a problem is not decided by the memo: the full compile refuses it, listing it.
+    let mut bad = config();
+    bad["connectors"][1]["name"] = json!("registry");
+    let mut fresh = fresh_vm_beside(&h);
+    assert!(!fresh.configure(bad.to_string().as_bytes()).unwrap());
+    assert_eq!(
+        fresh
+            .rec()
+            .logs_containing("connector demo/registry is defined twice")
+            .len(),
+        1,
+        "{:?}",
+        fresh.rec().logs
+    );
+    // Nor one whose settings changed: compiled whole, and accepted.
+    let mut other = config();
+    other["proxy"]["realm"] = json!("elsewhere");
+    let mut fresh = fresh_vm_beside(&h);
+    assert!(fresh.configure(other.to_string().as_bytes()).unwrap());
+    assert!(fresh.rec().logs_containing("checked as a change").is_empty());
+    assert_eq!(
+        fresh
+            .rec()
+            .logs_containing("configuration accepted: 2 connector(s)")
+            .len(),
+        1
+    );
+}
