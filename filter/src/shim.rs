@@ -154,6 +154,9 @@ impl HotMetrics {
 
 type Shared = Rc<RefCell<Option<State>>>;
 
+/// How soon a VM compiles a configuration the memo accepted.
+const PENDING_TICK_MS: u32 = 1;
+
 thread_local! {
     /// A configuration accepted by the memo of the last accepted document and not compiled
     /// yet, with its root context's id (see [`Root::on_configure`] and [`with_state`]).
@@ -243,8 +246,8 @@ impl RootContext for Root {
         });
         let running = VM_STATE.with(|shared| shared.try_borrow().map(|s| s.is_some()).unwrap_or(true));
         // A VM with no configuration (Envoy's canary, which is configured once and killed, or a
-        // worker that has served nothing yet) decides by the memo of the last accepted
-        // document, and compiles on first use (`with_state`): the canary never does.
+        // worker at start-up) decides by the memo of the last accepted document, and compiles
+        // on its first tick or request (`compile_pending`): the canary never does.
         if !running
             && let Some(memo) = host::shared_data(config::memo::KEY)
             && let Some(next) = config::memo::check_change(&bytes, &memo, &env)
@@ -252,10 +255,14 @@ impl RootContext for Root {
             let _ = host::set_shared_data(config::memo::KEY, &next);
             let size = bytes.len();
             PENDING.with(|p| *p.borrow_mut() = Some((bytes, self.id)));
+            // Compiled on the next tick: the workers then compile side by side, not when their
+            // first requests come, one after the other. Envoy's canary is killed before it
+            // ticks. (The main thread's VM compiles too: once; later pushes are changes.)
+            let _ = host::set_tick_period(PENDING_TICK_MS);
             log(
                 LogLevel::Info,
                 &format!(
-                    "configuration accepted: {size} bytes, checked as a change of the last accepted document in {} ms; compiled on first use",
+                    "configuration accepted: {size} bytes, checked as a change of the last accepted document in {} ms; compiled on the next tick or request",
                     host::now_millis().saturating_sub(started)
                 ),
             );
@@ -299,14 +306,18 @@ impl RootContext for Root {
         }
     }
 
-    /// Answers the held refusals that are due; stops ticking when none is left.
+    /// Compiles a configuration the memo accepted; answers the held refusals that are due;
+    /// stops ticking when none is left.
     fn on_tick(&mut self) {
         let now_ms = host::now_millis();
         let (due, left) = VM_STATE.with(|shared| match shared.try_borrow_mut() {
-            Ok(mut slot) => match slot.as_mut() {
-                Some(st) => (st.tarpit.due(now_ms), st.tarpit.holding()),
-                None => (Vec::new(), 0),
-            },
+            Ok(mut slot) => {
+                compile_pending(&mut slot);
+                match slot.as_mut() {
+                    Some(st) => (st.tarpit.due(now_ms), st.tarpit.holding()),
+                    None => (Vec::new(), 0),
+                }
+            }
             Err(_) => (Vec::new(), 1),
         });
         for held in due {
@@ -478,7 +489,7 @@ fn cannot_edit() -> Refusal {
     Refusal::unavailable("the connector proxy could not rewrite this request: retry").with_reason("host_call_failed")
 }
 
-/// `first_use`: compiled for the first request, after the memo accepted it.
+/// `first_use`: compiled on the first tick or request after the memo accepted it.
 fn log_accepted(config: &Config, started: u64, first_use: bool) {
     let (n, keys, ms) = (
         config.connectors().len(),
@@ -486,7 +497,7 @@ fn log_accepted(config: &Config, started: u64, first_use: bool) {
         host::now_millis().saturating_sub(started),
     );
     let line = if first_use {
-        format!("configuration compiled on first use: {n} connector(s), {keys} key(s), in {ms} ms")
+        format!("configuration compiled after the memo's check: {n} connector(s), {keys} key(s), in {ms} ms")
     } else {
         let kept = config.kept;
         format!(
@@ -506,26 +517,35 @@ fn log_refused(errors: &[config::ConfigError]) {
     }
 }
 
+/// Compiles the configuration the memo accepted ([`Root::on_configure`]) into `slot`, if this
+/// VM has none yet: on its first tick, or its first request if that comes first.
+fn compile_pending(slot: &mut Option<State>) {
+    if slot.is_some() {
+        return;
+    }
+    let Some((bytes, root)) = PENDING.with(|p| p.try_borrow_mut().ok()?.take()) else {
+        return;
+    };
+    let started = host::now_millis();
+    match config::compile(&bytes, &|name| std::env::var(name).ok()) {
+        Ok(config) => {
+            log_accepted(&config, started, true);
+            *slot = Some(State::next(None, config, root));
+        }
+        // The memo said valid, the compile says not: both cannot be right, and nothing is
+        // served (fail closed) with the problems in the log.
+        Err(errors) => log_refused(&errors),
+    }
+}
+
 /// Runs `f` on this VM's state; refuses (fails closed) when there is no valid configuration.
-/// A configuration accepted by the memo ([`Root::on_configure`]) is compiled here, on first use.
+/// A configuration the memo accepted ([`Root::on_configure`]) and no tick compiled yet is
+/// compiled here.
 fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, Refusal> {
     let Ok(mut guard) = state.try_borrow_mut() else {
         return Err(Refusal::unavailable("the connector proxy is busy: retry"));
     };
-    if guard.is_none()
-        && let Some((bytes, root)) = PENDING.with(|p| p.try_borrow_mut().ok()?.take())
-    {
-        let started = host::now_millis();
-        match config::compile(&bytes, &|name| std::env::var(name).ok()) {
-            Ok(config) => {
-                log_accepted(&config, started, true);
-                *guard = Some(State::next(None, config, root));
-            }
-            // The memo said valid, the compile says not: both cannot be right, and nothing
-            // is served (fail closed) with the problems in the log.
-            Err(errors) => log_refused(&errors),
-        }
-    }
+    compile_pending(&mut guard);
     match guard.as_mut() {
         Some(st) => Ok(f(st)),
         None => Err(Refusal::unavailable(

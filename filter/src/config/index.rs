@@ -1,7 +1,7 @@
-//! The compiled configuration's lookups: connectors by name, by host name and by the exact text
-//! of their entry. The maps are sharded and the shards shared (`Rc`) between a configuration
-//! and the next one compiled from it, so that a push changing one connector of 20,000 copies
-//! the few shards that connector's keys fall in, not three maps of 20,000 (issue 17).
+//! The compiled configuration's lookups: connectors by name and by host name. The maps are
+//! sharded and the shards shared (`Rc`) between a configuration and the next one compiled from
+//! it, so that a push changing one connector of 20,000 copies the few shards that connector's
+//! keys fall in, not two maps of 20,000 (issue 17).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -28,9 +28,11 @@ impl<K, V> Clone for Sharded<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
-    fn new() -> Self {
+    /// Room for about `n` keys (a map grown key by key rehashes every shard many times).
+    fn with_capacity(n: usize) -> Self {
+        let each = n / SHARDS + n / SHARDS / 4;
         Self {
-            shards: (0..SHARDS).map(|_| Rc::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Rc::new(HashMap::with_capacity(each))).collect(),
         }
     }
 
@@ -79,14 +81,12 @@ pub(super) struct Slot {
     pub hosts: Vec<String>,
 }
 
-/// One map type for the three lookups (one copy of the map code in the module, which is held
-/// under 700 KB): a connector's name is keyed `<namespace>/<name>` (neither has a `/`).
+/// One map type for both lookups (one copy of the map code in the module, which is held under
+/// 700 KB): a connector's name is keyed `<namespace>/<name>` (neither has a `/`).
 #[derive(Clone)]
 pub(super) struct Index {
     pub by_name: Sharded<Rc<str>, Rc<Slot>>,
     pub by_host: Sharded<Rc<str>, Rc<Slot>>,
-    /// Empty when the document could not be cut at its entries (nothing to reuse then).
-    pub by_text: Sharded<Rc<str>, Rc<Slot>>,
 }
 
 pub(super) fn name_key(namespace: &str, name: &str) -> String {
@@ -94,15 +94,15 @@ pub(super) fn name_key(namespace: &str, name: &str) -> String {
 }
 
 impl Index {
-    pub(super) fn new() -> Self {
+    /// Room for `n` connectors.
+    pub(super) fn with_capacity(n: usize) -> Self {
         Self {
-            by_name: Sharded::new(),
-            by_host: Sharded::new(),
-            by_text: Sharded::new(),
+            by_name: Sharded::with_capacity(n),
+            by_host: Sharded::with_capacity(n),
         }
     }
 
-    /// How many shards of the three maps differ from `other`'s (copied), and how many are
+    /// How many shards of the two maps differ from `other`'s (copied), and how many are
     /// shared.
     #[cfg(test)]
     pub(super) fn shards_changed(&self, other: &Index) -> (usize, usize) {
@@ -110,12 +110,11 @@ impl Index {
             let same = a.shards.iter().zip(&b.shards).filter(|(x, y)| Rc::ptr_eq(x, y)).count();
             (a.shards.len() - same, same)
         }
-        let (n, h, t) = (
+        let (n, h) = (
             count(&self.by_name, &other.by_name),
             count(&self.by_host, &other.by_host),
-            count(&self.by_text, &other.by_text),
         );
-        (n.0 + h.0 + t.0, n.1 + h.1 + t.1)
+        (n.0 + h.0, n.1 + h.1)
     }
 
     /// Whether `slot`'s name or one of its host names belongs to another entry.
@@ -131,16 +130,13 @@ impl Index {
                 .any(|h| self.by_host.get(h.as_str()).is_some_and(other))
     }
 
-    /// Adds `slot` under its name, host names and (`with_text`) text.
-    pub(super) fn insert(&mut self, slot: &Rc<Slot>, with_text: bool) {
+    /// Adds `slot` under its name and host names.
+    pub(super) fn insert(&mut self, slot: &Rc<Slot>) {
         let c = &slot.connector;
         self.by_name
             .insert(Rc::from(name_key(&c.namespace, &c.name)), Rc::clone(slot));
         for h in &slot.hosts {
             self.by_host.insert(Rc::from(h.as_str()), Rc::clone(slot));
-        }
-        if with_text {
-            self.by_text.insert(Rc::clone(&slot.text), Rc::clone(slot));
         }
     }
 
@@ -152,6 +148,5 @@ impl Index {
         for h in &slot.hosts {
             self.by_host.remove_if(h.as_str(), is_it);
         }
-        self.by_text.remove_if(&*slot.text, is_it);
     }
 }

@@ -8,7 +8,7 @@
 //! Here: the compiled types and [`compile`]. The parts: `keys` (the `identity` section's keys),
 //! `credential` (controller, environment and docker-config credentials).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::rc::Rc;
 
@@ -240,18 +240,16 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         .count();
     let new_middle = new.get(head..new.len().saturating_sub(tail))?;
     let old_middle = old.get(head..old.len().saturating_sub(tail))?;
-    // The running entries the middle may keep, each once: a text the new document repeats is
-    // read again, and then claims a name already taken.
-    let mut claimable: HashSet<*const Slot> = old_middle.iter().map(Rc::as_ptr).collect();
+    // The running entries the middle may keep, by text, each once: a text the new document
+    // repeats is read again, and then claims a name already taken. (Only the middle is
+    // hashed: a push that adds, changes or deletes one entry hashes next to nothing.)
+    let mut claimable: HashMap<&str, &Rc<Slot>> = old_middle.iter().map(|s| (&*s.text, s)).collect();
     let middle: Vec<Result<Rc<Slot>, &str>> = new_middle
         .iter()
-        .map(|text| match running.index.by_text.get(*text) {
-            Some(slot) if claimable.remove(&Rc::as_ptr(slot)) => Ok(Rc::clone(slot)),
-            _ => Err(*text),
-        })
+        .map(|text| claimable.remove(*text).map(Rc::clone).ok_or(*text))
         .collect();
     let mut index = running.index.clone();
-    for gone in old_middle.iter().filter(|s| claimable.contains(&Rc::as_ptr(s))) {
+    for gone in claimable.values() {
         index.remove(gone);
     }
     let has_controller = running.controller.is_some();
@@ -274,7 +272,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
                 if index.conflicts(&slot) {
                     return None;
                 }
-                index.insert(&slot, true);
+                index.insert(&slot);
                 read += 1;
                 slot
             }
@@ -334,7 +332,7 @@ fn compile_whole(
         .as_ref()
         .map(|s| &s.entries)
         .filter(|t| t.len() == connectors.len());
-    let mut index = Index::new();
+    let mut index = Index::with_capacity(connectors.len());
     let mut slots = Vec::with_capacity(connectors.len());
     for (i, (entry, connector)) in config.connectors.iter().zip(&connectors).enumerate() {
         let text = texts.and_then(|t| t.get(i)).copied();
@@ -343,7 +341,7 @@ fn compile_whole(
             connector: Rc::clone(connector),
             hosts: connector_core::config::entry_hosts(entry, &host_pattern),
         });
-        index.insert(&slot, text.is_some());
+        index.insert(&slot);
         slots.push(slot);
     }
     let settings = if texts.is_some() {
