@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use connector_core::config::{ConnectorEntry, entry_hosts, parse_entry, read_settings, split};
 
-use super::{Config, compile_connector};
+use super::{Config, common_ends, compile_connector};
 
 /// The shared data key. The module's version is part of it: a memo says "accepted by these
 /// rules", and another build may have other rules.
@@ -57,15 +57,7 @@ pub fn check_change(json: &[u8], memo: &[u8], env: &dyn Fn(&str) -> Option<Strin
     let settings = read_settings(&new.settings)?;
     let (has_controller, pattern) = (settings.controller.is_some(), settings.proxy.host_pattern());
     let (n, o) = (&new.entries, &old.entries);
-    let head = n.iter().zip(o).take_while(|(a, b)| a == b).count();
-    let room = n.len().min(o.len()).saturating_sub(head);
-    let tail = n
-        .iter()
-        .rev()
-        .zip(o.iter().rev())
-        .take(room)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let (head, tail) = common_ends(n, o, |o| o);
     let new_middle = n.get(head..n.len().saturating_sub(tail))?;
     let old_middle = o.get(head..o.len().saturating_sub(tail))?;
     // Each old entry of the middle may be kept once (a repeated text is read again, and then

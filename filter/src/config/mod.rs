@@ -229,15 +229,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
     if running.settings.as_deref() != Some(split.settings.as_str()) || new.is_empty() || old.is_empty() {
         return None;
     }
-    let head = new.iter().zip(old).take_while(|(n, o)| **n == &*o.text).count();
-    let room = new.len().min(old.len()).saturating_sub(head);
-    let tail = new
-        .iter()
-        .rev()
-        .zip(old.iter().rev())
-        .take(room)
-        .take_while(|(n, o)| **n == &*o.text)
-        .count();
+    let (head, tail) = common_ends(new, old, |o| &o.text);
     let new_middle = new.get(head..new.len().saturating_sub(tail))?;
     let old_middle = old.get(head..old.len().saturating_sub(tail))?;
     // The running entries the middle may keep, by text, each once: a text the new document
@@ -293,6 +285,22 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         settings: running.settings.clone(),
         slots,
     })
+}
+
+/// How many entries the entry texts `new` and `old` share at their start and, of the rest, at
+/// their end (compared in place, no hashing): what a push keeps where it was.
+fn common_ends<T>(new: &[&str], old: &[T], text: impl Fn(&T) -> &str) -> (usize, usize) {
+    let same = |(n, o): &(&&str, &T)| **n == text(o);
+    let head = new.iter().zip(old).take_while(same).count();
+    let room = new.len().min(old.len()).saturating_sub(head);
+    let tail = new
+        .iter()
+        .rev()
+        .zip(old.iter().rev())
+        .take(room)
+        .take_while(same)
+        .count();
+    (head, tail)
 }
 
 /// The whole document read, checked and compiled from nothing, except the keys `earlier`
