@@ -37,16 +37,15 @@ pub struct Config {
     pub host_pattern: String,
     pub policy: TokenPolicy,
     pub token_cache_size: usize,
-    /// In document order (read through [`Config::connectors`]: the index must agree). Shared
-    /// with the next configuration when its entry's text is unchanged ([`compile_after`]).
-    connectors: Vec<Rc<Connector>>,
-    /// How many of `connectors` were shared with the previous configuration (for the log).
+    /// How many connectors were shared with the previous configuration (for the log).
     pub kept: usize,
     pub controller: Option<ControllerChannel>,
     pub access: AccessMode,
     index: Index,
     /// What the next configuration may reuse: the document's text but its connectors (`None`
-    /// when the document could not be cut at its entries), and the entries in document order.
+    /// when the document could not be cut at its entries), and the entries in document order,
+    /// each with its compiled connector (shared with the next configuration when its entry's
+    /// text is unchanged: [`compile_after`]).
     settings: Option<String>,
     slots: Vec<Rc<Slot>>,
 }
@@ -167,8 +166,8 @@ impl connector_core::access::AllowLists for Connector {
 
 impl Config {
     /// Every connector, in document order.
-    pub fn connectors(&self) -> &[Rc<Connector>] {
-        &self.connectors
+    pub fn connectors(&self) -> impl ExactSizeIterator<Item = &Rc<Connector>> {
+        self.slots.iter().map(|s| &s.connector)
     }
 
     pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
@@ -277,7 +276,6 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         host_pattern: running.host_pattern.clone(),
         policy: running.policy.clone(),
         token_cache_size: running.token_cache_size,
-        connectors: slots.iter().map(|s| Rc::clone(&s.connector)).collect(),
         kept: slots.len().saturating_sub(read),
         controller: running.controller.clone(),
         access: running.access,
@@ -368,7 +366,6 @@ fn compile_whole(
         host_pattern,
         policy,
         token_cache_size: usize::try_from(identity.token_cache_size()).unwrap_or(usize::MAX),
-        connectors,
         kept: 0,
         controller,
         access: authorization,

@@ -33,6 +33,11 @@ pub fn doc() -> Value {
     })
 }
 
+/// The connectors in document order, as a list to index.
+fn list(c: &Config) -> Vec<std::rc::Rc<Connector>> {
+    c.connectors().cloned().collect()
+}
+
 fn compile_value(v: &Value) -> Result<Config, Vec<ConfigError>> {
     compile(v.to_string().as_bytes(), &env)
 }
@@ -73,7 +78,7 @@ fn an_empty_key_set_is_valid_only_for_a_controller_managed_configuration_without
         "connectors": []
     });
     let c = compile_value(&waiting).unwrap();
-    assert!(c.policy.keys.is_empty() && c.connectors().is_empty());
+    assert!(c.policy.keys.is_empty() && c.connectors().len() == 0);
 
     let mut with_connector = doc();
     with_connector["controller"] = serde_json::json!({"cluster": "channel"});
@@ -137,7 +142,7 @@ fn username_from_env() {
     d["connectors"][0]["credential"] = serde_json::json!({"usernameEnv": "REG_USER", "passwordEnv": "REG_PASSWORD"});
     let c = compile_value(&d).unwrap();
     assert_eq!(
-        c.connectors()[0].credential,
+        list(&c)[0].credential,
         UpstreamCredential::Static(format!("Basic {}", STANDARD.encode("robot$ci:s3cret-pass")))
     );
 }
@@ -217,7 +222,7 @@ fn docker_config_json_credentials() {
     ] {
         let c = config(&json, address).map_err(|e| format!("{e:?}")).unwrap();
         assert_eq!(
-            c.connectors()[0].credential,
+            list(&c)[0].credential,
             UpstreamCredential::Static(want.clone()),
             "{json}"
         );
@@ -258,7 +263,7 @@ fn token_realms_are_validated() {
     d["connectors"][0]["tokenRealms"] =
         serde_json::json!([{"url": "https://Auth.Example.com:443/token", "cluster": "auth"}]);
     let c = compile_value(&d).unwrap();
-    let r = &c.connectors()[0].token_realms[0];
+    let r = &list(&c)[0].token_realms[0];
     assert_eq!(
         (r.scheme.as_str(), r.authority.as_str(), r.path.as_str()),
         ("https", "auth.example.com", "/token")
@@ -335,7 +340,7 @@ fn credential_from_the_controller_channel() {
     d["connectors"][0]["credential"] = serde_json::json!({"fromController": "r7"});
     let c = compile(d.to_string().as_bytes(), &env).unwrap();
     assert_eq!(
-        c.connectors()[0].credential,
+        list(&c)[0].credential,
         UpstreamCredential::Controller { revision: "r7".into() }
     );
     assert_eq!(c.access, AccessMode::Controller);
@@ -446,7 +451,7 @@ fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     let next_doc = controller_doc(5, 2, "r1-2");
     let next = compile_after(next_doc.to_string().as_bytes(), &env, Some(&first)).unwrap();
     let shared: Vec<bool> = (0..5)
-        .map(|i| std::rc::Rc::ptr_eq(&first.connectors()[i], &next.connectors()[i]))
+        .map(|i| std::rc::Rc::ptr_eq(&list(&first)[i], &list(&next)[i]))
         .collect();
     assert_eq!(shared, [true, true, false, true, true]);
     assert_eq!(
@@ -457,19 +462,14 @@ fn a_push_shares_the_connectors_it_repeats_and_compiles_the_rest() {
     );
     // The same configuration as compiled from nothing.
     let fresh = compile_value(&next_doc).unwrap();
-    let view = |c: &Config| {
-        format!(
-            "{:?}",
-            c.connectors().iter().map(|c| (c, c.revision)).collect::<Vec<_>>()
-        )
-    };
+    let view = |c: &Config| format!("{:?}", c.connectors().map(|c| (c, c.revision)).collect::<Vec<_>>());
     assert_eq!(view(&next), view(&fresh));
 
     // Other settings (a second issuer): nothing is shared.
     let mut other = next_doc.clone();
     other["identity"]["issuers"] = serde_json::json!([testkeys::ISSUER, "https://other.example"]);
     let after = compile_after(other.to_string().as_bytes(), &env, Some(&next)).unwrap();
-    assert!((0..5).all(|i| !std::rc::Rc::ptr_eq(&next.connectors()[i], &after.connectors()[i])));
+    assert!((0..5).all(|i| !std::rc::Rc::ptr_eq(&list(&next)[i], &list(&after)[i])));
 
     // A bad push is refused with the full list, whatever it repeats.
     let mut bad = controller_doc(5, 2, "r1-2");
