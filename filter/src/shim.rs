@@ -254,7 +254,12 @@ impl RootContext for Root {
         {
             let _ = host::set_shared_data(config::memo::KEY, &next);
             let size = bytes.len();
-            PENDING.with(|p| *p.borrow_mut() = Some((bytes, self.id)));
+            // (`try_borrow_mut`: nothing holds it now, and `borrow_mut` is a panicking path.)
+            PENDING.with(|p| {
+                if let Ok(mut pending) = p.try_borrow_mut() {
+                    *pending = Some((bytes, self.id));
+                }
+            });
             // Compiled on the next tick: the workers then compile side by side, not when their
             // first requests come, one after the other. Envoy's canary is killed before it
             // ticks. (The main thread's VM compiles too: once; later pushes are changes.)
@@ -281,7 +286,11 @@ impl RootContext for Root {
                     let _ = host::set_shared_data(config::memo::KEY, &memo);
                 }
                 log_accepted(&config, started, false);
-                PENDING.with(|p| p.borrow_mut().take());
+                PENDING.with(|p| {
+                    if let Ok(mut pending) = p.try_borrow_mut() {
+                        *pending = None;
+                    }
+                });
                 let shared = VM_STATE.with(Rc::clone);
                 let Ok(mut slot) = shared.try_borrow_mut() else {
                     return false;
