@@ -4,7 +4,8 @@
 //! - [`crd`] and [`authz`]: the `Connector` resource and the RBAC rule, from the `connector-api`
 //!   crate the webhook shares (the host-free rules come from `connector-core`);
 //! - [`secrets`]: Secret → upstream credential plus the `SecretReady` condition, as pure functions;
-//! - [`manifests`]: Connector and Secret manifests read from files, every problem located;
+//! - [`manifests`]: Connector and Secret manifests read from files, every problem located
+//!   ([`manifest_yaml`]: their YAML, a fast path beside serde-saphyr);
 //! - [`render`]: file mode's one-shot output for a static Envoy (`connector-controller render`);
 //! - [`hub`]: the seam between sources of desired state and their consumers;
 //! - [`filemode`]: the manifest-directory source, watched;
@@ -30,6 +31,7 @@ pub mod hub;
 pub mod istio;
 pub mod kube_mode;
 pub mod live;
+pub mod manifest_yaml;
 pub mod manifests;
 pub mod ops;
 pub mod pipeline;

@@ -295,7 +295,7 @@ pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
 pub fn parse_file(file: &Path, text: &str, set: &mut ManifestSet, problems: &mut Vec<Problem>) {
     // The whole file at once: a syntax error anywhere refuses it (and so the whole set), and
     // documents after it could not be located reliably anyway.
-    let docs = match serde_saphyr::from_multiple::<serde_json::Value>(text) {
+    let docs = match crate::manifest_yaml::documents(text) {
         Ok(docs) => docs,
         Err(e) => {
             let at = Location {
@@ -510,3 +510,4 @@ mod tests {
         assert!(set.connectors().next().unwrap().0.file.ends_with("a.yaml"));
     }
 }
+
