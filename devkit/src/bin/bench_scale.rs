@@ -3,7 +3,8 @@
 //! Secret in a file of its own, spread over 50 namespaces, all pointing at one open
 //! Distribution registry (behind the recorder, which shows which credential went upstream).
 //!
-//! Per size: cold start (controller spawned → every connector served), the latency of an add,
+//! Per size: cold start (controller spawned, Envoy started once the controller listens → every
+//! connector served), the latency of an add,
 //! a delete and a Secret rotation until effective through Envoy (median), the controller's CPU
 //! per change, its RSS at start and after the changes, Envoy's RSS, the filter configuration's
 //! size (ECDS), and the controller's idle CPU.
@@ -20,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use connector_devkit::controller::Controller;
+use connector_devkit::controller::{Controller, Ports, ProxyCert};
 use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{self, Request, basic_value};
 use connector_devkit::image;
@@ -389,8 +390,15 @@ fn run_size(
         .collect::<Result<_>>()?;
     let token_of = |i: usize| tokens[i % NAMESPACES].clone();
 
+    // The proxy's serving certificate is made before the clock starts: in a pod it is a mounted
+    // Secret, not part of the cold start (the harness makes it with openssl, ~0.5 s here).
+    ProxyCert::for_work(&work)?;
     let started = Instant::now();
-    let controller = Controller::start_with_args(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
+    // Envoy starts as soon as the controller listens, not after it is ready: in the pod both
+    // containers start together and Envoy's xDS stream waits for the first configuration.
+    let (ports, key) = (Ports::free()?, connector_devkit::random_secret()?);
+    let args = ["--poll-ms", "30000"];
+    let controller = Controller::start_on(&work, "controller", &manifests, &identity, ports, &key, &args)?;
     let mode = Envoy::harness_mode(&work);
     let envoy = Envoy::start_xds_workers(
         &work,
