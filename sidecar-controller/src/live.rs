@@ -43,12 +43,36 @@ use crate::sharded::{ByNamespace, address};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Order(Arc<OrderKey>);
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, PartialEq, Eq)]
 struct OrderKey {
     created: Option<(Time, String, String)>,
     file: PathBuf,
     index: usize,
     key: ConnectorKey,
+}
+
+/// Field by field, the file by its bytes: a cold start at 20,000 connectors spent a quarter of
+/// its serial render comparing paths component by component in the ordered sets. The same
+/// order here: file mode's files are the entries of one directory (one prefix, then a name
+/// with no `/`), and in API mode every Connector has a creation time (the API server sets it),
+/// so the file decides only between equal creation times, namespaces and names: never.
+impl Ord for OrderKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.created
+            .cmp(&other.created)
+            .then_with(|| {
+                let (a, b) = (self.file.as_os_str(), other.file.as_os_str());
+                a.as_encoded_bytes().cmp(b.as_encoded_bytes())
+            })
+            .then_with(|| self.index.cmp(&other.index))
+            .then_with(|| self.key.cmp(&other.key))
+    }
+}
+
+impl PartialOrd for OrderKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl std::ops::Deref for Order {
@@ -746,6 +770,38 @@ mod tests {
             r.connectors,
             r.left_out
         )
+    }
+
+    /// The settling order compares files by their bytes; for the files of one directory (file
+    /// mode) that is the order of their locations, which the one-shot `render` sorts by.
+    #[test]
+    fn the_settling_order_is_the_order_of_locations_in_one_directory() {
+        let names = [
+            "a.yaml", "a-b.yaml", "a.b.yaml", "a0.yaml", "A.yaml", "ä.yaml", "a.yml", "b.yaml", "a..yaml", "z",
+        ];
+        let dir = Path::new("/etc/connectors/manifests");
+        let mut pairs: Vec<(Location, Order)> = vec![];
+        for (k, name) in names.iter().enumerate() {
+            for index in [0, 1, 10] {
+                let at = Location {
+                    file: dir.join(name),
+                    index,
+                };
+                let key: ConnectorKey = (format!("ns{}", k % 3), format!("c{k}"));
+                let c: Connector = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+                    "metadata": {"name": key.1, "namespace": key.0},
+                    "spec": {"address": "https://r.example", "auth": {"name": "basicAuth", "secretRef": {"name": "s"}}, "connectorClassName": "oci"},
+                }))
+                .unwrap();
+                pairs.push((at.clone(), Order::of(&at, &c, &key)));
+            }
+        }
+        for (a, oa) in &pairs {
+            for (b, ob) in &pairs {
+                assert_eq!(oa.cmp(ob), a.cmp(b), "{a} vs {b}");
+            }
+        }
     }
 
     /// Issue 17: a long run of random changes (connectors added, removed, moved between files,

@@ -180,6 +180,10 @@ struct LoadRow {
     quiet_rps: f64,
     first_second: Vec<f64>,
     second_second: Vec<f64>,
+    /// The control: the first second after a mark where nothing was changed, interleaved with
+    /// the changes (one after every add, rotation and delete): how much this machine's
+    /// throughput moves by itself over as many seconds.
+    control_second: Vec<f64>,
     worst_100ms: f64,
     unexpected: Vec<String>,
     add_s: f64,
@@ -188,10 +192,11 @@ struct LoadRow {
 }
 
 /// Changes under a steady pull load (issue 17): `changes` adds, Secret rotations and deletes,
-/// one every `spacing`, with `LOAD_THREADS` clients pulling throughout. Reports the load's
-/// throughput in the first and second second after each change against the quiet seconds
-/// before and after, and every answer other than 200 (and the 403 of a connector being added
-/// or deleted).
+/// one every `spacing`, with `LOAD_THREADS` clients pulling throughout, and after each a mark
+/// where nothing changes (the control). Reports the load's throughput in the first and second
+/// second after each change, and in the first second after each control mark, against the
+/// quiet seconds before and after, and every answer other than 200 (and the 403 of a connector
+/// being added or deleted).
 #[allow(clippy::too_many_arguments)]
 fn run_under_load(
     n: usize,
@@ -224,10 +229,18 @@ fn run_under_load(
             std::thread::sleep(Duration::from_millis(u64::from(QUIET_MS)));
             let base = n + 1_000_000;
             let mut k = 0;
-            while marks.len() < changes {
+            while marks.iter().filter(|m| m.1 != "none").count() < changes {
                 let i = base + k;
                 let r = (k * 7919 + 3) % n;
-                let steps: [(&str, usize, bool); 3] = [("add", i, true), ("rotate", r, false), ("delete", i, true)];
+                let steps: [(&str, usize, bool); 6] = [
+                    ("add", i, true),
+                    ("none", i, true),
+                    ("rotate", r, false),
+                    ("none", r, false),
+                    ("delete", i, true),
+                    // The deleted connector stays in the load, refused (as in the delete's own second).
+                    ("none", i, true),
+                ];
                 for (what, target, allow_403) in steps {
                     CHANGING.store((target as u64) << 1 | u64::from(allow_403), Ordering::Relaxed);
                     let at = start.elapsed();
@@ -235,6 +248,7 @@ fn run_under_load(
                     match what {
                         "add" => put(manifests, i, &doc(i, upstream, "pw-0"))?,
                         "rotate" => put(manifests, r, &doc(r, upstream, &format!("pw-load-{k}")))?,
+                        "none" => {}
                         _ => std::fs::remove_file(manifests.join(format!("c{i}.yaml")))
                             .map_err(|e| format!("remove: {e}"))?,
                     }
@@ -260,6 +274,7 @@ fn run_under_load(
     // Quiet: the seconds before the first change and after the last one has settled (skipping
     // the first second of each, while connections open and after the last change).
     let quiet_rps = (rate(&seen, 1000, QUIET_MS) + rate(&seen, last_change_ms + 1000, end)) / 2.0;
+    let (controls, marks): (Vec<_>, Vec<_>) = marks.into_iter().partition(|m| m.1 == "none");
     let first_second: Vec<f64> = marks
         .iter()
         .map(|(t, ..)| rate(&seen, *t, t + 1000) / quiet_rps)
@@ -267,6 +282,10 @@ fn run_under_load(
     let second_second: Vec<f64> = marks
         .iter()
         .map(|(t, ..)| rate(&seen, t + 1000, t + 2000) / quiet_rps)
+        .collect();
+    let control_second: Vec<f64> = controls
+        .iter()
+        .map(|(t, ..)| rate(&seen, *t, t + 1000) / quiet_rps)
         .collect();
     let worst_100ms = (QUIET_MS / 100..last_change_ms / 100)
         .map(|b| rate(&seen, b * 100, b * 100 + 100) / quiet_rps)
@@ -299,6 +318,7 @@ fn run_under_load(
         delete_s: effective("delete", 403),
         first_second,
         second_second,
+        control_second,
         worst_100ms,
         unexpected,
         rss_after_kib: procs::rss_kib(controller.pid()),
@@ -581,17 +601,18 @@ fn main() -> Result<()> {
     if !loaded.is_empty() {
         println!(
             "\nunder load: {LOAD_THREADS} keep-alive clients pulling a manifest through 16 steady connectors and the one being changed; \
-             an add, a Secret rotation or a delete every {} ms; throughput against the quiet seconds before and after\n",
+             an add, a Secret rotation or a delete every {} ms, each followed by a mark where nothing changes (the control); \
+             throughput against the quiet seconds before and after\n",
             plan.spacing.as_millis()
         );
         println!(
-            "| connectors | changes | answers | quiet req/s | 1st second after a change (median / worst) | 2nd second (median / worst) | worst 100 ms | add / delete seen by the load | answers other than 200 and the expected 403 | controller RSS after all changes |"
+            "| connectors | changes | answers | quiet req/s | 1st second after a change (median / worst) | 2nd second (median / worst) | 1st second after no change: control (median / worst) | worst 100 ms | add / delete seen by the load | answers other than 200 and the expected 403 | controller RSS after all changes |"
         );
-        println!("|---:|---:|---:|---:|---|---|---:|---|---:|---:|");
+        println!("|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|");
         for l in &loaded {
             let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
             println!(
-                "| {} | {} | {} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} s | {} | {} MiB ({:.1} KiB per connector) |",
+                "| {} | {} | {} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} s | {} | {} MiB ({:.1} KiB per connector) |",
                 l.n,
                 l.changes,
                 l.answers,
@@ -600,6 +621,8 @@ fn main() -> Result<()> {
                 worst(&l.first_second),
                 median(l.second_second.clone()),
                 worst(&l.second_second),
+                median(l.control_second.clone()),
+                worst(&l.control_second),
                 l.worst_100ms,
                 l.add_s,
                 l.delete_s,
