@@ -641,23 +641,26 @@ fn unclaim_cluster(claims: &mut HashMap<String, ClusterClaims>, cl: &UpstreamClu
 /// The configuration document: `settings` (whose `connectors` is empty) with the served
 /// entries' JSON, each serialized once when its part was rendered, joined in. Byte for byte
 /// what serializing the whole [`FilterConfig`] gives.
-fn document_json<'a>(settings: &FilterConfig, parts: impl Iterator<Item = &'a Part>) -> String {
+fn document_json<'a>(settings: &FilterConfig, parts: impl Iterator<Item = &'a Part> + Clone) -> String {
     // `connectors` is the document's last field: `...,"connectors":[]}`.
     let head = serde_json::to_string(settings).unwrap_or_default();
     let Some(open) = head.strip_suffix("]}") else {
         return head;
     };
-    let mut out = String::with_capacity(head.len());
+    let served = |part: &'a Part| match part {
+        Part::Served { json, .. } => Some(&**json),
+        Part::LeftOut(_) => None,
+    };
+    // Sized first: one allocation of the whole (4 MB at 20,000 connectors) instead of growing
+    // it by doubling on every change.
+    let entries: usize = parts.clone().filter_map(served).map(|j| j.len() + 1).sum();
+    let mut out = String::with_capacity(head.len() + entries);
     out.push_str(open);
-    let mut first = true;
-    for part in parts {
-        if let Part::Served { json, .. } = part {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            out.push_str(json);
+    for (i, json) in parts.filter_map(served).enumerate() {
+        if i > 0 {
+            out.push(',');
         }
+        out.push_str(json);
     }
     out.push_str("]}");
     out
