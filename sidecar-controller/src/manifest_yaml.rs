@@ -1,9 +1,9 @@
 //! Manifest YAML → JSON values: a fast path for the plain YAML manifests are written in, with
 //! serde-saphyr for everything else.
 //!
-//! Why: at 20,000 connectors file mode's cold start spent most of its time in serde-saphyr (about
-//! 100 µs of CPU per two-document manifest file on this machine, 4x what the event parser of
-//! `yaml-rust2` plus this builder takes). The fast path reads a strict subset: block and flow
+//! Why: at 20,000 connectors file mode's cold start spent most of its time in serde-saphyr
+//! (55–120 µs of CPU per two-document manifest file on the 2-core test machine; the event
+//! parser of `yaml-rust2` plus this builder take 20–30 µs). The fast path reads a strict subset: block and flow
 //! mappings and sequences, string keys, and scalars whose meaning is not in doubt (strings,
 //! `null`, `true`/`false`, plain decimal integers). Anything else — anchors, aliases, tags, merge
 //! keys, duplicate keys, YAML 1.1 booleans (`yes`, `off`), floats, octal or signed numbers, a
@@ -135,11 +135,11 @@ mod tests {
     #[test]
     fn anything_outside_the_subset_is_left_to_saphyr() {
         for text in [
-            "a: &x 1\nb: *x\n",              // anchor and alias
-            "a: !!str 1\n",                  // tag
+            "a: &x 1\nb: *x\n",               // anchor and alias
+            "a: !!str 1\n",                   // tag
             "base: &b {x: 1}\nc: {<<: *b}\n", // merge key
-            "a: 1\na: 2\n",                  // duplicate key
-            "a: yes\n",                      // YAML 1.1 boolean
+            "a: 1\na: 2\n",                   // duplicate key
+            "a: yes\n",                       // YAML 1.1 boolean
             "a: Off\n",
             "a: 0755\n", // leading zero
             "a: 1.5\n",
@@ -186,14 +186,58 @@ mod tests {
 
     /// Scalar spellings the fast path decides, quoted and not.
     const DECIDED: &[&str] = &[
-        "plain", "robot-1", "https://r.example:5000/v2", "a b", "0", "7", "42", "~", "null", "Null",
-        "NULL", "true", "True", "TRUE", "false", "FALSE", "'quoted'", "\"dq\"", "'007'", "\"true\"",
-        "'~'", "\"a\\tb\"", "'it''s'", "18446744073709551615", "2001-12-14", "a:b", "a#b", "\"\"",
+        "plain",
+        "robot-1",
+        "https://r.example:5000/v2",
+        "a b",
+        "0",
+        "7",
+        "42",
+        "~",
+        "null",
+        "Null",
+        "NULL",
+        "true",
+        "True",
+        "TRUE",
+        "false",
+        "FALSE",
+        "'quoted'",
+        "\"dq\"",
+        "'007'",
+        "\"true\"",
+        "'~'",
+        "\"a\\tb\"",
+        "'it''s'",
+        "18446744073709551615",
+        "2001-12-14",
+        "a:b",
+        "a#b",
+        "\"\"",
     ];
     /// Spellings whose meaning is in doubt: the fast path must leave them alone.
     const DOUBTFUL: &[&str] = &[
-        "007", "1.0", "-1", "+1", "0x1F", "0o17", "1e3", "1_000", ".5", ".inf", "-.inf", ".nan",
-        "nan", "inf", "yes", "No", "ON", "off", "y", "n", "18446744073709551616",
+        "007",
+        "1.0",
+        "-1",
+        "+1",
+        "0x1F",
+        "0o17",
+        "1e3",
+        "1_000",
+        ".5",
+        ".inf",
+        "-.inf",
+        ".nan",
+        "nan",
+        "inf",
+        "yes",
+        "No",
+        "ON",
+        "off",
+        "y",
+        "n",
+        "18446744073709551616",
     ];
     const KEYS: &[&str] = &["a", "b", "name", "kind", "a-b", "'q'", "\"dq\""];
     const DOUBTFUL_KEYS: &[&str] = &["<<", "1", "true", "~", "yes"];
@@ -201,10 +245,18 @@ mod tests {
     impl Rng {
         /// Mostly decided spellings, now and then a doubtful one.
         fn scalar(&mut self) -> &'static str {
-            if self.below(60) == 0 { self.pick(DOUBTFUL) } else { self.pick(DECIDED) }
+            if self.below(60) == 0 {
+                self.pick(DOUBTFUL)
+            } else {
+                self.pick(DECIDED)
+            }
         }
         fn key(&mut self) -> &'static str {
-            if self.below(80) == 0 { self.pick(DOUBTFUL_KEYS) } else { self.pick(KEYS) }
+            if self.below(80) == 0 {
+                self.pick(DOUBTFUL_KEYS)
+            } else {
+                self.pick(KEYS)
+            }
         }
     }
 

@@ -510,4 +510,3 @@ mod tests {
         assert!(set.connectors().next().unwrap().0.file.ends_with("a.yaml"));
     }
 }
-
