@@ -7,7 +7,7 @@
 //! mappings and sequences, string keys, and scalars whose meaning is not in doubt (strings,
 //! `null`, `true`/`false`, plain decimal integers). Anything else — anchors, aliases, tags, merge
 //! keys, duplicate keys, YAML 1.1 booleans (`yes`, `off`), floats, octal or signed numbers, a
-//! syntax error — makes it give up on the file and serde-saphyr reads it, so the values (and every
+//! syntax error, a file near serde-saphyr's budget — makes it give up on the file and serde-saphyr reads it, so the values (and every
 //! error message) are serde-saphyr's by construction; `the_fast_path_gives_what_saphyr_gives`
 //! checks the two against each other on generated documents.
 
@@ -26,15 +26,22 @@ pub fn documents(text: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
 
 /// The documents of `text` if all of it is in the fast path's subset; `None` otherwise.
 pub fn fast_documents(text: &str) -> Option<Vec<Value>> {
+    if text.len() > MAX_BYTES {
+        return None;
+    }
     let mut parser = Parser::new_from_str(text);
     let mut docs = vec![];
+    let mut nodes = 0;
     loop {
         match parser.next_token().ok()?.0 {
             Event::StreamStart | Event::DocumentEnd => {}
             Event::StreamEnd => return Some(docs),
             Event::DocumentStart => {
+                if docs.len() >= MAX_DOCUMENTS {
+                    return None;
+                }
                 let first = parser.next_token().ok()?.0;
-                let value = node(&mut parser, first, 0)?;
+                let value = node(&mut parser, first, 0, &mut nodes)?;
                 // Empty documents (`---` at the start or end of a file) are skipped, as serde-saphyr does.
                 if !value.is_null() {
                     docs.push(value);
@@ -45,11 +52,23 @@ pub fn fast_documents(text: &str) -> Option<Vec<Value>> {
     }
 }
 
-/// Nesting beyond this is left to serde-saphyr's own limits (and keeps this recursion shallow).
-const MAX_DEPTH: usize = 64;
+/// Well inside serde-saphyr's default budget (depth 64, 1,024 documents, 250,000 nodes,
+/// 1,000,000 events, 256 MiB of input, 64 MiB of scalars): a file beyond any of these is left
+/// to serde-saphyr, which refuses what exceeds its budget, so the fast path never accepts a
+/// file serde-saphyr would refuse. (The depth also keeps this recursion shallow.)
+const MAX_DEPTH: usize = 32;
+const MAX_DOCUMENTS: usize = 512;
+const MAX_NODES: usize = 100_000;
+const MAX_BYTES: usize = 4 << 20;
 
-fn node<T: Iterator<Item = char>>(parser: &mut Parser<T>, event: Event, depth: usize) -> Option<Value> {
-    if depth > MAX_DEPTH {
+fn node<T: Iterator<Item = char>>(
+    parser: &mut Parser<T>,
+    event: Event,
+    depth: usize,
+    nodes: &mut usize,
+) -> Option<Value> {
+    *nodes += 1;
+    if depth > MAX_DEPTH || *nodes > MAX_NODES {
         return None;
     }
     match event {
@@ -67,7 +86,7 @@ fn node<T: Iterator<Item = char>>(parser: &mut Parser<T>, event: Event, depth: u
                     _ => return None, // complex keys
                 };
                 let next = parser.next_token().ok()?.0;
-                let value = node(parser, next, depth + 1)?;
+                let value = node(parser, next, depth + 1, nodes)?;
                 if map.insert(key, value).is_some() {
                     return None; // duplicate key: serde-saphyr's error
                 }
@@ -78,7 +97,7 @@ fn node<T: Iterator<Item = char>>(parser: &mut Parser<T>, event: Event, depth: u
             loop {
                 match parser.next_token().ok()?.0 {
                     Event::SequenceEnd => return Some(Value::Array(items)),
-                    next => items.push(node(parser, next, depth + 1)?),
+                    next => items.push(node(parser, next, depth + 1, nodes)?),
                 }
             }
         }
@@ -163,11 +182,29 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_is_left_to_saphyr() {
-        let deep = format!("{}1{}", "[".repeat(MAX_DEPTH + 2), "]".repeat(MAX_DEPTH + 2));
-        assert_eq!(fast_documents(&deep), None);
-        let shallow = format!("{}1{}", "[".repeat(10), "]".repeat(10));
-        assert!(fast_documents(&shallow).is_some());
+    fn files_beyond_the_fast_paths_limits_are_left_to_saphyr() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(fast_documents(&nested(MAX_DEPTH)).is_some());
+        assert_eq!(fast_documents(&nested(MAX_DEPTH + 2)), None);
+        let list = |n: usize| format!("[{}]", vec!["1"; n].join(","));
+        assert!(fast_documents(&list(MAX_NODES - 1)).is_some());
+        assert_eq!(fast_documents(&list(MAX_NODES + 1)), None);
+        let docs = |n: usize| vec!["a: 1\n"; n].join("---\n");
+        assert_eq!(
+            fast_documents(&docs(MAX_DOCUMENTS)).map(|d| d.len()),
+            Some(MAX_DOCUMENTS)
+        );
+        assert_eq!(fast_documents(&docs(MAX_DOCUMENTS + 1)), None);
+        let big = format!("a: '{}'\n", "x".repeat(MAX_BYTES));
+        assert_eq!(fast_documents(&big), None);
+        // At the limits, both read the same.
+        for text in [nested(MAX_DEPTH), list(MAX_NODES - 1), docs(MAX_DOCUMENTS)] {
+            assert_eq!(fast_documents(&text), serde_saphyr::from_multiple::<Value>(&text).ok());
+        }
+        // What serde-saphyr refuses for its budget, the fast path does not take either.
+        let too_many = list(300_000);
+        assert!(serde_saphyr::from_multiple::<Value>(&too_many).is_err());
+        assert_eq!(fast_documents(&too_many), None);
     }
 
     /// xorshift: reproducible without a dependency.
