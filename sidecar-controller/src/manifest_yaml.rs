@@ -3,13 +3,14 @@
 //!
 //! Why: at 20,000 connectors file mode's cold start spent most of its time in serde-saphyr
 //! (55–120 µs of CPU per two-document manifest file on the 2-core test machine; the event
-//! parser of `yaml-rust2` plus this builder take 20–30 µs). The fast path reads a strict subset: block and flow
-//! mappings and sequences, string keys, and scalars whose meaning is not in doubt (strings,
-//! `null`, `true`/`false`, plain decimal integers). Anything else — anchors, aliases, tags, merge
-//! keys, duplicate keys, YAML 1.1 booleans (`yes`, `off`), floats, octal or signed numbers, a
-//! syntax error, a file near serde-saphyr's budget — makes it give up on the file and serde-saphyr reads it, so the values (and every
-//! error message) are serde-saphyr's by construction; `the_fast_path_gives_what_saphyr_gives`
-//! checks the two against each other on generated documents.
+//! parser of `yaml-rust2` plus this builder take 20–30 µs). The fast path reads a strict
+//! subset: block and flow mappings and sequences, string keys, and scalars whose meaning is not
+//! in doubt (strings, `null`, `true`/`false`, plain decimal integers). Anything else — anchors,
+//! aliases, tags, merge keys, duplicate keys, YAML 1.1 booleans (`yes`, `off`), floats, octal or
+//! signed numbers, a syntax error, a file near serde-saphyr's budget — makes it give up on the
+//! file and serde-saphyr reads it, so the values (and every error message) are serde-saphyr's
+//! by construction; `the_fast_path_gives_what_saphyr_gives` checks the two against each other
+//! on generated documents.
 
 use serde_json::Value;
 use yaml_rust2::parser::{Event, Parser};
