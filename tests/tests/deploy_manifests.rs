@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use connector_devkit::{procs, repo_root};
+use connector_devkit::{WorkDir, procs, repo_root};
 use serde_json::{Value, json};
 
 fn docs(path: &Path) -> Vec<Value> {
@@ -122,11 +122,9 @@ for d in docs:
     errs = sorted(e.message for e in jsonschema.Draft7Validator(schema).iter_errors(d))
     print(json.dumps(errs))
 "#;
-    let dir = std::env::temp_dir();
-    let (sp, dp) = (
-        dir.join(format!("crd-schema-{}.json", std::process::id())),
-        dir.join(format!("crd-docs-{}.json", std::process::id())),
-    );
+    // Removed when the test ends (files named by pid under /tmp were left behind every run).
+    let dir = WorkDir::new("crd-schema").unwrap();
+    let (sp, dp) = (dir.path().join("crd-schema.json"), dir.path().join("crd-docs.json"));
     std::fs::write(&sp, schema.to_string()).unwrap();
     std::fs::write(&dp, Value::Array(connectors).to_string()).unwrap();
     let mut cmd = Command::new(venv("python"));
