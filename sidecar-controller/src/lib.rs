@@ -41,5 +41,7 @@ pub mod render;
 pub mod secrets;
 pub mod serve;
 pub mod sharded;
+#[cfg(test)]
+mod test_rng;
 pub mod wasmplugin;
 pub mod xds;

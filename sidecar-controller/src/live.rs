@@ -674,6 +674,7 @@ mod tests {
     use super::*;
     use crate::manifests::{ManifestSet, parse_file};
     use crate::pipeline::{Rendering, render_live};
+    use crate::test_rng::Rng;
 
     /// A connector the test can change field by field; everything is drawn from small pools,
     /// so host names, cluster names (token realms name theirs in file mode) and creation times
@@ -714,17 +715,6 @@ mod tests {
         format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: robot-{secret}, namespace: ns{ns}, annotations: {{connectors.alauda.io/allowed-connectors: '*'}}}}\ntype: kubernetes.io/basic-auth\nstringData: {{username: robot, password: pw{password}}}\n---\n"
         )
-    }
-
-    /// xorshift: reproducible without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
     }
 
     fn spec(rng: &mut Rng) -> Spec {

@@ -139,6 +139,7 @@ fn scalar(text: String, style: TScalarStyle) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
 
     /// A manifest file as file mode's users (and `bench_scale`) write them.
     const MANIFEST: &str = "apiVersion: connectors.alauda.io/v1alpha1\nkind: Connector\nmetadata: {name: c1, namespace: ns1}\nspec:\n  address: https://127.0.0.1:5000\n  auth: {name: basicAuth, secretRef: {name: c1}}\n  connectorClassName: oci\n  hosts: [a.example, 'b.example']\n  tokenRealms:\n  - url: https://auth.example/token\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: c1\n  namespace: ns1\n  annotations: {connectors.alauda.io/allowed-connectors: \"c1\"}\ntype: kubernetes.io/basic-auth\nstringData: {username: robot-1, password: hunter2}\ndata:\n  token: |\n    bGl0ZXJhbA==\n---\n";
@@ -206,20 +207,6 @@ mod tests {
         let too_many = list(300_000);
         assert!(serde_saphyr::from_multiple::<Value>(&too_many).is_err());
         assert_eq!(fast_documents(&too_many), None);
-    }
-
-    /// xorshift: reproducible without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
-        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-            items[self.below(items.len())]
-        }
     }
 
     /// Scalar spellings the fast path decides, quoted and not.
