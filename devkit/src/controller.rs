@@ -148,10 +148,16 @@ impl Controller {
 
     /// As [`Controller::start`] with extra `serve` arguments (e.g. `--upstream-ca <file>`).
     pub fn start_with_args(work: &WorkDir, manifests: &Path, identity: &Path, args: &[&str]) -> Result<Self> {
-        let (ports, key) = (Ports::free()?, crate::random_secret()?);
-        let mut c = Self::start_on(work, "controller", manifests, identity, ports, &key, args)?;
+        let mut c = Self::start_listening(work, manifests, identity, args)?;
         c.wait_ready()?;
         Ok(c)
+    }
+
+    /// As [`Controller::start_with_args`] on fresh ports and key, but returns as soon as it
+    /// listens, ready or not (the scale benchmark starts Envoy then, as a pod starts both).
+    pub fn start_listening(work: &WorkDir, manifests: &Path, identity: &Path, args: &[&str]) -> Result<Self> {
+        let (ports, key) = (Ports::free()?, crate::random_secret()?);
+        Self::start_on(work, "controller", manifests, identity, ports, &key, args)
     }
 
     /// API mode: `serve --kube` against the API server `kubeconfig` names (a real

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use connector_devkit::controller::{Controller, Ports, ProxyCert};
+use connector_devkit::controller::{Controller, ProxyCert};
 use connector_devkit::envoy::Envoy;
 use connector_devkit::http::{self, Request, basic_value};
 use connector_devkit::image;
@@ -416,9 +416,7 @@ fn run_size(
     let started = Instant::now();
     // Envoy starts as soon as the controller listens, not after it is ready: in the pod both
     // containers start together and Envoy's xDS stream waits for the first configuration.
-    let (ports, key) = (Ports::free()?, connector_devkit::random_secret()?);
-    let args = ["--poll-ms", "30000"];
-    let controller = Controller::start_on(&work, "controller", &manifests, &identity, ports, &key, &args)?;
+    let controller = Controller::start_listening(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
     let mode = Envoy::harness_mode(&work);
     let envoy = Envoy::start_xds_workers(
         &work,
