@@ -126,12 +126,11 @@ fn scalar(text: String, style: TScalarStyle) -> Option<Value> {
         }
         return None;
     }
-    let lower = text.to_ascii_lowercase();
-    if matches!(
-        lower.as_str(),
-        "yes" | "no" | "on" | "off" | "y" | "n" | "inf" | "infinity" | "nan"
-    ) {
-        return None; // YAML 1.1 booleans and non-finite spellings
+    // YAML 1.1 booleans and non-finite spellings, in any case (compared without a lowercase copy
+    // of every string).
+    const DOUBTFUL: [&str; 9] = ["yes", "no", "on", "off", "y", "n", "inf", "infinity", "nan"];
+    if DOUBTFUL.iter().any(|d| d.eq_ignore_ascii_case(&text)) {
+        return None;
     }
     Some(Value::String(text))
 }
