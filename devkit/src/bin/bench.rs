@@ -15,8 +15,9 @@
 //! pre-flight request per scenario must return the manifest.
 //!
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
+//! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -355,7 +356,7 @@ fn run() -> Result<()> {
         };
     let (reg, st) = ("Distribution upstream", "static upstream (Envoy-bound)");
     let (rp, sp) = (registry.pid(), static_up.pid());
-    let scenarios = [
+    let mut scenarios = vec![
         sc(
             reg,
             "upstream directly",
@@ -487,6 +488,41 @@ fn run() -> Result<()> {
             sp,
         ),
     ];
+    // `--baseline-module PATH`: another build of the filter (e.g. the commit before a change)
+    // beside this one in the same rounds, on the static upstream, for an A/B that the
+    // machine's swings between runs cannot blur.
+    let baseline_module: String = connector_devkit::arg("--baseline-module", String::new());
+    let st_baseline = if baseline_module.is_empty() {
+        None
+    } else {
+        let module = PathBuf::from(&baseline_module);
+        if !module.is_file() {
+            return Err(format!("--baseline-module {baseline_module}: no such file"));
+        }
+        Some(start_envoy(
+            "bench-static-baseline",
+            static_up.port,
+            Some((&module, false)),
+        )?)
+    };
+    if let Some(base) = &st_baseline {
+        for (name, tokens) in [
+            ("Envoy + baseline module, warm token cache", &warm_file),
+            ("Envoy + baseline module, new RS256 token every request", &fresh_file),
+            ("Envoy + baseline module, new ES256 token every request", &fresh_ec_file),
+        ] {
+            scenarios.push(sc(
+                st,
+                name,
+                false,
+                base.port,
+                &proxy_path,
+                Some(tokens),
+                Some(base),
+                sp,
+            ));
+        }
+    }
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
 
@@ -550,6 +586,13 @@ fn run() -> Result<()> {
         procs::rss_kib(st_noop.pid()) / 1024,
         procs::rss_kib(st_filter.pid()) / 1024
     );
+    if let Some(base) = &st_baseline {
+        println!(
+            "baseline module {baseline_module}: {} bytes; Envoy resident memory with it {} MiB",
+            std::fs::metadata(&baseline_module).map(|m| m.len()).unwrap_or(0),
+            procs::rss_kib(base.pid()) / 1024
+        );
+    }
     println!("{}", host_calls(&wasm));
     if arg("--manifest-only", 0) == 1 {
         return Ok(());
