@@ -223,6 +223,111 @@ pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensi
     }
 }
 
+/// [`filter_resource`] packed as the `Any` a discovery response carries, encoded with the
+/// configuration document copied once. Packing the message as built copies the document at
+/// every level: into the `StringValue`, then with each enclosing encoding (`StringValue`,
+/// `Any`, `Wasm`, `TypedExtensionConfig`): 4 MB each time at 20,000 connectors, on every change.
+/// Here the enclosing messages' headers are sized first and the document goes in last: each
+/// message is its other fields, encoded as usual, followed by the field that leads to the
+/// document (protobuf fields may come in any order; the decoded message is the same, which the
+/// unit test checks level by level).
+pub fn filter_resource_any(filter_config: &str, wasm: &WasmSettings) -> Any {
+    use prost::Message as _;
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    // The key of the one length-delimited field a probe message sets to `payload` (the
+    // encoding is key, length, payload): read off prost's own encoding, not restated here.
+    fn key_of(probe: &[u8], payload: &[u8]) -> Vec<u8> {
+        let tail = encoded_len_varint(payload.len() as u64) + payload.len();
+        probe
+            .get(..probe.len().saturating_sub(tail))
+            .unwrap_or_default()
+            .to_vec()
+    }
+    let mut extension = filter_resource("", wasm);
+    let mut plugin = extension
+        .typed_config
+        .take()
+        .and_then(|a| Wasm::decode(a.value.as_slice()).ok())
+        .and_then(|w| w.config)
+        .unwrap_or_default();
+    plugin.configuration = None;
+    let any_value = |type_url: String| {
+        Any {
+            type_url,
+            value: vec![],
+        }
+        .encode_to_vec()
+    };
+    let any_value_key = key_of(
+        &Any {
+            type_url: String::new(),
+            value: b"x".to_vec(),
+        }
+        .encode_to_vec(),
+        b"x",
+    );
+    // Outermost first: each level's other fields, and the key of the field that leads inward.
+    let levels: [(Vec<u8>, Vec<u8>); 5] = [
+        (
+            extension.encode_to_vec(),
+            key_of(
+                &TypedExtensionConfig {
+                    typed_config: Some(Any::default()),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                &[],
+            ),
+        ),
+        (any_value(<Wasm as prost::Name>::type_url()), any_value_key.clone()),
+        (
+            vec![],
+            key_of(
+                &Wasm {
+                    config: Some(PluginConfig::default()),
+                }
+                .encode_to_vec(),
+                &[],
+            ),
+        ),
+        (
+            plugin.encode_to_vec(),
+            key_of(
+                &PluginConfig {
+                    configuration: Some(Any::default()),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                &[],
+            ),
+        ),
+        (any_value(<StringValue as prost::Name>::type_url()), any_value_key),
+    ];
+    let document_field = key_of(&StringValue { value: "x".into() }.encode_to_vec(), b"x");
+    // Lengths inside out: each level's body is its fields, the inward field's key and length,
+    // and the body inside.
+    let mut inner = document_field.len() + encoded_len_varint(filter_config.len() as u64) + filter_config.len();
+    let mut lengths = vec![inner];
+    for (fields, key) in levels.iter().skip(1).rev() {
+        inner += fields.len() + key.len() + encoded_len_varint(inner as u64);
+        lengths.push(inner);
+    }
+    let total = levels[0].0.len() + levels[0].1.len() + encoded_len_varint(inner as u64) + inner;
+    let mut out = Vec::with_capacity(total);
+    for ((fields, key), len) in levels.iter().zip(lengths.iter().rev()) {
+        out.extend_from_slice(fields);
+        out.extend_from_slice(key);
+        encode_varint(*len as u64, &mut out);
+    }
+    out.extend_from_slice(&document_field);
+    encode_varint(filter_config.len() as u64, &mut out);
+    out.extend_from_slice(filter_config.as_bytes());
+    Any {
+        type_url: <TypedExtensionConfig as prost::Name>::type_url(),
+        value: out,
+    }
+}
+
 /// The ADS service. Cheap to clone.
 #[derive(Clone)]
 pub struct Ads {
@@ -528,7 +633,7 @@ impl Session {
         // that names them waits for a snapshot whose clusters Envoy takes.
         let clusters_ready = !cds || snap.clusters.iter().all(|c| self.clusters_acked.contains(c));
         if self.subscribed.contains(ECDS_TYPE) && sent_filter != Some(snap.version) && clusters_ready {
-            let resource = any(&filter_resource(&snap.filter_config, &self.ads.wasm));
+            let resource = filter_resource_any(&snap.filter_config, &self.ads.wasm);
             self.send(ECDS_TYPE, snap.version, vec![resource]).await?;
             self.filter_pending = Some((snap.version, snap.clusters.clone()));
         }
@@ -574,6 +679,38 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-copy encoding decodes, level by level, to the message `filter_resource` builds:
+    /// documents whose length takes one to four varint bytes, with and without host variables.
+    #[test]
+    fn the_ecds_resource_encoded_around_the_document_decodes_to_the_built_one() {
+        use prost::Message as _;
+        let big = format!("{{\"connectors\":[\"{}\"]}}", "x".repeat(3 << 20));
+        for keys in [vec![], vec!["CONNECTOR_CHANNEL_KEY".to_string()]] {
+            let wasm = WasmSettings {
+                module_path: "/etc/envoy/connector_filter.wasm".into(),
+                host_env_keys: keys,
+            };
+            for doc in ["", "{}", &"y".repeat(200), &"z".repeat(20_000), &big] {
+                let got = filter_resource_any(doc, &wasm);
+                let want = any(&filter_resource(doc, &wasm));
+                assert_eq!(got.type_url, want.type_url);
+                let got = TypedExtensionConfig::decode(got.value.as_slice()).unwrap();
+                let want = TypedExtensionConfig::decode(want.value.as_slice()).unwrap();
+                assert_eq!(got.name, want.name);
+                let (got, want) = (got.typed_config.unwrap(), want.typed_config.unwrap());
+                assert_eq!(got.type_url, want.type_url);
+                let mut got = Wasm::decode(got.value.as_slice()).unwrap().config.unwrap();
+                let mut want = Wasm::decode(want.value.as_slice()).unwrap().config.unwrap();
+                // The document, decoded (an empty one may be encoded as an empty field or none).
+                let (got_doc, want_doc) = (got.configuration.take().unwrap(), want.configuration.take().unwrap());
+                assert_eq!(got_doc.type_url, want_doc.type_url);
+                assert_eq!(StringValue::decode(got_doc.value.as_slice()).unwrap().value, doc);
+                assert_eq!(StringValue::decode(want_doc.value.as_slice()).unwrap().value, doc);
+                assert_eq!(got, want, "document of {} bytes", doc.len());
+            }
+        }
+    }
 
     #[test]
     fn https_upstreams_get_tls_with_sni_and_ip_literals_a_static_address() {
