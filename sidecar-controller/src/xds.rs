@@ -243,6 +243,10 @@ pub fn filter_resource_any(filter_config: &str, wasm: &WasmSettings) -> Any {
             .unwrap_or_default()
             .to_vec()
     }
+    // The key of a field holding a message, from a probe that sets it to the empty message.
+    fn message_key(probe: impl prost::Message) -> Vec<u8> {
+        key_of(&probe.encode_to_vec(), &[])
+    }
     let mut extension = filter_resource("", wasm);
     let mut plugin = extension
         .typed_config
@@ -270,36 +274,24 @@ pub fn filter_resource_any(filter_config: &str, wasm: &WasmSettings) -> Any {
     let levels: [(Vec<u8>, Vec<u8>); 5] = [
         (
             extension.encode_to_vec(),
-            key_of(
-                &TypedExtensionConfig {
-                    typed_config: Some(Any::default()),
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-                &[],
-            ),
+            message_key(TypedExtensionConfig {
+                typed_config: Some(Any::default()),
+                ..Default::default()
+            }),
         ),
         (any_value(<Wasm as prost::Name>::type_url()), any_value_key.clone()),
         (
             vec![],
-            key_of(
-                &Wasm {
-                    config: Some(PluginConfig::default()),
-                }
-                .encode_to_vec(),
-                &[],
-            ),
+            message_key(Wasm {
+                config: Some(PluginConfig::default()),
+            }),
         ),
         (
             plugin.encode_to_vec(),
-            key_of(
-                &PluginConfig {
-                    configuration: Some(Any::default()),
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-                &[],
-            ),
+            message_key(PluginConfig {
+                configuration: Some(Any::default()),
+                ..Default::default()
+            }),
         ),
         (any_value(<StringValue as prost::Name>::type_url()), any_value_key),
     ];

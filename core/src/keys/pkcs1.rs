@@ -293,11 +293,11 @@ impl RsaKey {
             let (Some(&x), Some(&y)) = (a.get(i), a.get(i + 1)) else {
                 break;
             };
-            let first = u64::from(t.get(2 * i + 1).copied().unwrap_or(0)) + u64::from(x) * u64::from(y);
             if let Some(tk) = t.get_mut(2 * i + 1) {
+                let first = u64::from(*tk) + u64::from(x) * u64::from(y);
                 *tk = first as u32;
+                add_carry(&mut t, 2 * i + 2, first >> 32);
             }
-            add_carry(&mut t, 2 * i + 2, first >> 32);
             let (Some(row), Some(rest)) = (t.get_mut(2 * i + 2..), a.get(i + 2..)) else {
                 break;
             };
