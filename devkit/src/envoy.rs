@@ -435,10 +435,16 @@ impl Envoy {
     /// A static Envoy (no controller) with a plain-HTTP listener: the benchmark and the
     /// harness self-tests.
     pub fn start(work: &WorkDir, spec: &EnvoySpec) -> Result<Self> {
+        Self::start_static_workers(work, spec, 1)
+    }
+
+    /// As [`Envoy::start`] with `workers` worker threads (`--concurrency`), each with its own
+    /// Wasm VM: the benchmark's memory-per-worker table.
+    pub fn start_static_workers(work: &WorkDir, spec: &EnvoySpec, workers: u32) -> Result<Self> {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
-        Self::start_with(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy")
+        Self::start_workers(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy", workers)
             .map(|e| e.with_mode(ListenerMode::Plain))
     }
 

@@ -15,7 +15,9 @@
 //! pre-flight request per scenario must return the manifest.
 //!
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
-//! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds).
+//! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds;
+//! `--memory-only 1 [--workers 1,2,4]` measures Envoy's resident memory against its number of
+//! workers instead, to separate the filter's share per worker from its one-off share).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -230,6 +232,10 @@ fn run() -> Result<()> {
     if arg("--push-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return push_table(&work, &minter, seconds, rounds);
+    }
+    if arg("--memory-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return memory_table(&work, &minter, &wasm, &noop, seconds, rounds);
     }
     if arg("--pulls-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
@@ -1424,4 +1430,175 @@ fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, round
         stat("oci_connector.answered.no_credential"),
     );
     Ok(())
+}
+
+/// Envoy's resident memory against its number of workers, without a filter, with the no-op wasm
+/// filter and with the filter (`--memory-only 1 [--workers 1,2,4]`). Each worker runs its own
+/// Wasm VM beside the main thread's, so one Envoy's RSS mixes a one-off share (the main thread's
+/// VM, the compiled module) with a per-worker share (the worker's VM, its linear memory and
+/// caches): the slope of RSS over workers is the per-worker share. Every Envoy serves the same
+/// load first (new RS256 tokens, new ES256 tokens, then the warm token: caches full, both
+/// verifiers' key tables built), and every worker must have taken connections, or its VM's
+/// share would be missing from the slope.
+fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds: u32, rounds: u32) -> Result<()> {
+    let workers_arg: String = connector_devkit::arg("--workers", "1,2,4".to_string());
+    let workers: Vec<u32> = workers_arg
+        .split(',')
+        .map(|w| w.trim().parse::<u32>().ok().filter(|w| *w > 0))
+        .collect::<Option<Vec<_>>>()
+        .filter(|w| w.len() >= 2)
+        .ok_or_else(|| format!("--workers {workers_arg}: expected two or more positive counts, e.g. 1,2,4"))?;
+    let direct_path = format!("/v2/{REPO}/manifests/v1");
+    let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+
+    let write_tokens = |name: &str, key: KeyChoice| -> Result<PathBuf> {
+        let mut tokens = Vec::with_capacity(FRESH_TOKENS);
+        for i in 0..FRESH_TOKENS {
+            tokens.push(
+                minter
+                    .token(NS, "default")
+                    .key(key)
+                    .claim("jti", serde_json::json!(format!("{name}-{i}")))
+                    .mint()?,
+            );
+        }
+        let file = work.path().join(format!("{name}.txt"));
+        std::fs::write(&file, tokens.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
+        Ok(file)
+    };
+    eprintln!("minting {FRESH_TOKENS} RS256 and {FRESH_TOKENS} ES256 tokens ...");
+    let loads = [
+        write_tokens("memory-rs256", KeyChoice::Rsa)?,
+        write_tokens("memory-es256", KeyChoice::Ec)?,
+        {
+            let file = work.path().join("memory-warm.txt");
+            std::fs::write(&file, format!("{}\n", minter.valid(NS, "default")?))
+                .map_err(|e| format!("write token: {e}"))?;
+            file
+        },
+    ];
+    let script = work.path().join("bench.lua");
+    std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
+
+    let variants: [(&str, Option<(&Path, bool)>); 3] = [
+        ("Envoy, no filter", None),
+        ("Envoy + no-op wasm filter", Some((noop, true))),
+        ("Envoy + filter", Some((wasm, false))),
+    ];
+    // rss[variant][workers index]: one reading per round, in MiB.
+    let mut rss = vec![vec![Vec::<f64>::new(); workers.len()]; variants.len()];
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}");
+        for (wi, &w) in workers.iter().enumerate() {
+            for (vi, (name, filter)) in variants.iter().enumerate() {
+                let dir = WorkDir::new("bench-memory")?;
+                let cluster = "upstream_bench".to_string();
+                let connector = bench_connector(
+                    origin(static_up.port),
+                    cluster.clone(),
+                    "robot".into(),
+                    "BENCH_REGISTRY_PASSWORD",
+                );
+                let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
+                config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
+                let filter = filter.map(|(module, plain_route)| WasmFilter {
+                    wasm: module.to_path_buf(),
+                    config,
+                    secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
+                    plain_route,
+                });
+                let path = if filter.as_ref().is_some_and(|f| !f.plain_route) {
+                    &proxy_path
+                } else {
+                    &direct_path
+                };
+                let envoy = Envoy::start_static_workers(
+                    &dir,
+                    &EnvoySpec {
+                        clusters: vec![Cluster { name: cluster, port: static_up.port }],
+                        filter,
+                    },
+                    w,
+                )?;
+                for tokens in &loads {
+                    let s = Scenario {
+                        group: "memory",
+                        name,
+                        baseline: false,
+                        upstream_pid: static_up.pid(),
+                        port: envoy.port,
+                        path: path.clone(),
+                        tokens: Some(tokens.clone()),
+                        envoy_pid: envoy.pid(),
+                    };
+                    run_wrk(&s, &script, seconds)?;
+                }
+                let idle = idle_workers(&envoy, w)?;
+                if !idle.is_empty() {
+                    return Err(format!(
+                        "{name}, {w} workers: workers {idle:?} took no connection, so their VMs held nothing"
+                    ));
+                }
+                let mib = procs::rss_kib(envoy.pid()) as f64 / 1024.0;
+                eprintln!("  {name:<28} {w} workers {mib:>7.1} MiB");
+                if let Some(v) = rss.get_mut(vi).and_then(|v| v.get_mut(wi)) {
+                    v.push(mib);
+                }
+            }
+        }
+    }
+
+    let header: Vec<String> = workers.iter().map(|w| format!("{w} worker{}", if *w == 1 { "" } else { "s" })).collect();
+    println!(
+        "\nEnvoy resident memory (MiB, medians of {rounds} rounds) after {seconds} s each of new RS256 tokens, new ES256 tokens and the warm token (wrk -t1 -c16; token cache {CACHE_SIZE}), against --concurrency\n"
+    );
+    println!("| scenario | {} | per worker (slope) | one-off (intercept) |", header.join(" | "));
+    println!("|---|{}---:|---:|", "---:|".repeat(workers.len()));
+    let xs: Vec<f64> = workers.iter().map(|w| f64::from(*w)).collect();
+    let mut fits = vec![];
+    for ((name, _), per_w) in variants.iter().zip(&rss) {
+        let ys: Vec<f64> = per_w.iter().map(|v| median(v.clone())).collect();
+        let (slope, intercept) = least_squares(&xs, &ys);
+        fits.push((slope, intercept));
+        let cells: Vec<String> = ys.iter().map(|y| format!("{y:.1}")).collect();
+        println!("| {name} | {} | {slope:.2} | {intercept:.1} |", cells.join(" | "));
+    }
+    if let [(plain_s, plain_i), (noop_s, noop_i), (filter_s, filter_i)] = fits[..] {
+        println!(
+            "\nthe filter's own share per worker: {:.2} MiB beside the no-op filter, {:.2} MiB beside Envoy without a filter; one-off: {:.1} MiB beside the no-op filter, {:.1} MiB beside Envoy without a filter",
+            filter_s - noop_s,
+            filter_s - plain_s,
+            filter_i - noop_i,
+            filter_i - plain_i
+        );
+    }
+    Ok(())
+}
+
+/// Least-squares line through `(xs, ys)`: (slope, intercept).
+fn least_squares(xs: &[f64], ys: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let sxx: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
+    let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (slope, my - slope * mx)
+}
+
+/// The workers (`worker_<i>`, 0-based) whose listener stats count no downstream connection.
+fn idle_workers(envoy: &Envoy, workers: u32) -> Result<Vec<u32>> {
+    let r = Request::get("/stats?filter=worker_[0-9]+\\.downstream_cx_total").send(envoy.admin_port)?;
+    let text = String::from_utf8_lossy(&r.body);
+    let busy = |i: u32| {
+        let key = format!(".worker_{i}.downstream_cx_total: ");
+        text.lines().any(|l| {
+            l.split_once(&key)
+                .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
+    };
+    Ok((0..workers).filter(|i| !busy(*i)).collect())
 }
