@@ -444,8 +444,16 @@ impl Envoy {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
-        Self::start_workers(work, bootstrap(spec, port, admin_port), port, admin_port, &env, "envoy", workers)
-            .map(|e| e.with_mode(ListenerMode::Plain))
+        Self::start_workers(
+            work,
+            bootstrap(spec, port, admin_port),
+            port,
+            admin_port,
+            &env,
+            "envoy",
+            workers,
+        )
+        .map(|e| e.with_mode(ListenerMode::Plain))
     }
 
     /// As [`Envoy::start`] with the listener speaking TLS with `cert` (files; a static Envoy has

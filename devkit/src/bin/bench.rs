@@ -16,6 +16,9 @@
 //!
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
 //! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds;
+//! `--perf-dir DIR --perf-match TEXT` profiles Envoy with `perf` during the matching rows;
+//! `--warm-only 1 [--baseline-module PATH]` runs only the warm rows on the static upstream,
+//! many short rounds in turn, for an A/B of a change to the warm path;
 //! `--memory-only 1 [--workers 1,2,4]` measures Envoy's resident memory against its number of
 //! workers instead, to separate the filter's share per worker from its one-off share).
 
@@ -232,6 +235,10 @@ fn run() -> Result<()> {
     if arg("--push-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
         return push_table(&work, &minter, seconds, rounds);
+    }
+    if arg("--warm-only", 0) == 1 {
+        let minter = Minter::new(&work.sub("keys")?)?;
+        return warm_table(&work, &minter, &wasm, &noop, seconds, rounds);
     }
     if arg("--memory-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
@@ -548,11 +555,41 @@ fn run() -> Result<()> {
     for s in &scenarios {
         run_wrk(s, &script, 2)?;
     }
+    // `--perf-dir DIR --perf-match TEXT[,TEXT]`: Envoy's CPU profile (`perf record -g`) during
+    // each measured run of the scenarios whose "group / name" contains a TEXT, one file per run.
+    let perf_dir: String = connector_devkit::arg("--perf-dir", String::new());
+    let perf_match: String = connector_devkit::arg("--perf-match", String::new());
     let mut samples: Vec<Vec<Sample>> = vec![vec![]; scenarios.len()];
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}");
         for (i, s) in scenarios.iter().enumerate() {
+            let label = format!("{} / {}", s.group, s.name);
+            let profile = match s.envoy_pid {
+                Some(pid)
+                    if !perf_dir.is_empty()
+                        && !perf_match.is_empty()
+                        && perf_match.split(',').any(|m| label.contains(m)) =>
+                {
+                    let slug: String = label
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                        .collect();
+                    let out = Path::new(&perf_dir).join(format!("{slug}-round{round}.data"));
+                    let child = Command::new("perf")
+                        .args(["record", "-q", "-g", "-F", "1999", "-p", &pid.to_string(), "-o"])
+                        .arg(&out)
+                        .args(["--", "sleep", &seconds.to_string()])
+                        .spawn()
+                        .map_err(|e| format!("start perf: {e}"))?;
+                    Some((child, out))
+                }
+                _ => None,
+            };
             let sample = run_wrk(s, &script, seconds)?;
+            if let Some((mut child, out)) = profile {
+                let _ = child.wait();
+                eprintln!("  profile: {}", out.display());
+            }
             eprintln!("  {:<30} {:<42} {:>9.0} req/s", s.group, s.name, sample.rps);
             if let Some(v) = samples.get_mut(i) {
                 v.push(sample);
@@ -1518,7 +1555,10 @@ fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, secon
                 let envoy = Envoy::start_static_workers(
                     &dir,
                     &EnvoySpec {
-                        clusters: vec![Cluster { name: cluster, port: static_up.port }],
+                        clusters: vec![Cluster {
+                            name: cluster,
+                            port: static_up.port,
+                        }],
                         filter,
                     },
                     w,
@@ -1551,11 +1591,17 @@ fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, secon
         }
     }
 
-    let header: Vec<String> = workers.iter().map(|w| format!("{w} worker{}", if *w == 1 { "" } else { "s" })).collect();
+    let header: Vec<String> = workers
+        .iter()
+        .map(|w| format!("{w} worker{}", if *w == 1 { "" } else { "s" }))
+        .collect();
     println!(
         "\nEnvoy resident memory (MiB, medians of {rounds} rounds) after {seconds} s each of new RS256 tokens, new ES256 tokens and the warm token (wrk -t1 -c16; token cache {CACHE_SIZE}), against --concurrency\n"
     );
-    println!("| scenario | {} | per worker (slope) | one-off (intercept) |", header.join(" | "));
+    println!(
+        "| scenario | {} | per worker (slope) | one-off (intercept) |",
+        header.join(" | ")
+    );
     println!("|---|{}---:|---:|", "---:|".repeat(workers.len()));
     let xs: Vec<f64> = workers.iter().map(|w| f64::from(*w)).collect();
     let mut fits = vec![];
@@ -1601,4 +1647,139 @@ fn idle_workers(envoy: &Envoy, workers: u32) -> Result<Vec<u32>> {
         })
     };
     Ok((0..workers).filter(|i| !busy(*i)).collect())
+}
+
+/// The warm request alone on the static upstream (`--warm-only 1`): Envoy without a filter,
+/// with the no-op filter, with the filter and, with `--baseline-module PATH`, with another
+/// build of it, in turn, each round in a rotated order. A change to the warm path moves Envoy's
+/// CPU per request by a few µs, less than this machine's swings between minutes: so the rows
+/// are compared within each round (the filter's cost over the no-op filter's, the baseline's
+/// over the filter's) and the medians of those differences reported.
+fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds: u32, rounds: u32) -> Result<()> {
+    let baseline_module: String = connector_devkit::arg("--baseline-module", String::new());
+    let direct_path = format!("/v2/{REPO}/manifests/v1");
+    let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+    let warm_file = work.path().join("warm-token.txt");
+    std::fs::write(&warm_file, format!("{}\n", minter.valid(NS, "default")?))
+        .map_err(|e| format!("write token: {e}"))?;
+    let script = work.path().join("bench.lua");
+    std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
+
+    let mut modules: Vec<(String, Option<(PathBuf, bool)>)> = vec![
+        ("Envoy, no filter".into(), None),
+        ("Envoy + no-op wasm filter".into(), Some((noop.to_path_buf(), true))),
+        (
+            "Envoy + filter, warm token cache".into(),
+            Some((wasm.to_path_buf(), false)),
+        ),
+    ];
+    if !baseline_module.is_empty() {
+        let module = PathBuf::from(&baseline_module);
+        if !module.is_file() {
+            return Err(format!("--baseline-module {baseline_module}: no such file"));
+        }
+        modules.push((
+            "Envoy + baseline module, warm token cache".into(),
+            Some((module, false)),
+        ));
+    }
+    let mut keep = vec![];
+    let mut scenarios = vec![];
+    for (name, filter) in &modules {
+        let dir = WorkDir::new("bench-warm")?;
+        let cluster = "upstream_bench".to_string();
+        let connector = bench_connector(
+            origin(static_up.port),
+            cluster.clone(),
+            "robot".into(),
+            "BENCH_REGISTRY_PASSWORD",
+        );
+        let config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
+        let filter = filter.as_ref().map(|(module, plain_route)| WasmFilter {
+            wasm: module.clone(),
+            config,
+            secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
+            plain_route: *plain_route,
+        });
+        let routed = filter.as_ref().is_some_and(|f| !f.plain_route);
+        let envoy = Envoy::start(
+            &dir,
+            &EnvoySpec {
+                clusters: vec![Cluster {
+                    name: cluster,
+                    port: static_up.port,
+                }],
+                filter,
+            },
+        )?;
+        let s = Scenario {
+            group: "static upstream (Envoy-bound)",
+            name: "",
+            baseline: false,
+            upstream_pid: static_up.pid(),
+            port: envoy.port,
+            path: if routed {
+                proxy_path.clone()
+            } else {
+                direct_path.clone()
+            },
+            tokens: Some(warm_file.clone()),
+            envoy_pid: envoy.pid(),
+        };
+        let r = Request::get(&s.path)
+            .header("Accept", MANIFEST_ACCEPT)
+            .bearer(&minter.valid(NS, "default")?)
+            .send(s.port)?;
+        if r.status != 200 || r.body != body {
+            return Err(format!("{name}: pre-flight answered {}", r.summary()));
+        }
+        run_wrk(&s, &script, 2)?;
+        scenarios.push((name.clone(), s));
+        keep.push((dir, envoy));
+    }
+    // cpu[scenario]: Envoy CPU µs per request, one per round.
+    let mut cpu = vec![Vec::<f64>::new(); scenarios.len()];
+    let mut rps = vec![Vec::<f64>::new(); scenarios.len()];
+    for round in 0..rounds as usize {
+        let n = scenarios.len();
+        let line: Vec<String> = (0..n)
+            .map(|k| (k + round) % n)
+            .map(|i| -> Result<String> {
+                let (name, s) = &scenarios[i];
+                let sample = run_wrk(s, &script, seconds)?;
+                cpu[i].push(sample.envoy_cpu_us);
+                rps[i].push(sample.rps);
+                Ok(format!("{name}: {:.0} µs", sample.envoy_cpu_us))
+            })
+            .collect::<Result<_>>()?;
+        eprintln!("round {}/{rounds}: {}", round + 1, line.join(", "));
+    }
+    println!(
+        "\nwarm manifest GET on the static upstream, wrk -t1 -c16, {seconds} s x {rounds} rounds in rotated order (medians), Envoy --concurrency 1\n"
+    );
+    println!("| scenario | req/s | Envoy CPU µs/req | over the no-op filter, same round (median) |");
+    println!("|---|---:|---:|---:|");
+    let noop_cpu = cpu.get(1).cloned().unwrap_or_default();
+    for (i, (name, _)) in scenarios.iter().enumerate() {
+        let over: Vec<f64> = cpu[i].iter().zip(&noop_cpu).map(|(a, b)| a - b).collect();
+        println!(
+            "| {name} | {:.0} | {:.0} | {:+.0} µs |",
+            median(rps[i].clone()),
+            median(cpu[i].clone()),
+            median(over)
+        );
+    }
+    if let (Some(filter), Some(base)) = (cpu.get(2), cpu.get(3)) {
+        let diff: Vec<f64> = base.iter().zip(filter).map(|(b, f)| b - f).collect();
+        let faster = diff.iter().filter(|d| **d > 0.0).count();
+        println!(
+            "\nthe baseline module costs {:+.1} µs per request more than the filter (median of the rounds' differences); the filter was the cheaper in {faster} of {} rounds",
+            median(diff.clone()),
+            diff.len()
+        );
+    }
+    Ok(())
 }
