@@ -210,48 +210,6 @@ fn metric_id(name: &str) -> Option<u32> {
     })
 }
 
-use crate::stats::FLUSH_TICK_MS;
-
-thread_local! {
-    /// Increments of the per-request counters (forwarded, token cache hits and misses) not
-    /// handed to Envoy yet, by stat id: two host calls on every forwarded request become one
-    /// per counter and tick. The root context's tick hands these over at most
-    /// [`FLUSH_TICK_MS`] later, and when the root context ends. Counters of rare events
-    /// ([`count`]) are still counted at once.
-    static UNCOUNTED: RefCell<HashMap<u32, i64>> = RefCell::new(HashMap::new());
-    /// The root context and tick period last asked of the host: the steady tick is asked for
-    /// on every tick, and a host call is spent only when it changes.
-    static TICK_PERIOD: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
-}
-
-/// Adds one to the counter `id`, handed to Envoy on the next flush ([`flush_counts`]).
-fn count_later(id: u32) {
-    UNCOUNTED.with(|u| {
-        if let Ok(mut u) = u.try_borrow_mut() {
-            *u.entry(id).or_insert(0) += 1;
-        }
-    });
-}
-
-/// Hands every counter increment kept back to Envoy (a host call per counter, not per request).
-fn flush_counts() {
-    UNCOUNTED.with(|u| {
-        if let Ok(mut u) = u.try_borrow_mut() {
-            for (id, n) in u.drain() {
-                let _ = host::increment(id, n);
-            }
-        }
-    });
-}
-
-/// Asks for a tick of root context `root` (the current effective context) every `millis`
-/// (0: none), unless that is what was asked last.
-fn tick_every(root: u32, millis: u32) {
-    if TICK_PERIOD.with(std::cell::Cell::get) != (root, millis) && host::set_tick_period(millis).is_ok() {
-        TICK_PERIOD.with(|t| t.set((root, millis)));
-    }
-}
-
 /// Adds one to the counter `name` (see [`crate::stats`] for the names).
 fn count(name: &str) {
     if let Some(id) = metric_id(name) {
@@ -274,14 +232,7 @@ struct Root {
     id: u32,
 }
 
-impl Context for Root {
-    /// The counters kept back are not lost with the root context (a configuration push ends
-    /// it; so does Envoy's shutdown).
-    fn on_done(&mut self) -> bool {
-        flush_counts();
-        true
-    }
-}
+impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -312,7 +263,7 @@ impl RootContext for Root {
             // Compiled on the next tick: the workers then compile side by side, not when their
             // first requests come, one after the other. Envoy's canary is killed before it
             // ticks. (The main thread's VM compiles too: once; later pushes are changes.)
-            tick_every(self.id, PENDING_TICK_MS);
+            let _ = host::set_tick_period(PENDING_TICK_MS);
             log(
                 LogLevel::Info,
                 &format!(
@@ -345,16 +296,10 @@ impl RootContext for Root {
                     return false;
                 };
                 let state = State::next(slot.take(), config, self.id);
-                // Refusals held under the previous root are answered by this root's tick, which
-                // also hands over the counters kept back.
-                tick_every(
-                    self.id,
-                    if state.tarpit.holding() > 0 {
-                        TICK_MS
-                    } else {
-                        FLUSH_TICK_MS
-                    },
-                );
+                // Refusals held under the previous root are answered by this root's tick.
+                if state.tarpit.holding() > 0 {
+                    let _ = host::set_tick_period(TICK_MS);
+                }
                 *slot = Some(state);
                 drop(slot);
                 self.state = shared;
@@ -371,7 +316,7 @@ impl RootContext for Root {
     }
 
     /// Compiles a configuration the memo accepted; answers the held refusals that are due;
-    /// hands over the counters kept back; ticks at the steady pace when no refusal is held.
+    /// stops ticking when none is left.
     fn on_tick(&mut self) {
         let now_ms = host::now_millis();
         let (due, left) = VM_STATE.with(|shared| match shared.try_borrow_mut() {
@@ -390,9 +335,8 @@ impl RootContext for Root {
             }
         }
         let _ = host::set_effective_context(self.id);
-        flush_counts();
         if left == 0 {
-            tick_every(self.id, FLUSH_TICK_MS);
+            let _ = host::set_tick_period(0);
         }
     }
 
@@ -658,7 +602,7 @@ impl Http {
         count(crate::stats::REFUSAL_HELD);
         if first && host::set_effective_context(root).is_ok() {
             // The tick belongs to the root context: set it there.
-            tick_every(root, TICK_MS);
+            let _ = host::set_tick_period(TICK_MS);
             let _ = host::set_effective_context(self.id);
         }
         Action::Pause
@@ -928,11 +872,11 @@ impl HttpContext for Http {
                     })
                     .unwrap_or_default();
                 match ids.0 {
-                    Some(id) => count_later(id),
+                    Some(id) => drop(host::increment(id, 1)),
                     None => count(&crate::stats::forwarded(&f.response.connector)),
                 }
                 match ids.1 {
-                    Some(id) => count_later(id),
+                    Some(id) => drop(host::increment(id, 1)),
                     None => count(crate::stats::token_cache(f.cache_hit)),
                 }
                 // Access-log fields: who used which connector (never a credential).

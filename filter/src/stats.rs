@@ -29,10 +29,6 @@ pub fn token_fetch(connector: &str) -> String {
     format!("{}.upstream_token_fetches", per_connector(connector))
 }
 
-/// How often a VM hands the per-request counters (`forwarded`, token cache hits and misses) to
-/// Envoy: each root context ticks at this pace when nothing faster is needed.
-pub const FLUSH_TICK_MS: u32 = 1_000;
-
 /// An HTTP call (challenge probe, token service, controller channel) that brought back no
 /// usable answer: it broke off after its head, timed out, or could not be read.
 pub const CALL_FAILED: &str = "oci_connector.calls.failed";

@@ -18,8 +18,10 @@ fn a_warm_forwarded_request_makes_exactly_these_host_calls() {
             "proxy_replace_header_map_value",
             "proxy_replace_header_map_value",
             "proxy_replace_header_map_value",
-            // The access log's connector and subject. (The counters forwarded and
-            // token_cache.hits are handed to Envoy on the root context's tick, not here.)
+            // forwarded and token_cache.hits, by ids defined with the configuration.
+            "proxy_increment_metric",
+            "proxy_increment_metric",
+            // The access log's connector and subject.
             "proxy_set_property",
             "proxy_set_property",
             // The connector's credential replaces the client's.
@@ -28,7 +30,7 @@ fn a_warm_forwarded_request_makes_exactly_these_host_calls() {
         "request phase"
     );
     assert_eq!(w.response, vec!["proxy_get_header_map_pairs"], "response phase");
-    assert_eq!(w.total(), 9);
+    assert_eq!(w.total(), 11);
 }
 
 // The verified-token cache holds a 16-byte keyed hash of each token, not the token (about 1 KB
