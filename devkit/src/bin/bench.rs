@@ -293,24 +293,7 @@ fn run() -> Result<()> {
     let mut keep = vec![];
     let mut start_envoy = |label: &str, port: u16, filter: Option<(&Path, bool)>| -> Result<Envoy> {
         let w = WorkDir::new(label)?;
-        let cluster = "upstream_bench".to_string();
-        let connector = bench_connector(origin(port), cluster.clone(), "robot".into(), "BENCH_REGISTRY_PASSWORD");
-        let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
-        config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
-        let filter = filter.map(|(module, plain_route)| WasmFilter {
-            wasm: module.to_path_buf(),
-            config,
-            // The upstreams here ignore credentials; the filter still adds one.
-            secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
-            plain_route,
-        });
-        let envoy = Envoy::start(
-            &w,
-            &EnvoySpec {
-                clusters: vec![Cluster { name: cluster, port }],
-                filter,
-            },
-        )?;
+        let envoy = bench_envoy(&w, &minter, port, filter, 1)?;
         keep.push(w);
         Ok(envoy)
     };
@@ -1323,34 +1306,9 @@ end
 /// is the bottleneck; ratios within each round.
 fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, rounds: u32) -> Result<()> {
     let direct_path = format!("/v2/{REPO}/manifests/v1");
-    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
-    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+    let static_up = small_static_upstream(work, &direct_path)?;
     let w = WorkDir::new("bench-flood-filter")?;
-    let cluster = "upstream_bench".to_string();
-    let connector = bench_connector(
-        origin(static_up.port),
-        cluster.clone(),
-        "robot".into(),
-        "BENCH_REGISTRY_PASSWORD",
-    );
-    let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
-    config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
-    let envoy = Envoy::start(
-        &w,
-        &EnvoySpec {
-            clusters: vec![Cluster {
-                name: cluster,
-                port: static_up.port,
-            }],
-            filter: Some(WasmFilter {
-                wasm: wasm.to_path_buf(),
-                config,
-                secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
-                plain_route: false,
-            }),
-        },
-    )?;
+    let envoy = bench_envoy(&w, minter, static_up.port, Some((wasm, false)), 1)?;
     let warm = minter.valid(NS, "default")?;
     let warm_file = work.path().join("flood-warm-token.txt");
     std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
@@ -1487,9 +1445,7 @@ fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, secon
         .ok_or_else(|| format!("--workers {workers_arg}: expected two or more positive counts, e.g. 1,2,4"))?;
     let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
-    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
-    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+    let static_up = small_static_upstream(work, &direct_path)?;
 
     let write_tokens = |name: &str, key: KeyChoice| -> Result<PathBuf> {
         let mut tokens = Vec::with_capacity(FRESH_TOKENS);
@@ -1532,37 +1488,12 @@ fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, secon
         for (wi, &w) in workers.iter().enumerate() {
             for (vi, (name, filter)) in variants.iter().enumerate() {
                 let dir = WorkDir::new("bench-memory")?;
-                let cluster = "upstream_bench".to_string();
-                let connector = bench_connector(
-                    origin(static_up.port),
-                    cluster.clone(),
-                    "robot".into(),
-                    "BENCH_REGISTRY_PASSWORD",
-                );
-                let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
-                config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
-                let filter = filter.map(|(module, plain_route)| WasmFilter {
-                    wasm: module.to_path_buf(),
-                    config,
-                    secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
-                    plain_route,
-                });
-                let path = if filter.as_ref().is_some_and(|f| !f.plain_route) {
+                let path = if filter.is_some_and(|(_, plain_route)| !plain_route) {
                     &proxy_path
                 } else {
                     &direct_path
                 };
-                let envoy = Envoy::start_static_workers(
-                    &dir,
-                    &EnvoySpec {
-                        clusters: vec![Cluster {
-                            name: cluster,
-                            port: static_up.port,
-                        }],
-                        filter,
-                    },
-                    w,
-                )?;
+                let envoy = bench_envoy(&dir, minter, static_up.port, *filter, w)?;
                 for tokens in &loads {
                     let s = Scenario {
                         group: "memory",
@@ -1659,9 +1590,7 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
     let baseline_module: String = connector_devkit::arg("--baseline-module", String::new());
     let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
-    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
-    let static_up = StaticUpstream::start(work, &direct_path, body, MANIFEST_ACCEPT, digest)?;
+    let static_up = small_static_upstream(work, &direct_path)?;
     let warm_file = work.path().join("warm-token.txt");
     std::fs::write(&warm_file, format!("{}\n", minter.valid(NS, "default")?))
         .map_err(|e| format!("write token: {e}"))?;
@@ -1690,31 +1619,11 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
     let mut scenarios = vec![];
     for (name, filter) in &modules {
         let dir = WorkDir::new("bench-warm")?;
-        let cluster = "upstream_bench".to_string();
-        let connector = bench_connector(
-            origin(static_up.port),
-            cluster.clone(),
-            "robot".into(),
-            "BENCH_REGISTRY_PASSWORD",
-        );
-        let config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
-        let filter = filter.as_ref().map(|(module, plain_route)| WasmFilter {
-            wasm: module.clone(),
-            config,
-            secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
-            plain_route: *plain_route,
-        });
-        let routed = filter.as_ref().is_some_and(|f| !f.plain_route);
-        let envoy = Envoy::start(
-            &dir,
-            &EnvoySpec {
-                clusters: vec![Cluster {
-                    name: cluster,
-                    port: static_up.port,
-                }],
-                filter,
-            },
-        )?;
+        let filter = filter
+            .as_ref()
+            .map(|(module, plain_route)| (module.as_path(), *plain_route));
+        let routed = filter.is_some_and(|(_, plain_route)| !plain_route);
+        let envoy = bench_envoy(&dir, minter, static_up.port, filter, 1)?;
         let s = Scenario {
             group: "static upstream (Envoy-bound)",
             name: "",
@@ -1733,7 +1642,7 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
             .header("Accept", MANIFEST_ACCEPT)
             .bearer(&minter.valid(NS, "default")?)
             .send(s.port)?;
-        if r.status != 200 || r.body != body {
+        if r.status != 200 || r.body != SMALL_MANIFEST {
             return Err(format!("{name}: pre-flight answered {}", r.summary()));
         }
         run_wrk(&s, &script, 2)?;
@@ -1782,4 +1691,46 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
         );
     }
     Ok(())
+}
+
+/// The manifest the single-purpose modes' static upstream serves (flood, warm, memory): their
+/// numbers need no registry behind it.
+const SMALL_MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+
+/// The static upstream of the single-purpose modes, serving [`SMALL_MANIFEST`] at `path`.
+fn small_static_upstream(work: &WorkDir, path: &str) -> Result<StaticUpstream> {
+    let digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    StaticUpstream::start(work, path, SMALL_MANIFEST, MANIFEST_ACCEPT, digest)
+}
+
+/// A static Envoy with `workers` workers in front of the upstream on `port` (cluster
+/// `upstream_bench`): without a filter, or with `module` configured for the one connector
+/// `bench/registry` and a token cache of [`CACHE_SIZE`] (`plain_route` for a module that does
+/// not route, the no-op filter).
+fn bench_envoy(
+    work: &WorkDir,
+    minter: &Minter,
+    port: u16,
+    filter: Option<(&Path, bool)>,
+    workers: u32,
+) -> Result<Envoy> {
+    let cluster = "upstream_bench".to_string();
+    let connector = bench_connector(origin(port), cluster.clone(), "robot".into(), "BENCH_REGISTRY_PASSWORD");
+    let mut config = filter_config(&minter.jwks(), std::slice::from_ref(&connector));
+    config["identity"]["tokenCacheSize"] = serde_json::json!(CACHE_SIZE);
+    let filter = filter.map(|(module, plain_route)| WasmFilter {
+        wasm: module.to_path_buf(),
+        config,
+        // The upstreams here ignore credentials; the filter still adds one.
+        secret_env: vec![("BENCH_REGISTRY_PASSWORD".into(), "unused-by-an-open-upstream".into())],
+        plain_route,
+    });
+    Envoy::start_static_workers(
+        work,
+        &EnvoySpec {
+            clusters: vec![Cluster { name: cluster, port }],
+            filter,
+        },
+        workers,
+    )
 }
