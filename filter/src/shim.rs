@@ -426,7 +426,7 @@ impl Context for Http {
 }
 
 fn lossy(v: &[u8]) -> String {
-    String::from_utf8_lossy(v).into_owned()
+    crate::wire::text(v)
 }
 
 /// Reads the answer of the call being delivered; `None` when the call failed (no headers) or
