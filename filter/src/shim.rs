@@ -425,10 +425,6 @@ impl Context for Http {
     }
 }
 
-fn lossy(v: &[u8]) -> String {
-    crate::wire::text(v)
-}
-
 /// Reads the answer of the call being delivered; `None` when the call failed (no headers) or
 /// any part of the answer cannot be read.
 fn read_call_answer(num_headers: usize, body_size: usize) -> Option<CallAnswer> {
@@ -436,7 +432,12 @@ fn read_call_answer(num_headers: usize, body_size: usize) -> Option<CallAnswer> 
         return None;
     }
     let headers = host::headers(Map::CallResponse).ok()?;
-    let value = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| lossy(v));
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| crate::wire::text(v))
+    };
     let status = value(":status")?
         .parse::<u32>()
         .ok()
@@ -798,14 +799,14 @@ impl HttpContext for Http {
             headers
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| lossy(v))
+                .map(|(_, v)| crate::wire::text(v))
                 .unwrap_or_default()
         };
         let (method, path, authority, scheme) = (get(":method"), get(":path"), get(":authority"), get(":scheme"));
         let authorization: Vec<String> = headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-            .map(|(_, v)| lossy(v))
+            .map(|(_, v)| crate::wire::text(v))
             .collect();
         let authorization: Vec<&str> = authorization.iter().map(String::as_str).collect();
         let request = Request {
@@ -911,7 +912,12 @@ impl HttpContext for Http {
             // Unread, the answer could carry the upstream's challenge or Location unmapped.
             return self.refuse(unreadable_answer());
         };
-        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| lossy(v));
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| crate::wire::text(v))
+        };
         let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let location = header("location");
         let link = header("link");

@@ -263,31 +263,9 @@ fn run() -> Result<()> {
     let minter = Minter::new(&work.sub("keys")?)?;
     let warm = minter.valid(NS, "default")?;
     eprintln!("minting {FRESH_TOKENS} distinct tokens ...");
-    let mut fresh = Vec::with_capacity(FRESH_TOKENS);
-    for i in 0..FRESH_TOKENS {
-        fresh.push(
-            minter
-                .token(NS, "default")
-                .claim("jti", serde_json::json!(format!("bench-{i}")))
-                .mint()?,
-        );
-    }
-    let fresh_file = work.path().join("fresh-tokens.txt");
-    std::fs::write(&fresh_file, fresh.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
-    let mut fresh_ec = Vec::with_capacity(FRESH_TOKENS);
-    for i in 0..FRESH_TOKENS {
-        fresh_ec.push(
-            minter
-                .token(NS, "default")
-                .key(KeyChoice::Ec)
-                .claim("jti", serde_json::json!(format!("bench-ec-{i}")))
-                .mint()?,
-        );
-    }
-    let fresh_ec_file = work.path().join("fresh-ec-tokens.txt");
-    std::fs::write(&fresh_ec_file, fresh_ec.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
-    let warm_file = work.path().join("warm-token.txt");
-    std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
+    let fresh_file = fresh_tokens_file(work.path(), &minter, "fresh-tokens", KeyChoice::Rsa)?;
+    let fresh_ec_file = fresh_tokens_file(work.path(), &minter, "fresh-ec-tokens", KeyChoice::Ec)?;
+    let warm_file = token_file(work.path(), "warm-token", &warm)?;
 
     // One Envoy per (upstream, filter) pair; all run for the whole benchmark, idle when not measured.
     let mut keep = vec![];
@@ -522,17 +500,8 @@ fn run() -> Result<()> {
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
 
-    // Pre-flight: each scenario answers 200 with the manifest, or the numbers would mean nothing.
     for s in &scenarios {
-        let mut req = Request::get(&s.path).header("Accept", MANIFEST_ACCEPT);
-        if let Some(file) = &s.tokens {
-            let text = std::fs::read_to_string(file).map_err(|e| format!("read tokens: {e}"))?;
-            req = req.bearer(text.lines().next().unwrap_or_default());
-        }
-        let r = req.send(s.port)?;
-        if r.status != 200 || r.body != manifest.body {
-            return Err(format!("{} / {}: pre-flight answered {}", s.group, s.name, r.summary()));
-        }
+        preflight(s, &manifest.body)?;
     }
     // Warm-up: JIT, connection pools, the warm token's one verification.
     for s in &scenarios {
@@ -1310,8 +1279,7 @@ fn flood_table(work: &WorkDir, minter: &Minter, wasm: &Path, seconds: u32, round
     let w = WorkDir::new("bench-flood-filter")?;
     let envoy = bench_envoy(&w, minter, static_up.port, Some((wasm, false)), 1)?;
     let warm = minter.valid(NS, "default")?;
-    let warm_file = work.path().join("flood-warm-token.txt");
-    std::fs::write(&warm_file, format!("{warm}\n")).map_err(|e| format!("write token: {e}"))?;
+    let warm_file = token_file(work.path(), "flood-warm-token", &warm)?;
     let bad_base = warm.rsplit_once('.').map(|(b, _)| b.to_string()).unwrap_or_default();
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
@@ -1447,31 +1415,11 @@ fn memory_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, secon
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
     let static_up = small_static_upstream(work, &direct_path)?;
 
-    let write_tokens = |name: &str, key: KeyChoice| -> Result<PathBuf> {
-        let mut tokens = Vec::with_capacity(FRESH_TOKENS);
-        for i in 0..FRESH_TOKENS {
-            tokens.push(
-                minter
-                    .token(NS, "default")
-                    .key(key)
-                    .claim("jti", serde_json::json!(format!("{name}-{i}")))
-                    .mint()?,
-            );
-        }
-        let file = work.path().join(format!("{name}.txt"));
-        std::fs::write(&file, tokens.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
-        Ok(file)
-    };
     eprintln!("minting {FRESH_TOKENS} RS256 and {FRESH_TOKENS} ES256 tokens ...");
     let loads = [
-        write_tokens("memory-rs256", KeyChoice::Rsa)?,
-        write_tokens("memory-es256", KeyChoice::Ec)?,
-        {
-            let file = work.path().join("memory-warm.txt");
-            std::fs::write(&file, format!("{}\n", minter.valid(NS, "default")?))
-                .map_err(|e| format!("write token: {e}"))?;
-            file
-        },
+        fresh_tokens_file(work.path(), minter, "memory-rs256", KeyChoice::Rsa)?,
+        fresh_tokens_file(work.path(), minter, "memory-es256", KeyChoice::Ec)?,
+        token_file(work.path(), "memory-warm", &minter.valid(NS, "default")?)?,
     ];
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
@@ -1591,9 +1539,7 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
     let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
     let static_up = small_static_upstream(work, &direct_path)?;
-    let warm_file = work.path().join("warm-token.txt");
-    std::fs::write(&warm_file, format!("{}\n", minter.valid(NS, "default")?))
-        .map_err(|e| format!("write token: {e}"))?;
+    let warm_file = token_file(work.path(), "warm-token", &minter.valid(NS, "default")?)?;
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
 
@@ -1638,13 +1584,7 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
             tokens: Some(warm_file.clone()),
             envoy_pid: envoy.pid(),
         };
-        let r = Request::get(&s.path)
-            .header("Accept", MANIFEST_ACCEPT)
-            .bearer(&minter.valid(NS, "default")?)
-            .send(s.port)?;
-        if r.status != 200 || r.body != SMALL_MANIFEST {
-            return Err(format!("{name}: pre-flight answered {}", r.summary()));
-        }
+        preflight(&s, SMALL_MANIFEST).map_err(|e| format!("{name}: {e}"))?;
         run_wrk(&s, &script, 2)?;
         scenarios.push((name.clone(), s));
         keep.push((dir, envoy));
@@ -1733,4 +1673,44 @@ fn bench_envoy(
         },
         workers,
     )
+}
+
+/// `FRESH_TOKENS` distinct tokens for `bench/default` signed with `key`, one per line, in
+/// `<dir>/<name>.txt`: cycled in order, each misses the filter's cache of [`CACHE_SIZE`].
+fn fresh_tokens_file(dir: &Path, minter: &Minter, name: &str, key: KeyChoice) -> Result<PathBuf> {
+    let mut tokens = Vec::with_capacity(FRESH_TOKENS);
+    for i in 0..FRESH_TOKENS {
+        tokens.push(
+            minter
+                .token(NS, "default")
+                .key(key)
+                .claim("jti", serde_json::json!(format!("{name}-{i}")))
+                .mint()?,
+        );
+    }
+    let file = dir.join(format!("{name}.txt"));
+    std::fs::write(&file, tokens.join("\n") + "\n").map_err(|e| format!("write tokens: {e}"))?;
+    Ok(file)
+}
+
+/// One token in `<dir>/<name>.txt`, the file the wrk script reads.
+fn token_file(dir: &Path, name: &str, token: &str) -> Result<PathBuf> {
+    let file = dir.join(format!("{name}.txt"));
+    std::fs::write(&file, format!("{token}\n")).map_err(|e| format!("write token: {e}"))?;
+    Ok(file)
+}
+
+/// Pre-flight: scenario `s` answers 200 with `manifest` (with the first token of its file),
+/// or the numbers would mean nothing.
+fn preflight(s: &Scenario, manifest: &[u8]) -> Result<()> {
+    let mut req = Request::get(&s.path).header("Accept", MANIFEST_ACCEPT);
+    if let Some(file) = &s.tokens {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("read tokens: {e}"))?;
+        req = req.bearer(text.lines().next().unwrap_or_default());
+    }
+    let r = req.send(s.port)?;
+    if r.status != 200 || r.body != manifest {
+        return Err(format!("{} / {}: pre-flight answered {}", s.group, s.name, r.summary()));
+    }
+    Ok(())
 }
