@@ -38,6 +38,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod proxy_tls;
 pub mod render;
+mod runs;
 pub mod secrets;
 pub mod serve;
 pub mod sharded;

@@ -17,8 +17,9 @@
 //!   once, when rendered), the clusters in use (counted), and the per-namespace maps of what
 //!   is served, left out and its credentials ([`ByNamespace`]: a published copy shares them).
 //!
-//! What stays linear in N: the look at every connector, and joining the served entries'
-//! JSON into the one configuration document (a copy of bytes, no serialization).
+//! What stays linear in N: copying the served entries' JSON into the one configuration
+//! document, run by run (module `runs`: a change joins again only the runs it touched, and
+//! an update that changes nothing in the document gives the last one, not a copy).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use crate::hub::{Authorization, ConnectorKey, Inputs};
 use crate::manifests::{Location, Problem};
 use crate::pipeline::{ChannelSettings, Part, PartKey, Revisions, Tenancy, render_part};
 use crate::render::{UpstreamCluster, add_cluster, locate};
+use crate::runs::Runs;
 use crate::secrets::Credential;
 use crate::sharded::{ByNamespace, address};
 
@@ -129,7 +131,7 @@ type Settled = Result<Arc<Part>, Vec<Problem>>;
 /// What one [`LiveRender::update`] gives.
 pub struct LiveOutput {
     /// The filter configuration document (JSON), connectors in settling order.
-    pub config_json: String,
+    pub config_json: Arc<String>,
     /// The clusters the served connectors use, by name; the same `Arc` while they do not change.
     pub clusters: Arc<Vec<UpstreamCluster>>,
     /// Each served connector's credential and its revision.
@@ -152,17 +154,21 @@ pub struct LiveRender {
     generation: u64,
     host_claims: HashMap<String, BTreeSet<Order>>,
     cluster_claims: HashMap<String, ClusterClaims>,
-    served: BTreeMap<Order, Arc<Part>>,
+    /// Served parts in settling order, in runs whose joined JSON is kept (module `runs`).
+    served: Runs<Order, Arc<Part>>,
     /// Clusters of served connectors: name → (cluster, how many served connectors use it).
     used_clusters: BTreeMap<String, (UpstreamCluster, usize)>,
     clusters: Arc<Vec<UpstreamCluster>>,
     credentials: ByNamespace<(Credential, String)>,
     connectors: ByNamespace<()>,
     left_out: ByNamespace<Vec<Problem>>,
-    /// The document's settings at the last update that was fine (`connectors` empty).
+    /// The document's settings at the last update that was fine (`connectors` empty), and
+    /// whether there was one.
     settings: FilterConfig,
-    /// The length of the last document: the next one's allocation.
-    document_len: usize,
+    settings_checked: bool,
+    /// The last document, and its settings' JSON: given again while neither changes.
+    document: Arc<String>,
+    head: String,
     /// The objects the last update saw (shared with its inputs, not copied).
     last_set: Option<crate::manifests::ManifestSet>,
     /// A cold start's parts, rendered on every core, by the Connector's address.
@@ -428,14 +434,18 @@ impl LiveRender {
             },
             ..FilterConfig::default()
         };
-        connector_core::config::merge(&mut errors, connector_core::config::check_settings(&settings));
-        connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&settings.identity));
+        // The checks depend on the settings alone, and the last update that was fine passed
+        // them: building its RSA keys again was 5 % of a change's controller CPU at 20,000.
+        if !(errors.is_empty() && self.settings_checked && settings == self.settings) {
+            connector_core::config::merge(&mut errors, connector_core::config::check_settings(&settings));
+            connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&settings.identity));
+        }
         if !errors.is_empty() {
             return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
         }
-        let config_json = document_json(&settings, self.served.values().map(|p| &**p), self.document_len);
-        self.document_len = config_json.len();
+        let config_json = self.document(&settings);
         self.settings = settings;
+        self.settings_checked = true;
         Ok(LiveOutput {
             config_json,
             clusters: Arc::clone(&self.clusters),
@@ -641,34 +651,33 @@ fn unclaim_cluster(claims: &mut HashMap<String, ClusterClaims>, cl: &UpstreamClu
     }
 }
 
-/// The configuration document: `settings` (whose `connectors` is empty) with the served
-/// entries' JSON, each serialized once when its part was rendered, joined in. Byte for byte
-/// what serializing the whole [`FilterConfig`] gives. `last_len`, the previous document's
-/// length, sizes the allocation.
-fn document_json<'a>(settings: &FilterConfig, parts: impl Iterator<Item = &'a Part>, last_len: usize) -> String {
-    // `connectors` is the document's last field: `...,"connectors":[]}`.
-    let head = serde_json::to_string(settings).unwrap_or_default();
-    let Some(open) = head.strip_suffix("]}") else {
-        return head;
-    };
-    let served = |part: &'a Part| match part {
-        Part::Served { json, .. } => Some(&**json),
-        Part::LeftOut(_) => None,
-    };
-    // Sized by the last document, with room for the entries a change adds: one allocation of
-    // the whole (4 MB at 20,000 connectors) instead of growing it by doubling, and one walk over
-    // the served entries, not a second one to size it (their parts are scattered in memory: at
-    // 20,000 a walk is mostly cache misses). A bigger change grows it once.
-    let mut out = String::with_capacity(last_len.max(head.len()) + (64 << 10));
-    out.push_str(open);
-    for (i, json) in parts.filter_map(served).enumerate() {
-        if i > 0 {
-            out.push(',');
+impl LiveRender {
+    /// The configuration document: `settings` (whose `connectors` is empty) with the served
+    /// entries' JSON, each serialized once when its part was rendered, joined in. Byte for byte
+    /// what serializing the whole [`FilterConfig`] gives. The runs a change touched are joined
+    /// again, the others copied; the same `Arc` as last time when nothing in it changed.
+    fn document(&mut self, settings: &FilterConfig) -> Arc<String> {
+        // `connectors` is the document's last field: `...,"connectors":[]}`.
+        let head = serde_json::to_string(settings).unwrap_or_default();
+        let changed = self.served.refresh(|part| match &**part {
+            Part::Served { json, .. } => Some(&**json),
+            Part::LeftOut(_) => None,
+        });
+        if !changed && head == self.head && !self.document.is_empty() {
+            return Arc::clone(&self.document);
         }
-        out.push_str(json);
+        let Some(open) = head.strip_suffix("]}") else {
+            return Arc::new(head);
+        };
+        // One allocation of the whole (4 MB at 20,000 connectors).
+        let mut out = String::with_capacity(open.len() + self.served.written_len() + 2);
+        out.push_str(open);
+        self.served.write(&mut out);
+        out.push_str("]}");
+        self.document = Arc::new(out);
+        self.head = head;
+        Arc::clone(&self.document)
     }
-    out.push_str("]}");
-    out
 }
 
 #[cfg(test)]
@@ -906,7 +915,7 @@ mod tests {
                 authorization: Authorization::Rules,
             };
             let out = live.update(&inputs, &channel(), &revisions, &tenancy()).unwrap();
-            let json = out.config_json.clone();
+            let json = out.config_json.to_string();
             if step > 0 {
                 rendered_total += out.rendered;
                 settled_total += out.settled;

@@ -96,9 +96,13 @@ pub async fn pipeline(
             match rendered {
                 Ok(r) => {
                     Metrics::result(&hub.metrics.renders, "ok");
-                    let same = last
-                        .as_ref()
-                        .is_some_and(|s| s.filter_config == r.config_json && *s.clusters == *r.clusters);
+                    // The live renderer gives the same document (`Arc`) when nothing in it
+                    // changed: no comparison of megabytes. Istio mode's is made anew each time.
+                    let same = last.as_ref().is_some_and(|s| {
+                        let document = Arc::ptr_eq(&s.filter_config, &r.config_json)
+                            || (istio && s.filter_config == r.config_json);
+                        document && *s.clusters == *r.clusters
+                    });
                     if !same {
                         version += 1;
                     }

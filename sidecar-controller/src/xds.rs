@@ -72,7 +72,7 @@ pub struct Snapshot {
     /// Shared with the renderer while the clusters do not change.
     pub clusters: std::sync::Arc<Vec<UpstreamCluster>>,
     /// The filter configuration JSON (no secrets in it: see `pipeline`).
-    pub filter_config: String,
+    pub filter_config: std::sync::Arc<String>,
 }
 
 /// How the Wasm VM is set up (the same for every configuration, so Envoy reuses the VM).

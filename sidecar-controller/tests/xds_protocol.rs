@@ -91,7 +91,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 1,
         clusters: std::sync::Arc::new(vec![cluster(5000)]),
-        filter_config: config.into(),
+        filter_config: std::sync::Arc::new(config.to_string()),
     })));
     let cds = next(&mut responses).await.expect("clusters first");
     assert_eq!(
@@ -124,7 +124,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 2,
         clusters: std::sync::Arc::new(vec![cluster(5000)]),
-        filter_config: r#"{"marker":"v2"}"#.into(),
+        filter_config: std::sync::Arc::new(r#"{"marker":"v2"}"#.to_string()),
     })));
     let ecds2 = next(&mut responses).await.expect("version 2");
     assert_eq!((ecds2.type_url.as_str(), ecds2.version_info.as_str()), (ECDS_TYPE, "2"));
@@ -164,7 +164,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 3,
         clusters: std::sync::Arc::new(vec![cluster(5000), cluster(5001)]),
-        filter_config: r#"{"marker":"v3"}"#.into(),
+        filter_config: std::sync::Arc::new(r#"{"marker":"v3"}"#.to_string()),
     })));
     let cds3 = next(&mut responses).await.expect("new cluster set first");
     assert_eq!((cds3.type_url.as_str(), cds3.resources.len()), (CLUSTER_TYPE, 2));
@@ -221,7 +221,7 @@ fn snapshot(version: u64, ports: &[u16]) -> Option<Arc<Snapshot>> {
     Some(Arc::new(Snapshot {
         version,
         clusters: std::sync::Arc::new(ports.iter().map(|p| cluster(*p)).collect()),
-        filter_config: format!(r#"{{"marker":"v{version}"}}"#),
+        filter_config: std::sync::Arc::new(format!(r#"{{"marker":"v{version}"}}"#)),
     }))
 }
 
