@@ -73,7 +73,9 @@ pub fn renamed_output(live: &crate::live::LiveRender, out: crate::live::LiveOutp
     let r = with_outbound_names(Rendering::from_live(live, out));
     crate::live::LiveOutput {
         // It cannot fail: every map key is a string.
-        config_json: std::sync::Arc::new(serde_json::to_string(&r.filter_config).unwrap_or_default()),
+        config_json: std::sync::Arc::new(crate::document::Document::from_text(
+            serde_json::to_string(&r.filter_config).unwrap_or_default(),
+        )),
         credentials: r
             .credentials
             .iter()

@@ -24,6 +24,7 @@ pub use connector_api::authz;
 pub mod channel;
 pub mod cluster_identity;
 pub mod conditions;
+pub mod document;
 /// The Connector CRD types, from the API crate the webhook shares.
 pub use connector_api::crd;
 pub mod filemode;

@@ -9,14 +9,16 @@
 //! run before it, so the run holding a key is the last run whose key is at most that key.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Entries per run after a split; a run splits past twice this.
 const RUN: usize = 64;
 
 struct Run<K, V> {
     entries: BTreeMap<K, V>,
-    /// The entries' texts joined with `,`, as of the last [`Runs::join`].
-    text: String,
+    /// The entries' texts joined with `,`, as of the last [`Runs::refresh`]; shared with the
+    /// documents made since.
+    text: Arc<str>,
     /// An entry went in or out since.
     stale: bool,
 }
@@ -25,7 +27,7 @@ impl<K, V> Run<K, V> {
     fn new(entries: BTreeMap<K, V>) -> Self {
         Self {
             entries,
-            text: String::new(),
+            text: Arc::from(""),
             stale: true,
         }
     }
@@ -94,7 +96,7 @@ impl<K: Ord + Clone, V> Runs<K, V> {
     }
 
     /// Joins again the texts of the runs touched since the last call (entries without a text
-    /// are skipped). Gives whether [`Runs::write`] may now write something else than it did
+    /// are skipped). Gives whether [`Runs::pieces`] may now give something else than it did
     /// before the call (`false`: the same, byte for byte).
     pub fn refresh<F: Fn(&V) -> Option<&str>>(&mut self, text: F) -> bool {
         let mut changed = std::mem::take(&mut self.reshaped);
@@ -115,34 +117,24 @@ impl<K: Ord + Clone, V> Runs<K, V> {
                 }
                 joined.push_str(t);
             }
-            changed |= joined != run.text;
-            run.text = joined;
+            changed |= *joined != *run.text;
+            run.text = joined.into();
             run.stale = false;
         }
         changed
     }
 
-    /// Appends every entry's text, as of the last [`Runs::refresh`], joined with `,`: a copy
-    /// of each run's joined text.
-    pub fn write(&self, out: &mut String) {
-        for (i, t) in self.texts().enumerate() {
+    /// Every entry's text, as of the last [`Runs::refresh`], joined with `,`, as pieces: each
+    /// run's joined text (shared, not copied) and the commas between them.
+    pub fn pieces(&self, out: &mut Vec<Arc<str>>) {
+        let comma: Arc<str> = Arc::from(",");
+        let texts = self.runs.values().map(|run| &run.text).filter(|t| !t.is_empty());
+        for (i, t) in texts.enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(Arc::clone(&comma));
             }
-            out.push_str(t);
+            out.push(Arc::clone(t));
         }
-    }
-
-    /// How many bytes [`Runs::write`] appends.
-    pub fn written_len(&self) -> usize {
-        self.texts().map(|t| t.len() + 1).sum::<usize>().saturating_sub(1)
-    }
-
-    fn texts(&self) -> impl Iterator<Item = &str> {
-        self.runs
-            .values()
-            .map(|run| run.text.as_str())
-            .filter(|t| !t.is_empty())
     }
 }
 
@@ -156,10 +148,9 @@ mod tests {
     }
 
     fn written(runs: &Runs<u32, Option<String>>) -> String {
-        let mut out = String::new();
-        runs.write(&mut out);
-        assert_eq!(out.len(), runs.written_len());
-        out
+        let mut pieces = vec![];
+        runs.pieces(&mut pieces);
+        pieces.concat()
     }
 
     /// Random inserts, replacements and removals (some of an entry that is put back as it

@@ -106,7 +106,7 @@ pub async fn run(
     let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
     let label = format!("{}/{}", target.namespace, target.name);
     let parse = |s: Option<&Arc<Snapshot>>| {
-        s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config).ok()?)))
+        s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config.text()).ok()?)))
     };
     let (mut version, mut desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
     let mut reported = None;

@@ -51,6 +51,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::document::Document;
 use crate::hub::Hub;
 use crate::ops::TypeLabel;
 use crate::proxy_tls::SECRET_TYPE;
@@ -72,7 +73,7 @@ pub struct Snapshot {
     /// Shared with the renderer while the clusters do not change.
     pub clusters: std::sync::Arc<Vec<UpstreamCluster>>,
     /// The filter configuration JSON (no secrets in it: see `pipeline`).
-    pub filter_config: std::sync::Arc<String>,
+    pub filter_config: std::sync::Arc<Document>,
 }
 
 /// How the Wasm VM is set up (the same for every configuration, so Envoy reuses the VM).
@@ -231,7 +232,7 @@ pub fn filter_resource(filter_config: &str, wasm: &WasmSettings) -> TypedExtensi
 /// message is its other fields, encoded as usual, followed by the field that leads to the
 /// document (protobuf fields may come in any order; the decoded message is the same, which the
 /// unit test checks level by level).
-pub fn filter_resource_any(filter_config: &str, wasm: &WasmSettings) -> Any {
+pub fn filter_resource_any(filter_config: &Document, wasm: &WasmSettings) -> Any {
     use prost::Message as _;
     use prost::encoding::{encode_varint, encoded_len_varint};
     // The key of the one length-delimited field a probe message sets to `payload` (the
@@ -313,7 +314,9 @@ pub fn filter_resource_any(filter_config: &str, wasm: &WasmSettings) -> Any {
     }
     out.extend_from_slice(&document_field);
     encode_varint(filter_config.len() as u64, &mut out);
-    out.extend_from_slice(filter_config.as_bytes());
+    for piece in filter_config.pieces() {
+        out.extend_from_slice(piece.as_bytes());
+    }
     Any {
         type_url: <TypedExtensionConfig as prost::Name>::type_url(),
         value: out,
@@ -684,7 +687,10 @@ mod tests {
                 host_env_keys: keys,
             };
             for doc in ["", "{}", &"y".repeat(200), &"z".repeat(20_000), &big] {
-                let got = filter_resource_any(doc, &wasm);
+                // Cut in three, as the live renderer's runs cut it.
+                let (a, rest) = doc.split_at(doc.len() / 3);
+                let (b, c) = rest.split_at(rest.len() / 2);
+                let got = filter_resource_any(&Document::from_pieces(vec![a.into(), b.into(), c.into()]), &wasm);
                 let want = any(&filter_resource(doc, &wasm));
                 assert_eq!(got.type_url, want.type_url);
                 let got = TypedExtensionConfig::decode(got.value.as_slice()).unwrap();

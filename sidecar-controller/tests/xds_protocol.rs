@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use connector_controller::document::Document;
 use connector_controller::hub::Hub;
 use connector_controller::render::UpstreamCluster;
 use connector_controller::xds::{Ads, CLUSTER_TYPE, ECDS_TYPE, FILTER_CONFIG_NAME, Snapshot, WasmSettings};
@@ -91,7 +92,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 1,
         clusters: std::sync::Arc::new(vec![cluster(5000)]),
-        filter_config: std::sync::Arc::new(config.to_string()),
+        filter_config: Arc::new(Document::from_text(config)),
     })));
     let cds = next(&mut responses).await.expect("clusters first");
     assert_eq!(
@@ -124,7 +125,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 2,
         clusters: std::sync::Arc::new(vec![cluster(5000)]),
-        filter_config: std::sync::Arc::new(r#"{"marker":"v2"}"#.to_string()),
+        filter_config: Arc::new(Document::from_text(r#"{"marker":"v2"}"#)),
     })));
     let ecds2 = next(&mut responses).await.expect("version 2");
     assert_eq!((ecds2.type_url.as_str(), ecds2.version_info.as_str()), (ECDS_TYPE, "2"));
@@ -164,7 +165,7 @@ async fn acks_nacks_and_ordering() {
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 3,
         clusters: std::sync::Arc::new(vec![cluster(5000), cluster(5001)]),
-        filter_config: std::sync::Arc::new(r#"{"marker":"v3"}"#.to_string()),
+        filter_config: Arc::new(Document::from_text(r#"{"marker":"v3"}"#)),
     })));
     let cds3 = next(&mut responses).await.expect("new cluster set first");
     assert_eq!((cds3.type_url.as_str(), cds3.resources.len()), (CLUSTER_TYPE, 2));
@@ -221,7 +222,7 @@ fn snapshot(version: u64, ports: &[u16]) -> Option<Arc<Snapshot>> {
     Some(Arc::new(Snapshot {
         version,
         clusters: std::sync::Arc::new(ports.iter().map(|p| cluster(*p)).collect()),
-        filter_config: std::sync::Arc::new(format!(r#"{{"marker":"v{version}"}}"#)),
+        filter_config: Arc::new(Document::from_text(format!(r#"{{"marker":"v{version}"}}"#))),
     }))
 }
 
