@@ -214,7 +214,13 @@ impl<'a> Scan<'a> {
                             break;
                         }
                     }
-                    _ => {}
+                    // On to the next quote or backslash, a word at a time: most of a
+                    // document's bytes are inside strings (Envoy's canary splits the 4 MB
+                    // document of 20,000 connectors twice per change).
+                    _ => {
+                        i = memchr::memchr2(b'"', b'\\', bytes.get(i..).unwrap_or_default())
+                            .map_or(bytes.len(), |n| i + n)
+                    }
                 }
                 continue;
             }

@@ -279,6 +279,10 @@ fn split_cuts_at_the_entries() {
         br#"{1: 1, "connectors": []}"#,
         br#"{"connectors": []} x"#,
         br#"{"connectors": ["#,
+        // Strings that never end: the scan through strings runs to the end and stops.
+        br#"{"connectors": ["abc]}"#,
+        br#"{"connectors": ["abc\"]}"#,
+        br#"{"connectors": ["abc\"#,
     ] {
         assert_eq!(split(bad), None, "{}", String::from_utf8_lossy(bad));
     }
