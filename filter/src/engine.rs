@@ -1031,8 +1031,9 @@ mod perf_probe {
     #[test]
     #[ignore]
     /// A probe, not a test: what compiling a controller-rendered document of 5,000 connectors
-    /// costs natively, from nothing (Envoy's configuration canary) and after the running one (a
-    /// worker); run under `perf` to see where it goes. Timing is never asserted.
+    /// costs natively, from nothing and after the running one (a worker), what the memo's check
+    /// costs (Envoy's configuration canary), and one scan of the document; run under `perf` to
+    /// see where it goes. Timing is never asserted.
     fn compile_cost() {
         let doc = |changed: usize| {
             let entries: Vec<serde_json::Value> = (0..5000)
@@ -1071,8 +1072,22 @@ mod perf_probe {
             crate::config::compile_after(second.as_bytes(), &env, Some(&running)).unwrap();
         }
         let after = s.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+        // What Envoy's canary does instead of compiling (the memo of the running document), and
+        // the scan that cuts a document at its entries, which both do.
+        let memo = crate::config::memo::memo_of(first.as_bytes(), &running).unwrap();
+        let s = std::time::Instant::now();
+        for _ in 0..rounds {
+            crate::config::memo::check_change(second.as_bytes(), &memo, &env).unwrap();
+        }
+        let memo_check = s.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
+        let s = std::time::Instant::now();
+        for _ in 0..rounds {
+            connector_core::config::split(second.as_bytes()).unwrap();
+        }
+        let split = s.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
         eprintln!(
-            "5,000 connectors ({} bytes): full compile {full:.1} ms, after the running one {after:.1} ms",
+            "5,000 connectors ({} bytes): full compile {full:.1} ms, after the running one {after:.1} ms, \
+             the memo's check {memo_check:.1} ms, one split {split:.1} ms",
             first.len()
         );
     }
