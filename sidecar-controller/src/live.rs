@@ -17,9 +17,10 @@
 //!   once, when rendered), the clusters in use (counted), and the per-namespace maps of what
 //!   is served, left out and its credentials ([`ByNamespace`]: a published copy shares them).
 //!
-//! What stays linear in N: copying the served entries' JSON into the one configuration
-//! document, run by run (module `runs`: a change joins again only the runs it touched, and
-//! an update that changes nothing in the document gives the last one, not a copy).
+//! What stays linear in N: copying the served entries' JSON into the one ECDS resource
+//! sent to Envoy (module `runs`: a change joins again only the runs it touched,
+//! and the document is the runs' texts, shared; an update that changes nothing in the
+//! document gives the last one).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -131,7 +132,8 @@ type Settled = Result<Arc<Part>, Vec<Problem>>;
 
 /// What one [`LiveRender::update`] gives.
 pub struct LiveOutput {
-    /// The filter configuration document (JSON), connectors in settling order.
+    /// The filter configuration document (JSON), connectors in settling order; the last
+    /// update's own `Arc` when nothing in it changed (the pipeline compares by address).
     pub config_json: Arc<Document>,
     /// The clusters the served connectors use, by name; the same `Arc` while they do not change.
     pub clusters: Arc<Vec<UpstreamCluster>>,
@@ -655,8 +657,9 @@ fn unclaim_cluster(claims: &mut HashMap<String, ClusterClaims>, cl: &UpstreamClu
 impl LiveRender {
     /// The configuration document: `settings` (whose `connectors` is empty) with the served
     /// entries' JSON, each serialized once when its part was rendered, joined in. Byte for byte
-    /// what serializing the whole [`FilterConfig`] gives. The runs a change touched are joined
-    /// again, the others copied; the same `Arc` as last time when nothing in it changed.
+    /// what serializing the whole [`FilterConfig`] gives, in pieces: the runs a change touched
+    /// are joined again, the others shared; the same `Arc` as last time when nothing in it
+    /// changed.
     fn document(&mut self, settings: &FilterConfig) -> Arc<Document> {
         // `connectors` is the document's last field: `...,"connectors":[]}`.
         let head = serde_json::to_string(settings).unwrap_or_default();
