@@ -432,12 +432,7 @@ fn read_call_answer(num_headers: usize, body_size: usize) -> Option<CallAnswer> 
         return None;
     }
     let headers = host::headers(Map::CallResponse).ok()?;
-    let value = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| crate::wire::text(v))
-    };
+    let value = |name: &str| crate::wire::header(&headers, name);
     let status = value(":status")?
         .parse::<u32>()
         .ok()
@@ -795,13 +790,7 @@ impl HttpContext for Http {
             // Without the request's headers nothing can be decided: refuse, never pass.
             return self.refuse(cannot_edit());
         };
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| crate::wire::text(v))
-                .unwrap_or_default()
-        };
+        let get = |name: &str| crate::wire::header(&headers, name).unwrap_or_default();
         let (method, path, authority, scheme) = (get(":method"), get(":path"), get(":authority"), get(":scheme"));
         let authorization: Vec<String> = headers
             .iter()
@@ -912,12 +901,7 @@ impl HttpContext for Http {
             // Unread, the answer could carry the upstream's challenge or Location unmapped.
             return self.refuse(unreadable_answer());
         };
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| crate::wire::text(v))
-        };
+        let header = |name: &str| crate::wire::header(&headers, name);
         let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let location = header("location");
         let link = header("link");

@@ -61,6 +61,12 @@ pub fn text(bytes: &[u8]) -> String {
     }
 }
 
+/// The first value of header `name` (names as the host gives them: lowercase) in a map
+/// [`deserialize_map`] read, as [`text`].
+pub fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| text(v))
+}
+
 /// A property path (`["filter_state", "x"]`) as the host expects it: parts separated by NUL.
 pub fn serialize_path(path: &[&str]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -121,6 +127,10 @@ mod tests {
         assert_eq!(back[0], (":status".to_string(), b"200".to_vec()));
         assert_eq!(back[1], ("x-empty".to_string(), Vec::new()));
         assert_eq!(back[2], ("bin".to_string(), vec![0xff, 0, 1]));
+        assert_eq!(header(&back, ":status").as_deref(), Some("200"));
+        assert_eq!(header(&back, "x-empty").as_deref(), Some(""));
+        assert_eq!(header(&back, "bin").as_deref(), Some("\u{FFFD}\0\u{1}"));
+        assert_eq!(header(&back, "absent"), None);
     }
 
     #[test]

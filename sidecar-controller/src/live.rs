@@ -165,10 +165,9 @@ pub struct LiveRender {
     credentials: ByNamespace<(Credential, String)>,
     connectors: ByNamespace<()>,
     left_out: ByNamespace<Vec<Problem>>,
-    /// The document's settings at the last update that was fine (`connectors` empty), and
-    /// whether there was one.
-    settings: FilterConfig,
-    settings_checked: bool,
+    /// The document's settings at the last update that was fine (`connectors` empty); `None`
+    /// before the first.
+    settings: Option<FilterConfig>,
     /// The last document, and its settings' JSON: given again while neither changes.
     document: Arc<Document>,
     head: String,
@@ -439,7 +438,7 @@ impl LiveRender {
         };
         // The checks depend on the settings alone, and the last update that was fine passed
         // them: building its RSA keys again was 5 % of a change's controller CPU at 20,000.
-        if !(errors.is_empty() && self.settings_checked && settings == self.settings) {
+        if !(errors.is_empty() && self.settings.as_ref() == Some(&settings)) {
             connector_core::config::merge(&mut errors, connector_core::config::check_settings(&settings));
             connector_core::config::merge(&mut errors, connector_core::keys::check_keys(&settings.identity));
         }
@@ -447,8 +446,7 @@ impl LiveRender {
             return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
         }
         let config_json = self.document(&settings);
-        self.settings = settings;
-        self.settings_checked = true;
+        self.settings = Some(settings);
         Ok(LiveOutput {
             config_json,
             clusters: Arc::clone(&self.clusters),
@@ -533,7 +531,7 @@ impl LiveRender {
     /// The whole configuration document as a typed value, served entries copied in (for
     /// `pipeline::render_live` and Istio mode's renaming, which work on the whole).
     pub fn filter_config(&self) -> FilterConfig {
-        let mut doc = self.settings.clone();
+        let mut doc = self.settings.clone().unwrap_or_default();
         doc.connectors = self
             .served
             .values()

@@ -1,9 +1,9 @@
 //! Owns an ordered map kept as runs of neighbouring entries, each run with its entries' text
 //! joined and kept (issue 17: a change costs what it changes). The live renderer keeps the
 //! served connectors in it, in settling order: a change re-joins the runs it touched (at most
-//! `2 * RUN` entries each), and the configuration document is the runs' texts copied one after
-//! the other, where it was a walk over every served part (20,000 scattered allocations at
-//! 20,000 connectors, a third of a change's controller CPU in a `perf` profile).
+//! `2 * RUN` entries each), and the configuration document is made of the runs' texts, shared,
+//! where it was a walk over every served part (20,000 scattered allocations at 20,000
+//! connectors, a third of a change's controller CPU in a `perf` profile).
 //!
 //! Invariant: a run's key is at most its first entry's key and greater than every entry of the
 //! run before it, so the run holding a key is the last run whose key is at most that key.
@@ -35,7 +35,7 @@ impl<K, V> Run<K, V> {
 
 pub(crate) struct Runs<K, V> {
     runs: BTreeMap<K, Run<K, V>>,
-    /// A run was made since the last [`Runs::join`] (the document may differ even where
+    /// A run was made since the last [`Runs::refresh`] (the document may differ even where
     /// every old run's text is the same).
     reshaped: bool,
 }
@@ -82,7 +82,7 @@ impl<K: Ord + Clone, V> Runs<K, V> {
         old
     }
 
-    /// An emptied run stays until the next [`Runs::join`], so that taking an entry out and
+    /// An emptied run stays until the next [`Runs::refresh`], so that taking an entry out and
     /// putting it back (settling again) leaves the runs as they were.
     pub fn remove(&mut self, key: &K) -> Option<V> {
         let run = self.runs.range_mut(..=key).next_back()?.1;
