@@ -69,6 +69,9 @@ pub struct ProxyState {
     /// controller can observe is the configuration version its WasmPlugin and upstream
     /// ServiceEntries/DestinationRules carry on the API server: `Some(None)` before any.
     pub plugin_config: Option<Option<u64>>,
+    /// Istio mode: the latest configuration version the API server refused to store in the
+    /// WasmPlugin as too large, and why. Cleared when a later version is written.
+    pub plugin_refused: Option<(u64, String)>,
 }
 
 #[derive(Clone)]
@@ -201,7 +204,7 @@ pub fn proxy_ready(
         return (false, "NotConfigured", "not in the proxy configuration yet".into());
     }
     if let Some(written) = proxy.plugin_config {
-        return crate::istio::proxy_ready(p, written);
+        return crate::istio::proxy_ready(p, written, proxy.plugin_refused.as_ref());
     }
     if let Some((version, message)) = &proxy.rejected
         && *version >= p.version

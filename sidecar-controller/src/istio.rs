@@ -248,6 +248,16 @@ impl Progress {
 
     pub fn plugin_config(&self, version: u64) {
         self.set(|s| s.0 = Some(version));
+        self.hub.set_proxy(|p| {
+            if p.plugin_refused.as_ref().is_some_and(|(v, _)| *v <= version) {
+                p.plugin_refused = None;
+            }
+        });
+    }
+
+    /// The API server refused to store configuration `version` in the WasmPlugin (too large).
+    pub fn plugin_refused(&self, version: u64, why: String) {
+        self.hub.set_proxy(|p| p.plugin_refused = Some((version, why)));
     }
 
     pub fn upstreams(&self, version: u64) {
@@ -271,7 +281,17 @@ impl Progress {
 /// version the WasmPlugin and the upstream objects were last seen to carry. It says what the
 /// controller observed on the API server, no more: whether istiod delivered it to the
 /// gateway's Envoy (and Envoy loaded it) the controller cannot see, and the message says so.
-pub fn proxy_ready(p: &crate::hub::Published, written: Option<u64>) -> (bool, &'static str, String) {
+pub fn proxy_ready(
+    p: &crate::hub::Published,
+    written: Option<u64>,
+    refused: Option<&(u64, String)>,
+) -> (bool, &'static str, String) {
+    if let Some((version, why)) = refused
+        && *version >= p.version
+        && written.is_none_or(|w| w < p.version)
+    {
+        return (false, "PluginConfigTooLarge", why.clone());
+    }
     match written {
         Some(v) if v >= p.version => (
             true,

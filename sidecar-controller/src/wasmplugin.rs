@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
@@ -110,19 +110,23 @@ pub async fn run(
     };
     let (mut version, mut desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
     let mut reported = None;
-    let mut observed: Option<Seen> = None;
-    let mut listed = false;
+    let mut view = View::default();
     let mut last: Option<(Value, Value)> = None;
+    // The configuration the API server refused as too large: not sent again until it changes.
+    let mut refused: Option<Value> = None;
+    let mut written_version: Option<u64> = None;
     let mut backoff = Duration::from_millis(500);
     loop {
-        if let (Some(v), Some(want), Some((_, current))) = (version, &desired, &observed)
+        if let (Some(v), Some(want), Some((_, current))) = (version, &desired, &view.observed)
             && want == current
             && reported != Some(v)
         {
             progress.plugin_config(v);
             reported = Some(v);
+            written_version = Some(v);
         }
-        if let (Some(want), Some((rv, current))) = (&desired, &observed)
+        if let (Some(want), Some((rv, current))) = (&desired, &view.observed)
+            && refused.as_ref() != Some(want)
             && should_write(want, current, last.as_ref())
         {
             match write(&api, &target, want, rv).await {
@@ -137,15 +141,29 @@ pub async fn run(
                         tracing::warn!(wasmplugin = %label, connectors, "WasmPlugin pluginConfig written, but it also holds fields another manager owns: remove them (kubectl get wasmplugin -o yaml --show-managed-fields)");
                     }
                     last = Some((want.clone(), after.1.clone()));
-                    observed = Some(after);
+                    view.wrote(after);
                 }
                 Err(e) => {
+                    if let Some(why) = too_large(&e) {
+                        // Sending the same bytes again cannot help: wait for the configuration
+                        // to change. The WasmPlugin keeps what it holds, and so does the gateway.
+                        let bytes = serde_json::to_vec(want).map_or(0, |b| b.len());
+                        let connectors = want["connectors"].as_array().map_or(0, Vec::len);
+                        let message = refused_message(version.unwrap_or(0), connectors, bytes, &why, written_version);
+                        tracing::error!(wasmplugin = %label, connectors, bytes, "{message}");
+                        progress.plugin_refused(version.unwrap_or(0), message);
+                        refused = Some(want.clone());
+                        continue;
+                    }
                     tracing::warn!(wasmplugin = %label, error = %e, ?backoff, "writing the WasmPlugin's pluginConfig failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    // A stale resourceVersion is the usual cause: the watch has the fresh one.
-                    while let Some(Some(event)) = events.next().now_or_never() {
-                        apply_event(event, &mut observed, &mut listed, &label);
+                    // A stale resourceVersion is the usual cause. Read the object afresh rather
+                    // than wait for the watch: a WasmPlugin of a megabyte takes the watch many
+                    // polls to deliver, and this loop polls it only between writes.
+                    match api.get_opt(&target.name).await {
+                        Ok(o) => view.read(o.as_ref().and_then(seen)),
+                        Err(e) => tracing::warn!(wasmplugin = %label, error = %e, "reading the WasmPlugin failed"),
                     }
                     continue;
                 }
@@ -159,39 +177,101 @@ pub async fn run(
                 (version, desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
             }
             event = events.next() => match event {
-                Some(event) => apply_event(event, &mut observed, &mut listed, &label),
+                Some(event) => view.event(event, &label),
                 None => return,
             },
         }
     }
 }
 
-/// Folds one watch event into what is known of the WasmPlugin.
-fn apply_event(
-    event: Result<watcher::Event<DynamicObject>, watcher::Error>,
-    observed: &mut Option<Seen>,
-    listed: &mut bool,
-    label: &str,
-) {
-    match event {
-        Ok(watcher::Event::Apply(o)) => *observed = seen(&o),
-        Ok(watcher::Event::Delete(_)) => {
-            tracing::warn!(wasmplugin = %label, "the WasmPlugin was deleted; waiting for it to come back");
-            *observed = None;
-        }
-        Ok(watcher::Event::Init) => *listed = false,
-        Ok(watcher::Event::InitApply(o)) => {
-            *listed = true;
-            *observed = seen(&o);
-        }
-        Ok(watcher::Event::InitDone) => {
-            if !*listed {
-                tracing::warn!(wasmplugin = %label, "no such WasmPlugin (kubectl apply -k deploy/istio creates it); waiting for it");
-                *observed = None;
+/// Why the API server refused to store a write, when the reason is its size: kube-apiserver's
+/// own request limit (413, 3 MiB) or etcd's (`--max-request-bytes`, 1.5 MiB by default, which
+/// the API server passes on as a 500 "etcdserver: request is too large").
+pub fn too_large(e: &kube::Error) -> Option<String> {
+    match e {
+        kube::Error::Api(s) if s.code == 413 || s.message.contains("request is too large") => Some(s.message.clone()),
+        _ => None,
+    }
+}
+
+/// The log line and `ProxyReady` message of a configuration refused as too large.
+pub fn refused_message(version: u64, connectors: usize, bytes: usize, why: &str, kept: Option<u64>) -> String {
+    let kept = match kept {
+        Some(v) => format!("the WasmPlugin keeps configuration version {v}, which istiod goes on delivering"),
+        None => "the WasmPlugin keeps what it held".to_string(),
+    };
+    format!(
+        "configuration version {version} ({connectors} connectors, {bytes} bytes of pluginConfig) is too large for the WasmPlugin: the API server refused to store it ({why}); {kept}. A WasmPlugin is stored in etcd, which refuses requests over its --max-request-bytes (1.5 MiB by default): remove connectors, or split them over gateways, each with a controller of its own (--namespace)"
+    )
+}
+
+/// What is known of the WasmPlugin: the object as last seen, from a write's answer, a read or
+/// the watch. Watch events can trail a write's answer (the write was awaited while they
+/// queued): until the event of the controller's own write arrives, the events before it are
+/// older than what the write answered, and are skipped, so the view never goes back to a
+/// resourceVersion the next conditional write would be refused for.
+#[derive(Debug, Default)]
+struct View {
+    observed: Option<Seen>,
+    /// The resourceVersion whose event ends the skipping.
+    awaiting: Option<String>,
+    /// The initial list (or a re-list) delivered the object.
+    listed: bool,
+}
+
+impl View {
+    fn wrote(&mut self, after: Seen) {
+        self.awaiting = Some(after.0.clone());
+        self.observed = Some(after);
+    }
+
+    /// A fresh read: the object as it is now, or gone. If the view was older, the events
+    /// up to what was read are still to come, and are skipped.
+    fn read(&mut self, now: Option<Seen>) {
+        let older = match (&self.observed, &now) {
+            (Some((seen_rv, _)), Some((rv, _))) => seen_rv != rv,
+            _ => false,
+        };
+        self.awaiting = if older { now.as_ref().map(|(rv, _)| rv.clone()) } else { None };
+        self.observed = now;
+    }
+
+    /// Folds one watch event into the view.
+    fn event(&mut self, event: Result<watcher::Event<DynamicObject>, watcher::Error>, label: &str) {
+        match event {
+            Ok(watcher::Event::Apply(o)) => {
+                let now = seen(&o);
+                if let Some(awaiting) = &self.awaiting {
+                    if now.as_ref().is_none_or(|(rv, _)| rv != awaiting) {
+                        return;
+                    }
+                    self.awaiting = None;
+                }
+                self.observed = now;
             }
-        }
-        Err(e) => {
-            tracing::warn!(wasmplugin = %label, error = %e, "watching the WasmPlugin failed; retrying with backoff")
+            // Before the awaited event, a deletion is one the controller's write came after.
+            Ok(watcher::Event::Delete(_)) if self.awaiting.is_some() => {}
+            Ok(watcher::Event::Delete(_)) => {
+                tracing::warn!(wasmplugin = %label, "the WasmPlugin was deleted; waiting for it to come back");
+                self.observed = None;
+            }
+            Ok(watcher::Event::Init) => self.listed = false,
+            // A list is as new as anything written before it.
+            Ok(watcher::Event::InitApply(o)) => {
+                self.listed = true;
+                self.awaiting = None;
+                self.observed = seen(&o);
+            }
+            Ok(watcher::Event::InitDone) => {
+                if !self.listed {
+                    tracing::warn!(wasmplugin = %label, "no such WasmPlugin (kubectl apply -k deploy/istio creates it); waiting for it");
+                    self.awaiting = None;
+                    self.observed = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(wasmplugin = %label, error = %e, "watching the WasmPlugin failed; retrying with backoff")
+            }
         }
     }
 }
@@ -235,6 +315,92 @@ mod tests {
         assert_eq!(revision_key("k1"), revision_key("k1"));
         assert_ne!(revision_key("k1"), revision_key("k2"));
         assert!(!revision_key("k1").windows(2).any(|w| w == b"k1"));
+    }
+
+    fn object(rv: &str, connectors: u32) -> DynamicObject {
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND));
+        let mut o = DynamicObject::new("oci-connector", &resource).data(json!({"spec": {"pluginConfig": {"connectors": connectors}}}));
+        o.metadata.resource_version = Some(rv.into());
+        o
+    }
+
+    fn rv(view: &View) -> Option<&str> {
+        view.observed.as_ref().map(|(rv, _)| rv.as_str())
+    }
+
+    #[test]
+    fn events_older_than_the_controllers_own_write_do_not_take_the_view_back() {
+        let mut v = View::default();
+        v.event(Ok(watcher::Event::Init), "t");
+        v.event(Ok(watcher::Event::InitApply(object("3", 0))), "t");
+        v.event(Ok(watcher::Event::InitDone), "t");
+        assert_eq!(rv(&v), Some("3"));
+        // Two writes answered before the watch delivered either.
+        v.wrote(seen(&object("4", 1)).unwrap());
+        v.wrote(seen(&object("5", 2)).unwrap());
+        // The first write's event, then a deletion older than the second write: skipped.
+        v.event(Ok(watcher::Event::Apply(object("4", 1))), "t");
+        assert_eq!(rv(&v), Some("5"));
+        v.event(Ok(watcher::Event::Delete(object("4", 1))), "t");
+        assert_eq!(rv(&v), Some("5"));
+        // The own write's event ends the skipping: what follows is newer.
+        v.event(Ok(watcher::Event::Apply(object("5", 2))), "t");
+        v.event(Ok(watcher::Event::Apply(object("6", 9))), "t");
+        assert_eq!(v.observed, seen(&object("6", 9)));
+        v.event(Ok(watcher::Event::Delete(object("7", 9))), "t");
+        assert_eq!(v.observed, None);
+    }
+
+    #[test]
+    fn a_fresh_read_skips_the_events_it_is_ahead_of_and_a_relist_ends_any_skipping() {
+        let mut v = View::default();
+        v.event(Ok(watcher::Event::Apply(object("4", 1))), "t");
+        // Read at the same version: nothing to skip.
+        v.read(seen(&object("4", 1)));
+        v.event(Ok(watcher::Event::Apply(object("5", 2))), "t");
+        assert_eq!(rv(&v), Some("5"));
+        // Read ahead of the watch: the events up to it are skipped.
+        v.read(seen(&object("8", 3)));
+        v.event(Ok(watcher::Event::Apply(object("6", 2))), "t");
+        v.event(Ok(watcher::Event::Apply(object("7", 2))), "t");
+        assert_eq!(rv(&v), Some("8"));
+        // A re-list is current whatever was awaited.
+        v.wrote(seen(&object("9", 4)).unwrap());
+        v.event(Ok(watcher::Event::Init), "t");
+        v.event(Ok(watcher::Event::InitApply(object("11", 5))), "t");
+        v.event(Ok(watcher::Event::InitDone), "t");
+        v.event(Ok(watcher::Event::Apply(object("12", 6))), "t");
+        assert_eq!(rv(&v), Some("12"));
+        // Read gone.
+        v.read(None);
+        assert_eq!(v.observed, None);
+        v.event(Ok(watcher::Event::Apply(object("13", 6))), "t");
+        assert_eq!(rv(&v), Some("13"));
+    }
+
+    #[test]
+    fn refusals_for_size_are_told_apart_from_conflicts() {
+        let status = |code: u16, message: &str| {
+            kube::Error::Api(
+                kube::core::Status {
+                    code,
+                    message: message.into(),
+                    ..kube::core::Status::default()
+                }
+                .boxed(),
+            )
+        };
+        assert_eq!(
+            too_large(&status(500, "etcdserver: request is too large")).as_deref(),
+            Some("etcdserver: request is too large")
+        );
+        assert!(too_large(&status(413, "Request entity too large: limit is 3145728")).is_some());
+        assert_eq!(too_large(&status(409, "the object has been modified")), None);
+        assert_eq!(too_large(&status(500, "etcdserver: leader changed")), None);
+        let m = refused_message(7, 7, 1_900_000, "etcdserver: request is too large", Some(6));
+        for part in ["version 7", "7 connectors", "1900000 bytes", "etcdserver: request is too large", "keeps configuration version 6", "--max-request-bytes"] {
+            assert!(m.contains(part), "{part}: {m}");
+        }
     }
 
     #[test]

@@ -291,11 +291,13 @@ fn envoy_with(
     .unwrap()
 }
 
-#[test]
-fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_configuration() {
-    let s = connector_e2e::xds::setup("istio-wasmplugin");
-    let creds = s.registry.credentials.clone().unwrap();
-    let kube = KubeCluster::start("istio-wasmplugin").unwrap_or_else(|e| panic!("{e}"));
+/// A real kube-apiserver with the project's and Istio's CRDs, the demo namespace and the shipped
+/// WasmPlugin applied as `kubectl apply -k deploy/istio` would (client-side); the harness's
+/// registry; the controller's kubeconfig with exactly the variant's RBAC (deploy/base +
+/// wasmplugin-rbac.yaml).
+fn istio_api(label: &str) -> (connector_e2e::xds::Setup, KubeCluster, PathBuf) {
+    let s = connector_e2e::xds::setup(label);
+    let kube = KubeCluster::start(label).unwrap_or_else(|e| panic!("{e}"));
     kube.install_crd().unwrap();
     for crds in ["istio-wasmplugin-crd.yaml", "istio-networking-crds.yaml"] {
         let crd = repo_root().join("tests/testdata").join(crds);
@@ -313,15 +315,20 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
     ])
     .and_then(|o| o.ok())
     .unwrap_or_else(|e| panic!("{e}"));
-    // The controller runs with exactly the variant's RBAC (deploy/base + wasmplugin-rbac.yaml).
     let kubeconfig = kube.controller_kubeconfig_for("istio").unwrap();
     kube.namespace(NS, &[]).unwrap();
-    // The shipped WasmPlugin, applied as `kubectl apply -k deploy/istio` would (client-side).
-    let shipped = shipped_plugin();
-    let placeholder = shipped["spec"]["pluginConfig"].clone();
-    kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped.to_string().as_bytes()))
+    kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped_plugin().to_string().as_bytes()))
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("{e}"));
+    (s, kube, kubeconfig)
+}
+
+#[test]
+fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_configuration() {
+    let (s, kube, kubeconfig) = istio_api("istio-wasmplugin");
+    let creds = s.registry.credentials.clone().unwrap();
+    let shipped = shipped_plugin();
+    let placeholder = shipped["spec"]["pluginConfig"].clone();
     // RBAC: this WasmPlugin only.
     assert_eq!(
         can_i(
@@ -1213,4 +1220,117 @@ fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
     {
         eprintln!("istiod: {}", &l[..l.len().min(700)]);
     }
+}
+
+/// The ProxyReady condition of one connector, once it exists.
+fn proxy_ready_of(kube: &KubeCluster, name: &str) -> Option<Value> {
+    let c = kube.get("connector", NS, name).ok()??;
+    c["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "ProxyReady")
+        .cloned()
+}
+
+#[test]
+fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kept() {
+    let (s, kube, kubeconfig) = istio_api("istio-too-large");
+    let creds = s.registry.credentials.clone().unwrap();
+    kube.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "robot", "namespace": NS,
+            "annotations": {"connectors.alauda.io/allowed-connectors": "*"}},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": creds.username, "password": creds.password},
+    }))
+    .unwrap();
+    let connector = |name: &str, accounts: Vec<String>| {
+        json!({
+            "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"address": s.registry.url(), "auth": {"name": "basicAuth", "secretRef": {"name": "robot"}},
+                "connectorClassName": "oci", "allowedServiceAccounts": accounts},
+        })
+    };
+    kube.apply(&connector("registry", vec![])).unwrap();
+    let controller = Controller::start_kube(
+        &s.work,
+        &kubeconfig,
+        "https://192.168.1.10:31568",
+        &[
+            "--istio-wasmplugin",
+            &format!("{PLUGIN_NS}/{PLUGIN}"),
+            "--channel-cluster",
+            CHANNEL_CLUSTER,
+            "--proxy-tls-external",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    until("the small configuration is written", || {
+        let r = proxy_ready_of(&kube, "registry")?;
+        (r["reason"] == "PluginConfigWritten").then_some(())
+    });
+    // Six connectors of 5,000 ServiceAccounts each: about 1.9 MB of configuration.
+    let accounts: Vec<String> = (0..5000)
+        .map(|i| format!("tenant-{:04}/builder-service-account-with-a-long-name-{i:04}", i % 977))
+        .collect();
+    for i in 0..6 {
+        kube.apply(&connector(&format!("big-{i}"), accounts.clone())).unwrap();
+    }
+    // Refused by the API server (etcd's request limit): every connector's ProxyReady says so,
+    // with the numbers, and the WasmPlugin keeps the last configuration written.
+    let (refused, took) = until("ProxyReady says the configuration is too large", || {
+        let r = proxy_ready_of(&kube, "big-5")?;
+        (r["reason"] == "PluginConfigTooLarge").then_some(r)
+    });
+    assert_eq!(refused["status"], "False");
+    let message = refused["message"].as_str().unwrap_or_default();
+    for part in ["7 connectors", "etcdserver: request is too large", "keeps configuration version", "--max-request-bytes"] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    let served = proxy_ready_of(&kube, "registry").unwrap();
+    assert_eq!(served["reason"], "PluginConfigTooLarge", "{served}");
+    let plugin = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).unwrap().unwrap();
+    let kept: Vec<&str> = plugin["spec"]["pluginConfig"]["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(kept.contains(&"registry") && kept.len() < 7, "{kept:?}");
+    // Not sent again while it stays the same, and no write against a stale resourceVersion.
+    let refusals = |log: &str| log.matches("is too large for the WasmPlugin").count();
+    let before = refusals(&controller.log());
+    std::thread::sleep(Duration::from_secs(5));
+    let log = controller.log();
+    assert_eq!(refusals(&log), before, "the refused configuration was sent again");
+    assert!(!log.contains("the object has been modified"), "a write with a stale resourceVersion");
+    assert!(!log.contains(&creds.password), "the password is in the controller's log");
+
+    // Small enough again: written, and every connector's ProxyReady is back.
+    for i in 1..6 {
+        kube.kubectl(&["delete", "connector", &format!("big-{i}"), "-n", NS])
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (_, recovered) = until("the smaller configuration is written", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        let mut names: Vec<String> = p["spec"]["pluginConfig"]["connectors"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["name"].as_str().map(String::from))
+            .collect();
+        names.sort();
+        (names == ["big-0", "registry"]).then_some(())
+    });
+    for name in ["registry", "big-0"] {
+        let (r, _) = until("ProxyReady is PluginConfigWritten again", || {
+            let r = proxy_ready_of(&kube, name)?;
+            (r["reason"] == "PluginConfigWritten").then_some(r)
+        });
+        assert_eq!(r["status"], "True", "{name}: {r}");
+    }
+    eprintln!(
+        "refusal reported {took:?} after the big connectors were applied ({before} refusal(s) logged): {message}; smaller configuration written {recovered:?} after the deletes"
+    );
 }
