@@ -430,6 +430,59 @@ mod tests {
     }
 
     #[test]
+    fn istio_mode_says_when_the_wasmplugin_refused_the_configuration_as_too_large() {
+        let key = ("demo".to_string(), "registry".to_string());
+        let published = |version| Published {
+            version,
+            connectors: [(key.clone(), ())].into_iter().collect(),
+            ..Published::default()
+        };
+        let istio = |written: Option<u64>, refused: Option<u64>| ProxyState {
+            plugin_config: Some(written),
+            plugin_refused: refused.map(|v| (v, format!("version {v} is too large"))),
+            ..Default::default()
+        };
+        for (case, version, s, status, reason) in [
+            ("written", 3, istio(Some(3), None), Status::True, "PluginConfigWritten"),
+            (
+                "refused",
+                4,
+                istio(Some(3), Some(4)),
+                Status::False,
+                "PluginConfigTooLarge",
+            ),
+            (
+                "refused, nothing written before",
+                4,
+                istio(None, Some(4)),
+                Status::False,
+                "PluginConfigTooLarge",
+            ),
+            // A later version is not the refused one: pending until written.
+            (
+                "refused an older one",
+                5,
+                istio(Some(3), Some(4)),
+                Status::False,
+                "PluginConfigPending",
+            ),
+            (
+                "a later one written",
+                5,
+                istio(Some(5), Some(4)),
+                Status::True,
+                "PluginConfigWritten",
+            ),
+        ] {
+            let c = proxy_check(&key, Some(&published(version)), &s);
+            assert_eq!((c.status, c.reason.as_str()), (status, reason), "{case}: {c:?}");
+            if reason == "PluginConfigTooLarge" {
+                assert_eq!(c.message, "version 4 is too large", "{case}");
+            }
+        }
+    }
+
+    #[test]
     fn ready_is_the_first_failing_part() {
         let f = |r: &str| Check::new(Status::False, r, format!("{r} message"));
         let u = |r: &str| Check::new(Status::Unknown, r, format!("{r} message"));

@@ -232,7 +232,11 @@ impl View {
             (Some((seen_rv, _)), Some((rv, _))) => seen_rv != rv,
             _ => false,
         };
-        self.awaiting = if older { now.as_ref().map(|(rv, _)| rv.clone()) } else { None };
+        self.awaiting = if older {
+            now.as_ref().map(|(rv, _)| rv.clone())
+        } else {
+            None
+        };
         self.observed = now;
     }
 
@@ -319,7 +323,8 @@ mod tests {
 
     fn object(rv: &str, connectors: u32) -> DynamicObject {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND));
-        let mut o = DynamicObject::new("oci-connector", &resource).data(json!({"spec": {"pluginConfig": {"connectors": connectors}}}));
+        let mut o = DynamicObject::new("oci-connector", &resource)
+            .data(json!({"spec": {"pluginConfig": {"connectors": connectors}}}));
         o.metadata.resource_version = Some(rv.into());
         o
     }
@@ -398,7 +403,14 @@ mod tests {
         assert_eq!(too_large(&status(409, "the object has been modified")), None);
         assert_eq!(too_large(&status(500, "etcdserver: leader changed")), None);
         let m = refused_message(7, 7, 1_900_000, "etcdserver: request is too large", Some(6));
-        for part in ["version 7", "7 connectors", "1900000 bytes", "etcdserver: request is too large", "keeps configuration version 6", "--max-request-bytes"] {
+        for part in [
+            "version 7",
+            "7 connectors",
+            "1900000 bytes",
+            "etcdserver: request is too large",
+            "keeps configuration version 6",
+            "--max-request-bytes",
+        ] {
             assert!(m.contains(part), "{part}: {m}");
         }
     }

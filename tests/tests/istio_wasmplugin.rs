@@ -1285,7 +1285,12 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
     });
     assert_eq!(refused["status"], "False");
     let message = refused["message"].as_str().unwrap_or_default();
-    for part in ["7 connectors", "etcdserver: request is too large", "keeps configuration version", "--max-request-bytes"] {
+    for part in [
+        "7 connectors",
+        "etcdserver: request is too large",
+        "keeps configuration version",
+        "--max-request-bytes",
+    ] {
         assert!(message.contains(part), "{part}: {message}");
     }
     let served = proxy_ready_of(&kube, "registry").unwrap();
@@ -1304,8 +1309,14 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
     std::thread::sleep(Duration::from_secs(5));
     let log = controller.log();
     assert_eq!(refusals(&log), before, "the refused configuration was sent again");
-    assert!(!log.contains("the object has been modified"), "a write with a stale resourceVersion");
-    assert!(!log.contains(&creds.password), "the password is in the controller's log");
+    assert!(
+        !log.contains("the object has been modified"),
+        "a write with a stale resourceVersion"
+    );
+    assert!(
+        !log.contains(&creds.password),
+        "the password is in the controller's log"
+    );
 
     // Small enough again: written, and every connector's ProxyReady is back.
     for i in 1..6 {
