@@ -113,7 +113,10 @@ pub async fn run(
     let mut view = View::default();
     let mut last: Option<(Value, Value)> = None;
     // The configuration the API server refused as too large: not sent again until it changes.
+    // Meanwhile the last one written is what the WasmPlugin is kept at (a re-applied
+    // placeholder would otherwise leave the gateway with no connector at all).
     let mut refused: Option<Value> = None;
+    let mut last_good: Option<Value> = None;
     let mut written_version: Option<u64> = None;
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -125,8 +128,13 @@ pub async fn run(
             reported = Some(v);
             written_version = Some(v);
         }
-        if let (Some(want), Some((rv, current))) = (&desired, &view.observed)
-            && refused.as_ref() != Some(want)
+        let goal = if refused.is_some() && refused == desired {
+            last_good.as_ref()
+        } else {
+            desired.as_ref()
+        };
+        let mut refusal = None;
+        if let (Some(want), Some((rv, current))) = (goal, &view.observed)
             && should_write(want, current, last.as_ref())
         {
             match write(&api, &target, want, rv).await {
@@ -141,33 +149,45 @@ pub async fn run(
                         tracing::warn!(wasmplugin = %label, connectors, "WasmPlugin pluginConfig written, but it also holds fields another manager owns: remove them (kubectl get wasmplugin -o yaml --show-managed-fields)");
                     }
                     last = Some((want.clone(), after.1.clone()));
+                    last_good = Some(want.clone());
                     view.wrote(after);
+                    // Round again: the version just written is reported before a newer
+                    // snapshot is taken in (otherwise it never is, and a refusal would name
+                    // an older version as the one kept).
+                    continue;
                 }
                 Err(e) => {
                     if let Some(why) = too_large(&e) {
                         // Sending the same bytes again cannot help: wait for the configuration
-                        // to change. The WasmPlugin keeps what it holds, and so does the gateway.
+                        // to change, and keep the WasmPlugin at the last one written.
                         let bytes = serde_json::to_vec(want).map_or(0, |b| b.len());
                         let connectors = want["connectors"].as_array().map_or(0, Vec::len);
                         let message = refused_message(version.unwrap_or(0), connectors, bytes, &why, written_version);
                         tracing::error!(wasmplugin = %label, connectors, bytes, "{message}");
                         progress.plugin_refused(version.unwrap_or(0), message);
-                        refused = Some(want.clone());
+                        refusal = Some((want.clone(), last_good.as_ref() == Some(want)));
+                    } else {
+                        tracing::warn!(wasmplugin = %label, error = %e, ?backoff, "writing the WasmPlugin's pluginConfig failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        // A stale resourceVersion is the usual cause. Read the object afresh
+                        // rather than wait for the watch: a WasmPlugin of a megabyte takes the
+                        // watch many polls to deliver, and this loop polls it only between writes.
+                        match api.get_opt(&target.name).await {
+                            Ok(o) => view.read(o.as_ref().and_then(seen)),
+                            Err(e) => tracing::warn!(wasmplugin = %label, error = %e, "reading the WasmPlugin failed"),
+                        }
                         continue;
                     }
-                    tracing::warn!(wasmplugin = %label, error = %e, ?backoff, "writing the WasmPlugin's pluginConfig failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    // A stale resourceVersion is the usual cause. Read the object afresh rather
-                    // than wait for the watch: a WasmPlugin of a megabyte takes the watch many
-                    // polls to deliver, and this loop polls it only between writes.
-                    match api.get_opt(&target.name).await {
-                        Ok(o) => view.read(o.as_ref().and_then(seen)),
-                        Err(e) => tracing::warn!(wasmplugin = %label, error = %e, "reading the WasmPlugin failed"),
-                    }
-                    continue;
                 }
             }
+        }
+        if let Some((config, was_last_good)) = refusal {
+            if was_last_good {
+                last_good = None;
+            }
+            refused = Some(config);
+            continue;
         }
         tokio::select! {
             changed = snapshots.changed() => {

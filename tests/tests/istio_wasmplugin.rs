@@ -1317,6 +1317,19 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         !log.contains(&creds.password),
         "the password is in the controller's log"
     );
+    // The placeholder re-applied meanwhile: the last configuration written is put back.
+    let kept_config = plugin["spec"]["pluginConfig"].clone();
+    kube.kubectl_stdin(&["apply", "-f", "-"], Some(shipped_plugin().to_string().as_bytes()))
+        .and_then(|o| o.ok())
+        .unwrap_or_else(|e| panic!("{e}"));
+    until("the last written configuration is put back", || {
+        let p = kube.get("wasmplugin", PLUGIN_NS, PLUGIN).ok()??;
+        (p["spec"]["pluginConfig"] == kept_config).then_some(())
+    });
+    assert_eq!(
+        proxy_ready_of(&kube, "big-5").unwrap()["reason"],
+        "PluginConfigTooLarge"
+    );
 
     // Small enough again: written, and every connector's ProxyReady is back.
     for i in 1..6 {
@@ -1342,6 +1355,7 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         assert_eq!(r["status"], "True", "{name}: {r}");
     }
     eprintln!(
-        "refusal reported {took:?} after the big connectors were applied ({before} refusal(s) logged): {message}; smaller configuration written {recovered:?} after the deletes"
+        "refusal reported {took:?} after the big connectors were applied ({before} refusal(s) logged; the WasmPlugin kept {} connectors): {message}; smaller configuration written {recovered:?} after the deletes",
+        kept.len()
     );
 }
