@@ -109,6 +109,7 @@ pub async fn run(
         s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config.text()).ok()?)))
     };
     let (mut version, mut desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
+    // The version the WasmPlugin was last seen holding.
     let mut reported = None;
     let mut view = View::default();
     let mut last: Option<(Value, Value)> = None;
@@ -117,7 +118,6 @@ pub async fn run(
     // placeholder would otherwise leave the gateway with no connector at all).
     let mut refused: Option<Value> = None;
     let mut last_good: Option<Value> = None;
-    let mut written_version: Option<u64> = None;
     let mut backoff = Duration::from_millis(500);
     loop {
         if let (Some(v), Some(want), Some((_, current))) = (version, &desired, &view.observed)
@@ -126,7 +126,6 @@ pub async fn run(
         {
             progress.plugin_config(v);
             reported = Some(v);
-            written_version = Some(v);
         }
         let goal = if refused.is_some() && refused == desired {
             last_good.as_ref()
@@ -162,7 +161,7 @@ pub async fn run(
                         // to change, and keep the WasmPlugin at the last one written.
                         let bytes = serde_json::to_vec(want).map_or(0, |b| b.len());
                         let connectors = want["connectors"].as_array().map_or(0, Vec::len);
-                        let message = refused_message(version.unwrap_or(0), connectors, bytes, &why, written_version);
+                        let message = refused_message(version.unwrap_or(0), connectors, bytes, &why, reported);
                         tracing::error!(wasmplugin = %label, connectors, bytes, "{message}");
                         progress.plugin_refused(version.unwrap_or(0), message);
                         refusal = Some((want.clone(), last_good.as_ref() == Some(want)));

@@ -323,6 +323,24 @@ fn istio_api(label: &str) -> (connector_e2e::xds::Setup, KubeCluster, PathBuf) {
     (s, kube, kubeconfig)
 }
 
+/// The gateway's controller as the variant runs it: writing the shipped WasmPlugin, its
+/// channel reached through the cluster Istio builds, TLS terminated by the Gateway.
+fn gateway_controller(work: &connector_devkit::WorkDir, kubeconfig: &std::path::Path) -> Controller {
+    Controller::start_kube(
+        work,
+        kubeconfig,
+        "https://192.168.1.10:31568",
+        &[
+            "--istio-wasmplugin",
+            &format!("{PLUGIN_NS}/{PLUGIN}"),
+            "--channel-cluster",
+            CHANNEL_CLUSTER,
+            "--proxy-tls-external",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[test]
 fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_configuration() {
     let (s, kube, kubeconfig) = istio_api("istio-wasmplugin");
@@ -448,19 +466,7 @@ fn the_controller_writes_the_wasmplugin_and_envoy_pulls_with_exactly_that_config
     }
 
     let started = Instant::now();
-    let controller = Controller::start_kube(
-        &s.work,
-        &kubeconfig,
-        "https://192.168.1.10:31568",
-        &[
-            "--istio-wasmplugin",
-            &format!("{PLUGIN_NS}/{PLUGIN}"),
-            "--channel-cluster",
-            CHANNEL_CLUSTER,
-            "--proxy-tls-external",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let controller = gateway_controller(&s.work, &kubeconfig);
     let ready = started.elapsed();
 
     // The controller writes the WasmPlugin: the cluster's keys, the connector, the channel cluster.
@@ -1253,19 +1259,7 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         })
     };
     kube.apply(&connector("registry", vec![])).unwrap();
-    let controller = Controller::start_kube(
-        &s.work,
-        &kubeconfig,
-        "https://192.168.1.10:31568",
-        &[
-            "--istio-wasmplugin",
-            &format!("{PLUGIN_NS}/{PLUGIN}"),
-            "--channel-cluster",
-            CHANNEL_CLUSTER,
-            "--proxy-tls-external",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let controller = gateway_controller(&s.work, &kubeconfig);
     until("the small configuration is written", || {
         let r = proxy_ready_of(&kube, "registry")?;
         (r["reason"] == "PluginConfigWritten").then_some(())
