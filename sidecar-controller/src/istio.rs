@@ -260,6 +260,11 @@ impl Progress {
         self.hub.set_proxy(|p| p.plugin_refused = Some((version, why)));
     }
 
+    /// Counts one write of the WasmPlugin by result (`written`, `too_large`, `failed`).
+    pub fn plugin_write(&self, result: &str) {
+        crate::ops::Metrics::result(&self.hub.metrics.wasmplugin_writes, result);
+    }
+
     pub fn upstreams(&self, version: u64) {
         self.set(|s| s.1 = Some(version));
     }

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub reconcile_errors: Family<ReasonLabel, Counter>,
     pub connectors_ready: Gauge,
     pub connectors_configured: Gauge,
+    /// Size of the latest filter configuration rendered: what each change sends (ECDS), or
+    /// what the WasmPlugin must hold (Istio mode, where etcd's request limit caps it).
+    pub filter_config_bytes: Gauge,
+    /// Istio mode: writes of the WasmPlugin's pluginConfig by result (`written`, `too_large`,
+    /// `failed`).
+    pub wasmplugin_writes: Family<ResultLabel, Counter>,
     pub renders: Family<ResultLabel, Counter>,
     pub xds_pushes: Family<TypeLabel, Counter>,
     pub xds_nacks: Family<TypeLabel, Counter>,
@@ -66,6 +72,16 @@ impl Metrics {
             "connectors_configured",
             "Connectors in the configuration pushed to Envoy",
             self.connectors_configured.clone(),
+        );
+        r.register(
+            "filter_config_bytes",
+            "Bytes of the latest filter configuration rendered (the ECDS resource's, or the WasmPlugin's pluginConfig)",
+            self.filter_config_bytes.clone(),
+        );
+        r.register(
+            "wasmplugin_writes",
+            "Writes of the WasmPlugin's pluginConfig (Istio mode) by result: written, too_large, failed",
+            self.wasmplugin_writes.clone(),
         );
         r.register(
             "renders",

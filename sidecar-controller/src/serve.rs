@@ -133,6 +133,9 @@ pub async fn pipeline(
                         "configuration rendered"
                     );
                     hub.metrics.connectors_configured.set(r.connectors.len() as i64);
+                    if let Some(s) = &last {
+                        hub.metrics.filter_config_bytes.set(s.filter_config.len() as i64);
+                    }
                     hub.publish_rendered(Published {
                         version,
                         connectors: r.connectors,

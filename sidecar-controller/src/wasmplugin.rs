@@ -138,6 +138,7 @@ pub async fn run(
         {
             match write(&api, &target, want, rv).await {
                 Ok(after) => {
+                    progress.plugin_write("written");
                     backoff = Duration::from_millis(500);
                     let connectors = want["connectors"].as_array().map_or(0, Vec::len);
                     if after.1 == *want {
@@ -156,7 +157,9 @@ pub async fn run(
                     continue;
                 }
                 Err(e) => {
-                    if let Some(why) = too_large(&e) {
+                    let too_large = too_large(&e);
+                    progress.plugin_write(if too_large.is_some() { "too_large" } else { "failed" });
+                    if let Some(why) = too_large {
                         // Sending the same bytes again cannot help: wait for the configuration
                         // to change, and keep the WasmPlugin at the last one written.
                         let bytes = serde_json::to_vec(want).map_or(0, |b| b.len());

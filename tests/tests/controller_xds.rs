@@ -149,6 +149,7 @@ fn envoy_follows_the_manifests_and_keeps_serving_when_the_controller_dies() {
         "{metrics}"
     );
     assert_eq!(sample("connector_controller_connectors_configured"), 1.0, "{metrics}");
+    assert!(sample("connector_controller_filter_config_bytes") > 100.0, "{metrics}");
     assert!(
         sample("connector_controller_reconcile_errors_total{reason=\"ManifestsInvalid\"}") >= 1.0,
         "{metrics}"

@@ -1307,6 +1307,14 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         !log.contains("the object has been modified"),
         "a write with a stale resourceVersion"
     );
+    // The same in the metrics: the configuration's size, one refusal.
+    let metric = |sample: &str| controller.metric(sample).unwrap().unwrap_or(0.0);
+    assert!(metric("connector_controller_filter_config_bytes") > 1_572_864.0);
+    assert_eq!(
+        metric("connector_controller_wasmplugin_writes_total{result=\"too_large\"}"),
+        1.0
+    );
+    assert!(metric("connector_controller_wasmplugin_writes_total{result=\"written\"}") >= 2.0);
     assert!(
         !log.contains(&creds.password),
         "the password is in the controller's log"
