@@ -286,6 +286,8 @@ impl Progress {
 /// version the WasmPlugin and the upstream objects were last seen to carry. It says what the
 /// controller observed on the API server, no more: whether istiod delivered it to the
 /// gateway's Envoy (and Envoy loaded it) the controller cannot see, and the message says so.
+/// A version the API server refused to store as too large (`refused`) is
+/// `PluginConfigTooLarge`, with the writer's message, until a later one is written.
 pub fn proxy_ready(
     p: &crate::hub::Published,
     written: Option<u64>,
