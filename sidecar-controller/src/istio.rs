@@ -248,11 +248,6 @@ impl Progress {
 
     pub fn plugin_config(&self, version: u64) {
         self.set(|s| s.0 = Some(version));
-        self.hub.set_proxy(|p| {
-            if p.plugin_refused.as_ref().is_some_and(|(v, _)| *v <= version) {
-                p.plugin_refused = None;
-            }
-        });
     }
 
     /// The API server refused to store configuration `version` in the WasmPlugin (too large).
@@ -270,15 +265,24 @@ impl Progress {
     }
 
     fn set(&self, f: impl FnOnce(&mut (Option<u64>, Option<u64>))) {
-        let both = {
+        let (plugin, both) = {
             let mut s = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&mut s);
             match *s {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                _ => None,
+                (Some(a), Some(b)) => (Some(a), Some(a.min(b))),
+                (a, _) => (a, None),
             }
         };
-        self.hub.set_proxy(|p| p.plugin_config = Some(both));
+        // One update: a refusal ends once the WasmPlugin holds that version or a later one.
+        self.hub.set_proxy(|p| {
+            p.plugin_config = Some(both);
+            if p.plugin_refused
+                .as_ref()
+                .is_some_and(|(v, _)| plugin.is_some_and(|w| *v <= w))
+            {
+                p.plugin_refused = None;
+            }
+        });
     }
 }
 

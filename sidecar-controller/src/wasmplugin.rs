@@ -164,9 +164,16 @@ pub async fn run(
                         // to change, and keep the WasmPlugin at the last one written.
                         let bytes = serde_json::to_vec(want).map_or(0, |b| b.len());
                         let connectors = want["connectors"].as_array().map_or(0, Vec::len);
-                        let message = refused_message(version.unwrap_or(0), connectors, bytes, &why, reported);
+                        // The snapshot's configuration, or (the limit lowered since) the last
+                        // one written, put back over someone else's edit: only the snapshot's
+                        // refusal is what the Connectors' ProxyReady reports.
+                        let latest = desired.as_ref() == Some(want);
+                        let refused_version = if latest { version } else { reported }.unwrap_or(0);
+                        let message = refused_message(refused_version, connectors, bytes, &why, reported);
                         tracing::error!(wasmplugin = %label, connectors, bytes, "{message}");
-                        progress.plugin_refused(version.unwrap_or(0), message);
+                        if latest {
+                            progress.plugin_refused(refused_version, message);
+                        }
                         refusal = Some((want.clone(), last_good.as_ref() == Some(want)));
                     } else {
                         tracing::warn!(wasmplugin = %label, error = %e, ?backoff, "writing the WasmPlugin's pluginConfig failed; retrying");
