@@ -9,6 +9,10 @@
 //!   Envoy's native `jwt_authn` checking the same RS256 and ES256 tokens (what a user would pick
 //!   for token checking alone).
 //!
+//! On both upstreams a **host-call floor** row (`devkit/floor-filter`) makes the filter's host
+//! calls of a warm request with no decision behind them: the filter's cost splits into what
+//! Envoy charges any filter that edits a request this way, and the filter's own work.
+//!
 //! Scenarios are interleaved over several rounds; ratios are taken within a round and the median
 //! reported, because this machine is shared and noisy. The load comes from `wrk` (one thread,
 //! keep-alive connections); any 4xx/5xx answer or transport error invalidates the run, and a
@@ -222,6 +226,15 @@ fn run() -> Result<()> {
             noop.display()
         ));
     }
+    // The filter's host calls without its decisions (devkit/floor-filter): the cost any filter
+    // that edits a request as this one does pays in Envoy.
+    let floor = wasm.with_file_name("floor_filter.wasm");
+    if !floor.is_file() {
+        return Err(format!(
+            "{} is missing: build it with `cargo build -p floor-filter --target wasm32-wasip1 --release`",
+            floor.display()
+        ));
+    }
     let work = WorkDir::new("bench")?;
     if arg("--flood-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
@@ -238,7 +251,7 @@ fn run() -> Result<()> {
     }
     if arg("--warm-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
-        return warm_table(&work, &minter, &wasm, &noop, seconds, rounds);
+        return warm_table(&work, &minter, &wasm, &noop, &floor, seconds, rounds);
     }
     if arg("--memory-only", 0) == 1 {
         let minter = Minter::new(&work.sub("keys")?)?;
@@ -283,6 +296,8 @@ fn run() -> Result<()> {
     let st_plain = start_envoy("bench-static-plain", static_up.port, None)?;
     let st_noop = start_envoy("bench-static-noop", static_up.port, Some((&noop, true)))?;
     let st_filter = start_envoy("bench-static-filter", static_up.port, Some((&wasm, false)))?;
+    let reg_floor = start_envoy("bench-reg-floor", registry.port, Some((&floor, false)))?;
+    let st_floor = start_envoy("bench-static-floor", static_up.port, Some((&floor, false)))?;
     // Envoy's native JWT filter with the same keys, issuer and audience, in front of a plain route.
     let jwt_work = WorkDir::new("bench-static-jwt-authn")?;
     let st_jwt = Envoy::start_custom(&jwt_work, "envoy", |port, admin| {
@@ -363,6 +378,16 @@ fn run() -> Result<()> {
         ),
         sc(
             reg,
+            FLOOR_ROW,
+            false,
+            reg_floor.port,
+            &proxy_path,
+            Some(&warm_file),
+            Some(&reg_floor),
+            rp,
+        ),
+        sc(
+            reg,
             "Distribution pull-through proxy (proxy mode)",
             false,
             pull_through.port,
@@ -419,6 +444,16 @@ fn run() -> Result<()> {
             &proxy_path,
             Some(&warm_file),
             Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            FLOOR_ROW,
+            false,
+            st_floor.port,
+            &proxy_path,
+            Some(&warm_file),
+            Some(&st_floor),
             sp,
         ),
         sc(
@@ -1050,8 +1085,11 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
         .iter()
         .map(|(_, _, e)| (procs::rss_kib(e.and_then(|e| e.pid())), 0))
         .collect();
-    for _ in 0..rounds.max(1) {
-        for (i, (name, url, _)) in cases.iter().enumerate() {
+    // Rotated order: a path that always ran right after another (its page cache, the machine's
+    // other load) would carry that in every round.
+    for round in 0..rounds.max(1) as usize {
+        for i in (0..cases.len()).map(|k| (k + round) % cases.len()) {
+            let Some((name, url, _)) = cases.get(i) else { continue };
             let out = curl(&[
                 "-o",
                 "/dev/null",
@@ -1088,6 +1126,16 @@ fn blob_table(work: &WorkDir, minter: &Minter, wasm: &Path, token: &str, mib: u3
             "-".into()
         };
         println!("| {name} | {:.0} | {:.2}x | {mem} |", median(v.clone()), median(ratios));
+    }
+    // Each round's ratio, so that a median can be read against its spread.
+    if let Some(filter) = speeds.get(2) {
+        let each: Vec<String> = filter.iter().zip(&base).map(|(f, b)| format!("{:.2}", f / b)).collect();
+        let at_goal = filter.iter().zip(&base).filter(|(f, b)| *f / *b >= 0.95).count();
+        println!(
+            "\nEnvoy + filter against Envoy without filter, round by round: {} ({at_goal} of {} rounds at 0.95x or better)",
+            each.join(" "),
+            filter.len()
+        );
     }
     Ok(())
 }
@@ -1534,7 +1582,15 @@ fn idle_workers(envoy: &Envoy, workers: u32) -> Result<Vec<u32>> {
 /// CPU per request by a few µs, less than this machine's swings between minutes: so the rows
 /// are compared within each round (the filter's cost over the no-op filter's, the baseline's
 /// over the filter's) and the medians of those differences reported.
-fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds: u32, rounds: u32) -> Result<()> {
+fn warm_table(
+    work: &WorkDir,
+    minter: &Minter,
+    wasm: &Path,
+    noop: &Path,
+    floor: &Path,
+    seconds: u32,
+    rounds: u32,
+) -> Result<()> {
     let baseline_module: String = connector_devkit::arg("--baseline-module", String::new());
     let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
@@ -1550,6 +1606,7 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
             "Envoy + filter, warm token cache".into(),
             Some((wasm.to_path_buf(), false)),
         ),
+        (FLOOR_ROW.into(), Some((floor.to_path_buf(), false))),
     ];
     if !baseline_module.is_empty() {
         let module = PathBuf::from(&baseline_module);
@@ -1621,7 +1678,14 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
             median(over)
         );
     }
-    if let (Some(filter), Some(base)) = (cpu.get(2), cpu.get(3)) {
+    if let (Some(filter), Some(floor)) = (cpu.get(2), cpu.get(3)) {
+        let own: Vec<f64> = filter.iter().zip(floor).map(|(f, b)| f - b).collect();
+        println!(
+            "\nthe filter costs {:+.1} µs per request more than the host-call floor (median of the rounds' differences): its own work; the floor's cost over the no-op filter is Envoy's and the wasm runtime's for these edits",
+            median(own)
+        );
+    }
+    if let (Some(filter), Some(base)) = (cpu.get(2), cpu.get(4)) {
         let diff: Vec<f64> = base.iter().zip(filter).map(|(b, f)| b - f).collect();
         let faster = diff.iter().filter(|d| **d > 0.0).count();
         println!(
@@ -1632,6 +1696,10 @@ fn warm_table(work: &WorkDir, minter: &Minter, wasm: &Path, noop: &Path, seconds
     }
     Ok(())
 }
+
+/// The row of the host-call floor module (`devkit/floor-filter`): the connector filter's host
+/// calls for a warm request, without its decisions.
+const FLOOR_ROW: &str = "Envoy + host-call floor (the filter's 11 host calls, no logic)";
 
 /// The manifest the single-purpose modes' static upstream serves (flood, warm, memory): their
 /// numbers need no registry behind it.

@@ -33,6 +33,23 @@ fn a_warm_forwarded_request_makes_exactly_these_host_calls() {
     assert_eq!(w.total(), 11);
 }
 
+// The benchmark's host-call floor (devkit/floor-filter) stands for "these edits, no decisions":
+// its row means something only while it makes exactly the filter's calls. A call added to (or
+// dropped from) either side fails here.
+#[test]
+fn the_benchmarks_host_call_floor_makes_exactly_the_filters_calls() {
+    let floor = connector_wasm_host::default_module_path().with_file_name("floor_filter.wasm");
+    assert!(
+        floor.is_file(),
+        "{} is missing: cargo build -p floor-filter --target wasm32-wasip1 --release",
+        floor.display()
+    );
+    let filter = warm_forwarded_request(None).unwrap();
+    let floor = warm_forwarded_request(Some(floor)).unwrap();
+    assert_eq!(floor.request, filter.request, "request phase");
+    assert_eq!(floor.response, filter.response, "response phase");
+}
+
 // The verified-token cache holds a 16-byte keyed hash of each token, not the token (about 1 KB
 // for a real ServiceAccount token): at the default 10,000 entries per VM that was most of the
 // filter's memory in Envoy. Measured as the module's linear memory (which only grows) over a

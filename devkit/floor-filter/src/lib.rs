@@ -1,0 +1,84 @@
+//! The benchmark's second floor: an HTTP filter that makes exactly the host calls the connector
+//! filter makes for a warm forwarded request (pinned by `wasm/host/tests/warm_request.rs`), in the
+//! same order, with no decision behind them: no token check, no cache, no access rule. What it
+//! costs over the do-nothing module is what Envoy and its wasm runtime charge any filter that
+//! reads and edits a request this way; what the connector filter costs over it is the filter's
+//! own work. Built only for wasm32; never shipped.
+
+#[cfg(target_arch = "wasm32")]
+mod filter {
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, ContextType, MetricType};
+
+    /// The route header the connector filter sets (`connector_devkit::envoy::CLUSTER_HEADER`) and
+    /// the benchmark's one cluster.
+    const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
+    const CLUSTER: &str = "upstream_bench";
+
+    #[derive(Default)]
+    struct Root {
+        /// The two counters a warm request increments, defined once with the configuration
+        /// as the connector filter defines its own.
+        metrics: Option<(u32, u32)>,
+    }
+    impl Context for Root {}
+    impl RootContext for Root {
+        fn on_configure(&mut self, _size: usize) -> bool {
+            let define = |name| hostcalls::define_metric(MetricType::Counter, name).ok();
+            self.metrics = define("oci_connector_floor.forwarded").zip(define("oci_connector_floor.token_cache.hits"));
+            self.metrics.is_some()
+        }
+        fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+            Some(Box::new(Floor { metrics: self.metrics }))
+        }
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    struct Floor {
+        metrics: Option<(u32, u32)>,
+    }
+    impl Context for Floor {}
+    impl HttpContext for Floor {
+        fn on_http_request_headers(&mut self, _headers: usize, _end: bool) -> Action {
+            // One read of the whole map, the clock (the connector filter's token expiry check).
+            let headers = self.get_http_request_headers();
+            let _now = self.get_current_time();
+            // `/v2/namespaces/<ns>/connectors/<name>/<rest>` → `/v2/<rest>`: the benchmark's
+            // requests always have this shape; anything else is sent on unchanged.
+            let path = headers
+                .iter()
+                .find(|(k, _)| k == ":path")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("/");
+            let rest = path.splitn(7, '/').nth(6);
+            if let Some(rest) = rest {
+                self.set_http_request_header(":path", Some(&format!("/v2/{rest}")));
+            }
+            self.set_http_request_header(":authority", Some("127.0.0.1"));
+            self.set_http_request_header(CLUSTER_HEADER, Some(CLUSTER));
+            if let Some((forwarded, hits)) = self.metrics {
+                let _ = hostcalls::increment_metric(forwarded, 1);
+                let _ = hostcalls::increment_metric(hits, 1);
+            }
+            self.set_property(vec!["oci_connector.connector"], Some(b"bench/registry"));
+            self.set_property(vec!["oci_connector.subject"], Some(b"bench/default"));
+            self.set_http_request_header(
+                "authorization",
+                Some("Basic cm9ib3Q6dW51c2VkLWJ5LWFuLW9wZW4tdXBzdHJlYW0="),
+            );
+            Action::Continue
+        }
+        fn on_http_response_headers(&mut self, _headers: usize, _end: bool) -> Action {
+            // The connector filter reads the answer's headers once (echoed credentials, challenges).
+            let _ = self.get_http_response_headers();
+            Action::Continue
+        }
+    }
+
+    proxy_wasm::main! {{
+        proxy_wasm::set_root_context(|_| Box::<Root>::default());
+    }}
+}
