@@ -335,9 +335,32 @@ pub struct Upstreams {
     pub ca_bundle: String,
 }
 
+/// The clusters the upstream objects are written for: the latest snapshot's, and those of the
+/// configuration the WasmPlugin holds (`held`, from `wasmplugin`) that the latest does not
+/// name. While the latest configuration is not in the WasmPlugin (refused as too large, or not
+/// yet written) the gateway still routes by the held one, so its upstreams stay reachable:
+/// make-before-break, as for the credentials. A host and port in both is written as the latest
+/// has it (Istio builds one cluster per host and port).
+pub fn wanted_clusters(latest: &[UpstreamCluster], held: Option<&[UpstreamCluster]>) -> Vec<UpstreamCluster> {
+    let mut out = latest.to_vec();
+    let named: BTreeSet<(&str, u16)> = latest.iter().map(|c| (c.host.as_str(), c.port)).collect();
+    for c in held.unwrap_or_default() {
+        if !named.contains(&(c.host.as_str(), c.port)) {
+            out.push(c.clone());
+        }
+    }
+    out
+}
+
 /// Keeps the ServiceEntries and DestinationRules equal to what the latest snapshot's clusters
-/// need until `snapshots` closes. Errors are logged and retried with back-off.
-pub async fn run(target: Upstreams, mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>, progress: Arc<Progress>) {
+/// and the WasmPlugin's held ones need ([`wanted_clusters`]) until `snapshots` closes. Errors
+/// are logged and retried with back-off.
+pub async fn run(
+    target: Upstreams,
+    mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    mut held: watch::Receiver<Option<Arc<Vec<UpstreamCluster>>>>,
+    progress: Arc<Progress>,
+) {
     let api = |kind: &str| -> Api<DynamicObject> {
         let r = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, kind));
         Api::namespaced_with(target.client.clone(), &target.namespace, &r)
@@ -346,10 +369,12 @@ pub async fn run(target: Upstreams, mut snapshots: watch::Receiver<Option<Arc<Sn
     let mut backoff = Duration::from_millis(500);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
+        let kept = held.borrow_and_update().clone();
         let wait = match &snapshot {
             None => RESYNC,
             Some(s) => {
-                let want = objects(&s.clusters, &target.namespace, &target.plugin, &target.ca_bundle);
+                let clusters = wanted_clusters(&s.clusters, kept.as_deref().map(Vec::as_slice));
+                let want = objects(&clusters, &target.namespace, &target.plugin, &target.ca_bundle);
                 match sync(&entries, &rules, &want, &target.plugin).await {
                     Ok(changed) => {
                         backoff = Duration::from_millis(500);
@@ -370,6 +395,8 @@ pub async fn run(target: Upstreams, mut snapshots: watch::Receiver<Option<Arc<Sn
         };
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
+            // The WasmPlugin's task ended: so does the controller.
+            changed = held.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -509,6 +536,39 @@ mod tests {
         }
         // The left-out connectors' clusters are not built (s.example was only the realm one's).
         assert_eq!(r.clusters.len(), 1);
+    }
+
+    #[test]
+    fn the_upstreams_of_the_configuration_the_wasmplugin_holds_stay_until_it_is_replaced() {
+        let hosts = |cs: &[UpstreamCluster]| -> Vec<(String, u16, bool)> {
+            let mut v: Vec<_> = cs.iter().map(|c| (c.host.clone(), c.port, c.tls)).collect();
+            v.sort();
+            v
+        };
+        // The held configuration reached old.example.com and an http port of shared.example.com;
+        // the latest moved a connector to new.example.com and the port to https.
+        let held = [cl("https://old.example.com"), cl("http://shared.example.com:5000")];
+        let latest = [cl("https://new.example.com"), cl("https://shared.example.com:5000")];
+        let want = wanted_clusters(&latest, Some(&held));
+        assert_eq!(
+            hosts(&want),
+            vec![
+                ("new.example.com".to_string(), 443, true),
+                ("old.example.com".to_string(), 443, true),
+                // One cluster per host and port: as the latest has it.
+                ("shared.example.com".to_string(), 5000, true),
+            ]
+        );
+        // One ServiceEntry per host, each port once: objects() takes the union as it is.
+        let objs = objects(&want, "ns", "plugin", "ca");
+        let shared = objs
+            .iter()
+            .find(|(k, _, o)| *k == "ServiceEntry" && o["spec"]["hosts"][0] == "shared.example.com")
+            .unwrap();
+        assert_eq!(shared.2["spec"]["ports"].as_array().map(Vec::len), Some(1));
+        // Once the WasmPlugin holds the latest (or holds nothing known), only the latest's.
+        assert_eq!(hosts(&wanted_clusters(&latest, Some(&latest))), hosts(&latest));
+        assert_eq!(hosts(&wanted_clusters(&latest, None)), hosts(&latest));
     }
 
     #[test]

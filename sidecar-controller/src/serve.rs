@@ -279,8 +279,11 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
             plugin: target.name.clone(),
             ca_bundle: settings.upstream_ca.clone(),
         };
-        tokio::spawn(crate::istio::run(upstreams, snap_rx.clone(), progress.clone()));
-        tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone(), progress));
+        // The clusters of the configuration the WasmPlugin holds, whose upstreams stay while
+        // a newer one is not written (refused as too large).
+        let (held_tx, held_rx) = watch::channel(None);
+        tokio::spawn(crate::istio::run(upstreams, snap_rx.clone(), held_rx, progress.clone()));
+        tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone(), held_tx, progress));
     }
     tokio::spawn(pipeline(
         hub.clone(),

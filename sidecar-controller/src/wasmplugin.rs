@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::render::UpstreamCluster;
 use crate::xds::Snapshot;
 
 /// The field manager of `spec.pluginConfig`.
@@ -98,6 +99,7 @@ fn seen(o: &DynamicObject) -> Option<Seen> {
 pub async fn run(
     target: Target,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    held: watch::Sender<Option<Arc<Vec<UpstreamCluster>>>>,
     progress: Arc<crate::istio::Progress>,
 ) {
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(GROUP, VERSION, KIND));
@@ -108,7 +110,11 @@ pub async fn run(
     let parse = |s: Option<&Arc<Snapshot>>| {
         s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config.text()).ok()?)))
     };
-    let (mut version, mut desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
+    let latest = snapshots.borrow_and_update().clone();
+    let (mut version, mut desired) = parse(latest.as_ref()).unzip();
+    // The clusters of `desired`'s snapshot: told to the upstreams' task (`held`) once the
+    // WasmPlugin holds that configuration.
+    let mut desired_clusters = latest.map(|s| s.clusters.clone());
     // The version the WasmPlugin was last seen holding.
     let mut reported = None;
     let mut view = View::default();
@@ -126,6 +132,7 @@ pub async fn run(
         {
             progress.plugin_config(v);
             reported = Some(v);
+            held.send_replace(desired_clusters.clone());
         }
         let goal = if refused.is_some() && refused == desired {
             last_good.as_ref()
@@ -203,7 +210,9 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                (version, desired) = parse(snapshots.borrow_and_update().as_ref()).unzip();
+                let latest = snapshots.borrow_and_update().clone();
+                (version, desired) = parse(latest.as_ref()).unzip();
+                desired_clusters = latest.map(|s| s.clusters.clone());
             }
             event = events.next() => match event {
                 Some(event) => view.event(event, &label),

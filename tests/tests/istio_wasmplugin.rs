@@ -1259,10 +1259,28 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         })
     };
     kube.apply(&connector("registry", vec![])).unwrap();
+    // A connector whose address moves while the configuration is refused (below).
+    let mover = |address: &str| {
+        let mut c = connector("mover", vec![]);
+        c["spec"]["address"] = json!(address);
+        c
+    };
+    kube.apply(&mover("https://old-home.example.com")).unwrap();
     let controller = gateway_controller(&s.work, &kubeconfig);
     until("the small configuration is written", || {
-        let r = proxy_ready_of(&kube, "registry")?;
+        let r = proxy_ready_of(&kube, "mover")?;
         (r["reason"] == "PluginConfigWritten").then_some(())
+    });
+    let upstream_hosts = || -> Vec<String> {
+        upstream_objects(&kube, "serviceentries")
+            .iter()
+            .filter_map(|e| e["spec"]["hosts"][0].as_str().map(String::from))
+            .collect()
+    };
+    until("the mover's upstream ServiceEntry is written", || {
+        upstream_hosts()
+            .contains(&"old-home.example.com".to_string())
+            .then_some(())
     });
     // Six connectors of 5,000 ServiceAccounts each: about 1.9 MB of configuration.
     let accounts: Vec<String> = (0..5000)
@@ -1280,7 +1298,7 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
     assert_eq!(refused["status"], "False");
     let message = refused["message"].as_str().unwrap_or_default();
     for part in [
-        "7 connectors",
+        "8 connectors",
         "etcdserver: request is too large",
         "keeps configuration version",
         "--max-request-bytes",
@@ -1296,7 +1314,10 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert!(kept.contains(&"registry") && kept.len() < 7, "{kept:?}");
+    assert!(
+        kept.contains(&"registry") && kept.contains(&"mover") && kept.len() < 8,
+        "{kept:?}"
+    );
     // Not sent again while it stays the same, and no write against a stale resourceVersion.
     let refusals = |log: &str| log.matches("is too large for the WasmPlugin").count();
     let before = refusals(&controller.log());
@@ -1333,6 +1354,21 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
         "PluginConfigTooLarge"
     );
 
+    // The mover moves in a configuration that is refused too: the WasmPlugin still routes it
+    // to its old home, so that host's ServiceEntry stays beside the new one's.
+    kube.apply(&mover("https://new-home.example.com")).unwrap();
+    until("the moved connector's new upstream ServiceEntry is written", || {
+        upstream_hosts()
+            .contains(&"new-home.example.com".to_string())
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let hosts = upstream_hosts();
+    assert!(
+        hosts.contains(&"old-home.example.com".to_string()),
+        "the upstream of the configuration the WasmPlugin holds was removed: {hosts:?}"
+    );
+
     // Small enough again: written, and every connector's ProxyReady is back.
     for i in 1..6 {
         kube.kubectl(&["delete", "connector", &format!("big-{i}"), "-n", NS])
@@ -1347,7 +1383,13 @@ fn a_configuration_too_large_for_the_wasmplugin_is_reported_and_the_last_one_kep
             .filter_map(|c| c["name"].as_str().map(String::from))
             .collect();
         names.sort();
-        (names == ["big-0", "registry"]).then_some(())
+        (names == ["big-0", "mover", "registry"]).then_some(())
+    });
+    // The WasmPlugin holds the moved address now: the old home's ServiceEntry goes.
+    until("the old home's ServiceEntry is removed", || {
+        let hosts = upstream_hosts();
+        (!hosts.contains(&"old-home.example.com".to_string()) && hosts.contains(&"new-home.example.com".to_string()))
+            .then_some(())
     });
     for name in ["registry", "big-0"] {
         let (r, _) = until("ProxyReady is PluginConfigWritten again", || {
