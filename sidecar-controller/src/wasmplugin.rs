@@ -95,7 +95,8 @@ fn seen(o: &DynamicObject) -> Option<Seen> {
 /// operator's).
 ///
 /// Each time the object is seen holding the configuration of a snapshot, `progress` hears that
-/// snapshot's version (Istio mode's `ProxyReady`, see `istio`).
+/// snapshot's version (Istio mode's `ProxyReady`, see `istio`) and `held` its clusters (whose
+/// upstream objects `istio::run` keeps until a newer configuration is held).
 pub async fn run(
     target: Target,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
