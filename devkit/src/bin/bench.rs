@@ -21,8 +21,9 @@
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
 //! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds;
 //! `--perf-dir DIR --perf-match TEXT` profiles Envoy with `perf` during the matching rows;
-//! `--warm-only 1 [--baseline-module PATH]` runs only the warm rows on the static upstream,
-//! many short rounds in turn, for an A/B of a change to the warm path;
+//! `--warm-only 1 [--baseline-module PATH]` runs only the warm rows on the static upstream
+//! (`--distribution 1`: on Distribution), many short rounds in turn, for an A/B of a change to
+//! the warm path;
 //! `--memory-only 1 [--workers 1,2,4]` measures Envoy's resident memory against its number of
 //! workers instead, to separate the filter's share per worker from its one-off share).
 
@@ -1594,7 +1595,29 @@ fn warm_table(
     let baseline_module: String = connector_devkit::arg("--baseline-module", String::new());
     let direct_path = format!("/v2/{REPO}/manifests/v1");
     let proxy_path = format!("/v2/namespaces/{NS}/connectors/{CONNECTOR}/{REPO}/manifests/v1");
-    let static_up = small_static_upstream(work, &direct_path)?;
+    // `--distribution 1`: the same rows in front of Distribution (the registry-bound case of
+    // the 0.95x goal) instead of the static upstream.
+    let distribution = arg("--distribution", 0) == 1;
+    // The upstream runs until the table is printed (dropping it stops it).
+    let (mut keep_registry, mut keep_static) = (None, None);
+    let (upstream_port, upstream_pid, manifest, group) = if distribution {
+        let registry = Registry::start_lean(work)?;
+        let skopeo = Skopeo::new(work)?;
+        let sample = image::build_sample(work, "bench", "v1", 2)?;
+        image::push(&skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
+        let manifest = Request::get(&direct_path)
+            .header("Accept", MANIFEST_ACCEPT)
+            .send(registry.port)?
+            .body;
+        let (port, pid) = (registry.port, registry.pid());
+        keep_registry = Some(registry);
+        (port, pid, manifest, "Distribution upstream")
+    } else {
+        let up = small_static_upstream(work, &direct_path)?;
+        let (port, pid) = (up.port, up.pid());
+        keep_static = Some(up);
+        (port, pid, SMALL_MANIFEST.to_vec(), "static upstream (Envoy-bound)")
+    };
     let warm_file = token_file(work.path(), "warm-token", &minter.valid(NS, "default")?)?;
     let script = work.path().join("bench.lua");
     std::fs::write(&script, LUA).map_err(|e| format!("write script: {e}"))?;
@@ -1626,12 +1649,12 @@ fn warm_table(
             .as_ref()
             .map(|(module, plain_route)| (module.as_path(), *plain_route));
         let routed = filter.is_some_and(|(_, plain_route)| !plain_route);
-        let envoy = bench_envoy(&dir, minter, static_up.port, filter, 1)?;
+        let envoy = bench_envoy(&dir, minter, upstream_port, filter, 1)?;
         let s = Scenario {
-            group: "static upstream (Envoy-bound)",
+            group,
             name: "",
             baseline: false,
-            upstream_pid: static_up.pid(),
+            upstream_pid,
             port: envoy.port,
             path: if routed {
                 proxy_path.clone()
@@ -1641,7 +1664,7 @@ fn warm_table(
             tokens: Some(warm_file.clone()),
             envoy_pid: envoy.pid(),
         };
-        preflight(&s, SMALL_MANIFEST).map_err(|e| format!("{name}: {e}"))?;
+        preflight(&s, &manifest).map_err(|e| format!("{name}: {e}"))?;
         run_wrk(&s, &script, 2)?;
         scenarios.push((name.clone(), s));
         keep.push((dir, envoy));
@@ -1664,19 +1687,31 @@ fn warm_table(
         eprintln!("round {}/{rounds}: {}", round + 1, line.join(", "));
     }
     println!(
-        "\nwarm manifest GET on the static upstream, wrk -t1 -c16, {seconds} s x {rounds} rounds in rotated order (medians), Envoy --concurrency 1\n"
+        "\nwarm manifest GET, {group}, wrk -t1 -c16, {seconds} s x {rounds} rounds in rotated order (medians), Envoy --concurrency 1\n"
     );
-    println!("| scenario | req/s | Envoy CPU µs/req | over the no-op filter, same round (median) |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| scenario | req/s | req/s vs Envoy without filter, same round (median) | Envoy CPU µs/req | over the no-op filter, same round (median) |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    let plain_rps = rps.first().cloned().unwrap_or_default();
     let noop_cpu = cpu.get(1).cloned().unwrap_or_default();
     for (i, (name, _)) in scenarios.iter().enumerate() {
         let over: Vec<f64> = cpu[i].iter().zip(&noop_cpu).map(|(a, b)| a - b).collect();
+        let ratio: Vec<f64> = rps[i].iter().zip(&plain_rps).map(|(a, b)| a / b).collect();
         println!(
-            "| {name} | {:.0} | {:.0} | {:+.0} µs |",
+            "| {name} | {:.0} | {:.2}x | {:.0} | {:+.0} µs |",
             median(rps[i].clone()),
+            median(ratio.clone()),
             median(cpu[i].clone()),
             median(over)
         );
+        if i > 0 {
+            let at_goal = ratio.iter().filter(|r| **r >= 0.95).count();
+            eprintln!(
+                "{name}: {at_goal} of {} rounds at 0.95x Envoy's req/s or better",
+                ratio.len()
+            );
+        }
     }
     if let (Some(filter), Some(floor)) = (cpu.get(2), cpu.get(3)) {
         let own: Vec<f64> = filter.iter().zip(floor).map(|(f, b)| f - b).collect();
@@ -1694,6 +1729,7 @@ fn warm_table(
             diff.len()
         );
     }
+    drop((keep, keep_registry.take(), keep_static.take()));
     Ok(())
 }
 
