@@ -111,11 +111,10 @@ pub async fn run(
     let parse = |s: Option<&Arc<Snapshot>>| {
         s.and_then(|s| Some((s.version, serde_json::from_str::<Value>(&s.filter_config.text()).ok()?)))
     };
-    let latest = snapshots.borrow_and_update().clone();
-    let (mut version, mut desired) = parse(latest.as_ref()).unzip();
-    // The clusters of `desired`'s snapshot: told to the upstreams' task (`held`) once the
-    // WasmPlugin holds that configuration.
-    let mut desired_clusters = latest.map(|s| s.clusters.clone());
+    // The latest snapshot, and its version and configuration; its clusters are told to the
+    // upstreams' task (`held`) once the WasmPlugin holds that configuration.
+    let mut snapshot = snapshots.borrow_and_update().clone();
+    let (mut version, mut desired) = parse(snapshot.as_ref()).unzip();
     // The version the WasmPlugin was last seen holding.
     let mut reported = None;
     let mut view = View::default();
@@ -133,7 +132,7 @@ pub async fn run(
         {
             progress.plugin_config(v);
             reported = Some(v);
-            held.send_replace(desired_clusters.clone());
+            held.send_replace(snapshot.as_ref().map(|s| s.clusters.clone()));
         }
         let goal = if refused.is_some() && refused == desired {
             last_good.as_ref()
@@ -211,9 +210,8 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let latest = snapshots.borrow_and_update().clone();
-                (version, desired) = parse(latest.as_ref()).unzip();
-                desired_clusters = latest.map(|s| s.clusters.clone());
+                snapshot = snapshots.borrow_and_update().clone();
+                (version, desired) = parse(snapshot.as_ref()).unzip();
             }
             event = events.next() => match event {
                 Some(event) => view.event(event, &label),

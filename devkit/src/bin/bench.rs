@@ -263,14 +263,9 @@ fn run() -> Result<()> {
         return pull_table(&work, &minter, &wasm, &Skopeo::new(&work)?, rounds);
     }
 
-    let registry = Registry::start_lean(&work)?;
     let skopeo = Skopeo::new(&work)?;
-    let sample = image::build_sample(&work, "bench", "v1", 2)?;
-    image::push(&skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
+    let (registry, sample, manifest) = sample_registry(&work, &skopeo)?;
     let direct_path = format!("/v2/{REPO}/manifests/v1");
-    let manifest = Request::get(&direct_path)
-        .header("Accept", MANIFEST_ACCEPT)
-        .send(registry.port)?;
     let digest = manifest.header("docker-content-digest").unwrap_or_default().to_string();
     let static_up = StaticUpstream::start(&work, &direct_path, &manifest.body, MANIFEST_ACCEPT, &digest)?;
 
@@ -1601,14 +1596,8 @@ fn warm_table(
     // The upstream runs until the table is printed (dropping it stops it).
     let (mut keep_registry, mut keep_static) = (None, None);
     let (upstream_port, upstream_pid, manifest, group) = if distribution {
-        let registry = Registry::start_lean(work)?;
-        let skopeo = Skopeo::new(work)?;
-        let sample = image::build_sample(work, "bench", "v1", 2)?;
-        image::push(&skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
-        let manifest = Request::get(&direct_path)
-            .header("Accept", MANIFEST_ACCEPT)
-            .send(registry.port)?
-            .body;
+        let (registry, _, manifest) = sample_registry(work, &Skopeo::new(work)?)?;
+        let manifest = manifest.body;
         let (port, pid) = (registry.port, registry.pid());
         keep_registry = Some(registry);
         (port, pid, manifest, "Distribution upstream")
@@ -1731,6 +1720,21 @@ fn warm_table(
     }
     drop((keep, keep_registry.take(), keep_static.take()));
     Ok(())
+}
+
+/// The manifest rows' Distribution (lean: open, in-memory) holding a two-layer sample image at
+/// `REPO:v1`; the image, and its manifest as the registry serves it.
+fn sample_registry(
+    work: &WorkDir,
+    skopeo: &Skopeo,
+) -> Result<(Registry, image::SampleImage, connector_devkit::http::Response)> {
+    let registry = Registry::start_lean(work)?;
+    let sample = image::build_sample(work, "bench", "v1", 2)?;
+    image::push(skopeo, &sample, &registry.authority(), REPO, Creds::None)?;
+    let manifest = Request::get(&format!("/v2/{REPO}/manifests/v1"))
+        .header("Accept", MANIFEST_ACCEPT)
+        .send(registry.port)?;
+    Ok((registry, sample, manifest))
 }
 
 /// The row of the host-call floor module (`devkit/floor-filter`): the connector filter's host
