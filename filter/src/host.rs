@@ -95,6 +95,14 @@ unsafe extern "C" {
     fn proxy_set_shared_data(key: *const u8, key_size: usize, value: *const u8, value_size: usize, cas: u32) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, ret_id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        arguments: *const u8,
+        arguments_size: usize,
+        ret_data: *mut *mut u8,
+        ret_size: *mut usize,
+    ) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Status> {
@@ -251,6 +259,26 @@ pub fn increment(id: u32, by: i64) -> Result<(), Status> {
 
 /// Sends an HTTP call to `cluster` on behalf of the SDK's current context. The SDK keeps the
 /// token → context record (see the module comment for why this one call stays the SDK's).
+/// Calls the host's foreign function `name` (Envoy: `verify_signature`, ...) with `arguments`;
+/// its answer's bytes. `Err(Status(1))` (NotFound): the host has no such function.
+pub fn call_foreign(name: &str, arguments: &[u8]) -> Result<Vec<u8>, Status> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: name and arguments are live for the call; the host writes the answer's pointer
+    // and size (memory it allocated in this module, taken back by `take`).
+    let status = unsafe {
+        proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            arguments.as_ptr(),
+            arguments.len(),
+            &mut data,
+            &mut size,
+        )
+    };
+    check(status)?;
+    Ok(take(data, size))
+}
+
 pub fn dispatch_http_call(cluster: &str, headers: Vec<(&str, &str)>, timeout: Duration) -> Result<u32, Status> {
     proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout).map_err(|s| Status(s as u32))
 }

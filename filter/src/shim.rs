@@ -179,7 +179,33 @@ mod entry {
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
         proxy_wasm::set_root_context(|id| Box::new(super::Root { state: Default::default(), id }));
+        crate::identity::set_host_check(Some(super::host_signature_check));
     }}
+}
+
+/// The identity module's host check ([`crate::identity::HostCheck`]): Envoy's
+/// `verify_signature` foreign function. A host without it (NotFound) is asked once per VM;
+/// any other failure leaves that token's check to the module.
+fn host_signature_check(hash: &str, spki: &[u8], signature: &[u8], message: &[u8]) -> Option<bool> {
+    let args = crate::wire::verify_signature_args(hash, spki, signature, message);
+    match host::call_foreign("verify_signature", &args) {
+        Ok(answer) => {
+            let holds = crate::wire::verify_signature_result(&answer);
+            if holds == Some(true) {
+                count(crate::stats::HOST_CONFIRMED);
+            }
+            holds
+        }
+        Err(host::Status(1)) => {
+            crate::identity::set_host_check(None);
+            log(
+                LogLevel::Info,
+                "this host has no verify_signature foreign function: RSA signatures are checked by the module",
+            );
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 fn log(level: LogLevel, message: &str) {

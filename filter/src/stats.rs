@@ -36,6 +36,10 @@ pub const CALL_FAILED: &str = "oci_connector.calls.failed";
 /// A refusal answered after the tarpit's hold ([`crate::tarpit`]), not at once.
 pub const REFUSAL_HELD: &str = "oci_connector.refusals.held";
 
+/// A new token's signature confirmed by the host's own check (Envoy's `verify_signature`
+/// foreign function) instead of the module's arithmetic.
+pub const HOST_CONFIRMED: &str = "oci_connector.signatures.host_confirmed";
+
 /// The verified-token cache: a hit skips signature verification.
 pub fn token_cache(hit: bool) -> &'static str {
     if hit {

@@ -91,6 +91,60 @@ fn len32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The arguments of Envoy's `verify_signature` foreign function, its protobuf
+/// `VerifySignatureArguments` (Envoy's `source/extensions/common/wasm/ext/verify_signature.proto`):
+/// `hash_function = 1` (`"sha256"`, ...), `public_key = 2` (DER SubjectPublicKeyInfo),
+/// `signature = 3`, `text = 4` (the signed bytes), all length-delimited. Encoded by hand:
+/// four fields out and one back do not need prost's code in the module.
+pub fn verify_signature_args(hash: &str, spki: &[u8], signature: &[u8], text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(hash.len() + spki.len() + signature.len() + text.len() + 16);
+    for (field, bytes) in [(1u8, hash.as_bytes()), (2, spki), (3, signature), (4, text)] {
+        out.push((field << 3) | 2);
+        let mut len = bytes.len();
+        while len >= 0x80 {
+            out.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// Whether Envoy's `verify_signature` answer (`VerifySignatureResult`: `bool result = 1`,
+/// `string error = 2`) says the signature holds. proto3 leaves a false `result` out, so an
+/// answer without it is `Some(false)`; `None`: not a message of that shape.
+pub fn verify_signature_result(bytes: &[u8]) -> Option<bool> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let (mut at, mut result) = (0, false);
+    while at < bytes.len() {
+        let key = varint(bytes, &mut at)?;
+        match (key >> 3, key & 7) {
+            (1, 0) => result = varint(bytes, &mut at)? != 0,
+            (_, 0) => {
+                varint(bytes, &mut at)?;
+            }
+            (_, 2) => {
+                let len = usize::try_from(varint(bytes, &mut at)?).ok()?;
+                at = at.checked_add(len).filter(|end| *end <= bytes.len())?;
+            }
+            _ => return None,
+        }
+    }
+    Some(result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +232,34 @@ mod tests {
         assert_eq!(serialize_path(&["filter_state", "oci"]), b"filter_state\0oci");
         assert_eq!(serialize_path(&["x"]), b"x");
         assert_eq!(serialize_path(&[]), b"");
+    }
+    #[test]
+    fn verify_signature_arguments_are_four_length_delimited_fields() {
+        let args = verify_signature_args("sha256", &[1, 2], &[3; 200], &[4, 5]);
+        let mut want = vec![0x0a, 6];
+        want.extend_from_slice(b"sha256");
+        want.extend_from_slice(&[0x12, 2, 1, 2, 0x1a, 0xc8, 0x01]);
+        want.extend_from_slice(&[3; 200]);
+        want.extend_from_slice(&[0x22, 2, 4, 5]);
+        assert_eq!(args, want);
+    }
+
+    #[test]
+    fn a_verify_signature_answer_holds_only_with_its_result_set() {
+        assert_eq!(verify_signature_result(&[0x08, 0x01]), Some(true));
+        // The error string beside it, before or after.
+        assert_eq!(
+            verify_signature_result(&[0x12, 0x02, b'n', b'o', 0x08, 0x01]),
+            Some(true)
+        );
+        // proto3 leaves out a false result: an error alone, or nothing, is a refusal.
+        let refused = [&[0x12u8, 0x05][..], b"wrong"].concat();
+        assert_eq!(verify_signature_result(&refused), Some(false));
+        assert_eq!(verify_signature_result(&[]), Some(false));
+        assert_eq!(verify_signature_result(&[0x08, 0x00]), Some(false));
+        // Not that message: a truncated length, a varint past its bytes, a fixed-width field.
+        assert_eq!(verify_signature_result(&[0x12, 0x09, b'x']), None);
+        assert_eq!(verify_signature_result(&[0x08, 0x81]), None);
+        assert_eq!(verify_signature_result(&[0x0d, 1, 0, 0, 0]), None);
     }
 }

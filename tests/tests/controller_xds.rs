@@ -712,6 +712,12 @@ fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
     );
     assert_eq!(stat("oci_connector.answered.connector_denied"), 1);
     assert_eq!(stat("oci_connector.answered.api_base"), 1);
+    // Both tokens (RS256) were new once: Envoy's own verify_signature (BoringSSL) confirmed them,
+    // which it does only if the filter's key DER and protobuf arguments are what Envoy reads.
+    assert!(
+        stat("oci_connector.signatures.host_confirmed") >= 2,
+        "new RS256 tokens are checked by Envoy's verify_signature"
+    );
 
     let log = envoy.log();
     let access: Vec<&str> = log.lines().filter(|l| l.starts_with("[access]")).collect();

@@ -69,6 +69,15 @@ impl VerifyKey {
         })
     }
 
+    /// What a host needs to make this key's check itself, where its check is the same (see
+    /// [`pkcs1::RsaKey::host_check`]): RS256/384/512 only; PSS and EC keys stay the module's.
+    pub fn host_check(&self) -> Option<(&'static str, &[u8])> {
+        match (&self.key, self.algorithm) {
+            (PublicKey::Rsa(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => k.host_check(),
+            _ => None,
+        }
+    }
+
     /// Whether `signature` (raw bytes) signs `message` under this key and its algorithm.
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         use p384::ecdsa::signature::Verifier as _;

@@ -60,6 +60,15 @@ impl Hash {
         }
     }
 
+    /// The name Envoy's crypto utility (`getHashFunction`) knows it by.
+    fn name(self) -> &'static str {
+        match self {
+            Hash::Sha256 => "sha256",
+            Hash::Sha384 => "sha384",
+            Hash::Sha512 => "sha512",
+        }
+    }
+
     fn len(self) -> usize {
         match self {
             Hash::Sha256 => 32,
@@ -92,6 +101,9 @@ enum Scheme {
     /// v1.5: `00 01 FF..FF 00 DigestInfo`, everything of the encoded message but the hash.
     Pkcs1 {
         prefix: Vec<u8>,
+        /// The key as DER SubjectPublicKeyInfo, for a host that checks v1.5 itself
+        /// ([`RsaKey::host_check`]).
+        spki: Vec<u8>,
     },
     Pss,
 }
@@ -115,7 +127,10 @@ impl RsaKey {
         prefix.resize(2 + ff, 0xff);
         prefix.push(0x00);
         prefix.extend_from_slice(info);
-        key.scheme = Scheme::Pkcs1 { prefix };
+        key.scheme = Scheme::Pkcs1 {
+            prefix,
+            spki: spki(n, e),
+        };
         Ok(key)
     }
 
@@ -176,6 +191,16 @@ impl RsaKey {
         })
     }
 
+    /// What a host needs to make this key's check itself, when its check is the same one:
+    /// PKCS#1 v1.5 (what BoringSSL's `EVP_DigestVerify` applies to an RSA key unless told
+    /// otherwise), as the hash's name and the key as DER SubjectPublicKeyInfo. `None` for PSS.
+    pub fn host_check(&self) -> Option<(&'static str, &[u8])> {
+        match &self.scheme {
+            Scheme::Pkcs1 { spki, .. } => Some((self.hash.name(), spki)),
+            Scheme::Pss => None,
+        }
+    }
+
     /// Whether `signature` is this key's signature of `message` (v1.5 or PSS, as prepared).
     pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
         if signature.len() != self.k {
@@ -187,7 +212,7 @@ impl RsaKey {
         }
         let em = self.public_op(&s);
         match &self.scheme {
-            Scheme::Pkcs1 { prefix } => {
+            Scheme::Pkcs1 { prefix, .. } => {
                 let Some((head, digest)) = em.split_at_checked(prefix.len()) else {
                     return false;
                 };
@@ -474,6 +499,39 @@ fn add_carry(t: &mut [u32], at: usize, mut c: u64) {
     }
 }
 
+/// DER SubjectPublicKeyInfo of an RSA key (RFC 5280 4.1, RFC 8017 A.1.1): `rsaEncryption`
+/// with NULL parameters, the key as SEQUENCE { INTEGER n, INTEGER e }. Four nested TLVs built
+/// once per key: a DER crate would add more to the module than this does.
+fn spki(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let len = content.len();
+        let mut out = vec![tag];
+        match len {
+            0..=0x7f => out.push(len as u8),
+            0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
+            _ => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+    // A positive INTEGER: no leading zero bytes, one zero byte if the top bit is set.
+    fn integer(be: &[u8]) -> Vec<u8> {
+        let digits: Vec<u8> = be.iter().copied().skip_while(|b| *b == 0).collect();
+        let mut content = Vec::with_capacity(digits.len() + 1);
+        if digits.first().is_none_or(|b| b & 0x80 != 0) {
+            content.push(0);
+        }
+        content.extend_from_slice(&digits);
+        tlv(0x02, &content)
+    }
+    const RSA_ENCRYPTION: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let key = tlv(0x30, &[integer(n), integer(e)].concat());
+    let bits = tlv(0x03, &[&[0u8][..], &key].concat());
+    tlv(0x30, &[&RSA_ENCRYPTION[..], &bits].concat())
+}
+
 /// Little-endian 32-bit limbs of big-endian bytes (no leading zero limbs kept).
 fn limbs_of(be: &[u8]) -> Vec<u32> {
     let mut limbs: Vec<u32> = be
@@ -712,6 +770,37 @@ mod tests {
             ours * 1e6 / 1000.0,
             theirs * 1e6 / 1000.0
         );
+    }
+
+    #[test]
+    fn a_v15_key_offers_the_host_its_der_subject_public_key_info_and_pss_does_not() {
+        use rsa::pkcs8::EncodePublicKey as _;
+        let key = test_key();
+        let (n, e) = (key.n().to_bytes_be(), key.e().to_bytes_be());
+        let want = key.to_public_key_der().unwrap();
+        for (hash, name) in [
+            (Hash::Sha256, "sha256"),
+            (Hash::Sha384, "sha384"),
+            (Hash::Sha512, "sha512"),
+        ] {
+            let prepared = RsaKey::new(&n, &e, hash).unwrap();
+            assert_eq!(prepared.host_check(), Some((name, want.as_bytes())));
+            assert!(RsaKey::new_pss(&n, &e, hash).unwrap().host_check().is_none());
+        }
+        // A modulus whose top bit is clear, past 255 bytes of content, and leading zero bytes.
+        for bits in [1024usize, 2047, 4096] {
+            let k = bits.div_ceil(8);
+            let mut n: Vec<u8> = (0..k).map(|i| (i as u8).wrapping_mul(37) | 1).collect();
+            n[0] = 0xffu8 >> (8 * k - bits);
+            let public = rsa::RsaPublicKey::new_unchecked(BigUint::from_bytes_be(&n), BigUint::from(65537u32));
+            let padded = [&[0u8, 0][..], &n].concat();
+            let prepared = RsaKey::new(&padded, &[1, 0, 1], Hash::Sha256).unwrap();
+            assert_eq!(
+                prepared.host_check().unwrap().1,
+                public.to_public_key_der().unwrap().as_bytes(),
+                "{bits} bits"
+            );
+        }
     }
 
     #[test]

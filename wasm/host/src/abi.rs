@@ -584,6 +584,28 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
     )?;
 
     // Shared data and queues (this host has one VM, so "shared" is per host).
+    // Envoy's foreign functions: `verify_signature` only (what the filter calls), made with the
+    // rsa crate as Envoy makes it with BoringSSL (PKCS#1 v1.5 over the named hash, the key as
+    // DER SubjectPublicKeyInfo). Any other name is NotFound, as in Envoy.
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |mut c: C<'_>, nptr: i32, nlen: i32, aptr: i32, alen: i32, ret_ptr: i32, ret_size: i32| -> Result<i32> {
+            if let Some(status) = record(&mut c, "proxy_call_foreign_function") {
+                return Ok(status);
+            }
+            let name = read(&mut c, nptr, nlen)?;
+            if name != b"verify_signature" {
+                return Ok(NOT_FOUND);
+            }
+            let args = read(&mut c, aptr, alen)?;
+            let Some(answer) = crate::foreign::verify_signature(&args) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            give(&mut c, &answer, ret_ptr, ret_size)?;
+            Ok(OK)
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_get_shared_data",

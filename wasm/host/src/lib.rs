@@ -18,6 +18,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 mod abi;
+mod foreign;
 pub mod warm;
 
 /// proxy-wasm status codes (ABI 0.2.1).
@@ -340,7 +341,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "proxy_grpc_send",
     "proxy_grpc_cancel",
     "proxy_grpc_close",
-    "proxy_call_foreign_function",
 ];
 
 /// The root context's id, as Envoy numbers them (the first context).
@@ -376,8 +376,7 @@ impl Host {
         let mut linker: Linker<State> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)?;
         abi::add_to_linker(&mut linker)?;
-        // Imports Envoy provides but the filter never calls (the SDK's gRPC and foreign-function
-        // glue): present so the module instantiates, a trap naming the call if ever reached.
+        // Imports Envoy provides but the filter never calls (the SDK's gRPC glue): present so the module instantiates, a trap naming the call if ever reached.
         for import in module.imports() {
             if import.module() == "env"
                 && UNSUPPORTED.contains(&import.name())

@@ -114,6 +114,12 @@ impl Warm {
         }
     }
 
+    /// What the host recorded (calls of the last request are cleared after it), to read
+    /// metrics and logs, or to inject faults.
+    pub fn record(&mut self) -> &mut crate::Record {
+        self.host.rec_mut()
+    }
+
     /// The module's linear memory now: what the filter's heap has grown to (it never shrinks).
     pub fn memory_bytes(&mut self) -> Result<usize> {
         self.host.memory_bytes()

@@ -33,6 +33,68 @@ fn a_warm_forwarded_request_makes_exactly_these_host_calls() {
     assert_eq!(w.total(), 11);
 }
 
+// A new RS256 token's signature goes to the host's `verify_signature` (Envoy: BoringSSL), one
+// foreign call; a forged one is refused by the host and then by the module's own check; a host
+// without the function is asked once, and the module checks every token itself from then on.
+#[test]
+fn a_new_rs256_token_is_checked_by_the_hosts_verify_signature() {
+    const CONFIRMED: &str = "oci_connector.signatures.host_confirmed";
+    let mut w = Warm::new(None, false).unwrap();
+    w.request().unwrap();
+    let confirmed = |w: &mut Warm| w.record().metric(CONFIRMED).map_or(0, |m| m.value);
+    let before = confirmed(&mut w);
+    let token = w.new_token("u-foreign-1").unwrap();
+    w.use_token(&token);
+    let calls = w.request().unwrap();
+    let foreign = calls
+        .request
+        .iter()
+        .filter(|c| **c == "proxy_call_foreign_function")
+        .count();
+    assert_eq!(foreign, 1, "{:?}", calls.request);
+    assert_eq!(confirmed(&mut w), before + 1);
+    // Warm again: no check at all.
+    let calls = w.request().unwrap();
+    assert!(
+        !calls.request.contains(&"proxy_call_foreign_function"),
+        "{:?}",
+        calls.request
+    );
+
+    // Forged: one character of the signature changed.
+    let mut forged = w.new_token("u-foreign-2").unwrap();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    w.use_token(&forged);
+    let refused = w.request().unwrap_err().to_string();
+    assert!(refused.contains("status: 401"), "{refused}");
+    assert_eq!(confirmed(&mut w), before + 1);
+
+    // A host without the function: NotFound once, then the module alone.
+    w.record().faults.push(("proxy_call_foreign_function", 1, 1));
+    for uid in ["u-foreign-3", "u-foreign-4"] {
+        let token = w.new_token(uid).unwrap();
+        w.use_token(&token);
+        w.record().calls.clear();
+        w.request().unwrap();
+    }
+    let logs = &w.record().logs;
+    assert!(
+        logs.iter()
+            .any(|(_, l)| l.contains("no verify_signature foreign function")),
+        "{logs:?}"
+    );
+    assert_eq!(confirmed(&mut w), before + 1);
+    let token = w.new_token("u-foreign-5").unwrap();
+    w.use_token(&token);
+    let calls = w.request().unwrap();
+    assert!(
+        !calls.request.contains(&"proxy_call_foreign_function"),
+        "{:?}",
+        calls.request
+    );
+}
+
 // The benchmark's host-call floor (devkit/floor-filter) stands for "these edits, no decisions":
 // its row means something only while it makes exactly the filter's calls. A call added to (or
 // dropped from) either side fails here.

@@ -4,7 +4,11 @@
 //! as this harness serves them (Envoy's V8 and its host calls cost differently: `make bench`
 //! measures that); it tells how much of the request is the module's code.
 //!
-//! `warm-cost [--requests 20000] [--rounds 5] [--noop target/wasm32-wasip1/release/noop_filter.wasm]`
+//! `--new-tokens 1` times instead a request whose token the filter has not seen (a new RS256
+//! signature to check, claims to decode, a cache entry to add) beside the warm one, through the
+//! same module: the difference is what a new token costs the module's code.
+//!
+//! `warm-cost [--requests 20000] [--rounds 5] [--noop target/wasm32-wasip1/release/noop_filter.wasm] [--new-tokens 0]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +21,9 @@ fn run() -> anyhow::Result<()> {
     let requests: u32 = arg("--requests", "20000").parse()?;
     let rounds: u32 = arg("--rounds", "5").parse()?;
     let noop = PathBuf::from(arg("--noop", "target/wasm32-wasip1/release/noop_filter.wasm"));
+    if arg("--new-tokens", "0") == "1" {
+        return new_tokens(requests.min(2000), rounds);
+    }
     let mut filter = Warm::new(None, true)?;
     let mut baseline = Warm::new(Some(noop), true)?;
     for w in [&mut filter, &mut baseline] {
@@ -34,10 +41,6 @@ fn run() -> anyhow::Result<()> {
             out.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(requests));
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or_default()
-    };
     let (f, n) = (median(&mut ours), median(&mut noops));
     println!(
         "warm forwarded request under wasmtime (median of {rounds} x {requests}): filter {f:.2} us, \
@@ -45,6 +48,50 @@ fn run() -> anyhow::Result<()> {
         f - n
     );
     Ok(())
+}
+
+/// Warm requests against requests each with a token not seen before, interleaved rounds.
+fn new_tokens(requests: u32, rounds: u32) -> anyhow::Result<()> {
+    let mut warm = Warm::new(None, true)?;
+    let mut fresh = Warm::new(None, true)?;
+    fresh.request()?;
+    // Signed before timing: signing is the harness's cost, not the filter's.
+    let tokens = (0..requests * rounds)
+        .map(|i| fresh.new_token(&format!("u-new-{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut tokens = tokens.iter();
+    for _ in 0..100 {
+        warm.request()?;
+    }
+    let (mut warms, mut news) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..requests {
+            warm.request()?;
+        }
+        warms.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(requests));
+        let mut spent = 0.0;
+        for _ in 0..requests {
+            let Some(token) = tokens.next() else { break };
+            fresh.use_token(token);
+            let t = Instant::now();
+            fresh.request()?;
+            spent += t.elapsed().as_secs_f64();
+        }
+        news.push(spent * 1e6 / f64::from(requests));
+    }
+    let (w, n) = (median(&mut warms), median(&mut news));
+    println!(
+        "under wasmtime (median of {rounds} x {requests}): warm request {w:.2} us, request with a new \
+         token {n:.2} us, difference {:.2} us",
+        n - w
+    );
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() -> ExitCode {

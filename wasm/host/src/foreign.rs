@@ -1,0 +1,70 @@
+//! Owns the test host's `verify_signature` foreign function: Envoy's
+//! (`source/extensions/common/wasm/ext/verify_signature.proto`, BoringSSL's
+//! `EVP_DigestVerify`), made here with the rsa crate: the arguments' protobuf read, the key
+//! parsed as DER SubjectPublicKeyInfo, PKCS#1 v1.5 over the named hash, the answer's protobuf
+//! written (`result = 1` when it holds, `error = 2` otherwise, as Envoy answers).
+
+use rsa::pkcs8::DecodePublicKey as _;
+use rsa::{Pkcs1v15Sign, RsaPublicKey};
+use sha2::Digest as _;
+
+/// The answer's bytes; `None` when the arguments are not a `VerifySignatureArguments` with a
+/// key Envoy could parse (Envoy then returns BadArgument).
+pub fn verify_signature(args: &[u8]) -> Option<Vec<u8>> {
+    let (mut hash, mut key, mut signature, mut text) = (None, None, None, None);
+    let mut at = 0;
+    while at < args.len() {
+        let tag = *args.get(at)?;
+        at += 1;
+        let (len, used) = varint(args.get(at..)?)?;
+        at += used;
+        let value = args.get(at..at.checked_add(len)?)?;
+        at += len;
+        match tag {
+            0x0a => hash = Some(value),
+            0x12 => key = Some(value),
+            0x1a => signature = Some(value),
+            0x22 => text = Some(value),
+            _ => return None,
+        }
+    }
+    let key = RsaPublicKey::from_public_key_der(key?).ok()?;
+    let (signature, text) = (signature.unwrap_or_default(), text.unwrap_or_default());
+    let outcome = match hash? {
+        b"sha256" => key.verify(
+            Pkcs1v15Sign::new::<sha2::Sha256>(),
+            &sha2::Sha256::digest(text),
+            signature,
+        ),
+        b"sha384" => key.verify(
+            Pkcs1v15Sign::new::<sha2::Sha384>(),
+            &sha2::Sha384::digest(text),
+            signature,
+        ),
+        b"sha512" => key.verify(
+            Pkcs1v15Sign::new::<sha2::Sha512>(),
+            &sha2::Sha512::digest(text),
+            signature,
+        ),
+        _ => return None,
+    };
+    Some(match outcome {
+        Ok(()) => vec![0x08, 0x01],
+        Err(_) => {
+            let error = b"Failed to verify digest.";
+            [&[0x12, error.len() as u8][..], error].concat()
+        }
+    })
+}
+
+/// A protobuf varint as a length; the bytes it took.
+fn varint(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, b) in bytes.iter().enumerate().take(4) {
+        value |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
