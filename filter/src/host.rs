@@ -257,8 +257,6 @@ pub fn increment(id: u32, by: i64) -> Result<(), Status> {
     check(unsafe { proxy_increment_metric(id, by) })
 }
 
-/// Sends an HTTP call to `cluster` on behalf of the SDK's current context. The SDK keeps the
-/// token → context record (see the module comment for why this one call stays the SDK's).
 /// Calls the host's foreign function `name` (Envoy: `verify_signature`, ...) with `arguments`;
 /// its answer's bytes. `Err(Status(1))` (NotFound): the host has no such function.
 pub fn call_foreign(name: &str, arguments: &[u8]) -> Result<Vec<u8>, Status> {
@@ -279,6 +277,8 @@ pub fn call_foreign(name: &str, arguments: &[u8]) -> Result<Vec<u8>, Status> {
     Ok(take(data, size))
 }
 
+/// Sends an HTTP call to `cluster` on behalf of the SDK's current context. The SDK keeps the
+/// token → context record (see the module comment for why this one call stays the SDK's).
 pub fn dispatch_http_call(cluster: &str, headers: Vec<(&str, &str)>, timeout: Duration) -> Result<u32, Status> {
     proxy_wasm::hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout).map_err(|s| Status(s as u32))
 }
