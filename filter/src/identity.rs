@@ -161,20 +161,20 @@ thread_local! {
     static HOST_CHECK: std::cell::Cell<Option<HostCheck>> = const { std::cell::Cell::new(None) };
 }
 
-/// Lets (`Some`) or stops (`None`) the host check keys that offer one (RS256/384/512).
+/// Lets (`Some`) or stops (`None`) the host check keys that offer one (RS256/384/512, ES256).
 pub fn set_host_check(check: Option<HostCheck>) {
     HOST_CHECK.set(check);
 }
 
 /// Whether `signature` signs `message` under `key`. Where the key offers the host its check
-/// (PKCS#1 v1.5: the same check BoringSSL makes) and the host confirms, that is the answer: in
-/// Envoy BoringSSL's RSA is several times faster than this module's own arithmetic under V8
+/// (PKCS#1 v1.5 and ES256: the same checks BoringSSL makes) and the host confirms, that is the
+/// answer: in Envoy BoringSSL is several times faster than this module's own arithmetic under V8
 /// (README, "Benchmark"). Only a confirmation is taken from the host: a refusal, an error or a
 /// host without the function leaves the check to the module, so a host quirk costs time but
 /// never refuses a good token.
 fn signature_holds(key: &VerifyKey, message: &[u8], signature: &[u8]) -> bool {
-    if let (Some(check), Some((hash, spki))) = (HOST_CHECK.get(), key.host_check())
-        && check(hash, spki, signature, message) == Some(true)
+    if let (Some(check), Some(args)) = (HOST_CHECK.get(), key.host_check(signature))
+        && check(args.hash, args.key, &args.signature, message) == Some(true)
     {
         return true;
     }
@@ -876,21 +876,39 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pss_and_ec_keys_never_ask_the_host() {
-        set_host_check(Some(confirms));
+    fn es256_asks_the_host_with_the_signature_in_der_and_pss_never_asks() {
         let policy = crate::testkeys::policy();
         let ec = sign(EC_KID, Algorithm::ES256, &claims("demo", "default", NOW));
-        assert_eq!(verify(&tamper(&ec), &policy, NOW).unwrap_err().reason, "bad_signature");
+        set_host_check(Some(refuses));
+        assert!(
+            verify(&ec, &policy, NOW).is_ok(),
+            "the module's own check after the refusal"
+        );
+        let asked = ASKED.with(|a| a.take());
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].0, "sha256");
+        assert_eq!(asked[0].1, 91, "P-256 SubjectPublicKeyInfo: {asked:?}");
+        // A signature with a byte of r changed: the host's confirmation is the answer, without
+        // it the module refuses.
+        let (head, sig) = ec.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[5] ^= 1;
+        let forged = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&raw));
+        set_host_check(Some(confirms));
+        assert!(verify(&forged, &policy, NOW).is_ok());
+        set_host_check(None);
+        assert_eq!(verify(&forged, &policy, NOW).unwrap_err().reason, "bad_signature");
         let mut keys = jwks();
         keys["keys"][0]["alg"] = "PS256".into();
         let pss_policy = crate::testkeys::policy_with(keys);
         let pss = sign(RSA_KID, Algorithm::PS256, &claims("demo", "default", NOW));
+        ASKED.with(|a| a.take());
         assert_eq!(
             verify(&tamper(&pss), &pss_policy, NOW).unwrap_err().reason,
             "bad_signature"
         );
         assert!(verify(&pss, &pss_policy, NOW).is_ok());
-        assert!(ASKED.with(|a| a.take()).is_empty());
+        assert!(ASKED.with(|a| a.take()).is_empty(), "PSS never asks the host");
         set_host_check(None);
     }
 

@@ -16,6 +16,7 @@ use connector_devkit::http::{Request, basic_value};
 use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
 use connector_devkit::stack::envoy_problems;
+use connector_devkit::tokens::KeyChoice;
 use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup, start_stack};
 
 const REPO: &str = "library/app";
@@ -687,6 +688,19 @@ fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
     assert_eq!(manifest_status(&envoy, "registry", &outsider), 403);
     let r = Request::get("/v2/").bearer(&token).send(envoy.port).unwrap();
     assert_eq!(r.status, 200);
+    // An ES256 token: Envoy's verify_signature confirms it too (the signature goes as DER).
+    let confirmed = || -> u64 {
+        let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("wasmcustom.oci_connector.signatures.host_confirmed: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before_ec = confirmed();
+    let ec = s.minter.token("demo", "default").key(KeyChoice::Ec).mint().unwrap();
+    assert_eq!(manifest_status(&envoy, "registry", &ec), 200);
+    assert_eq!(confirmed(), before_ec + 1, "the new ES256 token was confirmed by Envoy");
 
     let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
     let stat = |name: &str| -> u64 {
@@ -712,11 +726,12 @@ fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
     );
     assert_eq!(stat("oci_connector.answered.connector_denied"), 1);
     assert_eq!(stat("oci_connector.answered.api_base"), 1);
-    // Both tokens (RS256) were new once: Envoy's own verify_signature (BoringSSL) confirmed them,
-    // which it does only if the filter's key DER and protobuf arguments are what Envoy reads.
+    // Three tokens were new once, two RS256 and one ES256: Envoy's own verify_signature
+    // (BoringSSL) confirmed each, which it does only if the filter's key DER, ECDSA signature DER
+    // and protobuf arguments are what Envoy reads.
     assert!(
-        stat("oci_connector.signatures.host_confirmed") >= 2,
-        "new RS256 tokens are checked by Envoy's verify_signature"
+        stat("oci_connector.signatures.host_confirmed") >= 3,
+        "new RS256 and ES256 tokens are checked by Envoy's verify_signature"
     );
 
     let log = envoy.log();

@@ -421,11 +421,36 @@ fn sc_invert(a: &Sc) -> Sc {
     acc
 }
 
+/// DER SubjectPublicKeyInfo of the P-256 point `(x, y)` (RFC 5480): `id-ecPublicKey` with the
+/// `prime256v1` curve, the uncompressed point as the bit string.
+fn spki(x: &[u8; 32], y: &[u8; 32]) -> Vec<u8> {
+    use super::der::tlv;
+    const EC_P256: [u8; 21] = [
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
+        0x03, 0x01, 0x07,
+    ];
+    let bits = tlv(0x03, &[&[0x00, 0x04][..], x, y].concat());
+    tlv(0x30, &[&EC_P256[..], &bits].concat())
+}
+
+/// A JWS ES256 signature (`r || s`, 32 bytes each) as DER `SEQUENCE { INTEGER r, INTEGER s }`,
+/// what BoringSSL's ECDSA check reads; `None` unless it is 64 bytes.
+pub fn der_signature(raw: &[u8]) -> Option<Vec<u8>> {
+    use super::der::{tlv, uint};
+    if raw.len() != 64 {
+        return None;
+    }
+    let (r, s) = raw.split_at(32);
+    Some(tlv(0x30, &[uint(r), uint(s)].concat()))
+}
+
 /// A P-256 public key, with its table built on the first check: Envoy checks each pushed
 /// configuration in a fresh VM that never serves a request (its canary), and a VM keeps a key
 /// across pushes (`build_key_reusing`), so the table is built once per VM that verifies with it.
 pub struct Es256Key {
     point: Affine,
+    /// The key as DER SubjectPublicKeyInfo, for a host that checks ES256 itself.
+    spki: Vec<u8>,
     table: std::cell::OnceCell<Option<Table>>,
 }
 
@@ -437,6 +462,7 @@ impl Es256Key {
         let (Ok(x), Ok(y)) = (<&[u8; 32]>::try_from(x), <&[u8; 32]>::try_from(y)) else {
             return Err("EC key rejected: P-256 coordinates are 32 bytes each");
         };
+        let (x_bytes, y_bytes) = (x, y);
         let (x, y) = (limbs(x), limbs(y));
         if !less(&x, &P) || !less(&y, &P) {
             return Err(NOT_ON_CURVE);
@@ -449,9 +475,16 @@ impl Es256Key {
             return Err(NOT_ON_CURVE);
         }
         Ok(Es256Key {
+            spki: spki(x_bytes, y_bytes),
             point: Affine { x, y },
             table: std::cell::OnceCell::new(),
         })
+    }
+
+    /// The key as DER SubjectPublicKeyInfo (`id-ecPublicKey`, `prime256v1`, the uncompressed
+    /// point), for a host that makes the check itself.
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
     }
 
     /// Whether `signature` (`r || s`, 32 bytes each) is this key's ES256 signature of `message`.
@@ -553,6 +586,34 @@ mod tests {
             let sig: Signature = other_signing.sign(b"m");
             assert!(!key.verifies(b"m", &sig.to_bytes()));
         }
+    }
+
+    #[test]
+    fn the_host_gets_the_keys_der_and_each_signature_in_der_as_the_p256_crate_encodes_them() {
+        use p256::pkcs8::EncodePublicKey as _;
+        for seed in 1..6u8 {
+            let (signing, key) = key_pair(seed);
+            let want = p256::PublicKey::from(signing.verifying_key())
+                .to_public_key_der()
+                .unwrap();
+            assert_eq!(key.spki(), want.as_bytes(), "seed {seed}");
+            // Over many signatures r and s take every shape DER cares about: top bit set (a
+            // zero byte in front) or not, leading zero bytes (shorter integers).
+            for m in 0..40u8 {
+                let sig: Signature = signing.sign(&[m, seed]);
+                assert_eq!(
+                    der_signature(&sig.to_bytes()).unwrap(),
+                    sig.to_der().as_bytes(),
+                    "seed {seed} message {m}"
+                );
+            }
+        }
+        let mut short = [0u8; 64];
+        short[31] = 1;
+        short[63] = 0x80;
+        assert_eq!(der_signature(&short).unwrap(), [0x30, 7, 2, 1, 1, 2, 2, 0, 0x80]);
+        assert!(der_signature(&[1; 63]).is_none());
+        assert!(der_signature(&[1; 65]).is_none());
     }
 
     fn be(limbs: &[u32; 8]) -> Vec<u8> {

@@ -10,6 +10,45 @@ use crate::config::{Algorithm, ConfigError, IdentityConfig, KeyMaterial, check_j
 pub mod es256;
 pub mod pkcs1;
 
+/// The few DER encodings a host's own check needs (a key's SubjectPublicKeyInfo, an ECDSA
+/// signature): nested TLVs of unsigned integers, bit strings and fixed OIDs, built once per key
+/// (or per ES256 check); a DER crate would add more to the module than this does.
+mod der {
+    /// Tag, definite length, content (lengths up to 65,535 bytes: a 4096-bit key is 526).
+    pub fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let len = content.len();
+        let mut out = vec![tag];
+        match len {
+            0..=0x7f => out.push(len as u8),
+            0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
+            _ => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// A non-negative INTEGER from big-endian bytes: no leading zero bytes, one zero byte in
+    /// front when the top bit is set (or for zero itself).
+    pub fn uint(be: &[u8]) -> Vec<u8> {
+        let digits: Vec<u8> = be.iter().copied().skip_while(|b| *b == 0).collect();
+        let mut content = Vec::with_capacity(digits.len() + 1);
+        if digits.first().is_none_or(|b| b & 0x80 != 0) {
+            content.push(0);
+        }
+        content.extend_from_slice(&digits);
+        tlv(0x02, &content)
+    }
+}
+
+/// What a host needs to make a key's check itself ([`VerifyKey::host_check`]): the hash's name
+/// (as Envoy's crypto utility names it), the key as DER SubjectPublicKeyInfo, and the signature
+/// as the host reads it (ECDSA: DER `SEQUENCE { r, s }`, where a JWS has `r || s`).
+pub struct HostArgs<'a> {
+    pub hash: &'static str,
+    pub key: &'a [u8],
+    pub signature: std::borrow::Cow<'a, [u8]>,
+}
+
 /// A public key, parsed once when the configuration is compiled: the request path never
 /// decodes key material (a new token costs its signature check, not a key parse).
 #[derive(Clone)]
@@ -69,11 +108,24 @@ impl VerifyKey {
         })
     }
 
-    /// What a host needs to make this key's check itself, where its check is the same (see
-    /// [`pkcs1::RsaKey::host_check`]): RS256/384/512 only; PSS and EC keys stay the module's.
-    pub fn host_check(&self) -> Option<(&'static str, &[u8])> {
+    /// What a host needs to make this key's check of `signature` itself, where the host's
+    /// check is the same one: RS256/384/512 (PKCS#1 v1.5, what BoringSSL's `EVP_DigestVerify`
+    /// applies to an RSA key) and ES256 (ECDSA over SHA-256). `None` for PSS (the host would
+    /// apply v1.5 padding), ES384, and an ES256 signature that is not 64 bytes.
+    pub fn host_check<'a>(&'a self, signature: &'a [u8]) -> Option<HostArgs<'a>> {
         match (&self.key, self.algorithm) {
-            (PublicKey::Rsa(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => k.host_check(),
+            (PublicKey::Rsa(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
+                k.host_check().map(|(hash, key)| HostArgs {
+                    hash,
+                    key,
+                    signature: std::borrow::Cow::Borrowed(signature),
+                })
+            }
+            (PublicKey::P256(k), Algorithm::ES256) => Some(HostArgs {
+                hash: "sha256",
+                key: k.spki(),
+                signature: std::borrow::Cow::Owned(es256::der_signature(signature)?),
+            }),
             _ => None,
         }
     }

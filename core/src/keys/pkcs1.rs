@@ -500,34 +500,13 @@ fn add_carry(t: &mut [u32], at: usize, mut c: u64) {
 }
 
 /// DER SubjectPublicKeyInfo of an RSA key (RFC 5280 4.1, RFC 8017 A.1.1): `rsaEncryption`
-/// with NULL parameters, the key as SEQUENCE { INTEGER n, INTEGER e }. Four nested TLVs built
-/// once per key: a DER crate would add more to the module than this does.
+/// with NULL parameters, the key as SEQUENCE { INTEGER n, INTEGER e }.
 fn spki(n: &[u8], e: &[u8]) -> Vec<u8> {
-    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        let len = content.len();
-        let mut out = vec![tag];
-        match len {
-            0..=0x7f => out.push(len as u8),
-            0x80..=0xff => out.extend_from_slice(&[0x81, len as u8]),
-            _ => out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]),
-        }
-        out.extend_from_slice(content);
-        out
-    }
-    // A positive INTEGER: no leading zero bytes, one zero byte if the top bit is set.
-    fn integer(be: &[u8]) -> Vec<u8> {
-        let digits: Vec<u8> = be.iter().copied().skip_while(|b| *b == 0).collect();
-        let mut content = Vec::with_capacity(digits.len() + 1);
-        if digits.first().is_none_or(|b| b & 0x80 != 0) {
-            content.push(0);
-        }
-        content.extend_from_slice(&digits);
-        tlv(0x02, &content)
-    }
+    use super::der::{tlv, uint};
     const RSA_ENCRYPTION: [u8; 15] = [
         0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
     ];
-    let key = tlv(0x30, &[integer(n), integer(e)].concat());
+    let key = tlv(0x30, &[uint(n), uint(e)].concat());
     let bits = tlv(0x03, &[&[0u8][..], &key].concat());
     tlv(0x30, &[&RSA_ENCRYPTION[..], &bits].concat())
 }

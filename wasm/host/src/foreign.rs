@@ -1,8 +1,9 @@
 //! Owns the test host's `verify_signature` foreign function: Envoy's
 //! (`source/extensions/common/wasm/ext/verify_signature.proto`, BoringSSL's
-//! `EVP_DigestVerify`), made here with the rsa crate: the arguments' protobuf read, the key
-//! parsed as DER SubjectPublicKeyInfo, PKCS#1 v1.5 over the named hash, the answer's protobuf
-//! written (`result = 1` when it holds, `error = 2` otherwise, as Envoy answers).
+//! `EVP_DigestVerify`), made here with the rsa and p256 crates: the arguments' protobuf read,
+//! the key parsed as DER SubjectPublicKeyInfo, for RSA PKCS#1 v1.5 over the named hash, for
+//! P-256 ECDSA over SHA-256 with the signature in DER, the answer's protobuf written (`result =
+//! 1` when it holds, `error = 2` otherwise, as Envoy answers).
 
 use rsa::pkcs8::DecodePublicKey as _;
 use rsa::{Pkcs1v15Sign, RsaPublicKey};
@@ -28,32 +29,45 @@ pub fn verify_signature(args: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         }
     }
-    let key = RsaPublicKey::from_public_key_der(key?).ok()?;
-    let (signature, text) = (signature.unwrap_or_default(), text.unwrap_or_default());
-    let outcome = match hash? {
-        b"sha256" => key.verify(
-            Pkcs1v15Sign::new::<sha2::Sha256>(),
-            &sha2::Sha256::digest(text),
-            signature,
-        ),
-        b"sha384" => key.verify(
-            Pkcs1v15Sign::new::<sha2::Sha384>(),
-            &sha2::Sha384::digest(text),
-            signature,
-        ),
-        b"sha512" => key.verify(
-            Pkcs1v15Sign::new::<sha2::Sha512>(),
-            &sha2::Sha512::digest(text),
-            signature,
-        ),
-        _ => return None,
-    };
-    Some(match outcome {
-        Ok(()) => vec![0x08, 0x01],
-        Err(_) => {
-            let error = b"Failed to verify digest.";
-            [&[0x12, error.len() as u8][..], error].concat()
+    let (key, signature, text) = (key?, signature.unwrap_or_default(), text.unwrap_or_default());
+    let outcome = if let Ok(key) = RsaPublicKey::from_public_key_der(key) {
+        match hash? {
+            b"sha256" => key
+                .verify(
+                    Pkcs1v15Sign::new::<sha2::Sha256>(),
+                    &sha2::Sha256::digest(text),
+                    signature,
+                )
+                .is_ok(),
+            b"sha384" => key
+                .verify(
+                    Pkcs1v15Sign::new::<sha2::Sha384>(),
+                    &sha2::Sha384::digest(text),
+                    signature,
+                )
+                .is_ok(),
+            b"sha512" => key
+                .verify(
+                    Pkcs1v15Sign::new::<sha2::Sha512>(),
+                    &sha2::Sha512::digest(text),
+                    signature,
+                )
+                .is_ok(),
+            _ => return None,
         }
+    } else {
+        use p256::ecdsa::signature::Verifier as _;
+        let key = p256::ecdsa::VerifyingKey::from_public_key_der(key).ok()?;
+        if hash? != b"sha256" {
+            return None;
+        }
+        p256::ecdsa::Signature::from_der(signature).is_ok_and(|sig| key.verify(text, &sig).is_ok())
+    };
+    let error = b"Failed to verify digest.";
+    Some(if outcome {
+        vec![0x08, 0x01]
+    } else {
+        [&[0x12, error.len() as u8][..], error].concat()
     })
 }
 
