@@ -8,6 +8,8 @@
 //! - `GET /v1/credentials/<ns>/<name>?revision=<r>` → `200` [`CredentialAnswer`]
 //! - `GET /v1/access/<ns>/<name>?`[`AccessQuery`] → `200` [`AccessAnswer`]
 //! - `POST /v1/unknown-kid` → `202`: the controller re-reads the cluster's keys (rate limited there)
+//! - `GET /v1/parts/<id>` → `200`, the part's text (a run of connector entries joined with `,`,
+//!   whose SHA-256 is the id): the entries of a document that lists `parts`
 //! - any refusal: its status and [`ErrorAnswer`].
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,36 @@ use crate::verb::Verb;
 pub const CREDENTIAL_ROUTE: &str = "/v1/credentials/{namespace}/{name}";
 pub const ACCESS_ROUTE: &str = "/v1/access/{namespace}/{name}";
 pub const UNKNOWN_KID_PATH: &str = "/v1/unknown-kid";
+pub const PART_ROUTE: &str = "/v1/parts/{id}";
+
+/// The prefix of a part id; the rest is the SHA-256 of the part's text in lowercase hex.
+pub const PART_ID_PREFIX: &str = "sha256:";
+
+/// Whether `id` has a part id's shape: `sha256:` and 64 lowercase hex digits.
+pub fn is_part_id(id: &str) -> bool {
+    id.strip_prefix(PART_ID_PREFIX)
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// The id of a part whose text is `text`: its content address, so an id names one text for
+/// good and a holder of the text needs nothing else to trust it.
+#[cfg(feature = "keys")]
+pub fn part_id(text: &[u8]) -> String {
+    use sha2::Digest as _;
+    use std::fmt::Write as _;
+    let digest = sha2::Sha256::digest(text);
+    let mut id = String::with_capacity(PART_ID_PREFIX.len() + 64);
+    id.push_str(PART_ID_PREFIX);
+    for b in digest {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
+}
+
+/// `:path` of a part request.
+pub fn part_path(id: &str) -> String {
+    format!("/v1/parts/{id}")
+}
 
 /// The query of a credential request: the revision the filter's configuration names for the
 /// connector (the controller answers for exactly that one).

@@ -73,7 +73,7 @@ pub fn check_settings(config: &FilterConfig) -> Vec<ConfigError> {
     // an OCI error. With connectors it is a mistake: nobody could ever use them.
     errors.extend(check_identity(
         &config.identity,
-        has_controller && config.connectors.is_empty(),
+        has_controller && config.connectors.is_empty() && config.parts.is_empty(),
     ));
     if let Some(c) = &config.controller {
         required(&mut errors, "controller", "cluster", &c.cluster);
@@ -94,6 +94,40 @@ pub fn check_settings(config: &FilterConfig) -> Vec<ConfigError> {
     // request is then refused); a hand-written one without connectors is a mistake.
     if config.connectors.is_empty() && !has_controller {
         errors.push(ConfigError::new("connectors", "must list at least one connector"));
+    }
+    errors.extend(check_parts(config));
+    errors
+}
+
+/// `parts`: content ids, each once, fetched over the controller channel in place of the
+/// `connectors` list.
+fn check_parts(config: &FilterConfig) -> Vec<ConfigError> {
+    let mut errors = vec![];
+    if config.parts.is_empty() {
+        return errors;
+    }
+    if config.controller.is_none() {
+        errors.push(ConfigError::new(
+            "parts",
+            "parts are fetched over the controller channel: set controller.cluster",
+        ));
+    }
+    if !config.connectors.is_empty() {
+        errors.push(ConfigError::new(
+            "connectors",
+            "must be empty when parts lists where the entries are",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, id) in config.parts.iter().enumerate() {
+        if !crate::channel::is_part_id(id) {
+            errors.push(ConfigError::new(
+                format!("parts[{i}]"),
+                "expected a part id: sha256: and 64 lowercase hex digits",
+            ));
+        } else if !seen.insert(id.as_str()) {
+            errors.push(ConfigError::new(format!("parts[{i}]"), "is listed twice"));
+        }
     }
     errors
 }

@@ -19,7 +19,9 @@ mod parse;
 mod walk;
 
 pub use check::{check, check_entry, check_jwk_shape, check_settings, covered, entry_hosts, parse_service_account};
-pub use parse::{Parsed, Split, merge, parse, parse_entry, parse_jwk, read_identity, read_settings, split};
+pub use parse::{
+    Parsed, Split, assemble, merge, parse, parse_entry, parse_jwk, parts_head, read_identity, read_settings, split,
+};
 
 pub const DEFAULT_REALM: &str = "oci-connector";
 pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
@@ -63,6 +65,14 @@ pub struct FilterConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub controller: Option<ChannelConfig>,
     pub authorization: AccessMode,
+    /// Where the connector entries are when the controller delivers them in parts over its
+    /// channel (`--config-parts`): each a content id (`sha256:<hex>` of the part's text, a run
+    /// of entries joined with `,`), fetched by the filter and put together in this order as
+    /// `connectors`, which is then empty here. Keeps the pushed document small at any number of
+    /// connectors (issue 17): a change pushes new ids, and the filter fetches only the parts it
+    /// does not hold. (Before `connectors`: the controller writes the document up to it.)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<String>,
     pub connectors: Vec<ConnectorEntry>,
 }
 

@@ -53,7 +53,7 @@ pub fn parse(json: &[u8]) -> Parsed {
     Parsed { config, errors }
 }
 
-const ROOT_KEYS: [&str; 5] = ["proxy", "identity", "connectors", "controller", "authorization"];
+const ROOT_KEYS: [&str; 6] = ["proxy", "identity", "connectors", "controller", "authorization", "parts"];
 
 /// Everything of the document but its connectors.
 fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
@@ -89,11 +89,30 @@ fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
             AccessMode::Rules
         }
     };
+    let parts = match root.get("parts") {
+        None => vec![],
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => s.clone(),
+                _ => {
+                    w.err(format!("parts[{i}]"), "expected a part id (sha256:<64 lowercase hex digits>)");
+                    String::new()
+                }
+            })
+            .collect(),
+        Some(_) => {
+            w.err("parts", "expected a list of part ids");
+            vec![]
+        }
+    };
     FilterConfig {
         proxy,
         identity,
         controller,
         authorization,
+        parts,
         connectors: vec![],
     }
 }
@@ -161,6 +180,72 @@ pub fn split(json: &[u8]) -> Option<Split<'_>> {
         settings,
         entries: entries?,
     })
+}
+
+/// The text a parts document ([`FilterConfig::parts`]) stands for, up to its entries: its
+/// members as they stand but `parts` and `connectors`, then `"connectors":[`. The entries are
+/// the parts' texts in order ([`assemble`]). Written so that the controller's inline document
+/// and the same configuration in parts give the same text, byte for byte. `None` when `json`
+/// is not an object, has a member name written with escapes, or has connectors of its own.
+pub fn parts_head(json: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(json).ok()?;
+    let mut scan = Scan { text, at: 0 };
+    let mut head = String::from("{");
+    scan.expect(b'{')?;
+    if scan.peek()? != b'}' {
+        loop {
+            if scan.peek()? != b'"' {
+                return None;
+            }
+            let key = scan.value()?;
+            if key.contains('\\') {
+                return None;
+            }
+            scan.expect(b':')?;
+            match key {
+                "\"parts\"" => {
+                    scan.value()?;
+                }
+                "\"connectors\"" => {
+                    if !scan.items()?.is_empty() {
+                        return None;
+                    }
+                }
+                _ => {
+                    head.push_str(key);
+                    head.push(':');
+                    head.push_str(scan.value()?);
+                    head.push(',');
+                }
+            }
+            if scan.close(b'}')? {
+                break;
+            }
+        }
+    } else {
+        scan.at += 1;
+    }
+    if scan.peek().is_some() {
+        return None;
+    }
+    head.push_str("\"connectors\":[");
+    Some(head)
+}
+
+/// The whole document a parts document stands for: [`parts_head`]'s text, the parts' texts
+/// joined with `,`, and `]}`.
+pub fn assemble<'a>(head: &str, parts: impl IntoIterator<Item = &'a str> + Clone) -> String {
+    let len = head.len() + parts.clone().into_iter().map(|p| p.len() + 1).sum::<usize>() + 2;
+    let mut out = String::with_capacity(len);
+    out.push_str(head);
+    for (i, p) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(p);
+    }
+    out.push_str("]}");
+    out
 }
 
 /// A cursor over JSON text: the structure only (see [`split`]).

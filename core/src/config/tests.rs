@@ -98,6 +98,7 @@ fn full() -> FilterConfig {
             key_env: Some("CHANNEL_KEY".into()),
         }),
         authorization: AccessMode::Controller,
+        parts: vec![],
         connectors: vec![harbor, hub, ghcr, quay],
     }
 }
@@ -345,4 +346,72 @@ fn an_entry_with_any_problem_reads_as_none() {
     let text = serde_json::to_string(from_controller).unwrap();
     assert!(parse_entry(&text, true).is_some());
     assert_eq!(parse_entry(&text, false), None);
+}
+
+/// The inline document and the same configuration in parts are one text once put together:
+/// what the filter assembles is what the controller would have pushed inline.
+#[test]
+fn a_parts_document_assembles_to_the_inline_document() {
+    let config = full();
+    let inline = serde_json::to_string(&config).unwrap();
+    let entries: Vec<String> = config
+        .connectors
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect();
+    for cut in 1..=entries.len() {
+        let texts: Vec<String> = entries.chunks(cut).map(|c| c.join(",")).collect();
+        let ids: Vec<String> = texts.iter().map(|t| crate::channel::part_id(t.as_bytes())).collect();
+        let parts_doc = serde_json::to_vec(&FilterConfig {
+            parts: ids,
+            connectors: vec![],
+            ..config.clone()
+        })
+        .unwrap();
+        let parsed = parse(&parts_doc);
+        assert_eq!(parsed.errors, vec![]);
+        assert_eq!(parsed.config.parts.len(), texts.len());
+        let head = parts_head(&parts_doc).unwrap();
+        assert_eq!(assemble(&head, texts.iter().map(String::as_str)), inline, "cut {cut}");
+    }
+    // Only an object without entries of its own stands for one.
+    assert_eq!(parts_head(inline.as_bytes()), None);
+    assert_eq!(parts_head(b"[]"), None);
+    assert_eq!(parts_head(b"{\"parts\":[]} x"), None);
+    assert_eq!(
+        parts_head(b" { \"a\" : 1 , \"parts\":[\"x\"], \"connectors\" : [ ] } ").as_deref(),
+        Some("{\"a\":1,\"connectors\":[")
+    );
+    assert_eq!(assemble("{\"connectors\":[", std::iter::empty()), "{\"connectors\":[]}");
+}
+
+#[test]
+fn parts_are_checked_with_their_paths() {
+    let id = |t: &str| crate::channel::part_id(t.as_bytes());
+    let mut config = full();
+    config.connectors = vec![];
+    config.parts = vec![id("a"), "sha256:ABC".into(), id("a"), "md5:00".into()];
+    let mut doc = serde_json::to_value(&config).unwrap();
+    doc["parts"].as_array_mut().unwrap().push(serde_json::json!(7));
+    let paths = |doc: &serde_json::Value| -> Vec<String> {
+        parse(doc.to_string().as_bytes()).errors.into_iter().map(|e| e.path).collect()
+    };
+    // (parts[4], not a string, is reported once: by the structure.)
+    assert_eq!(paths(&doc), ["parts[4]", "parts[1]", "parts[2]", "parts[3]"]);
+    // Parts come over the channel, in place of the list, and need the keys a connector needs.
+    config.parts = vec![id("a")];
+    config.controller = None;
+    config.connectors = full().connectors;
+    config.identity.jwks.keys = vec![];
+    let doc = serde_json::to_value(&config).unwrap();
+    let found = paths(&doc);
+    for want in ["identity.jwks.keys", "parts", "connectors"] {
+        assert!(found.iter().any(|p| p == want), "{want} not in {found:?}");
+    }
+    assert!(crate::channel::is_part_id(&id("")));
+    assert_eq!(
+        id(""),
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert!(!parse(b"{\"parts\":{}}").errors.iter().all(|e| e.path != "parts"));
 }
