@@ -22,8 +22,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use connector_core::channel::{
-    ACCESS_ROUTE, AccessQuery, CREDENTIAL_ROUTE, CredentialAnswer, CredentialQuery, ErrorAnswer, UNKNOWN_KID_PATH,
-    access_verb,
+    ACCESS_ROUTE, AccessQuery, CREDENTIAL_ROUTE, CredentialAnswer, CredentialQuery, ErrorAnswer, PART_ROUTE,
+    UNKNOWN_KID_PATH, access_verb,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -163,6 +163,82 @@ impl CredentialTable {
     }
 }
 
+/// The parts the channel serves, by id (`--config-parts`).
+pub type Parts = Arc<std::collections::HashMap<Arc<str>, Arc<str>>>;
+
+/// The parts behind the channel: those the current document lists, plus those of documents an
+/// Envoy may still be assembling, by the credential table's rule (make before break): a part
+/// no longer listed stays until every Envoy acknowledged a configuration without it, plus
+/// [`DRAIN`]. A worker fetches the parts of a configuration after Envoy acknowledged it, so a
+/// part must outlive its document's acknowledgement by at least that fetch. Pure, like
+/// [`CredentialTable`]. A change touches one or two parts; the served map is made again per
+/// change, a pointer per part (one per 64–128 connectors).
+#[derive(Default)]
+pub struct PartTable {
+    /// id → text, the first version whose document does not list it, and when every Envoy
+    /// had acknowledged that version.
+    parts: std::collections::HashMap<Arc<str>, (Arc<str>, Option<u64>, Option<Instant>)>,
+    served: Parts,
+}
+
+impl PartTable {
+    /// The parts of the document sent as filter-configuration `version`.
+    pub fn install(&mut self, current: &[(Arc<str>, Arc<str>)], version: u64) {
+        let listed: std::collections::HashSet<&str> = current.iter().map(|(id, _)| &**id).collect();
+        for (id, (_, dropped_in, _)) in self.parts.iter_mut() {
+            if !listed.contains(&**id) && dropped_in.is_none() {
+                *dropped_in = Some(version);
+            }
+        }
+        for (id, text) in current {
+            self.parts.insert(Arc::clone(id), (Arc::clone(text), None, None));
+        }
+        self.serve();
+    }
+
+    /// Envoy's progress, as [`CredentialTable::advance`]: drops what drained by `now`; returns
+    /// whether the table changed.
+    pub fn advance(&mut self, floor: Option<u64>, now: Instant) -> bool {
+        if let Some(floor) = floor {
+            for (_, dropped_in, acked_at) in self.parts.values_mut() {
+                if acked_at.is_none() && dropped_in.is_some_and(|v| v <= floor) {
+                    *acked_at = Some(now);
+                }
+            }
+        }
+        let before = self.parts.len();
+        self.parts
+            .retain(|_, (_, _, acked_at)| acked_at.is_none_or(|at| now.duration_since(at) < DRAIN));
+        let changed = self.parts.len() != before;
+        if changed {
+            self.serve();
+        }
+        changed
+    }
+
+    /// When [`Self::advance`] next has something to drop.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.parts
+            .values()
+            .filter_map(|(_, _, at)| *at)
+            .min()
+            .map(|at| at + DRAIN)
+    }
+
+    fn serve(&mut self) {
+        self.served = Arc::new(
+            self.parts
+                .iter()
+                .map(|(id, (text, _, _))| (Arc::clone(id), Arc::clone(text)))
+                .collect(),
+        );
+    }
+
+    pub fn served(&self) -> Parts {
+        Arc::clone(&self.served)
+    }
+}
+
 pub use connector_api::authz::{AccessAnswer, AccessCheck, BoundTo};
 
 #[derive(Clone)]
@@ -171,6 +247,7 @@ pub struct Channel {
     key_digest: Option<[u8; 32]>,
     access: Option<Arc<dyn AccessCheck>>,
     hub: Hub,
+    parts: Option<watch::Receiver<Parts>>,
 }
 
 impl Channel {
@@ -185,7 +262,14 @@ impl Channel {
             key_digest: key.map(|k| Sha256::digest(k.as_bytes()).into()),
             access,
             hub,
+            parts: None,
         }
+    }
+
+    /// Serves the parts of documents that list them (`--config-parts`).
+    pub fn with_parts(mut self, parts: watch::Receiver<Parts>) -> Self {
+        self.parts = Some(parts);
+        self
     }
 
     pub fn router(self) -> axum::Router {
@@ -193,6 +277,7 @@ impl Channel {
             .route(CREDENTIAL_ROUTE, get(credential))
             .route(ACCESS_ROUTE, get(access))
             .route(UNKNOWN_KID_PATH, post(unknown_kid))
+            .route(PART_ROUTE, get(part))
             .with_state(self)
     }
 
@@ -267,6 +352,31 @@ async fn credential(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// A part of a document that lists `parts`: its text, which the filter checks against the
+/// id (its SHA-256) before using it. Not a secret (the document's own text), but behind the
+/// channel key like everything here.
+async fn part(State(ch): State<Channel>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if !ch.authorized(&headers) {
+        return refused_key();
+    }
+    let text = ch.parts.as_ref().and_then(|p| p.borrow().get(id.as_str()).cloned());
+    match text {
+        Some(text) => {
+            let mut response = text.to_string().into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no part {id}: the filter configuration that lists it is not the controller's current one, nor one an Envoy may still run"
+            ),
+        ),
+    }
 }
 
 async fn access(
@@ -383,5 +493,40 @@ mod tests {
         t.advance(Some(5), t0);
         assert!(t.advance(Some(5), t0 + DRAIN));
         assert!(t.served().is_empty());
+    }
+
+    /// `--config-parts`: a part no longer listed stays served until every Envoy acknowledged a
+    /// configuration without it, plus the drain (a worker fetches after the acknowledgement);
+    /// listed again, it stays for good.
+    #[test]
+    fn parts_no_longer_listed_stay_until_envoy_acknowledged_and_drained() {
+        let t0 = Instant::now();
+        let part = |t: &str| (Arc::<str>::from(format!("id-{t}")), Arc::<str>::from(t));
+        let ids = |t: &PartTable| {
+            let mut v: Vec<String> = t.served().keys().map(|k| k.to_string()).collect();
+            v.sort();
+            v
+        };
+        let mut t = PartTable::default();
+        t.install(&[part("a"), part("b")], 1);
+        assert_eq!(ids(&t), ["id-a", "id-b"]);
+        t.install(&[part("a"), part("c")], 2);
+        assert_eq!(ids(&t), ["id-a", "id-b", "id-c"]);
+        assert!(!t.advance(None, t0 + DRAIN * 10), "nobody acknowledged");
+        assert!(!t.advance(Some(1), t0), "version 1 still lists b");
+        assert!(!t.advance(Some(2), t0));
+        assert_eq!(t.next_deadline(), Some(t0 + DRAIN));
+        assert!(!t.advance(Some(2), t0 + DRAIN / 2));
+        assert_eq!(ids(&t), ["id-a", "id-b", "id-c"]);
+        assert!(t.advance(Some(2), t0 + DRAIN));
+        assert_eq!(ids(&t), ["id-a", "id-c"]);
+        assert_eq!(&*t.served()[&Arc::<str>::from("id-c")], "c");
+        // Dropped, then listed again before it drained: kept.
+        t.install(&[part("a")], 3);
+        t.advance(Some(3), t0 + DRAIN * 2);
+        t.install(&[part("a"), part("c")], 4);
+        assert!(!t.advance(Some(4), t0 + DRAIN * 4));
+        assert_eq!(ids(&t), ["id-a", "id-c"]);
+        assert_eq!(t.next_deadline(), None);
     }
 }

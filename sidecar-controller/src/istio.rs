@@ -76,6 +76,8 @@ pub fn renamed_output(live: &crate::live::LiveRender, out: crate::live::LiveOutp
         config_json: std::sync::Arc::new(crate::document::Document::from_text(
             serde_json::to_string(&r.filter_config).unwrap_or_default(),
         )),
+        // Inline: `--config-parts` is refused with `--istio-wasmplugin` (main.rs).
+        parts: Default::default(),
         credentials: r
             .credentials
             .iter()

@@ -135,6 +135,9 @@ pub struct LiveOutput {
     /// The filter configuration document (JSON), connectors in settling order; the last
     /// update's own `Arc` when nothing in it changed (the pipeline compares by address).
     pub config_json: Arc<Document>,
+    /// With `--config-parts`: the parts `config_json` lists, by id, each with its text (what the
+    /// channel serves); empty otherwise.
+    pub parts: Arc<Vec<(Arc<str>, Arc<str>)>>,
     /// The clusters the served connectors use, by name; the same `Arc` while they do not change.
     pub clusters: Arc<Vec<UpstreamCluster>>,
     /// Each served connector's credential and its revision.
@@ -171,6 +174,8 @@ pub struct LiveRender {
     /// The last document, and its settings' JSON: given again while neither changes.
     document: Arc<Document>,
     head: String,
+    /// The parts the last document lists (`--config-parts`).
+    parts: Arc<Vec<(Arc<str>, Arc<str>)>>,
     /// The objects the last update saw (shared with its inputs, not copied).
     last_set: Option<crate::manifests::ManifestSet>,
     /// A cold start's parts, rendered on every core, by the Connector's address.
@@ -445,10 +450,11 @@ impl LiveRender {
         if !errors.is_empty() {
             return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
         }
-        let config_json = self.document(&settings);
+        let config_json = self.document(&settings, channel.parts);
         self.settings = Some(settings);
         Ok(LiveOutput {
             config_json,
+            parts: Arc::clone(&self.parts),
             clusters: Arc::clone(&self.clusters),
             credentials: self.credentials.clone(),
             connectors: self.connectors.clone(),
@@ -658,7 +664,7 @@ impl LiveRender {
     /// what serializing the whole [`FilterConfig`] gives, in pieces: the runs a change touched
     /// are joined again, the others shared; the same `Arc` as last time when nothing in it
     /// changed.
-    fn document(&mut self, settings: &FilterConfig) -> Arc<Document> {
+    fn document(&mut self, settings: &FilterConfig, in_parts: bool) -> Arc<Document> {
         // `connectors` is the document's last field: `...,"connectors":[]}`.
         let head = serde_json::to_string(settings).unwrap_or_default();
         let changed = self.served.refresh(|part| match &**part {
@@ -671,18 +677,52 @@ impl LiveRender {
         let Some(open) = head.strip_suffix("]}") else {
             return Arc::new(Document::from_text(head));
         };
-        let mut pieces = vec![Arc::from(open)];
-        self.served.pieces(&mut pieces);
-        pieces.push(Arc::from("]}"));
-        self.document = Arc::new(Document::from_pieces(pieces));
+        self.document = if in_parts {
+            self.parts = Arc::new(self.served.parts());
+            Arc::new(parts_document(open, &self.parts))
+        } else {
+            let mut pieces = vec![Arc::from(open)];
+            self.served.pieces(&mut pieces);
+            pieces.push(Arc::from("]}"));
+            Arc::new(Document::from_pieces(pieces))
+        };
         self.head = head;
         Arc::clone(&self.document)
     }
 }
 
+/// The document that lists `parts` in place of the entries (`--config-parts`): `open` (the
+/// settings up to `"connectors":[`) with `"parts":[<ids>]` before an empty `connectors`. The
+/// filter puts the parts' texts back where the ids stand (`connector_core::config::assemble`)
+/// and gets the inline document, byte for byte. A change pushes one new id and the filter
+/// fetches that part alone: what the controller sends and Envoy reads no longer grows with
+/// every connector's text, only with the number of parts (one per 64–128 connectors).
+fn parts_document(open: &str, parts: &[(Arc<str>, Arc<str>)]) -> Document {
+    const CONNECTORS: &str = "\"connectors\":[";
+    if parts.is_empty() {
+        return Document::from_text(format!("{open}]}}"));
+    }
+    let settings = open.strip_suffix(CONNECTORS).unwrap_or(open);
+    let mut text = String::with_capacity(settings.len() + 32 + parts.len() * 75);
+    text.push_str(settings);
+    text.push_str("\"parts\":[");
+    for (i, (id, _)) in parts.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push('"');
+        text.push_str(id);
+        text.push('"');
+    }
+    text.push_str("],");
+    text.push_str(CONNECTORS);
+    text.push_str("]}");
+    Document::from_text(text)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashSet};
     use std::path::Path;
 
     use super::*;
@@ -746,7 +786,27 @@ mod tests {
         ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: None,
+            parts: false,
         }
+    }
+
+    fn in_parts() -> ChannelSettings {
+        ChannelSettings {
+            parts: true,
+            ..channel()
+        }
+    }
+
+    /// What a filter makes of a document that lists parts, given the parts `out` serves.
+    fn assembled(out: &LiveOutput) -> String {
+        let doc = out.config_json.text();
+        let listed = connector_core::config::parse(doc.as_bytes()).config.parts;
+        if listed.is_empty() {
+            return doc;
+        }
+        let served: HashMap<&str, &str> = out.parts.iter().map(|(id, t)| (&**id, &**t)).collect();
+        let head = connector_core::config::parts_head(doc.as_bytes()).unwrap();
+        connector_core::config::assemble(&head, listed.iter().map(|id| served[id.as_str()]))
     }
 
     fn tenancy() -> Tenancy {
@@ -829,6 +889,9 @@ mod tests {
         let mut parsed: BTreeMap<String, (String, ManifestSet)> = BTreeMap::new();
         let mut merged = ManifestSet::default();
         let mut live = LiveRender::default();
+        // The same changes rendered as parts (`--config-parts`).
+        let mut parted = LiveRender::default();
+        let (mut parted_last, mut inline_last) = (Arc::new(Document::default()), Arc::new(Document::default()));
         let (mut rendered_total, mut settled_total) = (0, 0);
         let mut seen_conflicts = [false; 2];
         let steps = 300;
@@ -916,6 +979,20 @@ mod tests {
             };
             let out = live.update(&inputs, &channel(), &revisions, &tenancy()).unwrap();
             let json = out.config_json.text();
+            let parts_out = parted.update(&inputs, &in_parts(), &revisions, &tenancy()).unwrap();
+            let parts_doc = parts_out.config_json.text();
+            assert_eq!(
+                connector_core::config::parse(parts_doc.as_bytes()).errors,
+                vec![],
+                "step {step}"
+            );
+            assert_eq!(assembled(&parts_out), json, "step {step}");
+            // Unchanged (the same `Arc`, no push) whenever the inline document is.
+            if Arc::ptr_eq(&out.config_json, &inline_last) {
+                assert!(Arc::ptr_eq(&parts_out.config_json, &parted_last), "step {step}");
+            }
+            inline_last = Arc::clone(&out.config_json);
+            parted_last = Arc::clone(&parts_out.config_json);
             if step > 0 {
                 rendered_total += out.rendered;
                 settled_total += out.settled;
@@ -976,6 +1053,8 @@ mod tests {
             put(&mut files, &format!("s{ns:02}.yaml"), secret_yaml(ns, 0, 0));
         }
         let mut live = LiveRender::default();
+        // Rendered as parts: also counts the parts a change adds to the document.
+        let mut listed: HashSet<Arc<str>> = HashSet::new();
         let mut run = |files: &BTreeMap<String, (String, ManifestSet)>| {
             let mut set = ManifestSet::default();
             let mut problems = vec![];
@@ -987,35 +1066,41 @@ mod tests {
                 identity: identity(),
                 authorization: Authorization::Rules,
             };
-            let out = live.update(&inputs, &channel(), &revisions, &tenancy()).unwrap();
-            (out.rendered, out.settled, out.connectors.len(), out.left_out)
+            let out = live.update(&inputs, &in_parts(), &revisions, &tenancy()).unwrap();
+            let now: HashSet<Arc<str>> = out.parts.iter().map(|(id, _)| Arc::clone(id)).collect();
+            let new_parts = now.difference(&listed).count();
+            listed = now;
+            (out.rendered, out.settled, out.connectors.len(), out.left_out, new_parts)
         };
-        assert_eq!(run(&files).0, 2000);
-        let (rendered, settled, ..) = run(&files);
-        assert_eq!((rendered, settled), (0, 0), "nothing changed");
+        let (rendered, .., parts) = run(&files);
+        assert_eq!(rendered, 2000);
+        assert!((16..=32).contains(&parts), "{parts} parts of 64 to 128 connectors");
+        let (rendered, settled, .., parts) = run(&files);
+        assert_eq!((rendered, settled, parts), (0, 0, 0), "nothing changed");
         // A Secret rotated in ns3: its 100 connectors, and only they.
         put(&mut files, "s03.yaml", secret_yaml(3, 0, 1));
-        let (rendered, settled, served, _) = run(&files);
+        let (rendered, settled, served, ..) = run(&files);
         assert_eq!((rendered, settled, served), (100, 100, 2000));
-        // One connector changed, one added, one deleted.
+        // One connector changed, one added, one deleted: one new part each.
         let mut holder = plain(5);
         holder.hosts = vec![1];
         put(&mut files, "c0005.yaml", connector_yaml("c5", &holder));
-        let (rendered, settled, ..) = run(&files);
-        assert_eq!((rendered, settled), (1, 1));
+        let (rendered, settled, .., parts) = run(&files);
+        assert_eq!((rendered, settled, parts), (1, 1, 1));
         put(&mut files, "c0006.yaml", connector_yaml("c6", &holder));
-        let (rendered, settled, _, left_out) = run(&files);
+        let (rendered, settled, _, left_out, parts) = run(&files);
         assert_eq!(
             (rendered, settled),
             (1, 2),
             "the newcomer and the holder of its host name"
         );
         assert!(left_out.contains("ns5", "c6") && !left_out.contains("ns5", "c5"));
+        assert!(parts <= 1, "{parts}: a connector left out is not in the document");
         put(&mut files, "c9999.yaml", connector_yaml("late", &plain(7)));
-        let (rendered, settled, served, _) = run(&files);
-        assert_eq!((rendered, settled, served), (1, 1, 2000));
+        let (rendered, settled, served, _, parts) = run(&files);
+        assert_eq!((rendered, settled, served, parts), (1, 1, 2000, 1));
         files.remove("c0100.yaml");
-        let (rendered, settled, served, _) = run(&files);
-        assert_eq!((rendered, settled, served), (0, 0, 1999));
+        let (rendered, settled, served, _, parts) = run(&files);
+        assert_eq!((rendered, settled, served, parts), (0, 0, 1999, 1));
     }
 }

@@ -24,7 +24,7 @@ const USAGE: &str = "usage:
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 30000]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
-        [--host-grants <namespace>=<host or *.suffix>[,...]]
+        [--host-grants <namespace>=<host or *.suffix>[,...]] [--config-parts]
         (--proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
       File mode: a directory of Connector and Secret manifests, watched with inotify (and
       re-scanned every --poll-ms as a safety net). Both modes:
@@ -33,6 +33,10 @@ const USAGE: &str = "usage:
       re-read on change. --proxy-tls-external serves none: TLS is terminated by the gateway the
       filter runs in (Istio's Gateway, credentialName). --proxy-plain-http (legacy) serves none:
       only for Envoy's plain listener.
+      --config-parts: the filter configuration Envoy gets lists its connectors as parts (runs of
+      64-128 connectors, by content id) that the filter fetches over the channel, so a change
+      sends one part and a short list, not every connector (large installations; not with
+      --istio-wasmplugin).
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
@@ -180,6 +184,7 @@ const SWITCHES: &[&str] = &[
     "--allow-local-upstreams",
     "--proxy-plain-http",
     "--proxy-tls-external",
+    "--config-parts",
 ];
 
 /// Flags of `serve` that take a value: those of both modes, of file mode, of API mode.
@@ -319,6 +324,11 @@ fn serve(args: &[String]) -> ExitCode {
                 _ => problems.push(format!("--leader-lease {lease:?}: expected <namespace>/<name>")),
             }
         }
+        if flags.contains_key("--istio-wasmplugin") && switch("--config-parts") {
+            // The WasmPlugin's configuration is renamed for istiod's clusters as a whole
+            // document (istio.rs), and istiod, not this controller, pushes it to Envoy.
+            problems.push("--config-parts is not supported with --istio-wasmplugin: the WasmPlugin carries the whole configuration".into());
+        }
         let wasmplugin = flags.get("--istio-wasmplugin").and_then(|t| {
             connector_controller::wasmplugin::parse_target(t)
                 .map_err(|e| problems.push(e))
@@ -400,6 +410,7 @@ fn serve(args: &[String]) -> ExitCode {
         channel_settings: ChannelSettings {
             cluster: get("--channel-cluster", "connector_controller"),
             key_env: channel_key.as_ref().map(|_| CHANNEL_KEY_ENV.to_string()),
+            parts: switch("--config-parts"),
         },
         wasm: WasmSettings {
             module_path: get("--wasm", ""),

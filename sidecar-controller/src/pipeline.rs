@@ -38,6 +38,9 @@ pub struct ChannelSettings {
     /// Name of the environment variable holding the channel key in Envoy's process, when the
     /// channel requires one.
     pub key_env: Option<String>,
+    /// `--config-parts`: the filter configuration lists its entries as parts the filter
+    /// fetches over the channel, instead of carrying them (issue 17).
+    pub parts: bool,
 }
 
 /// What Connector authors may claim, as the operator sets it (README "Trust model"). File mode:
@@ -647,6 +650,7 @@ mod tests {
         ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
+            parts: false,
         }
     }
 

@@ -19,6 +19,8 @@ struct Run<K, V> {
     /// The entries' texts joined with `,`, as of the last [`Runs::refresh`]; shared with the
     /// documents made since.
     text: Arc<str>,
+    /// `text`'s part id, made when first asked for ([`Runs::parts`]) and kept while the text is.
+    id: Option<Arc<str>>,
     /// An entry went in or out since.
     stale: bool,
 }
@@ -28,6 +30,7 @@ impl<K, V> Run<K, V> {
         Self {
             entries,
             text: Arc::from(""),
+            id: None,
             stale: true,
         }
     }
@@ -117,11 +120,29 @@ impl<K: Ord + Clone, V> Runs<K, V> {
                 }
                 joined.push_str(t);
             }
-            changed |= *joined != *run.text;
-            run.text = joined.into();
+            if *joined != *run.text {
+                changed = true;
+                run.text = joined.into();
+                run.id = None;
+            }
             run.stale = false;
         }
         changed
+    }
+
+    /// The runs' texts as of the last [`Runs::refresh`], each with its part id
+    /// (`connector_core::channel::part_id`; hashed only for a run whose text changed): the
+    /// parts of a document that lists `parts`.
+    pub fn parts(&mut self) -> Vec<(Arc<str>, Arc<str>)> {
+        let runs = self.runs.values_mut().filter(|run| !run.text.is_empty());
+        runs.map(|run| {
+            let text = &run.text;
+            let id = run
+                .id
+                .get_or_insert_with(|| Arc::from(connector_core::channel::part_id(text.as_bytes())));
+            (Arc::clone(id), Arc::clone(text))
+        })
+        .collect()
     }
 
     /// Every entry's text, as of the last [`Runs::refresh`], joined with `,`, as pieces: each
@@ -193,6 +214,13 @@ mod tests {
             let now = written(&runs);
             let expected: Vec<&str> = model.values().filter_map(|v| v.as_deref()).collect();
             assert_eq!(now, expected.join(","), "batch {batch}");
+            // The parts are the same text cut at the runs, each named by its content.
+            let parts = runs.parts();
+            let texts: Vec<&str> = parts.iter().map(|(_, t)| &**t).collect();
+            assert_eq!(texts.join(","), now, "batch {batch}");
+            for (id, t) in &parts {
+                assert_eq!(**id, connector_core::channel::part_id(t.as_bytes()));
+            }
             if !changed {
                 assert_eq!(now, last, "batch {batch}: unchanged, it said");
                 unchanged += 1;

@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::watch;
 
-use crate::channel::{AccessCheck, Channel, CredentialTable, Credentials};
+use crate::channel::{AccessCheck, Channel, CredentialTable, Credentials, PartTable, Parts};
 use crate::hub::{Hub, Published, acked_floor};
 use crate::live::LiveRender;
 use crate::ops::Metrics;
@@ -66,11 +66,13 @@ pub async fn pipeline(
     tenancy: Tenancy,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     credentials: watch::Sender<Credentials>,
+    parts: watch::Sender<Parts>,
     revisions: Revisions,
 ) {
     let mut inputs = hub.inputs();
     let mut acked = hub.filter_acked();
     let mut table = CredentialTable::default();
+    let mut part_table = PartTable::default();
     let mut live = LiveRender::default();
     let mut version = 0u64;
     // The last snapshot sent, compared with each rendering (held, not copied: the document is
@@ -108,6 +110,9 @@ pub async fn pipeline(
                     }
                     table.install(r.credentials, version);
                     credentials.send_replace(table.served());
+                    // Parts too are served before a configuration lists them.
+                    part_table.install(&r.parts, version);
+                    parts.send_replace(part_table.served());
                     if !same {
                         let snapshot = Arc::new(Snapshot {
                             version,
@@ -164,7 +169,13 @@ pub async fn pipeline(
             );
             credentials.send_replace(table.served());
         }
-        let deadline = table.next_deadline();
+        if part_table.advance(floor, Instant::now()) {
+            parts.send_replace(part_table.served());
+        }
+        let deadline = match (table.next_deadline(), part_table.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         tokio::select! {
             changed = inputs.changed() => {
                 if changed.is_err() { return; }
@@ -261,6 +272,7 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
     }
     let (snap_tx, snap_rx) = watch::channel(None);
     let (cred_tx, cred_rx) = watch::channel(Credentials::default());
+    let (parts_tx, parts_rx) = watch::channel(Parts::default());
     let tenancy = settings.effective_tenancy();
     // One WasmPlugin configures every replica's filter: revisions keyed by the shared channel key.
     let revisions = match (&settings.istio_wasmplugin, &settings.channel_key) {
@@ -292,6 +304,7 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         tenancy,
         snap_tx,
         cred_tx,
+        parts_tx,
         revisions,
     ));
 
@@ -300,7 +313,9 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let channel = Channel::new(cred_rx, settings.channel_key.as_deref(), access, hub.clone()).router();
+    let channel = Channel::new(cred_rx, settings.channel_key.as_deref(), access, hub.clone())
+        .with_parts(parts_rx)
+        .router();
     let channel_listener = tokio::net::TcpListener::bind(settings.channel).await?;
     let ops_listener = tokio::net::TcpListener::bind(settings.ops).await?;
     let xds_listener = tokio::net::TcpListener::bind(settings.xds).await?;

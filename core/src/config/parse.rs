@@ -53,7 +53,14 @@ pub fn parse(json: &[u8]) -> Parsed {
     Parsed { config, errors }
 }
 
-const ROOT_KEYS: [&str; 6] = ["proxy", "identity", "connectors", "controller", "authorization", "parts"];
+const ROOT_KEYS: [&str; 6] = [
+    "proxy",
+    "identity",
+    "connectors",
+    "controller",
+    "authorization",
+    "parts",
+];
 
 /// Everything of the document but its connectors.
 fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
@@ -97,7 +104,10 @@ fn walk_settings(w: &mut Walk<'_>, root: &Map<String, Value>) -> FilterConfig {
             .map(|(i, item)| match item {
                 Value::String(s) => s.clone(),
                 _ => {
-                    w.err(format!("parts[{i}]"), "expected a part id (sha256:<64 lowercase hex digits>)");
+                    w.err(
+                        format!("parts[{i}]"),
+                        "expected a part id (sha256:<64 lowercase hex digits>)",
+                    );
                     String::new()
                 }
             })

@@ -394,7 +394,11 @@ fn parts_are_checked_with_their_paths() {
     let mut doc = serde_json::to_value(&config).unwrap();
     doc["parts"].as_array_mut().unwrap().push(serde_json::json!(7));
     let paths = |doc: &serde_json::Value| -> Vec<String> {
-        parse(doc.to_string().as_bytes()).errors.into_iter().map(|e| e.path).collect()
+        parse(doc.to_string().as_bytes())
+            .errors
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
     };
     // (parts[4], not a string, is reported once: by the structure.)
     assert_eq!(paths(&doc), ["parts[4]", "parts[1]", "parts[2]", "parts[3]"]);
