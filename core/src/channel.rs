@@ -37,12 +37,14 @@ pub fn is_part_id(id: &str) -> bool {
 #[cfg(feature = "keys")]
 pub fn part_id(text: &[u8]) -> String {
     use sha2::Digest as _;
-    use std::fmt::Write as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = sha2::Sha256::digest(text);
     let mut id = String::with_capacity(PART_ID_PREFIX.len() + 64);
     id.push_str(PART_ID_PREFIX);
     for b in digest {
-        let _ = write!(id, "{b:02x}");
+        for nibble in [b >> 4, b & 15] {
+            id.push(char::from(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0')));
+        }
     }
     id
 }

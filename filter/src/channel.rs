@@ -56,6 +56,11 @@ impl ChannelCall {
 
 pub use connector_core::verb::Verb;
 
+/// Asks for a part of the configuration (`path`: `connector_core::channel::part_path`).
+pub fn part_call(ch: &ControllerChannel, path: String) -> ChannelCall {
+    ChannelCall::new(ch, "GET", path)
+}
+
 /// Asks for the connector's credential at `revision`, the one the filter's configuration names:
 /// the controller answers only for that revision (issue 12.7).
 pub fn credential_call(ch: &ControllerChannel, namespace: &str, name: &str, revision: &str) -> ChannelCall {
@@ -106,7 +111,7 @@ fn channel_failure(connector: &str, what: &str, why: String) -> Refusal {
     .with_reason("controller_unavailable")
 }
 
-fn error_of(body: &[u8]) -> Option<String> {
+pub(crate) fn error_of(body: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(body).ok()?;
     v.get("error")
         .and_then(Value::as_str)

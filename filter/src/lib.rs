@@ -13,6 +13,7 @@
 //! - [`respond`]: refusals as OCI error responses;
 //! - [`leak`]: whether an upstream answer repeats the credential the filter sent;
 //! - [`channel`]: the sidecar controller's loopback channel (credentials, access decisions);
+//! - [`parts`]: a configuration whose connectors come as parts over the channel, assembled;
 //! - [`tarpit`]: refusals past a per-second threshold answered after a delay;
 //! - [`stats`]: names of the Envoy stats and access-log properties the filter exports;
 //! - [`wire`]: the proxy-wasm ABI's byte formats (header maps, property paths).
@@ -27,6 +28,7 @@ pub mod flow;
 pub mod identity;
 pub mod leak;
 pub use connector_core::keys::pkcs1;
+pub mod parts;
 pub mod respond;
 pub mod rewrite;
 pub mod route;

@@ -26,6 +26,7 @@ use crate::engine::{
 use crate::flow::{Act, CallAnswer, Flow, Target, Vm};
 use crate::host::{self, Buffer, Map};
 use crate::identity::TokenCache;
+use crate::parts::{Answer, Assembly, Held};
 use crate::respond::{LocalResponse, Refusal};
 use crate::tarpit::{TICK_MS, Tarpit};
 use crate::upstream::UpstreamAuth;
@@ -163,6 +164,18 @@ thread_local! {
     static PENDING: RefCell<Option<(Vec<u8>, u32)>> = const { RefCell::new(None) };
 }
 
+/// How often a VM waiting for configuration parts looks for calls to make (retries).
+const ASSEMBLY_TICK_MS: u32 = 50;
+
+thread_local! {
+    /// A configuration waiting for its parts ([`crate::parts`]); the running configuration
+    /// stays until it is complete and compiled.
+    static ASSEMBLY: RefCell<Option<Assembly>> = const { RefCell::new(None) };
+    /// The parts of the configuration this VM runs (and of a replaced assembly): a push
+    /// fetches only the parts it does not find here.
+    static HELD: RefCell<Held> = const { RefCell::new(Vec::new()) };
+}
+
 thread_local! {
     /// The VM's one state (a VM serves one Envoy worker). Envoy gives every new filter
     /// configuration a new root context in the same VM; a state per root would start every
@@ -258,7 +271,28 @@ struct Root {
     id: u32,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The answers to calls made on the root context: configuration parts (fire-and-forget
+    /// notices are answered here too, and ignored).
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let answer = read_call_answer(num_headers, body_size).unwrap_or_default();
+        let now = host::now_millis();
+        let outcome = ASSEMBLY.with(|a| {
+            let mut a = a.try_borrow_mut().ok()?;
+            let a = a.as_mut()?;
+            Some((a.answer(token_id, answer.status, &answer.body, now), a.missing()))
+        });
+        match outcome {
+            Some((Answer::Refused(why), _)) => {
+                count(crate::stats::CALL_FAILED);
+                log(LogLevel::Warn, &why);
+            }
+            Some((Answer::Kept, 0)) => finish_assembly(),
+            _ => {}
+        }
+        drive_assembly();
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -307,29 +341,23 @@ impl RootContext for Root {
             config::compile_after(&bytes, &env, previous)
         });
         match compiled {
+            // Its connectors come as parts: fetched, then compiled (make before break).
+            Ok(config) if !config.parts.is_empty() => {
+                forget_pending();
+                self.state = VM_STATE.with(Rc::clone);
+                start_assembly(&bytes, config, self.id, started)
+            }
             Ok(config) => {
                 if !running && let Some(memo) = config::memo::memo_of(&bytes, &config) {
                     let _ = host::set_shared_data(config::memo::KEY, &memo);
                 }
                 log_accepted(&config, started, false);
-                PENDING.with(|p| {
-                    if let Ok(mut pending) = p.try_borrow_mut() {
-                        *pending = None;
-                    }
-                });
-                let shared = VM_STATE.with(Rc::clone);
-                let Ok(mut slot) = shared.try_borrow_mut() else {
-                    return false;
-                };
-                let state = State::next(slot.take(), config, self.id);
-                // Refusals held under the previous root are answered by this root's tick.
-                if state.tarpit.holding() > 0 {
-                    let _ = host::set_tick_period(TICK_MS);
-                }
-                *slot = Some(state);
-                drop(slot);
-                self.state = shared;
-                true
+                forget_pending();
+                // An inline configuration ends any assembly, and the parts held for one.
+                ASSEMBLY.with(|a| a.replace(None));
+                HELD.with(|h| h.take());
+                self.state = VM_STATE.with(Rc::clone);
+                install(config, self.id)
             }
             Err(errors) => {
                 // Fail closed: this root's requests get no state and are refused. The VM's state
@@ -361,8 +389,10 @@ impl RootContext for Root {
             }
         }
         let _ = host::set_effective_context(self.id);
+        drive_assembly();
+        let assembling = ASSEMBLY.with(|a| a.try_borrow().map(|a| a.is_some()).unwrap_or(false));
         if left == 0 {
-            let _ = host::set_tick_period(0);
+            let _ = host::set_tick_period(if assembling { ASSEMBLY_TICK_MS } else { 0 });
         }
     }
 
@@ -548,6 +578,133 @@ fn log_refused(errors: &[config::ConfigError]) {
     }
 }
 
+/// Drops a configuration the memo accepted and no tick compiled: a newer one replaced it.
+fn forget_pending() {
+    PENDING.with(|p| {
+        if let Ok(mut pending) = p.try_borrow_mut() {
+            *pending = None;
+        }
+    });
+}
+
+/// Makes `config` the VM's configuration, its caches carried over from the one it replaces
+/// ([`State::next`]). `root`: the root context whose tick answers held refusals.
+fn install(config: Config, root: u32) -> bool {
+    VM_STATE.with(|shared| {
+        let Ok(mut slot) = shared.try_borrow_mut() else {
+            return false;
+        };
+        let state = State::next(slot.take(), config, root);
+        // Refusals held under the previous root are answered by this root's tick.
+        if state.tarpit.holding() > 0 {
+            let _ = host::set_tick_period(TICK_MS);
+        }
+        *slot = Some(state);
+        true
+    })
+}
+
+/// Starts assembling `config`, a document that lists its connectors as parts: the parts the
+/// VM holds are taken, the others fetched from the next tick on ([`drive_assembly`]). The
+/// running configuration stays until the assembly is compiled ([`finish_assembly`]).
+fn start_assembly(bytes: &[u8], config: Config, root: u32, started: u64) -> bool {
+    // The parse refuses parts without the channel; a configuration without it cannot fetch.
+    let Some(channel) = config.controller.clone() else {
+        return false;
+    };
+    let mut held = HELD.with(|h| h.take());
+    if let Some(replaced) = ASSEMBLY.with(|a| a.replace(None)) {
+        // What it fetched, and what the running configuration holds besides.
+        let mut merged = replaced.into_held();
+        held.retain(|(id, _)| !merged.iter().any(|(m, _)| m == id));
+        merged.append(&mut held);
+        held = merged;
+    }
+    let assembly = Assembly::new(bytes, &config.parts, channel, root, &held, started);
+    HELD.with(|h| h.replace(held));
+    let Some(assembly) = assembly else {
+        log(
+            LogLevel::Error,
+            "configuration refused: it lists parts but cannot be cut at its members (a member name written with escapes?)",
+        );
+        return false;
+    };
+    let (listed, missing) = (config.parts.len(), assembly.missing());
+    log(
+        LogLevel::Info,
+        &format!("configuration accepted: {listed} part(s) listed, {missing} to fetch from the controller"),
+    );
+    ASSEMBLY.with(|a| a.replace(Some(assembly)));
+    if missing == 0 {
+        finish_assembly();
+    } else {
+        // The calls are made on the next tick: Envoy's canary, configured once and killed,
+        // never makes them.
+        let _ = host::set_tick_period(PENDING_TICK_MS);
+    }
+    true
+}
+
+/// Makes the calls the assembly asks for now, on the effective (root) context.
+fn drive_assembly() {
+    let now = host::now_millis();
+    ASSEMBLY.with(|a| {
+        let Ok(mut a) = a.try_borrow_mut() else {
+            return;
+        };
+        let Some(a) = a.as_mut() else {
+            return;
+        };
+        for (part, call) in a.calls(now) {
+            match host::dispatch_http_call(a.cluster(), call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
+                Ok(token) => a.sent(token, part),
+                Err(_) => {
+                    count(crate::stats::CALL_FAILED);
+                    a.not_sent(now);
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Compiles the assembled configuration and runs it; on a problem the running configuration
+/// stays, and the problems are logged as a pushed document's would be.
+fn finish_assembly() {
+    let Some(assembly) = ASSEMBLY.with(|a| a.replace(None)) else {
+        return;
+    };
+    let Some(document) = assembly.document() else {
+        ASSEMBLY.with(|a| a.replace(Some(assembly)));
+        return;
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let compiled = VM_STATE.with(|shared| {
+        let running = shared.try_borrow().ok();
+        let previous = running.as_ref().and_then(|s| s.as_ref()).map(|s| &s.config);
+        config::compile_after(document.as_bytes(), &env, previous)
+    });
+    match compiled {
+        Ok(config) => {
+            log(
+                LogLevel::Info,
+                &format!("configuration assembled from its parts: {} bytes", document.len()),
+            );
+            log_accepted(&config, assembly.started, false);
+            if install(config, assembly.root) {
+                HELD.with(|h| h.replace(assembly.into_held()));
+            }
+        }
+        Err(errors) => {
+            log(
+                LogLevel::Error,
+                "the configuration assembled from its parts was refused; the running one stays",
+            );
+            log_refused(&errors);
+        }
+    }
+}
+
 /// Compiles the configuration the memo accepted ([`Root::on_configure`]) into `slot`, if this
 /// VM has none yet: on its first tick, or its first request if that comes first.
 fn compile_pending(slot: &mut Option<State>) {
@@ -579,6 +736,9 @@ fn with_state<T>(state: &Shared, f: impl FnOnce(&mut State) -> T) -> Result<T, R
     compile_pending(&mut guard);
     match guard.as_mut() {
         Some(st) => Ok(f(st)),
+        None if ASSEMBLY.with(|a| a.try_borrow().map(|a| a.is_some()).unwrap_or(false)) => Err(Refusal::unavailable(
+            "the connector proxy is still fetching its configuration from the controller: retry",
+        )),
         None => Err(Refusal::unavailable(
             "the connector proxy has no valid configuration; its log lists the problems",
         )),

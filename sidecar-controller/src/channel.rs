@@ -166,6 +166,10 @@ impl CredentialTable {
 /// The parts the channel serves, by id (`--config-parts`).
 pub type Parts = Arc<std::collections::HashMap<Arc<str>, Arc<str>>>;
 
+/// A part's text, the first version whose document does not list it, and when every Envoy
+/// had acknowledged that version.
+type KeptPart = (Arc<str>, Option<u64>, Option<Instant>);
+
 /// The parts behind the channel: those the current document lists, plus those of documents an
 /// Envoy may still be assembling, by the credential table's rule (make before break): a part
 /// no longer listed stays until every Envoy acknowledged a configuration without it, plus
@@ -175,9 +179,7 @@ pub type Parts = Arc<std::collections::HashMap<Arc<str>, Arc<str>>>;
 /// change, a pointer per part (one per 64–128 connectors).
 #[derive(Default)]
 pub struct PartTable {
-    /// id → text, the first version whose document does not list it, and when every Envoy
-    /// had acknowledged that version.
-    parts: std::collections::HashMap<Arc<str>, (Arc<str>, Option<u64>, Option<Instant>)>,
+    parts: std::collections::HashMap<Arc<str>, KeptPart>,
     served: Parts,
 }
 

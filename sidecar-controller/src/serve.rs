@@ -59,6 +59,7 @@ impl ServeSettings {
 /// a rendering drops stay served until every Envoy acknowledged a configuration without them
 /// (make before break, [`CredentialTable`]). `istio`: clusters named as Istio names them
 /// (`--istio-wasmplugin`).
+#[allow(clippy::too_many_arguments)]
 pub async fn pipeline(
     hub: Hub,
     istio: bool,

@@ -41,6 +41,9 @@ pub struct Config {
     pub kept: usize,
     pub controller: Option<ControllerChannel>,
     pub access: AccessMode,
+    /// The parts the document lists in place of its connectors (see [`crate::parts`]): this
+    /// configuration then has no connectors of its own, and is not run but assembled.
+    pub parts: Vec<String>,
     index: Index,
     /// What the next configuration may reuse: the document's text but its connectors (`None`
     /// when the document could not be cut at its entries), and the entries in document order,
@@ -279,6 +282,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         kept: slots.len().saturating_sub(read),
         controller: running.controller.clone(),
         access: running.access,
+        parts: vec![],
         index,
         settings: running.settings.clone(),
         slots,
@@ -359,6 +363,7 @@ fn compile_whole(
         proxy,
         identity,
         authorization,
+        parts,
         ..
     } = config;
     Ok(Config {
@@ -369,6 +374,7 @@ fn compile_whole(
         kept: 0,
         controller,
         access: authorization,
+        parts,
         index,
         settings,
         slots,
