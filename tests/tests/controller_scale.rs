@@ -27,7 +27,37 @@ fn manifest_path(connector: &str) -> String {
 
 #[test]
 fn adds_rotations_and_deletes_under_load_with_two_workers_answer_only_200_or_403() {
-    let mut s = setup("controller-scale-churn");
+    churn("controller-scale-churn", &[], |_| {});
+}
+
+/// The same with the configuration delivered in parts (`--config-parts`): each worker fetches
+/// a push's new parts over the channel after the ECDS ACK, so a part, like a credential, must
+/// stay served until Envoy has moved on. The pushed configuration names no connector.
+#[test]
+fn in_parts_adds_rotations_and_deletes_under_load_answer_only_200_or_403() {
+    churn("controller-scale-churn-parts", &["--config-parts"], |envoy| {
+        let log = envoy.log();
+        let assembled = log.matches("configuration assembled from its parts").count();
+        // Three VMs (two workers and the main thread's) and 17 pushes.
+        assert!(assembled >= 3 * 12, "each VM assembled the pushes: {assembled} times");
+        let fetched_one = log.matches("part(s) listed, 1 to fetch").count();
+        assert!(
+            fetched_one >= 3 * 10,
+            "a push fetches its one new part: {fetched_one} times"
+        );
+        let dump = envoy.config_dump().unwrap();
+        assert!(
+            dump.contains("\\\"parts\\\":[\\\"sha256:"),
+            "the pushed document lists parts"
+        );
+        assert!(!dump.contains("filler-1"), "and no connector");
+    });
+}
+
+/// Adds, rotates and deletes connectors while clients pull, with controller flags `args`;
+/// `check` looks at the Envoy afterwards.
+fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
+    let mut s = setup(name);
     let old = s.registry.credentials.clone().unwrap();
     let new = Credentials {
         username: "robot2".into(),
@@ -46,7 +76,7 @@ fn adds_rotations_and_deletes_under_load_with_two_workers_answer_only_200_or_403
         .map(|i| format!("{}---\n", connector_yaml(&format!("filler-{i}"), &upstream, "robot")))
         .collect();
     put(&s.manifests, "fillers.yaml", &fillers);
-    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, &[]).unwrap();
+    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
     let mode = Envoy::harness_mode(&s.work);
     let envoy = Envoy::start_xds_workers(
         &s.work,
@@ -166,6 +196,7 @@ fn adds_rotations_and_deletes_under_load_with_two_workers_answer_only_200_or_403
         "{:?}",
         envoy.critical_wasm_lines()
     );
+    check(&envoy);
 }
 
 /// Connectors besides the churned ones: a filter configuration of this size takes each Envoy
