@@ -25,6 +25,9 @@ use crate::config::ControllerChannel;
 pub const MAX_IN_FLIGHT: usize = 8;
 /// How long after a failed fetch the part is asked for again.
 pub const RETRY_MS: u64 = 200;
+/// A call not answered after this long is taken as lost (its root context went away with a
+/// newer configuration, say) and its part asked for again. Longer than the calls' own timeout.
+pub const LOST_MS: u64 = 10_000;
 /// Larger answers are not a part of ours (a run is 64–128 entries).
 pub const MAX_PART: usize = 8 * 1024 * 1024;
 
@@ -43,8 +46,8 @@ pub struct Assembly {
     pub root: u32,
     /// The text of each id, once here.
     got: Vec<Option<Rc<str>>>,
-    /// Call token → the index of the part it asks for.
-    in_flight: Vec<(u32, usize)>,
+    /// Call token → the index of the part it asks for, and when it was made (ms).
+    in_flight: Vec<(u32, usize, u64)>,
     /// No call before this (ms), after a failure.
     not_before: u64,
     /// When the configuration arrived (ms): the log says how long the assembly took.
@@ -114,12 +117,13 @@ impl Assembly {
     /// The calls to make now: parts neither held nor asked for, up to [`MAX_IN_FLIGHT`] in
     /// flight, none before a failed call's retry time. Each is made, then reported with
     /// [`Self::sent`] or [`Self::not_sent`].
-    pub fn calls(&self, now_ms: u64) -> Vec<(usize, ChannelCall)> {
+    pub fn calls(&mut self, now_ms: u64) -> Vec<(usize, ChannelCall)> {
+        self.in_flight.retain(|(_, _, at)| now_ms.saturating_sub(*at) < LOST_MS);
         if now_ms < self.not_before {
             return vec![];
         }
         let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len());
-        let asked = |i: usize| self.in_flight.iter().any(|(_, a)| *a == i);
+        let asked = |i: usize| self.in_flight.iter().any(|(_, a, _)| *a == i);
         (self.ids.iter().zip(&self.got).enumerate())
             .filter(|(i, (_, got))| got.is_none() && !asked(*i))
             .take(room)
@@ -130,9 +134,9 @@ impl Assembly {
             .collect()
     }
 
-    /// Call `token` asks for part `part` (an index [`Self::calls`] gave).
-    pub fn sent(&mut self, token: u32, part: usize) {
-        self.in_flight.push((token, part));
+    /// Call `token`, made at `now_ms`, asks for part `part` (an index [`Self::calls`] gave).
+    pub fn sent(&mut self, token: u32, part: usize, now_ms: u64) {
+        self.in_flight.push((token, part, now_ms));
     }
 
     /// The host would not make a call: try again later.
@@ -142,10 +146,10 @@ impl Assembly {
 
     /// An answer to call `token`: `status` 0 when the call failed.
     pub fn answer(&mut self, token: u32, status: u32, body: &[u8], now_ms: u64) -> Answer {
-        let Some(k) = self.in_flight.iter().position(|(t, _)| *t == token) else {
+        let Some(k) = self.in_flight.iter().position(|(t, _, _)| *t == token) else {
             return Answer::NotOurs;
         };
-        let (_, part) = self.in_flight.swap_remove(k);
+        let (_, part, _) = self.in_flight.swap_remove(k);
         let Some(id) = self.ids.get(part) else {
             return Answer::NotOurs;
         };
@@ -235,7 +239,7 @@ mod tests {
         assert_eq!(call.path, format!("/v1/parts/{}", ids()[*i0]));
         assert!(call.headers.contains(&("authorization".into(), "Bearer k".into())));
         for (token, (i, _)) in calls.iter().enumerate() {
-            a.sent(token as u32 + 10, *i);
+            a.sent(token as u32 + 10, *i, 0);
         }
         assert!(a.calls(0).is_empty(), "all asked for already");
         assert_eq!(a.document(), None);
@@ -258,7 +262,7 @@ mod tests {
         assert_eq!(again.len(), 3);
         for (token, (i, _)) in again.iter().enumerate() {
             let text = texts[*i].1;
-            a.sent(token as u32 + 20, *i);
+            a.sent(token as u32 + 20, *i, 5 + RETRY_MS);
             assert_eq!(a.answer(token as u32 + 20, 200, text.as_bytes(), 300), Answer::Kept);
         }
         assert_eq!(a.missing(), 0);
@@ -270,7 +274,7 @@ mod tests {
         let held = a.into_held();
         let mut next_ids = ids();
         next_ids[1] = part_id(b"{\"name\":\"e\"}");
-        let b = Assembly::new(DOC.as_bytes(), &next_ids, channel(), 2, &held, 400).unwrap();
+        let mut b = Assembly::new(DOC.as_bytes(), &next_ids, channel(), 2, &held, 400).unwrap();
         let calls = b.calls(400);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].0, 1);
@@ -283,7 +287,7 @@ mod tests {
         let first = a.calls(0);
         assert_eq!(first.len(), MAX_IN_FLIGHT);
         for (t, (i, _)) in first.into_iter().enumerate() {
-            a.sent(t as u32, i);
+            a.sent(t as u32, i, 0);
         }
         assert!(a.calls(0).is_empty());
         assert_eq!(a.answer(0, 200, b"{\"n\":0}", 1), Answer::Kept);
@@ -292,6 +296,10 @@ mod tests {
         a.not_sent(1);
         assert!(a.calls(2).is_empty());
         assert_eq!(a.calls(1 + RETRY_MS).len(), 1);
+        // Calls never answered (their root context went away) are made again.
+        let again = a.calls(LOST_MS);
+        assert_eq!(again.len(), MAX_IN_FLIGHT, "the 7 lost ones and one more");
+        assert_eq!(again[0].0, 1, "the first part still missing, asked again");
         // A document that cannot be cut, or has entries of its own, is no assembly.
         assert!(Assembly::new(b"[1]", &many, channel(), 1, &Held::new(), 0).is_none());
         assert!(Assembly::new(b"{\"connectors\":[{}]}", &many, channel(), 1, &Held::new(), 0).is_none());

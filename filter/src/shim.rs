@@ -290,7 +290,7 @@ impl Context for Root {
             Some((Answer::Kept, 0)) => finish_assembly(),
             _ => {}
         }
-        drive_assembly();
+        drive_assembly(self.id);
     }
 }
 
@@ -389,8 +389,9 @@ impl RootContext for Root {
             }
         }
         let _ = host::set_effective_context(self.id);
-        drive_assembly();
-        let assembling = ASSEMBLY.with(|a| a.try_borrow().map(|a| a.is_some()).unwrap_or(false));
+        // Only the root of the configuration being assembled makes its calls: an older root
+        // may go away with its answers.
+        let assembling = drive_assembly(self.id);
         if left == 0 {
             let _ = host::set_tick_period(if assembling { ASSEMBLY_TICK_MS } else { 0 });
         }
@@ -645,19 +646,20 @@ fn start_assembly(bytes: &[u8], config: Config, root: u32, started: u64) -> bool
     true
 }
 
-/// Makes the calls the assembly asks for now, on the effective (root) context.
-fn drive_assembly() {
+/// Makes the calls the assembly asks for now, if `root` (the effective context) is the root of
+/// its configuration; gives whether that root has an assembly to tick for.
+fn drive_assembly(root: u32) -> bool {
     let now = host::now_millis();
     ASSEMBLY.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else {
-            return;
+            return false;
         };
-        let Some(a) = a.as_mut() else {
-            return;
+        let Some(a) = a.as_mut().filter(|a| a.root == root) else {
+            return false;
         };
         for (part, call) in a.calls(now) {
             match host::dispatch_http_call(a.cluster(), call.header_refs(), UPSTREAM_CALL_TIMEOUT) {
-                Ok(token) => a.sent(token, part),
+                Ok(token) => a.sent(token, part, now),
                 Err(_) => {
                     count(crate::stats::CALL_FAILED);
                     a.not_sent(now);
@@ -665,7 +667,8 @@ fn drive_assembly() {
                 }
             }
         }
-    });
+        true
+    })
 }
 
 /// Compiles the assembled configuration and runs it; on a problem the running configuration

@@ -135,6 +135,16 @@ fn the_istio_wasmplugin_is_named_by_namespace_and_name_in_api_mode_only() {
         err.contains("--istio-wasmplugin \"oci-connector\": expected <namespace>/<name>"),
         "{err}"
     );
+    // The WasmPlugin carries the whole document: no parts.
+    let last = bad.len() - 1;
+    bad[last] = "oci-connector-system/oci-connector";
+    bad.push("--config-parts");
+    let (code, err) = serve(&bad, Some("k3y"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--config-parts is not supported with --istio-wasmplugin"),
+        "{err}"
+    );
     let mut file_mode = common.to_vec();
     file_mode.extend([
         "--manifests",

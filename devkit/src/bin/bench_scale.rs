@@ -13,8 +13,12 @@
 //! tag to the registry (404), an unconfigured one is refused (403). The configuration is one
 //! ECDS resource, so once the last connector written is served, all are.
 //!
+//! Each size runs once per delivery of the filter configuration (`--deliveries inline,parts`):
+//! `inline`, the connectors in the pushed document; `parts`, the controller's `--config-parts`
+//! (the document lists parts the filter fetches over the channel).
+//!
 //! Usage: `cargo run --release -p connector-devkit --bin bench-scale -- [--sizes 100,1000,5000,20000]
-//! [--changes 30] [--idle-seconds 10]`. The controller binary is the one the tests use
+//! [--changes 30] [--idle-seconds 10] [--deliveries inline,parts]`. The controller binary is the one the tests use
 //! (`target/debug/connector-controller`, or `CONNECTOR_CONTROLLER_BIN`).
 
 use std::path::Path;
@@ -175,6 +179,7 @@ fn rate(seen: &[Seen], from: u32, to: u32) -> f64 {
 
 struct LoadRow {
     n: usize,
+    parts: bool,
     changes: usize,
     answers: usize,
     quiet_rps: f64,
@@ -311,6 +316,7 @@ fn run_under_load(
     };
     Ok(LoadRow {
         n,
+        parts: false,
         changes: marks.len(),
         answers: seen.len(),
         quiet_rps,
@@ -361,6 +367,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 struct Row {
     n: usize,
+    /// `--config-parts`.
+    parts: bool,
     cold_s: f64,
     add_s: f64,
     delete_s: f64,
@@ -377,6 +385,12 @@ struct Row {
     load: Option<LoadRow>,
 }
 
+impl Row {
+    fn delivery(&self) -> &'static str {
+        if self.parts { "parts" } else { "inline" }
+    }
+}
+
 /// The changes under load: how many, how far apart, at which sizes.
 struct LoadPlan {
     changes: usize,
@@ -384,8 +398,10 @@ struct LoadPlan {
     sizes: Vec<usize>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_size(
     n: usize,
+    parts: bool,
     changes: usize,
     idle: Duration,
     minter: &Minter,
@@ -393,7 +409,7 @@ fn run_size(
     recorder: &Recorder,
     plan: &LoadPlan,
 ) -> Result<Row> {
-    let work = WorkDir::new(&format!("bench-scale-{n}"))?;
+    let work = WorkDir::new(&format!("bench-scale-{n}-{}", if parts { "parts" } else { "inline" }))?;
     let manifests = work.sub("manifests")?;
     let identity = work.path().join("identity.json");
     std::fs::write(
@@ -416,7 +432,11 @@ fn run_size(
     let started = Instant::now();
     // Envoy starts as soon as the controller listens, not after it is ready: in the pod both
     // containers start together and Envoy's xDS stream waits for the first configuration.
-    let controller = Controller::start_listening(&work, &manifests, &identity, &["--poll-ms", "30000"])?;
+    let mut args = vec!["--poll-ms", "30000"];
+    if parts {
+        args.push("--config-parts");
+    }
+    let controller = Controller::start_listening(&work, &manifests, &identity, &args)?;
     let mode = Envoy::harness_mode(&work);
     let envoy = Envoy::start_xds_workers(
         &work,
@@ -508,22 +528,26 @@ fn run_size(
         by_thread.join(", ")
     );
     let load = if plan.changes > 0 && plan.sizes.contains(&n) {
-        Some(run_under_load(
-            n,
-            plan.changes,
-            plan.spacing,
-            &manifests,
-            upstream,
-            &envoy,
-            &controller,
-            recorder,
-            &tokens,
-        )?)
+        Some(
+            run_under_load(
+                n,
+                plan.changes,
+                plan.spacing,
+                &manifests,
+                upstream,
+                &envoy,
+                &controller,
+                recorder,
+                &tokens,
+            )
+            .map(|l| LoadRow { parts, ..l })?,
+        )
     } else {
         None
     };
     Ok(Row {
         n,
+        parts,
         cold_s,
         add_s: median(adds),
         delete_s: median(deletes),
@@ -560,11 +584,21 @@ fn main() -> Result<()> {
     let recorder = Recorder::start(registry.port)?;
     let upstream = recorder.url();
     let minter = Minter::new(&work.sub("keys")?)?;
+    let deliveries: Vec<bool> = arg::<String>("--deliveries", "inline,parts".into())
+        .split(',')
+        .map(|d| match d {
+            "inline" => Ok(false),
+            "parts" => Ok(true),
+            other => Err(format!("--deliveries: {other:?}: expected inline or parts")),
+        })
+        .collect::<Result<_>>()?;
     let mut rows = vec![];
     for n in sizes {
-        match run_size(n, changes, idle, &minter, &upstream, &recorder, &plan) {
-            Ok(r) => rows.push(r),
-            Err(e) => eprintln!("n={n}: {e}"),
+        for parts in &deliveries {
+            match run_size(n, *parts, changes, idle, &minter, &upstream, &recorder, &plan) {
+                Ok(r) => rows.push(r),
+                Err(e) => eprintln!("n={n}: {e}"),
+            }
         }
     }
     println!(
@@ -572,14 +606,15 @@ fn main() -> Result<()> {
         connector_devkit::controller::controller_binary()?.display()
     );
     println!(
-        "| connectors | cold start | add | delete | rotate | controller CPU per change | controller RSS start / after {} changes | KiB per connector (after) | Envoy RSS | ECDS config dump | controller idle CPU | CPU per change without requests: controller / Envoy |",
+        "| connectors | delivery | cold start | add | delete | rotate | controller CPU per change | controller RSS start / after {} changes | KiB per connector (after) | Envoy RSS | ECDS config dump | controller idle CPU | CPU per change without requests: controller / Envoy |",
         rows.first().map_or(0, |r| r.changes)
     );
-    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {} / {} MiB | {:.1} | {} MiB | {} KB | {:.2} % | {:.1} / {:.1} ms |",
+            "| {} | {} | {:.2} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {} / {} MiB | {:.1} | {} MiB | {} KB | {:.2} % | {:.1} / {:.1} ms |",
             r.n,
+            r.delivery(),
             r.cold_s,
             r.add_s,
             r.delete_s,
@@ -604,14 +639,15 @@ fn main() -> Result<()> {
             plan.spacing.as_millis()
         );
         println!(
-            "| connectors | changes | answers | quiet req/s | 1st second after a change (median / worst) | 2nd second (median / worst) | 1st second after no change: control (median / worst) | worst 100 ms | add / delete seen by the load | answers other than 200 and the expected 403 | controller RSS after all changes |"
+            "| connectors | delivery | changes | answers | quiet req/s | 1st second after a change (median / worst) | 2nd second (median / worst) | 1st second after no change: control (median / worst) | worst 100 ms | add / delete seen by the load | answers other than 200 and the expected 403 | controller RSS after all changes |"
         );
-        println!("|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---|---|---|---:|---|---:|---:|");
         for l in &loaded {
             let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
             println!(
-                "| {} | {} | {} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} s | {} | {} MiB ({:.1} KiB per connector) |",
+                "| {} | {} | {} | {} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.3} / {:.3} s | {} | {} MiB ({:.1} KiB per connector) |",
                 l.n,
+                if l.parts { "parts" } else { "inline" },
                 l.changes,
                 l.answers,
                 l.quiet_rps,

@@ -418,7 +418,8 @@ pub(crate) fn add_to_linker(l: &mut Linker<State>) -> Result<()> {
             }
             let rec = &mut c.data_mut().rec;
             let id = id as u32;
-            let known = id == rec.root_id || rec.streams.get(&id).is_some_and(|s| !s.done);
+            let known =
+                id == rec.root_id || rec.more_roots.contains(&id) || rec.streams.get(&id).is_some_and(|s| !s.done);
             if !known {
                 return Ok(BAD_ARGUMENT);
             }

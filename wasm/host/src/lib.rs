@@ -218,6 +218,9 @@ pub struct Record {
     pub vm_configuration: Vec<u8>,
     pub effective: u32,
     pub root_id: u32,
+    /// Root contexts made after the first ([`Host::new_root`]): Envoy keeps one per filter
+    /// configuration.
+    pub more_roots: Vec<u32>,
     pub streams: HashMap<u32, Stream>,
     pub http_calls: Vec<HttpCall>,
     /// The answer being delivered through `proxy_on_http_call_response`.
@@ -507,6 +510,7 @@ impl Host {
         let id = self.next_id;
         self.next_id += 1;
         self.call::<_, ()>("proxy_on_context_create", (id as i32, 0))?;
+        self.rec_mut().more_roots.push(id);
         self.rec_mut().plugin_configuration = config.to_vec();
         self.rec_mut().effective = id;
         let ok: i32 = self.call("proxy_on_configure", (id as i32, config.len() as i32))?;
@@ -627,10 +631,15 @@ impl Host {
         Ok(())
     }
 
-    /// Fires the root context's timer: `proxy_on_tick(root)`.
+    /// Fires the first root context's timer: `proxy_on_tick(root)`.
     pub fn tick(&mut self) -> Result<()> {
-        self.enter(ROOT_ID);
-        self.call::<_, ()>("proxy_on_tick", (ROOT_ID as i32,))
+        self.tick_root(ROOT_ID)
+    }
+
+    /// Fires the timer of root context `root` (one [`Host::new_root`] made).
+    pub fn tick_root(&mut self, root: u32) -> Result<()> {
+        self.enter(root);
+        self.call::<_, ()>("proxy_on_tick", (root as i32,))
     }
 }
 
