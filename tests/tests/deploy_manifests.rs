@@ -477,6 +477,7 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
         &connector_controller::pipeline::ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
+            parts: false,
         },
         &connector_controller::pipeline::Revisions::new(),
         &connector_controller::pipeline::Tenancy::default(),
