@@ -147,9 +147,36 @@ pub struct Split<'a> {
 /// module 47 KB, and the module is held under 700 KB.)
 pub fn split(json: &[u8]) -> Option<Split<'_>> {
     let text = std::str::from_utf8(json).ok()?;
-    let mut scan = Scan { text, at: 0 };
     let mut settings = String::from("{");
     let mut entries = None;
+    members(text, |scan, key| {
+        if key == "\"connectors\"" {
+            if entries.is_some() {
+                return None;
+            }
+            entries = Some(scan.items()?);
+        } else {
+            if settings.len() > 1 {
+                settings.push(',');
+            }
+            settings.push_str(key);
+            settings.push(':');
+            settings.push_str(scan.value()?);
+        }
+        Some(())
+    })?;
+    settings.push('}');
+    Some(Split {
+        settings,
+        entries: entries?,
+    })
+}
+
+/// Walks the members of the one object `text` is: `member(scan, key)` reads each member's
+/// value (the scan stands after its colon). `None` when `text` is anything else (or has
+/// something after the object), a member name is written with escapes, or `member` says so.
+fn members<'a>(text: &'a str, mut member: impl FnMut(&mut Scan<'a>, &'a str) -> Option<()>) -> Option<()> {
+    let mut scan = Scan { text, at: 0 };
     scan.expect(b'{')?;
     if scan.peek()? == b'}' {
         scan.at += 1;
@@ -163,19 +190,7 @@ pub fn split(json: &[u8]) -> Option<Split<'_>> {
                 return None;
             }
             scan.expect(b':')?;
-            if key == "\"connectors\"" {
-                if entries.is_some() {
-                    return None;
-                }
-                entries = Some(scan.items()?);
-            } else {
-                if settings.len() > 1 {
-                    settings.push(',');
-                }
-                settings.push_str(key);
-                settings.push(':');
-                settings.push_str(scan.value()?);
-            }
+            member(&mut scan, key)?;
             if scan.close(b'}')? {
                 break;
             }
@@ -185,11 +200,7 @@ pub fn split(json: &[u8]) -> Option<Split<'_>> {
     if scan.peek().is_some() {
         return None;
     }
-    settings.push('}');
-    Some(Split {
-        settings,
-        entries: entries?,
-    })
+    Some(())
 }
 
 /// The text a parts document ([`FilterConfig::parts`]) stands for, up to its entries: its
@@ -199,45 +210,26 @@ pub fn split(json: &[u8]) -> Option<Split<'_>> {
 /// is not an object, has a member name written with escapes, or has connectors of its own.
 pub fn parts_head(json: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(json).ok()?;
-    let mut scan = Scan { text, at: 0 };
     let mut head = String::from("{");
-    scan.expect(b'{')?;
-    if scan.peek()? != b'}' {
-        loop {
-            if scan.peek()? != b'"' {
-                return None;
+    members(text, |scan, key| {
+        match key {
+            "\"parts\"" => {
+                scan.value()?;
             }
-            let key = scan.value()?;
-            if key.contains('\\') {
-                return None;
-            }
-            scan.expect(b':')?;
-            match key {
-                "\"parts\"" => {
-                    scan.value()?;
-                }
-                "\"connectors\"" => {
-                    if !scan.items()?.is_empty() {
-                        return None;
-                    }
-                }
-                _ => {
-                    head.push_str(key);
-                    head.push(':');
-                    head.push_str(scan.value()?);
-                    head.push(',');
+            "\"connectors\"" => {
+                if !scan.items()?.is_empty() {
+                    return None;
                 }
             }
-            if scan.close(b'}')? {
-                break;
+            _ => {
+                head.push_str(key);
+                head.push(':');
+                head.push_str(scan.value()?);
+                head.push(',');
             }
         }
-    } else {
-        scan.at += 1;
-    }
-    if scan.peek().is_some() {
-        return None;
-    }
+        Some(())
+    })?;
     head.push_str("\"connectors\":[");
     Some(head)
 }
