@@ -7,7 +7,6 @@
 
 use rsa::pkcs8::DecodePublicKey as _;
 use rsa::{Pkcs1v15Sign, RsaPublicKey};
-use sha2::Digest as _;
 
 /// The answer's bytes; `None` when the arguments are not a `VerifySignatureArguments` with a
 /// key Envoy could parse (Envoy then returns BadArgument).
@@ -32,27 +31,9 @@ pub fn verify_signature(args: &[u8]) -> Option<Vec<u8>> {
     let (key, signature, text) = (key?, signature.unwrap_or_default(), text.unwrap_or_default());
     let outcome = if let Ok(key) = RsaPublicKey::from_public_key_der(key) {
         match hash? {
-            b"sha256" => key
-                .verify(
-                    Pkcs1v15Sign::new::<sha2::Sha256>(),
-                    &sha2::Sha256::digest(text),
-                    signature,
-                )
-                .is_ok(),
-            b"sha384" => key
-                .verify(
-                    Pkcs1v15Sign::new::<sha2::Sha384>(),
-                    &sha2::Sha384::digest(text),
-                    signature,
-                )
-                .is_ok(),
-            b"sha512" => key
-                .verify(
-                    Pkcs1v15Sign::new::<sha2::Sha512>(),
-                    &sha2::Sha512::digest(text),
-                    signature,
-                )
-                .is_ok(),
+            b"sha256" => pkcs1_holds::<sha2::Sha256>(&key, signature, text),
+            b"sha384" => pkcs1_holds::<sha2::Sha384>(&key, signature, text),
+            b"sha512" => pkcs1_holds::<sha2::Sha512>(&key, signature, text),
             _ => return None,
         }
     } else {
@@ -69,6 +50,12 @@ pub fn verify_signature(args: &[u8]) -> Option<Vec<u8>> {
     } else {
         [&[0x12, error.len() as u8][..], error].concat()
     })
+}
+
+/// RSA PKCS#1 v1.5 over the hash `D` of `text`.
+fn pkcs1_holds<D: sha2::Digest + rsa::pkcs8::AssociatedOid>(key: &RsaPublicKey, signature: &[u8], text: &[u8]) -> bool {
+    key.verify(Pkcs1v15Sign::new::<D>(), &D::digest(text), signature)
+        .is_ok()
 }
 
 /// A protobuf varint as a length; the bytes it took.
