@@ -4,25 +4,30 @@
 //! connector's credential revision, as a Secret rotation does. Each push is a new root context
 //! in the running VM, as Envoy delivers ECDS. Prints the median and worst time per push.
 //!
-//! `push-cost [--sizes 1000,5000,20000] [--pushes 20] [module.wasm]`
+//! In parts (`--deliveries parts`, the controller's `--config-parts`) the document lists parts
+//! of 100 connectors, and a push is timed from its configure through the fetch of its one new
+//! part (answered at once, as the controller's channel would) to the assembled configuration.
+//!
+//! `push-cost [--sizes 1000,5000,20000] [--pushes 20] [--deliveries inline,parts] [module.wasm]`
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use connector_wasm_host::{Host, Options, arg};
 use serde_json::{Value, json};
 
-/// A controller-rendered document: `n` connectors over 50 namespaces, connector `changed`
-/// carrying revision `rev`.
-fn document(n: usize, changed: usize, rev: usize) -> Result<String, String> {
+/// Connectors per part, about the controller's runs (64–128).
+const PART: usize = 100;
+
+/// A controller-rendered document: connectors over 50 namespaces, connector `i` carrying
+/// revision `revs[i]`. In parts: the document listing them, and each part's text by its path
+/// on the channel.
+fn document(revs: &[usize], parts: bool) -> Result<(String, HashMap<String, String>), String> {
     let jwk = connector_wasm_host::warm::test_jwk().map_err(|e| format!("{e:#}"))?;
-    let entries: Vec<Value> = (0..n)
-        .map(|i| {
-            let revision = if i == changed {
-                format!("r{rev}-{i}")
-            } else {
-                format!("r0-{i}")
-            };
+    let entries: Vec<Value> = (revs.iter().enumerate())
+        .map(|(i, rev)| {
+            let revision = format!("r{rev}-{i}");
             json!({
                 "namespace": format!("team-{}", i % 50), "name": format!("c{i}"),
                 "address": "https://registry.internal:5000",
@@ -31,18 +36,55 @@ fn document(n: usize, changed: usize, rev: usize) -> Result<String, String> {
             })
         })
         .collect();
-    Ok(json!({
+    let mut doc = json!({
         "identity": {"issuers": [connector_wasm_host::warm::ISSUER], "audiences": [connector_wasm_host::warm::AUDIENCE],
             "jwks": {"keys": [jwk]}},
-        "controller": {"cluster": "connector_controller", "authority": "controller.local"},
+        "controller": {"cluster": CHANNEL, "authority": "controller.local"},
         "connectors": entries,
-    })
-    .to_string())
+    });
+    let mut texts = HashMap::new();
+    if parts {
+        let mut ids = vec![];
+        for group in entries.chunks(PART) {
+            let text = group.iter().map(Value::to_string).collect::<Vec<_>>().join(",");
+            let id = connector_core::channel::part_id(text.as_bytes());
+            texts.insert(connector_core::channel::part_path(&id), text);
+            ids.push(id);
+        }
+        doc["connectors"] = json!([]);
+        doc["parts"] = json!(ids);
+    }
+    Ok((doc.to_string(), texts))
+}
+
+const CHANNEL: &str = "connector_controller";
+
+/// Ticks `root` and answers its part calls until the VM logs an assembled configuration.
+fn assemble(h: &mut Host, root: u32, texts: &HashMap<String, String>) -> Result<(), String> {
+    let done = |h: &Host| h.rec().logs_containing("configuration assembled from its parts").len();
+    let before = done(h);
+    for _ in 0..10_000 {
+        h.tick_root(root).map_err(|e| format!("{e:#}"))?;
+        for call in h.pending_calls().into_iter().filter(|c| c.cluster == CHANNEL) {
+            let path = call.header(":path").unwrap_or_default();
+            let text = texts.get(&path).ok_or(format!("asked for {path}, not a part"))?;
+            h.answer_call(call.token, 200, &[], text.as_bytes())
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        if done(h) > before {
+            return Ok(());
+        }
+        if !h.rec().logs_containing("refused").is_empty() {
+            return Err(format!("refused: {:?}", h.rec().logs_containing("refused")));
+        }
+    }
+    Err("the parts were never assembled".into())
 }
 
 fn measure(
     n: usize,
     pushes: usize,
+    parts: bool,
     module: Option<std::path::PathBuf>,
 ) -> Result<(Duration, Duration, Duration), String> {
     let mut h = Host::with(Options {
@@ -51,23 +93,32 @@ fn measure(
         ..Options::default()
     })
     .map_err(|e| format!("{e:#}"))?;
+    let mut revs = vec![0; n];
+    let (doc, texts) = document(&revs, parts)?;
     let t = Instant::now();
-    if !h
-        .configure(document(n, 0, 0)?.as_bytes())
-        .map_err(|e| format!("{e:#}"))?
-    {
+    if !h.configure(doc.as_bytes()).map_err(|e| format!("{e:#}"))? {
         return Err(format!("the first configuration of {n} connectors was refused"));
+    }
+    if parts {
+        assemble(&mut h, connector_wasm_host::ROOT_ID, &texts)?;
     }
     let first = t.elapsed();
     let mut times = vec![];
     for k in 1..=pushes {
-        let doc = document(n, (k * 7919) % n, k)?;
+        // One connector's Secret rotated since the last push, somewhere else each time.
+        if let Some(rev) = revs.get_mut((k * 7919) % n) {
+            *rev = k;
+        }
+        let (doc, texts) = document(&revs, parts)?;
         let t = Instant::now();
-        let (_, ok) = h.new_root(doc.as_bytes()).map_err(|e| format!("{e:#}"))?;
-        times.push(t.elapsed());
+        let (root, ok) = h.new_root(doc.as_bytes()).map_err(|e| format!("{e:#}"))?;
         if !ok {
             return Err(format!("push {k} was refused"));
         }
+        if parts {
+            assemble(&mut h, root, &texts)?;
+        }
+        times.push(t.elapsed());
     }
     times.sort();
     Ok((first, times[times.len() / 2], times[times.len() - 1]))
@@ -79,16 +130,20 @@ fn main() -> ExitCode {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let pushes: usize = arg("--pushes", "20").parse().unwrap_or(20).max(1);
+    let deliveries = arg("--deliveries", "inline,parts");
     let module = std::env::args()
         .skip(1)
         .find(|a| a.ends_with(".wasm"))
         .map(std::path::PathBuf::from);
-    println!("| connectors | first configuration | a push changing one connector (median / worst) |");
-    println!("|---:|---:|---:|");
-    for n in sizes {
-        match measure(n, pushes, module.clone()) {
+    println!("| connectors | delivery | first configuration | a push changing one connector (median / worst) |");
+    println!("|---:|---|---:|---:|");
+    for (n, delivery) in sizes
+        .iter()
+        .flat_map(|n| deliveries.split(',').map(move |d| (*n, d.trim())))
+    {
+        match measure(n, pushes, delivery == "parts", module.clone()) {
             Ok((first, median, worst)) => println!(
-                "| {n} | {:.1} ms | {:.1} / {:.1} ms |",
+                "| {n} | {delivery} | {:.1} ms | {:.1} / {:.1} ms |",
                 first.as_secs_f64() * 1000.0,
                 median.as_secs_f64() * 1000.0,
                 worst.as_secs_f64() * 1000.0
