@@ -14,12 +14,15 @@
 //! - a part is taken only if its SHA-256 is its id: an answer from anything but the part
 //!   asked for is refused, whatever the channel says;
 //! - the assembled text is the inline document, byte for byte, so it is compiled, checked and
-//!   refused exactly as a pushed one would be.
+//!   refused exactly as a pushed one would be; a configuration that runs parts under the same
+//!   settings keeps the connectors of every part it holds and reads only the new parts
+//!   ([`crate::config::compile_parts`]), with the same outcome (tested against the assembled
+//!   document's compile).
 
 use std::rc::Rc;
 
 use crate::channel::ChannelCall;
-use crate::config::ControllerChannel;
+use crate::config::{Config, ConfigError, ControllerChannel};
 
 /// Parts fetched at once, per VM: a cold start at 20,000 connectors has about 200.
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -180,12 +183,44 @@ impl Assembly {
     }
 
     /// The document the parts make, once every one is here.
+    #[cfg(test)]
     pub fn document(&self) -> Option<String> {
-        if self.missing() > 0 {
-            return None;
+        let parts = self.parts()?;
+        Some(connector_core::config::assemble(
+            &self.head,
+            parts.iter().map(|(_, t)| *t),
+        ))
+    }
+
+    /// Each part's id and text, in order, once every one is here.
+    fn parts(&self) -> Option<Vec<(&str, &str)>> {
+        (self.ids.iter().zip(&self.got))
+            .map(|(id, got)| Some((id.as_str(), &**got.as_ref()?)))
+            .collect()
+    }
+
+    /// The size of [`Self::document`], without making it (for the log).
+    pub fn document_len(&self) -> usize {
+        let texts = self.got.iter().flatten();
+        self.head.len() + texts.clone().map(|t| t.len()).sum::<usize>() + texts.count().saturating_sub(1) + 2
+    }
+
+    /// The configuration the parts make, once every one is here: [`compile_parts`] against
+    /// `running` when it can keep what `running` holds part by part, else the assembled
+    /// document compiled as a pushed one (with `running` lending what it can).
+    ///
+    /// [`compile_parts`]: crate::config::compile_parts
+    pub fn compile(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+        running: Option<&Config>,
+    ) -> Option<Result<Config, Vec<ConfigError>>> {
+        let parts = self.parts()?;
+        if let Some(config) = running.and_then(|r| crate::config::compile_parts(&self.head, &parts, r, env)) {
+            return Some(Ok(config));
         }
-        let texts: Vec<&str> = self.got.iter().flatten().map(|t| &**t).collect();
-        Some(connector_core::config::assemble(&self.head, texts.iter().copied()))
+        let document = connector_core::config::assemble(&self.head, parts.iter().map(|(_, t)| *t));
+        Some(crate::config::compile_after(document.as_bytes(), env, running))
     }
 
     /// The parts it holds: kept by the VM for the next configuration (or the next assembly).
@@ -266,6 +301,7 @@ mod tests {
             assert_eq!(a.answer(token as u32 + 20, 200, text.as_bytes(), 300), Answer::Kept);
         }
         assert_eq!(a.missing(), 0);
+        assert_eq!(a.document_len(), a.document().unwrap().len());
         assert_eq!(
             a.document().unwrap(),
             r#"{"identity":{"x":1},"controller":{"cluster":"c"},"connectors":[{"name":"a"},{"name":"b"},{"name":"c"},{"name":"d"}]}"#

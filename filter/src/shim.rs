@@ -677,21 +677,24 @@ fn finish_assembly() {
     let Some(assembly) = ASSEMBLY.with(|a| a.replace(None)) else {
         return;
     };
-    let Some(document) = assembly.document() else {
-        ASSEMBLY.with(|a| a.replace(Some(assembly)));
-        return;
-    };
     let env = |name: &str| std::env::var(name).ok();
     let compiled = VM_STATE.with(|shared| {
         let running = shared.try_borrow().ok();
         let previous = running.as_ref().and_then(|s| s.as_ref()).map(|s| &s.config);
-        config::compile_after(document.as_bytes(), &env, previous)
+        assembly.compile(&env, previous)
     });
+    let Some(compiled) = compiled else {
+        ASSEMBLY.with(|a| a.replace(Some(assembly)));
+        return;
+    };
     match compiled {
         Ok(config) => {
             log(
                 LogLevel::Info,
-                &format!("configuration assembled from its parts: {} bytes", document.len()),
+                &format!(
+                    "configuration assembled from its parts: {} bytes",
+                    assembly.document_len()
+                ),
             );
             log_accepted(&config, assembly.started, false);
             if install(config, assembly.root) {

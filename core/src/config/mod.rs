@@ -20,7 +20,8 @@ mod walk;
 
 pub use check::{check, check_entry, check_jwk_shape, check_settings, covered, entry_hosts, parse_service_account};
 pub use parse::{
-    Parsed, Split, assemble, merge, parse, parse_entry, parse_jwk, parts_head, read_identity, read_settings, split,
+    Parsed, Split, assemble, head_members, merge, parse, parse_entry, parse_jwk, part_entries, parts_head,
+    read_identity, read_settings, split,
 };
 
 pub const DEFAULT_REALM: &str = "oci-connector";

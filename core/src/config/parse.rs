@@ -250,6 +250,30 @@ pub fn assemble<'a>(head: &str, parts: impl IntoIterator<Item = &'a str> + Clone
     out
 }
 
+/// The members of the settings ([`Split::settings`] without its braces) of the document
+/// [`assemble`] makes from `head` (a [`parts_head`]), without making it: what the filter
+/// compares before it keeps connectors compiled under an earlier document.
+pub fn head_members(head: &str) -> Option<&str> {
+    let members = head.strip_prefix('{')?.strip_suffix("\"connectors\":[")?;
+    Some(members.strip_suffix(',').unwrap_or(members))
+}
+
+/// The entries of one part (entries joined with `,`): each entry's text as [`split`] cuts it
+/// from the document [`assemble`] makes. `None` when the text is not such a list (then only
+/// the assembled document's [`parse`] can say what is wrong).
+pub fn part_entries(part: &str) -> Option<Vec<&str>> {
+    let mut scan = Scan { text: part, at: 0 };
+    let mut out = vec![];
+    loop {
+        out.push(scan.value()?);
+        match scan.peek() {
+            None => return Some(out),
+            Some(b',') => scan.at += 1,
+            Some(_) => return None,
+        }
+    }
+}
+
 /// A cursor over JSON text: the structure only (see [`split`]).
 struct Scan<'a> {
     text: &'a str,

@@ -373,6 +373,21 @@ fn a_parts_document_assembles_to_the_inline_document() {
         assert_eq!(parsed.config.parts.len(), texts.len());
         let head = parts_head(&parts_doc).unwrap();
         assert_eq!(assemble(&head, texts.iter().map(String::as_str)), inline, "cut {cut}");
+        // What the filter reads from the parts without assembling them is what it would cut
+        // from the assembled document.
+        let whole = split(inline.as_bytes()).unwrap();
+        assert_eq!(format!("{{{}}}", head_members(&head).unwrap()), whole.settings);
+        let cut_entries: Vec<&str> = texts.iter().flat_map(|t| part_entries(t).unwrap()).collect();
+        assert_eq!(cut_entries, whole.entries, "cut {cut}");
+    }
+    assert_eq!(head_members("{\"connectors\":["), Some(""));
+    assert_eq!(split(b"{\"connectors\":[]}").unwrap().settings, "{}");
+    assert_eq!(
+        part_entries(" {\"a\":[1,\"]\"]} , 2 ").unwrap(),
+        ["{\"a\":[1,\"]\"]}", "2"]
+    );
+    for not_a_part in ["", "{}]", "{},", "{} {}", "1:2"] {
+        assert_eq!(part_entries(not_a_part), None, "{not_a_part:?}");
     }
     // Only an object without entries of its own stands for one.
     assert_eq!(parts_head(inline.as_bytes()), None);

@@ -51,6 +51,9 @@ pub struct Config {
     /// text is unchanged: [`compile_after`]).
     settings: Option<String>,
     slots: Vec<Rc<Slot>>,
+    /// When the connectors came as parts and were compiled by [`compile_parts`]: each part's
+    /// id and how many of `slots` (in order) it holds; empty otherwise.
+    layout: Vec<(String, usize)>,
 }
 
 /// A registry reachable through the proxy.
@@ -232,13 +235,69 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         return None;
     }
     let (head, tail) = common_ends(new, old, |o| &o.text);
-    let new_middle = new.get(head..new.len().saturating_sub(tail))?;
-    let old_middle = old.get(head..old.len().saturating_sub(tail))?;
-    // The running entries the middle may keep, by text, each once: a text the new document
-    // repeats is read again, and then claims a name already taken. (Only the middle is
-    // hashed: a push that adds, changes or deletes one entry hashes next to nothing.)
+    let middle = new.get(head..new.len().saturating_sub(tail))?;
+    change(running, head, middle, tail, env, vec![])
+}
+
+/// A configuration whose connectors come as parts (ids with their texts, in order, under
+/// `head`, a [`connector_core::config::parts_head`]), compiled as a change of `running`
+/// under the same settings: the parts it holds at the start and at the end of the list keep
+/// their connectors whole, without reading their text; the entries of the parts between are
+/// read and kept or compiled as in [`compile_change`]. A push that changes one connector of
+/// 20,000 reads one part of about a hundred entries, not the 4 MB the parts make together
+/// (the controller keeps its parts in place). When `running` did not come from parts, every
+/// part is read once, and its connectors kept by text. `None` where the whole document must
+/// be compiled, as for [`compile_change`].
+pub fn compile_parts(
+    head: &str,
+    parts: &[(&str, &str)],
+    running: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<Config> {
+    let old = &running.layout;
+    let members = connector_core::config::head_members(head)?;
+    let running_members = running
+        .settings
+        .as_deref()
+        .and_then(|s| s.strip_prefix('{')?.strip_suffix('}'));
+    if running_members != Some(members) || running.slots.is_empty() {
+        return None;
+    }
+    let ids: Vec<&str> = parts.iter().map(|(id, _)| *id).collect();
+    let (head, tail) = common_ends(&ids, old, |(id, _)| id);
+    let (old_head, old_tail) = (old.get(..head)?, old.get(old.len().saturating_sub(tail)..)?);
+    let mut layout = old_head.to_vec();
+    let mut middle = vec![];
+    for (id, text) in parts.get(head..parts.len().saturating_sub(tail))? {
+        let entries = connector_core::config::part_entries(text)?;
+        layout.push((id.to_string(), entries.len()));
+        middle.extend(entries);
+    }
+    layout.extend_from_slice(old_tail);
+    let count = |held: &[(String, usize)]| held.iter().map(|(_, n)| n).sum::<usize>();
+    change(running, count(old_head), &middle, count(old_tail), env, layout).filter(|c| !c.slots.is_empty())
+}
+
+/// `running`'s settings with its first `head` and last `tail` connectors kept as they are and
+/// the entry texts `middle` between them (and `layout`): a text one of the running connectors
+/// between has is kept once (a text written twice is read again, and then claims a name
+/// already taken); any other is read, checked and compiled alone, and must claim no name or
+/// host name already taken. The running connectors between that are not kept leave the
+/// index. `None` on any problem.
+fn change(
+    running: &Config,
+    head: usize,
+    middle: &[&str],
+    tail: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+    layout: Vec<(String, usize)>,
+) -> Option<Config> {
+    let old = &running.slots;
+    let old_middle = old.get(head..old.len().checked_sub(tail)?)?;
+    // (Only the middle is hashed: a push that adds, changes or deletes one entry hashes next
+    // to nothing.)
     let mut claimable: HashMap<&str, &Rc<Slot>> = old_middle.iter().map(|s| (&*s.text, s)).collect();
-    let middle: Vec<Result<Rc<Slot>, &str>> = new_middle
+    let middle: Vec<Result<Rc<Slot>, &str>> = middle
         .iter()
         .map(|text| claimable.remove(*text).map(Rc::clone).ok_or(*text))
         .collect();
@@ -247,7 +306,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         index.remove(gone);
     }
     let has_controller = running.controller.is_some();
-    let mut slots = Vec::with_capacity(new.len());
+    let mut slots = Vec::with_capacity(head + middle.len() + tail);
     slots.extend(old.get(..head)?.iter().cloned());
     let mut read = 0;
     for m in middle {
@@ -286,6 +345,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
         index,
         settings: running.settings.clone(),
         slots,
+        layout,
     })
 }
 
@@ -378,6 +438,7 @@ fn compile_whole(
         index,
         settings,
         slots,
+        layout: vec![],
     })
 }
 

@@ -494,7 +494,9 @@ fn full_view(c: &Config, names: &[(String, String)]) -> String {
         v.sort();
         v
     };
-    let mut out = String::new();
+    let mut issuers: Vec<&String> = c.policy.issuers.iter().collect();
+    issuers.sort();
+    let mut out = format!("settings {:?}, issuers {issuers:?}\n", c.settings);
     for k in c.connectors() {
         out += &format!(
             "{k:?} {:?} {:?} {:?} {:?} {} {}\n",
@@ -521,10 +523,28 @@ fn full_view(c: &Config, names: &[(String, String)]) -> String {
     out
 }
 
+/// `doc` with its connectors cut into parts of `each`: the parts document, and each part's id
+/// and text.
+fn in_parts(doc: &Value, each: usize) -> (String, Vec<(String, String)>) {
+    let entries = doc["connectors"].as_array().unwrap();
+    let parts: Vec<(String, String)> = entries
+        .chunks(each)
+        .map(|c| c.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+        .map(|text| (connector_core::channel::part_id(text.as_bytes()), text))
+        .collect();
+    let mut d = doc.clone();
+    d["parts"] = parts.iter().map(|(id, _)| Value::from(id.as_str())).collect();
+    d["connectors"] = serde_json::json!([]);
+    (d.to_string(), parts)
+}
+
 /// Issue 17: a push compiled against the running configuration (keeping what it repeats)
 /// gives what a compile from nothing gives, whatever the change: adds, deletes, edits, moves,
 /// an entry written twice, a name or host claimed twice, a bad entry, other settings, an
 /// empty list. Each step is compiled against the last accepted configuration, as in the VM.
+/// The same pushes in parts (cut as the controller cuts its runs: mostly at the same places,
+/// so that untouched parts keep their ids) go through the assembly's compile, which keeps
+/// the running configuration's parts whole: the same outcome again.
 #[test]
 fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing() {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
@@ -547,6 +567,8 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
     d["connectors"] = (0..40).map(|i| entry(i, 0)).collect();
     let names: Vec<(String, String)> = (0..60).map(|i| (format!("team-{}", i % 4), format!("c{i}"))).collect();
     let mut running = compile_value(&d).unwrap();
+    let mut running_parts = compile_value(&d).unwrap();
+    let mut by_parts = 0;
     // What a VM without a configuration (Envoy's canary) decides by: the memo of the last
     // accepted document.
     let mut memo = memo::memo_of(d.to_string().as_bytes(), &running).unwrap();
@@ -616,6 +638,35 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
         let text = t.to_string();
         let fresh = compile(text.as_bytes(), &env);
         let pushed = compile_after(text.as_bytes(), &env, Some(&running));
+        let each = if next(4) == 0 { 1 + next(9) } else { 7 };
+        let (parts_doc, parts) = in_parts(&t, usize::try_from(each).unwrap());
+        let assembly = crate::parts::Assembly::new(
+            parts_doc.as_bytes(),
+            &parts.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            running_parts.controller.clone().unwrap(),
+            1,
+            &parts
+                .iter()
+                .map(|(id, text)| (id.clone(), Rc::from(text.as_str())))
+                .collect(),
+            0,
+        )
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = parts.iter().map(|(i, t)| (i.as_str(), t.as_str())).collect();
+        let head = connector_core::config::parts_head(parts_doc.as_bytes()).unwrap();
+        by_parts += usize::from(compile_parts(&head, &pairs, &running_parts, &env).is_some());
+        match (&fresh, assembly.compile(&env, Some(&running_parts)).unwrap()) {
+            (Ok(fresh), Ok(assembled)) => {
+                assert_eq!(full_view(&assembled, &names), full_view(fresh, &names), "step {step}");
+                running_parts = assembled;
+            }
+            (Err(fresh), Err(assembled)) => assert_eq!(&assembled, fresh, "step {step}"),
+            (fresh, assembled) => panic!(
+                "step {step}: from nothing {:?}, assembled {:?}",
+                fresh.as_ref().err(),
+                assembled.err()
+            ),
+        }
         let checked = memo::check_change(text.as_bytes(), &memo, &env);
         let (a, b) = (
             connector_core::config::split(text.as_bytes()).unwrap(),
@@ -659,10 +710,12 @@ fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing
         }
     }
     // The walk went through both outcomes, and the accepted pushes mostly kept connectors.
-    eprintln!("{accepted} accepted ({by_memo} by the memo), {refused} refused, {kept_total} connectors kept");
+    eprintln!(
+        "{accepted} accepted ({by_memo} by the memo, {by_parts} by parts), {refused} refused, {kept_total} connectors kept"
+    );
     assert!(
-        accepted > 150 && refused > 50 && by_memo > 120,
-        "{accepted} accepted ({by_memo} by the memo), {refused} refused"
+        accepted > 150 && refused > 50 && by_memo > 120 && by_parts > 120,
+        "{accepted} accepted ({by_memo} by the memo, {by_parts} by parts), {refused} refused"
     );
     assert!(kept_total > accepted * 15, "{kept_total} kept over {accepted} pushes");
 }
