@@ -14,10 +14,10 @@
 //! - a part is taken only if its SHA-256 is its id: an answer from anything but the part
 //!   asked for is refused, whatever the channel says;
 //! - the assembled text is the inline document, byte for byte, so it is compiled, checked and
-//!   refused exactly as a pushed one would be; a configuration that runs parts under the same
-//!   settings keeps the connectors of every part it holds and reads only the new parts
-//!   ([`crate::config::compile_parts`]), with the same outcome (tested against the assembled
-//!   document's compile).
+//!   refused exactly as a pushed one would be; a VM that runs parts under the same settings
+//!   keeps the connectors of the parts it holds at both ends of the list and reads only the
+//!   parts between ([`crate::config::compile_parts`]), with the same outcome (tested against
+//!   the assembled document's compile).
 
 use std::rc::Rc;
 

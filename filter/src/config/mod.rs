@@ -240,7 +240,7 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
 }
 
 /// A configuration whose connectors come as parts (ids with their texts, in order, under
-/// `head`, a [`connector_core::config::parts_head`]), compiled as a change of `running`
+/// `doc_head`, a [`connector_core::config::parts_head`]), compiled as a change of `running`
 /// under the same settings: the parts it holds at the start and at the end of the list keep
 /// their connectors whole, without reading their text; the entries of the parts between are
 /// read and kept or compiled as in [`compile_change`]. A push that changes one connector of
@@ -249,13 +249,13 @@ fn compile_change(split: &Split<'_>, running: &Config, env: &dyn Fn(&str) -> Opt
 /// part is read once, and its connectors kept by text. `None` where the whole document must
 /// be compiled, as for [`compile_change`].
 pub fn compile_parts(
-    head: &str,
+    doc_head: &str,
     parts: &[(&str, &str)],
     running: &Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<Config> {
     let old = &running.layout;
-    let members = connector_core::config::head_members(head)?;
+    let members = connector_core::config::head_members(doc_head)?;
     let running_members = running
         .settings
         .as_deref()
