@@ -174,8 +174,10 @@ pub struct LiveRender {
     /// The last document, and its settings' JSON: given again while neither changes.
     document: Arc<Document>,
     head: String,
-    /// The parts the last document lists (`--config-parts`).
+    /// The parts the last document lists (empty when it was inline).
     parts: Arc<Vec<(Arc<str>, Arc<str>)>>,
+    /// Whether the last document listed parts ([`crate::pipeline::Delivery`]).
+    in_parts: bool,
     /// The objects the last update saw (shared with its inputs, not copied).
     last_set: Option<crate::manifests::ManifestSet>,
     /// A cold start's parts, rendered on every core, by the Connector's address.
@@ -450,7 +452,15 @@ impl LiveRender {
         if !errors.is_empty() {
             return Err(errors.into_iter().map(|e| locate(e, &[], "identity")).collect());
         }
-        let config_json = self.document(&settings, channel.parts);
+        let in_parts = channel.delivery.in_parts(self.in_parts, self.connectors.len());
+        if in_parts != self.in_parts && !self.document.is_empty() {
+            tracing::info!(
+                served = self.connectors.len(),
+                delivery = if in_parts { "parts" } else { "inline" },
+                "the filter configuration's delivery changes"
+            );
+        }
+        let config_json = self.document(&settings, in_parts);
         self.settings = Some(settings);
         Ok(LiveOutput {
             config_json,
@@ -671,16 +681,18 @@ impl LiveRender {
             Part::Served { json, .. } => Some(&**json),
             Part::LeftOut(_) => None,
         });
-        if !changed && head == self.head && !self.document.is_empty() {
+        if !changed && head == self.head && in_parts == self.in_parts && !self.document.is_empty() {
             return Arc::clone(&self.document);
         }
         let Some(open) = head.strip_suffix("]}") else {
             return Arc::new(Document::from_text(head));
         };
+        self.in_parts = in_parts;
         self.document = if in_parts {
             self.parts = Arc::new(self.served.parts());
             Arc::new(parts_document(open, &self.parts))
         } else {
+            self.parts = Arc::default();
             let mut pieces = vec![Arc::from(open)];
             self.served.pieces(&mut pieces);
             pieces.push(Arc::from("]}"));
@@ -727,7 +739,7 @@ mod tests {
 
     use super::*;
     use crate::manifests::{ManifestSet, parse_file};
-    use crate::pipeline::{Rendering, render_live};
+    use crate::pipeline::{Delivery, Rendering, render_live};
     use crate::test_rng::Rng;
 
     /// A connector the test can change field by field; everything is drawn from small pools,
@@ -786,13 +798,13 @@ mod tests {
         ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: None,
-            parts: false,
+            delivery: Delivery::Inline,
         }
     }
 
     fn in_parts() -> ChannelSettings {
         ChannelSettings {
-            parts: true,
+            delivery: Delivery::Parts,
             ..channel()
         }
     }
@@ -892,6 +904,10 @@ mod tests {
         // The same changes rendered as parts (`--config-parts`).
         let mut parted = LiveRender::default();
         let (mut parted_last, mut inline_last) = (Arc::new(Document::default()), Arc::new(Document::default()));
+        // And by their number (the default, `Delivery::Auto`), from the first count served: the
+        // count wanders across both thresholds, and each switch must give the same connectors.
+        let mut auto = LiveRender::default();
+        let (mut auto_from, mut auto_was, mut switches) = (None, false, [0; 2]);
         let (mut rendered_total, mut settled_total) = (0, 0);
         let mut seen_conflicts = [false; 2];
         let steps = 300;
@@ -993,6 +1009,20 @@ mod tests {
             }
             inline_last = Arc::clone(&out.config_json);
             parted_last = Arc::clone(&parts_out.config_json);
+            let served = out.connectors.len();
+            let from = *auto_from.get_or_insert(served);
+            let by_count = ChannelSettings {
+                delivery: Delivery::Auto { from },
+                ..channel()
+            };
+            let auto_out = auto.update(&inputs, &by_count, &revisions, &tenancy()).unwrap();
+            let expected = if auto_was { served >= from - from / 10 } else { served >= from };
+            assert_eq!(!auto_out.parts.is_empty(), expected, "step {step}: {served} served, from {from}");
+            assert_eq!(assembled(&auto_out), json, "step {step}");
+            if expected != auto_was {
+                switches[usize::from(expected)] += 1;
+            }
+            auto_was = expected;
             if step > 0 {
                 rendered_total += out.rendered;
                 settled_total += out.settled;
@@ -1018,6 +1048,10 @@ mod tests {
             "host / cluster conflicts seen: {seen_conflicts:?}"
         );
         assert!(rendered_total > 0 && settled_total > 0);
+        assert!(
+            switches[0] >= 2 && switches[1] >= 2,
+            "switches to inline / to parts: {switches:?}"
+        );
     }
 
     /// Issue 17: at 2,000 connectors sharing one registry, a change renders and settles only the

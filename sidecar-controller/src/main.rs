@@ -24,7 +24,8 @@ const USAGE: &str = "usage:
         [--xds 127.0.0.1:18000] [--channel 127.0.0.1:18001] [--ops 127.0.0.1:18002]
         [--channel-cluster connector_controller] [--poll-ms 30000]
         [--upstream-ca /etc/ssl/certs/ca-certificates.crt] [--allow-local-upstreams]
-        [--host-grants <namespace>=<host or *.suffix>[,...]] [--config-parts]
+        [--host-grants <namespace>=<host or *.suffix>[,...]]
+        [--config-parts-from 5000 | --config-parts | --config-inline]
         (--proxy-tls-cert <file> --proxy-tls-key <file> | --proxy-plain-http)
       File mode: a directory of Connector and Secret manifests, watched with inotify (and
       re-scanned every --poll-ms as a safety net). Both modes:
@@ -35,8 +36,10 @@ const USAGE: &str = "usage:
       only for Envoy's plain listener.
       --config-parts: the filter configuration Envoy gets lists its connectors as parts (runs of
       64-128 connectors, by content id) that the filter fetches over the channel, so a change
-      sends one part and a short list, not every connector (large installations; not with
-      --istio-wasmplugin).
+      sends one part and a short list, not every connector. --config-inline: every connector
+      in the configuration. By default (--config-parts-from N, 5000) parts once N connectors
+      are served, inline again below nine tenths of N: inline costs Envoy less per change
+      below about 5,000. Always inline with --istio-wasmplugin.
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
@@ -185,6 +188,7 @@ const SWITCHES: &[&str] = &[
     "--proxy-plain-http",
     "--proxy-tls-external",
     "--config-parts",
+    "--config-inline",
 ];
 
 /// Flags of `serve` that take a value: those of both modes, of file mode, of API mode.
@@ -197,6 +201,7 @@ const COMMON_FLAGS: &[&str] = &[
     "--upstream-ca",
     "--proxy-tls-cert",
     "--proxy-tls-key",
+    "--config-parts-from",
 ];
 const FILE_FLAGS: &[&str] = &["--manifests", "--identity", "--poll-ms"];
 const KUBE_FLAGS: &[&str] = &[
@@ -216,6 +221,43 @@ const KUBE_FLAGS: &[&str] = &[
     "--proxy-tls-secret",
     "--istio-wasmplugin",
 ];
+
+/// How the pushed configuration carries the connectors: `--config-inline`, `--config-parts`,
+/// or by their number (`--config-parts-from`, the default); inline with `--istio-wasmplugin`.
+fn config_delivery(
+    flags: &std::collections::HashMap<String, String>,
+    switch: &dyn Fn(&str) -> bool,
+    problems: &mut Vec<String>,
+) -> connector_controller::pipeline::Delivery {
+    use connector_controller::pipeline::{DEFAULT_PARTS_FROM, Delivery};
+    let from = flags.get("--config-parts-from");
+    let chosen: Vec<&str> = ["--config-inline", "--config-parts"]
+        .into_iter()
+        .filter(|f| switch(f))
+        .chain(from.map(|_| "--config-parts-from"))
+        .collect();
+    if chosen.len() > 1 {
+        problems.push(format!("{} choose the configuration's delivery: give one", chosen.join(" and ")));
+    }
+    if flags.contains_key("--istio-wasmplugin") || switch("--config-inline") {
+        return Delivery::Inline;
+    }
+    if switch("--config-parts") {
+        return Delivery::Parts;
+    }
+    let from = match from.map(|v| v.parse::<usize>()) {
+        None => DEFAULT_PARTS_FROM,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            problems.push(format!(
+                "--config-parts-from {:?}: expected a number of connectors, 1 or more (--config-parts: always)",
+                from.map(String::as_str).unwrap_or_default()
+            ));
+            DEFAULT_PARTS_FROM
+        }
+    };
+    Delivery::Auto { from }
+}
 
 /// Where desired state comes from.
 enum Source {
@@ -270,6 +312,7 @@ fn serve(args: &[String]) -> ExitCode {
     if !flags.contains_key("--wasm") {
         problems.push("--wasm is required: the filter module's path as Envoy sees it".into());
     }
+    let delivery = config_delivery(&flags, &switch, &mut problems);
     let source = if kube {
         for f in FILE_FLAGS.iter().filter(|f| flags.contains_key(**f)) {
             problems.push(format!(
@@ -324,10 +367,14 @@ fn serve(args: &[String]) -> ExitCode {
                 _ => problems.push(format!("--leader-lease {lease:?}: expected <namespace>/<name>")),
             }
         }
-        if flags.contains_key("--istio-wasmplugin") && switch("--config-parts") {
+        if flags.contains_key("--istio-wasmplugin") {
             // The WasmPlugin's configuration is renamed for istiod's clusters as a whole
             // document (istio.rs), and istiod, not this controller, pushes it to Envoy.
-            problems.push("--config-parts is not supported with --istio-wasmplugin: the WasmPlugin carries the whole configuration".into());
+            for f in ["--config-parts", "--config-parts-from"] {
+                if switch(f) || flags.contains_key(f) {
+                    problems.push(format!("{f} is not supported with --istio-wasmplugin: the WasmPlugin carries the whole configuration"));
+                }
+            }
         }
         let wasmplugin = flags.get("--istio-wasmplugin").and_then(|t| {
             connector_controller::wasmplugin::parse_target(t)
@@ -410,7 +457,7 @@ fn serve(args: &[String]) -> ExitCode {
         channel_settings: ChannelSettings {
             cluster: get("--channel-cluster", "connector_controller"),
             key_env: channel_key.as_ref().map(|_| CHANNEL_KEY_ENV.to_string()),
-            parts: switch("--config-parts"),
+            delivery,
         },
         wasm: WasmSettings {
             module_path: get("--wasm", ""),

@@ -38,9 +38,41 @@ pub struct ChannelSettings {
     /// Name of the environment variable holding the channel key in Envoy's process, when the
     /// channel requires one.
     pub key_env: Option<String>,
-    /// `--config-parts`: the filter configuration lists its entries as parts the filter
-    /// fetches over the channel, instead of carrying them (issue 17).
-    pub parts: bool,
+    /// Whether the filter configuration carries its entries or lists them as parts the filter
+    /// fetches over the channel (issue 17).
+    pub delivery: Delivery,
+}
+
+/// How the pushed filter configuration carries the connectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every entry in the pushed document (`--config-inline`; always with `--istio-wasmplugin`).
+    Inline,
+    /// Runs of 64–128 entries listed by content id, fetched by the filter (`--config-parts`).
+    Parts,
+    /// Parts from `from` served connectors on, inline again below nine tenths of `from` (the
+    /// default, `--config-parts-from`). Why both: in the 2026-12-03 `bench_scale` run Envoy
+    /// spent less CPU per change inline below about 5,000 connectors (each worker's call for
+    /// the new part over the channel is a fixed cost) and far less in parts above (27 against
+    /// 136 ms at 20,000). The margin keeps a count that hovers at `from` from switching on
+    /// every change (a switch costs a VM one read of every part, or one inline compile).
+    Auto { from: usize },
+}
+
+/// `--config-parts-from`'s default: where the two deliveries cost Envoy about the same.
+pub const DEFAULT_PARTS_FROM: usize = 5_000;
+
+impl Delivery {
+    /// Whether a document for `served` connectors lists parts, when the last one did or did
+    /// not (`was`).
+    pub fn in_parts(self, was: bool, served: usize) -> bool {
+        match self {
+            Delivery::Inline => false,
+            Delivery::Parts => true,
+            Delivery::Auto { from } if was => served >= from - from / 10,
+            Delivery::Auto { from } => served >= from,
+        }
+    }
 }
 
 /// What Connector authors may claim, as the operator sets it (README "Trust model"). File mode:
@@ -650,7 +682,7 @@ mod tests {
         ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
-            parts: false,
+            delivery: Delivery::Inline,
         }
     }
 

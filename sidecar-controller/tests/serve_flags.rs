@@ -105,6 +105,48 @@ fn the_proxy_listener_needs_a_certificate_source_or_the_plain_http_opt_in() {
     }
 }
 
+/// The configuration's delivery is chosen once: inline, parts, or parts from a number of
+/// connectors on (a positive number); every problem listed at once.
+#[test]
+fn the_configuration_delivery_is_one_choice_and_a_positive_number() {
+    let base = [
+        "--manifests",
+        "/m",
+        "--identity",
+        "/i.json",
+        "--wasm",
+        "/f.wasm",
+        "--proxy-plain-http",
+    ];
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--config-parts", "--config-inline"],
+            &["--config-inline and --config-parts choose the configuration's delivery: give one"],
+        ),
+        (
+            &["--config-parts", "--config-parts-from", "100"],
+            &["--config-parts and --config-parts-from choose"],
+        ),
+        (
+            &["--config-parts-from", "0"],
+            &["--config-parts-from \"0\": expected a number of connectors, 1 or more"],
+        ),
+        (
+            &["--config-parts-from", "many", "--poll-ms", "soon"],
+            &["--config-parts-from \"many\": expected a number", "--poll-ms: "],
+        ),
+    ];
+    for (extra, wants) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let (code, err) = serve(&args, None);
+        assert_eq!(code, 2, "{extra:?}: {err}");
+        for want in *wants {
+            assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
+        }
+    }
+}
+
 /// `--istio-wasmplugin` names one WasmPlugin as `<namespace>/<name>`, and only in API mode.
 #[test]
 fn the_istio_wasmplugin_is_named_by_namespace_and_name_in_api_mode_only() {
@@ -143,6 +185,15 @@ fn the_istio_wasmplugin_is_named_by_namespace_and_name_in_api_mode_only() {
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("--config-parts is not supported with --istio-wasmplugin"),
+        "{err}"
+    );
+    let last = bad.len() - 1;
+    bad[last] = "--config-parts-from";
+    bad.push("10");
+    let (code, err) = serve(&bad, Some("k3y"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--config-parts-from is not supported with --istio-wasmplugin"),
         "{err}"
     );
     let mut file_mode = common.to_vec();

@@ -54,6 +54,165 @@ fn in_parts_adds_rotations_and_deletes_under_load_answer_only_200_or_403() {
     });
 }
 
+/// By default the controller lists the connectors as parts once there are enough of them
+/// (`--config-parts-from`, here 200: parts from 200 served connectors, inline again below 180).
+/// Under load, 60 connectors added take the configuration into parts, 20 removed leave it in
+/// parts, the other 40 removed take it back inline; the connector no change touches answers
+/// 200 throughout, and each added connector is served while it exists.
+#[test]
+fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
+    let s = setup("controller-scale-delivery");
+    let upstream = s.recorder.url();
+    put(
+        &s.manifests,
+        "steady.yaml",
+        &connector_yaml("steady", &upstream, "robot"),
+    );
+    put(
+        &s.manifests,
+        "secret.yaml",
+        &secret_yaml("robot", s.registry.credentials.as_ref().unwrap()),
+    );
+    let many = |file: &str, from: usize, to: usize| {
+        let text: String = (from..to)
+            .map(|i| format!("{}---\n", connector_yaml(&format!("filler-{i}"), &upstream, "robot")))
+            .collect();
+        put(&s.manifests, file, &text);
+    };
+    many("fillers.yaml", 0, 150);
+    let controller = Controller::start_with_args(
+        &s.work,
+        &s.manifests,
+        &s.identity,
+        &["--config-parts-from", "200"],
+    )
+    .unwrap();
+    let mode = Envoy::harness_mode(&s.work);
+    let envoy = Envoy::start_xds_workers(
+        &s.work,
+        "envoy",
+        None,
+        mode,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+        2,
+    )
+    .unwrap();
+    let token = s.minter.valid(NS, "default").unwrap();
+    let served = |connector: &str| wait_for(|| get(envoy.port, connector, &token) == Ok(200), connector);
+    served("steady");
+    let lists_parts = || {
+        envoy
+            .config_dump()
+            .unwrap()
+            .contains("\\\"parts\\\":[\\\"sha256:")
+    };
+    assert!(!lists_parts(), "151 connectors: inline");
+    let steady = Steady::start(envoy.port, &token);
+
+    // The load runs through each phase: more answers after it than before it.
+    let mut answered = steady.ok();
+    let mut went_on = |phase: &str| {
+        wait_for(|| steady.ok() > answered, phase);
+        answered = steady.ok();
+    };
+    many("more.yaml", 150, 190);
+    many("last.yaml", 190, 210);
+    served("filler-209");
+    served("filler-150");
+    assert!(lists_parts(), "211 connectors: in parts");
+    went_on("the steady load, after the switch to parts");
+    let renders = rendered(&controller);
+    std::fs::remove_file(s.manifests.join("last.yaml")).unwrap();
+    after_render(&controller, renders);
+    wait_for(|| get(envoy.port, "filler-209", &token) == Ok(403), "filler-209 removed");
+    served("filler-189");
+    assert!(lists_parts(), "191 connectors: still in parts (inline again below 180)");
+    went_on("the steady load, after 20 removed");
+    std::fs::remove_file(s.manifests.join("more.yaml")).unwrap();
+    wait_for(|| get(envoy.port, "filler-150", &token) == Ok(403), "filler-150 removed");
+    wait_for(|| !lists_parts(), "151 connectors: inline again");
+    served("filler-149");
+    went_on("the steady load, after the switch back inline");
+    let (steady_ok, failures) = steady.stop();
+    eprintln!("steady {steady_ok} x 200, {} failed", failures.len());
+    assert!(failures.is_empty(), "steady connector: {failures:?}");
+    let log = envoy.log();
+    // Three VMs (two workers and the main thread's): each assembled the parts.
+    let assembled = log.matches("configuration assembled from its parts").count();
+    assert!(assembled >= 3, "{assembled} assemblies");
+    assert!(
+        envoy.critical_wasm_lines().is_empty(),
+        "{:?}",
+        envoy.critical_wasm_lines()
+    );
+    let switches = controller.log().matches("the filter configuration's delivery changes").count();
+    assert_eq!(switches, 2, "to parts and back: {switches}");
+}
+
+/// Waits up to 10 s for `ok`.
+fn wait_for(ok: impl Fn() -> bool, what: &str) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two clients pulling a connector no change touches, over and over: it must answer 200
+/// throughout.
+struct Steady {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Steady {
+    fn start(port: u16, token: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let threads = (0..2)
+            .map(|_| {
+                let (stop, ok, failures, token) = (stop.clone(), ok.clone(), failures.clone(), token.to_string());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port, "steady", &token) {
+                            Ok(200) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => failures.lock().unwrap().push(format!("steady: {other:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    /// The 200s so far.
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// The 200s counted, and every other outcome.
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
 /// Adds, rotates and deletes connectors while clients pull, with controller flags `args`;
 /// `check` looks at the Envoy afterwards.
 fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
@@ -99,31 +258,7 @@ fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // Steady load on a connector no change touches: it must answer 200 throughout.
-    let stop = Arc::new(AtomicBool::new(false));
-    let steady_ok = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let steady: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, ok, failures, token, port) = (
-                stop.clone(),
-                steady_ok.clone(),
-                failures.clone(),
-                token.clone(),
-                envoy.port,
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match get(port, "steady", &token) {
-                        Ok(200) => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => failures.lock().unwrap().push(format!("steady: {other:?}")),
-                    }
-                }
-            })
-        })
-        .collect();
+    let steady = Steady::start(envoy.port, &token);
 
     // Each cycle: connectors `rot-i` and `del-i` with their own Secret are added, and left
     // alone until Envoy runs them, so no worker has their credential yet. Then the Secret is
@@ -158,10 +293,7 @@ fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
         std::fs::remove_file(s.manifests.join(&file)).unwrap();
         after_render(&controller, renders);
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in steady {
-        c.join().unwrap();
-    }
+    let (steady_ok, failures) = steady.stop();
     let count = |f: &dyn Fn(&(String, u16)) -> bool| statuses.iter().filter(|s| f(s)).count();
     let rot_ok = count(&|(n, st)| n.starts_with("rot") && *st == 200);
     let del_ok = count(&|(n, st)| n.starts_with("del") && *st == 200);
@@ -170,17 +302,16 @@ fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
         .iter()
         .filter(|(n, st)| !(*st == 200 || (n.starts_with("del") && *st == 403)))
         .collect();
-    let failures = failures.lock().unwrap();
     eprintln!(
         "{cycles} cycles with {FILLERS} other connectors: rotated {rot_ok} x 200; deleted {del_ok} x 200, {del_gone} x 403; {} wrong; steady {} x 200, {} failed",
         wrong.len(),
-        steady_ok.load(Ordering::Relaxed),
+        steady_ok,
         failures.len()
     );
     assert!(wrong.is_empty(), "{} wrong answers: {wrong:?}", wrong.len());
     assert!(failures.is_empty(), "steady connector: {failures:?}");
     assert!(rot_ok > 0 && del_ok + del_gone > 0, "the bursts ran");
-    assert!(steady_ok.load(Ordering::Relaxed) > 20, "the steady load ran");
+    assert!(steady_ok > 20, "the steady load ran");
     // The rotated credential really reached the upstream.
     let seen = s.recorder.take();
     let new_value = format!(

@@ -14,7 +14,7 @@
 //! ECDS resource, so once the last connector written is served, all are.
 //!
 //! Each size runs once per delivery of the filter configuration (`--deliveries inline,parts`):
-//! `inline`, the connectors in the pushed document; `parts`, the controller's `--config-parts`
+//! `inline`, the connectors in the pushed document (`--config-inline`); `parts`, the controller's `--config-parts`
 //! (the document lists parts the filter fetches over the channel).
 //!
 //! Usage: `cargo run --release -p connector-devkit --bin bench-scale -- [--sizes 100,1000,5000,20000]
@@ -447,9 +447,8 @@ fn run_size(
     // Envoy starts as soon as the controller listens, not after it is ready: in the pod both
     // containers start together and Envoy's xDS stream waits for the first configuration.
     let mut args = vec!["--poll-ms", "30000"];
-    if parts {
-        args.push("--config-parts");
-    }
+    // Each delivery forced: the controller's default picks by the number of connectors.
+    args.push(if parts { "--config-parts" } else { "--config-inline" });
     let controller = Controller::start_listening(&work, &manifests, &identity, &args)?;
     let mode = Envoy::harness_mode(&work);
     let envoy = Envoy::start_xds_workers(
