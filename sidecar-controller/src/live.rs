@@ -1016,8 +1016,16 @@ mod tests {
                 ..channel()
             };
             let auto_out = auto.update(&inputs, &by_count, &revisions, &tenancy()).unwrap();
-            let expected = if auto_was { served >= from - from / 10 } else { served >= from };
-            assert_eq!(!auto_out.parts.is_empty(), expected, "step {step}: {served} served, from {from}");
+            let expected = if auto_was {
+                served >= from - from / 10
+            } else {
+                served >= from
+            };
+            assert_eq!(
+                !auto_out.parts.is_empty(),
+                expected,
+                "step {step}: {served} served, from {from}"
+            );
             assert_eq!(assembled(&auto_out), json, "step {step}");
             if expected != auto_was {
                 switches[usize::from(expected)] += 1;

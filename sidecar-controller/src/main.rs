@@ -237,7 +237,10 @@ fn config_delivery(
         .chain(from.map(|_| "--config-parts-from"))
         .collect();
     if chosen.len() > 1 {
-        problems.push(format!("{} choose the configuration's delivery: give one", chosen.join(" and ")));
+        problems.push(format!(
+            "{} choose the configuration's delivery: give one",
+            chosen.join(" and ")
+        ));
     }
     if flags.contains_key("--istio-wasmplugin") || switch("--config-inline") {
         return Delivery::Inline;
@@ -372,7 +375,9 @@ fn serve(args: &[String]) -> ExitCode {
             // document (istio.rs), and istiod, not this controller, pushes it to Envoy.
             for f in ["--config-parts", "--config-parts-from"] {
                 if switch(f) || flags.contains_key(f) {
-                    problems.push(format!("{f} is not supported with --istio-wasmplugin: the WasmPlugin carries the whole configuration"));
+                    problems.push(format!(
+                        "{f} is not supported with --istio-wasmplugin: the WasmPlugin carries the whole configuration"
+                    ));
                 }
             }
         }

@@ -80,13 +80,8 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
         put(&s.manifests, file, &text);
     };
     many("fillers.yaml", 0, 150);
-    let controller = Controller::start_with_args(
-        &s.work,
-        &s.manifests,
-        &s.identity,
-        &["--config-parts-from", "200"],
-    )
-    .unwrap();
+    let controller =
+        Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--config-parts-from", "200"]).unwrap();
     let mode = Envoy::harness_mode(&s.work);
     let envoy = Envoy::start_xds_workers(
         &s.work,
@@ -102,12 +97,7 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
     let token = s.minter.valid(NS, "default").unwrap();
     let served = |connector: &str| wait_for(|| get(envoy.port, connector, &token) == Ok(200), connector);
     served("steady");
-    let lists_parts = || {
-        envoy
-            .config_dump()
-            .unwrap()
-            .contains("\\\"parts\\\":[\\\"sha256:")
-    };
+    let lists_parts = || envoy.config_dump().unwrap().contains("\\\"parts\\\":[\\\"sha256:");
     assert!(!lists_parts(), "151 connectors: inline");
     let steady = Steady::start(envoy.port, &token);
 
@@ -126,12 +116,18 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
     let renders = rendered(&controller);
     std::fs::remove_file(s.manifests.join("last.yaml")).unwrap();
     after_render(&controller, renders);
-    wait_for(|| get(envoy.port, "filler-209", &token) == Ok(403), "filler-209 removed");
+    wait_for(
+        || get(envoy.port, "filler-209", &token) == Ok(403),
+        "filler-209 removed",
+    );
     served("filler-189");
     assert!(lists_parts(), "191 connectors: still in parts (inline again below 180)");
     went_on("the steady load, after 20 removed");
     std::fs::remove_file(s.manifests.join("more.yaml")).unwrap();
-    wait_for(|| get(envoy.port, "filler-150", &token) == Ok(403), "filler-150 removed");
+    wait_for(
+        || get(envoy.port, "filler-150", &token) == Ok(403),
+        "filler-150 removed",
+    );
     wait_for(|| !lists_parts(), "151 connectors: inline again");
     served("filler-149");
     went_on("the steady load, after the switch back inline");
@@ -147,7 +143,10 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
         "{:?}",
         envoy.critical_wasm_lines()
     );
-    let switches = controller.log().matches("the filter configuration's delivery changes").count();
+    let switches = controller
+        .log()
+        .matches("the filter configuration's delivery changes")
+        .count();
     assert_eq!(switches, 2, "to parts and back: {switches}");
 }
 

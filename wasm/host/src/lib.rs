@@ -19,6 +19,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 
 mod abi;
 mod foreign;
+pub mod parts;
 pub mod warm;
 
 /// proxy-wasm status codes (ABI 0.2.1).

@@ -8,7 +8,6 @@
 mod common;
 
 use common::*;
-use connector_core::channel::part_id;
 use connector_wasm_host::{Host, HttpCall};
 use serde_json::{Value, json};
 
@@ -20,16 +19,8 @@ const CHANNEL: &str = "connector_controller";
 fn in_parts(connectors: &[Value], groups: &[usize]) -> (Value, Vec<(String, String)>) {
     let mut doc = config();
     doc["controller"] = json!({"cluster": CHANNEL});
-    let mut parts = vec![];
-    let mut rest = connectors;
-    for n in groups {
-        let (group, tail) = rest.split_at(*n);
-        let text = group.iter().map(Value::to_string).collect::<Vec<_>>().join(",");
-        parts.push((part_id(text.as_bytes()), text));
-        rest = tail;
-    }
-    doc["parts"] = parts.iter().map(|(id, _)| json!(id)).collect();
-    doc["connectors"] = json!([]);
+    doc["connectors"] = json!(connectors);
+    let parts = connector_wasm_host::parts::cut(&mut doc, groups).unwrap();
     (doc, parts)
 }
 
@@ -43,17 +34,7 @@ fn part_calls(h: &Host) -> Vec<HttpCall> {
 
 /// Answers each pending part call with the text its path names.
 fn answer_parts(h: &mut Host, parts: &[(String, String)]) -> usize {
-    let calls = part_calls(h);
-    for c in &calls {
-        let path = c.header(":path").unwrap();
-        let (_, text) = parts
-            .iter()
-            .find(|(id, _)| path == format!("/v1/parts/{id}"))
-            .unwrap_or_else(|| panic!("asked for {path}, not a part of the document"));
-        h.answer_call(c.token, 200, &[("content-type", "application/json")], text.as_bytes())
-            .unwrap();
-    }
-    calls.len()
+    connector_wasm_host::parts::answer(h, CHANNEL, parts).unwrap()
 }
 
 fn advance_ms(h: &mut Host, ms: u64) {

@@ -10,7 +10,6 @@
 //!
 //! `push-cost [--sizes 1000,5000,20000] [--pushes 20] [--deliveries inline,parts] [module.wasm]`
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -21,9 +20,8 @@ use serde_json::{Value, json};
 const PART: usize = 100;
 
 /// A controller-rendered document: connectors over 50 namespaces, connector `i` carrying
-/// revision `revs[i]`. In parts: the document listing them, and each part's text by its path
-/// on the channel.
-fn document(revs: &[usize], parts: bool) -> Result<(String, HashMap<String, String>), String> {
+/// revision `revs[i]`. In parts: the document listing them, and each part's (id, text).
+fn document(revs: &[usize], parts: bool) -> Result<(String, Vec<(String, String)>), String> {
     let jwk = connector_wasm_host::warm::test_jwk().map_err(|e| format!("{e:#}"))?;
     let entries: Vec<Value> = (revs.iter().enumerate())
         .map(|(i, rev)| {
@@ -42,17 +40,10 @@ fn document(revs: &[usize], parts: bool) -> Result<(String, HashMap<String, Stri
         "controller": {"cluster": CHANNEL, "authority": "controller.local"},
         "connectors": entries,
     });
-    let mut texts = HashMap::new();
+    let mut texts = vec![];
     if parts {
-        let mut ids = vec![];
-        for group in entries.chunks(PART) {
-            let text = group.iter().map(Value::to_string).collect::<Vec<_>>().join(",");
-            let id = connector_core::channel::part_id(text.as_bytes());
-            texts.insert(connector_core::channel::part_path(&id), text);
-            ids.push(id);
-        }
-        doc["connectors"] = json!([]);
-        doc["parts"] = json!(ids);
+        let runs = connector_wasm_host::parts::runs_of(PART, revs.len());
+        texts = connector_wasm_host::parts::cut(&mut doc, &runs).map_err(|e| format!("{e:#}"))?;
     }
     Ok((doc.to_string(), texts))
 }
@@ -60,17 +51,12 @@ fn document(revs: &[usize], parts: bool) -> Result<(String, HashMap<String, Stri
 const CHANNEL: &str = "connector_controller";
 
 /// Ticks `root` and answers its part calls until the VM logs an assembled configuration.
-fn assemble(h: &mut Host, root: u32, texts: &HashMap<String, String>) -> Result<(), String> {
+fn assemble(h: &mut Host, root: u32, texts: &[(String, String)]) -> Result<(), String> {
     let done = |h: &Host| h.rec().logs_containing("configuration assembled from its parts").len();
     let before = done(h);
     for _ in 0..10_000 {
         h.tick_root(root).map_err(|e| format!("{e:#}"))?;
-        for call in h.pending_calls().into_iter().filter(|c| c.cluster == CHANNEL) {
-            let path = call.header(":path").unwrap_or_default();
-            let text = texts.get(&path).ok_or(format!("asked for {path}, not a part"))?;
-            h.answer_call(call.token, 200, &[], text.as_bytes())
-                .map_err(|e| format!("{e:#}"))?;
-        }
+        connector_wasm_host::parts::answer(h, CHANNEL, texts).map_err(|e| format!("{e:#}"))?;
         if done(h) > before {
             return Ok(());
         }
