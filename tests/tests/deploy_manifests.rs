@@ -477,7 +477,7 @@ fn the_compose_demo_names_only_what_exists_and_agrees_with_envoy() {
         &connector_controller::pipeline::ChannelSettings {
             cluster: "connector_controller".into(),
             key_env: Some("CONNECTOR_CHANNEL_KEY".into()),
-            parts: false,
+            delivery: connector_controller::pipeline::Delivery::Inline,
         },
         &connector_controller::pipeline::Revisions::new(),
         &connector_controller::pipeline::Tenancy::default(),
