@@ -16,7 +16,7 @@ use connector_devkit::envoy::Envoy;
 use connector_devkit::http::Request;
 use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
-use connector_e2e::xds::{NS, connector_yaml, put, secret_yaml, setup};
+use connector_e2e::xds::{NS, Setup, connector_yaml, put, secret_yaml, setup};
 
 const MANIFEST_TYPES: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -80,20 +80,7 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
         put(&s.manifests, file, &text);
     };
     many("fillers.yaml", 0, 150);
-    let controller =
-        Controller::start_with_args(&s.work, &s.manifests, &s.identity, &["--config-parts-from", "200"]).unwrap();
-    let mode = Envoy::harness_mode(&s.work);
-    let envoy = Envoy::start_xds_workers(
-        &s.work,
-        "envoy",
-        None,
-        mode,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-        2,
-    )
-    .unwrap();
+    let (controller, envoy) = start(&s, &["--config-parts-from", "200"]);
     let token = s.minter.valid(NS, "default").unwrap();
     let served = |connector: &str| wait_for(|| get(envoy.port, connector, &token) == Ok(200), connector);
     served("steady");
@@ -148,6 +135,24 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
         .matches("the filter configuration's delivery changes")
         .count();
     assert_eq!(switches, 2, "to parts and back: {switches}");
+}
+
+/// The controller with `args` on `s`'s manifests, and an Envoy with two workers it feeds.
+fn start(s: &Setup, args: &[&str]) -> (Controller, Envoy) {
+    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
+    let mode = Envoy::harness_mode(&s.work);
+    let envoy = Envoy::start_xds_workers(
+        &s.work,
+        "envoy",
+        None,
+        mode,
+        controller.ports.xds,
+        controller.ports.channel,
+        &controller.envoy_env(),
+        2,
+    )
+    .unwrap();
+    (controller, envoy)
 }
 
 /// Waits up to 10 s for `ok`.
@@ -234,19 +239,7 @@ fn churn(name: &str, args: &[&str], check: impl FnOnce(&Envoy)) {
         .map(|i| format!("{}---\n", connector_yaml(&format!("filler-{i}"), &upstream, "robot")))
         .collect();
     put(&s.manifests, "fillers.yaml", &fillers);
-    let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
-    let mode = Envoy::harness_mode(&s.work);
-    let envoy = Envoy::start_xds_workers(
-        &s.work,
-        "envoy",
-        None,
-        mode,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-        2,
-    )
-    .unwrap();
+    let (controller, envoy) = start(&s, args);
     let token = s.minter.valid(NS, "default").unwrap();
     let start = Instant::now();
     while get(envoy.port, "steady", &token) != Ok(200) {
