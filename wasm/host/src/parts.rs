@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::Host;
 
 /// Cuts `doc`'s `connectors` into runs of `sizes` entries, which must cover them all. `doc` then
-/// lists the parts' ids before an empty `connectors`, as the controller's document does; gives
+/// lists the parts' ids and an empty `connectors`, as the controller's document does; gives
 /// each part's (id, text): its entries joined with `,`.
 pub fn cut(doc: &mut Value, sizes: &[usize]) -> Result<Vec<(String, String)>> {
     let entries = doc["connectors"].as_array().cloned().unwrap_or_default();
