@@ -537,6 +537,22 @@ impl Envoy {
         Ok(e)
     }
 
+    /// Envoy with `workers` worker threads fed by `controller` (its xDS and channel ports, the
+    /// environment it gives Envoy), its listener in the harness's mode, its files in
+    /// `work/envoy`: what the scale tests and `bench_scale` run against.
+    pub fn for_controller(work: &WorkDir, controller: &crate::controller::Controller, workers: u32) -> Result<Self> {
+        Self::start_xds_workers(
+            work,
+            "envoy",
+            None,
+            Self::harness_mode(work),
+            controller.ports.xds,
+            controller.ports.channel,
+            &controller.envoy_env(),
+            workers,
+        )
+    }
+
     /// Envoy with a bootstrap the caller builds from the listener and admin ports (e.g.
     /// [`bootstrap`] with another HTTP filter in front: the benchmark's `jwt_authn` neighbour).
     pub fn start_custom(work: &WorkDir, dir: &str, build: impl FnOnce(u16, u16) -> Value) -> Result<Self> {

@@ -16,6 +16,16 @@ fn serve(args: &[&str], key: Option<&str>) -> (i32, String) {
     )
 }
 
+/// `serve` with `base` then `extra` stops with a usage error (exit 2) whose text says each of
+/// `wants`.
+fn refused(base: &[&str], extra: &[&str], key: Option<&str>, wants: &[&str]) {
+    let (code, err) = serve(&[base, extra].concat(), key);
+    assert_eq!(code, 2, "{extra:?}: {err}");
+    for want in wants {
+        assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
+    }
+}
+
 #[test]
 fn api_mode_needs_the_channel_key_and_well_formed_host_grants() {
     let kube = [
@@ -97,11 +107,7 @@ fn the_proxy_listener_needs_a_certificate_source_or_the_plain_http_opt_in() {
         (&["--proxy-tls-external", "--proxy-plain-http"], "exactly one of"),
     ];
     for (extra, want) in cases {
-        let mut args = base.to_vec();
-        args.extend_from_slice(extra);
-        let (code, err) = serve(&args, None);
-        assert_eq!(code, 2, "{extra:?}: {err}");
-        assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
+        refused(&base, extra, None, &[want]);
     }
 }
 
@@ -137,13 +143,7 @@ fn the_configuration_delivery_is_one_choice_and_a_positive_number() {
         ),
     ];
     for (extra, wants) in cases {
-        let mut args = base.to_vec();
-        args.extend_from_slice(extra);
-        let (code, err) = serve(&args, None);
-        assert_eq!(code, 2, "{extra:?}: {err}");
-        for want in *wants {
-            assert!(err.contains(want), "{extra:?} should say {want:?}: {err}");
-        }
+        refused(&base, extra, None, wants);
     }
 }
 
@@ -161,51 +161,47 @@ fn the_istio_wasmplugin_is_named_by_namespace_and_name_in_api_mode_only() {
         "127.0.0.1:0",
         "--proxy-tls-external",
     ];
-    let mut bad = common.to_vec();
-    bad.extend([
+    let mut kube = common.to_vec();
+    kube.extend([
         "--kube",
         "--proxy-url",
         "https://proxy.example:8443",
         "--kube-url",
         "http://127.0.0.1:1",
         "--istio-wasmplugin",
-        "oci-connector",
     ]);
-    let (code, err) = serve(&bad, Some("k3y"));
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("--istio-wasmplugin \"oci-connector\": expected <namespace>/<name>"),
-        "{err}"
+    let key = Some("k3y");
+    refused(
+        &kube,
+        &["oci-connector"],
+        key,
+        &["--istio-wasmplugin \"oci-connector\": expected <namespace>/<name>"],
     );
     // The WasmPlugin carries the whole document: no parts.
-    let last = bad.len() - 1;
-    bad[last] = "oci-connector-system/oci-connector";
-    bad.push("--config-parts");
-    let (code, err) = serve(&bad, Some("k3y"));
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("--config-parts is not supported with --istio-wasmplugin"),
-        "{err}"
+    let plugin = "oci-connector-system/oci-connector";
+    refused(
+        &kube,
+        &[plugin, "--config-parts"],
+        key,
+        &["--config-parts is not supported with --istio-wasmplugin"],
     );
-    let last = bad.len() - 1;
-    bad[last] = "--config-parts-from";
-    bad.push("10");
-    let (code, err) = serve(&bad, Some("k3y"));
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("--config-parts-from is not supported with --istio-wasmplugin"),
-        "{err}"
+    refused(
+        &kube,
+        &[plugin, "--config-parts-from", "10"],
+        key,
+        &["--config-parts-from is not supported with --istio-wasmplugin"],
     );
-    let mut file_mode = common.to_vec();
-    file_mode.extend([
-        "--manifests",
-        "/nonexistent",
-        "--identity",
-        "/nonexistent.json",
-        "--istio-wasmplugin",
-        "oci-connector-system/oci-connector",
-    ]);
-    let (code, err) = serve(&file_mode, Some("k3y"));
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--istio-wasmplugin needs --kube (API mode)"), "{err}");
+    refused(
+        &common,
+        &[
+            "--manifests",
+            "/nonexistent",
+            "--identity",
+            "/nonexistent.json",
+            "--istio-wasmplugin",
+            plugin,
+        ],
+        key,
+        &["--istio-wasmplugin needs --kube (API mode)"],
+    );
 }

@@ -140,18 +140,7 @@ fn by_their_number_the_connectors_switch_to_parts_and_back_under_load() {
 /// The controller with `args` on `s`'s manifests, and an Envoy with two workers it feeds.
 fn start(s: &Setup, args: &[&str]) -> (Controller, Envoy) {
     let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
-    let mode = Envoy::harness_mode(&s.work);
-    let envoy = Envoy::start_xds_workers(
-        &s.work,
-        "envoy",
-        None,
-        mode,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-        2,
-    )
-    .unwrap();
+    let envoy = Envoy::for_controller(&s.work, &controller, 2).unwrap();
     (controller, envoy)
 }
 

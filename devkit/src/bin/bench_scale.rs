@@ -450,17 +450,7 @@ fn run_size(
     // Each delivery forced: the controller's default picks by the number of connectors.
     args.push(if parts { "--config-parts" } else { "--config-inline" });
     let controller = Controller::start_listening(&work, &manifests, &identity, &args)?;
-    let mode = Envoy::harness_mode(&work);
-    let envoy = Envoy::start_xds_workers(
-        &work,
-        "envoy",
-        None,
-        mode,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-        WORKERS,
-    )?;
+    let envoy = Envoy::for_controller(&work, &controller, WORKERS)?;
     let limit = Duration::from_secs(600);
     for i in [n - 1, 0, n / 2] {
         until(&envoy, i, &token_of(i), 404, limit)?;
