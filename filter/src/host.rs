@@ -152,13 +152,13 @@ pub fn set_tick_period(millis: u32) -> Result<(), Status> {
 
 /// Every entry of a header map. `Err` when the host has no such map now: a failed HTTP call
 /// has no response headers, and the request headers are gone in the response phase.
-pub fn headers(map: Map) -> Result<Vec<(String, Vec<u8>)>, Status> {
+pub fn headers(map: Map) -> Result<wire::HeaderMap, Status> {
     let (mut data, mut size) = (null_mut(), 0usize);
     // SAFETY: valid out-pointers for the call's duration.
     check(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
     let bytes = take(data, size);
     // A map that does not parse is no map: the caller treats it like a missing one.
-    wire::deserialize_map(&bytes).ok_or(Status(u32::MAX))
+    wire::HeaderMap::parse(bytes).ok_or(Status(u32::MAX))
 }
 
 /// Sets (replaces) or, with `None`, removes a header.

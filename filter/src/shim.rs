@@ -489,7 +489,7 @@ fn read_call_answer(num_headers: usize, body_size: usize) -> Option<CallAnswer> 
         return None;
     }
     let headers = host::headers(Map::CallResponse).ok()?;
-    let value = |name: &str| crate::wire::header(&headers, name);
+    let value = |name: &str| headers.text(name).map(std::borrow::Cow::into_owned);
     let status = value(":status")?
         .parse::<u32>()
         .ok()
@@ -982,14 +982,14 @@ impl HttpContext for Http {
             // Without the request's headers nothing can be decided: refuse, never pass.
             return self.refuse(cannot_edit());
         };
-        let get = |name: &str| crate::wire::header(&headers, name).unwrap_or_default();
+        let get = |name: &str| headers.text(name).unwrap_or_default();
         let (method, path, authority, scheme) = (get(":method"), get(":path"), get(":authority"), get(":scheme"));
-        let authorization: Vec<String> = headers
+        let authorization: Vec<_> = headers
             .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .filter(|(k, _)| k.eq_ignore_ascii_case(b"authorization"))
             .map(|(_, v)| crate::wire::text(v))
             .collect();
-        let authorization: Vec<&str> = authorization.iter().map(String::as_str).collect();
+        let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
         let request = Request {
             method: &method,
             path: &path,
@@ -1026,10 +1026,10 @@ impl HttpContext for Http {
             }
             Decision::Forward(f) => {
                 // Host calls are the filter's main per-request cost: remove only what is there.
-                let real_scheme = if scheme.is_empty() { "http" } else { scheme.as_str() };
+                let real_scheme = if scheme.is_empty() { "http" } else { &scheme };
                 let mut edits: Vec<(&str, Option<&str>)> = STRIPPED_REQUEST_HEADERS
                     .iter()
-                    .filter(|name| headers.iter().any(|(k, _)| k == *name))
+                    .filter(|name| headers.has(name))
                     .map(|name| (*name, None))
                     .collect();
                 if get(FORWARDED_PROTO_HEADER) != real_scheme {
@@ -1093,11 +1093,11 @@ impl HttpContext for Http {
             // Unread, the answer could carry the upstream's challenge or Location unmapped.
             return self.refuse(unreadable_answer());
         };
-        let header = |name: &str| crate::wire::header(&headers, name);
+        let header = |name: &str| headers.text(name);
         let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let location = header("location");
         let link = header("link");
-        let has_challenge = headers.iter().any(|(k, _)| k == "www-authenticate");
+        let has_challenge = headers.has("www-authenticate");
         // An upstream that repeats the credential it was sent, in any header, is not answered.
         let secrets = self.secrets();
         if headers
@@ -1108,9 +1108,7 @@ impl HttpContext for Http {
         }
         // Cookies of one upstream would be stored for the proxy's origin, shared by every
         // connector and tenant behind it.
-        if headers.iter().any(|(k, _)| k == "set-cookie")
-            && host::set_header(Map::Response, "set-cookie", None).is_err()
-        {
+        if headers.has("set-cookie") && host::set_header(Map::Response, "set-cookie", None).is_err() {
             return self.refuse(unreadable_answer());
         }
         let edits = plan_response(plan, &self.realm, status, location.as_deref(), link.as_deref());

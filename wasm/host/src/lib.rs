@@ -315,6 +315,11 @@ fn compiled(path: &Path, optimized: bool) -> Result<(Engine, Module)> {
     } else {
         wasmtime::OptLevel::None
     });
+    // `perf record` can name the module's functions from /tmp/perf-PID.map (build the module
+    // with `CARGO_PROFILE_RELEASE_STRIP=none` so it keeps their names).
+    if std::env::var_os("WASM_HOST_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config)?;
     let bytes = std::fs::read(path).with_context(|| {
         format!(
