@@ -143,11 +143,11 @@ fn respond(config_realm: &str, r: Refusal, authenticated: bool) -> Decision {
 fn host_of(authority: &str) -> String {
     let host = if authority.starts_with('[') {
         authority
-            .split_once(']')
-            .map(|(h, _)| format!("{h}]"))
+            .find(']')
+            .and_then(|end| authority.get(..=end))
             .unwrap_or_default()
     } else {
-        authority.split(':').next().unwrap_or_default().to_string()
+        authority.split(':').next().unwrap_or_default()
     };
     host.to_ascii_lowercase()
 }
@@ -171,7 +171,7 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
         return Ok(Addressed::Unknown(format!("at host {}", quote(host)), request.endpoint));
     }
     let (namespace, name, request) = parse_path_form(rest)?;
-    let prefix = format!("/v2/namespaces/{namespace}/connectors/{name}");
+    let prefix = ["/v2/namespaces/", &namespace, "/connectors/", &name].concat();
     match config.connector(&namespace, &name) {
         Some(c) => Ok(Addressed::Known(c, request, prefix)),
         None => Ok(Addressed::Unknown(
@@ -342,7 +342,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
             connector: connector.label(),
             upstream: connector.upstream.clone(),
             client: ClientView {
-                origin: format!("{scheme}://{}", req.authority),
+                origin: [scheme, "://", req.authority].concat(),
                 prefix,
             },
         },
@@ -444,6 +444,21 @@ pub fn plan_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_is_the_authority_without_its_port_in_lowercase() {
+        for (authority, host) in [
+            ("Proxy.Example:5000", "proxy.example"),
+            ("proxy.example", "proxy.example"),
+            ("[::1]:5000", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("[::1", ""),
+            ("", ""),
+            (":5000", ""),
+        ] {
+            assert_eq!(host_of(authority), host, "{authority}");
+        }
+    }
 
     #[test]
     fn a_connector_removed_while_its_request_waited_is_denied_like_an_unknown_one() {

@@ -44,7 +44,7 @@ pub struct Bound {
 
 impl Identity {
     pub fn subject(&self) -> String {
-        format!("system:serviceaccount:{}:{}", self.namespace, self.service_account)
+        ["system:serviceaccount:", &self.namespace, ":", &self.service_account].concat()
     }
 }
 

@@ -75,7 +75,7 @@ pub struct RepoRequest {
 impl RepoRequest {
     /// The upstream path: the same endpoint on the plain `/v2/<repository>` name.
     pub fn upstream_path(&self) -> String {
-        format!("/v2/{}{}", self.repository, self.tail)
+        ["/v2/", &self.repository, &self.tail].concat()
     }
 }
 

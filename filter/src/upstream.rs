@@ -128,7 +128,7 @@ pub fn scopes(repository: &str, method: &str, mount_from: Option<&str>) -> Vec<S
         "DELETE" => "delete",
         _ => "pull,push",
     };
-    let mut out = vec![format!("repository:{repository}:{actions}")];
+    let mut out = vec![["repository:", repository, ":", actions].concat()];
     if let Some(from) = mount_from
         && from != repository
     {

@@ -146,7 +146,7 @@ impl fmt::Debug for Connector {
 
 impl Connector {
     pub fn label(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        [&self.namespace, "/", &self.name].concat()
     }
 
     /// First rule: a ServiceAccount may use the connectors of its own namespace; a connector
