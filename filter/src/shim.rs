@@ -1027,11 +1027,15 @@ impl HttpContext for Http {
             Decision::Forward(f) => {
                 // Host calls are the filter's main per-request cost: remove only what is there.
                 let real_scheme = if scheme.is_empty() { "http" } else { &scheme };
-                let mut edits: Vec<(&str, Option<&str>)> = STRIPPED_REQUEST_HEADERS
-                    .iter()
-                    .filter(|name| headers.has(name))
-                    .map(|name| (*name, None))
-                    .collect();
+                // One pass over the request's headers, each stripped name once however often sent.
+                let mut edits: Vec<(&str, Option<&str>)> = Vec::new();
+                for (name, _) in headers.iter() {
+                    if let Some(n) = STRIPPED_REQUEST_HEADERS.iter().find(|n| n.as_bytes() == name)
+                        && !edits.iter().any(|(e, _)| e == n)
+                    {
+                        edits.push((n, None));
+                    }
+                }
                 if get(FORWARDED_PROTO_HEADER) != real_scheme {
                     edits.push((FORWARDED_PROTO_HEADER, Some(real_scheme)));
                 }

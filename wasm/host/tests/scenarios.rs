@@ -69,6 +69,9 @@ fn valid_token_is_forwarded_with_the_connector_credential() {
         ("cookie", "session=1"),
         ("proxy-authorization", "Basic eDp5"),
         ("x-forwarded-host", "evil.example"),
+        // Sent twice: both go.
+        ("cookie", "other=2"),
+        ("x-real-ip", "10.0.0.1"),
     ]);
     hs.push((
         b"accept".to_vec(),
@@ -96,7 +99,7 @@ fn valid_token_is_forwarded_with_the_connector_credential() {
         Some("upstream_demo")
     );
     assert_eq!(s.request_header("x-forwarded-proto").as_deref(), Some("http"));
-    for gone in ["cookie", "proxy-authorization", "x-forwarded-host"] {
+    for gone in ["cookie", "proxy-authorization", "x-forwarded-host", "x-real-ip"] {
         assert!(s.request_header(gone).is_none(), "{gone} must not reach the upstream");
     }
     assert!(s.request_header("accept").is_some(), "other headers kept");
