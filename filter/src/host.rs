@@ -237,11 +237,11 @@ pub fn set_effective_context(id: u32) -> Result<(), Status> {
     check(unsafe { proxy_set_effective_context(id) })
 }
 
-/// Sets a stream property (the access log reads them).
-pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
-    let path = wire::serialize_path(path);
-    // SAFETY: `path` and `value` are live for the call.
-    check(unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) })
+/// Sets a top-level stream property (the access log reads them). The ABI separates a path's
+/// segments with NUL: a path of one segment is its name as it is, with nothing to build.
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: `name` and `value` are live for the call.
+    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// Defines a counter; its id.

@@ -1067,8 +1067,8 @@ impl HttpContext for Http {
                 }
                 // Access-log fields: who used which connector (never a credential).
                 let subject = f.caller.subject();
-                let _ = host::set_property(&[crate::stats::CONNECTOR_PROPERTY], f.response.connector.as_bytes());
-                let _ = host::set_property(&[crate::stats::SUBJECT_PROPERTY], subject.as_bytes());
+                let _ = host::set_property(crate::stats::CONNECTOR_PROPERTY, f.response.connector.as_bytes());
+                let _ = host::set_property(crate::stats::SUBJECT_PROPERTY, subject.as_bytes());
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,

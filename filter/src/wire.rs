@@ -1,5 +1,5 @@
-//! The proxy-wasm ABI's byte formats: header maps and property paths, as the host lends and
-//! takes them. Plain functions so native tests cover them; [`crate::host`] uses them.
+//! The proxy-wasm ABI's byte formats: header maps as the host lends and takes them, and the
+//! foreign `verify_signature` call's protobuf messages. Plain functions so native tests cover them; [`crate::host`] uses them.
 //!
 //! A map is `count`, then a `(key length, value length)` pair per entry, then every key and
 //! value each followed by a NUL. A map the host hands over that does not parse is treated as
@@ -103,18 +103,6 @@ pub fn text(bytes: &[u8]) -> Cow<'_, str> {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(bytes),
     }
-}
-
-/// A property path (`["filter_state", "x"]`) as the host expects it: parts separated by NUL.
-pub fn serialize_path(path: &[&str]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, part) in path.iter().enumerate() {
-        if i > 0 {
-            out.push(0);
-        }
-        out.extend_from_slice(part.as_bytes());
-    }
-    out
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
@@ -314,12 +302,6 @@ mod tests {
         assert_eq!(m.get("\u{fffd}"), None);
     }
 
-    #[test]
-    fn a_path_is_nul_separated() {
-        assert_eq!(serialize_path(&["filter_state", "oci"]), b"filter_state\0oci");
-        assert_eq!(serialize_path(&["x"]), b"x");
-        assert_eq!(serialize_path(&[]), b"");
-    }
     #[test]
     fn verify_signature_arguments_are_four_length_delimited_fields() {
         let args = verify_signature_args("sha256", &[1, 2], &[3; 200], &[4, 5]);
