@@ -153,15 +153,15 @@ fn host_of(authority: &str) -> String {
 }
 
 /// Which connector is addressed, before anyone is authenticated.
-enum Addressed<'c> {
-    Known(&'c Connector, RepoRequest, String),
+enum Addressed<'c, 'r> {
+    Known(&'c Connector, RepoRequest<'r>, String),
     /// A well-formed address of a connector that is not configured: the caller gets the
     /// same answer as for a connector they may not use. The endpoint is parsed all the same, so
     /// a wrong method gets the same 405 whether or not the connector exists.
     Unknown(String, Endpoint),
 }
 
-fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'c>, Refusal> {
+fn address<'c, 'r>(config: &'c Config, rest: &'r str, host: &str) -> Result<Addressed<'c, 'r>, Refusal> {
     if let Some(connector) = config.connector_by_host(host) {
         let request = parse_repo_request(rest)?;
         return Ok(Addressed::Known(connector, request, "/v2".to_string()));
@@ -171,8 +171,8 @@ fn address<'c>(config: &'c Config, rest: &str, host: &str) -> Result<Addressed<'
         return Ok(Addressed::Unknown(format!("at host {}", quote(host)), request.endpoint));
     }
     let (namespace, name, request) = parse_path_form(rest)?;
-    let prefix = ["/v2/namespaces/", &namespace, "/connectors/", &name].concat();
-    match config.connector(&namespace, &name) {
+    let prefix = ["/v2/namespaces/", namespace, "/connectors/", name].concat();
+    match config.connector(namespace, name) {
         Some(c) => Ok(Addressed::Known(c, request, prefix)),
         None => Ok(Addressed::Unknown(
             quote(&format!("{namespace}/{name}")),
@@ -327,7 +327,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         upstream_path.push('?');
         upstream_path.push_str(&q);
     }
-    let scopes = crate::upstream::scopes(&request.repository, req.method, mount_from.as_deref());
+    let scopes = crate::upstream::scopes(request.repository, req.method, mount_from.as_deref());
     let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
     Decision::Forward(Box::new(Forward {
         namespace: connector.namespace.clone(),

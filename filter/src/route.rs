@@ -63,19 +63,20 @@ impl Endpoint {
 /// The methods of `/v2/` (the API version check).
 pub const BASE_METHODS: &str = "GET, HEAD";
 
-/// A distribution request below `/v2/`, split into repository and endpoint.
+/// A distribution request below `/v2/`, split into repository and endpoint: slices of the
+/// request's path (nothing copied per request).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepoRequest {
-    pub repository: String,
+pub struct RepoRequest<'a> {
+    pub repository: &'a str,
     pub endpoint: Endpoint,
     /// The path after the repository name, starting with `/` (e.g. `/manifests/v1`).
-    pub tail: String,
+    pub tail: &'a str,
 }
 
-impl RepoRequest {
+impl RepoRequest<'_> {
     /// The upstream path: the same endpoint on the plain `/v2/<repository>` name.
     pub fn upstream_path(&self) -> String {
-        ["/v2/", &self.repository, &self.tail].concat()
+        ["/v2/", self.repository, self.tail].concat()
     }
 }
 
@@ -105,7 +106,7 @@ pub fn classify(path: &str) -> V2Path<'_> {
 
 /// Path form: `namespaces/<ns>/connectors/<name>/<repository>/<endpoint>`.
 /// Returns `(namespace, connector name, request)`.
-pub fn parse_path_form(rest: &str) -> Result<(String, String, RepoRequest), Refusal> {
+pub fn parse_path_form(rest: &str) -> Result<(&str, &str, RepoRequest<'_>), Refusal> {
     let mut parts = rest.splitn(5, '/');
     let (Some("namespaces"), Some(ns), Some("connectors"), Some(name), Some(remainder)) =
         (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
@@ -130,11 +131,11 @@ pub fn parse_path_form(rest: &str) -> Result<(String, String, RepoRequest), Refu
         )));
     }
     let request = parse_repo_request(remainder)?;
-    Ok((ns.to_string(), name.to_string(), request))
+    Ok((ns, name, request))
 }
 
 /// `<repository>/<endpoint>` as in a plain `/v2/` path.
-pub fn parse_repo_request(rest: &str) -> Result<RepoRequest, Refusal> {
+pub fn parse_repo_request(rest: &str) -> Result<RepoRequest<'_>, Refusal> {
     let (repository, endpoint, tail) = split_endpoint(rest).ok_or_else(|| {
         Refusal::not_found(
             "unknown_endpoint",
@@ -154,9 +155,9 @@ pub fn parse_repo_request(rest: &str) -> Result<RepoRequest, Refusal> {
         )));
     }
     Ok(RepoRequest {
-        repository: repository.to_string(),
+        repository,
         endpoint,
-        tail: tail.to_string(),
+        tail,
     })
 }
 
@@ -364,11 +365,11 @@ mod tests {
         assert_eq!(classify("/"), V2Path::Other);
     }
 
-    fn rr(repo: &str, endpoint: Endpoint, tail: &str) -> RepoRequest {
+    fn rr<'a>(repository: &'a str, endpoint: Endpoint, tail: &'a str) -> RepoRequest<'a> {
         RepoRequest {
-            repository: repo.into(),
+            repository,
             endpoint,
-            tail: tail.into(),
+            tail,
         }
     }
 
@@ -445,7 +446,7 @@ mod tests {
     #[test]
     fn path_form() {
         let (ns, name, req) = parse_path_form("namespaces/demo/connectors/harbor/lib/app/manifests/v1").unwrap();
-        assert_eq!((ns.as_str(), name.as_str()), ("demo", "harbor"));
+        assert_eq!((ns, name), ("demo", "harbor"));
         assert_eq!(req.upstream_path(), "/v2/lib/app/manifests/v1");
 
         for (rest, status) in [

@@ -90,7 +90,7 @@ pub(super) struct Index {
 }
 
 pub(super) fn name_key(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    [namespace, "/", name].concat()
 }
 
 impl Index {
