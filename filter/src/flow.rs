@@ -494,7 +494,7 @@ impl Flow {
                         ("authorization".into(), target.basic),
                         ("accept".into(), "application/json".into()),
                     ],
-                    cluster: realm.cluster,
+                    cluster: realm.cluster.clone(),
                     sent_stat: Some(crate::stats::token_fetch(&target.connector)),
                 };
                 self.waiting = Some(Waiting::Token {

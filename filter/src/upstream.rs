@@ -21,8 +21,9 @@ pub enum Challenge {
     Open,
     /// `401` with `Basic realm=...` (Distribution htpasswd, ECR-style).
     Basic,
-    /// `401` with `Bearer realm=...,service=...`: tokens come from the realm.
-    Bearer(BearerRealm),
+    /// `401` with `Bearer realm=...,service=...`: tokens come from the realm. Shared: every
+    /// request to the connector reads it (no copy of its five strings per request).
+    Bearer(std::rc::Rc<BearerRealm>),
 }
 
 /// A token realm the connector's credential may be sent to, and how Envoy reaches it.
@@ -80,13 +81,13 @@ pub fn learn_challenge(
             let realm = params.get("realm").map(String::as_str).unwrap_or("");
             let service = params.get("service").cloned().unwrap_or_default();
             resolve_realm(connector, realm).map(|(cluster, scheme, authority, path)| {
-                Challenge::Bearer(BearerRealm {
+                Challenge::Bearer(std::rc::Rc::new(BearerRealm {
                     service,
                     cluster,
                     scheme,
                     authority,
                     path,
-                })
+                }))
             })
         }
         other => Err(Refusal::unavailable_upstream(format!(
@@ -557,7 +558,7 @@ mod tests {
             path: "/t".into(),
         };
         let mut a = UpstreamAuth::default();
-        a.learn("n/c", Challenge::Bearer(realm));
+        a.learn("n/c", Challenge::Bearer(realm.into()));
         a.complete("k", &Ok(("Bearer t".into(), 50)), 100);
         // Same scheme: the token goes, the challenge stays.
         a.refused("n/c", Some("k"), Some("bearer"));

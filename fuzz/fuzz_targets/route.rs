@@ -10,10 +10,10 @@ fuzz_target!(|data: &[u8]| {
     if let V2Path::Below(rest) = classify(p) {
         if let Ok((ns, name, req)) = parse_path_form(rest) {
             assert!(!ns.is_empty() && !name.is_empty());
-            assert!(is_repository_name(&req.repository), "{:?}", req.repository);
+            assert!(is_repository_name(req.repository), "{:?}", req.repository);
         }
         if let Ok(req) = parse_repo_request(rest) {
-            assert!(is_repository_name(&req.repository), "{:?}", req.repository);
+            assert!(is_repository_name(req.repository), "{:?}", req.repository);
             let _ = connector_filter::engine::map_mount_query(q, "/v2/namespaces/demo/connectors/registry");
         }
     }
