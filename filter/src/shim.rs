@@ -984,18 +984,25 @@ impl HttpContext for Http {
         };
         let get = |name: &str| headers.text(name).unwrap_or_default();
         let (method, path, authority, scheme) = (get(":method"), get(":path"), get(":authority"), get(":scheme"));
-        let authorization: Vec<_> = headers
+        let mut values = headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(b"authorization"))
-            .map(|(_, v)| crate::wire::text(v))
-            .collect();
-        let authorization: Vec<&str> = authorization.iter().map(|a| a.as_ref()).collect();
+            .map(|(_, v)| crate::wire::text(v));
+        // Two are enough: more than one is refused, however many (no list built per request).
+        let (first, second) = (values.next(), values.next());
+        let pair = [
+            first.as_deref().unwrap_or_default(),
+            second.as_deref().unwrap_or_default(),
+        ];
+        let authorization = pair
+            .get(..usize::from(first.is_some()) + usize::from(second.is_some()))
+            .unwrap_or_default();
         let request = Request {
             method: &method,
             path: &path,
             authority: &authority,
             scheme: &scheme,
-            authorization: &authorization,
+            authorization,
         };
         let now_ms = host::now_millis();
         let now = now_ms / 1_000;
