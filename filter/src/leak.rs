@@ -140,13 +140,8 @@ mod tests {
     /// haystacks and needles from a small alphabet so that partial matches abound.
     #[test]
     fn contains_finds_exactly_what_a_window_by_window_search_finds() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = crate::testkeys::Xorshift(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: u64| rng.below(n);
         let (mut found, mut missed) = (0, 0);
         for _ in 0..20_000 {
             let mut bytes = |max: u64| -> Vec<u8> { (0..next(max)).map(|_| b"ab:"[next(3) as usize]).collect() };
@@ -234,29 +229,18 @@ mod tests {
     /// haystacks built from their forms' pieces, the least set finds exactly what every form finds.
     #[test]
     fn the_least_set_of_secrets_finds_what_every_form_finds() {
-        struct Rng(u64);
-        impl Rng {
-            fn next(&mut self, n: u64) -> u64 {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                self.0 % n
-            }
-            fn word(&mut self, max: u64) -> String {
-                let n = self.next(max);
-                (0..n)
-                    .map(|_| ['a', 'b', ':', '"', 'B'][self.next(5) as usize])
-                    .collect()
-            }
+        fn word(r: &mut crate::testkeys::Xorshift, max: u64) -> String {
+            let n = r.below(max);
+            (0..n).map(|_| ['a', 'b', ':', '"', 'B'][r.below(5) as usize]).collect()
         }
-        let mut r = Rng(0x853c_49e6_748f_ea9b);
+        let mut r = crate::testkeys::Xorshift(0x853c_49e6_748f_ea9b);
         let (mut found, mut missed) = (0, 0);
         for _ in 0..3_000 {
-            let (user, pw) = (r.word(4), r.word(9));
-            let sent = if r.next(2) == 0 {
+            let (user, pw) = (word(&mut r, 4), word(&mut r, 9));
+            let sent = if r.below(2) == 0 {
                 basic(&user, &pw)
             } else {
-                format!("Bearer {}", r.word(12))
+                format!("Bearer {}", word(&mut r, 12))
             };
             let (least, every) = (secrets_of(&sent), forms_of(&sent, false));
             assert!(
@@ -266,13 +250,16 @@ mod tests {
             // Haystacks of pieces of the forms, cut and joined at random.
             for _ in 0..20 {
                 let mut h = Vec::new();
-                for _ in 0..r.next(4) {
-                    let Some(f) = every.get(r.next(every.len().max(1) as u64) as usize) else {
+                for _ in 0..r.below(4) {
+                    let Some(f) = every.get(r.below(every.len().max(1) as u64) as usize) else {
                         break;
                     };
-                    let (a, b) = (r.next(f.len() as u64 + 1) as usize, r.next(f.len() as u64 + 1) as usize);
+                    let (a, b) = (
+                        r.below(f.len() as u64 + 1) as usize,
+                        r.below(f.len() as u64 + 1) as usize,
+                    );
                     h.extend_from_slice(&f[a.min(b)..a.max(b)]);
-                    h.extend_from_slice(r.word(3).as_bytes());
+                    h.extend_from_slice(word(&mut r, 3).as_bytes());
                 }
                 let expected = contains_any(&h, &every);
                 assert_eq!(

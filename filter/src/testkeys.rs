@@ -10,6 +10,19 @@ use serde_json::Value;
 use crate::identity::TokenPolicy;
 
 pub const NOW: u64 = 1_800_000_000;
+
+/// A small xorshift generator for the randomised tests: reproducible, without a dependency.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub const AUDIENCE: &str = "oci-connector";
 pub const RSA_KID: &str = "rsa-1";

@@ -255,13 +255,8 @@ mod tests {
     #[test]
     fn random_maps_read_back_as_written_and_truncations_never_panic() {
         // A small xorshift: reproducible without a dependency.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = crate::testkeys::Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: u64| rng.below(n);
         for _ in 0..2_000 {
             let owned: Vec<(String, Vec<u8>)> = (0..next(6))
                 .map(|_| {

@@ -547,13 +547,8 @@ fn in_parts(doc: &Value, each: usize) -> (String, Vec<(String, String)>) {
 /// the running configuration's parts whole: the same outcome again.
 #[test]
 fn every_push_compiled_against_the_running_one_is_the_push_compiled_from_nothing() {
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rng = crate::testkeys::Xorshift(0x2545_f491_4f6c_dd1d);
+    let mut next = move |n: u64| rng.below(n);
     let entry = |i: u64, rev: u64| {
         serde_json::json!({
             "namespace": format!("team-{}", i % 4), "name": format!("c{i}"),
