@@ -156,7 +156,7 @@ mod tests {
     }
 
     /// A probe, not a check (run with `--ignored --nocapture`, release): what the search costs
-    /// on the largest body it reads (16 KiB of JSON-ish text) against the four forms of a Basic
+    /// on the largest body it reads (16 KiB of JSON-ish text) against the forms of a Basic
     /// credential, beside the window-by-window search it replaced.
     #[test]
     #[ignore]
