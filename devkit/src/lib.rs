@@ -85,8 +85,8 @@ pub fn require_wasm() -> Result<PathBuf> {
 }
 
 /// A per-test (or per-demo) directory holding configs, logs and storage. It lives under
-/// `<repo>/.work/` so logs of a failed run can be read afterwards; it is deleted on drop unless
-/// `CONNECTOR_KEEP_WORK=1`.
+/// `<repo>/.work/`; it is deleted on drop, or when the process exits if it is never dropped (a
+/// shared stack held in a `static`), unless `CONNECTOR_KEEP_WORK=1` keeps it to be read.
 pub struct WorkDir {
     dir: tempfile::TempDir,
 }
@@ -101,6 +101,8 @@ impl WorkDir {
             .map_err(|e| format!("create work dir in {}: {e}", base.display()))?;
         if std::env::var("CONNECTOR_KEEP_WORK").as_deref() == Ok("1") {
             dir.disable_cleanup(true);
+        } else {
+            remove_at_exit(dir.path());
         }
         Ok(Self { dir })
     }
@@ -114,6 +116,32 @@ impl WorkDir {
         let p = self.dir.path().join(name);
         std::fs::create_dir_all(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
         Ok(p)
+    }
+}
+
+/// Has `dir` removed when this process exits, however it exits, if it is still there then: the
+/// e2e tests' shared stacks live in `static`s whose `Drop` never runs. One shell per process
+/// reads the paths from a pipe and, at its end (the pipe closes with this process), removes
+/// them; the servers' watchdogs work the same way (see [`procs`]). Without a shell the
+/// directory is only left behind, as before.
+fn remove_at_exit(dir: &Path) {
+    use std::io::Write as _;
+    use std::process::{ChildStdin, Command, Stdio};
+    static SWEEPER: std::sync::Mutex<Option<ChildStdin>> = std::sync::Mutex::new(None);
+    let mut sweeper = SWEEPER.lock().unwrap_or_else(|e| e.into_inner());
+    if sweeper.is_none() {
+        let script = r#"while IFS= read -r d; do set -- "$@" "$d"; done; rm -rf -- "$@""#;
+        *sweeper = Command::new("sh")
+            .args(["-c", script, "work-dir-sweeper"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .and_then(|mut child| child.stdin.take());
+    }
+    if let Some(pipe) = sweeper.as_mut() {
+        let _ = writeln!(pipe, "{}", dir.display());
     }
 }
 
