@@ -121,24 +121,16 @@ impl WorkDir {
 
 /// Has `dir` removed when this process exits, however it exits, if it is still there then: the
 /// e2e tests' shared stacks live in `static`s whose `Drop` never runs. One shell per process
-/// reads the paths from a pipe and, at its end (the pipe closes with this process), removes
-/// them; the servers' watchdogs work the same way (see [`procs`]). Without a shell the
-/// directory is only left behind, as before.
+/// ([`procs::on_exit_shell`], as the servers' watchdogs) reads the paths from its pipe and, at
+/// its end, removes them. Without a shell the directory is only left behind, as before.
 fn remove_at_exit(dir: &Path) {
     use std::io::Write as _;
-    use std::process::{ChildStdin, Command, Stdio};
-    static SWEEPER: std::sync::Mutex<Option<ChildStdin>> = std::sync::Mutex::new(None);
+    static SWEEPER: std::sync::Mutex<Option<std::process::ChildStdin>> = std::sync::Mutex::new(None);
     let mut sweeper = SWEEPER.lock().unwrap_or_else(|e| e.into_inner());
     if sweeper.is_none() {
+        // Collects the paths as its arguments until the pipe ends, then removes them.
         let script = r#"while IFS= read -r d; do set -- "$@" "$d"; done; rm -rf -- "$@""#;
-        *sweeper = Command::new("sh")
-            .args(["-c", script, "work-dir-sweeper"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()
-            .and_then(|mut child| child.stdin.take());
+        *sweeper = procs::on_exit_shell(script).map(|(_, pipe)| pipe);
     }
     if let Some(pipe) = sweeper.as_mut() {
         let _ = writeln!(pipe, "{}", dir.display());

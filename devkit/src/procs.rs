@@ -39,6 +39,20 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A shell running `script` with its stdin on a pipe this process holds: the pipe closes when
+/// this process exits, however it exits, so a script that reads to the end of its input acts
+/// then. `None` when no shell starts.
+pub(crate) fn on_exit_shell(script: &str) -> Option<(Child, ChildStdin)> {
+    Command::new("sh")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+        .and_then(|mut shell| shell.stdin.take().map(|pipe| (shell, pipe)))
+}
+
 /// A running server. Killed (SIGTERM, then SIGKILL) on drop.
 pub struct Proc {
     name: String,
@@ -63,18 +77,9 @@ impl Proc {
             .spawn()
             .map_err(|e| format!("start {name} ({:?}): {e}", cmd.get_program()))?;
         let pid = child.id();
-        // The watchdog is a shell blocked on reading our pipe; EOF means we are gone.
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "read _ignored; kill -TERM {pid} 2>/dev/null; sleep 2; kill -KILL {pid} 2>/dev/null; true"
-            ))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()
-            .and_then(|mut w| w.stdin.take().map(|s| (w, s)));
+        let watchdog = on_exit_shell(&format!(
+            "read _ignored; kill -TERM {pid} 2>/dev/null; sleep 2; kill -KILL {pid} 2>/dev/null; true"
+        ));
         Ok(Self {
             name: name.to_string(),
             child: Some(child),
