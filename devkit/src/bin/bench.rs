@@ -21,7 +21,7 @@
 //! Usage: `cargo run --release -p connector-devkit --bin bench -- [--seconds N] [--rounds N]`
 //! (`--baseline-module PATH` adds rows for another build of the filter, in the same rounds;
 //! `--perf-dir DIR --perf-match TEXT` profiles Envoy with `perf` during the matching rows;
-//! `--warm-only 1 [--baseline-module PATH]` runs only the warm rows on the static upstream
+//! `--warm-only 1 [--baseline-module PATH [--baseline-plain-route 1]]` runs only the warm rows on the static upstream
 //! (`--distribution 1`: on Distribution), many short rounds in turn, for an A/B of a change to
 //! the warm path;
 //! `--memory-only 1 [--workers 1,2,4]` measures Envoy's resident memory against its number of
@@ -1625,9 +1625,13 @@ fn warm_table(
         if !module.is_file() {
             return Err(format!("--baseline-module {baseline_module}: no such file"));
         }
+        // `--baseline-plain-route 1`: the baseline module is sent the upstream's own path on
+        // Envoy's plain route, as the no-op filter is: for a module that measures what edits
+        // cost when Envoy routes and rewrites the path itself (it then sets no route header).
+        let plain_route = arg("--baseline-plain-route", 0) == 1;
         modules.push((
             "Envoy + baseline module, warm token cache".into(),
-            Some((module, false)),
+            Some((module, plain_route)),
         ));
     }
     let mut keep = vec![];
