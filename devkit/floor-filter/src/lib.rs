@@ -4,6 +4,15 @@
 //! costs over the do-nothing module is what Envoy and its wasm runtime charge any filter that
 //! reads and edits a request this way; what the connector filter costs over it is the filter's
 //! own work. Built only for wasm32; never shipped.
+//!
+//! Two variants, for measuring what the floor is made of (README, "2026-12-03, afternoon"); build
+//! them into their own target directory, so the benchmark's floor stays the default build:
+//! `CARGO_TARGET_DIR=.work/floor-variant cargo build -p floor-filter --target wasm32-wasip1
+//! --release --features <feature>`, then `bench --warm-only 1 --baseline-module <it>`.
+//! - `one-map-write`: the four request-header replaces made as one write of the whole map
+//!   (`proxy_set_header_map_pairs`): 8 calls.
+//! - `no-routing-edits`: without the `:path`, `:authority` and route-header replaces (8 calls),
+//!   as if Envoy routed and rewrote per connector itself; run it with `--baseline-plain-route 1`.
 
 #[cfg(target_arch = "wasm32")]
 mod filter {
@@ -13,8 +22,12 @@ mod filter {
 
     /// The route header the connector filter sets (`connector_devkit::envoy::CLUSTER_HEADER`) and
     /// the benchmark's one cluster.
+    #[cfg(not(feature = "no-routing-edits"))]
     const CLUSTER_HEADER: &str = "x-oci-connector-cluster";
+    #[cfg(not(feature = "no-routing-edits"))]
     const CLUSTER: &str = "upstream_bench";
+    /// The credential the connector filter sets (the benchmark's upstreams ignore it).
+    const CREDENTIAL: &str = "Basic cm9ib3Q6dW51c2VkLWJ5LWFuLW9wZW4tdXBzdHJlYW0=";
 
     #[derive(Default)]
     struct Root {
@@ -46,29 +59,29 @@ mod filter {
             // One read of the whole map, the clock (the connector filter's token expiry check).
             let headers = self.get_http_request_headers();
             let _now = self.get_current_time();
-            // `/v2/namespaces/<ns>/connectors/<name>/<rest>` → `/v2/<rest>`: the benchmark's
-            // requests always have this shape; anything else is sent on unchanged.
-            let path = headers
-                .iter()
-                .find(|(k, _)| k == ":path")
-                .map(|(_, v)| v.as_str())
-                .unwrap_or("/");
-            let rest = path.splitn(7, '/').nth(6);
-            if let Some(rest) = rest {
-                self.set_http_request_header(":path", Some(&format!("/v2/{rest}")));
+            #[cfg(feature = "one-map-write")]
+            {
+                let path = upstream_path(&headers);
+                self.set_http_request_headers(one_map(&headers, path.as_deref()));
             }
-            self.set_http_request_header(":authority", Some("127.0.0.1"));
-            self.set_http_request_header(CLUSTER_HEADER, Some(CLUSTER));
+            #[cfg(not(any(feature = "one-map-write", feature = "no-routing-edits")))]
+            {
+                if let Some(path) = upstream_path(&headers) {
+                    self.set_http_request_header(":path", Some(&path));
+                }
+                self.set_http_request_header(":authority", Some("127.0.0.1"));
+                self.set_http_request_header(CLUSTER_HEADER, Some(CLUSTER));
+            }
+            #[cfg(feature = "no-routing-edits")]
+            let _ = &headers;
             if let Some((forwarded, hits)) = self.metrics {
                 let _ = hostcalls::increment_metric(forwarded, 1);
                 let _ = hostcalls::increment_metric(hits, 1);
             }
             self.set_property(vec!["oci_connector.connector"], Some(b"bench/registry"));
             self.set_property(vec!["oci_connector.subject"], Some(b"bench/default"));
-            self.set_http_request_header(
-                "authorization",
-                Some("Basic cm9ib3Q6dW51c2VkLWJ5LWFuLW9wZW4tdXBzdHJlYW0="),
-            );
+            #[cfg(not(feature = "one-map-write"))]
+            self.set_http_request_header("authorization", Some(CREDENTIAL));
             Action::Continue
         }
         fn on_http_response_headers(&mut self, _headers: usize, _end: bool) -> Action {
@@ -76,6 +89,31 @@ mod filter {
             let _ = self.get_http_response_headers();
             Action::Continue
         }
+    }
+
+    /// `/v2/namespaces/<ns>/connectors/<name>/<rest>` → `/v2/<rest>`: the benchmark's requests
+    /// always have this shape; anything else is sent on unchanged (`None`).
+    #[cfg(not(feature = "no-routing-edits"))]
+    fn upstream_path(headers: &[(String, String)]) -> Option<String> {
+        let path = headers.iter().find(|(k, _)| k == ":path").map(|(_, v)| v.as_str())?;
+        path.splitn(7, '/').nth(6).map(|rest| format!("/v2/{rest}"))
+    }
+
+    /// `one-map-write`: the request's map with the four edits made in it, written back whole.
+    #[cfg(feature = "one-map-write")]
+    fn one_map<'a>(headers: &'a [(String, String)], path: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+        let mut out: Vec<(&str, &str)> = Vec::with_capacity(headers.len() + 1);
+        for (k, v) in headers {
+            let value = match k.as_str() {
+                ":path" => path.unwrap_or(v),
+                ":authority" => "127.0.0.1",
+                "authorization" => CREDENTIAL,
+                _ => v,
+            };
+            out.push((k, value));
+        }
+        out.push((CLUSTER_HEADER, CLUSTER));
+        out
     }
 
     proxy_wasm::main! {{
