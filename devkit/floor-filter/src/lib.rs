@@ -14,6 +14,12 @@
 //! - `no-routing-edits`: without the `:path`, `:authority` and route-header replaces (8 calls),
 //!   as if Envoy routed and rewrote per connector itself; run it with `--baseline-plain-route 1`.
 
+// The variants replace the same calls in two ways: together they would measure neither.
+#[cfg(all(feature = "one-map-write", feature = "no-routing-edits"))]
+compile_error!(
+    "floor-filter: the features one-map-write and no-routing-edits are two variants of the floor: build one at a time"
+);
+
 #[cfg(target_arch = "wasm32")]
 mod filter {
     use proxy_wasm::hostcalls;
