@@ -6,7 +6,8 @@
 //! own work. Built only for wasm32; never shipped.
 //!
 //! Two variants, for measuring what the floor is made of (docs/benchmark-log.md, "2026-12-03,
-//! afternoon"); build them into their own target directory, so the benchmark's floor stays the default build:
+//! afternoon"); build them into their own target directory, so the benchmark's floor stays the
+//! default build:
 //! `CARGO_TARGET_DIR=.work/floor-variant cargo build -p floor-filter --target wasm32-wasip1
 //! --release --features <feature>`, then `bench --warm-only 1 --baseline-module <it>`.
 //! - `one-map-write`: the four request-header replaces made as one write of the whole map
