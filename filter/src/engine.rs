@@ -7,7 +7,7 @@
 
 use std::rc::Rc;
 
-use crate::config::{AccessMode, Config, Connector, Upstream, UpstreamCredential};
+use crate::config::{AccessMode, Config, Connector};
 use crate::identity::{Identity, TokenCache, authenticate};
 use crate::respond::{LocalResponse, Refusal, api_base_ok, quote};
 use crate::rewrite::{ClientView, rewrite_link, rewrite_url};
@@ -61,14 +61,10 @@ pub struct Request<'a> {
 /// Everything needed to forward one request and to fix up its response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Forward {
-    /// The connector addressed.
-    pub namespace: String,
-    pub name: String,
-    pub cluster: String,
+    /// The connector addressed, shared with the configuration: a warm request copies none of
+    /// its names, cluster or credential.
+    pub connector: Rc<Connector>,
     pub path: String,
-    pub authority: String,
-    /// The upstream credential (a secret: never log it), or where to get it.
-    pub credential: UpstreamCredential,
     /// The controller must confirm the caller may use the connector (RBAC mode): the rules
     /// were not evaluated here.
     pub check_access: bool,
@@ -77,18 +73,14 @@ pub struct Forward {
     pub cache_hit: bool,
     /// Token scopes the upstream request needs (used when the upstream wants bearer tokens).
     pub scopes: Vec<String>,
-    /// The connector's revision: upstream tokens are cached under it.
-    pub revision: u64,
 }
 
 impl std::fmt::Debug for Forward {
-    // The upstream credential must not reach a log line or an assertion message.
+    // The connector's Debug redacts its credential.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forward")
-            .field("cluster", &self.cluster)
+            .field("connector", &self.connector)
             .field("path", &self.path)
-            .field("authority", &self.authority)
-            .field("credential", &self.credential)
             .field("check_access", &self.check_access)
             .field("response", &self.response)
             .field("caller", &self.caller)
@@ -101,8 +93,9 @@ impl std::fmt::Debug for Forward {
 /// Kept in the HTTP context for the response phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponsePlan {
-    pub connector: String,
-    pub upstream: Upstream,
+    /// The connector the request went through: its label names it in refusals and stats, its
+    /// upstream is what `Location` and `Link` are mapped from.
+    pub connector: Rc<Connector>,
     pub client: ClientView,
     /// What the client asked for: an upload session's `Location` must stay on the proxy.
     pub endpoint: Endpoint,
@@ -154,7 +147,7 @@ fn host_of(authority: &str) -> String {
 
 /// Which connector is addressed, before anyone is authenticated.
 enum Addressed<'c, 'r> {
-    Known(&'c Connector, RepoRequest<'r>, String),
+    Known(&'c Rc<Connector>, RepoRequest<'r>, String),
     /// A well-formed address of a connector that is not configured: the caller gets the
     /// same answer as for a connector they may not use. The endpoint is parsed all the same, so
     /// a wrong method gets the same 405 whether or not the connector exists.
@@ -293,7 +286,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
             let label = if prefix == "/v2" {
                 format!("at host {}", quote(&host))
             } else {
-                quote(&c.label())
+                quote(c.label())
             };
             return refuse_authenticated(realm, not_permitted(&label, &caller));
         }
@@ -306,7 +299,7 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
                 "read_only",
                 format!(
                     "connector {} serves pulls only (spec.readOnly): {} is not allowed through it, whoever asks",
-                    quote(&connector.label()),
+                    quote(connector.label()),
                     quote(req.method)
                 ),
             ),
@@ -330,17 +323,12 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
     let scopes = crate::upstream::scopes(request.repository, req.method, mount_from.as_deref());
     let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
     Decision::Forward(Box::new(Forward {
-        namespace: connector.namespace.clone(),
-        name: connector.name.clone(),
-        cluster: connector.cluster.clone(),
+        connector: Rc::clone(connector),
         path: upstream_path,
-        authority: connector.upstream.authority.clone(),
-        credential: connector.credential.clone(),
         check_access: config.access == AccessMode::Controller,
         response: ResponsePlan {
             endpoint: request.endpoint,
-            connector: connector.label(),
-            upstream: connector.upstream.clone(),
+            connector: Rc::clone(connector),
             client: ClientView {
                 origin: [scheme, "://", req.authority].concat(),
                 prefix,
@@ -349,7 +337,6 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
         caller,
         cache_hit,
         scopes,
-        revision: connector.revision,
     }))
 }
 
@@ -404,14 +391,14 @@ pub fn plan_response(
     link: Option<&str>,
 ) -> ResponseEdits {
     if status == 401 {
-        let r = Refusal::upstream_refused(&quote(&plan.connector));
+        let r = Refusal::upstream_refused(&quote(plan.connector.label()));
         let reason = r.reason;
         return ResponseEdits {
             replace: Some((r.into_response(realm), reason)),
             ..Default::default()
         };
     }
-    let mapped = location.and_then(|l| rewrite_url(l, &plan.upstream, &plan.client));
+    let mapped = location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
     // An upload session's Location is where the client sends its next PATCH/PUT, with its
     // ServiceAccount token: on another host, that token could be replayed at the proxy against
     // every connector its ServiceAccount may use. Blob GET redirects (object storage, CDNs) are
@@ -424,7 +411,7 @@ pub fn plan_response(
                 "the upstream registry of connector {} sent an upload Location outside its own API ({}): \
                  the proxy does not send a client to another host with its credentials; the registry's \
                  configuration (e.g. its public URL) must point uploads at itself",
-                quote(&plan.connector),
+                quote(plan.connector.label()),
                 quote(l)
             ),
         );
@@ -436,7 +423,7 @@ pub fn plan_response(
     }
     ResponseEdits {
         location: mapped,
-        link: link.and_then(|l| rewrite_link(l, &plan.upstream, &plan.client)),
+        link: link.and_then(|l| rewrite_link(l, &plan.connector.upstream, &plan.client)),
         replace: None,
     }
 }
@@ -603,11 +590,14 @@ mod tests {
         ) else {
             panic!()
         };
-        assert_eq!(f.cluster, "up_demo");
+        assert_eq!(f.connector.cluster, "up_demo");
         assert_eq!(f.path, "/v2/lib/app/manifests/v1?x=%2F");
-        assert_eq!(f.authority, "127.0.0.1:5000");
+        assert_eq!(f.connector.upstream.authority, "127.0.0.1:5000");
         let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:pw"));
-        assert_eq!(f.credential, UpstreamCredential::Static(basic.clone()));
+        assert_eq!(
+            f.connector.credential,
+            crate::config::UpstreamCredential::Static(basic.clone())
+        );
         assert!(!f.check_access, "rules mode decides in the filter");
         assert_eq!(f.response.client.prefix, "/v2/namespaces/demo/connectors/reg");
         assert_eq!(f.response.client.origin, "http://proxy:8080");
@@ -630,7 +620,7 @@ mod tests {
                 panic!("{ns}/{sa}")
             };
             assert_eq!(f.path, "/v2/lib/app/blobs/sha256:ab");
-            assert_eq!(f.authority, "team.example");
+            assert_eq!(f.connector.upstream.authority, "team.example");
             assert_eq!(f.response.client.prefix, "/v2");
         }
     }
@@ -696,7 +686,10 @@ mod tests {
             panic!("expected a forward that asks the controller")
         };
         assert!(f.check_access);
-        assert_eq!(f.credential, UpstreamCredential::Controller { revision: "4".into() });
+        assert_eq!(
+            f.connector.credential,
+            crate::config::UpstreamCredential::Controller { revision: "4".into() }
+        );
         assert_eq!(f.caller.subject(), "system:serviceaccount:other:builder");
         // Unknown connectors are still refused here, with the same answer as a denial.
         let d = decide_request(
@@ -819,8 +812,7 @@ mod tests {
     fn upstream_401_becomes_the_proxys_challenge() {
         let plan = ResponsePlan {
             endpoint: Endpoint::UploadStart,
-            connector: "demo/reg".into(),
-            upstream: Upstream::parse("http://127.0.0.1:5000").unwrap(),
+            connector: Rc::clone(config().connector("demo", "reg").unwrap()),
             client: ClientView {
                 origin: "http://p".into(),
                 prefix: "/v2/namespaces/demo/connectors/reg".into(),
@@ -913,8 +905,7 @@ mod tests {
     fn an_upload_location_off_the_proxy_is_refused_but_a_blob_redirect_passes() {
         let mut plan = ResponsePlan {
             endpoint: Endpoint::Upload,
-            connector: "demo/reg".into(),
-            upstream: Upstream::parse("http://127.0.0.1:5000").unwrap(),
+            connector: Rc::clone(config().connector("demo", "reg").unwrap()),
             client: ClientView {
                 origin: "http://p".into(),
                 prefix: "/v2/namespaces/demo/connectors/reg".into(),

@@ -12,7 +12,7 @@
 use std::rc::Rc;
 
 use crate::channel::{self, AccessCache, CredentialCache};
-use crate::config::{Config, UpstreamCredential};
+use crate::config::{Config, Connector, UpstreamCredential};
 use crate::engine::{Forward, ResponsePlan};
 use crate::leak::SecretsMemo;
 use crate::respond::Refusal;
@@ -21,27 +21,20 @@ use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, 
 /// Where a forwarded request goes and with which credential, taken from the engine's decision
 /// so the request path never looks the connector up a second time.
 pub struct Target {
-    pub connector: String,
-    pub namespace: String,
-    pub name: String,
+    /// The connector addressed, shared with the configuration it was decided under.
+    pub connector: Rc<Connector>,
     /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
     pub subject: String,
     /// The caller's identity, shared with the token cache; `bound` names the objects its token
     /// is bound to, which the controller checks with the access.
-    pub caller: std::rc::Rc<crate::identity::Identity>,
+    pub caller: Rc<crate::identity::Identity>,
     /// The controller must still confirm the caller may use the connector.
     pub check_access: bool,
     /// What the request does (pull, push, delete): RBAC mode asks about exactly that.
     pub verb: channel::Verb,
-    pub credential: UpstreamCredential,
-    pub cluster: String,
-    pub scheme: String,
-    pub authority: String,
     /// The connector's Basic credential: sent to Basic upstreams and to token realms. Empty
     /// until the controller supplied it, for a controller-sourced credential.
     pub basic: String,
-    /// The connector's revision: its upstream tokens are cached under it.
-    pub revision: u64,
 }
 
 impl Target {
@@ -50,32 +43,30 @@ impl Target {
     /// what the response phase keeps.
     pub fn of(forward: Forward, method: &str, subject: String) -> (Target, Vec<String>, ResponsePlan) {
         let f = forward;
-        let basic = match &f.credential {
+        let basic = match &f.connector.credential {
             UpstreamCredential::Static(v) => v.clone(),
             UpstreamCredential::Controller { .. } => String::new(),
         };
         let target = Target {
-            connector: f.response.connector.clone(),
-            namespace: f.namespace,
-            name: f.name,
+            connector: f.connector,
             subject,
             caller: f.caller,
             check_access: f.check_access,
             verb: channel::Verb::of_method(method),
-            credential: f.credential,
-            cluster: f.cluster,
-            scheme: f.response.upstream.scheme.clone(),
-            authority: f.authority,
             basic,
-            revision: f.revision,
         };
         (target, f.scopes, f.response)
+    }
+
+    /// `<namespace>/<name>` of the connector.
+    fn label(&self) -> &str {
+        self.connector.label()
     }
 
     /// The credential revision the request's configuration names (empty for a static
     /// credential, which is never asked for).
     fn revision_of(&self) -> &str {
-        match &self.credential {
+        match &self.connector.credential {
             UpstreamCredential::Controller { revision } => revision,
             UpstreamCredential::Static(_) => "",
         }
@@ -245,7 +236,8 @@ impl Flow {
             ),
             Some(Waiting::Challenge { target, .. }) => Act::refuse(Refusal::unavailable_upstream(format!(
                 "the proxy cannot reach the upstream of connector {} (Envoy cluster {})",
-                target.connector, target.cluster
+                target.label(),
+                target.connector.cluster
             ))),
             Some(Waiting::Token { key, realm }) => {
                 let refusal = Refusal::unavailable_upstream(format!(
@@ -283,17 +275,16 @@ impl Flow {
         Some(match self.waiting.take() {
             Some(Waiting::Access { mut target, scopes }) => {
                 let now = now();
-                match channel::parse_access(status, body, &target.connector) {
+                match channel::parse_access(status, body, target.label()) {
                     Ok((allowed, ttl)) => {
                         let key = channel::access_key(&target.subject, &target.caller.bound);
-                        vm.access
-                            .insert(&key, &target.connector, target.verb, allowed, ttl, now);
+                        vm.access.insert(&key, target.label(), target.verb, allowed, ttl, now);
                         if allowed {
                             target.check_access = false;
                             self.proceed(vm, target, scopes, id, now)
                         } else {
                             Act::refuse(crate::engine::not_permitted_rbac(
-                                &target.connector,
+                                target.label(),
                                 &target.subject,
                                 target.verb,
                             ))
@@ -303,14 +294,15 @@ impl Flow {
                 }
             }
             Some(Waiting::Credential { mut target, scopes }) => {
-                match channel::parse_credential(status, body, &target.connector, target.revision_of()) {
+                match channel::parse_credential(status, body, target.label(), target.revision_of()) {
                     Ok(authorization) => {
                         // Cached only for the configuration now in force: a request that began
                         // on the previous one (a rotation meanwhile) uses its answer but does
                         // not leave the old revision's credential behind for the new one.
-                        if vm.config.connector_by_label(&target.connector).map(|c| c.revision) == Some(target.revision)
+                        if vm.config.connector_by_label(target.label()).map(|c| c.revision)
+                            == Some(target.connector.revision)
                         {
-                            vm.credentials.insert(&target.connector, authorization.clone());
+                            vm.credentials.insert(target.label(), authorization.clone());
                         }
                         target.basic = authorization;
                         self.proceed(vm, target, scopes, id, now())
@@ -322,17 +314,17 @@ impl Flow {
                 // Realm checks need the connector's tokenRealms: the one lookup, once per upstream.
                 let learned = vm
                     .config
-                    .connector_by_label(&target.connector)
+                    .connector_by_label(target.label())
                     // Removed while this request waited: answered as the configuration now in
                     // force answers it, like a connector that does not exist (issue 17).
-                    .ok_or_else(|| crate::engine::removed_meanwhile(&target.connector, &target.subject))
+                    .ok_or_else(|| crate::engine::removed_meanwhile(target.label(), &target.subject))
                     .and_then(|c| {
                         learn_challenge(c, status, www_authenticate.as_deref())
                             .map_err(|r| crate::upstream::with_envoy_detail(r, status, body))
                     });
                 match learned {
                     Ok(challenge) => {
-                        vm.upstream.learn(&target.connector, challenge);
+                        vm.upstream.learn(target.label(), challenge);
                         self.authorize_upstream(vm, target, scopes, id, now())
                     }
                     Err(r) => Act::refuse(r),
@@ -386,11 +378,11 @@ impl Flow {
     fn proceed(&mut self, vm: &mut Vm<'_>, mut target: Target, scopes: Vec<String>, id: u32, now: u64) -> Act {
         if target.check_access {
             let key = channel::access_key(&target.subject, &target.caller.bound);
-            match vm.access.get(&key, &target.connector, target.verb, now) {
+            match vm.access.get(&key, target.label(), target.verb, now) {
                 Some(true) => target.check_access = false,
                 Some(false) => {
                     return Act::refuse(crate::engine::not_permitted_rbac(
-                        &target.connector,
+                        target.label(),
                         &target.subject,
                         target.verb,
                     ));
@@ -401,8 +393,8 @@ impl Flow {
                             ch.cluster.clone(),
                             channel::access_call(
                                 ch,
-                                &target.namespace,
-                                &target.name,
+                                &target.connector.namespace,
+                                &target.connector.name,
                                 &target.subject,
                                 &target.caller.bound,
                                 target.verb,
@@ -413,14 +405,19 @@ impl Flow {
                 }
             }
         }
-        if matches!(target.credential, UpstreamCredential::Controller { .. }) && target.basic.is_empty() {
-            match vm.credentials.get(&target.connector) {
+        if matches!(target.connector.credential, UpstreamCredential::Controller { .. }) && target.basic.is_empty() {
+            match vm.credentials.get(target.label()) {
                 Some(v) => target.basic = v.to_string(),
                 None => {
                     let call = vm.config.controller.as_ref().map(|ch| {
                         (
                             ch.cluster.clone(),
-                            channel::credential_call(ch, &target.namespace, &target.name, target.revision_of()),
+                            channel::credential_call(
+                                ch,
+                                &target.connector.namespace,
+                                &target.connector.name,
+                                target.revision_of(),
+                            ),
                         )
                     });
                     return self.call_controller(call, Waiting::Credential { target, scopes });
@@ -452,15 +449,15 @@ impl Flow {
     /// for). The first request to a connector asks the upstream which it wants.
     fn authorize_upstream(&mut self, vm: &mut Vm<'_>, target: Target, scopes: Vec<String>, id: u32, now: u64) -> Act {
         self.sent_secrets = Some(vm.secrets.of(&target.basic));
-        let realm = match vm.upstream.challenge(&target.connector) {
+        let realm = match vm.upstream.challenge(target.label()) {
             None => {
                 let call = Call {
-                    cluster: target.cluster.clone(),
+                    cluster: target.connector.cluster.clone(),
                     headers: vec![
                         (":method".into(), "GET".into()),
                         (":path".into(), "/v2/".into()),
-                        (":authority".into(), target.authority.clone()),
-                        (":scheme".into(), target.scheme.clone()),
+                        (":authority".into(), target.connector.upstream.authority.clone()),
+                        (":scheme".into(), target.connector.upstream.scheme.clone()),
                     ],
                     sent_stat: None,
                 };
@@ -474,7 +471,7 @@ impl Flow {
             }
             Some(Challenge::Bearer(realm)) => realm.clone(),
         };
-        let key = token_key(&target.connector, target.revision, &realm, &scopes);
+        let key = token_key(target.label(), target.connector.revision, &realm, &scopes);
         match vm.upstream.step(&key, id, now) {
             Step::Send(authorization) => {
                 self.used_token = Some(key);
@@ -486,6 +483,7 @@ impl Flow {
                 Act::Pause
             }
             Step::Fetch(key) => {
+                let sent_stat = Some(crate::stats::token_fetch(target.label()));
                 let call = Call {
                     headers: vec![
                         (":method".into(), "GET".into()),
@@ -495,7 +493,7 @@ impl Flow {
                         ("accept".into(), "application/json".into()),
                     ],
                     cluster: realm.cluster.clone(),
-                    sent_stat: Some(crate::stats::token_fetch(&target.connector)),
+                    sent_stat,
                 };
                 self.waiting = Some(Waiting::Token {
                     key,
@@ -612,7 +610,7 @@ mod tests {
             };
             let subject = f.caller.subject();
             let (target, scopes, plan) = Target::of(*f, "GET", subject);
-            assert_eq!(plan.connector, "demo/reg");
+            assert_eq!(plan.connector.label(), "demo/reg");
             assert_eq!(scopes, vec!["repository:lib/app:pull".to_string()]);
             flow.start(&mut self.vm(), target, scopes, id, now)
         }

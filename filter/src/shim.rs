@@ -815,10 +815,14 @@ impl Http {
         let body = match r {
             Some(r) => {
                 if let Some(plan) = &self.plan {
-                    count(&crate::stats::connector_refused(&plan.connector, r.reason));
+                    count(&crate::stats::connector_refused(plan.connector.label(), r.reason));
                     log(
                         LogLevel::Warn,
-                        &format!("connector {}: upstream answer withheld: {}", plan.connector, r.reason),
+                        &format!(
+                            "connector {}: upstream answer withheld: {}",
+                            plan.connector.label(),
+                            r.reason
+                        ),
                     );
                 }
                 r.into_response(&self.realm).body
@@ -838,7 +842,7 @@ impl Http {
     /// Answers this request locally; the response phase then has nothing to rewrite.
     fn refuse(&mut self, r: Refusal) -> Action {
         if let Some(plan) = &self.plan {
-            count(&crate::stats::connector_refused(&plan.connector, r.reason));
+            count(&crate::stats::connector_refused(plan.connector.label(), r.reason));
         }
         self.plan = None;
         let response = r.into_response(&self.realm);
@@ -1047,8 +1051,8 @@ impl HttpContext for Http {
                     edits.push((FORWARDED_PROTO_HEADER, Some(real_scheme)));
                 }
                 edits.push((":path", Some(&f.path)));
-                edits.push((":authority", Some(&f.authority)));
-                edits.push((CLUSTER_HEADER, Some(&f.cluster)));
+                edits.push((":authority", Some(&f.connector.upstream.authority)));
+                edits.push((CLUSTER_HEADER, Some(&f.connector.cluster)));
                 // A request whose client credential could not be removed, or whose route could
                 // not be set, must not go anywhere.
                 if edits
@@ -1061,12 +1065,12 @@ impl HttpContext for Http {
                 let ids = self
                     .with_state(|st| {
                         let cache = if f.cache_hit { st.hot.hits } else { st.hot.misses };
-                        (st.hot.forwarded(&f.response.connector), cache)
+                        (st.hot.forwarded(f.connector.label()), cache)
                     })
                     .unwrap_or_default();
                 match ids.0 {
                     Some(id) => drop(host::increment(id, 1)),
-                    None => count(&crate::stats::forwarded(&f.response.connector)),
+                    None => count(&crate::stats::forwarded(f.connector.label())),
                 }
                 match ids.1 {
                     Some(id) => drop(host::increment(id, 1)),
@@ -1074,14 +1078,16 @@ impl HttpContext for Http {
                 }
                 // Access-log fields: who used which connector (never a credential).
                 let subject = f.caller.subject();
-                let _ = host::set_property(crate::stats::CONNECTOR_PROPERTY, f.response.connector.as_bytes());
+                let _ = host::set_property(crate::stats::CONNECTOR_PROPERTY, f.connector.label().as_bytes());
                 let _ = host::set_property(crate::stats::SUBJECT_PROPERTY, subject.as_bytes());
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,
                         &format!(
                             "{method} forwarded: connector={} subject={} token_cache_hit={}",
-                            f.response.connector, subject, f.cache_hit
+                            f.connector.label(),
+                            subject,
+                            f.cache_hit
                         ),
                     );
                 }
@@ -1115,7 +1121,7 @@ impl HttpContext for Http {
             .iter()
             .any(|(_, v)| secrets.iter().any(|s| crate::leak::contains_any(v, s)))
         {
-            return self.refuse(credential_echoed(&plan.connector, "a response header"));
+            return self.refuse(credential_echoed(plan.connector.label(), "a response header"));
         }
         // Cookies of one upstream would be stored for the proxy's origin, shared by every
         // connector and tenant behind it.
@@ -1134,12 +1140,18 @@ impl HttpContext for Http {
                 .and_then(|v| crate::upstream::parse_challenge(&v))
                 .map(|(s, _)| s);
             let (connector, used) = (plan.connector.clone(), self.flow.take_used_token());
-            let _ = self.with_state(|st| st.upstream.refused(&connector, used.as_deref(), scheme.as_deref()));
+            let _ = self.with_state(|st| {
+                st.upstream
+                    .refused(connector.label(), used.as_deref(), scheme.as_deref())
+            });
         }
         if let Some((response, reason)) = edits.replace {
             log(
                 LogLevel::Info,
-                &format!("upstream answered {status} for connector {}: {reason}", plan.connector),
+                &format!(
+                    "upstream answered {status} for connector {}: {reason}",
+                    plan.connector.label()
+                ),
             );
             self.plan = None;
             return self.send(response);
@@ -1171,7 +1183,11 @@ impl HttpContext for Http {
             // Already replaced (an oversized body): the rest is dropped as it comes.
             return self.withhold_body(body_size, end_of_stream, None);
         }
-        let connector = self.plan.as_ref().map(|p| p.connector.clone()).unwrap_or_default();
+        let connector = self
+            .plan
+            .as_ref()
+            .map(|p| p.connector.label().to_string())
+            .unwrap_or_default();
         if body_size > crate::leak::MAX_CHECKED_ERROR_BODY {
             // Not read, so not passed on.
             let r = Refusal::bad_gateway(

@@ -47,7 +47,7 @@ pub fn learn_challenge(
     status: u32,
     www_authenticate: Option<&str>,
 ) -> Result<Challenge, Refusal> {
-    let label = quote(&connector.label());
+    let label = quote(connector.label());
     match status {
         200 => return Ok(Challenge::Open),
         401 => {}
@@ -104,7 +104,7 @@ fn resolve_realm(connector: &Connector, realm: &str) -> Result<(String, String, 
     let refused = || {
         Refusal::unavailable_upstream(format!(
             "the upstream registry of connector {} sends clients to the token realm {}, which is neither on the registry's host nor listed in the connector's tokenRealms; the connector's credential was not sent",
-            quote(&connector.label()),
+            quote(connector.label()),
             quote(realm)
         ))
         .with_reason("realm_refused")

@@ -121,9 +121,7 @@ impl Index {
     pub(super) fn conflicts(&self, slot: &Rc<Slot>) -> bool {
         let c = &slot.connector;
         let other = |held: &Rc<Slot>| !Rc::ptr_eq(held, slot);
-        self.by_name
-            .get(name_key(&c.namespace, &c.name).as_str())
-            .is_some_and(other)
+        self.by_name.get(c.label()).is_some_and(other)
             || slot
                 .hosts
                 .iter()
@@ -133,8 +131,7 @@ impl Index {
     /// Adds `slot` under its name and host names.
     pub(super) fn insert(&mut self, slot: &Rc<Slot>) {
         let c = &slot.connector;
-        self.by_name
-            .insert(Rc::from(name_key(&c.namespace, &c.name)), Rc::clone(slot));
+        self.by_name.insert(Rc::from(c.label()), Rc::clone(slot));
         for h in &slot.hosts {
             self.by_host.insert(Rc::from(h.as_str()), Rc::clone(slot));
         }
@@ -144,7 +141,7 @@ impl Index {
     pub(super) fn remove(&mut self, slot: &Rc<Slot>) {
         let c = &slot.connector;
         let is_it = |held: &Rc<Slot>| Rc::ptr_eq(held, slot);
-        self.by_name.remove_if(name_key(&c.namespace, &c.name).as_str(), is_it);
+        self.by_name.remove_if(c.label(), is_it);
         for h in &slot.hosts {
             self.by_host.remove_if(h.as_str(), is_it);
         }

@@ -57,6 +57,7 @@ pub struct Config {
 }
 
 /// A registry reachable through the proxy.
+#[derive(PartialEq, Eq)]
 pub struct Connector {
     pub namespace: String,
     pub name: String,
@@ -78,6 +79,9 @@ pub struct Connector {
     /// connector's learned challenge, upstream tokens and controller credential exactly when
     /// this is unchanged.
     pub revision: u64,
+    /// `<namespace>/<name>`, built once: the key of the connector's caches, stats and
+    /// messages, asked for on every request.
+    label: String,
 }
 
 /// Where a connector's upstream credential comes from.
@@ -145,8 +149,8 @@ impl fmt::Debug for Connector {
 }
 
 impl Connector {
-    pub fn label(&self) -> String {
-        [&self.namespace, "/", &self.name].concat()
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// First rule: a ServiceAccount may use the connectors of its own namespace; a connector
@@ -176,19 +180,19 @@ impl Config {
         self.slots.iter().map(|s| &s.connector)
     }
 
-    pub fn connector(&self, namespace: &str, name: &str) -> Option<&Connector> {
-        let slot = self.index.by_name.get(index::name_key(namespace, name).as_str())?;
+    pub fn connector(&self, namespace: &str, name: &str) -> Option<&Rc<Connector>> {
+        self.connector_by_label(&index::name_key(namespace, name))
+    }
+
+    /// The connector named `<namespace>/<name>` (its [`Connector::label`], which is the
+    /// index's key).
+    pub fn connector_by_label(&self, label: &str) -> Option<&Rc<Connector>> {
+        let slot = self.index.by_name.get(label)?;
         Some(&slot.connector)
     }
 
-    /// The connector named `<namespace>/<name>`.
-    pub fn connector_by_label(&self, label: &str) -> Option<&Connector> {
-        let (namespace, name) = label.split_once('/')?;
-        self.connector(namespace, name)
-    }
-
     /// The connector whose host-form name is `host` (no port, any case).
-    pub fn connector_by_host(&self, host: &str) -> Option<&Connector> {
+    pub fn connector_by_host(&self, host: &str) -> Option<&Rc<Connector>> {
         let slot = self.index.by_host.get(host.to_ascii_lowercase().as_str())?;
         Some(&slot.connector)
     }
@@ -489,6 +493,7 @@ fn compile_connector(
         token_realms,
         read_only: entry.read_only,
         revision: revision(entry),
+        label: index::name_key(&entry.namespace, &entry.name),
     })
 }
 

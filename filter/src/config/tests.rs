@@ -514,11 +514,11 @@ fn full_view(c: &Config, names: &[(String, String)]) -> String {
         );
         let host = render_host(&c.host_pattern, &k.namespace, &k.name);
         for h in std::iter::once(&host).chain(&k.hosts) {
-            out += &format!("  {h} -> {:?}\n", c.connector_by_host(h).map(Connector::label));
+            out += &format!("  {h} -> {:?}\n", c.connector_by_host(h).map(|c| c.label()));
         }
     }
     for (ns, name) in names {
-        out += &format!("{ns}/{name}: {:?}\n", c.connector(ns, name).map(Connector::label));
+        out += &format!("{ns}/{name}: {:?}\n", c.connector(ns, name).map(|c| c.label()));
     }
     out
 }
