@@ -1050,8 +1050,14 @@ impl HttpContext for Http {
                 if get(FORWARDED_PROTO_HEADER) != real_scheme {
                     edits.push((FORWARDED_PROTO_HEADER, Some(real_scheme)));
                 }
-                edits.push((":path", Some(&f.path)));
-                edits.push((":authority", Some(&f.connector.upstream.authority)));
+                // A host-form request keeps its path (the upstream's is the same): one host call
+                // fewer, and the same for a client that already names the upstream's authority.
+                if f.path != path {
+                    edits.push((":path", Some(&f.path)));
+                }
+                if f.connector.upstream.authority != authority {
+                    edits.push((":authority", Some(&f.connector.upstream.authority)));
+                }
                 edits.push((CLUSTER_HEADER, Some(&f.connector.cluster)));
                 // A request whose client credential could not be removed, or whose route could
                 // not be set, must not go anywhere.

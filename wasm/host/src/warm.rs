@@ -17,6 +17,9 @@ const KID: &str = "rsa-1";
 /// The filter's unit-test key (generated for tests only, trusted by nothing else).
 const RSA_PEM: &[u8] = include_bytes!("../../../core/src/keys/testdata/rsa.pem");
 const PATH: &str = "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1";
+/// The connector's own host name: the host form of the same request is `GET /v2/lib/app/...`
+/// at it.
+const HOST_FORM: &str = "registry.demo.example";
 
 /// The host calls of one warm forwarded request, by phase, in the order made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +58,8 @@ impl Warm {
         let config = json!({
             "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
             "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
-                "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"}}]
+                "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"},
+                "hosts": [HOST_FORM]}]
         });
         let token = token(&key, "u-1")?;
         let mut host = Host::with(Options {
@@ -114,6 +118,18 @@ impl Warm {
         }
     }
 
+    /// The requests that follow use the host form (`/v2/lib/app/manifests/v1` at the
+    /// connector's own host name) instead of the path form.
+    pub fn use_host_form(&mut self) {
+        for (name, value) in self.request.iter_mut() {
+            match name.as_slice() {
+                b":authority" => *value = HOST_FORM.as_bytes().to_vec(),
+                b":path" => *value = b"/v2/lib/app/manifests/v1".to_vec(),
+                _ => {}
+            }
+        }
+    }
+
     /// What the host recorded (calls of the last request are cleared after it), to read
     /// metrics and logs, or to inject faults.
     pub fn record(&mut self) -> &mut crate::Record {
@@ -128,6 +144,12 @@ impl Warm {
     /// One request through: request headers, the upstream's 200 (headers and body), the end of
     /// the stream; the host calls of each phase.
     pub fn request(&mut self) -> Result<WarmCalls> {
+        Ok(self.request_seen(&[])?.0)
+    }
+
+    /// [`Warm::request`], and the values of request headers `names` as the upstream got them
+    /// (`None`: not sent).
+    pub fn request_seen(&mut self, names: &[&str]) -> Result<(WarmCalls, Vec<Option<String>>)> {
         let h = &mut self.host;
         let id = h.new_stream()?;
         let before = h.rec().calls.len();
@@ -143,6 +165,7 @@ impl Warm {
         if action != Action::Continue || h.stream(id).local().is_some() {
             bail!("the request was not forwarded: {:?}", h.stream(id).local());
         }
+        let seen = names.iter().map(|n| h.stream(id).request_header(n)).collect();
         let middle = h.rec().calls.len();
         h.response_headers(id, self.answer.clone(), false)?;
         h.response_body(id, b"{}", true)?;
@@ -156,7 +179,7 @@ impl Warm {
         // A timing loop must not grow the record without bound.
         calls.clear();
         h.rec_mut().streams.remove(&id);
-        Ok(out)
+        Ok((out, seen))
     }
 }
 

@@ -3,6 +3,7 @@
 //! twice, a property lookup) fails here, with the list that changed. Also: what a verified
 //! token costs the filter's heap.
 
+use base64::Engine as _;
 use connector_wasm_host::warm::{Warm, warm_forwarded_request};
 
 #[test]
@@ -31,6 +32,37 @@ fn a_warm_forwarded_request_makes_exactly_these_host_calls() {
     );
     assert_eq!(w.response, vec!["proxy_get_header_map_pairs"], "response phase");
     assert_eq!(w.total(), 11);
+}
+
+// The host form's path is the upstream's already: it is not written again.
+#[test]
+fn a_host_form_request_keeps_its_path_and_makes_one_host_call_fewer() {
+    let mut w = Warm::new(None, false).unwrap();
+    w.use_host_form();
+    w.request().unwrap();
+    let (calls, seen) = w
+        .request_seen(&[":path", ":authority", "x-oci-connector-cluster", "authorization"])
+        .unwrap();
+    let replaces = calls
+        .request
+        .iter()
+        .filter(|n| **n == "proxy_replace_header_map_value")
+        .count();
+    assert_eq!(replaces, 3, "{:?}", calls.request);
+    assert_eq!(calls.total(), 10, "{calls:?}");
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("robot:s3cret-pw")
+    );
+    assert_eq!(
+        seen,
+        [
+            Some("/v2/lib/app/manifests/v1".to_string()),
+            Some("registry.internal:5000".to_string()),
+            Some("upstream_demo".to_string()),
+            Some(basic),
+        ]
+    );
 }
 
 // A new RS256 token's signature goes to the host's `verify_signature` (Envoy: BoringSSL), one
