@@ -23,7 +23,7 @@
 //! `--perf-dir DIR --perf-match TEXT` profiles Envoy with `perf` during the matching rows;
 //! `--warm-only 1 [--baseline-module PATH [--baseline-plain-route 1]]` runs only the warm rows on the static upstream
 //! (`--distribution 1`: on Distribution), many short rounds in turn, for an A/B of a change to
-//! the warm path;
+//! the warm path, the filter's request also in the connector's host form;
 //! `--memory-only 1 [--workers 1,2,4]` measures Envoy's resident memory against its number of
 //! workers instead, to separate the filter's share per worker from its one-off share).
 
