@@ -23,8 +23,6 @@ use crate::upstream::{Challenge, Step, TokenKey, UpstreamAuth, learn_challenge, 
 pub struct Target {
     /// The connector addressed, shared with the configuration it was decided under.
     pub connector: Rc<Connector>,
-    /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks about.
-    pub subject: String,
     /// The caller's identity, shared with the token cache; `bound` names the objects its token
     /// is bound to, which the controller checks with the access.
     pub caller: Rc<crate::identity::Identity>,
@@ -38,10 +36,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// The target of the engine's `forward` for a request of `method` by `subject` (the
-    /// caller's name, already built for the access log), with the token scopes it needs and
-    /// what the response phase keeps.
-    pub fn of(forward: Forward, method: &str, subject: String) -> (Target, Vec<String>, ResponsePlan) {
+    /// The target of the engine's `forward` for a request of `method`, with the token scopes it
+    /// needs and what the response phase keeps.
+    pub fn of(forward: Forward, method: &str) -> (Target, Vec<String>, ResponsePlan) {
         let f = forward;
         let basic = match &f.connector.credential {
             UpstreamCredential::Static(v) => v.clone(),
@@ -49,7 +46,6 @@ impl Target {
         };
         let target = Target {
             connector: f.connector,
-            subject,
             caller: f.caller,
             check_access: f.check_access,
             verb: channel::Verb::of_method(method),
@@ -61,6 +57,12 @@ impl Target {
     /// `<namespace>/<name>` of the connector.
     fn label(&self) -> &str {
         self.connector.label()
+    }
+
+    /// The caller, `system:serviceaccount:<ns>:<sa>`: what the controller's access check asks
+    /// about.
+    fn subject(&self) -> &str {
+        self.caller.subject()
     }
 
     /// The credential revision the request's configuration names (empty for a static
@@ -277,7 +279,7 @@ impl Flow {
                 let now = now();
                 match channel::parse_access(status, body, target.label()) {
                     Ok((allowed, ttl)) => {
-                        let key = channel::access_key(&target.subject, &target.caller.bound);
+                        let key = channel::access_key(target.subject(), &target.caller.bound);
                         vm.access.insert(&key, target.label(), target.verb, allowed, ttl, now);
                         if allowed {
                             target.check_access = false;
@@ -285,7 +287,7 @@ impl Flow {
                         } else {
                             Act::refuse(crate::engine::not_permitted_rbac(
                                 target.label(),
-                                &target.subject,
+                                target.subject(),
                                 target.verb,
                             ))
                         }
@@ -317,7 +319,7 @@ impl Flow {
                     .connector_by_label(target.label())
                     // Removed while this request waited: answered as the configuration now in
                     // force answers it, like a connector that does not exist (issue 17).
-                    .ok_or_else(|| crate::engine::removed_meanwhile(target.label(), &target.subject))
+                    .ok_or_else(|| crate::engine::removed_meanwhile(target.label(), target.subject()))
                     .and_then(|c| {
                         learn_challenge(c, status, www_authenticate.as_deref())
                             .map_err(|r| crate::upstream::with_envoy_detail(r, status, body))
@@ -377,13 +379,13 @@ impl Flow {
     /// (RBAC mode) and the connector's credential from the controller.
     fn proceed(&mut self, vm: &mut Vm<'_>, mut target: Target, scopes: Vec<String>, id: u32, now: u64) -> Act {
         if target.check_access {
-            let key = channel::access_key(&target.subject, &target.caller.bound);
+            let key = channel::access_key(target.subject(), &target.caller.bound);
             match vm.access.get(&key, target.label(), target.verb, now) {
                 Some(true) => target.check_access = false,
                 Some(false) => {
                     return Act::refuse(crate::engine::not_permitted_rbac(
                         target.label(),
-                        &target.subject,
+                        target.subject(),
                         target.verb,
                     ));
                 }
@@ -395,7 +397,7 @@ impl Flow {
                                 ch,
                                 &target.connector.namespace,
                                 &target.connector.name,
-                                &target.subject,
+                                target.subject(),
                                 &target.caller.bound,
                                 target.verb,
                             ),
@@ -608,8 +610,7 @@ mod tests {
             let Decision::Forward(f) = decide_request(&self.config, &mut TokenCache::new(4), &req, now) else {
                 panic!("the engine should forward")
             };
-            let subject = f.caller.subject();
-            let (target, scopes, plan) = Target::of(*f, "GET", subject);
+            let (target, scopes, plan) = Target::of(*f, "GET");
             assert_eq!(plan.connector.label(), "demo/reg");
             assert_eq!(scopes, vec!["repository:lib/app:pull".to_string()]);
             flow.start(&mut self.vm(), target, scopes, id, now)

@@ -33,6 +33,9 @@ pub struct Identity {
     /// has the controller check they still exist, so a deleted ServiceAccount's or Pod's
     /// token is refused before its `exp`.
     pub bound: Bound,
+    /// `system:serviceaccount:<namespace>:<service account>`, built once per verified token: the
+    /// access log and the controller's checks name the caller by it on every request.
+    subject: String,
 }
 
 /// `kubernetes.io.serviceaccount.uid`, and `kubernetes.io.pod` (`name`, `uid`) for a token
@@ -44,8 +47,18 @@ pub struct Bound {
 }
 
 impl Identity {
-    pub fn subject(&self) -> String {
-        ["system:serviceaccount:", &self.namespace, ":", &self.service_account].concat()
+    pub fn new(namespace: &str, service_account: &str, expires_at: u64, bound: Bound) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            expires_at,
+            bound,
+            subject: ["system:serviceaccount:", namespace, ":", service_account].concat(),
+        }
+    }
+
+    pub fn subject(&self) -> &str {
+        &self.subject
     }
 }
 
@@ -371,15 +384,15 @@ fn check_claims(claims: &Map<String, Value>, policy: &TokenPolicy, now: u64) -> 
     }
     let text = |v: Option<&Value>, key: &str| v.and_then(|o| o.get(key)).and_then(Value::as_str).map(str::to_string);
     let pod = k8s.and_then(|k| k.get("pod"));
-    let identity = Identity {
-        namespace: namespace.to_string(),
-        service_account: service_account.to_string(),
-        expires_at: exp,
-        bound: Bound {
+    let identity = Identity::new(
+        namespace,
+        service_account,
+        exp,
+        Bound {
             service_account_uid: text(k8s.and_then(|k| k.get("serviceaccount")), "uid").unwrap_or_default(),
             pod: text(pod, "name").zip(text(pod, "uid")),
         },
-    };
+    );
     let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
     if sub != identity.subject() {
         return Err(bad(
@@ -1013,14 +1026,7 @@ pub(crate) mod tests {
     #[test]
     fn cache_is_bounded() {
         let mut cache = TokenCache::new(3);
-        let id = |exp| {
-            Rc::new(Identity {
-                namespace: "n".into(),
-                service_account: "s".into(),
-                expires_at: exp,
-                bound: Bound::default(),
-            })
-        };
+        let id = |exp| Rc::new(Identity::new("n", "s", exp, Bound::default()));
         cache.insert("a", id(NOW + 10), "k");
         cache.insert("b", id(NOW + 1000), "k");
         cache.insert("c", id(NOW + 1000), "k");

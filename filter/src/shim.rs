@@ -1097,7 +1097,7 @@ impl HttpContext for Http {
                         ),
                     );
                 }
-                let (target, scopes, plan) = Target::of(*f, &method, subject);
+                let (target, scopes, plan) = Target::of(*f, &method);
                 self.plan = Some(plan);
                 let (id, flow) = (self.id, &mut self.flow);
                 let act = with_state(&self.state, |st| flow.start(&mut st.vm(), target, scopes, id, now))
