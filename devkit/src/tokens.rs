@@ -26,6 +26,8 @@ pub enum KeyChoice {
     Rsa,
     /// ES256, published in the JWKS as kid `ec-1`.
     Ec,
+    /// ES384 (P-384), published in the JWKS as kid `ec384-1`.
+    Ec384,
     /// RS256 key that is NOT in the JWKS (a foreign signer); its own kid is `rogue-1`.
     Unpublished,
 }
@@ -40,6 +42,7 @@ struct SigningKey {
 pub struct Minter {
     rsa: SigningKey,
     ec: SigningKey,
+    ec384: SigningKey,
     rogue: SigningKey,
     /// Every token handed out, so tests can scan logs and dumps for all of them.
     issued: Mutex<Vec<String>>,
@@ -51,16 +54,19 @@ impl Minter {
         Ok(Self {
             rsa: signing_key(dir, "rsa-1", Algorithm::RS256)?,
             ec: signing_key(dir, "ec-1", Algorithm::ES256)?,
+            ec384: signing_key(dir, "ec384-1", Algorithm::ES384)?,
             rogue: signing_key(dir, "rogue-1", Algorithm::RS256)?,
             issued: Mutex::new(Vec::new()),
         })
     }
 
-    /// The published keys (RSA and EC), as the `jwks` document of the filter configuration.
+    /// The published keys (RSA, P-256 and P-384), as the `jwks` document of the filter
+    /// configuration.
     pub fn jwks(&self) -> Value {
         json!({ "keys": [
             serde_json::to_value(&self.rsa.jwk).unwrap_or(Value::Null),
             serde_json::to_value(&self.ec.jwk).unwrap_or(Value::Null),
+            serde_json::to_value(&self.ec384.jwk).unwrap_or(Value::Null),
         ]})
     }
 
@@ -83,6 +89,7 @@ impl Minter {
         match k {
             KeyChoice::Rsa => &self.rsa,
             KeyChoice::Ec => &self.ec,
+            KeyChoice::Ec384 => &self.ec384,
             KeyChoice::Unpublished => &self.rogue,
         }
     }
@@ -100,13 +107,14 @@ fn signing_key(dir: &Path, kid: &str, alg: Algorithm) -> Result<SigningKey> {
     cmd.arg("genpkey");
     match alg {
         Algorithm::ES256 => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        Algorithm::ES384 => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]),
         _ => cmd.args(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
     };
     cmd.arg("-out").arg(&pem_path);
     procs::run(cmd, None)?.ok()?;
     let pem = std::fs::read(&pem_path).map_err(|e| format!("read {}: {e}", pem_path.display()))?;
     let key = match alg {
-        Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
         _ => EncodingKey::from_rsa_pem(&pem),
     }
     .map_err(|e| format!("load {} as {alg:?}: {e}", pem_path.display()))?;
@@ -298,11 +306,15 @@ mod tests {
         assert_eq!(jwks["keys"][0]["alg"], "RS256");
         assert_eq!(jwks["keys"][1]["kid"], "ec-1");
         assert_eq!(jwks["keys"][1]["alg"], "ES256");
+        assert_eq!(jwks["keys"][2]["kid"], "ec384-1");
+        assert_eq!(jwks["keys"][2]["alg"], "ES384");
+        assert_eq!(jwks["keys"][2]["crv"], "P-384");
 
         let claims = verify(&m, &m.valid("demo", "default").unwrap()).unwrap();
         assert_eq!(claims["sub"], "system:serviceaccount:demo:default");
         assert_eq!(claims["kubernetes.io"]["serviceaccount"]["name"], "default");
         verify(&m, &m.token("demo", "default").key(KeyChoice::Ec).mint().unwrap()).unwrap();
+        verify(&m, &m.token("demo", "default").key(KeyChoice::Ec384).mint().unwrap()).unwrap();
 
         let bad = [
             m.token("demo", "x").expired_since(600).mint().unwrap(),
@@ -325,6 +337,6 @@ mod tests {
         let head: Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(none.split('.').next().unwrap()).unwrap()).unwrap();
         assert_eq!(head["alg"], "none");
-        assert_eq!(m.issued().len(), 2 + bad.len() + 1);
+        assert_eq!(m.issued().len(), 3 + bad.len() + 1);
     }
 }

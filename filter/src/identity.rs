@@ -928,6 +928,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn es384_asks_the_host_with_sha384_and_the_signature_in_der() {
+        let policy = crate::testkeys::policy();
+        let ec = sign(EC384_KID, Algorithm::ES384, &claims("demo", "default", NOW));
+        set_host_check(Some(refuses));
+        assert!(
+            verify(&ec, &policy, NOW).is_ok(),
+            "the module's own check after the refusal"
+        );
+        let asked = ASKED.with(|a| a.take());
+        assert_eq!(asked, [("sha384".to_string(), 120)], "P-384 SubjectPublicKeyInfo");
+        let (head, sig) = ec.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[5] ^= 1;
+        let forged = format!("{head}.{}", URL_SAFE_NO_PAD.encode(&raw));
+        set_host_check(Some(confirms));
+        assert!(verify(&forged, &policy, NOW).is_ok());
+        set_host_check(None);
+        assert_eq!(verify(&forged, &policy, NOW).unwrap_err().reason, "bad_signature");
+        assert!(verify(&ec, &policy, NOW).is_ok(), "the module's own P-384 check");
+    }
+
+    #[test]
     fn an_ec_point_off_the_curve_is_refused_with_the_configuration() {
         let mut keys = jwks();
         // Another y: (x, y) is then not a point of P-256.

@@ -27,21 +27,25 @@ pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub const AUDIENCE: &str = "oci-connector";
 pub const RSA_KID: &str = "rsa-1";
 pub const EC_KID: &str = "ec-1";
+pub const EC384_KID: &str = "ec384-1";
 
 const RSA_PEM: &[u8] = include_bytes!("../../core/src/keys/testdata/rsa.pem");
 const EC_PEM: &[u8] = include_bytes!("../../core/src/keys/testdata/ec.pem");
+const EC384_PEM: &[u8] = include_bytes!("../../core/src/keys/testdata/ec384.pem");
 
 fn encoding_key(kid: &str) -> (EncodingKey, Algorithm) {
     if kid == EC_KID {
         (EncodingKey::from_ec_pem(EC_PEM).unwrap(), Algorithm::ES256)
+    } else if kid == EC384_KID {
+        (EncodingKey::from_ec_pem(EC384_PEM).unwrap(), Algorithm::ES384)
     } else {
         (EncodingKey::from_rsa_pem(RSA_PEM).unwrap(), Algorithm::RS256)
     }
 }
 
-/// The JWKS document a cluster would publish for the two test keys.
+/// The JWKS document a cluster would publish for the three test keys.
 pub fn jwks() -> Value {
-    let keys: Vec<Value> = [RSA_KID, EC_KID]
+    let keys: Vec<Value> = [RSA_KID, EC_KID, EC384_KID]
         .iter()
         .map(|kid| {
             let (key, alg) = encoding_key(kid);

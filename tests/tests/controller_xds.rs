@@ -701,6 +701,10 @@ fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
     let ec = s.minter.token("demo", "default").key(KeyChoice::Ec).mint().unwrap();
     assert_eq!(manifest_status(&envoy, "registry", &ec), 200);
     assert_eq!(confirmed(), before_ec + 1, "the new ES256 token was confirmed by Envoy");
+    // ES384 the same way: SHA-384, the P-384 key's DER, the 96-byte signature as DER.
+    let ec384 = s.minter.token("demo", "default").key(KeyChoice::Ec384).mint().unwrap();
+    assert_eq!(manifest_status(&envoy, "registry", &ec384), 200);
+    assert_eq!(confirmed(), before_ec + 2, "the new ES384 token was confirmed by Envoy");
 
     let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
     let stat = |name: &str| -> u64 {
@@ -726,12 +730,12 @@ fn stats_and_access_log_name_the_connector_and_the_caller_never_a_credential() {
     );
     assert_eq!(stat("oci_connector.answered.connector_denied"), 1);
     assert_eq!(stat("oci_connector.answered.api_base"), 1);
-    // Three tokens were new once, two RS256 and one ES256: Envoy's own verify_signature
-    // (BoringSSL) confirmed each, which it does only if the filter's key DER, ECDSA signature DER
-    // and protobuf arguments are what Envoy reads.
+    // Four tokens were new once, two RS256, one ES256 and one ES384: Envoy's own
+    // verify_signature (BoringSSL) confirmed each, which it does only if the filter's key DER,
+    // ECDSA signature DER and protobuf arguments are what Envoy reads.
     assert!(
-        stat("oci_connector.signatures.host_confirmed") >= 3,
-        "new RS256 and ES256 tokens are checked by Envoy's verify_signature"
+        stat("oci_connector.signatures.host_confirmed") >= 4,
+        "new RS256, ES256 and ES384 tokens are checked by Envoy's verify_signature"
     );
 
     let log = envoy.log();

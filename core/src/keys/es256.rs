@@ -421,27 +421,15 @@ fn sc_invert(a: &Sc) -> Sc {
     acc
 }
 
-/// DER SubjectPublicKeyInfo of the P-256 point `(x, y)` (RFC 5480): `id-ecPublicKey` with the
-/// `prime256v1` curve, the uncompressed point as the bit string.
+/// DER SubjectPublicKeyInfo of the P-256 point `(x, y)`.
 fn spki(x: &[u8; 32], y: &[u8; 32]) -> Vec<u8> {
-    use super::der::tlv;
-    const EC_P256: [u8; 21] = [
-        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
-        0x03, 0x01, 0x07,
-    ];
-    let bits = tlv(0x03, &[&[0x00, 0x04][..], x, y].concat());
-    tlv(0x30, &[&EC_P256[..], &bits].concat())
+    super::der::ec_spki(super::der::PRIME256V1, x, y)
 }
 
-/// A JWS ES256 signature (`r || s`, 32 bytes each) as DER `SEQUENCE { INTEGER r, INTEGER s }`,
-/// what BoringSSL's ECDSA check reads; `None` unless it is 64 bytes.
+/// A JWS ES256 signature (`r || s`, 32 bytes each) as DER, what BoringSSL's ECDSA check reads;
+/// `None` unless it is 64 bytes.
 pub fn der_signature(raw: &[u8]) -> Option<Vec<u8>> {
-    use super::der::{tlv, uint};
-    if raw.len() != 64 {
-        return None;
-    }
-    let (r, s) = raw.split_at(32);
-    Some(tlv(0x30, &[uint(r), uint(s)].concat()))
+    super::der::ecdsa_signature(raw, 32)
 }
 
 /// A P-256 public key, with its table built on the first check: Envoy checks each pushed

@@ -38,6 +38,29 @@ mod der {
         content.extend_from_slice(&digits);
         tlv(0x02, &content)
     }
+
+    /// The named curves' OBJECT IDENTIFIERs (RFC 5480), their content bytes.
+    pub const PRIME256V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    pub const SECP384R1: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+
+    /// DER SubjectPublicKeyInfo of the point `(x, y)` of `curve` (RFC 5480): `id-ecPublicKey`
+    /// with the named curve, the uncompressed point as the bit string.
+    pub fn ec_spki(curve: &[u8], x: &[u8], y: &[u8]) -> Vec<u8> {
+        const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        let algorithm = tlv(0x30, &[tlv(0x06, EC_PUBLIC_KEY), tlv(0x06, curve)].concat());
+        let bits = tlv(0x03, &[&[0x00, 0x04][..], x, y].concat());
+        tlv(0x30, &[algorithm, bits].concat())
+    }
+
+    /// A JWS ECDSA signature (`r || s`, `scalar` bytes each) as DER `SEQUENCE { INTEGER r,
+    /// INTEGER s }`, what BoringSSL's ECDSA check reads; `None` unless it is `2 * scalar` bytes.
+    pub fn ecdsa_signature(raw: &[u8], scalar: usize) -> Option<Vec<u8>> {
+        if raw.len() != 2 * scalar {
+            return None;
+        }
+        let (r, s) = raw.split_at(scalar);
+        Some(tlv(0x30, &[uint(r), uint(s)].concat()))
+    }
 }
 
 /// What a host needs to make a key's check itself ([`VerifyKey::host_check`]): the hash's name
@@ -57,7 +80,12 @@ pub enum PublicKey {
     Rsa(pkcs1::RsaKey),
     /// ES256: with its precomputed multiples (see [`es256`]); shared, they are 173 KB.
     P256(std::rc::Rc<es256::Es256Key>),
-    P384(p384::ecdsa::VerifyingKey),
+    /// ES384: RustCrypto's verifier, and the key as DER SubjectPublicKeyInfo for a host that
+    /// checks ES384 itself.
+    P384 {
+        key: p384::ecdsa::VerifyingKey,
+        spki: Vec<u8>,
+    },
 }
 
 /// A verification key from the configured JWKS, with the one algorithm it may be used with.
@@ -97,7 +125,10 @@ impl VerifyKey {
         let key = match algorithm {
             Algorithm::ES256 => PublicKey::P256(std::rc::Rc::new(es256::Es256Key::new(x, y)?)),
             Algorithm::ES384 => p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
-                .map(PublicKey::P384)
+                .map(|key| PublicKey::P384 {
+                    key,
+                    spki: der::ec_spki(der::SECP384R1, x, y),
+                })
                 .map_err(|_| "EC key rejected: the point is not on the curve")?,
             other => return Err(format!("{} is not an EC algorithm", other.name())),
         };
@@ -110,8 +141,9 @@ impl VerifyKey {
 
     /// What a host needs to make this key's check of `signature` itself, where the host's
     /// check is the same one: RS256/384/512 (PKCS#1 v1.5, what BoringSSL's `EVP_DigestVerify`
-    /// applies to an RSA key) and ES256 (ECDSA over SHA-256). `None` for PSS (the host would
-    /// apply v1.5 padding), ES384, and an ES256 signature that is not 64 bytes.
+    /// applies to an RSA key), ES256 (ECDSA over SHA-256 on P-256) and ES384 (over SHA-384 on
+    /// P-384). `None` for PSS (the host would apply v1.5 padding) and an ECDSA signature of
+    /// another length than its curve's.
     pub fn host_check<'a>(&'a self, signature: &'a [u8]) -> Option<HostArgs<'a>> {
         match (&self.key, self.algorithm) {
             (PublicKey::Rsa(k), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512) => {
@@ -125,6 +157,11 @@ impl VerifyKey {
                 hash: "sha256",
                 key: k.spki(),
                 signature: std::borrow::Cow::Owned(es256::der_signature(signature)?),
+            }),
+            (PublicKey::P384 { spki, .. }, Algorithm::ES384) => Some(HostArgs {
+                hash: "sha384",
+                key: spki,
+                signature: std::borrow::Cow::Owned(der::ecdsa_signature(signature, 48)?),
             }),
             _ => None,
         }
@@ -145,8 +182,8 @@ impl VerifyKey {
                 | Algorithm::PS512,
             ) => k.verifies(message, signature),
             (PublicKey::P256(k), Algorithm::ES256) => k.verifies(message, signature),
-            (PublicKey::P384(k), Algorithm::ES384) => {
-                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| k.verify(message, &sig).is_ok())
+            (PublicKey::P384 { key, .. }, Algorithm::ES384) => {
+                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(message, &sig).is_ok())
             }
             // A key never carries an algorithm of another family (built only by `rsa`/`ec`).
             _ => false,
@@ -200,4 +237,37 @@ pub fn check_jwk(v: &serde_json::Value, path: &str) -> Result<(), Vec<ConfigErro
     build_key(&material)
         .map(drop)
         .map_err(|e| vec![ConfigError::new(path, e)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p384::ecdsa::signature::Signer as _;
+    use p384::pkcs8::EncodePublicKey as _;
+
+    #[test]
+    fn an_es384_key_gives_the_host_its_der_and_each_signature_in_der_as_the_p384_crate_encodes_them() {
+        for seed in 1..4u8 {
+            let signing = p384::ecdsa::SigningKey::from_slice(&[seed; 48]).unwrap();
+            let point = signing.verifying_key().to_encoded_point(false);
+            let (x, y) = (point.x().unwrap(), point.y().unwrap());
+            let key = VerifyKey::ec(Algorithm::ES384, x, y).unwrap();
+            let want = p384::PublicKey::from(signing.verifying_key())
+                .to_public_key_der()
+                .unwrap();
+            for m in 0..24u8 {
+                let sig: p384::ecdsa::Signature = signing.sign(&[m, seed]);
+                let raw = sig.to_bytes();
+                let args = key.host_check(&raw).unwrap();
+                assert_eq!(args.hash, "sha384");
+                assert_eq!(args.key, want.as_bytes(), "seed {seed}");
+                assert_eq!(&*args.signature, sig.to_der().as_bytes(), "seed {seed} message {m}");
+                assert!(key.verifies(&[m, seed], &raw));
+                assert!(!key.verifies(&[m, seed, 0], &raw));
+            }
+            // Not a P-384 signature's length: the module checks it (and refuses it).
+            assert!(key.host_check(&[1; 95]).is_none());
+            assert!(key.host_check(&[1; 64]).is_none());
+        }
+    }
 }

@@ -6,8 +6,8 @@
 //!   (signature work on every request);
 //! - **a static upstream** (nginx serving the same manifest bytes), where Envoy itself is the
 //!   limit: the same rows plus a no-op proxy-wasm filter, the floor any wasm filter pays, and
-//!   Envoy's native `jwt_authn` checking the same RS256 and ES256 tokens (what a user would pick
-//!   for token checking alone).
+//!   Envoy's native `jwt_authn` checking the same RS256, ES256 and ES384 tokens (what a user
+//!   would pick for token checking alone).
 //!
 //! On both upstreams a **host-call floor** row (`devkit/floor-filter`) makes the filter's host
 //! calls of a warm request with no decision behind them: the filter's cost splits into what
@@ -280,6 +280,7 @@ fn run() -> Result<()> {
     eprintln!("minting {FRESH_TOKENS} distinct tokens ...");
     let fresh_file = fresh_tokens_file(work.path(), &minter, "fresh-tokens", KeyChoice::Rsa)?;
     let fresh_ec_file = fresh_tokens_file(work.path(), &minter, "fresh-ec-tokens", KeyChoice::Ec)?;
+    let fresh_ec384_file = fresh_tokens_file(work.path(), &minter, "fresh-ec384-tokens", KeyChoice::Ec384)?;
     let warm_file = token_file(work.path(), "warm-token", &warm)?;
 
     // One Envoy per (upstream, filter) pair; all run for the whole benchmark, idle when not measured.
@@ -499,6 +500,26 @@ fn run() -> Result<()> {
             Some(&st_jwt),
             sp,
         ),
+        sc(
+            st,
+            "Envoy + filter, new ES384 token every request",
+            false,
+            st_filter.port,
+            &proxy_path,
+            Some(&fresh_ec384_file),
+            Some(&st_filter),
+            sp,
+        ),
+        sc(
+            st,
+            "Envoy + jwt_authn (native), new ES384 token every request",
+            false,
+            st_jwt.port,
+            &direct_path,
+            Some(&fresh_ec384_file),
+            Some(&st_jwt),
+            sp,
+        ),
     ];
     // `--baseline-module PATH`: another build of the filter (e.g. the commit before a change)
     // beside this one in the same rounds, on the static upstream, for an A/B that the
@@ -522,6 +543,10 @@ fn run() -> Result<()> {
             ("Envoy + baseline module, warm token cache", &warm_file),
             ("Envoy + baseline module, new RS256 token every request", &fresh_file),
             ("Envoy + baseline module, new ES256 token every request", &fresh_ec_file),
+            (
+                "Envoy + baseline module, new ES384 token every request",
+                &fresh_ec384_file,
+            ),
         ] {
             scenarios.push(sc(
                 st,

@@ -1,9 +1,10 @@
 //! Owns the test host's `verify_signature` foreign function: Envoy's
 //! (`source/extensions/common/wasm/ext/verify_signature.proto`, BoringSSL's
-//! `EVP_DigestVerify`), made here with the rsa and p256 crates: the arguments' protobuf read,
-//! the key parsed as DER SubjectPublicKeyInfo, for RSA PKCS#1 v1.5 over the named hash, for
-//! P-256 ECDSA over SHA-256 with the signature in DER, the answer's protobuf written (`result =
-//! 1` when it holds, `error = 2` otherwise, as Envoy answers).
+//! `EVP_DigestVerify`), made here with the rsa, p256 and p384 crates: the arguments' protobuf
+//! read, the key parsed as DER SubjectPublicKeyInfo, for RSA PKCS#1 v1.5 over the named hash,
+//! for P-256 ECDSA over SHA-256 and P-384 ECDSA over SHA-384 with the signature in DER, the
+//! answer's protobuf written (`result = 1` when it holds, `error = 2` otherwise, as Envoy
+//! answers).
 
 use rsa::pkcs8::DecodePublicKey as _;
 use rsa::{Pkcs1v15Sign, RsaPublicKey};
@@ -36,13 +37,19 @@ pub fn verify_signature(args: &[u8]) -> Option<Vec<u8>> {
             b"sha512" => pkcs1_holds::<sha2::Sha512>(&key, signature, text),
             _ => return None,
         }
-    } else {
+    } else if let Ok(key) = p256::ecdsa::VerifyingKey::from_public_key_der(key) {
         use p256::ecdsa::signature::Verifier as _;
-        let key = p256::ecdsa::VerifyingKey::from_public_key_der(key).ok()?;
         if hash? != b"sha256" {
             return None;
         }
         p256::ecdsa::Signature::from_der(signature).is_ok_and(|sig| key.verify(text, &sig).is_ok())
+    } else {
+        use p384::ecdsa::signature::Verifier as _;
+        let key = p384::ecdsa::VerifyingKey::from_public_key_der(key).ok()?;
+        if hash? != b"sha384" {
+            return None;
+        }
+        p384::ecdsa::Signature::from_der(signature).is_ok_and(|sig| key.verify(text, &sig).is_ok())
     };
     let error = b"Failed to verify digest.";
     Some(if outcome {

@@ -14,8 +14,10 @@ const NOW: u64 = 1_800_000_000;
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub const AUDIENCE: &str = "oci-connector";
 const KID: &str = "rsa-1";
-/// The filter's unit-test key (generated for tests only, trusted by nothing else).
+const EC384_KID: &str = "ec384-1";
+/// The filter's unit-test keys (generated for tests only, trusted by nothing else).
 const RSA_PEM: &[u8] = include_bytes!("../../../core/src/keys/testdata/rsa.pem");
+const EC384_PEM: &[u8] = include_bytes!("../../../core/src/keys/testdata/ec384.pem");
 const PATH: &str = "/v2/namespaces/demo/connectors/registry/lib/app/manifests/v1";
 /// The connector's own host name: the host form of the same request is `GET /v2/lib/app/...`
 /// at it.
@@ -48,6 +50,7 @@ pub struct Warm {
     request: crate::Headers,
     answer: crate::Headers,
     key: EncodingKey,
+    es384: EncodingKey,
 }
 
 impl Warm {
@@ -55,13 +58,16 @@ impl Warm {
     pub fn new(module: Option<std::path::PathBuf>, optimized: bool) -> Result<Warm> {
         let key = EncodingKey::from_rsa_pem(RSA_PEM)?;
         let jwk = test_jwk()?;
+        let es384 = EncodingKey::from_ec_pem(EC384_PEM)?;
+        let mut es384_jwk = Jwk::from_encoding_key(&es384, Algorithm::ES384)?;
+        es384_jwk.common.key_id = Some(EC384_KID.to_string());
         let config = json!({
-            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk]}},
+            "identity": {"issuers": [ISSUER], "audiences": [AUDIENCE], "jwks": {"keys": [jwk, es384_jwk]}},
             "connectors": [{"namespace": "demo", "name": "registry", "address": "http://registry.internal:5000",
                 "cluster": "upstream_demo", "credential": {"username": "robot", "passwordEnv": "REG_PASSWORD"},
                 "hosts": [HOST_FORM]}]
         });
-        let token = token(&key, "u-1")?;
+        let token = token(&key, Algorithm::RS256, KID, "u-1")?;
         let mut host = Host::with(Options {
             env: vec![("REG_PASSWORD".into(), "s3cret-pw".into())],
             now_nanos: Some(NOW * 1_000_000_000),
@@ -100,12 +106,18 @@ impl Warm {
             request,
             answer,
             key,
+            es384,
         })
     }
 
     /// A token of the same ServiceAccount that no request has sent yet: `uid` makes it unique.
     pub fn new_token(&self, uid: &str) -> Result<String> {
-        token(&self.key, uid)
+        token(&self.key, Algorithm::RS256, KID, uid)
+    }
+
+    /// The same, signed ES384 with the P-384 test key.
+    pub fn new_es384_token(&self, uid: &str) -> Result<String> {
+        token(&self.es384, Algorithm::ES384, EC384_KID, uid)
     }
 
     /// The request's `Authorization` becomes `Bearer <token>` for the requests that follow.
@@ -183,10 +195,10 @@ impl Warm {
     }
 }
 
-/// A ServiceAccount token of `demo:default` signed with the unit-test key.
-fn token(key: &EncodingKey, uid: &str) -> Result<String> {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(KID.to_string());
+/// A ServiceAccount token of `demo:default` signed with the unit-test key `kid`.
+fn token(key: &EncodingKey, alg: Algorithm, kid: &str, uid: &str) -> Result<String> {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_string());
     let claims = json!({
         "iss": ISSUER, "aud": AUDIENCE, "exp": NOW + 600, "nbf": NOW - 10, "iat": NOW - 10,
         "sub": "system:serviceaccount:demo:default",

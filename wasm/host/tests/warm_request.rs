@@ -127,6 +127,43 @@ fn a_new_rs256_token_is_checked_by_the_hosts_verify_signature() {
     );
 }
 
+// ES384 goes to the host too (SHA-384, the P-384 key's DER, the signature in DER): the test
+// host's check is made with the p384 crate, so a confirmation means the arguments parse as
+// BoringSSL's would; a forged signature is refused by the host and then by the module.
+#[test]
+fn a_new_es384_token_is_checked_by_the_hosts_verify_signature() {
+    const CONFIRMED: &str = "oci_connector.signatures.host_confirmed";
+    let mut w = Warm::new(None, false).unwrap();
+    w.request().unwrap();
+    let confirmed = |w: &mut Warm| w.record().metric(CONFIRMED).map_or(0, |m| m.value);
+    let before = confirmed(&mut w);
+    let token = w.new_es384_token("u-es384-1").unwrap();
+    w.use_token(&token);
+    let calls = w.request().unwrap();
+    let foreign = |calls: &[&str]| calls.iter().filter(|c| **c == "proxy_call_foreign_function").count();
+    assert_eq!(foreign(&calls.request), 1, "{:?}", calls.request);
+    assert_eq!(confirmed(&mut w), before + 1);
+    let calls = w.request().unwrap();
+    assert_eq!(foreign(&calls.request), 0, "warm: no check at all");
+
+    let (head, sig) = w
+        .new_es384_token("u-es384-2")
+        .unwrap()
+        .rsplit_once('.')
+        .map(|(h, s)| (h.to_string(), s.to_string()))
+        .unwrap();
+    let mut raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap();
+    raw[7] ^= 1;
+    let forged = format!(
+        "{head}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw)
+    );
+    w.use_token(&forged);
+    let refused = w.request().unwrap_err().to_string();
+    assert!(refused.contains("status: 401"), "{refused}");
+    assert_eq!(confirmed(&mut w), before + 1);
+}
+
 // The benchmark's host-call floor (devkit/floor-filter) stands for "these edits, no decisions":
 // its row means something only while it makes exactly the filter's calls. A call added to (or
 // dropped from) either side fails here.
