@@ -176,17 +176,18 @@ thread_local! {
     static HOST_CHECK: std::cell::Cell<Option<HostCheck>> = const { std::cell::Cell::new(None) };
 }
 
-/// Lets (`Some`) or stops (`None`) the host check keys that offer one (RS256/384/512, ES256).
+/// Lets (`Some`) or stops (`None`) the host check keys that offer one (RS256/384/512, ES256,
+/// ES384).
 pub fn set_host_check(check: Option<HostCheck>) {
     HOST_CHECK.set(check);
 }
 
 /// Whether `signature` signs `message` under `key`. Where the key offers the host its check
-/// (PKCS#1 v1.5 and ES256: the same checks BoringSSL makes) and the host confirms, that is the
-/// answer: in Envoy BoringSSL is several times faster than this module's own arithmetic under V8
-/// (README, "Benchmark"). Only a confirmation is taken from the host: a refusal, an error or a
-/// host without the function leaves the check to the module, so a host quirk costs time but
-/// never refuses a good token.
+/// (PKCS#1 v1.5, ES256 and ES384: the same checks BoringSSL makes) and the host confirms, that
+/// is the answer: in Envoy BoringSSL is several times faster than this module's own arithmetic
+/// under V8 (README, "Benchmark"). Only a confirmation is taken from the host: a refusal, an
+/// error or a host without the function leaves the check to the module, so a host quirk costs
+/// time but never refuses a good token.
 fn signature_holds(key: &VerifyKey, message: &[u8], signature: &[u8]) -> bool {
     if let (Some(check), Some(args)) = (HOST_CHECK.get(), key.host_check(signature))
         && check(args.hash, args.key, &args.signature, message) == Some(true)

@@ -213,7 +213,7 @@ fn host_signature_check(hash: &str, spki: &[u8], signature: &[u8], message: &[u8
             crate::identity::set_host_check(None);
             log(
                 LogLevel::Info,
-                "this host has no verify_signature foreign function: RSA signatures are checked by the module",
+                "this host has no verify_signature foreign function: every signature is checked by the module",
             );
             None
         }
