@@ -12,7 +12,7 @@ pub mod pkcs1;
 
 /// The few DER encodings a host's own check needs (a key's SubjectPublicKeyInfo, an ECDSA
 /// signature): nested TLVs of unsigned integers, bit strings and fixed OIDs, built once per key
-/// (or per ES256 check); a DER crate would add more to the module than this does.
+/// (or per ECDSA check); a DER crate would add more to the module than this does.
 mod der {
     /// Tag, definite length, content (lengths up to 65,535 bytes: a 4096-bit key is 526).
     pub fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
