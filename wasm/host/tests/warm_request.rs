@@ -65,42 +65,51 @@ fn a_host_form_request_keeps_its_path_and_makes_one_host_call_fewer() {
     );
 }
 
+/// The host's confirmations so far (`oci_connector.signatures.host_confirmed`).
+fn confirmed(w: &mut Warm) -> u64 {
+    w.record()
+        .metric("oci_connector.signatures.host_confirmed")
+        .map_or(0, |m| m.value)
+}
+
+/// Sends `token` through the warm host twice: the first time its signature goes to the host's
+/// `verify_signature` in one foreign call and is confirmed, the second time (cached) not at all.
+fn checked_once_by_the_host(w: &mut Warm, token: &str) {
+    let foreign = |calls: &[&str]| calls.iter().filter(|c| **c == "proxy_call_foreign_function").count();
+    let before = confirmed(w);
+    w.use_token(token);
+    let calls = w.request().unwrap();
+    assert_eq!(foreign(&calls.request), 1, "{:?}", calls.request);
+    assert_eq!(confirmed(w), before + 1);
+    let calls = w.request().unwrap();
+    assert_eq!(foreign(&calls.request), 0, "warm: no check at all: {:?}", calls.request);
+}
+
+/// Sends the forged `token`: refused (401), and the host confirmed nothing more.
+fn refused_unconfirmed(w: &mut Warm, token: &str) {
+    let before = confirmed(w);
+    w.use_token(token);
+    let refused = w.request().unwrap_err().to_string();
+    assert!(refused.contains("status: 401"), "{refused}");
+    assert_eq!(confirmed(w), before);
+}
+
 // A new RS256 token's signature goes to the host's `verify_signature` (Envoy: BoringSSL), one
 // foreign call; a forged one is refused by the host and then by the module's own check; a host
 // without the function is asked once, and the module checks every token itself from then on.
 #[test]
 fn a_new_rs256_token_is_checked_by_the_hosts_verify_signature() {
-    const CONFIRMED: &str = "oci_connector.signatures.host_confirmed";
     let mut w = Warm::new(None, false).unwrap();
     w.request().unwrap();
-    let confirmed = |w: &mut Warm| w.record().metric(CONFIRMED).map_or(0, |m| m.value);
-    let before = confirmed(&mut w);
     let token = w.new_token("u-foreign-1").unwrap();
-    w.use_token(&token);
-    let calls = w.request().unwrap();
-    let foreign = calls
-        .request
-        .iter()
-        .filter(|c| **c == "proxy_call_foreign_function")
-        .count();
-    assert_eq!(foreign, 1, "{:?}", calls.request);
-    assert_eq!(confirmed(&mut w), before + 1);
-    // Warm again: no check at all.
-    let calls = w.request().unwrap();
-    assert!(
-        !calls.request.contains(&"proxy_call_foreign_function"),
-        "{:?}",
-        calls.request
-    );
+    checked_once_by_the_host(&mut w, &token);
+    let confirmed_once = confirmed(&mut w);
 
     // Forged: one character of the signature changed.
     let mut forged = w.new_token("u-foreign-2").unwrap();
     let last = forged.pop().unwrap();
     forged.push(if last == 'A' { 'B' } else { 'A' });
-    w.use_token(&forged);
-    let refused = w.request().unwrap_err().to_string();
-    assert!(refused.contains("status: 401"), "{refused}");
-    assert_eq!(confirmed(&mut w), before + 1);
+    refused_unconfirmed(&mut w, &forged);
 
     // A host without the function: NotFound once, then the module alone.
     w.record().faults.push(("proxy_call_foreign_function", 1, 1));
@@ -116,7 +125,7 @@ fn a_new_rs256_token_is_checked_by_the_hosts_verify_signature() {
             .any(|(_, l)| l.contains("no verify_signature foreign function")),
         "{logs:?}"
     );
-    assert_eq!(confirmed(&mut w), before + 1);
+    assert_eq!(confirmed(&mut w), confirmed_once);
     let token = w.new_token("u-foreign-5").unwrap();
     w.use_token(&token);
     let calls = w.request().unwrap();
@@ -132,19 +141,10 @@ fn a_new_rs256_token_is_checked_by_the_hosts_verify_signature() {
 // BoringSSL's would; a forged signature is refused by the host and then by the module.
 #[test]
 fn a_new_es384_token_is_checked_by_the_hosts_verify_signature() {
-    const CONFIRMED: &str = "oci_connector.signatures.host_confirmed";
     let mut w = Warm::new(None, false).unwrap();
     w.request().unwrap();
-    let confirmed = |w: &mut Warm| w.record().metric(CONFIRMED).map_or(0, |m| m.value);
-    let before = confirmed(&mut w);
     let token = w.new_es384_token("u-es384-1").unwrap();
-    w.use_token(&token);
-    let calls = w.request().unwrap();
-    let foreign = |calls: &[&str]| calls.iter().filter(|c| **c == "proxy_call_foreign_function").count();
-    assert_eq!(foreign(&calls.request), 1, "{:?}", calls.request);
-    assert_eq!(confirmed(&mut w), before + 1);
-    let calls = w.request().unwrap();
-    assert_eq!(foreign(&calls.request), 0, "warm: no check at all");
+    checked_once_by_the_host(&mut w, &token);
 
     let (head, sig) = w
         .new_es384_token("u-es384-2")
@@ -158,10 +158,7 @@ fn a_new_es384_token_is_checked_by_the_hosts_verify_signature() {
         "{head}.{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw)
     );
-    w.use_token(&forged);
-    let refused = w.request().unwrap_err().to_string();
-    assert!(refused.contains("status: 401"), "{refused}");
-    assert_eq!(confirmed(&mut w), before + 1);
+    refused_unconfirmed(&mut w, &forged);
 }
 
 // The benchmark's host-call floor (devkit/floor-filter) stands for "these edits, no decisions":
