@@ -61,9 +61,6 @@ pub struct Request<'a> {
 /// Everything needed to forward one request and to fix up its response.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Forward {
-    /// The connector addressed, shared with the configuration: a warm request copies none of
-    /// its names, cluster or credential.
-    pub connector: Rc<Connector>,
     pub path: String,
     /// The controller must confirm the caller may use the connector (RBAC mode): the rules
     /// were not evaluated here.
@@ -75,11 +72,18 @@ pub struct Forward {
     pub scopes: Vec<String>,
 }
 
+impl Forward {
+    /// The connector addressed (the response plan's), shared with the configuration: a warm
+    /// request copies none of its names, cluster or credential.
+    pub fn connector(&self) -> &Rc<Connector> {
+        &self.response.connector
+    }
+}
+
 impl std::fmt::Debug for Forward {
-    // The connector's Debug redacts its credential.
+    // The connector's Debug (in the plan's) redacts its credential.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forward")
-            .field("connector", &self.connector)
             .field("path", &self.path)
             .field("check_access", &self.check_access)
             .field("response", &self.response)
@@ -323,7 +327,6 @@ pub fn decide_request(config: &Config, cache: &mut TokenCache, req: &Request<'_>
     let scopes = crate::upstream::scopes(request.repository, req.method, mount_from.as_deref());
     let scheme = if req.scheme.is_empty() { "http" } else { req.scheme };
     Decision::Forward(Box::new(Forward {
-        connector: Rc::clone(connector),
         path: upstream_path,
         check_access: config.access == AccessMode::Controller,
         response: ResponsePlan {
@@ -590,12 +593,12 @@ mod tests {
         ) else {
             panic!()
         };
-        assert_eq!(f.connector.cluster, "up_demo");
+        assert_eq!(f.connector().cluster, "up_demo");
         assert_eq!(f.path, "/v2/lib/app/manifests/v1?x=%2F");
-        assert_eq!(f.connector.upstream.authority, "127.0.0.1:5000");
+        assert_eq!(f.connector().upstream.authority, "127.0.0.1:5000");
         let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("robot:pw"));
         assert_eq!(
-            f.connector.credential,
+            f.connector().credential,
             crate::config::UpstreamCredential::Static(basic.clone())
         );
         assert!(!f.check_access, "rules mode decides in the filter");
@@ -620,7 +623,7 @@ mod tests {
                 panic!("{ns}/{sa}")
             };
             assert_eq!(f.path, "/v2/lib/app/blobs/sha256:ab");
-            assert_eq!(f.connector.upstream.authority, "team.example");
+            assert_eq!(f.connector().upstream.authority, "team.example");
             assert_eq!(f.response.client.prefix, "/v2");
         }
     }
@@ -687,7 +690,7 @@ mod tests {
         };
         assert!(f.check_access);
         assert_eq!(
-            f.connector.credential,
+            f.connector().credential,
             crate::config::UpstreamCredential::Controller { revision: "4".into() }
         );
         assert_eq!(f.caller.subject(), "system:serviceaccount:other:builder");

@@ -40,12 +40,12 @@ impl Target {
     /// needs and what the response phase keeps.
     pub fn of(forward: Forward, method: &str) -> (Target, Vec<String>, ResponsePlan) {
         let f = forward;
-        let basic = match &f.connector.credential {
+        let basic = match &f.connector().credential {
             UpstreamCredential::Static(v) => v.clone(),
             UpstreamCredential::Controller { .. } => String::new(),
         };
         let target = Target {
-            connector: f.connector,
+            connector: Rc::clone(f.connector()),
             caller: f.caller,
             check_access: f.check_access,
             verb: channel::Verb::of_method(method),

@@ -1055,10 +1055,10 @@ impl HttpContext for Http {
                 if f.path != path {
                     edits.push((":path", Some(&f.path)));
                 }
-                if f.connector.upstream.authority != authority {
-                    edits.push((":authority", Some(&f.connector.upstream.authority)));
+                if f.connector().upstream.authority != authority {
+                    edits.push((":authority", Some(&f.connector().upstream.authority)));
                 }
-                edits.push((CLUSTER_HEADER, Some(&f.connector.cluster)));
+                edits.push((CLUSTER_HEADER, Some(&f.connector().cluster)));
                 // A request whose client credential could not be removed, or whose route could
                 // not be set, must not go anywhere.
                 if edits
@@ -1071,12 +1071,12 @@ impl HttpContext for Http {
                 let ids = self
                     .with_state(|st| {
                         let cache = if f.cache_hit { st.hot.hits } else { st.hot.misses };
-                        (st.hot.forwarded(f.connector.label()), cache)
+                        (st.hot.forwarded(f.connector().label()), cache)
                     })
                     .unwrap_or_default();
                 match ids.0 {
                     Some(id) => drop(host::increment(id, 1)),
-                    None => count(&crate::stats::forwarded(f.connector.label())),
+                    None => count(&crate::stats::forwarded(f.connector().label())),
                 }
                 match ids.1 {
                     Some(id) => drop(host::increment(id, 1)),
@@ -1084,14 +1084,14 @@ impl HttpContext for Http {
                 }
                 // Access-log fields: who used which connector (never a credential).
                 let subject = f.caller.subject();
-                let _ = host::set_property(crate::stats::CONNECTOR_PROPERTY, f.connector.label().as_bytes());
+                let _ = host::set_property(crate::stats::CONNECTOR_PROPERTY, f.connector().label().as_bytes());
                 let _ = host::set_property(crate::stats::SUBJECT_PROPERTY, subject.as_bytes());
                 if debug_enabled() {
                     log(
                         LogLevel::Debug,
                         &format!(
                             "{method} forwarded: connector={} subject={} token_cache_hit={}",
-                            f.connector.label(),
+                            f.connector().label(),
                             subject,
                             f.cache_hit
                         ),
