@@ -157,6 +157,13 @@ enum Waiting {
     OtherFetch { key: TokenKey },
 }
 
+/// Expiry cannot be checked without the time: a request is refused, never taken as valid
+/// (read as 0, every cached token and decision would look fresh).
+pub fn no_clock() -> Refusal {
+    Refusal::unavailable("the connector proxy could not read the clock to check expiry: retry")
+        .with_reason("host_call_failed")
+}
+
 /// One request's place in the flow; `id` is its context, the one waiters are resumed by.
 #[derive(Default)]
 pub struct Flow {
@@ -266,8 +273,16 @@ impl Flow {
     }
 
     /// The answer to this request's call. `now` reads the clock (only where the answer needs
-    /// it). `None`: the request waits for no call, and the answer changes nothing.
-    pub fn answer(&mut self, vm: &mut Vm<'_>, answer: &CallAnswer, id: u32, now: &dyn Fn() -> u64) -> Option<Act> {
+    /// it; `None` when it cannot be read: a request that goes on to cached decisions is then
+    /// refused, since every cached entry would look fresh). `None`: the request waits for no
+    /// call, and the answer changes nothing.
+    pub fn answer(
+        &mut self,
+        vm: &mut Vm<'_>,
+        answer: &CallAnswer,
+        id: u32,
+        now: &dyn Fn() -> Option<u64>,
+    ) -> Option<Act> {
         let CallAnswer {
             status,
             www_authenticate,
@@ -276,7 +291,9 @@ impl Flow {
         let status = *status;
         Some(match self.waiting.take() {
             Some(Waiting::Access { mut target, scopes }) => {
-                let now = now();
+                let Some(now) = now() else {
+                    return Some(Act::refuse(no_clock()));
+                };
                 match channel::parse_access(status, body, target.label()) {
                     Ok((allowed, ttl)) => {
                         let key = channel::access_key(target.subject(), &target.caller.bound);
@@ -307,7 +324,10 @@ impl Flow {
                             vm.credentials.insert(target.label(), authorization.clone());
                         }
                         target.basic = authorization;
-                        self.proceed(vm, target, scopes, id, now())
+                        match now() {
+                            Some(now) => self.proceed(vm, target, scopes, id, now),
+                            None => Act::refuse(no_clock()),
+                        }
                     }
                     Err(r) => Act::warn(r),
                 }
@@ -327,7 +347,10 @@ impl Flow {
                 match learned {
                     Ok(challenge) => {
                         vm.upstream.learn(target.label(), challenge);
-                        self.authorize_upstream(vm, target, scopes, id, now())
+                        match now() {
+                            Some(now) => self.authorize_upstream(vm, target, scopes, id, now),
+                            None => Act::refuse(no_clock()),
+                        }
                     }
                     Err(r) => Act::refuse(r),
                 }
@@ -335,7 +358,9 @@ impl Flow {
             Some(Waiting::Token { key, realm }) => {
                 let result = parse_token_response(status, body, &realm)
                     .map_err(|r| crate::upstream::with_envoy_detail(r, status, body));
-                let waiters = vm.upstream.complete(&key, &result, now());
+                // Stored at 0 when the clock fails, the token is expired when next looked at:
+                // fetched again, never kept too long. The waiters take it as fetched.
+                let waiters = vm.upstream.complete(&key, &result, now().unwrap_or(0));
                 match result {
                     Ok((authorization, _)) => {
                         self.used_token = Some(key);
@@ -532,6 +557,8 @@ mod tests {
         credentials: CredentialCache,
         upstream: UpstreamAuth,
         secrets: SecretsMemo,
+        /// What the clock reads when an answer asks for it (`None`: it cannot be read).
+        clock: Option<u64>,
     }
 
     impl World {
@@ -545,6 +572,7 @@ mod tests {
                 credentials: CredentialCache::default(),
                 upstream: UpstreamAuth::default(),
                 secrets: SecretsMemo::default(),
+                clock: Some(NOW),
             }
         }
 
@@ -622,7 +650,8 @@ mod tests {
                 www_authenticate: www.map(str::to_string),
                 body: body.as_bytes().to_vec(),
             };
-            flow.answer(&mut self.vm(), &answer, id, &|| NOW)
+            let clock = self.clock;
+            flow.answer(&mut self.vm(), &answer, id, &|| clock)
         }
 
         /// Answers a request's challenge probe with `status` and `www`.
@@ -738,6 +767,38 @@ mod tests {
             f.sent_secrets().map(|s| s.to_vec()),
             Some(crate::leak::secrets_of(STATIC))
         );
+    }
+
+    #[test]
+    fn answers_that_lead_to_cached_decisions_are_refused_without_a_clock() {
+        // RBAC allowed, but the clock cannot be read: the next steps (cached credentials and
+        // tokens) cannot be checked for expiry, so the request is refused, not forwarded.
+        let mut w = World::new(true, false);
+        let mut f = Flow::default();
+        call(&w.start(&mut f, 1));
+        w.clock = None;
+        let act = w
+            .answer(&mut f, 1, 200, None, r#"{"allowed":true,"ttlSeconds":60}"#)
+            .unwrap();
+        let (status, reason, message, _) = refusal(&act);
+        assert_eq!((status, reason), (503, "host_call_failed"));
+        assert!(message.contains("clock"), "{message}");
+        assert_eq!(w.access.len(), 0, "nothing is cached without a time to expire it by");
+        // The upstream's challenge answered while the clock fails: refused the same way.
+        w.clock = Some(NOW);
+        let mut f2 = Flow::default();
+        call(&w.start(&mut f2, 2));
+        assert_probe(
+            &w.answer(&mut f2, 2, 200, None, r#"{"allowed":true,"ttlSeconds":60}"#)
+                .unwrap(),
+        );
+        w.clock = None;
+        let act = w.answer(&mut f2, 2, 401, Some(r#"Basic realm="r""#), "").unwrap();
+        assert_eq!(refusal(&act).1, "host_call_failed");
+        // With the clock back the same steps forward.
+        w.clock = Some(NOW);
+        let mut f3 = Flow::default();
+        assert_eq!(w.start(&mut f3, 3), forward(STATIC));
     }
 
     #[test]

@@ -133,15 +133,20 @@ pub fn log_level() -> Option<u32> {
     Some(level)
 }
 
-/// Milliseconds since the Unix epoch by the host's clock; 0 if the host does not answer (every
-/// time check then fails closed: tokens look not yet valid or expired).
-pub fn now_millis() -> u64 {
+/// Milliseconds since the Unix epoch by the host's clock. A request must not be decided without
+/// it: taken as 0, a cached token or access decision would look valid forever.
+pub fn now_millis() -> Result<u64, Status> {
     let mut nanos = 0u64;
     // SAFETY: `nanos` is a valid out-pointer for the call's duration.
-    match check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) }) {
-        Ok(()) => nanos / 1_000_000,
-        Err(_) => 0,
-    }
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) })?;
+    Ok(nanos / 1_000_000)
+}
+
+/// The clock where a failed read only shortens what is stored (an entry stored at 0 is
+/// already expired when next checked) or delays a tick's work: never where a request is
+/// decided.
+pub fn now_millis_or_zero() -> u64 {
+    now_millis().unwrap_or(0)
 }
 
 /// Calls the root context's `on_tick` every `millis` (0: never). Made on the root context.

@@ -260,8 +260,8 @@ fn debug_enabled() -> bool {
     DEBUG.with(std::cell::Cell::get)
 }
 
-fn now_secs() -> u64 {
-    host::now_millis() / 1_000
+fn now_secs() -> Option<u64> {
+    host::now_millis().ok().map(|ms| ms / 1_000)
 }
 
 struct Root {
@@ -276,7 +276,7 @@ impl Context for Root {
     /// notices are answered here too, and ignored).
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         let answer = read_call_answer(num_headers, body_size).unwrap_or_default();
-        let now = host::now_millis();
+        let now = host::now_millis_or_zero();
         let outcome = ASSEMBLY.with(|a| {
             let mut a = a.try_borrow_mut().ok()?;
             let a = a.as_mut()?;
@@ -296,7 +296,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let started = host::now_millis();
+        let started = host::now_millis_or_zero();
         // No configuration readable is an empty one: refused by `compile`, so fail closed.
         let bytes = host::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
         let env = |name: &str| std::env::var(name).ok();
@@ -328,7 +328,7 @@ impl RootContext for Root {
                 LogLevel::Info,
                 &format!(
                     "configuration accepted: {size} bytes, checked as a change of the last accepted document in {} ms; compiled on the next tick or request",
-                    host::now_millis().saturating_sub(started)
+                    host::now_millis_or_zero().saturating_sub(started)
                 ),
             );
             self.state = VM_STATE.with(Rc::clone);
@@ -372,7 +372,7 @@ impl RootContext for Root {
     /// Compiles a configuration the memo accepted; answers the held refusals that are due;
     /// stops ticking when none is left.
     fn on_tick(&mut self) {
-        let now_ms = host::now_millis();
+        let now_ms = host::now_millis_or_zero();
         let (due, left) = VM_STATE.with(|shared| match shared.try_borrow_mut() {
             Ok(mut slot) => {
                 compile_pending(&mut slot);
@@ -556,7 +556,7 @@ fn log_accepted(config: &Config, started: u64, first_use: bool) {
     let (n, keys, ms) = (
         config.connectors().len(),
         config.policy.keys.len(),
-        host::now_millis().saturating_sub(started),
+        host::now_millis_or_zero().saturating_sub(started),
     );
     let line = if first_use {
         format!("configuration compiled after the memo's check: {n} connector(s), {keys} key(s), in {ms} ms")
@@ -649,7 +649,7 @@ fn start_assembly(bytes: &[u8], config: Config, root: u32, started: u64) -> bool
 /// Makes the calls the assembly asks for now, if `root` (the effective context) is the root of
 /// its configuration; gives whether that root has an assembly to tick for.
 fn drive_assembly(root: u32) -> bool {
-    let now = host::now_millis();
+    let now = host::now_millis_or_zero();
     ASSEMBLY.with(|a| {
         let Ok(mut a) = a.try_borrow_mut() else {
             return false;
@@ -720,7 +720,7 @@ fn compile_pending(slot: &mut Option<State>) {
     let Some((bytes, root)) = PENDING.with(|p| p.try_borrow_mut().ok()?.take()) else {
         return;
     };
-    let started = host::now_millis();
+    let started = host::now_millis_or_zero();
     match config::compile(&bytes, &|name| std::env::var(name).ok()) {
         Ok(config) => {
             log_accepted(&config, started, true);
@@ -1008,7 +1008,9 @@ impl HttpContext for Http {
             scheme: &scheme,
             authorization,
         };
-        let now_ms = host::now_millis();
+        let Ok(now_ms) = host::now_millis() else {
+            return self.refuse(crate::flow::no_clock());
+        };
         let now = now_ms / 1_000;
 
         match self.decide(&request, now) {

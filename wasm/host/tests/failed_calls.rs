@@ -211,6 +211,30 @@ fn a_client_credential_that_cannot_be_removed_is_never_forwarded() {
 }
 
 #[test]
+fn a_clock_that_cannot_be_read_refuses_rather_than_trusting_an_expired_token() {
+    let mut h = host();
+    h.rec_mut().now_nanos = Some(NOW * 1_000_000_000);
+    // The token is checked and cached while it is valid ...
+    let warm = forwarded(&mut h, "GET", MANIFEST);
+    h.finish(warm).unwrap();
+    // ... then it expires (600 s, past the 60 s skew), and the clock cannot be read. Taken as
+    // 0, the cached token would still look valid: the request must be refused instead.
+    h.rec_mut().now_nanos = Some((NOW + 900) * 1_000_000_000);
+    h.rec_mut()
+        .inject("proxy_get_current_time_nanoseconds", INTERNAL_FAILURE, 1);
+    let t = bearer(&token("demo", "default"));
+    let (id, _) = request(&mut h, "GET", MANIFEST, Some(&t));
+    assert_unavailable(&h, id, "clock");
+    assert_eq!(h.stream(id).resumed_requests, 0);
+    assert!(h.stream(id).request_header_all("authorization") != vec![basic_credential()]);
+    h.finish(id).unwrap();
+    // With the clock back, the same token is refused as expired (it never was valid again).
+    let (id, _) = request(&mut h, "GET", MANIFEST, Some(&t));
+    let msg = assert_refused(&h, id, 401, "UNAUTHORIZED");
+    assert!(msg.contains("expired"), "{msg}");
+}
+
+#[test]
 fn an_upstream_answer_that_cannot_be_read_or_edited_is_replaced() {
     for fail in ["proxy_get_header_map_pairs", "proxy_remove_header_map_value"] {
         let mut h = host();
