@@ -14,6 +14,9 @@
 //!   (`proxy_set_header_map_pairs`): 8 calls.
 //! - `no-routing-edits`: without the `:path`, `:authority` and route-header replaces (8 calls),
 //!   as if Envoy routed and rewrote per connector itself; run it with `--baseline-plain-route 1`.
+//! - `no-clock-no-counters`: without the clock and the two counters (8 calls), as if the clock
+//!   were read and the counters handed over on a once-a-second tick instead of per request
+//!   (docs/benchmark-log.md, "2026-12-03, late night").
 
 // The variants replace the same calls in two ways: together they would measure neither.
 #[cfg(all(feature = "one-map-write", feature = "no-routing-edits"))]
@@ -65,6 +68,7 @@ mod filter {
         fn on_http_request_headers(&mut self, _headers: usize, _end: bool) -> Action {
             // One read of the whole map, the clock (the connector filter's token expiry check).
             let headers = self.get_http_request_headers();
+            #[cfg(not(feature = "no-clock-no-counters"))]
             let _now = self.get_current_time();
             #[cfg(feature = "one-map-write")]
             {
@@ -81,6 +85,9 @@ mod filter {
             }
             #[cfg(feature = "no-routing-edits")]
             let _ = &headers;
+            #[cfg(feature = "no-clock-no-counters")]
+            let _ = self.metrics;
+            #[cfg(not(feature = "no-clock-no-counters"))]
             if let Some((forwarded, hits)) = self.metrics {
                 let _ = hostcalls::increment_metric(forwarded, 1);
                 let _ = hostcalls::increment_metric(hits, 1);
