@@ -1191,10 +1191,11 @@ impl HttpContext for Http {
             // Already replaced (an oversized body): the rest is dropped as it comes.
             return self.withhold_body(body_size, end_of_stream, None);
         }
-        let connector = self
-            .plan
-            .as_ref()
-            .map(|p| p.connector.label().to_string())
+        // The plan's connector, shared (not its label copied per chunk): named only in refusals.
+        let plan_connector = self.plan.as_ref().map(|p| Rc::clone(&p.connector));
+        let connector = plan_connector
+            .as_deref()
+            .map(config::Connector::label)
             .unwrap_or_default();
         if body_size > crate::leak::MAX_CHECKED_ERROR_BODY {
             // Not read, so not passed on.
@@ -1203,7 +1204,7 @@ impl HttpContext for Http {
                 format!(
                     "the upstream registry of connector {} answered {} with an error body over {} bytes, which \
                      the proxy does not pass on unread",
-                    crate::respond::quote(&connector),
+                    crate::respond::quote(connector),
                     self.status,
                     crate::leak::MAX_CHECKED_ERROR_BODY
                 ),
@@ -1219,7 +1220,7 @@ impl HttpContext for Http {
             return self.withhold_body(body_size, true, Some(unreadable_answer()));
         };
         if self.secrets().iter().any(|s| crate::leak::contains_any(&body, s)) {
-            return self.withhold_body(body_size, true, Some(credential_echoed(&connector, "its error body")));
+            return self.withhold_body(body_size, true, Some(credential_echoed(connector, "its error body")));
         }
         // ECR Public answers an expired token with 400 DENIED rather than 401.
         if self.status == 400
