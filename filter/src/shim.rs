@@ -372,7 +372,9 @@ impl RootContext for Root {
     /// Compiles a configuration the memo accepted; answers the held refusals that are due;
     /// stops ticking when none is left.
     fn on_tick(&mut self) {
-        let now_ms = host::now_millis_or_zero();
+        // A clock that cannot be read answers every held refusal now: holding only slows a
+        // refusal down, and a hold that is never over would leave it to Envoy's idle timeout.
+        let now_ms = host::now_millis().unwrap_or(u64::MAX);
         let (due, left) = VM_STATE.with(|shared| match shared.try_borrow_mut() {
             Ok(mut slot) => {
                 compile_pending(&mut slot);

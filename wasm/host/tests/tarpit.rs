@@ -118,3 +118,20 @@ fn refusals_held_under_one_configuration_are_answered_under_the_next() {
     h.tick().unwrap();
     assert_refused(&h, held, 401, "UNAUTHORIZED");
 }
+
+#[test]
+fn a_tick_that_cannot_read_the_clock_answers_every_held_refusal() {
+    let mut h = host();
+    set_ms(&mut h, 0);
+    for _ in 0..=QUICK_REFUSALS_PER_SECOND {
+        request(&mut h, "GET", "/v2/", None);
+    }
+    let (held, _) = request(&mut h, "GET", "/v2/", None);
+    assert!(h.stream(held).local().is_none(), "held: no answer yet");
+    // Long before the hold is over, the tick cannot read the clock. Holding is only a
+    // slow-down: the refusal is answered now rather than left to Envoy's idle timeout.
+    h.rec_mut().inject("proxy_get_current_time_nanoseconds", 10, 1);
+    h.tick().unwrap();
+    assert_refused(&h, held, 401, "UNAUTHORIZED");
+    assert_eq!(h.rec().tick_period_ms, 0, "nothing left to hold: no more ticks");
+}
