@@ -95,15 +95,21 @@ fn a_flood_of_refusals_is_answered_after_the_hold_and_forwarded_requests_are_not
     assert_refused(&h, again, 401, "UNAUTHORIZED");
 }
 
-#[test]
-fn refusals_held_under_one_configuration_are_answered_under_the_next() {
+/// A host past its quick refusals at 0 ms, and the id of the refusal it now holds.
+fn host_holding_a_refusal() -> (connector_wasm_host::Host, u32) {
     let mut h = host();
     set_ms(&mut h, 0);
     for _ in 0..=QUICK_REFUSALS_PER_SECOND {
         request(&mut h, "GET", "/v2/", None);
     }
     let (held, _) = request(&mut h, "GET", "/v2/", None);
-    assert!(h.stream(held).local().is_none());
+    assert!(h.stream(held).local().is_none(), "held: no answer yet");
+    (h, held)
+}
+
+#[test]
+fn refusals_held_under_one_configuration_are_answered_under_the_next() {
+    let (mut h, held) = host_holding_a_refusal();
     // Envoy gives a new configuration a new root context: the held refusals move with the VM's
     // state and the new root ticks.
     h.rec_mut().tick_period_ms = 0;
@@ -121,13 +127,7 @@ fn refusals_held_under_one_configuration_are_answered_under_the_next() {
 
 #[test]
 fn a_tick_that_cannot_read_the_clock_answers_every_held_refusal() {
-    let mut h = host();
-    set_ms(&mut h, 0);
-    for _ in 0..=QUICK_REFUSALS_PER_SECOND {
-        request(&mut h, "GET", "/v2/", None);
-    }
-    let (held, _) = request(&mut h, "GET", "/v2/", None);
-    assert!(h.stream(held).local().is_none(), "held: no answer yet");
+    let (mut h, held) = host_holding_a_refusal();
     // Long before the hold is over, the tick cannot read the clock. Holding is only a
     // slow-down: the refusal is answered now rather than left to Envoy's idle timeout.
     h.rec_mut().inject("proxy_get_current_time_nanoseconds", 10, 1);
