@@ -441,19 +441,25 @@ impl Envoy {
     /// As [`Envoy::start`] with `workers` worker threads (`--concurrency`), each with its own
     /// Wasm VM: the benchmark's memory-per-worker table.
     pub fn start_static_workers(work: &WorkDir, spec: &EnvoySpec, workers: u32) -> Result<Self> {
+        Self::start_static_edited(work, spec, workers, |_| {})
+    }
+
+    /// As [`Envoy::start`], with [`bootstrap`]'s output changed by `edit` first: for a setting
+    /// one test needs and the shipped configuration does not have (e.g. an upstream cluster
+    /// that passes trailers on, as an HTTP/2 upstream does).
+    pub fn start_static_edited(
+        work: &WorkDir,
+        spec: &EnvoySpec,
+        workers: u32,
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<Self> {
         let port = procs::free_port()?;
         let admin_port = procs::free_port()?;
         let env = spec.filter.as_ref().map(|f| f.secret_env.clone()).unwrap_or_default();
-        Self::start_workers(
-            work,
-            bootstrap(spec, port, admin_port),
-            port,
-            admin_port,
-            &env,
-            "envoy",
-            workers,
-        )
-        .map(|e| e.with_mode(ListenerMode::Plain))
+        let mut cfg = bootstrap(spec, port, admin_port);
+        edit(&mut cfg);
+        Self::start_workers(work, cfg, port, admin_port, &env, "envoy", workers)
+            .map(|e| e.with_mode(ListenerMode::Plain))
     }
 
     /// As [`Envoy::start`] with the listener speaking TLS with `cert` (files; a static Envoy has

@@ -39,6 +39,26 @@ pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "x-real-ip",
 ];
 
+/// The names among `names` (a request's headers or trailers) that never reach an upstream,
+/// each once, in the order first met; `authorization` among them when `with_authorization`
+/// (in trailers: the client's token must not ride after the body either; in headers it is
+/// replaced instead).
+pub fn stripped_names<'a>(names: impl Iterator<Item = &'a [u8]>, with_authorization: bool) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for name in names {
+        let found = STRIPPED_REQUEST_HEADERS
+            .iter()
+            .chain(with_authorization.then_some(&"authorization"))
+            .find(|n| n.as_bytes() == name);
+        if let Some(n) = found
+            && !out.contains(n)
+        {
+            out.push(n);
+        }
+    }
+    out
+}
+
 /// Set to the scheme the client really used (`:scheme`) on every forwarded request: Distribution
 /// takes the scheme of its absolute `Location` from it, so a client-sent value would steer it
 /// (found by the attack suite). Not removed: Envoy's route matching wants it present.
@@ -434,6 +454,28 @@ pub fn plan_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stripped_names_are_found_once_and_authorization_only_when_asked() {
+        let names: [&[u8]; 7] = [
+            b"cookie",
+            b"authorization",
+            b"x-checksum",
+            b"cookie",
+            b"x-forwarded-for",
+            b"authorization",
+            b"Cookie-Not",
+        ];
+        assert_eq!(
+            stripped_names(names.iter().copied(), true),
+            ["cookie", "authorization", "x-forwarded-for"]
+        );
+        assert_eq!(
+            stripped_names(names.iter().copied(), false),
+            ["cookie", "x-forwarded-for"]
+        );
+        assert!(stripped_names([&b"x-checksum"[..]].into_iter(), true).is_empty());
+    }
 
     #[test]
     fn the_host_is_the_authority_without_its_port_in_lowercase() {

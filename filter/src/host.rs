@@ -36,7 +36,9 @@ const NOT_FOUND: u32 = 1;
 #[repr(u32)]
 pub enum Map {
     Request = 0,
+    RequestTrailers = 1,
     Response = 2,
+    ResponseTrailers = 3,
     CallResponse = 6,
 }
 

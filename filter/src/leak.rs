@@ -102,6 +102,22 @@ pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
     secrets.iter().any(|s| contains(haystack, s))
 }
 
+/// The names of the entries of `map` (an answer's trailers) whose value holds a form of any of
+/// the credentials in `secrets`, each name once: what must be removed before the trailers go on
+/// (the answer's head and body have gone by then, so the answer cannot be withheld).
+pub fn echoing_names<'a>(
+    map: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    secrets: &[std::rc::Rc<[Vec<u8>]>],
+) -> Vec<&'a [u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for (name, value) in map {
+        if !out.contains(&name) && secrets.iter().any(|s| contains_any(value, s)) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// Whether `haystack` contains `needle` (never the empty one). Every forwarded answer's headers
 /// (and a held error body, up to 16 KiB) are checked this way against each form of the
 /// credential: only the offsets where the needle's first byte occurs are compared, where
@@ -128,6 +144,28 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trailers_that_repeat_a_credential_are_named_once_and_the_others_kept() {
+        let secrets: Vec<std::rc::Rc<[Vec<u8>]>> = vec![
+            secrets_of("Basic cm9ib3Q6czNjcmV0LXB3").into(),
+            secrets_of("Bearer upstream-token-1").into(),
+        ];
+        let map: Vec<(&[u8], &[u8])> = vec![
+            (b"grpc-status", b"0"),
+            (b"x-debug", b"authorization: Basic cm9ib3Q6czNjcmV0LXB3"),
+            (b"x-debug", b"the password was s3cret-pw"),
+            (b"x-other", b"token=upstream-token-1;"),
+            (b"x-checksum", b"sha256:abc"),
+        ];
+        let names = echoing_names(map.into_iter(), &secrets);
+        assert_eq!(names, [&b"x-debug"[..], b"x-other"]);
+        let clean: Vec<(&[u8], &[u8])> = vec![(b"x-checksum", b"sha256:abc")];
+        assert!(echoing_names(clean.into_iter(), &secrets).is_empty());
+        // Nothing sent, nothing to find (a request answered before any credential went out).
+        let any: Vec<(&[u8], &[u8])> = vec![(b"x-debug", b"s3cret-pw")];
+        assert!(echoing_names(any.into_iter(), &[]).is_empty());
+    }
 
     fn basic(user: &str, pw: &str) -> String {
         format!(

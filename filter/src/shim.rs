@@ -20,8 +20,8 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 use crate::channel::{self, AccessCache, CredentialCache};
 use crate::config::{self, Config};
 use crate::engine::{
-    CLUSTER_HEADER, Decision, FORWARDED_PROTO_HEADER, Request, ResponsePlan, STRIPPED_REQUEST_HEADERS, decide_request,
-    plan_response,
+    CLUSTER_HEADER, Decision, FORWARDED_PROTO_HEADER, Request, ResponsePlan, decide_request, plan_response,
+    stripped_names,
 };
 use crate::flow::{Act, CallAnswer, Flow, Target, Vm};
 use crate::host::{self, Buffer, Map};
@@ -1043,14 +1043,10 @@ impl HttpContext for Http {
                 // Host calls are the filter's main per-request cost: remove only what is there.
                 let real_scheme = if scheme.is_empty() { "http" } else { &scheme };
                 // One pass over the request's headers, each stripped name once however often sent.
-                let mut edits: Vec<(&str, Option<&str>)> = Vec::new();
-                for (name, _) in headers.iter() {
-                    if let Some(n) = STRIPPED_REQUEST_HEADERS.iter().find(|n| n.as_bytes() == name)
-                        && !edits.iter().any(|(e, _)| e == n)
-                    {
-                        edits.push((n, None));
-                    }
-                }
+                let mut edits: Vec<(&str, Option<&str>)> = stripped_names(headers.iter().map(|(name, _)| name), false)
+                    .into_iter()
+                    .map(|n| (n, None))
+                    .collect();
                 if get(FORWARDED_PROTO_HEADER) != real_scheme {
                     edits.push((FORWARDED_PROTO_HEADER, Some(real_scheme)));
                 }
@@ -1182,6 +1178,61 @@ impl HttpContext for Http {
         if self.check_body && host::set_header(Map::Response, "content-length", None).is_err() {
             return self.refuse(unreadable_answer());
         }
+        Action::Continue
+    }
+
+    /// Only a request that has trailers comes here (a warm pull has none). Envoy drops trailers
+    /// on an HTTP/1 upstream unless told otherwise; an HTTP/2 upstream (Istio's, say) gets them.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.plan.is_none() {
+            // Answered here: nothing goes upstream.
+            return Action::Continue;
+        }
+        let Ok(trailers) = host::headers(Map::RequestTrailers) else {
+            return self.refuse(cannot_edit());
+        };
+        // What is stripped from the head is stripped after the body too, the client's token
+        // first: the upstream never sees it, wherever the client put it.
+        for name in stripped_names(trailers.iter().map(|(name, _)| name), true) {
+            if host::set_header(Map::RequestTrailers, name, None).is_err() {
+                return self.refuse(cannot_edit());
+            }
+        }
+        Action::Continue
+    }
+
+    /// Trailers come after the answer's head and body, so an echo of the credential in them
+    /// cannot withhold the answer: the trailers that hold one are removed, and the answer is cut
+    /// if they cannot be read or removed.
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(plan) = self.plan.as_ref() else {
+            return Action::Continue;
+        };
+        let connector = Rc::clone(&plan.connector);
+        let Ok(trailers) = host::headers(Map::ResponseTrailers) else {
+            return self.refuse(unreadable_answer());
+        };
+        let secrets = self.secrets();
+        let echoed = crate::leak::echoing_names(trailers.iter(), &secrets);
+        if echoed.is_empty() {
+            return Action::Continue;
+        }
+        for name in &echoed {
+            if host::set_header(Map::ResponseTrailers, &crate::wire::text(name), None).is_err() {
+                return self.refuse(unreadable_answer());
+            }
+        }
+        let r = credential_echoed(connector.label(), "a response trailer");
+        count(&crate::stats::connector_refused(connector.label(), r.reason));
+        log(
+            LogLevel::Warn,
+            &format!(
+                "connector {}: {} response trailer(s) removed: {}",
+                connector.label(),
+                echoed.len(),
+                r.reason
+            ),
+        );
         Action::Continue
     }
 

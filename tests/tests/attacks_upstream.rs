@@ -48,6 +48,11 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             (_, p) if p.ends_with("/manifests/echo-header") => {
                 full("200 OK", &format!("X-Debug: {auth_line}\r\n"), "{}")
             }
+            // The credential in a trailer, after a clean head and body.
+            (_, p) if p.ends_with("/manifests/echo-trailer") => Answer::Full(format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                 Trailer: X-Debug\r\n\r\n2\r\n{{}}\r\n0\r\nX-Debug: {auth_line}\r\n\r\n"
+            )),
             (_, p) if p.ends_with("/manifests/cookie") => full(
                 "200 OK",
                 "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n",
@@ -249,6 +254,34 @@ fn an_upstream_that_echoes_the_credential_is_withheld() {
         assert!(message.contains("repeated the connector's credential"), "{message}");
         w.assert_no_secret(what, &response_text(&r));
     }
+}
+
+/// The controller's upstream clusters speak HTTP/1.1 without trailers, so Envoy drops an
+/// upstream's trailers before the filter sees them; where they do pass (an HTTP/2 upstream), the
+/// filter removes the echoing ones (upstream_trailers.rs).
+#[test]
+fn a_credential_echoed_in_a_trailer_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let path = format!("{PREFIX}/manifests/echo-trailer");
+    let r = w.send("GET", &path);
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let basic = basic_value("robot", &w.password);
+    assert!(
+        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
+        "the upstream got the connector's credential (so it could echo it)"
+    );
+    w.assert_no_secret("HTTP/1.1 answer with an echoing trailer", &response_text(&r));
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--http2", "--cacert", &proxy_ca(w), "-H"])
+        .arg(format!("Authorization: Bearer {}", w.token))
+        .arg(format!("{}{path}", w.envoy.base_url()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    w.assert_no_secret("h2 answer with an echoing trailer", &text);
 }
 
 #[test]

@@ -558,6 +558,28 @@ impl Host {
         Ok(Action::from_raw(a))
     }
 
+    /// Delivers the request's trailers (after its body): `proxy_on_request_trailers(id, n)`.
+    pub fn request_trailers(&mut self, id: u32, trailers: Headers) -> Result<Action> {
+        let n = trailers.len() as i32;
+        if let Some(s) = self.rec_mut().streams.get_mut(&id) {
+            s.request_trailers = trailers;
+        }
+        self.enter(id);
+        let a: i32 = self.call("proxy_on_request_trailers", (id as i32, n))?;
+        Ok(Action::from_raw(a))
+    }
+
+    /// Delivers the upstream's trailers (after its body): `proxy_on_response_trailers(id, n)`.
+    pub fn response_trailers(&mut self, id: u32, trailers: Headers) -> Result<Action> {
+        let n = trailers.len() as i32;
+        if let Some(s) = self.rec_mut().streams.get_mut(&id) {
+            s.response_trailers = trailers;
+        }
+        self.enter(id);
+        let a: i32 = self.call("proxy_on_response_trailers", (id as i32, n))?;
+        Ok(Action::from_raw(a))
+    }
+
     /// Delivers (more of) the response body: `proxy_on_response_body(id, size, eos)`.
     /// Like Envoy after a Pause, the body buffered so far accumulates.
     pub fn response_body(&mut self, id: u32, chunk: &[u8], end_of_stream: bool) -> Result<Action> {

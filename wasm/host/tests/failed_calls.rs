@@ -253,6 +253,35 @@ fn an_upstream_answer_that_cannot_be_read_or_edited_is_replaced() {
     }
 }
 
+#[test]
+fn trailers_that_cannot_be_read_or_edited_cut_the_answer_or_request() {
+    let cred = basic_credential();
+    for fail in ["proxy_get_header_map_pairs", "proxy_remove_header_map_value"] {
+        let mut h = host();
+        let id = forwarded(&mut h, "GET", MANIFEST);
+        h.response_headers(id, headers(&[(":status", "200")]), false).unwrap();
+        h.rec_mut().inject(fail, BAD_ARGUMENT, 1);
+        h.response_trailers(id, headers(&[("x-debug", cred.as_str())])).unwrap();
+        // Unchecked or still holding the echo: the answer is cut (Envoy resets a stream whose
+        // head has gone when a local answer is asked for), never finished with the trailers.
+        let local = h.stream(id).local().cloned();
+        let local = local.unwrap_or_else(|| panic!("{fail}: the answer must be cut"));
+        assert_eq!(local.status, 503, "{fail}");
+        assert!(!local.body_text().contains(PASSWORD), "{fail}");
+
+        let id = forwarded(&mut h, "PUT", MANIFEST);
+        h.rec_mut().inject(fail, BAD_ARGUMENT, 1);
+        let t = bearer(&token("demo", "default"));
+        h.request_trailers(id, headers(&[("authorization", t.as_str())]))
+            .unwrap();
+        let local = h.stream(id).local().cloned();
+        assert!(
+            local.is_some(),
+            "{fail}: a request whose trailers keep the token must not go on"
+        );
+    }
+}
+
 /// Drives a whole mix of requests (refusal, probe, forward with response rewriting, token fetch
 /// with a waiter) while `name` keeps answering `status`. Must never trap.
 fn drive_everything(h: &mut Host) {

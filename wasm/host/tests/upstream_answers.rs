@@ -64,3 +64,68 @@ fn a_header_that_repeats_the_credential_replaces_the_answer_and_cookies_go() {
     assert!(h.stream(id).response_header("set-cookie").is_none());
     assert!(h.stream(id).local().is_none());
 }
+
+/// Names of a trailer map, in order.
+fn names(map: &connector_wasm_host::Headers) -> Vec<String> {
+    map.iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
+#[test]
+fn trailers_that_repeat_the_credential_are_removed_and_the_others_pass() {
+    let mut h = host();
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "200")]), false).unwrap();
+    assert_eq!(h.response_body(id, b"{}", false).unwrap(), Action::Continue);
+    let cred = basic_credential();
+    let trailers = [
+        ("x-debug", cred.as_str()),
+        ("x-checksum", "sha256:abc"),
+        ("x-password", PASSWORD),
+        ("x-debug", "again"),
+    ];
+    assert_eq!(h.response_trailers(id, headers(&trailers)).unwrap(), Action::Continue);
+    let s = h.stream(id);
+    // Every value under an echoing name goes (a name is removed whole), the clean one stays.
+    assert_eq!(names(&s.response_trailers), ["x-checksum"]);
+    assert!(s.local().is_none(), "head and body are gone: nothing to replace");
+    let stat = "oci_connector.connector.demo.registry.refused.credential_echoed";
+    assert_eq!(h.rec().metric(stat).map(|m| m.value), Some(1));
+    let warned = h.rec().logs_containing("trailer");
+    assert_eq!(warned.len(), 1, "{:?}", h.rec().logs);
+    assert!(
+        !warned[0].contains(PASSWORD) && !warned[0].contains(&cred),
+        "{}",
+        warned[0]
+    );
+
+    // Clean trailers pass untouched, and count nothing.
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "200")]), false).unwrap();
+    let clean = [("x-checksum", "sha256:abc"), ("grpc-status", "0")];
+    assert_eq!(h.response_trailers(id, headers(&clean)).unwrap(), Action::Continue);
+    assert_eq!(names(&h.stream(id).response_trailers), ["x-checksum", "grpc-status"]);
+    assert_eq!(h.rec().metric(stat).map(|m| m.value), Some(1));
+}
+
+#[test]
+fn the_clients_token_and_stripped_names_never_ride_in_request_trailers() {
+    let mut h = host();
+    let id = forwarded(
+        &mut h,
+        "PUT",
+        "/v2/namespaces/demo/connectors/registry/lib/app/blobs/uploads/u-1?digest=sha256:0",
+    );
+    let t = bearer(&token("demo", "default"));
+    let trailers = [
+        ("authorization", t.as_str()),
+        ("x-checksum", "sha256:abc"),
+        ("cookie", "session=client-secret"),
+        ("authorization", "Bearer second"),
+    ];
+    assert_eq!(h.request_trailers(id, headers(&trailers)).unwrap(), Action::Continue);
+    let s = h.stream(id);
+    assert_eq!(names(&s.request_trailers), ["x-checksum"]);
+    assert!(s.local().is_none());
+}
