@@ -53,6 +53,12 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
                  Trailer: X-Debug\r\n\r\n2\r\n{{}}\r\n0\r\nX-Debug: {auth_line}\r\n\r\n"
             )),
+            // The credential in an informational (1xx) answer's headers, before a clean 200.
+            (_, p) if p.ends_with("/manifests/echo-early-hints") => Answer::Full(format!(
+                "HTTP/1.1 103 Early Hints\r\nX-Debug: {auth_line}\r\n\r\nHTTP/1.1 102 Processing\r\n\
+                 X-Debug: {auth_line}\r\n\r\nHTTP/1.1 100 Continue\r\nX-Debug: {auth_line}\r\n\r\n\
+                 HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+            )),
             (_, p) if p.ends_with("/manifests/cookie") => full(
                 "200 OK",
                 "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n",
@@ -282,6 +288,42 @@ fn a_credential_echoed_in_a_trailer_never_reaches_the_client() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.starts_with("HTTP/2 200"), "{text}");
     w.assert_no_secret("h2 answer with an echoing trailer", &text);
+}
+
+/// Envoy does not hand an upstream's informational answers to wasm filters, so the filter
+/// cannot check their headers: they must not reach the client at all.
+#[test]
+fn a_credential_echoed_in_an_informational_answer_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let path = format!("{PREFIX}/manifests/echo-early-hints");
+    let r = w.send("GET", &path);
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let basic = basic_value("robot", &w.password);
+    assert!(
+        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
+        "the upstream got the connector's credential (so it could echo it)"
+    );
+    w.assert_no_secret("HTTP/1.1 answer after 1xx answers", &response_text(&r));
+    for protocol in ["--http2", "--http1.1"] {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "-v", protocol, "--cacert", &proxy_ca(w), "-H"])
+            .arg(format!("Authorization: Bearer {}", w.token))
+            .arg(format!("{}{path}", w.envoy.base_url()))
+            .output()
+            .unwrap();
+        // `-v` shows every head curl received (`<` lines), informational ones included; its
+        // own request (`>` and `*` lines, the client's token) is left out.
+        let received: Vec<&str> = std::str::from_utf8(&out.stderr)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("< "))
+            .collect();
+        let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), received.join("\n"));
+        assert!(text.contains(" 200"), "{protocol}: {text}");
+        w.assert_no_secret(protocol, &text);
+    }
 }
 
 #[test]
