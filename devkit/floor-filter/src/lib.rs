@@ -17,6 +17,8 @@
 //! - `no-clock-no-counters`: without the clock and the two counters (8 calls), as if the clock
 //!   were read and the counters handed over on a once-a-second tick instead of per request
 //!   (docs/benchmark-log.md, "2026-12-03, late night").
+//! - `no-properties`: without the two access-log properties (9 calls): what the access log's
+//!   fields cost (docs/benchmark-log.md, "2026-12-04").
 
 // The variants replace the same calls in two ways: together they would measure neither.
 #[cfg(all(feature = "one-map-write", feature = "no-routing-edits"))]
@@ -92,8 +94,11 @@ mod filter {
                 let _ = hostcalls::increment_metric(forwarded, 1);
                 let _ = hostcalls::increment_metric(hits, 1);
             }
-            self.set_property(vec!["oci_connector.connector"], Some(b"bench/registry"));
-            self.set_property(vec!["oci_connector.subject"], Some(b"bench/default"));
+            #[cfg(not(feature = "no-properties"))]
+            {
+                self.set_property(vec!["oci_connector.connector"], Some(b"bench/registry"));
+                self.set_property(vec!["oci_connector.subject"], Some(b"bench/default"));
+            }
             #[cfg(not(feature = "one-map-write"))]
             self.set_http_request_header("authorization", Some(CREDENTIAL));
             Action::Continue
