@@ -102,6 +102,17 @@ pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
     secrets.iter().any(|s| contains(haystack, s))
 }
 
+/// Whether a body with this `Content-Encoding` is not the bytes it means (gzip, br, deflate,
+/// zstd, or anything else but `identity`): the echo check, which reads bytes as sent, cannot
+/// read it.
+pub fn is_encoded(content_encoding: Option<&str>) -> bool {
+    content_encoding.is_some_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+    })
+}
+
 /// The names of the entries of `map` (an answer's trailers) whose value holds a form of any of
 /// the credentials in `secrets`, each name once: what must be removed before the trailers go on
 /// (the answer's head and body have gone by then, so the answer cannot be withheld).
@@ -144,6 +155,22 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_identity_or_no_content_encoding_is_readable_as_sent() {
+        for readable in [None, Some(""), Some("identity"), Some(" Identity "), Some("identity, ")] {
+            assert!(!is_encoded(readable), "{readable:?}");
+        }
+        for encoded in [
+            Some("gzip"),
+            Some("br"),
+            Some("identity, gzip"),
+            Some("x-made-up"),
+            Some("GZIP"),
+        ] {
+            assert!(is_encoded(encoded), "{encoded:?}");
+        }
+    }
 
     #[test]
     fn trailers_that_repeat_a_credential_are_named_once_and_the_others_kept() {

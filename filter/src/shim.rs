@@ -407,6 +407,7 @@ impl RootContext for Root {
             realm: String::new(),
             flow: Flow::default(),
             check_body: false,
+            encoded: None,
             status: 0,
             held: false,
         }))
@@ -429,6 +430,9 @@ struct Http {
     /// An error answer's body is held and read before anything of the answer leaves: it must not
     /// repeat the credential, and a `400` may be ECR Public's `DENIED` for an expired token.
     check_body: bool,
+    /// The `Content-Encoding` of an error answer whose body cannot be checked as sent: its body
+    /// is replaced, never passed on unread.
+    encoded: Option<String>,
     /// The upstream's status, kept for the body phase.
     status: u32,
     /// The refusal of this request waits in the tarpit.
@@ -1178,6 +1182,18 @@ impl HttpContext for Http {
         if self.check_body && host::set_header(Map::Response, "content-length", None).is_err() {
             return self.refuse(unreadable_answer());
         }
+        // A compressed error body (a front proxy's gzip, asked for by the Go clients' automatic
+        // `Accept-Encoding`) would hide an echo from the check: it is replaced by the proxy's
+        // own JSON, so it must not be labelled as encoded or as the upstream's type.
+        let encoding = header("content-encoding");
+        if self.check_body && crate::leak::is_encoded(encoding.as_deref()) {
+            self.encoded = encoding.map(|e| e.into_owned());
+            if host::set_header(Map::Response, "content-encoding", None).is_err()
+                || host::set_header(Map::Response, "content-type", Some("application/json")).is_err()
+            {
+                return self.refuse(unreadable_answer());
+            }
+        }
         Action::Continue
     }
 
@@ -1250,6 +1266,26 @@ impl HttpContext for Http {
             .as_deref()
             .map(config::Connector::label)
             .unwrap_or_default();
+        if let Some(encoding) = &self.encoded {
+            // Unread, a 400 may be ECR Public's DENIED for an expired token (below): the token
+            // goes, and is fetched again next time.
+            if self.status == 400
+                && let Some(k) = self.flow.take_used_token()
+            {
+                let _ = self.with_state(|st| st.upstream.drop_token(&k));
+            }
+            let r = Refusal::bad_gateway(
+                "error_body_encoded",
+                format!(
+                    "the upstream registry of connector {} answered {} with an error body encoded as {}, which \
+                     the proxy does not pass on unread",
+                    crate::respond::quote(connector),
+                    self.status,
+                    crate::respond::quote(encoding)
+                ),
+            );
+            return self.withhold_body(body_size, end_of_stream, Some(r));
+        }
         if body_size > crate::leak::MAX_CHECKED_ERROR_BODY {
             // Not read, so not passed on.
             let r = Refusal::bad_gateway(

@@ -25,6 +25,8 @@ pub enum Then {
 pub enum Answer {
     /// A whole response, bytes as given.
     Full(String),
+    /// A whole response whose body is not text (a gzip'd one).
+    Bytes(Vec<u8>),
     /// `head` (status line and headers, announcing more body than follows), three body bytes,
     /// then [`Then`].
     Broken(String, Then),
@@ -131,6 +133,11 @@ fn serve(mut stream: TcpStream, rule: &Rule, seen: &Mutex<Vec<String>>, stop: &A
         match rule(&method, &path, &head) {
             Answer::Full(bytes) => {
                 if stream.write_all(bytes.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Answer::Bytes(bytes) => {
+                if stream.write_all(&bytes).is_err() {
                     return;
                 }
             }

@@ -48,6 +48,21 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             (_, p) if p.ends_with("/manifests/echo-header") => {
                 full("200 OK", &format!("X-Debug: {auth_line}\r\n"), "{}")
             }
+            // The credential in an error body compressed as a front proxy would for a client
+            // that accepts gzip (every Go client does, unasked).
+            (_, p) if p.ends_with("/manifests/echo-gzip") => {
+                let body = gzip(&format!(
+                    "{{\"errors\":[{{\"code\":\"MANIFEST_INVALID\",\"message\":\"{echo}\"}}]}}"
+                ));
+                let mut answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n\
+                     Content-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                answer.extend_from_slice(&body);
+                Answer::Bytes(answer)
+            }
             // The credential in a trailer, after a clean head and body.
             (_, p) if p.ends_with("/manifests/echo-trailer") => Answer::Full(format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
@@ -80,6 +95,25 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             _ => full("200 OK", "", &format!("{{\"echo\":\"{echo}\"}}")),
         }
     })
+}
+
+/// `text` compressed by Debian's `gzip`.
+fn gzip(text: &str) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut child = Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("gzip: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("gzip stdin: {e}"));
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("gzip: {e}"));
+    assert!(out.status.success(), "gzip failed");
+    out.stdout
 }
 
 struct World {
@@ -260,6 +294,32 @@ fn an_upstream_that_echoes_the_credential_is_withheld() {
         assert!(message.contains("repeated the connector's credential"), "{message}");
         w.assert_no_secret(what, &response_text(&r));
     }
+}
+
+/// An error body the filter cannot read as sent is not passed on: the client keeps the status
+/// and gets the proxy's own JSON, never the upstream's body decoded.
+#[test]
+fn a_credential_echoed_in_a_gzipped_error_body_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let path = format!("{PREFIX}/manifests/echo-gzip");
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--compressed", "--http2", "--cacert", &proxy_ca(w), "-H"])
+        .arg(format!("Authorization: Bearer {}", w.token))
+        .arg(format!("{}{path}", w.envoy.base_url()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let basic = basic_value("robot", &w.password);
+    assert!(
+        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
+        "the upstream got the connector's credential (so it could echo it)"
+    );
+    w.assert_no_secret("a gzip'd error body, decoded by curl", &text);
+    assert!(text.starts_with("HTTP/2 400"), "the upstream's status stays: {text}");
+    assert!(!text.to_ascii_lowercase().contains("content-encoding"), "{text}");
+    assert!(text.contains("encoded as"), "{text}");
 }
 
 /// The controller's upstream clusters speak HTTP/1.1 without trailers, so Envoy drops an

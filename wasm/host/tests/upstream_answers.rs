@@ -129,3 +129,51 @@ fn the_clients_token_and_stripped_names_never_ride_in_request_trailers() {
     assert_eq!(names(&s.request_trailers), ["x-checksum"]);
     assert!(s.local().is_none());
 }
+
+#[test]
+fn an_encoded_error_body_is_replaced_unread_and_keeps_its_status() {
+    let mut h = host();
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    let head = [
+        (":status", "404"),
+        ("content-encoding", "gzip"),
+        ("content-type", "text/html"),
+        ("content-length", "31"),
+    ];
+    assert_eq!(h.response_headers(id, headers(&head), false).unwrap(), Action::Continue);
+    let s = h.stream(id);
+    assert!(
+        s.response_header("content-encoding").is_none(),
+        "the replacement is not gzip"
+    );
+    assert_eq!(s.response_header("content-type").as_deref(), Some("application/json"));
+    // Whatever the bytes (here: gzip's magic and then anything), they are not passed on.
+    let gz = [0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, b'x', b'y'];
+    assert_eq!(h.response_body(id, &gz, true).unwrap(), Action::Continue);
+    let s = h.stream(id);
+    assert!(s.local().is_none(), "the head (404) went on; only the body is replaced");
+    let body: serde_json::Value = serde_json::from_slice(&s.response_body).unwrap();
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("answered 404 with an error body encoded as \"gzip\""),
+        "{message}"
+    );
+    let stat = "oci_connector.connector.demo.registry.refused.error_body_encoded";
+    assert_eq!(h.rec().metric(stat).map(|m| m.value), Some(1));
+
+    // `identity` is the bytes as sent: checked and passed as before.
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    let head = [(":status", "404"), ("content-encoding", "identity")];
+    h.response_headers(id, headers(&head), false).unwrap();
+    let plain = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
+    assert_eq!(h.response_body(id, plain, true).unwrap(), Action::Continue);
+    assert_eq!(h.stream(id).response_body, plain.to_vec());
+    // A success's body is never read, encoded or not (a gzip'd tag list goes on as sent).
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "200"), ("content-encoding", "gzip")]), false)
+        .unwrap();
+    assert_eq!(
+        h.stream(id).response_header("content-encoding").as_deref(),
+        Some("gzip")
+    );
+}
