@@ -1769,10 +1769,21 @@ fn warm_table(
         let diff: Vec<f64> = base.iter().zip(filter).map(|(b, f)| b - f).collect();
         let faster = diff.iter().filter(|d| **d > 0.0).count();
         println!(
-            "\nthe baseline module costs {:+.1} µs per request more than the filter (median of the rounds' differences); the filter was the cheaper in {faster} of {} rounds",
-            median(diff.clone()),
+            "\nthe baseline module costs {} than the filter (median of the rounds' differences); the filter was the cheaper in {faster} of {} rounds",
+            more_or_less(median(diff.clone())),
             diff.len()
         );
+        // A floor variant as the baseline (devkit/floor-filter's features): what its missing
+        // calls cost, side by side with the floor in the same rounds.
+        if let Some(floor) = cpu.get(3) {
+            let diff: Vec<f64> = floor.iter().zip(base).map(|(f, b)| f - b).collect();
+            let dearer = diff.iter().filter(|d| **d > 0.0).count();
+            println!(
+                "\nthe host-call floor costs {} than the baseline module (median of the rounds' differences); the floor was the dearer in {dearer} of {} rounds",
+                more_or_less(median(diff.clone())),
+                diff.len()
+            );
+        }
     }
     if let (Some(filter), Some(host_form)) = (cpu.get(2), cpu.last()) {
         let diff: Vec<f64> = filter.iter().zip(host_form).map(|(f, h)| f - h).collect();
@@ -1783,6 +1794,12 @@ fn warm_table(
     }
     drop((keep, keep_registry.take(), keep_static.take()));
     Ok(())
+}
+
+/// `d` µs as "N µs per request more" or "N µs per request less" (never "-N more").
+fn more_or_less(d: f64) -> String {
+    let word = if d < 0.0 { "less" } else { "more" };
+    format!("{:.1} µs per request {word}", d.abs())
 }
 
 /// The manifest rows' Distribution (lean: open, in-memory) holding a two-layer sample image at
