@@ -1185,9 +1185,13 @@ impl HttpContext for Http {
         // A compressed error body (a front proxy's gzip, asked for by the Go clients' automatic
         // `Accept-Encoding`) would hide an echo from the check: it is replaced by the proxy's
         // own JSON, so it must not be labelled as encoded or as the upstream's type.
-        let encoding = header("content-encoding");
-        if self.check_body && crate::leak::is_encoded(encoding.as_deref()) {
-            self.encoded = encoding.map(|e| e.into_owned());
+        let encoded = self
+            .check_body
+            .then(|| header("content-encoding"))
+            .flatten()
+            .filter(|e| crate::leak::is_encoded(Some(e)));
+        if let Some(encoding) = encoded {
+            self.encoded = Some(encoding.into_owned());
             if host::set_header(Map::Response, "content-encoding", None).is_err()
                 || host::set_header(Map::Response, "content-type", Some("application/json")).is_err()
             {
