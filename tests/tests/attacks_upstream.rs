@@ -190,6 +190,37 @@ impl World {
         }
     }
 
+    /// curl `-v` GETting `path` with the client's token and `args` (protocol, `--compressed`):
+    /// what it printed of the answer (`-i`), then every head it received (`-v`'s `<` lines,
+    /// informational ones included). Its own request (`>` and `*` lines, the client's token)
+    /// is left out.
+    fn curl_get(&self, args: &[&str], path: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "-v", "--cacert", &proxy_ca(self)])
+            .args(args)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg(format!("{}{path}", self.envoy.base_url()))
+            .output()
+            .unwrap();
+        let received: Vec<&str> = std::str::from_utf8(&out.stderr)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("< "))
+            .collect();
+        format!("{}\n{}", String::from_utf8_lossy(&out.stdout), received.join("\n"))
+    }
+
+    /// The upstream's last request carried the connector's credential, so its answer could
+    /// echo it: what makes an echo test able to fail.
+    fn assert_upstream_got_the_credential(&self) {
+        let basic = basic_value("robot", &self.password);
+        assert!(
+            self.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
+            "the upstream got the connector's credential (so it could echo it)"
+        );
+    }
+
     fn send(&self, method: &str, path: &str) -> Response {
         Request::new(method, path)
             .bearer(&self.token)
@@ -303,19 +334,8 @@ fn a_credential_echoed_in_a_gzipped_error_body_never_reaches_the_client() {
     let _t = serial();
     let w = world();
     w.warm();
-    let path = format!("{PREFIX}/manifests/echo-gzip");
-    let out = Command::new("curl")
-        .args(["-s", "-i", "--compressed", "--http2", "--cacert", &proxy_ca(w), "-H"])
-        .arg(format!("Authorization: Bearer {}", w.token))
-        .arg(format!("{}{path}", w.envoy.base_url()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let basic = basic_value("robot", &w.password);
-    assert!(
-        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
-        "the upstream got the connector's credential (so it could echo it)"
-    );
+    let text = w.curl_get(&["--compressed", "--http2"], &format!("{PREFIX}/manifests/echo-gzip"));
+    w.assert_upstream_got_the_credential();
     w.assert_no_secret("a gzip'd error body, decoded by curl", &text);
     assert!(text.starts_with("HTTP/2 400"), "the upstream's status stays: {text}");
     assert!(!text.to_ascii_lowercase().contains("content-encoding"), "{text}");
@@ -333,19 +353,9 @@ fn a_credential_echoed_in_a_trailer_never_reaches_the_client() {
     let path = format!("{PREFIX}/manifests/echo-trailer");
     let r = w.send("GET", &path);
     assert_eq!(r.status, 200, "{}", r.summary());
-    let basic = basic_value("robot", &w.password);
-    assert!(
-        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
-        "the upstream got the connector's credential (so it could echo it)"
-    );
+    w.assert_upstream_got_the_credential();
     w.assert_no_secret("HTTP/1.1 answer with an echoing trailer", &response_text(&r));
-    let out = Command::new("curl")
-        .args(["-s", "-i", "--http2", "--cacert", &proxy_ca(w), "-H"])
-        .arg(format!("Authorization: Bearer {}", w.token))
-        .arg(format!("{}{path}", w.envoy.base_url()))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = w.curl_get(&["--http2"], &path);
     assert!(text.starts_with("HTTP/2 200"), "{text}");
     w.assert_no_secret("h2 answer with an echoing trailer", &text);
 }
@@ -360,27 +370,10 @@ fn a_credential_echoed_in_an_informational_answer_never_reaches_the_client() {
     let path = format!("{PREFIX}/manifests/echo-early-hints");
     let r = w.send("GET", &path);
     assert_eq!(r.status, 200, "{}", r.summary());
-    let basic = basic_value("robot", &w.password);
-    assert!(
-        w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
-        "the upstream got the connector's credential (so it could echo it)"
-    );
+    w.assert_upstream_got_the_credential();
     w.assert_no_secret("HTTP/1.1 answer after 1xx answers", &response_text(&r));
     for protocol in ["--http2", "--http1.1"] {
-        let out = Command::new("curl")
-            .args(["-s", "-i", "-v", protocol, "--cacert", &proxy_ca(w), "-H"])
-            .arg(format!("Authorization: Bearer {}", w.token))
-            .arg(format!("{}{path}", w.envoy.base_url()))
-            .output()
-            .unwrap();
-        // `-v` shows every head curl received (`<` lines), informational ones included; its
-        // own request (`>` and `*` lines, the client's token) is left out.
-        let received: Vec<&str> = std::str::from_utf8(&out.stderr)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("< "))
-            .collect();
-        let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), received.join("\n"));
+        let text = w.curl_get(&[protocol], &path);
         assert!(text.contains(" 200"), "{protocol}: {text}");
         w.assert_no_secret(protocol, &text);
     }
