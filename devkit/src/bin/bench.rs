@@ -1761,8 +1761,8 @@ fn warm_table(
     if let (Some(filter), Some(floor)) = (cpu.get(2), cpu.get(3)) {
         let own: Vec<f64> = filter.iter().zip(floor).map(|(f, b)| f - b).collect();
         println!(
-            "\nthe filter costs {:+.1} µs per request more than the host-call floor (median of the rounds' differences): its own work; the floor's cost over the no-op filter is Envoy's and the wasm runtime's for these edits",
-            median(own)
+            "\nthe filter costs {} than the host-call floor (median of the rounds' differences): its own work; the floor's cost over the no-op filter is Envoy's and the wasm runtime's for these edits",
+            more_or_less(median(own))
         );
     }
     if let (Some(filter), Some(base), false) = (cpu.get(2), cpu.get(4), baseline_module.is_empty()) {
@@ -1788,8 +1788,8 @@ fn warm_table(
     if let (Some(filter), Some(host_form)) = (cpu.get(2), cpu.last()) {
         let diff: Vec<f64> = filter.iter().zip(host_form).map(|(f, h)| f - h).collect();
         println!(
-            "\nthe host form costs {:+.1} µs per request less than the path form (median of the rounds' differences; one header write fewer)",
-            median(diff)
+            "\nthe host form costs {} than the path form (median of the rounds' differences; one header write fewer)",
+            more_or_less(-median(diff))
         );
     }
     drop((keep, keep_registry.take(), keep_static.take()));
