@@ -66,6 +66,34 @@ fn keep_trailers(cfg: &mut Value) {
         keep;
 }
 
+/// Envoy with the filter and one connector, `team/registry`, to the open upstream on
+/// 127.0.0.1:`upstream_port` (Basic `robot`), trailers kept ([`keep_trailers`]).
+fn proxy(work: &WorkDir, minter: &Minter, upstream_port: u16) -> Envoy {
+    let connector = ConnectorSpec {
+        namespace: "team".into(),
+        name: "registry".into(),
+        address: format!("http://127.0.0.1:{upstream_port}"),
+        cluster: CLUSTER.into(),
+        username: "robot".into(),
+        password_env: "TEAM_PASSWORD".into(),
+        allowed_namespaces: vec![],
+        allowed_service_accounts: vec![],
+    };
+    let spec = EnvoySpec {
+        clusters: vec![Cluster {
+            name: CLUSTER.into(),
+            port: upstream_port,
+        }],
+        filter: Some(WasmFilter {
+            wasm: require_wasm().unwrap(),
+            config: filter_config(&minter.jwks(), std::slice::from_ref(&connector)),
+            secret_env: vec![("TEAM_PASSWORD".into(), PASSWORD.into())],
+            plain_route: false,
+        }),
+    };
+    Envoy::start_static_edited(work, &spec, 1, keep_trailers).unwrap()
+}
+
 /// curl's whole output for a GET of `path` with `token`: head, body and trailers (`-i` prints
 /// the trailers after the body).
 fn curl(envoy: &Envoy, protocol: &str, path: &str, token: &str) -> String {
@@ -101,29 +129,7 @@ fn trailers_that_repeat_the_credential_are_removed_and_the_others_arrive() {
     let work = WorkDir::new("e2e-trailers").unwrap();
     let minter = Minter::new(&work.sub("keys").unwrap()).unwrap();
     let upstream = echoing_upstream();
-    let connector = ConnectorSpec {
-        namespace: "team".into(),
-        name: "registry".into(),
-        address: upstream.url(),
-        cluster: CLUSTER.into(),
-        username: "robot".into(),
-        password_env: "TEAM_PASSWORD".into(),
-        allowed_namespaces: vec![],
-        allowed_service_accounts: vec![],
-    };
-    let spec = EnvoySpec {
-        clusters: vec![Cluster {
-            name: CLUSTER.into(),
-            port: upstream.port,
-        }],
-        filter: Some(WasmFilter {
-            wasm: require_wasm().unwrap(),
-            config: filter_config(&minter.jwks(), std::slice::from_ref(&connector)),
-            secret_env: vec![("TEAM_PASSWORD".into(), PASSWORD.into())],
-            plain_route: false,
-        }),
-    };
-    let envoy = Envoy::start_static_edited(&work, &spec, 1, keep_trailers).unwrap();
+    let envoy = proxy(&work, &minter, upstream.port);
     let token = minter.valid("team", "builder").unwrap();
     let basic = basic_value("robot", PASSWORD);
     let stat = "wasmcustom.oci_connector.connector.team.registry.refused.credential_echoed";
@@ -279,29 +285,7 @@ fn the_clients_token_in_request_trailers_never_reaches_the_upstream() {
     let work = WorkDir::new("e2e-request-trailers").unwrap();
     let minter = Minter::new(&work.sub("keys").unwrap()).unwrap();
     let (port, seen) = recording_upstream();
-    let connector = ConnectorSpec {
-        namespace: "team".into(),
-        name: "registry".into(),
-        address: format!("http://127.0.0.1:{port}"),
-        cluster: CLUSTER.into(),
-        username: "robot".into(),
-        password_env: "TEAM_PASSWORD".into(),
-        allowed_namespaces: vec![],
-        allowed_service_accounts: vec![],
-    };
-    let spec = EnvoySpec {
-        clusters: vec![Cluster {
-            name: CLUSTER.into(),
-            port,
-        }],
-        filter: Some(WasmFilter {
-            wasm: require_wasm().unwrap(),
-            config: filter_config(&minter.jwks(), std::slice::from_ref(&connector)),
-            secret_env: vec![("TEAM_PASSWORD".into(), PASSWORD.into())],
-            plain_route: false,
-        }),
-    };
-    let envoy = Envoy::start_static_edited(&work, &spec, 1, keep_trailers).unwrap();
+    let envoy = proxy(&work, &minter, port);
     let token = minter.valid("team", "builder").unwrap();
     let url = format!(
         "http://127.0.0.1:{}/v2/namespaces/team/connectors/registry/lib/app/blobs/uploads/u-1?digest=sha256:{}",
