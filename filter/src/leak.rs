@@ -9,7 +9,8 @@
 //!   shorter one would match by chance and is weak anyway).
 //!
 //! Matching is on raw bytes, case-sensitive, and also on the JSON-escaped form for passwords
-//! with characters JSON escapes (an error body that quotes the header as a JSON string).
+//! with characters JSON escapes (an error body that quotes the header as a JSON string); a
+//! header or trailer *name* is matched whatever its case (Envoy lowercases names).
 
 use base64::Engine as _;
 
@@ -102,6 +103,16 @@ pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
     secrets.iter().any(|s| contains(haystack, s))
 }
 
+/// Whether a header (or trailer) entry holds any of `secrets`: in its value as sent, or in its
+/// name whatever the case. Envoy lowercases names, so a mixed-case password an upstream put
+/// into a name (`X-Echo-<password>: 1`; URL-safe base64 is all name characters) would reach
+/// the client lowercased, with little left to guess.
+pub fn entry_holds_any(name: &[u8], value: &[u8], secrets: &[Vec<u8>]) -> bool {
+    secrets.iter().any(|s| {
+        contains(value, s) || (s.len() <= name.len() && name.windows(s.len()).any(|w| w.eq_ignore_ascii_case(s)))
+    })
+}
+
 /// Whether a body with this `Content-Encoding` is not the bytes it means (gzip, br, deflate,
 /// zstd, or anything else but `identity`): the echo check, which reads bytes as sent, cannot
 /// read it.
@@ -113,8 +124,8 @@ pub fn is_encoded(content_encoding: Option<&str>) -> bool {
     })
 }
 
-/// The names of the entries of `map` (an answer's trailers) whose value holds a form of any of
-/// the credentials in `secrets`, each name once: what must be removed before the trailers go on
+/// The names of the entries of `map` (an answer's trailers) whose name or value holds a form of
+/// any of the credentials in `secrets` ([`entry_holds_any`]), each name once: what must be removed before the trailers go on
 /// (the answer's head and body have gone by then, so the answer cannot be withheld).
 pub fn echoing_names<'a>(
     map: impl Iterator<Item = (&'a [u8], &'a [u8])>,
@@ -122,7 +133,7 @@ pub fn echoing_names<'a>(
 ) -> Vec<&'a [u8]> {
     let mut out: Vec<&[u8]> = Vec::new();
     for (name, value) in map {
-        if !out.contains(&name) && secrets.iter().any(|s| contains_any(value, s)) {
+        if !out.contains(&name) && secrets.iter().any(|s| entry_holds_any(name, value, s)) {
             out.push(name);
         }
     }
@@ -192,6 +203,22 @@ mod tests {
         // Nothing sent, nothing to find (a request answered before any credential went out).
         let any: Vec<(&[u8], &[u8])> = vec![(b"x-debug", b"s3cret-pw")];
         assert!(echoing_names(any.into_iter(), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_name_holding_a_credential_is_found_whatever_its_case() {
+        let s = secrets_of("Basic cm9ib3Q6UzNjcmV0LVB3");
+        // The password `S3cret-Pw` as a name, lowercased as Envoy passes it on.
+        assert!(entry_holds_any(b"x-echo-s3cret-pw", b"1", &s));
+        assert!(entry_holds_any(b"X-ECHO-S3CRET-PW", b"1", &s));
+        assert!(entry_holds_any(b"x-debug", b"S3cret-Pw", &s));
+        // Values stay case-sensitive, and a name shorter than every form is passed.
+        assert!(!entry_holds_any(b"x-debug", b"s3cret-pw", &s));
+        assert!(!entry_holds_any(b"pw", b"1", &s));
+        assert!(!entry_holds_any(b"docker-content-digest", b"sha256:abc", &s));
+        let trailers: Vec<(&[u8], &[u8])> = vec![(b"x-s3cret-pw", b""), (b"x-sum", b"1")];
+        let secrets: Vec<std::rc::Rc<[Vec<u8>]>> = vec![s.into()];
+        assert_eq!(echoing_names(trailers.into_iter(), &secrets), [&b"x-s3cret-pw"[..]]);
     }
 
     fn basic(user: &str, pw: &str) -> String {

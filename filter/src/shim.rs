@@ -1125,11 +1125,12 @@ impl HttpContext for Http {
         let location = header("location");
         let link = header("link");
         let has_challenge = headers.has("www-authenticate");
-        // An upstream that repeats the credential it was sent, in any header, is not answered.
+        // An upstream that repeats the credential it was sent, in any header's value or name, is
+        // not answered.
         let secrets = self.secrets();
         if headers
             .iter()
-            .any(|(_, v)| secrets.iter().any(|s| crate::leak::contains_any(v, s)))
+            .any(|(n, v)| secrets.iter().any(|s| crate::leak::entry_holds_any(n, v, s)))
         {
             return self.refuse(credential_echoed(plan.connector.label(), "a response header"));
         }

@@ -48,6 +48,11 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             (_, p) if p.ends_with("/manifests/echo-header") => {
                 full("200 OK", &format!("X-Debug: {auth_line}\r\n"), "{}")
             }
+            // The password as a header's *name* (URL-safe base64, as the test's, is all name
+            // characters); Envoy passes names on lowercased.
+            (_, p) if p.ends_with("/manifests/echo-header-name") => {
+                full("200 OK", &format!("X-Echo-{}: 1\r\n", password_of(&auth_line)), "{}")
+            }
             // The credential in an error body compressed as a front proxy would for a client
             // that accepts gzip (every Go client does, unasked).
             (_, p) if p.ends_with("/manifests/echo-gzip") => {
@@ -95,6 +100,17 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             _ => full("200 OK", "", &format!("{{\"echo\":\"{echo}\"}}")),
         }
     })
+}
+
+/// The password of an `Authorization: Basic ...` line (empty for anything else).
+fn password_of(auth_line: &str) -> String {
+    use base64::Engine;
+    let b64 = auth_line.rsplit(' ').next().unwrap_or_default();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&decoded).into_owned();
+    text.split_once(':').map(|(_, p)| p.to_string()).unwrap_or_default()
 }
 
 /// `text` compressed by Debian's `gzip`.
@@ -324,6 +340,28 @@ fn an_upstream_that_echoes_the_credential_is_withheld() {
         assert_eq!(code, "UNAVAILABLE");
         assert!(message.contains("repeated the connector's credential"), "{message}");
         w.assert_no_secret(what, &response_text(&r));
+    }
+}
+
+/// An upstream that puts the password into a header's name: Envoy lowercases the name, which
+/// leaves little of a mixed-case password to guess, so the answer is withheld as for a value.
+/// (Through the module before, the lowercased password reached the client as a header name.)
+#[test]
+fn a_credential_echoed_as_a_header_name_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let lower = w.password.to_ascii_lowercase();
+    for (what, args) in [("HTTP/1.1", &["--http1.1"][..]), ("h2", &["--http2"][..])] {
+        let text = w.curl_get(args, &format!("{PREFIX}/manifests/echo-header-name"));
+        w.assert_upstream_got_the_credential();
+        assert!(text.contains("502"), "{what}: {text}");
+        assert!(text.contains("repeated the connector's credential"), "{what}: {text}");
+        assert!(
+            !text.to_ascii_lowercase().contains(&lower),
+            "{what}: the password arrived: {text}"
+        );
+        w.assert_no_secret(what, &text);
     }
 }
 

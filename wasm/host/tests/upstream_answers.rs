@@ -1,5 +1,6 @@
 //! Upstream answers the shipped module must not pass on as they are (issue 12): answers that
-//! repeat the connector's credential, in a header or in an error body, and cookies.
+//! repeat the connector's credential, in a header's value or name, a trailer or an error body,
+//! and cookies.
 
 mod common;
 
@@ -58,6 +59,20 @@ fn a_header_that_repeats_the_credential_replaces_the_answer_and_cookies_go() {
     assert_eq!(local.status, 502);
     assert!(!local.body_text().contains(PASSWORD));
 
+    // The password as a header *name*, lowercased as Envoy passes names on.
+    let name = format!("x-echo-{}", PASSWORD.to_ascii_lowercase());
+    let id = forwarded(&mut h, "GET", MANIFEST);
+    h.response_headers(id, headers(&[(":status", "200"), (name.as_str(), "1")]), true)
+        .unwrap();
+    let local = h.stream(id).local().cloned().unwrap();
+    assert_eq!(local.status, 502, "an echoing name replaces the answer too");
+    assert!(
+        !local
+            .body_text()
+            .to_ascii_lowercase()
+            .contains(&PASSWORD.to_ascii_lowercase())
+    );
+
     let id = forwarded(&mut h, "GET", MANIFEST);
     h.response_headers(id, headers(&[(":status", "200"), ("set-cookie", "s=1")]), true)
         .unwrap();
@@ -79,11 +94,14 @@ fn trailers_that_repeat_the_credential_are_removed_and_the_others_pass() {
     h.response_headers(id, headers(&[(":status", "200")]), false).unwrap();
     assert_eq!(h.response_body(id, b"{}", false).unwrap(), Action::Continue);
     let cred = basic_credential();
+    // The password as a trailer's name, lowercased as Envoy passes names on.
+    let name = format!("x-echo-{}", PASSWORD.to_ascii_lowercase());
     let trailers = [
         ("x-debug", cred.as_str()),
         ("x-checksum", "sha256:abc"),
         ("x-password", PASSWORD),
         ("x-debug", "again"),
+        (name.as_str(), "1"),
     ];
     assert_eq!(h.response_trailers(id, headers(&trailers)).unwrap(), Action::Continue);
     let s = h.stream(id);
