@@ -79,6 +79,12 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
                  X-Debug: {auth_line}\r\n\r\nHTTP/1.1 100 Continue\r\nX-Debug: {auth_line}\r\n\r\n\
                  HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
             )),
+            // The credential as the status line's reason phrase, with a clean body.
+            (_, p) if p.ends_with("/manifests/echo-reason") => full(
+                &format!("404 {auth_line}"),
+                "",
+                r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+            ),
             (_, p) if p.ends_with("/manifests/cookie") => full(
                 "200 OK",
                 "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n",
@@ -413,6 +419,26 @@ fn a_credential_echoed_in_an_informational_answer_never_reaches_the_client() {
     for protocol in ["--http2", "--http1.1"] {
         let text = w.curl_get(&[protocol], &path);
         assert!(text.contains(" 200"), "{protocol}: {text}");
+        w.assert_no_secret(protocol, &text);
+    }
+}
+
+/// The filter never sees an upstream's reason phrase (proxy-wasm shows `:status` only): Envoy
+/// must not pass it on, over HTTP/1.1 (which has one) or h2 (which has none).
+#[test]
+fn a_credential_echoed_in_a_reason_phrase_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let path = format!("{PREFIX}/manifests/echo-reason");
+    for protocol in ["--http1.1", "--http2"] {
+        let text = w.curl_get(&[protocol], &path);
+        w.assert_upstream_got_the_credential();
+        assert!(text.contains(" 404"), "{protocol}: {text}");
+        assert!(
+            text.contains("MANIFEST_UNKNOWN"),
+            "{protocol}: the clean body passes: {text}"
+        );
         w.assert_no_secret(protocol, &text);
     }
 }
