@@ -413,31 +413,41 @@ pub fn plan_response(
     location: Option<&str>,
     link: Option<&str>,
 ) -> ResponseEdits {
-    if status == 401 {
-        let r = Refusal::upstream_refused(&quote(plan.connector.label()));
-        let reason = r.reason;
-        return ResponseEdits {
-            replace: Some((r.into_response(realm), reason)),
-            ..Default::default()
-        };
-    }
     let mapped = location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
-    // An upload session's Location is where the client sends its next PATCH/PUT, with its
-    // ServiceAccount token: on another host, that token could be replayed at the proxy against
-    // every connector its ServiceAccount may use. Blob GET redirects (object storage, CDNs) are
-    // different: clients follow those without credentials, so they pass untouched.
-    let is_upload = matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload);
-    if is_upload && let (Some(l), None) = (location, &mapped) {
-        let r = Refusal::bad_gateway(
-            "upload_location_elsewhere",
-            format!(
-                "the upstream registry of connector {} sent an upload Location outside its own API ({}): \
-                 the proxy does not send a client to another host with its credentials; the registry's \
-                 configuration (e.g. its public URL) must point uploads at itself",
-                quote(plan.connector.label()),
-                quote(l)
-            ),
-        );
+    let label = quote(plan.connector.label());
+    let refusal = match (location, &mapped) {
+        _ if status == 401 => Some(Refusal::upstream_refused(&label)),
+        // An upload session's Location is where the client sends its next PATCH/PUT, with its
+        // ServiceAccount token: on another host, that token could be replayed at the proxy
+        // against every connector its ServiceAccount may use. Blob GET redirects (object
+        // storage, CDNs) are different: clients follow those without credentials, so they pass
+        // untouched.
+        (Some(l), None) if matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload) => {
+            Some(Refusal::bad_gateway(
+                "upload_location_elsewhere",
+                format!(
+                    "the upstream registry of connector {label} sent an upload Location outside its own API ({}): \
+                     the proxy does not send a client to another host with its credentials; the registry's \
+                     configuration (e.g. its public URL) must point uploads at itself",
+                    quote(l)
+                ),
+            ))
+        }
+        // ...unless the redirect is on the proxy's host name at another port or scheme, or on
+        // a name below it: Go's client would take the client's token along.
+        (Some(l), None) if crate::rewrite::leads_off_proxy_with_credentials(l, &plan.client) => {
+            Some(Refusal::bad_gateway(
+                "location_on_proxy_host",
+                format!(
+                    "the upstream registry of connector {label} sent a Location ({}) on the proxy's own host \
+                     name but not the proxy: clients would follow it with their credential",
+                    quote(l)
+                ),
+            ))
+        }
+        _ => None,
+    };
+    if let Some(r) = refusal {
         let reason = r.reason;
         return ResponseEdits {
             replace: Some((r.into_response(realm), reason)),
@@ -988,6 +998,15 @@ mod tests {
         assert!(
             e.replace.is_none() && e.location.is_none(),
             "a blob redirect passes untouched"
+        );
+        // The proxy's own host name at another port: a Go client would take its token there.
+        let e = plan_response(&plan, "realm", 307, Some("http://p:31000/blob"), None);
+        let (resp, reason) = e.replace.expect("a redirect to the proxy's host at another port");
+        assert_eq!((resp.status, reason), (502, "location_on_proxy_host"));
+        assert!(
+            String::from_utf8(resp.body)
+                .unwrap()
+                .contains("on the proxy's own host name")
         );
     }
 }

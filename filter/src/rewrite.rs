@@ -23,23 +23,87 @@ pub fn rewrite_url(url: &str, upstream: &Upstream, client: &ClientView) -> Optio
     if url.bytes().any(|b| b.is_ascii_control()) {
         return None;
     }
-    if let Some(rest) = url.strip_prefix("//") {
-        // Scheme-relative: same scheme as the request that the upstream answered.
-        let (authority, path) = split_authority(rest);
-        if !upstream.is_origin(&upstream.scheme, authority) {
-            return None;
-        }
-        return map_path(path, client).map(|p| format!("{}{p}", client.origin));
-    }
-    if url.starts_with('/') {
+    if url.starts_with('/') && !url.starts_with("//") {
         return map_path(url, client);
     }
-    let (scheme, rest) = url.split_once("://")?;
-    let (authority, path) = split_authority(rest);
+    // Scheme-relative: same scheme as the request that the upstream answered.
+    let (scheme, authority, path) = absolute(url, &upstream.scheme)?;
     if !upstream.is_origin(scheme, authority) {
         return None;
     }
     map_path(path, client).map(|p| format!("{}{p}", client.origin))
+}
+
+/// The scheme, authority and the rest of an absolute (`http://h/p`) or scheme-relative
+/// (`//h/p`, of scheme `default`) URL; `None` for anything else.
+fn absolute<'a>(url: &'a str, default: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
+    let (scheme, rest) = match url.strip_prefix("//") {
+        Some(rest) => (default, rest),
+        None => url.split_once("://")?,
+    };
+    let (authority, path) = split_authority(rest);
+    Some((scheme, authority, path))
+}
+
+/// Whether a client that follows `url` (a `Location` the filter did not map back to itself)
+/// would hand the credential it gave the proxy to something that is not the proxy. Go's HTTP
+/// client (containerd, CRI-O, skopeo, podman, buildah) copies a request's `Authorization` to a
+/// redirect on the same host name or a name below it, whatever the scheme and port: a Location
+/// at another port of the proxy's address (a NodePort, any listener on a node) or on a name
+/// under the proxy's would receive the client's ServiceAccount token. A host that does not read
+/// as a plain name or address (user info, percent escapes, non-ASCII that IDNA could fold into
+/// the proxy's name) counts as such a place. A relative URL, or one at the proxy's own origin,
+/// leads back to the proxy.
+pub fn leads_off_proxy_with_credentials(url: &str, client: &ClientView) -> bool {
+    let (proxy_scheme, proxy_authority) = client.origin.split_once("://").unwrap_or(("https", &client.origin));
+    // A relative URL stays on the proxy; anything but http(s) is not followed.
+    let Some((scheme, authority, _)) = absolute(url, proxy_scheme) else {
+        return false;
+    };
+    if !same(scheme, "http") && !same(scheme, "https") {
+        return false;
+    }
+    let (Some((host, port)), Some((proxy_host, proxy_port))) =
+        (origin_of(scheme, authority), origin_of(proxy_scheme, proxy_authority))
+    else {
+        return true;
+    };
+    if same(host, proxy_host) {
+        return !(port == proxy_port && same(scheme, proxy_scheme));
+    }
+    // A name below the proxy's (an IPv6 address has none).
+    let dot = host.len().wrapping_sub(proxy_host.len() + 1);
+    !host.starts_with('[')
+        && host.as_bytes().get(dot) == Some(&b'.')
+        && host.get(dot + 1..).is_some_and(|tail| same(tail, proxy_host))
+}
+
+/// ASCII case-insensitive equality, one copy in the module (it is on the 700 KB budget).
+#[inline(never)]
+fn same(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// An authority as (host without a trailing dot, port or the scheme's default); `None` for
+/// anything but a plain name or address (user info, escapes, non-ASCII).
+fn origin_of<'a>(scheme: &str, authority: &'a str) -> Option<(&'a str, &'a str)> {
+    for b in authority.bytes() {
+        if !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')) {
+            return None;
+        }
+    }
+    let end = match authority.rfind(']') {
+        Some(i) => i + 1,
+        None => authority.find(':').unwrap_or(authority.len()),
+    };
+    let (host, port) = authority.split_at_checked(end)?;
+    let port = match port.strip_prefix(':').unwrap_or(port) {
+        "" if same(scheme, "https") => "443",
+        "" => "80",
+        p => p,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    (!host.is_empty()).then_some((host, port))
 }
 
 fn split_authority(rest: &str) -> (&str, &str) {
@@ -87,6 +151,58 @@ pub fn rewrite_link(value: &str, upstream: &Upstream, client: &ClientView) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_at_another_port_or_below_the_proxys_name_would_carry_the_clients_credential() {
+        let view = |origin: &str| ClientView {
+            origin: origin.into(),
+            prefix: "/v2/namespaces/demo/connectors/reg".into(),
+        };
+        let ip = view("https://127.0.0.1:10443");
+        for url in [
+            "http://127.0.0.1:31000/steal",
+            "https://127.0.0.1/steal",
+            "http://127.0.0.1:10443/plain-http-same-port",
+            "//127.0.0.1:9/scheme-relative",
+            "HTTP://127.0.0.1.:9/trailing-dot",
+            "https://sa@127.0.0.1:10443/user-info",
+            "https://127.0.0.%31:9/percent-escaped",
+            "https://１２７.0.0.1:9/non-ascii",
+        ] {
+            assert!(leads_off_proxy_with_credentials(url, &ip), "{url}");
+        }
+        for url in [
+            "https://127.0.0.1:10443/v2/namespaces/demo/connectors/reg/a/blobs/sha256:1",
+            "https://127.0.0.1:10443/elsewhere-on-the-proxy",
+            "/relative/path?next=https://127.0.0.1:9/",
+            "blob?x=1",
+            "http://localhost:31000/another-host-name",
+            "https://127.0.0.2/another-address",
+            "https://bucket.s3.example/blob?X-Amz-Signature=abc",
+            "ftp://127.0.0.1:21/not-followed",
+        ] {
+            assert!(!leads_off_proxy_with_credentials(url, &ip), "{url}");
+        }
+        let name = view("https://registry.corp.example");
+        for url in [
+            "https://harbor.registry.corp.example/v2/a",
+            "https://REGISTRY.corp.example:8443/other-port",
+            "http://registry.corp.example/plain-http",
+        ] {
+            assert!(leads_off_proxy_with_credentials(url, &name), "{url}");
+        }
+        for url in [
+            "https://registry.corp.example:443/default-port",
+            "https://corp.example/the-parent",
+            "https://evilregistry.corp.example/not-below-it",
+            "https://storage.example/x",
+        ] {
+            assert!(!leads_off_proxy_with_credentials(url, &name), "{url}");
+        }
+        let v6 = view("https://[::1]:10443");
+        assert!(leads_off_proxy_with_credentials("http://[::1]:9/x", &v6));
+        assert!(!leads_off_proxy_with_credentials("https://[::1]:10443/x", &v6));
+    }
 
     fn upstream() -> Upstream {
         Upstream::parse("http://127.0.0.1:5000").unwrap()

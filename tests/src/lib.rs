@@ -99,6 +99,26 @@ impl<S: Fixture> SharedFixture<S> {
     }
 }
 
+/// `tests/testdata/<name>.go` (a client only Go's standard library has: request trailers,
+/// net/http's redirect rules), built into `work` with the Go toolchain set-up installs.
+pub fn go_client(work: &connector_devkit::WorkDir, name: &str) -> std::path::PathBuf {
+    let bin = work.sub("go").unwrap().join(name);
+    let src = connector_devkit::repo_root().join(format!("tests/testdata/{name}.go"));
+    let out = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .env("GOFLAGS", "-mod=mod")
+        .output()
+        .unwrap_or_else(|e| panic!("go build (the Go toolchain comes with scripts/setup.sh): {e}"));
+    assert!(
+        out.status.success(),
+        "go build {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
 /// `/v2/namespaces/<ns>/connectors/<name>/<rest>`.
 pub fn path_form(ns: &str, name: &str, rest: &str) -> String {
     format!("/v2/namespaces/{ns}/connectors/{name}/{rest}")

@@ -97,9 +97,24 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
                 ),
                 "",
             ),
+            // An image whose config blob redirects to the proxy's own host name (127.0.0.1, as
+            // the client reaches the proxy) at the storage's port: a Go client would follow it
+            // with the credential it gave the proxy.
+            ("GET", "/v2/lib/redir/manifests/v1") => Answer::Full(format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                 Content-Length: {}\r\n\r\n{REDIR_MANIFEST}",
+                REDIR_MANIFEST.len()
+            )),
+            ("GET", p) if p.starts_with("/v2/lib/redir/blobs/sha256:") => full(
+                "307 Temporary Redirect",
+                &format!("Location: http://127.0.0.1:{storage}/bucket/config\r\n"),
+                "",
+            ),
+            // Storage under another host name than the proxy's (`localhost`): clients follow
+            // without credentials.
             ("GET", p) if p.contains("/blobs/sha256:") => full(
                 "307 Temporary Redirect",
-                &format!("Location: http://127.0.0.1:{storage}/bucket/blob?X-Amz-Signature=sig\r\n"),
+                &format!("Location: http://localhost:{storage}/bucket/blob?X-Amz-Signature=sig\r\n"),
                 "",
             ),
             // Anything else: the whole request echoed back, as a TRACE-happy server would.
@@ -107,6 +122,9 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
         }
     })
 }
+
+/// The manifest of `lib/redir:v1`, whose config blob the hostile upstream redirects.
+const REDIR_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":10},"layers":[]}"#;
 
 /// The password of an `Authorization: Basic ...` line (empty for anything else).
 fn password_of(auth_line: &str) -> String {
@@ -468,7 +486,7 @@ fn a_blob_redirect_to_storage_still_works_and_carries_no_credential() {
     assert_eq!(r.status, 307, "{}", r.summary());
     let location = r.header("location").unwrap_or_default().to_string();
     assert!(
-        location.starts_with(&format!("http://127.0.0.1:{}/bucket/blob", w.storage.port)),
+        location.starts_with(&format!("http://localhost:{}/bucket/blob", w.storage.port)),
         "the storage redirect passes untouched: {location}"
     );
     // A real client follows it: curl drops the Authorization header for another host.
@@ -489,6 +507,56 @@ fn a_blob_redirect_to_storage_still_works_and_carries_no_credential() {
         );
         w.assert_no_secret("storage request", &h);
     }
+}
+
+/// A redirect to the proxy's own host name at another port (a NodePort, any listener on the
+/// node's address) would take the client's token there: Go's net/http, which containerd,
+/// CRI-O, skopeo and podman use, copies `Authorization` to a redirect on the same host name
+/// whatever the port (since Go 1.2x; the machine's skopeo 1.9.3 is built with an older Go that
+/// did not). The proxy refuses it, and nothing reaches that port. (Through the module before, a
+/// client built with today's Go followed it and the listener got the client's token.)
+#[test]
+fn a_redirect_to_another_port_on_the_proxys_host_is_refused_and_the_token_stays() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.storage.heads().len();
+    let path = format!("/v2/namespaces/demo/connectors/echo/lib/redir/blobs/{DIGEST}");
+    let out = Command::new(connector_e2e::go_client(&w._s.work, "redirect-client"))
+        .arg(format!("{}{path}", w.envoy.base_url()))
+        .arg(&w.token)
+        .arg(proxy_ca(w))
+        .output()
+        .unwrap_or_else(|e| panic!("redirect-client: {e}"));
+    let reached: Vec<String> = w.storage.heads().into_iter().skip(before).collect();
+    assert!(reached.is_empty(), "the redirect's target was reached: {reached:?}");
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        status,
+        "502",
+        "redirect-client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A registry client pulling the image hits the same refusal.
+    let reference = format!(
+        "docker://{}/namespaces/demo/connectors/echo/lib/redir:v1",
+        w.envoy.authority()
+    );
+    let pull =
+        w._s.skopeo
+            .inspect(
+                &reference,
+                connector_devkit::skopeo::Creds::Basic("sa", &w.token),
+                false,
+            )
+            .unwrap();
+    assert!(!pull.success && pull.stderr.contains("502"), "skopeo: {}", pull.stderr);
+    assert_eq!(w.storage.heads().len(), before, "skopeo reached the redirect's target");
+    // What the client is told, without following.
+    let text = w.curl_get(&[], &path);
+    assert!(text.contains(" 502"), "{text}");
+    assert!(text.contains("on the proxy's own host name"), "{text}");
+    w.assert_no_secret("refused redirect", &text);
 }
 
 #[test]

@@ -261,25 +261,6 @@ fn read_request(r: &mut BufReader<std::net::TcpStream>) -> Option<(String, bool)
     Some((raw, get_base))
 }
 
-/// `tests/testdata/trailer-client.go`, built once into the work directory.
-fn trailer_client(work: &WorkDir) -> std::path::PathBuf {
-    let bin = work.sub("go").unwrap().join("trailer-client");
-    let src = connector_devkit::repo_root().join("tests/testdata/trailer-client.go");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .env("GOFLAGS", "-mod=mod")
-        .output()
-        .unwrap_or_else(|e| panic!("go build (the Go toolchain comes with scripts/setup.sh): {e}"));
-    assert!(
-        out.status.success(),
-        "go build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
-
 #[test]
 fn the_clients_token_in_request_trailers_never_reaches_the_upstream() {
     let work = WorkDir::new("e2e-request-trailers").unwrap();
@@ -292,7 +273,7 @@ fn the_clients_token_in_request_trailers_never_reaches_the_upstream() {
         envoy.port,
         "1".repeat(64)
     );
-    let out = Command::new(trailer_client(&work))
+    let out = Command::new(connector_e2e::go_client(&work, "trailer-client"))
         .arg(&url)
         .arg(&token)
         .output()
