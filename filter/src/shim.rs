@@ -1135,9 +1135,12 @@ impl HttpContext for Http {
             return self.refuse(credential_echoed(plan.connector.label(), "a response header"));
         }
         // Cookies of one upstream would be stored for the proxy's origin, shared by every
-        // connector and tenant behind it.
-        if headers.has("set-cookie") && host::set_header(Map::Response, "set-cookie", None).is_err() {
-            return self.refuse(unreadable_answer());
+        // connector and tenant behind it; and an upstream's `Alt-Svc` would name another place
+        // for clients that honour it to send the proxy's requests, tokens included.
+        for name in ["set-cookie", "alt-svc"] {
+            if headers.has(name) && host::set_header(Map::Response, name, None).is_err() {
+                return self.refuse(unreadable_answer());
+            }
         }
         let edits = plan_response(plan, &self.realm, status, location.as_deref(), link.as_deref());
         // The upstream's challenge would send the client's token to the upstream's realm.

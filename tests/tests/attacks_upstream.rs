@@ -87,7 +87,8 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             ),
             (_, p) if p.ends_with("/manifests/cookie") => full(
                 "200 OK",
-                "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n",
+                "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n\
+                 Alt-Svc: h2=\"elsewhere.example:443\"; ma=86400\r\n",
                 "{}",
             ),
             ("POST", p) if p.ends_with("/blobs/uploads/") => full(
@@ -560,7 +561,7 @@ fn a_redirect_to_another_port_on_the_proxys_host_is_refused_and_the_token_stays(
 }
 
 #[test]
-fn upstream_cookies_are_stripped_and_client_addresses_not_passed() {
+fn upstream_cookies_and_alt_svc_are_stripped_and_client_addresses_not_passed() {
     let _t = serial();
     let w = world();
     w.warm();
@@ -574,6 +575,10 @@ fn upstream_cookies_are_stripped_and_client_addresses_not_passed() {
     assert!(
         r.header("set-cookie").is_none(),
         "an upstream cookie reached the client"
+    );
+    assert!(
+        r.header("alt-svc").is_none(),
+        "an upstream's alternative service reached the client"
     );
     let last = w.upstream.heads().pop().unwrap();
     assert!(

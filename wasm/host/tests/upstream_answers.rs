@@ -74,9 +74,18 @@ fn a_header_that_repeats_the_credential_replaces_the_answer_and_cookies_go() {
     );
 
     let id = forwarded(&mut h, "GET", MANIFEST);
-    h.response_headers(id, headers(&[(":status", "200"), ("set-cookie", "s=1")]), true)
-        .unwrap();
+    h.response_headers(
+        id,
+        headers(&[
+            (":status", "200"),
+            ("set-cookie", "s=1"),
+            ("alt-svc", "h2=\"x.example:443\""),
+        ]),
+        true,
+    )
+    .unwrap();
     assert!(h.stream(id).response_header("set-cookie").is_none());
+    assert!(h.stream(id).response_header("alt-svc").is_none());
     assert!(h.stream(id).local().is_none());
 }
 
