@@ -414,9 +414,10 @@ pub fn plan_response(
     link: Option<&str>,
 ) -> ResponseEdits {
     let mapped = location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
-    let label = quote(plan.connector.label());
+    // Built only for a refusal: never on a forwarded answer.
+    let label = || quote(plan.connector.label());
     let refusal = match (location, &mapped) {
-        _ if status == 401 => Some(Refusal::upstream_refused(&label)),
+        _ if status == 401 => Some(Refusal::upstream_refused(&label())),
         // An upload session's Location is where the client sends its next PATCH/PUT, with its
         // ServiceAccount token: on another host, that token could be replayed at the proxy
         // against every connector its ServiceAccount may use. Blob GET redirects (object
@@ -426,9 +427,10 @@ pub fn plan_response(
             Some(Refusal::bad_gateway(
                 "upload_location_elsewhere",
                 format!(
-                    "the upstream registry of connector {label} sent an upload Location outside its own API ({}): \
+                    "the upstream registry of connector {} sent an upload Location outside its own API ({}): \
                      the proxy does not send a client to another host with its credentials; the registry's \
                      configuration (e.g. its public URL) must point uploads at itself",
+                    label(),
                     quote(l)
                 ),
             ))
@@ -439,8 +441,9 @@ pub fn plan_response(
             Some(Refusal::bad_gateway(
                 "location_on_proxy_host",
                 format!(
-                    "the upstream registry of connector {label} sent a Location ({}) on the proxy's own host \
+                    "the upstream registry of connector {} sent a Location ({}) on the proxy's own host \
                      name but not the proxy: clients would follow it with their credential",
+                    label(),
                     quote(l)
                 ),
             ))
