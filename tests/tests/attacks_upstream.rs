@@ -85,6 +85,11 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
                 "",
                 r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
             ),
+            (_, p) if p.ends_with("/manifests/unavailable") => full(
+                "503 Service Unavailable",
+                "",
+                r#"{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}"#,
+            ),
             (_, p) if p.ends_with("/manifests/cookie") => full(
                 "200 OK",
                 "Set-Cookie: session=upstream-session; Path=/\r\nSet-Cookie: other=1\r\n\
@@ -677,5 +682,31 @@ fn a_read_only_connector_serves_pulls_and_refuses_writes_before_the_upstream() {
         w.upstream.heads().len(),
         before,
         "a write reached the upstream of a read-only connector"
+    );
+}
+
+/// A client cannot make Envoy multiply its requests to the upstream (each with the connector's
+/// credential, against a registry's rate limit every tenant shares): Envoy's retry and timeout
+/// headers from a client are not honoured.
+#[test]
+fn a_client_asking_envoy_to_retry_reaches_the_upstream_once() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.upstream.heads().len();
+    let r = Request::get(&format!("{PREFIX}/manifests/unavailable"))
+        .bearer(&w.token)
+        .header("x-envoy-retry-on", "5xx,reset,retriable-status-codes")
+        .header("x-envoy-retriable-status-codes", "503")
+        .header("x-envoy-max-retries", "5")
+        .send(w.envoy.port)
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.summary());
+    let seen: Vec<String> = w.upstream.heads().into_iter().skip(before).collect();
+    assert_eq!(seen.len(), 1, "the upstream got {} requests", seen.len());
+    assert!(
+        !seen[0].to_ascii_lowercase().contains("x-envoy-retry-on"),
+        "a client's Envoy header reached the upstream: {}",
+        seen[0]
     );
 }
