@@ -414,39 +414,35 @@ pub fn plan_response(
     link: Option<&str>,
 ) -> ResponseEdits {
     let mapped = location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
-    // Built only for a refusal: never on a forwarded answer.
-    let label = || quote(plan.connector.label());
     let refusal = match (location, &mapped) {
-        _ if status == 401 => Some(Refusal::upstream_refused(&label())),
+        _ if status == 401 => Some(Refusal::upstream_refused(&quote(plan.connector.label()))),
         // An upload session's Location is where the client sends its next PATCH/PUT, with its
         // ServiceAccount token: on another host, that token could be replayed at the proxy
         // against every connector its ServiceAccount may use. Blob GET redirects (object
         // storage, CDNs) are different: clients follow those without credentials, so they pass
-        // untouched.
-        (Some(l), None) if matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload) => {
-            Some(Refusal::bad_gateway(
-                "upload_location_elsewhere",
-                format!(
-                    "the upstream registry of connector {} sent an upload Location outside its own API ({}): \
-                     the proxy does not send a client to another host with its credentials; the registry's \
-                     configuration (e.g. its public URL) must point uploads at itself",
-                    label(),
-                    quote(l)
-                ),
-            ))
-        }
-        // ...unless the redirect is on the proxy's host name at another port or scheme, or on
-        // a name below it: Go's client would take the client's token along.
-        (Some(l), None) if crate::rewrite::leads_off_proxy_with_credentials(l, &plan.client) => {
-            Some(Refusal::bad_gateway(
-                "location_on_proxy_host",
-                format!(
-                    "the upstream registry of connector {} sent a Location ({}) on the proxy's own host \
-                     name but not the proxy: clients would follow it with their credential",
-                    label(),
-                    quote(l)
-                ),
-            ))
+        // untouched, unless they lead to the proxy's host name at another port or scheme, or
+        // to a name below it, where Go's client would take the client's token along.
+        (Some(l), None) => {
+            let upload = matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload);
+            (upload || crate::rewrite::leads_off_proxy_with_credentials(l, &plan.client)).then(|| {
+                let (reason, what, fix) = if upload {
+                    (
+                        "upload_location_elsewhere",
+                        "an upload Location outside its own API",
+                        "; the registry's configuration (e.g. its public URL) must point uploads at itself",
+                    )
+                } else {
+                    ("location_on_proxy_host", "a Location on the proxy's host name but not the proxy", "")
+                };
+                Refusal::bad_gateway(
+                    reason,
+                    format!(
+                        "the upstream registry of connector {} sent {what} ({}), where the client would take its credentials{fix}",
+                        quote(plan.connector.label()),
+                        quote(l)
+                    ),
+                )
+            })
         }
         _ => None,
     };
@@ -1009,7 +1005,7 @@ mod tests {
         assert!(
             String::from_utf8(resp.body)
                 .unwrap()
-                .contains("on the proxy's own host name")
+                .contains("on the proxy's host name but not the proxy")
         );
     }
 }

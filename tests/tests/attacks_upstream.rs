@@ -48,6 +48,16 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
             (_, p) if p.ends_with("/manifests/echo-header") => {
                 full("200 OK", &format!("X-Debug: {auth_line}\r\n"), "{}")
             }
+            // The request's Authorization URL-encoded into an error page (the base64's `=`
+            // padding becomes `%3D`).
+            (_, p) if p.ends_with("/manifests/echo-urlencoded") => full(
+                "400 Bad Request",
+                "",
+                &format!(
+                    "{{\"errors\":[{{\"code\":\"MANIFEST_INVALID\",\"detail\":\"{}\"}}]}}",
+                    url_encoded(&auth_line)
+                ),
+            ),
             // The password as a header's *name* (URL-safe base64, as the test's, is all name
             // characters); Envoy passes names on lowercased.
             (_, p) if p.ends_with("/manifests/echo-header-name") => {
@@ -131,6 +141,16 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
 
 /// The manifest of `lib/redir:v1`, whose config blob the hostile upstream redirects.
 const REDIR_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":10},"layers":[]}"#;
+
+/// `text` percent-encoded as a form value (all but letters, digits and `-._~`).
+fn url_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 /// The password of an `Authorization: Basic ...` line (empty for anything else).
 fn password_of(auth_line: &str) -> String {
@@ -354,6 +374,7 @@ fn an_upstream_that_echoes_the_credential_is_withheld() {
     // echoing header replaces the whole answer with 502.
     for (what, tag, status) in [
         ("error body", "echo-error", 400),
+        ("URL-encoded error body", "echo-urlencoded", 400),
         ("response header", "echo-header", 502),
     ] {
         let before = w.upstream.heads().len();
@@ -561,7 +582,7 @@ fn a_redirect_to_another_port_on_the_proxys_host_is_refused_and_the_token_stays(
     // What the client is told, without following.
     let text = w.curl_get(&[], &path);
     assert!(text.contains(" 502"), "{text}");
-    assert!(text.contains("on the proxy's own host name"), "{text}");
+    assert!(text.contains("on the proxy's host name but not the proxy"), "{text}");
     w.assert_no_secret("refused redirect", &text);
 }
 
