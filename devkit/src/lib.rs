@@ -69,7 +69,7 @@ pub fn wasm_path() -> PathBuf {
 }
 
 /// The command that builds [`wasm_path`]; named in every "missing module" error.
-pub const WASM_BUILD_COMMAND: &str = "cargo build -p connector-filter --target wasm32-wasip1 --release";
+pub const WASM_BUILD_COMMAND: &str = "bash scripts/build-filter.sh";
 
 /// Fails with the build command when the filter module has not been built.
 pub fn require_wasm() -> Result<PathBuf> {

@@ -61,8 +61,8 @@ pub fn arg(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// The release module as `cargo build -p connector-filter --target wasm32-wasip1 --release`
-/// writes it, or the file `CONNECTOR_FILTER_WASM` names.
+/// The release module as `scripts/build-filter.sh` (cargo, then wasm-opt) leaves it,
+/// or the file `CONNECTOR_FILTER_WASM` names.
 pub fn default_module_path() -> PathBuf {
     if let Ok(p) = std::env::var("CONNECTOR_FILTER_WASM") {
         return PathBuf::from(p);
@@ -323,7 +323,7 @@ fn compiled(path: &Path, optimized: bool) -> Result<(Engine, Module)> {
     let engine = Engine::new(&config)?;
     let bytes = std::fs::read(path).with_context(|| {
         format!(
-            "reading {} (build it: cargo build -p connector-filter --target wasm32-wasip1 --release)",
+            "reading {} (build it: bash scripts/build-filter.sh, or cargo build -p connector-filter --target wasm32-wasip1 --release)",
             path.display()
         )
     })?;
