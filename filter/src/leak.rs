@@ -4,7 +4,7 @@
 //!
 //! What counts as the credential, from the `Authorization` value the filter sent:
 //! - the value itself and what follows the scheme (the base64 of `user:password`, or the
-//!   bearer token), also without base64 padding;
+//!   bearer token), also without base64 padding, and with a `+` or `/` in it URL-encoded;
 //! - for Basic, the decoded `user:password` and the password alone (at least 4 bytes: a
 //!   shorter one would match by chance and is weak anyway).
 //!
@@ -49,7 +49,21 @@ fn forms_of(sent: &str, least: bool) -> Vec<Vec<u8>> {
     // keeps it in that form's place: no more forms to check.
     let padded = rest.as_bytes();
     let pad = padded.iter().rev().take_while(|&&b| b == b'=').count();
-    push(padded.get(..padded.len() - pad).unwrap_or_default());
+    let unpadded = padded.get(..padded.len() - pad).unwrap_or_default();
+    push(unpadded);
+    // URL-encoded, a `+` or `/` inside the base64 (where the credential holds `>`, `?`, `~` or
+    // non-ASCII text) breaks it apart too: that encoding is a form of its own.
+    if unpadded.iter().any(|&b| b == b'+' || b == b'/') {
+        let mut encoded = Vec::with_capacity(unpadded.len() + 16);
+        for &b in unpadded {
+            match b {
+                b'+' => encoded.extend_from_slice(b"%2B"),
+                b'/' => encoded.extend_from_slice(b"%2F"),
+                _ => encoded.push(b),
+            }
+        }
+        push(&encoded);
+    }
     if scheme.eq_ignore_ascii_case("basic")
         && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest)
     {
@@ -223,6 +237,18 @@ mod tests {
         assert!(contains_any(b"authorization=Basic%20cm9ib3Q6cHc%3D", &s));
         assert!(contains_any(b"Basic cm9ib3Q6cHc=", &s));
         assert!(!contains_any(b"cm9ib3Q6cH", &s));
+    }
+
+    #[test]
+    fn a_url_encoded_credential_with_plus_or_slash_in_its_base64_is_found() {
+        // `robot:a>b?c~d` is `cm9ib3Q6YT5iP2N+ZA==`: a URL-encoded echo breaks it at `+`.
+        let s = secrets_of("Basic cm9ib3Q6YT5iP2N+ZA==");
+        assert!(contains_any(b"auth=Basic%20cm9ib3Q6YT5iP2N%2BZA%3D%3D", &s));
+        assert!(contains_any(b"Basic cm9ib3Q6YT5iP2N+ZA==", &s));
+        let s = secrets_of("Basic cm9ib3Q6cGE/P3dvcmQ=");
+        assert!(contains_any(b"cm9ib3Q6cGE%2FP3dvcmQ%3D", &s));
+        // Without `+` or `/`, no encoded form is added.
+        assert_eq!(secrets_of("Basic cm9ib3Q6cHc=").len(), 2);
     }
 
     #[test]
