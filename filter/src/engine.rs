@@ -413,7 +413,12 @@ pub fn plan_response(
     location: Option<&str>,
     link: Option<&str>,
 ) -> ResponseEdits {
-    let mapped = location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
+    // A 401 is replaced whole: its Location is not worth mapping.
+    let mapped = if status == 401 {
+        None
+    } else {
+        location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client))
+    };
     let refusal = match (location, &mapped) {
         _ if status == 401 => Some(Refusal::upstream_refused(&quote(plan.connector.label()))),
         // An upload session's Location is where the client sends its next PATCH/PUT, with its

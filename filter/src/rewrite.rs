@@ -85,7 +85,9 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 /// An authority as (host without a trailing dot, port or the scheme's default); `None` for
-/// anything but a plain name or address (user info, escapes, non-ASCII).
+/// anything but a plain name or address (user info, escapes, non-ASCII). Not
+/// `normalise_authority`, which `rewrite_url` uses: that one builds a new string per call and
+/// refuses `_`, which Go's client accepts in a host name; this one borrows and splits.
 fn origin_of<'a>(scheme: &str, authority: &'a str) -> Option<(&'a str, &'a str)> {
     for b in authority.bytes() {
         if !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')) {
