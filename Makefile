@@ -76,7 +76,7 @@ lint:
 
 # Fuzzing the filter's parsers (cargo-fuzz, nightly; fuzz/ is its own workspace).
 # CI runs every target briefly; a longer run: make fuzz FUZZ_SECONDS=600.
-FUZZ_TARGETS := route token challenge rewrite config decide
+FUZZ_TARGETS := route token challenge rewrite config decide echo
 FUZZ_SECONDS ?= 300
 fuzz-smoke:
 	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=10 || exit 1; done

@@ -4,13 +4,14 @@
 //!
 //! What counts as the credential, from the `Authorization` value the filter sent:
 //! - the value itself and what follows the scheme (the base64 of `user:password`, or the
-//!   bearer token), also without base64 padding, and with a `+` or `/` in it URL-encoded;
+//!   bearer token), also without base64 padding;
 //! - for Basic, the decoded `user:password` and the password alone (at least 4 bytes: a
 //!   shorter one would match by chance and is weak anyway).
 //!
-//! Matching is on raw bytes, case-sensitive, and also on the JSON-escaped form for passwords
-//! with characters JSON escapes (an error body that quotes the header as a JSON string); a
-//! header or trailer *name* is matched whatever its case (Envoy lowercases names).
+//! Matching is on raw bytes, case-sensitive, on the text as sent and on the text with the
+//! escapes an echo puts on it undone ([`any_layer`]: URL, JSON and JavaScript strings, HTML
+//! character references), so a URL-encoded page, Go's `\u0026` for `&` or PHP's `\/` hides
+//! nothing; a header or trailer *name* is matched whatever its case (Envoy lowercases names).
 
 use base64::Engine as _;
 
@@ -44,26 +45,12 @@ fn forms_of(sent: &str, least: bool) -> Vec<Vec<u8>> {
     let (scheme, rest) = sent.split_once(' ').unwrap_or(("", sent));
     let rest = rest.trim();
     push(rest.as_bytes());
-    // Base64 without its padding, which carries nothing: an echo that escapes `=` (`%3D` in a
-    // URL-encoded page) still holds it. It is contained in the padded form, so the least set
-    // keeps it in that form's place: no more forms to check.
+    // Base64 without its padding, which carries nothing (an echo may drop it). It is contained
+    // in the padded form, so the least set keeps it in that form's place: no more forms to check.
     let padded = rest.as_bytes();
     let pad = padded.iter().rev().take_while(|&&b| b == b'=').count();
     let unpadded = padded.get(..padded.len() - pad).unwrap_or_default();
     push(unpadded);
-    // URL-encoded, a `+` or `/` inside the base64 (where the credential holds `>`, `?`, `~` or
-    // non-ASCII text) breaks it apart too: that encoding is a form of its own.
-    if unpadded.iter().any(|&b| b == b'+' || b == b'/') {
-        let mut encoded = Vec::with_capacity(unpadded.len() + 16);
-        for &b in unpadded {
-            match b {
-                b'+' => encoded.extend_from_slice(b"%2B"),
-                b'/' => encoded.extend_from_slice(b"%2F"),
-                _ => encoded.push(b),
-            }
-        }
-        push(&encoded);
-    }
     if scheme.eq_ignore_ascii_case("basic")
         && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest)
     {
@@ -71,12 +58,6 @@ fn forms_of(sent: &str, least: bool) -> Vec<Vec<u8>> {
         if let Some(i) = decoded.iter().position(|&b| b == b':') {
             let password = decoded.get(i + 1..).unwrap_or_default();
             push(password);
-            if let Ok(p) = std::str::from_utf8(password)
-                && let Ok(json) = serde_json::to_string(p)
-            {
-                // Without the surrounding quotes.
-                push(json.trim_matches('"').as_bytes());
-            }
         }
     }
     out
@@ -118,19 +99,167 @@ impl SecretsMemo {
     }
 }
 
-/// Whether `haystack` contains any of `secrets`.
+/// Whether `haystack` (an error body, a header value) contains any of `secrets`, as sent or
+/// with its escapes undone.
 pub fn contains_any(haystack: &[u8], secrets: &[Vec<u8>]) -> bool {
-    secrets.iter().any(|s| contains(haystack, s))
+    any_layer(haystack, |h| secrets.iter().any(|s| contains(h, s)))
 }
 
-/// Whether a header (or trailer) entry holds any of `secrets`: in its value as sent, or in its
-/// name whatever the case. Envoy lowercases names, so a mixed-case password an upstream put
-/// into a name (`X-Echo-<password>: 1`; URL-safe base64 is all name characters) would reach
-/// the client lowercased, with little left to guess.
+/// Whether a header (or trailer) entry holds any of `secrets`: in its value ([`contains_any`]),
+/// or in its name whatever the case. Envoy lowercases names, so a mixed-case password an
+/// upstream put into a name (`X-Echo-<password>: 1`; URL-safe base64 is all name characters)
+/// would reach the client lowercased, with little left to guess.
 pub fn entry_holds_any(name: &[u8], value: &[u8], secrets: &[Vec<u8>]) -> bool {
-    secrets.iter().any(|s| {
-        contains(value, s) || (s.len() <= name.len() && name.windows(s.len()).any(|w| w.eq_ignore_ascii_case(s)))
-    })
+    contains_any(value, secrets)
+        || any_layer(name, |n| {
+            secrets
+                .iter()
+                .any(|s| s.len() <= n.len() && n.windows(s.len()).any(|w| w.eq_ignore_ascii_case(s)))
+        })
+}
+
+/// How many layers of escapes are undone: a URL-encoded JSON string is two.
+const ESCAPE_LAYERS: usize = 2;
+
+/// The kinds of escape an echo could put on a credential, each undone on its own: an encoder
+/// applies one kind, and undoing two kinds at once would undo the other kind's look-alikes in
+/// the credential itself (`%41` in a password that JSON escaped).
+#[derive(Clone, Copy)]
+enum Escapes {
+    /// URL percent-encoding in either case (`%2B`, `%2b`, `%3D`).
+    Url,
+    /// JSON and JavaScript strings: `\"`, `\/` as PHP writes a slash, `\u0026` as Go's
+    /// encoder writes `&`, `<` and `>`, UTF-16 surrogate pairs as Python writes non-ASCII
+    /// text, `\xHH`.
+    Js,
+    /// HTML character references: `&#43;` as Go's `html/template` writes `+`, `&#x2F;`,
+    /// `&amp;` and the other four named ones.
+    Html,
+}
+
+impl Escapes {
+    const ALL: [Escapes; 3] = [Escapes::Url, Escapes::Js, Escapes::Html];
+
+    /// The byte every escape of this kind starts with.
+    fn start(self) -> u8 {
+        match self {
+            Escapes::Url => b'%',
+            Escapes::Js => b'\\',
+            Escapes::Html => b'&',
+        }
+    }
+}
+
+/// Whether `found` holds for `text` as sent or for it with the escapes an echo could put on a
+/// credential undone ([`Escapes`]), one kind and one layer at a time, every layer looked at
+/// (the credential may hold what reads as an escape, `%41`, that a further layer would undo).
+/// Text without `%`, `\` or `&`, as almost every header is, is looked at once and copied
+/// never. An escape that does not decode is kept as written.
+fn any_layer(text: &[u8], found: impl Fn(&[u8]) -> bool) -> bool {
+    fn undo(text: &[u8], found: &dyn Fn(&[u8]) -> bool, layers: usize) -> bool {
+        layers > 0
+            && Escapes::ALL.into_iter().any(|kind| {
+                if !text.contains(&kind.start()) {
+                    return false;
+                }
+                let next = unescape_once(text, kind);
+                next != text && (found(&next) || undo(&next, found, layers - 1))
+            })
+    }
+    found(text) || undo(text, &found, ESCAPE_LAYERS)
+}
+
+fn hex(b: u8) -> Option<u32> {
+    char::from(b).to_digit(16)
+}
+
+/// The value of the hex digits `digits`, if each is one.
+fn hex_value(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |acc, &d| Some(acc * 16 + hex(d)?))
+}
+
+/// What one escape stands for: a byte (`%E2` is a third of a character) or a character.
+enum Piece {
+    Byte(u8),
+    Char(char),
+}
+
+/// `text` with the escapes of `kind` undone, one layer.
+fn unescape_once(text: &[u8], kind: Escapes) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        let rest = text.get(i + 1..).unwrap_or_default();
+        let byte = |n: usize, v: u32| u8::try_from(v).ok().map(|v| (n, Piece::Byte(v)));
+        // How many bytes after `b` the escape takes, and what it stands for.
+        let decoded = match (kind, b) {
+            (Escapes::Url, b'%') => rest.get(..2).and_then(hex_value).and_then(|v| byte(2, v)),
+            (Escapes::Js, b'\\') => match rest.first() {
+                Some(&c @ (b'"' | b'\\' | b'/' | b'\'')) => Some((1, Piece::Byte(c))),
+                Some(b'b') => Some((1, Piece::Byte(8))),
+                Some(b'f') => Some((1, Piece::Byte(12))),
+                Some(b'n') => Some((1, Piece::Byte(b'\n'))),
+                Some(b'r') => Some((1, Piece::Byte(b'\r'))),
+                Some(b't') => Some((1, Piece::Byte(b'\t'))),
+                Some(b'x') => rest.get(1..3).and_then(hex_value).and_then(|v| byte(3, v)),
+                Some(b'u') => json_unicode(rest).map(|(n, c)| (n, Piece::Char(c))),
+                _ => None,
+            },
+            (Escapes::Html, b'&') => html_reference(rest).map(|(n, c)| (n, Piece::Char(c))),
+            _ => None,
+        };
+        match decoded {
+            Some((n, Piece::Byte(v))) => {
+                out.push(v);
+                i += 1 + n;
+            }
+            Some((n, Piece::Char(c))) => {
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 1 + n;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A JSON `\uXXXX` escape (`rest` starts at the `u`), with a UTF-16 surrogate pair joined:
+/// how many bytes after the backslash it takes, and its character. A lone surrogate is no
+/// character: kept as written.
+fn json_unicode(rest: &[u8]) -> Option<(usize, char)> {
+    let unit = |at: usize| rest.get(at..at + 4).and_then(hex_value);
+    let first = unit(1)?;
+    if (0xD800..0xDC00).contains(&first) {
+        let low = (rest.get(5..7) == Some(b"\\u")).then(|| unit(7)).flatten()?;
+        let joined = char::decode_utf16([first as u16, low as u16]).next()?.ok()?;
+        return Some((11, joined));
+    }
+    Some((5, char::from_u32(first)?))
+}
+
+/// An HTML character reference (`rest` starts after the `&`): `&#43;`, `&#x2B;`, or one of the
+/// five named ones an escaper writes. How many bytes after the `&` it takes, and its character.
+fn html_reference(rest: &[u8]) -> Option<(usize, char)> {
+    let end = rest.iter().take(10).position(|&b| b == b';')?;
+    let body = rest.get(..end)?;
+    let c = match body {
+        b"amp" => '&',
+        b"lt" => '<',
+        b"gt" => '>',
+        b"quot" => '"',
+        b"apos" => '\'',
+        [b'#', b'x' | b'X', digits @ ..] if !digits.is_empty() => char::from_u32(hex_value(digits)?)?,
+        [b'#', digits @ ..] if !digits.is_empty() => char::from_u32(
+            digits
+                .iter()
+                .try_fold(0u32, |acc, &d| Some(acc * 10 + char::from(d).to_digit(10)?))?,
+        )?,
+        _ => return None,
+    };
+    Some((end + 1, c))
 }
 
 /// Whether a body with this `Content-Encoding` is not the bytes it means (gzip, br, deflate,
@@ -245,10 +374,104 @@ mod tests {
         let s = secrets_of("Basic cm9ib3Q6YT5iP2N+ZA==");
         assert!(contains_any(b"auth=Basic%20cm9ib3Q6YT5iP2N%2BZA%3D%3D", &s));
         assert!(contains_any(b"Basic cm9ib3Q6YT5iP2N+ZA==", &s));
+        assert!(
+            contains_any(b"auth=Basic%20cm9ib3Q6YT5iP2N%2bZA%3d%3d", &s),
+            "lowercase hex"
+        );
         let s = secrets_of("Basic cm9ib3Q6cGE/P3dvcmQ=");
         assert!(contains_any(b"cm9ib3Q6cGE%2FP3dvcmQ%3D", &s));
-        // Without `+` or `/`, no encoded form is added.
-        assert_eq!(secrets_of("Basic cm9ib3Q6cHc=").len(), 2);
+        assert!(
+            contains_any(br#"{"auth":"cm9ib3Q6cGE\/P3dvcmQ="}"#, &s),
+            "PHP's escaped slash"
+        );
+        // The escapes are undone in the text, not added as forms of the credential.
+        assert_eq!(s.len(), 2);
+    }
+
+    /// The escapes real encoders put on a password: Go's `encoding/json` (`<`, `>`, `&` as
+    /// `\u003c`...), Python's `json.dumps` (non-ASCII as `\u` surrogate pairs), Go's
+    /// `html/template` (`+` as `&#43;`), PHP (`\/`), and a URL-encoded JSON string (two layers).
+    #[test]
+    fn escaped_echoes_of_a_password_are_found() {
+        let s = secrets_of(&basic("robot", "a&b<c>d/e+f\u{1F511}g"));
+        for echo in [
+            r#"{"message":"password a\u0026b\u003cc\u003ed/e+f\ud83d\udd11g"}"#,
+            r#"{"message":"password a\u0026b\u003cc\u003ed\/e+f\uD83D\uDD11g"}"#,
+            "<p>a&amp;b&lt;c&gt;d/e&#43;f\u{1F511}g</p>",
+            "<p>a&#x26;b&#60;c&#62;d&#x2f;e&#x2B;f&#128273;g</p>",
+            "detail=a%26b%3Cc%3Ed%2Fe%2Bf%F0%9F%94%91g",
+            "detail=%22a%5Cu0026b%3Cc%3Ed%5C%2Fe%2Bf%F0%9F%94%91g%22",
+            "repr: a\\x26b\\x3cc\\x3ed/e+f\u{1F511}g",
+        ] {
+            assert!(contains_any(echo.as_bytes(), &s), "{echo}");
+            assert!(entry_holds_any(b"x-debug", echo.as_bytes(), &s), "{echo}");
+        }
+        // A name holding an escaped password is found too.
+        let s = secrets_of(&basic("robot", "S3cret+Pw"));
+        assert!(entry_holds_any(b"x-echo-s3cret%2bpw", b"1", &s));
+        // Escapes that decode to something else, or do not decode, find nothing.
+        let s = secrets_of(&basic("robot", "s3cret-pw"));
+        for clean in [
+            "s3cret%2Dpx",
+            "s3cret\\u002",
+            "s3cret&#45pw",
+            "s3cret&#x;pw",
+            "s3cret\\ud800-pw",
+            "%%%\\\\&&&;",
+            "100% sure & \\ done",
+        ] {
+            assert!(!contains_any(clean.as_bytes(), &s), "{clean}");
+        }
+        assert!(contains_any(b"s3cret&#45;pw", &s) && contains_any(b"s3cret\\u002dpw", &s));
+    }
+
+    /// Encoding any text with each encoder and undoing one layer gives the text back.
+    #[test]
+    fn unescaping_inverts_each_encoder() {
+        let mut rng = crate::testkeys::Xorshift(0x9e37_79b9_7f4a_7c15);
+        let alphabet = [
+            'a',
+            'Z',
+            '0',
+            '+',
+            '/',
+            '=',
+            '"',
+            '<',
+            '&',
+            '%',
+            '\\',
+            ';',
+            '#',
+            '\u{e9}',
+            '\u{1F511}',
+        ];
+        for _ in 0..3_000 {
+            let text: String = (0..rng.below(12))
+                .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                .collect();
+            let url: String = text.bytes().map(|b| format!("%{b:02x}")).collect();
+            let json: String = text.encode_utf16().map(|u| format!("\\u{u:04X}")).collect();
+            let html: String = text.chars().map(|c| format!("&#{};", c as u32)).collect();
+            // One layer: the text itself may hold what reads as an escape (`%a0`, `&#0;`).
+            for (encoded, kind) in [(url, Escapes::Url), (json, Escapes::Js), (html, Escapes::Html)] {
+                assert_eq!(unescape_once(encoded.as_bytes(), kind), text.as_bytes(), "{encoded}");
+            }
+        }
+        // Each layer is looked at: a password that reads as an escape itself (`%41`), echoed
+        // URL-encoded, is found in the first layer, before a second would turn it into `A`.
+        let s = secrets_of(&basic("robot", "pw%41%42"));
+        assert!(contains_any(b"detail=pw%2541%2542", &s));
+        // Each kind on its own: JSON's `\"` undone leaves the password's `%41` as it is.
+        let s = secrets_of(&basic("robot", "p\"w%41"));
+        assert!(contains_any(br#"{"detail":"p\"w%41"}"#, &s));
+        // Text without an escape's first byte is looked at once.
+        let looked = std::cell::Cell::new(0);
+        assert!(!any_layer(b"application/vnd.oci.image.manifest.v1+json", |_| {
+            looked.set(looked.get() + 1);
+            false
+        }));
+        assert_eq!(looked.get(), 1);
     }
 
     #[test]
