@@ -404,52 +404,21 @@ pub struct ResponseEdits {
     pub replace: Option<(LocalResponse, &'static str)>,
 }
 
-/// Decides the edits for an upstream response. The upstream's `WWW-Authenticate` is always
-/// removed by the caller: it would send the client's token to the upstream's realm.
+/// Decides the edits for an upstream response, from its status and every `Location` and
+/// `Link` value it has, in order. The upstream's `WWW-Authenticate` is always removed by the
+/// caller: it would send the client's token to the upstream's realm.
 pub fn plan_response(
     plan: &ResponsePlan,
     realm: &str,
     status: u32,
-    location: Option<&str>,
-    link: Option<&str>,
+    locations: &[&str],
+    links: &[&str],
 ) -> ResponseEdits {
-    // A 401 is replaced whole: its Location is not worth mapping.
-    let mapped = if status == 401 {
-        None
+    let refusal = if status == 401 {
+        // Replaced whole: its Location is not worth mapping.
+        Some(Refusal::upstream_refused(&quote(plan.connector.label())))
     } else {
-        location.and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client))
-    };
-    let refusal = match (location, &mapped) {
-        _ if status == 401 => Some(Refusal::upstream_refused(&quote(plan.connector.label()))),
-        // An upload session's Location is where the client sends its next PATCH/PUT, with its
-        // ServiceAccount token: on another host, that token could be replayed at the proxy
-        // against every connector its ServiceAccount may use. Blob GET redirects (object
-        // storage, CDNs) are different: clients follow those without credentials, so they pass
-        // untouched, unless they lead to the proxy's host name at another port or scheme, or
-        // to a name below it, where Go's client would take the client's token along.
-        (Some(l), None) => {
-            let upload = matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload);
-            (upload || crate::rewrite::leads_off_proxy_with_credentials(l, &plan.client)).then(|| {
-                let (reason, what, fix) = if upload {
-                    (
-                        "upload_location_elsewhere",
-                        "an upload Location outside its own API",
-                        "; the registry's configuration (e.g. its public URL) must point uploads at itself",
-                    )
-                } else {
-                    ("location_on_proxy_host", "a Location on the proxy's host name but not the proxy", "")
-                };
-                Refusal::bad_gateway(
-                    reason,
-                    format!(
-                        "the upstream registry of connector {} sent {what} ({}), where the client would take its credentials{fix}",
-                        quote(plan.connector.label()),
-                        quote(l)
-                    ),
-                )
-            })
-        }
-        _ => None,
+        location_refusal(plan, locations, links)
     };
     if let Some(r) = refusal {
         let reason = r.reason;
@@ -458,11 +427,81 @@ pub fn plan_response(
             ..Default::default()
         };
     }
+    // Several `Link` values are one list (RFC 8288): mapped together, they are written back as
+    // one, so none is lost when the header is replaced.
+    let link = (!links.is_empty()).then(|| links.join(", "));
     ResponseEdits {
-        location: mapped,
-        link: link.and_then(|l| rewrite_link(l, &plan.connector.upstream, &plan.client)),
+        location: locations
+            .first()
+            .and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client)),
+        link: link.and_then(|l| rewrite_link(&l, &plan.connector.upstream, &plan.client)),
         replace: None,
     }
+}
+
+/// Why an answer's `Location` or `Link` must not reach the client, if it must not.
+fn location_refusal(plan: &ResponsePlan, locations: &[&str], links: &[&str]) -> Option<Refusal> {
+    let (upstream, client) = (&plan.connector.upstream, &plan.client);
+    let refuse = |reason: &'static str, what: String| {
+        Some(Refusal::bad_gateway(
+            reason,
+            format!(
+                "the upstream registry of connector {} sent {what}",
+                quote(plan.connector.label())
+            ),
+        ))
+    };
+    let taken = ", where the client would take its credentials";
+    // A redirect names one place (RFC 9110 10.2.2), and clients disagree on which of several
+    // they follow (Go's and curl take the first, Java's `HttpURLConnection` the last): checking
+    // one would let another through.
+    if let [_, _, ..] = locations {
+        return refuse(
+            "location_repeated",
+            format!(
+                "{} Location headers ({}); a redirect names one place, and clients differ on which they follow",
+                locations.len(),
+                quote(&locations.join(", "))
+            ),
+        );
+    }
+    // An upload session's Location is where the client sends its next PATCH/PUT, with its
+    // ServiceAccount token: on another host, that token could be replayed at the proxy against
+    // every connector its ServiceAccount may use. Blob GET redirects (object storage, CDNs) are
+    // different: clients follow those without credentials, so they pass untouched, unless they
+    // lead to the proxy's host name at another port or scheme, or to a name below it, where
+    // Go's client would take the client's token along. So would a client following a `Link`
+    // (a tag list's next page) there.
+    if let Some(l) = locations.first().filter(|l| rewrite_url(l, upstream, client).is_none()) {
+        if matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload) {
+            return refuse(
+                "upload_location_elsewhere",
+                format!(
+                    "an upload Location outside its own API ({}){taken}; the registry's configuration (e.g. its public URL) must point uploads at itself",
+                    quote(l)
+                ),
+            );
+        }
+        if crate::rewrite::leads_off_proxy_with_credentials(l, client) {
+            return refuse(
+                "location_on_proxy_host",
+                format!(
+                    "a Location on the proxy's host name but not the proxy ({}){taken}",
+                    quote(l)
+                ),
+            );
+        }
+    }
+    let link = links
+        .iter()
+        .find(|l| crate::rewrite::link_leads_off(l, upstream, client))?;
+    refuse(
+        "location_on_proxy_host",
+        format!(
+            "a Link on the proxy's host name but not the proxy ({}){taken}",
+            quote(link)
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -877,7 +916,7 @@ mod tests {
                 prefix: "/v2/namespaces/demo/connectors/reg".into(),
             },
         };
-        let e = plan_response(&plan, "realm", 401, None, None);
+        let e = plan_response(&plan, "realm", 401, &[], &[]);
         let (resp, reason) = e.replace.unwrap();
         assert_eq!((resp.status, reason), (401, "upstream_refused_credential"));
         assert!(
@@ -889,7 +928,7 @@ mod tests {
             resp.headers
                 .contains(&("www-authenticate".into(), "Basic realm=\"realm\"".into()))
         );
-        let e = plan_response(&plan, "realm", 202, Some("/v2/a/blobs/uploads/u?_state=1"), None);
+        let e = plan_response(&plan, "realm", 202, &["/v2/a/blobs/uploads/u?_state=1"], &[]);
         assert_eq!(
             e.location.as_deref(),
             Some("/v2/namespaces/demo/connectors/reg/a/blobs/uploads/u?_state=1")
@@ -976,7 +1015,7 @@ mod tests {
             "http://127.0.0.1:5001/v2/a/blobs/uploads/u",
             "/not-v2/upload",
         ] {
-            let e = plan_response(&plan, "realm", 202, Some(off), None);
+            let e = plan_response(&plan, "realm", 202, &[off], &[]);
             let (resp, reason) = e.replace.expect(off);
             assert_eq!((resp.status, reason), (502, "upload_location_elsewhere"), "{off}");
             assert!(
@@ -989,8 +1028,8 @@ mod tests {
             &plan,
             "realm",
             202,
-            Some("http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=1"),
-            None,
+            &["http://127.0.0.1:5000/v2/a/blobs/uploads/u?_state=1"],
+            &[],
         );
         assert_eq!(
             e.location.as_deref(),
@@ -998,13 +1037,13 @@ mod tests {
         );
         plan.endpoint = Endpoint::Blob;
         let s3 = "https://bucket.s3.example/blob?X-Amz-Signature=abc";
-        let e = plan_response(&plan, "realm", 307, Some(s3), None);
+        let e = plan_response(&plan, "realm", 307, &[s3], &[]);
         assert!(
             e.replace.is_none() && e.location.is_none(),
             "a blob redirect passes untouched"
         );
         // The proxy's own host name at another port: a Go client would take its token there.
-        let e = plan_response(&plan, "realm", 307, Some("http://p:31000/blob"), None);
+        let e = plan_response(&plan, "realm", 307, &["http://p:31000/blob"], &[]);
         let (resp, reason) = e.replace.expect("a redirect to the proxy's host at another port");
         assert_eq!((resp.status, reason), (502, "location_on_proxy_host"));
         assert!(
@@ -1012,6 +1051,71 @@ mod tests {
                 .unwrap()
                 .contains("on the proxy's host name but not the proxy")
         );
+    }
+
+    /// Two `Location` values are refused whatever they are (a client might follow either), and
+    /// a `Link` target on the proxy's host name at another port is refused like a `Location`
+    /// there, while several harmless `Link` values are mapped together and none is lost.
+    #[test]
+    fn repeated_locations_and_links_off_the_proxy_are_refused() {
+        let plan = ResponsePlan {
+            endpoint: Endpoint::TagsList,
+            connector: Rc::clone(config().connector("demo", "reg").unwrap()),
+            client: ClientView {
+                origin: "http://p".into(),
+                prefix: "/v2/namespaces/demo/connectors/reg".into(),
+            },
+        };
+        let storage = "https://bucket.s3.example/blob";
+        for locations in [[storage, "http://p:31000/blob"], [storage, storage]] {
+            let e = plan_response(&plan, "realm", 307, &locations, &[]);
+            let (resp, reason) = e.replace.expect("two Locations");
+            assert_eq!((resp.status, reason), (502, "location_repeated"));
+            let body = String::from_utf8(resp.body).unwrap();
+            assert!(
+                body.contains("2 Location headers") && body.contains(locations[1]),
+                "{body}"
+            );
+        }
+        for link in [
+            r#"<http://p:31000/v2/a/tags/list?n=1&last=b>; rel="next""#,
+            r#"<https://p/v2/a/tags/list?last=b>; rel="next""#,
+            r#"<http://mirror.p/x>; rel="alternate", </v2/a/tags/list?last=b>; rel="next""#,
+        ] {
+            let e = plan_response(&plan, "realm", 200, &[], &[link]);
+            let (resp, reason) = e.replace.expect(link);
+            assert_eq!((resp.status, reason), (502, "location_on_proxy_host"), "{link}");
+            let body = String::from_utf8(resp.body).unwrap();
+            assert!(body.contains("a Link on the proxy's host name"), "{body}");
+        }
+        // The upstream's own next page, then a harmless elsewhere, in two values: one value,
+        // the first mapped, the second kept.
+        let e = plan_response(
+            &plan,
+            "realm",
+            200,
+            &[],
+            &[
+                r#"<http://127.0.0.1:5000/v2/a/tags/list?last=b>; rel="next""#,
+                r#"<https://docs.example/tags>; rel="help""#,
+            ],
+        );
+        assert!(e.replace.is_none());
+        assert_eq!(
+            e.link.as_deref(),
+            Some(
+                r#"<http://p/v2/namespaces/demo/connectors/reg/a/tags/list?last=b>; rel="next", <https://docs.example/tags>; rel="help""#
+            )
+        );
+        // One unmapped value is left as it is (nothing to write).
+        let e = plan_response(
+            &plan,
+            "realm",
+            200,
+            &[],
+            &[r#"<https://docs.example/tags>; rel="help""#],
+        );
+        assert!(e.replace.is_none() && e.link.is_none());
     }
 }
 

@@ -150,6 +150,20 @@ pub fn rewrite_link(value: &str, upstream: &Upstream, client: &ClientView) -> Op
     changed.then_some(out)
 }
 
+/// Whether a target of a `Link` value is left pointing where a client that follows it (a tag
+/// list's next page) would take its credential off the proxy: what
+/// [`leads_off_proxy_with_credentials`] refuses in a `Location`, for each `<URL>` that
+/// [`rewrite_link`] does not map back to the proxy.
+pub fn link_leads_off(value: &str, upstream: &Upstream, client: &ClientView) -> bool {
+    value
+        .split('<')
+        .skip(1)
+        .filter_map(|piece| piece.split_once('>'))
+        .any(|(target, _)| {
+            rewrite_url(target, upstream, client).is_none() && leads_off_proxy_with_credentials(target, client)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

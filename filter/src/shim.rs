@@ -1122,8 +1122,14 @@ impl HttpContext for Http {
         };
         let header = |name: &str| headers.text(name);
         let status = header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-        let location = header("location");
-        let link = header("link");
+        let all = |name: &str| -> Vec<_> {
+            headers
+                .iter()
+                .filter(|(k, _)| *k == name.as_bytes())
+                .map(|(_, v)| crate::wire::text(v))
+                .collect()
+        };
+        let (locations, links) = (all("location"), all("link"));
         let has_challenge = headers.has("www-authenticate");
         // An upstream that repeats the credential it was sent, in any header's value or name, is
         // not answered.
@@ -1142,7 +1148,13 @@ impl HttpContext for Http {
                 return self.refuse(unreadable_answer());
             }
         }
-        let edits = plan_response(plan, &self.realm, status, location.as_deref(), link.as_deref());
+        let edits = plan_response(
+            plan,
+            &self.realm,
+            status,
+            &locations.iter().map(|v| &**v).collect::<Vec<_>>(),
+            &links.iter().map(|v| &**v).collect::<Vec<_>>(),
+        );
         // The upstream's challenge would send the client's token to the upstream's realm.
         if has_challenge && host::set_header(Map::Response, "www-authenticate", None).is_err() {
             return self.refuse(unreadable_answer());

@@ -4,7 +4,7 @@
 //! escaped or cased, is always caught (a client would take its token there).
 #![no_main]
 use connector_filter::config::Upstream;
-use connector_filter::rewrite::{ClientView, leads_off_proxy_with_credentials, rewrite_link, rewrite_url};
+use connector_filter::rewrite::{ClientView, leads_off_proxy_with_credentials, link_leads_off, rewrite_link, rewrite_url};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -26,6 +26,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(!out.bytes().any(|b| b.is_ascii_control()), "{out:?}");
     }
     caught_if_proxy_like(value, &client);
+    // A `Link` target is held to the same check as a `Location`, unless it maps to the proxy.
+    if !value.contains(['<', '>']) {
+        let off = rewrite_url(value, &upstream, &client).is_none() && leads_off_proxy_with_credentials(value, &client);
+        let link = format!("</v2/x>; rel=\"a\", <{value}>; rel=\"next\"");
+        assert_eq!(link_leads_off(&link, &upstream, &client), off, "{link:?}");
+    }
     // The same check on URLs built around the proxy's name (schemes, cases, escapes, user
     // info, names below it), the rest of the input after them: reached in seconds, where
     // the raw input alone would have to find "proxy" first.
