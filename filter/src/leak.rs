@@ -166,7 +166,9 @@ fn any_layer(text: &[u8], found: impl Fn(&[u8]) -> bool) -> bool {
                 next != text && (found(&next) || undo(&next, found, layers - 1))
             })
     }
-    found(text) || undo(text, &found, ESCAPE_LAYERS)
+    // One pass to rule out every kind, where each kind would look for its own first byte.
+    let escaped = |t: &[u8]| t.iter().any(|&b| matches!(b, b'%' | b'\\' | b'&'));
+    found(text) || (escaped(text) && undo(text, &found, ESCAPE_LAYERS))
 }
 
 fn hex(b: u8) -> Option<u32> {
