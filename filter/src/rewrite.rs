@@ -150,6 +150,31 @@ pub fn rewrite_link(value: &str, upstream: &Upstream, client: &ClientView) -> Op
     changed.then_some(out)
 }
 
+/// How many redirect targets one `Location` value holds. Envoy joins a header repeated in an
+/// answer into one value, comma-separated, so two `Location` headers reach the filter as one:
+/// a comma followed by an absolute URL (`scheme://`) or a network-path reference (`//host`)
+/// starts another. A comma elsewhere (in a path or query) is part of the one URL.
+pub fn location_count(value: &str) -> usize {
+    1 + value
+        .split(',')
+        .skip(1)
+        .filter(|rest| starts_a_url(rest.trim_start_matches([' ', '\t'])))
+        .count()
+}
+
+/// Whether `text` begins with `//` or with a URI scheme (RFC 3986 3.1) and `://`.
+fn starts_a_url(text: &str) -> bool {
+    if text.starts_with("//") {
+        return true;
+    }
+    let scheme_len = text
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        .count();
+    text.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && text.get(scheme_len..).is_some_and(|rest| rest.starts_with("://"))
+}
+
 /// Whether a target of a `Link` value is left pointing where a client that follows it (a tag
 /// list's next page) would take its credential off the proxy: what
 /// [`leads_off_proxy_with_credentials`] refuses in a `Location`, for each `<URL>` that
@@ -228,6 +253,20 @@ mod tests {
         ClientView {
             origin: "http://proxy:8080".into(),
             prefix: "/v2/namespaces/demo/connectors/reg".into(),
+        }
+    }
+
+    #[test]
+    fn joined_locations_are_counted() {
+        for (value, n) in [
+            ("https://s3.example/b?X-Amz-Signature=a,b", 1),
+            ("/v2/a/blobs/uploads/u,1?_state=x", 1),
+            ("http://localhost:1/a,http://127.0.0.1:1/b", 2),
+            ("https://a/x, //b/y,HTTPS://c/z", 3),
+            ("https://a/x,,://b,1http://c", 1),
+            ("https://a/x,", 1),
+        ] {
+            assert_eq!(location_count(value), n, "{value}");
         }
     }
 

@@ -4,7 +4,9 @@
 //! escaped or cased, is always caught (a client would take its token there).
 #![no_main]
 use connector_filter::config::Upstream;
-use connector_filter::rewrite::{ClientView, leads_off_proxy_with_credentials, link_leads_off, rewrite_link, rewrite_url};
+use connector_filter::rewrite::{
+    ClientView, leads_off_proxy_with_credentials, link_leads_off, location_count, rewrite_link, rewrite_url,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -26,6 +28,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(!out.bytes().any(|b| b.is_ascii_control()), "{out:?}");
     }
     caught_if_proxy_like(value, &client);
+    // Two Location headers as Envoy joins them are always counted as two (or more), and a
+    // value is never counted as more targets than it has comma-separated parts.
+    let count = location_count(value);
+    assert!(count >= 1 && count <= value.matches(',').count() + 1, "{value:?}");
+    if !value.is_empty() {
+        assert!(location_count(&format!("{value},https://elsewhere/x")) >= 2, "{value:?}");
+    }
     // A `Link` target is held to the same check as a `Location`, unless it maps to the proxy.
     if !value.contains(['<', '>']) {
         let off = rewrite_url(value, &upstream, &client).is_none() && leads_off_proxy_with_credentials(value, &client);
