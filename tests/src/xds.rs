@@ -70,10 +70,14 @@ pub fn connector_yaml(name: &str, address: &str, secret: &str) -> String {
     )
 }
 
+/// The values are quoted as JSON strings (YAML reads those as they are), so a password with
+/// YAML's own characters in it (`&`, `#`, `: `, a leading `*`) arrives unchanged.
 pub fn secret_yaml(name: &str, c: &Credentials) -> String {
+    let q = |v: &str| serde_json::to_string(v).unwrap_or_default();
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    connectors.alauda.io/allowed-connectors: \"*\"\ntype: cpaas.io/distribution-registry-token\nstringData:\n  username: {}\n  password: {}\n",
-        c.username, c.password
+        q(&c.username),
+        q(&c.password)
     )
 }
 

@@ -55,8 +55,48 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
                 "",
                 &format!(
                     "{{\"errors\":[{{\"code\":\"MANIFEST_INVALID\",\"detail\":\"{}\"}}]}}",
-                    url_encoded(&auth_line)
+                    percent_encoded(&auth_line, false)
                 ),
+            ),
+            // The password in an error message as Go's `encoding/json` writes it (`&`, `<`, `>`
+            // as `\u0026`, `\u003c`, `\u003e`), as a header value escaped by Go's
+            // `html/template` (`+` as `&#43;`), and URL-encoded with lowercase hex.
+            (_, p) if p.ends_with("/manifests/echo-go-json") => full(
+                "400 Bad Request",
+                "",
+                &format!(
+                    "{{\"errors\":[{{\"code\":\"DENIED\",\"message\":{}}}]}}",
+                    go_json(&format!("bad password {}", password_of(&auth_line)))
+                ),
+            ),
+            (_, p) if p.ends_with("/manifests/echo-html-header") => full(
+                "200 OK",
+                &format!("X-Debug: <b>{}</b>\r\n", html_escaped(&password_of(&auth_line))),
+                "{}",
+            ),
+            (_, p) if p.ends_with("/manifests/echo-urlencoded-lower") => full(
+                "400 Bad Request",
+                "",
+                &format!(
+                    "{{\"errors\":[{{\"code\":\"DENIED\",\"detail\":\"{}\"}}]}}",
+                    percent_encoded(&auth_line, true)
+                ),
+            ),
+            // Two redirects in one answer: storage under another name, then the proxy's host
+            // name at the storage's port.
+            (_, p) if p.ends_with("/manifests/two-locations") => full(
+                "307 Temporary Redirect",
+                &format!(
+                    "Location: http://localhost:{storage}/bucket/a\r\nLocation: http://127.0.0.1:{storage}/bucket/b\r\n"
+                ),
+                "",
+            ),
+            // A tag list whose next page is on the proxy's host name at another port (crane
+            // asks with `?n=1000`).
+            ("GET", p) if p.contains("/tags/list") => full(
+                "200 OK",
+                &format!("Link: <http://127.0.0.1:{storage}/v2/lib/app/tags/list?last=a>; rel=\"next\"\r\n"),
+                r#"{"name":"lib/app","tags":["a"]}"#,
             ),
             // The password as a header's *name* (URL-safe base64, as the test's, is all name
             // characters); Envoy passes names on lowercased.
@@ -142,12 +182,41 @@ fn hostile(elsewhere: u16, storage: u16) -> Breaker {
 /// The manifest of `lib/redir:v1`, whose config blob the hostile upstream redirects.
 const REDIR_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":10},"layers":[]}"#;
 
-/// `text` percent-encoded as a form value (all but letters, digits and `-._~`).
-fn url_encoded(text: &str) -> String {
+/// `text` percent-encoded as a form value (all but letters, digits and `-._~`), the hex
+/// digits in upper case as most encoders write them (`%2B`), or in lower case (`%2b`), which
+/// RFC 3986 allows and some write.
+fn percent_encoded(text: &str, lower: bool) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ if lower => format!("%{b:02x}"),
             _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `text` as a JSON string the way Go's `encoding/json` writes it: HTML's `<`, `>` and `&`
+/// escaped as `\u003c`, `\u003e` and `\u0026` (Go's default, `SetEscapeHTML(true)`).
+fn go_json(text: &str) -> String {
+    serde_json::to_string(text)
+        .unwrap()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+/// `text` as Go's `html/template` writes it into HTML: `&`, `<`, `>`, quotes and `+` as
+/// character references (`+` is `&#43;`).
+fn html_escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&#34;".to_string(),
+            '\'' => "&#39;".to_string(),
+            '+' => "&#43;".to_string(),
+            c => c.to_string(),
         })
         .collect()
 }
@@ -194,6 +263,10 @@ struct World {
     password: String,
 }
 
+/// The password of the `escaped` connector: characters Go's JSON encoder, `html/template` and
+/// URL encoding each escape, and a base64 (`cm9ib3QyOlMzYyZyPGU+dCvDqX4/cHc=`) with `+` and `/`.
+const SPECIAL_PASSWORD: &str = "S3c&r<e>t+\u{e9}~?pw";
+
 /// The CA the proxy's certificate chains to (curl's `--cacert`).
 fn proxy_ca(w: &World) -> String {
     connector_devkit::http::tls_ca(w.envoy.port)
@@ -219,6 +292,17 @@ fn world() -> &'static World {
         // The same upstream through a Connector that serves pulls only.
         let read_only = connector_yaml("readonly", &upstream.url(), "robot") + "  readOnly: true\n";
         put(&s.manifests, "readonly.yaml", &read_only);
+        // And through one whose password escapes.
+        let special = connector_devkit::registry::Credentials {
+            username: "robot2".into(),
+            password: SPECIAL_PASSWORD.into(),
+        };
+        put(&s.manifests, "special.yaml", &secret_yaml("special", &special));
+        put(
+            &s.manifests,
+            "escaped.yaml",
+            &connector_yaml("escaped", &upstream.url(), "special"),
+        );
         let (controller, envoy) = start_stack(&s, &[]);
         let token = s.minter.valid(NS, "default").unwrap();
         World {
@@ -243,10 +327,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 impl World {
     fn secrets(&self) -> Vec<String> {
         let basic = basic_value("robot", &self.password);
+        let special = basic_value("robot2", SPECIAL_PASSWORD);
         vec![
             self.password.clone(),
             basic.trim_start_matches("Basic ").to_string(),
             self.token.clone(),
+            SPECIAL_PASSWORD.to_string(),
+            special.trim_start_matches("Basic ").to_string(),
         ]
     }
 
@@ -391,6 +478,47 @@ fn an_upstream_that_echoes_the_credential_is_withheld() {
         assert_eq!(code, "UNAVAILABLE");
         assert!(message.contains("repeated the connector's credential"), "{message}");
         w.assert_no_secret(what, &response_text(&r));
+    }
+}
+
+/// Echoes with the escapes real encoders put on a password: Go's `encoding/json` (what every
+/// Go registry's error JSON goes through) writes `&`, `<`, `>` as `\u0026`..., Go's
+/// `html/template` writes `+` as `&#43;`, and a URL-encoding with lowercase hex breaks the
+/// base64 at `+` and `/` as `%2b` and `%2f`. (Through the module before, the first of them,
+/// the Go JSON body, already reached the client.)
+#[test]
+fn a_credential_echoed_with_escapes_never_reaches_the_client() {
+    let _t = serial();
+    let w = world();
+    let basic = basic_value("robot2", SPECIAL_PASSWORD);
+    let escaped_forms = [
+        go_json(SPECIAL_PASSWORD).trim_matches('"').to_string(),
+        html_escaped(SPECIAL_PASSWORD),
+        percent_encoded(&basic, true),
+    ];
+    for (what, tag, status) in [
+        ("Go JSON error body", "echo-go-json", 400),
+        ("HTML-escaped header", "echo-html-header", 502),
+        ("lowercase URL-encoded error body", "echo-urlencoded-lower", 400),
+    ] {
+        let path = format!("/v2/namespaces/demo/connectors/escaped/lib/app/manifests/{tag}");
+        let r = w.send("GET", &path);
+        assert!(
+            w.upstream.heads().last().is_some_and(|h| h.contains(&basic)),
+            "{what}: the upstream got the connector's credential (so it could echo it)"
+        );
+        assert_eq!(r.status, status, "{what}: {}", r.summary());
+        let (code, message) = oci_error(&r);
+        assert_eq!(code, "UNAVAILABLE", "{what}");
+        assert!(
+            message.contains("repeated the connector's credential"),
+            "{what}: {message}"
+        );
+        let text = response_text(&r);
+        w.assert_no_secret(what, &text);
+        for form in &escaped_forms {
+            assert!(!text.contains(form.as_str()), "{what}: {form} arrived: {text}");
+        }
     }
 }
 
@@ -584,6 +712,65 @@ fn a_redirect_to_another_port_on_the_proxys_host_is_refused_and_the_token_stays(
     assert!(text.contains(" 502"), "{text}");
     assert!(text.contains("on the proxy's host name but not the proxy"), "{text}");
     w.assert_no_secret("refused redirect", &text);
+}
+
+/// Two `Location` values in one redirect: clients differ on which they follow (Go's and curl
+/// the first, Java's `HttpURLConnection` the last), so the answer is refused whole rather than
+/// one of them checked, and neither place is reached. (Through the module before, only the
+/// first was checked and the second, on the proxy's host name at another port, passed.)
+#[test]
+fn a_redirect_with_two_locations_is_refused_and_neither_is_reached() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.storage.heads().len();
+    let text = w.curl_get(&["-L"], &format!("{PREFIX}/manifests/two-locations"));
+    assert!(text.contains(" 502"), "{text}");
+    assert!(
+        text.contains("location_repeated") || text.contains("2 Location headers"),
+        "{text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("\n< location:"),
+        "a Location arrived: {text}"
+    );
+    assert_eq!(w.storage.heads().len(), before, "a redirect target was reached");
+}
+
+/// A tag list's `Link` to its next page on the proxy's host name at another port: a client
+/// that follows it with its credential would take the token there, as with a `Location`. The
+/// answer is refused and the place not reached; `crane ls` (go-containerregistry, which follows
+/// `Link`) gets the refusal's message. (Through the module before, the `Link` reached the client as sent.)
+#[test]
+fn a_link_to_another_port_on_the_proxys_host_is_refused() {
+    let _t = serial();
+    let w = world();
+    w.warm();
+    let before = w.storage.heads().len();
+    let text = w.curl_get(&[], "/v2/namespaces/demo/connectors/echo/lib/app/tags/list");
+    assert!(text.contains(" 502"), "{text}");
+    assert!(
+        text.contains("a Link on the proxy's host name but not the proxy"),
+        "{text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("\n< link:"),
+        "the Link arrived: {text}"
+    );
+    let proxy = w.envoy.authority();
+    let ca = std::path::PathBuf::from(proxy_ca(w));
+    let clients = connector_devkit::oci_tools::Clients::new(&w._s.work, &[&proxy], &w.token, &ca).unwrap();
+    let repo = format!("{proxy}/namespaces/demo/connectors/echo/lib/app");
+    let out = clients.run("crane", &["ls", &repo], &[]).unwrap();
+    assert!(
+        !out.success
+            && out
+                .stderr
+                .contains("UNAVAILABLE: the upstream registry of connector \"demo/echo\" sent a Link"),
+        "crane ls: {}",
+        out.stderr
+    );
+    assert_eq!(w.storage.heads().len(), before, "the Link's target was reached");
 }
 
 #[test]
