@@ -414,33 +414,37 @@ pub fn plan_response(
     locations: &[&str],
     links: &[&str],
 ) -> ResponseEdits {
-    let refusal = if status == 401 {
-        // Replaced whole: its Location is not worth mapping.
-        Some(Refusal::upstream_refused(&quote(plan.connector.label())))
-    } else {
-        location_refusal(plan, locations, links)
-    };
-    if let Some(r) = refusal {
+    let refuse = |r: Refusal| {
         let reason = r.reason;
-        return ResponseEdits {
+        ResponseEdits {
             replace: Some((r.into_response(realm), reason)),
             ..Default::default()
-        };
+        }
+    };
+    if status == 401 {
+        // Replaced whole: its Location is not worth mapping.
+        return refuse(Refusal::upstream_refused(&quote(plan.connector.label())));
+    }
+    // Mapped once: whether it maps decides the refusal, and the mapping is the edit.
+    let location = locations
+        .first()
+        .and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client));
+    if let Some(r) = location_refusal(plan, locations, location.is_some(), links) {
+        return refuse(r);
     }
     // Several `Link` values are one list (RFC 8288): mapped together, they are written back as
     // one, so none is lost when the header is replaced.
     let link = (!links.is_empty()).then(|| links.join(", "));
     ResponseEdits {
-        location: locations
-            .first()
-            .and_then(|l| rewrite_url(l, &plan.connector.upstream, &plan.client)),
+        location,
         link: link.and_then(|l| rewrite_link(&l, &plan.connector.upstream, &plan.client)),
         replace: None,
     }
 }
 
-/// Why an answer's `Location` or `Link` must not reach the client, if it must not.
-fn location_refusal(plan: &ResponsePlan, locations: &[&str], links: &[&str]) -> Option<Refusal> {
+/// Why an answer's `Location` or `Link` must not reach the client, if it must not; `mapped`:
+/// whether the first `Location` maps back to the proxy.
+fn location_refusal(plan: &ResponsePlan, locations: &[&str], mapped: bool, links: &[&str]) -> Option<Refusal> {
     let (upstream, client) = (&plan.connector.upstream, &plan.client);
     let refuse = |reason: &'static str, what: String| {
         Some(Refusal::bad_gateway(
@@ -474,7 +478,7 @@ fn location_refusal(plan: &ResponsePlan, locations: &[&str], links: &[&str]) -> 
     // lead to the proxy's host name at another port or scheme, or to a name below it, where
     // Go's client would take the client's token along. So would a client following a `Link`
     // (a tag list's next page) there.
-    if let Some(l) = locations.first().filter(|l| rewrite_url(l, upstream, client).is_none()) {
+    if let Some(l) = locations.first().filter(|_| !mapped) {
         if matches!(plan.endpoint, Endpoint::UploadStart | Endpoint::Upload) {
             return refuse(
                 "upload_location_elsewhere",

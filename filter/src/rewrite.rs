@@ -162,7 +162,9 @@ pub fn location_count(value: &str) -> usize {
         .count()
 }
 
-/// Whether `text` begins with `//` or with a URI scheme (RFC 3986 3.1) and `://`.
+/// Whether `text` begins with `//` or with a URI scheme (RFC 3986 3.1) and `://`. Not
+/// [`absolute`], which takes any text before `://` as a scheme: a query's `?next=http://`
+/// after a comma in one URL would count as a second.
 fn starts_a_url(text: &str) -> bool {
     if text.starts_with("//") {
         return true;
