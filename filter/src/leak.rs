@@ -169,6 +169,9 @@ fn any_layer(text: &[u8], found: impl Fn(&[u8]) -> bool) -> bool {
             })
     }
     // One pass to rule out every kind, where each kind would look for its own first byte.
+    // Those bytes ([`Escapes::start`]) written out: derived from `Escapes::ALL`, the check
+    // cost 0.2-0.3 µs more per warm request under wasmtime (`warm-cost`), and a unit test
+    // keeps the two the same.
     let escaped = |t: &[u8]| t.iter().any(|&b| matches!(b, b'%' | b'\\' | b'&'));
     found(text) || (escaped(text) && undo(text, &found, ESCAPE_LAYERS))
 }
@@ -427,6 +430,24 @@ mod tests {
             assert!(!contains_any(clean.as_bytes(), &s), "{clean}");
         }
         assert!(contains_any(b"s3cret&#45;pw", &s) && contains_any(b"s3cret\\u002dpw", &s));
+    }
+
+    #[test]
+    fn the_pre_scan_looks_for_every_kinds_first_byte() {
+        for kind in Escapes::ALL {
+            // An `A` escaped by each kind (a match, so a new kind must be added here).
+            let escaped = match kind {
+                Escapes::Url => "%41",
+                Escapes::Js => "\\u0041",
+                Escapes::Html => "&#65;",
+            };
+            assert!(escaped.as_bytes().first() == Some(&kind.start()));
+            assert!(
+                any_layer(escaped.as_bytes(), |t| t == b"A"),
+                "{escaped} is not undone: the pre-scan misses {:?}",
+                kind.start() as char
+            );
+        }
     }
 
     /// Encoding any text with each encoder and undoing one layer gives the text back.
