@@ -11,6 +11,8 @@
 //! - [`filemode`]: the manifest-directory source, watched;
 //! - [`pipeline`]: desired state → filter configuration, clusters and the credential table;
 //! - [`xds`]: the ADS server Envoy's bootstrap points at (CDS + ECDS + the listener's SDS);
+//! - [`pin`]: the upstreams' host names resolved and screened by the controller, pinned into
+//!   Envoy's clusters (Envoy resolves no upstream name itself);
 //! - [`proxy_tls`]: the proxy listener's serving certificate (a `kubernetes.io/tls` Secret or files);
 //! - [`channel`]: the loopback channel the filter gets credentials and access decisions from;
 //! - [`serve`]: the running controller (pipeline, listeners, graceful shutdown);
@@ -35,6 +37,7 @@ pub mod live;
 pub mod manifest_yaml;
 pub mod manifests;
 pub mod ops;
+pub mod pin;
 pub mod pipeline;
 pub mod probe;
 pub mod proxy_tls;

@@ -10,7 +10,7 @@
 //! would not. Errors carry a reason (the condition's `reason`) and a message a person can act
 //! on; neither ever holds the credential or a token.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use connector_core::address::split_url;
@@ -79,8 +79,28 @@ pub fn check_target(url: &str, tenancy: &crate::pipeline::Tenancy) -> Result<(),
     }
 }
 
-fn allowed(url: &str) -> Result<(), ProbeError> {
-    POLICY.get().map_or(Ok(()), |t| check_target(url, t))
+/// [`check_target`], and for a host name the addresses it resolves to by the same rule (the
+/// client's resolver screens them again when it connects: a name rebound in between is caught
+/// there).
+async fn allowed(url: &str) -> Result<(), ProbeError> {
+    let Some(tenancy) = POLICY.get() else {
+        return Ok(());
+    };
+    check_target(url, tenancy)?;
+    let Ok(origin) = crate::render::realm_origin(url) else {
+        return Ok(());
+    };
+    let cluster = crate::render::cluster_for(&origin);
+    if !crate::pin::is_named(&cluster) {
+        return Ok(());
+    }
+    // A name that does not resolve fails the request itself, with reqwest's own words.
+    let Ok(ips) = crate::pin::resolve(&cluster.host, cluster.port).await else {
+        return Ok(());
+    };
+    crate::pin::screen(tenancy, &cluster.host, cluster.port, &ips)
+        .map(drop)
+        .map_err(|why| ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("not probed: {why}")))
 }
 
 /// The client every probe uses, set once by [`use_upstream_ca`]; until then, one validating
@@ -117,6 +137,7 @@ pub fn client_with_ca(ca_bundle: &str) -> Result<reqwest::Client, String> {
         .connect_timeout(TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent("connector-controller-probe")
+        .dns_resolver(Arc::new(crate::pin::ScreenedResolver { policy: &POLICY }))
         .tls_built_in_root_certs(false);
     for c in certs {
         builder = builder.add_root_certificate(c);
@@ -136,6 +157,7 @@ fn client() -> &'static reqwest::Client {
                 .timeout(TIMEOUT)
                 .connect_timeout(TIMEOUT)
                 .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(crate::pin::ScreenedResolver { policy: &POLICY }))
                 .tls_built_in_root_certs(false)
                 .build()
                 .unwrap_or_else(|_| reqwest::Client::new())
@@ -164,6 +186,14 @@ fn base_url(address: &str) -> String {
 }
 
 fn unreachable(what: &str, url: &str, e: &reqwest::Error) -> ProbeError {
+    // The resolver refused every address of the name (module `pin`).
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(refused) = s.downcast_ref::<crate::pin::Refused>() {
+            return ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("not probed: {refused}"));
+        }
+        source = s.source();
+    }
     let detail = chain(e);
     let why = if e.is_timeout() {
         format!("did not answer within {} s", TIMEOUT.as_secs())
@@ -192,7 +222,7 @@ pub async fn liveness(address: &str) -> Result<(), ProbeError> {
 
 /// [`liveness`] with a given client (see [`client_with_ca`]).
 pub async fn liveness_with(client: &reqwest::Client, address: &str) -> Result<(), ProbeError> {
-    allowed(address)?;
+    allowed(address).await?;
     let url = base_url(address);
     let r = client
         .get(&url)
@@ -234,7 +264,7 @@ pub async fn login_with(
     credential: &Credential,
     token_realms: &[TokenRealm],
 ) -> Result<(), ProbeError> {
-    allowed(address)?;
+    allowed(address).await?;
     let url = base_url(address);
     let r = client
         .get(&url)
@@ -263,7 +293,7 @@ pub async fn login_with(
             let realm = params.get("realm").cloned().unwrap_or_default();
             let service = params.get("service").cloned().unwrap_or_default();
             check_realm(address, &realm, token_realms)?;
-            allowed(&realm)?;
+            allowed(&realm).await?;
             let token = fetch_token(client, &realm, &service, credential).await?;
             with_authorization(client, &url, &token, "a token the registry's token service issued").await
         }

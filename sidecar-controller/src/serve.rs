@@ -336,8 +336,17 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
+    // Envoy resolves no upstream name: the controller does, and pins what the tenancy admits.
+    let (pins_tx, pins_rx) = watch::channel(Arc::new(crate::pin::PinMap::new()));
+    tokio::spawn(crate::pin::run(
+        settings.effective_tenancy(),
+        snap_rx.clone(),
+        pins_tx,
+        crate::pin::REFRESH,
+    ));
     let ads = Ads::new(
         snap_rx,
+        pins_rx,
         settings.wasm.clone(),
         settings.upstream_ca.clone(),
         hub.clone(),

@@ -17,6 +17,7 @@
 //! nothing: the next snapshot is pushed as usual.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::document::Document;
 use crate::hub::Hub;
 use crate::ops::TypeLabel;
+use crate::pin::PinMap;
 use crate::proxy_tls::SECRET_TYPE;
 use crate::render::{UpstreamCluster, VerifiedName};
 
@@ -100,27 +102,33 @@ fn any<M: prost::Message + prost::Name>(m: &M) -> Any {
     }
 }
 
-/// The CDS resource for one upstream origin: a static address for IP literals, logical DNS
-/// otherwise; for https, TLS with SNI (host names) validated against `ca_bundle`.
-pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str) -> Cluster {
+/// The CDS resource for one upstream origin: always `STATIC`, Envoy resolves nothing. An IP
+/// literal is its own endpoint; a host name's endpoints are the addresses the controller
+/// resolved and admitted (`pinned`, module `pin`: none, and the cluster has no endpoint). For
+/// https, TLS with SNI (host names) validated against `ca_bundle` for the name, whatever
+/// address it was reached at.
+pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str, pinned: &[std::net::IpAddr]) -> Cluster {
     let is_ip = c.host.parse::<std::net::IpAddr>().is_ok();
-    let discovery = if is_ip {
-        cluster::DiscoveryType::Static
-    } else {
-        cluster::DiscoveryType::LogicalDns
-    };
-    let endpoint = LbEndpoint {
+    let discovery = cluster::DiscoveryType::Static;
+    let endpoint = |address: String| LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
             address: Some(Address {
                 address: Some(address::Address::SocketAddress(SocketAddress {
-                    address: c.host.clone(),
+                    address,
                     port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(c.port))),
                     ..Default::default()
                 })),
             }),
+            // The name the endpoint stands for (admin pages, access logs).
+            hostname: if is_ip { String::new() } else { c.host.clone() },
             ..Default::default()
         })),
         ..Default::default()
+    };
+    let endpoints: Vec<LbEndpoint> = if is_ip {
+        vec![endpoint(c.host.clone())]
+    } else {
+        pinned.iter().map(|ip| endpoint(ip.to_string())).collect()
     };
     let transport_socket = c.tls.then(|| {
         let tls = UpstreamTlsContext {
@@ -155,7 +163,7 @@ pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str) -> Cluster {
         load_assignment: Some(ClusterLoadAssignment {
             cluster_name: c.name.clone(),
             endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints: vec![endpoint],
+                lb_endpoints: endpoints,
                 ..Default::default()
             }],
             ..Default::default()
@@ -327,6 +335,8 @@ pub fn filter_resource_any(filter_config: &Document, wasm: &WasmSettings) -> Any
 #[derive(Clone)]
 pub struct Ads {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// The admitted addresses of the clusters' host names (module `pin`).
+    pins: watch::Receiver<Arc<PinMap>>,
     wasm: WasmSettings,
     ca_bundle: String,
     hub: Hub,
@@ -337,8 +347,11 @@ pub struct Ads {
 }
 
 impl Ads {
+    /// `pins`: what [`crate::pin::run`] keeps for the same snapshots. Clusters reached by host
+    /// name wait for their pins: a snapshot naming one not pinned yet is sent once it is.
     pub fn new(
         snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+        pins: watch::Receiver<Arc<PinMap>>,
         wasm: WasmSettings,
         ca_bundle: String,
         hub: Hub,
@@ -346,6 +359,7 @@ impl Ads {
         let no_shutdown = watch::channel(false).0;
         Self {
             snapshots,
+            pins,
             wasm,
             ca_bundle,
             hub,
@@ -419,10 +433,11 @@ struct Session {
     sent: HashMap<String, (u64, String)>,
     subscribed: std::collections::BTreeSet<String>,
     nonce: u64,
-    /// The cluster set last sent (sorted by name), to skip sending an unchanged one.
-    clusters_sent: Option<Vec<UpstreamCluster>>,
+    /// The cluster set last sent (sorted by name) with each one's pinned addresses, to skip
+    /// sending an unchanged one.
+    clusters_sent: Option<Vec<(UpstreamCluster, Vec<IpAddr>)>>,
     /// The cluster set Envoy last acknowledged: what it has.
-    clusters_acked: Vec<UpstreamCluster>,
+    clusters_acked: Vec<(UpstreamCluster, Vec<IpAddr>)>,
     /// Clusters named by the filter configuration Envoy last accepted: kept until a newer one
     /// that does not name them is accepted.
     filter_live: std::sync::Arc<Vec<UpstreamCluster>>,
@@ -439,6 +454,8 @@ impl Session {
         // on this stream, no credential is retired.
         self.ads.hub.set_filter_acked(self.id, None, false);
         let mut snapshots = self.ads.snapshots.clone();
+        let mut pins = self.ads.pins.clone();
+        let mut pins_open = true;
         let mut shutdown = self.ads.shutdown.clone();
         let mut certs = self.ads.hub.proxy_cert();
         loop {
@@ -460,6 +477,11 @@ impl Session {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
                     if self.push().await.is_err() { break; }
+                }
+                // Pins that stop coming (their task ended) leave the ones there are.
+                changed = pins.changed(), if pins_open => {
+                    pins_open = changed.is_ok();
+                    if pins_open && self.push().await.is_err() { break; }
                 }
                 changed = certs.changed() => {
                     if changed.is_err() { break; }
@@ -612,11 +634,24 @@ impl Session {
         };
         let cds = self.subscribed.contains(CLUSTER_TYPE);
         if cds {
-            let wanted = self.wanted_clusters(&snap);
+            let pins = self.ads.pins.borrow().clone();
+            let mut wanted = Vec::new();
+            for c in self.wanted_clusters(&snap) {
+                let pinned = if crate::pin::is_named(&c) {
+                    match pins.get(&(c.host.clone(), c.port)) {
+                        Some(pin) => pin.addresses.clone(),
+                        // Not resolved yet: nothing goes until it is (the pins' change pushes).
+                        None => return Ok(()),
+                    }
+                } else {
+                    vec![]
+                };
+                wanted.push((c, pinned));
+            }
             if self.clusters_sent.as_ref() != Some(&wanted) {
                 let resources = wanted
                     .iter()
-                    .map(|c| any(&cluster_resource(c, &self.ads.ca_bundle)))
+                    .map(|(c, pinned)| any(&cluster_resource(c, &self.ads.ca_bundle, pinned)))
                     .collect();
                 self.send(CLUSTER_TYPE, snap.version, resources).await?;
                 self.clusters_sent = Some(wanted);
@@ -626,7 +661,11 @@ impl Session {
         let sent_filter = self.sent.get(ECDS_TYPE).map(|(v, _)| *v);
         // Clusters Envoy refused (NACK) or has not acknowledged yet: the filter configuration
         // that names them waits for a snapshot whose clusters Envoy takes.
-        let clusters_ready = !cds || snap.clusters.iter().all(|c| self.clusters_acked.contains(c));
+        let clusters_ready = !cds
+            || snap
+                .clusters
+                .iter()
+                .all(|c| self.clusters_acked.iter().any(|(a, _)| a == c));
         if self.subscribed.contains(ECDS_TYPE) && sent_filter != Some(snap.version) && clusters_ready {
             let resource = filter_resource_any(&snap.filter_config, &self.ads.wasm);
             self.send(ECDS_TYPE, snap.version, vec![resource]).await?;
@@ -710,8 +749,29 @@ mod tests {
         }
     }
 
+    /// `address:port (hostname)` of each of the cluster's endpoints.
+    fn endpoints(c: &Cluster) -> Vec<String> {
+        let la = c.load_assignment.as_ref().unwrap();
+        la.endpoints
+            .iter()
+            .flat_map(|l| l.lb_endpoints.iter())
+            .map(|e| {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    panic!("an endpoint")
+                };
+                let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().unwrap().address.as_ref() else {
+                    panic!("a socket address")
+                };
+                let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                    panic!("a port")
+                };
+                format!("{}:{port} ({})", sa.address, ep.hostname)
+            })
+            .collect()
+    }
+
     #[test]
-    fn https_upstreams_get_tls_with_sni_and_ip_literals_a_static_address() {
+    fn https_upstreams_get_tls_with_sni_and_names_their_pinned_addresses() {
         let named = UpstreamCluster {
             name: "upstream_https_harbor_example_com_443".into(),
             host: "harbor.example.com".into(),
@@ -719,13 +779,24 @@ mod tests {
             tls: true,
             sni: Some("harbor.example.com".into()),
         };
-        let c = cluster_resource(&named, "/ca.pem");
+        let pinned: Vec<IpAddr> = vec!["203.0.113.7".parse().unwrap(), "203.0.113.8".parse().unwrap()];
+        let c = cluster_resource(&named, "/ca.pem", &pinned);
         assert_eq!(
             c.cluster_discovery_type,
             Some(cluster::ClusterDiscoveryType::Type(
-                cluster::DiscoveryType::LogicalDns as i32
-            ))
+                cluster::DiscoveryType::Static as i32
+            )),
+            "Envoy never resolves an upstream name itself"
         );
+        assert_eq!(
+            endpoints(&c),
+            [
+                "203.0.113.7:443 (harbor.example.com)",
+                "203.0.113.8:443 (harbor.example.com)"
+            ]
+        );
+        // Nothing admitted: a cluster with no endpoint (Envoy answers 503), not the name.
+        assert!(endpoints(&cluster_resource(&named, "/ca.pem", &[])).is_empty());
         let ts = c.transport_socket.expect("TLS for https");
         let Some(transport_socket::ConfigType::TypedConfig(any)) = ts.config_type else {
             panic!("typed TLS config")
@@ -763,7 +834,12 @@ mod tests {
             tls: true,
             sni: None,
         };
-        let c = cluster_resource(&https_ip, "/ca.pem");
+        let c = cluster_resource(&https_ip, "/ca.pem", &pinned);
+        assert_eq!(
+            endpoints(&c),
+            ["10.0.0.1:8443 ()"],
+            "a literal is its own endpoint, pins or not"
+        );
         let Some(transport_socket::ConfigType::TypedConfig(any)) = c.transport_socket.unwrap().config_type else {
             panic!("typed TLS config")
         };
@@ -794,7 +870,8 @@ mod tests {
             tls: false,
             sni: None,
         };
-        let c = cluster_resource(&ip, SYSTEM_CA_BUNDLE);
+        let c = cluster_resource(&ip, SYSTEM_CA_BUNDLE, &[]);
+        assert_eq!(endpoints(&c), ["127.0.0.1:5000 ()"]);
         assert!(c.transport_socket.is_none());
         assert_eq!(
             c.cluster_discovery_type,

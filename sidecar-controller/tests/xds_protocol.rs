@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use connector_controller::document::Document;
 use connector_controller::hub::Hub;
+use connector_controller::pin::{Pin, PinMap};
 use connector_controller::render::UpstreamCluster;
 use connector_controller::xds::{Ads, CLUSTER_TYPE, ECDS_TYPE, FILTER_CONFIG_NAME, Snapshot, WasmSettings};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -28,6 +29,11 @@ fn cluster(port: u16) -> UpstreamCluster {
         tls: false,
         sni: None,
     }
+}
+
+/// Pins for snapshots whose clusters are all IP literals (they need none); the sender goes.
+fn no_pins() -> watch::Receiver<Arc<PinMap>> {
+    watch::channel(Arc::new(PinMap::new())).1
 }
 
 fn request(type_url: &str, nonce: &str, version: &str, error: Option<&str>) -> DiscoveryRequest {
@@ -66,7 +72,7 @@ async fn acks_nacks_and_ordering() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    let service = Ads::new(snap_rx, no_pins(), wasm, "/ca.pem".into(), hub.clone()).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -198,7 +204,7 @@ async fn start() -> (
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    let service = Ads::new(snap_rx, no_pins(), wasm, "/ca.pem".into(), hub.clone()).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -378,7 +384,7 @@ async fn the_listener_certificate_over_sds() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    let service = Ads::new(snap_rx, no_pins(), wasm, "/ca.pem".into(), hub.clone()).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -439,4 +445,103 @@ async fn the_listener_certificate_over_sds() {
         })
         .get();
     assert_eq!(nacks, 1);
+}
+
+/// A cluster reached by host name goes to Envoy only with the addresses the controller pinned
+/// (module `pin`): a snapshot naming one not pinned yet sends nothing, and the pins' arrival
+/// sends it as a `STATIC` cluster of those addresses; a later pin change resends it.
+#[tokio::test]
+async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use prost::Message as _;
+    let hub = Hub::new();
+    let (snap_tx, snap_rx) = watch::channel(None);
+    let (pins_tx, pins_rx) = watch::channel(Arc::new(PinMap::new()));
+    let wasm = WasmSettings {
+        module_path: "/filter.wasm".into(),
+        host_env_keys: vec![],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = Ads::new(snap_rx, pins_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(CLUSTER_TYPE, "", "", None)).await.unwrap();
+    let named = UpstreamCluster {
+        name: "upstream_https_registry_example_443".into(),
+        host: "registry.example".into(),
+        port: 443,
+        tls: true,
+        sni: Some("registry.example".into()),
+    };
+    snap_tx.send_replace(Some(Arc::new(Snapshot {
+        version: 1,
+        clusters: Arc::new(vec![named.clone(), cluster(5000)]),
+        filter_config: Arc::new(Document::from_text("{}")),
+    })));
+    assert!(
+        next(&mut responses).await.is_none(),
+        "nothing goes before the name is pinned"
+    );
+
+    let pin = |ips: &[&str]| {
+        let mut m = PinMap::new();
+        m.insert(
+            ("registry.example".to_string(), 443),
+            Pin {
+                addresses: ips.iter().map(|i| i.parse().unwrap()).collect(),
+                problem: None,
+            },
+        );
+        Arc::new(m)
+    };
+    // The endpoints' addresses of the named cluster in a CDS response, and its discovery type.
+    let endpoints = |r: &DiscoveryResponse| -> (i32, Vec<String>) {
+        let c = r
+            .resources
+            .iter()
+            .map(|a| Cluster::decode(a.value.as_slice()).unwrap())
+            .find(|c| c.name == named.name)
+            .expect("the named cluster");
+        let json = format!("{:?}", c.load_assignment);
+        let found = ["203.0.113.7", "203.0.113.9"]
+            .iter()
+            .filter(|ip| json.contains(*ip))
+            .map(|ip| ip.to_string())
+            .collect();
+        let Some(envoy_types::pb::envoy::config::cluster::v3::cluster::ClusterDiscoveryType::Type(t)) =
+            c.cluster_discovery_type
+        else {
+            panic!("a discovery type")
+        };
+        (t, found)
+    };
+    let static_type = envoy_types::pb::envoy::config::cluster::v3::cluster::DiscoveryType::Static as i32;
+    pins_tx.send_replace(pin(&["203.0.113.7"]));
+    let cds = next(&mut responses).await.expect("clusters once pinned");
+    assert_eq!(cds.type_url, CLUSTER_TYPE);
+    assert_eq!(endpoints(&cds), (static_type, vec!["203.0.113.7".to_string()]));
+    tx.send(request(CLUSTER_TYPE, &cds.nonce, &cds.version_info, None))
+        .await
+        .unwrap();
+
+    // The name moved: the same snapshot's clusters go again with the new address.
+    pins_tx.send_replace(pin(&["203.0.113.9"]));
+    let moved = next(&mut responses).await.expect("clusters again on a new pin");
+    assert_eq!(endpoints(&moved), (static_type, vec!["203.0.113.9".to_string()]));
+    // An unchanged pin map sends nothing.
+    pins_tx.send_replace(pin(&["203.0.113.9"]));
+    assert!(next(&mut responses).await.is_none(), "an unchanged pin resends nothing");
 }

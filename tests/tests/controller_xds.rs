@@ -534,6 +534,117 @@ fn connectors_aimed_at_the_pods_own_ports_or_metadata_are_left_out_and_the_other
     );
 }
 
+/// The clusters Envoy runs (`dynamic_active_clusters`) whose name starts with `prefix`:
+/// `(name, type, endpoint addresses)`.
+fn active_clusters(envoy: &Envoy, prefix: &str) -> Vec<(String, String, Vec<String>)> {
+    let dump: serde_json::Value = serde_json::from_str(&envoy.config_dump().unwrap()).unwrap();
+    let mut out = vec![];
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for active in config["dynamic_active_clusters"].as_array().into_iter().flatten() {
+            let c = &active["cluster"];
+            let name = c["name"].as_str().unwrap_or_default();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let addresses = c["load_assignment"]["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|l| l["lb_endpoints"].as_array().into_iter().flatten())
+                .map(|e| {
+                    let sa = &e["endpoint"]["address"]["socket_address"];
+                    format!("{}:{}", sa["address"].as_str().unwrap_or_default(), sa["port_value"])
+                })
+                .collect();
+            out.push((
+                name.to_string(),
+                c["type"].as_str().unwrap_or("STATIC").to_string(),
+                addresses,
+            ));
+        }
+    }
+    out
+}
+
+/// The sum of Envoy's `cluster.<prefix...>.<stat>` counters.
+fn cluster_stat(envoy: &Envoy, prefix: &str, stat: &str) -> u64 {
+    let stats = Request::get("/stats").send(envoy.admin_port).unwrap().body_text();
+    stats
+        .lines()
+        .filter(|l| l.starts_with(&format!("cluster.{prefix}")) && l.contains(&format!(".{stat}: ")))
+        .filter_map(|l| l.rsplit(": ").next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A Connector whose address is a host *name* that resolves to an address the proxy refuses
+/// (here a name `scripts/setup.sh` maps to 127.0.0.1 in /etc/hosts, as a tenant's own DNS
+/// would, on the controller's credential-channel port): the literal is refused at render (the
+/// test above), and the name used to pass, Envoy resolving it itself and connecting with the
+/// connector's credential. Now the controller resolves it, refuses the address, and Envoy's
+/// cluster has no endpoint: the request gets 503 and no connection is made. A good Connector
+/// reached by name (`localhost`, allowed by the tests' `--allow-local-upstreams`) is served
+/// through a `STATIC` cluster pinned to 127.0.0.1, its certificate still checked for the name.
+#[test]
+fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_name_is_pinned() {
+    let s = setup("controller-pin");
+    let creds = s.registry.credentials.clone().unwrap();
+    let named = format!("https://localhost:{}", s.registry.port);
+    let (controller, envoy, token) = serve(&s, &named, &creds, &[]);
+    until_status(&envoy, "registry", &token, 200);
+    pull(&s, &envoy.authority(), "registry", &token, "pulled-pinned");
+    let good = active_clusters(&envoy, &format!("upstream_https_localhost_{}", s.registry.port));
+    assert_eq!(good.len(), 1, "{good:?}");
+    assert_eq!(
+        (good[0].1.as_str(), good[0].2.clone()),
+        ("STATIC", vec![format!("127.0.0.1:{}", s.registry.port)]),
+        "the name is pinned to its address; Envoy resolves nothing"
+    );
+
+    let rebound_host = connector_devkit::stack::host_name(NS, "other");
+    connector_devkit::stack::check_host_form_resolves(NS, "other").unwrap_or_else(|e| panic!("{e}"));
+    let rebound = format!("http://{rebound_host}:{}", controller.ports.channel);
+    put(&s.manifests, "rebound.yaml", &connector_yaml("rebound", &rebound, "robot"));
+    // Served (its name passes the render), so the filter forwards; Envoy has nowhere to send it.
+    let start = Instant::now();
+    let status = loop {
+        let got = manifest_status(&envoy, "rebound", &token);
+        if got != 403 || start.elapsed() > FOLLOW_DEADLINE {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "no endpoint for a name resolving to the pod's own port");
+    let r = Request::get(&format!("/v2/namespaces/{NS}/connectors/rebound/{REPO}/manifests/{TAG}"))
+        .header("Accept", MANIFEST_TYPES)
+        .bearer(&token)
+        .send(envoy.port)
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.body_text().contains("\"UNAVAILABLE\""), "an OCI error: {}", r.body_text());
+    let prefix = "upstream_http_c_other_connector";
+    let clusters = active_clusters(&envoy, prefix);
+    assert_eq!(clusters.len(), 1, "{clusters:?}");
+    assert_eq!((clusters[0].1.as_str(), clusters[0].2.len()), ("STATIC", 0), "{clusters:?}");
+    assert_eq!(
+        cluster_stat(&envoy, prefix, "upstream_cx_total"),
+        0,
+        "Envoy never connected to the refused address"
+    );
+    assert!(cluster_stat(&envoy, prefix, "upstream_cx_none_healthy") >= 1);
+    let log = controller.log();
+    assert!(
+        log.contains(&format!("{rebound_host} resolves only to refused addresses"))
+            && log.contains("one of the proxy pod's own ports"),
+        "the refusal is logged with why: {log}"
+    );
+    assert_eq!(manifest_status(&envoy, "registry", &token), 200, "the others still served");
+    hygiene(
+        &envoy,
+        &controller.log(),
+        &[("upstream password".into(), creds.password.clone())],
+    );
+}
+
 /// Issue 12 item 11 through the real binary and Envoy: keys the proxy cannot verify with (an
 /// ES512 key, an Ed25519 key, a 1024-bit RSA key) beside the cluster's usable key are skipped
 /// with a warning, the configuration is served and tokens signed with the usable key verify.

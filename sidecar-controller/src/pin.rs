@@ -1,0 +1,352 @@
+//! Owns where an upstream's host *name* may lead. The controller resolves the names of the
+//! upstreams it hands Envoy (`spec.address`, `spec.tokenRealms`) itself, screens every address
+//! by the rule an IP literal meets ([`Tenancy::refuse_upstream`]: loopback, unspecified and the
+//! pod's own addresses unless `--allow-local-upstreams`; link-local and the pod's own ports
+//! always), and gives Envoy only the addresses admitted, as a `STATIC` cluster (module `xds`).
+//! Envoy never resolves an upstream name itself, so a name that resolves to a local or
+//! metadata address, at once or later (DNS rebinding), never receives a connector's credential.
+//! The controller's probes screen the same way (module `probe`).
+//!
+//! [`run`] resolves the names of the current snapshot whenever it changes and every
+//! [`REFRESH`]. A name that stops resolving keeps its last admitted addresses (a DNS outage must
+//! not take every registry away); one never resolved, or resolving only to refused addresses,
+//! gets none: its cluster has no endpoint and Envoy answers 503, never connecting anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::pipeline::Tenancy;
+use crate::render::UpstreamCluster;
+use crate::xds::Snapshot;
+
+/// How often names are resolved again (registries behind CDNs move).
+pub const REFRESH: Duration = Duration::from_secs(30);
+/// Per name; the probes and the filter give an upstream 5 s too.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A name no snapshot names any more keeps its pin this long: the clusters of a filter
+/// configuration Envoy still runs stay until it accepts a newer one (make before break).
+const RETAIN: Duration = Duration::from_secs(600);
+
+/// What Envoy may connect to for an upstream named by host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// Admitted addresses (IPv4 only when there is one, as Envoy's `V4_PREFERRED`); empty:
+    /// nothing may be reached.
+    pub addresses: Vec<IpAddr>,
+    /// Why nothing, or not everything, resolved was admitted (for the log); never a secret.
+    pub problem: Option<String>,
+}
+
+/// Per `(host name, port)` of the upstream clusters.
+pub type PinMap = BTreeMap<(String, u16), Pin>;
+
+/// True for a cluster Envoy reaches by a host name, which needs a [`Pin`].
+pub fn is_named(c: &UpstreamCluster) -> bool {
+    c.host.parse::<IpAddr>().is_err()
+}
+
+/// The addresses of `resolved` the proxy may send `host`'s credential to on `port`, by
+/// [`Tenancy::refuse_upstream`]'s rule for each as if it were written as a literal; `Err` says
+/// why none was admitted.
+pub fn screen(tenancy: &Tenancy, host: &str, port: u16, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
+    let mut admitted: Vec<IpAddr> = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
+    for ip in resolved {
+        let literal = UpstreamCluster {
+            name: String::new(),
+            host: ip.to_string(),
+            port,
+            tls: false,
+            sni: None,
+        };
+        match tenancy.refuse_upstream(&literal) {
+            Some(why) if !refused.contains(&why) => refused.push(why),
+            None if !admitted.contains(ip) => admitted.push(*ip),
+            _ => {}
+        }
+    }
+    if admitted.iter().any(IpAddr::is_ipv4) {
+        admitted.retain(IpAddr::is_ipv4);
+    }
+    match (admitted.is_empty(), refused.is_empty()) {
+        (false, _) => Ok(admitted),
+        (true, true) => Err(format!("{host} resolves to no address")),
+        (true, false) => Err(format!(
+            "{host} resolves only to refused addresses: {}",
+            refused.join("; ")
+        )),
+    }
+}
+
+/// `host`'s addresses by the system's resolver (`/etc/hosts`, then DNS), within [`RESOLVE_TIMEOUT`].
+pub async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
+        Ok(Err(e)) => Err(format!("{host} does not resolve: {e}")),
+        Err(_) => Err(format!("{host} did not resolve within {} s", RESOLVE_TIMEOUT.as_secs())),
+    }
+}
+
+/// One name's next pin from its resolution, given its last one.
+fn next_pin(
+    tenancy: &Tenancy,
+    host: &str,
+    port: u16,
+    resolved: Result<Vec<IpAddr>, String>,
+    last: Option<&Pin>,
+) -> Pin {
+    match resolved {
+        Ok(ips) => match screen(tenancy, host, port, &ips) {
+            Ok(addresses) => Pin {
+                addresses,
+                problem: None,
+            },
+            Err(why) => Pin {
+                addresses: vec![],
+                problem: Some(why),
+            },
+        },
+        // A lookup that fails keeps what was admitted before.
+        Err(why) => Pin {
+            addresses: last.map(|p| p.addresses.clone()).unwrap_or_default(),
+            problem: Some(why),
+        },
+    }
+}
+
+/// Keeps `pins` up to date with the names of the snapshots `snapshots` brings: resolved again
+/// on every new snapshot and every `refresh`. Ends when either channel closes.
+pub async fn run(
+    tenancy: Tenancy,
+    mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    pins: watch::Sender<Arc<PinMap>>,
+    refresh: Duration,
+) {
+    let mut last_named: BTreeMap<(String, u16), Instant> = BTreeMap::new();
+    loop {
+        let names: BTreeSet<(String, u16)> = snapshots
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| {
+                s.clusters
+                    .iter()
+                    .filter(|c| is_named(c))
+                    .map(|c| (c.host.clone(), c.port))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let now = Instant::now();
+        for n in &names {
+            last_named.insert(n.clone(), now);
+        }
+        last_named.retain(|_, seen| now.duration_since(*seen) < RETAIN);
+        let lookups = names
+            .iter()
+            .map(|(host, port)| async move { resolve(host, *port).await });
+        let results = futures::future::join_all(lookups).await;
+        let before = pins.borrow().clone();
+        let mut next = PinMap::new();
+        for ((host, port), resolved) in names.iter().zip(results) {
+            let key = (host.clone(), *port);
+            let pin = next_pin(&tenancy, host, *port, resolved, before.get(&key));
+            if pin.problem.is_some() && before.get(&key).map(|p| &p.problem) != Some(&pin.problem) {
+                tracing::warn!(
+                    host = %host,
+                    port,
+                    addresses = ?pin.addresses,
+                    problem = pin.problem.as_deref().unwrap_or_default(),
+                    "an upstream name is not pinned to every address it resolves to"
+                );
+            }
+            next.insert(key, pin);
+        }
+        // Names a running configuration may still use keep their pins for a while.
+        for (key, pin) in before.iter() {
+            if !next.contains_key(key) && last_named.contains_key(key) {
+                next.insert(key.clone(), pin.clone());
+            }
+        }
+        if *before != next {
+            tracing::info!(names = next.len(), "upstream names pinned");
+            if pins.send(Arc::new(next)).is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return; },
+            () = tokio::time::sleep(refresh) => {}
+            () = pins.closed() => return,
+        }
+    }
+}
+
+/// A resolver for the probes' HTTP client: the system's, screened by `policy`'s rules that do
+/// not depend on the port (the probe checks the port's before it sends). Unset policy
+/// (in-process tests of the reconciler): unscreened.
+#[derive(Debug, Clone, Copy)]
+pub struct ScreenedResolver {
+    pub policy: &'static std::sync::OnceLock<Tenancy>,
+}
+
+/// A name that resolved only to refused addresses: the probe reports it as not allowed.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl reqwest::dns::Resolve for ScreenedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy;
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let ips = resolve(&host, 0).await?;
+            let ips = match policy.get() {
+                Some(t) => screen(t, &host, 0, &ips).map_err(Refused)?,
+                None => ips,
+            };
+            let addrs: reqwest::dns::Addrs = Box::new(ips.into_iter().map(|ip| std::net::SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn strict() -> Tenancy {
+        Tenancy {
+            own_ports: vec![18001],
+            own_addresses: ips(&["10.1.2.3"]),
+            ..Tenancy::default()
+        }
+    }
+
+    #[test]
+    fn a_name_is_pinned_to_the_addresses_a_literal_would_be_allowed() {
+        let t = strict();
+        assert_eq!(
+            screen(&t, "registry.example", 443, &ips(&["203.0.113.7", "203.0.113.8"])),
+            Ok(ips(&["203.0.113.7", "203.0.113.8"]))
+        );
+        // Envoy's V4_PREFERRED: IPv6 only without IPv4.
+        assert_eq!(
+            screen(&t, "registry.example", 443, &ips(&["2001:db8::7", "203.0.113.7"])),
+            Ok(ips(&["203.0.113.7"]))
+        );
+        assert_eq!(
+            screen(&t, "registry.example", 443, &ips(&["2001:db8::7", "2001:db8::7"])),
+            Ok(ips(&["2001:db8::7"]))
+        );
+        // A refused address among good ones is dropped, the rest pinned.
+        assert_eq!(
+            screen(&t, "registry.example", 443, &ips(&["127.0.0.1", "203.0.113.7"])),
+            Ok(ips(&["203.0.113.7"]))
+        );
+    }
+
+    #[test]
+    fn a_name_resolving_only_to_refused_addresses_gets_none_and_says_why() {
+        let t = strict();
+        for (resolved, says) in [
+            (&["127.0.0.1"][..], "127.0.0.1:5000 is a loopback address"),
+            (&["::1"][..], "::1:5000 is a loopback address"),
+            (&["::ffff:127.0.0.1"][..], "is a loopback address"),
+            (&["0.0.0.0"][..], "is a unspecified address"),
+            (&["169.254.169.254"][..], "169.254.169.254:5000 is a link-local address"),
+            (&["fe80::1"][..], "is a link-local address"),
+            (&["10.1.2.3"][..], "the proxy pod's own address"),
+        ] {
+            let e = screen(&t, "evil.example", 5000, &ips(resolved)).unwrap_err();
+            assert!(
+                e.starts_with("evil.example resolves only to refused addresses: "),
+                "{e}"
+            );
+            assert!(e.contains(says), "{resolved:?}: {e}");
+        }
+        assert_eq!(
+            screen(&t, "empty.example", 80, &[]),
+            Err("empty.example resolves to no address".into())
+        );
+    }
+
+    #[test]
+    fn local_addresses_need_the_opt_in_and_own_ports_and_metadata_are_refused_with_it() {
+        let t = Tenancy {
+            allow_local_upstreams: true,
+            ..strict()
+        };
+        assert_eq!(screen(&t, "vm", 5000, &ips(&["127.0.0.1"])), Ok(ips(&["127.0.0.1"])));
+        let own_port = screen(&t, "vm", 18001, &ips(&["127.0.0.1"])).unwrap_err();
+        assert!(own_port.contains("one of the proxy pod's own ports"), "{own_port}");
+        let metadata = screen(&t, "vm", 80, &ips(&["169.254.169.254"])).unwrap_err();
+        assert!(metadata.contains("link-local"), "{metadata}");
+    }
+
+    #[test]
+    fn a_failed_lookup_keeps_the_last_addresses_and_a_refusal_drops_them() {
+        let t = strict();
+        let last = Pin {
+            addresses: ips(&["203.0.113.7"]),
+            problem: None,
+        };
+        let kept = next_pin(&t, "registry.example", 443, Err("timed out".into()), Some(&last));
+        assert_eq!(kept.addresses, last.addresses);
+        assert_eq!(kept.problem.as_deref(), Some("timed out"));
+        let never = next_pin(&t, "registry.example", 443, Err("NXDOMAIN".into()), None);
+        assert!(never.addresses.is_empty());
+        // Rebound to loopback: the old address is not kept.
+        let rebound = next_pin(&t, "registry.example", 443, Ok(ips(&["127.0.0.1"])), Some(&last));
+        assert!(rebound.addresses.is_empty());
+        assert!(rebound.problem.unwrap().contains("loopback"));
+    }
+
+    #[tokio::test]
+    async fn run_pins_the_snapshots_names_and_follows_a_new_snapshot() {
+        let named = |host: &str, port: u16| UpstreamCluster {
+            name: format!("c_{host}_{port}"),
+            host: host.into(),
+            port,
+            tls: false,
+            sni: None,
+        };
+        let snap = |clusters: Vec<UpstreamCluster>, version: u64| {
+            Some(Arc::new(Snapshot {
+                version,
+                clusters: Arc::new(clusters),
+                filter_config: Arc::new(crate::document::Document::from_text("{}")),
+            }))
+        };
+        let (snap_tx, snap_rx) = watch::channel(snap(vec![named("localhost", 5000), named("127.0.0.1", 5001)], 1));
+        let (pins_tx, mut pins_rx) = watch::channel(Arc::new(PinMap::new()));
+        let task = tokio::spawn(run(strict(), snap_rx, pins_tx, Duration::from_secs(3600)));
+        pins_rx.changed().await.unwrap();
+        let pins = pins_rx.borrow_and_update().clone();
+        // Literals need no pin; `localhost` (loopback, no opt-in) gets no address.
+        assert_eq!(pins.len(), 1, "{pins:?}");
+        let pin = &pins[&("localhost".to_string(), 5000)];
+        assert!(pin.addresses.is_empty(), "{pin:?}");
+        assert!(pin.problem.as_deref().unwrap().contains("loopback"), "{pin:?}");
+
+        snap_tx
+            .send(snap(vec![named("localhost", 5000), named("localhost", 5002)], 2))
+            .unwrap();
+        pins_rx.changed().await.unwrap();
+        assert!(pins_rx.borrow().contains_key(&("localhost".to_string(), 5002)));
+        task.abort();
+    }
+}
