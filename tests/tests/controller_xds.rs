@@ -603,7 +603,11 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
     let rebound_host = connector_devkit::stack::host_name(NS, "other");
     connector_devkit::stack::check_host_form_resolves(NS, "other").unwrap_or_else(|e| panic!("{e}"));
     let rebound = format!("http://{rebound_host}:{}", controller.ports.channel);
-    put(&s.manifests, "rebound.yaml", &connector_yaml("rebound", &rebound, "robot"));
+    put(
+        &s.manifests,
+        "rebound.yaml",
+        &connector_yaml("rebound", &rebound, "robot"),
+    );
     // Served (its name passes the render), so the filter forwards; Envoy has nowhere to send it.
     let start = Instant::now();
     let status = loop {
@@ -614,17 +618,27 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status, 503, "no endpoint for a name resolving to the pod's own port");
-    let r = Request::get(&format!("/v2/namespaces/{NS}/connectors/rebound/{REPO}/manifests/{TAG}"))
-        .header("Accept", MANIFEST_TYPES)
-        .bearer(&token)
-        .send(envoy.port)
-        .unwrap();
+    let r = Request::get(&format!(
+        "/v2/namespaces/{NS}/connectors/rebound/{REPO}/manifests/{TAG}"
+    ))
+    .header("Accept", MANIFEST_TYPES)
+    .bearer(&token)
+    .send(envoy.port)
+    .unwrap();
     assert_eq!(r.status, 503);
-    assert!(r.body_text().contains("\"UNAVAILABLE\""), "an OCI error: {}", r.body_text());
+    assert!(
+        r.body_text().contains("\"UNAVAILABLE\""),
+        "an OCI error: {}",
+        r.body_text()
+    );
     let prefix = "upstream_http_c_other_connector";
     let clusters = active_clusters(&envoy, prefix);
     assert_eq!(clusters.len(), 1, "{clusters:?}");
-    assert_eq!((clusters[0].1.as_str(), clusters[0].2.len()), ("STATIC", 0), "{clusters:?}");
+    assert_eq!(
+        (clusters[0].1.as_str(), clusters[0].2.len()),
+        ("STATIC", 0),
+        "{clusters:?}"
+    );
     assert_eq!(
         cluster_stat(&envoy, prefix, "upstream_cx_total"),
         0,
@@ -637,7 +651,11 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
             && log.contains("one of the proxy pod's own ports"),
         "the refusal is logged with why: {log}"
     );
-    assert_eq!(manifest_status(&envoy, "registry", &token), 200, "the others still served");
+    assert_eq!(
+        manifest_status(&envoy, "registry", &token),
+        200,
+        "the others still served"
+    );
     hygiene(
         &envoy,
         &controller.log(),
