@@ -316,6 +316,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_probes_resolver_screens_by_its_policy() {
+        use reqwest::dns::Resolve as _;
+        static STRICT: std::sync::OnceLock<Tenancy> = std::sync::OnceLock::new();
+        static LOCAL_OK: std::sync::OnceLock<Tenancy> = std::sync::OnceLock::new();
+        static UNSET: std::sync::OnceLock<Tenancy> = std::sync::OnceLock::new();
+        let _ = STRICT.set(strict());
+        let _ = LOCAL_OK.set(Tenancy {
+            allow_local_upstreams: true,
+            ..strict()
+        });
+        let name = || "localhost".parse::<reqwest::dns::Name>().unwrap();
+        let refused = ScreenedResolver { policy: &STRICT }
+            .resolve(name())
+            .await
+            .err()
+            .unwrap();
+        assert!(refused.downcast_ref::<Refused>().is_some(), "{refused}");
+        assert!(refused.to_string().contains("is a loopback address"), "{refused}");
+        for policy in [&LOCAL_OK, &UNSET] {
+            let addrs: Vec<_> = ScreenedResolver { policy }.resolve(name()).await.unwrap().collect();
+            assert!(
+                !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()),
+                "{addrs:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn run_pins_the_snapshots_names_and_follows_a_new_snapshot() {
         let named = |host: &str, port: u16| UpstreamCluster {
             name: format!("c_{host}_{port}"),
