@@ -43,7 +43,9 @@ const USAGE: &str = "usage:
       The channel key is read from the environment variable CONNECTOR_CHANNEL_KEY (required
       in API mode; Envoy must have the same variable); logs go to stderr as JSON (RUST_LOG filters).
       Upstreams on loopback or the pod's own address are refused unless --allow-local-upstreams;
-      link-local addresses (cloud metadata) and the controller's own ports always. In API mode spec.hosts must
+      link-local addresses (cloud metadata) and the controller's own ports always, for an IP
+      literal and for each address a host name resolves to: the controller resolves upstream
+      names (again every 30 s) and gives Envoy only the admitted addresses. In API mode spec.hosts must
       be in the Connector's namespace (*.<ns>.svc...) or granted with --host-grants.
   (client configuration for a connector: the connector-client-config binary)
   connector-controller crd

@@ -3,6 +3,9 @@
 //! configuration (ECDS, a `TypedExtensionConfig` named [`FILTER_CONFIG_NAME`]), and the proxy
 //! listener's serving certificate (SDS, see [`crate::proxy_tls`]) when the listener speaks TLS.
 //!
+//! Every cluster is `STATIC`: an upstream named by host name gets the addresses module `pin`
+//! resolved and admitted, and is sent only once it has them (the pins' changes push too).
+//!
 //! Versions and nonces are tracked per stream and resource type. An ACK moves
 //! `ProxyState::accepted`; a NACK (a request echoing our nonce with `error_detail`) records the
 //! rejection in `ProxyState::rejected` and the `xds_nacks` metric, and nothing is resent: Envoy
