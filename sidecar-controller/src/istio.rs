@@ -6,7 +6,9 @@
 //!   the name Istio gives it (the filter routes each request to the cluster its configuration
 //!   names). Istio names a cluster by host and port only, so an `http` and an `https` origin
 //!   on one host and port cannot both be served: the newer connector is left out, with why.
-//! - [`run`] keeps one `ServiceEntry` (MESH_EXTERNAL, the host's ports) and, for hosts reached
+//! - [`run`] keeps one `ServiceEntry` (MESH_EXTERNAL, the host's ports, `STATIC`: a name's
+//!   endpoints are the addresses module `pin` admitted, so no upstream name is resolved by the
+//!   gateway's Envoy) and, for hosts reached
 //!   over TLS, one `DestinationRule` (TLS origination: `SIMPLE`, SNI and subjectAltNames = the
 //!   host, so the upstream's certificate must name it; `caCertificates` the bundle of
 //!   `--upstream-ca`, which Envoy's clusters trust outside Istio) per upstream host, in the WasmPlugin's namespace, visible to that
@@ -29,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::hub::{ConnectorKey, Hub};
 use crate::manifests::Problem;
+use crate::pin::PinMap;
 use crate::pipeline::Rendering;
 use crate::render::UpstreamCluster;
 use crate::xds::Snapshot;
@@ -149,12 +152,15 @@ pub fn with_outbound_names(mut r: Rendering) -> Rendering {
 }
 
 /// The objects for `clusters`: `(kind, name, object)`, one ServiceEntry per host and one
-/// DestinationRule per host with a TLS port, sorted by name.
+/// DestinationRule per host with a TLS port, sorted by name. Every ServiceEntry is `STATIC`:
+/// a host name's endpoints are the addresses `pins` admits on each of its ports (module `pin`;
+/// none, or a name not pinned: no endpoint), so the gateway's Envoy resolves no upstream name.
 pub fn objects(
     clusters: &[UpstreamCluster],
     namespace: &str,
     plugin: &str,
     ca_bundle: &str,
+    pins: &PinMap,
 ) -> Vec<(&'static str, String, Value)> {
     let mut hosts: BTreeMap<&str, Vec<&UpstreamCluster>> = BTreeMap::new();
     for c in clusters {
@@ -174,8 +180,8 @@ pub fn objects(
         let mut se = json!({
             "hosts": [host],
             "location": "MESH_EXTERNAL",
-            // A name is resolved by the gateway's Envoy; an address is the endpoint itself.
-            "resolution": if is_ip { "STATIC" } else { "DNS" },
+            // An address is the endpoint itself; a name's are the controller's pins.
+            "resolution": "STATIC",
             "exportTo": ["."],
             "ports": ports.iter().map(|c| {
                 let proto = if c.tls { "HTTPS" } else { "HTTP" };
@@ -184,6 +190,27 @@ pub fn objects(
         });
         if is_ip {
             se["endpoints"] = json!([{ "address": address }]);
+        } else {
+            // One ServiceEntry serves all the host's ports: an address admitted on each of them.
+            let mut admitted: Option<Vec<std::net::IpAddr>> = None;
+            for c in &ports {
+                let on_port = pins
+                    .get(&(c.host.clone(), c.port))
+                    .map(|p| p.addresses.clone())
+                    .unwrap_or_default();
+                admitted = Some(match admitted {
+                    None => on_port,
+                    Some(a) => a.into_iter().filter(|ip| on_port.contains(ip)).collect(),
+                });
+            }
+            let endpoints: Vec<Value> = admitted
+                .unwrap_or_default()
+                .iter()
+                .map(|ip| json!({ "address": ip.to_string() }))
+                .collect();
+            if !endpoints.is_empty() {
+                se["endpoints"] = json!(endpoints);
+            }
         }
         out.push((
             "ServiceEntry",
@@ -361,6 +388,7 @@ pub async fn run(
     target: Upstreams,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     mut held: watch::Receiver<Option<Arc<Vec<UpstreamCluster>>>>,
+    mut pins: watch::Receiver<Arc<PinMap>>,
     progress: Arc<Progress>,
 ) {
     let api = |kind: &str| -> Api<DynamicObject> {
@@ -372,11 +400,19 @@ pub async fn run(
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let kept = held.borrow_and_update().clone();
+        let pinned = pins.borrow_and_update().clone();
+        // A host name of the latest snapshot not resolved yet: written once it is.
+        let unpinned = snapshot.as_ref().is_some_and(|s| {
+            s.clusters
+                .iter()
+                .any(|c| crate::pin::is_named(c) && !pinned.contains_key(&(c.host.clone(), c.port)))
+        });
         let wait = match &snapshot {
             None => RESYNC,
+            Some(_) if unpinned => RESYNC,
             Some(s) => {
                 let clusters = wanted_clusters(&s.clusters, kept.as_deref().map(Vec::as_slice));
-                let want = objects(&clusters, &target.namespace, &target.plugin, &target.ca_bundle);
+                let want = objects(&clusters, &target.namespace, &target.plugin, &target.ca_bundle, &pinned);
                 match sync(&entries, &rules, &want, &target.plugin).await {
                     Ok(changed) => {
                         backoff = Duration::from_millis(500);
@@ -399,6 +435,7 @@ pub async fn run(
             changed = snapshots.changed() => if changed.is_err() { return },
             // The WasmPlugin's task ended: so does the controller.
             changed = held.changed() => if changed.is_err() { return },
+            changed = pins.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -562,7 +599,7 @@ mod tests {
             ]
         );
         // One ServiceEntry per host, each port once: objects() takes the union as it is.
-        let objs = objects(&want, "ns", "plugin", "ca");
+        let objs = objects(&want, "ns", "plugin", "ca", &PinMap::new());
         let shared = objs
             .iter()
             .find(|(k, _, o)| *k == "ServiceEntry" && o["spec"]["hosts"][0] == "shared.example.com")
@@ -589,7 +626,16 @@ mod tests {
         })
         .collect();
         const CA: &str = "/etc/ssl/certs/ca-certificates.crt";
-        let objs = objects(&clusters, "oci-connector-system", "oci-connector", CA);
+        let pin = |ips: &[&str]| crate::pin::Pin {
+            addresses: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            problem: None,
+        };
+        let mut pins = PinMap::new();
+        // Admitted on both of the host's ports, and one only on 443 (e.g. 5000 is an own port
+        // there): the ServiceEntry serves both ports, so only the first is its endpoint.
+        pins.insert(("harbor.example.com".into(), 443), pin(&["203.0.113.7", "203.0.113.8"]));
+        pins.insert(("harbor.example.com".into(), 5000), pin(&["203.0.113.7"]));
+        let objs = objects(&clusters, "oci-connector-system", "oci-connector", CA, &pins);
         let find = |kind: &str, host: &str| {
             objs.iter()
                 .find(|(k, _, o)| *k == kind && (o["spec"]["hosts"][0] == host || o["spec"]["host"] == host))
@@ -597,8 +643,18 @@ mod tests {
         };
         let se = find("ServiceEntry", "harbor.example.com").unwrap();
         assert_eq!(se["spec"]["location"], "MESH_EXTERNAL");
-        assert_eq!(se["spec"]["resolution"], "DNS");
+        // The gateway's Envoy resolves no name: the controller's pins are the endpoints.
+        assert_eq!(se["spec"]["resolution"], "STATIC");
+        assert_eq!(se["spec"]["endpoints"], json!([{"address": "203.0.113.7"}]));
         assert_eq!(se["spec"]["exportTo"], json!(["."]));
+        // Nothing admitted (or not pinned): no endpoint, never the name.
+        let unpinned = objects(&clusters, "ns", "p", CA, &PinMap::new());
+        let se0 = unpinned
+            .iter()
+            .find(|(k, _, o)| *k == "ServiceEntry" && o["spec"]["hosts"][0] == "harbor.example.com")
+            .unwrap();
+        assert_eq!(se0.2["spec"]["resolution"], "STATIC");
+        assert!(se0.2["spec"]["endpoints"].is_null(), "{}", se0.2);
         assert_eq!(
             se["spec"]["ports"],
             json!([{"number": 443, "name": "https-443", "protocol": "HTTPS"},
@@ -628,7 +684,7 @@ mod tests {
         assert!(find("ServiceEntry", local).is_some());
         assert!(find("DestinationRule", local).is_none());
         // A custom CA bundle goes into every TLS setting.
-        let with_ca = objects(&clusters, "ns", "p", "/etc/upstream-ca/ca.crt");
+        let with_ca = objects(&clusters, "ns", "p", "/etc/upstream-ca/ca.crt", &pins);
         assert!(with_ca.iter().filter(|(k, ..)| *k == "DestinationRule").all(
             |(_, _, o)| o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["caCertificates"]
                 == "/etc/upstream-ca/ca.crt"

@@ -284,6 +284,15 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         ),
         (None, _) => Revisions::new(),
     };
+    // Envoy resolves no upstream name (nor, in Istio mode, the gateway's): the controller
+    // does, and pins what the tenancy admits.
+    let (pins_tx, pins_rx) = watch::channel(Arc::new(crate::pin::PinMap::new()));
+    tokio::spawn(crate::pin::run(
+        settings.effective_tenancy(),
+        snap_rx.clone(),
+        pins_tx,
+        crate::pin::REFRESH,
+    ));
     if let Some(target) = settings.istio_wasmplugin.clone() {
         let progress = crate::istio::Progress::new(hub.clone());
         let upstreams = crate::istio::Upstreams {
@@ -295,7 +304,13 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         // The clusters of the configuration the WasmPlugin holds, whose upstreams stay while
         // a newer one is not written (refused as too large).
         let (held_tx, held_rx) = watch::channel(None);
-        tokio::spawn(crate::istio::run(upstreams, snap_rx.clone(), held_rx, progress.clone()));
+        tokio::spawn(crate::istio::run(
+            upstreams,
+            snap_rx.clone(),
+            held_rx,
+            pins_rx.clone(),
+            progress.clone(),
+        ));
         tokio::spawn(crate::wasmplugin::run(target, snap_rx.clone(), held_tx, progress));
     }
     tokio::spawn(pipeline(
@@ -336,14 +351,6 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
-    // Envoy resolves no upstream name: the controller does, and pins what the tenancy admits.
-    let (pins_tx, pins_rx) = watch::channel(Arc::new(crate::pin::PinMap::new()));
-    tokio::spawn(crate::pin::run(
-        settings.effective_tenancy(),
-        snap_rx.clone(),
-        pins_tx,
-        crate::pin::REFRESH,
-    ));
     let ads = Ads::new(
         snap_rx,
         pins_rx,
