@@ -1010,11 +1010,22 @@ fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
         tls: true,
         sni: Some("registry.example.com".into()),
     };
+    // The address the controller would have resolved and admitted for the name (nothing is
+    // sent to it here).
+    let mut pins = connector_controller::pin::PinMap::new();
+    pins.insert(
+        ("registry.example.com".into(), 443),
+        connector_controller::pin::Pin {
+            addresses: vec!["127.0.0.1".parse().unwrap()],
+            problem: None,
+        },
+    );
     for (_, _, o) in connector_controller::istio::objects(
         std::slice::from_ref(&upstream),
         PLUGIN_NS,
         PLUGIN,
         "/etc/ssl/certs/ca-certificates.crt",
+        &pins,
     ) {
         kube.apply(&o).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -1155,8 +1166,7 @@ fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
         .unwrap()
         .iter()
         .filter(|c| c["@type"].as_str().unwrap_or_default().contains("ClustersConfigDump"))
-        // Warming too: a DNS cluster warms until its first resolution (registry.example.com
-        // does not resolve here).
+        // Warming too (a cluster may wait for its endpoints).
         .flat_map(|c| {
             let mut all = c["dynamic_active_clusters"].as_array().cloned().unwrap_or_default();
             all.extend(c["dynamic_warming_clusters"].as_array().cloned().unwrap_or_default());
@@ -1170,6 +1180,32 @@ fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
         .unwrap_or_else(|| panic!("no {outbound}"));
     let tls = &ours["transport_socket"]["typed_config"];
     assert_eq!(tls["sni"], "registry.example.com", "{ours}");
+    // The ServiceEntry's pinned address is the cluster's endpoint (EDS): the gateway's Envoy
+    // resolves no upstream name.
+    assert_ne!(ours["type"], "STRICT_DNS", "{ours}");
+    assert_ne!(ours["type"], "LOGICAL_DNS", "{ours}");
+    let endpoints: Vec<String> = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["dynamic_endpoint_configs"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["endpoint_config"]["cluster_name"] == outbound.as_str())
+        .flat_map(|e| {
+            e["endpoint_config"]["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|l| l["lb_endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| {
+            Some(
+                e["endpoint"]["address"]["socket_address"]["address"]
+                    .as_str()?
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(endpoints, ["127.0.0.1"], "{ours}");
     let names: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
     assert!(names.contains(&CHANNEL_CLUSTER), "{names:?}");
     eprintln!(
