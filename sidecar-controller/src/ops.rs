@@ -47,6 +47,10 @@ pub struct Metrics {
     pub identity_refreshes: Family<ResultLabel, Counter>,
     /// Loads of the proxy listener's serving certificate, by result (`ok`, `refused`).
     pub proxy_cert_loads: Family<ResultLabel, Counter>,
+    /// Upstream host names the controller resolved for Envoy (module `pin`), by `result`:
+    /// `pinned` (at least one address admitted) or `none` (refused or never resolved: their
+    /// clusters have no endpoint).
+    pub upstream_names: Family<ResultLabel, Gauge>,
     /// Set once the source has synced and a configuration was rendered: `/readyz`.
     pub ready: AtomicBool,
     /// The proxy listener speaks TLS and no certificate was loaded yet: not ready, since Envoy
@@ -118,6 +122,11 @@ impl Metrics {
             "proxy_cert_loads",
             "Loads of the proxy listener's TLS certificate (Secret or files), by result",
             self.proxy_cert_loads.clone(),
+        );
+        r.register(
+            "upstream_names",
+            "Upstream host names resolved by the controller, by result (pinned: an address admitted; none: refused or unresolved, no endpoint)",
+            self.upstream_names.clone(),
         );
         r
     }

@@ -125,6 +125,7 @@ pub async fn run(
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pins: watch::Sender<Arc<PinMap>>,
     refresh: Duration,
+    metrics: Arc<crate::ops::Metrics>,
 ) {
     let mut last_named: BTreeMap<(String, u16), Instant> = BTreeMap::new();
     loop {
@@ -170,8 +171,15 @@ pub async fn run(
                 next.insert(key.clone(), pin.clone());
             }
         }
+        let pinned = next.values().filter(|p| !p.addresses.is_empty()).count();
+        for (result, n) in [("pinned", pinned), ("none", next.len() - pinned)] {
+            metrics
+                .upstream_names
+                .get_or_create(&crate::ops::ResultLabel { result: result.into() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         if *before != next {
-            tracing::info!(names = next.len(), "upstream names pinned");
+            tracing::info!(names = next.len(), pinned, "upstream names pinned");
             if pins.send(Arc::new(next)).is_err() {
                 return;
             }
@@ -361,7 +369,14 @@ mod tests {
         };
         let (snap_tx, snap_rx) = watch::channel(snap(vec![named("localhost", 5000), named("127.0.0.1", 5001)], 1));
         let (pins_tx, mut pins_rx) = watch::channel(Arc::new(PinMap::new()));
-        let task = tokio::spawn(run(strict(), snap_rx, pins_tx, Duration::from_secs(3600)));
+        let metrics = Arc::new(crate::ops::Metrics::default());
+        let task = tokio::spawn(run(
+            strict(),
+            snap_rx,
+            pins_tx,
+            Duration::from_secs(3600),
+            metrics.clone(),
+        ));
         pins_rx.changed().await.unwrap();
         let pins = pins_rx.borrow_and_update().clone();
         // Literals need no pin; `localhost` (loopback, no opt-in) gets no address.
@@ -369,6 +384,13 @@ mod tests {
         let pin = &pins[&("localhost".to_string(), 5000)];
         assert!(pin.addresses.is_empty(), "{pin:?}");
         assert!(pin.problem.as_deref().unwrap().contains("loopback"), "{pin:?}");
+        assert!(
+            metrics
+                .render_text()
+                .contains("connector_controller_upstream_names{result=\"none\"} 1"),
+            "{}",
+            metrics.render_text()
+        );
 
         snap_tx
             .send(snap(vec![named("localhost", 5000), named("localhost", 5002)], 2))

@@ -292,6 +292,7 @@ pub async fn serve(settings: ServeSettings, hub: Hub, access: Option<Arc<dyn Acc
         snap_rx.clone(),
         pins_tx,
         crate::pin::REFRESH,
+        hub.metrics.clone(),
     ));
     if let Some(target) = settings.istio_wasmplugin.clone() {
         let progress = crate::istio::Progress::new(hub.clone());

@@ -645,6 +645,13 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
         "Envoy never connected to the refused address"
     );
     assert!(cluster_stat(&envoy, prefix, "upstream_cx_none_healthy") >= 1);
+    let metrics = controller.metrics().unwrap();
+    for line in [
+        "connector_controller_upstream_names{result=\"pinned\"} 1",
+        "connector_controller_upstream_names{result=\"none\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     let log = controller.log();
     assert!(
         log.contains(&format!("{rebound_host} resolves only to refused addresses"))
