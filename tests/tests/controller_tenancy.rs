@@ -3,7 +3,8 @@
 //! namespace, a token realm's cluster and an address on the link-local metadata service are
 //! refused on the claimant's own `ProxyReady` condition (and the controller's probes do not
 //! contact the metadata address either); a newer Connector claiming a host another one holds is
-//! left out while the older keeps serving.
+//! left out while the older keeps serving. A Connector whose address is a host name resolving to
+//! the proxy pod's own port is `LivenessReady=False UpstreamNotAllowed`, saying so.
 //!
 //! Item 6: a Connector may use only a Secret that names it in the annotation
 //! `connectors.alauda.io/allowed-connectors`. A Connector in team-b pointing `secretRef` at an
@@ -173,6 +174,25 @@ fn a_tenant_claims_only_its_own_names_and_the_older_connector_keeps_a_contested_
     eprintln!("team-b/metadata LivenessReady: {liveness}");
     assert_eq!(liveness["status"], "False", "{liveness}");
     assert_eq!(liveness["reason"], "UpstreamNotAllowed", "{liveness}");
+
+    // A host *name* is screened by what it resolves to: one `/etc/hosts` maps to 127.0.0.1 (as
+    // a tenant's own DNS could), on the controller's ops port. Its probe is refused with why
+    // (the literal would be refused at render; the name passes there), before any connection.
+    connector_devkit::stack::check_host_form_resolves("demo", "other").unwrap_or_else(|e| panic!("{e}"));
+    let rebound_host = connector_devkit::stack::host_name("demo", "other");
+    let rebound = format!("http://{rebound_host}:{}", controller.ports.ops);
+    kube.apply(&connector("team-b", "rebound", &rebound, json!({})))
+        .unwrap();
+    let (reason, message) = until(&kube, "team-b", "rebound", "LivenessReady", "False");
+    eprintln!("team-b/rebound: LivenessReady False {reason}: {message}");
+    assert_eq!(reason, "UpstreamNotAllowed", "{message}");
+    assert!(
+        message.contains(&format!("{rebound_host} resolves only to refused addresses"))
+            && message.contains("one of the proxy pod's own ports"),
+        "{message}"
+    );
+    let (reason, _) = until(&kube, "team-b", "rebound", "Ready", "False");
+    eprintln!("team-b/rebound: Ready False {reason}");
 
     // Item 6: the un-annotated Secret is refused on the borrower's conditions, with the fix.
     let (reason, message) = until(&kube, "team-a", "borrower", "SecretReady", "False");
