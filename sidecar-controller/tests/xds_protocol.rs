@@ -196,6 +196,18 @@ async fn start() -> (
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
+    start_with_pins(no_pins()).await
+}
+
+/// [`start`] with the host names' pins `pins` brings.
+async fn start_with_pins(
+    pins: watch::Receiver<Arc<PinMap>>,
+) -> (
+    Hub,
+    watch::Sender<Option<Arc<Snapshot>>>,
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
     let hub = Hub::new();
     let (snap_tx, snap_rx) = watch::channel(None);
     let wasm = WasmSettings {
@@ -204,7 +216,7 @@ async fn start() -> (
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, no_pins(), wasm, "/ca.pem".into(), hub.clone()).into_service();
+    let service = Ads::new(snap_rx, pins, wasm, "/ca.pem".into(), hub.clone()).into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -454,31 +466,8 @@ async fn the_listener_certificate_over_sds() {
 async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use prost::Message as _;
-    let hub = Hub::new();
-    let (snap_tx, snap_rx) = watch::channel(None);
     let (pins_tx, pins_rx) = watch::channel(Arc::new(PinMap::new()));
-    let wasm = WasmSettings {
-        module_path: "/filter.wasm".into(),
-        host_env_keys: vec![],
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, pins_rx, wasm, "/ca.pem".into(), hub.clone()).into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(request(CLUSTER_TYPE, "", "", None)).await.unwrap();
+    let (_hub, snap_tx, tx, mut responses) = start_with_pins(pins_rx).await;
     let named = UpstreamCluster {
         name: "upstream_https_registry_example_443".into(),
         host: "registry.example".into(),
@@ -534,6 +523,13 @@ async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
     assert_eq!(cds.type_url, CLUSTER_TYPE);
     assert_eq!(endpoints(&cds), (static_type, vec!["203.0.113.7".to_string()]));
     tx.send(request(CLUSTER_TYPE, &cds.nonce, &cds.version_info, None))
+        .await
+        .unwrap();
+    let ecds = next(&mut responses)
+        .await
+        .expect("the filter configuration once its clusters are in");
+    assert_eq!(ecds.type_url, ECDS_TYPE);
+    tx.send(request(ECDS_TYPE, &ecds.nonce, &ecds.version_info, None))
         .await
         .unwrap();
 
