@@ -1184,27 +1184,45 @@ fn istiod_turns_the_variant_and_the_controllers_objects_into_gateway_config() {
     // resolves no upstream name.
     assert_ne!(ours["type"], "STRICT_DNS", "{ours}");
     assert_ne!(ours["type"], "LOGICAL_DNS", "{ours}");
-    let endpoints: Vec<String> = dump["configs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|c| c["dynamic_endpoint_configs"].as_array().cloned().unwrap_or_default())
-        .filter(|e| e["endpoint_config"]["cluster_name"] == outbound.as_str())
-        .flat_map(|e| {
-            e["endpoint_config"]["endpoints"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .flat_map(|l| l["lb_endpoints"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| {
-            Some(
-                e["endpoint"]["address"]["socket_address"]["address"]
-                    .as_str()?
-                    .to_string(),
-            )
-        })
-        .collect();
+    // EDS comes once the cluster has warmed (it waits up to 15 s for its CA over SDS, absent
+    // here).
+    let eds_of = |dump: &Value| -> Vec<String> {
+        dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["dynamic_endpoint_configs"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["endpoint_config"]["cluster_name"] == outbound.as_str())
+            .flat_map(|e| {
+                e["endpoint_config"]["endpoints"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .flat_map(|l| l["lb_endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| {
+                Some(
+                    e["endpoint"]["address"]["socket_address"]["address"]
+                        .as_str()?
+                        .to_string(),
+                )
+            })
+            .collect()
+    };
+    let begun = Instant::now();
+    let endpoints = loop {
+        let now: Value = Request::get("/config_dump?include_eds")
+            .send(admin)
+            .ok()
+            .and_then(|r| serde_json::from_str(&r.body_text()).ok())
+            .unwrap_or_default();
+        let found = eds_of(&now);
+        if !found.is_empty() || begun.elapsed() > Duration::from_secs(25) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("{outbound} endpoints {endpoints:?} after {:?}", begun.elapsed());
     assert_eq!(endpoints, ["127.0.0.1"], "{ours}");
     let names: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
     assert!(names.contains(&CHANNEL_CLUSTER), "{names:?}");
