@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use tokio::sync::watch;
 
 use crate::pipeline::Tenancy;
@@ -27,6 +28,8 @@ use crate::xds::Snapshot;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// Per name; the probes and the filter give an upstream 5 s too.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lookups in flight at once.
+const LOOKUPS: usize = 32;
 /// A name no snapshot names any more keeps its pin this long: the clusters of a filter
 /// configuration Envoy still runs stay until it accepts a newer one (make before break).
 const RETAIN: Duration = Duration::from_secs(600);
@@ -145,10 +148,13 @@ pub async fn run(
             last_named.insert(n.clone(), now);
         }
         last_named.retain(|_, seen| now.duration_since(*seen) < RETAIN);
-        let lookups = names
-            .iter()
-            .map(|(host, port)| async move { resolve(host, *port).await });
-        let results = futures::future::join_all(lookups).await;
+        // In order, at most LOOKUPS at a time: each takes a thread of tokio's blocking pool
+        // (getaddrinfo), and thousands of names must not take them all.
+        let results: Vec<Result<Vec<IpAddr>, String>> = futures::stream::iter(names.clone())
+            .map(|(host, port)| async move { resolve(&host, port).await })
+            .buffered(LOOKUPS)
+            .collect()
+            .await;
         let before = pins.borrow().clone();
         let mut next = PinMap::new();
         for ((host, port), resolved) in names.iter().zip(results) {
