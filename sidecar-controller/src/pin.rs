@@ -121,16 +121,36 @@ fn next_pin(
     }
 }
 
-/// Keeps `pins` up to date with the names of the snapshots `snapshots` brings: resolved again
-/// on every new snapshot and every `refresh`. Ends when either channel closes.
+/// Keeps `pins` up to date with the names of the snapshots `snapshots` brings: a new snapshot's
+/// names not pinned yet at once (a slow name elsewhere does not hold a new connector up), every
+/// name again every `refresh`. Ends when either channel closes.
 pub async fn run(
+    tenancy: Tenancy,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    pins: watch::Sender<Arc<PinMap>>,
+    refresh: Duration,
+    metrics: Arc<crate::ops::Metrics>,
+) {
+    let system = |host: String, port: u16| async move { resolve(&host, port).await };
+    run_with(tenancy, snapshots, pins, refresh, metrics, system).await;
+}
+
+/// [`run`] with the lookup `lookup` (tests: answers that change).
+async fn run_with<F, Fut>(
     tenancy: Tenancy,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     pins: watch::Sender<Arc<PinMap>>,
     refresh: Duration,
     metrics: Arc<crate::ops::Metrics>,
-) {
+    lookup: F,
+) where
+    F: Fn(String, u16) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<IpAddr>, String>>,
+{
     let mut last_named: BTreeMap<(String, u16), Instant> = BTreeMap::new();
+    let mut refresh_all = true;
+    // Changes do not put the refresh off: it comes every `refresh` however often they come.
+    let mut next_refresh = tokio::time::Instant::now() + refresh;
     loop {
         let names: BTreeSet<(String, u16)> = snapshots
             .borrow_and_update()
@@ -150,14 +170,19 @@ pub async fn run(
         last_named.retain(|_, seen| now.duration_since(*seen) < RETAIN);
         // In order, at most LOOKUPS at a time: each takes a thread of tokio's blocking pool
         // (getaddrinfo), and thousands of names must not take them all.
-        let results: Vec<Result<Vec<IpAddr>, String>> = futures::stream::iter(names.clone())
-            .map(|(host, port)| async move { resolve(&host, port).await })
+        let before = pins.borrow().clone();
+        let due: Vec<(String, u16)> = names
+            .iter()
+            .filter(|n| refresh_all || !before.contains_key(*n))
+            .cloned()
+            .collect();
+        let results: Vec<Result<Vec<IpAddr>, String>> = futures::stream::iter(due.clone())
+            .map(|(host, port)| lookup(host, port))
             .buffered(LOOKUPS)
             .collect()
             .await;
-        let before = pins.borrow().clone();
         let mut next = PinMap::new();
-        for ((host, port), resolved) in names.iter().zip(results) {
+        for ((host, port), resolved) in due.iter().zip(results) {
             let key = (host.clone(), *port);
             let pin = next_pin(&tenancy, host, *port, resolved, before.get(&key));
             if pin.problem.is_some() && before.get(&key).map(|p| &p.problem) != Some(&pin.problem) {
@@ -171,7 +196,8 @@ pub async fn run(
             }
             next.insert(key, pin);
         }
-        // Names a running configuration may still use keep their pins for a while.
+        // Names not looked up this time, and those a running configuration may still use,
+        // keep their pins (the latter for a while).
         for (key, pin) in before.iter() {
             if !next.contains_key(key) && last_named.contains_key(key) {
                 next.insert(key.clone(), pin.clone());
@@ -190,11 +216,14 @@ pub async fn run(
                 return;
             }
         }
-        tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return; },
-            () = tokio::time::sleep(refresh) => {}
+        refresh_all = tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return } else { false },
+            () = tokio::time::sleep_until(next_refresh) => {
+                next_refresh = tokio::time::Instant::now() + refresh;
+                true
+            }
             () = pins.closed() => return,
-        }
+        };
     }
 }
 
@@ -355,6 +384,86 @@ mod tests {
                 "{addrs:?}"
             );
         }
+    }
+
+    /// A name already pinned is not looked up again for a new snapshot, only at the refresh,
+    /// which comes however often snapshots do; a name rebound to loopback by then loses its
+    /// address.
+    #[tokio::test(start_paused = true)]
+    async fn new_snapshots_look_up_new_names_and_the_refresh_every_name() {
+        use std::collections::HashMap;
+        use std::sync::Mutex;
+        let answers: Arc<Mutex<HashMap<String, Vec<IpAddr>>>> = Arc::new(Mutex::new(HashMap::new()));
+        let asked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec![]));
+        answers
+            .lock()
+            .unwrap()
+            .insert("a.example".into(), ips(&["203.0.113.7"]));
+        answers
+            .lock()
+            .unwrap()
+            .insert("b.example".into(), ips(&["203.0.113.8"]));
+        let (ans, ask) = (answers.clone(), asked.clone());
+        let lookup = move |host: String, _port: u16| {
+            ask.lock().unwrap().push(host.clone());
+            let found = ans.lock().unwrap().get(&host).cloned();
+            async move { found.ok_or_else(|| format!("{host} does not resolve")) }
+        };
+        let named = |host: &str| UpstreamCluster {
+            name: format!("c_{host}"),
+            host: host.into(),
+            port: 443,
+            tls: true,
+            sni: Some(host.into()),
+        };
+        let snap = |clusters: Vec<UpstreamCluster>, version: u64| {
+            Some(Arc::new(Snapshot {
+                version,
+                clusters: Arc::new(clusters),
+                filter_config: Arc::new(crate::document::Document::from_text("{}")),
+            }))
+        };
+        let (snap_tx, snap_rx) = watch::channel(snap(vec![named("a.example")], 1));
+        let (pins_tx, mut pins_rx) = watch::channel(Arc::new(PinMap::new()));
+        let metrics = Arc::new(crate::ops::Metrics::default());
+        let refresh = Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        let task = tokio::spawn(run_with(strict(), snap_rx, pins_tx, refresh, metrics, lookup));
+        let key = |h: &str| (h.to_string(), 443);
+        pins_rx.changed().await.unwrap();
+        assert_eq!(
+            pins_rx.borrow_and_update()[&key("a.example")].addresses,
+            ips(&["203.0.113.7"])
+        );
+
+        // a.example is rebound to loopback; a snapshot adds b.example 20 s later: only b is
+        // looked up, a keeps its address until the refresh.
+        answers.lock().unwrap().insert("a.example".into(), ips(&["127.0.0.1"]));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        snap_tx
+            .send(snap(vec![named("a.example"), named("b.example")], 2))
+            .unwrap();
+        pins_rx.changed().await.unwrap();
+        {
+            let pins = pins_rx.borrow_and_update();
+            assert_eq!(pins[&key("a.example")].addresses, ips(&["203.0.113.7"]));
+            assert_eq!(pins[&key("b.example")].addresses, ips(&["203.0.113.8"]));
+        }
+        assert_eq!(*asked.lock().unwrap(), ["a.example", "b.example"]);
+
+        // The refresh 30 s after the start (10 s after the snapshot): every name again.
+        pins_rx.changed().await.unwrap();
+        let took = start.elapsed();
+        assert!(took >= refresh && took < refresh + Duration::from_secs(1), "{took:?}");
+        let pins = pins_rx.borrow_and_update().clone();
+        assert!(pins[&key("a.example")].addresses.is_empty(), "{pins:?}");
+        assert!(pins[&key("a.example")].problem.as_deref().unwrap().contains("loopback"));
+        assert_eq!(pins[&key("b.example")].addresses, ips(&["203.0.113.8"]));
+        assert_eq!(
+            *asked.lock().unwrap(),
+            ["a.example", "b.example", "a.example", "b.example"]
+        );
+        task.abort();
     }
 
     #[tokio::test]
