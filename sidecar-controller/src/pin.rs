@@ -56,6 +56,17 @@ pub fn is_named(c: &UpstreamCluster) -> bool {
 /// [`Tenancy::refuse_upstream`]'s rule for each as if it were written as a literal; `Err` says
 /// why none was admitted.
 pub fn screen(tenancy: &Tenancy, host: &str, port: u16, resolved: &[IpAddr]) -> Result<Vec<IpAddr>, String> {
+    screen_all(tenancy, host, port, resolved).0
+}
+
+/// [`screen`], and why the addresses left out of an admitted set were (for the log: a name
+/// resolving to a registry *and* to loopback is worth an operator's look).
+fn screen_all(
+    tenancy: &Tenancy,
+    host: &str,
+    port: u16,
+    resolved: &[IpAddr],
+) -> (Result<Vec<IpAddr>, String>, Option<String>) {
     let mut admitted: Vec<IpAddr> = Vec::new();
     let mut refused: Vec<String> = Vec::new();
     for ip in resolved {
@@ -76,12 +87,22 @@ pub fn screen(tenancy: &Tenancy, host: &str, port: u16, resolved: &[IpAddr]) -> 
         admitted.retain(IpAddr::is_ipv4);
     }
     match (admitted.is_empty(), refused.is_empty()) {
-        (false, _) => Ok(admitted),
-        (true, true) => Err(format!("{host} resolves to no address")),
-        (true, false) => Err(format!(
-            "{host} resolves only to refused addresses: {}",
-            refused.join("; ")
-        )),
+        (false, true) => (Ok(admitted), None),
+        (false, false) => (
+            Ok(admitted),
+            Some(format!(
+                "{host} resolves to refused addresses too, left out: {}",
+                refused.join("; ")
+            )),
+        ),
+        (true, true) => (Err(format!("{host} resolves to no address")), None),
+        (true, false) => (
+            Err(format!(
+                "{host} resolves only to refused addresses: {}",
+                refused.join("; ")
+            )),
+            None,
+        ),
     }
 }
 
@@ -103,12 +124,12 @@ fn next_pin(
     last: Option<&Pin>,
 ) -> Pin {
     match resolved {
-        Ok(ips) => match screen(tenancy, host, port, &ips) {
-            Ok(addresses) => Pin {
+        Ok(ips) => match screen_all(tenancy, host, port, &ips) {
+            (Ok(addresses), left_out) => Pin {
                 addresses,
-                problem: None,
+                problem: left_out,
             },
-            Err(why) => Pin {
+            (Err(why), _) => Pin {
                 addresses: vec![],
                 problem: Some(why),
             },
@@ -295,11 +316,27 @@ mod tests {
             screen(&t, "registry.example", 443, &ips(&["2001:db8::7", "2001:db8::7"])),
             Ok(ips(&["2001:db8::7"]))
         );
-        // A refused address among good ones is dropped, the rest pinned.
+        // A refused address among good ones is dropped, the rest pinned, and said (the log).
         assert_eq!(
             screen(&t, "registry.example", 443, &ips(&["127.0.0.1", "203.0.113.7"])),
             Ok(ips(&["203.0.113.7"]))
         );
+        let mixed = next_pin(
+            &t,
+            "registry.example",
+            443,
+            Ok(ips(&["127.0.0.1", "203.0.113.7"])),
+            None,
+        );
+        assert_eq!(mixed.addresses, ips(&["203.0.113.7"]));
+        assert_eq!(
+            mixed.problem.as_deref(),
+            Some(
+                "registry.example resolves to refused addresses too, left out: 127.0.0.1:443 is a loopback address, which the proxy does not send credentials to unless an operator starts the controller with --allow-local-upstreams"
+            )
+        );
+        let clean = next_pin(&t, "registry.example", 443, Ok(ips(&["203.0.113.7"])), None);
+        assert_eq!(clean.problem, None);
     }
 
     #[test]
