@@ -194,8 +194,7 @@ pub fn objects(
             // One ServiceEntry serves all the host's ports: an address admitted on each of them.
             let mut admitted: Option<Vec<std::net::IpAddr>> = None;
             for c in &ports {
-                let on_port = pins
-                    .get(&(c.host.clone(), c.port))
+                let on_port = crate::pin::pin_of(pins, c)
                     .map(|p| p.addresses.clone())
                     .unwrap_or_default();
                 admitted = Some(match admitted {
@@ -405,7 +404,7 @@ pub async fn run(
         let unpinned = snapshot.as_ref().is_some_and(|s| {
             s.clusters
                 .iter()
-                .any(|c| crate::pin::is_named(c) && !pinned.contains_key(&(c.host.clone(), c.port)))
+                .any(|c| crate::pin::is_named(c) && crate::pin::pin_of(&pinned, c).is_none())
         });
         let wait = match &snapshot {
             None => RESYNC,

@@ -52,6 +52,11 @@ pub fn is_named(c: &UpstreamCluster) -> bool {
     c.host.parse::<IpAddr>().is_err()
 }
 
+/// The pin of named cluster `c` in `pins`, if its name was looked up.
+pub fn pin_of<'a>(pins: &'a PinMap, c: &UpstreamCluster) -> Option<&'a Pin> {
+    pins.get(&(c.host.clone(), c.port))
+}
+
 /// The addresses of `resolved` the proxy may send `host`'s credential to on `port`, by
 /// [`Tenancy::refuse_upstream`]'s rule for each as if it were written as a literal; `Err` says
 /// why none was admitted.

@@ -71,11 +71,17 @@ pub fn use_tenancy(tenancy: crate::pipeline::Tenancy) {
 
 /// Why the probes must not contact `url` under `tenancy`, as a [`ProbeError`].
 pub fn check_target(url: &str, tenancy: &crate::pipeline::Tenancy) -> Result<(), ProbeError> {
+    checked_target(url, tenancy).map(drop)
+}
+
+/// [`check_target`], giving the cluster `url` stands for when it may be contacted.
+fn checked_target(url: &str, tenancy: &crate::pipeline::Tenancy) -> Result<crate::render::UpstreamCluster, ProbeError> {
     let origin = crate::render::realm_origin(url)
         .map_err(|e| ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("{url:?} is not an http(s) URL: {e}")))?;
-    match tenancy.refuse_upstream(&crate::render::cluster_for(&origin)) {
+    let cluster = crate::render::cluster_for(&origin);
+    match tenancy.refuse_upstream(&cluster) {
         Some(why) => Err(ProbeError::new(UPSTREAM_NOT_ALLOWED, format!("not probed: {why}"))),
-        None => Ok(()),
+        None => Ok(cluster),
     }
 }
 
@@ -86,11 +92,7 @@ async fn allowed(url: &str) -> Result<(), ProbeError> {
     let Some(tenancy) = POLICY.get() else {
         return Ok(());
     };
-    check_target(url, tenancy)?;
-    let Ok(origin) = crate::render::realm_origin(url) else {
-        return Ok(());
-    };
-    let cluster = crate::render::cluster_for(&origin);
+    let cluster = checked_target(url, tenancy)?;
     if !crate::pin::is_named(&cluster) {
         return Ok(());
     }

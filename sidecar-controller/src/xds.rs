@@ -111,8 +111,7 @@ fn any<M: prost::Message + prost::Name>(m: &M) -> Any {
 /// https, TLS with SNI (host names) validated against `ca_bundle` for the name, whatever
 /// address it was reached at.
 pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str, pinned: &[std::net::IpAddr]) -> Cluster {
-    let is_ip = c.host.parse::<std::net::IpAddr>().is_ok();
-    let discovery = cluster::DiscoveryType::Static;
+    let is_ip = !crate::pin::is_named(c);
     let endpoint = |address: String| LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
             address: Some(Address {
@@ -160,7 +159,9 @@ pub fn cluster_resource(c: &UpstreamCluster, ca_bundle: &str, pinned: &[std::net
     });
     Cluster {
         name: c.name.clone(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(discovery as i32)),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
         connect_timeout: Some(duration(5)),
         dns_lookup_family: cluster::DnsLookupFamily::V4Preferred as i32,
         load_assignment: Some(ClusterLoadAssignment {
@@ -641,7 +642,7 @@ impl Session {
             let mut wanted = Vec::new();
             for c in self.wanted_clusters(&snap) {
                 let pinned = if crate::pin::is_named(&c) {
-                    match pins.get(&(c.host.clone(), c.port)) {
+                    match crate::pin::pin_of(&pins, &c) {
                         Some(pin) => pin.addresses.clone(),
                         // Not resolved yet: nothing goes until it is (the pins' change pushes).
                         None if snap.clusters.contains(&c) => return Ok(()),
