@@ -396,20 +396,29 @@ pub async fn run(
     };
     let (entries, rules) = (api("ServiceEntry"), api("DestinationRule"));
     let mut backoff = Duration::from_millis(500);
+    // Set while a write waits for a new name's pin: when it goes without (as `xds::PIN_WAIT`).
+    let mut pin_deadline: Option<tokio::time::Instant> = None;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let kept = held.borrow_and_update().clone();
         let pinned = pins.borrow_and_update().clone();
-        // A host name of the latest snapshot not resolved yet: written once it is.
+        // A host name of the latest snapshot not looked up yet: written once it is, or after
+        // `PIN_WAIT` with no endpoint (one tenant's slow name holds no other change up longer).
         let unpinned = snapshot.as_ref().is_some_and(|s| {
             s.clusters
                 .iter()
                 .any(|c| crate::pin::is_named(c) && crate::pin::pin_of(&pinned, c).is_none())
         });
-        let wait = match &snapshot {
-            None => RESYNC,
-            Some(_) if unpinned => RESYNC,
-            Some(s) => {
+        let hold = crate::pin::hold(
+            unpinned,
+            &mut pin_deadline,
+            tokio::time::Instant::now(),
+            crate::xds::PIN_WAIT,
+        );
+        let wait = match (&snapshot, hold) {
+            (None, _) => RESYNC,
+            (Some(_), Some(hold)) => hold,
+            (Some(s), None) => {
                 let clusters = wanted_clusters(&s.clusters, kept.as_deref().map(Vec::as_slice));
                 let want = objects(&clusters, &target.namespace, &target.plugin, &target.ca_bundle, &pinned);
                 match sync(&entries, &rules, &want, &target.plugin).await {

@@ -12,12 +12,12 @@
 //! not take every registry away); one never resolved, or resolving only to refused addresses,
 //! gets none: its cluster has no endpoint and Envoy answers 503, never connecting anywhere.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::pipeline::Tenancy;
@@ -28,8 +28,11 @@ use crate::xds::Snapshot;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// Per name; the probes and the filter give an upstream 5 s too.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Lookups in flight at once.
-const LOOKUPS: usize = 32;
+/// Lookups in flight at once. Each takes a thread of tokio's blocking pool (getaddrinfo, at
+/// most 512 threads): thousands of names must not take them all.
+const LOOKUPS: usize = 128;
+/// Of those, at most this many for a refresh: the rest stay free for a new snapshot's names.
+const REFRESH_LOOKUPS: usize = 24;
 /// A name no snapshot names any more keeps its pin this long: the clusters of a filter
 /// configuration Envoy still runs stay until it accepts a newer one (make before break).
 const RETAIN: Duration = Duration::from_secs(600);
@@ -111,6 +114,30 @@ fn screen_all(
     }
 }
 
+/// Whether a push of a configuration naming a host name not looked up yet (`unpinned`) still
+/// waits for its pin, and how long: at most `wait` from the first push that waited
+/// (`deadline`, kept by the caller, cleared when it goes). `None`: it goes now, without the
+/// name's addresses (the xDS session and the Istio writer, so that one tenant's slow name holds
+/// no other change up for longer than `wait`).
+pub fn hold(
+    unpinned: bool,
+    deadline: &mut Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    wait: Duration,
+) -> Option<Duration> {
+    let left = match unpinned {
+        true => deadline
+            .get_or_insert(now + wait)
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero()),
+        false => None,
+    };
+    if left.is_none() {
+        *deadline = None;
+    }
+    left
+}
+
 /// `host`'s addresses by the system's resolver (`/etc/hosts`, then DNS), within [`RESOLVE_TIMEOUT`].
 pub async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
     match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
@@ -148,8 +175,8 @@ fn next_pin(
 }
 
 /// Keeps `pins` up to date with the names of the snapshots `snapshots` brings: a new snapshot's
-/// names not pinned yet at once (a slow name elsewhere does not hold a new connector up), every
-/// name again every `refresh`. Ends when either channel closes.
+/// names not pinned yet at once, every name again every `refresh`. Ends when either channel
+/// closes.
 pub async fn run(
     tenancy: Tenancy,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
@@ -161,7 +188,16 @@ pub async fn run(
     run_with(tenancy, snapshots, pins, refresh, metrics, system).await;
 }
 
-/// [`run`] with the lookup `lookup` (tests: answers that change).
+/// A name and port of an upstream cluster.
+type Name = (String, u16);
+
+/// [`run`] with the lookup `lookup` (tests: answers that change, or never come).
+///
+/// Lookups run side by side, at most [`LOOKUPS`] at a time, and each answer is published as
+/// it comes: names that take their whole [`RESOLVE_TIMEOUT`] (one tenant's, say) hold up
+/// neither another name of theirs nor its answer. A later change's unpinned names go ahead of
+/// an earlier one's, and all of them ahead of a refresh, which takes at most
+/// [`REFRESH_LOOKUPS`] of the lookups.
 async fn run_with<F, Fut>(
     tenancy: Tenancy,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
@@ -173,84 +209,132 @@ async fn run_with<F, Fut>(
     F: Fn(String, u16) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<IpAddr>, String>>,
 {
-    let mut last_named: BTreeMap<(String, u16), Instant> = BTreeMap::new();
-    let mut refresh_all = true;
+    let mut last_named: BTreeMap<Name, Instant> = BTreeMap::new();
+    let mut names: BTreeSet<Name> = BTreeSet::new();
+    let mut new_names: VecDeque<Name> = VecDeque::new();
+    let mut refreshing: VecDeque<Name> = VecDeque::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut flying: BTreeSet<Name> = BTreeSet::new();
     // Changes do not put the refresh off: it comes every `refresh` however often they come.
     let mut next_refresh = tokio::time::Instant::now() + refresh;
+    let mut snapshot_changed = true;
     loop {
-        let names: BTreeSet<(String, u16)> = snapshots
-            .borrow_and_update()
-            .as_ref()
-            .map(|s| {
-                s.clusters
-                    .iter()
-                    .filter(|c| is_named(c))
-                    .map(|c| (c.host.clone(), c.port))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let now = Instant::now();
-        for n in &names {
-            last_named.insert(n.clone(), now);
-        }
-        last_named.retain(|_, seen| now.duration_since(*seen) < RETAIN);
-        // In order, at most LOOKUPS at a time: each takes a thread of tokio's blocking pool
-        // (getaddrinfo), and thousands of names must not take them all.
-        let before = pins.borrow().clone();
-        let due: Vec<(String, u16)> = names
-            .iter()
-            .filter(|n| refresh_all || !before.contains_key(*n))
-            .cloned()
-            .collect();
-        let results: Vec<Result<Vec<IpAddr>, String>> = futures::stream::iter(due.clone())
-            .map(|(host, port)| lookup(host, port))
-            .buffered(LOOKUPS)
-            .collect()
-            .await;
-        let mut next = PinMap::new();
-        for ((host, port), resolved) in due.iter().zip(results) {
-            let key = (host.clone(), *port);
-            let pin = next_pin(&tenancy, host, *port, resolved, before.get(&key));
-            if pin.problem.is_some() && before.get(&key).map(|p| &p.problem) != Some(&pin.problem) {
-                tracing::warn!(
-                    host = %host,
-                    port,
-                    addresses = ?pin.addresses,
-                    problem = pin.problem.as_deref().unwrap_or_default(),
-                    "an upstream name is not pinned to every address it resolves to"
-                );
+        if std::mem::take(&mut snapshot_changed) {
+            names = snapshots
+                .borrow_and_update()
+                .as_ref()
+                .map(|s| {
+                    s.clusters
+                        .iter()
+                        .filter(|c| is_named(c))
+                        .map(|c| (c.host.clone(), c.port))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let now = Instant::now();
+            for n in &names {
+                last_named.insert(n.clone(), now);
             }
-            next.insert(key, pin);
-        }
-        // Names not looked up this time, and those a running configuration may still use,
-        // keep their pins (the latter for a while).
-        for (key, pin) in before.iter() {
-            if !next.contains_key(key) && last_named.contains_key(key) {
-                next.insert(key.clone(), pin.clone());
+            last_named.retain(|_, seen| now.duration_since(*seen) < RETAIN);
+            let current = pins.borrow().clone();
+            // The latest change's names go first: a tenant's earlier batch of slow names keeps
+            // another's new connector waiting for at most one lookup's time.
+            let fresh: Vec<Name> = names
+                .iter()
+                .filter(|n| !current.contains_key(*n) && !flying.contains(*n) && !new_names.contains(*n))
+                .cloned()
+                .collect();
+            for n in fresh.into_iter().rev() {
+                new_names.push_front(n);
+            }
+            // Names no configuration has used for `RETAIN` lose their pins.
+            if current.keys().any(|k| !last_named.contains_key(k)) {
+                let mut next = (*current).clone();
+                next.retain(|k, _| last_named.contains_key(k));
+                if !publish(&pins, &metrics, next) {
+                    return;
+                }
             }
         }
-        let pinned = next.values().filter(|p| !p.addresses.is_empty()).count();
-        for (result, n) in [("pinned", pinned), ("none", next.len() - pinned)] {
-            metrics
-                .upstream_names
-                .get_or_create(&crate::ops::ResultLabel { result: result.into() })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        if *before != next {
-            tracing::info!(names = next.len(), pinned, "upstream names pinned");
-            if pins.send(Arc::new(next)).is_err() {
-                return;
+        loop {
+            let name = if flying.len() < LOOKUPS && !new_names.is_empty() {
+                new_names.pop_front()
+            } else if flying.len() < REFRESH_LOOKUPS {
+                refreshing.pop_front()
+            } else {
+                None
+            };
+            let Some(name) = name else {
+                break;
+            };
+            if !names.contains(&name) || !flying.insert(name.clone()) {
+                continue;
             }
+            let answer = lookup(name.0.clone(), name.1);
+            in_flight.push(async move { (name, answer.await) });
         }
-        refresh_all = tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return } else { false },
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                snapshot_changed = true;
+            }
             () = tokio::time::sleep_until(next_refresh) => {
                 next_refresh = tokio::time::Instant::now() + refresh;
-                true
+                refreshing = names.iter().filter(|n| !flying.contains(*n)).cloned().collect();
+            }
+            Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                // The answers in by now go out together.
+                let mut answers = vec![first];
+                while let Some(Some(more)) = in_flight.next().now_or_never() {
+                    answers.push(more);
+                }
+                let before = pins.borrow().clone();
+                let mut next = (*before).clone();
+                for (name, resolved) in answers {
+                    flying.remove(&name);
+                    // Gone from every configuration while it was looked up.
+                    if !last_named.contains_key(&name) {
+                        continue;
+                    }
+                    let (host, port) = (&name.0, name.1);
+                    let pin = next_pin(&tenancy, host, port, resolved, before.get(&name));
+                    if pin.problem.is_some() && before.get(&name).map(|p| &p.problem) != Some(&pin.problem) {
+                        tracing::warn!(
+                            host = %host,
+                            port,
+                            addresses = ?pin.addresses,
+                            problem = pin.problem.as_deref().unwrap_or_default(),
+                            "an upstream name is not pinned to every address it resolves to"
+                        );
+                    }
+                    next.insert(name, pin);
+                }
+                if !publish(&pins, &metrics, next) {
+                    return;
+                }
             }
             () = pins.closed() => return,
-        };
+        }
     }
+}
+
+/// Sends `next` if it differs from what `pins` holds, and counts it in the metrics; false when
+/// no one listens any more.
+fn publish(pins: &watch::Sender<Arc<PinMap>>, metrics: &crate::ops::Metrics, next: PinMap) -> bool {
+    let pinned = next.values().filter(|p| !p.addresses.is_empty()).count();
+    for (result, n) in [("pinned", pinned), ("none", next.len() - pinned)] {
+        metrics
+            .upstream_names
+            .get_or_create(&crate::ops::ResultLabel { result: result.into() })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    if **pins.borrow() == next {
+        return true;
+    }
+    tracing::info!(names = next.len(), pinned, "upstream names pinned");
+    pins.send(Arc::new(next)).is_ok()
 }
 
 /// A resolver for the probes' HTTP client: the system's, screened by `policy`'s rules that do
@@ -303,6 +387,45 @@ mod tests {
             own_addresses: ips(&["10.1.2.3"]),
             ..Tenancy::default()
         }
+    }
+
+    /// An upstream cluster reached by `host` on `port` (plain HTTP: the pins do not look at it).
+    fn named(host: &str, port: u16) -> UpstreamCluster {
+        UpstreamCluster {
+            name: format!("c_{host}_{port}"),
+            host: host.into(),
+            port,
+            tls: false,
+            sni: None,
+        }
+    }
+
+    type Snapshots = watch::Sender<Option<Arc<Snapshot>>>;
+
+    /// [`run_with`] under the strict policy, from snapshot `first`: the snapshots' sender, the
+    /// pins' receiver and the task.
+    fn started<F, Fut>(
+        first: Option<Arc<Snapshot>>,
+        refresh: Duration,
+        lookup: F,
+    ) -> (Snapshots, watch::Receiver<Arc<PinMap>>, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(String, u16) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Vec<IpAddr>, String>> + Send + 'static,
+    {
+        let (snap_tx, snap_rx) = watch::channel(first);
+        let (pins_tx, pins_rx) = watch::channel(Arc::new(PinMap::new()));
+        let metrics = Arc::new(crate::ops::Metrics::default());
+        let task = tokio::spawn(run_with(strict(), snap_rx, pins_tx, refresh, metrics, lookup));
+        (snap_tx, pins_rx, task)
+    }
+
+    fn snap(clusters: Vec<UpstreamCluster>, version: u64) -> Option<Arc<Snapshot>> {
+        Some(Arc::new(Snapshot {
+            version,
+            clusters: Arc::new(clusters),
+            filter_config: Arc::new(crate::document::Document::from_text("{}")),
+        }))
     }
 
     #[test]
@@ -451,26 +574,9 @@ mod tests {
             let found = ans.lock().unwrap().get(&host).cloned();
             async move { found.ok_or_else(|| format!("{host} does not resolve")) }
         };
-        let named = |host: &str| UpstreamCluster {
-            name: format!("c_{host}"),
-            host: host.into(),
-            port: 443,
-            tls: true,
-            sni: Some(host.into()),
-        };
-        let snap = |clusters: Vec<UpstreamCluster>, version: u64| {
-            Some(Arc::new(Snapshot {
-                version,
-                clusters: Arc::new(clusters),
-                filter_config: Arc::new(crate::document::Document::from_text("{}")),
-            }))
-        };
-        let (snap_tx, snap_rx) = watch::channel(snap(vec![named("a.example")], 1));
-        let (pins_tx, mut pins_rx) = watch::channel(Arc::new(PinMap::new()));
-        let metrics = Arc::new(crate::ops::Metrics::default());
         let refresh = Duration::from_secs(30);
         let start = tokio::time::Instant::now();
-        let task = tokio::spawn(run_with(strict(), snap_rx, pins_tx, refresh, metrics, lookup));
+        let (snap_tx, mut pins_rx, task) = started(snap(vec![named("a.example", 443)], 1), refresh, lookup);
         let key = |h: &str| (h.to_string(), 443);
         pins_rx.changed().await.unwrap();
         assert_eq!(
@@ -483,7 +589,7 @@ mod tests {
         answers.lock().unwrap().insert("a.example".into(), ips(&["127.0.0.1"]));
         tokio::time::sleep(Duration::from_secs(20)).await;
         snap_tx
-            .send(snap(vec![named("a.example"), named("b.example")], 2))
+            .send(snap(vec![named("a.example", 443), named("b.example", 443)], 2))
             .unwrap();
         pins_rx.changed().await.unwrap();
         {
@@ -508,22 +614,92 @@ mod tests {
         task.abort();
     }
 
+    /// Names whose lookups take the whole timeout (one tenant's, say) hold up neither a name
+    /// of the same snapshot nor a later snapshot's new name, even when there are more of them
+    /// than lookups in flight (the later name waits for one lookup's time, not for the queue),
+    /// nor a name that comes during a refresh of them all: answers go out as they come.
+    #[tokio::test(start_paused = true)]
+    async fn slow_names_hold_up_no_other_name() {
+        let lookup = |host: String, _port: u16| async move {
+            if host.starts_with("slow") {
+                tokio::time::sleep(RESOLVE_TIMEOUT).await;
+            }
+            Ok(ips(&["203.0.113.7"]))
+        };
+        let slow_names =
+            |n: usize| -> Vec<UpstreamCluster> { (0..n).map(|i| named(&format!("slow{i:03}.example"), 443)).collect() };
+        let with = |slow: usize, extra: &[&str], version: u64| {
+            let mut clusters = slow_names(slow);
+            clusters.extend(extra.iter().map(|h| named(h, 443)));
+            snap(clusters, version)
+        };
+        let refresh = Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        let (snap_tx, mut pins_rx, task) = started(with(40, &["a.example"], 1), refresh, lookup);
+        let key = |h: &str| (h.to_string(), 443);
+        // Waits until `host` is pinned; how many slow names were by then, and when.
+        let mut pinned_at = async |host: &str| -> (usize, u64) {
+            loop {
+                {
+                    let pins = pins_rx.borrow_and_update();
+                    if pins.contains_key(&key(host)) {
+                        let slow = pins.keys().filter(|(h, _)| h.starts_with("slow")).count();
+                        return (slow, start.elapsed().as_secs());
+                    }
+                }
+                pins_rx.changed().await.unwrap();
+            }
+        };
+        assert_eq!(pinned_at("a.example").await, (0, 0), "a.example beside 40 slow names");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        snap_tx.send(with(40, &["a.example", "b.example"], 2)).unwrap();
+        assert_eq!(
+            pinned_at("b.example").await,
+            (0, 1),
+            "a later snapshot's name while they are looked up"
+        );
+        assert_eq!(pinned_at("slow039.example").await, (40, 5));
+
+        // 200 slow names, more than the lookups in flight: a name that comes a second later
+        // starts with the first lookup that ends, not after the 72 queued before it.
+        snap_tx.send(with(200, &["a.example", "b.example"], 3)).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        snap_tx
+            .send(with(200, &["a.example", "b.example", "c.example"], 4))
+            .unwrap();
+        assert_eq!(pinned_at("c.example").await, (168, 10));
+        assert_eq!(pinned_at("slow199.example").await, (200, 15));
+
+        // The refresh at 30 s looks every name up again, at most 24 at a time; a name that
+        // comes a second later is looked up at once all the same.
+        tokio::time::sleep_until(start + refresh + Duration::from_secs(1)).await;
+        snap_tx
+            .send(with(200, &["a.example", "b.example", "d.example"], 5))
+            .unwrap();
+        assert_eq!(pinned_at("d.example").await, (200, 31), "a new name during the refresh");
+        task.abort();
+    }
+
+    #[test]
+    fn a_push_waits_for_a_pin_from_its_first_wait_on_and_then_goes() {
+        let wait = Duration::from_secs(1);
+        let t0 = tokio::time::Instant::now();
+        let mut deadline = None;
+        assert_eq!(hold(false, &mut deadline, t0, wait), None, "every name pinned: at once");
+        assert_eq!(deadline, None);
+        assert_eq!(hold(true, &mut deadline, t0, wait), Some(wait));
+        // A later change does not put the deadline off.
+        let t1 = t0 + Duration::from_millis(600);
+        assert_eq!(hold(true, &mut deadline, t1, wait), Some(Duration::from_millis(400)));
+        assert_eq!(hold(true, &mut deadline, t0 + wait, wait), None, "the wait is over");
+        assert_eq!(deadline, None, "the next change waits afresh");
+        assert_eq!(hold(true, &mut deadline, t0 + wait * 2, wait), Some(wait));
+        assert_eq!(hold(false, &mut deadline, t0 + wait * 2, wait), None, "the pin came");
+        assert_eq!(deadline, None);
+    }
+
     #[tokio::test]
     async fn run_pins_the_snapshots_names_and_follows_a_new_snapshot() {
-        let named = |host: &str, port: u16| UpstreamCluster {
-            name: format!("c_{host}_{port}"),
-            host: host.into(),
-            port,
-            tls: false,
-            sni: None,
-        };
-        let snap = |clusters: Vec<UpstreamCluster>, version: u64| {
-            Some(Arc::new(Snapshot {
-                version,
-                clusters: Arc::new(clusters),
-                filter_config: Arc::new(crate::document::Document::from_text("{}")),
-            }))
-        };
         let (snap_tx, snap_rx) = watch::channel(snap(vec![named("localhost", 5000), named("127.0.0.1", 5001)], 1));
         let (pins_tx, mut pins_rx) = watch::channel(Arc::new(PinMap::new()));
         let metrics = Arc::new(crate::ops::Metrics::default());

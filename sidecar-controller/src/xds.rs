@@ -4,7 +4,10 @@
 //! listener's serving certificate (SDS, see [`crate::proxy_tls`]) when the listener speaks TLS.
 //!
 //! Every cluster is `STATIC`: an upstream named by host name gets the addresses module `pin`
-//! resolved and admitted, and is sent only once it has them (the pins' changes push too).
+//! resolved and admitted (the pins' changes push too). A push waits for a new name's first
+//! lookup at most [`PIN_WAIT`], then goes with that cluster empty (Envoy answers 503 for it
+//! until its pin comes): one tenant's slow names hold no other change up longer than that, a
+//! revocation included.
 //!
 //! Versions and nonces are tracked per stream and resource type. An ACK moves
 //! `ProxyState::accepted`; a NACK (a request echoing our nonce with `error_detail`) records the
@@ -335,6 +338,11 @@ pub fn filter_resource_any(filter_config: &Document, wasm: &WasmSettings) -> Any
     }
 }
 
+/// How long a push waits for a new host name's first lookup before it goes without its
+/// addresses. Lookups answer in milliseconds (`/etc/hosts`, the cluster's DNS); a name that
+/// takes its whole 5 s (`pin::RESOLVE_TIMEOUT`) must not hold every other change up as long.
+pub const PIN_WAIT: Duration = Duration::from_secs(1);
+
 /// The ADS service. Cheap to clone.
 #[derive(Clone)]
 pub struct Ads {
@@ -344,6 +352,8 @@ pub struct Ads {
     wasm: WasmSettings,
     ca_bundle: String,
     hub: Hub,
+    /// [`PIN_WAIT`], or a test's.
+    pin_wait: Duration,
     /// Becomes `true` on shutdown: open streams end at once instead of holding the server up.
     shutdown: watch::Receiver<bool>,
     /// The sender of the default, never-firing `shutdown`, kept so the channel stays open.
@@ -351,8 +361,8 @@ pub struct Ads {
 }
 
 impl Ads {
-    /// `pins`: what [`crate::pin::run`] keeps for the same snapshots. Clusters reached by host
-    /// name wait for their pins: a snapshot naming one not pinned yet is sent once it is.
+    /// `pins`: what [`crate::pin::run`] keeps for the same snapshots. A snapshot naming a host
+    /// name not looked up yet is sent once it is, or after [`PIN_WAIT`] without its addresses.
     pub fn new(
         snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
         pins: watch::Receiver<Arc<PinMap>>,
@@ -367,6 +377,7 @@ impl Ads {
             wasm,
             ca_bundle,
             hub,
+            pin_wait: PIN_WAIT,
             shutdown: no_shutdown.subscribe(),
             _no_shutdown: Arc::new(no_shutdown),
         }
@@ -375,6 +386,12 @@ impl Ads {
     /// Ends every open stream when `shutdown` turns `true`.
     pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
         self.shutdown = shutdown;
+        self
+    }
+
+    /// Waits `wait` instead of [`PIN_WAIT`] for a new name's addresses.
+    pub fn with_pin_wait(mut self, wait: Duration) -> Self {
+        self.pin_wait = wait;
         self
     }
 
@@ -410,6 +427,7 @@ impl AggregatedDiscoveryService for Ads {
             clusters_acked: vec![],
             filter_live: Default::default(),
             filter_pending: None,
+            pin_deadline: None,
         };
         tokio::spawn(session.run(incoming));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -447,6 +465,8 @@ struct Session {
     filter_live: std::sync::Arc<Vec<UpstreamCluster>>,
     /// Clusters named by the filter configuration sent and not answered yet (its version).
     filter_pending: Option<(u64, std::sync::Arc<Vec<UpstreamCluster>>)>,
+    /// Set while a push waits for a new name's pin: when it goes without.
+    pin_deadline: Option<tokio::time::Instant>,
 }
 
 impl Session {
@@ -463,6 +483,7 @@ impl Session {
         let mut shutdown = self.ads.shutdown.clone();
         let mut certs = self.ads.hub.proxy_cert();
         loop {
+            let pin_deadline = self.pin_deadline;
             tokio::select! {
                 changed = shutdown.changed() => {
                     let stop = changed.is_err() || *shutdown.borrow();
@@ -490,6 +511,11 @@ impl Session {
                 changed = certs.changed() => {
                     if changed.is_err() { break; }
                     if self.push_cert().await.is_err() { break; }
+                }
+                // A name still not looked up: the push goes without its addresses.
+                () = tokio::time::sleep_until(pin_deadline.unwrap_or_else(tokio::time::Instant::now)),
+                    if pin_deadline.is_some() => {
+                    if self.push().await.is_err() { break; }
                 }
             }
         }
@@ -639,15 +665,24 @@ impl Session {
         let cds = self.subscribed.contains(CLUSTER_TYPE);
         if cds {
             let pins = self.ads.pins.borrow().clone();
+            // A name not looked up yet: the push waits for it (the pins' change pushes), at
+            // most `pin_wait`; then it goes with that cluster empty.
+            let unpinned = snap
+                .clusters
+                .iter()
+                .any(|c| crate::pin::is_named(c) && crate::pin::pin_of(&pins, c).is_none());
+            let now = tokio::time::Instant::now();
+            if crate::pin::hold(unpinned, &mut self.pin_deadline, now, self.ads.pin_wait).is_some() {
+                return Ok(());
+            }
             let mut wanted = Vec::new();
             for c in self.wanted_clusters(&snap) {
                 let pinned = if crate::pin::is_named(&c) {
                     match crate::pin::pin_of(&pins, &c) {
                         Some(pin) => pin.addresses.clone(),
-                        // Not resolved yet: nothing goes until it is (the pins' change pushes).
-                        None if snap.clusters.contains(&c) => return Ok(()),
-                        // Only an older configuration Envoy still runs names it, and its pin
-                        // has expired: it may reach nothing rather than hold every push up.
+                        // Not looked up yet and the wait is over; or named only by an older
+                        // configuration Envoy still runs, its pin expired: it reaches nothing
+                        // rather than hold every push up.
                         None => vec![],
                     }
                 } else {

@@ -196,12 +196,13 @@ async fn start() -> (
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
-    start_with_pins(no_pins()).await
+    start_with_pins(no_pins(), connector_controller::xds::PIN_WAIT).await
 }
 
-/// [`start`] with the host names' pins `pins` brings.
+/// [`start`] with the host names' pins `pins` brings, a push waiting `pin_wait` for a new one.
 async fn start_with_pins(
     pins: watch::Receiver<Arc<PinMap>>,
+    pin_wait: Duration,
 ) -> (
     Hub,
     watch::Sender<Option<Arc<Snapshot>>>,
@@ -216,7 +217,9 @@ async fn start_with_pins(
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ads::new(snap_rx, pins, wasm, "/ca.pem".into(), hub.clone()).into_service();
+    let service = Ads::new(snap_rx, pins, wasm, "/ca.pem".into(), hub.clone())
+        .with_pin_wait(pin_wait)
+        .into_service();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -459,22 +462,49 @@ async fn the_listener_certificate_over_sds() {
     assert_eq!(nacks, 1);
 }
 
+/// An upstream reached over HTTPS by host name `host`, on 443.
+fn named_cluster(host: &str) -> UpstreamCluster {
+    UpstreamCluster {
+        name: format!("upstream_https_{}_443", host.replace('.', "_")),
+        host: host.into(),
+        port: 443,
+        tls: true,
+        sni: Some(host.into()),
+    }
+}
+
+/// `host` on 443 pinned to `ips`.
+fn pinned(host: &str, ips: &[&str]) -> Arc<PinMap> {
+    let mut m = PinMap::new();
+    m.insert(
+        (host.to_string(), 443),
+        Pin {
+            addresses: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            problem: None,
+        },
+    );
+    Arc::new(m)
+}
+
+/// The cluster `name` of a CDS response.
+fn cluster_named(r: &DiscoveryResponse, name: &str) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    use prost::Message as _;
+    r.resources
+        .iter()
+        .map(|a| envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice()).unwrap())
+        .find(|c| c.name == name)
+        .expect("the named cluster")
+}
+
 /// A cluster reached by host name goes to Envoy only with the addresses the controller pinned
 /// (module `pin`): a snapshot naming one not pinned yet sends nothing, and the pins' arrival
 /// sends it as a `STATIC` cluster of those addresses; a later pin change resends it.
 #[tokio::test]
 async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
-    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use prost::Message as _;
     let (pins_tx, pins_rx) = watch::channel(Arc::new(PinMap::new()));
-    let (_hub, snap_tx, tx, mut responses) = start_with_pins(pins_rx).await;
-    let named = UpstreamCluster {
-        name: "upstream_https_registry_example_443".into(),
-        host: "registry.example".into(),
-        port: 443,
-        tls: true,
-        sni: Some("registry.example".into()),
-    };
+    // Longer than `next` waits: the pin, not the wait's end, sends the clusters here.
+    let (_hub, snap_tx, tx, mut responses) = start_with_pins(pins_rx, Duration::from_secs(5)).await;
+    let named = named_cluster("registry.example");
     snap_tx.send_replace(Some(Arc::new(Snapshot {
         version: 1,
         clusters: Arc::new(vec![named.clone(), cluster(5000)]),
@@ -485,25 +515,10 @@ async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
         "nothing goes before the name is pinned"
     );
 
-    let pin = |ips: &[&str]| {
-        let mut m = PinMap::new();
-        m.insert(
-            ("registry.example".to_string(), 443),
-            Pin {
-                addresses: ips.iter().map(|i| i.parse().unwrap()).collect(),
-                problem: None,
-            },
-        );
-        Arc::new(m)
-    };
+    let pin = |ips: &[&str]| pinned("registry.example", ips);
     // The endpoints' addresses of the named cluster in a CDS response, and its discovery type.
     let endpoints = |r: &DiscoveryResponse| -> (i32, Vec<String>) {
-        let c = r
-            .resources
-            .iter()
-            .map(|a| Cluster::decode(a.value.as_slice()).unwrap())
-            .find(|c| c.name == named.name)
-            .expect("the named cluster");
+        let c = cluster_named(r, &named.name);
         let json = format!("{:?}", c.load_assignment);
         let found = ["203.0.113.7", "203.0.113.9"]
             .iter()
@@ -540,4 +555,77 @@ async fn a_named_cluster_waits_for_its_pin_and_goes_static() {
     // An unchanged pin map sends nothing.
     pins_tx.send_replace(pin(&["203.0.113.9"]));
     assert!(next(&mut responses).await.is_none(), "an unchanged pin resends nothing");
+}
+
+/// A name whose lookup does not come holds a push up for the pin wait only: the clusters go
+/// with its cluster empty (no address to connect to), the filter configuration after them, and
+/// a later change (a connector removed) waits no longer; the pin, when it comes, fills it.
+#[tokio::test]
+async fn a_name_never_looked_up_holds_pushes_up_for_the_pin_wait_only() {
+    let wait = Duration::from_millis(1200);
+    let (pins_tx, pins_rx) = watch::channel(Arc::new(PinMap::new()));
+    let (_hub, snap_tx, tx, mut responses) = start_with_pins(pins_rx, wait).await;
+    let named = named_cluster("slow.example");
+    let with = |version: u64, ports: &[u16]| {
+        let mut clusters: Vec<UpstreamCluster> = ports.iter().map(|p| cluster(*p)).collect();
+        clusters.push(named.clone());
+        Some(Arc::new(Snapshot {
+            version,
+            clusters: Arc::new(clusters),
+            filter_config: Arc::new(Document::from_text(format!(r#"{{"marker":"v{version}"}}"#))),
+        }))
+    };
+    // The named cluster's endpoint count in a CDS response.
+    let named_endpoints = |r: &DiscoveryResponse| -> usize {
+        cluster_named(r, &named.name)
+            .load_assignment
+            .map(|l| l.endpoints.iter().map(|e| e.lb_endpoints.len()).sum())
+            .unwrap_or(0)
+    };
+    // The next response, however long it takes (at most 5 s), and how long that was.
+    async fn timed(stream: &mut tonic::Streaming<DiscoveryResponse>) -> (DiscoveryResponse, Duration) {
+        let started = tokio::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a response within 5 s")
+            .unwrap()
+            .unwrap();
+        (r, started.elapsed())
+    }
+
+    snap_tx.send_replace(with(1, &[5000, 5001]));
+    let (cds, took) = timed(&mut responses).await;
+    assert!(took >= wait - Duration::from_millis(50) && took < wait * 2, "{took:?}");
+    assert_eq!(cluster_ports(&cds).len(), 3);
+    assert_eq!(named_endpoints(&cds), 0, "no address before the name is looked up");
+    tx.send(request(CLUSTER_TYPE, &cds.nonce, &cds.version_info, None))
+        .await
+        .unwrap();
+    let (ecds, _) = timed(&mut responses).await;
+    assert_eq!(marker(&ecds), "v1");
+    tx.send(request(ECDS_TYPE, &ecds.nonce, &ecds.version_info, None))
+        .await
+        .unwrap();
+
+    // A connector removed while the name is still not looked up: its filter configuration
+    // goes within the wait too.
+    snap_tx.send_replace(with(2, &[5000]));
+    let (ecds, took) = timed(&mut responses).await;
+    assert!(took < wait * 2, "{took:?}");
+    assert_eq!(marker(&ecds), "v2");
+    tx.send(request(ECDS_TYPE, &ecds.nonce, &ecds.version_info, None))
+        .await
+        .unwrap();
+    let (cds, _) = timed(&mut responses).await;
+    assert_eq!(cds.type_url, CLUSTER_TYPE, "the removed connector's cluster goes after");
+    assert_eq!(cluster_ports(&cds).len(), 2);
+    tx.send(request(CLUSTER_TYPE, &cds.nonce, &cds.version_info, None))
+        .await
+        .unwrap();
+
+    // The pin comes: the clusters go again, the name with its address, at once.
+    pins_tx.send_replace(pinned("slow.example", &["203.0.113.7"]));
+    let (cds, took) = timed(&mut responses).await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(named_endpoints(&cds), 1);
 }
