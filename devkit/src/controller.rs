@@ -130,6 +130,24 @@ impl ProxyCert {
     }
 }
 
+/// What the controller's process sees besides its flags.
+#[derive(Default, Clone, Copy)]
+struct Surroundings<'a> {
+    /// API mode: the API server's kubeconfig (`KUBECONFIG`).
+    kubeconfig: Option<&'a Path>,
+    /// Bind-mounted over `/etc/resolv.conf` in the controller's own mount namespace.
+    resolv_conf: Option<&'a Path>,
+}
+
+impl<'a> Surroundings<'a> {
+    fn kube(kubeconfig: &'a Path) -> Self {
+        Self {
+            kubeconfig: Some(kubeconfig),
+            ..Self::default()
+        }
+    }
+}
+
 pub struct Controller {
     pub ports: Ports,
     /// The certificate the controller serves for the proxy listener (made by the harness
@@ -168,7 +186,15 @@ impl Controller {
         let mut all = vec!["--kube", "--proxy-url", proxy_url];
         all.extend_from_slice(args);
         let (ports, key) = (Ports::free()?, crate::random_secret()?);
-        let mut c = Self::spawn(work, "controller", None, ports, &key, &all, Some(kubeconfig))?;
+        let mut c = Self::spawn(
+            work,
+            "controller",
+            None,
+            ports,
+            &key,
+            &all,
+            Surroundings::kube(kubeconfig),
+        )?;
         c.wait_ready()?;
         Ok(c)
     }
@@ -185,7 +211,7 @@ impl Controller {
     ) -> Result<Self> {
         let mut all = vec!["--kube", "--proxy-url", proxy_url];
         all.extend_from_slice(args);
-        let mut c = Self::spawn(work, dir, None, ports, key, &all, Some(kubeconfig))?;
+        let mut c = Self::spawn(work, dir, None, ports, key, &all, Surroundings::kube(kubeconfig))?;
         c.wait_ready()?;
         Ok(c)
     }
@@ -212,7 +238,44 @@ impl Controller {
         key: &str,
         args: &[&str],
     ) -> Result<Self> {
-        Self::spawn(work, dir, Some((manifests, identity)), ports, key, args, None)
+        Self::spawn(
+            work,
+            dir,
+            Some((manifests, identity)),
+            ports,
+            key,
+            args,
+            Surroundings::default(),
+        )
+    }
+
+    /// As [`Controller::start_with_args`], the controller's system resolver reading
+    /// `resolv_conf` in place of `/etc/resolv.conf` (its own mount namespace, `unshare -m`,
+    /// with the file bind-mounted there; needs root, as `scripts/setup.sh` does): a test's DNS
+    /// server for the names `/etc/hosts` does not hold.
+    pub fn start_with_resolver(
+        work: &WorkDir,
+        manifests: &Path,
+        identity: &Path,
+        args: &[&str],
+        resolv_conf: &Path,
+    ) -> Result<Self> {
+        let (ports, key) = (Ports::free()?, crate::random_secret()?);
+        let around = Surroundings {
+            resolv_conf: Some(resolv_conf),
+            ..Surroundings::default()
+        };
+        let mut c = Self::spawn(
+            work,
+            "controller",
+            Some((manifests, identity)),
+            ports,
+            &key,
+            args,
+            around,
+        )?;
+        c.wait_ready()?;
+        Ok(c)
     }
 
     fn spawn(
@@ -222,7 +285,7 @@ impl Controller {
         ports: Ports,
         key: &str,
         args: &[&str],
-        kubeconfig: Option<&Path>,
+        around: Surroundings<'_>,
     ) -> Result<Self> {
         let wasm = crate::require_wasm()?;
         let log = work.sub(dir)?.join("controller.log");
@@ -232,7 +295,18 @@ impl Controller {
             .iter()
             .any(|a| a.starts_with("--proxy-tls-") || *a == "--proxy-plain-http");
         let proxy_cert = if chose { None } else { Some(ProxyCert::for_work(work)?) };
-        let mut cmd = Command::new(controller_binary()?);
+        let mut cmd = match around.resolv_conf {
+            None => Command::new(controller_binary()?),
+            Some(conf) => {
+                // `unshare` and `sh` exec the controller: the process is the controller's.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+                    .arg(conf)
+                    .arg(controller_binary()?);
+                c
+            }
+        };
         cmd.arg("serve");
         if let Some((manifests, identity)) = files {
             cmd.arg("--manifests")
@@ -262,7 +336,7 @@ impl Controller {
         if let Some(path) = std::env::var_os("PATH") {
             cmd.env("PATH", path);
         }
-        if let Some(k) = kubeconfig {
+        if let Some(k) = around.kubeconfig {
             cmd.env("KUBECONFIG", k);
         }
         cmd.env(CHANNEL_KEY_ENV, key)

@@ -396,8 +396,8 @@ pub async fn run(
     };
     let (entries, rules) = (api("ServiceEntry"), api("DestinationRule"));
     let mut backoff = Duration::from_millis(500);
-    // Set while a write waits for a new name's pin: when it goes without (as `xds::PIN_WAIT`).
-    let mut pin_deadline: Option<tokio::time::Instant> = None;
+    // A write's wait for new names' pins (`xds::PIN_WAIT`, as outside Istio).
+    let mut pin_wait = crate::pin::PinWait::default();
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let kept = held.borrow_and_update().clone();
@@ -409,12 +409,8 @@ pub async fn run(
                 .iter()
                 .any(|c| crate::pin::is_named(c) && crate::pin::pin_of(&pinned, c).is_none())
         });
-        let hold = crate::pin::hold(
-            unpinned,
-            &mut pin_deadline,
-            tokio::time::Instant::now(),
-            crate::xds::PIN_WAIT,
-        );
+        let version = snapshot.as_ref().map_or(0, |s| s.version);
+        let hold = pin_wait.hold(version, unpinned, tokio::time::Instant::now(), crate::xds::PIN_WAIT);
         let wait = match (&snapshot, hold) {
             (None, _) => RESYNC,
             (Some(_), Some(hold)) => hold,

@@ -114,28 +114,48 @@ fn screen_all(
     }
 }
 
-/// Whether a push of a configuration naming a host name not looked up yet (`unpinned`) still
-/// waits for its pin, and how long: at most `wait` from the first push that waited
-/// (`deadline`, kept by the caller, cleared when it goes). `None`: it goes now, without the
-/// name's addresses (the xDS session and the Istio writer, so that one tenant's slow name holds
-/// no other change up for longer than `wait`).
-pub fn hold(
-    unpinned: bool,
-    deadline: &mut Option<tokio::time::Instant>,
-    now: tokio::time::Instant,
-    wait: Duration,
-) -> Option<Duration> {
-    let left = match unpinned {
-        true => deadline
+/// A push's wait for the pins of new host names (the xDS session's, the Istio writer's): a
+/// snapshot naming a name not looked up yet waits for it at most `wait` from its first push,
+/// then goes without the name's addresses, and that snapshot does not wait again (its later
+/// pushes, the filter configuration after the clusters say, go at once). So one tenant's slow
+/// name holds no other change up for longer than `wait`.
+#[derive(Debug, Default)]
+pub struct PinWait {
+    deadline: Option<tokio::time::Instant>,
+    /// The snapshot version whose wait is over.
+    over_for: Option<u64>,
+}
+
+impl PinWait {
+    /// How much longer a push of snapshot `version`, `unpinned` if it names a name not
+    /// looked up yet, waits; `None`: it goes now.
+    pub fn hold(
+        &mut self,
+        version: u64,
+        unpinned: bool,
+        now: tokio::time::Instant,
+        wait: Duration,
+    ) -> Option<Duration> {
+        if !unpinned || self.over_for == Some(version) {
+            self.deadline = None;
+            return None;
+        }
+        let left = self
+            .deadline
             .get_or_insert(now + wait)
             .checked_duration_since(now)
-            .filter(|d| !d.is_zero()),
-        false => None,
-    };
-    if left.is_none() {
-        *deadline = None;
+            .filter(|d| !d.is_zero());
+        if left.is_none() {
+            self.deadline = None;
+            self.over_for = Some(version);
+        }
+        left
     }
-    left
+
+    /// When the push waiting now goes, if one waits.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
+    }
 }
 
 /// `host`'s addresses by the system's resolver (`/etc/hosts`, then DNS), within [`RESOLVE_TIMEOUT`].
@@ -681,21 +701,25 @@ mod tests {
     }
 
     #[test]
-    fn a_push_waits_for_a_pin_from_its_first_wait_on_and_then_goes() {
+    fn a_push_waits_for_a_pin_from_its_first_wait_on_once_per_snapshot() {
         let wait = Duration::from_secs(1);
         let t0 = tokio::time::Instant::now();
-        let mut deadline = None;
-        assert_eq!(hold(false, &mut deadline, t0, wait), None, "every name pinned: at once");
-        assert_eq!(deadline, None);
-        assert_eq!(hold(true, &mut deadline, t0, wait), Some(wait));
+        let mut w = PinWait::default();
+        assert_eq!(w.hold(1, false, t0, wait), None, "every name pinned: at once");
+        assert_eq!(w.deadline(), None);
+        assert_eq!(w.hold(1, true, t0, wait), Some(wait));
+        assert_eq!(w.deadline(), Some(t0 + wait));
         // A later change does not put the deadline off.
         let t1 = t0 + Duration::from_millis(600);
-        assert_eq!(hold(true, &mut deadline, t1, wait), Some(Duration::from_millis(400)));
-        assert_eq!(hold(true, &mut deadline, t0 + wait, wait), None, "the wait is over");
-        assert_eq!(deadline, None, "the next change waits afresh");
-        assert_eq!(hold(true, &mut deadline, t0 + wait * 2, wait), Some(wait));
-        assert_eq!(hold(false, &mut deadline, t0 + wait * 2, wait), None, "the pin came");
-        assert_eq!(deadline, None);
+        assert_eq!(w.hold(2, true, t1, wait), Some(Duration::from_millis(400)));
+        assert_eq!(w.hold(2, true, t0 + wait, wait), None, "the wait is over");
+        assert_eq!(w.deadline(), None);
+        // That snapshot's later pushes (the filter configuration after its clusters) go at once.
+        assert_eq!(w.hold(2, true, t0 + wait * 2, wait), None);
+        // The next change waits afresh, until its pin comes.
+        assert_eq!(w.hold(3, true, t0 + wait * 2, wait), Some(wait));
+        assert_eq!(w.hold(3, false, t0 + wait * 2, wait), None, "the pin came");
+        assert_eq!(w.deadline(), None);
     }
 
     #[tokio::test]

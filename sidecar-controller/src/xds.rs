@@ -427,7 +427,7 @@ impl AggregatedDiscoveryService for Ads {
             clusters_acked: vec![],
             filter_live: Default::default(),
             filter_pending: None,
-            pin_deadline: None,
+            pin_wait: Default::default(),
         };
         tokio::spawn(session.run(incoming));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -465,8 +465,8 @@ struct Session {
     filter_live: std::sync::Arc<Vec<UpstreamCluster>>,
     /// Clusters named by the filter configuration sent and not answered yet (its version).
     filter_pending: Option<(u64, std::sync::Arc<Vec<UpstreamCluster>>)>,
-    /// Set while a push waits for a new name's pin: when it goes without.
-    pin_deadline: Option<tokio::time::Instant>,
+    /// A push's wait for new names' pins.
+    pin_wait: crate::pin::PinWait,
 }
 
 impl Session {
@@ -483,7 +483,7 @@ impl Session {
         let mut shutdown = self.ads.shutdown.clone();
         let mut certs = self.ads.hub.proxy_cert();
         loop {
-            let pin_deadline = self.pin_deadline;
+            let pin_deadline = self.pin_wait.deadline();
             tokio::select! {
                 changed = shutdown.changed() => {
                     let stop = changed.is_err() || *shutdown.borrow();
@@ -672,7 +672,11 @@ impl Session {
                 .iter()
                 .any(|c| crate::pin::is_named(c) && crate::pin::pin_of(&pins, c).is_none());
             let now = tokio::time::Instant::now();
-            if crate::pin::hold(unpinned, &mut self.pin_deadline, now, self.ads.pin_wait).is_some() {
+            if self
+                .pin_wait
+                .hold(snap.version, unpinned, now, self.ads.pin_wait)
+                .is_some()
+            {
                 return Ok(());
             }
             let mut wanted = Vec::new();

@@ -120,12 +120,17 @@ pub fn start_kube_stack(work: &WorkDir, kubeconfig: &Path, proxy_url: &str, args
 /// The controller (file mode, on `s`'s manifests and identity, with `args`) and an Envoy fed by it.
 pub fn start_stack(s: &Setup, args: &[&str]) -> (Controller, Envoy) {
     let controller = Controller::start_with_args(&s.work, &s.manifests, &s.identity, args).unwrap();
-    let envoy = Envoy::start_xds(
+    let envoy = envoy_fed_by(s, &controller);
+    (controller, envoy)
+}
+
+/// Envoy fed over ADS by `controller`, with its channel key.
+pub fn envoy_fed_by(s: &Setup, controller: &Controller) -> Envoy {
+    Envoy::start_xds(
         &s.work,
         controller.ports.xds,
         controller.ports.channel,
         &controller.envoy_env(),
     )
-    .unwrap();
-    (controller, envoy)
+    .unwrap()
 }

@@ -17,7 +17,7 @@ use connector_devkit::random_secret;
 use connector_devkit::registry::Credentials;
 use connector_devkit::stack::envoy_problems;
 use connector_devkit::tokens::KeyChoice;
-use connector_e2e::xds::{NS, Setup, connector_yaml, pull, put, secret_yaml, setup, start_stack};
+use connector_e2e::xds::{NS, Setup, connector_yaml, envoy_fed_by, pull, put, secret_yaml, setup, start_stack};
 
 const REPO: &str = "library/app";
 const TAG: &str = "v1";
@@ -590,6 +590,37 @@ fn cluster_stat(envoy: &Envoy, prefix: &str, stat: &str) -> u64 {
 /// cluster has no endpoint: the request gets 503 and no connection is made. A good Connector
 /// reached by name (`localhost`, allowed by the tests' `--allow-local-upstreams`) is served
 /// through a `STATIC` cluster pinned to 127.0.0.1, its certificate still checked for the name.
+/// `connector`'s requests get 503 `UNAVAILABLE` OCI JSON: its cluster (named `prefix`...) is
+/// `STATIC` with no endpoint, and Envoy has never connected anywhere for it.
+fn unavailable_and_unconnected(envoy: &Envoy, connector: &str, token: &str, prefix: &str) {
+    let r = Request::get(&format!(
+        "/v2/namespaces/{NS}/connectors/{connector}/{REPO}/manifests/{TAG}"
+    ))
+    .header("Accept", MANIFEST_TYPES)
+    .bearer(token)
+    .send(envoy.port)
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.body_text());
+    assert!(
+        r.body_text().contains("\"UNAVAILABLE\""),
+        "an OCI error: {}",
+        r.body_text()
+    );
+    let clusters = active_clusters(envoy, prefix);
+    assert_eq!(clusters.len(), 1, "{clusters:?}");
+    assert_eq!(
+        (clusters[0].1.as_str(), clusters[0].2.len()),
+        ("STATIC", 0),
+        "{clusters:?}"
+    );
+    assert_eq!(
+        cluster_stat(envoy, prefix, "upstream_cx_total"),
+        0,
+        "Envoy never connected for {connector}"
+    );
+    assert!(cluster_stat(envoy, prefix, "upstream_cx_none_healthy") >= 1);
+}
+
 #[test]
 fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_name_is_pinned() {
     let s = setup("controller-pin");
@@ -624,33 +655,8 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status, 503, "no endpoint for a name resolving to the pod's own port");
-    let r = Request::get(&format!(
-        "/v2/namespaces/{NS}/connectors/rebound/{REPO}/manifests/{TAG}"
-    ))
-    .header("Accept", MANIFEST_TYPES)
-    .bearer(&token)
-    .send(envoy.port)
-    .unwrap();
-    assert_eq!(r.status, 503);
-    assert!(
-        r.body_text().contains("\"UNAVAILABLE\""),
-        "an OCI error: {}",
-        r.body_text()
-    );
     let prefix = "upstream_http_c_other_connector";
-    let clusters = active_clusters(&envoy, prefix);
-    assert_eq!(clusters.len(), 1, "{clusters:?}");
-    assert_eq!(
-        (clusters[0].1.as_str(), clusters[0].2.len()),
-        ("STATIC", 0),
-        "{clusters:?}"
-    );
-    assert_eq!(
-        cluster_stat(&envoy, prefix, "upstream_cx_total"),
-        0,
-        "Envoy never connected to the refused address"
-    );
-    assert!(cluster_stat(&envoy, prefix, "upstream_cx_none_healthy") >= 1);
+    unavailable_and_unconnected(&envoy, "rebound", &token, prefix);
     let metrics = controller.metrics().unwrap();
     for line in [
         "connector_controller_upstream_names{result=\"pinned\"} 1",
@@ -664,6 +670,72 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
             && log.contains("one of the proxy pod's own ports"),
         "the refusal is logged with why: {log}"
     );
+    others_served_and_clean(&envoy, &controller, &token, &creds);
+}
+
+/// A name whose lookup never comes back (its DNS server answers nothing, as a tenant's own
+/// could) holds no other change up: removing another Connector in the same change reaches
+/// Envoy within the controller's pin wait (1 s), not after the lookup's 5 s, and the slow
+/// connector's requests get 503 `UNAVAILABLE` meanwhile, Envoy connecting nowhere. The
+/// controller runs in its own mount namespace with a `resolv.conf` naming a DNS server of this
+/// test's that never answers (`unshare`, root: as `scripts/setup.sh`); `/etc/hosts` still
+/// answers `localhost`.
+#[test]
+fn a_name_whose_lookup_never_answers_holds_no_other_change_up() {
+    let s = setup("controller-slow-dns");
+    let creds = s.registry.credentials.clone().unwrap();
+    // A DNS server that takes every query and answers none, on a loopback address of its own.
+    let salt = std::process::id();
+    let dns_ip = format!("127.53.{}.{}", (salt >> 8) % 250 + 1, salt % 250 + 1);
+    let _silent_dns = std::net::UdpSocket::bind((dns_ip.as_str(), 53))
+        .unwrap_or_else(|e| panic!("binding a DNS server on {dns_ip}:53 (needs root): {e}"));
+    let resolv = s.work.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {dns_ip}\noptions timeout:30 attempts:1\n")).unwrap();
+
+    let local = format!("https://localhost:{}", s.registry.port);
+    put(
+        &s.manifests,
+        "registry.yaml",
+        &connector_yaml("registry", &local, "robot"),
+    );
+    put(&s.manifests, "second.yaml", &connector_yaml("second", &local, "robot"));
+    put(&s.manifests, "secret.yaml", &secret_yaml("robot", &creds));
+    let controller = Controller::start_with_resolver(&s.work, &s.manifests, &s.identity, &[], &resolv).unwrap();
+    let envoy = envoy_fed_by(&s, &controller);
+    let token = s.minter.valid(NS, "default").unwrap();
+    until_status(&envoy, "registry", &token, 200);
+    until_status(&envoy, "second", &token, 200);
+
+    // One change: a Connector at a name the silent server is asked for, and `second` removed.
+    let slow_host = "registry.slow-dns.example";
+    put(
+        &s.manifests,
+        "slow.yaml",
+        &connector_yaml("slow", &format!("https://{slow_host}:443"), "robot"),
+    );
+    std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
+    let took = until_status(&envoy, "second", &token, 403);
+    eprintln!("the removal reached Envoy after {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the removal waited {took:?}: the lookup of {slow_host} (5 s) held it up"
+    );
+    unavailable_and_unconnected(&envoy, "slow", &token, "upstream_https_registry_slow_dns_example");
+
+    // The lookup gives up after its 5 s: still no address, and the log says why.
+    let start = Instant::now();
+    while !controller
+        .log()
+        .contains(&format!("{slow_host} did not resolve within 5 s"))
+    {
+        assert!(
+            start.elapsed() < FOLLOW_DEADLINE,
+            "no lookup failure logged: {}",
+            controller.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(manifest_status(&envoy, "slow", &token), 503);
     others_served_and_clean(&envoy, &controller, &token, &creds);
 }
 

@@ -527,13 +527,7 @@ fn an_http_upstream_is_the_explicit_legacy_opt_in() {
     );
     put(&s.manifests, "secret.yaml", &secret_yaml("robot", &tls_creds));
     let controller = Controller::start(&s.work, &s.manifests, &s.identity).unwrap();
-    let envoy = Envoy::start_xds(
-        &s.work,
-        controller.ports.xds,
-        controller.ports.channel,
-        &controller.envoy_env(),
-    )
-    .unwrap();
+    let envoy = connector_e2e::xds::envoy_fed_by(&s, &controller);
     let token = s.minter.valid(NS, "default").unwrap();
     // Clients still verify the proxy: only the proxy's hop to this one upstream is plain.
     let deadline = Instant::now() + Duration::from_secs(20);
