@@ -31,8 +31,8 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lookups in flight at once. Each takes a thread of tokio's blocking pool (getaddrinfo, at
 /// most 512 threads): thousands of names must not take them all. A lookup given up after
 /// [`RESOLVE_TIMEOUT`] keeps its thread until the system resolver gives up too (glibc: its
-/// `timeout` times `attempts` per name server, 5 s and 2 by default), so names whose DNS
-/// never answers can hold a few hundred threads at worst; the pool queues what comes beyond.
+/// `timeout` times `attempts` per name server, 5 s and 2 by default: about 256 threads for
+/// names whose DNS never answers); the pool queues what comes beyond its 512.
 const LOOKUPS: usize = 128;
 /// Of those, at most this many for a refresh: the rest stay free for a new snapshot's names.
 const REFRESH_LOOKUPS: usize = 24;
