@@ -262,11 +262,14 @@ async fn run_with<F, Fut>(
             let current = pins.borrow().clone();
             // The latest change's names go first: a tenant's earlier batch of slow names keeps
             // another's new connector waiting for at most one lookup's time.
+            // (A set to look the queue up in: thousands of names are queued at once.)
+            let queued: BTreeSet<&Name> = new_names.iter().collect();
             let fresh: Vec<Name> = names
                 .iter()
-                .filter(|n| !current.contains_key(*n) && !flying.contains(*n) && !new_names.contains(*n))
+                .filter(|n| !current.contains_key(*n) && !flying.contains(*n) && !queued.contains(n))
                 .cloned()
                 .collect();
+            drop(queued);
             for n in fresh.into_iter().rev() {
                 new_names.push_front(n);
             }
