@@ -11,6 +11,8 @@
 //! [`REFRESH`]. A name that stops resolving keeps its last admitted addresses (a DNS outage must
 //! not take every registry away); one never resolved, or resolving only to refused addresses,
 //! gets none: its cluster has no endpoint and Envoy answers 503, never connecting anywhere.
+//! Lookups run side by side and publish as they answer; [`PinWait`] bounds how long a push
+//! waits for a new name's first answer, so a slow name holds up only its own connector.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
