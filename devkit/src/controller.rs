@@ -174,8 +174,27 @@ impl Controller {
     /// As [`Controller::start_with_args`] on fresh ports and key, but returns as soon as it
     /// listens, ready or not (the scale benchmark starts Envoy then, as a pod starts both).
     pub fn start_listening(work: &WorkDir, manifests: &Path, identity: &Path, args: &[&str]) -> Result<Self> {
+        Self::listening(work, manifests, identity, args, Surroundings::default())
+    }
+
+    /// File mode on fresh ports and key, in `around`; returns once it listens.
+    fn listening(
+        work: &WorkDir,
+        manifests: &Path,
+        identity: &Path,
+        args: &[&str],
+        around: Surroundings<'_>,
+    ) -> Result<Self> {
         let (ports, key) = (Ports::free()?, crate::random_secret()?);
-        Self::start_on(work, "controller", manifests, identity, ports, &key, args)
+        Self::spawn(
+            work,
+            "controller",
+            Some((manifests, identity)),
+            ports,
+            &key,
+            args,
+            around,
+        )
     }
 
     /// API mode: `serve --kube` against the API server `kubeconfig` names (a real
@@ -260,20 +279,11 @@ impl Controller {
         args: &[&str],
         resolv_conf: &Path,
     ) -> Result<Self> {
-        let (ports, key) = (Ports::free()?, crate::random_secret()?);
         let around = Surroundings {
             resolv_conf: Some(resolv_conf),
             ..Surroundings::default()
         };
-        let mut c = Self::spawn(
-            work,
-            "controller",
-            Some((manifests, identity)),
-            ports,
-            &key,
-            args,
-            around,
-        )?;
+        let mut c = Self::listening(work, manifests, identity, args, around)?;
         c.wait_ready()?;
         Ok(c)
     }
