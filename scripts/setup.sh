@@ -14,7 +14,8 @@ say() { printf 'setup: %s\n' "$*"; }
 # nginx-light: the benchmark's static upstream (make bench).
 # buildah, containerd (with its `ctr` client): the other real clients the e2e tests pull and push with.
 # binaryen: wasm-opt, the last step of the filter module's build (scripts/build-filter.sh).
-PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc binaryen)
+# util-linux, mount: `unshare` and `mount --bind`, a controller run with a test's resolv.conf.
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc binaryen util-linux mount)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
