@@ -30,11 +30,10 @@ use crate::xds::Snapshot;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// Per name; the probes and the filter give an upstream 5 s too.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Lookups in flight at once. Each takes a thread of tokio's blocking pool (getaddrinfo, at
-/// most 512 threads): thousands of names must not take them all. A lookup given up after
-/// [`RESOLVE_TIMEOUT`] keeps its thread until the system resolver gives up too (glibc: its
-/// `timeout` times `attempts` per name server, 5 s and 2 by default: about 256 threads for
-/// names whose DNS never answers); the pool queues what comes beyond its 512.
+/// Lookups in flight at once: each holds a few UDP sockets until it answers or is given up
+/// (four here: 1,200 descriptors for 300 never-answering lookups in the test below; no
+/// thread, see [`resolve`]), and a name server the cluster shares should not get thousands of
+/// queries in one burst.
 const LOOKUPS: usize = 128;
 /// Of those, at most this many for a refresh: the rest stay free for a new snapshot's names.
 const REFRESH_LOOKUPS: usize = 24;
@@ -163,12 +162,49 @@ impl PinWait {
     }
 }
 
-/// `host`'s addresses by the system's resolver (`/etc/hosts`, then DNS), within [`RESOLVE_TIMEOUT`].
-pub async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
-        Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
+/// `host`'s addresses by the system's configuration (`/etc/hosts`, then the name servers,
+/// search list and options of `/etc/resolv.conf`, read again for every lookup as glibc does
+/// when they change), within [`RESOLVE_TIMEOUT`].
+///
+/// An in-process asynchronous resolver (hickory) rather than the system's getaddrinfo: a lookup
+/// given up is dropped with its sockets at once, where getaddrinfo held one of tokio's blocking
+/// threads until it gave up itself (glibc: `timeout` times `attempts`, as long as a tenant's
+/// `resolv.conf` options or name server make it), so never-answering names could take the pool
+/// every other lookup, and the probes' file reads, need.
+pub async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
+    let resolver = system_resolver().map_err(|e| format!("{host} not looked up: {e}"))?;
+    lookup(&resolver, host, RESOLVE_TIMEOUT).await
+}
+
+/// A resolver on the system's configuration, its own cache off (every lookup builds one).
+fn system_resolver() -> Result<hickory_resolver::TokioResolver, String> {
+    let mut builder = hickory_resolver::TokioResolver::builder_tokio()
+        .map_err(|e| format!("cannot read the DNS configuration (/etc/resolv.conf): {e}"))?;
+    configure(builder.options_mut());
+    builder
+        .build()
+        .map_err(|e| format!("cannot set a DNS resolver up: {e}"))
+}
+
+/// What every resolver here is asked for: A and AAAA side by side (the screen wants every
+/// address a name has, and keeps IPv4 when there is one), `/etc/hosts` first, no cache.
+fn configure(opts: &mut hickory_resolver::config::ResolverOpts) {
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+    opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
+    opts.cache_size = 0;
+}
+
+/// `host`'s addresses by `resolver`, given up after `within`.
+async fn lookup(
+    resolver: &hickory_resolver::TokioResolver,
+    host: &str,
+    within: Duration,
+) -> Result<Vec<IpAddr>, String> {
+    match tokio::time::timeout(within, resolver.lookup_ip(host)).await {
+        Ok(Ok(found)) => Ok(found.iter().collect()),
+        Ok(Err(e)) if e.is_no_records_found() => Err(format!("{host} does not resolve: no such name or no address")),
         Ok(Err(e)) => Err(format!("{host} does not resolve: {e}")),
-        Err(_) => Err(format!("{host} did not resolve within {} s", RESOLVE_TIMEOUT.as_secs())),
+        Err(_) => Err(format!("{host} did not resolve within {} s", within.as_secs())),
     }
 }
 
@@ -209,7 +245,7 @@ pub async fn run(
     refresh: Duration,
     metrics: Arc<crate::ops::Metrics>,
 ) {
-    let system = |host: String, port: u16| async move { resolve(&host, port).await };
+    let system = |host: String, _port: u16| async move { resolve(&host).await };
     run_with(tenancy, snapshots, pins, refresh, metrics, system).await;
 }
 
@@ -390,7 +426,7 @@ impl reqwest::dns::Resolve for ScreenedResolver {
         let policy = self.policy;
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let ips = resolve(&host, 0).await?;
+            let ips = resolve(&host).await?;
             let ips = match policy.get() {
                 Some(t) => screen(t, &host, 0, &ips).map_err(Refused)?,
                 None => ips,
@@ -763,5 +799,66 @@ mod tests {
         pins_rx.changed().await.unwrap();
         assert!(pins_rx.borrow().contains_key(&("localhost".to_string(), 5002)));
         task.abort();
+    }
+
+    /// Open file descriptors and threads of this process.
+    fn fds_and_threads() -> (usize, usize) {
+        let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        (count("/proc/self/fd"), count("/proc/self/task"))
+    }
+
+    /// Hundreds of lookups whose name server never answers take no thread each, leave a name
+    /// `/etc/hosts` holds answering at once, and free their sockets when given up (the system
+    /// resolver held a blocking thread per lookup until it gave up itself: 30 s here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_that_never_answer_hold_no_thread_and_free_their_sockets_when_given_up() {
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut udp = ConnectionConfig::udp();
+        udp.port = silent.local_addr().unwrap().port();
+        let server = NameServerConfig::new("127.0.0.1".parse().unwrap(), true, vec![udp]);
+        let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![server]),
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        );
+        configure(builder.options_mut());
+        builder.options_mut().timeout = Duration::from_secs(30);
+        builder.options_mut().attempts = 1;
+        let resolver = builder.build().unwrap();
+
+        let (fds_before, threads_before) = fds_and_threads();
+        let slow: Vec<_> = (0..300)
+            .map(|i| {
+                let r = resolver.clone();
+                tokio::spawn(async move { lookup(&r, &format!("n{i}.slow.example"), Duration::from_secs(2)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (fds_during, threads_during) = fds_and_threads();
+        assert!(
+            fds_during >= fds_before + 300,
+            "the lookups are in flight, a socket each at least: {fds_before} -> {fds_during} descriptors"
+        );
+        assert!(
+            threads_during < threads_before + 32,
+            "300 lookups in flight took threads: {threads_before} -> {threads_during}"
+        );
+        let start = Instant::now();
+        let local = lookup(&resolver, "localhost", Duration::from_secs(2)).await.unwrap();
+        assert!(local.iter().all(IpAddr::is_loopback) && !local.is_empty(), "{local:?}");
+        assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+
+        for task in slow {
+            let e = task.await.unwrap().unwrap_err();
+            assert!(e.contains("did not resolve within 2 s"), "{e}");
+        }
+        let (fds_after, _) = fds_and_threads();
+        eprintln!(
+            "descriptors {fds_before} -> {fds_during} -> {fds_after}, threads {threads_before} -> {threads_during}"
+        );
+        assert!(
+            fds_after < fds_before + 50,
+            "given-up lookups keep no socket: {fds_before} before, {fds_during} during, {fds_after} after"
+        );
     }
 }

@@ -97,7 +97,7 @@ async fn allowed(url: &str) -> Result<(), ProbeError> {
         return Ok(());
     }
     // A name that does not resolve fails the request itself, with reqwest's own words.
-    let Ok(ips) = crate::pin::resolve(&cluster.host, cluster.port).await else {
+    let Ok(ips) = crate::pin::resolve(&cluster.host).await else {
         return Ok(());
     };
     crate::pin::screen(tenancy, &cluster.host, cluster.port, &ips)

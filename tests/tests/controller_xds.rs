@@ -676,7 +676,9 @@ fn an_upstream_name_resolving_to_a_refused_address_gets_no_endpoint_and_a_good_n
 /// A name whose lookup never comes back (its DNS server answers nothing, as a tenant's own
 /// could) holds no other change up: removing another Connector in the same change reaches
 /// Envoy within the controller's pin wait (1 s), not after the lookup's 5 s, and the slow
-/// connector's requests get 503 `UNAVAILABLE` meanwhile, Envoy connecting nowhere. The
+/// connector's requests get 503 `UNAVAILABLE` meanwhile, Envoy connecting nowhere. A hundred
+/// more such names in flight take the controller no thread each, during the lookups or after
+/// they are given up (the system resolver held one per lookup until its own 30 s here). The
 /// controller runs in its own mount namespace with a `resolv.conf` naming a DNS server of this
 /// test's that never answers (`unshare`, root: as `scripts/setup.sh`); `/etc/hosts` still
 /// answers `localhost`.
@@ -706,13 +708,30 @@ fn a_name_whose_lookup_never_answers_holds_no_other_change_up() {
     until_status(&envoy, "registry", &token, 200);
     until_status(&envoy, "second", &token, 200);
 
-    // One change: a Connector at a name the silent server is asked for, and `second` removed.
+    let threads = || {
+        let pid = controller.pid().unwrap();
+        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+    };
+    let threads_before = threads();
+
+    // One change: Connectors at names the silent server is asked for, and `second` removed.
     let slow_host = "registry.slow-dns.example";
     put(
         &s.manifests,
         "slow.yaml",
         &connector_yaml("slow", &format!("https://{slow_host}:443"), "robot"),
     );
+    for i in 0..100 {
+        put(
+            &s.manifests,
+            &format!("slow-{i}.yaml"),
+            &connector_yaml(
+                &format!("slow-{i}"),
+                &format!("https://n{i}.slow-dns.example:443"),
+                "robot",
+            ),
+        );
+    }
     std::fs::remove_file(s.manifests.join("second.yaml")).unwrap();
     let took = until_status(&envoy, "second", &token, 403);
     eprintln!("the removal reached Envoy after {took:?}");
@@ -721,6 +740,12 @@ fn a_name_whose_lookup_never_answers_holds_no_other_change_up() {
         "the removal waited {took:?}: the lookup of {slow_host} (5 s) held it up"
     );
     unavailable_and_unconnected(&envoy, "slow", &token, "upstream_https_registry_slow_dns_example");
+    let threads_during = threads();
+    eprintln!("controller threads: {threads_before} before, {threads_during} with 101 lookups in flight");
+    assert!(
+        threads_during < threads_before + 32,
+        "101 lookups in flight took a thread each: {threads_before} -> {threads_during}"
+    );
 
     // The lookup gives up after its 5 s: still no address, and the log says why.
     let start = Instant::now();
@@ -736,6 +761,12 @@ fn a_name_whose_lookup_never_answers_holds_no_other_change_up() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(manifest_status(&envoy, "slow", &token), 503);
+    let threads_after = threads();
+    eprintln!("controller threads: {threads_after} after the lookups were given up");
+    assert!(
+        threads_after < threads_before + 32,
+        "given-up lookups still hold threads: {threads_before} -> {threads_after}"
+    );
     others_served_and_clean(&envoy, &controller, &token, &creds);
 }
 
