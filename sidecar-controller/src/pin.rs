@@ -186,25 +186,40 @@ fn system_resolver() -> Result<hickory_resolver::TokioResolver, String> {
         .map_err(|e| format!("cannot set a DNS resolver up: {e}"))
 }
 
-/// What every resolver here is asked for: A and AAAA side by side (the screen wants every
-/// address a name has, and keeps IPv4 when there is one), `/etc/hosts` first, no cache.
+/// What every resolver here is asked for: `/etc/hosts` first, no cache.
 fn configure(opts: &mut hickory_resolver::config::ResolverOpts) {
-    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
     opts.cache_size = 0;
 }
 
-/// `host`'s addresses by `resolver`, given up after `within`.
+/// `host`'s addresses by `resolver`: its A and AAAA records side by side, each given up after
+/// `within`, and the addresses of whichever answered (a name server that never answers one
+/// family, as some drop AAAA queries, costs the wait, not the name).
 async fn lookup(
     resolver: &hickory_resolver::TokioResolver,
     host: &str,
     within: Duration,
 ) -> Result<Vec<IpAddr>, String> {
-    match tokio::time::timeout(within, resolver.lookup_ip(host)).await {
-        Ok(Ok(found)) => Ok(found.iter().collect()),
-        Ok(Err(e)) if e.is_no_records_found() => Err(format!("{host} does not resolve: no such name or no address")),
-        Ok(Err(e)) => Err(format!("{host} does not resolve: {e}")),
-        Err(_) => Err(format!("{host} did not resolve within {} s", within.as_secs())),
+    use hickory_resolver::lookup_ip::LookupIp;
+    use hickory_resolver::proto::rr::RecordType;
+    let deadline = tokio::time::Instant::now() + within;
+    let family = |kind| tokio::time::timeout_at(deadline, resolver.lookup(host, kind));
+    let (v4, v6) = tokio::join!(family(RecordType::A), family(RecordType::AAAA));
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut failed = Vec::new();
+    for answer in [v4, v6] {
+        match answer {
+            Ok(Ok(records)) => found.extend(LookupIp::from(records).iter()),
+            Ok(Err(e)) if e.is_no_records_found() => {}
+            Ok(Err(e)) => failed.push(e.to_string()),
+            Err(_) => failed.push(String::new()),
+        }
+    }
+    match (found.is_empty(), failed.first()) {
+        (false, _) => Ok(found),
+        (true, None) => Err(format!("{host} does not resolve: no such name or no address")),
+        (true, Some(e)) if e.is_empty() => Err(format!("{host} did not resolve within {} s", within.as_secs())),
+        (true, Some(e)) => Err(format!("{host} does not resolve: {e}")),
     }
 }
 
@@ -801,6 +816,70 @@ mod tests {
         task.abort();
     }
 
+    /// A resolver on the system's options asking only the name server on `socket`, each query
+    /// given 30 s (as a `resolv.conf` may say) and one attempt.
+    fn resolver_at(socket: &std::net::UdpSocket) -> hickory_resolver::TokioResolver {
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        let mut udp = ConnectionConfig::udp();
+        udp.port = socket.local_addr().unwrap().port();
+        let server = NameServerConfig::new("127.0.0.1".parse().unwrap(), true, vec![udp]);
+        let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![server]),
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        );
+        configure(builder.options_mut());
+        builder.options_mut().timeout = Duration::from_secs(30);
+        builder.options_mut().attempts = 1;
+        builder.build().unwrap()
+    }
+
+    /// A name server that answers A queries (203.0.113.9) and never AAAA ones, as some drop
+    /// them: the name resolves to its IPv4 address once the AAAA query is given up, where a
+    /// lookup of both families as one (hickory's `lookup_ip`) waited for the AAAA query's 30 s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_family_never_answered_costs_the_wait_not_the_name() {
+        use hickory_resolver::proto::op::Message;
+        use hickory_resolver::proto::rr::{RData, Record, RecordType, rdata::A};
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let answering = server.try_clone().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = answering.recv_from(&mut buf) else {
+                    continue;
+                };
+                let query = Message::from_vec(&buf[..n]).unwrap();
+                let q = query.queries[0].clone();
+                seen.lock().unwrap().push(q.query_type());
+                if q.query_type() == RecordType::A {
+                    let mut answer = query.into_response();
+                    answer.metadata.recursion_available = true;
+                    answer.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(A("203.0.113.9".parse().unwrap())),
+                    ));
+                    answering.send_to(&answer.to_vec().unwrap(), from).unwrap();
+                }
+            }
+        });
+        let resolver = resolver_at(&server);
+        let start = Instant::now();
+        let found = lookup(&resolver, "registry.one-family.example", Duration::from_secs(1)).await;
+        let took = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        thread.join().unwrap();
+        assert_eq!(found, Ok(ips(&["203.0.113.9"])), "after {took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let asked = asked.lock().unwrap();
+        assert!(asked.contains(&RecordType::AAAA), "both families asked: {asked:?}");
+    }
+
     /// Open file descriptors and threads of this process.
     fn fds_and_threads() -> (usize, usize) {
         let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
@@ -812,19 +891,8 @@ mod tests {
     /// resolver held a blocking thread per lookup until it gave up itself: 30 s here).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lookups_that_never_answer_hold_no_thread_and_free_their_sockets_when_given_up() {
-        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut udp = ConnectionConfig::udp();
-        udp.port = silent.local_addr().unwrap().port();
-        let server = NameServerConfig::new("127.0.0.1".parse().unwrap(), true, vec![udp]);
-        let mut builder = hickory_resolver::TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(vec![server]),
-            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-        );
-        configure(builder.options_mut());
-        builder.options_mut().timeout = Duration::from_secs(30);
-        builder.options_mut().attempts = 1;
-        let resolver = builder.build().unwrap();
+        let resolver = resolver_at(&silent);
 
         let (fds_before, threads_before) = fds_and_threads();
         let slow: Vec<_> = (0..300)
