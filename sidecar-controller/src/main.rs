@@ -478,6 +478,10 @@ fn serve(args: &[String]) -> ExitCode {
         tenancy,
         istio_wasmplugin: None,
     };
+    match connector_controller::pin::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files"),
+        Err(e) => tracing::warn!(error = %e, "the open-file limit stays as it was"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -30,10 +30,9 @@ use crate::xds::Snapshot;
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// Per name; the probes and the filter give an upstream 5 s too.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Lookups in flight at once: each holds a few UDP sockets until it answers or is given up
-/// (four here: 1,200 descriptors for 300 never-answering lookups in the test below; no
-/// thread, see [`resolve`]), and a name server the cluster shares should not get thousands of
-/// queries in one burst.
+/// Lookups in flight at once: each holds up to six UDP sockets until it answers or is given
+/// up ([`raise_open_file_limit`]; no thread, see [`resolve`]), and a name server the cluster
+/// shares should not get thousands of queries in one burst.
 const LOOKUPS: usize = 128;
 /// Of those, at most this many for a refresh: the rest stay free for a new snapshot's names.
 const REFRESH_LOOKUPS: usize = 24;
@@ -174,6 +173,14 @@ impl PinWait {
 pub async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
     let resolver = system_resolver().map_err(|e| format!("{host} not looked up: {e}"))?;
     lookup(&resolver, host, RESOLVE_TIMEOUT).await
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for its programs,
+/// and returns it: a lookup whose name server never answers holds up to six UDP sockets until
+/// it is given up (hickory sends each of its two queries up to three times, each from a socket
+/// of its own), so [`LOOKUPS`] of them take 768, and a container's soft limit is often 1,024.
+pub fn raise_open_file_limit() -> Result<u64, String> {
+    rlimit::increase_nofile_limit(u64::MAX).map_err(|e| format!("cannot raise the open-file limit: {e}"))
 }
 
 /// A resolver on the system's configuration, its own cache off (every lookup builds one).
@@ -878,6 +885,17 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
         let asked = asked.lock().unwrap();
         assert!(asked.contains(&RecordType::AAAA), "both families asked: {asked:?}");
+    }
+
+    /// The soft limit is raised to the hard one (a container's is often 1,024 of 524,288).
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        let lowered = hard.min(4096);
+        rlimit::Resource::NOFILE.set(lowered, hard).unwrap();
+        assert_eq!(raise_open_file_limit(), Ok(hard));
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
+        rlimit::Resource::NOFILE.set(soft.max(lowered), hard).unwrap();
     }
 
     /// Open file descriptors and threads of this process.
