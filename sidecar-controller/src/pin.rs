@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::watch;
 
+use hickory_resolver::config::{ResolverConfig, ResolverOpts};
+
 use crate::pipeline::Tenancy;
 use crate::render::UpstreamCluster;
 use crate::xds::Snapshot;
@@ -185,16 +187,48 @@ pub fn raise_open_file_limit() -> Result<u64, String> {
 
 /// A resolver on the system's configuration, its own cache off (every lookup builds one).
 fn system_resolver() -> Result<hickory_resolver::TokioResolver, String> {
-    let mut builder = hickory_resolver::TokioResolver::builder_tokio()
-        .map_err(|e| format!("cannot read the DNS configuration (/etc/resolv.conf): {e}"))?;
+    let (config, options) = system_config();
+    let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+        config,
+        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+    );
+    *builder.options_mut() = options;
     configure(builder.options_mut());
     builder
         .build()
         .map_err(|e| format!("cannot set a DNS resolver up: {e}"))
 }
 
+/// `/etc/resolv.conf` as last parsed: parsed again only when its bytes change, so what it holds
+/// that hickory does not know (it warns of each such option) is logged once, not per lookup.
+static RESOLV_CONF: std::sync::Mutex<Option<(Vec<u8>, ResolverConfig, ResolverOpts)>> = std::sync::Mutex::new(None);
+
+/// The name servers, search list and options of `/etc/resolv.conf`, read for every lookup.
+fn system_config() -> (ResolverConfig, ResolverOpts) {
+    let data = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    let mut last = RESOLV_CONF.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((bytes, config, options)) = last.as_ref()
+        && *bytes == data
+    {
+        return (config.clone(), options.clone());
+    }
+    let (config, options) = resolv_conf(&data);
+    *last = Some((data, config.clone(), options.clone()));
+    (config, options)
+}
+
+/// A `resolv.conf`'s configuration; without a name server (no file, none listed), glibc's
+/// default: the one on 127.0.0.1.
+fn resolv_conf(data: &[u8]) -> (ResolverConfig, ResolverOpts) {
+    hickory_resolver::system_conf::parse_resolv_conf(data).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no name server in /etc/resolv.conf: asking 127.0.0.1, as glibc does");
+        let local = hickory_resolver::config::NameServerConfig::udp_and_tcp(std::net::Ipv4Addr::LOCALHOST.into());
+        (ResolverConfig::from_name_servers(vec![local]), ResolverOpts::default())
+    })
+}
+
 /// What every resolver here is asked for: `/etc/hosts` first, no cache.
-fn configure(opts: &mut hickory_resolver::config::ResolverOpts) {
+fn configure(opts: &mut ResolverOpts) {
     opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
     opts.cache_size = 0;
 }
@@ -826,7 +860,7 @@ mod tests {
     /// A resolver on the system's options asking only the name server on `socket`, each query
     /// given 30 s (as a `resolv.conf` may say) and one attempt.
     fn resolver_at(socket: &std::net::UdpSocket) -> hickory_resolver::TokioResolver {
-        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
         let mut udp = ConnectionConfig::udp();
         udp.port = socket.local_addr().unwrap().port();
         let server = NameServerConfig::new("127.0.0.1".parse().unwrap(), true, vec![udp]);
@@ -885,6 +919,28 @@ mod tests {
         assert!(took < Duration::from_secs(2), "{took:?}");
         let asked = asked.lock().unwrap();
         assert!(asked.contains(&RecordType::AAAA), "both families asked: {asked:?}");
+    }
+
+    /// A pod's `resolv.conf` (options hickory does not know among them) gives its name server,
+    /// search list and `ndots`; none (no file, no name server) gives glibc's 127.0.0.1.
+    #[test]
+    fn resolv_conf_as_a_pod_has_it_and_as_glibc_reads_none() {
+        let pod = b"search demo.svc.cluster.local svc.cluster.local cluster.local\n\
+                    nameserver 10.96.0.10\n\
+                    options ndots:5 trust-ad no-such-option timeout:2 attempts:3\n";
+        let (config, options) = resolv_conf(pod);
+        let servers: Vec<IpAddr> = config.name_servers().iter().map(|n| n.ip).collect();
+        assert_eq!(servers, ips(&["10.96.0.10"]));
+        assert_eq!(config.search().len(), 3, "{config:?}");
+        assert_eq!(
+            (options.ndots, options.timeout, options.attempts),
+            (5, Duration::from_secs(2), 3)
+        );
+        for none in [&b""[..], b"search example.com\n"] {
+            let (config, _) = resolv_conf(none);
+            let servers: Vec<IpAddr> = config.name_servers().iter().map(|n| n.ip).collect();
+            assert_eq!(servers, ips(&["127.0.0.1"]));
+        }
     }
 
     /// The soft limit is raised to the hard one (a container's is often 1,024 of 524,288).
