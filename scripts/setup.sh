@@ -15,7 +15,7 @@ say() { printf 'setup: %s\n' "$*"; }
 # buildah, containerd (with its `ctr` client): the other real clients the e2e tests pull and push with.
 # binaryen: wasm-opt, the last step of the filter module's build (scripts/build-filter.sh).
 # util-linux, mount: `unshare` and `mount --bind`, a controller run with a test's resolv.conf.
-PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc binaryen util-linux mount)
+PKGS=(docker-registry skopeo umoci wrk apache2-utils openssl jq curl python3-venv nginx-light buildah containerd podman file gcc libc6-dev runc binaryen util-linux mount maven openjdk-17-jre-headless)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
@@ -183,5 +183,23 @@ mkdir -p "$ROOT/.cache/tools"
 for t in olareg-v0.1.2 crane-v0.22.1 oras-v1.3.6 regctl-v0.11.7 cosign-v3.1.3 registry-v3.1.2 "istioctl-$ISTIOCTL_VERSION"; do
   ln -sfn "$KUBE_CACHE/tools/$t/${t%-v*}" "$ROOT/.cache/tools/${t%-v*}"
 done
+
+# --- Keycloak (e2e token_keycloak): a real Docker-registry token service (its docker-v2 protocol)
+# for a token-auth upstream, from Maven Central at a pinned version, the last whose server runs
+# on Debian 12's Java 17 (26 needs 21). Unpacked once per version into the same cache (164 MB
+# download), linked at .cache/keycloak.
+KEYCLOAK_VERSION="25.0.6"
+kc="$KUBE_CACHE/keycloak-$KEYCLOAK_VERSION"
+if [[ -x "$kc/bin/kc.sh" ]]; then
+  say "present: $kc"
+else
+  t0=$SECONDS tmp="$kc.tmp.$$"
+  mkdir -p "$tmp"
+  mvn -B -q dependency:copy -Dartifact="org.keycloak:keycloak-quarkus-dist:$KEYCLOAK_VERSION:tar.gz" -DoutputDirectory="$tmp"
+  tar xzf "$tmp/keycloak-quarkus-dist-$KEYCLOAK_VERSION.tar.gz" -C "$tmp"
+  rm -rf "$kc"; mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$kc"; rm -rf "$tmp"
+  say "fetched Keycloak $KEYCLOAK_VERSION in $((SECONDS - t0)) s"
+fi
+ln -sfn "$kc" "$ROOT/.cache/keycloak"
 
 say "done"

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod envoy;
 pub mod http;
 pub mod image;
+pub mod keycloak;
 pub mod kube;
 pub mod kubelet;
 pub mod oci_tools;

@@ -58,6 +58,8 @@ enum Auth<'a> {
     None,
     Htpasswd(&'a Credentials),
     Token(&'a TokenServer),
+    /// Another token issuer (Keycloak): its realm, service, issuer and keys as given.
+    Trust(&'a crate::keycloak::TokenTrust),
 }
 
 impl Registry {
@@ -88,6 +90,16 @@ impl Registry {
     /// robot account (what a connector's Secret holds for this upstream).
     pub fn start_token_auth(work: &WorkDir, token_server: &TokenServer, credentials: Credentials) -> Result<Self> {
         Self::start_with(work, Some(credentials), false, Auth::Token(token_server))
+    }
+
+    /// Starts a registry with `auth: token` trusting `trust`'s issuer (Keycloak's realm, say);
+    /// `credentials` are the issuer's robot account.
+    pub fn start_trusting(
+        work: &WorkDir,
+        trust: &crate::keycloak::TokenTrust,
+        credentials: Credentials,
+    ) -> Result<Self> {
+        Self::start_with(work, Some(credentials), false, Auth::Trust(trust))
     }
 
     /// Adds a second htpasswd user (a rotated robot account) and restarts the registry, which
@@ -244,6 +256,20 @@ impl Registry {
                 );
                 bundle = Some(path);
                 s
+            }
+            Auth::Trust(t) => {
+                let jwks = t
+                    .jwks
+                    .as_ref()
+                    .map(|j| format!("    jwks: {}\n", j.display()))
+                    .unwrap_or_default();
+                format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n{jwks}",
+                    t.realm,
+                    t.service,
+                    t.issuer,
+                    t.rootcertbundle.display()
+                )
             }
             Auth::Htpasswd(c) => {
                 let file = dir.join("htpasswd");
