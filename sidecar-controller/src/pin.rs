@@ -174,7 +174,8 @@ impl PinWait {
 /// every other lookup, and the probes' file reads, need.
 pub async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
     let resolver = system_resolver().map_err(|e| format!("{host} not looked up: {e}"))?;
-    lookup(&resolver, host, RESOLVE_TIMEOUT).await
+    let hosts = hickory_resolver::Hosts::from_system().unwrap_or_default();
+    lookup(&resolver, &hosts, host, RESOLVE_TIMEOUT).await
 }
 
 /// Raises the soft limit on open files to the hard one, as Go's runtime does for its programs,
@@ -227,22 +228,40 @@ fn resolv_conf(data: &[u8]) -> (ResolverConfig, ResolverOpts) {
     })
 }
 
-/// What every resolver here is asked for: `/etc/hosts` first, no cache.
+/// What every resolver here is asked for: DNS only (`/etc/hosts` is [`lookup`]'s to read), no
+/// cache.
 fn configure(opts: &mut ResolverOpts) {
-    opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
+    opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
     opts.cache_size = 0;
 }
 
-/// `host`'s addresses by `resolver`: its A and AAAA records side by side, each given up after
-/// `within`, and the addresses of whichever answered (a name server that never answers one
-/// family, as some drop AAAA queries, costs the wait, not the name).
+/// `host`'s addresses: those `hosts` gives the name as written, else `resolver`'s, its A and
+/// AAAA records asked side by side, each given up after `within`, and the addresses of
+/// whichever answered (a name server that never answers one family, as some drop AAAA queries,
+/// costs the wait, not the name).
+///
+/// `/etc/hosts` is read here, first, as glibc's `files` source is: hickory reads it only for
+/// the first name of its search list, so under a pod's `ndots:5` a name with fewer dots (a
+/// `hostAliases` entry, `registry.internal`) would have gone to DNS.
 async fn lookup(
     resolver: &hickory_resolver::TokioResolver,
+    hosts: &hickory_resolver::Hosts,
     host: &str,
     within: Duration,
 ) -> Result<Vec<IpAddr>, String> {
     use hickory_resolver::lookup_ip::LookupIp;
-    use hickory_resolver::proto::rr::RecordType;
+    use hickory_resolver::proto::op::Query;
+    use hickory_resolver::proto::rr::{Name, RecordType};
+    if let Ok(name) = Name::from_str_relaxed(host.to_ascii_lowercase()) {
+        let listed: Vec<IpAddr> = [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|kind| hosts.lookup_static_host(&Query::query(name.clone(), kind)))
+            .flat_map(|l| LookupIp::from(l).iter().collect::<Vec<_>>())
+            .collect();
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+    }
     let deadline = tokio::time::Instant::now() + within;
     let family = |kind| tokio::time::timeout_at(deadline, resolver.lookup(host, kind));
     let (v4, v6) = tokio::join!(family(RecordType::A), family(RecordType::AAAA));
@@ -860,18 +879,60 @@ mod tests {
     /// A resolver on the system's options asking only the name server on `socket`, each query
     /// given 30 s (as a `resolv.conf` may say) and one attempt.
     fn resolver_at(socket: &std::net::UdpSocket) -> hickory_resolver::TokioResolver {
+        resolver_searching(socket, &[], 1).build().unwrap()
+    }
+
+    /// [`resolver_at`]'s builder with a search list and `ndots`, as a pod's `resolv.conf` has.
+    fn resolver_searching(
+        socket: &std::net::UdpSocket,
+        search: &[&str],
+        ndots: usize,
+    ) -> hickory_resolver::ResolverBuilder<hickory_resolver::net::runtime::TokioRuntimeProvider> {
         use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
         let mut udp = ConnectionConfig::udp();
         udp.port = socket.local_addr().unwrap().port();
         let server = NameServerConfig::new("127.0.0.1".parse().unwrap(), true, vec![udp]);
+        let search = search
+            .iter()
+            .map(|d| hickory_resolver::proto::rr::Name::from_str_relaxed(d).unwrap())
+            .collect();
         let mut builder = hickory_resolver::TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(vec![server]),
+            ResolverConfig::from_parts(None, search, vec![server]),
             hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
         );
         configure(builder.options_mut());
         builder.options_mut().timeout = Duration::from_secs(30);
         builder.options_mut().attempts = 1;
-        builder.build().unwrap()
+        builder.options_mut().ndots = ndots;
+        builder
+    }
+
+    /// A name `/etc/hosts` lists (a pod's `hostAliases`) is found there under a pod's `ndots:5`
+    /// and search list, its name server (silent here) not asked; left to hickory's own reading
+    /// of the file, which covers only the first name of the search list, it went to DNS and was
+    /// not found within the wait.
+    #[tokio::test]
+    async fn a_name_in_hosts_is_found_there_under_a_pods_search_list() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let pod = ["demo.svc.cluster.local", "svc.cluster.local", "cluster.local"];
+        let resolver = resolver_searching(&silent, &pod, 5).build().unwrap();
+        let mut hosts = hickory_resolver::Hosts::default();
+        hosts.read_hosts_conf(&b"203.0.113.5 registry.internal\n"[..]).unwrap();
+        let within = Duration::from_millis(800);
+        let start = Instant::now();
+        let found = lookup(&resolver, &hosts, "Registry.Internal", within).await;
+        assert_eq!(found, Ok(ips(&["203.0.113.5"])));
+        assert!(start.elapsed() < Duration::from_millis(300), "{:?}", start.elapsed());
+        let unlisted = lookup(&resolver, &hosts, "other.internal", within).await;
+        assert!(unlisted.unwrap_err().contains("did not resolve within"), "asked DNS");
+
+        // hickory's own: the file read, the name still sent to the name server first.
+        let mut builder = resolver_searching(&silent, &pod, 5);
+        builder.options_mut().use_hosts_file = hickory_resolver::config::ResolveHosts::Always;
+        let mut theirs = builder.build().unwrap();
+        theirs.set_hosts(Arc::new(hosts));
+        let answer = tokio::time::timeout(within, theirs.lookup_ip("registry.internal")).await;
+        assert!(answer.is_err(), "hickory found it in the file itself now: {answer:?}");
     }
 
     /// A name server that answers A queries (203.0.113.9) and never AAAA ones, as some drop
@@ -911,7 +972,13 @@ mod tests {
         });
         let resolver = resolver_at(&server);
         let start = Instant::now();
-        let found = lookup(&resolver, "registry.one-family.example", Duration::from_secs(1)).await;
+        let found = lookup(
+            &resolver,
+            &hickory_resolver::Hosts::default(),
+            "registry.one-family.example",
+            Duration::from_secs(1),
+        )
+        .await;
         let took = start.elapsed();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         thread.join().unwrap();
@@ -972,7 +1039,10 @@ mod tests {
         let slow: Vec<_> = (0..300)
             .map(|i| {
                 let r = resolver.clone();
-                tokio::spawn(async move { lookup(&r, &format!("n{i}.slow.example"), Duration::from_secs(2)).await })
+                tokio::spawn(async move {
+                    let none = hickory_resolver::Hosts::default();
+                    lookup(&r, &none, &format!("n{i}.slow.example"), Duration::from_secs(2)).await
+                })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -986,7 +1056,10 @@ mod tests {
             "300 lookups in flight took threads: {threads_before} -> {threads_during}"
         );
         let start = Instant::now();
-        let local = lookup(&resolver, "localhost", Duration::from_secs(2)).await.unwrap();
+        let hosts = hickory_resolver::Hosts::from_system().unwrap();
+        let local = lookup(&resolver, &hosts, "localhost", Duration::from_secs(2))
+            .await
+            .unwrap();
         assert!(local.iter().all(IpAddr::is_loopback) && !local.is_empty(), "{local:?}");
         assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
 
