@@ -101,17 +101,22 @@ fn pull_and_push_with_tokens_keycloak_issued() {
 
     // Pull through the proxy: the layers pushed.
     let jwt = minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
-    let pulled = work.sub("pulled").unwrap();
-    skopeo
-        .copy(
-            &reference(&envoy, GOOD, REPO),
-            Creds::Basic("sa", &jwt),
-            &format!("oci:{}:{TAG}", pulled.display()),
-            Creds::None,
-        )
-        .and_then(|o| o.ok())
-        .unwrap_or_else(|e| panic!("pull through the proxy with Keycloak's tokens: {e}\n{}", keycloak.log()));
-    assert_eq!(image::oci_layers(&pulled, TAG).unwrap(), sample.layers, "pulled layers");
+    // Pulls `repo` through the proxy into a new OCI layout and checks its layers.
+    let pull = |repo: &str, into: &str| {
+        let out = work.sub(into).unwrap();
+        skopeo
+            .copy(
+                &reference(&envoy, GOOD, repo),
+                Creds::Basic("sa", &jwt),
+                &format!("oci:{}:{TAG}", out.display()),
+                Creds::None,
+            )
+            .and_then(|o| o.ok())
+            .unwrap_or_else(|e| panic!("pull of {repo} with Keycloak's tokens: {e}\n{}", keycloak.log()));
+        assert_eq!(image::oci_layers(&out, TAG).unwrap(), sample.layers, "layers of {repo}");
+        out
+    };
+    let pulled = pull(REPO, "pulled");
 
     // Push it back under another repository, then pull that: the same layers.
     let pushed_repo = "pushed/by-proxy";
@@ -124,17 +129,7 @@ fn pull_and_push_with_tokens_keycloak_issued() {
         )
         .and_then(|o| o.ok())
         .unwrap_or_else(|e| panic!("push through the proxy with Keycloak's tokens: {e}"));
-    let again = work.sub("pulled-again").unwrap();
-    skopeo
-        .copy(
-            &reference(&envoy, GOOD, pushed_repo),
-            Creds::Basic("sa", &jwt),
-            &format!("oci:{}:{TAG}", again.display()),
-            Creds::None,
-        )
-        .and_then(|o| o.ok())
-        .unwrap_or_else(|e| panic!("pull of what was pushed: {e}"));
-    assert_eq!(image::oci_layers(&again, TAG).unwrap(), sample.layers, "pushed layers");
+    pull(pushed_repo, "pulled-again");
 
     // The registry saw Keycloak's tokens for the robot, scoped to the upstream repositories, and
     // nothing of the client's.
