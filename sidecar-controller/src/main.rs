@@ -170,6 +170,22 @@ fn render(args: &[String]) -> ExitCode {
                 w.clusters.display(),
                 w.envoy_clusters.display()
             );
+            // `serve` pins host names to screened addresses; a static Envoy cannot.
+            let named: Vec<String> = rendered
+                .clusters
+                .iter()
+                .filter(|c| connector_controller::pin::is_named(c))
+                .map(|c| format!("{}:{}", c.host, c.port))
+                .collect();
+            if !named.is_empty() {
+                eprintln!(
+                    "connector-controller render: note: {} upstream(s) named by host name ({}): a static Envoy \
+                     resolves them itself (LOGICAL_DNS) and connects wherever they resolve to, loopback and the \
+                     link-local metadata address included; `serve` resolves, screens and pins them",
+                    named.len(),
+                    named.join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

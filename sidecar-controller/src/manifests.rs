@@ -276,8 +276,18 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, V
 
 /// Reads every manifest file of `dir` ([`manifest_files`]).
 pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
-    let files: Vec<PathBuf> = manifest_files(dir)?.into_iter().map(|(p, _)| p).collect();
+    let (set, problems) = load_dir_all(dir);
+    if problems.is_empty() { Ok(set) } else { Err(problems) }
+}
+
+/// [`load_dir`], keeping what did parse beside the problems: `render` checks those documents
+/// too, so a set refused for one malformed document still lists every other problem at once.
+pub fn load_dir_all(dir: &Path) -> (ManifestSet, Vec<Problem>) {
     let mut set = ManifestSet::default();
+    let files: Vec<PathBuf> = match manifest_files(dir) {
+        Ok(files) => files.into_iter().map(|(p, _)| p).collect(),
+        Err(problems) => return (set, problems),
+    };
     let mut problems = vec![];
     if files.is_empty() {
         problems.push(Problem::new(dir.display(), "", "no *.yaml or *.yml files"));
@@ -288,7 +298,7 @@ pub fn load_dir(dir: &Path) -> Result<ManifestSet, Vec<Problem>> {
             Err(e) => problems.push(Problem::new(file.display(), "", format!("cannot read: {e}"))),
         }
     }
-    if problems.is_empty() { Ok(set) } else { Err(problems) }
+    (set, problems)
 }
 
 /// Adds the documents of one file to `set`; problems go to `problems`.

@@ -131,13 +131,25 @@ impl std::fmt::Debug for Rendered {
 }
 
 /// Reads the manifests in `manifests` and the identity file, then renders. Problems of either
-/// come back together; any problem refuses the whole set.
+/// come back together; any problem refuses the whole set. The documents that parsed are
+/// rendered even when others did not, so every problem is listed at once (one whose Secret is
+/// in a malformed document is also told that Secret is missing).
 pub fn render_files(manifests: &Path, identity_file: &Path) -> Result<Rendered, Vec<Problem>> {
-    let identity = read_identity(identity_file);
-    let set = crate::manifests::load_dir(manifests);
-    match (set, identity) {
-        (Ok(set), Ok(identity)) => render(&set, &identity, &identity_file.display().to_string()),
-        (set, identity) => Err(set.err().into_iter().flatten().chain(identity.err()).collect()),
+    let (set, mut problems) = crate::manifests::load_dir_all(manifests);
+    let identity = match read_identity(identity_file) {
+        Ok(identity) => identity,
+        Err(p) => {
+            problems.push(p);
+            return Err(problems);
+        }
+    };
+    match render(&set, &identity, &identity_file.display().to_string()) {
+        Ok(rendered) if problems.is_empty() => Ok(rendered),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
     }
 }
 
