@@ -39,6 +39,7 @@ pub struct Keycloak {
     pub port: u16,
     proc: Proc,
     dir: PathBuf,
+    admin_password: String,
 }
 
 /// Where `scripts/setup.sh` links the distribution.
@@ -77,8 +78,13 @@ impl Keycloak {
             .env("KEYCLOAK_ADMIN_PASSWORD", &admin_password);
         let mut proc = Proc::spawn("keycloak", cmd, &dir.join("keycloak.log"))?;
         proc.wait_for_http(port, "/realms/master", |s| s == 200, Duration::from_secs(120))?;
-        let kc = Self { port, proc, dir };
-        kc.create_realm(&admin_password, username, password)?;
+        let kc = Self {
+            port,
+            proc,
+            dir,
+            admin_password,
+        };
+        kc.create_realm(username, password)?;
         Ok(kc)
     }
 
@@ -108,21 +114,48 @@ impl Keycloak {
         resp.json().map_err(|e| format!("Keycloak {what}: {e}"))
     }
 
-    fn create_realm(&self, admin_password: &str, username: &str, password: &str) -> Result<()> {
+    /// An access token of the master realm's admin (they last a minute: one per use).
+    fn admin_token(&self) -> Result<String> {
         let form = format!(
             "grant_type=password&client_id=admin-cli&username=admin&password={}",
-            crate::token_server::encode(admin_password)
+            crate::token_server::encode(&self.admin_password)
         );
         let mut req = Request::new("POST", "/realms/master/protocol/openid-connect/token")
             .header("Content-Type", "application/x-www-form-urlencoded");
         req.body = form.into_bytes();
-        let admin = self.send(req)?["access_token"]
+        self.send(req)?["access_token"]
             .as_str()
-            .ok_or("Keycloak gave the admin no access_token")?
-            .to_string();
+            .map(str::to_string)
+            .ok_or_else(|| "Keycloak gave the admin no access_token".to_string())
+    }
+
+    /// The realm's login events so far, oldest first, as `(type, username)`: a docker token
+    /// issued is a `LOGIN`, a credential refused a `LOGIN_ERROR`.
+    pub fn logins(&self) -> Result<Vec<(String, String)>> {
+        let admin = self.admin_token()?;
+        let events = self.send(Request::get(&format!("/admin/realms/{REALM}/events?max=10000")).bearer(&admin))?;
+        let mut out: Vec<(String, String)> = events
+            .as_array()
+            .ok_or_else(|| format!("Keycloak's events are not a list: {events}"))?
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_string(),
+                    e["details"]["username"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    fn create_realm(&self, username: &str, password: &str) -> Result<()> {
+        let admin = self.admin_token()?;
         let realm = json!({
             "realm": REALM,
             "enabled": true,
+            // Login events: what the tests count token issuances by.
+            "eventsEnabled": true,
             "users": [{
                 "username": username,
                 "enabled": true,

@@ -3,7 +3,8 @@
 //! a real service cannot be made to commit on cue). Distribution 3 with `auth: token` trusts
 //! Keycloak's realm; the connector's Secret holds a Keycloak user; the realm is listed in
 //! `tokenRealms`. A pull and a push through the proxy go with tokens Keycloak issued to that
-//! user, the client's ServiceAccount JWT reaching neither Keycloak nor the registry; a connector
+//! user, the client's ServiceAccount JWT reaching neither Keycloak nor the registry; eight
+//! concurrent requests cost Keycloak one token (its login events counted); a connector
 //! whose Secret holds a wrong password is refused by Keycloak and its client gets an OCI error
 //! with nothing of Keycloak's answer or the password in it.
 
@@ -131,6 +132,49 @@ fn pull_and_push_with_tokens_keycloak_issued() {
         .unwrap_or_else(|e| panic!("push through the proxy with Keycloak's tokens: {e}"));
     pull(pushed_repo, "pulled-again");
 
+    // Eight clients at once for a repository no request has asked a token for: Keycloak
+    // issues one token (single flight), counted by its login events.
+    let fresh = "concurrent/app";
+    image::push(
+        &skopeo,
+        &sample,
+        &format!("127.0.0.1:{}", registry.port),
+        fresh,
+        Creds::Basic(UPSTREAM_USER, &password),
+    )
+    .unwrap();
+    let logins = |kind: &str| {
+        keycloak
+            .logins()
+            .unwrap()
+            .iter()
+            .filter(|(t, user)| t == kind && user == UPSTREAM_USER)
+            .count()
+    };
+    let before = logins("LOGIN");
+    let path = format!("/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{GOOD}/{fresh}/manifests/{TAG}");
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, jwt, port) = (&path, &jwt, envoy.port);
+                scope.spawn(move || {
+                    Request::get(path)
+                        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+                        .basic("sa", jwt)
+                        .send(port)
+                        .map_or(0, |r| r.status)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, vec![200; 8]);
+    assert_eq!(
+        logins("LOGIN"),
+        before + 1,
+        "tokens Keycloak issued for 8 concurrent requests"
+    );
+
     // The registry saw Keycloak's tokens for the robot, scoped to the upstream repositories, and
     // nothing of the client's.
     let seen = recorder.take();
@@ -156,7 +200,7 @@ fn pull_and_push_with_tokens_keycloak_issued() {
         }
     }
     assert!(
-        scoped.contains(REPO) && scoped.contains(pushed_repo),
+        scoped.contains(REPO) && scoped.contains(pushed_repo) && scoped.contains(fresh),
         "tokens for the upstream repositories: {scoped:?}"
     );
 
@@ -189,6 +233,7 @@ fn pull_and_push_with_tokens_keycloak_issued() {
         !shown.contains("Invalid username or password"),
         "Keycloak's own answer reached the client: {shown}"
     );
+    assert!(logins("LOGIN_ERROR") >= 1, "Keycloak refused the wrong password");
     // At most the request that learns the registry's challenge, which carries no credential.
     let seen = recorder.take();
     assert!(
