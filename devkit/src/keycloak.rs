@@ -13,6 +13,7 @@ use crate::Result;
 use crate::WorkDir;
 use crate::http::Request;
 use crate::procs::{self, Proc};
+use crate::registry::TokenTrust;
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
@@ -25,15 +26,6 @@ pub const VERSION: &str = "25.0.6";
 /// The realm and the registry's service (the `docker-v2` client's id).
 pub const REALM: &str = "registry";
 pub const SERVICE: &str = "registry.keycloak.test";
-
-/// What a registry with `auth: token` needs to trust an issuer's tokens.
-pub struct TokenTrust {
-    pub realm: String,
-    pub service: String,
-    pub issuer: String,
-    pub rootcertbundle: PathBuf,
-    pub jwks: Option<PathBuf>,
-}
 
 pub struct Keycloak {
     pub port: u16,

@@ -53,13 +53,22 @@ enum Listen {
     PlainHttp,
 }
 
+/// What a registry with `auth: token` needs to trust an issuer's tokens.
+pub struct TokenTrust {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub rootcertbundle: PathBuf,
+    pub jwks: Option<PathBuf>,
+}
+
 /// How clients authenticate to the registry.
 enum Auth<'a> {
     None,
     Htpasswd(&'a Credentials),
     Token(&'a TokenServer),
     /// Another token issuer (Keycloak): its realm, service, issuer and keys as given.
-    Trust(&'a crate::keycloak::TokenTrust),
+    Trust(&'a TokenTrust),
 }
 
 impl Registry {
@@ -94,11 +103,7 @@ impl Registry {
 
     /// Starts a registry with `auth: token` trusting `trust`'s issuer (Keycloak's realm, say);
     /// `credentials` are the issuer's robot account.
-    pub fn start_trusting(
-        work: &WorkDir,
-        trust: &crate::keycloak::TokenTrust,
-        credentials: Credentials,
-    ) -> Result<Self> {
+    pub fn start_trusting(work: &WorkDir, trust: &TokenTrust, credentials: Credentials) -> Result<Self> {
         Self::start_with(work, Some(credentials), false, Auth::Trust(trust))
     }
 
@@ -247,30 +252,17 @@ impl Registry {
                 // registry is told to trust the new certificate.
                 let path = dir.join("token-rootcertbundle.pem");
                 std::fs::copy(ts.cert_path(), &path).map_err(|e| format!("copy token certificate: {e}"))?;
-                let s = format!(
-                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
-                    ts.realm(),
-                    token_server::SERVICE,
-                    token_server::ISSUER,
-                    path.display()
-                );
+                let s = token_section(&TokenTrust {
+                    realm: ts.realm(),
+                    service: token_server::SERVICE.into(),
+                    issuer: token_server::ISSUER.into(),
+                    rootcertbundle: path.clone(),
+                    jwks: None,
+                });
                 bundle = Some(path);
                 s
             }
-            Auth::Trust(t) => {
-                let jwks = t
-                    .jwks
-                    .as_ref()
-                    .map(|j| format!("    jwks: {}\n", j.display()))
-                    .unwrap_or_default();
-                format!(
-                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n{jwks}",
-                    t.realm,
-                    t.service,
-                    t.issuer,
-                    t.rootcertbundle.display()
-                )
-            }
+            Auth::Trust(t) => token_section(t),
             Auth::Htpasswd(c) => {
                 let file = dir.join("htpasswd");
                 write_htpasswd(&file, c)?;
@@ -347,6 +339,22 @@ fn command(cfg_path: &Path) -> Result<Command> {
     cmd.arg("serve").arg(cfg_path);
     cmd.env("SSL_CERT_FILE", crate::tls::upstream()?.ca);
     Ok(cmd)
+}
+
+/// Distribution's `auth: token` section trusting `t`'s issuer.
+fn token_section(t: &TokenTrust) -> String {
+    let jwks = t
+        .jwks
+        .as_ref()
+        .map(|j| format!("    jwks: {}\n", j.display()))
+        .unwrap_or_default();
+    format!(
+        "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n{jwks}",
+        t.realm,
+        t.service,
+        t.issuer,
+        t.rootcertbundle.display()
+    )
 }
 
 /// The `http.tls` section serving `cert`.
