@@ -134,6 +134,28 @@ pub fn with_token(req: Request, jwt: &str) -> Request {
     req.basic("sa", jwt)
 }
 
+/// `n` GETs of `path` sent at once to the proxy on `port`, each on its own connection: half
+/// log in with Basic `sa:<jwt>` (skopeo, buildah), half send the JWT as Bearer (scripts). The
+/// answers in the order the clients were started.
+pub fn concurrent_gets(port: u16, path: &str, accept: &str, jwt: &str, n: usize) -> Vec<Response> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                scope.spawn(move || {
+                    let req = Request::get(path).header("Accept", accept);
+                    let req = if i % 2 == 0 {
+                        req.basic("sa", jwt)
+                    } else {
+                        req.bearer(jwt)
+                    };
+                    req.send(port).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// The single error of an OCI error body: `{"errors":[{"code":..,"message":..}]}`.
 pub fn oci_error(resp: &Response) -> (String, String) {
     let body = resp

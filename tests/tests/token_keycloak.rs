@@ -153,21 +153,11 @@ fn pull_and_push_with_tokens_keycloak_issued() {
     };
     let before = logins("LOGIN");
     let path = format!("/v2/namespaces/{CONNECTOR_NAMESPACE}/connectors/{GOOD}/{fresh}/manifests/{TAG}");
-    let statuses: Vec<u16> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let (path, jwt, port) = (&path, &jwt, envoy.port);
-                scope.spawn(move || {
-                    Request::get(path)
-                        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-                        .basic("sa", jwt)
-                        .send(port)
-                        .map_or(0, |r| r.status)
-                })
-            })
+    let statuses: Vec<u16> =
+        connector_e2e::concurrent_gets(envoy.port, &path, "application/vnd.oci.image.manifest.v1+json", &jwt, 8)
+            .iter()
+            .map(|r| r.status)
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
     assert_eq!(statuses, vec![200; 8]);
     assert_eq!(
         logins("LOGIN"),

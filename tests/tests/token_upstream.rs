@@ -206,24 +206,7 @@ fn concurrent_requests_share_one_token_fetch() {
         let img = seed(s, &repo);
         let jwt = s.minter.valid(CONNECTOR_NAMESPACE, "default").unwrap();
         let path = manifest_path(CONNECTOR_NAME, &repo);
-        let answers: Vec<Response> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..8)
-                .map(|i| {
-                    let (path, jwt) = (&path, &jwt);
-                    scope.spawn(move || {
-                        // Half log in with Basic (skopeo, buildah), half send Bearer (scripts).
-                        let req = Request::get(path).header("Accept", ACCEPT);
-                        let req = if i % 2 == 0 {
-                            req.basic("sa", jwt)
-                        } else {
-                            req.bearer(jwt)
-                        };
-                        req.send(s.envoy.port).unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let answers = connector_e2e::concurrent_gets(s.envoy.port, &path, ACCEPT, &jwt, 8);
         for (i, r) in answers.iter().enumerate() {
             assert_eq!(r.status, 200, "client {i}: {}", r.summary());
             assert_eq!(image::manifest_layers(&r.json().unwrap()).unwrap(), img.layers);
