@@ -173,9 +173,8 @@ impl PinWait {
 /// `resolv.conf` options or name server make it), so never-answering names could take the pool
 /// every other lookup, and the probes' file reads, need.
 pub async fn resolve(host: &str) -> Result<Vec<IpAddr>, String> {
-    let resolver = system_resolver().map_err(|e| format!("{host} not looked up: {e}"))?;
     let hosts = hickory_resolver::Hosts::from_system().unwrap_or_default();
-    lookup(&resolver, &hosts, host, RESOLVE_TIMEOUT).await
+    lookup(&hosts, host, RESOLVE_TIMEOUT, system_resolver).await
 }
 
 /// Raises the soft limit on open files to the hard one, as Go's runtime does for its programs,
@@ -219,12 +218,17 @@ fn system_config() -> (ResolverConfig, ResolverOpts) {
 }
 
 /// A `resolv.conf`'s configuration; without a name server (no file, none listed), glibc's
-/// default: the one on 127.0.0.1.
+/// default: the one on 127.0.0.1, with the file's search list and options still in force (as
+/// glibc keeps them; hickory refuses such a file whole).
 fn resolv_conf(data: &[u8]) -> (ResolverConfig, ResolverOpts) {
-    hickory_resolver::system_conf::parse_resolv_conf(data).unwrap_or_else(|e| {
+    use hickory_resolver::system_conf::parse_resolv_conf;
+    parse_resolv_conf(data).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no name server in /etc/resolv.conf: asking 127.0.0.1, as glibc does");
-        let local = hickory_resolver::config::NameServerConfig::udp_and_tcp(std::net::Ipv4Addr::LOCALHOST.into());
-        (ResolverConfig::from_name_servers(vec![local]), ResolverOpts::default())
+        let local = [data, b"\nnameserver 127.0.0.1\n"].concat();
+        parse_resolv_conf(local).unwrap_or_else(|_| {
+            let local = hickory_resolver::config::NameServerConfig::udp_and_tcp(std::net::Ipv4Addr::LOCALHOST.into());
+            (ResolverConfig::from_name_servers(vec![local]), ResolverOpts::default())
+        })
     })
 }
 
@@ -235,8 +239,9 @@ fn configure(opts: &mut ResolverOpts) {
     opts.cache_size = 0;
 }
 
-/// `host`'s addresses: those `hosts` gives the name as written, else `resolver`'s, its A and
-/// AAAA records asked side by side, each given up after `within`, and the addresses of
+/// `host`'s addresses: those `hosts` gives the name as written, else those of the resolver
+/// `resolver` builds (only then: a name the file answers costs no `resolv.conf` read), its A
+/// and AAAA records asked side by side, each given up after `within`, and the addresses of
 /// whichever answered (a name server that never answers one family, as some drop AAAA queries,
 /// costs the wait, not the name).
 ///
@@ -244,10 +249,10 @@ fn configure(opts: &mut ResolverOpts) {
 /// the first name of its search list, so under a pod's `ndots:5` a name with fewer dots (a
 /// `hostAliases` entry, `registry.internal`) would have gone to DNS.
 async fn lookup(
-    resolver: &hickory_resolver::TokioResolver,
     hosts: &hickory_resolver::Hosts,
     host: &str,
     within: Duration,
+    resolver: impl FnOnce() -> Result<hickory_resolver::TokioResolver, String>,
 ) -> Result<Vec<IpAddr>, String> {
     use hickory_resolver::lookup_ip::LookupIp;
     use hickory_resolver::proto::op::Query;
@@ -262,6 +267,7 @@ async fn lookup(
             return Ok(listed);
         }
     }
+    let resolver = resolver().map_err(|e| format!("{host} not looked up: {e}"))?;
     let deadline = tokio::time::Instant::now() + within;
     let family = |kind| tokio::time::timeout_at(deadline, resolver.lookup(host, kind));
     let (v4, v6) = tokio::join!(family(RecordType::A), family(RecordType::AAAA));
@@ -920,10 +926,11 @@ mod tests {
         hosts.read_hosts_conf(&b"203.0.113.5 registry.internal\n"[..]).unwrap();
         let within = Duration::from_millis(800);
         let start = Instant::now();
-        let found = lookup(&resolver, &hosts, "Registry.Internal", within).await;
+        // Found in the file, no resolver is built (no `resolv.conf` read) for it.
+        let found = lookup(&hosts, "Registry.Internal", within, || Err("built".into())).await;
         assert_eq!(found, Ok(ips(&["203.0.113.5"])));
         assert!(start.elapsed() < Duration::from_millis(300), "{:?}", start.elapsed());
-        let unlisted = lookup(&resolver, &hosts, "other.internal", within).await;
+        let unlisted = lookup(&hosts, "other.internal", within, || Ok(resolver.clone())).await;
         assert!(unlisted.unwrap_err().contains("did not resolve within"), "asked DNS");
 
         // hickory's own: the file read, the name still sent to the name server first.
@@ -973,10 +980,10 @@ mod tests {
         let resolver = resolver_at(&server);
         let start = Instant::now();
         let found = lookup(
-            &resolver,
             &hickory_resolver::Hosts::default(),
             "registry.one-family.example",
             Duration::from_secs(1),
+            || Ok(resolver),
         )
         .await;
         let took = start.elapsed();
@@ -989,7 +996,8 @@ mod tests {
     }
 
     /// A pod's `resolv.conf` (options hickory does not know among them) gives its name server,
-    /// search list and `ndots`; none (no file, no name server) gives glibc's 127.0.0.1.
+    /// search list and `ndots`; none (no file, no name server) gives glibc's 127.0.0.1, the
+    /// file's search list and options kept.
     #[test]
     fn resolv_conf_as_a_pod_has_it_and_as_glibc_reads_none() {
         let pod = b"search demo.svc.cluster.local svc.cluster.local cluster.local\n\
@@ -1008,6 +1016,11 @@ mod tests {
             let servers: Vec<IpAddr> = config.name_servers().iter().map(|n| n.ip).collect();
             assert_eq!(servers, ips(&["127.0.0.1"]));
         }
+        // Without a name server the rest still holds, as for glibc: the search list and options.
+        let (config, options) = resolv_conf(b"search corp.example lab.example\noptions ndots:3\n");
+        let search: Vec<String> = config.search().iter().map(|n| n.to_string()).collect();
+        assert_eq!(search, ["corp.example", "lab.example"]);
+        assert_eq!(options.ndots, 3);
     }
 
     /// The soft limit is raised to the hard one (a container's is often 1,024 of 524,288).
@@ -1041,7 +1054,7 @@ mod tests {
                 let r = resolver.clone();
                 tokio::spawn(async move {
                     let none = hickory_resolver::Hosts::default();
-                    lookup(&r, &none, &format!("n{i}.slow.example"), Duration::from_secs(2)).await
+                    lookup(&none, &format!("n{i}.slow.example"), Duration::from_secs(2), || Ok(r)).await
                 })
             })
             .collect();
@@ -1057,7 +1070,7 @@ mod tests {
         );
         let start = Instant::now();
         let hosts = hickory_resolver::Hosts::from_system().unwrap();
-        let local = lookup(&resolver, &hosts, "localhost", Duration::from_secs(2))
+        let local = lookup(&hosts, "localhost", Duration::from_secs(2), || Ok(resolver.clone()))
             .await
             .unwrap();
         assert!(local.iter().all(IpAddr::is_loopback) && !local.is_empty(), "{local:?}");
