@@ -32,6 +32,42 @@ pub struct Keycloak {
     proc: Proc,
     dir: PathBuf,
     admin_password: String,
+    /// Held while this Keycloak runs (declared after `proc`, so released after it stops).
+    _home: std::fs::File,
+}
+
+/// How long a start waits for another checkout's Keycloak to finish with the shared home.
+const HOME_WAIT: Duration = Duration::from_secs(300);
+
+/// An exclusive lock on the shared home, taken before starting: `start-dev` rebuilds the server
+/// into the distribution's own directory (`lib/quarkus`) and keeps files under `data/`, and
+/// the distribution is shared by every checkout on the machine (set-up caches it once per
+/// version), so two checkouts starting it at once would write the same files.
+fn lock_home(home: &std::path::Path, wait: Duration) -> Result<std::fs::File> {
+    let path = home.join(".devkit-in-use.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(format!(
+                    "Keycloak's home {} stayed in use by another run for {} s",
+                    home.display(),
+                    wait.as_secs_f64()
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
 }
 
 /// Where `scripts/setup.sh` links the distribution.
@@ -52,6 +88,7 @@ impl Keycloak {
     /// the robot account `username` / `password`. About 20 s on 2 cores.
     pub fn start(work: &WorkDir, username: &str, password: &str) -> Result<Self> {
         let home = home()?;
+        let lock = lock_home(&home, HOME_WAIT)?;
         let dir = work.sub("keycloak")?;
         let (port, http_port, management_port) = (procs::free_port()?, procs::free_port()?, procs::free_port()?);
         let upstream = crate::tls::upstream()?;
@@ -75,6 +112,7 @@ impl Keycloak {
             proc,
             dir,
             admin_password,
+            _home: lock,
         };
         kc.create_realm(username, password)?;
         Ok(kc)
@@ -242,5 +280,29 @@ impl Keycloak {
             rootcertbundle: bundle,
             jwks: Some(jwks),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second start waits while the shared home is in use and says so when it gives up; once
+    /// the first is done, the home is taken at once.
+    #[test]
+    fn a_second_run_waits_for_the_shared_home() {
+        let home = std::env::temp_dir().join(format!("kc-home-{}", std::process::id()));
+        std::fs::create_dir_all(&home).unwrap();
+        let first = lock_home(&home, Duration::ZERO).unwrap();
+        let start = std::time::Instant::now();
+        let e = lock_home(&home, Duration::from_millis(400)).unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
+        assert!(e.contains("stayed in use by another run"), "{e}");
+        drop(first);
+        let start = std::time::Instant::now();
+        let again = lock_home(&home, Duration::from_secs(5)).unwrap();
+        assert!(start.elapsed() < Duration::from_millis(100), "{:?}", start.elapsed());
+        drop(again);
+        std::fs::remove_dir_all(&home).unwrap();
     }
 }
