@@ -49,8 +49,9 @@ unit:
 e2e:
 	rm -rf .work
 	cargo build -p connector-controller -p connector-credential-provider
-	# The deliberately trapping module of vm_containment (never shipped).
-	cargo build -p trap-filter --target wasm32-wasip1 --release
+	# The deliberately trapping module of vm_containment and the do-nothing module module_memory
+	# measures the filter beside (neither shipped).
+	cargo build -p trap-filter -p noop-filter --target wasm32-wasip1 --release
 	cargo test -p connector-e2e
 
 # Side-by-side benchmark (README "Benchmark"): direct vs Envoy vs Envoy + filter, two upstreams.

@@ -1,0 +1,99 @@
+//! What loading the shipped filter module costs Envoy's memory, beside the do-nothing module in
+//! the same Envoy set-up (issue 14: the filter's share of Envoy's memory). V8 compiles the module
+//! once per Envoy, and the memory that compiling takes stays with the process: a build of the
+//! same code with larger functions (Binaryen's `-Os` inlining every function called from one
+//! place) left Envoy 31 MiB over the do-nothing module where LLVM's own functions left it 13
+//! (docs/benchmark-log.md, 2026-12-05). This keeps the module's build from growing it unseen.
+//!
+//! Needs `cargo build -p noop-filter --target wasm32-wasip1 --release` (`make test` does it).
+
+use connector_devkit::envoy::{Cluster, ConnectorSpec, Envoy, EnvoySpec, WasmFilter, filter_config};
+use connector_devkit::http::Request;
+use connector_devkit::tokens::Minter;
+use connector_devkit::{WorkDir, procs};
+
+/// The filter's share over the do-nothing module, measured 12.6-13.5 MiB with two workers and
+/// warm caches; the `-Os`-inlined build read 31.3 MiB.
+const MAX_SHARE_MIB: f64 = 20.0;
+
+fn noop_module() -> std::path::PathBuf {
+    let p = connector_devkit::wasm_path().with_file_name("noop_filter.wasm");
+    assert!(
+        p.is_file(),
+        "{} is missing: cargo build -p noop-filter --target wasm32-wasip1 --release",
+        p.display()
+    );
+    p
+}
+
+/// Envoy with two workers and `filter`, after a few requests through it, and its resident
+/// memory in MiB once that stopped moving.
+fn envoy_rss(label: &str, filter: WasmFilter, path: &str, token: &str) -> f64 {
+    let work = WorkDir::new(label).unwrap();
+    // Nothing listens on the cluster's port: the memory asked about is the VM's, not traffic's.
+    let port = procs::free_port().unwrap();
+    let spec = EnvoySpec {
+        clusters: vec![Cluster {
+            name: "upstream".into(),
+            port,
+        }],
+        filter: Some(filter),
+    };
+    let envoy = Envoy::start_static_workers(&work, &spec, 2).unwrap();
+    for _ in 0..20 {
+        let r = Request::get(path).basic("robot", token).send(envoy.port).unwrap();
+        assert!(r.status >= 400, "{label}: nothing to reach upstream: {}", r.summary());
+    }
+    let pid = envoy.pid();
+    let mut last = 0;
+    // Settled: the same reading twice, 200 ms apart.
+    for _ in 0..25 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = procs::rss_kib(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last as f64 / 1024.0
+}
+
+#[test]
+fn the_filter_costs_envoy_little_memory_beside_a_module_that_does_nothing() {
+    let work = WorkDir::new("module-memory").unwrap();
+    let minter = Minter::new(work.path()).unwrap();
+    let token = minter.valid("demo", "default").unwrap();
+    let connector = ConnectorSpec {
+        namespace: "demo".into(),
+        name: "registry".into(),
+        address: "https://registry.example".into(),
+        cluster: "upstream".into(),
+        username: "robot".into(),
+        password_env: "MEMORY_TEST_PASSWORD".into(),
+        allowed_namespaces: vec!["demo".into()],
+        allowed_service_accounts: vec![],
+    };
+    let filter = WasmFilter {
+        wasm: connector_devkit::require_wasm().unwrap(),
+        config: filter_config(&minter.jwks(), &[connector]),
+        secret_env: vec![("MEMORY_TEST_PASSWORD".into(), "not-sent-anywhere".into())],
+        plain_route: false,
+    };
+    let noop = WasmFilter {
+        wasm: noop_module(),
+        config: serde_json::json!({}),
+        secret_env: vec![],
+        plain_route: true,
+    };
+    let path = "/v2/namespaces/demo/connectors/registry/app/manifests/v1";
+    let with_noop = envoy_rss("module-memory-noop", noop, "/v2/app/manifests/v1", &token);
+    let with_filter = envoy_rss("module-memory-filter", filter, path, &token);
+    let share = with_filter - with_noop;
+    eprintln!(
+        "Envoy (2 workers): {with_noop:.1} MiB with the no-op module, {with_filter:.1} MiB with the filter: {share:+.1} MiB"
+    );
+    assert!(
+        share <= MAX_SHARE_MIB,
+        "the filter module costs Envoy {share:.1} MiB over the no-op module ({with_filter:.1} against {with_noop:.1} MiB), more than {MAX_SHARE_MIB} MiB: did the module's build make its functions larger?"
+    );
+}
