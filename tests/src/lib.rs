@@ -119,6 +119,19 @@ pub fn go_client(work: &connector_devkit::WorkDir, name: &str) -> std::path::Pat
     bin
 }
 
+/// A test-only module of the workspace's (`package`, built as `<package with _>.wasm`) next to
+/// the filter's release module: the trapping one, the do-nothing one. `make test` builds them.
+pub fn test_module(package: &str) -> std::path::PathBuf {
+    let file = format!("{}.wasm", package.replace('-', "_"));
+    let p = connector_devkit::wasm_path().with_file_name(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: cargo build -p {package} --target wasm32-wasip1 --release",
+        p.display()
+    );
+    p
+}
+
 /// `/v2/namespaces/<ns>/connectors/<name>/<rest>`.
 pub fn path_form(ns: &str, name: &str, rest: &str) -> String {
     format!("/v2/namespaces/{ns}/connectors/{name}/{rest}")

@@ -16,16 +16,6 @@ use connector_devkit::{WorkDir, procs};
 /// warm caches; the `-Os`-inlined build read 31.3 MiB.
 const MAX_SHARE_MIB: f64 = 20.0;
 
-fn noop_module() -> std::path::PathBuf {
-    let p = connector_devkit::wasm_path().with_file_name("noop_filter.wasm");
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo build -p noop-filter --target wasm32-wasip1 --release",
-        p.display()
-    );
-    p
-}
-
 /// Envoy with two workers and `filter`, after a few requests through it, and its resident
 /// memory in MiB once that stopped moving.
 fn envoy_rss(label: &str, filter: WasmFilter, path: &str, token: &str) -> f64 {
@@ -80,7 +70,7 @@ fn the_filter_costs_envoy_little_memory_beside_a_module_that_does_nothing() {
         plain_route: false,
     };
     let noop = WasmFilter {
-        wasm: noop_module(),
+        wasm: connector_e2e::test_module("noop-filter"),
         config: serde_json::json!({}),
         secret_env: vec![],
         plain_route: true,

@@ -17,16 +17,6 @@ use connector_devkit::http::{Request, Response};
 use connector_e2e::oci_error;
 use connector_e2e::xds::{connector_yaml, put, secret_yaml, setup, start_stack};
 
-fn trap_module() -> std::path::PathBuf {
-    let p = connector_devkit::wasm_path().with_file_name("trap_filter.wasm");
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo build -p trap-filter --target wasm32-wasip1 --release",
-        p.display()
-    );
-    p
-}
-
 fn send(port: u16, header: Option<&str>, timeout: Duration) -> Result<Response, String> {
     let mut req = Request::get("/v2/");
     if let Some(h) = header {
@@ -46,7 +36,7 @@ fn a_trapped_vm_fails_closed_with_oci_json_and_is_reloaded() {
         "registry.yaml",
         &connector_yaml("registry", &s.registry.url(), "robot"),
     );
-    let module = trap_module();
+    let module = connector_e2e::test_module("trap-filter");
     let module = module.to_string_lossy().into_owned();
     // The last --wasm wins: the controller serves the trap module in the filter's place.
     let (_controller, envoy) = start_stack(&s, &["--wasm", &module]);
